@@ -1,0 +1,137 @@
+"""Coalesce configuration and its validation (called by the operators at DAG parse time)."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from enum import Enum
+
+
+class ElspethConfigError(ValueError):
+    """Invalid fork/branch/coalesce configuration; the message names the parameter and the bad value."""
+
+
+class Policy(str, Enum):
+    REQUIRE_ALL = "require_all"
+    QUORUM = "quorum"
+    BEST_EFFORT = "best_effort"
+    FIRST = "first"
+
+
+class MergeStrategy(str, Enum):
+    UNION = "union"
+    NESTED = "nested"
+    SELECT = "select"
+
+
+def validate_branches(branches: Sequence[str], *, param: str = "branches") -> tuple[str, ...]:
+    """Branch names: at least two, unique, non-empty strings, kept verbatim (never normalised)."""
+    if isinstance(branches, str) or not isinstance(branches, Sequence):
+        raise ElspethConfigError(f"{param} must be a list of branch names, got {branches!r}")
+    names = tuple(branches)
+    for name in names:
+        if not isinstance(name, str) or not name:
+            raise ElspethConfigError(f"{param} must contain non-empty strings, got {name!r}")
+    if len(names) < 2:
+        raise ElspethConfigError(f"{param} needs at least 2 branches, got {len(names)}: {list(names)!r}")
+    duplicates = sorted(name for name, count in Counter(names).items() if count > 1)
+    if duplicates:
+        raise ElspethConfigError(f"{param} has duplicate branch names: {duplicates!r}")
+    return names
+
+
+def _enum_value(enum: type[Policy] | type[MergeStrategy], value: object, param: str) -> str:
+    allowed = [m.value for m in enum]
+    raw = value.value if isinstance(value, Enum) else value
+    if raw not in allowed:
+        raise ElspethConfigError(f"{param} must be one of {allowed}, got {value!r}")
+    return str(raw)
+
+
+@dataclass(frozen=True)
+class CoalesceConfig:
+    """A validated coalesce configuration. Build it with :func:`coalesce_config`."""
+
+    branches: tuple[str, ...]
+    policy: Policy
+    merge: MergeStrategy
+    timeout: timedelta
+    quorum: int | None = None
+    select_branch: str | None = None
+
+    def branch_index(self, branch: str) -> int:
+        return self.branches.index(branch)
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "branches": list(self.branches),
+            "policy": self.policy.value,
+            "merge": self.merge.value,
+            "timeout_seconds": self.timeout.total_seconds(),
+            "quorum": self.quorum,
+            "select_branch": self.select_branch,
+        }
+
+
+def coalesce_config(
+    *,
+    branches: Sequence[str],
+    policy: Policy | str,
+    merge: MergeStrategy | str = MergeStrategy.UNION,
+    timeout: timedelta | float | int,
+    quorum: int | None = None,
+    select_branch: str | None = None,
+    fork_branches: Sequence[str] | None = None,
+) -> CoalesceConfig:
+    """Validate a coalesce's parameters and return the frozen configuration.
+
+    :param branches: the branches this coalesce joins (its fork's, unless a subset is given).
+    :param fork_branches: the fork's branches; every coalesced branch must be one of them.
+    :raises ElspethConfigError: naming the parameter and the bad value.
+    """
+    names = validate_branches(branches)
+    if fork_branches is not None:
+        unknown = [b for b in names if b not in fork_branches]
+        if unknown:
+            raise ElspethConfigError(
+                f"branches {unknown!r} are not branches of the fork (fork has {list(fork_branches)!r})"
+            )
+    policy_value = Policy(_enum_value(Policy, policy, "policy"))
+    merge_value = MergeStrategy(_enum_value(MergeStrategy, merge, "merge"))
+
+    if isinstance(timeout, bool) or not isinstance(timeout, (timedelta, int, float)):
+        raise ElspethConfigError(f"timeout must be a timedelta or seconds, got {timeout!r}")
+    timeout_td = timeout if isinstance(timeout, timedelta) else timedelta(seconds=timeout)
+    if timeout_td <= timedelta(0):
+        raise ElspethConfigError(f"timeout must be positive, got {timeout!r}")
+
+    if policy_value is Policy.QUORUM:
+        if quorum is None:
+            raise ElspethConfigError("quorum is required when policy='quorum'")
+        if isinstance(quorum, bool) or not isinstance(quorum, int) or not 1 <= quorum <= len(names):
+            raise ElspethConfigError(f"quorum must be an integer in 1..{len(names)}, got {quorum!r}")
+    elif quorum is not None:
+        raise ElspethConfigError(f"quorum is only valid with policy='quorum', got quorum={quorum!r}")
+
+    if merge_value is MergeStrategy.SELECT:
+        if select_branch is None:
+            raise ElspethConfigError("select_branch is required when merge='select'")
+        if select_branch not in names:
+            raise ElspethConfigError(
+                f"select_branch must be one of the branches {list(names)!r}, got {select_branch!r}"
+            )
+    elif select_branch is not None:
+        raise ElspethConfigError(
+            f"select_branch is only valid with merge='select', got select_branch={select_branch!r}"
+        )
+
+    return CoalesceConfig(
+        branches=names,
+        policy=policy_value,
+        merge=merge_value,
+        timeout=timeout_td,
+        quorum=quorum,
+        select_branch=select_branch,
+    )

@@ -1,0 +1,242 @@
+"""Replay one row's ordered event log under a coalesce policy and return its decision.
+
+A decision is a pure function of the log: events are ordered by time, ties broken by the configured
+branch order, and the deadline sorts after every event stamped at or before it. The first event at
+which the policy resolves is the decision time; any longer log gives the same decision, and arrivals
+ordered after it are late. Nothing here knows about Airflow or SQL.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import Enum
+from typing import Any
+
+from airflow_elspeth.core.config import CoalesceConfig, MergeStrategy, Policy
+
+
+class EventKind(str, Enum):
+    ARRIVAL = "arrival"
+    LOSS = "loss"
+
+
+class Status(str, Enum):
+    PENDING = "pending"
+    MERGED = "merged"
+    FAILED = "failed"
+
+
+class FailureReason(str, Enum):
+    BRANCH_LOST = "branch_lost"
+    INCOMPLETE_BRANCHES = "incomplete_branches"
+    QUORUM_IMPOSSIBLE = "quorum_impossible"
+    QUORUM_NOT_MET_AT_TIMEOUT = "quorum_not_met_at_timeout"
+    ALL_BRANCHES_LOST = "all_branches_lost"
+    BEST_EFFORT_TIMEOUT_NO_ARRIVALS = "best_effort_timeout_no_arrivals"
+    FIRST_TIMEOUT_NO_ARRIVALS = "first_timeout_no_arrivals"
+    SELECT_BRANCH_NOT_ARRIVED = "select_branch_not_arrived"
+
+
+NOT_ARRIVED = "not_arrived"
+LATE_AFTER_MERGE = "late_arrival_after_merge"
+LATE_AFTER_FAILURE = "late_arrival_after_failure"
+
+
+@dataclass(frozen=True)
+class BranchEvent:
+    """One branch token reaching the coalesce: an arrival, or a loss with its reason."""
+
+    branch: str
+    at: datetime
+    kind: EventKind
+    reason: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind is EventKind.LOSS and not self.reason:
+            raise ValueError(f"a loss of branch {self.branch!r} needs a reason")
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The resolution of one (coalesce, row).
+
+    ``status``, ``decided_at``, ``consumed``, ``arrived``, ``failure_reason`` and ``details`` depend
+    only on the log up to the decision. ``missing`` and ``late`` describe the non-contributing branches
+    as far as the given log knows them (a branch not arrived at the decision may arrive late later).
+    """
+
+    status: Status
+    decided_at: datetime | None = None
+    consumed: tuple[str, ...] = ()
+    arrived: tuple[str, ...] = ()
+    failure_reason: FailureReason | None = None
+    details: Mapping[str, Any] = field(default_factory=dict)
+    at_deadline: bool = False
+    missing: Mapping[str, str] = field(default_factory=dict)
+    late: tuple[str, ...] = ()
+
+    @property
+    def is_final(self) -> bool:
+        return self.status is not Status.PENDING
+
+
+_PENDING = Decision(status=Status.PENDING)
+
+
+def order_events(config: CoalesceConfig, events: Iterable[BranchEvent]) -> list[BranchEvent]:
+    """The log order: by time, ties by configured branch order; a branch's first event only."""
+    ordered = sorted(events, key=lambda e: (e.at, config.branch_index(e.branch)))
+    seen: set[str] = set()
+    log: list[BranchEvent] = []
+    for event in ordered:
+        if event.branch not in seen:
+            seen.add(event.branch)
+            log.append(event)
+    return log
+
+
+def _resolve(
+    config: CoalesceConfig, arrived: list[str], lost: dict[str, str], at_deadline: bool
+) -> tuple[Status, tuple[str, ...], FailureReason | None, dict[str, Any]] | None:
+    """Apply the policy table (DESIGN §4) to the state after one log step; None while pending."""
+    n, a, lost_count = len(config.branches), len(arrived), len(lost)
+    not_arrived = [b for b in config.branches if b not in arrived and b not in lost]
+    waiting = {"arrived": list(arrived), "lost": dict(lost), "not_arrived": not_arrived}
+    policy = config.policy
+    if policy is Policy.REQUIRE_ALL:
+        if lost_count:
+            return Status.FAILED, (), FailureReason.BRANCH_LOST, waiting
+        if a == n:
+            return Status.MERGED, tuple(arrived), None, {}
+        if at_deadline:
+            return Status.FAILED, (), FailureReason.INCOMPLETE_BRANCHES, waiting
+        return None
+    if policy is Policy.QUORUM:
+        need = config.quorum or n
+        if a >= need:
+            return Status.MERGED, tuple(arrived[:need]), None, {}
+        if n - lost_count < need:
+            details = {"need": need, "max_possible": n - lost_count, **waiting}
+            return Status.FAILED, (), FailureReason.QUORUM_IMPOSSIBLE, details
+        if at_deadline:
+            return Status.FAILED, (), FailureReason.QUORUM_NOT_MET_AT_TIMEOUT, {"need": need, **waiting}
+        return None
+    if policy is Policy.BEST_EFFORT:
+        if a + lost_count == n or at_deadline:
+            if a:
+                return Status.MERGED, tuple(arrived), None, {}
+            reason = (
+                FailureReason.BEST_EFFORT_TIMEOUT_NO_ARRIVALS
+                if a + lost_count < n
+                else FailureReason.ALL_BRANCHES_LOST
+            )
+            return Status.FAILED, (), reason, waiting
+        return None
+    # Policy.FIRST
+    if a:
+        return Status.MERGED, tuple(arrived[:1]), None, {}
+    if lost_count == n:
+        return Status.FAILED, (), FailureReason.ALL_BRANCHES_LOST, waiting
+    if at_deadline:
+        return Status.FAILED, (), FailureReason.FIRST_TIMEOUT_NO_ARRIVALS, waiting
+    return None
+
+
+def _apply_select(
+    config: CoalesceConfig, resolved: tuple[Status, tuple[str, ...], FailureReason | None, dict[str, Any]]
+) -> tuple[Status, tuple[str, ...], FailureReason | None, dict[str, Any]]:
+    """``select`` never substitutes another branch: a merge without the selected one fails."""
+    status, consumed, _, _ = resolved
+    if (
+        status is Status.MERGED
+        and config.merge is MergeStrategy.SELECT
+        and config.select_branch not in consumed
+    ):
+        details = {"select_branch": config.select_branch, "consumed": list(consumed)}
+        return Status.FAILED, (), FailureReason.SELECT_BRANCH_NOT_ARRIVED, details
+    return resolved
+
+
+def replay(
+    config: CoalesceConfig,
+    events: Iterable[BranchEvent],
+    *,
+    deadline: datetime,
+    now: datetime,
+) -> Decision:
+    """Replay a row's events under ``config``; the deadline is in the log once ``now >= deadline``.
+
+    :param events: the row's arrivals and losses, in any order; unknown branches raise ``ValueError``.
+    :param deadline: fork completion + timeout.
+    :param now: the audit clock at the time of reading.
+    """
+    events = list(events)
+    for event in events:
+        if event.branch not in config.branches:
+            raise ValueError(f"event for unknown branch {event.branch!r}; branches: {config.branches}")
+    log = order_events(config, events)
+    # The deadline is one more step of the log, after every event stamped at or before it.
+    steps: list[BranchEvent | None] = list(log)
+    if now >= deadline:
+        cut = sum(1 for e in log if e.at <= deadline)
+        steps.insert(cut, None)
+
+    arrived: list[str] = []
+    lost: dict[str, str] = {}
+    for index, step in enumerate(steps):
+        if step is None:
+            resolved = _resolve(config, arrived, lost, at_deadline=True)
+            decided_at = deadline
+        else:
+            if step.kind is EventKind.ARRIVAL:
+                arrived.append(step.branch)
+            else:
+                lost[step.branch] = step.reason or ""
+            resolved = _resolve(config, arrived, lost, at_deadline=False)
+            decided_at = step.at
+        if resolved is not None:
+            after = [e for e in steps[index + 1 :] if e is not None]
+            return _decision(config, resolved, decided_at, arrived, lost, after, at_deadline=step is None)
+    return _PENDING
+
+
+def _decision(
+    config: CoalesceConfig,
+    resolved: tuple[Status, tuple[str, ...], FailureReason | None, dict[str, Any]],
+    decided_at: datetime,
+    arrived: list[str],
+    lost: dict[str, str],
+    after: list[BranchEvent],
+    *,
+    at_deadline: bool,
+) -> Decision:
+    """Assemble the decision and classify every branch that did not contribute."""
+    status, consumed, reason, details = _apply_select(config, resolved)
+    late = tuple(e.branch for e in after if e.kind is EventKind.ARRIVAL)
+    late_reason = LATE_AFTER_MERGE if status is Status.MERGED else LATE_AFTER_FAILURE
+    later_losses = {e.branch: e.reason or "" for e in after if e.kind is EventKind.LOSS}
+    missing: dict[str, str] = {}
+    for branch in config.branches:
+        if branch in consumed or (status is Status.FAILED and branch in arrived):
+            continue
+        if branch in lost:
+            missing[branch] = lost[branch]
+        elif branch in later_losses:
+            missing[branch] = later_losses[branch]
+        elif branch in late:
+            missing[branch] = late_reason
+        else:
+            missing[branch] = NOT_ARRIVED
+    return Decision(
+        status=status,
+        decided_at=decided_at,
+        consumed=consumed,
+        arrived=tuple(arrived),
+        failure_reason=reason,
+        details=details,
+        at_deadline=at_deadline,
+        missing=missing,
+        late=late,
+    )
