@@ -1,0 +1,1 @@
+"""The audit store: schema (SQLAlchemy Core), migrations (Alembic), writes and streaming reads."""
