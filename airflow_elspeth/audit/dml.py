@@ -48,9 +48,7 @@ def upsert(
     dialect = conn.dialect.name
     if dialect == "postgresql":
         pg_stmt = postgresql.insert(table)
-        pg = pg_stmt.on_conflict_do_update(
-            index_elements=keys, set_={c: pg_stmt.excluded[c] for c in update}
-        )
+        pg = pg_stmt.on_conflict_do_update(index_elements=keys, set_={c: pg_stmt.excluded[c] for c in update})
         conn.execute(pg, list(values))
     elif dialect == "sqlite":
         lite_stmt = sqlite.insert(table)

@@ -1,0 +1,475 @@
+"""The coalesce pass: read each ready chunk's event log, replay it with the core, write the decisions.
+
+This is the one piece of code that decides rows. The sensor (poke and reschedule), the deferred
+sensor's resumption and the CLI's ``verify`` all go through it; the trigger only asks
+:func:`pending_work` whether a pass would decide anything. It knows SQL and the core, not Airflow:
+branch task states come in as a plain mapping.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Connection, and_, exists, select
+
+from airflow_elspeth.audit import schema as t
+from airflow_elspeth.audit.dml import db_now
+from airflow_elspeth.audit.store import (
+    ARRIVAL_STATES,
+    COMPLETED,
+    DROPPED,
+    FAILED,
+    TERMINAL_STATES,
+    AuditStore,
+    DecisionWrite,
+    branch_token_id,
+    dumps,
+    join_group_id,
+    merged_token_id,
+    outcome_row,
+)
+from airflow_elspeth.core.canonical import hash_value
+from airflow_elspeth.core.config import CoalesceConfig
+from airflow_elspeth.core.merge import merge_outputs
+from airflow_elspeth.core.policy import (
+    LATE_AFTER_FAILURE,
+    LATE_AFTER_MERGE,
+    NOT_ARRIVED,
+    BranchEvent,
+    Decision,
+    EventKind,
+    Status,
+    replay,
+)
+
+# Task states after which a branch task will deliver nothing more.
+ENDED_TASK_STATES = frozenset({"success", "failed", "upstream_failed", "skipped", "removed"})
+WHOLE_TASK = -1
+
+
+@dataclass(frozen=True)
+class CoalesceSpec:
+    """What a coalesce pass needs to know about its coalesce, as plain data (serialisable)."""
+
+    node_id: str
+    config: CoalesceConfig
+    delivering: Mapping[str, str]  # branch -> task id of the branch step that delivers arrivals
+    mapped: Mapping[str, bool]  # branch -> whether that task is mapped over the fork's chunks
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "node_id": self.node_id,
+            "config": self.config.as_dict(),
+            "delivering": dict(self.delivering),
+            "mapped": dict(self.mapped),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> CoalesceSpec:
+        from airflow_elspeth.core.config import coalesce_config
+
+        config = data["config"]
+        return cls(
+            node_id=data["node_id"],
+            config=coalesce_config(
+                branches=config["branches"],
+                policy=config["policy"],
+                merge=config["merge"],
+                timeout=timedelta(seconds=config["timeout_seconds"]),
+                quorum=config["quorum"],
+                select_branch=config["select_branch"],
+            ),
+            delivering=dict(data["delivering"]),
+            mapped=dict(data["mapped"]),
+        )
+
+    def task_keys(self, branch: str, chunks_total: int) -> dict[str, int]:
+        """Keys of ``get_task_states`` for a branch's delivering task -> the chunk each covers."""
+        task_id = self.delivering[branch]
+        if self.mapped[branch]:
+            return {f"{task_id}_{chunk}": chunk for chunk in range(chunks_total)}
+        return {task_id: WHOLE_TASK}
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    run_id: str
+    status: str
+    completed_at: datetime | None
+    rows_total: int
+    chunk_size: int
+    chunks_total: int
+
+    def chunk_rows(self, chunk: int) -> int:
+        return max(0, min(self.chunk_size, self.rows_total - chunk * self.chunk_size))
+
+
+@dataclass(frozen=True)
+class PassResult:
+    rows_total: int
+    rows_decided: int
+    deadline: datetime
+    now: datetime
+
+    @property
+    def done(self) -> bool:
+        return self.rows_decided >= self.rows_total
+
+
+def load_run(conn: Connection, run_id: str) -> RunInfo | None:
+    row = conn.execute(select(t.runs).where(t.runs.c.run_id == run_id)).mappings().first()
+    if row is None:
+        return None
+    return RunInfo(
+        run_id=run_id,
+        status=row["status"],
+        completed_at=row["completed_at"],
+        rows_total=row["rows_total"] or 0,
+        chunk_size=row["chunk_size"],
+        chunks_total=row["chunks_total"] or 0,
+    )
+
+
+def deadline_of(run: RunInfo, config: CoalesceConfig) -> datetime:
+    if run.completed_at is None:
+        raise ValueError(f"audit run {run.run_id} has not completed its fork")
+    return run.completed_at + config.timeout
+
+
+def task_loss_rows(
+    spec: CoalesceSpec, chunks_total: int, task_states: Mapping[str, str]
+) -> list[dict[str, Any]]:
+    """Branch tasks that ended, from a ``get_task_states`` mapping, as ``branch_task_losses`` rows."""
+    rows = []
+    for branch in spec.config.branches:
+        for key, chunk in spec.task_keys(branch, chunks_total).items():
+            state = task_states.get(key)
+            if state in ENDED_TASK_STATES:
+                rows.append(
+                    {
+                        "node_id": spec.delivering[branch],
+                        "chunk": chunk,
+                        "branch_name": branch,
+                        "task_state": state,
+                    }
+                )
+    return rows
+
+
+def _signatures(
+    conn: Connection, spec: CoalesceSpec, run: RunInfo, now: datetime
+) -> dict[int, tuple[str, int, str | None]]:
+    """Per chunk: (what the branches have delivered so far, rows decided, signature last evaluated)."""
+    nodes = list(spec.delivering.values())
+    progress: dict[int, dict[str, int]] = defaultdict(dict)
+    own: dict[int, tuple[int, str | None]] = {}
+    cp = t.chunk_progress.c
+    for node_id, chunk, rows_done, seen in conn.execute(
+        select(cp.node_id, cp.chunk, cp.rows_done, cp.seen_signature).where(
+            cp.run_id == run.run_id, cp.node_id.in_([*nodes, spec.node_id])
+        )
+    ):
+        if node_id == spec.node_id:
+            own[chunk] = (rows_done, seen)
+        else:
+            progress[chunk][node_id] = rows_done
+    losses: dict[int, dict[str, str]] = defaultdict(dict)
+    tl = t.branch_task_losses.c
+    for node_id, chunk, state in conn.execute(
+        select(tl.node_id, tl.chunk, tl.task_state).where(tl.run_id == run.run_id, tl.node_id.in_(nodes))
+    ):
+        losses[chunk][node_id] = state
+    past_deadline = now >= deadline_of(run, spec.config)
+    result = {}
+    for chunk in range(run.chunks_total):
+        decided, seen = own.get(chunk, (0, None))
+        chunk_losses = {**losses.get(WHOLE_TASK, {}), **losses.get(chunk, {})}
+        signature = dumps([progress.get(chunk, {}), chunk_losses, past_deadline])
+        result[chunk] = (signature, decided, seen)
+    return result
+
+
+def pending_work(engine: Any, spec: CoalesceSpec, run_id: str) -> tuple[bool, bool]:
+    """Read-only check for the trigger: (a pass would evaluate something, every row is decided)."""
+    with engine.connect() as conn:
+        run = load_run(conn, run_id)
+        if run is None or run.completed_at is None:
+            return False, False
+        now = db_now(conn)
+        sigs = _signatures(conn, spec, run, now)
+    all_decided = all(decided >= run.chunk_rows(c) for c, (_, decided, _) in sigs.items())
+    ready = any(
+        decided < run.chunk_rows(c) and signature != seen for c, (signature, decided, seen) in sigs.items()
+    )
+    return ready, all_decided
+
+
+def coalesce_pass(
+    store: AuditStore, spec: CoalesceSpec, run_id: str, task_states: Mapping[str, str]
+) -> PassResult:
+    """Decide every row that can be decided now, one atomic chunk at a time."""
+    with store.engine.connect() as conn:
+        run = load_run(conn, run_id)
+        if run is None or run.completed_at is None:
+            raise ValueError(f"audit run {run_id} is not a completed fork")
+        store.record_task_losses(run_id, task_loss_rows(spec, run.chunks_total, task_states))
+        now = db_now(conn)
+        deadline = deadline_of(run, spec.config)
+        signatures = _signatures(conn, spec, run, now)
+    decided_total = 0
+    for chunk, (signature, decided, seen) in signatures.items():
+        chunk_rows = run.chunk_rows(chunk)
+        if decided >= chunk_rows or signature == seen:
+            decided_total += min(decided, chunk_rows)
+            continue
+        writes = decide_chunk(store, spec, run, chunk, now=now, task_states=task_states)
+        decided_total += store.write_decisions(
+            run_id, spec.node_id, chunk, writes, rows_total=chunk_rows, signature=signature
+        )
+    return PassResult(rows_total=run.rows_total, rows_decided=decided_total, deadline=deadline, now=now)
+
+
+@dataclass(frozen=True)
+class TokenState:
+    token_id: str
+    branch: str
+    status: str
+    completed_at: datetime
+    output_ref: str | None
+    error: Mapping[str, Any] | None
+
+
+def loss_reason(status: str, error: Mapping[str, Any] | None) -> str:
+    if status == DROPPED:
+        return "dropped"
+    if status == FAILED:
+        return f"error:{(error or {}).get('type', 'Exception')}"
+    raise ValueError(f"node state {status!r} is not a loss")
+
+
+def read_chunk_log(
+    conn: Connection, spec: CoalesceSpec, run_id: str, chunk: int, *, undecided_only: bool
+) -> tuple[list[tuple[str, str, int]], dict[str, dict[str, TokenState]], dict[str, tuple[str, datetime]]]:
+    """One chunk's rows, their branch states at the delivering nodes, and whole-task losses.
+
+    :returns: (rows as (row_id, row_key, row_index)), {row_id: {branch: first terminal state}},
+        {branch: (task state, observed_at)} for the chunk.
+    """
+    r = t.rows.c
+    query = select(r.row_id, r.row_key, r.row_index).where(r.run_id == run_id, r.chunk == chunk)
+    if undecided_only:
+        cd = t.coalesce_decisions.c
+        query = query.where(
+            ~exists().where(and_(cd.run_id == run_id, cd.node_id == spec.node_id, cd.row_id == r.row_id))
+        )
+    rows = [tuple(row) for row in conn.execute(query.order_by(r.row_index))]
+    branch_of = {node: branch for branch, node in spec.delivering.items()}
+    ns = t.node_states.c
+    states: dict[str, dict[str, TokenState]] = defaultdict(dict)
+    for token_id, row_id, node_id, status, completed_at, output_ref, error_json in conn.execute(
+        select(ns.token_id, ns.row_id, ns.node_id, ns.status, ns.completed_at, ns.output_ref, ns.error_json)
+        .where(
+            ns.run_id == run_id,
+            ns.node_id.in_(list(branch_of)),
+            ns.chunk == chunk,
+            ns.status.in_(TERMINAL_STATES),
+        )
+        .order_by(ns.completed_at)
+    ):
+        branch = branch_of[node_id]
+        if branch not in states[row_id]:
+            states[row_id][branch] = TokenState(
+                token_id,
+                branch,
+                status,
+                completed_at,
+                output_ref,
+                json.loads(error_json) if error_json else None,
+            )
+    tl = t.branch_task_losses.c
+    losses: dict[str, tuple[str, datetime]] = {}
+    for node_id, loss_chunk, state, observed_at in conn.execute(
+        select(tl.node_id, tl.chunk, tl.task_state, tl.observed_at).where(
+            tl.run_id == run_id, tl.node_id.in_(list(branch_of)), tl.chunk.in_([chunk, WHOLE_TASK])
+        )
+    ):
+        branch = branch_of[node_id]
+        if branch not in losses or loss_chunk == chunk:
+            losses[branch] = (state, observed_at)
+    return rows, states, losses
+
+
+def row_events(
+    spec: CoalesceSpec, states: Mapping[str, TokenState], losses: Mapping[str, tuple[str, datetime]]
+) -> list[BranchEvent]:
+    """A row's event log: each branch's state at its delivering node, else its task's loss."""
+    events = []
+    for branch in spec.config.branches:
+        state = states.get(branch)
+        if state is not None:
+            if state.status in ARRIVAL_STATES:
+                events.append(BranchEvent(branch, state.completed_at, EventKind.ARRIVAL))
+            else:
+                reason = loss_reason(state.status, state.error)
+                events.append(BranchEvent(branch, state.completed_at, EventKind.LOSS, reason))
+        elif branch in losses:
+            task_state, observed_at = losses[branch]
+            events.append(BranchEvent(branch, observed_at, EventKind.LOSS, f"branch_task_{task_state}"))
+    return events
+
+
+def decide_chunk(
+    store: AuditStore,
+    spec: CoalesceSpec,
+    run: RunInfo,
+    chunk: int,
+    *,
+    now: datetime,
+    task_states: Mapping[str, str],
+) -> list[DecisionWrite]:
+    deadline = deadline_of(run, spec.config)
+    with store.engine.connect() as conn:
+        rows, states, losses = read_chunk_log(conn, spec, run.run_id, chunk, undecided_only=True)
+        decided: list[tuple[str, str, Decision]] = []
+        for row_id, row_key, _ in rows:
+            decision = replay(
+                spec.config, row_events(spec, states.get(row_id, {}), losses), deadline=deadline, now=now
+            )
+            if decision.is_final:
+                decided.append((row_id, row_key, decision))
+        wanted = {
+            states[row_id][b].output_ref
+            for row_id, _, d in decided
+            if d.status is Status.MERGED
+            for b in d.consumed
+        }
+        bodies = _payload_bodies(conn, wanted)
+    task_state_of = {
+        branch: task_states.get(key, "none")
+        for branch in spec.config.branches
+        for key, key_chunk in spec.task_keys(branch, run.chunks_total).items()
+        if key_chunk in (chunk, WHOLE_TASK)
+    }
+    return [
+        _decision_write(
+            spec, run, chunk, row_id, row_key, d, states.get(row_id, {}), bodies, task_state_of, now
+        )
+        for row_id, row_key, d in decided
+    ]
+
+
+def _payload_bodies(conn: Connection, hashes: Iterable[str | None]) -> dict[str, Any]:
+    wanted = [h for h in hashes if h]
+    bodies: dict[str, Any] = {}
+    for start in range(0, len(wanted), 500):
+        part = wanted[start : start + 500]
+        for digest, body in conn.execute(
+            select(t.payloads.c.hash, t.payloads.c.body).where(t.payloads.c.hash.in_(part))
+        ):
+            bodies[digest] = json.loads(body)
+    return bodies
+
+
+def _decision_write(
+    spec: CoalesceSpec,
+    run: RunInfo,
+    chunk: int,
+    row_id: str,
+    row_key: str,
+    decision: Decision,
+    states: Mapping[str, TokenState],
+    bodies: Mapping[str, Any],
+    task_state_of: Mapping[str, str],
+    now: datetime,
+) -> DecisionWrite:
+    config, node_id, run_id = spec.config, spec.node_id, run.run_id
+    join_group = join_group_id(run_id, row_id, node_id)
+    assert decision.decided_at is not None and run.completed_at is not None
+    write = DecisionWrite(row_id=row_id, row_key=row_key, chunk=chunk, decision={})
+    collisions = None
+    merged_id = None
+    if decision.status is Status.MERGED:
+        outputs = {b: bodies[states[b].output_ref or ""] for b in decision.consumed}
+        merged = merge_outputs(config, decision.consumed, outputs)
+        collisions = merged.collisions or None
+        merged_hash, merged_body = hash_value(merged.row, what=f"merged row {row_key!r}")
+        merged_id = merged_token_id(run_id, row_id, node_id)
+        write.merged_payload = (merged_hash, merged_body)
+        write.merged_token = {
+            "token_id": merged_id,
+            "run_id": run_id,
+            "row_id": row_id,
+            "token_kind": "merged",
+            "branch_name": None,
+            "fork_group_id": None,
+            "join_group_id": join_group,
+            "chunk": chunk,
+            "created_at": now,
+        }
+        write.parents = [
+            {"token_id": merged_id, "parent_token_id": states[b].token_id, "ordinal": i}
+            for i, b in enumerate(decision.consumed)
+        ]
+        write.merged_state = {
+            "state_id": merged_id,
+            "token_id": merged_id,
+            "run_id": run_id,
+            "node_id": node_id,
+            "attempt": 1,
+            "status": COMPLETED,
+            "input_hash": None,
+            "output_hash": merged_hash,
+            "output_ref": merged_hash,
+            "error_json": None,
+            "context_json": dumps({"consumed": list(decision.consumed), "collisions": collisions}),
+            "started_at": decision.decided_at,
+            "completed_at": now,
+            "duration_ms": 0,
+            "row_id": row_id,
+            "chunk": chunk,
+        }
+        write.outcomes.append(outcome_row(merged_id, run_id, "merged", None, now, join_group=join_group))
+    for branch in config.branches:
+        token = branch_token_id(run_id, row_id, branch)
+        if branch in decision.consumed:
+            outcome, reason = "coalesced", None
+        elif branch in decision.missing:
+            reason = decision.missing[branch]
+            outcome = {
+                NOT_ARRIVED: "not_arrived",
+                LATE_AFTER_MERGE: "late",
+                LATE_AFTER_FAILURE: "late",
+            }.get(reason, "lost")
+        else:  # arrived before a failure decision
+            outcome, reason = "row_failed", decision.failure_reason.value if decision.failure_reason else None
+        write.outcomes.append(outcome_row(token, run_id, outcome, reason, now, join_group=join_group))
+    details = dict(decision.details)
+    waiting = {b: task_state_of.get(b, "none") for b, r in decision.missing.items() if r == NOT_ARRIVED}
+    if waiting:
+        details["branch_task_states"] = waiting
+    write.decision = {
+        "run_id": run_id,
+        "node_id": node_id,
+        "row_id": row_id,
+        "row_key": row_key,
+        "chunk": chunk,
+        "decision": decision.status.value,
+        "failure_reason": decision.failure_reason.value if decision.failure_reason else None,
+        "details_json": dumps(details),
+        "policy": config.policy.value,
+        "merge_strategy": config.merge.value,
+        "consumed": dumps(list(decision.consumed)),
+        "missing_json": dumps(dict(decision.missing)),
+        "late_json": dumps(list(decision.late)),
+        "collisions_json": dumps(collisions) if collisions else None,
+        "merged_token_id": merged_id,
+        "decided_at": decision.decided_at,
+        "wait_ms": int((decision.decided_at - run.completed_at).total_seconds() * 1000),
+        "recorded_at": now,
+    }
+    return write

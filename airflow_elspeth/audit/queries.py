@@ -1,0 +1,247 @@
+"""Reads from the audit store: coalesce summaries, merged rows (streamed), one row's lineage."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter, defaultdict
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+from sqlalchemy import Engine, and_, func, select
+
+from airflow_elspeth.audit import schema as t
+from airflow_elspeth.audit.coalesce import CoalesceSpec, deadline_of, load_run
+from airflow_elspeth.audit.store import ARRIVAL_STATES
+
+FAILED_ROWS_LIMIT = 100
+
+
+def coalesce_summary(engine: Engine, spec: CoalesceSpec, run_id: str) -> dict[str, Any]:
+    """The reporting contract of DESIGN §5, computed with grouped queries (no per-row reads)."""
+    config = spec.config
+    cd = t.coalesce_decisions.c
+    mine = and_(cd.run_id == run_id, cd.node_id == spec.node_id)
+    with engine.connect() as conn:
+        run = load_run(conn, run_id)
+        if run is None:
+            raise LookupError(f"no audit run {run_id}")
+        counts = Counter(
+            {
+                (decision, reason): n
+                for decision, reason, n in conn.execute(
+                    select(cd.decision, cd.failure_reason, func.count())
+                    .where(mine)
+                    .group_by(cd.decision, cd.failure_reason)
+                )
+            }
+        )
+        missing: dict[str, dict[str, Any]] = {}
+        late_in_decisions = 0
+        for missing_json, late_json, n in conn.execute(
+            select(cd.missing_json, cd.late_json, func.count())
+            .where(mine)
+            .group_by(cd.missing_json, cd.late_json)
+        ):
+            for branch, reason in json.loads(missing_json).items():
+                entry = missing.setdefault(branch, {"rows": 0, "reasons": {}})
+                entry["rows"] += n
+                entry["reasons"][reason] = entry["reasons"].get(reason, 0) + n
+            late_in_decisions += n * len(json.loads(late_json))
+        failed_rows = [
+            {
+                "row_key": row_key,
+                "reason": reason,
+                "arrived": json.loads(details).get("arrived", []),
+                "missing": json.loads(missing_json),
+            }
+            for row_key, reason, details, missing_json in conn.execute(
+                select(cd.row_key, cd.failure_reason, cd.details_json, cd.missing_json)
+                .where(mine, cd.decision == "failed")
+                .order_by(cd.chunk, cd.row_key)
+                .limit(FAILED_ROWS_LIMIT + 1)
+            )
+        ]
+        late_after_write = _arrivals_after_decision(conn, spec, run_id)
+    rows_failed = sum(n for (decision, _), n in counts.items() if decision == "failed")
+    failure_reasons = {reason: n for (decision, reason), n in counts.items() if decision == "failed"}
+    return {
+        "coalesce": spec.node_id,
+        "policy": config.policy.value,
+        "quorum": config.quorum,
+        "merge": config.merge.value,
+        "select_branch": config.select_branch,
+        "expected_branches": list(config.branches),
+        "deadline": deadline_of(run, config).isoformat() if run.completed_at else None,
+        "rows_total": run.rows_total,
+        "rows_merged": sum(n for (decision, _), n in counts.items() if decision == "merged"),
+        "rows_failed": rows_failed,
+        "late_arrivals": late_in_decisions + late_after_write,
+        "missing_branches": {b: missing[b] for b in config.branches if b in missing},
+        "failure_reasons": dict(sorted(failure_reasons.items())),
+        "failed_rows": failed_rows[:FAILED_ROWS_LIMIT],
+        "failed_rows_truncated": len(failed_rows) > FAILED_ROWS_LIMIT,
+        "audit_run_id": run_id,
+    }
+
+
+def _arrivals_after_decision(conn: Any, spec: CoalesceSpec, run_id: str) -> int:
+    """Arrivals written after their row's decision was (their token was already ``not_arrived``)."""
+    ns, to = t.node_states.c, t.token_outcomes.c
+    return int(
+        conn.execute(
+            select(func.count(func.distinct(ns.token_id)))
+            .select_from(
+                t.node_states.join(t.token_outcomes, and_(to.token_id == ns.token_id, to.is_terminal))
+            )
+            .where(
+                ns.run_id == run_id,
+                ns.node_id.in_(list(spec.delivering.values())),
+                ns.status.in_(ARRIVAL_STATES),
+                to.outcome == "not_arrived",
+            )
+        ).scalar_one()
+    )
+
+
+def iter_merged_rows(
+    engine: Engine, run_id: str, node_id: str, *, with_lineage: bool = False, batch_size: int = 1000
+) -> Iterator[dict[str, Any]]:
+    """Stream the merged rows of one coalesce in row order, ``batch_size`` rows in memory at a time.
+
+    :param with_lineage: yield ``{"row_key", "merged_token_id", "row"}`` instead of the bare row.
+    """
+    cd, ns, p, r = t.coalesce_decisions.c, t.node_states.c, t.payloads.c, t.rows.c
+    query = (
+        select(cd.row_key, cd.merged_token_id, p.body)
+        .select_from(
+            t.coalesce_decisions.join(
+                t.node_states, and_(ns.token_id == cd.merged_token_id, ns.node_id == cd.node_id)
+            )
+            .join(t.payloads, p.hash == ns.output_ref)
+            .join(t.rows, and_(r.run_id == cd.run_id, r.row_id == cd.row_id))
+        )
+        .where(cd.run_id == run_id, cd.node_id == node_id, cd.decision == "merged")
+        .order_by(r.row_index)
+        .execution_options(yield_per=batch_size)
+    )
+    with engine.connect() as conn:
+        for row_key, merged_id, body in conn.execute(query):
+            row = json.loads(body)
+            yield {"row_key": row_key, "merged_token_id": merged_id, "row": row} if with_lineage else row
+
+
+def read_merged_rows(
+    summary_or_ref: Mapping[str, Any], *, audit_conn_id: str | None = None, engine: Engine | None = None
+) -> Iterator[dict[str, Any]]:
+    """Stream a coalesce's merged rows from the audit store, for downstream tasks.
+
+    :param summary_or_ref: the coalesce's ``coalesce_summary`` / return value, or any mapping with
+        ``audit_run_id`` and ``coalesce``.
+    :param audit_conn_id: the audit connection, when it is not the default one.
+    """
+    try:
+        run_id, node_id = summary_or_ref["audit_run_id"], summary_or_ref["coalesce"]
+    except (KeyError, TypeError) as err:
+        raise ValueError(
+            "read_merged_rows needs a coalesce summary (with 'audit_run_id' and 'coalesce'), "
+            f"got {summary_or_ref!r}"
+        ) from err
+    if engine is None:
+        from airflow_elspeth.hooks.audit import ElspethAuditHook
+
+        engine = ElspethAuditHook(audit_conn_id=audit_conn_id).get_engine()
+    yield from iter_merged_rows(engine, run_id, node_id)
+
+
+def runs_of_dag_run(engine: Engine, dag_id: str, airflow_run_id: str) -> list[dict[str, Any]]:
+    """Every audit run of a DAG run, oldest first (a reprocessed run has several)."""
+    with engine.connect() as conn:
+        return [
+            dict(row)
+            for row in conn.execute(
+                select(t.runs)
+                .where(t.runs.c.dag_id == dag_id, t.runs.c.airflow_run_id == airflow_run_id)
+                .order_by(t.runs.c.try_number)
+            ).mappings()
+        ]
+
+
+def coalesce_nodes(engine: Engine, run_id: str) -> list[dict[str, Any]]:
+    with engine.connect() as conn:
+        return [
+            dict(row)
+            for row in conn.execute(
+                select(t.nodes).where(t.nodes.c.run_id == run_id, t.nodes.c.node_type == "coalesce")
+            ).mappings()
+        ]
+
+
+def spec_of_node(engine: Engine, run_id: str, node_id: str) -> CoalesceSpec:
+    """Rebuild a coalesce's spec from the configuration it registered in ``nodes``."""
+    with engine.connect() as conn:
+        config_json = conn.execute(
+            select(t.nodes.c.config_json).where(t.nodes.c.run_id == run_id, t.nodes.c.node_id == node_id)
+        ).scalar_one()
+    return CoalesceSpec.from_dict(json.loads(config_json))
+
+
+def row_lineage(engine: Engine, run_id: str, row_key: str) -> dict[str, Any]:
+    """One row: its source payload, every token and node state, outcomes and decisions."""
+    with engine.connect() as conn:
+        row = (
+            conn.execute(select(t.rows).where(t.rows.c.run_id == run_id, t.rows.c.row_key == row_key))
+            .mappings()
+            .first()
+        )
+        if row is None:
+            raise LookupError(f"no row {row_key!r} in audit run {run_id}")
+        row_id = row["row_id"]
+        source = conn.execute(
+            select(t.payloads.c.body).where(t.payloads.c.hash == row["payload_ref"])
+        ).scalar()
+        tokens = [
+            dict(x)
+            for x in conn.execute(
+                select(t.tokens).where(t.tokens.c.run_id == run_id, t.tokens.c.row_id == row_id)
+            ).mappings()
+        ]
+        token_ids = [tok["token_id"] for tok in tokens]
+        states = defaultdict(list)
+        for state in conn.execute(
+            select(t.node_states)
+            .where(t.node_states.c.token_id.in_(token_ids))
+            .order_by(t.node_states.c.started_at)
+        ).mappings():
+            states[state["token_id"]].append(dict(state))
+        outcomes = defaultdict(list)
+        for outcome in conn.execute(
+            select(t.token_outcomes)
+            .where(t.token_outcomes.c.token_id.in_(token_ids))
+            .order_by(t.token_outcomes.c.recorded_at)
+        ).mappings():
+            outcomes[outcome["token_id"]].append(dict(outcome))
+        decisions = [
+            dict(d)
+            for d in conn.execute(
+                select(t.coalesce_decisions).where(
+                    t.coalesce_decisions.c.run_id == run_id, t.coalesce_decisions.c.row_id == row_id
+                )
+            ).mappings()
+        ]
+        output_refs = {s["output_ref"] for ss in states.values() for s in ss if s["output_ref"]}
+        outputs = {
+            h: json.loads(b)
+            for h, b in conn.execute(
+                select(t.payloads.c.hash, t.payloads.c.body).where(t.payloads.c.hash.in_(output_refs))
+            )
+        }
+    return {
+        "row": dict(row),
+        "source": json.loads(source) if source else None,
+        "tokens": [
+            {**tok, "states": states[tok["token_id"]], "outcomes": outcomes[tok["token_id"]]}
+            for tok in tokens
+        ],
+        "outputs": outputs,
+        "decisions": decisions,
+    }

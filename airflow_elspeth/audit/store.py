@@ -1,0 +1,488 @@
+"""Writes to the audit store: set-based, chunked, idempotent (one transaction per chunk).
+
+Every identifier is derived from (run, row key, branch, node, attempt), and every insert ignores rows
+that already exist, so a retried or concurrent writer stores nothing twice.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Connection, Engine, and_, func, select, update
+
+from airflow_elspeth.audit import schema as t
+from airflow_elspeth.audit.dml import db_now, insert_ignore, upsert
+from airflow_elspeth.core.canonical import derive_id, hash_value
+
+# Node-state statuses. The terminal ones end a token's work at a node; "aborted" marks a row error
+# in a try that failed on the failure threshold, which the next try processes again.
+COMPLETED = "completed"
+DROPPED = "dropped"
+FAILED = "failed"
+DISCARDED = "discarded"
+ABORTED = "aborted"
+TERMINAL_STATES = (COMPLETED, DROPPED, FAILED, DISCARDED)
+ARRIVAL_STATES = (COMPLETED, DISCARDED)
+
+
+def dumps(value: Any) -> str:
+    """Compact JSON for the *_json columns (not canonical: these are not hashed)."""
+    return json.dumps(value, separators=(",", ":"), sort_keys=True, default=str)
+
+
+def source_token_id(run_id: str, row_id: str) -> str:
+    return derive_id(run_id, row_id, "source")
+
+
+def branch_token_id(run_id: str, row_id: str, branch: str) -> str:
+    return derive_id(run_id, row_id, "branch", branch)
+
+
+def merged_token_id(run_id: str, row_id: str, node_id: str) -> str:
+    return derive_id(run_id, row_id, "merged", node_id)
+
+
+def join_group_id(run_id: str, row_id: str, node_id: str) -> str:
+    return derive_id(run_id, row_id, "join", node_id)
+
+
+@dataclass(frozen=True)
+class RunIdentity:
+    """What identifies an audit run: one execution (try) of a fork task in one DAG run."""
+
+    dag_id: str
+    airflow_run_id: str
+    fork_task_id: str
+    try_number: int
+    clear_number: int = 0
+    run_type: str | None = None
+    logical_date: datetime | None = None
+
+    @property
+    def run_id(self) -> str:
+        return derive_id(self.dag_id, self.airflow_run_id, self.fork_task_id, self.try_number)
+
+
+@dataclass(frozen=True)
+class ForkRow:
+    """One validated input row, ready to write."""
+
+    row_key: str
+    row_index: int
+    payload_hash: str
+    payload_body: str
+    parent_token_id: str | None = None  # the merged token of an upstream coalesce (nested forks)
+
+
+@dataclass(frozen=True)
+class NodeResult:
+    """The outcome of one branch token at one branch step."""
+
+    token_id: str
+    row_id: str
+    chunk: int
+    status: str
+    started_at: datetime
+    completed_at: datetime
+    input_hash: str | None = None
+    output: Mapping[str, Any] | None = None
+    error: Mapping[str, Any] | None = None
+    context: Mapping[str, Any] | None = None
+
+
+@dataclass
+class DecisionWrite:
+    """Everything one row's decision writes; a chunk of these commits atomically."""
+
+    row_id: str
+    row_key: str
+    chunk: int
+    decision: dict[str, Any]
+    merged_token: dict[str, Any] | None = None
+    merged_payload: tuple[str, str] | None = None
+    merged_state: dict[str, Any] | None = None
+    parents: list[dict[str, Any]] = field(default_factory=list)
+    outcomes: list[dict[str, Any]] = field(default_factory=list)
+
+
+class AuditStore:
+    """Writes of the fork, branch and coalesce shells."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    # -- runs and nodes -------------------------------------------------------------------------
+
+    def begin_run(
+        self,
+        identity: RunIdentity,
+        *,
+        branches: Sequence[str],
+        chunk_size: int,
+        config: Mapping[str, Any],
+    ) -> str:
+        """Record the audit run of this fork try (idempotent) and link the run it re-does."""
+        run_id = identity.run_id
+        config_hash, config_json = hash_value(dict(config), what="fork configuration")
+        with self.engine.begin() as conn:
+            previous = conn.execute(
+                select(t.runs.c.run_id)
+                .where(
+                    t.runs.c.dag_id == identity.dag_id,
+                    t.runs.c.airflow_run_id == identity.airflow_run_id,
+                    t.runs.c.fork_task_id == identity.fork_task_id,
+                    t.runs.c.try_number < identity.try_number,
+                )
+                .order_by(t.runs.c.try_number.desc())
+                .limit(1)
+            ).scalar()
+            insert_ignore(
+                conn,
+                t.runs,
+                [
+                    {
+                        "run_id": run_id,
+                        "dag_id": identity.dag_id,
+                        "airflow_run_id": identity.airflow_run_id,
+                        "fork_task_id": identity.fork_task_id,
+                        "try_number": identity.try_number,
+                        "clear_number": identity.clear_number,
+                        "run_type": identity.run_type,
+                        "logical_date": identity.logical_date,
+                        "started_at": db_now(conn),
+                        "status": "running",
+                        "config_hash": config_hash,
+                        "previous_run_id": previous,
+                        "chunk_size": chunk_size,
+                        "branches_json": dumps(list(branches)),
+                    }
+                ],
+            )
+            self._register_node(conn, run_id, identity.fork_task_id, "fork", None, config_json, config_hash)
+        return run_id
+
+    def register_node(
+        self, run_id: str, node_id: str, node_type: str, branch: str | None, config: Mapping[str, Any]
+    ) -> None:
+        config_hash, config_json = hash_value(dict(config), what=f"configuration of {node_id}")
+        with self.engine.begin() as conn:
+            self._register_node(conn, run_id, node_id, node_type, branch, config_json, config_hash)
+
+    @staticmethod
+    def _register_node(
+        conn: Connection,
+        run_id: str,
+        node_id: str,
+        node_type: str,
+        branch: str | None,
+        config_json: str,
+        config_hash: str,
+    ) -> None:
+        insert_ignore(
+            conn,
+            t.nodes,
+            [
+                {
+                    "run_id": run_id,
+                    "node_id": node_id,
+                    "task_id": node_id,
+                    "node_type": node_type,
+                    "branch_name": branch,
+                    "config_json": config_json,
+                    "config_hash": config_hash,
+                }
+            ],
+        )
+
+    def complete_run(self, run_id: str, *, rows_total: int, chunks_total: int) -> datetime:
+        """Mark the fork complete; its completion time starts every coalesce deadline."""
+        with self.engine.begin() as conn:
+            now = db_now(conn)
+            conn.execute(
+                update(t.runs)
+                .where(t.runs.c.run_id == run_id, t.runs.c.status == "running")
+                .values(
+                    status="completed", completed_at=now, rows_total=rows_total, chunks_total=chunks_total
+                )
+            )
+            return conn.execute(select(t.runs.c.completed_at).where(t.runs.c.run_id == run_id)).scalar_one()
+
+    def fail_run(self, run_id: str) -> None:
+        """Mark a fork that stopped on bad input failed and remove its partial rows and tokens.
+
+        Payloads are content-addressed and may be shared with other runs, so they stay.
+        """
+        run_tokens = select(t.tokens.c.token_id).where(t.tokens.c.run_id == run_id)
+        with self.engine.begin() as conn:
+            conn.execute(t.token_parents.delete().where(t.token_parents.c.token_id.in_(run_tokens)))
+            for table in (t.token_outcomes, t.tokens, t.rows, t.chunk_progress):
+                conn.execute(table.delete().where(table.c.run_id == run_id))
+            conn.execute(
+                update(t.runs)
+                .where(t.runs.c.run_id == run_id)
+                .values(status="failed", completed_at=db_now(conn), rows_total=0)
+            )
+
+    # -- fork -------------------------------------------------------------------------------------
+
+    def write_fork_chunk(
+        self, run_id: str, branches: Sequence[str], chunk: int, rows: Sequence[ForkRow]
+    ) -> None:
+        """Rows, payloads, the source token and one token per branch, in one transaction."""
+        payloads: dict[str, str] = {}
+        row_values, token_values, parent_values, outcome_values = [], [], [], []
+        with self.engine.begin() as conn:
+            now = db_now(conn)
+            for row in rows:
+                row_id = derive_id(run_id, row.row_key)
+                source = source_token_id(run_id, row_id)
+                fork_group = derive_id(run_id, row_id, "fork")
+                payloads[row.payload_hash] = row.payload_body
+                row_values.append(
+                    {
+                        "run_id": run_id,
+                        "row_id": row_id,
+                        "row_key": row.row_key,
+                        "row_index": row.row_index,
+                        "chunk": chunk,
+                        "source_hash": row.payload_hash,
+                        "payload_ref": row.payload_hash,
+                    }
+                )
+                token_values.append(
+                    {
+                        "token_id": source,
+                        "run_id": run_id,
+                        "row_id": row_id,
+                        "token_kind": "source",
+                        "branch_name": None,
+                        "fork_group_id": fork_group,
+                        "join_group_id": None,
+                        "chunk": chunk,
+                        "created_at": now,
+                    }
+                )
+                if row.parent_token_id:
+                    parent_values.append(
+                        {"token_id": source, "parent_token_id": row.parent_token_id, "ordinal": 0}
+                    )
+                outcome_values.append(outcome_row(source, run_id, "forked", None, now))
+                for ordinal, branch in enumerate(branches):
+                    token = branch_token_id(run_id, row_id, branch)
+                    token_values.append(
+                        {
+                            "token_id": token,
+                            "run_id": run_id,
+                            "row_id": row_id,
+                            "token_kind": "branch",
+                            "branch_name": branch,
+                            "fork_group_id": fork_group,
+                            "join_group_id": None,
+                            "chunk": chunk,
+                            "created_at": now,
+                        }
+                    )
+                    parent_values.append({"token_id": token, "parent_token_id": source, "ordinal": ordinal})
+            insert_ignore(conn, t.payloads, [{"hash": h, "body": b} for h, b in payloads.items()])
+            insert_ignore(conn, t.rows, row_values)
+            insert_ignore(conn, t.tokens, token_values)
+            insert_ignore(conn, t.token_parents, parent_values)
+            insert_ignore(conn, t.token_outcomes, outcome_values)
+
+    # -- branches ---------------------------------------------------------------------------------
+
+    def write_branch_results(
+        self,
+        run_id: str,
+        node_id: str,
+        attempt: int,
+        results: Sequence[NodeResult],
+        *,
+        chunk_tokens: Mapping[int, int],
+    ) -> None:
+        """Node states and output payloads of one batch, and the chunks' progress, atomically.
+
+        :param chunk_tokens: tokens of this branch per chunk touched (the progress denominator).
+        """
+        payloads: dict[str, str] = {}
+        states = []
+        for result in results:
+            output_hash = None
+            if result.output is not None:
+                output_hash, body = hash_value(
+                    dict(result.output), what=f"output of {node_id} for token {result.token_id}"
+                )
+                payloads[output_hash] = body
+            states.append(
+                {
+                    "state_id": derive_id(result.token_id, node_id, attempt),
+                    "token_id": result.token_id,
+                    "run_id": run_id,
+                    "node_id": node_id,
+                    "attempt": attempt,
+                    "status": result.status,
+                    "input_hash": result.input_hash,
+                    "output_hash": output_hash,
+                    "output_ref": output_hash,
+                    "error_json": dumps(result.error) if result.error is not None else None,
+                    "context_json": dumps(result.context) if result.context is not None else None,
+                    "started_at": result.started_at,
+                    "completed_at": result.completed_at,
+                    "duration_ms": int((result.completed_at - result.started_at).total_seconds() * 1000),
+                    "row_id": result.row_id,
+                    "chunk": result.chunk,
+                }
+            )
+        with self.engine.begin() as conn:
+            insert_ignore(conn, t.payloads, [{"hash": h, "body": b} for h, b in payloads.items()])
+            insert_ignore(conn, t.node_states, states)
+            self._refresh_progress(conn, run_id, node_id, chunk_tokens, db_now(conn))
+
+    def abort_attempt_errors(
+        self, run_id: str, node_id: str, attempt: int, chunk_tokens: Mapping[int, int]
+    ) -> None:
+        """A try that fails on its failure threshold leaves its row errors for the next try."""
+        with self.engine.begin() as conn:
+            conn.execute(
+                update(t.node_states)
+                .where(
+                    t.node_states.c.run_id == run_id,
+                    t.node_states.c.node_id == node_id,
+                    t.node_states.c.attempt == attempt,
+                    t.node_states.c.status == FAILED,
+                )
+                .values(status=ABORTED)
+            )
+            self._refresh_progress(conn, run_id, node_id, chunk_tokens, db_now(conn))
+
+    @staticmethod
+    def _refresh_progress(
+        conn: Connection, run_id: str, node_id: str, chunk_tokens: Mapping[int, int], now: datetime
+    ) -> None:
+        if not chunk_tokens:
+            return
+        ns = t.node_states.c
+        done = dict(
+            conn.execute(
+                select(ns.chunk, func.count(func.distinct(ns.token_id)))
+                .where(
+                    ns.run_id == run_id,
+                    ns.node_id == node_id,
+                    ns.chunk.in_(list(chunk_tokens)),
+                    ns.status.in_(TERMINAL_STATES),
+                )
+                .group_by(ns.chunk)
+            ).all()
+        )
+        upsert(
+            conn,
+            t.chunk_progress,
+            [
+                {
+                    "run_id": run_id,
+                    "node_id": node_id,
+                    "chunk": chunk,
+                    "rows_done": done.get(chunk, 0),
+                    "rows_total": total,
+                    "seen_signature": None,
+                    "updated_at": now,
+                }
+                for chunk, total in chunk_tokens.items()
+            ],
+            update=["rows_done", "rows_total", "updated_at"],
+        )
+
+    # -- coalesce ---------------------------------------------------------------------------------
+
+    def record_task_losses(self, run_id: str, losses: Iterable[dict[str, Any]]) -> None:
+        """Branch tasks seen ended without delivering; the first observation's time is kept."""
+        values = list(losses)
+        if not values:
+            return
+        with self.engine.begin() as conn:
+            now = db_now(conn)
+            insert_ignore(
+                conn, t.branch_task_losses, [{**v, "run_id": run_id, "observed_at": now} for v in values]
+            )
+
+    def write_decisions(
+        self,
+        run_id: str,
+        node_id: str,
+        chunk: int,
+        writes: Sequence[DecisionWrite],
+        *,
+        rows_total: int,
+        signature: str,
+    ) -> int:
+        """Commit one chunk of decisions atomically; returns how many rows of the chunk are decided."""
+        with self.engine.begin() as conn:
+            insert_ignore(
+                conn,
+                t.payloads,
+                [
+                    {"hash": w.merged_payload[0], "body": w.merged_payload[1]}
+                    for w in writes
+                    if w.merged_payload
+                ],
+            )
+            insert_ignore(conn, t.tokens, [w.merged_token for w in writes if w.merged_token])
+            insert_ignore(conn, t.token_parents, [p for w in writes for p in w.parents])
+            insert_ignore(conn, t.node_states, [w.merged_state for w in writes if w.merged_state])
+            insert_ignore(conn, t.token_outcomes, [o for w in writes for o in w.outcomes])
+            insert_ignore(conn, t.coalesce_decisions, [w.decision for w in writes])
+            decided = conn.execute(
+                select(func.count())
+                .select_from(t.coalesce_decisions)
+                .where(
+                    and_(
+                        t.coalesce_decisions.c.run_id == run_id,
+                        t.coalesce_decisions.c.node_id == node_id,
+                        t.coalesce_decisions.c.chunk == chunk,
+                    )
+                )
+            ).scalar_one()
+            upsert(
+                conn,
+                t.chunk_progress,
+                [
+                    {
+                        "run_id": run_id,
+                        "node_id": node_id,
+                        "chunk": chunk,
+                        "rows_done": decided,
+                        "rows_total": rows_total,
+                        "seen_signature": signature,
+                        "updated_at": db_now(conn),
+                    }
+                ],
+                update=["rows_done", "rows_total", "seen_signature", "updated_at"],
+            )
+            return int(decided)
+
+
+def outcome_row(
+    token_id: str,
+    run_id: str,
+    outcome: str,
+    reason: str | None,
+    at: datetime,
+    *,
+    join_group: str | None = None,
+    terminal: bool = True,
+    error_hash: str | None = None,
+) -> dict[str, Any]:
+    return {
+        "token_id": token_id,
+        "run_id": run_id,
+        "outcome": outcome,
+        "is_terminal": terminal,
+        "reason": reason,
+        "error_hash": error_hash,
+        "join_group_id": join_group,
+        "recorded_at": at,
+    }
