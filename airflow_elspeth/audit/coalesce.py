@@ -348,7 +348,7 @@ def decide_chunk(
             if d.status is Status.MERGED
             for b in d.consumed
         }
-        bodies = _payload_bodies(conn, wanted)
+        bodies = payload_bodies(conn, wanted)
     task_state_of = {
         branch: task_states.get(key, "none")
         for branch in spec.config.branches
@@ -363,7 +363,7 @@ def decide_chunk(
     ]
 
 
-def _payload_bodies(conn: Connection, hashes: Iterable[str | None]) -> dict[str, Any]:
+def payload_bodies(conn: Connection, hashes: Iterable[str | None]) -> dict[str, Any]:
     wanted = [h for h in hashes if h]
     bodies: dict[str, Any] = {}
     for start in range(0, len(wanted), 500):

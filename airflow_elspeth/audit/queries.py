@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 from collections import Counter, defaultdict
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import Engine, and_, func, select
 
 from airflow_elspeth.audit import schema as t
-from airflow_elspeth.audit.coalesce import CoalesceSpec, deadline_of, load_run
-from airflow_elspeth.audit.store import ARRIVAL_STATES
+from airflow_elspeth.audit.coalesce import CoalesceSpec, deadline_of, load_run, payload_bodies
+from airflow_elspeth.audit.store import ARRIVAL_STATES, TERMINAL_STATES
 
 FAILED_ROWS_LIMIT = 100
 
@@ -245,3 +246,114 @@ def row_lineage(engine: Engine, run_id: str, row_key: str) -> dict[str, Any]:
         "outputs": outputs,
         "decisions": decisions,
     }
+
+
+@dataclass(frozen=True)
+class WorkItem:
+    """One branch token a branch step still has to process."""
+
+    token_id: str
+    row_id: str
+    row_key: str
+    input_hash: str
+    input_row: dict[str, Any] | None  # None when the previous step lost the row
+    upstream_status: str | None = None
+    upstream_error: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class ChunkWork:
+    items: list[WorkItem]
+    tokens_total: int
+    already_done: int
+    already_decided: int
+
+
+def branch_work(
+    engine: Engine, run_id: str, node_id: str, branch: str, chunk: int, previous_node: str | None
+) -> ChunkWork:
+    """The tokens of one chunk a branch step still has to process, with their input rows.
+
+    Skips tokens this step already finished (a retried task resumes) and rows some coalesce has
+    already decided (their result could only arrive late).
+    """
+    tk, r, ns, cd = t.tokens.c, t.rows.c, t.node_states.c, t.coalesce_decisions.c
+    with engine.connect() as conn:
+        tokens = conn.execute(
+            select(tk.token_id, tk.row_id, r.row_key, r.payload_ref)
+            .select_from(t.tokens.join(t.rows, and_(r.run_id == tk.run_id, r.row_id == tk.row_id)))
+            .where(
+                tk.run_id == run_id, tk.chunk == chunk, tk.branch_name == branch, tk.token_kind == "branch"
+            )
+            .order_by(r.row_index)
+        ).all()
+        done = set(
+            conn.execute(
+                select(ns.token_id).where(
+                    ns.run_id == run_id,
+                    ns.node_id == node_id,
+                    ns.chunk == chunk,
+                    ns.status.in_(TERMINAL_STATES),
+                )
+            ).scalars()
+        )
+        decided = set(conn.execute(select(cd.row_id).where(cd.run_id == run_id, cd.chunk == chunk)).scalars())
+        upstream: dict[str, tuple[str, str | None, str | None]] = {}
+        if previous_node is not None:
+            for token_id, status, output_ref, error_json in conn.execute(
+                select(ns.token_id, ns.status, ns.output_ref, ns.error_json)
+                .where(
+                    ns.run_id == run_id,
+                    ns.node_id == previous_node,
+                    ns.chunk == chunk,
+                    ns.status.in_(TERMINAL_STATES),
+                )
+                .order_by(ns.completed_at)
+            ):
+                upstream.setdefault(token_id, (status, output_ref, error_json))
+        pending = [
+            tok
+            for tok in tokens
+            if tok.token_id not in done
+            and tok.row_id not in decided
+            and (previous_node is None or tok.token_id in upstream)
+        ]
+        refs = set()
+        for tok in pending:
+            if previous_node is None:
+                refs.add(tok.payload_ref)
+            elif upstream[tok.token_id][1]:
+                refs.add(upstream[tok.token_id][1])
+        bodies = payload_bodies(conn, refs)
+    items = []
+    for tok in pending:
+        if previous_node is None:
+            items.append(
+                WorkItem(tok.token_id, tok.row_id, tok.row_key, tok.payload_ref, bodies[tok.payload_ref])
+            )
+            continue
+        status, output_ref, error_json = upstream[tok.token_id]
+        if status in ARRIVAL_STATES and output_ref:
+            items.append(WorkItem(tok.token_id, tok.row_id, tok.row_key, output_ref, bodies[output_ref]))
+        else:
+            error = json.loads(error_json) if error_json else None
+            items.append(
+                WorkItem(tok.token_id, tok.row_id, tok.row_key, output_ref or "", None, status, error)
+            )
+    return ChunkWork(
+        items=items,
+        tokens_total=len(tokens),
+        already_done=sum(1 for tok in tokens if tok.token_id in done),
+        already_decided=sum(1 for tok in tokens if tok.row_id in decided and tok.token_id not in done),
+    )
+
+
+def decided_rows(engine: Engine, run_id: str, row_ids: list[str]) -> dict[str, str]:
+    """row_id -> decision ('merged' or 'failed') for the given rows that some coalesce decided."""
+    cd = t.coalesce_decisions.c
+    with engine.connect() as conn:
+        return dict(
+            conn.execute(
+                select(cd.row_id, cd.decision).where(cd.run_id == run_id, cd.row_id.in_(row_ids))
+            ).all()
+        )

@@ -7,9 +7,9 @@ that already exist, so a retried or concurrent writer stores nothing twice.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Any
 
 from sqlalchemy import Connection, Engine, and_, func, select, update
@@ -89,7 +89,8 @@ class NodeResult:
     started_at: datetime
     completed_at: datetime
     input_hash: str | None = None
-    output: Mapping[str, Any] | None = None
+    output_hash: str | None = None
+    output_body: str | None = None  # canonical JSON of the output row
     error: Mapping[str, Any] | None = None
     context: Mapping[str, Any] | None = None
 
@@ -114,6 +115,12 @@ class AuditStore:
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
+
+    def clock(self) -> Callable[[], datetime]:
+        """A cheap clock that follows the audit database's: this machine's, offset once."""
+        with self.engine.connect() as conn:
+            offset = db_now(conn) - datetime.now(timezone.utc)
+        return lambda: datetime.now(timezone.utc) + offset
 
     # -- runs and nodes -------------------------------------------------------------------------
 
@@ -229,6 +236,13 @@ class AuditStore:
 
     # -- fork -------------------------------------------------------------------------------------
 
+    def row_key_exists(self, run_id: str, row_key: str) -> bool:
+        with self.engine.connect() as conn:
+            found = conn.execute(
+                select(t.rows.c.row_id).where(t.rows.c.run_id == run_id, t.rows.c.row_key == row_key)
+            ).first()
+        return found is not None
+
     def write_fork_chunk(
         self, run_id: str, branches: Sequence[str], chunk: int, rows: Sequence[ForkRow]
     ) -> None:
@@ -311,12 +325,8 @@ class AuditStore:
         payloads: dict[str, str] = {}
         states = []
         for result in results:
-            output_hash = None
-            if result.output is not None:
-                output_hash, body = hash_value(
-                    dict(result.output), what=f"output of {node_id} for token {result.token_id}"
-                )
-                payloads[output_hash] = body
+            if result.output_hash is not None and result.output_body is not None:
+                payloads[result.output_hash] = result.output_body
             states.append(
                 {
                     "state_id": derive_id(result.token_id, node_id, attempt),
@@ -326,8 +336,8 @@ class AuditStore:
                     "attempt": attempt,
                     "status": result.status,
                     "input_hash": result.input_hash,
-                    "output_hash": output_hash,
-                    "output_ref": output_hash,
+                    "output_hash": result.output_hash,
+                    "output_ref": result.output_hash,
                     "error_json": dumps(result.error) if result.error is not None else None,
                     "context_json": dumps(result.context) if result.context is not None else None,
                     "started_at": result.started_at,

@@ -1,0 +1,318 @@
+"""CoalesceSensor: join a fork's branches per row under a policy, with a deadline, and report."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import timedelta
+from typing import Any
+
+from airflow.sdk import BaseOperatorLink, BaseSensorOperator, Context, conf
+from airflow.sdk.exceptions import AirflowFailException, AirflowRescheduleException, AirflowSkipException
+
+from airflow_elspeth.audit.coalesce import ENDED_TASK_STATES, CoalesceSpec, coalesce_pass
+from airflow_elspeth.audit.queries import coalesce_summary
+from airflow_elspeth.audit.store import AuditStore
+from airflow_elspeth.core.config import ElspethConfigError, MergeStrategy, Policy, coalesce_config
+from airflow_elspeth.hooks.audit import ElspethAuditHook
+from airflow_elspeth.operators.branch import BranchOperator
+from airflow_elspeth.operators.fork import ForkOperator
+
+SUMMARY_XCOM_KEY = "coalesce_summary"
+ON_FAILURE_CHOICES = ("fail", "skip")
+# Margin between our own deadline and Airflow's sensor timeout, so the framework never ends the task
+# before it has written its decisions (a framework timeout writes nothing).
+FRAMEWORK_TIMEOUT_MARGIN = timedelta(minutes=10)
+
+
+class CoalesceAuditLink(BaseOperatorLink):
+    """Extra link from a coalesce task to its run's page in the Elspeth audit view."""
+
+    name = "Elspeth audit"
+
+    def get_link(self, operator: Any, *, ti_key: Any) -> str:
+        from urllib.parse import quote
+
+        dag_id, run_id, task_id = (
+            quote(x, safe="") for x in (ti_key.dag_id, ti_key.run_id, operator.task_id)
+        )
+        return f"/elspeth/dags/{dag_id}/runs/{run_id}?coalesce={task_id}"
+
+
+class CoalesceSensor(BaseSensorOperator):
+    """Join a fork's branches per row under a policy with a deadline, and record every decision.
+
+    Starts with the branches (``trigger_rule="always"``) and decides each row as soon as its policy
+    resolves: ``require_all`` (every branch), ``quorum`` (the first ``quorum`` arrivals), ``best_effort``
+    (all that arrive before every branch has arrived or been lost, or the deadline), ``first`` (the
+    first arrival). The deadline is the fork's completion time plus ``timeout``; at the deadline every
+    undecided row is decided. Every decision, every missing branch and why it is missing is written
+    to the audit store before the task ends, and summarised in XCom ``coalesce_summary`` (also the
+    return value on success).
+
+    :param fork: the ForkOperator whose tokens are joined.
+    :param policy: ``require_all``, ``quorum``, ``best_effort`` or ``first``.
+    :param quorum: arrivals needed with ``policy="quorum"`` (1..number of branches).
+    :param merge: ``union`` (fields overlaid in branch order, later wins, collisions recorded),
+        ``nested`` (``{branch: output}``) or ``select`` (the output of ``select_branch`` only).
+    :param select_branch: the branch whose output ``merge="select"`` keeps (never substituted).
+    :param timeout: time after the fork completed at which undecided rows are decided (finite).
+    :param branches: the branches to join; default all of the fork's.
+    :param tolerated_failures: failed rows allowed before the task fails (default 0).
+    :param tolerated_failure_rate: fraction of failed rows allowed before the task fails.
+    :param on_failure: ``"fail"`` (``AirflowFailException``, no retry: the decisions are final) or
+        ``"skip"`` (the task is skipped) when failed rows exceed the tolerance.
+    :param fork_wait_timeout: how long the sensor may wait for the fork to complete; Airflow's own
+        sensor timeout is ``fork_wait_timeout + timeout`` plus a margin, so it never fires first.
+    :param deferrable: wait in the triggerer instead of a worker slot; default
+        ``[operators] default_deferrable``.
+    :param audit_conn_id: the audit store connection (see ForkOperator).
+    """
+
+    ui_color = "#f7e8d4"
+    operator_extra_links = (CoalesceAuditLink(),)
+
+    def __init__(
+        self,
+        *,
+        fork: ForkOperator,
+        policy: Policy | str,
+        quorum: int | None = None,
+        merge: MergeStrategy | str = MergeStrategy.UNION,
+        select_branch: str | None = None,
+        timeout: timedelta | float = timedelta(hours=1),
+        branches: Sequence[str] | None = None,
+        tolerated_failures: int = 0,
+        tolerated_failure_rate: float | None = None,
+        on_failure: str = "fail",
+        fork_wait_timeout: timedelta = timedelta(hours=6),
+        deferrable: bool | None = None,
+        audit_conn_id: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if not isinstance(fork, ForkOperator):
+            raise ElspethConfigError(f"fork must be a ForkOperator, got {type(fork).__name__}")
+        config = coalesce_config(
+            branches=list(branches) if branches is not None else fork.branches,
+            fork_branches=fork.branches,
+            policy=policy,
+            quorum=quorum,
+            merge=merge,
+            select_branch=select_branch,
+            timeout=timeout,
+        )
+        if (
+            isinstance(tolerated_failures, bool)
+            or not isinstance(tolerated_failures, int)
+            or tolerated_failures < 0
+        ):
+            raise ElspethConfigError(
+                f"tolerated_failures must be an integer >= 0, got {tolerated_failures!r}"
+            )
+        if tolerated_failure_rate is not None and not (
+            isinstance(tolerated_failure_rate, (int, float)) and 0 <= tolerated_failure_rate <= 1
+        ):
+            raise ElspethConfigError(
+                f"tolerated_failure_rate must be in [0, 1], got {tolerated_failure_rate!r}"
+            )
+        if on_failure not in ON_FAILURE_CHOICES:
+            raise ElspethConfigError(f"on_failure must be one of {ON_FAILURE_CHOICES}, got {on_failure!r}")
+        kwargs.setdefault("trigger_rule", "always")
+        kwargs.setdefault("mode", "reschedule")
+        kwargs.setdefault("poke_interval", 10)
+        super().__init__(timeout=fork_wait_timeout + config.timeout + FRAMEWORK_TIMEOUT_MARGIN, **kwargs)
+        self.fork_task_id = fork.task_id
+        self.coalesce = config
+        self.tolerated_failures = tolerated_failures
+        self.tolerated_failure_rate = tolerated_failure_rate
+        self.on_failure = on_failure
+        self.deferrable = (
+            deferrable
+            if deferrable is not None
+            else conf.getboolean("operators", "default_deferrable", fallback=False)
+        )
+        self.audit_conn_id = audit_conn_id
+
+    # -- what the coalesce joins ----------------------------------------------------------------
+
+    def spec(self) -> CoalesceSpec:
+        """Find each branch's delivering step: the BranchOperator directly upstream of this task."""
+        delivering: dict[str, str] = {}
+        mapped: dict[str, bool] = {}
+        for task in self.upstream_list:
+            branch, is_mapped = _branch_step(task)
+            if branch is None or branch not in self.coalesce.branches:
+                continue
+            if branch in delivering:
+                raise AirflowFailException(
+                    f"{self.task_id}: branch {branch!r} has two steps directly upstream "
+                    f"({delivering[branch]!r}, {task.task_id!r}); only the last step delivers"
+                )
+            delivering[branch] = task.task_id
+            mapped[branch] = is_mapped
+        absent = [b for b in self.coalesce.branches if b not in delivering]
+        if absent:
+            raise AirflowFailException(
+                f"{self.task_id}: no BranchOperator directly upstream for branches {absent!r}"
+            )
+        return CoalesceSpec(node_id=self.task_id, config=self.coalesce, delivering=delivering, mapped=mapped)
+
+    def _store(self) -> AuditStore:
+        return AuditStore(ElspethAuditHook(audit_conn_id=self.audit_conn_id).get_engine())
+
+    def _fork_ref(self, context: Context) -> dict[str, Any] | None:
+        """The fork's audit run, or None while the fork has not completed (fails if it never will)."""
+        ti = context["ti"]
+        ref = ti.xcom_pull(task_ids=self.fork_task_id)
+        if ref:
+            return dict(ref)
+        state = self._task_states(context, [self.fork_task_id]).get(self.fork_task_id)
+        if state in ENDED_TASK_STATES:
+            raise AirflowFailException(
+                f"{self.task_id}: fork {self.fork_task_id!r} ended {state} without an audit run; "
+                "nothing to coalesce"
+            )
+        return None
+
+    @staticmethod
+    def _task_states(context: Context, task_ids: Sequence[str]) -> dict[str, str]:
+        """Task states through the Task SDK, one task id per call (mapped keys are ``task_id_<i>``)."""
+        ti = context["ti"]
+        states: dict[str, str] = {}
+        for task_id in task_ids:
+            found = ti.get_task_states(dag_id=ti.dag_id, task_ids=[task_id], run_ids=[ti.run_id])
+            states.update({k: str(v) for k, v in found.get(ti.run_id, {}).items() if v is not None})
+        return states
+
+    # -- deciding ---------------------------------------------------------------------------------
+
+    def decide(self, context: Context, run_id: str) -> bool:
+        """One coalesce pass: decide what can be decided now; True when every row is decided."""
+        spec = self.spec()
+        store = self._store()
+        store.register_node(run_id, self.task_id, "coalesce", None, spec.as_dict())
+        states = self._task_states(context, list(spec.delivering.values()))
+        result = coalesce_pass(store, spec, run_id, states)
+        self.log.info(
+            "%s: %d/%d rows decided (deadline %s)",
+            self.task_id,
+            result.rows_decided,
+            result.rows_total,
+            result.deadline.isoformat(),
+        )
+        return result.done
+
+    def poke(self, context: Context) -> bool:
+        ref = self._fork_ref(context)
+        return ref is not None and self.decide(context, ref["audit_run_id"])
+
+    def execute(self, context: Context) -> Any:
+        if self.deferrable:
+            return self._defer_or_finish(context)
+        super().execute(context)
+        return self.report(context)
+
+    # -- deferrable ---------------------------------------------------------------------------------
+
+    def _defer_or_finish(self, context: Context) -> Any:
+        ref = self._fork_ref(context)
+        if ref is None or _triggers_run_inline(context):
+            # Until the fork completes there is no deadline to wait for; and under dag.test() a
+            # trigger runs inline and would block the very branches it waits for. Free the slot and
+            # look again later instead.
+            if ref is not None and self.decide(context, ref["audit_run_id"]):
+                return self.report(context)
+            raise AirflowRescheduleException(_reschedule_date(self.poke_interval))
+        run_id = ref["audit_run_id"]
+        if self.decide(context, run_id):
+            return self.report(context)
+        from airflow_elspeth.triggers.coalesce import CoalesceTrigger
+
+        spec = self.spec()
+        self.defer(
+            trigger=CoalesceTrigger(
+                spec=spec.as_dict(),
+                run_id=run_id,
+                dag_id=context["ti"].dag_id,
+                airflow_run_id=context["ti"].run_id,
+                audit_conn_id=self.audit_conn_id,
+                poll_interval=float(self.poke_interval),
+            ),
+            method_name="execute_complete",
+        )
+        return None
+
+    def execute_complete(self, context: Context, event: dict[str, Any] | None = None) -> Any:
+        """Resume from the trigger: decide with the same pass as the other modes; maybe defer again."""
+        if event is not None and event.get("status") == "error":
+            raise AirflowFailException(f"{self.task_id}: coalesce trigger failed: {event.get('message')}")
+        return self._defer_or_finish(context)
+
+    # -- reporting ----------------------------------------------------------------------------------
+
+    def report(self, context: Context) -> dict[str, Any]:
+        """Push ``coalesce_summary``; fail (or skip) when failed rows exceed the tolerance."""
+        ti = context["ti"]
+        ref = self._fork_ref(context)
+        assert ref is not None  # report runs only after every row is decided
+        summary = coalesce_summary(self._store().engine, self.spec(), ref["audit_run_id"])
+        summary["tolerated_failures"] = self.tolerated_failures
+        summary["tolerated_failure_rate"] = self.tolerated_failure_rate
+        ti.xcom_push(key=SUMMARY_XCOM_KEY, value=summary)
+        if not self.within_tolerance(summary):
+            message = failure_message(summary)
+            if self.on_failure == "skip":
+                raise AirflowSkipException(message)
+            raise AirflowFailException(message)
+        return summary
+
+    def within_tolerance(self, summary: dict[str, Any]) -> bool:
+        failed, total = summary["rows_failed"], summary["rows_total"]
+        if failed <= self.tolerated_failures:
+            return True
+        return (
+            self.tolerated_failure_rate is not None
+            and total > 0
+            and failed / total <= self.tolerated_failure_rate
+        )
+
+
+def failure_message(summary: dict[str, Any]) -> str:
+    """The one-paragraph answer to "why did the coalesce fail": policy, counts, missing branches."""
+    policy = summary["policy"] + (f"(quorum={summary['quorum']})" if summary.get("quorum") else "")
+    reasons = ", ".join(f"{reason}={n}" for reason, n in summary["failure_reasons"].items())
+    missing = "; ".join(
+        f"{branch}: " + ", ".join(f"{reason} x{n}" for reason, n in info["reasons"].items())
+        for branch, info in summary["missing_branches"].items()
+    )
+    return (
+        f"coalesce {summary['coalesce']!r} ({policy}, merge={summary['merge']}): "
+        f"{summary['rows_failed']} of {summary['rows_total']} rows failed "
+        f"(tolerated: {summary['tolerated_failures']}"
+        + (
+            f" or rate {summary['tolerated_failure_rate']}"
+            if summary.get("tolerated_failure_rate") is not None
+            else ""
+        )
+        + f"). Failure reasons: {reasons or 'none'}. Missing branches: {missing or 'none'}. "
+        f"Audit run {summary['audit_run_id']}."
+    )
+
+
+def _branch_step(task: Any) -> tuple[str | None, bool]:
+    """(branch, mapped) of a BranchOperator or of a BranchOperator mapped over the fork's chunks."""
+    if isinstance(task, BranchOperator):
+        return task.branch, False
+    if getattr(task, "operator_class", None) is BranchOperator:
+        return task.partial_kwargs.get("branch"), True
+    return None, False
+
+
+def _triggers_run_inline(context: Context) -> bool:
+    """``dag.test()`` runs triggers inline, blocking every other task until they fire."""
+    return getattr(context["dag_run"], "triggering_user_name", None) == "dag_test"
+
+
+def _reschedule_date(poke_interval: float) -> Any:
+    from airflow.sdk import timezone
+
+    return timezone.utcnow() + timedelta(seconds=float(poke_interval))
