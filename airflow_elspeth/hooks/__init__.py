@@ -1,0 +1,1 @@
+"""Hooks of the Elspeth provider (``airflow_elspeth.hooks.audit.ElspethAuditHook``)."""

@@ -1,0 +1,253 @@
+"""Shared fixtures of the whole suite.
+
+Audit store fixtures:
+
+* ``sqlite_url``: a fresh SQLite file per test.
+* ``pg_proc`` (session): a throwaway PostgreSQL server started with pytest-postgresql's
+  ``PostgreSQLExecutor`` (the executor behind its ``postgresql_proc`` factory).
+* ``pg_url``: a fresh database on that server per test, dropped afterwards.
+* ``audit_url``: parametrized over both backends (ids ``sqlite`` / ``postgresql``; the PostgreSQL
+  case carries the ``postgres`` marker, so ``-m "not postgres"`` deselects it).
+* ``audit_engine``: ``engine_for_url(audit_url)``, schema at head, disposed after the test.
+
+PostgreSQL refuses to run as root (initdb, pg_ctl and postgres all check), and CI runs this suite
+as root. When we are root, the server runs as an unprivileged OS user (``postgres`` if it exists,
+else ``nobody``) through a tiny wrapper around pg_ctl that drops privileges before exec'ing it,
+and its data, socket and log live in a directory owned by that user. pytest-postgresql's
+``postgresql_proc`` factory cannot be used as is for this: it puts the data directory under
+pytest's basetemp, whose ancestors are mode 0700 and owned by root, so no other user can reach it.
+Nothing else differs from what the factory does (same executor, same pg_ctl invocations).
+
+Without PostgreSQL binaries the PostgreSQL cases are skipped, or fail when ``CI=true``.
+``--postgresql-exec=/path/to/pg_ctl`` (pytest-postgresql's option) picks a specific server.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import pwd
+import shutil
+import stat
+import sys
+import tempfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+# An Airflow home of the suite's own, set before anything imports Airflow (which reads it once), so
+# tests never touch the developer's ~/airflow (its airflow.cfg, its elspeth_audit.db).
+_SUITE_AIRFLOW_HOME = tempfile.mkdtemp(prefix="elspeth-tests-airflow-home-")
+os.environ["AIRFLOW_HOME"] = _SUITE_AIRFLOW_HOME
+os.environ.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
+
+PG_BINDIR_GLOB = "/usr/lib/postgresql/*/bin/pg_ctl"
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    shutil.rmtree(_SUITE_AIRFLOW_HOME, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# PostgreSQL server
+
+
+def _find_pg_ctl(config: pytest.Config) -> tuple[str | None, str]:
+    """pg_ctl to use, and where we looked (for the skip/fail message)."""
+    looked: list[str] = []
+    option = config.getoption("postgresql_exec", default=None)
+    if option:
+        looked.append(f"--postgresql-exec={option}")
+        return (option if os.access(option, os.X_OK) else None), ", ".join(looked)
+    found = shutil.which("pg_ctl")
+    looked.append("pg_ctl on PATH")
+    if found:
+        return found, ", ".join(looked)
+
+    def version(path: str) -> float:
+        try:
+            return float(Path(path).parent.parent.name)
+        except ValueError:
+            return 0.0
+
+    candidates = sorted(glob.glob(PG_BINDIR_GLOB), key=version, reverse=True)
+    looked.append(PG_BINDIR_GLOB)
+    for candidate in candidates:
+        if os.access(candidate, os.X_OK):
+            return candidate, ", ".join(looked)
+    return None, ", ".join(looked)
+
+
+def _unprivileged_account() -> pwd.struct_passwd:
+    for name in ("postgres", "nobody"):
+        try:
+            return pwd.getpwnam(name)
+        except KeyError:
+            continue
+    raise RuntimeError("running as root, and neither a 'postgres' nor a 'nobody' account exists")
+
+
+def _write_privilege_dropping_wrapper(directory: Path, pg_ctl: str, account: pwd.struct_passwd) -> str:
+    """An executable that runs ``pg_ctl "$@"`` as ``account`` (root only)."""
+    wrapper = directory / "pg_ctl_as_user"
+    wrapper.write_text(
+        f"#!{sys.executable}\n"
+        "import os, sys\n"
+        f"os.setgroups([])\n"
+        f"os.setgid({account.pw_gid})\n"
+        f"os.setuid({account.pw_uid})\n"
+        f"os.environ['HOME'] = {account.pw_dir!r}\n"
+        f"os.environ['USER'] = os.environ['LOGNAME'] = {account.pw_name!r}\n"
+        # initdb/postgres complain when started from a directory they cannot read.
+        "os.chdir('/')\n"
+        f"os.execv({pg_ctl!r}, [{pg_ctl!r}, *sys.argv[1:]])\n"
+    )
+    wrapper.chmod(stat.S_IRWXU)  # root only: nobody else may run or rewrite it
+    return str(wrapper)
+
+
+class PostgresServer:
+    """What tests need to know about the session's PostgreSQL server."""
+
+    def __init__(self, executor: object, host: str, port: int, user: str) -> None:
+        self.executor = executor
+        self.host = host
+        self.port = port
+        self.user = user
+
+    def admin_connection(self):  # type: ignore[no-untyped-def]
+        import psycopg2
+
+        connection = psycopg2.connect(host=self.host, port=self.port, user=self.user, dbname="postgres")
+        connection.autocommit = True
+        return connection
+
+    def url(self, database: str) -> str:
+        from sqlalchemy.engine import URL
+
+        return URL.create(
+            "postgresql+psycopg2", username=self.user, host=self.host, port=self.port, database=database
+        ).render_as_string(hide_password=False)
+
+
+@pytest.fixture(scope="session")
+def pg_proc(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[PostgresServer]:
+    pg_ctl, looked = _find_pg_ctl(request.config)
+    if pg_ctl is None:
+        reason = f"PostgreSQL server binaries not found (looked at: {looked}); install postgresql"
+        print(reason, file=sys.stderr)
+        if os.environ.get("CI") == "true":
+            pytest.fail(reason)
+        pytest.skip(reason)
+
+    from port_for import get_port
+    from pytest_postgresql.executors import PostgreSQLExecutor
+
+    base = Path(tempfile.mkdtemp(prefix="elspeth-pg-"))
+    socket_dir = base / "sock"
+    socket_dir.mkdir()
+    executable = pg_ctl
+    if os.geteuid() == 0:
+        account = _unprivileged_account()
+        for path in (base, socket_dir):
+            os.chown(path, account.pw_uid, account.pw_gid)
+        executable = _write_privilege_dropping_wrapper(tmp_path_factory.mktemp("pg-wrapper"), pg_ctl, account)
+
+    host = "127.0.0.1"
+    port = get_port(None)
+    assert port is not None
+    executor = PostgreSQLExecutor(
+        executable=executable,
+        host=host,
+        port=port,
+        datadir=str(base / "data"),
+        unixsocketdir=str(socket_dir),
+        logfile=str(base / "postgresql.log"),
+        startparams="-w",
+        dbname="tests",
+        user="postgres",
+        password=None,
+        postgres_options="-c fsync=off -c synchronous_commit=off -c full_page_writes=off",
+    )
+    try:
+        executor.start()
+    except BaseException:
+        log = base / "postgresql.log"
+        if log.exists():
+            print(log.read_text(errors="replace")[-4000:], file=sys.stderr)
+        shutil.rmtree(base, ignore_errors=True)
+        raise
+    try:
+        yield PostgresServer(executor, host, port, "postgres")
+    finally:
+        try:
+            executor.stop()
+        finally:
+            shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
+def pg_url(pg_proc: PostgresServer) -> Iterator[str]:
+    """A fresh, empty PostgreSQL database for this test, dropped afterwards."""
+    from airflow_elspeth.hooks.audit import dispose_engine
+
+    name = f"elspeth_test_{uuid.uuid4().hex[:16]}"
+    admin = pg_proc.admin_connection()
+    try:
+        with admin.cursor() as cursor:
+            cursor.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        admin.close()
+    url = pg_proc.url(name)
+    try:
+        yield url
+    finally:
+        dispose_engine(url)
+        admin = pg_proc.admin_connection()
+        try:
+            with admin.cursor() as cursor:
+                cursor.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            admin.close()
+
+
+# --------------------------------------------------------------------------------------------------
+# SQLite and both backends
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> Iterator[str]:
+    """A fresh SQLite file for this test (not created yet)."""
+    from sqlalchemy.engine import URL
+
+    from airflow_elspeth.hooks.audit import dispose_engine
+
+    url = URL.create("sqlite", database=str(tmp_path / "audit.db")).render_as_string()
+    yield url
+    dispose_engine(url)
+
+
+@pytest.fixture(
+    params=[
+        pytest.param("sqlite", id="sqlite"),
+        pytest.param("postgresql", id="postgresql", marks=pytest.mark.postgres),
+    ]
+)
+def audit_url(request: pytest.FixtureRequest) -> str:
+    """An empty audit database URL, once per backend."""
+    fixture = "sqlite_url" if request.param == "sqlite" else "pg_url"
+    return str(request.getfixturevalue(fixture))
+
+
+@pytest.fixture
+def audit_engine(audit_url: str) -> Iterator[object]:
+    """The cached Engine for ``audit_url``, schema at head; disposed and forgotten afterwards."""
+    from airflow_elspeth.hooks.audit import dispose_engine, engine_for_url
+
+    engine = engine_for_url(audit_url)
+    yield engine
+    dispose_engine(audit_url)
