@@ -253,7 +253,13 @@ def loss_reason(status: str, error: Mapping[str, Any] | None) -> str:
 
 
 def read_chunk_log(
-    conn: Connection, spec: CoalesceSpec, run_id: str, chunk: int, *, undecided_only: bool
+    conn: Connection,
+    spec: CoalesceSpec,
+    run_id: str,
+    chunk: int,
+    *,
+    undecided_only: bool,
+    row_ids: list[str] | None = None,
 ) -> tuple[list[tuple[str, str, int]], dict[str, dict[str, TokenState]], dict[str, tuple[str, datetime]]]:
     """One chunk's rows, their branch states at the delivering nodes, and whole-task losses.
 
@@ -267,6 +273,8 @@ def read_chunk_log(
         query = query.where(
             ~exists().where(and_(cd.run_id == run_id, cd.node_id == spec.node_id, cd.row_id == r.row_id))
         )
+    if row_ids is not None:
+        query = query.where(r.row_id.in_(row_ids))
     rows = [tuple(row) for row in conn.execute(query.order_by(r.row_index))]
     branch_of = {node: branch for branch, node in spec.delivering.items()}
     ns = t.node_states.c
@@ -278,6 +286,7 @@ def read_chunk_log(
             ns.node_id.in_(list(branch_of)),
             ns.chunk == chunk,
             ns.status.in_(TERMINAL_STATES),
+            *([ns.row_id.in_(row_ids)] if row_ids is not None else []),
         )
         .order_by(ns.completed_at)
     ):
