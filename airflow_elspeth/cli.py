@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -34,6 +35,10 @@ from airflow_elspeth.audit.coalesce import (
 )
 from airflow_elspeth.audit.queries import coalesce_nodes, coalesce_summary, row_lineage, spec_of_node
 from airflow_elspeth.core.policy import replay
+
+# Airflow configures its logging when first imported (via the hook): keep its INFO chatter out of a
+# terminal report unless the user asked for a level.
+os.environ.setdefault("AIRFLOW__LOGGING__LOGGING_LEVEL", "WARNING")
 
 console = Console()
 
