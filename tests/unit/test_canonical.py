@@ -1,0 +1,175 @@
+"""Canonical JSON (RFC 8785), payload hashes and deterministic identifiers (DESIGN §6)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+import re
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from airflow_elspeth.core.canonical import (
+    PayloadError,
+    canonical_json,
+    content_hash,
+    derive_id,
+    hash_value,
+    row_key_text,
+)
+
+JSON_SCALARS = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**53) + 1, 2**53 - 1),
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.text(),
+)
+JSON = st.recursive(
+    JSON_SCALARS,
+    lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(st.text(), inner, max_size=4)),
+    max_leaves=20,
+)
+
+
+def reorder(value: Any, rng: random.Random) -> Any:
+    """The same JSON value with every object's keys inserted in a different order."""
+    if isinstance(value, dict):
+        items = list(value.items())
+        rng.shuffle(items)
+        return {k: reorder(v, rng) for k, v in items}
+    if isinstance(value, list):
+        return [reorder(v, rng) for v in value]
+    return value
+
+
+# ---- canonical JSON
+
+
+@settings(max_examples=200, deadline=None)
+@given(JSON, st.randoms(use_true_random=False))
+def test_canonical_json_does_not_depend_on_key_order(value: Any, rng: random.Random) -> None:
+    body = canonical_json(value)
+    assert canonical_json(reorder(value, rng)) == body
+    assert hash_value(reorder(value, rng)) == hash_value(value)
+    # It is JSON for the same value (numbers are doubles: 3.756491778787673e16 is written 37564917787876730).
+    assert json.loads(body, parse_int=float) == value
+
+
+def test_canonical_json_known_bytes() -> None:
+    value = {"b": 1, "a": [True, None, "x", 1.0, 1e21, -0.0], "é": "ü"}
+    assert canonical_json(value) == '{"a":[true,null,"x",1,1e+21,0],"b":1,"é":"ü"}'.encode()
+
+
+def test_canonical_json_sorts_keys_by_utf16_code_units() -> None:
+    # U+FF61 sorts before U+1F600 by code point, but after it by UTF-16 code unit (0xD83D < 0xFF61).
+    value = {"\uff61": 1, "\U0001f600": 2}
+    assert canonical_json(value) == '{"\U0001f600":2,"\uff61":1}'.encode()
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        pytest.param(math.nan, id="nan"),
+        pytest.param(math.inf, id="infinity"),
+        pytest.param(-math.inf, id="minus-infinity"),
+        pytest.param({"score": [1, {"deep": math.nan}]}, id="nested-nan"),
+        pytest.param(2**60, id="unsafe-integer"),
+        pytest.param({1: "a"}, id="non-string-key"),
+        pytest.param({"s": {1, 2}}, id="set"),
+        pytest.param(b"bytes", id="bytes"),
+    ],
+)
+def test_non_canonical_values_are_rejected_naming_what(bad: Any) -> None:
+    with pytest.raises(PayloadError) as err:
+        canonical_json(bad, what="output of branch 'gpt' for row 'a-17'")
+    assert "output of branch 'gpt' for row 'a-17'" in str(err.value)
+    with pytest.raises(PayloadError, match=re.escape("row 'a-17'")):
+        hash_value(bad, what="row 'a-17'")
+
+
+def test_payload_error_is_a_value_error() -> None:
+    assert issubclass(PayloadError, ValueError)
+
+
+def test_content_hash_is_sha256_of_the_canonical_bytes() -> None:
+    digest, text = hash_value({"b": [1, 2], "a": "x"})
+    assert text == '{"a":"x","b":[1,2]}'
+    assert digest == content_hash(text.encode()) == hashlib.sha256(b'{"a":"x","b":[1,2]}').hexdigest()
+    assert re.fullmatch(r"[0-9a-f]{64}", digest)
+
+
+def test_different_values_hash_differently() -> None:
+    assert hash_value({"a": 1})[0] != hash_value({"a": "1"})[0]
+    assert hash_value([1, 2])[0] != hash_value([2, 1])[0]
+
+
+# ---- derive_id
+
+PART = st.one_of(st.text(max_size=3), st.integers(0, 200))
+
+
+def test_derive_id_is_deterministic_32_hex() -> None:
+    first = derive_id("run-1", "row-17", "gpt")
+    assert first == derive_id("run-1", "row-17", "gpt")
+    assert re.fullmatch(r"[0-9a-f]{32}", first)
+
+
+@pytest.mark.parametrize(
+    ("left", "right"),
+    [
+        pytest.param(("a", "bc"), ("ab", "c"), id="split-point"),
+        pytest.param(("a", "b"), ("a\x1fb",), id="separator-inside-a-part"),
+        pytest.param(("a", "b"), (["a", "b"],), id="parts-vs-list"),
+        pytest.param((1,), ("1",), id="int-vs-text"),
+        pytest.param((1, 2), (12,), id="int-parts"),
+        pytest.param((17, "gpt"), (1, "7", "gpt"), id="row-index-parts"),
+        pytest.param(("",), ("", ""), id="empty-parts"),
+        pytest.param(("GPT",), ("gpt",), id="case"),
+        pytest.param(("run", "row", "gpt"), ("run", "gpt", "row"), id="order"),
+    ],
+)
+def test_derive_id_is_separator_safe(left: tuple[Any, ...], right: tuple[Any, ...]) -> None:
+    assert derive_id(*left) != derive_id(*right)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(PART, max_size=4), st.lists(PART, max_size=4))
+def test_derive_id_distinct_parts_give_distinct_ids(left: list[str | int], right: list[str | int]) -> None:
+    assert (derive_id(*left) == derive_id(*right)) == (left == right)
+
+
+def test_derive_id_dict_parts_ignore_key_order() -> None:
+    assert derive_id({"a": 1, "b": 2}) == derive_id({"b": 2, "a": 1})
+
+
+# ---- row_key_text
+
+
+@pytest.mark.parametrize(
+    ("key", "text"),
+    [
+        pytest.param("a-17", "a-17", id="text-verbatim"),
+        pytest.param("GPT", "GPT", id="text-case-kept"),
+        pytest.param(" 17 ", " 17 ", id="text-whitespace-kept"),
+        pytest.param("é", "é", id="text-unicode-not-escaped"),
+        pytest.param('"quoted"', '"quoted"', id="text-not-json-encoded"),
+        pytest.param(17, "17", id="int"),
+        pytest.param(1.5, "1.5", id="float"),
+        pytest.param(True, "true", id="bool"),
+        pytest.param(None, "null", id="none"),
+        pytest.param([2, "a"], '[2,"a"]', id="composite-list"),
+        pytest.param({"z": 1, "a": [1, 2]}, '{"a":[1,2],"z":1}', id="composite-dict-canonical"),
+    ],
+)
+def test_row_key_text(key: Any, text: str) -> None:
+    assert row_key_text(key) == text
+
+
+def test_row_key_text_rejects_non_canonical_keys_naming_the_key() -> None:
+    with pytest.raises(PayloadError, match="row key"):
+        row_key_text(math.nan)
