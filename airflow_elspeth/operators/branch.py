@@ -18,7 +18,7 @@ from airflow_elspeth.audit.store import COMPLETED, DISCARDED, DROPPED, FAILED, A
 from airflow_elspeth.core.canonical import hash_value
 from airflow_elspeth.core.config import ElspethConfigError
 from airflow_elspeth.hooks.audit import ElspethAuditHook
-from airflow_elspeth.operators.fork import ForkOperator
+from airflow_elspeth.operators.fork import ForkOperator, fork_ref
 
 RowCallable = Callable[[dict[str, Any]], "dict[str, Any] | None"]
 
@@ -121,7 +121,7 @@ class BranchOperator(BaseOperator):
 
     def execute(self, context: Context) -> dict[str, Any]:
         ti = context["ti"]
-        ref = ti.xcom_pull(task_ids=self.fork_task_id)
+        ref = fork_ref(ti, self.fork_task_id)
         if not ref:
             raise AirflowException(f"fork {self.fork_task_id!r} has no audit run for this DAG run")
         run_id = ref["audit_run_id"]

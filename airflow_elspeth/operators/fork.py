@@ -16,11 +16,19 @@ from airflow_elspeth.core.canonical import PayloadError, hash_value, row_key_tex
 from airflow_elspeth.core.config import ElspethConfigError, validate_branches
 from airflow_elspeth.hooks.audit import ElspethAuditHook
 
-CHUNKS_XCOM_KEY = "chunks"
+# The audit run reference is pushed under its own key: the return value is the list of chunk numbers,
+# because Airflow maps (``.expand``) only over a task's return value, with its length recorded at push.
+AUDIT_RUN_XCOM_KEY = "audit_run"
 
 
 class ForkInputError(ValueError):
     """A row the fork cannot take (not a JSON object, no key, duplicate key, NaN/Infinity)."""
+
+
+def fork_ref(ti: Any, fork_task_id: str) -> dict[str, Any] | None:
+    """The audit run reference a fork pushed in this DAG run (None until the fork has completed)."""
+    ref = ti.xcom_pull(task_ids=fork_task_id, key=AUDIT_RUN_XCOM_KEY)
+    return dict(ref) if ref else None
 
 
 def default_chunk_size() -> int:
@@ -31,8 +39,9 @@ class ForkOperator(BaseOperator):
     """Fork rows into one token per (row, branch), recorded in the audit store.
 
     Each execution (try) of the fork is one audit run; re-running only downstream tasks continues it,
-    re-running the fork starts a new one linked to the old. The return value (XCom) is a small
-    reference to the audit run; the rows themselves stay in the audit store.
+    re-running the fork starts a new one linked to the old. XCom ``audit_run`` is a small reference
+    to the audit run (read it with :func:`fork_ref`); the return value is the list of chunk numbers
+    (``fork.chunks``, what mapped branches expand over); the rows themselves stay in the audit store.
 
     :param rows: a list of dicts, an ``XComArg`` resolving to one (or to a coalesce summary, to fork
         that coalesce's merged rows with their lineage), or a callable returning an iterable of dicts
@@ -79,8 +88,12 @@ class ForkOperator(BaseOperator):
 
     @property
     def chunks(self) -> XComArg:
-        """The fork's chunk numbers, for ``BranchOperator.partial(...).expand(chunk=fork.chunks)``."""
-        return XComArg(self, key=CHUNKS_XCOM_KEY)
+        """The fork's chunk numbers, for ``BranchOperator.partial(...).expand(chunk=fork.chunks)``.
+
+        This is the return value: Airflow refuses to map over an XCom with a custom key, and sizes
+        the expansion by the length of the return value.
+        """
+        return XComArg(self)
 
     def execute(self, context: Context) -> dict[str, Any]:
         store = AuditStore(ElspethAuditHook(audit_conn_id=self.audit_conn_id).get_engine())
@@ -121,15 +134,18 @@ class ForkOperator(BaseOperator):
             len(self.branches),
             run_id,
         )
-        ti.xcom_push(key=CHUNKS_XCOM_KEY, value=list(range(chunks_total)))
-        return {
-            "audit_run_id": run_id,
-            "fork": self.task_id,
-            "branches": self.branches,
-            "rows_total": rows_total,
-            "chunks_total": chunks_total,
-            "chunk_size": chunk_size,
-        }
+        ti.xcom_push(
+            key=AUDIT_RUN_XCOM_KEY,
+            value={
+                "audit_run_id": run_id,
+                "fork": self.task_id,
+                "branches": self.branches,
+                "rows_total": rows_total,
+                "chunks_total": chunks_total,
+                "chunk_size": chunk_size,
+            },
+        )
+        return list(range(chunks_total))
 
     def _source(self, context: Context) -> Iterator[tuple[Any, str | None]]:
         """(row, parent token) pairs; the parent links a nested fork to the upstream merged row."""

@@ -15,7 +15,7 @@ from airflow_elspeth.audit.store import AuditStore
 from airflow_elspeth.core.config import ElspethConfigError, MergeStrategy, Policy, coalesce_config
 from airflow_elspeth.hooks.audit import ElspethAuditHook
 from airflow_elspeth.operators.branch import BranchOperator
-from airflow_elspeth.operators.fork import ForkOperator
+from airflow_elspeth.operators.fork import ForkOperator, fork_ref
 
 SUMMARY_XCOM_KEY = "coalesce_summary"
 ON_FAILURE_CHOICES = ("fail", "skip")
@@ -161,10 +161,9 @@ class CoalesceSensor(BaseSensorOperator):
 
     def _fork_ref(self, context: Context) -> dict[str, Any] | None:
         """The fork's audit run, or None while the fork has not completed (fails if it never will)."""
-        ti = context["ti"]
-        ref = ti.xcom_pull(task_ids=self.fork_task_id)
+        ref = fork_ref(context["ti"], self.fork_task_id)
         if ref:
-            return dict(ref)
+            return ref
         state = self._task_states(context, [self.fork_task_id]).get(self.fork_task_id)
         if state in ENDED_TASK_STATES:
             raise AirflowFailException(
