@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -93,6 +94,7 @@ def coalesce_config(
     """
     names = validate_branches(branches)
     if fork_branches is not None:
+        fork_branches = validate_branches(fork_branches, param="fork branches")
         unknown = [b for b in names if b not in fork_branches]
         if unknown:
             raise ElspethConfigError(
@@ -103,7 +105,12 @@ def coalesce_config(
 
     if isinstance(timeout, bool) or not isinstance(timeout, (timedelta, int, float)):
         raise ElspethConfigError(f"timeout must be a timedelta or seconds, got {timeout!r}")
-    timeout_td = timeout if isinstance(timeout, timedelta) else timedelta(seconds=timeout)
+    if not isinstance(timeout, timedelta) and not math.isfinite(timeout):
+        raise ElspethConfigError(f"timeout must be finite, got {timeout!r}")
+    try:
+        timeout_td = timeout if isinstance(timeout, timedelta) else timedelta(seconds=timeout)
+    except OverflowError as err:
+        raise ElspethConfigError(f"timeout is too large, got {timeout!r}") from err
     if timeout_td <= timedelta(0):
         raise ElspethConfigError(f"timeout must be positive, got {timeout!r}")
 

@@ -54,6 +54,8 @@ class BranchEvent:
     reason: str | None = None
 
     def __post_init__(self) -> None:
+        # Accept the kind as stored text ("arrival"/"loss"); anything else is an error, never a loss.
+        object.__setattr__(self, "kind", EventKind(self.kind))
         if self.kind is EventKind.LOSS and not self.reason:
             raise ValueError(f"a loss of branch {self.branch!r} needs a reason")
 
@@ -87,7 +89,9 @@ _PENDING = Decision(status=Status.PENDING)
 
 def order_events(config: CoalesceConfig, events: Iterable[BranchEvent]) -> list[BranchEvent]:
     """The log order: by time, ties by configured branch order; a branch's first event only."""
-    ordered = sorted(events, key=lambda e: (e.at, config.branch_index(e.branch)))
+    # A branch has one event per row; should two share a timestamp, the arrival counts, whatever
+    # order they were read in.
+    ordered = sorted(events, key=lambda e: (e.at, config.branch_index(e.branch), e.kind is EventKind.LOSS))
     seen: set[str] = set()
     log: list[BranchEvent] = []
     for event in ordered:

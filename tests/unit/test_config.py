@@ -223,14 +223,6 @@ def test_non_positive_or_invalid_timeout(timeout: Any, shown: str) -> None:
     assert_names(err, "timeout", shown)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "core bug: coalesce_config does not check that a float timeout is finite; timeout=float('nan') "
-        "raises a bare ValueError('cannot convert float NaN to integer') and timeout=float('inf') an "
-        "OverflowError from timedelta(), neither an ElspethConfigError naming `timeout`"
-    ),
-)
 def test_non_finite_timeout_is_a_config_error_naming_timeout() -> None:
     for timeout, shown in [(float("nan"), "nan"), (float("inf"), "inf")]:
         with pytest.raises(ElspethConfigError) as err:

@@ -347,14 +347,6 @@ def test_a_loss_needs_a_reason() -> None:
         BranchEvent("claude", t(1), EventKind.LOSS)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "core bug: BranchEvent does not coerce or reject a text kind; policy.replay tests "
-        "`kind is EventKind.ARRIVAL`, so kind='arrival' (e.g. read back from the audit DB) is silently "
-        "replayed as a loss with reason '' and a require_all row with every branch arrived fails branch_lost"
-    ),
-)
 def test_event_kind_given_as_text_is_not_silently_a_loss() -> None:
     config = coalesce_config(branches=BRANCHES, policy="require_all", timeout=DEADLINE_S)
     try:
