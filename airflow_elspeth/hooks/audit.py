@@ -9,6 +9,9 @@ Where the audit store lives, first match wins (DESIGN §6):
    machine, use PostgreSQL when tasks run on several workers).
 
 A connection named in 1 or 2 must exist: a typo never silently falls back to the embedded file.
+Step 3 cannot be as strict: the Task SDK reports a connection it failed to fetch (e.g. the API
+server briefly unreachable) exactly like a missing one, so a deployment with several workers
+should name its connection in ``[elspeth] audit_conn_id`` rather than rely on the default id.
 
 A connection of type ``elspeth_audit`` holds either a complete SQLAlchemy URL in its extra
 ``sqlalchemy_url``, or host/port/login/password/schema (schema = database name) plus an optional
