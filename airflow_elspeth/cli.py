@@ -177,6 +177,13 @@ def print_summary(run: dict[str, Any], summary: dict[str, Any]) -> None:
         for branch, info in summary["missing_branches"].items():
             matrix.add_row(branch, *(str(info["reasons"].get(r, "")) for r in reasons), str(info["rows"]))
         console.print(matrix)
+    if summary.get("field_collisions"):
+        clashes = Table(title="Union field collisions (later branch wins)", header_style="bold")
+        for column in ("field", "rows", "supplied by"):
+            clashes.add_column(column)
+        for field_name, info in summary["field_collisions"].items():
+            clashes.add_row(escape(field_name), str(info["rows"]), escape(", ".join(info["branches"])))
+        console.print(clashes)
     if summary["failure_reasons"]:
         reasons_table = Table(title="Failed rows by reason", header_style="bold")
         reasons_table.add_column("reason")

@@ -65,18 +65,23 @@ def main(dag_id: str) -> int:
             sys.stdout, sys.stderr = stdout, stderr
     print(f"DAG run {dag_run.run_id}: {dag_run.state} in {time.monotonic() - started:.1f} s")
     for ti in sorted(dag_run.get_task_instances(), key=lambda ti: (ti.start_date or ti.end_date, ti.task_id)):
-        print(f"  {ti.task_id:<16} {ti.state}")
+        name = ti.task_id if ti.map_index < 0 else f"{ti.task_id}[{ti.map_index}]"
+        print(f"  {name:<18} {ti.state}")
 
     step("The coalesce report")
     run_cli("report", "--dag-id", dag_id, "--airflow-run-id", dag_run.run_id)
 
-    summary = dag_run.get_task_instance("consensus").xcom_pull(task_ids="consensus", key="coalesce_summary")
-    failed = (summary or {}).get("failed_rows") or []
-    if failed:
-        step(f"Why row {failed[0]['row_key']!r} failed")
-        run_cli("explain", failed[0]["row_key"], "--run-id", summary["audit_run_id"])
+    from airflow_elspeth.sensors.coalesce import SUMMARY_XCOM_KEY, CoalesceSensor
+
+    coalesces = [task.task_id for task in dag.tasks if isinstance(task, CoalesceSensor)]
+    for task_id in coalesces:
+        summary = dag_run.get_task_instance(task_id).xcom_pull(task_ids=task_id, key=SUMMARY_XCOM_KEY)
+        failed = (summary or {}).get("failed_rows") or []
+        if failed:
+            step(f"Why row {failed[0]['row_key']!r} failed at {task_id}")
+            run_cli("explain", failed[0]["row_key"], "--run-id", summary["audit_run_id"])
     step("Integrity check of the audit store")
-    run_cli("verify", "--run-id", summary["audit_run_id"])
+    run_cli("verify", "--dag-id", dag_id, "--airflow-run-id", dag_run.run_id)
     return 0 if str(dag_run.state) == "success" else 1
 
 

@@ -63,6 +63,16 @@ def coalesce_summary(engine: Engine, spec: CoalesceSpec, run_id: str) -> dict[st
             )
         ]
         late_after_write = _arrivals_after_decision(conn, spec, run_id)
+        collisions: dict[str, dict[str, Any]] = {}
+        for collisions_json, n in conn.execute(
+            select(cd.collisions_json, func.count())
+            .where(mine, cd.collisions_json.is_not(None))
+            .group_by(cd.collisions_json)
+        ):
+            for field_name, branches in json.loads(collisions_json).items():
+                entry = collisions.setdefault(field_name, {"rows": 0, "branches": []})
+                entry["rows"] += n
+                entry["branches"] = [b for b in config.branches if b in {*entry["branches"], *branches}]
     rows_failed = sum(n for (decision, _), n in counts.items() if decision == "failed")
     failure_reasons = {reason: n for (decision, reason), n in counts.items() if decision == "failed"}
     return {
@@ -79,6 +89,7 @@ def coalesce_summary(engine: Engine, spec: CoalesceSpec, run_id: str) -> dict[st
         "late_arrivals": late_in_decisions + late_after_write,
         "missing_branches": {b: missing[b] for b in config.branches if b in missing},
         "failure_reasons": dict(sorted(failure_reasons.items())),
+        "field_collisions": dict(sorted(collisions.items())),
         "failed_rows": failed_rows[:FAILED_ROWS_LIMIT],
         "failed_rows_truncated": len(failed_rows) > FAILED_ROWS_LIMIT,
         "audit_run_id": run_id,
