@@ -47,6 +47,11 @@ from airflow_elspeth.core.policy import (
     replay,
 )
 
+# How long a writer's transaction may take between stamping its events and committing them. A pass
+# reads the log as of (audit clock - SETTLE), so no event it has not seen can later appear before a
+# decision it made: a decision stays what a replay of the complete log says.
+SETTLE = timedelta(seconds=2)
+
 # Task states after which a branch task will deliver nothing more.
 ENDED_TASK_STATES = frozenset({"success", "failed", "upstream_failed", "skipped", "removed"})
 WHOLE_TASK = -1
@@ -135,6 +140,11 @@ def load_run(conn: Connection, run_id: str) -> RunInfo | None:
     )
 
 
+def settled_now(conn: Connection) -> datetime:
+    """The audit clock less :data:`SETTLE`: the time up to which the log is complete."""
+    return db_now(conn) - SETTLE
+
+
 def deadline_of(run: RunInfo, config: CoalesceConfig) -> datetime:
     if run.completed_at is None:
         raise ValueError(f"audit run {run.run_id} has not completed its fork")
@@ -164,26 +174,32 @@ def task_loss_rows(
 def _signatures(
     conn: Connection, spec: CoalesceSpec, run: RunInfo, now: datetime
 ) -> dict[int, tuple[str, int, str | None]]:
-    """Per chunk: (what the branches have delivered so far, rows decided, signature last evaluated)."""
+    """Per chunk: (what the branches have delivered, rows decided, signature last evaluated).
+
+    A delivery or task loss newer than the settled clock ``now`` is marked unsettled, so the
+    signature changes again once it settles and the chunk is evaluated with it.
+    """
     nodes = list(spec.delivering.values())
-    progress: dict[int, dict[str, int]] = defaultdict(dict)
+    progress: dict[int, dict[str, Any]] = defaultdict(dict)
     own: dict[int, tuple[int, str | None]] = {}
     cp = t.chunk_progress.c
-    for node_id, chunk, rows_done, seen in conn.execute(
-        select(cp.node_id, cp.chunk, cp.rows_done, cp.seen_signature).where(
+    for node_id, chunk, rows_done, seen, updated_at in conn.execute(
+        select(cp.node_id, cp.chunk, cp.rows_done, cp.seen_signature, cp.updated_at).where(
             cp.run_id == run.run_id, cp.node_id.in_([*nodes, spec.node_id])
         )
     ):
         if node_id == spec.node_id:
             own[chunk] = (rows_done, seen)
         else:
-            progress[chunk][node_id] = rows_done
-    losses: dict[int, dict[str, str]] = defaultdict(dict)
+            progress[chunk][node_id] = [rows_done, updated_at <= now]
+    losses: dict[int, dict[str, Any]] = defaultdict(dict)
     tl = t.branch_task_losses.c
-    for node_id, chunk, state in conn.execute(
-        select(tl.node_id, tl.chunk, tl.task_state).where(tl.run_id == run.run_id, tl.node_id.in_(nodes))
+    for node_id, chunk, state, observed_at in conn.execute(
+        select(tl.node_id, tl.chunk, tl.task_state, tl.observed_at).where(
+            tl.run_id == run.run_id, tl.node_id.in_(nodes)
+        )
     ):
-        losses[chunk][node_id] = state
+        losses[chunk][node_id] = [state, observed_at <= now]
     past_deadline = now >= deadline_of(run, spec.config)
     result = {}
     for chunk in range(run.chunks_total):
@@ -200,8 +216,7 @@ def pending_work(engine: Any, spec: CoalesceSpec, run_id: str) -> tuple[bool, bo
         run = load_run(conn, run_id)
         if run is None or run.completed_at is None:
             return False, False
-        now = db_now(conn)
-        sigs = _signatures(conn, spec, run, now)
+        sigs = _signatures(conn, spec, run, settled_now(conn))
     all_decided = all(decided >= run.chunk_rows(c) for c, (_, decided, _) in sigs.items())
     ready = any(
         decided < run.chunk_rows(c) and signature != seen for c, (signature, decided, seen) in sigs.items()
@@ -218,7 +233,7 @@ def coalesce_pass(
         if run is None or run.completed_at is None:
             raise ValueError(f"audit run {run_id} is not a completed fork")
         store.record_task_losses(run_id, task_loss_rows(spec, run.chunks_total, task_states))
-        now = db_now(conn)
+        now = settled_now(conn)
         deadline = deadline_of(run, spec.config)
         signatures = _signatures(conn, spec, run, now)
     decided_total = 0
@@ -227,7 +242,7 @@ def coalesce_pass(
         if decided >= chunk_rows or signature == seen:
             decided_total += min(decided, chunk_rows)
             continue
-        writes = decide_chunk(store, spec, run, chunk, now=now, task_states=task_states)
+        writes = decide_chunk(store, spec, run, chunk, task_states=task_states)
         decided_total += store.write_decisions(
             run_id, spec.node_id, chunk, writes, rows_total=chunk_rows, signature=signature
         )
@@ -239,7 +254,7 @@ class TokenState:
     token_id: str
     branch: str
     status: str
-    completed_at: datetime
+    at: datetime  # when the state became visible (node_states.recorded_at): the event time
     output_ref: str | None
     error: Mapping[str, Any] | None
 
@@ -260,9 +275,11 @@ def read_chunk_log(
     *,
     undecided_only: bool,
     row_ids: list[str] | None = None,
+    until: datetime | None = None,
 ) -> tuple[list[tuple[str, str, int]], dict[str, dict[str, TokenState]], dict[str, tuple[str, datetime]]]:
     """One chunk's rows, their branch states at the delivering nodes, and whole-task losses.
 
+    :param until: leave out events stamped after this time (see :data:`SETTLE`).
     :returns: (rows as (row_id, row_key, row_index)), {row_id: {branch: first terminal state}},
         {branch: (task state, observed_at)} for the chunk.
     """
@@ -279,32 +296,30 @@ def read_chunk_log(
     branch_of = {node: branch for branch, node in spec.delivering.items()}
     ns = t.node_states.c
     states: dict[str, dict[str, TokenState]] = defaultdict(dict)
-    for token_id, row_id, node_id, status, completed_at, output_ref, error_json in conn.execute(
-        select(ns.token_id, ns.row_id, ns.node_id, ns.status, ns.completed_at, ns.output_ref, ns.error_json)
+    for token_id, row_id, node_id, status, recorded_at, output_ref, error_json in conn.execute(
+        select(ns.token_id, ns.row_id, ns.node_id, ns.status, ns.recorded_at, ns.output_ref, ns.error_json)
         .where(
             ns.run_id == run_id,
             ns.node_id.in_(list(branch_of)),
             ns.chunk == chunk,
             ns.status.in_(TERMINAL_STATES),
             *([ns.row_id.in_(row_ids)] if row_ids is not None else []),
+            *([ns.recorded_at <= until] if until is not None else []),
         )
-        .order_by(ns.completed_at)
+        .order_by(ns.recorded_at)
     ):
         branch = branch_of[node_id]
         if branch not in states[row_id]:
-            states[row_id][branch] = TokenState(
-                token_id,
-                branch,
-                status,
-                completed_at,
-                output_ref,
-                json.loads(error_json) if error_json else None,
-            )
+            error = json.loads(error_json) if error_json else None
+            states[row_id][branch] = TokenState(token_id, branch, status, recorded_at, output_ref, error)
     tl = t.branch_task_losses.c
     losses: dict[str, tuple[str, datetime]] = {}
     for node_id, loss_chunk, state, observed_at in conn.execute(
         select(tl.node_id, tl.chunk, tl.task_state, tl.observed_at).where(
-            tl.run_id == run_id, tl.node_id.in_(list(branch_of)), tl.chunk.in_([chunk, WHOLE_TASK])
+            tl.run_id == run_id,
+            tl.node_id.in_(list(branch_of)),
+            tl.chunk.in_([chunk, WHOLE_TASK]),
+            *([tl.observed_at <= until] if until is not None else []),
         )
     ):
         branch = branch_of[node_id]
@@ -322,10 +337,10 @@ def row_events(
         state = states.get(branch)
         if state is not None:
             if state.status in ARRIVAL_STATES:
-                events.append(BranchEvent(branch, state.completed_at, EventKind.ARRIVAL))
+                events.append(BranchEvent(branch, state.at, EventKind.ARRIVAL))
             else:
                 reason = loss_reason(state.status, state.error)
-                events.append(BranchEvent(branch, state.completed_at, EventKind.LOSS, reason))
+                events.append(BranchEvent(branch, state.at, EventKind.LOSS, reason))
         elif branch in losses:
             task_state, observed_at = losses[branch]
             events.append(BranchEvent(branch, observed_at, EventKind.LOSS, f"branch_task_{task_state}"))
@@ -338,12 +353,13 @@ def decide_chunk(
     run: RunInfo,
     chunk: int,
     *,
-    now: datetime,
     task_states: Mapping[str, str],
 ) -> list[DecisionWrite]:
+    """Replay every undecided row of a chunk as of the settled audit clock; the final ones to write."""
     deadline = deadline_of(run, spec.config)
     with store.engine.connect() as conn:
-        rows, states, losses = read_chunk_log(conn, spec, run.run_id, chunk, undecided_only=True)
+        now = settled_now(conn)
+        rows, states, losses = read_chunk_log(conn, spec, run.run_id, chunk, undecided_only=True, until=now)
         decided: list[tuple[str, str, Decision]] = []
         for row_id, row_key, _ in rows:
             decision = replay(
@@ -439,6 +455,7 @@ def _decision_write(
             "started_at": decision.decided_at,
             "completed_at": now,
             "duration_ms": 0,
+            "recorded_at": now,
             "row_id": row_id,
             "chunk": chunk,
         }

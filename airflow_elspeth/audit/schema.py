@@ -161,6 +161,9 @@ node_states = Table(
     Column("started_at", UTCDateTime, nullable=False),
     Column("completed_at", UTCDateTime),
     Column("duration_ms", Integer),
+    # The event time: the audit clock inside the transaction that made this state visible. Rows are
+    # processed long before their batch commits; ordering by visibility keeps replays exact.
+    Column("recorded_at", UTCDateTime, nullable=False),
     # Denormalised from tokens so the coalesce reads one chunk of one node through one index.
     Column("row_id", ID, nullable=False),
     Column("chunk", Integer, nullable=False),

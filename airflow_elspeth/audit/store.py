@@ -343,14 +343,17 @@ class AuditStore:
                     "started_at": result.started_at,
                     "completed_at": result.completed_at,
                     "duration_ms": int((result.completed_at - result.started_at).total_seconds() * 1000),
+                    "recorded_at": None,  # set inside the writing transaction
                     "row_id": result.row_id,
                     "chunk": result.chunk,
                 }
             )
         with self.engine.begin() as conn:
             insert_ignore(conn, t.payloads, [{"hash": h, "body": b} for h, b in payloads.items()])
-            insert_ignore(conn, t.node_states, states)
-            self._refresh_progress(conn, run_id, node_id, chunk_tokens, db_now(conn))
+            # Taken after the first write: on SQLite the write lock is held from here to the commit.
+            recorded_at = db_now(conn)
+            insert_ignore(conn, t.node_states, [{**state, "recorded_at": recorded_at} for state in states])
+            self._refresh_progress(conn, run_id, node_id, chunk_tokens, recorded_at)
 
     def abort_attempt_errors(
         self, run_id: str, node_id: str, attempt: int, chunk_tokens: Mapping[int, int]

@@ -138,6 +138,7 @@ def upgrade() -> None:
         sa.Column("started_at", _utc(), nullable=False),
         sa.Column("completed_at", _utc(), nullable=True),
         sa.Column("duration_ms", sa.Integer(), nullable=True),
+        sa.Column("recorded_at", _utc(), nullable=False),
         sa.Column("row_id", ID, nullable=False),
         sa.Column("chunk", sa.Integer(), nullable=False),
         sa.PrimaryKeyConstraint("state_id", name="pk_node_states"),
