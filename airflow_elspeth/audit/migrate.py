@@ -24,6 +24,7 @@ import hashlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from alembic import command
 from alembic.config import Config
@@ -151,7 +152,7 @@ def _immediate_transaction(connection: Connection) -> Iterator[None]:
     it leaves transaction control to the SQL we send, and its ``commit()``/``rollback()`` still act
     on the transaction SQLite reports as open.
     """
-    driver_connection = connection.connection.driver_connection
+    driver_connection: Any = connection.connection.driver_connection
     if not hasattr(driver_connection, "isolation_level"):  # pragma: no cover - non-pysqlite driver
         raise NotImplementedError(f"unsupported SQLite driver {connection.dialect.driver!r}")
     previous = driver_connection.isolation_level
