@@ -275,11 +275,9 @@ def read_chunk_log(
     *,
     undecided_only: bool,
     row_ids: list[str] | None = None,
-    until: datetime | None = None,
 ) -> tuple[list[tuple[str, str, int]], dict[str, dict[str, TokenState]], dict[str, tuple[str, datetime]]]:
     """One chunk's rows, their branch states at the delivering nodes, and whole-task losses.
 
-    :param until: leave out events stamped after this time (see :data:`SETTLE`).
     :returns: (rows as (row_id, row_key, row_index)), {row_id: {branch: first terminal state}},
         {branch: (task state, observed_at)} for the chunk.
     """
@@ -304,7 +302,6 @@ def read_chunk_log(
             ns.chunk == chunk,
             ns.status.in_(TERMINAL_STATES),
             *([ns.row_id.in_(row_ids)] if row_ids is not None else []),
-            *([ns.recorded_at <= until] if until is not None else []),
         )
         .order_by(ns.recorded_at)
     ):
@@ -319,7 +316,6 @@ def read_chunk_log(
             tl.run_id == run_id,
             tl.node_id.in_(list(branch_of)),
             tl.chunk.in_([chunk, WHOLE_TASK]),
-            *([tl.observed_at <= until] if until is not None else []),
         )
     ):
         branch = branch_of[node_id]
@@ -359,14 +355,16 @@ def decide_chunk(
     deadline = deadline_of(run, spec.config)
     with store.engine.connect() as conn:
         now = settled_now(conn)
-        rows, states, losses = read_chunk_log(conn, spec, run.run_id, chunk, undecided_only=True, until=now)
+        rows, states, losses = read_chunk_log(conn, spec, run.run_id, chunk, undecided_only=True)
         decided: list[tuple[str, str, Decision]] = []
         for row_id, row_key, _ in rows:
-            decision = replay(
-                spec.config, row_events(spec, states.get(row_id, {}), losses), deadline=deadline, now=now
-            )
-            if decision.is_final:
-                decided.append((row_id, row_key, decision))
+            events = row_events(spec, states.get(row_id, {}), losses)
+            settled = [e for e in events if e.at <= now]
+            if not replay(spec.config, settled, deadline=deadline, now=now).is_final:
+                continue
+            # The settled log decides; every event seen after it comes later in log order, so the
+            # whole log gives the same decision and also classifies those events (late, lost).
+            decided.append((row_id, row_key, replay(spec.config, events, deadline=deadline, now=now)))
         wanted = {
             states[row_id][b].output_ref
             for row_id, _, d in decided
@@ -471,6 +469,8 @@ def _decision_write(
                 LATE_AFTER_MERGE: "late",
                 LATE_AFTER_FAILURE: "late",
             }.get(reason, "lost")
+            if reason == NOT_ARRIVED:
+                reason = f"branch_task_{task_state_of.get(branch, 'none')}"
         else:  # arrived before a failure decision
             outcome, reason = "row_failed", decision.failure_reason.value if decision.failure_reason else None
         write.outcomes.append(outcome_row(token, run_id, outcome, reason, now, join_group=join_group))

@@ -368,3 +368,10 @@ def decided_rows(engine: Engine, run_id: str, row_ids: list[str]) -> dict[str, s
                 select(cd.row_id, cd.decision).where(cd.run_id == run_id, cd.row_id.in_(row_ids))
             ).all()
         )
+
+
+def decided_in_chunk(engine: Engine, run_id: str, chunk: int) -> set[str]:
+    """The rows of one chunk that some coalesce has decided."""
+    cd = t.coalesce_decisions.c
+    with engine.connect() as conn:
+        return set(conn.execute(select(cd.row_id).where(cd.run_id == run_id, cd.chunk == chunk)).scalars())

@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from datetime import datetime
 from typing import Any
 
 from airflow.sdk import BaseOperator, Context
 from airflow.sdk.exceptions import AirflowException
 
-from airflow_elspeth.audit.dml import batched
-from airflow_elspeth.audit.queries import WorkItem, branch_work, decided_rows
+from airflow_elspeth.audit.queries import WorkItem, branch_work, decided_in_chunk, decided_rows
 from airflow_elspeth.audit.store import COMPLETED, DISCARDED, DROPPED, FAILED, AuditStore, NodeResult
 from airflow_elspeth.core.canonical import hash_value
 from airflow_elspeth.core.config import ElspethConfigError
@@ -49,7 +48,9 @@ class BranchOperator(BaseOperator):
         least ``min_rows_for_rate`` rows were processed.
     :param min_rows_for_rate: rows to process before ``max_failed_rate`` is judged.
     :param concurrency: threads calling ``python_callable`` at once (for I/O-bound callables).
-    :param batch_size: rows written per transaction.
+    :param batch_size: rows written per transaction (at most).
+    :param flush_seconds: longest a finished row waits before it is written; a result only
+        arrives at the coalesce once written.
     :param audit_conn_id: the audit store connection (see ForkOperator).
     """
 
@@ -69,6 +70,7 @@ class BranchOperator(BaseOperator):
         min_rows_for_rate: int = 100,
         concurrency: int = 1,
         batch_size: int = 500,
+        flush_seconds: float = 1.0,
         audit_conn_id: str | None = None,
         **kwargs: Any,
     ) -> None:
@@ -85,6 +87,12 @@ class BranchOperator(BaseOperator):
         _check_int("concurrency", concurrency, minimum=1)
         _check_int("batch_size", batch_size, minimum=1)
         _check_int("min_rows_for_rate", min_rows_for_rate, minimum=1)
+        if (
+            isinstance(flush_seconds, bool)
+            or not isinstance(flush_seconds, (int, float))
+            or flush_seconds <= 0
+        ):
+            raise ElspethConfigError(f"flush_seconds must be a positive number, got {flush_seconds!r}")
         if max_failed_rows is not None:
             _check_int("max_failed_rows", max_failed_rows, minimum=0)
         if max_failed_rate is not None and not (
@@ -102,6 +110,7 @@ class BranchOperator(BaseOperator):
         self.min_rows_for_rate = min_rows_for_rate
         self.concurrency = concurrency
         self.batch_size = batch_size
+        self.flush_seconds = flush_seconds
         self.audit_conn_id = audit_conn_id
 
     def previous_step(self) -> str | None:
@@ -139,37 +148,56 @@ class BranchOperator(BaseOperator):
             },
         )
         chunks = [self.chunk] if self.chunk is not None else list(range(ref["chunks_total"]))
-        counts: Counter[str] = Counter()
-        errors: Counter[str] = Counter()
         clock = store.clock()
+        writer = _ResultWriter(self, store, run_id, ti.try_number)
         for chunk in chunks:
             work = branch_work(store.engine, run_id, self.task_id, self.branch, chunk, previous)
-            counts["resumed_done"] += work.already_done
-            counts["skipped_decided"] += work.already_decided
-            for batch in batched(work.items, self.batch_size):
-                results = self._process(batch, chunk, clock)
-                decided = decided_rows(store.engine, run_id, [r.row_id for r in results])
-                results = [_discard_if_decided(r, decided) for r in results]
-                store.write_branch_results(
-                    run_id, self.task_id, ti.try_number, results, chunk_tokens={chunk: work.tokens_total}
-                )
-                counts.update(r.status for r in results)
-                errors.update(str((r.error or {}).get("type")) for r in results if r.status == FAILED)
-                self._check_threshold(store, run_id, ti.try_number, chunk, work.tokens_total, counts, errors)
-        summary = {"branch": self.branch, "audit_run_id": run_id, "chunks": chunks, **dict(counts)}
+            writer.start_chunk(chunk, work.tokens_total)
+            writer.counts["resumed_done"] += work.already_done
+            writer.counts["skipped_decided"] += work.already_decided
+            for result in self._results(work.items, chunk, clock, writer.decided):
+                if result is None:
+                    writer.flush(when_due=True)
+                else:
+                    writer.add(result)
+            writer.flush()
+        summary = {"branch": self.branch, "audit_run_id": run_id, "chunks": chunks, **dict(writer.counts)}
         self.log.info("Branch %s: %s", self.branch, summary)
         return summary
 
-    def _process(self, batch: list[WorkItem], chunk: int, clock: Callable[[], datetime]) -> list[NodeResult]:
-        def one(item: WorkItem) -> NodeResult:
-            return self._process_one(item, chunk, clock)
+    def _results(
+        self, items: list[WorkItem], chunk: int, clock: Callable[[], datetime], decided: set[str]
+    ) -> Iterator[NodeResult | None]:
+        """Results in completion order, with ``None`` whenever ``flush_seconds`` pass without one.
 
-        if self.concurrency == 1:
-            return [one(item) for item in batch]
+        The callable runs on worker threads so that finished rows are written while a slow row is
+        still running: a result becomes an arrival only once it is written. Rows decided meanwhile
+        (``decided``, refreshed at every write) are not started.
+        """
+        queue = iter(items)
         with ThreadPoolExecutor(
             max_workers=self.concurrency, thread_name_prefix=f"elspeth-{self.branch}"
         ) as pool:
-            return list(pool.map(one, batch))
+            running: set[Future[NodeResult]] = set()
+
+            def refill() -> None:
+                while len(running) < 2 * self.concurrency:
+                    item = next(queue, None)
+                    if item is None:
+                        return
+                    if item.row_id in decided:
+                        continue
+                    running.add(pool.submit(self._process_one, item, chunk, clock))
+
+            refill()
+            while running:
+                done, _ = wait(running, timeout=self.flush_seconds, return_when=FIRST_COMPLETED)
+                if not done:
+                    yield None
+                for future in done:
+                    running.discard(future)
+                    yield future.result()
+                refill()
 
     def _process_one(self, item: WorkItem, chunk: int, clock: Callable[[], datetime]) -> NodeResult:
         started = clock()
@@ -222,35 +250,84 @@ class BranchOperator(BaseOperator):
             context={"attempts": attempts} if attempts > 1 else None,
         )
 
-    def _check_threshold(
-        self,
-        store: AuditStore,
-        run_id: str,
-        attempt: int,
-        chunk: int,
-        tokens_total: int,
-        counts: Counter[str],
-        errors: Counter[str],
-    ) -> None:
+
+class _ResultWriter:
+    """Buffers a branch task's results and writes them a batch at a time.
+
+    A batch is written when it reaches ``batch_size`` rows or when its oldest result has waited
+    ``flush_seconds``; each write checks which rows were decided meanwhile (their results are kept,
+    marked discarded) and the failure threshold.
+    """
+
+    def __init__(self, task: BranchOperator, store: AuditStore, run_id: str, attempt: int) -> None:
+        self.task = task
+        self.store = store
+        self.run_id = run_id
+        self.attempt = attempt
+        self.counts: Counter[str] = Counter()
+        self.errors: Counter[str] = Counter()
+        self.decided: set[str] = set()
+        self.buffer: list[NodeResult] = []
+        self.oldest = 0.0
+        self.chunk = 0
+        self.tokens_total = 0
+
+    def start_chunk(self, chunk: int, tokens_total: int) -> None:
+        self.chunk, self.tokens_total = chunk, tokens_total
+
+    def add(self, result: NodeResult) -> None:
+        if not self.buffer:
+            self.oldest = time.monotonic()
+        self.buffer.append(result)
+        self.flush(when_due=True)
+
+    def flush(self, *, when_due: bool = False) -> None:
+        if not self.buffer:
+            return
+        due = (
+            len(self.buffer) >= self.task.batch_size
+            or time.monotonic() - self.oldest >= self.task.flush_seconds
+        )
+        if when_due and not due:
+            return
+        decided = decided_rows(self.store.engine, self.run_id, [r.row_id for r in self.buffer])
+        results = [_discard_if_decided(r, decided) for r in self.buffer]
+        self.buffer = []
+        self.store.write_branch_results(
+            self.run_id,
+            self.task.task_id,
+            self.attempt,
+            results,
+            chunk_tokens={self.chunk: self.tokens_total},
+        )
+        self.decided.update(decided_in_chunk(self.store.engine, self.run_id, self.chunk))
+        self.counts.update(r.status for r in results)
+        self.errors.update(str((r.error or {}).get("type")) for r in results if r.status == FAILED)
+        self._check_threshold()
+
+    def _check_threshold(self) -> None:
+        task, counts = self.task, self.counts
         processed = sum(counts[s] for s in (COMPLETED, DROPPED, FAILED, DISCARDED))
         failed = counts[FAILED]
-        over_count = self.max_failed_rows is not None and failed > self.max_failed_rows
+        over_count = task.max_failed_rows is not None and failed > task.max_failed_rows
         over_rate = (
-            self.max_failed_rate is not None
-            and processed >= self.min_rows_for_rate
-            and failed / processed > self.max_failed_rate
+            task.max_failed_rate is not None
+            and processed >= task.min_rows_for_rate
+            and failed / processed > task.max_failed_rate
         )
         if not (over_count or over_rate):
             return
-        store.abort_attempt_errors(run_id, self.task_id, attempt, {chunk: tokens_total})
-        common = ", ".join(f"{kind} x{n}" for kind, n in errors.most_common(3))
+        self.store.abort_attempt_errors(
+            self.run_id, task.task_id, self.attempt, {self.chunk: self.tokens_total}
+        )
+        common = ", ".join(f"{kind} x{n}" for kind, n in self.errors.most_common(3))
         limit = (
-            f"max_failed_rows={self.max_failed_rows}"
+            f"max_failed_rows={task.max_failed_rows}"
             if over_count
-            else f"max_failed_rate={self.max_failed_rate} (after {processed} rows)"
+            else f"max_failed_rate={task.max_failed_rate} (after {processed} rows)"
         )
         raise BranchFailureThresholdError(
-            f"branch {self.branch!r}: {failed} of {processed} rows failed, over {limit}; "
+            f"branch {task.branch!r}: {failed} of {processed} rows failed, over {limit}; "
             f"most common errors: {common}. Failing the task so the rows are retried, not lost one by one."
         )
 
