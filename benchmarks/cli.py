@@ -58,13 +58,16 @@ def machine() -> dict[str, Any]:
     return info
 
 
+PROVIDER_PATH: list[str] = []  # --provider-path: a patched copy of airflow_elspeth to measure instead
+
+
 def airflow_env(home: Path, dags: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW__ELSPETH__", "AIRFLOW_CONN_"))}
     env.update(
         AIRFLOW_HOME=str(home),
         AIRFLOW__CORE__DAGS_FOLDER=str(dags),
         AIRFLOW__CORE__LOAD_EXAMPLES="False",
-        PYTHONPATH=os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]),
+        PYTHONPATH=os.pathsep.join([*PROVIDER_PATH, str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]),
     )
     return env
 
@@ -190,7 +193,12 @@ def size_table(rows: int, results: dict[str, dict[str, Any]]) -> Table:
             lambda r, p=phase: f"{r['phases'][p]['seconds']:.1f}  ({r['phases'][p]['sql_seconds']:.1f} / "
             f"{r['phases'][p]['statements']:,} / {r['phases'][p]['commits']:,})",
         )
-    add("total of phases s", lambda r: f"{r['phases_total_seconds']:.1f}", "bold")
+    add(
+        "  coalesce: pokes / s inside poke()",
+        lambda r: f"{r['phases']['coalesce']['pokes']} / {r['phases']['coalesce']['poke_seconds']:.1f}",
+    )
+    add("total of phases s (operators' execute)", lambda r: f"{r['phases_total_seconds']:.1f}", "bold")
+    add("total of task instances s (start..end)", lambda r: f"{r['ti_total_seconds']:.1f}")
     add("rows per second", lambda r: f"{r['rows_per_second']:,.0f}", "bold")
     add("floor s (raw bulk insert)", lambda r: f"{r['floor_seconds']:.1f} ({r['floor_method']})")
     add("overhead vs floor (target <= 2)", lambda r: f"x{r['overhead_vs_floor']}", "bold")
@@ -225,6 +233,7 @@ def compact(r: dict[str, Any]) -> dict[str, Any]:
     return {
         "phase_seconds": {p: v["seconds"] for p, v in r["phases"].items()},
         "phases_total_seconds": r["phases_total_seconds"],
+        "ti_seconds": {p: v["ti_seconds"] for p, v in r["phases"].items()},
         "rows_per_second": r["rows_per_second"],
         "peak_rss_mb": r["peak_rss_mb"]["self"],
         "floor_seconds": r.get("floor_seconds"),
@@ -246,7 +255,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", type=Path, metavar="DIR", help="run the DAGs under pyinstrument, write profiles to DIR")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directories and databases")
     parser.add_argument("--workdir", type=Path, help="where temporary Airflow homes and SQLite files go (default: a temp dir)")
+    parser.add_argument(
+        "--provider-path",
+        type=Path,
+        metavar="DIR",
+        help="put DIR first on the workers' PYTHONPATH (a patched copy of airflow_elspeth, to measure a fix)",
+    )
     opts = parser.parse_args(argv)
+    if opts.provider_path:
+        PROVIDER_PATH.append(str(opts.provider_path.resolve()))
     sizes = sorted(set(opts.rows or DEFAULT_SIZES))
     dbs = [db for db in DATABASES if db in (opts.db or DATABASES)]
 

@@ -7,6 +7,7 @@ The benchmark writes a two-line DAG file calling one of these into a temporary D
 from __future__ import annotations
 
 import functools
+import time
 from collections.abc import Iterator
 from datetime import datetime, timedelta
 from typing import Any
@@ -40,6 +41,46 @@ def branch_gamma(row: dict[str, Any]) -> dict[str, Any]:
 
 CALLABLES = {"alpha": branch_alpha, "beta": branch_beta, "gamma": branch_gamma}
 
+# task_id -> {"start": epoch seconds, "seconds": execute() wall time}; dag.test() runs every task in
+# the benchmark worker's process, so the worker reads this after the run.
+TIMINGS: dict[str, dict[str, float]] = {}
+# sensor task_id -> {"pokes": n, "seconds": time inside poke()}: the rest of a sensor's execute() is
+# its poke_interval sleeps (a pass leaves events younger than the coalesce's settle window for the
+# next poke) and the final report.
+POKES: dict[str, dict[str, float]] = {}
+
+
+def timed(cls: type) -> type:
+    """A subclass of a provider operator whose ``execute`` records its own wall time, nothing else.
+
+    The task instance's start/end dates also cover the task runner's own work (the in-process
+    execution API starting the task, XCom pushes, state updates): the worker reports both.
+    """
+
+    class Timed(cls):  # type: ignore[misc, valid-type]
+        def execute(self, context: Any) -> Any:
+            start, started = time.time(), time.perf_counter()
+            try:
+                return super().execute(context)
+            finally:
+                TIMINGS[self.task_id] = {"start": start, "seconds": time.perf_counter() - started}
+
+    if hasattr(cls, "poke"):
+
+        def poke(self: Any, context: Any) -> Any:
+            started = time.perf_counter()
+            try:
+                return super(Timed, self).poke(context)
+            finally:
+                entry = POKES.setdefault(self.task_id, {"pokes": 0, "seconds": 0.0})
+                entry["pokes"] += 1
+                entry["seconds"] += time.perf_counter() - started
+
+        Timed.poke = poke  # type: ignore[attr-defined]
+
+    Timed.__name__ = Timed.__qualname__ = cls.__name__
+    return Timed
+
 
 def elspeth_dag(dag_id: str, rows: int, *, chunk_size: int = 1000) -> Any:
     """fork -> 3 BranchOperators -> CoalesceSensor (require_all, union).
@@ -54,6 +95,7 @@ def elspeth_dag(dag_id: str, rows: int, *, chunk_size: int = 1000) -> Any:
 
     from airflow_elspeth import BranchOperator, CoalesceSensor, ForkOperator
 
+    ForkOperator, BranchOperator, CoalesceSensor = timed(ForkOperator), timed(BranchOperator), timed(CoalesceSensor)
     with DAG(dag_id=dag_id, schedule=None, start_date=START, catchup=False, tags=["benchmark"]) as dag:
         fork = ForkOperator(
             task_id="fork",

@@ -40,7 +40,7 @@ class SqlRecorder:
     def __init__(self, engine: Any) -> None:
         from sqlalchemy import event
 
-        self.events: list[tuple[float, float, bool, int]] = []  # (start, seconds, executemany, rows)
+        self.events: list[tuple[float, float, bool, int, str]] = []  # (start, seconds, executemany, rows, sql)
         self.commits: list[float] = []
         self._started: dict[int, float] = {}
 
@@ -52,7 +52,7 @@ class SqlRecorder:
         def after(conn: Any, cursor: Any, statement: str, params: Any, context: Any, executemany: bool) -> None:
             start = self._started.pop(id(cursor), time.time())
             rows = len(params) if executemany and isinstance(params, (list, tuple)) else 1
-            self.events.append((start, time.time() - start, executemany, rows))
+            self.events.append((start, time.time() - start, executemany, rows, " ".join(statement.split())[:90]))
 
         @event.listens_for(engine, "commit")
         def commit(conn: Any) -> None:
@@ -60,7 +60,17 @@ class SqlRecorder:
 
     def window(self, start: float, end: float) -> dict[str, Any]:
         inside = [e for e in self.events if start <= e[0] <= end]
+        top: dict[str, list[float]] = {}
+        for e in inside:
+            entry = top.setdefault(e[4], [0, 0.0, 0])
+            entry[0] += 1
+            entry[1] += e[1]
+            entry[2] += e[3]
         return {
+            "top_sql": [
+                {"sql": k, "calls": v[0], "seconds": round(v[1], 3), "rows": v[2]}
+                for k, v in sorted(top.items(), key=lambda kv: -kv[1][1])[:8]
+            ],
             "statements": len(inside),
             "executemany": sum(1 for e in inside if e[2]),
             "sql_seconds": round(sum(e[1] for e in inside), 3),
@@ -140,7 +150,14 @@ def profile_phases(session: Any) -> dict[str, Any]:
 
 
 def run(args: dict[str, Any]) -> dict[str, Any]:
-    result: dict[str, Any] = {"mode": args["mode"], "rows": args["rows"], "db": args["db"]}
+    import airflow_elspeth
+
+    result: dict[str, Any] = {
+        "mode": args["mode"],
+        "rows": args["rows"],
+        "db": args["db"],
+        "provider": str(Path(airflow_elspeth.__file__).parent),
+    }
     started_import = time.perf_counter()
     import airflow  # noqa: F401  (configures settings and the ORM)
 
@@ -177,25 +194,33 @@ def run(args: dict[str, Any]) -> dict[str, Any]:
 
     if profiler is not None:
         Path(args["profile"]).write_text(profiler.output_text(color=False, unicode=True, show_all=False))
+        profiler.last_session.save(args["profile"] + ".pyisession")
         Path(args["profile"] + ".phases.json").write_text(json.dumps(profile_phases(profiler.last_session), indent=1))
 
     if args["mode"] != "elspeth":
         return result
 
     assert engine is not None and recorder is not None
+    from benchmarks.factory import POKES, TIMINGS
+
     phases: dict[str, Any] = {}
-    for ti in sorted((t for t in tis if t["task_id"] != "coalesce"), key=lambda t: t["start"] or 0):
-        if ti["start"] and ti["end"]:
-            phases[ti["task_id"]] = {"seconds": round(ti["end"] - ti["start"], 3), **recorder.window(ti["start"], ti["end"])}
-    coalesce = next(t for t in tis if t["task_id"] == "coalesce")
-    if coalesce["start"] and coalesce["end"]:
-        phases["coalesce"] = {
-            "seconds": round(coalesce["end"] - coalesce["start"], 3),
-            **recorder.window(coalesce["start"], coalesce["end"]),
+    for ti in sorted(tis, key=lambda t: t["start"] or 0):
+        timing = TIMINGS.get(ti["task_id"])
+        if timing is None or not (ti["start"] and ti["end"]):
+            continue
+        start, seconds = timing["start"], timing["seconds"]
+        phases[ti["task_id"]] = {
+            "seconds": round(seconds, 3),
+            "ti_seconds": round(ti["end"] - ti["start"], 3),
+            **recorder.window(start, start + seconds),
         }
+        if ti["task_id"] in POKES:
+            phases[ti["task_id"]]["pokes"] = POKES[ti["task_id"]]["pokes"]
+            phases[ti["task_id"]]["poke_seconds"] = round(POKES[ti["task_id"]]["seconds"], 3)
     result["phases"] = phases
     total = sum(p["seconds"] for p in phases.values())
     result["phases_total_seconds"] = round(total, 3)
+    result["ti_total_seconds"] = round(sum(p["ti_seconds"] for p in phases.values()), 3)
     result["rows_per_second"] = round(args["rows"] / total, 1) if total else None
 
     from sqlalchemy import func, select

@@ -7,7 +7,12 @@ from datetime import timedelta
 from typing import Any
 
 from airflow.sdk import BaseOperatorLink, BaseSensorOperator, Context, conf
-from airflow.sdk.exceptions import AirflowFailException, AirflowRescheduleException, AirflowSkipException
+from airflow.sdk.exceptions import (
+    AirflowException,
+    AirflowFailException,
+    AirflowRescheduleException,
+    AirflowSkipException,
+)
 
 from airflow_elspeth.audit.coalesce import ENDED_TASK_STATES, CoalesceSpec, coalesce_pass
 from airflow_elspeth.audit.queries import coalesce_summary
@@ -213,37 +218,82 @@ class CoalesceSensor(BaseSensorOperator):
     # -- deferrable ---------------------------------------------------------------------------------
 
     def _defer_or_finish(self, context: Context) -> Any:
-        ref = self._fork_ref(context)
-        if ref is None or _triggers_run_inline(context):
-            # Until the fork completes there is no deadline to wait for; and under dag.test() a
-            # trigger runs inline and would block the very branches it waits for. Free the slot and
-            # look again later instead.
-            if ref is not None and self.decide(context, ref["audit_run_id"]):
-                return self.report(context)
-            raise AirflowRescheduleException(_reschedule_date(self.poke_interval))
-        run_id = ref["audit_run_id"]
-        if self.decide(context, run_id):
+        """Decide what can be decided now; finish, or wait for more without holding a worker slot.
+
+        Waits in the triggerer (:class:`~airflow_elspeth.triggers.coalesce.CoalesceTrigger`), which
+        wakes the task only when a pass would decide something, a branch task ended owing tokens,
+        or the deadline passed; deferred before the fork completed, the trigger finds the fork's
+        audit run itself. Under ``dag.test()`` a trigger runs inline and would block the very
+        branches it waits for, so the task reschedules itself instead (freeing its slot too).
+        """
+        ref = self._current_fork_ref(context)
+        if ref is not None and self.decide(context, ref["audit_run_id"]):
             return self.report(context)
+        if _triggers_run_inline(context):
+            raise AirflowRescheduleException(_reschedule_date(self.poke_interval))
         from airflow_elspeth.triggers.coalesce import CoalesceTrigger
 
-        spec = self.spec()
+        ti = context["ti"]
         self.defer(
             trigger=CoalesceTrigger(
-                spec=spec.as_dict(),
-                run_id=run_id,
-                dag_id=context["ti"].dag_id,
-                airflow_run_id=context["ti"].run_id,
+                spec=self.spec().as_dict(),
+                run_id=ref["audit_run_id"] if ref is not None else None,
+                dag_id=ti.dag_id,
+                airflow_run_id=ti.run_id,
                 audit_conn_id=self.audit_conn_id,
                 poll_interval=float(self.poke_interval),
+                fork_task_id=self.fork_task_id,
             ),
             method_name="execute_complete",
         )
         return None
 
+    def _current_fork_ref(self, context: Context) -> dict[str, Any] | None:
+        """The fork's audit run, if it is this fork try's.
+
+        Airflow deletes a task's XComs only when the task starts again, so after a DAG run is
+        cleared (a backfill reprocessing a failed date, a manual clear) the fork's XCom still names
+        the previous try's audit run until the fork has run again: trusted only once the fork's
+        current try succeeded.
+        """
+        ref = self._fork_ref(context)
+        if ref is None:
+            return None
+        state = self._task_states(context, [self.fork_task_id]).get(self.fork_task_id)
+        if state != "success":
+            self.log.info(
+                "%s: fork %r is %s; its XCom (audit run %s) is from an earlier try, waiting for it",
+                self.task_id,
+                self.fork_task_id,
+                state,
+                ref.get("audit_run_id"),
+            )
+            return None
+        return ref
+
     def execute_complete(self, context: Context, event: dict[str, Any] | None = None) -> Any:
-        """Resume from the trigger: decide with the same pass as the other modes; maybe defer again."""
-        if event is not None and event.get("status") == "error":
-            raise AirflowFailException(f"{self.task_id}: coalesce trigger failed: {event.get('message')}")
+        """Resume from the trigger: decide with the same pass as the other modes; maybe defer again.
+
+        The event carries the audit run and the reason it fired. When the trigger gave up polling
+        (the audit store or the Task SDK unreachable from the triggerer), one pass runs here: it
+        finishes when it can; otherwise the task fails with the trigger's error (a retry resumes
+        from what is recorded: the decisions made so far stay).
+        """
+        event = event or {}
+        self.log.info(
+            "%s: resumed by the trigger (%s) for audit run %s",
+            self.task_id,
+            event.get("reason") or event.get("status"),
+            event.get("run_id"),
+        )
+        if event.get("status") == "error":
+            ref = self._current_fork_ref(context)
+            if ref is not None and self.decide(context, ref["audit_run_id"]):
+                return self.report(context)
+            raise AirflowException(
+                f"{self.task_id}: the coalesce trigger could not poll the audit store "
+                f"({event.get('message')}); check that the triggerer reaches the audit connection"
+            )
         return self._defer_or_finish(context)
 
     # -- reporting ----------------------------------------------------------------------------------

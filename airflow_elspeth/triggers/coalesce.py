@@ -1,52 +1,104 @@
-"""CoalesceTrigger: wait in the triggerer until a coalesce has something to decide."""
+"""CoalesceTrigger: wait in the triggerer until a deferred coalesce has something to decide."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 from asgiref.sync import sync_to_async
-from sqlalchemy import select
+from sqlalchemy import Engine, select
 
 from airflow_elspeth.audit import schema as t
-from airflow_elspeth.audit.coalesce import CoalesceSpec, load_run, pending_work, task_loss_rows
+from airflow_elspeth.audit.coalesce import (
+    ENDED_TASK_STATES,
+    WHOLE_TASK,
+    CoalesceSpec,
+    RunInfo,
+    _signatures,
+    deadline_of,
+    decide_chunk,
+    load_run,
+    settled_now,
+    task_loss_rows,
+)
+from airflow_elspeth.audit.store import AuditStore
+
+# Consecutive failed polls (audit DB or Task SDK unreachable) tolerated before the task is told.
+MAX_CONSECUTIVE_ERRORS = 5
+MIN_SLEEP_SECONDS = 0.2
+DEADLINE_MARGIN_SECONDS = 0.05
+
+
+@dataclass(frozen=True)
+class PollResult:
+    """What one poll found: why to resume (None: keep waiting) and how long to sleep at most."""
+
+    reason: str | None
+    sleep_at_most: float | None = None
 
 
 class CoalesceTrigger(BaseTrigger):
-    """Poll the audit store, read-only, until the deferred coalesce should resume.
+    """Poll the audit store, read-only, until the deferred coalesce can decide something.
 
-    Fires when a pass would decide something (new arrivals or losses on an undecided chunk, the
-    deadline reached), when a branch task ended that the coalesce has not recorded yet, or when
-    every row is decided. It writes nothing: the sensor's ``execute_complete`` decides with the same
-    pass as the other modes. Each poll reads a few rows per chunk (``chunk_progress``), not the rows.
+    Deferred before its fork has completed (``run_id`` None), it first watches the fork task: once
+    it succeeded, the fork's newest audit run is the one to wait on (and the task is not woken for
+    it); when the fork ends otherwise, the task resumes to fail.
+
+    Then it fires when
+
+    * a pass would decide at least one row now: a chunk whose inputs (deliveries, recorded task
+      losses, whether the deadline passed) changed since the sensor last evaluated it is replayed
+      read-only with the same code the pass uses (:func:`~airflow_elspeth.audit.coalesce.decide_chunk`);
+      a chunk found undecidable is not replayed again until its inputs change, so branches making
+      progress without deciding anything never wake the task;
+    * the deadline passes: the trigger sleeps no longer than until the deadline (it keeps its own
+      clock, nothing else has to happen);
+    * a branch task ended (failed, skipped, ...) while tokens it was to deliver are still missing:
+      only the sensor records task losses (a write), so the task resumes to record them;
+    * every row is decided, or the audit run is gone.
+
+    It writes nothing and holds no connection between polls. Database work runs in worker threads
+    (``sync_to_async(thread_sensitive=False)``), never on the triggerer's event loop; branch task
+    states come from ``RuntimeTaskInstance.get_task_states``, one task id per call (mapped tasks
+    come back as ``<task_id>_<map_index>``). The audit engine is the process-wide cached one (one
+    pool per audit database for every trigger in the triggerer), resolved once per trigger.
 
     :param spec: the coalesce's :class:`~airflow_elspeth.audit.coalesce.CoalesceSpec` as a dict.
-    :param run_id: the audit run.
+    :param run_id: the audit run; None while the fork has not completed.
     :param dag_id: the DAG of the branch tasks whose states are watched.
     :param airflow_run_id: the DAG run of those tasks.
     :param audit_conn_id: the audit store connection (default resolution when None).
     :param poll_interval: seconds between polls.
+    :param fork_task_id: the fork task (needed when ``run_id`` is None).
     """
 
     def __init__(
         self,
         *,
         spec: dict[str, Any],
-        run_id: str,
+        run_id: str | None,
         dag_id: str,
         airflow_run_id: str,
         audit_conn_id: str | None = None,
         poll_interval: float = 10.0,
+        fork_task_id: str | None = None,
     ) -> None:
+        if run_id is None and fork_task_id is None:
+            raise ValueError("CoalesceTrigger needs the audit run_id or the fork_task_id to find it")
         super().__init__()
         self.spec = spec
         self.run_id = run_id
         self.dag_id = dag_id
         self.airflow_run_id = airflow_run_id
         self.audit_conn_id = audit_conn_id
-        self.poll_interval = poll_interval
+        self.poll_interval = float(poll_interval)
+        self.fork_task_id = fork_task_id
+        self._engine: Engine | None = None
+        # chunk -> signature at which a read-only replay found nothing to decide
+        self._undecidable: dict[int, str] = {}
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         return (
@@ -58,56 +110,184 @@ class CoalesceTrigger(BaseTrigger):
                 "airflow_run_id": self.airflow_run_id,
                 "audit_conn_id": self.audit_conn_id,
                 "poll_interval": self.poll_interval,
+                "fork_task_id": self.fork_task_id,
             },
         )
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
         spec = CoalesceSpec.from_dict(self.spec)
+        errors = 0
         while True:
             try:
-                states = await self._task_states(spec)
-                reason = await sync_to_async(self._why_resume)(spec, states)
-            except Exception as err:  # reported to the task, which fails with this message
-                self.log.exception("coalesce trigger for audit run %s failed", self.run_id)
-                yield TriggerEvent({"status": "error", "message": f"{type(err).__name__}: {err}"})
+                if self.run_id is None:
+                    result = await self.wait_for_fork()
+                else:
+                    states = await self.task_states(spec)
+                    result = await sync_to_async(self.poll, thread_sensitive=False)(spec, states)
+            except Exception as err:
+                errors += 1
+                self.log.warning(
+                    "coalesce %s: poll %d/%d failed: %s: %s",
+                    spec.node_id,
+                    errors,
+                    MAX_CONSECUTIVE_ERRORS,
+                    type(err).__name__,
+                    err,
+                )
+                if errors >= MAX_CONSECUTIVE_ERRORS:
+                    yield TriggerEvent(
+                        self._payload("error", message=f"{type(err).__name__}: {err}", errors=errors)
+                    )
+                    return
+                await asyncio.sleep(min(self.poll_interval * errors, 60.0))
+                continue
+            errors = 0
+            if result.reason is not None:
+                self.log.info("coalesce %s: resuming the task (%s)", spec.node_id, result.reason)
+                yield TriggerEvent(self._payload("ready", reason=result.reason))
                 return
-            if reason is not None:
-                self.log.info("coalesce %s: resuming (%s)", spec.node_id, reason)
-                yield TriggerEvent({"status": "ready", "reason": reason, "run_id": self.run_id})
-                return
-            await asyncio.sleep(self.poll_interval)
+            sleep = self.poll_interval
+            if result.sleep_at_most is not None:
+                sleep = min(sleep, result.sleep_at_most)
+            await asyncio.sleep(sleep)
 
-    async def _task_states(self, spec: CoalesceSpec) -> dict[str, str]:
-        """Branch task states through the Task SDK, one task id per call."""
+    def _payload(self, status: str, **extra: Any) -> dict[str, Any]:
+        """Everything the resumed task needs (``dag.test()`` drops the defer kwargs)."""
+        return {
+            "status": status,
+            "run_id": self.run_id,
+            "coalesce": self.spec["node_id"],
+            "dag_id": self.dag_id,
+            "airflow_run_id": self.airflow_run_id,
+            **extra,
+        }
+
+    async def wait_for_fork(self) -> PollResult:
+        """Before the fork completed: resume if it ended otherwise, adopt its audit run if it succeeded."""
+        assert self.fork_task_id is not None
+        state = (await self.states_of([self.fork_task_id])).get(self.fork_task_id)
+        if state == "success":
+            # The fork's XCom is this try's now; its newest audit run is the one it pushed.
+            found = await sync_to_async(self.newest_fork_run, thread_sensitive=False)()
+            if found is None:
+                return PollResult("fork succeeded without an audit run")
+            self.log.info("fork %s completed: waiting on audit run %s", self.fork_task_id, found)
+            self.run_id = found
+            return PollResult(None, sleep_at_most=0)
+        if state in ENDED_TASK_STATES:
+            return PollResult(f"fork {self.fork_task_id} ended {state}")
+        return PollResult(None)
+
+    def newest_fork_run(self) -> str | None:
+        r = t.runs.c
+        with self.engine().connect() as conn:
+            return conn.execute(
+                select(r.run_id)
+                .where(
+                    r.dag_id == self.dag_id,
+                    r.airflow_run_id == self.airflow_run_id,
+                    r.fork_task_id == self.fork_task_id,
+                    r.status == "completed",
+                )
+                .order_by(r.try_number.desc())
+                .limit(1)
+            ).scalar()
+
+    async def task_states(self, spec: CoalesceSpec) -> dict[str, str]:
+        """States of the branch steps that deliver arrivals."""
+        return await self.states_of(dict.fromkeys(spec.delivering.values()))
+
+    async def states_of(self, task_ids: Iterable[str]) -> dict[str, str]:
+        """Task states of this DAG run through the Task SDK, one task id per call."""
         from airflow.sdk.execution_time.task_runner import RuntimeTaskInstance
 
+        get_states = sync_to_async(RuntimeTaskInstance.get_task_states, thread_sensitive=False)
         states: dict[str, str] = {}
-        for task_id in spec.delivering.values():
-            found = await sync_to_async(RuntimeTaskInstance.get_task_states)(
-                dag_id=self.dag_id, task_ids=[task_id], run_ids=[self.airflow_run_id]
-            )
-            states.update({k: str(v) for k, v in found.get(self.airflow_run_id, {}).items() if v is not None})
+        for task_id in task_ids:
+            found = await get_states(dag_id=self.dag_id, task_ids=[task_id], run_ids=[self.airflow_run_id])
+            run_states = (found or {}).get(self.airflow_run_id, {})
+            states.update({key: str(state) for key, state in run_states.items() if state is not None})
         return states
 
-    def _why_resume(self, spec: CoalesceSpec, states: dict[str, str]) -> str | None:
-        from airflow_elspeth.hooks.audit import ElspethAuditHook
+    def engine(self) -> Engine:
+        """The process-wide engine of the audit store, resolved once per trigger (no migration)."""
+        if self._engine is None:
+            from airflow_elspeth.hooks.audit import ElspethAuditHook, engine_for_url
 
-        engine = ElspethAuditHook(audit_conn_id=self.audit_conn_id).get_engine()
-        ready, all_decided = pending_work(engine, spec, self.run_id)
-        if all_decided:
-            return "every row decided"
-        if ready:
-            return "rows to decide"
+            url = ElspethAuditHook(audit_conn_id=self.audit_conn_id).get_url()
+            self._engine = engine_for_url(url, upgrade=False)
+        return self._engine
+
+    def poll(self, spec: CoalesceSpec, task_states: Mapping[str, str]) -> PollResult:
+        """One read-only look at the audit store (runs in a worker thread)."""
+        assert self.run_id is not None
+        engine = self.engine()
         with engine.connect() as conn:
             run = load_run(conn, self.run_id)
             if run is None:
-                return "audit run missing"
-            tl = t.branch_task_losses.c
-            recorded = {
-                (node, chunk)
-                for node, chunk in conn.execute(select(tl.node_id, tl.chunk).where(tl.run_id == self.run_id))
+                return PollResult("audit run missing")
+            if run.completed_at is None:
+                return PollResult("fork not completed")  # the task reschedules until it is
+            now = settled_now(conn)  # the clock the pass decides by
+            deadline = deadline_of(run, spec.config)
+            signatures = _signatures(conn, spec, run, now)
+            undecided = {
+                chunk for chunk, (_, decided, _) in signatures.items() if decided < run.chunk_rows(chunk)
             }
-        ended = task_loss_rows(spec, run.chunks_total, states)
-        if any((row["node_id"], row["chunk"]) not in recorded for row in ended):
-            return "a branch task ended"
-        return None
+            if not undecided:
+                return PollResult("every row decided")
+            ended = _unrecorded_task_ends(conn, spec, run, task_states, undecided)
+        if ended:
+            return PollResult(f"branch task ended: {ended}")
+        changed = [
+            chunk
+            for chunk in sorted(undecided)
+            if signatures[chunk][0] != signatures[chunk][2]
+            and signatures[chunk][0] != self._undecidable.get(chunk)
+        ]
+        if changed:
+            store = AuditStore(engine)
+            for chunk in changed:
+                if decide_chunk(store, spec, run, chunk, task_states=task_states):
+                    return PollResult(f"rows to decide in chunk {chunk}")
+                self._undecidable[chunk] = signatures[chunk][0]
+        # Wake up at the deadline (just after it, by the clock the pass decides by) at the latest.
+        remaining = (deadline - now).total_seconds()
+        if remaining <= 0:
+            return PollResult(None)
+        return PollResult(None, sleep_at_most=max(remaining + DEADLINE_MARGIN_SECONDS, MIN_SLEEP_SECONDS))
+
+
+def _unrecorded_task_ends(
+    conn: Any, spec: CoalesceSpec, run: RunInfo, task_states: Mapping[str, str], undecided: set[int]
+) -> list[str]:
+    """Ended branch tasks the sensor has not recorded that still owe tokens to an undecided chunk."""
+    ended = task_loss_rows(spec, run.chunks_total, task_states)
+    if not ended:
+        return []
+    tl, cp = t.branch_task_losses.c, t.chunk_progress.c
+    recorded = {
+        (node, chunk)
+        for node, chunk in conn.execute(select(tl.node_id, tl.chunk).where(tl.run_id == run.run_id))
+    }
+    nodes = list(spec.delivering.values())
+    delivered = {
+        (node, chunk): (done, total)
+        for node, chunk, done, total in conn.execute(
+            select(cp.node_id, cp.chunk, cp.rows_done, cp.rows_total).where(
+                cp.run_id == run.run_id, cp.node_id.in_(nodes)
+            )
+        )
+    }
+    owing = []
+    for row in ended:
+        node, chunk = row["node_id"], row["chunk"]
+        if (node, chunk) in recorded:
+            continue
+        chunks = undecided if chunk == WHOLE_TASK else undecided & {chunk}
+        for c in chunks:
+            done, total = delivered.get((node, c), (0, None))
+            if total is None or done < total:
+                owing.append(f"{node}={row['task_state']}")
+                break
+    return owing
