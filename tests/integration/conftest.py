@@ -1,0 +1,68 @@
+"""Fixtures of the dag.test() integration suite.
+
+* ``airflow_metadata`` (session): migrates the Airflow metadata DB of the suite's AIRFLOW_HOME once
+  (tests/conftest.py points AIRFLOW_HOME at a temporary directory before Airflow is imported).
+* ``run_dag(dag, audit_url)``: points the audit store at ``audit_url`` (an ``elspeth_audit``
+  connection in ``AIRFLOW_CONN_ELSPETH_AUDIT_DEFAULT``), runs ``dag.test()``, returns the DagRun.
+  The environment is restored afterwards, so other suites keep the embedded default.
+* ``rerun(dag, dag_run, task_ids, audit_url, downstream=...)``: clears task instances of an existing
+  DagRun the way the UI's "Clear" does (``clear_task_instances``: try numbers go on, XComs of the
+  cleared tries are deleted, ``clear_number`` + 1) and drives the run again with ``dag.test()``'s
+  own loop; ``dag.test()`` itself would delete the DagRun and start from scratch.
+
+Audit databases come from the shared ``audit_url`` fixture (SQLite file or a fresh PostgreSQL
+database per test, tests/conftest.py).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from typing import Any
+
+import pytest
+
+from .support import DAGS_DIR, clear_and_drive, patched_env, run_env
+
+
+@pytest.fixture(scope="session")
+def airflow_metadata() -> str:
+    """Migrate the metadata DB of the suite's AIRFLOW_HOME once (``airflow db migrate``)."""
+    home = os.environ["AIRFLOW_HOME"]
+    env = {**os.environ, "AIRFLOW__CORE__LOAD_EXAMPLES": "False", "AIRFLOW__CORE__DAGS_FOLDER": str(DAGS_DIR)}
+    started = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-m", "airflow", "db", "migrate"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"airflow db migrate failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    print(f"metadata DB migrated in {time.monotonic() - started:.1f}s ({home})", file=sys.stderr)
+    return home
+
+
+@pytest.fixture
+def run_dag(airflow_metadata: str) -> Any:
+    """``run_dag(dag, audit_url, **test_kwargs)`` -> the DagRun of ``dag.test()``."""
+
+    def run(dag: Any, audit_url: str, **kwargs: Any) -> Any:
+        with patched_env(**run_env(dag.dag_id, audit_url)):
+            return dag.test(**kwargs)
+
+    return run
+
+
+@pytest.fixture
+def rerun(airflow_metadata: str) -> Any:
+    """``rerun(dag, dag_run, task_ids, audit_url, downstream=False)`` -> the DagRun, driven again."""
+
+    def run(dag: Any, dag_run: Any, task_ids: list[str], audit_url: str, *, downstream: bool = False) -> Any:
+        with patched_env(**run_env(dag.dag_id, audit_url)):
+            return clear_and_drive(dag, dag_run, task_ids, downstream=downstream)
+
+    return run

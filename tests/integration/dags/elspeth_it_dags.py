@@ -1,0 +1,504 @@
+"""The integration suite's test DAGs: one factory, many scenarios (no copy-pasted DAG files).
+
+Every DAG is ``load >> fork >> branches >> coalesce >> publish`` over six rows ``r0..r5`` and the
+branches ``a``, ``b``, ``c``, with deterministic simulated callables (no network, no randomness).
+A scenario says what each branch does on which row (``error``, ``drop``, ``hang`` past the deadline,
+crash on the first try), which branch task fails wholesale, which branches are two-step chains
+(their delivering step runs after the one-step branches under ``dag.test()``), which are mapped
+over the fork's chunks, and the coalesce's policy, merge and tolerance.
+
+``dag.test()`` re-parses the DAG folder before each run; this module then builds only the DAGs
+named in ``ELSPETH_IT_DAGS`` (comma-separated), so a run parses one DAG, not the whole suite.
+Imported by the tests (environment variable unset), it builds every scenario, which also checks
+that they all construct.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta
+from typing import Any
+
+from airflow.sdk import DAG, task
+
+from airflow_elspeth import BranchOperator, CoalesceSensor, ForkOperator
+
+BRANCHES = ("a", "b", "c")
+ROW_COUNT = 6
+ONLY_ENV = "ELSPETH_IT_DAGS"
+
+
+def row_key(n: int) -> str:
+    return f"r{n}"
+
+
+def source_rows(count: int = ROW_COUNT) -> list[dict[str, Any]]:
+    return [{"id": row_key(n), "n": n} for n in range(count)]
+
+
+@dataclass(frozen=True)
+class Spec:
+    """One test DAG. ``actions`` maps branch -> {row number: action} at the branch's delivering step.
+
+    Actions: ``error`` (ValueError: a per-row loss), ``drop`` (returns None), ``hang`` (sleeps past the
+    deadline, then delivers), ``crash_first_try`` (SystemExit on the task's first try: the task dies
+    half way), ``error_first_try`` (ValueError on the first try only).
+    """
+
+    dag_id: str
+    policy: str = "require_all"
+    quorum: int | None = None
+    merge: str = "union"
+    select_branch: str | None = None
+    timeout: float = 30.0
+    actions: Mapping[str, Mapping[int, str]] = field(default_factory=dict)
+    fail_task: str | None = None  # this branch errors on every row with max_failed_rows=0
+    two_step: tuple[str, ...] = ()  # branches with a preparation step before the delivering one
+    mapped: tuple[str, ...] = ()  # branches mapped over the fork's chunks
+    mapped_fail_chunk: int | None = None  # the chunk whose mapped task fails (max_failed_rows=0)
+    chunk_size: int = 4
+    rows: int = ROW_COUNT
+    coalesce_trigger_rule: str | None = None  # default: the sensor's own ("always")
+    tolerated_failures: int = 0
+    tolerated_failure_rate: float | None = None
+    on_failure: str = "fail"
+    retries: Mapping[str, int] = field(default_factory=dict)
+    max_failed_rows: Mapping[str, int] = field(default_factory=dict)
+    batch_size: int = 500
+    concurrency: Mapping[str, int] = field(default_factory=dict)
+    bad_rows: str | None = None  # duplicate_key | not_a_dict | nan: the fork must fail
+    nested: bool = False  # a second fork/coalesce over the merged rows
+
+    @property
+    def hang_seconds(self) -> float:
+        return self.timeout + 0.5
+
+    def delivering_task(self, branch: str) -> str:
+        return f"ask_{branch}"
+
+    def with_(self, **changes: Any) -> Spec:
+        return replace(self, **changes)
+
+
+# Calls made by the simulated callables in this process: (dag_id, task_id, row id, try number).
+CALLS: list[tuple[str, str, str, int | None]] = []
+_calls_lock = threading.Lock()
+# The exception each failed fork reported, by dag_id (its on_failure_callback records it).
+FORK_ERRORS: dict[str, str] = {}
+
+
+def _try_number() -> int | None:
+    try:
+        from airflow.sdk import get_current_context
+
+        return int(get_current_context()["ti"].try_number)
+    except Exception:  # outside a task context (e.g. a worker thread of a concurrent branch)
+        return None
+
+
+class BranchCall:
+    """The simulated external call of one branch step: deterministic output, scripted failures."""
+
+    def __init__(self, spec: Spec, branch: str, task_id: str, *, delivering: bool) -> None:
+        self.dag_id = spec.dag_id
+        self.branch = branch
+        self.task_id = task_id
+        self.hang_seconds = spec.hang_seconds
+        self.actions: Mapping[int, str] = spec.actions.get(branch, {}) if delivering else {}
+        self.fail_all = delivering and spec.fail_task == branch
+        self.fail_chunk_rows: set[int] = set()
+        if delivering and branch in spec.mapped and spec.mapped_fail_chunk is not None:
+            first = spec.mapped_fail_chunk * spec.chunk_size
+            self.fail_chunk_rows = set(range(first, first + spec.chunk_size))
+        self.delivering = delivering
+        self.__qualname__ = f"BranchCall[{spec.dag_id}.{task_id}]"
+
+    def __call__(self, row: dict[str, Any]) -> dict[str, Any] | None:
+        n = int(row["n"])
+        action = self.actions.get(n)
+        try_number = _try_number() if action and action.endswith("first_try") else None
+        with _calls_lock:
+            CALLS.append((self.dag_id, self.task_id, str(row["id"]), try_number))
+        if not self.delivering:
+            return {**row, "prepared_by": self.task_id}
+        if self.fail_all or n in self.fail_chunk_rows:
+            raise RuntimeError(f"{self.branch}: service unavailable for {row['id']}")
+        if action == "error":
+            raise ValueError(f"{self.branch} cannot answer {row['id']}")
+        if action == "drop":
+            return None
+        if action == "hang":
+            time.sleep(self.hang_seconds)
+        if action == "crash_first_try" and try_number == 1:
+            # The worker dies half way through the task (in-process under dag.test, so no os._exit:
+            # SystemExit is what Airflow's task runner sees when a task process exits).
+            raise SystemExit(f"{self.branch}: worker lost while processing {row['id']}")
+        if action == "error_first_try" and try_number == 1:
+            raise ValueError(f"{self.branch}: transient outage on try 1 for {row['id']}")
+        return {
+            "id": row["id"],
+            "source": self.branch,
+            f"{self.branch}_value": n * 10 + BRANCHES.index(self.branch),
+        }
+
+
+def _bad_rows(kind: str) -> Iterator[dict[str, Any]]:
+    """Rows whose fifth or sixth row is bad: the first chunk (of 2) is already written by then."""
+    for n in range(ROW_COUNT):
+        if kind == "duplicate_key" and n == 4:
+            yield {"id": row_key(1), "n": n}
+        elif kind == "not_a_dict" and n == 4:
+            yield ["r4", 4]  # type: ignore[misc]
+        elif kind == "nan" and n == 5:
+            yield {"id": row_key(n), "n": n, "score": math.nan}
+        else:
+            yield {"id": row_key(n), "n": n}
+
+
+def _record_fork_error(context: Any) -> None:
+    exception = context.get("exception")
+    FORK_ERRORS[context["ti"].dag_id] = str(exception) if exception is not None else "<no exception>"
+
+
+def build_dag(spec: Spec) -> DAG:
+    """Build the DAG of one scenario."""
+    with DAG(
+        dag_id=spec.dag_id,
+        schedule=None,
+        start_date=datetime(2026, 1, 1),
+        catchup=False,
+        tags=["elspeth", "integration-test"],
+        default_args={"retries": 0},
+    ) as dag:
+
+        @task
+        def load(count: int) -> list[dict[str, Any]]:
+            return source_rows(count)
+
+        if spec.bad_rows:
+            kind = spec.bad_rows
+            fork = ForkOperator(
+                task_id="fork",
+                rows=lambda: _bad_rows(kind),
+                row_key="id",
+                branches=list(BRANCHES),
+                chunk_size=spec.chunk_size,
+                on_failure_callback=_record_fork_error,
+            )
+        else:
+            fork = ForkOperator(
+                task_id="fork",
+                rows=load(spec.rows),
+                row_key="id",
+                branches=list(BRANCHES),
+                chunk_size=spec.chunk_size,
+                on_failure_callback=_record_fork_error,
+            )
+
+        delivering = []
+        for branch in BRANCHES:
+            task_id = spec.delivering_task(branch)
+            options: dict[str, Any] = {
+                "batch_size": spec.batch_size,
+                "concurrency": spec.concurrency.get(branch, 1),
+            }
+            if spec.fail_task == branch or (branch in spec.mapped and spec.mapped_fail_chunk is not None):
+                options["max_failed_rows"] = 0
+            if branch in spec.max_failed_rows:
+                options["max_failed_rows"] = spec.max_failed_rows[branch]
+            retries = spec.retries.get(branch, 0)
+            if retries:
+                options["retries"] = retries
+                options["retry_delay"] = timedelta(0)
+            call = BranchCall(spec, branch, task_id, delivering=True)
+            if branch in spec.mapped:
+                step: Any = BranchOperator.partial(
+                    task_id=task_id, fork=fork, branch=branch, python_callable=call, **options
+                ).expand(chunk=fork.chunks)
+            else:
+                step = BranchOperator(
+                    task_id=task_id, fork=fork, branch=branch, python_callable=call, **options
+                )
+            if branch in spec.two_step:
+                prep_id = f"prep_{branch}"
+                prep = BranchOperator(
+                    task_id=prep_id,
+                    fork=fork,
+                    branch=branch,
+                    python_callable=BranchCall(spec, branch, prep_id, delivering=False),
+                )
+                fork >> prep >> step
+            else:
+                fork >> step
+            delivering.append(step)
+
+        sensor_options: dict[str, Any] = {}
+        if spec.coalesce_trigger_rule:
+            sensor_options["trigger_rule"] = spec.coalesce_trigger_rule
+        coalesce = CoalesceSensor(
+            task_id="coalesce",
+            fork=fork,
+            policy=spec.policy,
+            quorum=spec.quorum,
+            merge=spec.merge,
+            select_branch=spec.select_branch,
+            timeout=timedelta(seconds=spec.timeout),
+            tolerated_failures=spec.tolerated_failures,
+            tolerated_failure_rate=spec.tolerated_failure_rate,
+            on_failure=spec.on_failure,
+            poke_interval=1,
+            **sensor_options,
+        )
+        delivering >> coalesce
+
+        @task
+        def publish(summary: dict[str, Any]) -> list[dict[str, Any]]:
+            from airflow_elspeth import read_merged_rows
+
+            return list(read_merged_rows(summary))
+
+        publish(coalesce.output)
+
+        if spec.nested:
+            fork2 = ForkOperator(
+                task_id="fork2", rows=coalesce.output, row_key="id", branches=["x", "y"], chunk_size=4
+            )
+            steps2 = [
+                BranchOperator(
+                    task_id=f"ask2_{b}",
+                    fork=fork2,
+                    branch=b,
+                    python_callable=NestedCall(spec.dag_id, b),
+                )
+                for b in ("x", "y")
+            ]
+            coalesce2 = CoalesceSensor(
+                task_id="coalesce2",
+                fork=fork2,
+                policy="require_all",
+                merge="nested",
+                timeout=timedelta(seconds=spec.timeout),
+                poke_interval=1,
+            )
+            fork2 >> steps2 >> coalesce2
+    return dag
+
+
+class NestedCall:
+    def __init__(self, dag_id: str, branch: str) -> None:
+        self.branch = branch
+        self.__qualname__ = f"NestedCall[{dag_id}.{branch}]"
+
+    def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
+        return {"id": row["id"], "second_pass": self.branch}
+
+
+# ------------------------------------------------------------------------------------------------
+# The scenarios
+
+ROW_ERRORS = "row_errors"
+TASK_FAILS = "task_fails"
+HANG = "hang"
+LATE = "late"
+ALL_ARRIVE = "all_arrive"
+SELECT_MISSING = "select_missing"
+
+POLICIES: dict[str, dict[str, Any]] = {
+    "require_all": {"policy": "require_all"},
+    "quorum": {"policy": "quorum", "quorum": 2},
+    "best_effort": {"policy": "best_effort"},
+    "first": {"policy": "first"},
+}
+HANG_TIMEOUT = 4.0
+
+
+def _spec(policy: str, case: str, **extra: Any) -> Spec:
+    return Spec(dag_id=f"elspeth_it_{policy}_{case}", **POLICIES[policy], **extra)
+
+
+SCENARIOS: dict[str, Spec] = {}
+
+
+def _add(spec: Spec) -> None:
+    assert spec.dag_id not in SCENARIOS, spec.dag_id
+    SCENARIOS[spec.dag_id] = spec
+
+
+# require_all
+_add(_spec("require_all", ALL_ARRIVE))
+_add(_spec("require_all", ROW_ERRORS, actions={"a": {1: "error", 4: "error"}}, tolerated_failures=2))
+_add(_spec("require_all", TASK_FAILS, fail_task="a", on_failure="skip"))
+_add(_spec("require_all", HANG, timeout=HANG_TIMEOUT, two_step=("c",), actions={"c": {5: "hang"}}))
+_add(
+    _spec(
+        "require_all",
+        LATE,
+        two_step=("c",),
+        coalesce_trigger_rule="all_done",
+        actions={"a": {1: "error"}},
+        tolerated_failure_rate=0.2,
+    )
+)
+# quorum (2 of 3)
+_add(_spec("quorum", ALL_ARRIVE, merge="nested"))
+_add(
+    _spec(
+        "quorum",
+        ROW_ERRORS,
+        actions={"a": {1: "error", 4: "error"}, "b": {4: "drop"}},
+        tolerated_failures=1,
+    )
+)
+_add(_spec("quorum", TASK_FAILS, fail_task="a", merge="nested"))
+_add(
+    _spec(
+        "quorum",
+        HANG,
+        timeout=HANG_TIMEOUT,
+        two_step=("c",),
+        actions={"a": {5: "error"}, "c": {5: "hang"}},
+        tolerated_failure_rate=0.1,
+    )
+)
+_add(_spec("quorum", LATE, two_step=("c",), coalesce_trigger_rule="all_done"))
+# best_effort
+_add(_spec("best_effort", ALL_ARRIVE))
+_add(
+    _spec(
+        "best_effort",
+        ROW_ERRORS,
+        actions={"a": {1: "error", 2: "error", 4: "error"}, "b": {2: "error"}, "c": {2: "drop"}},
+        tolerated_failures=1,
+    )
+)
+_add(_spec("best_effort", TASK_FAILS, fail_task="a"))
+_add(
+    _spec(
+        "best_effort",
+        HANG,
+        timeout=HANG_TIMEOUT,
+        two_step=("c",),
+        actions={"a": {4: "error", 5: "error"}, "b": {4: "error"}, "c": {4: "hang", 5: "hang"}},
+        concurrency={"c": 2},
+        on_failure="skip",
+    )
+)
+_add(_spec("best_effort", LATE, timeout=HANG_TIMEOUT, two_step=("c",), actions={"c": {5: "hang"}}))
+# first
+_add(_spec("first", ALL_ARRIVE, merge="nested"))
+_add(
+    _spec(
+        "first",
+        ROW_ERRORS,
+        actions={"a": {1: "error", 2: "error"}, "b": {2: "error"}, "c": {2: "error"}},
+        tolerated_failures=0,
+    )
+)
+_add(_spec("first", TASK_FAILS, fail_task="a"))
+_add(
+    _spec(
+        "first",
+        HANG,
+        timeout=HANG_TIMEOUT,
+        two_step=("c",),
+        actions={"a": {5: "error"}, "b": {5: "drop"}, "c": {5: "hang"}},
+        tolerated_failures=1,
+    )
+)
+_add(_spec("first", LATE, two_step=("c",), coalesce_trigger_rule="all_done", merge="nested"))
+# select with the selected branch missing (never substituted)
+_add(
+    _spec(
+        "quorum",
+        SELECT_MISSING,
+        merge="select",
+        select_branch="a",
+        two_step=("b",),
+        actions={"a": {1: "error", 4: "error"}},
+        tolerated_failures=2,
+    )
+)
+_add(
+    _spec(
+        "best_effort",
+        SELECT_MISSING,
+        merge="select",
+        select_branch="c",
+        actions={"c": {1: "error", 4: "drop"}},
+    )
+)
+_add(
+    _spec(
+        "first",
+        SELECT_MISSING,
+        merge="select",
+        select_branch="a",
+        two_step=("b", "c"),
+        actions={"a": {1: "error", 4: "error"}},
+        tolerated_failure_rate=0.5,
+    )
+)
+
+# Retries and re-runs
+_add(
+    Spec(
+        dag_id="elspeth_it_retry_crash",
+        policy="require_all",
+        actions={"b": {4: "crash_first_try"}},
+        retries={"b": 1},
+        batch_size=2,
+    )
+)
+_add(
+    Spec(
+        dag_id="elspeth_it_retry_threshold",
+        policy="require_all",
+        actions={"b": {n: "error_first_try" for n in range(ROW_COUNT)}},
+        max_failed_rows={"b": 0},
+        retries={"b": 1},
+        batch_size=2,
+    )
+)
+_add(Spec(dag_id="elspeth_it_rerun", policy="quorum", quorum=2, actions={"a": {3: "error"}}))
+# A branch mapped over the fork's chunks; one map index fails
+_add(
+    Spec(
+        dag_id="elspeth_it_mapped_chunk_fails",
+        policy="require_all",
+        chunk_size=2,
+        mapped=("b",),
+        mapped_fail_chunk=1,
+        tolerated_failures=2,
+    )
+)
+_add(
+    Spec(
+        dag_id="elspeth_it_mapped_best_effort",
+        policy="best_effort",
+        chunk_size=2,
+        mapped=("a", "b"),
+        mapped_fail_chunk=2,
+    )
+)
+# Bad input rows
+for _kind in ("duplicate_key", "not_a_dict", "nan"):
+    _add(Spec(dag_id=f"elspeth_it_bad_rows_{_kind}", bad_rows=_kind, chunk_size=2))
+# A nested fork over merged rows
+_add(Spec(dag_id="elspeth_it_nested", policy="best_effort", nested=True, actions={"c": {2: "error"}}))
+
+
+def _selected() -> list[Spec]:
+    only = os.environ.get(ONLY_ENV)
+    if only is None:
+        return list(SCENARIOS.values())
+    wanted = {name.strip() for name in only.split(",") if name.strip()}
+    return [spec for name, spec in SCENARIOS.items() if name in wanted]
+
+
+for _spec_ in _selected():
+    globals()[_spec_.dag_id] = build_dag(_spec_)

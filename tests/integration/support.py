@@ -1,0 +1,133 @@
+"""Helpers of the dag.test() integration suite (fixtures are in conftest.py)."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import os
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+DAGS_DIR = HERE / "dags"
+INVALID_DAGS_DIR = HERE / "invalid_dags"
+DAG_MODULE_NAME = "elspeth_it_dags"
+BUNDLE_NAME = "elspeth-integration-dags"
+
+
+def dag_module() -> ModuleType:
+    """The test DAG factory module (tests/integration/dags/elspeth_it_dags.py), imported once."""
+    module = sys.modules.get(DAG_MODULE_NAME)
+    if module is None:
+        spec = importlib.util.spec_from_file_location(DAG_MODULE_NAME, DAGS_DIR / f"{DAG_MODULE_NAME}.py")
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[DAG_MODULE_NAME] = module
+        spec.loader.exec_module(module)
+    return module
+
+
+@contextlib.contextmanager
+def patched_env(**values: str) -> Iterator[None]:
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def _bundle_config() -> str:
+    return json.dumps(
+        [
+            {
+                "name": BUNDLE_NAME,
+                "classpath": "airflow.dag_processing.bundles.local.LocalDagBundle",
+                "kwargs": {"path": str(DAGS_DIR), "refresh_interval": 0},
+            }
+        ]
+    )
+
+
+def run_env(dag_id: str, audit_url: str) -> dict[str, str]:
+    """The environment of one run: its DAG folder (one DAG parsed) and its audit store."""
+    return {
+        "AIRFLOW__CORE__DAGS_FOLDER": str(DAGS_DIR),
+        "AIRFLOW__DAG_PROCESSOR__DAG_BUNDLE_CONFIG_LIST": _bundle_config(),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW_CONN_ELSPETH_AUDIT_DEFAULT": json.dumps(
+            {"conn_type": "elspeth_audit", "extra": {"sqlalchemy_url": audit_url}}
+        ),
+        dag_module().ONLY_ENV: dag_id,
+    }
+
+
+def clear_and_drive(dag: Any, dag_run: Any, task_ids: list[str], *, downstream: bool) -> Any:
+    """Clear ``task_ids`` (and their downstream tasks) of a finished DagRun, then run it again.
+
+    The loop is ``DAG.test()``'s (airflow/sdk/definitions/dag.py) minus the part that deletes and
+    re-creates the DagRun.
+    """
+    from airflow import settings
+    from airflow.models.dagrun import DagRun
+    from airflow.models.taskinstance import TaskInstance, clear_task_instances
+    from airflow.sdk import DagRunState, timezone
+    from airflow.sdk.definitions.dag import _run_task
+    from airflow.serialization.serialized_objects import DagSerialization
+    from airflow.utils.state import FINISHED_STATES, TaskInstanceState
+    from sqlalchemy import select
+
+    wanted = set(task_ids)
+    if downstream:
+        for task_id in task_ids:
+            wanted |= {t.task_id for t in dag.get_task(task_id).get_flat_relatives(upstream=False)}
+    session = settings.Session()
+    try:
+        tis = session.scalars(
+            select(TaskInstance).where(
+                TaskInstance.dag_id == dag.dag_id,
+                TaskInstance.run_id == dag_run.run_id,
+                TaskInstance.task_id.in_(sorted(wanted)),
+            )
+        ).all()
+        assert {ti.task_id for ti in tis} == wanted, f"task instances to clear: {wanted}"
+        clear_task_instances(list(tis), session, dag_run_state=DagRunState.RUNNING)
+        session.commit()
+
+        scheduler_dag = DagSerialization.deserialize_dag(DagSerialization.serialize_dag(dag))
+        dr = session.scalar(
+            select(DagRun).where(DagRun.dag_id == dag.dag_id, DagRun.run_id == dag_run.run_id)
+        )
+        assert dr is not None
+        dr.dag = scheduler_dag
+        deadline = time.monotonic() + 300
+        while dr.state == DagRunState.RUNNING:
+            assert time.monotonic() < deadline, "re-driven DagRun did not finish"
+            session.expire_all()
+            schedulable, _ = dr.update_state(session=session)
+            for ti in schedulable:
+                if ti.state != TaskInstanceState.UP_FOR_RESCHEDULE:
+                    ti.try_number += 1
+                ti.state = TaskInstanceState.SCHEDULED
+                ti.scheduled_dttm = timezone.utcnow()
+            session.commit()
+            all_tis = set(dr.get_task_instances(session=session))
+            scheduled = {ti for ti in all_tis if ti.state == TaskInstanceState.SCHEDULED}
+            if not scheduled and {ti for ti in all_tis if ti.state not in FINISHED_STATES}:
+                time.sleep(0.5)
+            for ti in scheduled:
+                # dag.test() logs a task's exception and goes on too: the TI's state says it failed.
+                with contextlib.suppress(Exception):
+                    _run_task(ti=ti, task=dag.task_dict[ti.task_id], run_triggerer=True)
+        return dr
+    finally:
+        session.close()
