@@ -1,0 +1,426 @@
+"""A real Airflow deployment for the end-to-end tests: scheduler, triggerer, dag-processor, api-server.
+
+Everything lives in a temporary ``AIRFLOW_HOME``; the metadata database and the Elspeth audit
+database are two databases on the PostgreSQL server the suite starts (``pg_proc``). The executor is
+the LocalExecutor, the DAGs folder is ``tests/e2e/dags``. Tests drive it the way an operator would:
+the ``airflow`` CLI (``dags unpause``, ``backfill create``) and the public REST API v2 (trigger a run,
+read task-instance states), with ``[core] simple_auth_manager_all_admins`` so no login is needed.
+
+Every process runs in its own process group with its output in ``<home>/proc/<name>.log``; task
+processes (own process groups too) are found through the process tree and by their AIRFLOW_HOME, so
+``stop()`` leaves nothing behind even when a task was sleeping.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+REPO = Path(__file__).resolve().parents[2]
+DAGS_FOLDER = Path(__file__).resolve().parent / "dags"
+VENV_BIN = Path(sys.executable).parent
+PROCESSES = ("api-server", "scheduler", "dag-processor", "triggerer")
+STATE_ENV = "ELSPETH_E2E_STATE"
+TERMINAL_RUN_STATES = ("success", "failed")
+
+
+class E2EError(AssertionError):
+    """Something in the deployment did not happen in time (the message says what, logs are attached)."""
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_until(
+    what: str, check: Callable[[], Any], *, timeout: float, interval: float = 0.5
+) -> Any:
+    """Poll ``check`` until it returns something truthy; E2EError naming ``what`` after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    last_error: BaseException | None = None
+    while True:
+        try:
+            result = check()
+        except Exception as err:  # the thing polled may not be up yet
+            result, last_error = None, err
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            detail = f" (last error: {type(last_error).__name__}: {last_error})" if last_error else ""
+            raise E2EError(f"timed out after {timeout:.0f}s waiting for {what}{detail}")
+        time.sleep(interval)
+
+
+def tail(path: Path, lines: int = 60) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError as err:
+        return f"<{path}: {err}>"
+    return "\n".join(text.splitlines()[-lines:])
+
+
+@dataclass
+class AirflowStack:
+    """One Airflow deployment; ``start()`` it, use it, ``stop()`` it (idempotent)."""
+
+    pg: Any  # tests.conftest.PostgresServer
+    home: Path
+    dags_folder: Path = DAGS_FOLDER
+    parallelism: int = 8
+    port: int = field(default_factory=free_port)
+    processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    databases: list[str] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        suffix = uuid.uuid4().hex[:10]
+        self.meta_db = f"e2e_airflow_{suffix}"
+        self.audit_db = f"e2e_audit_{suffix}"
+        self.state_dir = self.home / "state"
+        self.proc_dir = self.home / "proc"
+        self.base_url = f"http://127.0.0.1:{self.port}"
+
+    # -- configuration ----------------------------------------------------------------------------
+
+    @property
+    def meta_url(self) -> str:
+        return str(self.pg.url(self.meta_db))
+
+    @property
+    def audit_url(self) -> str:
+        return str(self.pg.url(self.audit_db))
+
+    def env(self) -> dict[str, str]:
+        base = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith(("AIRFLOW", "PYTEST", "_AIRFLOW")) and k != "ELSPETH_AUDIT_URL"
+        }
+        return {
+            **base,
+            "PATH": f"{VENV_BIN}:{base.get('PATH', '/usr/bin:/bin')}",
+            "AIRFLOW_HOME": str(self.home),
+            STATE_ENV: str(self.state_dir),
+            "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
+            "AIRFLOW__CORE__PARALLELISM": str(self.parallelism),
+            "AIRFLOW__CORE__DAGS_FOLDER": str(self.dags_folder),
+            "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+            "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "True",
+            "AIRFLOW__CORE__FERNET_KEY": self._fernet_key,
+            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "True",
+            "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{self.base_url}/execution/",
+            "AIRFLOW__CORE__DEFAULT_TASK_RETRY_DELAY": "2",
+            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": self.meta_url,
+            # Airflow would derive postgresql+asyncpg; psycopg 3 (a test dependency) is async too.
+            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN_ASYNC": self.meta_url.replace(
+                "postgresql+psycopg2://", "postgresql+psycopg://"
+            ),
+            "AIRFLOW__API__HOST": "127.0.0.1",
+            "AIRFLOW__API__PORT": str(self.port),
+            "AIRFLOW__API__BASE_URL": self.base_url,
+            "AIRFLOW__API__WORKERS": "1",
+            "AIRFLOW__API__SECRET_KEY": self._secret,
+            "AIRFLOW__API_AUTH__JWT_SECRET": self._secret,
+            "AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC": "2",
+            "AIRFLOW__SCHEDULER__JOB_HEARTBEAT_SEC": "2",
+            "AIRFLOW__TRIGGERER__JOB_HEARTBEAT_SEC": "2",
+            "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
+            "AIRFLOW__DAG_PROCESSOR__MIN_FILE_PROCESS_INTERVAL": "600",
+            "AIRFLOW__DAG_PROCESSOR__PARSING_PROCESSES": "1",
+            "AIRFLOW__DAG_PROCESSOR__PRINT_STATS_INTERVAL": "600",
+            "AIRFLOW__LOGGING__LOGGING_LEVEL": "INFO",
+            # Log servers of the scheduler (LocalExecutor tasks) and triggerer: fixed ports by default.
+            "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(self._log_ports[0]),
+            "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT": str(self._log_ports[1]),
+            "AIRFLOW__ELSPETH__CHUNK_SIZE": "1000",
+            "PYTHONUNBUFFERED": "1",
+        }
+
+    # -- lifecycle --------------------------------------------------------------------------------
+
+    def start(self, *, ready_timeout: float = 240) -> None:
+        started = time.monotonic()
+        self._fernet_key = base64.urlsafe_b64encode(os.urandom(32)).decode()
+        self._secret = secrets.token_urlsafe(64)
+        self._log_ports = (free_port(), free_port())
+        for path in (self.home, self.state_dir, self.proc_dir):
+            path.mkdir(parents=True, exist_ok=True)
+        admin = self.pg.admin_connection()
+        try:
+            with admin.cursor() as cursor:
+                for name in (self.meta_db, self.audit_db):
+                    cursor.execute(f'CREATE DATABASE "{name}"')
+                    self.databases.append(name)
+        finally:
+            admin.close()
+        self.cli("db", "migrate", timeout=300)
+        self.timings["db_migrate"] = time.monotonic() - started
+        self.cli(
+            "connections",
+            "add",
+            "elspeth_audit_default",
+            "--conn-type",
+            "elspeth_audit",
+            "--conn-extra",
+            json.dumps({"sqlalchemy_url": self.audit_url}),
+        )
+        # Schema of the audit store at head before any task runs (tasks would do it on first use).
+        self.run([str(VENV_BIN / "airflow-elspeth"), "--url", self.audit_url, "db", "upgrade"], timeout=120)
+        for name in PROCESSES:
+            self._spawn(name)
+        wait_until("every Airflow process to report healthy", self.healthy, timeout=ready_timeout, interval=1)
+        self.timings["ready"] = time.monotonic() - started
+
+    def _spawn(self, name: str) -> None:
+        log = open(self.proc_dir / f"{name}.log", "ab")  # noqa: SIM115 - owned by the process
+        try:
+            self.processes[name] = subprocess.Popen(
+                [str(VENV_BIN / "airflow"), name],
+                cwd=self.home,
+                env=self.env(),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        finally:
+            log.close()
+
+    def healthy(self) -> bool:
+        for name, proc in self.processes.items():
+            if proc.poll() is not None:
+                raise E2EError(f"airflow {name} exited with {proc.returncode}\n{tail(self.proc_dir / f'{name}.log')}")
+        health = self.api("GET", "/api/v2/monitor/health")
+        return all(
+            (health.get(part) or {}).get("status") == "healthy"
+            for part in ("metadatabase", "scheduler", "triggerer", "dag_processor")
+        )
+
+    def stop(self) -> None:
+        """Stop every process of this deployment (and every task process it started), drop the DBs."""
+        victims = self._our_processes()
+        for proc in victims:
+            with contextlib.suppress(psutil.Error):
+                proc.send_signal(signal.SIGTERM)
+        _, alive = psutil.wait_procs(victims, timeout=15)
+        for proc in alive + self._our_processes():
+            with contextlib.suppress(psutil.Error):
+                proc.kill()
+        psutil.wait_procs(alive, timeout=10)
+        for popen in self.processes.values():
+            with contextlib.suppress(Exception):
+                popen.wait(timeout=5)
+        self.processes.clear()
+        self._drop_databases()
+
+    def _our_processes(self) -> list[psutil.Process]:
+        """The processes we started, their descendants, and anything else running with our home."""
+        found: dict[int, psutil.Process] = {}
+        for popen in self.processes.values():
+            with contextlib.suppress(psutil.Error):
+                root = psutil.Process(popen.pid)
+                found[root.pid] = root
+                for child in root.children(recursive=True):
+                    found[child.pid] = child
+        home = str(self.home)
+        for proc in psutil.process_iter(["pid"]):
+            if proc.pid in found or proc.pid == os.getpid():
+                continue
+            with contextlib.suppress(psutil.Error):
+                if proc.environ().get("AIRFLOW_HOME") == home:
+                    found[proc.pid] = proc
+        return list(found.values())
+
+    def _drop_databases(self) -> None:
+        from airflow_elspeth.hooks.audit import dispose_engine
+
+        dispose_engine(self.audit_url)
+        if not self.databases:
+            return
+        admin = self.pg.admin_connection()
+        try:
+            with admin.cursor() as cursor:
+                for name in self.databases:
+                    cursor.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            admin.close()
+        self.databases.clear()
+
+    # -- talking to it ----------------------------------------------------------------------------
+
+    def run(self, command: list[str], *, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess[str]:
+        done = subprocess.run(
+            command, env=self.env(), cwd=self.home, capture_output=True, text=True, timeout=timeout
+        )
+        if check and done.returncode != 0:
+            raise E2EError(
+                f"{' '.join(command)} exited {done.returncode}\nstdout:\n{done.stdout[-3000:]}\n"
+                f"stderr:\n{done.stderr[-3000:]}"
+            )
+        return done
+
+    def cli(self, *args: str, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess[str]:
+        """``airflow <args>`` against this deployment."""
+        return self.run([str(VENV_BIN / "airflow"), *args], timeout=timeout, check=check)
+
+    def elspeth(self, *args: str, check: bool = False) -> subprocess.CompletedProcess[str]:
+        """``airflow-elspeth --url <audit db> <args>``."""
+        return self.run([str(VENV_BIN / "airflow-elspeth"), "--url", self.audit_url, *args], check=check)
+
+    def api(self, method: str, path: str, body: Any = None, *, timeout: float = 30) -> Any:
+        data = json.dumps(body).encode() if body is not None else None
+        request = urllib.request.Request(
+            self.base_url + path,
+            data=data,
+            method=method,
+            headers={"Content-Type": "application/json", "Accept": "application/json"},
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                raw = response.read()
+        except urllib.error.HTTPError as err:
+            raise E2EError(f"{method} {path} -> {err.code}: {err.read()[:2000]!r}") from err
+        return json.loads(raw) if raw else None
+
+    def wait_dag(self, dag_id: str, *, timeout: float = 120) -> dict[str, Any]:
+        """Wait until the dag-processor has parsed ``dag_id``; fail early on its import error."""
+
+        def parsed() -> Any:
+            errors = self.api("GET", "/api/v2/importErrors").get("import_errors", [])
+            mine = [e for e in errors if Path(e.get("filename", "")).stem == dag_id]
+            if mine:
+                raise E2EError(f"import error in {dag_id}: {mine[0].get('stack_trace')}")
+            try:
+                return self.api("GET", f"/api/v2/dags/{dag_id}")
+            except E2EError:
+                return None
+
+        return wait_until(f"DAG {dag_id} to be parsed", parsed, timeout=timeout, interval=1)
+
+    def unpause(self, dag_id: str) -> None:
+        self.cli("dags", "unpause", dag_id)
+
+    def trigger(self, dag_id: str, *, conf: dict[str, Any] | None = None) -> str:
+        """A manual DAG run through the REST API; returns its run_id."""
+        body: dict[str, Any] = {"logical_date": None, "conf": conf or {}}
+        return str(self.api("POST", f"/api/v2/dags/{dag_id}/dagRuns", body)["dag_run_id"])
+
+    def dag_run(self, dag_id: str, run_id: str) -> dict[str, Any]:
+        return dict(self.api("GET", f"/api/v2/dags/{dag_id}/dagRuns/{urllib.parse.quote(run_id, safe='')}"))
+
+    def dag_runs(self, dag_id: str) -> list[dict[str, Any]]:
+        return list(self.api("GET", f"/api/v2/dags/{dag_id}/dagRuns?limit=100")["dag_runs"])
+
+    def task_instances(self, dag_id: str, run_id: str) -> list[dict[str, Any]]:
+        path = f"/api/v2/dags/{dag_id}/dagRuns/{urllib.parse.quote(run_id, safe='')}/taskInstances?limit=1000"
+        return list(self.api("GET", path)["task_instances"])
+
+    def task_states(self, dag_id: str, run_id: str) -> dict[str, str | None]:
+        """{task_id or task_id[map_index]: state} of one DAG run."""
+        return {
+            ti["task_id"] + (f"[{ti['map_index']}]" if ti["map_index"] >= 0 else ""): ti["state"]
+            for ti in self.task_instances(dag_id, run_id)
+        }
+
+    def wait_run(
+        self,
+        dag_id: str,
+        run_id: str,
+        *,
+        timeout: float,
+        states: Iterable[str] = TERMINAL_RUN_STATES,
+        on_poll: Callable[[], None] | None = None,
+        interval: float = 0.5,
+    ) -> dict[str, Any]:
+        wanted = set(states)
+
+        def done() -> dict[str, Any] | None:
+            if on_poll is not None:
+                on_poll()
+            run = self.dag_run(dag_id, run_id)
+            return run if run["state"] in wanted else None
+
+        return wait_until(f"DAG run {dag_id}/{run_id} to reach {sorted(wanted)}", done, timeout=timeout, interval=interval)
+
+    # -- diagnostics ------------------------------------------------------------------------------
+
+    def diagnostics(self, lines: int = 60) -> str:
+        """The tail of every process log and of the newest task logs (attached to failed tests)."""
+        parts = []
+        for name in PROCESSES:
+            proc = self.processes.get(name)
+            status = "not started" if proc is None else ("running" if proc.poll() is None else f"exited {proc.returncode}")
+            parts.append(f"===== airflow {name} ({status}): {self.proc_dir / f'{name}.log'}\n{tail(self.proc_dir / f'{name}.log', lines)}")
+        task_logs = sorted((self.home / "logs").glob("dag_id=*/**/*.log"), key=lambda p: p.stat().st_mtime)
+        for path in task_logs[-12:]:
+            parts.append(f"===== task log {path.relative_to(self.home)}\n{tail(path, 30)}")
+        return "\n".join(parts)
+
+
+class AuditDB:
+    """Read-only SQL on the deployment's audit database, for assertions."""
+
+    def __init__(self, url: str) -> None:
+        from sqlalchemy import create_engine
+        from sqlalchemy.pool import NullPool
+
+        self.engine = create_engine(url, poolclass=NullPool)
+
+    def all(self, sql: str, **params: Any) -> list[dict[str, Any]]:
+        from sqlalchemy import text
+
+        with self.engine.connect() as conn:
+            return [dict(row) for row in conn.execute(text(sql), params).mappings()]
+
+    def one(self, sql: str, **params: Any) -> dict[str, Any]:
+        rows = self.all(sql, **params)
+        assert len(rows) == 1, f"expected one row, got {len(rows)}: {sql} {params}"
+        return rows[0]
+
+    def scalar(self, sql: str, **params: Any) -> Any:
+        return next(iter(self.one(sql, **params).values()))
+
+    def runs_of(self, dag_id: str) -> list[dict[str, Any]]:
+        return self.all("SELECT * FROM runs WHERE dag_id = :dag_id ORDER BY logical_date, try_number", dag_id=dag_id)
+
+    def run_of(self, dag_id: str, airflow_run_id: str) -> dict[str, Any]:
+        return self.one(
+            "SELECT * FROM runs WHERE dag_id = :d AND airflow_run_id = :r ORDER BY try_number DESC LIMIT 1",
+            d=dag_id,
+            r=airflow_run_id,
+        )
+
+    def decisions(self, run_id: str) -> list[dict[str, Any]]:
+        rows = self.all(
+            "SELECT d.*, r.row_key AS key FROM coalesce_decisions d JOIN rows r "
+            "ON r.run_id = d.run_id AND r.row_id = d.row_id WHERE d.run_id = :run ORDER BY r.row_index",
+            run=run_id,
+        )
+        for row in rows:
+            for column in ("consumed", "missing_json", "details_json", "late_json"):
+                if row.get(column):
+                    row[column] = json.loads(row[column])
+        return rows
+
+    def dispose(self) -> None:
+        self.engine.dispose()

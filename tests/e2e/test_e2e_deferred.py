@@ -1,0 +1,117 @@
+"""The deferrable coalesce on the real scheduler + triggerer: deferred while the branches run (no
+worker slot, no pool slot), and deciding at its deadline although a branch hangs."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from datetime import datetime, timedelta
+
+import pytest
+from e2e_harness import AirflowStack, AuditDB, wait_until
+
+pytestmark = [pytest.mark.e2e, pytest.mark.postgres, pytest.mark.timeout(420)]
+
+DAG_ID = "e2e_deferred_deadline"
+BRANCHES = ("fast", "steady", "hung")
+DEADLINE = timedelta(seconds=25)
+
+
+@pytest.fixture
+def audit(airflow_stack: AirflowStack) -> Iterator[AuditDB]:
+    db = AuditDB(airflow_stack.audit_url)
+    yield db
+    db.dispose()
+
+
+def _parse(moment: str) -> datetime:
+    return datetime.fromisoformat(moment.replace("Z", "+00:00"))
+
+
+def test_deferred_without_a_slot_while_branches_run_then_decides_at_the_deadline(
+    airflow_stack: AirflowStack, audit: AuditDB
+) -> None:
+    stack = airflow_stack
+    stack.cli("pools", "set", "e2e_slots", "3", "e2e: exactly the three branches")
+    stack.wait_dag(DAG_ID)
+    stack.unpause(DAG_ID)
+    state_dir = stack.state_dir / DAG_ID
+    state_dir.mkdir(parents=True, exist_ok=True)
+    run_id = stack.trigger(DAG_ID)
+
+    observations: list[dict] = []
+
+    def coalesce_ended() -> bool:
+        states = stack.task_states(DAG_ID, run_id)
+        pool = stack.api("GET", "/api/v2/pools/e2e_slots")
+        observations.append({"at": time.monotonic(), "states": states, "pool": pool})
+        return states.get("consensus") in ("success", "failed", "skipped")
+
+    wait_until("the coalesce to decide while 'hung' hangs", coalesce_ended, timeout=150, interval=0.5)
+
+    # -- it waited deferred, holding no slot, while every branch was running ----------------------
+    deferred_while_branches_ran = [
+        o
+        for o in observations
+        if o["states"].get("consensus") == "deferred"
+        and all(o["states"].get(b) == "running" for b in BRANCHES)
+    ]
+    assert deferred_while_branches_ran, (
+        "never saw the coalesce deferred while all branches ran; states seen: "
+        f"{[o['states'] for o in observations[::4]]}"
+    )
+    full = [o for o in deferred_while_branches_ran if o["pool"]["running_slots"] == 3]
+    assert full, f"pool never full while deferred: {[o['pool'] for o in deferred_while_branches_ran]}"
+    assert all(o["pool"]["open_slots"] == 0 for o in full)  # the coalesce could not have had a slot
+    ran_states = {o["states"].get("consensus") for o in observations}
+    assert "deferred" in ran_states
+
+    # -- it decided at the deadline, 'hung' still running -----------------------------------------
+    tis = {ti["task_id"]: ti for ti in stack.task_instances(DAG_ID, run_id)}
+    assert tis["consensus"]["state"] == "success", tis["consensus"]
+    assert tis["hung"]["state"] == "running"
+    assert tis["fast"]["state"] == tis["steady"]["state"] == "success"
+    run = audit.run_of(DAG_ID, run_id)
+    deadline = run["completed_at"] + DEADLINE
+    ended = _parse(tis["consensus"]["end_date"])
+    assert ended >= deadline, f"coalesce ended {ended} before the deadline {deadline}"
+    assert ended - deadline < timedelta(seconds=30), f"coalesce ended {ended - deadline} after the deadline"
+
+    decisions = audit.decisions(run["run_id"])
+    assert [d["key"] for d in decisions] == [f"row-{n}" for n in range(6)]
+    for d in decisions:
+        assert d["decision"] == "merged", d
+        assert d["consumed"] == ["fast", "steady"]
+        assert d["missing_json"] == {"hung": "not_arrived"}
+        assert d["details_json"]["branch_task_states"] == {"hung": "running"}
+        assert d["decided_at"] == deadline, "a deadline decision is timed at the deadline"
+    outcomes = audit.all(
+        "SELECT t.branch_name, o.outcome, count(*) AS n FROM token_outcomes o JOIN tokens t "
+        "ON t.token_id = o.token_id WHERE o.run_id = :run AND t.token_kind = 'branch' AND o.is_terminal "
+        "GROUP BY t.branch_name, o.outcome ORDER BY 1",
+        run=run["run_id"],
+    )
+    assert {(o["branch_name"], o["outcome"]): o["n"] for o in outcomes} == {
+        ("fast", "coalesced"): 6,
+        ("steady", "coalesced"): 6,
+        ("hung", "not_arrived"): 6,
+    }
+    merged = audit.all(
+        "SELECT p.body FROM tokens t JOIN node_states s ON s.token_id = t.token_id "
+        "JOIN payloads p ON p.hash = s.output_ref WHERE t.run_id = :run AND t.token_kind = 'merged'",
+        run=run["run_id"],
+    )
+    assert len(merged) == 6 and all('"fast"' in m["body"] and '"steady"' in m["body"] for m in merged)
+
+    # -- released, 'hung' delivers late: recorded, never merged; the run ends clean --------------
+    (state_dir / "release").touch()
+    final = stack.wait_run(DAG_ID, run_id, timeout=120)
+    assert final["state"] == "success"
+    hung_states = audit.all(
+        "SELECT status, count(*) AS n FROM node_states WHERE run_id = :run AND node_id = 'hung' GROUP BY status",
+        run=run["run_id"],
+    )
+    assert {s["status"]: s["n"] for s in hung_states} == {"discarded": 6}
+    assert audit.scalar("SELECT count(*) FROM coalesce_decisions WHERE run_id = :run", run=run["run_id"]) == 6
+    verified = stack.elspeth("verify", "--run-id", run["run_id"])
+    assert verified.returncode == 0, verified.stdout + verified.stderr
