@@ -206,7 +206,9 @@ class CoalesceSensor(BaseSensorOperator):
         return result.done
 
     def poke(self, context: Context) -> bool:
-        ref = self._fork_ref(context)
+        # The current try's audit run only: after a clear, the fork's XCom names the old one until
+        # the fork has run again.
+        ref = self._current_fork_ref(context)
         return ref is not None and self.decide(context, ref["audit_run_id"])
 
     def execute(self, context: Context) -> Any:
