@@ -59,10 +59,19 @@ def run_dag(airflow_metadata: str) -> Any:
 
 @pytest.fixture
 def rerun(airflow_metadata: str) -> Any:
-    """``rerun(dag, dag_run, task_ids, audit_url, downstream=False)`` -> the DagRun, driven again."""
+    """``rerun(dag, dag_run, task_ids, audit_url, downstream=False, first=())`` -> the DagRun, driven
+    again (see :func:`support.clear_and_drive`)."""
 
-    def run(dag: Any, dag_run: Any, task_ids: list[str], audit_url: str, *, downstream: bool = False) -> Any:
+    def run(
+        dag: Any,
+        dag_run: Any,
+        task_ids: list[str],
+        audit_url: str,
+        *,
+        downstream: bool = False,
+        first: tuple[str, ...] = (),
+    ) -> Any:
         with patched_env(**run_env(dag.dag_id, audit_url)):
-            return clear_and_drive(dag, dag_run, task_ids, downstream=downstream)
+            return clear_and_drive(dag, dag_run, task_ids, downstream=downstream, first=first)
 
     return run

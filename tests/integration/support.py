@@ -71,19 +71,22 @@ def run_env(dag_id: str, audit_url: str) -> dict[str, str]:
     }
 
 
-def clear_and_drive(dag: Any, dag_run: Any, task_ids: list[str], *, downstream: bool) -> Any:
+def clear_and_drive(
+    dag: Any, dag_run: Any, task_ids: list[str], *, downstream: bool, first: tuple[str, ...] = ()
+) -> Any:
     """Clear ``task_ids`` (and their downstream tasks) of a finished DagRun, then run it again.
 
     The loop is ``DAG.test()``'s (airflow/sdk/definitions/dag.py) minus the part that deletes and
-    re-creates the DagRun.
+    re-creates the DagRun. Task instances scheduled together run in task id order, those named in
+    ``first`` before the others (dag.test() runs them in set order, i.e. arbitrarily).
     """
     from airflow import settings
     from airflow.models.dagrun import DagRun
     from airflow.models.taskinstance import TaskInstance, clear_task_instances
     from airflow.sdk import DagRunState, timezone
-    from airflow.sdk.definitions.dag import _run_task
+    from airflow.sdk.definitions.dag import FINISHED_STATES, _run_task
     from airflow.serialization.serialized_objects import DagSerialization
-    from airflow.utils.state import FINISHED_STATES, TaskInstanceState
+    from airflow.utils.state import TaskInstanceState
     from sqlalchemy import select
 
     wanted = set(task_ids)
@@ -124,7 +127,7 @@ def clear_and_drive(dag: Any, dag_run: Any, task_ids: list[str], *, downstream: 
             scheduled = {ti for ti in all_tis if ti.state == TaskInstanceState.SCHEDULED}
             if not scheduled and {ti for ti in all_tis if ti.state not in FINISHED_STATES}:
                 time.sleep(0.5)
-            for ti in scheduled:
+            for ti in sorted(scheduled, key=lambda ti: (ti.task_id not in first, ti.task_id, ti.map_index)):
                 # dag.test() logs a task's exception and goes on too: the TI's state says it failed.
                 with contextlib.suppress(Exception):
                     _run_task(ti=ti, task=dag.task_dict[ti.task_id], run_triggerer=True)

@@ -121,7 +121,7 @@ class BranchCall:
     def __call__(self, row: dict[str, Any]) -> dict[str, Any] | None:
         n = int(row["n"])
         action = self.actions.get(n)
-        try_number = _try_number() if action and action.endswith("first_try") else None
+        try_number = _try_number()
         with _calls_lock:
             CALLS.append((self.dag_id, self.task_id, str(row["id"]), try_number))
         if not self.delivering:
@@ -464,7 +464,7 @@ _add(
         batch_size=2,
     )
 )
-_add(Spec(dag_id="elspeth_it_rerun", policy="quorum", quorum=2, actions={"a": {3: "error"}}))
+_add(Spec(dag_id="elspeth_it_rerun", policy="require_all", actions={"a": {3: "error"}}, tolerated_failures=1))
 # A branch mapped over the fork's chunks; one map index fails
 _add(
     Spec(
