@@ -53,7 +53,7 @@ def test_branch_crashing_half_way_is_retried_and_resumes(audit_url: str, run_dag
     M.CALLS[:] = [c for c in M.CALLS if c[0] != spec.dag_id]
     dag_run = run_dag(M.build_dag(spec), audit_url)
     engine = engine_for_url(audit_url)
-    view, summary, states = verify_run(engine, dag_run, spec)
+    view, _summary, states = verify_run(engine, dag_run, spec)
 
     assert states["ask_b"] == "success" and ti_try_numbers(dag_run)["ask_b"] == 2
     assert view.per_row() == dict.fromkeys(ALL_ROWS, "merged")
@@ -102,7 +102,7 @@ def test_clearing_only_the_coalesce_re_reports_the_same_decisions(
     dag = M.build_dag(spec)
     dag_run = run_dag(dag, audit_url)
     engine = engine_for_url(audit_url)
-    view, summary, states = verify_run(engine, dag_run, spec)
+    view, summary, _states = verify_run(engine, dag_run, spec)
     assert view.per_row() == {**dict.fromkeys(ALL_ROWS, "merged"), "r3": "branch_lost"}
     before = snapshot(engine, view.run_id)
 
