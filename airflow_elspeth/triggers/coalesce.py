@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -29,6 +30,11 @@ from airflow_elspeth.audit.store import AuditStore
 # Consecutive failed polls (audit DB or Task SDK unreachable) tolerated before the task is told.
 MAX_CONSECUTIVE_ERRORS = 5
 MIN_SLEEP_SECONDS = 0.2
+# The trigger never fires sooner than this after it started. Airflow 3.3 fails a deferred task whose
+# trigger fired before the scheduler drained the executor's "success" event of the deferring exit,
+# when the resumed try is already queued or running (apache/airflow#71580, #72716; 3.3.2 guards only
+# the "scheduled" case). A few seconds of latency on a resume is cheap; a failed coalesce is not.
+MIN_DEFERRAL_SECONDS = 10.0
 DEADLINE_MARGIN_SECONDS = 0.05
 
 
@@ -116,6 +122,7 @@ class CoalesceTrigger(BaseTrigger):
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
         spec = CoalesceSpec.from_dict(self.spec)
+        started = time.monotonic()
         errors = 0
         while True:
             try:
@@ -135,6 +142,7 @@ class CoalesceTrigger(BaseTrigger):
                     err,
                 )
                 if errors >= MAX_CONSECUTIVE_ERRORS:
+                    await asyncio.sleep(max(0.0, MIN_DEFERRAL_SECONDS - (time.monotonic() - started)))
                     yield TriggerEvent(
                         self._payload("error", message=f"{type(err).__name__}: {err}", errors=errors)
                     )
@@ -143,6 +151,9 @@ class CoalesceTrigger(BaseTrigger):
                 continue
             errors = 0
             if result.reason is not None:
+                quiet = MIN_DEFERRAL_SECONDS - (time.monotonic() - started)
+                if quiet > 0:
+                    await asyncio.sleep(quiet)  # what made it ready stays true: decisions only add up
                 self.log.info("coalesce %s: resuming the task (%s)", spec.node_id, result.reason)
                 yield TriggerEvent(self._payload("ready", reason=result.reason))
                 return

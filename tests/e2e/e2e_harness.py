@@ -165,7 +165,8 @@ class AirflowStack:
         self._log_ports = (free_port(), free_port())
         for path in (self.home, self.state_dir, self.proc_dir):
             path.mkdir(parents=True, exist_ok=True)
-        admin = self.pg.admin_connection()
+        # A loaded machine may still be starting the server ("the database system is starting up").
+        admin = wait_until("PostgreSQL to accept connections", self.pg.admin_connection, timeout=60)
         try:
             with admin.cursor() as cursor:
                 for name in (self.meta_db, self.audit_db):
@@ -242,14 +243,28 @@ class AirflowStack:
                 found[root.pid] = root
                 for child in root.children(recursive=True):
                     found[child.pid] = child
-        home = str(self.home)
         for proc in psutil.process_iter(["pid"]):
             if proc.pid in found or proc.pid == os.getpid():
                 continue
             with contextlib.suppress(psutil.Error):
-                if proc.environ().get("AIRFLOW_HOME") == home:
+                if self._marked_ours(proc):
                     found[proc.pid] = proc
         return list(found.values())
+
+    def _marked_ours(self, proc: psutil.Process) -> bool:
+        """Started with our AIRFLOW_HOME, or running in it (task processes retitle themselves with
+        setproctitle, which blanks /proc/<pid>/environ, but keep the working directory)."""
+        home = str(self.home)
+        return proc.environ().get("AIRFLOW_HOME") == home or proc.cwd() == home
+
+    def owns(self, proc: psutil.Process) -> bool:
+        """Whether ``proc`` belongs to this deployment (a descendant of one of its processes)."""
+        with contextlib.suppress(psutil.Error):
+            ancestors = {parent.pid for parent in proc.parents()}
+            if ancestors & {popen.pid for popen in self.processes.values()}:
+                return True
+            return self._marked_ours(proc)
+        return False
 
     def _drop_databases(self) -> None:
         from airflow_elspeth.hooks.audit import dispose_engine
