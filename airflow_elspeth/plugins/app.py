@@ -1,0 +1,633 @@
+"""The Elspeth audit UI: a FastAPI app the Airflow API server mounts at ``/elspeth``.
+
+Server-rendered HTML (Jinja2, autoescaped, no JavaScript) over a JSON API (``/elspeth/api/...``);
+both read the same functions in :mod:`airflow_elspeth.audit.reports`. Read-only: only GET routes.
+
+Plugin apps are open by default in Airflow 3, so every route declares its access check: the routes
+under ``/dags/{dag_id}/...`` require an authenticated user with read access to that DAG (Airflow's
+own ``requires_access_dag("GET")``, which reads ``dag_id`` from the path), and the index lists only
+DAGs the user may read. Authentication is Airflow's: the UI's ``_token`` cookie or a bearer JWT.
+
+Every query is scoped by the DAG and DAG run in the path, so an audit run id from another DAG is
+not found rather than shown.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Annotated, Any
+from urllib.parse import quote, urlencode
+
+from airflow.api_fastapi.app import get_auth_manager
+from airflow.api_fastapi.core_api.security import GetUserDep, requires_access_dag
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from fastapi.templating import Jinja2Templates
+from jinja2 import Environment, FileSystemLoader, StrictUndefined
+from sqlalchemy import Engine
+from sqlalchemy.engine import URL
+from sqlalchemy.exc import SQLAlchemyError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from airflow_elspeth.audit import reports
+from airflow_elspeth.plugins import chart
+
+log = logging.getLogger(__name__)
+
+TEMPLATES = Path(__file__).parent / "templates"
+PAGE_SIZE = 50
+LATE_PAGE_SIZE = 20
+URL_CACHE_SECONDS = 60.0
+DECISIONS = ("failed", "merged", "all")
+
+# Airflow renders plugin pages in an iframe of its own origin; nothing here runs scripts.
+SECURITY_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'none'; style-src 'unsafe-inline'; img-src 'self' data:; "
+        "form-action 'self'; frame-ancestors 'self'; base-uri 'none'"
+    ),
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "same-origin",
+    "Cache-Control": "no-store",
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# The audit store
+
+
+class NoAuditStore(LookupError):
+    """Nothing has been recorded yet: the embedded SQLite file does not exist."""
+
+
+_url_lock = threading.Lock()
+_url_cache: tuple[float, URL] | None = None
+
+
+def resolve_audit_url() -> URL:
+    """The audit store's URL, the way the operators find it (ElspethAuditHook), cached a minute."""
+    global _url_cache
+    with _url_lock:
+        if _url_cache is not None and time.monotonic() - _url_cache[0] < URL_CACHE_SECONDS:
+            return _url_cache[1]
+    from airflow_elspeth.hooks.audit import ElspethAuditHook
+
+    url = ElspethAuditHook().get_url()
+    with _url_lock:
+        _url_cache = (time.monotonic(), url)
+    return url
+
+
+def audit_engine() -> Engine:
+    """The audit store's Engine, never migrated from here (the UI only reads).
+
+    An embedded SQLite file that does not exist yet is not created: :class:`NoAuditStore`.
+    """
+    from airflow_elspeth.hooks.audit import engine_for_url
+
+    url = resolve_audit_url()
+    if url.get_backend_name() == "sqlite":
+        database = url.database or ""
+        if database in ("", ":memory:") or not Path(database).exists():
+            raise NoAuditStore(f"no audit store at {database or '(memory)'} yet")
+    return engine_for_url(url, upgrade=False)
+
+
+def optional_engine() -> Engine | None:
+    try:
+        return audit_engine()
+    except NoAuditStore:
+        return None
+
+
+EngineDep = Annotated[Any, Depends(optional_engine)]
+
+
+# --------------------------------------------------------------------------------------------------
+# Formatting helpers (Jinja filters; output is escaped by the template)
+
+
+def fmt_time(value: datetime | None) -> str:
+    if value is None:
+        return "—"
+    value = value.astimezone(timezone.utc)
+    return value.strftime("%Y-%m-%d %H:%M:%S.") + f"{value.microsecond // 1000:03d} UTC"
+
+
+def fmt_seconds(seconds: float | None) -> str:
+    if seconds is None:
+        return "—"
+    value = abs(seconds)
+    sign = "-" if seconds < 0 else ""
+    if value < 1:
+        return f"{sign}{value * 1000:.0f} ms"
+    if value < 120:
+        return f"{sign}{value:.2f} s".replace(".00 s", " s")
+    if value < 7200:
+        minutes, secs = divmod(value, 60)
+        return f"{sign}{int(minutes)} min {secs:.0f} s"
+    hours, rest = divmod(value, 3600)
+    return f"{sign}{int(hours)} h {rest / 60:.0f} min"
+
+
+def fmt_relative(value: datetime | None, origin: datetime | None) -> str:
+    """``+1.25 s`` after ``origin`` (the fork's completion)."""
+    if value is None or origin is None:
+        return ""
+    seconds = (value - origin).total_seconds()
+    return ("+" if seconds >= 0 else "") + fmt_seconds(seconds)
+
+
+def fmt_number(value: Any) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, float) and not value.is_integer():
+        return f"{value:,.1f}"
+    return f"{int(value):,}"
+
+
+def fmt_percent(part: float, whole: float) -> str:
+    if not whole:
+        return "0%"
+    share = 100 * part / whole
+    if 0 < share < 0.1:
+        return "<0.1%"
+    return f"{share:.1f}%".replace(".0%", "%")
+
+
+_SHADES = {
+    "loss": (207, 34, 46, 0.06, 0.34),
+    "late": (212, 167, 44, 0.10, 0.34),
+    "waiting": (87, 96, 106, 0.06, 0.26),
+}
+
+
+def shade(kind: str, rows: int, total: int) -> str:
+    """Background of a matrix cell: the colour of its kind, stronger with its share of the rows."""
+    red, green, blue, low, span = _SHADES.get(kind, _SHADES["waiting"])
+    share = rows / total if total else 0
+    return f"rgba({red},{green},{blue},{low + span * min(share, 1):.2f})"
+
+
+def pretty_json(value: Any) -> str:
+    return json.dumps(value, indent=2, sort_keys=True, ensure_ascii=False, default=str)
+
+
+def _environment() -> Environment:
+    env = Environment(
+        loader=FileSystemLoader(str(TEMPLATES)),
+        autoescape=True,  # every template, whatever its extension
+        undefined=StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    env.filters.update(
+        ts=fmt_time,
+        secs=fmt_seconds,
+        rel=fmt_relative,
+        num=fmt_number,
+        json=pretty_json,
+    )
+    env.globals.update(
+        pct=fmt_percent,
+        reason_text=reports.missing_reason_text,
+        reason_kind=reports.reason_kind,
+        outcome_text=reports.outcome_text,
+        shade=shade,
+        failure_text=lambda r: reports.FAILURE_REASON_TEXT.get(r or "", r or ""),
+    )
+    return env
+
+
+templates = Jinja2Templates(env=_environment())
+
+
+# --------------------------------------------------------------------------------------------------
+# Links
+
+
+class Links:
+    """URLs of this app's pages, under wherever it is mounted (``root_path``)."""
+
+    def __init__(self, request: Request, dag_id: str, run_id: str) -> None:
+        self.root = request.scope.get("root_path", "").rstrip("/")
+        self.dag_id, self.run_id = dag_id, run_id
+        self.base = f"{self.root}/dags/{quote(dag_id, safe='')}/runs/{quote(run_id, safe='')}"
+
+    @staticmethod
+    def _query(params: Mapping[str, Any]) -> str:
+        kept = {k: v for k, v in params.items() if v not in (None, "")}
+        return ("?" + urlencode(kept)) if kept else ""
+
+    def run(self, **params: Any) -> str:
+        return self.base + self._query(params)
+
+    def row(self, key: str, **params: Any) -> str:
+        return f"{self.base}/lineage" + self._query({"key": key, **params})
+
+    def task(self, task_id: str, **params: Any) -> str:
+        return f"{self.base}/tasks/{quote(task_id, safe='')}" + self._query(params)
+
+    def api(self, suffix: str = "", **params: Any) -> str:
+        base = f"{self.root}/api/dags/{quote(self.dag_id, safe='')}/runs/{quote(self.run_id, safe='')}"
+        return base + suffix + self._query(params)
+
+    def coalesce_api(self, coalesce: str, suffix: str = "", **params: Any) -> str:
+        return self.api(f"/coalesces/{quote(coalesce, safe='')}{suffix}", **params)
+
+    def index(self) -> str:
+        return f"{self.root}/"
+
+
+def _render(request: Request, name: str, context: dict[str, Any], status_code: int = 200) -> HTMLResponse:
+    return templates.TemplateResponse(request, name, context, status_code=status_code)
+
+
+def _blank(value: str | None) -> str | None:
+    """Empty form fields mean "no filter"."""
+    return value if value not in (None, "") else None
+
+
+# --------------------------------------------------------------------------------------------------
+# Shared lookups
+
+
+def _runs_and_selection(
+    engine: Engine | None, dag_id: str, run_id: str, audit_run: str | None, coalesce: str | None
+) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+    runs = reports.audit_runs(engine, dag_id, run_id) if engine is not None else []
+    selected = reports.pick_audit_run(runs, audit_run_id=audit_run, coalesce=coalesce)
+    if audit_run and selected is None:
+        raise HTTPException(404, f"No audit run {audit_run!r} in DAG run {run_id!r} of {dag_id!r}")
+    return runs, selected
+
+
+def _require_selected(
+    engine: Engine | None, dag_id: str, run_id: str, audit_run: str | None, coalesce: str | None = None
+) -> tuple[Engine, list[dict[str, Any]], dict[str, Any]]:
+    runs, selected = _runs_and_selection(engine, dag_id, run_id, audit_run, coalesce)
+    if engine is None or selected is None:
+        raise HTTPException(404, f"No Elspeth audit runs for DAG run {run_id!r} of {dag_id!r}")
+    if coalesce is not None and coalesce not in selected["coalesces"]:
+        raise HTTPException(404, f"No coalesce {coalesce!r} in audit run {selected['audit_run_id']}")
+    return engine, runs, selected
+
+
+def _row_filter(
+    decision: str | None, reason: str | None, branch: str | None, branch_reason: str | None
+) -> reports.RowFilter:
+    decision = _blank(decision) or "failed"
+    if decision not in DECISIONS:
+        raise HTTPException(400, f"decision must be one of {list(DECISIONS)}, got {decision!r}")
+    branch = _blank(branch)
+    return reports.RowFilter(
+        decision=None if decision == "all" else decision,
+        reason=_blank(reason),
+        branch=branch,
+        branch_reason=_blank(branch_reason) if branch is not None else None,
+    )
+
+
+def _map_index(value: str | None) -> int | None:
+    """The UI substitutes ``{MAP_INDEX}``; anything that is not a number means "not mapped"."""
+    try:
+        return int(value) if value not in (None, "") else None
+    except ValueError:
+        return None
+
+
+# --------------------------------------------------------------------------------------------------
+# HTML pages
+
+
+def _access_dependencies() -> list[Any]:
+    """Authenticated, with read access to the DAG named in the path (Airflow's own check)."""
+    return [Depends(requires_access_dag(method="GET"))]
+
+
+def build_pages() -> APIRouter:
+    router = APIRouter(dependencies=_access_dependencies())
+
+    @router.get("/dags/{dag_id}/runs/{run_id}", response_class=HTMLResponse, name="run_page")
+    def run_page(
+        request: Request,
+        dag_id: str,
+        run_id: str,
+        engine: EngineDep,
+        audit_run: str | None = None,
+        coalesce: str | None = None,
+        decision: str | None = None,
+        reason: str | None = None,
+        branch: str | None = None,
+        branch_reason: str | None = None,
+        page: Annotated[int, Query(ge=1)] = 1,
+        late_page: Annotated[int, Query(ge=1)] = 1,
+    ) -> HTMLResponse:
+        """The DAG run's audit: its audit runs, then one coalesce in full."""
+        links = Links(request, dag_id, run_id)
+        audit_run, coalesce = _blank(audit_run), _blank(coalesce)
+        flt = _row_filter(decision, reason, branch, branch_reason)
+        runs, selected = _runs_and_selection(engine, dag_id, run_id, audit_run, coalesce)
+        context: dict[str, Any] = {
+            "dag_id": dag_id,
+            "run_id": run_id,
+            "links": links,
+            "runs": runs,
+            "selected": selected,
+            "store_missing": engine is None,
+            "asked_coalesce": coalesce,
+            "coalesce": None,
+            "colours": chart.colours(selected["branches"]) if selected else {},
+        }
+        if engine is not None and selected is not None and selected["coalesces"]:
+            node = coalesce if coalesce in selected["coalesces"] else selected["coalesces"][0]
+            overview = reports.coalesce_overview(engine, selected, node)
+            rows = reports.decision_rows(
+                engine, selected["audit_run_id"], node, flt, limit=PAGE_SIZE, offset=(page - 1) * PAGE_SIZE
+            )
+            late = reports.late_arrivals(
+                engine, selected, node, limit=LATE_PAGE_SIZE, offset=(late_page - 1) * LATE_PAGE_SIZE
+            )
+            filters = {
+                "audit_run": selected["audit_run_id"],
+                "coalesce": node,
+                "decision": "all" if flt.decision is None else flt.decision,
+                "reason": flt.reason,
+                "branch": flt.branch,
+                "branch_reason": flt.branch_reason,
+            }
+            context.update(
+                page_link=lambda p: links.run(**filters, page=p, late_page=late_page) + "#rows",
+                late_page_link=lambda p: links.run(**filters, page=page, late_page=p) + "#late",
+                coalesce=node,
+                overview=overview,
+                chart=chart.arrivals_chart(overview["arrivals"], overview["branches"], context["colours"]),
+                flt=flt,
+                decision_param="all" if flt.decision is None else flt.decision,
+                rows=rows,
+                page=page,
+                pages=max(1, -(-rows["total"] // PAGE_SIZE)),
+                late=late,
+                late_page=late_page,
+                late_pages=max(1, -(-late["total_rows"] // LATE_PAGE_SIZE)),
+                page_size=PAGE_SIZE,
+                late_page_size=LATE_PAGE_SIZE,
+            )
+        return _render(request, "run.html", context)
+
+    @router.get("/dags/{dag_id}/runs/{run_id}/lineage", response_class=HTMLResponse, name="row_page")
+    def row_page(
+        request: Request,
+        dag_id: str,
+        run_id: str,
+        engine: EngineDep,
+        key: str,
+        audit_run: str | None = None,
+        coalesce: str | None = None,
+    ) -> HTMLResponse:
+        """One row: lineage from the source row to the decision and the merged output."""
+        links = Links(request, dag_id, run_id)
+        engine, _, selected = _require_selected(engine, dag_id, run_id, _blank(audit_run))
+        try:
+            row = reports.row_view(engine, selected, key)
+        except reports.NotFound as err:
+            raise HTTPException(404, f"No row {key!r} in audit run {selected['audit_run_id']}") from err
+        return _render(
+            request,
+            "row.html",
+            {
+                "dag_id": dag_id,
+                "run_id": run_id,
+                "links": links,
+                "selected": selected,
+                "row": row,
+                "coalesce": _blank(coalesce)
+                or (row["decisions"][0]["coalesce"] if row["decisions"] else None),
+                "colours": chart.colours(selected["branches"]),
+            },
+        )
+
+    @router.get("/dags/{dag_id}/runs/{run_id}/tasks/{task_id}", name="task_page")
+    def task_page(
+        request: Request,
+        dag_id: str,
+        run_id: str,
+        task_id: str,
+        engine: EngineDep,
+        map_index: str | None = None,
+    ) -> Response:
+        """A task instance's tab: a coalesce or fork opens the run page, a branch step its work."""
+        links = Links(request, dag_id, run_id)
+        runs, _ = _runs_and_selection(engine, dag_id, run_id, None, None)
+        view = reports.task_view(engine, runs, task_id, _map_index(map_index)) if engine is not None else None
+        if view is not None and view["kind"] == "coalesce":
+            return RedirectResponse(
+                links.run(audit_run=view["audit_run_id"], coalesce=task_id), status_code=307
+            )
+        if view is not None and view["kind"] == "fork":
+            return RedirectResponse(links.run(audit_run=view["audit_run_id"]), status_code=307)
+        return _render(
+            request,
+            "task.html",
+            {
+                "dag_id": dag_id,
+                "run_id": run_id,
+                "task_id": task_id,
+                "links": links,
+                "view": view,
+                "runs": runs,
+                "store_missing": engine is None,
+            },
+        )
+
+    return router
+
+
+# --------------------------------------------------------------------------------------------------
+# JSON API
+
+
+def build_api() -> APIRouter:
+    router = APIRouter(prefix="/api", dependencies=_access_dependencies())
+
+    @router.get("/dags/{dag_id}/runs/{run_id}")
+    def api_run(dag_id: str, run_id: str, engine: EngineDep) -> dict[str, Any]:
+        """The audit runs of a DAG run (newest try of each fork first), with their coalesces."""
+        runs = reports.audit_runs(engine, dag_id, run_id) if engine is not None else []
+        return {"dag_id": dag_id, "run_id": run_id, "audit_runs": runs}
+
+    @router.get("/dags/{dag_id}/runs/{run_id}/coalesces/{coalesce}")
+    def api_coalesce(
+        dag_id: str, run_id: str, coalesce: str, engine: EngineDep, audit_run: str | None = None
+    ) -> dict[str, Any]:
+        """Configuration, deadline, counts, failure reasons, missing-branch matrix, arrival curves."""
+        engine, _, selected = _require_selected(engine, dag_id, run_id, audit_run, coalesce)
+        return reports.coalesce_overview(engine, selected, coalesce)
+
+    @router.get("/dags/{dag_id}/runs/{run_id}/coalesces/{coalesce}/rows")
+    def api_rows(
+        dag_id: str,
+        run_id: str,
+        coalesce: str,
+        engine: EngineDep,
+        audit_run: str | None = None,
+        decision: str | None = None,
+        reason: str | None = None,
+        branch: str | None = None,
+        branch_reason: str | None = None,
+        limit: Annotated[int, Query(ge=1, le=reports.MAX_PAGE_SIZE)] = PAGE_SIZE,
+        offset: Annotated[int, Query(ge=0)] = 0,
+    ) -> dict[str, Any]:
+        """A page of decided rows (default: failed), filtered by reason, missing branch and why."""
+        engine, _, selected = _require_selected(engine, dag_id, run_id, audit_run, coalesce)
+        flt = _row_filter(decision, reason, branch, branch_reason)
+        return reports.decision_rows(
+            engine, selected["audit_run_id"], coalesce, flt, limit=limit, offset=offset
+        )
+
+    @router.get("/dags/{dag_id}/runs/{run_id}/coalesces/{coalesce}/late-arrivals")
+    def api_late(
+        dag_id: str,
+        run_id: str,
+        coalesce: str,
+        engine: EngineDep,
+        audit_run: str | None = None,
+        limit: Annotated[int, Query(ge=1, le=reports.MAX_PAGE_SIZE)] = PAGE_SIZE,
+        offset: Annotated[int, Query(ge=0)] = 0,
+    ) -> dict[str, Any]:
+        """Arrivals after their row's decision (recorded, never merged)."""
+        engine, _, selected = _require_selected(engine, dag_id, run_id, audit_run, coalesce)
+        return reports.late_arrivals(engine, selected, coalesce, limit=limit, offset=offset)
+
+    @router.get("/dags/{dag_id}/runs/{run_id}/lineage")
+    def api_lineage(
+        dag_id: str, run_id: str, key: str, engine: EngineDep, audit_run: str | None = None
+    ) -> dict[str, Any]:
+        """One row's lineage and decisions, each replayed from its event log."""
+        engine, _, selected = _require_selected(engine, dag_id, run_id, audit_run)
+        try:
+            return reports.row_view(engine, selected, key)
+        except reports.NotFound as err:
+            raise HTTPException(404, f"No row {key!r} in audit run {selected['audit_run_id']}") from err
+
+    @router.get("/dags/{dag_id}/runs/{run_id}/tasks/{task_id}")
+    def api_task(
+        dag_id: str, run_id: str, task_id: str, engine: EngineDep, map_index: str | None = None
+    ) -> dict[str, Any]:
+        """What a task is in the audit trail and, for a branch step, what it did."""
+        runs = reports.audit_runs(engine, dag_id, run_id) if engine is not None else []
+        if engine is None:
+            return {"kind": None, "task_id": task_id, "audit_run_id": None}
+        return reports.task_view(engine, runs, task_id, _map_index(map_index))
+
+    return router
+
+
+# --------------------------------------------------------------------------------------------------
+# The app
+
+
+def _route_path(request: Request) -> str:
+    path, root = request.scope.get("path", ""), request.scope.get("root_path", "")
+    return path[len(root) :] if root and path.startswith(root) else path
+
+
+def _login_url(request: Request) -> str | None:
+    try:
+        return get_auth_manager().get_url_login(next_url=str(request.url))
+    except Exception:  # no auth manager (tests of templates alone)
+        return None
+
+
+def _error_page(
+    request: Request, status: int, detail: str, headers: Mapping[str, str] | None = None
+) -> Response:
+    if _route_path(request).startswith("/api/"):
+        return JSONResponse({"detail": detail}, status_code=status, headers=dict(headers or {}))
+    titles = {
+        400: "Bad request",
+        401: "Not logged in",
+        403: "Not allowed",
+        404: "Not found",
+        405: "Read-only",
+        422: "Bad request",
+        503: "Audit store unavailable",
+    }
+    return _render(
+        request,
+        "error.html",
+        {
+            "status": status,
+            "title": titles.get(status, "Error"),
+            "detail": detail,
+            "login_url": _login_url(request) if status == 401 else None,
+            "root": request.scope.get("root_path", "").rstrip("/"),
+        },
+        status_code=status,
+    )
+
+
+def create_app() -> FastAPI:
+    """The app ElspethPlugin mounts at ``/elspeth`` (no docs or OpenAPI routes: nothing unguarded)."""
+    app = FastAPI(
+        title="Elspeth audit",
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+    )
+    app.include_router(build_pages())
+    app.include_router(build_api())
+
+    @app.get("/", response_class=HTMLResponse, name="index")
+    def index(request: Request, engine: EngineDep, user: GetUserDep) -> HTMLResponse:
+        """Recent audit runs of the DAGs this user may read."""
+        readable = get_auth_manager().get_authorized_dag_ids(user=user, method="GET")
+        runs = reports.recent_runs(engine, readable) if engine is not None else []
+        return _render(
+            request,
+            "index.html",
+            {
+                "runs": runs,
+                "store_missing": engine is None,
+                "root": request.scope.get("root_path", "").rstrip("/"),
+                "quote": lambda value: quote(value, safe=""),
+            },
+        )
+
+    @app.middleware("http")
+    async def security_headers(request: Request, call_next: Callable[[Request], Any]) -> Response:
+        response: Response = await call_next(request)
+        for name, value in SECURITY_HEADERS.items():
+            response.headers.setdefault(name, value)
+        return response
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        return _error_page(request, exc.status_code, str(exc.detail), exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> Response:
+        if _route_path(request).startswith("/api/"):
+            return JSONResponse({"detail": jsonable_encoder(exc.errors())}, status_code=422)
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e.get('loc', ())[1:])}: {e.get('msg')}" for e in exc.errors()
+        )
+        return _error_page(request, 400, problems or "invalid request")
+
+    @app.exception_handler(SQLAlchemyError)
+    async def store_error(request: Request, exc: SQLAlchemyError) -> Response:
+        log.exception("Elspeth audit store read failed")
+        message = str(getattr(exc, "orig", None) or exc).splitlines()[0]
+        return _error_page(
+            request, 503, f"The audit store could not be read ({type(exc).__name__}: {message})"
+        )
+
+    return app
