@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 from collections import Counter, defaultdict
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Engine, and_, func, select
+from sqlalchemy import Connection, Engine, and_, func, select
 
 from airflow_elspeth.audit import schema as t
 from airflow_elspeth.audit.coalesce import CoalesceSpec, deadline_of, load_run, payload_bodies
@@ -281,12 +281,20 @@ class ChunkWork:
 
 
 def branch_work(
-    engine: Engine, run_id: str, node_id: str, branch: str, chunk: int, previous_node: str | None
+    engine: Engine,
+    run_id: str,
+    node_id: str,
+    branch: str,
+    chunk: int,
+    previous_node: str | None,
+    *,
+    coalesces: Sequence[str],
 ) -> ChunkWork:
     """The tokens of one chunk a branch step still has to process, with their input rows.
 
-    Skips tokens this step already finished (a retried task resumes) and rows some coalesce has
-    already decided (their result could only arrive late).
+    Skips tokens this step already finished (a retried task resumes) and rows every coalesce
+    joining this branch (``coalesces``) has already decided (their result could only arrive late).
+    A row decided by another coalesce of the same fork is still needed by these.
     """
     tk, r, ns, cd = t.tokens.c, t.rows.c, t.node_states.c, t.coalesce_decisions.c
     with engine.connect() as conn:
@@ -308,7 +316,7 @@ def branch_work(
                 )
             ).scalars()
         )
-        decided = set(conn.execute(select(cd.row_id).where(cd.run_id == run_id, cd.chunk == chunk)).scalars())
+        decided = set(_decided_by_all(conn, run_id, coalesces, cd.chunk == chunk))
         upstream: dict[str, tuple[str, str | None, str | None]] = {}
         if previous_node is not None:
             for token_id, status, output_ref, error_json in conn.execute(
@@ -359,19 +367,35 @@ def branch_work(
     )
 
 
-def decided_rows(engine: Engine, run_id: str, row_ids: list[str]) -> dict[str, str]:
-    """row_id -> decision ('merged' or 'failed') for the given rows that some coalesce decided."""
+def _decided_by_all(conn: Connection, run_id: str, coalesces: Sequence[str], *where: Any) -> dict[str, str]:
+    """row_id -> decision of the rows that every coalesce in ``coalesces`` has decided.
+
+    The decision is "failed" when any of them failed the row. No coalesces: nothing is decided.
+    """
+    nodes = sorted(set(coalesces))
+    if not nodes:
+        return {}
     cd = t.coalesce_decisions.c
-    with engine.connect() as conn:
-        return dict(
-            conn.execute(
-                select(cd.row_id, cd.decision).where(cd.run_id == run_id, cd.row_id.in_(row_ids))
-            ).all()
-        )
+    return dict(
+        conn.execute(
+            select(cd.row_id, func.min(cd.decision))
+            .where(cd.run_id == run_id, cd.node_id.in_(nodes), *where)
+            .group_by(cd.row_id)
+            .having(func.count(func.distinct(cd.node_id)) == len(nodes))
+        ).all()
+    )
 
 
-def decided_in_chunk(engine: Engine, run_id: str, chunk: int) -> set[str]:
-    """The rows of one chunk that some coalesce has decided."""
-    cd = t.coalesce_decisions.c
+def decided_rows(
+    engine: Engine, run_id: str, row_ids: list[str], *, coalesces: Sequence[str]
+) -> dict[str, str]:
+    """row_id -> decision ('merged', or 'failed' if any failed it) for the given rows that every
+    coalesce in ``coalesces`` has decided."""
     with engine.connect() as conn:
-        return set(conn.execute(select(cd.row_id).where(cd.run_id == run_id, cd.chunk == chunk)).scalars())
+        return _decided_by_all(conn, run_id, coalesces, t.coalesce_decisions.c.row_id.in_(row_ids))
+
+
+def decided_in_chunk(engine: Engine, run_id: str, chunk: int, *, coalesces: Sequence[str]) -> set[str]:
+    """The rows of one chunk that every coalesce in ``coalesces`` has decided."""
+    with engine.connect() as conn:
+        return set(_decided_by_all(conn, run_id, coalesces, t.coalesce_decisions.c.chunk == chunk))

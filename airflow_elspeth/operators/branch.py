@@ -128,6 +128,29 @@ class BranchOperator(BaseOperator):
             )
         return steps[0] if steps else None
 
+    def consuming_coalesces(self) -> list[str]:
+        """The coalesces that join this branch downstream of this step (through later steps).
+
+        A row is skipped only once all of them decided it: another coalesce of the same fork that
+        does not join this branch, or joins it too but decided first, does not make it unneeded.
+        """
+        from airflow_elspeth.sensors.coalesce import CoalesceSensor
+
+        found: set[str] = set()
+        seen: set[str] = set()
+        stack: list[Any] = [self]
+        while stack:
+            for task in stack.pop().downstream_list:
+                if task.task_id in seen:
+                    continue
+                seen.add(task.task_id)
+                if isinstance(task, CoalesceSensor):
+                    if task.fork_task_id == self.fork_task_id and self.branch in task.coalesce.branches:
+                        found.add(task.task_id)
+                elif _step_of(task) == (self.fork_task_id, self.branch):
+                    stack.append(task)
+        return sorted(found)
+
     def execute(self, context: Context) -> dict[str, Any]:
         ti = context["ti"]
         ref = fork_ref(ti, self.fork_task_id)
@@ -149,9 +172,11 @@ class BranchOperator(BaseOperator):
         )
         chunks = [self.chunk] if self.chunk is not None else list(range(ref["chunks_total"]))
         clock = store.clock()
-        writer = _ResultWriter(self, store, run_id, ti.try_number)
+        writer = _ResultWriter(self, store, run_id, ti.try_number, self.consuming_coalesces())
         for chunk in chunks:
-            work = branch_work(store.engine, run_id, self.task_id, self.branch, chunk, previous)
+            work = branch_work(
+                store.engine, run_id, self.task_id, self.branch, chunk, previous, coalesces=writer.coalesces
+            )
             writer.start_chunk(chunk, work.tokens_total)
             writer.counts["resumed_done"] += work.already_done
             writer.counts["skipped_decided"] += work.already_decided
@@ -259,8 +284,11 @@ class _ResultWriter:
     marked discarded) and the failure threshold.
     """
 
-    def __init__(self, task: BranchOperator, store: AuditStore, run_id: str, attempt: int) -> None:
+    def __init__(
+        self, task: BranchOperator, store: AuditStore, run_id: str, attempt: int, coalesces: list[str]
+    ) -> None:
         self.task = task
+        self.coalesces = coalesces
         self.store = store
         self.run_id = run_id
         self.attempt = attempt
@@ -290,7 +318,9 @@ class _ResultWriter:
         )
         if when_due and not due:
             return
-        decided = decided_rows(self.store.engine, self.run_id, [r.row_id for r in self.buffer])
+        decided = decided_rows(
+            self.store.engine, self.run_id, [r.row_id for r in self.buffer], coalesces=self.coalesces
+        )
         results = [_discard_if_decided(r, decided) for r in self.buffer]
         self.buffer = []
         self.store.write_branch_results(
@@ -300,7 +330,9 @@ class _ResultWriter:
             results,
             chunk_tokens={self.chunk: self.tokens_total},
         )
-        self.decided.update(decided_in_chunk(self.store.engine, self.run_id, self.chunk))
+        self.decided.update(
+            decided_in_chunk(self.store.engine, self.run_id, self.chunk, coalesces=self.coalesces)
+        )
         self.counts.update(r.status for r in results)
         self.errors.update(str((r.error or {}).get("type")) for r in results if r.status == FAILED)
         self._check_threshold()
@@ -330,6 +362,16 @@ class _ResultWriter:
             f"branch {task.branch!r}: {failed} of {processed} rows failed, over {limit}; "
             f"most common errors: {common}. Failing the task so the rows are retried, not lost one by one."
         )
+
+
+def _step_of(task: Any) -> tuple[str, str] | None:
+    """(fork task id, branch) of a BranchOperator, mapped or not."""
+    if isinstance(task, BranchOperator):
+        return task.fork_task_id, task.branch
+    if getattr(task, "operator_class", None) is BranchOperator:
+        fork, branch = task.partial_kwargs.get("fork"), task.partial_kwargs.get("branch")
+        return getattr(fork, "task_id", fork), branch
+    return None
 
 
 def _discard_if_decided(result: NodeResult, decided: Mapping[str, str]) -> NodeResult:
