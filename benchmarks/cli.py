@@ -55,7 +55,24 @@ def machine() -> dict[str, Any]:
     except Exception:
         pass
     info["loadavg_start"] = os.getloadavg()
+    info["provider"] = provider_label()
     return info
+
+
+def provider_label() -> str:
+    """Which airflow_elspeth the workers import: --provider-path, else the checkout's commit."""
+    if PROVIDER_PATH:
+        return PROVIDER_PATH[0]
+    try:
+        sha = subprocess.run(
+            ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(REPO), "status", "--porcelain", "airflow_elspeth"], capture_output=True, text=True
+        ).stdout.strip()
+        return f"{REPO}@{sha}{' + uncommitted changes' if dirty else ''}"
+    except (OSError, subprocess.CalledProcessError):
+        return str(REPO)
 
 
 PROVIDER_PATH: list[str] = []  # --provider-path: a patched copy of airflow_elspeth to measure instead
@@ -122,7 +139,7 @@ class Runner:
                 args["audit_url"] = url
                 if floor:
                     targets = {"execute_values": "floor_ev"}
-                    if rows <= 100_000:
+                    if rows <= 10_000:
                         targets["executemany"] = "floor_em"
                     args["floor_targets"] = {}
                     for method, dbname in targets.items():

@@ -11,7 +11,7 @@ No ``ON CONFLICT``, no SQLAlchemy, no hashing, no reads: just the writes.
 On PostgreSQL psycopg2's ``cursor.executemany`` is one round trip per row, slower than the batched
 inserts SQLAlchemy itself issues (``insertmanyvalues``), so it is no floor there; the floor on
 PostgreSQL is ``psycopg2.extras.execute_values`` (multi-row ``INSERT ... VALUES``, the same plain
-INSERT, 1000 rows a statement). ``executemany`` is measured too at small sizes, for reference.
+INSERT, 1000 rows a statement). ``executemany`` is measured too at 10k rows and below, for reference.
 """
 
 from __future__ import annotations
