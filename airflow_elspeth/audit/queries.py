@@ -37,17 +37,13 @@ def coalesce_summary(engine: Engine, spec: CoalesceSpec, run_id: str) -> dict[st
             }
         )
         missing: dict[str, dict[str, Any]] = {}
-        late_in_decisions = 0
-        for missing_json, late_json, n in conn.execute(
-            select(cd.missing_json, cd.late_json, func.count())
-            .where(mine)
-            .group_by(cd.missing_json, cd.late_json)
+        for missing_json, n in conn.execute(
+            select(cd.missing_json, func.count()).where(mine).group_by(cd.missing_json)
         ):
             for branch, reason in json.loads(missing_json).items():
                 entry = missing.setdefault(branch, {"rows": 0, "reasons": {}})
                 entry["rows"] += n
                 entry["reasons"][reason] = entry["reasons"].get(reason, 0) + n
-            late_in_decisions += n * len(json.loads(late_json))
         failed_rows = [
             {
                 "row_key": row_key,
@@ -62,7 +58,7 @@ def coalesce_summary(engine: Engine, spec: CoalesceSpec, run_id: str) -> dict[st
                 .limit(FAILED_ROWS_LIMIT + 1)
             )
         ]
-        late_after_write = _arrivals_after_decision(conn, spec, run_id)
+        late_arrivals = _late_arrivals(conn, spec, run_id)
         collisions: dict[str, dict[str, Any]] = {}
         for collisions_json, n in conn.execute(
             select(cd.collisions_json, func.count())
@@ -86,7 +82,7 @@ def coalesce_summary(engine: Engine, spec: CoalesceSpec, run_id: str) -> dict[st
         "rows_total": run.rows_total,
         "rows_merged": sum(n for (decision, _), n in counts.items() if decision == "merged"),
         "rows_failed": rows_failed,
-        "late_arrivals": late_in_decisions + late_after_write,
+        "late_arrivals": late_arrivals,
         "missing_branches": {b: missing[b] for b in config.branches if b in missing},
         "failure_reasons": dict(sorted(failure_reasons.items())),
         "field_collisions": dict(sorted(collisions.items())),
@@ -96,20 +92,29 @@ def coalesce_summary(engine: Engine, spec: CoalesceSpec, run_id: str) -> dict[st
     }
 
 
-def _arrivals_after_decision(conn: Any, spec: CoalesceSpec, run_id: str) -> int:
-    """Arrivals written after their row's decision was (their token was already ``not_arrived``)."""
-    ns, to = t.node_states.c, t.token_outcomes.c
+def _late_arrivals(conn: Any, spec: CoalesceSpec, run_id: str) -> int:
+    """Arrivals at this coalesce recorded after their row's decision time: every late arrival.
+
+    Both kinds: those the deciding pass saw (also listed in the decision's ``late_json``) and those
+    recorded after it (their token already ``not_arrived``). Counted against this coalesce's own
+    decisions, not from the tokens' terminal outcomes: with several coalesces on one fork, a token's
+    one terminal outcome may have been written by another coalesce.
+    """
+    ns, cd = t.node_states.c, t.coalesce_decisions.c
     return int(
         conn.execute(
             select(func.count(func.distinct(ns.token_id)))
             .select_from(
-                t.node_states.join(t.token_outcomes, and_(to.token_id == ns.token_id, to.is_terminal))
+                t.node_states.join(
+                    t.coalesce_decisions,
+                    and_(cd.run_id == ns.run_id, cd.row_id == ns.row_id, cd.node_id == spec.node_id),
+                )
             )
             .where(
                 ns.run_id == run_id,
                 ns.node_id.in_(list(spec.delivering.values())),
                 ns.status.in_(ARRIVAL_STATES),
-                to.outcome == "not_arrived",
+                ns.recorded_at > cd.decided_at,
             )
         ).scalar_one()
     )
@@ -140,6 +145,23 @@ def iter_merged_rows(
         for row_key, merged_id, body in conn.execute(query):
             row = json.loads(body)
             yield {"row_key": row_key, "merged_token_id": merged_id, "row": row} if with_lineage else row
+
+
+def iter_source_rows(
+    engine: Engine, run_id: str, *, batch_size: int = 1000
+) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Stream a run's input rows as (row key, row) in fork order, ``batch_size`` rows at a time."""
+    r, p = t.rows.c, t.payloads.c
+    query = (
+        select(r.row_key, p.body)
+        .select_from(t.rows.join(t.payloads, p.hash == r.payload_ref))
+        .where(r.run_id == run_id)
+        .order_by(r.row_index)
+        .execution_options(yield_per=batch_size)
+    )
+    with engine.connect() as conn:
+        for row_key, body in conn.execute(query):
+            yield row_key, json.loads(body)
 
 
 def read_merged_rows(
