@@ -17,6 +17,7 @@ from typing import Any
 
 from sqlalchemy import Engine, text
 
+from airflow_elspeth.audit.store import join_group_id
 from airflow_elspeth.core.config import coalesce_config
 from airflow_elspeth.core.merge import merge_outputs
 from airflow_elspeth.core.policy import BranchEvent, EventKind, replay
@@ -349,10 +350,14 @@ def check_coalesce(engine: Engine, run: dict[str, Any], node_id: str = "coalesce
                 later = [e for e in events if e.branch == branch]
                 assert later and later[0].at >= as_utc(d["decided_at"]), f"{where}: {branch}"
         assert set(late) <= set(expected.late), f"{where}: late {late} not in {expected.late}"
-        # Each branch token's terminal outcome says what happened to it at this decision.
+        # Each branch token's terminal outcome says what happened to it at this decision (unless
+        # another coalesce of the same fork decided the token first: one terminal outcome a token).
+        join_group = join_group_id(run_id, row_id, node_id)
         for branch in config.branches:
             outcome = outcomes[branch_token[(row_id, branch)]]
-            if branch in consumed:
+            if outcome["join_group_id"] != join_group:
+                assert outcome["outcome"] != "forked", f"{where}: {branch} has no decision outcome"
+            elif branch in consumed:
                 assert outcome["outcome"] == "coalesced", f"{where}: {branch} {outcome}"
             elif branch in missing:
                 reason = missing[branch]
@@ -438,6 +443,16 @@ def check_summary(summary: Mapping[str, Any], view: CoalesceView) -> None:
     assert summary["missing_branches"] == missing, (summary["missing_branches"], missing)
     assert summary["late_arrivals"] == view.late_tokens, (summary["late_arrivals"], view.late_tokens)
     assert summary["failed_rows_truncated"] is (len(failed) > 100)
+    collisions: dict[str, dict[str, Any]] = {}
+    for d in decisions:
+        for name, branches in json.loads(d["collisions_json"] or "{}").items():
+            entry = collisions.setdefault(name, {"rows": 0, "branches": set()})
+            entry["rows"] += 1
+            entry["branches"] |= set(branches)
+    assert summary["field_collisions"] == {
+        name: {"rows": e["rows"], "branches": [b for b in cfg["branches"] if b in e["branches"]]}
+        for name, e in sorted(collisions.items())
+    }
     listed = {f["row_key"]: f for f in summary["failed_rows"]}
     assert set(listed) == {d["row_key"] for d in failed}
     for d in failed:

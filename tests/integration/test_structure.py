@@ -178,6 +178,44 @@ def test_two_mapped_branches_losing_the_same_chunk_under_best_effort(audit_url: 
 
 
 # ------------------------------------------------------------------------------------------------
+# Two coalesces on one fork; no rows at all
+
+
+@pytest.mark.timeout(180)
+def test_two_coalesces_on_one_fork_each_get_every_branch_they_join(audit_url: str, run_dag: Any) -> None:
+    """coalesce_ab ("first" over a and b) decides every row before c's delivering step runs; c must
+    still process those rows, because the require_all coalesce joins c and has not decided them."""
+    spec = M.SCENARIOS["elspeth_it_two_coalesces"]
+    dag_run = run_dag(M.build_dag(spec), audit_url)
+    engine = engine_for_url(audit_url)
+    view, summary, states = verify_run(engine, dag_run, spec)
+    quick = check_coalesce(engine, view.run, "coalesce_ab")
+    check_summary(xcom(dag_run, "coalesce_ab", "coalesce_summary"), quick)
+    assert states["coalesce_ab"] == "success"
+    assert quick.per_row() == dict.fromkeys(ALL_ROWS, "merged")
+    assert states["ask_c"] == "success"
+    assert view.per_row() == dict.fromkeys(ALL_ROWS, "merged"), summary["failed_rows"]
+    for d in view.decisions.values():
+        assert set(d["consumed"]) == {"a", "b", "c"}
+    assert summary["late_arrivals"] == 0 and summary["missing_branches"] == {}
+
+
+@pytest.mark.timeout(180)
+def test_a_fork_without_rows(audit_url: str, run_dag: Any) -> None:
+    spec = M.SCENARIOS["elspeth_it_empty"]
+    dag_run = run_dag(M.build_dag(spec), audit_url)
+    engine = engine_for_url(audit_url)
+    states = ti_states(dag_run)
+    run = only_run(engine, dag_run)
+    assert (run["status"], run["rows_total"], run["chunks_total"]) == ("completed", 0, 0)
+    assert xcom(dag_run, "fork") == []
+    assert states["coalesce"] == "success", states
+    summary = xcom(dag_run, "coalesce", "coalesce_summary")
+    assert (summary["rows_total"], summary["rows_merged"], summary["rows_failed"]) == (0, 0, 0)
+    assert xcom(dag_run, "publish") == []
+
+
+# ------------------------------------------------------------------------------------------------
 # A fork over merged rows
 
 

@@ -73,6 +73,10 @@ class Spec:
     concurrency: Mapping[str, int] = field(default_factory=dict)
     bad_rows: str | None = None  # duplicate_key | not_a_dict | nan: the fork must fail
     nested: bool = False  # a second fork/coalesce over the merged rows
+    # A second coalesce "coalesce_ab" on the same fork: CoalesceSensor arguments (incl. branches),
+    # and the branches whose delivering step waits for it ("gated": they run once it has decided).
+    second: Mapping[str, Any] | None = None
+    gated: tuple[str, ...] = ()
 
     @property
     def hang_seconds(self) -> float:
@@ -236,6 +240,19 @@ def build_dag(spec: Spec) -> DAG:
             else:
                 fork >> step
             delivering.append(step)
+
+        if spec.second is not None:
+            options2 = dict(spec.second)
+            coalesce_ab = CoalesceSensor(
+                task_id="coalesce_ab",
+                fork=fork,
+                timeout=timedelta(seconds=spec.timeout),
+                poke_interval=1,
+                **options2,
+            )
+            steps = dict(zip(BRANCHES, delivering, strict=True))
+            [steps[b] for b in options2["branches"]] >> coalesce_ab
+            coalesce_ab >> [steps[b] for b in spec.gated]
 
         sensor_options: dict[str, Any] = {}
         if spec.coalesce_trigger_rule:
@@ -488,6 +505,19 @@ _add(
 # Bad input rows
 for _kind in ("duplicate_key", "not_a_dict", "nan"):
     _add(Spec(dag_id=f"elspeth_it_bad_rows_{_kind}", bad_rows=_kind, chunk_size=2))
+# Two coalesces on one fork: a quick "first" over a and b, then a full require_all; c's delivering
+# step runs once the quick one has decided every row (an expensive branch after a cheap consensus).
+_add(
+    Spec(
+        dag_id="elspeth_it_two_coalesces",
+        policy="require_all",
+        two_step=("c",),
+        second={"policy": "first", "branches": ["a", "b"], "merge": "nested"},
+        gated=("c",),
+    )
+)
+# No rows at all
+_add(Spec(dag_id="elspeth_it_empty", policy="quorum", quorum=2, rows=0, mapped=("b",)))
 # A nested fork over merged rows
 _add(Spec(dag_id="elspeth_it_nested", policy="best_effort", nested=True, actions={"c": {2: "error"}}))
 
