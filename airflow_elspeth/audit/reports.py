@@ -285,15 +285,44 @@ def _fingerprint(engine: Engine, run_id: str, spec: CoalesceSpec) -> tuple[Any, 
 
 
 def _parallel(*calls: Callable[[], Any]) -> list[Any]:
-    """Run independent read queries side by side (each on its own pooled connection)."""
+    """Run independent read queries side by side (each on its own pooled connection).
+
+    Only for server databases: SQLite connections each keep their own page cache, and in-process
+    threads contend for it; there, one connection after the other is faster.
+    """
     if len(calls) == 1:
         return [calls[0]()]
     with ThreadPoolExecutor(max_workers=len(calls), thread_name_prefix="elspeth-report") as pool:
         return [f.result() for f in [pool.submit(c) for c in calls]]
 
 
+def _serial(*calls: Callable[[], Any]) -> list[Any]:
+    return [call() for call in calls]
+
+
+@dataclass(frozen=True)
+class CoalesceRef:
+    """One coalesce of one audit run, with its spec and cache key looked up once per request."""
+
+    engine: Engine
+    run_id: str
+    node_id: str
+    spec: CoalesceSpec
+    key: tuple[Any, ...]
+
+    def cached(self, what: str, compute: Callable[[], T]) -> T:
+        return _cache.get_or_compute((what, *self.key), compute)
+
+
+def coalesce_ref(engine: Engine, run_id: str, node_id: str) -> CoalesceRef:
+    """:raises NotFound: ``node_id`` is not a coalesce of the audit run."""
+    spec = coalesce_spec(engine, run_id, node_id)
+    key = (_store_key(engine), run_id, node_id, _fingerprint(engine, run_id, spec))
+    return CoalesceRef(engine, run_id, node_id, spec, key)
+
+
 # --------------------------------------------------------------------------------------------------
-# Decision groups: the one scan behind counts, the matrix and filtered totals
+# Decision groups: the one scan behind counts, the matrix, filtered totals and decisions over time
 
 
 @dataclass(frozen=True)
@@ -307,25 +336,42 @@ class DecisionGroup:
     late: tuple[str, ...] = field(compare=False)
 
 
-def _decision_groups(engine: Engine, run_id: str, node_id: str) -> list[DecisionGroup]:
+def _decision_scan(ref: CoalesceRef) -> tuple[list[DecisionGroup], dict[str, dict[int, int]]]:
+    """One grouped scan of the coalesce's decisions: the groups, and decisions per time slot."""
     cd = t.coalesce_decisions.c
-    with engine.connect() as conn:
-        return [
-            DecisionGroup(
-                decision,
-                reason,
-                missing_json,
-                late_json,
-                n,
-                json.loads(missing_json),
-                tuple(json.loads(late_json)),
-            )
-            for decision, reason, missing_json, late_json, n in conn.execute(
-                select(cd.decision, cd.failure_reason, cd.missing_json, cd.late_json, func.count())
-                .where(cd.run_id == run_id, cd.node_id == node_id)
-                .group_by(cd.decision, cd.failure_reason, cd.missing_json, cd.late_json)
-            )
-        ]
+    resolution = chart_resolution(ref.spec)
+    # wait_ms is decided_at - fork completion: slots need no date arithmetic.
+    slot = (cast(cd.wait_ms / (resolution * 1000.0) + _SLOT_OFFSET, Integer) - _SLOT_OFFSET).label("slot")
+    rows: dict[tuple[str, str | None, str, str], int] = {}
+    slots: dict[str, dict[int, int]] = {"merged": {}, "failed": {}}
+    with ref.engine.connect() as conn:
+        for decision, reason, missing_json, late_json, at, n in conn.execute(
+            select(cd.decision, cd.failure_reason, cd.missing_json, cd.late_json, slot, func.count())
+            .where(cd.run_id == ref.run_id, cd.node_id == ref.node_id)
+            .group_by(cd.decision, cd.failure_reason, cd.missing_json, cd.late_json, slot)
+        ):
+            group = (decision, reason, missing_json, late_json)
+            rows[group] = rows.get(group, 0) + n
+            if at is not None:
+                series = slots.setdefault(decision, {})
+                series[int(at)] = series.get(int(at), 0) + n
+    groups = [
+        DecisionGroup(
+            decision,
+            reason,
+            missing_json,
+            late_json,
+            n,
+            json.loads(missing_json),
+            tuple(json.loads(late_json)),
+        )
+        for (decision, reason, missing_json, late_json), n in rows.items()
+    ]
+    return groups, slots
+
+
+def _groups(ref: CoalesceRef) -> list[DecisionGroup]:
+    return ref.cached("decisions", lambda: _decision_scan(ref))[0]
 
 
 @dataclass(frozen=True)
@@ -367,6 +413,15 @@ class RowFilter:
             "branch_reason": self.branch_reason,
             "late": self.late,
         }
+
+
+def _json_field(engine: Engine, column: Any, key: str) -> Any:
+    """The text of ``key`` in a JSON object column, per dialect."""
+    if engine.dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import JSONB
+
+        return cast(column, JSONB).op("->>")(key)
+    return func.json_extract(column, f"$.{key}")
 
 
 def _json_missing_condition(engine: Engine, flt: RowFilter) -> Any:
@@ -460,7 +515,9 @@ def _late_after_write(
         ]
 
 
-def coalesce_overview(engine: Engine, audit_run: Mapping[str, Any], node_id: str) -> dict[str, Any]:
+def coalesce_overview(
+    engine: Engine, audit_run: Mapping[str, Any], node_id: str, *, ref: CoalesceRef | None = None
+) -> dict[str, Any]:
     """Everything the coalesce section shows above its row lists: configuration, deadline, counts,
     failure reasons, the branch x reason matrix of missing branches and the arrival curves.
 
@@ -468,19 +525,15 @@ def coalesce_overview(engine: Engine, audit_run: Mapping[str, Any], node_id: str
     the coalesce is still running.
     """
     run_id = audit_run["audit_run_id"]
-    spec = coalesce_spec(engine, run_id, node_id)
+    ref = ref or coalesce_ref(engine, run_id, node_id)
+    spec = ref.spec
     config = spec.config.as_dict()
-    key = (_store_key(engine), run_id, node_id, _fingerprint(engine, run_id, spec))
     resolution = chart_resolution(spec)
-    groups, arrival_slots, decision_slots, after_write = _parallel(
-        lambda: _cache.get_or_compute(("groups", *key), lambda: _decision_groups(engine, run_id, node_id)),
-        lambda: _cache.get_or_compute(
-            ("arrivals", *key), lambda: _arrival_slots(engine, audit_run, spec, resolution)
-        ),
-        lambda: _cache.get_or_compute(
-            ("decided", *key), lambda: _decision_slots(engine, run_id, node_id, resolution)
-        ),
-        lambda: _cache.get_or_compute(("after", *key), lambda: _late_after_write(engine, run_id, spec, None)),
+    run_all = _parallel if engine.dialect.name == "postgresql" else _serial
+    (groups, decision_slots), arrival_slots, after_write = run_all(
+        lambda: ref.cached("decisions", lambda: _decision_scan(ref)),
+        lambda: ref.cached("arrivals", lambda: _arrival_slots(engine, audit_run, spec, resolution)),
+        lambda: ref.cached("after", lambda: _late_after_write(engine, run_id, spec, None)),
     )
     series = arrival_series(engine, audit_run, spec, slots=(arrival_slots, decision_slots))
     merged = sum(g.rows for g in groups if g.decision == "merged")
@@ -536,12 +589,12 @@ def decision_rows(
     limit: int = PAGE_SIZE,
     offset: int = 0,
     max_in_list: int = MAX_IN_LIST,
+    ref: CoalesceRef | None = None,
 ) -> dict[str, Any]:
     """One page of a coalesce's decided rows, in (chunk, row key) order, with the filter's total."""
     limit, offset = _page_bounds(limit, offset)
-    spec = coalesce_spec(engine, run_id, node_id)
-    key = (_store_key(engine), run_id, node_id, _fingerprint(engine, run_id, spec))
-    groups = _cache.get_or_compute(("groups", *key), lambda: _decision_groups(engine, run_id, node_id))
+    ref = ref or coalesce_ref(engine, run_id, node_id)
+    groups = _groups(ref)
     matching = [g for g in groups if flt.matches(g)]
     total = sum(g.rows for g in matching)
     rows: list[dict[str, Any]] = []
@@ -602,7 +655,13 @@ def decision_rows(
 
 
 def late_arrivals(
-    engine: Engine, audit_run: Mapping[str, Any], node_id: str, *, limit: int = PAGE_SIZE, offset: int = 0
+    engine: Engine,
+    audit_run: Mapping[str, Any],
+    node_id: str,
+    *,
+    limit: int = PAGE_SIZE,
+    offset: int = 0,
+    ref: CoalesceRef | None = None,
 ) -> dict[str, Any]:
     """Arrivals after their row's decision: never merged, always recorded.
 
@@ -610,9 +669,10 @@ def late_arrivals(
     time); ``after_write`` lists arrivals that came after the decision was even written.
     """
     run_id = audit_run["audit_run_id"]
-    spec = coalesce_spec(engine, run_id, node_id)
+    ref = ref or coalesce_ref(engine, run_id, node_id)
+    spec = ref.spec
     page = decision_rows(
-        engine, run_id, node_id, RowFilter(decision=None, late=True), limit=limit, offset=offset
+        engine, run_id, node_id, RowFilter(decision=None, late=True), limit=limit, offset=offset, ref=ref
     )
     if page["rows"]:
         ns = t.node_states.c
@@ -647,8 +707,7 @@ def late_arrivals(
                 }
                 for branch in row["late"]
             ]
-    key = (_store_key(engine), run_id, node_id, _fingerprint(engine, run_id, spec))
-    after = _cache.get_or_compute(("after", *key), lambda: _late_after_write(engine, run_id, spec, None))
+    after = ref.cached("after", lambda: _late_after_write(engine, run_id, spec, None))
     return {
         "total_rows": page["total"],
         "limit": page["limit"],
@@ -693,24 +752,6 @@ def _arrival_slots(
     return arrivals
 
 
-def _decision_slots(
-    engine: Engine, run_id: str, node_id: str, resolution: float
-) -> dict[str, dict[int, int]]:
-    """Decisions per outcome per time slot, from ``wait_ms`` (decided_at - fork completion)."""
-    cd = t.coalesce_decisions.c
-    slot = (cast(cd.wait_ms / (resolution * 1000.0) + _SLOT_OFFSET, Integer) - _SLOT_OFFSET).label("slot")
-    decisions: dict[str, dict[int, int]] = {"merged": {}, "failed": {}}
-    with engine.connect() as conn:
-        for decision, at, n in conn.execute(
-            select(cd.decision, slot, func.count())
-            .where(cd.run_id == run_id, cd.node_id == node_id, cd.wait_ms.is_not(None))
-            .group_by(cd.decision, slot)
-        ):
-            series = decisions.setdefault(decision, {})
-            series[int(at)] = series.get(int(at), 0) + n
-    return decisions
-
-
 _SLOT_OFFSET = 1_000_000_000
 
 
@@ -751,7 +792,7 @@ def arrival_series(
     if slots is None:
         slots = (
             _arrival_slots(engine, audit_run, spec, resolution),
-            _decision_slots(engine, audit_run["audit_run_id"], spec.node_id, resolution),
+            _decision_scan(coalesce_ref(engine, audit_run["audit_run_id"], spec.node_id))[1],
         )
     arrivals, decisions = slots
     every = [s for series in [*arrivals.values(), *decisions.values()] for s in series]
@@ -1120,32 +1161,51 @@ def _branch_step_stats(
         chunk = map_index if mapped and map_index is not None and map_index >= 0 else None
         if chunk is not None:
             scope.append(ns.chunk == chunk)
-        by_status = dict(
-            conn.execute(select(ns.status, func.count()).where(*scope).group_by(ns.status)).all()
-        )
-        timing = conn.execute(
+        by_status: dict[str, int] = {}
+        first_started = last_completed = None
+        duration_sum, duration_max = 0, None
+        for status, n, started, completed, total_ms, max_ms in conn.execute(
             select(
+                ns.status,
+                func.count(),
                 func.min(ns.started_at),
                 func.max(ns.completed_at),
-                func.avg(ns.duration_ms),
+                func.sum(ns.duration_ms),
                 func.max(ns.duration_ms),
-            ).where(*scope)
-        ).one()
-        errors: dict[str, dict[str, Any]] = {}
-        for error_json, row_key in conn.execute(
-            select(ns.error_json, r.row_key)
-            .select_from(t.node_states.join(t.rows, and_(r.run_id == ns.run_id, r.row_id == ns.row_id)))
-            .where(*scope, ns.status == "failed")
-            .order_by(ns.chunk, r.row_index)
-            .execution_options(yield_per=2000)
-        ):
-            error = _error_of({"error_json": error_json}) or {"type": "?", "message": ""}
-            entry = errors.setdefault(
-                str(error.get("type", "?")), {"rows": 0, "message": error.get("message", ""), "row_keys": []}
             )
-            entry["rows"] += 1
-            if len(entry["row_keys"]) < 10:
-                entry["row_keys"].append(row_key)
+            .where(*scope)
+            .group_by(ns.status)
+        ):
+            by_status[status] = n
+            first_started = started if first_started is None else min(first_started, started)
+            if completed is not None:
+                last_completed = completed if last_completed is None else max(last_completed, completed)
+            duration_sum += total_ms or 0
+            if max_ms is not None:
+                duration_max = max_ms if duration_max is None else max(duration_max, max_ms)
+        # Errors by type in SQL (one grouped scan), then a few example rows of each type.
+        error_type = _json_field(engine, ns.error_json, "type").label("error_type")
+        errors: dict[str, dict[str, Any]] = {}
+        for kind, n, message in conn.execute(
+            select(error_type, func.count(), func.min(_json_field(engine, ns.error_json, "message")))
+            .where(*scope, ns.status == "failed")
+            .group_by(error_type)
+            .order_by(func.count().desc())
+        ):
+            errors[str(kind)] = {"rows": n, "message": message or "", "row_keys": []}
+        for kind, entry in list(errors.items())[:20]:
+            entry["row_keys"] = list(
+                conn.execute(
+                    select(r.row_key)
+                    .select_from(
+                        t.node_states.join(t.rows, and_(r.run_id == ns.run_id, r.row_id == ns.row_id))
+                    )
+                    .where(*scope, ns.status == "failed", _json_field(engine, ns.error_json, "type") == kind)
+                    .order_by(ns.chunk)
+                    .limit(10)
+                ).scalars()
+            )
+    states_total = sum(by_status.values())
     feeds = [cfg["node_id"] for cfg in coalesce_configs if cfg.get("delivering", {}).get(branch) == node_id]
     return {
         "task_id": node_id,
@@ -1153,12 +1213,12 @@ def _branch_step_stats(
         "audit_run_id": run_id,
         "mapped": mapped,
         "chunk": chunk,
-        "states_total": sum(by_status.values()),
+        "states_total": states_total,
         "by_status": dict(sorted(by_status.items())),
-        "first_started_at": timing[0],
-        "last_completed_at": timing[1],
-        "avg_duration_ms": float(timing[2]) if timing[2] is not None else None,
-        "max_duration_ms": timing[3],
+        "first_started_at": first_started,
+        "last_completed_at": last_completed,
+        "avg_duration_ms": duration_sum / states_total if states_total else None,
+        "max_duration_ms": duration_max,
         "errors": dict(sorted(errors.items(), key=lambda kv: -kv[1]["rows"])),
         "delivers_to": feeds,
     }

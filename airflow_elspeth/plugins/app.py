@@ -349,12 +349,19 @@ def build_pages() -> APIRouter:
         }
         if engine is not None and selected is not None and selected["coalesces"]:
             node = coalesce if coalesce in selected["coalesces"] else selected["coalesces"][0]
-            overview = reports.coalesce_overview(engine, selected, node)
+            ref = reports.coalesce_ref(engine, selected["audit_run_id"], node)
+            overview = reports.coalesce_overview(engine, selected, node, ref=ref)
             rows = reports.decision_rows(
-                engine, selected["audit_run_id"], node, flt, limit=PAGE_SIZE, offset=(page - 1) * PAGE_SIZE
+                engine,
+                selected["audit_run_id"],
+                node,
+                flt,
+                limit=PAGE_SIZE,
+                offset=(page - 1) * PAGE_SIZE,
+                ref=ref,
             )
             late = reports.late_arrivals(
-                engine, selected, node, limit=LATE_PAGE_SIZE, offset=(late_page - 1) * LATE_PAGE_SIZE
+                engine, selected, node, limit=LATE_PAGE_SIZE, offset=(late_page - 1) * LATE_PAGE_SIZE, ref=ref
             )
             filters = {
                 "audit_run": selected["audit_run_id"],
