@@ -178,6 +178,47 @@ def test_two_mapped_branches_losing_the_same_chunk_under_best_effort(audit_url: 
 
 
 # ------------------------------------------------------------------------------------------------
+# Multi-step branches and row retries
+
+
+@pytest.mark.timeout(180)
+def test_losses_at_an_earlier_step_and_row_retries(audit_url: str, run_dag: Any) -> None:
+    spec = M.SCENARIOS["elspeth_it_chain_and_row_retries"]
+    dag_run = run_dag(M.build_dag(spec), audit_url)
+    engine = engine_for_url(audit_url)
+    view, summary, _states = verify_run(engine, dag_run, spec)
+
+    assert view.per_row() == dict.fromkeys(ALL_ROWS, "merged")
+    assert view.missing("r1") == {"c": "dropped"}
+    assert view.missing("r2") == {"c": "error:ValueError"}
+    assert view.missing("r4") == {"a": "error:ValueError"}
+    assert set(view.decisions["r3"]["consumed"]) == {"a", "b", "c"}
+    states = {
+        (s["node_id"], s["row_key"]): s
+        for s in q(
+            engine,
+            "SELECT s.node_id, r.row_key, s.status, s.error_json, s.context_json FROM node_states s"
+            " JOIN rows r ON r.run_id = s.run_id AND r.row_id = s.row_id WHERE s.run_id = :r",
+            r=view.run_id,
+        )
+    }
+    # The delivering step keeps the earlier step's loss, with its reason and error.
+    assert states[("prep_c", "r1")]["status"] == states[("ask_c", "r1")]["status"] == "dropped"
+    assert states[("prep_c", "r2")]["status"] == states[("ask_c", "r2")]["status"] == "failed"
+    lost = json.loads(states[("ask_c", "r2")]["error_json"])
+    assert lost["type"] == "ValueError" and lost["lost_at_previous_step"] is True
+    # b's r3 failed once, then its row retry delivered; a's r4 failed all 1 + 2 attempts.
+    assert states[("ask_b", "r3")]["status"] == "completed"
+    assert json.loads(states[("ask_b", "r3")]["context_json"])["attempts"] == 2
+    error = json.loads(states[("ask_a", "r4")]["error_json"])
+    assert error["type"] == "ValueError" and error["attempts"] == 3 and "cannot answer r4" in error["message"]
+    assert summary["missing_branches"] == {
+        "a": {"rows": 1, "reasons": {"error:ValueError": 1}},
+        "c": {"rows": 2, "reasons": {"dropped": 1, "error:ValueError": 1}},
+    }
+
+
+# ------------------------------------------------------------------------------------------------
 # Two coalesces on one fork; no rows at all
 
 

@@ -47,7 +47,8 @@ class Spec:
 
     Actions: ``error`` (ValueError: a per-row loss), ``drop`` (returns None), ``hang`` (sleeps past the
     deadline, then delivers), ``crash_first_try`` (SystemExit on the task's first try: the task dies
-    half way), ``error_first_try`` (ValueError on the first try only).
+    half way), ``error_first_try`` (ValueError on the first try only), ``flaky_once`` (ValueError
+    on the row's first call in a DAG run, then fine: a ``row_retries`` retry succeeds).
     """
 
     dag_id: str
@@ -69,6 +70,8 @@ class Spec:
     on_failure: str = "fail"
     retries: Mapping[str, int] = field(default_factory=dict)
     max_failed_rows: Mapping[str, int] = field(default_factory=dict)
+    row_retries: Mapping[str, int] = field(default_factory=dict)
+    prep_actions: Mapping[str, Mapping[int, str]] = field(default_factory=dict)  # at two-step preps
     batch_size: int = 500
     concurrency: Mapping[str, int] = field(default_factory=dict)
     bad_rows: str | None = None  # duplicate_key | not_a_dict | nan: the fork must fail
@@ -90,6 +93,7 @@ class Spec:
 
 
 # Calls made by the simulated callables in this process: (dag_id, task_id, row id, try number).
+_FLAKY_SEEN: set[tuple[str, str, str, str]] = set()
 CALLS: list[tuple[str, str, str, int | None]] = []
 _calls_lock = threading.Lock()
 # The exception each failed fork reported, by dag_id (its on_failure_callback records it).
@@ -105,6 +109,12 @@ def _try_number() -> int | None:
         return None
 
 
+def _run_id() -> str:
+    from airflow.sdk import get_current_context
+
+    return str(get_current_context()["ti"].run_id)
+
+
 class BranchCall:
     """The simulated external call of one branch step: deterministic output, scripted failures."""
 
@@ -113,7 +123,7 @@ class BranchCall:
         self.branch = branch
         self.task_id = task_id
         self.hang_seconds = spec.hang_seconds
-        self.actions: Mapping[int, str] = spec.actions.get(branch, {}) if delivering else {}
+        self.actions: Mapping[int, str] = (spec.actions if delivering else spec.prep_actions).get(branch, {})
         self.fail_all = delivering and spec.fail_task == branch
         self.fail_chunk_rows: set[int] = set()
         if delivering and branch in spec.mapped and spec.mapped_fail_chunk is not None:
@@ -128,7 +138,16 @@ class BranchCall:
         try_number = _try_number()
         with _calls_lock:
             CALLS.append((self.dag_id, self.task_id, str(row["id"]), try_number))
+        if action == "flaky_once":
+            key = (self.dag_id, _run_id(), self.task_id, str(row["id"]))
+            if key not in _FLAKY_SEEN:
+                _FLAKY_SEEN.add(key)
+                raise ValueError(f"{self.branch}: connection reset while answering {row['id']}")
         if not self.delivering:
+            if action == "drop":
+                return None
+            if action == "error":
+                raise ValueError(f"{self.branch} cannot prepare {row['id']}")
             return {**row, "prepared_by": self.task_id}
         if self.fail_all or n in self.fail_chunk_rows:
             raise RuntimeError(f"{self.branch}: service unavailable for {row['id']}")
@@ -215,6 +234,8 @@ def build_dag(spec: Spec) -> DAG:
                 options["max_failed_rows"] = 0
             if branch in spec.max_failed_rows:
                 options["max_failed_rows"] = spec.max_failed_rows[branch]
+            if branch in spec.row_retries:
+                options["row_retries"] = spec.row_retries[branch]
             retries = spec.retries.get(branch, 0)
             if retries:
                 options["retries"] = retries
@@ -514,6 +535,19 @@ _add(
         two_step=("c",),
         second={"policy": "first", "branches": ["a", "b"], "merge": "nested"},
         gated=("c",),
+    )
+)
+# Multi-step losses and per-row retries: c's preparation step drops r1 and fails r2 (lost at the
+# delivering step with the same reason); b's r3 fails once and succeeds on its row retry; a's r4
+# fails all three attempts.
+_add(
+    Spec(
+        dag_id="elspeth_it_chain_and_row_retries",
+        policy="best_effort",
+        two_step=("c",),
+        prep_actions={"c": {1: "drop", 2: "error"}},
+        actions={"b": {3: "flaky_once"}, "a": {4: "error"}},
+        row_retries={"a": 2, "b": 1},
     )
 )
 # No rows at all
