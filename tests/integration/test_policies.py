@@ -296,8 +296,19 @@ def verify_run(engine: Any, dag_run: Any, spec: Any) -> tuple[CoalesceView, dict
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("dag_id", sorted(EXPECTED))
 def test_policy_scenario(dag_id: str, audit_url: str, run_dag: Any) -> None:
-    spec = M.SCENARIOS[dag_id]
-    expect = EXPECTED[dag_id]
+    run_scenario(M.SCENARIOS[dag_id], EXPECTED[dag_id], audit_url, run_dag)
+
+
+@pytest.mark.timeout(180)
+def test_deferrable_coalesce_under_dag_test_decides_the_same(audit_url: str, run_dag: Any) -> None:
+    """deferrable=True under dag.test() reschedules itself (an inline trigger would block the
+    branches) and decides exactly like the reschedule-mode sensor, deadline included."""
+    spec = M.SCENARIOS["elspeth_it_quorum_hang_deferrable"]
+    assert spec.deferrable
+    run_scenario(spec, EXPECTED["elspeth_it_quorum_hang"], audit_url, run_dag)
+
+
+def run_scenario(spec: Any, expect: Expect, audit_url: str, run_dag: Any) -> None:
     dag_run = run_dag(M.build_dag(spec), audit_url)
     engine = engine_for_url(audit_url)
     view, summary, states = verify_run(engine, dag_run, spec)

@@ -120,6 +120,29 @@ def test_clearing_only_the_coalesce_re_reports_the_same_decisions(
     assert snapshot(engine, view.run_id) == before  # nothing re-decided, nothing rewritten
 
 
+@pytest.mark.timeout(180)
+def test_re_running_a_branch_continues_the_same_audit_run(audit_url: str, run_dag: Any, rerun: Any) -> None:
+    """Clearing a branch task (and its downstream coalesce) re-runs it in the same audit run: every
+    token is already done, so it processes nothing, and the coalesce re-reports the same decisions."""
+    spec = M.SCENARIOS["elspeth_it_rerun"]
+    dag = M.build_dag(spec)
+    dag_run = run_dag(dag, audit_url)
+    engine = engine_for_url(audit_url)
+    view, summary, _states = verify_run(engine, dag_run, spec)
+    before = snapshot(engine, view.run_id)
+    M.CALLS[:] = [c for c in M.CALLS if c[0] != spec.dag_id]
+
+    dag_run = rerun(dag, dag_run, ["ask_a"], audit_url, downstream=True, first=("coalesce",))
+
+    assert ti_try_numbers(dag_run)["ask_a"] == 2 and ti_states(dag_run)["ask_a"] == "success"
+    assert calls_of(spec.dag_id, "ask_a") == []
+    result = xcom(dag_run, "ask_a")
+    assert result["audit_run_id"] == view.run_id and result["resumed_done"] == M.ROW_COUNT
+    assert len(audit_runs(engine, dag_run.dag_id, dag_run.run_id)) == 1
+    assert xcom(dag_run, "coalesce", "coalesce_summary") == summary
+    assert snapshot(engine, view.run_id) == before
+
+
 def xcom_published(engine: Any, view: Any) -> list[dict[str, Any]]:
     from airflow_elspeth.audit.queries import iter_merged_rows
 

@@ -218,6 +218,19 @@ def test_losses_at_an_earlier_step_and_row_retries(audit_url: str, run_dag: Any)
     }
 
 
+@pytest.mark.timeout(180)
+def test_a_branch_whose_first_step_fails_wholesale(audit_url: str, run_dag: Any) -> None:
+    spec = M.SCENARIOS["elspeth_it_prep_fails"]
+    dag_run = run_dag(M.build_dag(spec), audit_url)
+    engine = engine_for_url(audit_url)
+    view, _summary, states = verify_run(engine, dag_run, spec)
+    assert (states["prep_c"], states["ask_c"]) == ("failed", "upstream_failed")
+    assert view.per_row() == dict.fromkeys(ALL_ROWS, "merged")
+    for key in ALL_ROWS:
+        assert set(view.decisions[key]["consumed"]) == {"a", "b"}
+        assert view.missing(key) == {"c": "branch_task_upstream_failed"}
+
+
 # ------------------------------------------------------------------------------------------------
 # Two coalesces on one fork; no rows at all
 

@@ -80,6 +80,8 @@ class Spec:
     # and the branches whose delivering step waits for it ("gated": they run once it has decided).
     second: Mapping[str, Any] | None = None
     gated: tuple[str, ...] = ()
+    prep_fails: str | None = None  # this branch's preparation step fails wholesale
+    deferrable: bool = False
 
     @property
     def hang_seconds(self) -> float:
@@ -144,6 +146,8 @@ class BranchCall:
                 _FLAKY_SEEN.add(key)
                 raise ValueError(f"{self.branch}: connection reset while answering {row['id']}")
         if not self.delivering:
+            if self.fail_all:
+                raise RuntimeError(f"{self.branch}: preparation service down for {row['id']}")
             if action == "drop":
                 return None
             if action == "error":
@@ -251,11 +255,13 @@ def build_dag(spec: Spec) -> DAG:
                 )
             if branch in spec.two_step:
                 prep_id = f"prep_{branch}"
+                prep_call = BranchCall(spec, branch, prep_id, delivering=False)
+                prep_options: dict[str, Any] = {}
+                if spec.prep_fails == branch:
+                    prep_call.fail_all = True
+                    prep_options["max_failed_rows"] = 0
                 prep = BranchOperator(
-                    task_id=prep_id,
-                    fork=fork,
-                    branch=branch,
-                    python_callable=BranchCall(spec, branch, prep_id, delivering=False),
+                    task_id=prep_id, fork=fork, branch=branch, python_callable=prep_call, **prep_options
                 )
                 fork >> prep >> step
             else:
@@ -290,6 +296,7 @@ def build_dag(spec: Spec) -> DAG:
             tolerated_failure_rate=spec.tolerated_failure_rate,
             on_failure=spec.on_failure,
             poke_interval=1,
+            deferrable=spec.deferrable,
             **sensor_options,
         )
         delivering >> coalesce
@@ -550,6 +557,11 @@ _add(
         row_retries={"a": 2, "b": 1},
     )
 )
+# A branch whose first step fails wholesale: its delivering step ends upstream_failed.
+_add(Spec(dag_id="elspeth_it_prep_fails", policy="quorum", quorum=2, two_step=("c",), prep_fails="c"))
+# The deferrable sensor under dag.test() (it reschedules itself there: an inline trigger would
+# block the branches), at the deadline.
+_add(SCENARIOS["elspeth_it_quorum_hang"].with_(dag_id="elspeth_it_quorum_hang_deferrable", deferrable=True))
 # No rows at all
 _add(Spec(dag_id="elspeth_it_empty", policy="quorum", quorum=2, rows=0, mapped=("b",)))
 # A nested fork over merged rows
