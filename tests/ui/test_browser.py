@@ -1,0 +1,315 @@
+"""A person's path through the real UI, in headless Chromium: log in, open a DAG run, click its
+"Audit" tab, read the missing-branches matrix, click a failed row and read why it failed.
+
+Everything is real: ``airflow db migrate`` and ``dag.test()`` of dags/example_llm_consensus.py in a
+temporary AIRFLOW_HOME, then ``airflow api-server`` with the plugin loaded from the installed entry
+point, the SimpleAuthManager's login form, and Chromium driven by Selenium through chromedriver.
+Screenshots go to ``test-artifacts/``.
+
+Needs the Debian packages ``chromium`` and ``chromium-driver`` and the pip package ``selenium``
+(the ``test`` extra). Without them the test is skipped, or fails when ``CI=true``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import pytest
+
+from .conftest import artifacts_dir
+
+pytestmark = pytest.mark.browser
+
+REPO = Path(__file__).resolve().parents[2]
+DAG_ID = "example_llm_consensus"
+USER, PASSWORD = "viewer", "viewer-browser-pw"
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--window-size=1500,1400",
+]
+
+
+def _require(condition: bool, what: str) -> None:
+    if condition:
+        return
+    message = f"{what}; install the Debian packages chromium and chromium-driver and pip install selenium"
+    if os.environ.get("CI") == "true":
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+def _browser_tools() -> tuple[str, str]:
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver = shutil.which("chromedriver")
+    _require(chromium is not None, "chromium not found on PATH")
+    _require(driver is not None, "chromedriver not found on PATH")
+    try:
+        import selenium  # noqa: F401
+    except ImportError:
+        _require(False, "the selenium package is not installed")
+    assert chromium is not None and driver is not None
+    return chromium, driver
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass(frozen=True)
+class Server:
+    base: str
+    run_id: str
+    home: Path
+
+
+def _airflow_env(home: Path) -> dict[str, str]:
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("AIRFLOW__", "AIRFLOW_CONN_", "AIRFLOW_VAR_")) and k != "AIRFLOW_HOME"
+    }
+    passwords = home / "passwords.json"
+    passwords.write_text(json.dumps({USER: PASSWORD, "admin": "admin-browser-pw"}))
+    env.update(
+        AIRFLOW_HOME=str(home),
+        AIRFLOW__CORE__LOAD_EXAMPLES="False",
+        AIRFLOW__CORE__DAGS_FOLDER=str(REPO / "dags"),
+        AIRFLOW__CORE__AUTH_MANAGER="airflow.api_fastapi.auth.managers.simple.simple_auth_manager.SimpleAuthManager",
+        AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS=f"{USER}:viewer,admin:admin",
+        AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE=str(passwords),
+        AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS="False",
+        AIRFLOW__API_AUTH__JWT_SECRET="elspeth-browser-test-" + "0123456789abcdef" * 4,
+        AIRFLOW__API__WORKERS="1",
+    )
+    return env
+
+
+def _run(cmd: list[str], env: dict[str, str], timeout: float) -> str:
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd[:4])} failed:\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}")
+    return done.stdout
+
+
+EXAMPLE = REPO / "dags" / "example_llm_consensus.py"
+DAG_TEST = f"""
+import importlib.util
+spec = importlib.util.spec_from_file_location("example_llm_consensus", {str(EXAMPLE)!r})
+module = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(module)
+run = module.dag.test()
+print("ELSPETH_RUN", run.state, run.run_id)
+"""
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    _browser_tools()
+    home = tmp_path_factory.mktemp("browser-airflow-home")
+    env = _airflow_env(home)
+    started = time.monotonic()
+    _run([sys.executable, "-m", "airflow", "db", "migrate"], env, 300)
+    out = _run([sys.executable, "-c", DAG_TEST], env, 600)
+    line = next(x for x in out.splitlines() if x.startswith("ELSPETH_RUN "))
+    _, state, run_id = line.split(" ", 2)
+    assert state == "success", out[-3000:]
+    print(f"\nexample DAG ran in {time.monotonic() - started:.0f}s: {run_id}", file=sys.stderr)
+
+    port = _free_port()
+    log = (home / "api-server.log").open("w")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "airflow", "api-server", "--host", "127.0.0.1", "--port", str(port)],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,  # its own process group: stopped with everything it started
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                with urllib.request.urlopen(base + "/api/v2/monitor/health", timeout=5) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(
+                    "api-server did not start:\n" + (home / "api-server.log").read_text()[-4000:]
+                )
+            time.sleep(1)
+        yield Server(base, run_id, home)
+    finally:
+        try:
+            os.killpg(process.pid, signal.SIGTERM)
+            process.wait(timeout=30)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=10)
+        log.close()
+
+
+@pytest.fixture
+def browser(server: Server) -> Iterator[Any]:
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    chromium, driver = _browser_tools()
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in [*CHROMIUM_FLAGS, f"--user-data-dir={tempfile.mkdtemp(prefix='elspeth-chromium-')}"]:
+        options.add_argument(flag)
+    chrome = webdriver.Chrome(service=Service(driver), options=options)
+    chrome.set_page_load_timeout(60)
+    try:
+        yield chrome
+    finally:
+        chrome.quit()
+
+
+def _full_page_screenshot(browser: Any, path: Path) -> None:
+    """The whole scrollable page (CDP), not just the window."""
+    import base64
+
+    metrics = browser.execute_cdp_cmd("Page.getLayoutMetrics", {})
+    size = metrics["cssContentSize"]
+    shot = browser.execute_cdp_cmd(
+        "Page.captureScreenshot",
+        {
+            "format": "png",
+            "captureBeyondViewport": True,
+            "clip": {"x": 0, "y": 0, "width": size["width"], "height": size["height"], "scale": 1},
+        },
+    )
+    path.write_bytes(base64.b64decode(shot["data"]))
+
+
+def test_a_person_finds_why_a_row_failed_in_the_real_ui(server: Server, browser: Any) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from airflow_elspeth.audit import reports
+    from airflow_elspeth.hooks.audit import engine_for_url
+
+    artifacts = artifacts_dir()
+    wait = WebDriverWait(browser, 60)
+    run_path = f"/dags/{DAG_ID}/runs/{quote(server.run_id, safe='')}"
+
+    # What the audit store says, to compare the page with.
+    engine = engine_for_url(f"sqlite:///{server.home / 'elspeth_audit.db'}", upgrade=False)
+    runs = reports.audit_runs(engine, DAG_ID, server.run_id)
+    audit_run = reports.pick_audit_run(runs, coalesce="consensus")
+    assert audit_run is not None
+    overview = reports.coalesce_overview(engine, audit_run, "consensus")
+    matrix = overview["missing_matrix"]
+    assert overview["rows_failed"] >= 1, "the example run should have failed rows"
+
+    # Not logged in: the audit page refuses.
+    browser.get(server.base + "/elspeth" + run_path)
+    assert "Not logged in" in browser.find_element(By.TAG_NAME, "body").text
+
+    # Log in through the SimpleAuthManager's form.
+    browser.get(server.base + "/auth/login")
+    wait.until(ec.presence_of_element_located((By.NAME, "username"))).send_keys(USER)
+    browser.find_element(By.NAME, "password").send_keys(PASSWORD)
+    browser.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
+    wait.until(lambda b: b.get_cookie("_token") is not None)
+
+    # The DAG run page, then its "Audit" tab.
+    browser.get(server.base + run_path)
+    tab = wait.until(ec.element_to_be_clickable((By.CSS_SELECTOR, "a[href$='plugin/elspeth-audit']")))
+    assert tab.text.strip() == "Audit"
+    tab.click()
+    frame = wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "iframe[title='Audit']")))
+    browser.switch_to.frame(frame)
+    wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "table.matrix")))
+
+    # The missing-branches matrix: every branch x reason cell, as the audit store counts it.
+    table = browser.find_element(By.CSS_SELECTOR, "table.matrix")
+    headers = [th.text.strip() for th in table.find_elements(By.CSS_SELECTOR, "thead th")]
+    assert headers == ["Branch", *matrix["reasons"], "Rows missing"]
+    body_rows = table.find_elements(By.CSS_SELECTOR, "tbody tr")
+    assert [r.find_element(By.TAG_NAME, "th").text.strip() for r in body_rows] == matrix["branches"]
+    for row, branch in zip(body_rows, matrix["branches"], strict=True):
+        cells = row.find_elements(By.TAG_NAME, "td")
+        for cell, reason in zip(cells, matrix["reasons"], strict=False):
+            expected = matrix["cells"][branch].get(reason)
+            shown = cell.text.split("\n")[0].strip()
+            assert shown == (f"{expected['rows']:,}" if expected else "·"), (branch, reason, cell.text)
+        assert cells[-1].text.strip() == f"{matrix['branch_totals'][branch]:,}"
+    assert "claude" in matrix["branches"] and "error:RateLimitError" in matrix["reasons"]
+    browser.switch_to.default_content()
+    browser.save_screenshot(str(artifacts / "elspeth-audit-tab.png"))
+
+    # A failed row: click it in the tab, and read its lineage and why it failed.
+    browser.switch_to.frame(browser.find_element(By.CSS_SELECTOR, "iframe[title='Audit']"))
+    first_failed = browser.find_element(By.CSS_SELECTOR, "#rows table tbody tr td.key a")
+    key = first_failed.text.strip()
+    first_failed.click()
+    wait.until(ec.presence_of_element_located((By.ID, "row-title")))
+    text = browser.find_element(By.TAG_NAME, "body").text
+    assert f"Row {key}" in text and "failed" in text
+    assert "Event log, replayed" in text
+    assert "Replaying this event log under the coalesce's policy gives the recorded decision." in text
+    assert "Source row" in text and "Fork fork" in text and "Branches" in text
+    lineage = reports.row_view(engine, audit_run, key)
+    decision = lineage["decisions"][0]
+    assert decision["decision"] == "failed"
+    assert decision["explanation"] in text
+    for branch in lineage["branches"]:
+        for state in branch["states"]:
+            assert state["node_id"] in text
+            if state["error"]:
+                assert state["error"]["message"] in text
+    browser.switch_to.default_content()
+    browser.save_screenshot(str(artifacts / "elspeth-row-lineage-tab.png"))
+
+    # The task instance tab of the coalesce lands on the same coalesce.
+    browser.get(server.base + run_path + "/tasks/consensus")
+    task_tab = wait.until(
+        ec.element_to_be_clickable((By.CSS_SELECTOR, "a[href$='plugin/elspeth-audit-task']"))
+    )
+    task_tab.click()
+    frame = wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "iframe[title='Audit']")))
+    browser.switch_to.frame(frame)
+    wait.until(ec.presence_of_element_located((By.ID, "coalesce-title")))
+    assert " ".join(browser.find_element(By.ID, "coalesce-title").text.split()).startswith(
+        "Coalesce consensus"
+    )
+    browser.switch_to.default_content()
+
+    # Whole pages, outside the tab, for a person to look at.
+    browser.get(server.base + "/elspeth" + run_path + "?coalesce=consensus")
+    wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "table.matrix")))
+    _full_page_screenshot(browser, artifacts / "elspeth-run-page.png")
+    browser.get(server.base + "/elspeth" + run_path + "/lineage?key=" + quote(key))
+    wait.until(ec.presence_of_element_located((By.ID, "row-title")))
+    _full_page_screenshot(browser, artifacts / "elspeth-row-page.png")
+    print(f"\nscreenshots in {artifacts}", file=sys.stderr)
