@@ -439,3 +439,33 @@ class AuditDB:
 
     def dispose(self) -> None:
         self.engine.dispose()
+
+
+def verify_clean(stack: AirflowStack, audit: AuditDB, *args: str) -> None:
+    """``airflow-elspeth verify <args>`` exits 0; otherwise fail with the findings explained."""
+    done = stack.elspeth("verify", *args)
+    if done.returncode == 0:
+        return
+    try:
+        findings = json.loads(stack.elspeth("verify", "--json", *args).stdout)
+    except ValueError:
+        findings = []
+    if isinstance(findings, dict):
+        findings = findings.get("findings", [])
+    tokens = [f["token_id"] for f in findings if f.get("token_id")][:200]
+    detail = audit.all(
+        "SELECT t.run_id, t.token_kind, t.branch_name, r.row_key, "
+        "string_agg(o.outcome || ':' || coalesce(o.reason, '') || ':' || o.is_terminal::text, ',') AS outcomes "
+        "FROM tokens t JOIN rows r ON r.run_id = t.run_id AND r.row_id = t.row_id "
+        "LEFT JOIN token_outcomes o ON o.token_id = t.token_id WHERE t.token_id = ANY(:ids) "
+        "GROUP BY t.run_id, t.token_kind, t.branch_name, r.row_key ORDER BY 1, 2, 3, 4",
+        ids=tokens,
+    ) if tokens else []
+    checks: dict[tuple[str, str], int] = {}
+    for f in findings:
+        key = (str(f.get("run_id")), str(f.get("check")))
+        checks[key] = checks.get(key, 0) + 1
+    raise AssertionError(
+        f"airflow-elspeth verify {' '.join(args)} exited {done.returncode}: {len(findings)} findings "
+        f"{checks}\nexamples: {findings[:5]}\ntokens: {detail[:40]}"
+    )

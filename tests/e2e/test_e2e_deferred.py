@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from datetime import datetime, timedelta
 
 import pytest
-from e2e_harness import AirflowStack, AuditDB, wait_until
+from e2e_harness import AirflowStack, AuditDB, verify_clean, wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.postgres, pytest.mark.timeout(420)]
 
@@ -113,5 +113,4 @@ def test_deferred_without_a_slot_while_branches_run_then_decides_at_the_deadline
     )
     assert {s["status"]: s["n"] for s in hung_states} == {"discarded": 6}
     assert audit.scalar("SELECT count(*) FROM coalesce_decisions WHERE run_id = :run", run=run["run_id"]) == 6
-    verified = stack.elspeth("verify", "--run-id", run["run_id"])
-    assert verified.returncode == 0, verified.stdout + verified.stderr
+    verify_clean(stack, audit, "--run-id", run["run_id"])

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from e2e_harness import AirflowStack, AuditDB, wait_until
+from e2e_harness import AirflowStack, AuditDB, verify_clean, wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.postgres, pytest.mark.timeout(360)]
 
@@ -101,8 +101,7 @@ def test_killed_branch_is_retried_and_resumes_from_what_was_recorded(
         "SELECT count(*) FROM token_outcomes WHERE run_id = :run AND is_terminal AND outcome = 'coalesced'",
         run=run["run_id"],
     ) == 2 * len(ROWS)
-    verified = stack.elspeth("verify", "--run-id", run["run_id"])
-    assert verified.returncode == 0, verified.stdout + verified.stderr
+    verify_clean(stack, audit, "--run-id", run["run_id"])
 
 
 def test_killed_branch_without_retries_is_a_loss_with_its_task_state_before_the_deadline(
@@ -148,5 +147,4 @@ def test_killed_branch_without_retries_is_a_loss_with_its_task_state_before_the_
     final = stack.wait_run(dag_id, run_id, timeout=60)
     # Airflow judges a DAG run by its leaves: the coalesce decided every row and succeeded.
     assert final["state"] == "success"
-    verified = stack.elspeth("verify", "--run-id", run["run_id"])
-    assert verified.returncode == 0, verified.stdout + verified.stderr
+    verify_clean(stack, audit, "--run-id", run["run_id"])

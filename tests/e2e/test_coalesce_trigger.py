@@ -1,0 +1,391 @@
+"""CoalesceTrigger with the Task SDK mocked (no Airflow processes): serialisation, when it fires and
+when it does not, its deadline, its cost. In addition to the e2e tests on the real triggerer."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Iterator
+from datetime import datetime, timedelta, timezone
+from typing import Any
+from unittest import mock
+
+import pytest
+from sqlalchemy import Engine
+
+from airflow_elspeth.audit.coalesce import SETTLE, CoalesceSpec, coalesce_pass
+from airflow_elspeth.audit.store import COMPLETED, AuditStore, ForkRow, NodeResult, RunIdentity, branch_token_id
+from airflow_elspeth.core.canonical import derive_id, hash_value
+from airflow_elspeth.core.config import coalesce_config
+from airflow_elspeth.triggers import coalesce as trigger_module
+from airflow_elspeth.triggers.coalesce import CoalesceTrigger
+
+DAG_ID, AIRFLOW_RUN = "dag", "manual__1"
+BRANCHES = ["left", "right"]
+ROWS = 6
+
+
+def make_spec(policy: str = "require_all", timeout: float = 600.0, *, mapped: bool = False) -> CoalesceSpec:
+    config = coalesce_config(
+        branches=BRANCHES,
+        policy=policy,
+        merge="union",
+        timeout=timedelta(seconds=timeout),
+        quorum=1 if policy == "quorum" else None,
+    )
+    return CoalesceSpec(
+        node_id="consensus",
+        config=config,
+        delivering={b: f"ask_{b}" for b in BRANCHES},
+        mapped=dict.fromkeys(BRANCHES, mapped),
+    )
+
+
+def fork(engine: Engine, *, chunk_size: int = ROWS, complete: bool = True) -> str:
+    store = AuditStore(engine)
+    run_id = store.begin_run(
+        RunIdentity(dag_id=DAG_ID, airflow_run_id=AIRFLOW_RUN, fork_task_id="fork", try_number=1),
+        branches=BRANCHES,
+        chunk_size=chunk_size,
+        config={"branches": BRANCHES},
+    )
+    for chunk, start in enumerate(range(0, ROWS, chunk_size)):
+        rows = []
+        for index in range(start, min(ROWS, start + chunk_size)):
+            digest, body = hash_value({"id": f"k{index}", "n": index}, what="row")
+            rows.append(ForkRow(row_key=f"k{index}", row_index=index, payload_hash=digest, payload_body=body))
+        store.write_fork_chunk(run_id, BRANCHES, chunk, rows)
+    if complete:
+        store.complete_run(run_id, rows_total=ROWS, chunks_total=-(-ROWS // chunk_size))
+    return run_id
+
+
+def deliver(engine: Engine, run_id: str, branch: str, *, chunk_size: int = ROWS) -> None:
+    """Every row of ``branch`` arrives at its delivering node."""
+    store = AuditStore(engine)
+    now = datetime.now(timezone.utc)
+    results = []
+    for index in range(ROWS):
+        row_id = derive_id(run_id, f"k{index}")
+        digest, body = hash_value({branch: index}, what="output")
+        results.append(
+            NodeResult(
+                token_id=branch_token_id(run_id, row_id, branch),
+                row_id=row_id,
+                chunk=index // chunk_size,
+                status=COMPLETED,
+                started_at=now,
+                completed_at=now,
+                output_hash=digest,
+                output_body=body,
+            )
+        )
+    chunks = {r.chunk for r in results}
+    store.write_branch_results(
+        run_id, f"ask_{branch}", 1, results, chunk_tokens={c: sum(r.chunk == c for r in results) for c in chunks}
+    )
+
+
+class FakeTaskSDK:
+    """``RuntimeTaskInstance.get_task_states`` answering from a dict, recording every call."""
+
+    def __init__(self, states: dict[str, str] | None = None) -> None:
+        self.states: dict[str, str] = dict(states or {})
+        self.calls: list[dict[str, Any]] = []
+
+    def __call__(self, dag_id: str, task_ids: list[str] | None = None, run_ids: list[str] | None = None, **kw: Any) -> Any:
+        self.calls.append({"dag_id": dag_id, "task_ids": list(task_ids or []), "run_ids": run_ids})
+        found = {
+            key: state
+            for key, state in self.states.items()
+            if any(key == task_id or key.startswith(f"{task_id}_") for task_id in task_ids or [])
+        }
+        return {AIRFLOW_RUN: found}
+
+
+@pytest.fixture
+def sdk() -> Iterator[FakeTaskSDK]:
+    fake = FakeTaskSDK({"ask_left": "running", "ask_right": "running", "fork": "success"})
+    with mock.patch(
+        "airflow.sdk.execution_time.task_runner.RuntimeTaskInstance.get_task_states", side_effect=fake
+    ):
+        yield fake
+
+
+@pytest.fixture
+def store_url(audit_url: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The audit DB as the connection ``elspeth_audit_default`` (what the triggerer resolves)."""
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_ELSPETH_AUDIT_DEFAULT",
+        json.dumps({"conn_type": "elspeth_audit", "extra": {"sqlalchemy_url": audit_url}}),
+    )
+    monkeypatch.setattr(trigger_module, "MIN_DEFERRAL_SECONDS", 0.0)
+    return audit_url
+
+
+def new_trigger(spec: CoalesceSpec, run_id: str | None, poll: float = 0.2) -> CoalesceTrigger:
+    return CoalesceTrigger(
+        spec=spec.as_dict(),
+        run_id=run_id,
+        dag_id=DAG_ID,
+        airflow_run_id=AIRFLOW_RUN,
+        poll_interval=poll,
+        fork_task_id="fork",
+    )
+
+
+async def first_event(trigger: CoalesceTrigger, timeout: float) -> dict[str, Any] | None:
+    """The trigger's first event payload, or None when it stays quiet for ``timeout`` seconds."""
+
+    async def take() -> dict[str, Any]:
+        async for event in trigger.run():
+            return dict(event.payload)
+        raise AssertionError("trigger ended without an event")
+
+    try:
+        return await asyncio.wait_for(take(), timeout)
+    except asyncio.TimeoutError:
+        return None
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(coro)
+
+
+def sensor_pass(engine: Engine, spec: CoalesceSpec, run_id: str, states: dict[str, str]) -> None:
+    """What the sensor does before deferring: one pass, which records the signatures it evaluated."""
+    coalesce_pass(AuditStore(engine), spec, run_id, states)
+
+
+# -- serialisation ----------------------------------------------------------------------------------
+
+
+def test_serializes_and_reinstantiates_through_the_triggerer_encoding() -> None:
+    from airflow.models.trigger import Trigger
+    from airflow.serialization.decoders import smart_decode_trigger_kwargs
+
+    original = new_trigger(make_spec("quorum"), "run-1", poll=7.5)
+    classpath, kwargs = original.serialize()
+    assert classpath == "airflow_elspeth.triggers.coalesce.CoalesceTrigger"
+    # the triggerer's path: encrypted at defer time, decrypted and decoded in the trigger runner
+    stored = Trigger._decrypt_kwargs(Trigger.encrypt_kwargs(kwargs))
+    decoded = {k: smart_decode_trigger_kwargs(v) for k, v in stored.items()}
+    again = CoalesceTrigger(**decoded)
+    assert again.serialize() == (classpath, kwargs)
+    assert CoalesceSpec.from_dict(again.spec) == make_spec("quorum")
+    # the Task SDK's DeferTask message carries the kwargs through serde as well
+    from airflow.sdk.serde import deserialize, serialize
+
+    assert CoalesceTrigger(**deserialize(serialize(kwargs))).serialize() == (classpath, kwargs)
+    # before its fork completed, it is serialised without an audit run
+    waiting = new_trigger(make_spec(), None)
+    assert CoalesceTrigger(**waiting.serialize()[1]).serialize() == waiting.serialize()
+
+
+def test_needs_the_run_or_the_fork() -> None:
+    with pytest.raises(ValueError, match="fork_task_id"):
+        CoalesceTrigger(spec=make_spec().as_dict(), run_id=None, dag_id=DAG_ID, airflow_run_id=AIRFLOW_RUN)
+
+
+# -- when it fires ----------------------------------------------------------------------------------
+
+
+def test_fires_at_the_deadline_although_nothing_happens(store_url: str, sdk: FakeTaskSDK) -> None:
+    from airflow_elspeth.hooks.audit import engine_for_url
+
+    engine = engine_for_url(store_url)
+    spec = make_spec(timeout=3.0)
+    run_id = fork(engine)
+    sensor_pass(engine, spec, run_id, sdk.states)
+    trigger = new_trigger(spec, run_id, poll=60.0)  # a poll interval far beyond the deadline
+    started = time.monotonic()
+    event = run(first_event(trigger, timeout=20))
+    waited = time.monotonic() - started
+    assert event is not None and event["status"] == "ready" and event["run_id"] == run_id
+    assert "rows to decide" in event["reason"]
+    # deadline (3 s after the fork) + the pass's settle window, not the 60 s poll interval
+    assert waited < 3.0 + SETTLE.total_seconds() + 2.0
+    # and the pass it resumes decides every row at the deadline
+    result = coalesce_pass(AuditStore(engine), spec, run_id, sdk.states)
+    assert result.done
+
+
+def test_progress_that_decides_nothing_does_not_wake_the_task(store_url: str, sdk: FakeTaskSDK) -> None:
+    from airflow_elspeth.hooks.audit import engine_for_url
+
+    engine = engine_for_url(store_url)
+    spec = make_spec("require_all")
+    run_id = fork(engine)
+    sensor_pass(engine, spec, run_id, sdk.states)
+    deliver(engine, run_id, "left")  # require_all: half the branches decide nothing
+    trigger = new_trigger(spec, run_id, poll=0.1)
+    assert run(first_event(trigger, timeout=4.0)) is None
+    assert trigger._undecidable  # replayed once, remembered, not replayed on every poll
+    with mock.patch.object(trigger_module, "decide_chunk", wraps=trigger_module.decide_chunk) as replays:
+        assert run(first_event(trigger, timeout=1.0)) is None
+    assert replays.call_count == 0
+
+    deliver(engine, run_id, "right")
+    event = run(first_event(trigger, timeout=10.0))
+    assert event is not None and "rows to decide" in event["reason"]
+
+
+def test_quorum_reached_wakes_it(store_url: str, sdk: FakeTaskSDK) -> None:
+    from airflow_elspeth.hooks.audit import engine_for_url
+
+    engine = engine_for_url(store_url)
+    spec = make_spec("first")
+    run_id = fork(engine)
+    sensor_pass(engine, spec, run_id, sdk.states)
+    deliver(engine, run_id, "right")
+    event = run(first_event(new_trigger(spec, run_id), timeout=10.0))
+    assert event is not None and "rows to decide" in event["reason"]
+
+
+def test_a_branch_task_that_ended_owing_tokens_wakes_it(store_url: str, sdk: FakeTaskSDK) -> None:
+    from airflow_elspeth.hooks.audit import engine_for_url
+
+    engine = engine_for_url(store_url)
+    spec = make_spec("require_all")
+    run_id = fork(engine)
+    deliver(engine, run_id, "left")
+    sensor_pass(engine, spec, run_id, sdk.states)
+    # left ended after delivering everything: nothing to record, stays asleep
+    sdk.states["ask_left"] = "success"
+    trigger = new_trigger(spec, run_id, poll=0.1)
+    assert run(first_event(trigger, timeout=3.0)) is None
+    # right failed owing every token: the sensor has a loss to record
+    sdk.states["ask_right"] = "failed"
+    event = run(first_event(trigger, timeout=5.0))
+    assert event is not None and event["reason"] == "branch task ended: ['ask_right=failed']"
+
+
+def test_every_row_decided(store_url: str, sdk: FakeTaskSDK) -> None:
+    from airflow_elspeth.hooks.audit import engine_for_url
+
+    engine = engine_for_url(store_url)
+    spec = make_spec("best_effort")
+    run_id = fork(engine)
+    deliver(engine, run_id, "left")
+    deliver(engine, run_id, "right")
+    time.sleep(2.5)  # let the deliveries settle
+    assert coalesce_pass(AuditStore(engine), spec, run_id, sdk.states).done
+    event = run(first_event(new_trigger(spec, run_id), timeout=5.0))
+    assert event is not None and event["reason"] == "every row decided"
+
+
+def test_deferred_before_the_fork_it_adopts_the_forks_audit_run(store_url: str, sdk: FakeTaskSDK) -> None:
+    from airflow_elspeth.hooks.audit import engine_for_url
+
+    engine = engine_for_url(store_url)
+    spec = make_spec("require_all")
+    sdk.states["fork"] = "running"
+    run_id = fork(engine, complete=False)
+    trigger = new_trigger(spec, None, poll=0.1)
+    assert run(first_event(trigger, timeout=1.5)) is None and trigger.run_id is None
+    AuditStore(engine).complete_run(run_id, rows_total=ROWS, chunks_total=1)
+    sdk.states["fork"] = "success"
+    # adopts the run without waking the task: nothing is decidable yet
+    assert run(first_event(trigger, timeout=2.0)) is None
+    assert trigger.run_id == run_id
+    sdk.states["fork"] = "failed"  # irrelevant once adopted
+    deliver(engine, run_id, "left")
+    deliver(engine, run_id, "right")
+    event = run(first_event(trigger, timeout=10.0))
+    assert event is not None and event["run_id"] == run_id
+
+
+def test_a_fork_that_failed_wakes_it_to_fail(store_url: str, sdk: FakeTaskSDK) -> None:
+    sdk.states["fork"] = "upstream_failed"
+    event = run(first_event(new_trigger(make_spec(), None, poll=0.1), timeout=5.0))
+    assert event is not None and event["reason"] == "fork fork ended upstream_failed" and event["run_id"] is None
+
+
+def test_reads_task_states_one_task_id_per_call(store_url: str, sdk: FakeTaskSDK) -> None:
+    from airflow_elspeth.hooks.audit import engine_for_url
+
+    engine = engine_for_url(store_url)
+    spec = make_spec("require_all", mapped=True)
+    run_id = fork(engine, chunk_size=2)
+    sdk.states = {"ask_left_0": "running", "ask_left_1": "success", "ask_right_2": "failed", "fork": "success"}
+    states = run(new_trigger(spec, run_id).task_states(spec))
+    assert states == {"ask_left_0": "running", "ask_left_1": "success", "ask_right_2": "failed"}
+    assert [c["task_ids"] for c in sdk.calls] == [["ask_left"], ["ask_right"]]
+    assert all(c["run_ids"] == [AIRFLOW_RUN] and c["dag_id"] == DAG_ID for c in sdk.calls)
+
+
+def test_transient_poll_errors_are_retried_then_reported(store_url: str, sdk: FakeTaskSDK) -> None:
+    from airflow_elspeth.hooks.audit import engine_for_url
+
+    engine = engine_for_url(store_url)
+    spec = make_spec(timeout=600)
+    run_id = fork(engine)
+    sensor_pass(engine, spec, run_id, sdk.states)
+    trigger = new_trigger(spec, run_id, poll=0.01)
+    failures = iter([RuntimeError("db down")] * 2)
+    real_poll = trigger.poll
+
+    def flaky(*args: Any) -> Any:
+        error = next(failures, None)
+        if error is not None:
+            raise error
+        return real_poll(*args)
+
+    with mock.patch.object(trigger, "poll", side_effect=flaky):
+        assert run(first_event(trigger, timeout=1.5)) is None  # recovered, keeps waiting
+    with mock.patch.object(trigger, "poll", side_effect=RuntimeError("db down")):
+        event = run(first_event(trigger, timeout=5.0))
+    assert event is not None and event["status"] == "error" and "db down" in event["message"]
+
+
+# -- cost -------------------------------------------------------------------------------------------
+
+
+def test_hundreds_of_triggers_share_one_engine_and_never_block_the_event_loop(
+    store_url: str, sdk: FakeTaskSDK
+) -> None:
+    import threading
+
+    from airflow_elspeth.hooks import audit as hook_module
+
+    engine = hook_module.engine_for_url(store_url)
+    spec = make_spec("require_all")
+    run_id = fork(engine)
+    sensor_pass(engine, spec, run_id, sdk.states)
+    deliver(engine, run_id, "left")
+    triggers = [new_trigger(spec, run_id, poll=0.2) for _ in range(200)]
+    threads: set[int] = set()
+    real_poll = CoalesceTrigger.poll
+
+    def recording_poll(self: CoalesceTrigger, *args: Any) -> Any:
+        threads.add(threading.get_ident())
+        return real_poll(self, *args)
+
+    async def scenario() -> tuple[float, int, int]:
+        lags: list[float] = []
+        stop = asyncio.Event()
+
+        async def ticker() -> None:  # how late does the loop run a 10 ms sleep?
+            while not stop.is_set():
+                before = time.monotonic()
+                await asyncio.sleep(0.01)
+                lags.append(time.monotonic() - before - 0.01)
+
+        tick = asyncio.create_task(ticker())
+        results = await asyncio.gather(*(first_event(t, timeout=3.0) for t in triggers))
+        stop.set()
+        await tick
+        return max(lags), sum(r is not None for r in results), threading.get_ident()
+
+    with (
+        mock.patch.object(hook_module, "create_audit_engine", wraps=hook_module.create_audit_engine) as created,
+        mock.patch.object(CoalesceTrigger, "poll", recording_poll),
+    ):
+        worst_lag, fired, loop_thread = run(scenario())
+    assert fired == 0  # nothing decidable: all 200 kept waiting
+    assert created.call_count == 0  # the engine of the process, already there, is reused
+    assert all(t._engine is engine for t in triggers)
+    assert len(sdk.calls) >= 200 * len(BRANCHES)  # every trigger polled
+    assert threads and loop_thread not in threads  # the audit DB is read off the event loop
+    assert worst_lag < 2.0, f"the event loop stalled {worst_lag:.2f}s"

@@ -1,0 +1,105 @@
+"""Under dag.test() (triggers run inline, blocking every other task) the deferrable coalesce still
+merges arrivals of branches that run after it started, instead of reporting them missing."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
+
+DAGS = Path(__file__).resolve().parent / "dag_test_dags"
+
+
+@pytest.fixture(scope="module")
+def metadata_db() -> str:
+    """The suite's AIRFLOW_HOME metadata DB, migrated (idempotent; the integration suite does too)."""
+    done = subprocess.run(
+        [sys.executable, "-m", "airflow", "db", "migrate"], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    return os.environ["AIRFLOW_HOME"]
+
+
+@pytest.fixture
+def inline_env(audit_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    bundle = [
+        {
+            "name": "elspeth-e2e-inline",
+            "classpath": "airflow.dag_processing.bundles.local.LocalDagBundle",
+            "kwargs": {"path": str(DAGS), "refresh_interval": 0},
+        }
+    ]
+    monkeypatch.setenv("AIRFLOW__CORE__DAGS_FOLDER", str(DAGS))
+    monkeypatch.setenv("AIRFLOW__DAG_PROCESSOR__DAG_BUNDLE_CONFIG_LIST", json.dumps(bundle))
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_ELSPETH_AUDIT_DEFAULT",
+        json.dumps({"conn_type": "elspeth_audit", "extra": {"sqlalchemy_url": audit_url}}),
+    )
+    yield audit_url
+
+
+def _load_dag():  # type: ignore[no-untyped-def]
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("e2e_inline_deferrable", DAGS / "e2e_inline_deferrable.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.dag
+
+
+def test_deferrable_coalesce_started_before_its_branches_merges_their_arrivals(
+    metadata_db: str, inline_env: str
+) -> None:
+    from airflow import settings
+    from airflow.models.taskinstance import TaskInstance
+    from airflow.models.taskreschedule import TaskReschedule
+    from sqlalchemy import select, text
+
+    from airflow_elspeth.hooks.audit import engine_for_url
+
+    dag = _load_dag()
+    dag_run = dag.test()
+    assert str(dag_run.state) == "success"
+
+    session = settings.Session()
+    try:
+        tis = {
+            ti.task_id: ti
+            for ti in session.scalars(
+                select(TaskInstance).where(TaskInstance.dag_id == dag.dag_id, TaskInstance.run_id == dag_run.run_id)
+            )
+        }
+        looks = session.scalars(
+            select(TaskReschedule).where(TaskReschedule.ti_id == tis["consensus"].id).order_by(TaskReschedule.id)
+        ).all()
+    finally:
+        session.close()
+    assert {task_id: str(ti.state) for task_id, ti in tis.items()} == dict.fromkeys(
+        ("fork", "gate", "a", "b", "consensus"), "success"
+    )
+    # It looked (and rescheduled, freeing the loop) after the fork completed and before any branch ran.
+    branches_started = min(tis["a"].start_date, tis["b"].start_date)
+    early = [r for r in looks if tis["fork"].end_date <= r.start_date < branches_started]
+    assert early, f"the coalesce never looked between the fork and the branches: {[r.start_date for r in looks]}"
+
+    engine = engine_for_url(inline_env)
+    with engine.connect() as conn:
+        rows = conn.execute(
+            text(
+                "SELECT d.decision, d.failure_reason, d.consumed, d.missing_json FROM coalesce_decisions d "
+                "JOIN runs r ON r.run_id = d.run_id WHERE r.dag_id = :dag AND r.airflow_run_id = :run"
+            ),
+            {"dag": dag.dag_id, "run": dag_run.run_id},
+        ).all()
+    assert len(rows) == 5
+    for decision, reason, consumed, missing in rows:
+        assert (decision, reason) == ("merged", None)
+        assert sorted(json.loads(consumed)) == ["a", "b"] and json.loads(missing) == {}
