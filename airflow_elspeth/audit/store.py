@@ -77,6 +77,17 @@ class ForkRow:
     payload_body: str
     parent_token_id: str | None = None  # the merged token of an upstream coalesce (nested forks)
 
+    @classmethod
+    def from_row(
+        cls, row_key: str, row_index: int, row: Mapping[str, Any], parent_token_id: str | None = None
+    ) -> ForkRow:
+        """Hash a row as canonical JSON.
+
+        :raises PayloadError: naming the row key, for NaN/Infinity or values JSON cannot hold.
+        """
+        payload_hash, body = hash_value(dict(row), what=f"row {row_key!r}")
+        return cls(row_key, row_index, payload_hash, body, parent_token_id)
+
 
 @dataclass(frozen=True)
 class NodeResult:

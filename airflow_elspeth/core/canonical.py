@@ -39,11 +39,17 @@ def hash_value(value: Any, *, what: str = "value") -> tuple[str, str]:
 def derive_id(*parts: object) -> str:
     """A deterministic 32-hex-digit identifier from its parts.
 
-    Parts are joined with a separator that cannot appear in JSON-encoded text, so ``("a", "bc")`` and
-    ``("ab", "c")`` differ. Retries derive the same ids and so write nothing twice.
+    Each part is fed to the hash with its kind and length, so ``("a", "bc")`` and ``("ab", "c")``,
+    or ``1`` and ``"1"``, never collide. Retries derive the same ids and so write nothing twice.
     """
-    joined = "\x1f".join(json.dumps(p, sort_keys=True, default=str) for p in parts)
-    return hashlib.sha256(joined.encode("utf-8")).hexdigest()[:32]
+    digest = hashlib.sha256()
+    for part in parts:
+        if isinstance(part, str):
+            kind, data = b"s", part.encode("utf-8")
+        else:
+            kind, data = b"j", json.dumps(part, sort_keys=True, default=str).encode("utf-8")
+        digest.update(kind + str(len(data)).encode() + b":" + data)
+    return digest.hexdigest()[:32]
 
 
 def row_key_text(key: Any) -> str:

@@ -12,7 +12,7 @@ from airflow.sdk.exceptions import AirflowFailException
 from airflow_elspeth.audit.dml import batched
 from airflow_elspeth.audit.queries import iter_merged_rows
 from airflow_elspeth.audit.store import AuditStore, ForkRow, RunIdentity
-from airflow_elspeth.core.canonical import PayloadError, hash_value, row_key_text
+from airflow_elspeth.core.canonical import PayloadError, row_key_text
 from airflow_elspeth.core.config import ElspethConfigError, validate_branches
 from airflow_elspeth.hooks.audit import ElspethAuditHook
 
@@ -194,13 +194,6 @@ class ForkOperator(BaseOperator):
             seen.add(digest)
             chunk_keys.add(key)
             try:
-                payload_hash, body = hash_value(dict(row), what=f"row {key!r}")
+                yield ForkRow.from_row(key, index, row, parent)
             except PayloadError as err:
                 raise ForkInputError(str(err)) from err
-            yield ForkRow(
-                row_key=key,
-                row_index=index,
-                payload_hash=payload_hash,
-                payload_body=body,
-                parent_token_id=parent,
-            )

@@ -1,0 +1,187 @@
+"""The audit store on SQLite and PostgreSQL: idempotent writes, database-enforced invariants,
+payload validation and bounded memory on a 100k-row run."""
+
+from __future__ import annotations
+
+import math
+import multiprocessing
+import tracemalloc
+from datetime import datetime, timezone
+
+import pytest
+from sqlalchemy import Engine, func, insert, select
+from sqlalchemy.exc import IntegrityError
+
+from airflow_elspeth.audit import schema as t
+from airflow_elspeth.audit.queries import iter_source_rows
+from airflow_elspeth.audit.store import (
+    COMPLETED,
+    AuditStore,
+    ForkRow,
+    RunIdentity,
+    branch_token_id,
+    outcome_row,
+)
+from airflow_elspeth.core.canonical import PayloadError, derive_id
+
+BRANCHES = ["left", "right"]
+CHUNK = 1000
+
+
+def identity(run: str = "run-1", try_number: int = 1) -> RunIdentity:
+    return RunIdentity(dag_id="dag", airflow_run_id=run, fork_task_id="fork", try_number=try_number)
+
+
+def fork_rows(start: int, count: int) -> list[ForkRow]:
+    return [ForkRow.from_row(f"k{i}", i, {"id": f"k{i}", "value": i}) for i in range(start, start + count)]
+
+
+def counts(engine: Engine) -> dict[str, int]:
+    with engine.connect() as conn:
+        return {
+            table.name: conn.execute(select(func.count()).select_from(table)).scalar_one()
+            for table in (t.runs, t.rows, t.tokens, t.token_parents, t.token_outcomes, t.payloads)
+        }
+
+
+def write_one_chunk(url: str) -> None:
+    """Run in a separate process: begin the run and write chunk 0 (the same data every time)."""
+    from airflow_elspeth.hooks.audit import engine_for_url
+
+    store = AuditStore(engine_for_url(url))
+    run_id = store.begin_run(identity(), branches=BRANCHES, chunk_size=CHUNK, config={"b": BRANCHES})
+    store.write_fork_chunk(run_id, BRANCHES, 0, fork_rows(0, 500))
+
+
+def test_same_chunk_twice_is_stored_once(audit_engine: Engine) -> None:
+    store = AuditStore(audit_engine)
+    run_id = store.begin_run(identity(), branches=BRANCHES, chunk_size=CHUNK, config={"b": BRANCHES})
+    store.write_fork_chunk(run_id, BRANCHES, 0, fork_rows(0, 200))
+    once = counts(audit_engine)
+    assert store.begin_run(identity(), branches=BRANCHES, chunk_size=CHUNK, config={"b": BRANCHES}) == run_id
+    store.write_fork_chunk(run_id, BRANCHES, 0, fork_rows(0, 200))
+    assert counts(audit_engine) == once
+    assert once["rows"] == 200 and once["tokens"] == 200 * 3 and once["token_outcomes"] == 200
+
+
+def test_same_chunk_from_two_processes_at_once_is_stored_once(audit_engine: Engine, audit_url: str) -> None:
+    context = multiprocessing.get_context("spawn")
+    workers = [context.Process(target=write_one_chunk, args=(audit_url,)) for _ in range(2)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(120)
+        assert worker.exitcode == 0
+    found = counts(audit_engine)
+    assert found["runs"] == 1
+    assert found["rows"] == 500
+    assert found["tokens"] == 500 * (1 + len(BRANCHES))
+    assert found["token_parents"] == 500 * len(BRANCHES)
+    assert found["token_outcomes"] == 500
+
+
+def test_a_second_terminal_outcome_is_rejected_by_the_database(audit_engine: Engine) -> None:
+    store = AuditStore(audit_engine)
+    run_id = store.begin_run(identity(), branches=BRANCHES, chunk_size=CHUNK, config={})
+    store.write_fork_chunk(run_id, BRANCHES, 0, fork_rows(0, 1))
+    token = branch_token_id(run_id, derive_id(run_id, "k0"), "left")
+    now = datetime.now(timezone.utc)
+    with audit_engine.begin() as conn:
+        conn.execute(insert(t.token_outcomes), [outcome_row(token, run_id, "coalesced", None, now)])
+        # Non-terminal records may repeat; they are history, not the outcome.
+        conn.execute(
+            insert(t.token_outcomes),
+            [outcome_row(token, run_id, "late", "late_arrival_after_merge", now, terminal=False)] * 2,
+        )
+    with pytest.raises(IntegrityError), audit_engine.begin() as conn:
+        # A plain INSERT, bypassing every check in Python: only the unique index can stop it.
+        conn.execute(insert(t.token_outcomes), [outcome_row(token, run_id, "lost", "dropped", now)])
+    with audit_engine.connect() as conn:
+        terminal = conn.execute(
+            select(t.token_outcomes.c.outcome).where(
+                t.token_outcomes.c.token_id == token, t.token_outcomes.c.is_terminal
+            )
+        ).scalars()
+        assert list(terminal) == ["coalesced"]
+
+
+def test_one_decision_per_row_and_one_state_per_attempt_are_enforced(audit_engine: Engine) -> None:
+    now = datetime.now(timezone.utc)
+    state = {
+        "state_id": "s1",
+        "token_id": "tok",
+        "run_id": "run",
+        "node_id": "node",
+        "attempt": 1,
+        "status": COMPLETED,
+        "started_at": now,
+        "recorded_at": now,
+        "row_id": "row",
+        "chunk": 0,
+    }
+    decision = {
+        "run_id": "run",
+        "node_id": "coalesce",
+        "row_id": "row",
+        "row_key": "k",
+        "chunk": 0,
+        "decision": "merged",
+        "details_json": "{}",
+        "policy": "first",
+        "merge_strategy": "union",
+        "consumed": "[]",
+        "missing_json": "{}",
+        "late_json": "[]",
+        "decided_at": now,
+        "recorded_at": now,
+    }
+    with audit_engine.begin() as conn:
+        conn.execute(insert(t.node_states), [state])
+        conn.execute(insert(t.coalesce_decisions), [decision])
+    with pytest.raises(IntegrityError), audit_engine.begin() as conn:
+        conn.execute(insert(t.node_states), [{**state, "state_id": "s2"}])
+    with pytest.raises(IntegrityError), audit_engine.begin() as conn:
+        conn.execute(insert(t.coalesce_decisions), [{**decision, "decision": "failed"}])
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_a_payload_with_nan_or_infinity_is_rejected_naming_the_row(bad: float) -> None:
+    with pytest.raises(PayloadError, match="row 'order-17'"):
+        ForkRow.from_row("order-17", 17, {"id": "order-17", "amount": bad})
+
+
+def _write_and_read(engine: Engine, rows_total: int, run: str) -> tuple[int, int]:
+    """Fork ``rows_total`` rows chunk by chunk, then stream them back; peak bytes of each phase."""
+    store = AuditStore(engine)
+    tracemalloc.start()
+    run_id = store.begin_run(identity(run), branches=BRANCHES, chunk_size=CHUNK, config={})
+    for chunk, start in enumerate(range(0, rows_total, CHUNK)):
+        store.write_fork_chunk(run_id, BRANCHES, chunk, fork_rows(start, min(CHUNK, rows_total - start)))
+    store.complete_run(run_id, rows_total=rows_total, chunks_total=math.ceil(rows_total / CHUNK))
+    _, write_peak = tracemalloc.get_traced_memory()
+    tracemalloc.reset_peak()
+    read = 0
+    for index, (row_key, row) in enumerate(iter_source_rows(engine, run_id)):
+        assert row_key == f"k{index}" and row["value"] == index
+        read += 1
+    _, read_peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert read == rows_total
+    return write_peak, read_peak
+
+
+@pytest.mark.timeout(600)
+def test_100k_rows_write_and_read_in_bounded_memory(audit_engine: Engine, audit_url: str) -> None:
+    small_write, small_read = _write_and_read(audit_engine, 10_000, "small")
+    big_write, big_read = _write_and_read(audit_engine, 100_000, "big")
+    backend = audit_url.split(":", 1)[0]
+    print(
+        f"\n[{backend}] peak Python memory (tracemalloc): chunked write 10k rows "
+        f"{small_write / 2**20:.1f} MiB, "
+        f"100k rows {big_write / 2**20:.1f} MiB; streaming read 10k {small_read / 2**20:.1f} MiB, "
+        f"100k {big_read / 2**20:.1f} MiB"
+    )
+    # Ten times the rows, about the same memory: bounded by the chunk, not the run.
+    assert big_write < 1.5 * small_write + 2 * 2**20
+    assert big_read < 1.5 * small_read + 2 * 2**20
+    assert counts(audit_engine)["rows"] == 110_000
