@@ -31,7 +31,9 @@ NAIVE_ROWS = 1_000  # Airflow's default max_map_length is 1024
 DATABASES = ("sqlite", "postgresql")
 PHASES = ("fork", "branch_alpha", "branch_beta", "branch_gamma", "coalesce")
 
-out = Console(soft_wrap=True)
+out = Console()
+if not out.is_terminal:  # redirected to a file: do not squeeze the tables into 80 columns
+    out = Console(width=140)
 err = Console(stderr=True)
 
 
