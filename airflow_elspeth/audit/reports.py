@@ -42,6 +42,10 @@ MAX_PAGE_SIZE = 500
 # of an IN list of the matching combinations.
 MAX_IN_LIST = 500
 CHART_COLUMNS = 240
+# The chart zooms on the events when they all happen before this share of the timeout, and
+# compresses what comes after the deadline when events run past this many timeouts.
+EARLY_SHARE = 0.3
+LATE_FACTOR = 2.5
 CACHE_SIZE = 64
 CACHE_TTL_S = 300.0
 
@@ -536,6 +540,9 @@ def coalesce_overview(
         lambda: ref.cached("after", lambda: _late_after_write(engine, run_id, spec, None)),
     )
     series = arrival_series(engine, audit_run, spec, slots=(arrival_slots, decision_slots))
+    collisions = (
+        ref.cached("collisions", lambda: _collisions(ref)) if spec.config.merge.value == "union" else {}
+    )
     merged = sum(g.rows for g in groups if g.decision == "merged")
     failed = sum(g.rows for g in groups if g.decision == "failed")
     reasons: dict[str, int] = {}
@@ -568,7 +575,29 @@ def coalesce_overview(
         "late_after_write": len(after_write),
         "failure_reasons": dict(sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0]))),
         "missing_matrix": _matrix(groups, spec.config.branches),
+        "field_collisions": collisions,
         "arrivals": series,
+    }
+
+
+def _collisions(ref: CoalesceRef) -> dict[str, dict[str, Any]]:
+    """``union`` merges: each field more than one branch supplied -> rows, branches (config order)."""
+    cd = t.coalesce_decisions.c
+    found: dict[str, dict[str, Any]] = {}
+    with ref.engine.connect() as conn:
+        for collisions_json, n in conn.execute(
+            select(cd.collisions_json, func.count())
+            .where(cd.run_id == ref.run_id, cd.node_id == ref.node_id, cd.collisions_json.is_not(None))
+            .group_by(cd.collisions_json)
+        ):
+            for name, branches in json.loads(collisions_json).items():
+                entry = found.setdefault(name, {"rows": 0, "branches": set()})
+                entry["rows"] += n
+                entry["branches"].update(branches)
+    order = list(ref.spec.config.branches)
+    return {
+        name: {"rows": entry["rows"], "branches": [b for b in order if b in entry["branches"]]}
+        for name, entry in sorted(found.items())
     }
 
 
@@ -756,8 +785,12 @@ _SLOT_OFFSET = 1_000_000_000
 
 
 def chart_resolution(spec: CoalesceSpec) -> float:
-    """Time slots of a fiftieth of the timeout (at least a millisecond)."""
-    return max(spec.config.timeout.total_seconds() / 50, 0.001)
+    """Time slots of a thousandth of the timeout (at least a millisecond).
+
+    Fine slots cost little: events are stamped per written batch, so the number of non-empty slots
+    is bounded by the number of batches, not by the length of the run.
+    """
+    return max(spec.config.timeout.total_seconds() / 1000, 0.001)
 
 
 def arrival_series(
@@ -783,6 +816,7 @@ def arrival_series(
         "end_s": timeout,
         "resolution_s": resolution,
         "x_s": [],
+        "segments": [],
         "rows_total": audit_run["rows_total"] or 0,
         "branches": {},
         "decisions": {},
@@ -799,12 +833,25 @@ def arrival_series(
     if not every:
         return empty
     start = min(0.0, min(every) * resolution)
-    end = max(timeout * 1.1, (max(every) + 1) * resolution)
-    # Two thirds of the points up to the deadline, where the decisions happen; the rest after it.
-    before = max(1, CHART_COLUMNS * 2 // 3) if timeout > start else 0
-    xs = [start + (timeout - start) * (i + 1) / before for i in range(before)]
-    after = CHART_COLUMNS - before
-    xs += [timeout + (end - timeout) * (i + 1) / after for i in range(after)]
+    last = (max(every) + 1) * resolution
+    end = max(timeout * 1.1, last)
+    # Where the action is gets most of the points (and of the chart's width): everything happened
+    # long before the deadline, or long after it, or the time scale is plain.
+    if last < timeout * EARLY_SHARE:
+        knee = max(last * 1.15, start + resolution * 2)
+        segments = [(start, knee, False), (knee, end, True)]
+    elif last > timeout * LATE_FACTOR and timeout > start:
+        segments = [(start, timeout, False), (timeout, end, True)]
+    else:
+        segments = [(start, end, False)]
+    xs: list[float] = []
+    for low, high, compressed in segments:
+        count = (
+            CHART_COLUMNS
+            if len(segments) == 1
+            else (CHART_COLUMNS // 3 if compressed else CHART_COLUMNS * 2 // 3)
+        )
+        xs += [low + (high - low) * (i + 1) / count for i in range(count)]
 
     def cumulative(series: Mapping[int, int]) -> dict[str, Any]:
         ends = sorted(series)
@@ -827,6 +874,9 @@ def arrival_series(
         "end_s": end,
         "resolution_s": resolution,
         "x_s": xs,
+        "segments": [
+            {"from_s": low, "to_s": high, "compressed": compressed} for low, high, compressed in segments
+        ],
         "rows_total": audit_run["rows_total"] or 0,
         "branches": {b: cumulative(s) for b, s in arrivals.items()},
         "decisions": {d: cumulative(s) for d, s in decisions.items()},

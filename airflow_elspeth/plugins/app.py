@@ -334,7 +334,7 @@ def build_pages() -> APIRouter:
         """The DAG run's audit: its audit runs, then one coalesce in full."""
         links = Links(request, dag_id, run_id)
         audit_run, coalesce = _blank(audit_run), _blank(coalesce)
-        flt = _row_filter(decision, reason, branch, branch_reason)
+        flt = _row_filter(decision, reason, branch, branch_reason)  # validates before any read
         runs, selected = _runs_and_selection(engine, dag_id, run_id, audit_run, coalesce)
         context: dict[str, Any] = {
             "dag_id": dag_id,
@@ -351,6 +351,9 @@ def build_pages() -> APIRouter:
             node = coalesce if coalesce in selected["coalesces"] else selected["coalesces"][0]
             ref = reports.coalesce_ref(engine, selected["audit_run_id"], node)
             overview = reports.coalesce_overview(engine, selected, node, ref=ref)
+            if _blank(decision) is None and not overview["rows_failed"]:
+                # Nothing failed: list every decided row rather than an empty list.
+                flt = _row_filter("all", reason, branch, branch_reason)
             rows = reports.decision_rows(
                 engine,
                 selected["audit_run_id"],

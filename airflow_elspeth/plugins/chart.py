@@ -18,8 +18,7 @@ LEFT, RIGHT, TOP, BOTTOM = 64, 16, 18, 40
 # Categorical colours that stay apart for the common kinds of colour blindness (Okabe-Ito based).
 PALETTE = ("#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#6A3D9A", "#8C6D31")
 DECIDED_COLOUR = "#57606a"
-# Split the time axis when the data runs past this many timeouts; the deadline then sits here.
-SPLIT_AFTER = 2.5
+# Share of the width of the detailed part of a split time axis.
 SPLIT_AT = 0.68
 
 
@@ -27,19 +26,28 @@ def colours(branches: Sequence[str]) -> dict[str, str]:
     return {b: PALETTE[i % len(PALETTE)] for i, b in enumerate(branches)}
 
 
-def seconds_label(seconds: float) -> str:
-    """``+1.5 s``, ``+2 min``, ``+1.2 h`` (relative to the fork's completion)."""
-    sign = "-" if seconds < 0 else "+"
-    value = abs(seconds)
-    if value < 1e-9:
+_UNITS = (("ms", 0.001), ("s", 1.0), ("min", 60.0), ("h", 3600.0))
+
+
+def _unit(span: float) -> tuple[str, float]:
+    """The unit to label times up to ``span`` seconds in."""
+    if span < 1:
+        return _UNITS[0]
+    if span < 120:
+        return _UNITS[1]
+    if span < 7200:
+        return _UNITS[2]
+    return _UNITS[3]
+
+
+def seconds_label(seconds: float, unit: tuple[str, float] | None = None) -> str:
+    """``+1.5 s``, ``+2 min``, ``+1.25 h`` (relative to the fork's completion)."""
+    if abs(seconds) < 1e-9:
         return "0"
-    if value < 1:
-        return f"{sign}{value * 1000:.0f} ms"
-    if value < 120:
-        return f"{sign}{value:g} s" if value == int(value) else f"{sign}{value:.1f} s"
-    if value < 7200:
-        return f"{sign}{value / 60:.3g} min"
-    return f"{sign}{value / 3600:.3g} h"
+    name, size = unit or _unit(abs(seconds))
+    value = seconds / size
+    text = f"{value:.3g}" if abs(value) < 1000 else f"{value:.0f}"
+    return ("+" if seconds > 0 else "") + f"{text} {name}"
 
 
 def nice_ticks(low: float, high: float, count: int = 5) -> list[float]:
@@ -60,30 +68,47 @@ def nice_ticks(low: float, high: float, count: int = 5) -> list[float]:
 
 @dataclass(frozen=True)
 class TimeScale:
-    start: float
-    end: float
-    deadline: float
-    split: bool
+    """Seconds -> x, piecewise linear over the series' segments; a compressed segment gets a
+    third of the width (or what is left after the detailed ones)."""
+
+    segments: tuple[tuple[float, float, bool], ...]
+
+    def knots(self) -> list[tuple[float, float, float, float, bool]]:
+        left, right = LEFT, WIDTH - RIGHT
+        if len(self.segments) == 1:
+            low, high, compressed = self.segments[0]
+            return [(low, high, left, right, compressed)]
+        share = {False: SPLIT_AT, True: 1 - SPLIT_AT}
+        x, result = float(left), []
+        for low, high, compressed in self.segments:
+            width = (right - left) * share[compressed]
+            result.append((low, high, x, x + width, compressed))
+            x += width
+        return result
 
     def __call__(self, seconds: float) -> float:
-        left, right = LEFT, WIDTH - RIGHT
-        span = right - left
-        if not self.split:
-            return left + span * (seconds - self.start) / (self.end - self.start)
-        at = left + span * SPLIT_AT
-        if seconds <= self.deadline:
-            return left + (at - left) * (seconds - self.start) / (self.deadline - self.start)
-        return at + (right - at) * (seconds - self.deadline) / (self.end - self.deadline)
+        knots = self.knots()
+        for low, high, x0, x1, _ in knots:
+            if seconds <= high:
+                return x0 + (x1 - x0) * (max(seconds, low) - low) / ((high - low) or 1.0)
+        return knots[-1][3]
 
-    def ticks(self) -> list[float]:
-        if not self.split:
-            return nice_ticks(self.start, self.end, 6)
-        before = nice_ticks(self.start, self.deadline, 4)
-        after = [v for v in nice_ticks(self.deadline, self.end, 3) if v > self.deadline]
-        # Keep labels apart where the two halves meet.
-        if after and self(after[0]) - self(self.deadline) < 40:
-            after = after[1:]
-        return [*before, *after]
+    def breaks(self) -> list[float]:
+        """x of each place where the scale changes (drawn as a break mark)."""
+        return [x0 for _, _, x0, _, compressed in self.knots() if compressed and x0 > LEFT]
+
+    def ticks(self) -> list[tuple[float, str]]:
+        result: list[tuple[float, str]] = []
+        for low, high, _, _, compressed in self.knots():
+            unit = _unit(max(abs(low), abs(high)))
+            size = unit[1]
+            count = 3 if compressed else (8 if len(self.segments) == 1 else 6)
+            for value in nice_ticks(low / size, high / size, count):
+                seconds = value * size
+                if seconds < low - 1e-9 or (result and self(seconds) - self(result[-1][0]) < 46):
+                    continue
+                result.append((seconds, seconds_label(seconds, unit)))
+        return result
 
 
 def arrivals_chart(
@@ -96,9 +121,10 @@ def arrivals_chart(
     xs: list[float] = series.get("x_s") or []
     if not xs:
         return None
-    start, end, timeout = series["start_s"], series["end_s"], series["timeout_s"]
+    start, timeout = series["start_s"], series["timeout_s"]
     rows_total = max(series["rows_total"], 1)
-    scale = TimeScale(start, end, timeout, split=end > timeout * SPLIT_AFTER and timeout > start)
+    segments = tuple((x["from_s"], x["to_s"], x["compressed"]) for x in series.get("segments") or [])
+    scale = TimeScale(segments or ((start, series["end_s"], False),))
     bottom, top = HEIGHT - BOTTOM, TOP
 
     def y(count: float) -> float:
@@ -118,6 +144,7 @@ def arrivals_chart(
     palette = {**colours(branches), **(palette or {})}
     deadline_index = max((i for i, x in enumerate(xs) if x <= timeout + 1e-9), default=None)
     lines = []
+    present = [b for b in branches if b in series["branches"]]
     for branch in branches:
         data = series["branches"].get(branch)
         if data is None:
@@ -127,6 +154,8 @@ def arrivals_chart(
             {
                 "branch": branch,
                 "colour": palette[branch],
+                # Earlier branches drawn wider underneath, so lines on top of each other stay visible.
+                "width": round(2 + 1.3 * (len(present) - 1 - present.index(branch)), 1),
                 "points": polyline(data["points"]),
                 "total": data["total"],
                 "by_deadline": by_deadline,
@@ -145,8 +174,9 @@ def arrivals_chart(
         for v in nice_ticks(0, rows_total, 4)
         if float(v).is_integer() and v <= rows_total
     ]
-    x_ticks = [{"x": round(scale(v), 1), "label": seconds_label(v)} for v in scale.ticks()]
+    x_ticks = [{"x": round(scale(v), 1), "label": label} for v, label in scale.ticks()]
     deadline_x = round(scale(timeout), 1)
+    right_x = WIDTH - RIGHT
     return {
         "width": WIDTH,
         "height": HEIGHT,
@@ -156,8 +186,9 @@ def arrivals_chart(
         "bottom": bottom,
         "deadline_x": deadline_x,
         "deadline_label": seconds_label(timeout),
+        "deadline_shown": deadline_x <= right_x,
         "late_width": round(WIDTH - RIGHT - deadline_x, 1),
-        "split": scale.split,
+        "breaks": [round(x, 1) for x in scale.breaks()],
         "lines": lines,
         "decided": {"points": polyline(decided_points), "total": decided_total, "colour": DECIDED_COLOUR},
         "rows_total": series["rows_total"],

@@ -348,6 +348,10 @@ def test_coalesce_numbers_are_the_coalesce_summary(client: Any, store: StoreRuns
         )
         for key in ("rows_total", "rows_merged", "rows_failed", "late_arrivals", "failure_reasons"):
             assert overview[key] == summary[key], key
+        if summary["merge"] == "union":
+            assert overview["field_collisions"] == summary["field_collisions"]
+        if built is store.xss:
+            assert overview["field_collisions"]["n"]["branches"] == XSS_BRANCHES[:2]
         cells = overview["missing_matrix"]["cells"]
         assert {b: {r: c["rows"] for r, c in reasons.items()} for b, reasons in cells.items()} == {
             b: info["reasons"] for b, info in summary["missing_branches"].items()
