@@ -536,7 +536,11 @@ def coalesce_overview(
     run_all = _parallel if engine.dialect.name == "postgresql" else _serial
     (groups, decision_slots), arrival_slots, after_write = run_all(
         lambda: ref.cached("decisions", lambda: _decision_scan(ref)),
-        lambda: ref.cached("arrivals", lambda: _arrival_slots(engine, audit_run, spec, resolution)),
+        lambda: (
+            ref.cached("arrivals", lambda: _arrival_slots(engine, audit_run, spec, resolution))
+            if audit_run["completed_at"] is not None
+            else {}
+        ),
         lambda: ref.cached("after", lambda: _late_after_write(engine, run_id, spec, None)),
     )
     series = arrival_series(engine, audit_run, spec, slots=(arrival_slots, decision_slots))
@@ -776,6 +780,8 @@ def _arrival_slots(
             )
             .group_by(ns.node_id, slot)
         ):
+            if at is None:
+                continue
             series = arrivals[branch_of[node]]
             series[int(at)] = series.get(int(at), 0) + n
     return arrivals

@@ -325,6 +325,12 @@ def test_extra_link_lands_on_its_coalesce(client: Any, store: StoreRuns, auth: A
         assert page.status_code == 200, link
         assert re.search(rf'class="active" aria-current="page">{coalesce}<', page.text)
         assert f"Coalesce <code>{coalesce}</code>" in page.text
+    # A coalesce that has not run yet (it registers on its first poke): the run, and a notice.
+    early = client.get(
+        run_path(CONSENSUS_DAG, CONSENSUS_RUN) + "?coalesce=not_started", headers=auth("viewer")
+    )
+    assert early.status_code == 200
+    assert "Coalesce <code>not_started</code> has not recorded anything in this audit run yet" in early.text
 
 
 def test_coalesce_numbers_are_the_coalesce_summary(client: Any, store: StoreRuns, auth: Auth) -> None:
