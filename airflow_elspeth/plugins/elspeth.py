@@ -19,15 +19,11 @@ from airflow.sdk.plugins_manager import AirflowPlugin
 URL_PREFIX = "/elspeth"
 
 
-def _base_path() -> str:
+def base_path() -> str:
     """The path of ``[api] base_url`` (empty when Airflow is served at the root)."""
-    try:
-        from airflow.configuration import conf
+    from airflow.configuration import conf
 
-        base_url = conf.get("api", "base_url", fallback="") or ""
-    except Exception:
-        base_url = ""
-    return urlsplit(base_url).path.rstrip("/")
+    return urlsplit(conf.get("api", "base_url", fallback="") or "").path.rstrip("/")
 
 
 class _OnFirstUse:
@@ -50,7 +46,7 @@ def _fastapi_apps() -> list[dict[str, Any]]:
 
 
 def _external_views() -> list[dict[str, Any]]:
-    base = _base_path() + URL_PREFIX
+    base = base_path() + URL_PREFIX
     return [
         {
             "name": "Audit",
