@@ -250,7 +250,8 @@ def row_lineage(engine: Engine, run_id: str, row_key: str) -> dict[str, Any]:
         outcomes = defaultdict(list)
         for outcome in conn.execute(
             select(t.token_outcomes)
-            .where(t.token_outcomes.c.token_id.in_(token_ids))
+            # Terminal outcomes are what the lineage shows; their unique index serves this lookup.
+            .where(t.token_outcomes.c.token_id.in_(token_ids), t.token_outcomes.c.is_terminal)
             .order_by(t.token_outcomes.c.recorded_at)
         ).mappings():
             outcomes[outcome["token_id"]].append(dict(outcome))

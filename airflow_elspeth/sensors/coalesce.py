@@ -37,10 +37,12 @@ class CoalesceAuditLink(BaseOperatorLink):
     def get_link(self, operator: Any, *, ti_key: Any) -> str:
         from urllib.parse import quote
 
+        from airflow_elspeth.plugins.elspeth import URL_PREFIX, base_path
+
         dag_id, run_id, task_id = (
             quote(x, safe="") for x in (ti_key.dag_id, ti_key.run_id, operator.task_id)
         )
-        return f"/elspeth/dags/{dag_id}/runs/{run_id}?coalesce={task_id}"
+        return f"{base_path()}{URL_PREFIX}/dags/{dag_id}/runs/{run_id}?coalesce={task_id}"
 
 
 class CoalesceSensor(BaseSensorOperator):
