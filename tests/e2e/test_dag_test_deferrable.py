@@ -83,12 +83,18 @@ def test_deferrable_coalesce_started_before_its_branches_merges_their_arrivals(
     finally:
         session.close()
     assert {task_id: str(ti.state) for task_id, ti in tis.items()} == dict.fromkeys(
-        ("fork", "gate", "a", "b", "consensus"), "success"
+        ("fork", "gate_1", "gate_2", "a", "b", "consensus"), "success"
     )
     # It looked (and rescheduled, freeing the loop) after the fork completed and before any branch ran.
     branches_started = min(tis["a"].start_date, tis["b"].start_date)
     early = [r for r in looks if tis["fork"].end_date <= r.start_date < branches_started]
-    assert early, f"the coalesce never looked between the fork and the branches: {[r.start_date for r in looks]}"
+    timeline = {
+        task_id: (ti.start_date.isoformat(), ti.end_date.isoformat()) for task_id, ti in sorted(tis.items())
+    }
+    assert early, (
+        f"the coalesce never looked between the fork and the branches: looks "
+        f"{[(r.start_date.isoformat(), r.end_date.isoformat()) for r in looks]}, tasks {timeline}"
+    )
 
     engine = engine_for_url(inline_env)
     with engine.connect() as conn:
