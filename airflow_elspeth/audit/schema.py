@@ -241,8 +241,9 @@ chunk_progress = Table(
     Column("updated_at", UTCDateTime, nullable=False),
 )
 
-# Added beyond DESIGN §6: a branch task that ended without delivering (failed, skipped,
-# upstream_failed), as observed through the Task SDK; chunk -1 means the whole (unmapped) task.
+# Added beyond DESIGN §6: a branch task seen in a final state (failed, skipped, upstream_failed, and
+# also success) through the Task SDK. Whatever it had not delivered by then never will be: those
+# tokens are lost with reason branch_task_<state>. Chunk -1 means the whole (unmapped) task.
 branch_task_losses = Table(
     "branch_task_losses",
     metadata,
