@@ -377,6 +377,17 @@ class AirflowStack:
 
         return wait_until(f"DAG run {dag_id}/{run_id} to reach {sorted(wanted)}", done, timeout=timeout, interval=interval)
 
+    def task_log_events(self, dag_id: str, run_id: str, task_id: str, attempt: int = 1) -> list[str]:
+        """The ``event`` lines of one task try's log (JSON lines, as the task runner writes them)."""
+        path = self.home / "logs" / f"dag_id={dag_id}" / f"run_id={run_id}" / f"task_id={task_id}" / f"attempt={attempt}.log"
+        events = []
+        for line in path.read_text(errors="replace").splitlines():
+            try:
+                events.append(str(json.loads(line).get("event", "")))
+            except ValueError:
+                events.append(line)
+        return events
+
     # -- diagnostics ------------------------------------------------------------------------------
 
     def diagnostics(self, lines: int = 60) -> str:
