@@ -1,0 +1,80 @@
+"""Time the coalesce's waiting query against an existing audit database (e.g. mid-run).
+
+``python -m benchmarks.poll --url sqlite:////path/elspeth_audit.db [--run-id ID] [--polls 20]``
+
+Runs :func:`airflow_elspeth.audit.coalesce.pending_work` - the read-only check the deferred
+coalesce's trigger makes on every poll - for the benchmark DAG's coalesce (3 branches
+``branch_alpha|beta|gamma``, require_all) on the newest audit run, and prints the times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from datetime import timedelta
+from typing import Any
+
+
+def bench_spec() -> Any:
+    from airflow_elspeth.audit.coalesce import CoalesceSpec
+    from airflow_elspeth.core.config import coalesce_config
+
+    from benchmarks.factory import BRANCHES
+
+    config = coalesce_config(branches=list(BRANCHES), policy="require_all", merge="union", timeout=timedelta(hours=6))
+    return CoalesceSpec(
+        node_id="coalesce",
+        config=config,
+        delivering={b: f"branch_{b}" for b in BRANCHES},
+        mapped={b: False for b in BRANCHES},
+    )
+
+
+def time_polls(engine: Any, spec: Any, run_id: str, polls: int = 20) -> dict[str, Any]:
+    from airflow_elspeth.audit.coalesce import pending_work
+
+    pending_work(engine, spec, run_id)  # warm-up: pool connection, page cache
+    times, answer = [], None
+    for _ in range(polls):
+        started = time.perf_counter()
+        answer = pending_work(engine, spec, run_id)
+        times.append((time.perf_counter() - started) * 1000)
+    return {
+        "mean": round(statistics.mean(times), 2),
+        "median": round(statistics.median(times), 2),
+        "max": round(max(times), 2),
+        "n": polls,
+        "answer": list(answer) if answer else None,
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.poll", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--url", required=True, help="SQLAlchemy URL of the audit database")
+    parser.add_argument("--run-id", help="audit run id (default: the newest run)")
+    parser.add_argument("--polls", type=int, default=20)
+    opts = parser.parse_args()
+    from sqlalchemy import func, select
+
+    from airflow_elspeth.audit import schema as t
+    from airflow_elspeth.hooks.audit import create_audit_engine
+
+    engine = create_audit_engine(opts.url)
+    with engine.connect() as conn:
+        run_id = opts.run_id or conn.execute(
+            select(t.runs.c.run_id).order_by(t.runs.c.started_at.desc()).limit(1)
+        ).scalar_one()
+        rows_total = conn.execute(select(t.runs.c.rows_total).where(t.runs.c.run_id == run_id)).scalar()
+        progress_rows = conn.execute(
+            select(func.count()).select_from(t.chunk_progress).where(t.chunk_progress.c.run_id == run_id)
+        ).scalar_one()
+    result = {"run_id": run_id, "rows_total": rows_total, "chunk_progress_rows": progress_rows}
+    result.update(time_polls(engine, bench_spec(), run_id, opts.polls))
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
