@@ -272,6 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-naive", action="store_true", help="skip the naive mapped-task comparison")
     parser.add_argument("--no-floor", action="store_true", help="skip the floor (raw bulk insert)")
     parser.add_argument("--profile", type=Path, metavar="DIR", help="run the DAGs under pyinstrument, write profiles to DIR")
+    parser.add_argument("--save", type=Path, metavar="FILE", help="write every raw figure (incl. SQL per phase) as JSON to FILE")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directories and databases")
     parser.add_argument("--workdir", type=Path, help="where temporary Airflow homes and SQLite files go (default: a temp dir)")
     parser.add_argument(
@@ -315,6 +316,9 @@ def main(argv: list[str] | None = None) -> int:
                 ours_1k[db] = results.get(NAIVE_ROWS, {}).get(db) or runner.run("elspeth", NAIVE_ROWS, db, floor=False)
             out.print(naive_table(naive, ours_1k))
     info["loadavg_end"] = os.getloadavg()
+    if opts.save:
+        raw = {"machine": info, "results": {str(k): v for k, v in results.items()}, "naive": naive, "ours_1k": ours_1k}
+        opts.save.write_text(json.dumps(raw, indent=1, default=str))
     out.print(f"machine: {info}")
     if opts.json:
         figures: dict[str, Any] = {
