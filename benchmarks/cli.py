@@ -149,15 +149,19 @@ class Runner:
                         databases.append(f"{dbname}_{rows}")
             elif floor:
                 args["floor_targets"] = {"executemany": f"sqlite:///{run_dir / 'floor.db'}"}
+        if PROVIDER_PATH:
+            args["provider_path"] = PROVIDER_PATH[0]
         if self.profile_dir is not None:
             self.profile_dir.mkdir(parents=True, exist_ok=True)
             args["profile"] = str(self.profile_dir / f"{name}.txt")
         err.log(f"running {name} ...")
         started = time.time()
         with open(run_dir / "worker.log", "w") as log:
+            # cwd is the run's own directory, not the checkout: ``python -m`` puts the cwd first on
+            # sys.path, which would shadow --provider-path with the checkout's airflow_elspeth.
             proc = subprocess.run(
                 [sys.executable, "-m", "benchmarks.worker", json.dumps(args)],
-                cwd=REPO,
+                cwd=run_dir,
                 env=env,
                 stdout=log,
                 stderr=subprocess.STDOUT,

@@ -158,6 +158,9 @@ def run(args: dict[str, Any]) -> dict[str, Any]:
         "db": args["db"],
         "provider": str(Path(airflow_elspeth.__file__).parent),
     }
+    expected = args.get("provider_path")
+    if expected and not Path(airflow_elspeth.__file__).is_relative_to(expected):
+        raise RuntimeError(f"imported {airflow_elspeth.__file__}, not the provider under {expected}")
     started_import = time.perf_counter()
     import airflow  # noqa: F401  (configures settings and the ORM)
 
