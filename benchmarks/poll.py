@@ -1,10 +1,15 @@
 """Time the coalesce's waiting query against an existing audit database (e.g. mid-run).
 
-``python -m benchmarks.poll --url sqlite:////path/elspeth_audit.db [--run-id ID] [--polls 20]``
+``python -m benchmarks.poll --url sqlite:////path/elspeth_audit.db [--run-id ID] [--polls 20]
+[--also-postgresql]``
 
 Runs :func:`airflow_elspeth.audit.coalesce.pending_work` - the read-only check the deferred
 coalesce's trigger makes on every poll - for the benchmark DAG's coalesce (3 branches
 ``branch_alpha|beta|gamma``, require_all) on the newest audit run, and prints the times.
+
+``--also-postgresql`` copies the tables that query reads (``runs``, ``chunk_progress``,
+``branch_task_losses``: the same rows, so the same work) into a temporary PostgreSQL server whose
+schema is built by the provider's migrations, and times the same poll there too.
 """
 
 from __future__ import annotations
@@ -55,6 +60,7 @@ def main() -> int:
     parser.add_argument("--url", required=True, help="SQLAlchemy URL of the audit database")
     parser.add_argument("--run-id", help="audit run id (default: the newest run)")
     parser.add_argument("--polls", type=int, default=20)
+    parser.add_argument("--also-postgresql", action="store_true", help="time it on PostgreSQL too (see above)")
     opts = parser.parse_args()
     from sqlalchemy import func, select
 
@@ -70,10 +76,36 @@ def main() -> int:
         progress_rows = conn.execute(
             select(func.count()).select_from(t.chunk_progress).where(t.chunk_progress.c.run_id == run_id)
         ).scalar_one()
-    result = {"run_id": run_id, "rows_total": rows_total, "chunk_progress_rows": progress_rows}
-    result.update(time_polls(engine, bench_spec(), run_id, opts.polls))
+    result: dict[str, Any] = {"run_id": run_id, "rows_total": rows_total, "chunk_progress_rows": progress_rows}
+    result[engine.dialect.name] = time_polls(engine, bench_spec(), run_id, opts.polls)
+    if opts.also_postgresql:
+        result["postgresql"] = poll_on_postgresql(engine, run_id, opts.polls)
     print(json.dumps(result))
     return 0
+
+
+def poll_on_postgresql(source: Any, run_id: str, polls: int) -> dict[str, Any]:
+    from sqlalchemy import select
+
+    from airflow_elspeth.audit import schema as t
+    from airflow_elspeth.hooks.audit import dispose_engine, engine_for_url
+
+    from benchmarks.pg import TempPostgres
+
+    with TempPostgres() as pg:
+        url = pg.create_database("poll")
+        target = engine_for_url(url)  # schema built by the provider's migrations
+        with source.connect() as src, target.begin() as dst:
+            for table in (t.runs, t.chunk_progress, t.branch_task_losses):
+                rows = [dict(r) for r in src.execute(select(table).where(table.c.run_id == run_id)).mappings()]
+                if rows:
+                    dst.execute(table.insert(), rows)
+        with target.connect() as conn:
+            conn.exec_driver_sql("ANALYZE")
+        try:
+            return {"server": pg.version(), **time_polls(target, bench_spec(), run_id, polls)}
+        finally:
+            dispose_engine(url)
 
 
 if __name__ == "__main__":
