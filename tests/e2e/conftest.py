@@ -7,12 +7,10 @@ of every process log and of the newest task logs is attached to its report.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from e2e_harness import AirflowStack
 
 

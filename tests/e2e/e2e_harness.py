@@ -52,9 +52,7 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_until(
-    what: str, check: Callable[[], Any], *, timeout: float, interval: float = 0.5
-) -> Any:
+def wait_until(what: str, check: Callable[[], Any], *, timeout: float, interval: float = 0.5) -> Any:
     """Poll ``check`` until it returns something truthy; E2EError naming ``what`` after ``timeout``."""
     deadline = time.monotonic() + timeout
     last_error: BaseException | None = None
@@ -77,6 +75,27 @@ def tail(path: Path, lines: int = 60) -> str:
     except OSError as err:
         return f"<{path}: {err}>"
     return "\n".join(text.splitlines()[-lines:])
+
+
+def task_log_tail(path: Path, lines: int) -> str:
+    """A task log's last lines, one ``time level event`` per JSON line (errors with their type)."""
+    out = []
+    for raw in tail(path, lines * 3).splitlines():
+        try:
+            entry = json.loads(raw)
+        except ValueError:
+            out.append(raw)
+            continue
+        event = str(entry.get("event", ""))
+        if "Failed to import plugin" in event:
+            continue  # a plugin of the checkout that is not there yet: noise in every task log
+        errors = "; ".join(
+            f"{e.get('exc_type')}: {e.get('exc_value')}" for e in entry.get("error_detail") or []
+        )
+        out.append(
+            f"{str(entry.get('timestamp', ''))[11:23]} {entry.get('level', '')} {event} {errors}".rstrip()
+        )
+    return "\n".join(out[-lines:])
 
 
 @dataclass
@@ -210,7 +229,9 @@ class AirflowStack:
     def healthy(self) -> bool:
         for name, proc in self.processes.items():
             if proc.poll() is not None:
-                raise E2EError(f"airflow {name} exited with {proc.returncode}\n{tail(self.proc_dir / f'{name}.log')}")
+                raise E2EError(
+                    f"airflow {name} exited with {proc.returncode}\n{tail(self.proc_dir / f'{name}.log')}"
+                )
         health = self.api("GET", "/api/v2/monitor/health")
         return all(
             (health.get(part) or {}).get("status") == "healthy"
@@ -283,7 +304,9 @@ class AirflowStack:
 
     # -- talking to it ----------------------------------------------------------------------------
 
-    def run(self, command: list[str], *, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess[str]:
+    def run(
+        self, command: list[str], *, timeout: float = 120, check: bool = True
+    ) -> subprocess.CompletedProcess[str]:
         done = subprocess.run(
             command, env=self.env(), cwd=self.home, capture_output=True, text=True, timeout=timeout
         )
@@ -375,11 +398,20 @@ class AirflowStack:
             run = self.dag_run(dag_id, run_id)
             return run if run["state"] in wanted else None
 
-        return wait_until(f"DAG run {dag_id}/{run_id} to reach {sorted(wanted)}", done, timeout=timeout, interval=interval)
+        return wait_until(
+            f"DAG run {dag_id}/{run_id} to reach {sorted(wanted)}", done, timeout=timeout, interval=interval
+        )
 
     def task_log_events(self, dag_id: str, run_id: str, task_id: str, attempt: int = 1) -> list[str]:
         """The ``event`` lines of one task try's log (JSON lines, as the task runner writes them)."""
-        path = self.home / "logs" / f"dag_id={dag_id}" / f"run_id={run_id}" / f"task_id={task_id}" / f"attempt={attempt}.log"
+        path = (
+            self.home
+            / "logs"
+            / f"dag_id={dag_id}"
+            / f"run_id={run_id}"
+            / f"task_id={task_id}"
+            / f"attempt={attempt}.log"
+        )
         events = []
         for line in path.read_text(errors="replace").splitlines():
             try:
@@ -395,11 +427,16 @@ class AirflowStack:
         parts = []
         for name in PROCESSES:
             proc = self.processes.get(name)
-            status = "not started" if proc is None else ("running" if proc.poll() is None else f"exited {proc.returncode}")
-            parts.append(f"===== airflow {name} ({status}): {self.proc_dir / f'{name}.log'}\n{tail(self.proc_dir / f'{name}.log', lines)}")
+            status = (
+                "not started"
+                if proc is None
+                else ("running" if proc.poll() is None else f"exited {proc.returncode}")
+            )
+            log = self.proc_dir / f"{name}.log"
+            parts.append(f"===== airflow {name} ({status}): {log}\n{tail(log, lines)}")
         task_logs = sorted((self.home / "logs").glob("dag_id=*/**/*.log"), key=lambda p: p.stat().st_mtime)
         for path in task_logs[-12:]:
-            parts.append(f"===== task log {path.relative_to(self.home)}\n{tail(path, 30)}")
+            parts.append(f"===== task log {path.relative_to(self.home)}\n{task_log_tail(path, 30)}")
         return "\n".join(parts)
 
 
@@ -427,7 +464,9 @@ class AuditDB:
         return next(iter(self.one(sql, **params).values()))
 
     def runs_of(self, dag_id: str) -> list[dict[str, Any]]:
-        return self.all("SELECT * FROM runs WHERE dag_id = :dag_id ORDER BY logical_date, try_number", dag_id=dag_id)
+        return self.all(
+            "SELECT * FROM runs WHERE dag_id = :dag_id ORDER BY logical_date, try_number", dag_id=dag_id
+        )
 
     def run_of(self, dag_id: str, airflow_run_id: str) -> dict[str, Any]:
         return self.one(
@@ -464,14 +503,19 @@ def verify_clean(stack: AirflowStack, audit: AuditDB, *args: str) -> None:
     if isinstance(findings, dict):
         findings = findings.get("findings", [])
     tokens = [f["token_id"] for f in findings if f.get("token_id")][:200]
-    detail = audit.all(
-        "SELECT t.run_id, t.token_kind, t.branch_name, r.row_key, "
-        "string_agg(o.outcome || ':' || coalesce(o.reason, '') || ':' || o.is_terminal::text, ',') AS outcomes "
-        "FROM tokens t JOIN rows r ON r.run_id = t.run_id AND r.row_id = t.row_id "
-        "LEFT JOIN token_outcomes o ON o.token_id = t.token_id WHERE t.token_id = ANY(:ids) "
-        "GROUP BY t.run_id, t.token_kind, t.branch_name, r.row_key ORDER BY 1, 2, 3, 4",
-        ids=tokens,
-    ) if tokens else []
+    detail = (
+        audit.all(
+            "SELECT t.run_id, t.token_kind, t.branch_name, r.row_key, "
+            "string_agg(o.outcome || ':' || coalesce(o.reason, '') || ':' || o.is_terminal::text, ',') "
+            "AS outcomes "
+            "FROM tokens t JOIN rows r ON r.run_id = t.run_id AND r.row_id = t.row_id "
+            "LEFT JOIN token_outcomes o ON o.token_id = t.token_id WHERE t.token_id = ANY(:ids) "
+            "GROUP BY t.run_id, t.token_kind, t.branch_name, r.row_key ORDER BY 1, 2, 3, 4",
+            ids=tokens,
+        )
+        if tokens
+        else []
+    )
     checks: dict[tuple[str, str], int] = {}
     for f in findings:
         key = (str(f.get("run_id")), str(f.get("check")))

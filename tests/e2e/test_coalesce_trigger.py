@@ -15,7 +15,14 @@ import pytest
 from sqlalchemy import Engine
 
 from airflow_elspeth.audit.coalesce import SETTLE, CoalesceSpec, coalesce_pass
-from airflow_elspeth.audit.store import COMPLETED, AuditStore, ForkRow, NodeResult, RunIdentity, branch_token_id
+from airflow_elspeth.audit.store import (
+    COMPLETED,
+    AuditStore,
+    ForkRow,
+    NodeResult,
+    RunIdentity,
+    branch_token_id,
+)
 from airflow_elspeth.core.canonical import derive_id, hash_value
 from airflow_elspeth.core.config import coalesce_config
 from airflow_elspeth.triggers import coalesce as trigger_module
@@ -83,7 +90,11 @@ def deliver(engine: Engine, run_id: str, branch: str, *, chunk_size: int = ROWS)
         )
     chunks = {r.chunk for r in results}
     store.write_branch_results(
-        run_id, f"ask_{branch}", 1, results, chunk_tokens={c: sum(r.chunk == c for r in results) for c in chunks}
+        run_id,
+        f"ask_{branch}",
+        1,
+        results,
+        chunk_tokens={c: sum(r.chunk == c for r in results) for c in chunks},
     )
 
 
@@ -94,7 +105,9 @@ class FakeTaskSDK:
         self.states: dict[str, str] = dict(states or {})
         self.calls: list[dict[str, Any]] = []
 
-    def __call__(self, dag_id: str, task_ids: list[str] | None = None, run_ids: list[str] | None = None, **kw: Any) -> Any:
+    def __call__(
+        self, dag_id: str, task_ids: list[str] | None = None, run_ids: list[str] | None = None, **kw: Any
+    ) -> Any:
         self.calls.append({"dag_id": dag_id, "task_ids": list(task_ids or []), "run_ids": run_ids})
         found = {
             key: state
@@ -299,7 +312,9 @@ def test_deferred_before_the_fork_it_adopts_the_forks_audit_run(store_url: str, 
 def test_a_fork_that_failed_wakes_it_to_fail(store_url: str, sdk: FakeTaskSDK) -> None:
     sdk.states["fork"] = "upstream_failed"
     event = run(first_event(new_trigger(make_spec(), None, poll=0.1), timeout=5.0))
-    assert event is not None and event["reason"] == "fork fork ended upstream_failed" and event["run_id"] is None
+    assert (
+        event is not None and event["reason"] == "fork fork ended upstream_failed" and event["run_id"] is None
+    )
 
 
 def test_reads_task_states_one_task_id_per_call(store_url: str, sdk: FakeTaskSDK) -> None:
@@ -308,7 +323,12 @@ def test_reads_task_states_one_task_id_per_call(store_url: str, sdk: FakeTaskSDK
     engine = engine_for_url(store_url)
     spec = make_spec("require_all", mapped=True)
     run_id = fork(engine, chunk_size=2)
-    sdk.states = {"ask_left_0": "running", "ask_left_1": "success", "ask_right_2": "failed", "fork": "success"}
+    sdk.states = {
+        "ask_left_0": "running",
+        "ask_left_1": "success",
+        "ask_right_2": "failed",
+        "fork": "success",
+    }
     states = run(new_trigger(spec, run_id).task_states(spec))
     assert states == {"ask_left_0": "running", "ask_left_1": "success", "ask_right_2": "failed"}
     assert [c["task_ids"] for c in sdk.calls] == [["ask_left"], ["ask_right"]]
@@ -379,7 +399,9 @@ def test_hundreds_of_triggers_share_one_engine_and_never_block_the_event_loop(
         return max(lags), sum(r is not None for r in results), threading.get_ident()
 
     with (
-        mock.patch.object(hook_module, "create_audit_engine", wraps=hook_module.create_audit_engine) as created,
+        mock.patch.object(
+            hook_module, "create_audit_engine", wraps=hook_module.create_audit_engine
+        ) as created,
         mock.patch.object(CoalesceTrigger, "poll", recording_poll),
     ):
         worst_lag, fired, loop_thread = run(scenario())

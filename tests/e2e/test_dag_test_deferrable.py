@@ -74,11 +74,15 @@ def test_deferrable_coalesce_started_before_its_branches_merges_their_arrivals(
         tis = {
             ti.task_id: ti
             for ti in session.scalars(
-                select(TaskInstance).where(TaskInstance.dag_id == dag.dag_id, TaskInstance.run_id == dag_run.run_id)
+                select(TaskInstance).where(
+                    TaskInstance.dag_id == dag.dag_id, TaskInstance.run_id == dag_run.run_id
+                )
             )
         }
         looks = session.scalars(
-            select(TaskReschedule).where(TaskReschedule.ti_id == tis["consensus"].id).order_by(TaskReschedule.id)
+            select(TaskReschedule)
+            .where(TaskReschedule.ti_id == tis["consensus"].id)
+            .order_by(TaskReschedule.id)
         ).all()
     finally:
         session.close()

@@ -4,7 +4,6 @@ one PostgreSQL audit database; then `--reprocess-behavior failed` re-runs the fa
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Iterator
 from datetime import datetime, timezone
 
@@ -68,7 +67,15 @@ def _max_overlap(intervals: list[tuple[datetime, datetime]]) -> int:
 def _run_footprint(audit: AuditDB, run_id: str) -> dict:
     """Everything recorded for one audit run, to compare before and after the reprocess."""
     footprint = {}
-    for table in ("rows", "tokens", "node_states", "token_outcomes", "coalesce_decisions", "nodes", "chunk_progress"):
+    for table in (
+        "rows",
+        "tokens",
+        "node_states",
+        "token_outcomes",
+        "coalesce_decisions",
+        "nodes",
+        "chunk_progress",
+    ):
         footprint[table] = audit.scalar(f"SELECT count(*) FROM {table} WHERE run_id = :r", r=run_id)
     footprint["decisions"] = sorted(
         (d["key"], d["decision"], d["failure_reason"], str(d["decided_at"])) for d in audit.decisions(run_id)
@@ -106,7 +113,8 @@ def _check_run_is_its_own(audit: AuditDB, run: dict) -> None:
         )
         assert strays == 0, f"{table} of run {run_id} reference another run's tokens"
     strays = audit.scalar(
-        "SELECT count(*) FROM coalesce_decisions d LEFT JOIN rows r ON r.run_id = d.run_id AND r.row_id = d.row_id "
+        "SELECT count(*) FROM coalesce_decisions d "
+        "LEFT JOIN rows r ON r.run_id = d.run_id AND r.row_id = d.row_id "
         "WHERE d.run_id = :r AND r.row_id IS NULL",
         r=run_id,
     )
@@ -160,13 +168,20 @@ def test_backfill_five_dates_concurrently_then_reprocess_the_failed_one(
             assert {(d["decision"], d["failure_reason"]) for d in decisions} == {("failed", "branch_lost")}
             for d in decisions:  # decided at right's loss: left arrived before it, after it, or not yet
                 assert d["missing_json"]["right"] == "error:UpstreamOutage", d
-                assert d["missing_json"].get("left", "not_arrived") in ("not_arrived", "late_arrival_after_failure"), d
+                assert d["missing_json"].get("left", "not_arrived") in (
+                    "not_arrived",
+                    "late_arrival_after_failure",
+                ), d
         else:
-            assert all(d["decision"] == "merged" and sorted(d["consumed"]) == sorted(BRANCHES) for d in decisions)
+            assert all(
+                d["decision"] == "merged" and sorted(d["consumed"]) == sorted(BRANCHES) for d in decisions
+            )
     # the runs wrote to the audit DB at the same time, not one after another
     spans = []
     for a in audit_runs:
-        last = audit.scalar("SELECT max(recorded_at) FROM coalesce_decisions WHERE run_id = :r", r=a["run_id"])
+        last = audit.scalar(
+            "SELECT max(recorded_at) FROM coalesce_decisions WHERE run_id = :r", r=a["run_id"]
+        )
         spans.append((a["started_at"], last))
     assert _max_overlap(spans) >= 2, spans
     verify_clean(stack, audit, "--dag-id", DAG_ID)

@@ -108,7 +108,8 @@ def test_deferred_without_a_slot_while_branches_run_then_decides_at_the_deadline
     final = stack.wait_run(DAG_ID, run_id, timeout=120)
     assert final["state"] == "success"
     hung_states = audit.all(
-        "SELECT status, count(*) AS n FROM node_states WHERE run_id = :run AND node_id = 'hung' GROUP BY status",
+        "SELECT status, count(*) AS n FROM node_states "
+        "WHERE run_id = :run AND node_id = 'hung' GROUP BY status",
         run=run["run_id"],
     )
     assert {s["status"]: s["n"] for s in hung_states} == {"discarded": 6}

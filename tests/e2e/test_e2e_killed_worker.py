@@ -68,7 +68,9 @@ def test_killed_branch_is_retried_and_resumes_from_what_was_recorded(
     stack, dag_id = airflow_stack, "e2e_killed_worker"
     run_id, state = _start(stack, dag_id)
     _kill_victim(stack, state)
-    recorded_before_kill = {s["row_key"] for s in _victim_states(audit, audit.run_of(dag_id, run_id)["run_id"])}
+    recorded_before_kill = {
+        s["row_key"] for s in _victim_states(audit, audit.run_of(dag_id, run_id)["run_id"])
+    }
     assert recorded_before_kill == set(ROWS[:KILL_AT]), recorded_before_kill
 
     seen: list[dict] = []
@@ -79,7 +81,9 @@ def test_killed_branch_is_retried_and_resumes_from_what_was_recorded(
     tis = {ti["task_id"]: ti for ti in stack.task_instances(dag_id, run_id)}
     assert tis["victim"]["try_number"] == 2 and tis["victim"]["state"] == "success"
     assert any(s.get("victim") == "up_for_retry" for s in seen), "the kill was not retried by Airflow"
-    assert any(s.get("consensus") == "deferred" and s.get("victim") in ("up_for_retry", "running") for s in seen)
+    assert any(
+        s.get("consensus") == "deferred" and s.get("victim") in ("up_for_retry", "running") for s in seen
+    )
 
     run = audit.run_of(dag_id, run_id)
     states = _victim_states(audit, run["run_id"])
@@ -136,7 +140,8 @@ def test_killed_branch_without_retries_is_a_loss_with_its_task_state_before_the_
             assert d["consumed"] == ["quick"]
             assert d["missing_json"] == {"victim": "branch_task_failed"}
     lost = audit.all(
-        "SELECT o.outcome, o.reason, count(*) AS n FROM token_outcomes o JOIN tokens t ON t.token_id = o.token_id "
+        "SELECT o.outcome, o.reason, count(*) AS n FROM token_outcomes o "
+        "JOIN tokens t ON t.token_id = o.token_id "
         "WHERE o.run_id = :run AND t.branch_name = 'victim' AND o.is_terminal GROUP BY o.outcome, o.reason",
         run=run["run_id"],
     )

@@ -3,7 +3,8 @@
 Two gates hold the branches back after the fork. dag.test() runs the task instances ready in one
 iteration of its loop one after another, and the coalesce (``trigger_rule="always"``, re-poking every
 0.5 s) is due again by the time the second gate runs: it looks while the fork has completed and no
-branch has run, whatever order dag.test() picks within an iteration. dag.test() runs a trigger inline, blocking
+branch has run, whatever order dag.test() picks within an iteration. dag.test() runs a trigger
+inline, blocking
 every other task until it fires: had the coalesce deferred then, the branches could only run after
 its deadline and every row would fail ``incomplete_branches``.
 """
@@ -17,7 +18,9 @@ from airflow.sdk import DAG, task
 
 from airflow_elspeth import BranchOperator, CoalesceSensor, ForkOperator
 
-with DAG(dag_id="e2e_inline_deferrable", schedule=None, start_date=datetime(2025, 1, 1), catchup=False) as dag:
+with DAG(
+    dag_id="e2e_inline_deferrable", schedule=None, start_date=datetime(2025, 1, 1), catchup=False
+) as dag:
     fork = ForkOperator(
         task_id="fork", rows=[{"id": f"r{n}", "n": n} for n in range(5)], row_key="id", branches=["a", "b"]
     )

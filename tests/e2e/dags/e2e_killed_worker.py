@@ -85,4 +85,6 @@ def build(dag_id: str, *, retries: int, policy: str, deadline: timedelta) -> DAG
 
 
 killed_worker = build("e2e_killed_worker", retries=1, policy="require_all", deadline=timedelta(minutes=5))
-killed_no_retry = build("e2e_killed_no_retry", retries=0, policy="best_effort", deadline=timedelta(minutes=10))
+killed_no_retry = build(
+    "e2e_killed_no_retry", retries=0, policy="best_effort", deadline=timedelta(minutes=10)
+)
