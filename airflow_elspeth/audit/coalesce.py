@@ -171,7 +171,7 @@ def task_loss_rows(
     return rows
 
 
-def _signatures(
+def chunk_signatures(
     conn: Connection, spec: CoalesceSpec, run: RunInfo, now: datetime
 ) -> dict[int, tuple[str, int, str | None]]:
     """Per chunk: (what the branches have delivered, rows decided, signature last evaluated).
@@ -216,7 +216,7 @@ def pending_work(engine: Any, spec: CoalesceSpec, run_id: str) -> tuple[bool, bo
         run = load_run(conn, run_id)
         if run is None or run.completed_at is None:
             return False, False
-        sigs = _signatures(conn, spec, run, settled_now(conn))
+        sigs = chunk_signatures(conn, spec, run, settled_now(conn))
     all_decided = all(decided >= run.chunk_rows(c) for c, (_, decided, _) in sigs.items())
     ready = any(
         decided < run.chunk_rows(c) and signature != seen for c, (signature, decided, seen) in sigs.items()
@@ -235,7 +235,7 @@ def coalesce_pass(
         store.record_task_losses(run_id, task_loss_rows(spec, run.chunks_total, task_states))
         now = settled_now(conn)
         deadline = deadline_of(run, spec.config)
-        signatures = _signatures(conn, spec, run, now)
+        signatures = chunk_signatures(conn, spec, run, now)
     decided_total = 0
     for chunk, (signature, decided, seen) in signatures.items():
         chunk_rows = run.chunk_rows(chunk)

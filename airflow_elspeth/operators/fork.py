@@ -105,7 +105,7 @@ class ForkOperator(BaseOperator):
             fork_task_id=self.task_id,
             try_number=ti.try_number,
             clear_number=getattr(dag_run, "clear_number", 0) or 0,
-            run_type=str(getattr(dag_run, "run_type", "") or "") or None,
+            run_type=_enum_text(getattr(dag_run, "run_type", None)),
             logical_date=context.get("logical_date"),
         )
         run_id = store.begin_run(
@@ -197,3 +197,10 @@ class ForkOperator(BaseOperator):
                 yield ForkRow.from_row(key, index, row, parent)
             except PayloadError as err:
                 raise ForkInputError(str(err)) from err
+
+
+def _enum_text(value: Any) -> str | None:
+    """``DagRunType.BACKFILL`` -> ``"backfill"``: store an enum's value, not its repr."""
+    if value is None:
+        return None
+    return str(getattr(value, "value", value))

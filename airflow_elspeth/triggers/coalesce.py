@@ -18,7 +18,7 @@ from airflow_elspeth.audit.coalesce import (
     WHOLE_TASK,
     CoalesceSpec,
     RunInfo,
-    _signatures,
+    chunk_signatures,
     deadline_of,
     decide_chunk,
     load_run,
@@ -241,7 +241,7 @@ class CoalesceTrigger(BaseTrigger):
                 return PollResult("fork not completed")  # the task reschedules until it is
             now = settled_now(conn)  # the clock the pass decides by
             deadline = deadline_of(run, spec.config)
-            signatures = _signatures(conn, spec, run, now)
+            signatures = chunk_signatures(conn, spec, run, now)
             undecided = {
                 chunk for chunk, (_, decided, _) in signatures.items() if decided < run.chunk_rows(chunk)
             }
