@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, and_, exists, select
+from sqlalchemy import Connection, select
 
 from airflow_elspeth.audit import schema as t
 from airflow_elspeth.audit.dml import db_now
@@ -283,14 +283,20 @@ def read_chunk_log(
     """
     r = t.rows.c
     query = select(r.row_id, r.row_key, r.row_index).where(r.run_id == run_id, r.chunk == chunk)
+    decided_ids: set[str] = set()
     if undecided_only:
+        # One indexed range read of this chunk's decisions (ix run_id, node_id, chunk), filtered here:
+        # a correlated NOT EXISTS lets PostgreSQL, on tables not analysed yet, scan every decision of
+        # the run once per row of the chunk (quadratic in the run size).
         cd = t.coalesce_decisions.c
-        query = query.where(
-            ~exists().where(and_(cd.run_id == run_id, cd.node_id == spec.node_id, cd.row_id == r.row_id))
+        decided_ids = set(
+            conn.execute(
+                select(cd.row_id).where(cd.run_id == run_id, cd.node_id == spec.node_id, cd.chunk == chunk)
+            ).scalars()
         )
     if row_ids is not None:
         query = query.where(r.row_id.in_(row_ids))
-    rows = [tuple(row) for row in conn.execute(query.order_by(r.row_index))]
+    rows = [tuple(row) for row in conn.execute(query.order_by(r.row_index)) if row[0] not in decided_ids]
     branch_of = {node: branch for branch, node in spec.delivering.items()}
     ns = t.node_states.c
     states: dict[str, dict[str, TokenState]] = defaultdict(dict)
