@@ -38,7 +38,11 @@ err = Console(stderr=True)
 
 
 def machine() -> dict[str, Any]:
-    info: dict[str, Any] = {"nproc": os.cpu_count(), "python": platform.python_version(), "sqlite": sqlite3.sqlite_version}
+    info: dict[str, Any] = {
+        "nproc": os.cpu_count(),
+        "python": platform.python_version(),
+        "sqlite": sqlite3.sqlite_version,
+    }
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -67,10 +71,15 @@ def provider_label() -> str:
         return PROVIDER_PATH[0]
     try:
         sha = subprocess.run(
-            ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+            ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
         ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "-C", str(REPO), "status", "--porcelain", "airflow_elspeth"], capture_output=True, text=True
+            ["git", "-C", str(REPO), "status", "--porcelain", "airflow_elspeth"],
+            capture_output=True,
+            text=True,
         ).stdout.strip()
         return f"{REPO}@{sha}{' + uncommitted changes' if dirty else ''}"
     except (OSError, subprocess.CalledProcessError):
@@ -86,7 +95,9 @@ def airflow_env(home: Path, dags: Path) -> dict[str, str]:
         AIRFLOW_HOME=str(home),
         AIRFLOW__CORE__DAGS_FOLDER=str(dags),
         AIRFLOW__CORE__LOAD_EXAMPLES="False",
-        PYTHONPATH=os.pathsep.join([*PROVIDER_PATH, str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]),
+        PYTHONPATH=os.pathsep.join(
+            [*PROVIDER_PATH, str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]
+        ),
     )
     return env
 
@@ -109,8 +120,16 @@ def prepare_template(workdir: Path) -> Path:
 
 
 class Runner:
-    def __init__(self, workdir: Path, template: Path, pg: Any | None, keep: bool, profile_dir: Path | None) -> None:
-        self.workdir, self.template, self.pg, self.keep, self.profile_dir = workdir, template, pg, keep, profile_dir
+    def __init__(
+        self, workdir: Path, template: Path, pg: Any | None, keep: bool, profile_dir: Path | None
+    ) -> None:
+        self.workdir, self.template, self.pg, self.keep, self.profile_dir = (
+            workdir,
+            template,
+            pg,
+            keep,
+            profile_dir,
+        )
 
     def run(self, mode: str, rows: int, db: str, *, floor: bool = True) -> dict[str, Any]:
         name = f"{mode}_{db}_{rows}"
@@ -127,7 +146,13 @@ class Runner:
             f"from benchmarks.factory import {factory}\n\ndag = {factory}({dag_id!r}, {rows})\n"
         )
         env = airflow_env(home, dags)
-        args: dict[str, Any] = {"mode": mode, "rows": rows, "db": db, "dag_file": str(dag_file), "out": str(run_dir / "result.json")}
+        args: dict[str, Any] = {
+            "mode": mode,
+            "rows": rows,
+            "db": db,
+            "dag_file": str(dag_file),
+            "out": str(run_dir / "result.json"),
+        }
         databases: list[str] = []
         if mode == "elspeth":
             if db == "postgresql":
@@ -173,7 +198,9 @@ class Runner:
             result: dict[str, Any] = json.loads((run_dir / "result.json").read_text())
             result["process_seconds"] = round(time.time() - started, 1)
             if not result["dag_run_state"].endswith("success"):
-                raise RuntimeError(f"{name}: the DAG run ended {result['dag_run_state']}: see {run_dir}/worker.log")
+                raise RuntimeError(
+                    f"{name}: the DAG run ended {result['dag_run_state']}: see {run_dir}/worker.log"
+                )
             err.log(f"{name}: {summary_line(result)}")
             return result
         finally:
@@ -188,14 +215,17 @@ def summary_line(r: dict[str, Any]) -> str:
     if r["mode"] != "elspeth":
         return f"end to end {r['end_to_end_seconds']} s, {r['task_instances']} task instances"
     return (
-        f"phases {r['phases_total_seconds']} s, {r['rows_per_second']} rows/s, floor {r.get('floor_seconds')} s, "
-        f"overhead x{r.get('overhead_vs_floor')}, peak RSS {r['peak_rss_mb']['self']} MB, poll {r['poll_ms']['mean']} ms"
+        f"phases {r['phases_total_seconds']} s, {r['rows_per_second']} rows/s, "
+        f"floor {r.get('floor_seconds')} s, overhead x{r.get('overhead_vs_floor')}, "
+        f"peak RSS {r['peak_rss_mb']['self']} MB, poll {r['poll_ms']['mean']} ms"
     )
 
 
 def size_table(rows: int, results: dict[str, dict[str, Any]]) -> Table:
     dbs = list(results)
-    table = Table(title=f"{rows:,} rows x 3 branches (fork -> branches -> coalesce, dag.test)", title_justify="left")
+    table = Table(
+        title=f"{rows:,} rows x 3 branches (fork -> branches -> coalesce, dag.test)", title_justify="left"
+    )
     table.add_column("")
     for db in dbs:
         table.add_column(db, justify="right")
@@ -213,8 +243,10 @@ def size_table(rows: int, results: dict[str, dict[str, Any]]) -> Table:
     for phase in PHASES:
         add(
             f"{phase} s  (SQL s / statements / commits)",
-            lambda r, p=phase: f"{r['phases'][p]['seconds']:.1f}  ({r['phases'][p]['sql_seconds']:.1f} / "
-            f"{r['phases'][p]['statements']:,} / {r['phases'][p]['commits']:,})",
+            lambda r, p=phase: (
+                f"{r['phases'][p]['seconds']:.1f}  ({r['phases'][p]['sql_seconds']:.1f} / "
+                f"{r['phases'][p]['statements']:,} / {r['phases'][p]['commits']:,})"
+            ),
         )
     add(
         "  coalesce: pokes / s inside poke()",
@@ -227,7 +259,10 @@ def size_table(rows: int, results: dict[str, dict[str, Any]]) -> Table:
     add("overhead vs floor (target <= 2)", lambda r: f"x{r['overhead_vs_floor']}", "bold")
     add("peak RSS MB (dag.test process)", lambda r: f"{r['peak_rss_mb']['self']:.0f}", "bold")
     add("RSS before dag.test MB", lambda r: f"{r['rss_before_mb']:.0f}")
-    add("poll: pending_work ms (mean/max)", lambda r: f"{r['poll_ms']['mean']:.1f} / {r['poll_ms']['max']:.1f}")
+    add(
+        "poll: pending_work ms (mean/max)",
+        lambda r: f"{r['poll_ms']['mean']:.1f} / {r['poll_ms']['max']:.1f}",
+    )
     any_result = next(iter(results.values()))
     for name in any_result.get("audit_rows", {}):
         add(f"  rows in {name}", lambda r, n=name: f"{r['audit_rows'][n]:,}")
@@ -237,10 +272,20 @@ def size_table(rows: int, results: dict[str, dict[str, Any]]) -> Table:
 
 
 def naive_table(naive: dict[str, Any], ours: dict[str, dict[str, Any]]) -> Table:
-    table = Table(title=f"{NAIVE_ROWS:,} rows x 3 branches: naive mapped tasks vs airflow-elspeth (dag.test, end to end)", title_justify="left")
+    table = Table(
+        title=f"{NAIVE_ROWS:,} rows x 3 branches: naive mapped tasks vs airflow-elspeth "
+        "(dag.test, end to end)",
+        title_justify="left",
+    )
     for col in ("way", "audit db", "task instances", "end to end s", "speed-up (target >= 20)"):
         table.add_column(col, justify="right")
-    table.add_row("naive: one mapped TI per (row, branch) + all_done join", "-", str(naive["task_instances"]), f"{naive['end_to_end_seconds']:.1f}", "1")
+    table.add_row(
+        "naive: one mapped TI per (row, branch) + all_done join",
+        "-",
+        str(naive["task_instances"]),
+        f"{naive['end_to_end_seconds']:.1f}",
+        "1",
+    )
     for db, r in ours.items():
         table.add_row(
             "airflow-elspeth fork/branches/coalesce",
@@ -270,15 +315,30 @@ def compact(r: dict[str, Any]) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rows", type=int, action="append", help="row count (repeatable); default 10000, 100000, 1000000")
-    parser.add_argument("--db", choices=DATABASES, action="append", help="database (repeatable); default both")
-    parser.add_argument("--json", action="store_true", help="print one JSON object with the figures as the last line")
+    parser.add_argument(
+        "--rows", type=int, action="append", help="row count (repeatable); default 10000, 100000, 1000000"
+    )
+    parser.add_argument(
+        "--db", choices=DATABASES, action="append", help="database (repeatable); default both"
+    )
+    parser.add_argument(
+        "--json", action="store_true", help="print one JSON object with the figures as the last line"
+    )
     parser.add_argument("--no-naive", action="store_true", help="skip the naive mapped-task comparison")
     parser.add_argument("--no-floor", action="store_true", help="skip the floor (raw bulk insert)")
-    parser.add_argument("--profile", type=Path, metavar="DIR", help="run the DAGs under pyinstrument, write profiles to DIR")
-    parser.add_argument("--save", type=Path, metavar="FILE", help="write every raw figure (incl. SQL per phase) as JSON to FILE")
+    parser.add_argument(
+        "--profile", type=Path, metavar="DIR", help="run the DAGs under pyinstrument, write profiles to DIR"
+    )
+    parser.add_argument(
+        "--save",
+        type=Path,
+        metavar="FILE",
+        help="write every raw figure (incl. SQL per phase) as JSON to FILE",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the temporary directories and databases")
-    parser.add_argument("--workdir", type=Path, help="where temporary Airflow homes and SQLite files go (default: a temp dir)")
+    parser.add_argument(
+        "--workdir", type=Path, help="where temporary Airflow homes and SQLite files go (default: a temp dir)"
+    )
     parser.add_argument(
         "--provider-path",
         type=Path,
@@ -317,17 +377,26 @@ def main(argv: list[str] | None = None) -> int:
         if not opts.no_naive:
             naive = runner.run("naive", NAIVE_ROWS, "sqlite")
             for db in dbs:
-                ours_1k[db] = results.get(NAIVE_ROWS, {}).get(db) or runner.run("elspeth", NAIVE_ROWS, db, floor=False)
+                ours_1k[db] = results.get(NAIVE_ROWS, {}).get(db) or runner.run(
+                    "elspeth", NAIVE_ROWS, db, floor=False
+                )
             out.print(naive_table(naive, ours_1k))
     info["loadavg_end"] = os.getloadavg()
     if opts.save:
-        raw = {"machine": info, "results": {str(k): v for k, v in results.items()}, "naive": naive, "ours_1k": ours_1k}
+        raw = {
+            "machine": info,
+            "results": {str(k): v for k, v in results.items()},
+            "naive": naive,
+            "ours_1k": ours_1k,
+        }
         opts.save.write_text(json.dumps(raw, indent=1, default=str))
     out.print(f"machine: {info}")
     if opts.json:
         figures: dict[str, Any] = {
             "machine": info,
-            "results": {str(rows): {db: compact(r) for db, r in by_db.items()} for rows, by_db in results.items()},
+            "results": {
+                str(rows): {db: compact(r) for db, r in by_db.items()} for rows, by_db in results.items()
+            },
         }
         if naive is not None:
             figures["naive"] = {
@@ -335,7 +404,10 @@ def main(argv: list[str] | None = None) -> int:
                 "naive_seconds": naive["end_to_end_seconds"],
                 "naive_task_instances": naive["task_instances"],
                 "ours_seconds": {db: r["end_to_end_seconds"] for db, r in ours_1k.items()},
-                "speedup": {db: round(naive["end_to_end_seconds"] / r["end_to_end_seconds"], 1) for db, r in ours_1k.items()},
+                "speedup": {
+                    db: round(naive["end_to_end_seconds"] / r["end_to_end_seconds"], 1)
+                    for db, r in ours_1k.items()
+                },
             }
         largest = max(sizes)
         figures["poll_ms"] = {

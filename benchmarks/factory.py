@@ -18,7 +18,13 @@ START = datetime(2026, 1, 1)
 
 def make_row(i: int) -> dict[str, Any]:
     """One input row (~90 bytes of canonical JSON): a key, a label, two numbers and a flag."""
-    return {"id": i, "name": f"item-{i:07d}", "value": (i * 7919) % 100_003, "price": i % 997 / 10, "ok": i % 2 == 0}
+    return {
+        "id": i,
+        "name": f"item-{i:07d}",
+        "value": (i * 7919) % 100_003,
+        "price": i % 997 / 10,
+        "ok": i % 2 == 0,
+    }
 
 
 def generate_rows(n: int) -> Iterator[dict[str, Any]]:
@@ -95,7 +101,11 @@ def elspeth_dag(dag_id: str, rows: int, *, chunk_size: int = 1000) -> Any:
 
     from airflow_elspeth import BranchOperator, CoalesceSensor, ForkOperator
 
-    ForkOperator, BranchOperator, CoalesceSensor = timed(ForkOperator), timed(BranchOperator), timed(CoalesceSensor)
+    ForkOperator, BranchOperator, CoalesceSensor = (
+        timed(ForkOperator),
+        timed(BranchOperator),
+        timed(CoalesceSensor),
+    )
     with DAG(dag_id=dag_id, schedule=None, start_date=START, catchup=False, tags=["benchmark"]) as dag:
         fork = ForkOperator(
             task_id="fork",

@@ -69,7 +69,9 @@ def measure(source: Engine, target: Engine, *, method: str, chunk: int = FLOOR_C
             column_list = ", ".join(f'"{c}"' for c in columns)
             elapsed = 0.0
             if method == "executemany":
-                sql = f'INSERT INTO "{name}" ({column_list}) VALUES ({", ".join([placeholder] * len(columns))})'
+                sql = (
+                    f'INSERT INTO "{name}" ({column_list}) VALUES ({", ".join([placeholder] * len(columns))})'
+                )
                 for batch in _read(source, name, columns, chunk):
                     started = time.perf_counter()
                     cursor.executemany(sql, batch)

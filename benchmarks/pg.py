@@ -27,9 +27,13 @@ def find_bindir() -> Path:
     pg_ctl = shutil.which("pg_ctl")
     if pg_ctl:
         return Path(pg_ctl).parent
-    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/pg_ctl"), key=lambda p: float(Path(p).parents[1].name))
+    found = sorted(
+        glob.glob("/usr/lib/postgresql/*/bin/pg_ctl"), key=lambda p: float(Path(p).parents[1].name)
+    )
     if not found:
-        raise RuntimeError("PostgreSQL server binaries not found (pg_ctl on PATH or /usr/lib/postgresql/*/bin)")
+        raise RuntimeError(
+            "PostgreSQL server binaries not found (pg_ctl on PATH or /usr/lib/postgresql/*/bin)"
+        )
     return Path(found[-1]).parent
 
 
@@ -84,7 +88,9 @@ class TempPostgres:
         self._pg("initdb", "-D", str(self.data), "-U", self.user, "--auth=trust", "-E", "UTF8", "--no-sync")
         options = f"-p {self.port} -k {self.sock} -c listen_addresses={self.host}"
         try:
-            self._pg("pg_ctl", "-D", str(self.data), "-o", options, "-l", str(self.log), "-w", "-t", "60", "start")
+            self._pg(
+                "pg_ctl", "-D", str(self.data), "-o", options, "-l", str(self.log), "-w", "-t", "60", "start"
+            )
         except subprocess.CalledProcessError:
             if self.log.exists():
                 print(self.log.read_text(errors="replace")[-4000:])

@@ -25,10 +25,11 @@ from typing import Any
 def bench_spec() -> Any:
     from airflow_elspeth.audit.coalesce import CoalesceSpec
     from airflow_elspeth.core.config import coalesce_config
-
     from benchmarks.factory import BRANCHES
 
-    config = coalesce_config(branches=list(BRANCHES), policy="require_all", merge="union", timeout=timedelta(hours=6))
+    config = coalesce_config(
+        branches=list(BRANCHES), policy="require_all", merge="union", timeout=timedelta(hours=6)
+    )
     return CoalesceSpec(
         node_id="coalesce",
         config=config,
@@ -60,7 +61,9 @@ def main() -> int:
     parser.add_argument("--url", required=True, help="SQLAlchemy URL of the audit database")
     parser.add_argument("--run-id", help="audit run id (default: the newest run)")
     parser.add_argument("--polls", type=int, default=20)
-    parser.add_argument("--also-postgresql", action="store_true", help="time it on PostgreSQL too (see above)")
+    parser.add_argument(
+        "--also-postgresql", action="store_true", help="time it on PostgreSQL too (see above)"
+    )
     opts = parser.parse_args()
     from sqlalchemy import func, select
 
@@ -69,14 +72,21 @@ def main() -> int:
 
     engine = create_audit_engine(opts.url)
     with engine.connect() as conn:
-        run_id = opts.run_id or conn.execute(
-            select(t.runs.c.run_id).order_by(t.runs.c.started_at.desc()).limit(1)
-        ).scalar_one()
+        run_id = (
+            opts.run_id
+            or conn.execute(
+                select(t.runs.c.run_id).order_by(t.runs.c.started_at.desc()).limit(1)
+            ).scalar_one()
+        )
         rows_total = conn.execute(select(t.runs.c.rows_total).where(t.runs.c.run_id == run_id)).scalar()
         progress_rows = conn.execute(
             select(func.count()).select_from(t.chunk_progress).where(t.chunk_progress.c.run_id == run_id)
         ).scalar_one()
-    result: dict[str, Any] = {"run_id": run_id, "rows_total": rows_total, "chunk_progress_rows": progress_rows}
+    result: dict[str, Any] = {
+        "run_id": run_id,
+        "rows_total": rows_total,
+        "chunk_progress_rows": progress_rows,
+    }
     result[engine.dialect.name] = time_polls(engine, bench_spec(), run_id, opts.polls)
     if opts.also_postgresql:
         result["postgresql"] = poll_on_postgresql(engine, run_id, opts.polls)
@@ -89,7 +99,6 @@ def poll_on_postgresql(source: Any, run_id: str, polls: int) -> dict[str, Any]:
 
     from airflow_elspeth.audit import schema as t
     from airflow_elspeth.hooks.audit import dispose_engine, engine_for_url
-
     from benchmarks.pg import TempPostgres
 
     with TempPostgres() as pg:
@@ -97,7 +106,9 @@ def poll_on_postgresql(source: Any, run_id: str, polls: int) -> dict[str, Any]:
         target = engine_for_url(url)  # schema built by the provider's migrations
         with source.connect() as src, target.begin() as dst:
             for table in (t.runs, t.chunk_progress, t.branch_task_losses):
-                rows = [dict(r) for r in src.execute(select(table).where(table.c.run_id == run_id)).mappings()]
+                rows = [
+                    dict(r) for r in src.execute(select(table).where(table.c.run_id == run_id)).mappings()
+                ]
                 if rows:
                     dst.execute(table.insert(), rows)
         with target.connect() as conn:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import resource
 import statistics
 import sys
@@ -40,19 +39,27 @@ class SqlRecorder:
     def __init__(self, engine: Any) -> None:
         from sqlalchemy import event
 
-        self.events: list[tuple[float, float, bool, int, str]] = []  # (start, seconds, executemany, rows, sql)
+        self.events: list[
+            tuple[float, float, bool, int, str]
+        ] = []  # (start, seconds, executemany, rows, sql)
         self.commits: list[float] = []
         self._started: dict[int, float] = {}
 
         @event.listens_for(engine, "before_cursor_execute")
-        def before(conn: Any, cursor: Any, statement: str, params: Any, context: Any, executemany: bool) -> None:
+        def before(
+            conn: Any, cursor: Any, statement: str, params: Any, context: Any, executemany: bool
+        ) -> None:
             self._started[id(cursor)] = time.time()
 
         @event.listens_for(engine, "after_cursor_execute")
-        def after(conn: Any, cursor: Any, statement: str, params: Any, context: Any, executemany: bool) -> None:
+        def after(
+            conn: Any, cursor: Any, statement: str, params: Any, context: Any, executemany: bool
+        ) -> None:
             start = self._started.pop(id(cursor), time.time())
             rows = len(params) if executemany and isinstance(params, (list, tuple)) else 1
-            self.events.append((start, time.time() - start, executemany, rows, " ".join(statement.split())[:90]))
+            self.events.append(
+                (start, time.time() - start, executemany, rows, " ".join(statement.split())[:90])
+            )
 
         @event.listens_for(engine, "commit")
         def commit(conn: Any) -> None:
@@ -91,7 +98,11 @@ def task_instances(dag_id: str, run_id: str) -> list[Any]:
     from airflow.utils.session import create_session
 
     with create_session() as session:
-        tis = session.query(TaskInstance).filter(TaskInstance.dag_id == dag_id, TaskInstance.run_id == run_id).all()
+        tis = (
+            session.query(TaskInstance)
+            .filter(TaskInstance.dag_id == dag_id, TaskInstance.run_id == run_id)
+            .all()
+        )
         return [
             {
                 "task_id": ti.task_id,
@@ -106,7 +117,11 @@ def task_instances(dag_id: str, run_id: str) -> list[Any]:
 
 def profile_phases(session: Any) -> dict[str, Any]:
     """Per phase (the operator's execute frame): inclusive time of the slowest functions below it."""
-    phases = {"fork": "operators/fork.py", "branches": "operators/branch.py", "coalesce": "sensors/coalesce.py"}
+    phases = {
+        "fork": "operators/fork.py",
+        "branches": "operators/branch.py",
+        "coalesce": "sensors/coalesce.py",
+    }
     found: dict[str, list[Any]] = {k: [] for k in phases}
 
     def walk(frame: Any) -> None:
@@ -124,7 +139,12 @@ def profile_phases(session: Any) -> dict[str, Any]:
         inclusive: dict[str, float] = {}
         own: dict[str, float] = {}
 
-        def visit(frame: Any, stack: frozenset[str]) -> None:
+        def visit(
+            frame: Any,
+            stack: frozenset[str],
+            inclusive: dict[str, float] = inclusive,
+            own: dict[str, float] = own,
+        ) -> None:
             path = frame.file_path or ""
             short = path.split("site-packages/")[-1].split("/work/main/")[-1]
             key = f"{short}:{frame.function}"
@@ -132,7 +152,7 @@ def profile_phases(session: Any) -> dict[str, Any]:
                 inclusive[key] = inclusive.get(key, 0.0) + frame.time
             own[key] = own.get(key, 0.0) + frame.total_self_time
             for child in frame.children:
-                visit(child, stack | {key})
+                visit(child, stack | {key}, inclusive, own)
 
         for frame in frames:
             visit(frame, frozenset())
@@ -198,7 +218,9 @@ def run(args: dict[str, Any]) -> dict[str, Any]:
     if profiler is not None:
         Path(args["profile"]).write_text(profiler.output_text(color=False, unicode=True, show_all=False))
         profiler.last_session.save(args["profile"] + ".pyisession")
-        Path(args["profile"] + ".phases.json").write_text(json.dumps(profile_phases(profiler.last_session), indent=1))
+        Path(args["profile"] + ".phases.json").write_text(
+            json.dumps(profile_phases(profiler.last_session), indent=1)
+        )
 
     if args["mode"] != "elspeth":
         return result
@@ -238,7 +260,11 @@ def run(args: dict[str, Any]) -> dict[str, Any]:
         }
         run_id = conn.execute(select(t.runs.c.run_id).where(t.runs.c.dag_id == dag.dag_id)).scalar_one()
         decisions = dict(
-            conn.execute(select(t.coalesce_decisions.c.decision, func.count()).group_by(t.coalesce_decisions.c.decision)).all()
+            conn.execute(
+                select(t.coalesce_decisions.c.decision, func.count()).group_by(
+                    t.coalesce_decisions.c.decision
+                )
+            ).all()
         )
     result["audit_rows_total"] = sum(result["audit_rows"].values())
     result["decisions"] = decisions
@@ -263,7 +289,6 @@ def run(args: dict[str, Any]) -> dict[str, Any]:
 
     # The floor: the same rows, raw bulk inserts into a fresh copy of the schema.
     from airflow_elspeth.hooks.audit import create_audit_engine
-
     from benchmarks import floor
 
     floors = {}
