@@ -25,7 +25,10 @@ def from_crm(row: dict) -> dict:
 
 
 def from_billing(row: dict) -> dict:
-    return {"plan": "pro" if row["n"] % 4 == 0 else "basic", "status": "overdue" if row["n"] % 6 == 0 else "paid"}
+    return {
+        "plan": "pro" if row["n"] % 4 == 0 else "basic",
+        "status": "overdue" if row["n"] % 6 == 0 else "paid",
+    }
 
 
 def from_support(row: dict) -> dict | None:
@@ -43,7 +46,11 @@ with DAG(
     doc_md=__doc__,
 ) as dag:
     fork = ForkOperator(
-        task_id="fork", rows=accounts, row_key="account", branches=["crm", "billing", "support"], chunk_size=10
+        task_id="fork",
+        rows=accounts,
+        row_key="account",
+        branches=["crm", "billing", "support"],
+        chunk_size=10,
     )
     crm = BranchOperator(task_id="crm", fork=fork, branch="crm", python_callable=from_crm)
     billing = BranchOperator.partial(

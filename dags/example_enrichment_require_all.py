@@ -20,7 +20,9 @@ class ServiceUnavailable(ConnectionError):
 
 
 def customers() -> list[dict]:
-    return [{"customer_id": f"C{n:04d}", "postcode": f"{1000 + n * 7}", "spend": n * 13.5} for n in range(1, 41)]
+    return [
+        {"customer_id": f"C{n:04d}", "postcode": f"{1000 + n * 7}", "spend": n * 13.5} for n in range(1, 41)
+    ]
 
 
 def credit_score(customer: dict) -> dict:

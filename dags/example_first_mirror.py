@@ -38,8 +38,15 @@ with DAG(
 ) as dag:
     fork = ForkOperator(task_id="fork", rows=PACKAGES, row_key="package", branches=["us", "eu"])
     us = BranchOperator(task_id="mirror_us", fork=fork, branch="us", python_callable=fetch_from("us", 4, 0.0))
-    eu = BranchOperator(task_id="mirror_eu", fork=fork, branch="eu", python_callable=fetch_from("eu", 10**6, 0.01))
+    eu = BranchOperator(
+        task_id="mirror_eu", fork=fork, branch="eu", python_callable=fetch_from("eu", 10**6, 0.01)
+    )
     fetched = CoalesceSensor(
-        task_id="fetched", fork=fork, policy="first", merge="union", timeout=timedelta(minutes=5), poke_interval=1
+        task_id="fetched",
+        fork=fork,
+        policy="first",
+        merge="union",
+        timeout=timedelta(minutes=5),
+        poke_interval=1,
     )
     fork >> [us, eu] >> fetched

@@ -64,7 +64,9 @@ with DAG(
             for n in range(1, DOCUMENTS + 1)
         ]
 
-    fork = ForkOperator(task_id="fork", rows=load_documents(), row_key="id", branches=["gpt", "claude", "gemini"])
+    fork = ForkOperator(
+        task_id="fork", rows=load_documents(), row_key="id", branches=["gpt", "claude", "gemini"]
+    )
     gpt = BranchOperator(task_id="ask_gpt", fork=fork, branch="gpt", python_callable=ask_gpt)
     claude = BranchOperator(
         task_id="ask_claude", fork=fork, branch="claude", python_callable=ask_claude, row_retries=2
@@ -98,4 +100,3 @@ with DAG(
     gemini_prompt >> gemini
     [gpt, claude, gemini] >> consensus
     publish(consensus.output)
-
