@@ -402,23 +402,8 @@ class AuditStore:
                 .group_by(ns.chunk)
             ).all()
         )
-        upsert(
-            conn,
-            t.chunk_progress,
-            [
-                {
-                    "run_id": run_id,
-                    "node_id": node_id,
-                    "chunk": chunk,
-                    "rows_done": done.get(chunk, 0),
-                    "rows_total": total,
-                    "seen_signature": None,
-                    "updated_at": now,
-                }
-                for chunk, total in chunk_tokens.items()
-            ],
-            update=["rows_done", "rows_total", "updated_at"],
-        )
+        progress = {chunk: (done.get(chunk, 0), total) for chunk, total in chunk_tokens.items()}
+        set_progress(conn, run_id, node_id, progress, now)
 
     # -- coalesce ---------------------------------------------------------------------------------
 
@@ -470,23 +455,39 @@ class AuditStore:
                     )
                 )
             ).scalar_one()
-            upsert(
-                conn,
-                t.chunk_progress,
-                [
-                    {
-                        "run_id": run_id,
-                        "node_id": node_id,
-                        "chunk": chunk,
-                        "rows_done": decided,
-                        "rows_total": rows_total,
-                        "seen_signature": signature,
-                        "updated_at": db_now(conn),
-                    }
-                ],
-                update=["rows_done", "rows_total", "seen_signature", "updated_at"],
-            )
+            set_progress(conn, run_id, node_id, {chunk: (decided, rows_total)}, db_now(conn), signature)
             return int(decided)
+
+
+def set_progress(
+    conn: Connection,
+    run_id: str,
+    node_id: str,
+    progress: Mapping[int, tuple[int, int]],
+    now: datetime,
+    signature: str | None = None,
+) -> None:
+    """Upsert a node's ``chunk_progress`` rows: {chunk: (rows done, rows total)}.
+
+    :param signature: for a coalesce node, the branch progress its decisions were evaluated against.
+    """
+    upsert(
+        conn,
+        t.chunk_progress,
+        [
+            {
+                "run_id": run_id,
+                "node_id": node_id,
+                "chunk": chunk,
+                "rows_done": done,
+                "rows_total": total,
+                "seen_signature": signature,
+                "updated_at": now,
+            }
+            for chunk, (done, total) in progress.items()
+        ],
+        update=["rows_done", "rows_total", "seen_signature", "updated_at"],
+    )
 
 
 def outcome_row(
