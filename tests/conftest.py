@@ -29,8 +29,10 @@ import os
 import pwd
 import shutil
 import stat
+import subprocess
 import sys
 import tempfile
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -251,3 +253,22 @@ def audit_engine(audit_url: str) -> Iterator[object]:
     engine = engine_for_url(audit_url)
     yield engine
     dispose_engine(audit_url)
+
+
+@pytest.fixture(scope="session")
+def airflow_metadata() -> str:
+    """Migrate the metadata DB of the suite's AIRFLOW_HOME once (``airflow db migrate``)."""
+    env = {**os.environ, "AIRFLOW__CORE__LOAD_EXAMPLES": "False"}
+    started = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-m", "airflow", "db", "migrate"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"airflow db migrate failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    home = os.environ["AIRFLOW_HOME"]
+    print(f"metadata DB migrated in {time.monotonic() - started:.1f}s ({home})", file=sys.stderr)
+    return home

@@ -1,7 +1,6 @@
 """Fixtures of the dag.test() integration suite.
 
-* ``airflow_metadata`` (session): migrates the Airflow metadata DB of the suite's AIRFLOW_HOME once
-  (tests/conftest.py points AIRFLOW_HOME at a temporary directory before Airflow is imported).
+* ``airflow_metadata`` (session, from tests/conftest.py): the suite's metadata DB, migrated once.
 * ``run_dag(dag, audit_url)``: points the audit store at ``audit_url`` (an ``elspeth_audit``
   connection in ``AIRFLOW_CONN_ELSPETH_AUDIT_DEFAULT``), runs ``dag.test()``, returns the DagRun.
   The environment is restored afterwards, so other suites keep the embedded default.
@@ -16,34 +15,11 @@ database per test, tests/conftest.py).
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import time
 from typing import Any
 
 import pytest
 
-from .support import DAGS_DIR, clear_and_drive, patched_env, run_env
-
-
-@pytest.fixture(scope="session")
-def airflow_metadata() -> str:
-    """Migrate the metadata DB of the suite's AIRFLOW_HOME once (``airflow db migrate``)."""
-    home = os.environ["AIRFLOW_HOME"]
-    env = {**os.environ, "AIRFLOW__CORE__LOAD_EXAMPLES": "False", "AIRFLOW__CORE__DAGS_FOLDER": str(DAGS_DIR)}
-    started = time.monotonic()
-    done = subprocess.run(
-        [sys.executable, "-m", "airflow", "db", "migrate"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    if done.returncode != 0:
-        raise RuntimeError(f"airflow db migrate failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
-    print(f"metadata DB migrated in {time.monotonic() - started:.1f}s ({home})", file=sys.stderr)
-    return home
+from .support import clear_and_drive, patched_env, run_env
 
 
 @pytest.fixture

@@ -15,9 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,25 +78,7 @@ def ui_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]
 
 
 @pytest.fixture(scope="session")
-def ui_metadata() -> str:
-    """The suite's metadata DB, migrated (``airflow db migrate``; a no-op when already at head)."""
-    env = {**os.environ, "AIRFLOW__CORE__LOAD_EXAMPLES": "False"}
-    started = time.monotonic()
-    done = subprocess.run(
-        [sys.executable, "-m", "airflow", "db", "migrate"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    if done.returncode != 0:
-        raise RuntimeError(f"airflow db migrate failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
-    print(f"metadata DB migrated in {time.monotonic() - started:.1f}s", file=sys.stderr)
-    return os.environ["AIRFLOW_HOME"]
-
-
-@pytest.fixture(scope="session")
-def airflow_api(ui_env: dict[str, str], ui_metadata: str) -> Iterator[Any]:
+def airflow_api(ui_env: dict[str, str], airflow_metadata: str) -> Iterator[Any]:
     from airflow.api_fastapi.app import create_app, purge_cached_app
 
     purge_cached_app()
