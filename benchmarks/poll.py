@@ -41,11 +41,11 @@ def bench_spec() -> Any:
 def time_polls(engine: Any, spec: Any, run_id: str, polls: int = 20) -> dict[str, Any]:
     from airflow_elspeth.audit.coalesce import pending_work
 
-    pending_work(engine, spec, run_id)  # warm-up: pool connection, page cache
+    pending_work(engine, spec, run_id, {})  # warm-up: pool connection, page cache
     times, answer = [], None
     for _ in range(polls):
         started = time.perf_counter()
-        answer = pending_work(engine, spec, run_id)
+        answer = pending_work(engine, spec, run_id, {})
         times.append((time.perf_counter() - started) * 1000)
     return {
         "mean": round(statistics.mean(times), 2),

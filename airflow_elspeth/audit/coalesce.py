@@ -1,9 +1,14 @@
 """The coalesce pass: read each ready chunk's event log, replay it with the core, write the decisions.
 
 This is the one piece of code that decides rows. The sensor (poke and reschedule), the deferred
-sensor's resumption and the CLI's ``verify`` all go through it; the trigger only asks
-:func:`pending_work` whether a pass would decide anything. It knows SQL and the core, not Airflow:
-branch task states come in as a plain mapping.
+sensor's resumption and the coalesce's finalizer all go through it; the trigger replays chunks
+read-only with :func:`decide_chunk` to know whether a pass would decide anything. It knows SQL and
+the core, not Airflow: task states come in as a plain mapping.
+
+Each chunk is decided in one transaction ordered against the branch writers of that chunk
+(:func:`~airflow_elspeth.audit.dml.ordered_write`): the pass reads the audit clock after every
+writer in flight has committed, so no event stamped before a decision can appear after it. A
+decision is therefore always what a replay of the stored log says, whatever the interleaving.
 """
 
 from __future__ import annotations
@@ -15,28 +20,30 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, select
+from sqlalchemy import Connection, and_, func, select, update
 
 from airflow_elspeth.audit import schema as t
-from airflow_elspeth.audit.dml import db_now
+from airflow_elspeth.audit.dml import db_now, insert_ignore, ordered_write
 from airflow_elspeth.audit.store import (
     ARRIVAL_STATES,
     COMPLETED,
-    DROPPED,
-    FAILED,
     TERMINAL_STATES,
     AuditStore,
     DecisionWrite,
     branch_token_id,
     dumps,
     join_group_id,
+    loss_reason,
     merged_token_id,
     outcome_row,
+    set_progress,
+    write_decisions,
 )
 from airflow_elspeth.core.canonical import hash_value
 from airflow_elspeth.core.config import CoalesceConfig
 from airflow_elspeth.core.merge import merge_outputs
 from airflow_elspeth.core.policy import (
+    COALESCE_TASK_PREFIX,
     LATE_AFTER_FAILURE,
     LATE_AFTER_MERGE,
     NOT_ARRIVED,
@@ -45,12 +52,8 @@ from airflow_elspeth.core.policy import (
     EventKind,
     Status,
     replay,
+    resolve_ended,
 )
-
-# How long a writer's transaction may take between stamping its events and committing them. A pass
-# reads the log as of (audit clock - SETTLE), so no event it has not seen can later appear before a
-# decision it made: a decision stays what a replay of the complete log says.
-SETTLE = timedelta(seconds=2)
 
 # Task states after which a branch task will deliver nothing more.
 ENDED_TASK_STATES = frozenset({"success", "failed", "upstream_failed", "skipped", "removed"})
@@ -140,11 +143,6 @@ def load_run(conn: Connection, run_id: str) -> RunInfo | None:
     )
 
 
-def settled_now(conn: Connection) -> datetime:
-    """The audit clock less :data:`SETTLE`: the time up to which the log is complete."""
-    return db_now(conn) - SETTLE
-
-
 def deadline_of(run: RunInfo, config: CoalesceConfig) -> datetime:
     if run.completed_at is None:
         raise ValueError(f"audit run {run.run_id} has not completed its fork")
@@ -171,52 +169,58 @@ def task_loss_rows(
     return rows
 
 
-def chunk_signatures(
-    conn: Connection, spec: CoalesceSpec, run: RunInfo, now: datetime
-) -> dict[int, tuple[str, int, str | None]]:
-    """Per chunk: (what the branches have delivered, rows decided, signature last evaluated).
+def ended_tasks_by_chunk(
+    spec: CoalesceSpec, chunks_total: int, task_states: Mapping[str, str]
+) -> dict[int, dict[str, str]]:
+    """Per chunk: {delivering task id: final state} of the branch tasks that ended."""
+    ended: dict[int, dict[str, str]] = defaultdict(dict)
+    for row in task_loss_rows(spec, chunks_total, task_states):
+        chunks = range(chunks_total) if row["chunk"] == WHOLE_TASK else [row["chunk"]]
+        for chunk in chunks:
+            ended[chunk][row["node_id"]] = row["task_state"]
+    return ended
 
-    A delivery or task loss newer than the settled clock ``now`` is marked unsettled, so the
-    signature changes again once it settles and the chunk is evaluated with it.
+
+def chunk_signatures(
+    conn: Connection, spec: CoalesceSpec, run: RunInfo, now: datetime, task_states: Mapping[str, str]
+) -> dict[int, tuple[str, int, str | None]]:
+    """Per chunk: (what a decision of the chunk would depend on, rows decided, signature last evaluated).
+
+    The signature covers the branches' delivery progress, the branch tasks that ended, and whether
+    the deadline passed: while it is unchanged, evaluating the chunk again cannot decide more.
     """
     nodes = list(spec.delivering.values())
-    progress: dict[int, dict[str, Any]] = defaultdict(dict)
+    progress: dict[int, dict[str, int]] = defaultdict(dict)
     own: dict[int, tuple[int, str | None]] = {}
     cp = t.chunk_progress.c
-    for node_id, chunk, rows_done, seen, updated_at in conn.execute(
-        select(cp.node_id, cp.chunk, cp.rows_done, cp.seen_signature, cp.updated_at).where(
+    for node_id, chunk, rows_done, seen in conn.execute(
+        select(cp.node_id, cp.chunk, cp.rows_done, cp.seen_signature).where(
             cp.run_id == run.run_id, cp.node_id.in_([*nodes, spec.node_id])
         )
     ):
         if node_id == spec.node_id:
             own[chunk] = (rows_done, seen)
         else:
-            progress[chunk][node_id] = [rows_done, updated_at <= now]
-    losses: dict[int, dict[str, Any]] = defaultdict(dict)
-    tl = t.branch_task_losses.c
-    for node_id, chunk, state, observed_at in conn.execute(
-        select(tl.node_id, tl.chunk, tl.task_state, tl.observed_at).where(
-            tl.run_id == run.run_id, tl.node_id.in_(nodes)
-        )
-    ):
-        losses[chunk][node_id] = [state, observed_at <= now]
+            progress[chunk][node_id] = rows_done
+    ended = ended_tasks_by_chunk(spec, run.chunks_total, task_states)
     past_deadline = now >= deadline_of(run, spec.config)
     result = {}
     for chunk in range(run.chunks_total):
         decided, seen = own.get(chunk, (0, None))
-        chunk_losses = {**losses.get(WHOLE_TASK, {}), **losses.get(chunk, {})}
-        signature = dumps([progress.get(chunk, {}), chunk_losses, past_deadline])
+        signature = dumps([progress.get(chunk, {}), ended.get(chunk, {}), past_deadline])
         result[chunk] = (signature, decided, seen)
     return result
 
 
-def pending_work(engine: Any, spec: CoalesceSpec, run_id: str) -> tuple[bool, bool]:
-    """Read-only check for the trigger: (a pass would evaluate something, every row is decided)."""
+def pending_work(
+    engine: Any, spec: CoalesceSpec, run_id: str, task_states: Mapping[str, str]
+) -> tuple[bool, bool]:
+    """Read-only check: (a pass would evaluate something, every row is decided)."""
     with engine.connect() as conn:
         run = load_run(conn, run_id)
         if run is None or run.completed_at is None:
             return False, False
-        sigs = chunk_signatures(conn, spec, run, settled_now(conn))
+        sigs = chunk_signatures(conn, spec, run, db_now(conn), task_states)
     all_decided = all(decided >= run.chunk_rows(c) for c, (_, decided, _) in sigs.items())
     ready = any(
         decided < run.chunk_rows(c) and signature != seen for c, (signature, decided, seen) in sigs.items()
@@ -225,28 +229,121 @@ def pending_work(engine: Any, spec: CoalesceSpec, run_id: str) -> tuple[bool, bo
 
 
 def coalesce_pass(
-    store: AuditStore, spec: CoalesceSpec, run_id: str, task_states: Mapping[str, str]
+    store: AuditStore,
+    spec: CoalesceSpec,
+    run_id: str,
+    task_states: Mapping[str, str],
+    *,
+    ended_state: str | None = None,
 ) -> PassResult:
-    """Decide every row that can be decided now, one atomic chunk at a time."""
+    """Decide every row that can be decided now, one ordered, atomic chunk at a time.
+
+    :param task_states: Airflow states of the branch tasks (``get_task_states`` keys).
+    :param ended_state: the coalesce task ended in this state and will not run again (the
+        finalizer's pass): every row still undecidable is closed with
+        :func:`~airflow_elspeth.core.policy.resolve_ended` instead of left waiting.
+    """
     with store.engine.connect() as conn:
         run = load_run(conn, run_id)
         if run is None or run.completed_at is None:
             raise ValueError(f"audit run {run_id} is not a completed fork")
-        store.record_task_losses(run_id, task_loss_rows(spec, run.chunks_total, task_states))
-        now = settled_now(conn)
+        now = db_now(conn)
         deadline = deadline_of(run, spec.config)
-        signatures = chunk_signatures(conn, spec, run, now)
+        signatures = chunk_signatures(conn, spec, run, now, task_states)
     decided_total = 0
     for chunk, (signature, decided, seen) in signatures.items():
         chunk_rows = run.chunk_rows(chunk)
-        if decided >= chunk_rows or signature == seen:
+        if decided >= chunk_rows or (signature == seen and ended_state is None):
             decided_total += min(decided, chunk_rows)
             continue
-        writes = decide_chunk(store, spec, run, chunk, task_states=task_states)
-        decided_total += store.write_decisions(
-            run_id, spec.node_id, chunk, writes, rows_total=chunk_rows, signature=signature
-        )
+        with ordered_write(store.engine, run_id, [chunk], decider=True) as conn:
+            chunk_now = db_now(conn)  # read under the lock: every event stamped before it is visible
+            insert_ignore(
+                conn, t.branch_task_losses, _chunk_task_losses(spec, run, chunk, task_states, chunk_now)
+            )
+            writes = decide_chunk(
+                conn, spec, run, chunk, task_states=task_states, now=chunk_now, ended_state=ended_state
+            )
+            decided_total += write_decisions(
+                conn, run_id, spec.node_id, chunk, writes, rows_total=chunk_rows, signature=signature
+            )
     return PassResult(rows_total=run.rows_total, rows_decided=decided_total, deadline=deadline, now=now)
+
+
+def _chunk_task_losses(
+    spec: CoalesceSpec, run: RunInfo, chunk: int, task_states: Mapping[str, str], now: datetime
+) -> list[dict[str, Any]]:
+    """``branch_task_losses`` rows of one chunk: the branch tasks seen ended, observed ``now``."""
+    ended = ended_tasks_by_chunk(spec, run.chunks_total, task_states).get(chunk, {})
+    branch_of = {node: branch for branch, node in spec.delivering.items()}
+    return [
+        {
+            "run_id": run.run_id,
+            "node_id": node_id,
+            "chunk": chunk,
+            "branch_name": branch_of[node_id],
+            "task_state": state,
+            "observed_at": now,
+        }
+        for node_id, state in ended.items()
+    ]
+
+
+def supersede_resolutions(store: AuditStore, spec: CoalesceSpec, run_id: str) -> int:
+    """A new try of a coalesce that had ended: reopen the rows its end resolved, keeping the trail.
+
+    Resolutions (``coalesce_task_<state>`` decisions) move to ``superseded_decisions``, their token
+    outcomes stay but are no longer terminal (``superseded_at``), so the new try decides those rows
+    afresh. Policy decisions are never reopened. Returns how many rows were reopened.
+    """
+    cd = t.coalesce_decisions.c
+    resolution = and_(
+        cd.run_id == run_id,
+        cd.node_id == spec.node_id,
+        cd.failure_reason.like(COALESCE_TASK_PREFIX + "%"),
+    )
+    with store.engine.connect() as conn:
+        chunks = sorted(conn.execute(select(cd.chunk).where(resolution).distinct()).scalars())
+        run = load_run(conn, run_id)
+    if run is None or not chunks:
+        return 0
+    reopened = 0
+    for chunk in chunks:
+        with ordered_write(store.engine, run_id, [chunk], decider=True) as conn:
+            now = db_now(conn)
+            rows = (
+                conn.execute(select(t.coalesce_decisions).where(resolution, cd.chunk == chunk))
+                .mappings()
+                .all()
+            )
+            if not rows:
+                continue
+            conn.execute(
+                t.superseded_decisions.insert(),
+                [
+                    {
+                        **{
+                            c.name: row[c.name] for c in t.superseded_decisions.c if c.name != "superseded_at"
+                        },
+                        "superseded_at": now,
+                    }
+                    for row in rows
+                ],
+            )
+            groups = [join_group_id(run_id, row["row_id"], spec.node_id) for row in rows]
+            to = t.token_outcomes.c
+            conn.execute(
+                update(t.token_outcomes)
+                .where(to.run_id == run_id, to.join_group_id.in_(groups), to.is_terminal)
+                .values(is_terminal=False, superseded_at=now)
+            )
+            conn.execute(t.coalesce_decisions.delete().where(resolution, cd.chunk == chunk))
+            decided = conn.execute(
+                select(func.count()).where(cd.run_id == run_id, cd.node_id == spec.node_id, cd.chunk == chunk)
+            ).scalar_one()
+            set_progress(conn, run_id, spec.node_id, {chunk: (decided, run.chunk_rows(chunk))}, now)
+            reopened += len(rows)
+    return reopened
 
 
 @dataclass(frozen=True)
@@ -257,14 +354,6 @@ class TokenState:
     at: datetime  # when the state became visible (node_states.recorded_at): the event time
     output_ref: str | None
     error: Mapping[str, Any] | None
-
-
-def loss_reason(status: str, error: Mapping[str, Any] | None) -> str:
-    if status == DROPPED:
-        return "dropped"
-    if status == FAILED:
-        return f"error:{(error or {}).get('type', 'Exception')}"
-    raise ValueError(f"node state {status!r} is not a loss")
 
 
 def read_chunk_log(
@@ -350,34 +439,40 @@ def row_events(
 
 
 def decide_chunk(
-    store: AuditStore,
+    conn: Connection,
     spec: CoalesceSpec,
     run: RunInfo,
     chunk: int,
     *,
     task_states: Mapping[str, str],
+    now: datetime,
+    ended_state: str | None = None,
 ) -> list[DecisionWrite]:
-    """Replay every undecided row of a chunk as of the settled audit clock; the final ones to write."""
+    """Replay every undecided row of a chunk as of the audit clock ``now``; the final ones to write.
+
+    Called inside the pass's ordered transaction (so ``now`` is after every event it can see), or
+    read-only by the trigger to know whether a pass would decide something.
+
+    :param ended_state: see :func:`coalesce_pass`: rows still pending are resolved, not skipped.
+    """
     deadline = deadline_of(run, spec.config)
-    with store.engine.connect() as conn:
-        now = settled_now(conn)
-        rows, states, losses = read_chunk_log(conn, spec, run.run_id, chunk, undecided_only=True)
-        decided: list[tuple[str, str, Decision]] = []
-        for row_id, row_key, _ in rows:
-            events = row_events(spec, states.get(row_id, {}), losses)
-            settled = [e for e in events if e.at <= now]
-            if not replay(spec.config, settled, deadline=deadline, now=now).is_final:
+    rows, states, losses = read_chunk_log(conn, spec, run.run_id, chunk, undecided_only=True)
+    decided: list[tuple[str, str, Decision]] = []
+    for row_id, row_key, _ in rows:
+        events = row_events(spec, states.get(row_id, {}), losses)
+        decision = replay(spec.config, events, deadline=deadline, now=now)
+        if not decision.is_final:
+            if ended_state is None:
                 continue
-            # The settled log decides; every event seen after it comes later in log order, so the
-            # whole log gives the same decision and also classifies those events (late, lost).
-            decided.append((row_id, row_key, replay(spec.config, events, deadline=deadline, now=now)))
-        wanted = {
-            states[row_id][b].output_ref
-            for row_id, _, d in decided
-            if d.status is Status.MERGED
-            for b in d.consumed
-        }
-        bodies = payload_bodies(conn, wanted)
+            decision = resolve_ended(spec.config, events, at=now, task_state=ended_state)
+        decided.append((row_id, row_key, decision))
+    wanted = {
+        states[row_id][b].output_ref
+        for row_id, _, d in decided
+        if d.status is Status.MERGED
+        for b in d.consumed
+    }
+    bodies = payload_bodies(conn, wanted)
     task_state_of = {
         branch: task_states.get(key, "none")
         for branch in spec.config.branches

@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from itertools import islice
 from typing import Any, TypeVar
 
-from sqlalchemy import Connection, Table, func, select
+from sqlalchemy import Connection, Engine, Table, func, select, text
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 T = TypeVar("T")
+
+# Errors of an audit database that is unreachable or busy for a while (server down or restarting,
+# network cut, pool exhausted, SQLite locked past its busy timeout): retrying later can succeed.
+TRANSIENT_ERRORS: tuple[type[Exception], ...] = (OperationalError, InterfaceError, PoolTimeoutError)
 
 
 def batched(items: Iterable[T], size: int) -> Iterator[list[T]]:
@@ -67,3 +75,66 @@ def db_now(conn: Connection) -> datetime:
         return datetime.now(timezone.utc)
     value = conn.execute(select(func.clock_timestamp())).scalar_one()
     return value.astimezone(timezone.utc)
+
+
+@contextmanager
+def immediate_transaction(connection: Connection) -> Iterator[None]:
+    """One SQLite transaction that holds the database's write lock from its first statement.
+
+    Python's sqlite3 module (in its default, legacy transaction control) neither begins a
+    transaction before DDL or a SELECT nor lets a caller choose ``IMMEDIATE``; with
+    ``isolation_level = None`` it leaves transaction control to the SQL we send, and its
+    ``commit()``/``rollback()`` still act on the transaction SQLite reports as open.
+    """
+    driver_connection: Any = connection.connection.driver_connection
+    if not hasattr(driver_connection, "isolation_level"):
+        raise NotImplementedError(f"unsupported SQLite driver {connection.dialect.driver!r}")
+    previous = driver_connection.isolation_level
+    driver_connection.isolation_level = None
+    try:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+        try:
+            yield
+            connection.commit()
+        except BaseException:
+            connection.rollback()
+            raise
+    finally:
+        driver_connection.isolation_level = previous
+
+
+def chunk_lock_key(run_id: str, chunk: int) -> int:
+    """The 64-bit advisory lock key of one chunk of one audit run (PostgreSQL)."""
+    digest = hashlib.sha256(f"airflow_elspeth:{run_id}:{chunk}".encode()).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
+
+
+@contextmanager
+def ordered_write(
+    engine: Engine, run_id: str, chunks: Iterable[int], *, decider: bool
+) -> Iterator[Connection]:
+    """A transaction ordered against every other writer of the same chunks' event log.
+
+    Event times are the audit clock read inside the writing transaction, so a decision can only
+    trust the log if no event stamped before its own clock reading commits after it. This takes
+    that guarantee from the database instead of a timing assumption:
+
+    * PostgreSQL: branch writers (``decider=False``) hold a shared advisory lock per chunk, the
+      coalesce (``decider=True``) an exclusive one, both until commit. A decision waits for every
+      writer in flight to commit, and a writer that starts meanwhile stamps after the decision.
+    * SQLite: one writer at a time; every ordered write takes the write lock before its first
+      statement (``BEGIN IMMEDIATE``), so stamps follow commit order.
+
+    Read the clock (:func:`db_now`) only inside this block, after it is entered.
+    """
+    keys = sorted({chunk_lock_key(run_id, chunk) for chunk in chunks})
+    with engine.connect() as conn:
+        if conn.dialect.name == "sqlite":
+            with immediate_transaction(conn):
+                yield conn
+            return
+        lock = "pg_advisory_xact_lock" if decider else "pg_advisory_xact_lock_shared"
+        with conn.begin():
+            for key in keys:  # in one order everywhere: no deadlock between two lockers
+                conn.execute(text(f"SELECT {lock}(:key)"), {"key": key})
+            yield conn

@@ -21,16 +21,15 @@ table and takes no lock.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, Engine, text
+
+from airflow_elspeth.audit.dml import immediate_transaction
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 VERSION_TABLE = "elspeth_alembic_version"
@@ -132,7 +131,7 @@ def _upgrade_sqlite(connection: Connection, revision: str) -> None:
         connection.exec_driver_sql("PRAGMA foreign_keys = OFF")
         connection.commit()
     try:
-        with _immediate_transaction(connection):
+        with immediate_transaction(connection):
             command.upgrade(alembic_config(connection), revision)
             violations = connection.exec_driver_sql("PRAGMA foreign_key_check").fetchall()
             if violations:
@@ -141,29 +140,3 @@ def _upgrade_sqlite(connection: Connection, revision: str) -> None:
         if foreign_keys_on:
             connection.exec_driver_sql("PRAGMA foreign_keys = ON")
             connection.commit()
-
-
-@contextmanager
-def _immediate_transaction(connection: Connection) -> Iterator[None]:
-    """One SQLite transaction that holds the write lock from its first statement.
-
-    Python's sqlite3 module (in its default, legacy transaction control) neither begins a
-    transaction before DDL nor lets a caller choose ``IMMEDIATE``; with ``isolation_level = None``
-    it leaves transaction control to the SQL we send, and its ``commit()``/``rollback()`` still act
-    on the transaction SQLite reports as open.
-    """
-    driver_connection: Any = connection.connection.driver_connection
-    if not hasattr(driver_connection, "isolation_level"):  # pragma: no cover - non-pysqlite driver
-        raise NotImplementedError(f"unsupported SQLite driver {connection.dialect.driver!r}")
-    previous = driver_connection.isolation_level
-    driver_connection.isolation_level = None
-    try:
-        connection.exec_driver_sql("BEGIN IMMEDIATE")
-        try:
-            yield
-            connection.commit()
-        except BaseException:
-            connection.rollback()
-            raise
-    finally:
-        driver_connection.isolation_level = previous

@@ -32,9 +32,16 @@ from sqlalchemy.exc import NoResultFound
 from airflow_elspeth.audit import schema as t
 from airflow_elspeth.audit.coalesce import CoalesceSpec, deadline_of, load_run, read_chunk_log, row_events
 from airflow_elspeth.audit.dml import db_now
-from airflow_elspeth.audit.queries import row_lineage, runs_of_dag_run
+from airflow_elspeth.audit.queries import (
+    RESOLUTION_PREFIX,
+    is_resolution,
+    replay_at_resolution,
+    resolution_task_state,
+    row_lineage,
+    runs_of_dag_run,
+)
 from airflow_elspeth.audit.store import ARRIVAL_STATES
-from airflow_elspeth.core.policy import BranchEvent, EventKind, order_events, replay
+from airflow_elspeth.core.policy import BranchEvent, EventKind, Status, order_events, replay
 
 PAGE_SIZE = 50
 MAX_PAGE_SIZE = 500
@@ -74,6 +81,17 @@ FAILURE_REASON_TEXT = {
     "first_timeout_no_arrivals": "no branch had arrived by the deadline (first)",
     "select_branch_not_arrived": "the selected branch was not among the merged arrivals",
 }
+
+
+def failure_reason_text(reason: str | None) -> str:
+    """Why a row failed, in words (resolutions included: ``coalesce_task_<state>``)."""
+    reason = reason or ""
+    if is_resolution(reason):
+        state = reason[len(RESOLUTION_PREFIX) :]
+        return (
+            f"the coalesce task ended {state} before the row could be decided (a resolution, not the policy)"
+        )
+    return FAILURE_REASON_TEXT.get(reason, reason)
 
 
 def missing_reason_text(reason: str) -> str:
@@ -172,6 +190,7 @@ def audit_runs(engine: Engine, dag_id: str, airflow_run_id: str) -> list[dict[st
                 "started_at": run["started_at"],
                 "completed_at": run["completed_at"],
                 "status": run["status"],
+                "status_reason": run.get("status_reason"),
                 "rows_total": run["rows_total"],
                 "chunk_size": run["chunk_size"],
                 "chunks_total": run["chunks_total"],
@@ -186,7 +205,42 @@ def audit_runs(engine: Engine, dag_id: str, airflow_run_id: str) -> list[dict[st
                 ],
             }
         )
+    counts = decision_counts(engine, {r["audit_run_id"]: (r["rows_total"], r["coalesces"]) for r in result})
+    for entry in result:
+        entry["decisions"] = counts.get(entry["audit_run_id"], {})
     result.sort(key=lambda r: (r["fork_task_id"], -r["try_number"]))
+    return result
+
+
+def decision_counts(
+    engine: Engine, runs: Mapping[str, tuple[int | None, Sequence[str]]]
+) -> dict[str, dict[str, dict[str, int | None]]]:
+    """Per audit run, per registered coalesce: rows merged, failed and undecided (one grouped read).
+
+    :param runs: audit run id -> (its rows_total, or None while the fork runs; its coalesces).
+    ``undecided`` is None while the run's row count is not known. A superseded resolution is not
+    a decision: its row counts as undecided until the coalesce decides it again.
+    """
+    wanted = [run_id for run_id, (_, coalesces) in runs.items() if coalesces]
+    found: dict[tuple[str, str], dict[str, int]] = {}
+    cd = t.coalesce_decisions.c
+    with engine.connect() as conn:
+        for start in range(0, len(wanted), 500):
+            for run_id, node_id, decision, n in conn.execute(
+                select(cd.run_id, cd.node_id, cd.decision, func.count())
+                .where(cd.run_id.in_(wanted[start : start + 500]))
+                .group_by(cd.run_id, cd.node_id, cd.decision)
+            ):
+                found.setdefault((run_id, node_id), {})[decision] = int(n)
+    result: dict[str, dict[str, dict[str, int | None]]] = {}
+    for run_id, (rows_total, coalesces) in runs.items():
+        per_node: dict[str, dict[str, int | None]] = {}
+        for node_id in coalesces:
+            got = found.get((run_id, node_id), {})
+            merged, failed = got.get("merged", 0), got.get("failed", 0)
+            undecided = max(0, rows_total - merged - failed) if rows_total is not None else None
+            per_node[node_id] = {"merged": merged, "failed": failed, "undecided": undecided}
+        result[run_id] = per_node
     return result
 
 
@@ -912,11 +966,20 @@ def explain_decision(
     waiting = [b for b, r in missing.items() if r == NOT_ARRIVED]
     late = [b for b, r in missing.items() if reason_kind(r) == "late"]
     parts = []
-    if decision["decision"] == "merged":
+    if is_resolution(decision["failure_reason"]):
+        state = (
+            details.get("coalesce_task_state") or str(decision["failure_reason"])[len(RESOLUTION_PREFIX) :]
+        )
+        parts.append(
+            f"Resolved when the coalesce task ended {state}: the row was still undecided under {policy}, "
+            "and nothing will decide it any more. This is not a policy outcome."
+        )
+        parts.append(f"Arrived before the coalesce task ended: {listing(details.get('arrived', []))}.")
+    elif decision["decision"] == "merged":
         parts.append(f"Merged {when} under {policy} (merge={config['merge']}), from {listing(consumed)}.")
     else:
         reason = decision["failure_reason"] or ""
-        parts.append(f"Failed {when} under {policy}: {FAILURE_REASON_TEXT.get(reason, reason)}.")
+        parts.append(f"Failed {when} under {policy}: {failure_reason_text(reason)}.")
         arrived = details.get("arrived")
         if arrived is not None:
             parts.append(f"Arrived before the decision: {listing(arrived)}.")
@@ -949,8 +1012,13 @@ def _replay_check(
     row: Mapping[str, Any],
     recorded: Mapping[str, Any],
 ) -> dict[str, Any]:
-    """Replay the row's event log with the core and compare with the recorded decision."""
+    """Replay the row's event log with the core and compare with the recorded decision.
+
+    A resolution (``coalesce_task_<state>``) is no policy outcome: its check replays only the
+    events up to its ``decided_at``, which must leave the row pending (``undecidable_then``).
+    """
     run_id = audit_run["audit_run_id"]
+    resolution = is_resolution(recorded["failure_reason"])
     try:
         with engine.connect() as conn:
             run = load_run(conn, run_id)
@@ -961,7 +1029,12 @@ def _replay_check(
             now = db_now(conn)
         deadline = deadline_of(run, spec.config)
         events = row_events(spec, states.get(row["row_id"], {}), losses)
-        replayed = replay(spec.config, events, deadline=deadline, now=now)
+        if resolution:
+            replayed = replay_at_resolution(
+                spec.config, events, decided_at=recorded["decided_at"], deadline=deadline
+            )
+        else:
+            replayed = replay(spec.config, events, deadline=deadline, now=now)
     except Exception as err:  # the page still shows the recorded decision
         return {"available": False, "error": f"{type(err).__name__}: {err}", "events": [], "timeline": []}
     log = order_events(spec.config, events)
@@ -971,10 +1044,30 @@ def _replay_check(
         "consumed": list(replayed.consumed),
         "decided_at": replayed.decided_at,
     }
+    if resolution:
+        undecidable = replayed.status is Status.PENDING
+        return {
+            "available": True,
+            "resolution": True,
+            "task_state": resolution_task_state(
+                {
+                    "failure_reason": recorded["failure_reason"],
+                    "details_json": json.dumps(recorded["details"]),
+                }
+            ),
+            "undecidable_then": undecidable,
+            "agrees": undecidable,
+            "differences": {},
+            "replayed": got,
+            "deadline": deadline,
+            "events": [_event_dict(e, deadline, recorded["decided_at"], set()) for e in log],
+            "timeline": _timeline(log, deadline, recorded),
+        }
     want = {k: recorded[k] for k in got}
     differences = [k for k in got if got[k] != want[k]]
     return {
         "available": True,
+        "resolution": False,
         "agrees": not differences,
         "differences": {k: {"recorded": want[k], "replayed": got[k]} for k in differences},
         "replayed": got,
@@ -1117,6 +1210,12 @@ def row_view(engine: Engine, audit_run: Mapping[str, Any], row_key: str) -> dict
                 "outcome": terminal["outcome"] if terminal else None,
                 "outcome_reason": terminal["reason"] if terminal else None,
                 "outcomes": token["outcomes"],
+                # Outcomes of a resolution a later coalesce try replaced: shown, never terminal.
+                "superseded_outcomes": [
+                    o
+                    for o in token["outcomes"]
+                    if not o["is_terminal"] and o.get("superseded_at") is not None
+                ],
             }
         )
     decisions = []
@@ -1155,6 +1254,19 @@ def row_view(engine: Engine, audit_run: Mapping[str, Any], row_key: str) -> dict
             recorded["replay"] = _replay_check(engine, audit_run, spec, lineage["row"], recorded)
         decisions.append(recorded)
     decisions.sort(key=lambda d: d["coalesce"])
+    superseded = [
+        {
+            "coalesce": d["node_id"],
+            "decision": d["decision"],
+            "failure_reason": d["failure_reason"],
+            "details": json.loads(d["details_json"]),
+            "missing": json.loads(d["missing_json"]),
+            "decided_at": d["decided_at"],
+            "recorded_at": d["recorded_at"],
+            "superseded_at": d["superseded_at"],
+        }
+        for d in lineage.get("superseded_decisions", [])
+    ]
     return {
         "audit_run_id": run_id,
         "row_key": lineage["row"]["row_key"],
@@ -1172,6 +1284,8 @@ def row_view(engine: Engine, audit_run: Mapping[str, Any], row_key: str) -> dict
         "fork_completed_at": audit_run["completed_at"],
         "branches": branches,
         "decisions": decisions,
+        # Resolutions replaced when a person cleared the coalesce: history, never decisions.
+        "superseded_decisions": superseded,
     }
 
 
@@ -1285,8 +1399,9 @@ def _branch_step_stats(
 
 
 def recent_runs(engine: Engine, dag_ids: Iterable[str] | None, *, limit: int = 50) -> list[dict[str, Any]]:
-    """The newest audit runs, of the given DAGs only (None: of every DAG)."""
-    ru = t.runs.c
+    """The newest audit runs, of the given DAGs only (None: of every DAG), with their coalesces'
+    merged, failed and undecided rows."""
+    ru, n = t.runs.c, t.nodes.c
     query = select(
         ru.run_id,
         ru.dag_id,
@@ -1294,6 +1409,7 @@ def recent_runs(engine: Engine, dag_ids: Iterable[str] | None, *, limit: int = 5
         ru.fork_task_id,
         ru.try_number,
         ru.status,
+        ru.status_reason,
         ru.started_at,
         ru.rows_total,
     )
@@ -1303,6 +1419,22 @@ def recent_runs(engine: Engine, dag_ids: Iterable[str] | None, *, limit: int = 5
             return []
         query = query.where(ru.dag_id.in_(wanted))
     with engine.connect() as conn:
-        return [
+        runs = [
             dict(row) for row in conn.execute(query.order_by(ru.started_at.desc()).limit(limit)).mappings()
         ]
+        coalesces: dict[str, list[str]] = {}
+        if runs:
+            for run_id, node_id in conn.execute(
+                select(n.run_id, n.node_id)
+                .where(n.run_id.in_([r["run_id"] for r in runs]), n.node_type == "coalesce")
+                .order_by(n.run_id, n.node_id)
+            ):
+                coalesces.setdefault(run_id, []).append(node_id)
+    counts = decision_counts(
+        engine, {r["run_id"]: (r["rows_total"], coalesces.get(r["run_id"], [])) for r in runs}
+    )
+    for run in runs:
+        run["coalesces"] = coalesces.get(run["run_id"], [])
+        # Per coalesce: {"merged", "failed", "undecided"}.
+        run["decisions"] = counts.get(run["run_id"], {})
+    return runs

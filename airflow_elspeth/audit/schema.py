@@ -78,7 +78,10 @@ runs = Table(
     Column("logical_date", UTCDateTime),
     Column("started_at", UTCDateTime, nullable=False),
     Column("completed_at", UTCDateTime),
+    # running | completed | failed
     Column("status", String(20), nullable=False),
+    # Why a run failed (the fork's error, the fork task's end, a later try): never silent.
+    Column("status_reason", Text),
     Column("config_hash", HASH, nullable=False),
     # Added beyond DESIGN §6: the audit run this one re-does (same DAG run and fork), row and chunk
     # counts known once the fork completes, and the fork's branch list.
@@ -183,6 +186,8 @@ token_outcomes = Table(
     Column("error_hash", HASH),
     Column("join_group_id", ID),
     Column("recorded_at", UTCDateTime, nullable=False),
+    # Set when a later coalesce try decided the row afresh: the outcome stays, no longer terminal.
+    Column("superseded_at", UTCDateTime),
     Index(
         "uq_token_outcomes_terminal",
         "token_id",
@@ -217,6 +222,26 @@ coalesce_decisions = Table(
     Column("recorded_at", UTCDateTime, nullable=False),
     Index(None, "run_id", "node_id", "decision", "failure_reason"),
     Index(None, "run_id", "node_id", "chunk"),
+)
+
+# A decision that a later try of its coalesce replaced: the resolution written when the coalesce
+# task ended without deciding (failure reason coalesce_task_<state>), kept when a person cleared the
+# coalesce and its new try decided the row afresh. A row may be superseded more than once.
+superseded_decisions = Table(
+    "superseded_decisions",
+    metadata,
+    Column("run_id", ID, primary_key=True),
+    Column("node_id", NAME, primary_key=True),
+    Column("row_id", ID, primary_key=True),
+    Column("superseded_at", UTCDateTime, primary_key=True),
+    Column("row_key", Text, nullable=False),
+    Column("chunk", Integer, nullable=False),
+    Column("decision", String(10), nullable=False),
+    Column("failure_reason", String(60)),
+    Column("details_json", Text, nullable=False),
+    Column("missing_json", Text, nullable=False),
+    Column("decided_at", UTCDateTime, nullable=False),
+    Column("recorded_at", UTCDateTime, nullable=False),
 )
 
 payloads = Table(

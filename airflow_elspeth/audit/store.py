@@ -7,7 +7,7 @@ that already exist, so a retried or concurrent writer stores nothing twice.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -15,7 +15,7 @@ from typing import Any
 from sqlalchemy import Connection, Engine, and_, func, select, update
 
 from airflow_elspeth.audit import schema as t
-from airflow_elspeth.audit.dml import db_now, insert_ignore, upsert
+from airflow_elspeth.audit.dml import db_now, insert_ignore, ordered_write, upsert
 from airflow_elspeth.core.canonical import derive_id, hash_value
 
 # Node-state statuses. The terminal ones end a token's work at a node; "aborted" marks a row error
@@ -27,6 +27,14 @@ DISCARDED = "discarded"
 ABORTED = "aborted"
 TERMINAL_STATES = (COMPLETED, DROPPED, FAILED, DISCARDED)
 ARRIVAL_STATES = (COMPLETED, DISCARDED)
+
+# Audit run statuses.
+RUNNING = "running"
+RUN_COMPLETED = "completed"
+RUN_FAILED = "failed"
+
+# The terminal outcome of a branch token at the last step of a branch that no coalesce joins.
+NOT_JOINED = "not_joined"
 
 
 def dumps(value: Any) -> str:
@@ -158,6 +166,23 @@ class AuditStore:
                 .order_by(t.runs.c.try_number.desc())
                 .limit(1)
             ).scalar()
+            # An earlier try still "running" died without closing its run (killed, or a failure
+            # this code could not catch): it never will complete, so it is closed now.
+            stale = (
+                conn.execute(
+                    select(t.runs.c.run_id).where(
+                        t.runs.c.dag_id == identity.dag_id,
+                        t.runs.c.airflow_run_id == identity.airflow_run_id,
+                        t.runs.c.fork_task_id == identity.fork_task_id,
+                        t.runs.c.try_number < identity.try_number,
+                        t.runs.c.status == RUNNING,
+                    )
+                )
+                .scalars()
+                .all()
+            )
+            for stale_run in stale:
+                self._fail_run(conn, stale_run, f"fork_task_ended: try {identity.try_number} started")
             insert_ignore(
                 conn,
                 t.runs,
@@ -172,7 +197,7 @@ class AuditStore:
                         "run_type": identity.run_type,
                         "logical_date": identity.logical_date,
                         "started_at": db_now(conn),
-                        "status": "running",
+                        "status": RUNNING,
                         "config_hash": config_hash,
                         "previous_run_id": previous,
                         "chunk_size": chunk_size,
@@ -222,28 +247,55 @@ class AuditStore:
             now = db_now(conn)
             conn.execute(
                 update(t.runs)
-                .where(t.runs.c.run_id == run_id, t.runs.c.status == "running")
+                .where(t.runs.c.run_id == run_id, t.runs.c.status == RUNNING)
                 .values(
-                    status="completed", completed_at=now, rows_total=rows_total, chunks_total=chunks_total
+                    status=RUN_COMPLETED, completed_at=now, rows_total=rows_total, chunks_total=chunks_total
                 )
             )
             return conn.execute(select(t.runs.c.completed_at).where(t.runs.c.run_id == run_id)).scalar_one()
 
-    def fail_run(self, run_id: str) -> None:
-        """Mark a fork that stopped on bad input failed and remove its partial rows and tokens.
+    def fail_run(self, run_id: str, reason: str) -> None:
+        """Mark a fork try that did not complete failed, saying why, and remove its partial rows.
 
-        Payloads are content-addressed and may be shared with other runs, so they stay.
+        A run that never completed has no deadline and no decisions: keeping half of its rows
+        would leave tokens no coalesce will ever decide. Payloads are content-addressed and may be
+        shared with other runs, so they stay. A run already completed or failed is left as it is.
         """
-        run_tokens = select(t.tokens.c.token_id).where(t.tokens.c.run_id == run_id)
         with self.engine.begin() as conn:
-            conn.execute(t.token_parents.delete().where(t.token_parents.c.token_id.in_(run_tokens)))
-            for table in (t.token_outcomes, t.tokens, t.rows, t.chunk_progress):
-                conn.execute(table.delete().where(table.c.run_id == run_id))
-            conn.execute(
-                update(t.runs)
-                .where(t.runs.c.run_id == run_id)
-                .values(status="failed", completed_at=db_now(conn), rows_total=0)
+            self._fail_run(conn, run_id, reason)
+
+    def close_stale_runs(self, dag_id: str, airflow_run_id: str, fork_task_id: str, reason: str) -> list[str]:
+        """Fail every audit run of a fork task still "running" once that task has ended."""
+        with self.engine.begin() as conn:
+            stale = (
+                conn.execute(
+                    select(t.runs.c.run_id).where(
+                        t.runs.c.dag_id == dag_id,
+                        t.runs.c.airflow_run_id == airflow_run_id,
+                        t.runs.c.fork_task_id == fork_task_id,
+                        t.runs.c.status == RUNNING,
+                    )
+                )
+                .scalars()
+                .all()
             )
+            for run_id in stale:
+                self._fail_run(conn, run_id, reason)
+        return list(stale)
+
+    @staticmethod
+    def _fail_run(conn: Connection, run_id: str, reason: str) -> None:
+        closed = conn.execute(
+            update(t.runs)
+            .where(t.runs.c.run_id == run_id, t.runs.c.status == RUNNING)
+            .values(status=RUN_FAILED, status_reason=reason[:2000], completed_at=db_now(conn), rows_total=0)
+        ).rowcount
+        if not closed:
+            return
+        run_tokens = select(t.tokens.c.token_id).where(t.tokens.c.run_id == run_id)
+        conn.execute(t.token_parents.delete().where(t.token_parents.c.token_id.in_(run_tokens)))
+        for table in (t.token_outcomes, t.node_states, t.tokens, t.rows, t.chunk_progress):
+            conn.execute(table.delete().where(table.c.run_id == run_id))
 
     # -- fork -------------------------------------------------------------------------------------
 
@@ -328,10 +380,14 @@ class AuditStore:
         results: Sequence[NodeResult],
         *,
         chunk_tokens: Mapping[int, int],
+        final_step: bool = False,
     ) -> None:
         """Node states and output payloads of one batch, and the chunks' progress, atomically.
 
         :param chunk_tokens: tokens of this branch per chunk touched (the progress denominator).
+        :param final_step: this is the last step of a branch that no coalesce joins: each token
+            ends here, so its terminal outcome is written with its state (outcome ``completed``
+            with reason ``not_joined``, or ``lost`` with the loss reason).
         """
         payloads: dict[str, str] = {}
         states = []
@@ -359,18 +415,21 @@ class AuditStore:
                     "chunk": result.chunk,
                 }
             )
-        with self.engine.begin() as conn:
+        with ordered_write(self.engine, run_id, chunk_tokens, decider=False) as conn:
+            recorded_at = db_now(conn)  # the event time: read under the ordering lock
             insert_ignore(conn, t.payloads, [{"hash": h, "body": b} for h, b in payloads.items()])
-            # Taken after the first write: on SQLite the write lock is held from here to the commit.
-            recorded_at = db_now(conn)
             insert_ignore(conn, t.node_states, [{**state, "recorded_at": recorded_at} for state in states])
+            if final_step:
+                insert_ignore(
+                    conn, t.token_outcomes, [not_joined_outcome(run_id, r, recorded_at) for r in results]
+                )
             self._refresh_progress(conn, run_id, node_id, chunk_tokens, recorded_at)
 
     def abort_attempt_errors(
         self, run_id: str, node_id: str, attempt: int, chunk_tokens: Mapping[int, int]
     ) -> None:
         """A try that fails on its failure threshold leaves its row errors for the next try."""
-        with self.engine.begin() as conn:
+        with ordered_write(self.engine, run_id, chunk_tokens, decider=False) as conn:
             conn.execute(
                 update(t.node_states)
                 .where(
@@ -407,56 +466,36 @@ class AuditStore:
 
     # -- coalesce ---------------------------------------------------------------------------------
 
-    def record_task_losses(self, run_id: str, losses: Iterable[dict[str, Any]]) -> None:
-        """Branch tasks seen ended without delivering; the first observation's time is kept."""
-        values = list(losses)
-        if not values:
-            return
-        with self.engine.begin() as conn:
-            now = db_now(conn)
-            insert_ignore(
-                conn, t.branch_task_losses, [{**v, "run_id": run_id, "observed_at": now} for v in values]
-            )
 
-    def write_decisions(
-        self,
-        run_id: str,
-        node_id: str,
-        chunk: int,
-        writes: Sequence[DecisionWrite],
-        *,
-        rows_total: int,
-        signature: str,
-    ) -> int:
-        """Commit one chunk of decisions atomically; returns how many rows of the chunk are decided."""
-        with self.engine.begin() as conn:
-            insert_ignore(
-                conn,
-                t.payloads,
-                [
-                    {"hash": w.merged_payload[0], "body": w.merged_payload[1]}
-                    for w in writes
-                    if w.merged_payload
-                ],
-            )
-            insert_ignore(conn, t.tokens, [w.merged_token for w in writes if w.merged_token])
-            insert_ignore(conn, t.token_parents, [p for w in writes for p in w.parents])
-            insert_ignore(conn, t.node_states, [w.merged_state for w in writes if w.merged_state])
-            insert_ignore(conn, t.token_outcomes, [o for w in writes for o in w.outcomes])
-            insert_ignore(conn, t.coalesce_decisions, [w.decision for w in writes])
-            decided = conn.execute(
-                select(func.count())
-                .select_from(t.coalesce_decisions)
-                .where(
-                    and_(
-                        t.coalesce_decisions.c.run_id == run_id,
-                        t.coalesce_decisions.c.node_id == node_id,
-                        t.coalesce_decisions.c.chunk == chunk,
-                    )
-                )
-            ).scalar_one()
-            set_progress(conn, run_id, node_id, {chunk: (decided, rows_total)}, db_now(conn), signature)
-            return int(decided)
+def write_decisions(
+    conn: Connection,
+    run_id: str,
+    node_id: str,
+    chunk: int,
+    writes: Sequence[DecisionWrite],
+    *,
+    rows_total: int,
+    signature: str,
+) -> int:
+    """One chunk's decisions, inside the pass's transaction; returns how many rows of it are decided."""
+    insert_ignore(
+        conn,
+        t.payloads,
+        [{"hash": w.merged_payload[0], "body": w.merged_payload[1]} for w in writes if w.merged_payload],
+    )
+    insert_ignore(conn, t.tokens, [w.merged_token for w in writes if w.merged_token])
+    insert_ignore(conn, t.token_parents, [p for w in writes for p in w.parents])
+    insert_ignore(conn, t.node_states, [w.merged_state for w in writes if w.merged_state])
+    insert_ignore(conn, t.token_outcomes, [o for w in writes for o in w.outcomes])
+    insert_ignore(conn, t.coalesce_decisions, [w.decision for w in writes])
+    cd = t.coalesce_decisions.c
+    decided = conn.execute(
+        select(func.count())
+        .select_from(t.coalesce_decisions)
+        .where(and_(cd.run_id == run_id, cd.node_id == node_id, cd.chunk == chunk))
+    ).scalar_one()
+    set_progress(conn, run_id, node_id, {chunk: (decided, rows_total)}, db_now(conn), signature)
+    return int(decided)
 
 
 def set_progress(
@@ -511,3 +550,19 @@ def outcome_row(
         "join_group_id": join_group,
         "recorded_at": at,
     }
+
+
+def loss_reason(status: str, error: Mapping[str, Any] | None) -> str:
+    """The loss reason of a terminal node state that is not an arrival."""
+    if status == DROPPED:
+        return "dropped"
+    if status == FAILED:
+        return f"error:{(error or {}).get('type', 'Exception')}"
+    raise ValueError(f"node state {status!r} is not a loss")
+
+
+def not_joined_outcome(run_id: str, result: NodeResult, at: datetime) -> dict[str, Any]:
+    """The terminal outcome of a token at the last step of a branch no coalesce joins."""
+    if result.status in ARRIVAL_STATES:
+        return outcome_row(result.token_id, run_id, COMPLETED, NOT_JOINED, at)
+    return outcome_row(result.token_id, run_id, "lost", loss_reason(result.status, result.error), at)

@@ -4,25 +4,50 @@ from __future__ import annotations
 
 import hashlib
 import json
+import reprlib
 from typing import Any
 
 import rfc8785
+
+# The longest row key, in UTF-8 bytes. The audit store indexes (run_id, row_key); PostgreSQL
+# refuses a btree index entry above about 2.7 KB, SQLite has no such limit. One limit, well below
+# PostgreSQL's, keeps what a fork accepts the same on both backends.
+MAX_ROW_KEY_BYTES = 1000
+
+_short = reprlib.Repr()
+_short.maxstring = 60
+_short.maxother = 60
+_short.maxlevel = 3
 
 
 class PayloadError(ValueError):
     """A row or output that cannot be stored as canonical JSON (NaN, Infinity, non-JSON types)."""
 
 
+def short_repr(value: Any) -> str:
+    """A bounded ``repr`` for error messages: long strings cut, deep or huge containers elided."""
+    return _short.repr(value)
+
+
 def canonical_json(value: Any, *, what: str = "value") -> bytes:
     """Serialise ``value`` as RFC 8785 canonical JSON.
 
     :param what: names the value in the error message, e.g. ``"row 'a-17'"``.
-    :raises PayloadError: for NaN/Infinity, integers outside the JSON-safe range and non-JSON types.
+    :raises PayloadError: for NaN/Infinity, integers outside the JSON-safe range, non-JSON types,
+        text that is not valid Unicode (lone surrogates) and values nested too deeply to
+        serialise (or containing themselves).
     """
     try:
         return rfc8785.dumps(value)
     except rfc8785.CanonicalizationError as err:
         raise PayloadError(f"{what} is not canonical JSON: {err}") from err
+    except UnicodeError as err:  # a lone surrogate in an object key (values raise the error above)
+        raise PayloadError(f"{what} is not canonical JSON: text is not valid Unicode ({err})") from err
+    except RecursionError as err:
+        # Raised with the stack unwound, so handling it here is safe; the limit is Python's stack.
+        raise PayloadError(
+            f"{what} is not canonical JSON: nested too deeply to serialise (or it contains itself)"
+        ) from err
 
 
 def content_hash(canonical: bytes) -> str:
@@ -53,7 +78,25 @@ def derive_id(*parts: object) -> str:
 
 
 def row_key_text(key: Any) -> str:
-    """How a user's row key is stored: strings verbatim, anything else as canonical JSON."""
-    if isinstance(key, str):
-        return key
-    return canonical_json(key, what=f"row key {key!r}").decode("utf-8")
+    """How a user's row key is stored: strings verbatim, anything else as canonical JSON.
+
+    The same limits hold on every audit backend:
+
+    :raises PayloadError: for a missing key (``None``), a key that is not canonical JSON, and a
+        stored key that contains a NUL character (PostgreSQL text cannot hold one), is not valid
+        Unicode, or is longer than :data:`MAX_ROW_KEY_BYTES` UTF-8 bytes.
+    """
+    if key is None:
+        raise PayloadError("row key is missing (None)")
+    text = key if isinstance(key, str) else canonical_json(key, what=f"row key {short_repr(key)}").decode()
+    if "\x00" in text:
+        raise PayloadError(f"row key {short_repr(text)} contains a NUL character")
+    try:
+        size = len(text.encode("utf-8"))
+    except UnicodeEncodeError as err:
+        raise PayloadError(f"row key {short_repr(text)} is not valid Unicode ({err.reason})") from err
+    if size > MAX_ROW_KEY_BYTES:
+        raise PayloadError(
+            f"row key {short_repr(text)} is {size} UTF-8 bytes, more than the {MAX_ROW_KEY_BYTES} allowed"
+        )
+    return text

@@ -32,9 +32,25 @@ def validate_branches(branches: Sequence[str], *, param: str = "branches") -> tu
     if isinstance(branches, str) or not isinstance(branches, Sequence):
         raise ElspethConfigError(f"{param} must be a list of branch names, got {branches!r}")
     names = tuple(branches)
+    # The audit store keeps branch names in NAME columns (VARCHAR(250)); PostgreSQL refuses longer
+    # names and any NUL character, SQLite neither: checked here so both backends take the same names.
+    max_chars = 250
     for name in names:
         if not isinstance(name, str) or not name:
             raise ElspethConfigError(f"{param} must contain non-empty strings, got {name!r}")
+        shown = repr(name[:40] + "...") if len(name) > 40 else repr(name)
+        if len(name) > max_chars:
+            raise ElspethConfigError(
+                f"{param}: branch name {shown} is {len(name)} characters, more than the {max_chars} allowed"
+            )
+        if "\x00" in name:
+            raise ElspethConfigError(f"{param}: branch name {shown} contains a NUL character")
+        try:
+            name.encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise ElspethConfigError(
+                f"{param}: branch name {shown} is not valid Unicode ({err.reason})"
+            ) from err
     if len(names) < 2:
         raise ElspethConfigError(f"{param} needs at least 2 branches, got {len(names)}: {list(names)!r}")
     duplicates = sorted(name for name, count in Counter(names).items() if count > 1)

@@ -37,6 +37,28 @@ class FailureReason(str, Enum):
     BEST_EFFORT_TIMEOUT_NO_ARRIVALS = "best_effort_timeout_no_arrivals"
     FIRST_TIMEOUT_NO_ARRIVALS = "first_timeout_no_arrivals"
     SELECT_BRANCH_NOT_ARRIVED = "select_branch_not_arrived"
+    # Resolutions, not policy outcomes: the coalesce task ended (killed, marked by a person, out of
+    # retries, skipped) with the row still undecidable; see :func:`resolve_ended`.
+    COALESCE_TASK_FAILED = "coalesce_task_failed"
+    COALESCE_TASK_SKIPPED = "coalesce_task_skipped"
+    COALESCE_TASK_UPSTREAM_FAILED = "coalesce_task_upstream_failed"
+    COALESCE_TASK_SUCCESS = "coalesce_task_success"
+    COALESCE_TASK_REMOVED = "coalesce_task_removed"
+
+    @property
+    def is_resolution(self) -> bool:
+        return self.value.startswith(COALESCE_TASK_PREFIX)
+
+
+COALESCE_TASK_PREFIX = "coalesce_task_"
+
+
+def coalesce_task_reason(task_state: str) -> FailureReason:
+    """The resolution reason for a coalesce task that ended in ``task_state`` (unknown: failed)."""
+    try:
+        return FailureReason(COALESCE_TASK_PREFIX + task_state)
+    except ValueError:
+        return FailureReason.COALESCE_TASK_FAILED
 
 
 NOT_ARRIVED = "not_arrived"
@@ -104,10 +126,9 @@ def order_events(config: CoalesceConfig, events: Iterable[BranchEvent]) -> list[
 def _resolve(
     config: CoalesceConfig, arrived: list[str], lost: dict[str, str], at_deadline: bool
 ) -> tuple[Status, tuple[str, ...], FailureReason | None, dict[str, Any]] | None:
-    """Apply the policy table (DESIGN §4) to the state after one log step; None while pending."""
+    """Apply the policy table to the state after one log step; None while pending."""
     n, a, lost_count = len(config.branches), len(arrived), len(lost)
-    not_arrived = [b for b in config.branches if b not in arrived and b not in lost]
-    waiting = {"arrived": list(arrived), "lost": dict(lost), "not_arrived": not_arrived}
+    waiting = _waiting(config, arrived, lost)
     policy = config.policy
     if policy is Policy.REQUIRE_ALL:
         if lost_count:
@@ -149,18 +170,33 @@ def _resolve(
 
 
 def _apply_select(
-    config: CoalesceConfig, resolved: tuple[Status, tuple[str, ...], FailureReason | None, dict[str, Any]]
+    config: CoalesceConfig,
+    resolved: tuple[Status, tuple[str, ...], FailureReason | None, dict[str, Any]],
+    arrived: list[str],
+    lost: dict[str, str],
 ) -> tuple[Status, tuple[str, ...], FailureReason | None, dict[str, Any]]:
-    """``select`` never substitutes another branch: a merge without the selected one fails."""
+    """``select`` never substitutes another branch: a merge without the selected one fails.
+
+    The failure keeps what did arrive (and what was lost), like every other failure's details.
+    """
     status, consumed, _, _ = resolved
     if (
         status is Status.MERGED
         and config.merge is MergeStrategy.SELECT
         and config.select_branch not in consumed
     ):
-        details = {"select_branch": config.select_branch, "consumed": list(consumed)}
+        details = {
+            "select_branch": config.select_branch,
+            "consumed": list(consumed),
+            **_waiting(config, arrived, lost),
+        }
         return Status.FAILED, (), FailureReason.SELECT_BRANCH_NOT_ARRIVED, details
     return resolved
+
+
+def _waiting(config: CoalesceConfig, arrived: list[str], lost: dict[str, str]) -> dict[str, Any]:
+    not_arrived = [b for b in config.branches if b not in arrived and b not in lost]
+    return {"arrived": list(arrived), "lost": dict(lost), "not_arrived": not_arrived}
 
 
 def replay(
@@ -217,7 +253,7 @@ def _decision(
     at_deadline: bool,
 ) -> Decision:
     """Assemble the decision and classify every branch that did not contribute."""
-    status, consumed, reason, details = _apply_select(config, resolved)
+    status, consumed, reason, details = _apply_select(config, resolved, arrived, lost)
     late = tuple(e.branch for e in after if e.kind is EventKind.ARRIVAL)
     late_reason = LATE_AFTER_MERGE if status is Status.MERGED else LATE_AFTER_FAILURE
     later_losses = {e.branch: e.reason or "" for e in after if e.kind is EventKind.LOSS}
@@ -243,4 +279,27 @@ def _decision(
         at_deadline=at_deadline,
         missing=missing,
         late=late,
+    )
+
+
+def resolve_ended(
+    config: CoalesceConfig, events: Iterable[BranchEvent], *, at: datetime, task_state: str
+) -> Decision:
+    """Close a row its coalesce task can no longer decide: failed, with the task's end as reason.
+
+    Only for a row whose replay is still pending at ``at`` (the caller decides every decidable row
+    first). Arrivals so far are kept as arrived; every other branch is missing with its loss
+    reason, or ``not_arrived``. Events after ``at`` belong to nobody: the row is closed.
+    """
+    log = [e for e in order_events(config, events) if e.at <= at]
+    arrived = [e.branch for e in log if e.kind is EventKind.ARRIVAL]
+    lost = {e.branch: e.reason or "" for e in log if e.kind is EventKind.LOSS}
+    missing = {b: lost.get(b, NOT_ARRIVED) for b in config.branches if b not in arrived}
+    return Decision(
+        status=Status.FAILED,
+        decided_at=at,
+        arrived=tuple(arrived),
+        failure_reason=coalesce_task_reason(task_state),
+        details={**_waiting(config, arrived, lost), "coalesce_task_state": task_state},
+        missing=missing,
     )

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import math
+import queue
+import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 from airflow.sdk import BaseOperator, Context
-from airflow.sdk.exceptions import AirflowException
+from airflow.sdk.exceptions import AirflowException, AirflowTaskTerminated, AirflowTaskTimeout
 
 from airflow_elspeth.audit.queries import WorkItem, branch_work, decided_in_chunk, decided_rows
 from airflow_elspeth.audit.store import COMPLETED, DISCARDED, DROPPED, FAILED, AuditStore, NodeResult
@@ -20,6 +23,7 @@ from airflow_elspeth.hooks.audit import ElspethAuditHook
 from airflow_elspeth.operators.fork import ForkOperator, fork_ref
 
 RowCallable = Callable[[dict[str, Any]], "dict[str, Any] | None"]
+MESSAGE_LIMIT = 2000
 
 
 class BranchFailureThresholdError(AirflowException):
@@ -35,14 +39,21 @@ class BranchOperator(BaseOperator):
     already finished, and rows the coalesce already decided are skipped.
 
     Chain several steps of one branch (``fork >> step1 >> step2 >> coalesce``): each step takes the
-    previous step's output, and a row the previous step lost stays lost with the same reason.
+    previous step's output, and a row the previous step lost stays lost with the same reason. At the
+    last step of a branch that no coalesce joins, each token's terminal outcome is written with its
+    result (``completed``/``not_joined``, or ``lost`` with the reason).
+
+    Whatever ends the task (an exception, ``sys.exit``, ``KeyboardInterrupt``, SIGTERM,
+    ``execution_timeout``), the rows already finished are written first. At ``execution_timeout``
+    the rows whose callable is still running are losses ``error:AirflowTaskTimeout``; the callable
+    runs on daemon threads, so a hung call does not keep the task alive.
 
     :param fork: the ForkOperator whose tokens this branch processes.
     :param branch: the branch name (one of ``fork.branches``).
     :param python_callable: called once per row with a copy of the row (or the previous step's output).
     :param chunk: process only this chunk; set by ``.partial(...).expand(chunk=fork.chunks)``.
     :param row_retries: extra calls after an exception before the row is lost.
-    :param row_retry_delay: seconds between those calls.
+    :param row_retry_delay: seconds between those calls (a finite number >= 0).
     :param max_failed_rows: fail the task (not only the rows) when more rows than this fail.
     :param max_failed_rate: fail the task when more than this fraction of rows fail, once at
         least ``min_rows_for_rate`` rows were processed.
@@ -55,6 +66,7 @@ class BranchOperator(BaseOperator):
     """
 
     ui_color = "#d4e8f7"
+    _elspeth_role = "branch"
 
     def __init__(
         self,
@@ -84,19 +96,17 @@ class BranchOperator(BaseOperator):
         if not callable(python_callable):
             raise ElspethConfigError(f"python_callable must be callable, got {python_callable!r}")
         _check_int("row_retries", row_retries, minimum=0)
+        _check_number("row_retry_delay", row_retry_delay, positive=False)
         _check_int("concurrency", concurrency, minimum=1)
         _check_int("batch_size", batch_size, minimum=1)
         _check_int("min_rows_for_rate", min_rows_for_rate, minimum=1)
-        if (
-            isinstance(flush_seconds, bool)
-            or not isinstance(flush_seconds, (int, float))
-            or flush_seconds <= 0
-        ):
-            raise ElspethConfigError(f"flush_seconds must be a positive number, got {flush_seconds!r}")
+        _check_number("flush_seconds", flush_seconds, positive=True)
         if max_failed_rows is not None:
             _check_int("max_failed_rows", max_failed_rows, minimum=0)
         if max_failed_rate is not None and not (
-            isinstance(max_failed_rate, (int, float)) and 0 <= max_failed_rate < 1
+            isinstance(max_failed_rate, (int, float))
+            and not isinstance(max_failed_rate, bool)
+            and 0 <= max_failed_rate < 1
         ):
             raise ElspethConfigError(f"max_failed_rate must be in [0, 1), got {max_failed_rate!r}")
         self.fork_task_id = fork.task_id
@@ -112,6 +122,7 @@ class BranchOperator(BaseOperator):
         self.batch_size = batch_size
         self.flush_seconds = flush_seconds
         self.audit_conn_id = audit_conn_id
+        self._executing_thread: int | None = None  # the thread running execute(), for on_kill
 
     def previous_step(self) -> str | None:
         """The task id of this branch's previous step, if this step follows another BranchOperator."""
@@ -151,7 +162,38 @@ class BranchOperator(BaseOperator):
                     stack.append(task)
         return sorted(found)
 
+    def is_last_step(self) -> bool:
+        """True when no step of the same fork and branch is downstream of this one (at any depth)."""
+        seen: set[str] = set()
+        stack: list[Any] = [self]
+        while stack:
+            for task in stack.pop().downstream_list:
+                if task.task_id in seen:
+                    continue
+                seen.add(task.task_id)
+                if _step_of(task) == (self.fork_task_id, self.branch):
+                    return False
+                stack.append(task)
+        return True
+
+    def on_kill(self) -> None:
+        """On SIGTERM the Airflow task runner calls this from its signal handler, then lets the task
+        run on until it is killed: raising here ends ``execute``, which writes the finished rows.
+
+        Called after ``execute`` ended (e.g. on ``execution_timeout``), it does nothing.
+        """
+        if self._executing_thread is not None and self._executing_thread == threading.get_ident():
+            self._executing_thread = None  # once: the flush that follows is not interrupted again
+            raise AirflowTaskTerminated(f"{self.task_id}: terminated (SIGTERM) while processing rows")
+
     def execute(self, context: Context) -> dict[str, Any]:
+        self._executing_thread = threading.get_ident()
+        try:
+            return self._execute(context)
+        finally:
+            self._executing_thread = None
+
+    def _execute(self, context: Context) -> dict[str, Any]:
         ti = context["ti"]
         ref = fork_ref(ti, self.fork_task_id)
         if not ref:
@@ -159,6 +201,8 @@ class BranchOperator(BaseOperator):
         run_id = ref["audit_run_id"]
         store = AuditStore(ElspethAuditHook(audit_conn_id=self.audit_conn_id).get_engine())
         previous = self.previous_step()
+        coalesces = self.consuming_coalesces()
+        final_step = not coalesces and self.is_last_step()
         store.register_node(
             run_id,
             self.task_id,
@@ -172,57 +216,94 @@ class BranchOperator(BaseOperator):
         )
         chunks = [self.chunk] if self.chunk is not None else list(range(ref["chunks_total"]))
         clock = store.clock()
-        writer = _ResultWriter(self, store, run_id, ti.try_number, self.consuming_coalesces())
-        for chunk in chunks:
-            work = branch_work(
-                store.engine, run_id, self.task_id, self.branch, chunk, previous, coalesces=writer.coalesces
-            )
-            writer.start_chunk(chunk, work.tokens_total)
-            writer.counts["resumed_done"] += work.already_done
-            writer.counts["skipped_decided"] += work.already_decided
-            for result in self._results(work.items, chunk, clock, writer.decided):
-                if result is None:
-                    writer.flush(when_due=True)
-                else:
-                    writer.add(result)
-            writer.flush()
+        writer = _ResultWriter(self, store, run_id, ti.try_number, coalesces, final_step=final_step)
+        pool = _WorkerPool(self._process_job, self.concurrency, f"elspeth-{self.branch}", clock)
+        try:
+            for chunk in chunks:
+                work = branch_work(
+                    store.engine, run_id, self.task_id, self.branch, chunk, previous, coalesces=coalesces
+                )
+                writer.start_chunk(chunk, work.tokens_total)
+                writer.counts["resumed_done"] += work.already_done
+                writer.counts["skipped_decided"] += work.already_decided
+                self._run_chunk(pool, work.items, chunk, writer)
+        except BaseException as exc:  # only to write what is finished: always re-raised
+            self._executing_thread = None  # a SIGTERM now does not interrupt that write
+            self._flush_on_exit(exc, pool, writer, clock)
+            raise
+        finally:
+            pool.close()
         summary = {"branch": self.branch, "audit_run_id": run_id, "chunks": chunks, **dict(writer.counts)}
         self.log.info("Branch %s: %s", self.branch, summary)
         return summary
 
-    def _results(
-        self, items: list[WorkItem], chunk: int, clock: Callable[[], datetime], decided: set[str]
-    ) -> Iterator[NodeResult | None]:
-        """Results in completion order, with ``None`` whenever ``flush_seconds`` pass without one.
+    def _run_chunk(self, pool: _WorkerPool, items: list[WorkItem], chunk: int, writer: _ResultWriter) -> None:
+        """Process one chunk on the pool, writing results as they finish.
 
         The callable runs on worker threads so that finished rows are written while a slow row is
         still running: a result becomes an arrival only once it is written. Rows decided meanwhile
-        (``decided``, refreshed at every write) are not started.
+        (``writer.decided``, refreshed at every write) are not started.
         """
-        queue = iter(items)
-        with ThreadPoolExecutor(
-            max_workers=self.concurrency, thread_name_prefix=f"elspeth-{self.branch}"
-        ) as pool:
-            running: set[Future[NodeResult]] = set()
+        todo = iter(items)
 
-            def refill() -> None:
-                while len(running) < 2 * self.concurrency:
-                    item = next(queue, None)
-                    if item is None:
-                        return
-                    if item.row_id in decided:
-                        continue
-                    running.add(pool.submit(self._process_one, item, chunk, clock))
+        def refill() -> None:
+            while pool.pending < 2 * self.concurrency:
+                item = next(todo, None)
+                if item is None:
+                    return
+                if item.row_id not in writer.decided:
+                    pool.submit(_Job(item, chunk))
 
+        refill()
+        while pool.pending:
+            done = pool.next(timeout=self.flush_seconds)
+            if done is None:
+                writer.flush(when_due=True)
+            elif done.error is not None:
+                raise done.error  # sys.exit, KeyboardInterrupt... in the callable end the task
+            elif done.result is not None:
+                writer.add(done.result)
             refill()
-            while running:
-                done, _ = wait(running, timeout=self.flush_seconds, return_when=FIRST_COMPLETED)
-                if not done:
-                    yield None
-                for future in done:
-                    running.discard(future)
-                    yield future.result()
-                refill()
+        writer.flush()
+
+    def _flush_on_exit(
+        self, exc: BaseException, pool: _WorkerPool, writer: _ResultWriter, clock: Callable[[], datetime]
+    ) -> None:
+        """Write the rows finished before the task ended; at a timeout, the running rows as losses.
+
+        Rows still running at any other exit stay unwritten (the coalesce records the task's loss,
+        a retry processes them again). A failure to write is logged: ``exc`` is what ends the task.
+        """
+        finished, running = pool.close()
+        writer.keep(done.result for done in finished if done.result is not None)
+        if isinstance(exc, AirflowTaskTimeout):
+            now = clock()
+            writer.keep(self._timed_out(job, started, now) for job, started in running)
+        try:
+            writer.flush(ending=True)
+        except Exception:
+            self.log.exception(
+                "Branch %s: could not write the rows finished before the task ended", self.branch
+            )
+
+    def _timed_out(self, job: _Job, started: datetime, now: datetime) -> NodeResult:
+        item = job.item
+        return NodeResult(
+            token_id=item.token_id,
+            row_id=item.row_id,
+            chunk=job.chunk,
+            input_hash=item.input_hash,
+            status=FAILED,
+            started_at=started,
+            completed_at=now,
+            error={
+                "type": AirflowTaskTimeout.__name__,
+                "message": f"execution_timeout {self.execution_timeout} expired while the callable ran",
+            },
+        )
+
+    def _process_job(self, job: _Job, clock: Callable[[], datetime]) -> NodeResult:
+        return self._process_one(job.item, job.chunk, clock)
 
     def _process_one(self, item: WorkItem, chunk: int, clock: Callable[[], datetime]) -> NodeResult:
         started = clock()
@@ -256,7 +337,7 @@ class BranchOperator(BaseOperator):
                     if self.row_retry_delay:
                         time.sleep(self.row_retry_delay)
                     continue
-                error = {"type": type(err).__name__, "message": str(err)[:2000], "attempts": attempts}
+                error = {"type": _type_name(err), "message": _message(err), "attempts": attempts}
                 return NodeResult(
                     **base,
                     status=FAILED,
@@ -276,19 +357,130 @@ class BranchOperator(BaseOperator):
         )
 
 
+@dataclass(frozen=True, eq=False)
+class _Job:
+    """One row to process (compared and hashed by identity)."""
+
+    item: WorkItem
+    chunk: int
+
+
+@dataclass(frozen=True)
+class _Done:
+    """A finished job: its result, or what the callable raised past ``except Exception``."""
+
+    job: _Job
+    result: NodeResult | None
+    error: BaseException | None = None
+
+
+class _WorkerPool:
+    """Daemon threads running ``fn(job, clock)``, never joined.
+
+    ``concurrent.futures`` joins its threads on shutdown and at interpreter exit, so a hung
+    callable would keep the task alive past its ``execution_timeout``. Here :meth:`close` only
+    stops the pool: idle workers end, a busy one is abandoned and ends with the process.
+    Moving a job from running to finished and :meth:`close` hold one lock, so every job is
+    either finished, running, or not started when the pool closes.
+    """
+
+    def __init__(
+        self,
+        fn: Callable[[_Job, Callable[[], datetime]], NodeResult],
+        workers: int,
+        name: str,
+        clock: Callable[[], datetime],
+    ) -> None:
+        self._fn = fn
+        self._clock = clock
+        self._todo: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._done: queue.SimpleQueue[_Done] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._running: dict[_Job, datetime] = {}
+        self._stopped = False  # no job starts any more
+        self._closed = False
+        self._workers: list[threading.Thread] = []
+        self._size = workers
+        self._name = name
+        self.pending = 0  # submitted and not yet returned by next() (main thread only)
+
+    def submit(self, job: _Job) -> None:
+        if len(self._workers) < self._size:
+            worker = threading.Thread(
+                target=self._work, name=f"{self._name}_{len(self._workers)}", daemon=True
+            )
+            worker.start()
+            self._workers.append(worker)
+        self.pending += 1
+        self._todo.put(job)
+
+    def next(self, timeout: float) -> _Done | None:
+        """The next finished job, or None when none finished within ``timeout`` seconds."""
+        try:
+            done = self._done.get(timeout=timeout)
+        except queue.Empty:
+            return None
+        self.pending -= 1
+        return done
+
+    def close(self) -> tuple[list[_Done], list[tuple[_Job, datetime]]]:
+        """Stop the pool; returns the jobs finished but not yet taken, and the running ones."""
+        with self._lock:
+            if self._closed:
+                return [], []
+            self._closed = self._stopped = True
+            running = list(self._running.items())
+            finished = []
+            while True:
+                try:
+                    finished.append(self._done.get_nowait())
+                except queue.Empty:
+                    break
+        for _ in self._workers:
+            self._todo.put(None)  # wakes the idle workers, which then end
+        return finished, running
+
+    def _work(self) -> None:
+        while True:
+            job = self._todo.get()
+            with self._lock:
+                if job is None or self._stopped:
+                    return
+                self._running[job] = self._clock()
+            try:
+                done = _Done(job, self._fn(job, self._clock))
+            except BaseException as err:  # handed to the main thread, which re-raises it
+                done = _Done(job, None, err)
+            with self._lock:
+                del self._running[job]
+                if done.error is not None:
+                    self._stopped = True  # the task is ending: no new row starts
+                if not self._closed:
+                    self._done.put(done)
+
+
 class _ResultWriter:
     """Buffers a branch task's results and writes them a batch at a time.
 
     A batch is written when it reaches ``batch_size`` rows or when its oldest result has waited
     ``flush_seconds``; each write checks which rows were decided meanwhile (their results are kept,
-    marked discarded) and the failure threshold.
+    marked discarded) and the failure threshold. A batch leaves the buffer only once written (a
+    write interrupted by the task ending is done again: writes are idempotent).
     """
 
     def __init__(
-        self, task: BranchOperator, store: AuditStore, run_id: str, attempt: int, coalesces: list[str]
+        self,
+        task: BranchOperator,
+        store: AuditStore,
+        run_id: str,
+        attempt: int,
+        coalesces: list[str],
+        *,
+        final_step: bool = False,
     ) -> None:
         self.task = task
         self.coalesces = coalesces
+        self.final_step = final_step
         self.store = store
         self.run_id = run_id
         self.attempt = attempt
@@ -299,17 +491,28 @@ class _ResultWriter:
         self.oldest = 0.0
         self.chunk = 0
         self.tokens_total = 0
+        self.aborted = False
 
     def start_chunk(self, chunk: int, tokens_total: int) -> None:
         self.chunk, self.tokens_total = chunk, tokens_total
 
+    def keep(self, results: Iterable[NodeResult]) -> None:
+        """Buffer results without writing them yet."""
+        for result in results:
+            if not self.buffer:
+                self.oldest = time.monotonic()
+            self.buffer.append(result)
+
     def add(self, result: NodeResult) -> None:
-        if not self.buffer:
-            self.oldest = time.monotonic()
-        self.buffer.append(result)
+        self.keep([result])
         self.flush(when_due=True)
 
-    def flush(self, *, when_due: bool = False) -> None:
+    def flush(self, *, when_due: bool = False, ending: bool = False) -> None:
+        """Write the buffer (``when_due``: only if it is full or old enough).
+
+        :param ending: the task is ending on an exception: the threshold is still applied (its
+            error is the caller's to log), and after an abort the rows failed since are aborted too.
+        """
         if not self.buffer:
             return
         due = (
@@ -322,20 +525,31 @@ class _ResultWriter:
             self.store.engine, self.run_id, [r.row_id for r in self.buffer], coalesces=self.coalesces
         )
         results = [_discard_if_decided(r, decided) for r in self.buffer]
-        self.buffer = []
         self.store.write_branch_results(
             self.run_id,
             self.task.task_id,
             self.attempt,
             results,
             chunk_tokens={self.chunk: self.tokens_total},
+            final_step=self.final_step,
         )
-        self.decided.update(
-            decided_in_chunk(self.store.engine, self.run_id, self.chunk, coalesces=self.coalesces)
-        )
+        self.buffer = []
         self.counts.update(r.status for r in results)
         self.errors.update(str((r.error or {}).get("type")) for r in results if r.status == FAILED)
+        if ending and self.aborted:
+            self._abort()
+            return
+        if not ending:
+            self.decided.update(
+                decided_in_chunk(self.store.engine, self.run_id, self.chunk, coalesces=self.coalesces)
+            )
         self._check_threshold()
+
+    def _abort(self) -> None:
+        self.aborted = True
+        self.store.abort_attempt_errors(
+            self.run_id, self.task.task_id, self.attempt, {self.chunk: self.tokens_total}
+        )
 
     def _check_threshold(self) -> None:
         task, counts = self.task, self.counts
@@ -349,9 +563,7 @@ class _ResultWriter:
         )
         if not (over_count or over_rate):
             return
-        self.store.abort_attempt_errors(
-            self.run_id, task.task_id, self.attempt, {self.chunk: self.tokens_total}
-        )
+        self._abort()
         common = ", ".join(f"{kind} x{n}" for kind, n in self.errors.most_common(3))
         limit = (
             f"max_failed_rows={task.max_failed_rows}"
@@ -384,6 +596,24 @@ def _discard_if_decided(result: NodeResult, decided: Mapping[str, str]) -> NodeR
     )
 
 
+def _type_name(err: BaseException) -> str:
+    try:
+        name = type(err).__name__
+    except Exception:
+        return "Exception"
+    return name if isinstance(name, str) else "Exception"
+
+
+def _message(err: BaseException) -> str:
+    """The exception's message: ``str``, else ``repr``, else a placeholder (both may raise)."""
+    for render in (str, repr):
+        try:
+            return str.__str__(render(err))[:MESSAGE_LIMIT]
+        except Exception:
+            continue
+    return f"<{_type_name(err)}: str() and repr() raised>"
+
+
 def _callable_name(func: Callable[..., Any]) -> str:
     return f"{getattr(func, '__module__', '?')}.{getattr(func, '__qualname__', repr(func))}"
 
@@ -391,3 +621,16 @@ def _callable_name(func: Callable[..., Any]) -> str:
 def _check_int(name: str, value: Any, *, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ElspethConfigError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def _check_number(name: str, value: Any, *, positive: bool) -> None:
+    """A finite int or float, > 0 when ``positive``, else >= 0."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value < 0
+        or (positive and value == 0)
+    ):
+        what = "a finite number > 0" if positive else "a finite number >= 0"
+        raise ElspethConfigError(f"{name} must be {what}, got {value!r}")

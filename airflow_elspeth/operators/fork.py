@@ -55,6 +55,7 @@ class ForkOperator(BaseOperator):
     """
 
     ui_color = "#e8d4f7"
+    _elspeth_role = "fork"
 
     def __init__(
         self,
@@ -83,8 +84,11 @@ class ForkOperator(BaseOperator):
         self.row_key = row_key
         self.chunk_size = chunk_size
         self.audit_conn_id = audit_conn_id
-        # ``rows`` is not templated (Jinja must not touch row values), so wire XComArg upstreams here.
-        XComArg.apply_upstream_relationship(self, rows)
+        # ``rows`` is not templated (Jinja must not touch row values), so wire an XComArg's upstream
+        # here. Only then: a literal list is never searched for XComArgs (nothing would resolve
+        # them), so a large or deeply nested one costs nothing here and cannot overflow the stack.
+        if isinstance(rows, XComArg):
+            XComArg.apply_upstream_relationship(self, rows)
 
     @property
     def chunks(self) -> XComArg:
@@ -95,7 +99,7 @@ class ForkOperator(BaseOperator):
         """
         return XComArg(self)
 
-    def execute(self, context: Context) -> dict[str, Any]:
+    def execute(self, context: Context) -> list[int]:
         store = AuditStore(ElspethAuditHook(audit_conn_id=self.audit_conn_id).get_engine())
         chunk_size = self.chunk_size or default_chunk_size()
         ti, dag_run = context["ti"], context["dag_run"]
@@ -115,18 +119,39 @@ class ForkOperator(BaseOperator):
             config={"branches": self.branches, "row_key": self.row_key, "chunk_size": chunk_size},
         )
         rows_total = chunks_total = 0
+        pushed = False
+        # From here on every way out but success closes the audit run: a fork try that did not
+        # complete leaves no half-written rows or tokens (and no run "running") behind.
         try:
             rows = self._validated_rows(context, chunk_size, lambda key: store.row_key_exists(run_id, key))
             for chunk, batch in enumerate(batched(rows, chunk_size)):
                 store.write_fork_chunk(run_id, self.branches, chunk, batch)
                 rows_total += len(batch)
                 chunks_total = chunk + 1
+            # Pushed before the run completes: once complete_run has committed, nothing is left
+            # that can fail and leave a completed run behind a failed fork.
+            pushed = True
+            ti.xcom_push(
+                key=AUDIT_RUN_XCOM_KEY,
+                value={
+                    "audit_run_id": run_id,
+                    "fork": self.task_id,
+                    "branches": self.branches,
+                    "rows_total": rows_total,
+                    "chunks_total": chunks_total,
+                    "chunk_size": chunk_size,
+                },
+            )
+            store.complete_run(run_id, rows_total=rows_total, chunks_total=chunks_total)
         except ForkInputError as err:
-            store.fail_run(run_id)
-            raise AirflowFailException(
-                f"{self.task_id}: {err}; nothing of audit run {run_id} was kept"
-            ) from err
-        store.complete_run(run_id, rows_total=rows_total, chunks_total=chunks_total)
+            if self._close_failed_run(store, run_id, f"bad_row: {err}", err, context, pushed):
+                outcome = f"nothing of audit run {run_id} was kept"
+            else:
+                outcome = f"audit run {run_id} could not be marked failed (see the log)"
+            raise AirflowFailException(f"{self.task_id}: {err}; {outcome}") from err
+        except BaseException as err:  # retried by Airflow (or the task ends): re-raised unchanged
+            self._close_failed_run(store, run_id, failure_reason(err), err, context, pushed)
+            raise
         self.log.info(
             "Forked %d rows into %d chunks x %d branches (audit run %s)",
             rows_total,
@@ -134,18 +159,36 @@ class ForkOperator(BaseOperator):
             len(self.branches),
             run_id,
         )
-        ti.xcom_push(
-            key=AUDIT_RUN_XCOM_KEY,
-            value={
-                "audit_run_id": run_id,
-                "fork": self.task_id,
-                "branches": self.branches,
-                "rows_total": rows_total,
-                "chunks_total": chunks_total,
-                "chunk_size": chunk_size,
-            },
-        )
         return list(range(chunks_total))
+
+    def _close_failed_run(
+        self,
+        store: AuditStore,
+        run_id: str,
+        reason: str,
+        error: BaseException,
+        context: Context,
+        pushed: bool,
+    ) -> bool:
+        """Mark the audit run failed and remove its partial rows; True when that was recorded.
+
+        Raises nothing but what interrupts it (the caller re-raises the original error): when the
+        audit store is unreachable the run stays ``running`` until this fork runs again (its next
+        try's ``begin_run`` closes earlier tries).
+        """
+        if pushed:
+            _delete_audit_run_xcom(context, self.log)
+        try:
+            store.fail_run(run_id, reason)
+        except Exception:
+            self.log.exception(
+                "Could not mark audit run %s failed after %s; the fork's next try closes it",
+                run_id,
+                type(error).__name__,
+            )
+            return False
+        self.log.error("Audit run %s failed (%s); nothing of it was kept", run_id, reason)
+        return True
 
     def _source(self, context: Context) -> Iterator[tuple[Any, str | None]]:
         """(row, parent token) pairs; the parent links a nested fork to the upstream merged row."""
@@ -181,8 +224,10 @@ class ForkOperator(BaseOperator):
                 raise ForkInputError(f"row at index {index} is not a JSON object (got {type(row).__name__})")
             if self.row_key is None:
                 key = str(index)
-            elif self.row_key not in row:
-                raise ForkInputError(f"row at index {index} has no row_key column {self.row_key!r}")
+            elif row.get(self.row_key) is None:  # a null key is no key
+                raise ForkInputError(
+                    f"row at index {index} has no row_key column {self.row_key!r} (missing or null)"
+                )
             else:
                 try:
                     key = row_key_text(row[self.row_key])
@@ -197,6 +242,38 @@ class ForkOperator(BaseOperator):
                 yield ForkRow.from_row(key, index, row, parent)
             except PayloadError as err:
                 raise ForkInputError(str(err)) from err
+
+
+def failure_reason(error: BaseException) -> str:
+    """``runs.status_reason`` of a fork try that ended with ``error``: its type and first words.
+
+    ``error:`` for errors (the task may be retried), ``interrupted:`` for what stops a task from
+    outside (SIGTERM, a timeout, KeyboardInterrupt, SystemExit). SQLAlchemy errors are cut before
+    the statement and parameters they carry.
+    """
+    kind = "error" if isinstance(error, Exception) else "interrupted"
+    message = " ".join(str(error).split("\n[SQL:", 1)[0].split())
+    if len(message) > 1000:
+        message = message[:1000] + "..."
+    name = type(error).__name__
+    return f"{kind}:{name}: {message}" if message else f"{kind}:{name}"
+
+
+def _delete_audit_run_xcom(context: Context, log: Any) -> None:
+    """Take back the ``audit_run`` XCom of a try that failed after pushing it (best effort)."""
+    ti = context["ti"]
+    try:
+        from airflow.sdk.execution_time.xcom import XCom
+
+        XCom.delete(
+            key=AUDIT_RUN_XCOM_KEY,
+            dag_id=ti.dag_id,
+            task_id=ti.task_id,
+            run_id=ti.run_id,
+            map_index=ti.map_index,
+        )
+    except Exception:
+        log.exception("Could not delete the %r XCom of the failed fork try", AUDIT_RUN_XCOM_KEY)
 
 
 def _enum_text(value: Any) -> str | None:

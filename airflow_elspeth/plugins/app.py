@@ -202,7 +202,7 @@ def _environment() -> Environment:
         reason_kind=reports.reason_kind,
         outcome_text=reports.outcome_text,
         shade=shade,
-        failure_text=lambda r: reports.FAILURE_REASON_TEXT.get(r or "", r or ""),
+        failure_text=reports.failure_reason_text,
     )
     return env
 

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from airflow.sdk import BaseOperatorLink, BaseSensorOperator, Context, conf
+from airflow.sdk import BaseOperator, BaseOperatorLink, BaseSensorOperator, Context, conf
 from airflow.sdk.exceptions import (
     AirflowException,
     AirflowFailException,
@@ -14,19 +14,34 @@ from airflow.sdk.exceptions import (
     AirflowSkipException,
 )
 
-from airflow_elspeth.audit.coalesce import ENDED_TASK_STATES, CoalesceSpec, coalesce_pass
+from airflow_elspeth.audit.coalesce import (
+    ENDED_TASK_STATES,
+    CoalesceSpec,
+    coalesce_pass,
+    supersede_resolutions,
+)
+from airflow_elspeth.audit.dml import TRANSIENT_ERRORS
 from airflow_elspeth.audit.queries import coalesce_summary
 from airflow_elspeth.audit.store import AuditStore
 from airflow_elspeth.core.config import ElspethConfigError, MergeStrategy, Policy, coalesce_config
 from airflow_elspeth.hooks.audit import ElspethAuditHook
-from airflow_elspeth.operators.branch import BranchOperator
 from airflow_elspeth.operators.fork import ForkOperator, fork_ref
+from airflow_elspeth.topology import TopologyError, delivering_steps
 
 SUMMARY_XCOM_KEY = "coalesce_summary"
 ON_FAILURE_CHOICES = ("fail", "skip")
 # Margin between our own deadline and Airflow's sensor timeout, so the framework never ends the task
 # before it has written its decisions (a framework timeout writes nothing).
 FRAMEWORK_TIMEOUT_MARGIN = timedelta(minutes=10)
+# An audit store that cannot be reached is "not yet" until the deadline plus this grace; then the
+# try fails and Airflow retries it (a coalesce retries by default: its passes are idempotent).
+TRANSIENT_ERROR_GRACE = timedelta(minutes=5)
+DEFAULT_RETRIES = 2
+DEFAULT_RETRY_DELAY = timedelta(seconds=15)
+# Below this reschedule poke interval Airflow's scheduler often fails a sensor on a stale executor
+# event of its previous poke (README, "Running it for real"): the retry resumes, but it is noise.
+RESCHEDULE_RACE_POKE_SECONDS = 10.0
+FINALIZER_SUFFIX = "_finalize"
 
 
 class CoalesceAuditLink(BaseOperatorLink):
@@ -76,6 +91,7 @@ class CoalesceSensor(BaseSensorOperator):
     """
 
     ui_color = "#f7e8d4"
+    _elspeth_role = "coalesce"
     operator_extra_links = (CoalesceAuditLink(),)
 
     def __init__(
@@ -123,10 +139,33 @@ class CoalesceSensor(BaseSensorOperator):
             )
         if on_failure not in ON_FAILURE_CHOICES:
             raise ElspethConfigError(f"on_failure must be one of {ON_FAILURE_CHOICES}, got {on_failure!r}")
+        if not isinstance(fork_wait_timeout, timedelta) or fork_wait_timeout < timedelta(0):
+            raise ElspethConfigError(f"fork_wait_timeout must be a timedelta >= 0, got {fork_wait_timeout!r}")
+        framework_timeout = fork_wait_timeout + config.timeout + FRAMEWORK_TIMEOUT_MARGIN
+        try:
+            datetime.now(timezone.utc) + framework_timeout
+        except OverflowError as err:
+            raise ElspethConfigError(
+                f"timeout + fork_wait_timeout overflow a date, got timeout={timeout!r}, "
+                f"fork_wait_timeout={fork_wait_timeout!r}"
+            ) from err
         kwargs.setdefault("trigger_rule", "always")
         kwargs.setdefault("mode", "reschedule")
         kwargs.setdefault("poke_interval", 10)
-        super().__init__(timeout=fork_wait_timeout + config.timeout + FRAMEWORK_TIMEOUT_MARGIN, **kwargs)
+        kwargs.setdefault("retries", DEFAULT_RETRIES)
+        kwargs.setdefault("retry_delay", DEFAULT_RETRY_DELAY)
+        task_id = kwargs.get("task_id")
+        super().__init__(timeout=framework_timeout, **kwargs)
+        if self.mode == "reschedule" and float(self.poke_interval) < RESCHEDULE_RACE_POKE_SECONDS:
+            self.log.warning(
+                "%s: mode='reschedule' with poke_interval=%ss: Airflow's scheduler may fail a "
+                "reschedule-mode sensor on the stale executor event of its previous poke "
+                "(apache/airflow#71172), more often the shorter the interval. The coalesce retries "
+                "and resumes, but use poke_interval >= %ss, mode='poke' or deferrable=True.",
+                self.task_id,
+                self.poke_interval,
+                RESCHEDULE_RACE_POKE_SECONDS,
+            )
         self.fork_task_id = fork.task_id
         self.coalesce = config
         self.tolerated_failures = tolerated_failures
@@ -138,30 +177,42 @@ class CoalesceSensor(BaseSensorOperator):
             else conf.getboolean("operators", "default_deferrable", fallback=False)
         )
         self.audit_conn_id = audit_conn_id
+        self.finalizer = self._add_finalizer(str(task_id)) if self.has_dag() else None
+
+    def _add_finalizer(self, task_id: str) -> BaseOperator:
+        """The teardown that closes what this coalesce leaves open once it has ended, whatever the way."""
+        from airflow_elspeth.operators.finalize import CoalesceFinalizer
+
+        finalizer = CoalesceFinalizer(
+            task_id=task_id + FINALIZER_SUFFIX,
+            coalesce_task_id=self.task_id,
+            fork_task_id=self.fork_task_id,
+            audit_conn_id=self.audit_conn_id,
+            dag=self.dag,
+            task_group=self.task_group,
+        )
+        self >> finalizer
+        finalizer.as_teardown()
+        return finalizer
 
     # -- what the coalesce joins ----------------------------------------------------------------
 
     def spec(self) -> CoalesceSpec:
-        """Find each branch's delivering step: the BranchOperator directly upstream of this task."""
-        delivering: dict[str, str] = {}
-        mapped: dict[str, bool] = {}
-        for task in self.upstream_list:
-            branch, is_mapped = _branch_step(task)
-            if branch is None or branch not in self.coalesce.branches:
-                continue
-            if branch in delivering:
-                raise AirflowFailException(
-                    f"{self.task_id}: branch {branch!r} has two steps directly upstream "
-                    f"({delivering[branch]!r}, {task.task_id!r}); only the last step delivers"
-                )
-            delivering[branch] = task.task_id
-            mapped[branch] = is_mapped
-        absent = [b for b in self.coalesce.branches if b not in delivering]
-        if absent:
-            raise AirflowFailException(
-                f"{self.task_id}: no BranchOperator directly upstream for branches {absent!r}"
-            )
-        return CoalesceSpec(node_id=self.task_id, config=self.coalesce, delivering=delivering, mapped=mapped)
+        """Each branch's delivering step: the BranchOperator of this fork directly upstream.
+
+        The DAG's structure is checked at parse time (:func:`airflow_elspeth.topology.check_dag`);
+        a DAG that bypassed that check still fails here, naming the problem.
+        """
+        try:
+            steps = delivering_steps(self)
+        except TopologyError as err:
+            raise AirflowFailException(str(err)) from err
+        return CoalesceSpec(
+            node_id=self.task_id,
+            config=self.coalesce,
+            delivering={branch: task_id for branch, (task_id, _) in steps.items()},
+            mapped={branch: mapped for branch, (_, mapped) in steps.items()},
+        )
 
     def _store(self) -> AuditStore:
         return AuditStore(ElspethAuditHook(audit_conn_id=self.audit_conn_id).get_engine())
@@ -192,10 +243,17 @@ class CoalesceSensor(BaseSensorOperator):
     # -- deciding ---------------------------------------------------------------------------------
 
     def decide(self, context: Context, run_id: str) -> bool:
-        """One coalesce pass: decide what can be decided now; True when every row is decided."""
+        """One coalesce pass: decide what can be decided now; True when every row is decided.
+
+        A try that starts after the coalesce had ended (a person cleared it) first reopens the rows
+        that end resolved, so they are decided afresh.
+        """
         spec = self.spec()
         store = self._store()
         store.register_node(run_id, self.task_id, "coalesce", None, spec.as_dict())
+        reopened = supersede_resolutions(store, spec, run_id)
+        if reopened:
+            self.log.info("%s: reopened %d rows resolved when an earlier try ended", self.task_id, reopened)
         states = self._task_states(context, list(spec.delivering.values()))
         result = coalesce_pass(store, spec, run_id, states)
         self.log.info(
@@ -207,11 +265,57 @@ class CoalesceSensor(BaseSensorOperator):
         )
         return result.done
 
+    def _decide_or_wait(self, context: Context, ref: dict[str, Any]) -> bool:
+        """:meth:`decide`, with an unreachable audit store read as "not yet" until the deadline."""
+        try:
+            return self.decide(context, ref["audit_run_id"])
+        except TRANSIENT_ERRORS as err:
+            give_up_at = _transient_horizon(ref, self.coalesce.timeout, context)
+            if datetime.now(timezone.utc) >= give_up_at:
+                raise AirflowException(
+                    f"{self.task_id}: the audit store is still unreachable "
+                    f"({type(err).__name__}: {err}); failing this try so that Airflow retries it"
+                ) from err
+            self.log.warning(
+                "%s: the audit store is unreachable (%s: %s); not deciding yet, trying again "
+                "(this try fails after %s)",
+                self.task_id,
+                type(err).__name__,
+                err,
+                give_up_at.isoformat(),
+            )
+            return False
+
     def poke(self, context: Context) -> bool:
         # The current try's audit run only: after a clear, the fork's XCom names the old one until
         # the fork has run again.
         ref = self._current_fork_ref(context)
-        return ref is not None and self.decide(context, ref["audit_run_id"])
+        return ref is not None and self._decide_or_wait(context, ref)
+
+    def finalize(self, context: Context, ended_state: str) -> dict[str, Any] | None:
+        """After this coalesce ended for good: decide what can be, close every other row.
+
+        Runs in the finalizer teardown (:class:`~airflow_elspeth.operators.finalize.CoalesceFinalizer`).
+        Rows the policy can decide are decided as in any pass; every row still undecidable is
+        failed with reason ``coalesce_task_<ended_state>``, its tokens given outcomes. Returns the
+        summary, or None when the fork has no audit run of this try to finalize.
+        """
+        ref = self._current_fork_ref(context)
+        if ref is None:
+            return None
+        spec = self.spec()
+        store = self._store()
+        run_id = ref["audit_run_id"]
+        store.register_node(run_id, self.task_id, "coalesce", None, spec.as_dict())
+        states = self._task_states(context, list(spec.delivering.values()))
+        before = coalesce_summary(store.engine, spec, run_id)
+        coalesce_pass(store, spec, run_id, states, ended_state=ended_state)
+        summary = coalesce_summary(store.engine, spec, run_id)
+        summary["coalesce_task_state"] = ended_state
+        summary["rows_resolved_by_finalizer"] = _decided(summary) - _decided(before)
+        summary["tolerated_failures"] = self.tolerated_failures
+        summary["tolerated_failure_rate"] = self.tolerated_failure_rate
+        return summary
 
     def execute(self, context: Context) -> Any:
         if self.deferrable:
@@ -231,7 +335,7 @@ class CoalesceSensor(BaseSensorOperator):
         branches it waits for, so the task reschedules itself instead (freeing its slot too).
         """
         ref = self._current_fork_ref(context)
-        if ref is not None and self.decide(context, ref["audit_run_id"]):
+        if ref is not None and self._decide_or_wait(context, ref):
             return self.report(context)
         if _triggers_run_inline(context):
             raise AirflowRescheduleException(_reschedule_date(self.poke_interval))
@@ -306,7 +410,8 @@ class CoalesceSensor(BaseSensorOperator):
         """Push ``coalesce_summary``; fail (or skip) when failed rows exceed the tolerance."""
         ti = context["ti"]
         ref = self._fork_ref(context)
-        assert ref is not None  # report runs only after every row is decided
+        if ref is None:
+            raise AirflowException(f"{self.task_id}: report needs the fork's audit run")
         summary = coalesce_summary(self._store().engine, self.spec(), ref["audit_run_id"])
         summary["tolerated_failures"] = self.tolerated_failures
         summary["tolerated_failure_rate"] = self.tolerated_failure_rate
@@ -351,13 +456,22 @@ def failure_message(summary: dict[str, Any]) -> str:
     )
 
 
-def _branch_step(task: Any) -> tuple[str | None, bool]:
-    """(branch, mapped) of a BranchOperator or of a BranchOperator mapped over the fork's chunks."""
-    if isinstance(task, BranchOperator):
-        return task.branch, False
-    if getattr(task, "operator_class", None) is BranchOperator:
-        return task.partial_kwargs.get("branch"), True
-    return None, False
+def _decided(summary: dict[str, Any]) -> int:
+    return int(summary["rows_merged"]) + int(summary["rows_failed"])
+
+
+def _transient_horizon(ref: dict[str, Any], timeout: timedelta, context: Context) -> datetime:
+    """Until when an unreachable audit store is "not yet": the deadline plus a grace.
+
+    The deadline is the fork's completion (in its XCom) plus ``timeout``; a reference without it
+    counts from this try's start.
+    """
+    completed = ref.get("completed_at")
+    if completed:
+        start = datetime.fromisoformat(completed)
+    else:
+        start = context["ti"].start_date or datetime.now(timezone.utc)
+    return start + timeout + TRANSIENT_ERROR_GRACE
 
 
 def _triggers_run_inline(context: Context) -> bool:

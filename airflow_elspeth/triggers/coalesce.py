@@ -6,6 +6,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from airflow.triggers.base import BaseTrigger, TriggerEvent
@@ -22,13 +23,15 @@ from airflow_elspeth.audit.coalesce import (
     deadline_of,
     decide_chunk,
     load_run,
-    settled_now,
     task_loss_rows,
 )
-from airflow_elspeth.audit.store import AuditStore
+from airflow_elspeth.audit.dml import db_now
 
-# Consecutive failed polls (audit DB or Task SDK unreachable) tolerated before the task is told.
-MAX_CONSECUTIVE_ERRORS = 5
+# A failed poll (audit DB or Task SDK unreachable) is "not yet": polls back off up to this long, and
+# the task is told only once the failures outlast the deadline (or, before the deadline is known,
+# the trigger's start) by TRANSIENT_ERROR_GRACE.
+MAX_ERROR_BACKOFF_SECONDS = 60.0
+TRANSIENT_ERROR_GRACE = timedelta(minutes=5)
 MIN_SLEEP_SECONDS = 0.2
 # The trigger never fires sooner than this after it started. Airflow 3.3 fails a deferred task whose
 # trigger fired before the scheduler drained the executor's "success" event of the deferring exit,
@@ -103,6 +106,7 @@ class CoalesceTrigger(BaseTrigger):
         self.poll_interval = float(poll_interval)
         self.fork_task_id = fork_task_id
         self._engine: Engine | None = None
+        self._deadline: datetime | None = None
         # chunk -> signature at which a read-only replay found nothing to decide
         self._undecidable: dict[int, str] = {}
 
@@ -123,6 +127,7 @@ class CoalesceTrigger(BaseTrigger):
     async def run(self) -> AsyncIterator[TriggerEvent]:
         spec = CoalesceSpec.from_dict(self.spec)
         started = time.monotonic()
+        started_at = datetime.now(timezone.utc)
         errors = 0
         while True:
             try:
@@ -131,23 +136,24 @@ class CoalesceTrigger(BaseTrigger):
                 else:
                     states = await self.task_states(spec)
                     result = await sync_to_async(self.poll, thread_sensitive=False)(spec, states)
-            except Exception as err:
+            except Exception as err:  # any failure to poll is transient until the grace runs out
                 errors += 1
+                give_up_at = (self._deadline or started_at) + TRANSIENT_ERROR_GRACE
                 self.log.warning(
-                    "coalesce %s: poll %d/%d failed: %s: %s",
+                    "coalesce %s: poll failed (%d in a row; the task is told after %s): %s: %s",
                     spec.node_id,
                     errors,
-                    MAX_CONSECUTIVE_ERRORS,
+                    give_up_at.isoformat(),
                     type(err).__name__,
                     err,
                 )
-                if errors >= MAX_CONSECUTIVE_ERRORS:
+                if datetime.now(timezone.utc) >= give_up_at:
                     await asyncio.sleep(max(0.0, MIN_DEFERRAL_SECONDS - (time.monotonic() - started)))
                     yield TriggerEvent(
                         self._payload("error", message=f"{type(err).__name__}: {err}", errors=errors)
                     )
                     return
-                await asyncio.sleep(min(self.poll_interval * errors, 60.0))
+                await asyncio.sleep(min(self.poll_interval * 2 ** (errors - 1), MAX_ERROR_BACKOFF_SECONDS))
                 continue
             errors = 0
             if result.reason is not None:
@@ -175,7 +181,8 @@ class CoalesceTrigger(BaseTrigger):
 
     async def wait_for_fork(self) -> PollResult:
         """Before the fork completed: resume if it ended otherwise, adopt its audit run if it succeeded."""
-        assert self.fork_task_id is not None
+        if self.fork_task_id is None:
+            raise ValueError("wait_for_fork needs the fork task id")
         state = (await self.states_of([self.fork_task_id])).get(self.fork_task_id)
         if state == "success":
             # The fork's XCom is this try's now; its newest audit run is the one it pushed.
@@ -231,35 +238,33 @@ class CoalesceTrigger(BaseTrigger):
 
     def poll(self, spec: CoalesceSpec, task_states: Mapping[str, str]) -> PollResult:
         """One read-only look at the audit store (runs in a worker thread)."""
-        assert self.run_id is not None
-        engine = self.engine()
-        with engine.connect() as conn:
+        if self.run_id is None:
+            raise ValueError("poll needs the audit run (wait_for_fork finds it first)")
+        with self.engine().connect() as conn:
             run = load_run(conn, self.run_id)
             if run is None:
                 return PollResult("audit run missing")
             if run.completed_at is None:
                 return PollResult("fork not completed")  # the task reschedules until it is
-            now = settled_now(conn)  # the clock the pass decides by
-            deadline = deadline_of(run, spec.config)
-            signatures = chunk_signatures(conn, spec, run, now)
+            now = db_now(conn)  # the clock the pass decides by
+            deadline = self._deadline = deadline_of(run, spec.config)
+            signatures = chunk_signatures(conn, spec, run, now, task_states)
             undecided = {
                 chunk for chunk, (_, decided, _) in signatures.items() if decided < run.chunk_rows(chunk)
             }
             if not undecided:
                 return PollResult("every row decided")
             ended = _unrecorded_task_ends(conn, spec, run, task_states, undecided)
-        if ended:
-            return PollResult(f"branch task ended: {ended}")
-        changed = [
-            chunk
-            for chunk in sorted(undecided)
-            if signatures[chunk][0] != signatures[chunk][2]
-            and signatures[chunk][0] != self._undecidable.get(chunk)
-        ]
-        if changed:
-            store = AuditStore(engine)
+            if ended:
+                return PollResult(f"branch task ended: {ended}")
+            changed = [
+                chunk
+                for chunk in sorted(undecided)
+                if signatures[chunk][0] != signatures[chunk][2]
+                and signatures[chunk][0] != self._undecidable.get(chunk)
+            ]
             for chunk in changed:
-                if decide_chunk(store, spec, run, chunk, task_states=task_states):
+                if decide_chunk(conn, spec, run, chunk, task_states=task_states, now=now):
                     return PollResult(f"rows to decide in chunk {chunk}")
                 self._undecidable[chunk] = signatures[chunk][0]
         # Wake up at the deadline (just after it, by the clock the pass decides by) at the latest.
@@ -293,10 +298,10 @@ def _unrecorded_task_ends(
     owing = []
     for row in ended:
         node, chunk = row["node_id"], row["chunk"]
-        if (node, chunk) in recorded:
-            continue
         chunks = undecided if chunk == WHOLE_TASK else undecided & {chunk}
-        for c in chunks:
+        for c in sorted(chunks):
+            if (node, c) in recorded or (node, WHOLE_TASK) in recorded:
+                continue  # the sensor has recorded this end for that chunk
             done, total = delivered.get((node, c), (0, None))
             if total is None or done < total:
                 owing.append(f"{node}={row['task_state']}")

@@ -82,7 +82,7 @@ def test_upgrading_twice_is_a_no_op(plain_engine: Engine) -> None:
         statements.append(statement)
 
     migrate.upgrade(plain_engine)
-    migrate.upgrade(plain_engine, "0001")
+    migrate.upgrade(plain_engine, migrate.head_revision())
 
     writes = [
         s

@@ -1,0 +1,92 @@
+"""CoalesceFinalizer: the teardown that closes what a coalesce leaves open when it ends abnormally."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from airflow.sdk import BaseOperator, Context
+
+from airflow_elspeth.audit.store import AuditStore
+from airflow_elspeth.hooks.audit import ElspethAuditHook
+
+SUMMARY_XCOM_KEY = "coalesce_summary"
+
+
+class CoalesceFinalizer(BaseOperator):
+    """Close every row and audit run a coalesce left open, once the coalesce has ended for good.
+
+    Every :class:`~airflow_elspeth.sensors.coalesce.CoalesceSensor` in a DAG adds one, named
+    ``<coalesce task id>_finalize``, as its teardown: Airflow runs a teardown once its upstream
+    ended, whatever the way (success, failure with no retries left, killed by the scheduler or the
+    OOM killer, marked failed or skipped by a person, upstream failed), and ignores it for the DAG
+    run's state. It is the one mechanism that answers "the coalesce will not run again":
+
+    * the fork ended without completing: its audit runs still ``running`` are failed with the
+      fork task's state as reason (nothing half-open stays);
+    * otherwise every row of the coalesce still undecided is decided by its policy if it can be,
+      else failed with reason ``coalesce_task_<state>``; its tokens get their outcomes, and the
+      summary is pushed to XCom ``coalesce_summary`` of this task.
+
+    Clearing the coalesce clears its teardown too: the new try reopens the rows so resolved
+    (kept in ``superseded_decisions``) and decides them afresh.
+
+    :param coalesce_task_id: the coalesce this finalizer closes.
+    :param fork_task_id: that coalesce's fork.
+    :param audit_conn_id: the audit store connection (see ForkOperator).
+    """
+
+    ui_color = "#eeeeee"
+    _elspeth_role = "finalizer"
+
+    def __init__(
+        self, *, coalesce_task_id: str, fork_task_id: str, audit_conn_id: str | None = None, **kwargs: Any
+    ) -> None:
+        kwargs.setdefault("retries", 2)
+        super().__init__(**kwargs)
+        self.coalesce_task_id = coalesce_task_id
+        self.fork_task_id = fork_task_id
+        self.audit_conn_id = audit_conn_id
+
+    def execute(self, context: Context) -> dict[str, Any] | None:
+        ti = context["ti"]
+        found = ti.get_task_states(
+            dag_id=ti.dag_id, task_ids=[self.fork_task_id, self.coalesce_task_id], run_ids=[ti.run_id]
+        )
+        states = {key: str(value) for key, value in found.get(ti.run_id, {}).items()}
+        fork_state = states.get(self.fork_task_id, "none")
+        coalesce_state = states.get(self.coalesce_task_id, "none")
+        if fork_state != "success":
+            store = AuditStore(ElspethAuditHook(audit_conn_id=self.audit_conn_id).get_engine())
+            closed = store.close_stale_runs(
+                ti.dag_id, ti.run_id, self.fork_task_id, reason=f"fork_task_{fork_state}"
+            )
+            self.log.info(
+                "fork %s ended %s: closed audit runs left running: %s",
+                self.fork_task_id,
+                fork_state,
+                closed or "none",
+            )
+            return None
+        coalesce = self.dag.get_task(self.coalesce_task_id)
+        summary = coalesce.finalize(context, coalesce_state)
+        if summary is None:
+            self.log.info("coalesce %s has no audit run of this fork try to close", self.coalesce_task_id)
+            return None
+        resolved = summary["rows_resolved_by_finalizer"]
+        if resolved:
+            self.log.warning(
+                "coalesce %s ended %s with rows undecided: %d rows decided or closed now; "
+                "%d merged, %d failed of %d",
+                self.coalesce_task_id,
+                coalesce_state,
+                resolved,
+                summary["rows_merged"],
+                summary["rows_failed"],
+                summary["rows_total"],
+            )
+        else:
+            self.log.info(
+                "coalesce %s ended %s with every row decided", self.coalesce_task_id, coalesce_state
+            )
+        ti.xcom_push(key=SUMMARY_XCOM_KEY, value=summary)
+        return None

@@ -1,0 +1,380 @@
+"""The shape of an elspeth DAG: which task is a fork, a branch step or a coalesce, and how they connect.
+
+The one module that answers graph questions (which step delivers a branch to a coalesce, which
+coalesces consume a step, whether a step is its branch's last) and that checks a whole DAG's
+structure at parse time (:func:`check_dag`, called by the ``airflow.policy`` cluster policy in
+:mod:`airflow_elspeth.policies`).
+
+It imports neither operator module (the operators import it): a task's role is read from the
+class attribute ``_elspeth_role`` (``"fork"`` on ForkOperator, ``"branch"`` on BranchOperator,
+``"coalesce"`` on CoalesceSensor); for a mapped task (Airflow's ``MappedOperator``, built by
+``.partial(...).expand(...)``) from its ``operator_class``, with the constructor arguments given to
+``.partial()`` in ``partial_kwargs``.
+
+Attributes read:
+
+* BranchOperator: ``fork_task_id``, ``branch``; mapped: ``partial_kwargs["fork"]`` (the
+  ForkOperator, or its task id) and ``partial_kwargs["branch"]``.
+* CoalesceSensor: ``fork_task_id``, ``coalesce.branches``; mapped: ``partial_kwargs["fork"]`` and
+  ``partial_kwargs.get("branches")`` (default: the fork's branches).
+* ForkOperator: ``branches``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any, Final
+
+from airflow_elspeth.core.config import ElspethConfigError
+
+ROLE_ATTR: Final = "_elspeth_role"
+FORK: Final = "fork"
+BRANCH: Final = "branch"
+COALESCE: Final = "coalesce"
+# The roles the structure is made of; other markers (e.g. ``"finalizer"``) are elspeth tasks too.
+ROLES: Final = (FORK, BRANCH, COALESCE)
+BranchStep = tuple[str, str, bool]  # (fork task id, branch, mapped)
+Delivering = dict[str, tuple[str, bool]]  # branch -> (task id, mapped)
+
+
+class TopologyError(ElspethConfigError):
+    """The DAG's fork/branch/coalesce structure is invalid; the message names the tasks involved."""
+
+
+# -- what a task is -------------------------------------------------------------------------------
+
+
+def _mapped_class(task: Any) -> type | None:
+    """The operator class of a mapped task (``MappedOperator.operator_class``), else None.
+
+    (A plain operator has an ``operator_class`` too: its own class; ``_is_mapped`` tells them apart.)
+    """
+    if getattr(task, "_is_mapped", False) is not True:
+        return None
+    operator_class = getattr(task, "operator_class", None)
+    return operator_class if isinstance(operator_class, type) else None
+
+
+def is_mapped(task: Any) -> bool:
+    """Whether ``task`` is a mapped task (``.partial(...).expand(...)``).
+
+    :param task: any task of a DAG.
+    """
+    return _mapped_class(task) is not None
+
+
+def role_of(task: Any) -> str | None:
+    """The elspeth role of a task (its class's ``_elspeth_role``), or None for other tasks.
+
+    ``"fork"``, ``"branch"`` and ``"coalesce"`` make the structure :func:`check_dag` checks; any
+    other marker (e.g. ``"finalizer"``) is returned as is.
+
+    :param task: any task of a DAG, mapped or not.
+    """
+    source = _mapped_class(task) or task
+    role = getattr(source, ROLE_ATTR, None)
+    return role if isinstance(role, str) and role else None
+
+
+def _partial(task: Any) -> dict[str, Any]:
+    kwargs = getattr(task, "partial_kwargs", None)
+    return kwargs if isinstance(kwargs, dict) else {}
+
+
+def _task_id_of(fork: Any) -> str | None:
+    """The task id of a fork given as an operator or as its task id."""
+    task_id = fork if isinstance(fork, str) else getattr(fork, "task_id", None)
+    return task_id if isinstance(task_id, str) else None
+
+
+def branch_step_of(task: Any) -> BranchStep | None:
+    """``(fork_task_id, branch, mapped)`` of a BranchOperator step, mapped or not; None otherwise.
+
+    Also None for a mapped BranchOperator whose ``fork`` or ``branch`` was not given to
+    ``.partial()`` (then its branch is not known at parse time: :func:`check_dag` reports it).
+
+    :param task: any task of a DAG.
+    """
+    if role_of(task) != BRANCH:
+        return None
+    if is_mapped(task):
+        kwargs = _partial(task)
+        fork_task_id, branch = _task_id_of(kwargs.get("fork")), kwargs.get("branch")
+        if fork_task_id is None or not isinstance(branch, str):
+            return None
+        return fork_task_id, branch, True
+    return task.fork_task_id, task.branch, False
+
+
+def coalesce_of(task: Any) -> tuple[str, tuple[str, ...]] | None:
+    """``(fork_task_id, branches)`` of a CoalesceSensor (the fork it joins, the branches it joins).
+
+    None for other tasks, and for a mapped CoalesceSensor whose ``fork`` was not given to
+    ``.partial()``.
+
+    :param task: any task of a DAG.
+    """
+    if role_of(task) != COALESCE:
+        return None
+    if is_mapped(task):
+        kwargs = _partial(task)
+        fork = kwargs.get("fork")
+        fork_task_id = _task_id_of(fork)
+        if fork_task_id is None:
+            return None
+        branches = kwargs.get("branches")
+        if branches is None:
+            branches = getattr(fork, "branches", None) or ()
+        return fork_task_id, tuple(branches)
+    return task.fork_task_id, tuple(task.coalesce.branches)
+
+
+def _upstream(task: Any) -> list[Any]:
+    return list(task.upstream_list)
+
+
+def _downstream(task: Any) -> list[Any]:
+    return list(task.downstream_list)
+
+
+# -- branch steps ---------------------------------------------------------------------------------
+
+
+def _same_branch(task: Any, fork_task_id: str, branch: str) -> bool:
+    step = branch_step_of(task)
+    return step is not None and step[:2] == (fork_task_id, branch)
+
+
+def previous_steps(step_task: Any) -> list[str]:
+    """Task ids of the steps of the same fork and branch directly upstream of a step (sorted).
+
+    A well-formed branch has at most one: the step whose output this step takes.
+
+    :param step_task: a BranchOperator, mapped or not.
+    :raises TopologyError: if ``step_task`` is not a branch step.
+    """
+    fork_task_id, branch, _ = _require_step(step_task)
+    return sorted(t.task_id for t in _upstream(step_task) if _same_branch(t, fork_task_id, branch))
+
+
+def next_steps(step_task: Any) -> list[str]:
+    """Task ids of the steps of the same fork and branch directly downstream of a step (sorted).
+
+    :param step_task: a BranchOperator, mapped or not.
+    :raises TopologyError: if ``step_task`` is not a branch step.
+    """
+    fork_task_id, branch, _ = _require_step(step_task)
+    return sorted(t.task_id for t in _downstream(step_task) if _same_branch(t, fork_task_id, branch))
+
+
+def is_last_step(step_task: Any) -> bool:
+    """Whether a step is its branch's last one: no step of the same fork and branch follows it.
+
+    Only a branch's last step delivers to a coalesce (its output is the branch's arrival).
+
+    :param step_task: a BranchOperator, mapped or not.
+    :raises TopologyError: if ``step_task`` is not a branch step.
+    """
+    return not next_steps(step_task)
+
+
+def consuming_coalesces(step_task: Any) -> list[str]:
+    """Task ids of the coalesces that join this step's branch downstream of it (sorted).
+
+    Follows the branch's later steps (same fork, same branch) downstream and collects the
+    CoalesceSensors of the same fork that join the branch; a row is unneeded on this branch only
+    once all of them decided it.
+
+    :param step_task: a BranchOperator, mapped or not.
+    :raises TopologyError: if ``step_task`` is not a branch step.
+    """
+    fork_task_id, branch, _ = _require_step(step_task)
+    found: set[str] = set()
+    seen: set[str] = set()
+    stack: list[Any] = [step_task]
+    while stack:
+        for task in _downstream(stack.pop()):
+            if task.task_id in seen:
+                continue
+            seen.add(task.task_id)
+            joined = coalesce_of(task)
+            if joined is not None:
+                if joined[0] == fork_task_id and branch in joined[1]:
+                    found.add(task.task_id)
+            elif _same_branch(task, fork_task_id, branch):
+                stack.append(task)
+    return sorted(found)
+
+
+def _require_step(task: Any) -> BranchStep:
+    step = branch_step_of(task)
+    if step is None:
+        raise TopologyError(f"task {getattr(task, 'task_id', task)!r} is not a BranchOperator step")
+    return step
+
+
+# -- coalesces ------------------------------------------------------------------------------------
+
+
+def _names(task_ids: Iterable[str]) -> str:
+    return ", ".join(repr(t) for t in task_ids)
+
+
+def _analyse_coalesce(coalesce_task: Any) -> tuple[Delivering, list[str]]:
+    """The delivering step of each branch a coalesce joins, and every problem found on the way."""
+    task_id = coalesce_task.task_id
+    joined = coalesce_of(coalesce_task)
+    if joined is None:
+        return {}, [
+            f"coalesce {task_id!r}: cannot tell which fork it joins "
+            "(a mapped CoalesceSensor must get fork through .partial())"
+        ]
+    fork_task_id, branches = joined
+    same_fork: dict[str, list[Any]] = {b: [] for b in branches}
+    other_fork: dict[str, list[tuple[str, str]]] = {b: [] for b in branches}
+    for task in sorted(_upstream(coalesce_task), key=lambda t: t.task_id):
+        step = branch_step_of(task)
+        if step is None or step[1] not in same_fork:
+            continue
+        if step[0] == fork_task_id:
+            same_fork[step[1]].append(task)
+        else:
+            other_fork[step[1]].append((task.task_id, step[0]))
+
+    delivering: Delivering = {}
+    problems: list[str] = []
+    for branch in branches:
+        steps, others = same_fork[branch], other_fork[branch]
+        prefix = f"coalesce {task_id!r} joins branch {branch!r} of fork {fork_task_id!r}"
+        if not steps and others:
+            problems.extend(
+                f"{prefix} but the BranchOperator {other_id!r} directly upstream for branch {branch!r} "
+                f"belongs to fork {other_fork_id!r}, not {fork_task_id!r}"
+                for other_id, other_fork_id in others
+            )
+        elif not steps:
+            problems.append(
+                f"coalesce {task_id!r} joins branch {branch!r} but no BranchOperator of fork "
+                f"{fork_task_id!r} for branch {branch!r} is directly upstream (its tokens would never "
+                "get an outcome)"
+            )
+        elif len(steps) > 1:
+            problems.append(
+                f"{prefix} but {len(steps)} BranchOperators of fork {fork_task_id!r} for branch "
+                f"{branch!r} are directly upstream ({_names(t.task_id for t in steps)}); exactly one, "
+                "the branch's last step, must be"
+            )
+        else:
+            (step,) = steps
+            later = next_steps(step)
+            if later:
+                problems.append(
+                    f"{prefix} through {step.task_id!r}, which is not the branch's last step "
+                    f"({_names(later)} follows it); only the last step delivers"
+                )
+            else:
+                delivering[branch] = (step.task_id, is_mapped(step))
+    return delivering, problems
+
+
+def delivering_steps(coalesce_task: Any) -> Delivering:
+    """Each joined branch's delivering step: ``{branch: (task_id, mapped)}``, in the coalesce's order.
+
+    The delivering step of a branch is the BranchOperator of the coalesce's fork for that branch
+    directly upstream of the coalesce (the branch's last step).
+
+    :param coalesce_task: a CoalesceSensor.
+    :raises TopologyError: naming the coalesce, the branch and the fork, when a joined branch has no
+        such step, several, only steps of another fork, or a step that is not the branch's last.
+    """
+    if role_of(coalesce_task) != COALESCE:
+        raise TopologyError(f"task {getattr(coalesce_task, 'task_id', coalesce_task)!r} is not a coalesce")
+    delivering, problems = _analyse_coalesce(coalesce_task)
+    if problems:
+        raise TopologyError("; ".join(problems))
+    return delivering
+
+
+# -- the whole DAG --------------------------------------------------------------------------------
+
+
+def has_elspeth_tasks(dag: Any) -> bool:
+    """Whether any task of ``dag`` is a fork, a branch step or a coalesce.
+
+    :param dag: a DAG.
+    """
+    return any(role_of(task) is not None for task in dag.tasks)
+
+
+def _fork_problem(who: str, fork_task_id: str, tasks: dict[str, Any]) -> str | None:
+    fork = tasks.get(fork_task_id)
+    if fork is None or role_of(fork) != FORK:
+        return f"{who} names fork {fork_task_id!r}, which is not a ForkOperator of this DAG"
+    return None
+
+
+def _fork_branches(fork: Any) -> Sequence[str] | None:
+    if is_mapped(fork):
+        return None
+    branches = getattr(fork, "branches", None)
+    return list(branches) if branches is not None else None
+
+
+def _step_problems(task: Any, tasks: dict[str, Any]) -> list[str]:
+    step = branch_step_of(task)
+    if step is None:
+        return [
+            f"BranchOperator {task.task_id!r}: cannot tell its fork and branch "
+            "(a mapped BranchOperator must get fork and branch through .partial())"
+        ]
+    fork_task_id, branch, mapped = step
+    who = f"BranchOperator {task.task_id!r} (branch {branch!r})"
+    missing_fork = _fork_problem(who, fork_task_id, tasks)
+    if missing_fork:
+        return [missing_fork]
+    problems: list[str] = []
+    branches = _fork_branches(tasks[fork_task_id])
+    if mapped and branches is not None and branch not in branches:
+        problems.append(f"{who}: branch {branch!r} is not a branch of fork {fork_task_id!r} ({branches!r})")
+    if fork_task_id not in task.get_flat_relative_ids(upstream=True):
+        problems.append(
+            f"{who} is not downstream of its fork {fork_task_id!r}: it would run before the fork "
+            "wrote its tokens"
+        )
+    previous = previous_steps(task)
+    if len(previous) > 1:
+        problems.append(
+            f"{who} of fork {fork_task_id!r} follows {len(previous)} steps of the same branch "
+            f"({_names(previous)}); a step takes the output of one previous step"
+        )
+    return problems
+
+
+def check_dag(dag: Any) -> list[str]:
+    """Every structure problem of a DAG's forks, branch steps and coalesces (empty when sound).
+
+    * each coalesce joins a fork of this DAG, and each branch it joins has exactly one delivering
+      step: a BranchOperator of the same fork for that branch, directly upstream, the branch's last
+      step (none, several, only steps of another fork, or an earlier step are problems);
+    * each branch step names a fork of this DAG, is downstream of it, follows at most one step of
+      its branch, and (mapped, so not checked by its constructor) names one of the fork's branches.
+
+    Each message names the task(s), the branch and the fork.
+
+    :param dag: a DAG (its tasks are read, never changed).
+    """
+    tasks: dict[str, Any] = dict(dag.task_dict)
+    problems: list[str] = []
+    for task in dag.tasks:
+        role = role_of(task)
+        if role == BRANCH:
+            problems.extend(_step_problems(task, tasks))
+        elif role == COALESCE:
+            joined = coalesce_of(task)
+            if joined is not None:
+                missing_fork = _fork_problem(f"coalesce {task.task_id!r}", joined[0], tasks)
+                if missing_fork:
+                    problems.append(missing_fork)
+                    continue
+            problems.extend(_analyse_coalesce(task)[1])
+    return problems

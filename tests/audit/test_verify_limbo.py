@@ -1,0 +1,583 @@
+"""``airflow-elspeth verify`` catches limbo: audit runs never closed, rows never decided, tokens left
+without a terminal outcome, and resolutions that hid a decidable row. On SQLite and PostgreSQL.
+
+The audit databases are built row by row with SQLAlchemy Core inserts (no operator, no coalesce
+pass), so each test states exactly the trail it judges.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+from collections.abc import Iterable, Sequence
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner, Result
+from sqlalchemy import Engine, Table, insert, update
+
+from airflow_elspeth import cli
+from airflow_elspeth.audit import schema as t
+from airflow_elspeth.audit.coalesce import CoalesceSpec
+from airflow_elspeth.audit.queries import (
+    ROWS_UNDECIDED,
+    RUN_NOT_CLOSED,
+    TOKENS_WITHOUT_OUTCOME,
+    coalesce_summary,
+    limbo_findings,
+    spec_of_node,
+)
+from airflow_elspeth.core.config import coalesce_config
+
+BRANCHES = ("a", "b")
+NOW = datetime.now(timezone.utc).replace(microsecond=0)
+FORKED = NOW - timedelta(minutes=30)  # every completed fork here completed half an hour ago
+
+
+def ident(*parts: Any) -> str:
+    return hashlib.sha256(":".join(map(str, parts)).encode()).hexdigest()[:32]
+
+
+class Trail:
+    """Writes a small audit trail straight into the tables."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def _insert(self, table: Table, values: Sequence[dict[str, Any]] | dict[str, Any]) -> None:
+        rows = [values] if isinstance(values, dict) else list(values)
+        if rows:
+            with self.engine.begin() as conn:
+                conn.execute(insert(table), rows)
+
+    def run(
+        self,
+        *,
+        dag_id: str = "d",
+        airflow_run_id: str = "r",
+        try_number: int = 1,
+        status: str = "completed",
+        rows: int = 3,
+        completed_at: datetime | None = FORKED,
+        status_reason: str | None = None,
+    ) -> str:
+        run_id = ident("run", dag_id, airflow_run_id, try_number)
+        done = status == "completed"
+        self._insert(
+            t.runs,
+            {
+                "run_id": run_id,
+                "dag_id": dag_id,
+                "airflow_run_id": airflow_run_id,
+                "fork_task_id": "fork",
+                "try_number": try_number,
+                "clear_number": 0,
+                "started_at": FORKED - timedelta(minutes=1),
+                "completed_at": completed_at if done else None,
+                "status": status,
+                "status_reason": status_reason,
+                "config_hash": "0" * 64,
+                "rows_total": rows if done else None,
+                "chunk_size": 100,
+                "chunks_total": 1 if done else None,
+                "branches_json": json.dumps(list(BRANCHES)),
+            },
+        )
+        if not self._has_payload():
+            self._insert(t.payloads, {"hash": "p" * 64, "body": "{}"})
+        row_values, token_values, parents, outcomes = [], [], [], []
+        for i in range(rows):
+            row_id = self.row_id(run_id, i)
+            row_values.append(
+                {
+                    "run_id": run_id,
+                    "row_id": row_id,
+                    "row_key": self.key(i),
+                    "row_index": i,
+                    "chunk": 0,
+                    "source_hash": "p" * 64,
+                    "payload_ref": "p" * 64,
+                }
+            )
+            source = ident("source", run_id, i)
+            token_values.append(self._token(source, run_id, row_id, "source", None))
+            outcomes.append(self._outcome(source, run_id, "forked", None))
+            for ordinal, branch in enumerate(BRANCHES):
+                token = self.token(run_id, i, branch)
+                token_values.append(self._token(token, run_id, row_id, "branch", branch))
+                parents.append({"token_id": token, "parent_token_id": source, "ordinal": ordinal})
+        self._insert(t.rows, row_values)
+        self._insert(t.tokens, token_values)
+        self._insert(t.token_parents, parents)
+        self._insert(t.token_outcomes, outcomes)
+        return run_id
+
+    def _has_payload(self) -> bool:
+        with self.engine.connect() as conn:
+            return conn.execute(t.payloads.select().where(t.payloads.c.hash == "p" * 64)).first() is not None
+
+    @staticmethod
+    def key(i: int) -> str:
+        return f"doc-{i:03d}"
+
+    @staticmethod
+    def row_id(run_id: str, i: int) -> str:
+        return ident("row", run_id, i)
+
+    @staticmethod
+    def token(run_id: str, i: int, branch: str) -> str:
+        return ident("branch", run_id, i, branch)
+
+    @staticmethod
+    def _token(token_id: str, run_id: str, row_id: str, kind: str, branch: str | None) -> dict[str, Any]:
+        return {
+            "token_id": token_id,
+            "run_id": run_id,
+            "row_id": row_id,
+            "token_kind": kind,
+            "branch_name": branch,
+            "chunk": 0,
+            "created_at": FORKED,
+        }
+
+    @staticmethod
+    def _outcome(
+        token_id: str, run_id: str, outcome: str, reason: str | None, *, terminal: bool = True
+    ) -> dict[str, Any]:
+        return {
+            "token_id": token_id,
+            "run_id": run_id,
+            "outcome": outcome,
+            "is_terminal": terminal,
+            "reason": reason,
+            "recorded_at": FORKED,
+        }
+
+    def coalesce(self, run_id: str, node_id: str = "join", *, timeout_s: float = 3600) -> CoalesceSpec:
+        spec = CoalesceSpec(
+            node_id=node_id,
+            config=coalesce_config(
+                branches=list(BRANCHES), policy="require_all", timeout=timedelta(seconds=timeout_s)
+            ),
+            delivering={b: f"step_{b}" for b in BRANCHES},
+            mapped={b: False for b in BRANCHES},
+        )
+        self._insert(
+            t.nodes,
+            {
+                "run_id": run_id,
+                "node_id": node_id,
+                "task_id": node_id,
+                "node_type": "coalesce",
+                "branch_name": None,
+                "config_json": json.dumps(spec.as_dict()),
+                "config_hash": "0" * 64,
+            },
+        )
+        return spec
+
+    def arrive(self, run_id: str, i: int, branch: str, after_s: float) -> datetime:
+        """``branch`` delivers row ``i`` to the coalesce ``after_s`` seconds after the fork completed."""
+        at = FORKED + timedelta(seconds=after_s)
+        token = self.token(run_id, i, branch)
+        self._insert(
+            t.node_states,
+            {
+                "state_id": ident("state", token),
+                "token_id": token,
+                "run_id": run_id,
+                "node_id": f"step_{branch}",
+                "attempt": 1,
+                "status": "completed",
+                "output_ref": "p" * 64,
+                "started_at": at,
+                "completed_at": at,
+                "recorded_at": at,
+                "row_id": self.row_id(run_id, i),
+                "chunk": 0,
+            },
+        )
+        return at
+
+    def merge(self, run_id: str, i: int, node_id: str = "join", *, outcomes: bool = True) -> None:
+        """Both branches arrive (after 1 s and 2 s) and the row is merged, as a replay says."""
+        self.arrive(run_id, i, "a", 1)
+        at = self.arrive(run_id, i, "b", 2)
+        self._decision(run_id, i, node_id, "merged", None, at, consumed=list(BRANCHES))
+        if outcomes:
+            merged = ident("merged", run_id, i, node_id)
+            self._insert(t.tokens, self._token(merged, run_id, self.row_id(run_id, i), "merged", None))
+            self._insert(
+                t.token_parents,
+                [
+                    {"token_id": merged, "parent_token_id": self.token(run_id, i, b), "ordinal": n}
+                    for n, b in enumerate(BRANCHES)
+                ],
+            )
+            self._insert(
+                t.token_outcomes,
+                [
+                    self._outcome(merged, run_id, "merged", None),
+                    *(self._outcome(self.token(run_id, i, b), run_id, "coalesced", None) for b in BRANCHES),
+                ],
+            )
+
+    def resolve(
+        self, run_id: str, i: int, node_id: str = "join", *, state: str = "failed", after_s: float = 60
+    ) -> None:
+        """A resolution: the coalesce task ended ``state`` ``after_s`` after the fork, row undecided."""
+        at = FORKED + timedelta(seconds=after_s)
+        self._decision(
+            run_id,
+            i,
+            node_id,
+            "failed",
+            f"coalesce_task_{state}",
+            at,
+            details={"arrived": [], "lost": {}, "not_arrived": list(BRANCHES), "coalesce_task_state": state},
+            missing=dict.fromkeys(BRANCHES, "not_arrived"),
+        )
+        self._insert(
+            t.token_outcomes,
+            [
+                self._outcome(self.token(run_id, i, b), run_id, "not_arrived", "branch_task_none")
+                for b in BRANCHES
+            ],
+        )
+
+    def _decision(
+        self,
+        run_id: str,
+        i: int,
+        node_id: str,
+        decision: str,
+        reason: str | None,
+        at: datetime,
+        *,
+        consumed: Iterable[str] = (),
+        details: dict[str, Any] | None = None,
+        missing: dict[str, str] | None = None,
+    ) -> None:
+        self._insert(
+            t.coalesce_decisions,
+            {
+                "run_id": run_id,
+                "node_id": node_id,
+                "row_id": self.row_id(run_id, i),
+                "row_key": self.key(i),
+                "chunk": 0,
+                "decision": decision,
+                "failure_reason": reason,
+                "details_json": json.dumps(details or {}),
+                "policy": "require_all",
+                "merge_strategy": "union",
+                "consumed": json.dumps(list(consumed)),
+                "missing_json": json.dumps(missing or {}),
+                "late_json": "[]",
+                "merged_token_id": ident("merged", run_id, i, node_id) if decision == "merged" else None,
+                "decided_at": at,
+                "wait_ms": int((at - FORKED).total_seconds() * 1000),
+                "recorded_at": at + timedelta(seconds=1),
+            },
+        )
+
+    def supersede(self, run_id: str, i: int, node_id: str = "join") -> None:
+        """What a cleared coalesce's new try does to a resolution before deciding the row afresh."""
+        cd, to = t.coalesce_decisions.c, t.token_outcomes.c
+        with self.engine.begin() as conn:
+            row = (
+                conn.execute(
+                    t.coalesce_decisions.select().where(
+                        cd.run_id == run_id, cd.node_id == node_id, cd.row_id == self.row_id(run_id, i)
+                    )
+                )
+                .mappings()
+                .one()
+            )
+            kept = {c.name: row[c.name] for c in t.superseded_decisions.c if c.name != "superseded_at"}
+            conn.execute(
+                insert(t.superseded_decisions), [{**kept, "superseded_at": NOW - timedelta(minutes=5)}]
+            )
+            conn.execute(
+                t.coalesce_decisions.delete().where(
+                    cd.run_id == run_id, cd.node_id == node_id, cd.row_id == row["row_id"]
+                )
+            )
+            conn.execute(
+                update(t.token_outcomes)
+                .where(to.token_id.in_([self.token(run_id, i, b) for b in BRANCHES]), to.is_terminal)
+                .values(is_terminal=False, superseded_at=NOW - timedelta(minutes=5))
+            )
+
+
+@pytest.fixture
+def trail(audit_engine: Engine) -> Trail:
+    return Trail(audit_engine)
+
+
+def clean_run(trail: Trail, **kwargs: Any) -> str:
+    run_id = trail.run(**kwargs)
+    trail.coalesce(run_id)
+    for i in range(kwargs.get("rows", 3)):
+        trail.merge(run_id, i)
+    return run_id
+
+
+def verify(url: str, *args: str) -> tuple[Result, dict[str, Any]]:
+    """``airflow-elspeth --url <url> verify --json <args>``: the result and its parsed output."""
+    result = CliRunner().invoke(cli.main, ["--url", url, "verify", "--json", *args])
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.output
+    return result, json.loads(result.output)
+
+
+def only(findings: list[dict[str, Any]], check: str) -> dict[str, Any]:
+    found = [f for f in findings if f["check"] == check]
+    assert len(found) == 1, findings
+    return found[0]
+
+
+def checks(findings: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    return sorted((f["run_id"], f["check"]) for f in findings)
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+def test_a_clean_trail_verifies_with_exit_0(audit_url: str, trail: Trail) -> None:
+    clean_run(trail)
+    clean_run(trail, airflow_run_id="r2", rows=2)
+    result, out = verify(audit_url, "--no-airflow-states")
+    assert result.exit_code == 0, out
+    assert out["runs_checked"] == 2 and out["findings"] == []
+    assert out["airflow_states"] == {"used": False, "detail": "not read (--no-airflow-states)"}
+    text = CliRunner().invoke(cli.main, ["--url", audit_url, "verify", "--no-airflow-states"])
+    assert text.exit_code == 0 and "no findings" in text.output and "not read" in text.output
+
+
+def test_a_run_still_running_after_a_later_try_started(audit_url: str, trail: Trail) -> None:
+    stale = trail.run(status="running", rows=4)
+    current = clean_run(trail, try_number=2)
+    result, out = verify(audit_url, "--no-airflow-states")
+    assert result.exit_code == 1
+    finding = only(out["findings"], RUN_NOT_CLOSED)
+    assert checks(out["findings"]) == [(stale, RUN_NOT_CLOSED)]
+    assert finding["count"] == 4 and finding["examples"] == [Trail.key(i) for i in range(4)]
+    assert finding["later_tries"][0]["run_id"] == current
+    assert finding["why"] == ["try 2 of fork task fork started"]
+
+    text = CliRunner().invoke(cli.main, ["--url", audit_url, "verify", "--no-airflow-states"])
+    assert text.exit_code == 1 and RUN_NOT_CLOSED in text.output
+
+
+def test_a_run_still_running_after_its_fork_task_ended(audit_engine: Engine, trail: Trail) -> None:
+    run = trail.run(status="running", rows=2)
+    runs = [dict(r) for r in _runs(audit_engine)]
+    assert limbo_findings(audit_engine, runs) == []  # nothing in the store says it ended
+    assert limbo_findings(audit_engine, runs, task_states={("d", "r", "fork"): "running"}) == []
+    for state in ("failed", "success", "upstream_failed"):
+        findings = limbo_findings(audit_engine, runs, task_states={("d", "r", "fork"): state})
+        assert checks(findings) == [(run, RUN_NOT_CLOSED)]
+        assert findings[0]["count"] == 2 and findings[0]["fork_task_state"] == state
+
+
+def test_rows_undecided_past_the_deadline_and_grace(
+    audit_engine: Engine, audit_url: str, trail: Trail
+) -> None:
+    late = trail.run(rows=30)
+    trail.coalesce(late, timeout_s=60)  # deadline 29 min ago: far past the 5 minute grace
+    trail.merge(late, 0)
+    trail.merge(late, 1)
+    waiting = trail.run(airflow_run_id="still-waiting", rows=3)
+    trail.coalesce(waiting, timeout_s=3600)  # deadline in half an hour: undecided rows are fine
+    trail.merge(waiting, 0)
+    result, out = verify(audit_url, "--no-airflow-states")
+    assert result.exit_code == 1
+    assert checks(out["findings"]) == [(late, ROWS_UNDECIDED)]  # one line for 28 rows, never 28 lines
+    finding = out["findings"][0]
+    assert finding["count"] == 28
+    assert finding["examples"] == [Trail.key(i) for i in range(2, 7)]
+    assert finding["coalesces"]["join"]["undecided"] == 28
+    assert "past the deadline" in finding["coalesces"]["join"]["why"][0]
+    # Its tokens are not judged while rows wait for a decision (nothing says the coalesce ended).
+    assert not [f for f in out["findings"] if f["check"] == TOKENS_WITHOUT_OUTCOME]
+
+    summary = coalesce_summary(audit_engine, spec_of_node(audit_engine, late, "join"), late)
+    assert (summary["rows_merged"], summary["rows_failed"], summary["rows_undecided"]) == (2, 0, 28)
+
+
+def test_rows_undecided_after_the_coalesce_task_ended(audit_engine: Engine, trail: Trail) -> None:
+    run = trail.run(rows=3)
+    trail.coalesce(run, timeout_s=3600)  # deadline not reached
+    trail.merge(run, 0)
+    runs = [dict(r) for r in _runs(audit_engine)]
+    assert limbo_findings(audit_engine, runs) == []
+    assert limbo_findings(audit_engine, runs, task_states={("d", "r", "join"): "up_for_reschedule"}) == []
+    findings = limbo_findings(audit_engine, runs, task_states={("d", "r", "join"): "failed"})
+    # The coalesce ended: its undecided rows are limbo, and so are their tokens, now judged.
+    assert checks(findings) == [(run, ROWS_UNDECIDED), (run, TOKENS_WITHOUT_OUTCOME)]
+    undecided = only(findings, ROWS_UNDECIDED)
+    assert undecided["count"] == 2 and undecided["examples"] == [Trail.key(1), Trail.key(2)]
+    assert undecided["coalesces"]["join"]["why"] == ["coalesce task join ended failed"]
+    tokens = only(findings, TOKENS_WITHOUT_OUTCOME)
+    assert tokens["count"] == 4 and tokens["by_kind"] == {"branch": 4}
+    assert tokens["example_rows"] == [Trail.key(1), Trail.key(2)]
+
+
+def test_rows_undecided_by_two_coalesces_are_counted_once(audit_engine: Engine, trail: Trail) -> None:
+    run = trail.run(rows=4)
+    trail.coalesce(run, "x", timeout_s=60)
+    trail.coalesce(run, "y", timeout_s=60)
+    for node, decided in (("x", (0, 1)), ("y", (1, 2))):
+        for i in decided:
+            trail._decision(run, i, node, "failed", "incomplete_branches", FORKED + timedelta(seconds=60))
+    findings = limbo_findings(audit_engine, [dict(r) for r in _runs(audit_engine)])
+    finding = only(findings, ROWS_UNDECIDED)
+    assert len(findings) == 1
+    assert finding["count"] == 3  # rows 0 (by y), 2 (by x) and 3 (by neither)
+    assert finding["examples"] == [Trail.key(0), Trail.key(2), Trail.key(3)]
+    assert {n: c["undecided"] for n, c in finding["coalesces"].items()} == {"x": 2, "y": 2}
+
+
+def test_tokens_without_outcome_once_every_row_is_decided(audit_url: str, trail: Trail) -> None:
+    run = trail.run(rows=20)
+    trail.coalesce(run)
+    for i in range(20):
+        trail.merge(run, i, outcomes=i >= 12)  # rows 0-11 decided, their branch tokens left open
+    result, out = verify(audit_url, "--no-airflow-states")
+    assert result.exit_code == 1
+    assert checks(out["findings"]) == [(run, TOKENS_WITHOUT_OUTCOME)]
+    finding = out["findings"][0]
+    assert finding["count"] == 24 and finding["by_kind"] == {"branch": 24}
+    assert len(finding["examples"]) == 5 and set(finding["example_rows"]) <= {Trail.key(i) for i in range(12)}
+
+
+def test_a_resolution_of_a_decidable_row_is_flagged(audit_url: str, trail: Trail) -> None:
+    run = trail.run(rows=3)
+    trail.coalesce(run)
+    trail.merge(run, 0)
+    # Row 1: only a arrived before the coalesce task was killed: undecidable then, a fair resolution.
+    trail.arrive(run, 1, "a", 1)
+    trail.resolve(run, 1, after_s=60)
+    trail.arrive(run, 1, "b", 120)  # after the resolution: belongs to nobody
+    # Row 2: both arrived before the resolution: require_all had merged it; the resolution hid that.
+    trail.arrive(run, 2, "a", 1)
+    trail.arrive(run, 2, "b", 2)
+    trail.resolve(run, 2, after_s=60)
+    result, out = verify(audit_url, "--no-airflow-states")
+    assert result.exit_code == 1
+    # Resolutions are never compared with a replay of the whole log: no decision_replay finding.
+    assert checks(out["findings"]) == [(run, "resolution_decidable")]
+    finding = out["findings"][0]
+    assert finding["count"] == 1 and finding["examples"] == [Trail.key(2)]
+    assert finding["details"][0]["replayed"]["decision"] == "merged"
+
+    explained = CliRunner().invoke(cli.main, ["--url", audit_url, "explain", Trail.key(1), "--run-id", run])
+    assert explained.exit_code == 0, explained.output
+    assert "resolved when the coalesce task ended failed" in " ".join(explained.output.split())
+    data = json.loads(
+        CliRunner().invoke(cli.main, ["--url", audit_url, "explain", Trail.key(2), "--json"]).output
+    )
+    assert data["replays"][0]["resolution"] is True and data["replays"][0]["undecidable_then"] is False
+
+
+def test_superseded_decisions_do_not_count_as_decided(
+    audit_engine: Engine, audit_url: str, trail: Trail
+) -> None:
+    run = trail.run(rows=3)
+    trail.coalesce(run, timeout_s=60)
+    trail.merge(run, 0)
+    trail.merge(run, 1)
+    trail.resolve(run, 2, after_s=60)
+    trail.supersede(run, 2)  # cleared: the resolution is history, row 2 waits for the new try
+    result, out = verify(audit_url, "--no-airflow-states")
+    assert result.exit_code == 1
+    assert checks(out["findings"]) == [(run, ROWS_UNDECIDED)]
+    assert out["findings"][0]["count"] == 1 and out["findings"][0]["examples"] == [Trail.key(2)]
+    summary = coalesce_summary(audit_engine, spec_of_node(audit_engine, run, "join"), run)
+    assert summary["rows_undecided"] == 1 and summary["rows_failed"] == 0
+
+    # Once the coalesce ended again, the superseded outcomes are no terminal outcomes either.
+    findings = limbo_findings(
+        audit_engine, [dict(r) for r in _runs(audit_engine)], task_states={("d", "r", "join"): "failed"}
+    )
+    assert only(findings, TOKENS_WITHOUT_OUTCOME)["count"] == 2
+
+    data = json.loads(
+        CliRunner().invoke(cli.main, ["--url", audit_url, "explain", Trail.key(2), "--json"]).output
+    )
+    assert data["decisions"] == [] and len(data["superseded_decisions"]) == 1
+    branch_outcomes = [o for tok in data["tokens"] for o in tok["outcomes"] if tok["token_kind"] == "branch"]
+    assert branch_outcomes and all(not o["is_terminal"] and o["superseded_at"] for o in branch_outcomes)
+    text = CliRunner().invoke(cli.main, ["--url", audit_url, "explain", Trail.key(2)])
+    assert text.exit_code == 0 and "superseded" in text.output
+
+
+def test_report_shows_undecided_rows(audit_url: str, trail: Trail) -> None:
+    run = trail.run(rows=3)
+    trail.coalesce(run)
+    trail.merge(run, 0)
+    out = CliRunner().invoke(cli.main, ["--url", audit_url, "report", "--json"])
+    assert out.exit_code == 0, out.output
+    summary = json.loads(out.output)[0]["summary"]
+    assert (summary["rows_total"], summary["rows_merged"], summary["rows_undecided"]) == (3, 1, 2)
+    text = CliRunner().invoke(cli.main, ["--url", audit_url, "report"], terminal_width=200)
+    assert text.exit_code == 0 and "undecided" in text.output
+
+
+# --------------------------------------------------------------------------------------------------
+# Airflow task states through the CLI
+
+
+def fake_metadata_db(path: Path, states: dict[str, str], *, dag_id: str = "d", run_id: str = "r") -> str:
+    """A stand-in for Airflow's metadata DB: just the task_instance columns the CLI reads."""
+    with sqlite3.connect(path) as conn:
+        conn.execute(
+            "CREATE TABLE task_instance (dag_id TEXT, run_id TEXT, task_id TEXT, map_index INTEGER, "
+            "try_number INTEGER, state TEXT)"
+        )
+        conn.executemany(
+            "INSERT INTO task_instance VALUES (?, ?, ?, -1, 1, ?)",
+            [(dag_id, run_id, task_id, state) for task_id, state in states.items()],
+        )
+        conn.execute("INSERT INTO task_instance VALUES (?, ?, 'fork', 0, 1, 'success')", (dag_id, "other"))
+    return f"sqlite:///{path}"
+
+
+def test_cli_reads_task_states_from_airflow_when_it_can(
+    audit_url: str, trail: Trail, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run = trail.run(status="running", rows=2)
+    url = fake_metadata_db(tmp_path / "airflow.db", {"fork": "failed"})
+    monkeypatch.setattr(cli, "_airflow_metadata_url", lambda: url)
+    result, out = verify(audit_url)
+    assert result.exit_code == 1
+    assert out["airflow_states"]["used"] is True and "1 task instances" in out["airflow_states"]["detail"]
+    assert checks(out["findings"]) == [(run, RUN_NOT_CLOSED)]
+    assert out["findings"][0]["why"] == ["fork task fork ended failed"]
+
+    result, out = verify(audit_url, "--no-airflow-states")
+    assert result.exit_code == 0 and out["findings"] == []
+
+
+def test_cli_says_when_airflow_states_are_unavailable(
+    audit_url: str, trail: Trail, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clean_run(trail)
+    monkeypatch.setattr(cli, "_airflow_metadata_url", lambda: f"sqlite:///{tmp_path / 'none.db'}")
+    result, out = verify(audit_url)
+    assert result.exit_code == 0
+    assert out["airflow_states"]["used"] is False
+    assert out["airflow_states"]["detail"].startswith("not available: no Airflow metadata DB at")
+    assert not (tmp_path / "none.db").exists()  # never created
+    required = CliRunner().invoke(cli.main, ["--url", audit_url, "verify", "--airflow-states"])
+    assert required.exit_code != 0 and "unavailable" in required.output
+
+
+def _runs(engine: Engine) -> list[Any]:
+    with engine.connect() as conn:
+        return list(
+            conn.execute(t.runs.select().order_by(t.runs.c.started_at, t.runs.c.try_number)).mappings()
+        )

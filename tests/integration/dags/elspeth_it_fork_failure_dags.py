@@ -1,0 +1,136 @@
+"""Test DAGs of forks that fail: a source raising part-way, on the first try only, bad row keys.
+
+Every DAG is ``fork >> [ask_a, ask_b] >> coalesce`` with a callable source. Like
+``elspeth_it_dags.py``, parsing this file builds only the DAGs named in ``ELSPETH_IT_DAGS`` (all of
+them when it is unset); the tests build theirs with :func:`build_dag`, which also takes the marker
+file a first-try-only failure is keyed on.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from airflow.sdk import DAG
+
+from airflow_elspeth import BranchOperator, CoalesceSensor, ForkOperator
+
+ONLY_ENV = "ELSPETH_IT_DAGS"
+BRANCHES = ("a", "b")
+FAIL_AFTER = 2500  # rows yielded before the source raises
+CHUNK_SIZE = 1000
+SMALL_CHUNK_SIZE = 2
+BAD_ROW_INDEX = 4  # after two whole chunks of SMALL_CHUNK_SIZE
+LONG_KEY_CHARS = 3000
+SOURCE_ERROR = f"source connection lost after {FAIL_AFTER} rows"
+
+SOURCE_FAILS = "elspeth_it_fork_source_fails"
+SOURCE_FAILS_ONCE = "elspeth_it_fork_source_fails_once"
+LONG_KEY = "elspeth_it_fork_long_key"
+NUL_KEY = "elspeth_it_fork_nul_key"
+COMPLETE_FAILS = "elspeth_it_fork_complete_fails"
+DAG_IDS = (SOURCE_FAILS, SOURCE_FAILS_ONCE, LONG_KEY, NUL_KEY, COMPLETE_FAILS)
+
+# The exception each failed fork reported, by dag_id (its on_failure_callback records it).
+FORK_ERRORS: dict[str, str] = {}
+
+
+def failing_source(marker: Path | None) -> Iterator[dict[str, Any]]:
+    """``FAIL_AFTER`` rows, then RuntimeError; with a ``marker``, only while the marker is absent
+    (the first call creates it, so a retry of the fork gets every row)."""
+    fail = True
+    if marker is not None:
+        fail = not marker.exists()
+        marker.touch()
+    for n in range(FAIL_AFTER):
+        yield {"id": f"r{n}", "n": n}
+    if fail:
+        raise RuntimeError(SOURCE_ERROR)
+
+
+def bad_key_source(kind: str) -> Iterator[dict[str, Any]]:
+    """Six rows; with ``kind`` "long" or "nul", the one at BAD_ROW_INDEX has a 3000-character key
+    or a key containing NUL (any other kind: six good rows)."""
+    for n in range(6):
+        key = f"r{n}"
+        if n == BAD_ROW_INDEX and kind == "long":
+            key = "k" * LONG_KEY_CHARS
+        elif n == BAD_ROW_INDEX and kind == "nul":
+            key = "r\x004"
+        yield {"id": key, "n": n}
+
+
+def _record_fork_error(context: Any) -> None:
+    exception = context.get("exception")
+    FORK_ERRORS[context["ti"].dag_id] = str(exception) if exception is not None else "<no exception>"
+
+
+def _answer(row: dict[str, Any]) -> dict[str, Any]:
+    return {"id": row["id"], "answer": int(row["n"]) * 2}
+
+
+def build_dag(dag_id: str, marker: Path | None = None) -> DAG:
+    """One test DAG; ``marker`` is the first-try marker of SOURCE_FAILS_ONCE."""
+    rows: Any
+    retries = 0
+    chunk_size = CHUNK_SIZE
+    if dag_id == SOURCE_FAILS:
+        rows = lambda: failing_source(None)  # noqa: E731
+    elif dag_id == SOURCE_FAILS_ONCE:
+        rows = lambda: failing_source(marker)  # noqa: E731 - without a marker: fails every try
+        retries = 1
+    elif dag_id in (LONG_KEY, NUL_KEY):
+        kind = "long" if dag_id == LONG_KEY else "nul"
+        rows = lambda: bad_key_source(kind)  # noqa: E731
+        chunk_size = SMALL_CHUNK_SIZE
+    elif dag_id == COMPLETE_FAILS:
+        rows = lambda: bad_key_source("good")  # noqa: E731
+        chunk_size = SMALL_CHUNK_SIZE
+    else:
+        raise ValueError(f"unknown fork failure DAG {dag_id!r}")
+    with DAG(
+        dag_id=dag_id,
+        schedule=None,
+        start_date=datetime(2026, 1, 1),
+        catchup=False,
+        tags=["elspeth", "integration-test"],
+        default_args={"retries": 0},
+    ) as dag:
+        fork = ForkOperator(
+            task_id="fork",
+            rows=rows,
+            row_key="id",
+            branches=list(BRANCHES),
+            chunk_size=chunk_size,
+            retries=retries,
+            retry_delay=timedelta(0),
+            on_failure_callback=_record_fork_error,
+        )
+        steps = [
+            BranchOperator(task_id=f"ask_{b}", fork=fork, branch=b, python_callable=_answer, batch_size=1000)
+            for b in BRANCHES
+        ]
+        coalesce = CoalesceSensor(
+            task_id="coalesce",
+            fork=fork,
+            policy="require_all",
+            timeout=timedelta(seconds=60),
+            poke_interval=1,
+        )
+        fork >> steps >> coalesce
+    return dag
+
+
+def _selected() -> list[str]:
+    only = os.environ.get(ONLY_ENV)
+    if only is None:
+        return list(DAG_IDS)
+    wanted = {name.strip() for name in only.split(",")}
+    return [dag_id for dag_id in DAG_IDS if dag_id in wanted]
+
+
+for _dag_id in _selected():
+    globals()[_dag_id] = build_dag(_dag_id)

@@ -1,0 +1,27 @@
+"""An invalid DAG structure: branch 'a' has two chained steps, but the coalesce takes the first one
+(only a branch's last step delivers).
+
+Importing this DAG file must fail (cluster policy), naming the coalesce, the branch and both steps.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+from airflow.sdk import DAG
+
+from airflow_elspeth import BranchOperator, CoalesceSensor, ForkOperator
+
+with DAG(
+    dag_id="topology_earlier_step_delivers", schedule=None, start_date=datetime(2026, 1, 1), catchup=False
+) as dag:
+    fork = ForkOperator(task_id="fork", rows=[{"id": 1}], row_key="id", branches=["a", "b"])
+    prep_a = BranchOperator(task_id="prep_a", fork=fork, branch="a", python_callable=dict)
+    ask_a = BranchOperator(task_id="ask_a", fork=fork, branch="a", python_callable=dict)
+    ask_b = BranchOperator(task_id="ask_b", fork=fork, branch="b", python_callable=dict)
+    coalesce = CoalesceSensor(
+        task_id="coalesce", fork=fork, policy="require_all", timeout=timedelta(seconds=30)
+    )
+    fork >> prep_a >> ask_a
+    fork >> ask_b
+    [prep_a, ask_b] >> coalesce
