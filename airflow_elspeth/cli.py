@@ -1,9 +1,14 @@
 """``airflow-elspeth``: read the audit trail from a terminal.
 
 ``report`` (coalesce summaries), ``explain`` (one row's lineage and its decision replayed from the
-event log), ``verify`` (integrity sweep; exits non-zero on any finding) and ``db upgrade``. Every
-command reads the configured audit store (the embedded SQLite file when nothing is configured),
-takes ``--json``, and writes nothing except ``db upgrade``.
+event log), ``verify`` (integrity sweep, limbo included; exits non-zero on any finding) and
+``db upgrade``. Every command reads the configured audit store (the embedded SQLite file when
+nothing is configured), takes ``--json``, and writes nothing except ``db upgrade``.
+
+``verify`` may also read the fork and coalesce task states from Airflow's metadata DB (read-only,
+when Airflow is configured here; ``--airflow-states/--no-airflow-states``): the only read of
+Airflow's own database anywhere in the provider. The checks themselves (audit layer) take those
+states as a plain mapping.
 """
 
 from __future__ import annotations

@@ -63,7 +63,8 @@ with DAG(
         policy="best_effort",
         merge="union",
         timeout=timedelta(minutes=5),
-        poke_interval=1,
+        mode="poke",  # waits in its worker slot: no reschedule churn for a short example
+        poke_interval=2,
     )
     fork >> [crm, support]
     [crm, billing, support] >> profile

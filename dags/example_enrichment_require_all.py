@@ -65,7 +65,8 @@ with DAG(
         merge="union",
         timeout=timedelta(minutes=5),
         on_failure="skip",
-        poke_interval=1,
+        mode="poke",  # waits in its worker slot: no reschedule churn for a short example
+        poke_interval=2,
     )
 
     @task(trigger_rule="all_done")

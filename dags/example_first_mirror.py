@@ -47,6 +47,7 @@ with DAG(
         policy="first",
         merge="union",
         timeout=timedelta(minutes=5),
-        poke_interval=1,
+        mode="poke",  # waits in its worker slot: no reschedule churn for a short example
+        poke_interval=2,
     )
     fork >> [us, eu] >> fetched

@@ -85,7 +85,8 @@ with DAG(
         merge="nested",
         timeout=timedelta(seconds=6),
         tolerated_failure_rate=0.25,
-        poke_interval=1,
+        mode="poke",  # waits in its worker slot: no reschedule churn for a short example
+        poke_interval=2,
     )
 
     @task

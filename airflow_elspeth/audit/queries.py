@@ -567,9 +567,12 @@ def _run_limbo(
     rows_total = int(
         conn.execute(select(func.count()).select_from(t.rows).where(r.run_id == run_id)).scalar_one()
     )
-    decided = dict(
-        conn.execute(select(cd.node_id, func.count()).where(cd.run_id == run_id).group_by(cd.node_id)).all()
-    )
+    decided: dict[str, int] = {
+        node_id: int(n)
+        for node_id, n in conn.execute(
+            select(cd.node_id, func.count()).where(cd.run_id == run_id).group_by(cd.node_id)
+        )
+    }
     flagged: dict[str, dict[str, Any]] = {}
     all_decided, all_ended = True, task_states is not None
     n = t.nodes.c

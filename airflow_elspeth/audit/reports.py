@@ -971,8 +971,8 @@ def explain_decision(
             details.get("coalesce_task_state") or str(decision["failure_reason"])[len(RESOLUTION_PREFIX) :]
         )
         parts.append(
-            f"Resolved when the coalesce task ended {state}: the row was still undecided under {policy}, "
-            "and nothing will decide it any more. This is not a policy outcome."
+            f"Resolved when the coalesce task ended {state}, with the row still undecided under {policy}: "
+            "closed as failed so it is never left waiting. This is not a policy outcome."
         )
         parts.append(f"Arrived before the coalesce task ended: {listing(details.get('arrived', []))}.")
     elif decision["decision"] == "merged":

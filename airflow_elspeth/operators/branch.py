@@ -6,7 +6,7 @@ import math
 import queue
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -259,10 +259,13 @@ class BranchOperator(BaseOperator):
             done = pool.next(timeout=self.flush_seconds)
             if done is None:
                 writer.flush(when_due=True)
-            elif done.error is not None:
+                continue
+            if done.error is not None:
                 raise done.error  # sys.exit, KeyboardInterrupt... in the callable end the task
-            elif done.result is not None:
-                writer.add(done.result)
+            if done.result is not None:
+                writer.keep([done.result])
+            pool.taken()
+            writer.flush(when_due=True)
             refill()
         writer.flush()
 
@@ -380,8 +383,11 @@ class _WorkerPool:
     ``concurrent.futures`` joins its threads on shutdown and at interpreter exit, so a hung
     callable would keep the task alive past its ``execution_timeout``. Here :meth:`close` only
     stops the pool: idle workers end, a busy one is abandoned and ends with the process.
-    Moving a job from running to finished and :meth:`close` hold one lock, so every job is
-    either finished, running, or not started when the pool closes.
+
+    Every job is not started, running, or finished, and one lock guards the moves between those,
+    so :meth:`close` sees each job in exactly one of them. A finished job stays in the pool until
+    the caller, having buffered its result, calls :meth:`taken`: an exception raised in between
+    (a signal) cannot lose it.
     """
 
     def __init__(
@@ -394,15 +400,17 @@ class _WorkerPool:
         self._fn = fn
         self._clock = clock
         self._todo: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
-        self._done: queue.SimpleQueue[_Done] = queue.SimpleQueue()
-        self._lock = threading.Lock()
+        # Reentrant: a signal can leave the main thread holding it, and close() runs after that.
+        self._lock = threading.RLock()
+        self._changed = threading.Condition(self._lock)
         self._running: dict[_Job, datetime] = {}
+        self._finished: deque[_Done] = deque()
         self._stopped = False  # no job starts any more
         self._closed = False
         self._workers: list[threading.Thread] = []
         self._size = workers
         self._name = name
-        self.pending = 0  # submitted and not yet returned by next() (main thread only)
+        self.pending = 0  # submitted and not yet taken (main thread only)
 
     def submit(self, job: _Job) -> None:
         if len(self._workers) < self._size:
@@ -415,27 +423,26 @@ class _WorkerPool:
         self._todo.put(job)
 
     def next(self, timeout: float) -> _Done | None:
-        """The next finished job, or None when none finished within ``timeout`` seconds."""
-        try:
-            done = self._done.get(timeout=timeout)
-        except queue.Empty:
-            return None
+        """The oldest finished job (still in the pool), or None if none finishes within ``timeout``."""
+        with self._changed:
+            if not self._finished:
+                self._changed.wait(timeout)
+            return self._finished[0] if self._finished else None
+
+    def taken(self) -> None:
+        """The job :meth:`next` returned is dealt with: remove it."""
+        with self._lock:
+            self._finished.popleft()
         self.pending -= 1
-        return done
 
     def close(self) -> tuple[list[_Done], list[tuple[_Job, datetime]]]:
-        """Stop the pool; returns the jobs finished but not yet taken, and the running ones."""
+        """Stop the pool; returns the jobs finished but not taken, and the running ones."""
         with self._lock:
             if self._closed:
                 return [], []
             self._closed = self._stopped = True
-            running = list(self._running.items())
-            finished = []
-            while True:
-                try:
-                    finished.append(self._done.get_nowait())
-                except queue.Empty:
-                    break
+            finished, running = list(self._finished), list(self._running.items())
+            self._finished.clear()
         for _ in self._workers:
             self._todo.put(None)  # wakes the idle workers, which then end
         return finished, running
@@ -456,7 +463,8 @@ class _WorkerPool:
                 if done.error is not None:
                     self._stopped = True  # the task is ending: no new row starts
                 if not self._closed:
-                    self._done.put(done)
+                    self._finished.append(done)
+                    self._changed.notify()
 
 
 class _ResultWriter:
@@ -488,6 +496,7 @@ class _ResultWriter:
         self.errors: Counter[str] = Counter()
         self.decided: set[str] = set()
         self.buffer: list[NodeResult] = []
+        self.buffered: set[str] = set()  # the buffer's token ids
         self.oldest = 0.0
         self.chunk = 0
         self.tokens_total = 0
@@ -497,15 +506,14 @@ class _ResultWriter:
         self.chunk, self.tokens_total = chunk, tokens_total
 
     def keep(self, results: Iterable[NodeResult]) -> None:
-        """Buffer results without writing them yet."""
+        """Buffer results without writing them yet (a token already buffered is kept once)."""
         for result in results:
+            if result.token_id in self.buffered:
+                continue
             if not self.buffer:
                 self.oldest = time.monotonic()
             self.buffer.append(result)
-
-    def add(self, result: NodeResult) -> None:
-        self.keep([result])
-        self.flush(when_due=True)
+            self.buffered.add(result.token_id)
 
     def flush(self, *, when_due: bool = False, ending: bool = False) -> None:
         """Write the buffer (``when_due``: only if it is full or old enough).
@@ -533,7 +541,7 @@ class _ResultWriter:
             chunk_tokens={self.chunk: self.tokens_total},
             final_step=self.final_step,
         )
-        self.buffer = []
+        self.buffer, self.buffered = [], set()
         self.counts.update(r.status for r in results)
         self.errors.update(str((r.error or {}).get("type")) for r in results if r.status == FAILED)
         if ending and self.aborted:

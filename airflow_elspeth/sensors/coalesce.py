@@ -270,7 +270,7 @@ class CoalesceSensor(BaseSensorOperator):
         try:
             return self.decide(context, ref["audit_run_id"])
         except TRANSIENT_ERRORS as err:
-            give_up_at = _transient_horizon(ref, self.coalesce.timeout, context)
+            give_up_at = _transient_horizon(self.coalesce.timeout, context)
             if datetime.now(timezone.utc) >= give_up_at:
                 raise AirflowException(
                     f"{self.task_id}: the audit store is still unreachable "
@@ -460,18 +460,13 @@ def _decided(summary: dict[str, Any]) -> int:
     return int(summary["rows_merged"]) + int(summary["rows_failed"])
 
 
-def _transient_horizon(ref: dict[str, Any], timeout: timedelta, context: Context) -> datetime:
-    """Until when an unreachable audit store is "not yet": the deadline plus a grace.
+def _transient_horizon(timeout: timedelta, context: Context) -> datetime:
+    """Until when an unreachable audit store is "not yet": about the deadline, plus a grace.
 
-    The deadline is the fork's completion (in its XCom) plus ``timeout``; a reference without it
-    counts from this try's start.
+    Counted from this try's start: a coalesce starts with its branches, after the fork completed.
     """
-    completed = ref.get("completed_at")
-    if completed:
-        start = datetime.fromisoformat(completed)
-    else:
-        start = context["ti"].start_date or datetime.now(timezone.utc)
-    return start + timeout + TRANSIENT_ERROR_GRACE
+    started = context["ti"].start_date or datetime.now(timezone.utc)
+    return started + timeout + TRANSIENT_ERROR_GRACE
 
 
 def _triggers_run_inline(context: Context) -> bool:

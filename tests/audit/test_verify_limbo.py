@@ -581,3 +581,31 @@ def _runs(engine: Engine) -> list[Any]:
         return list(
             conn.execute(t.runs.select().order_by(t.runs.c.started_at, t.runs.c.try_number)).mappings()
         )
+
+
+def test_ui_reports_show_undecided_resolutions_and_superseded(audit_engine: Engine, trail: Trail) -> None:
+    from airflow_elspeth.audit import reports
+
+    reports.clear_cache()
+    run = trail.run(rows=4)
+    trail.coalesce(run)
+    trail.merge(run, 0)
+    trail.arrive(run, 1, "a", 1)
+    trail.resolve(run, 1)
+    trail.resolve(run, 2)
+    trail.supersede(run, 2)
+    counts = {"join": {"merged": 1, "failed": 1, "undecided": 2}}
+    assert reports.recent_runs(audit_engine, None)[0]["decisions"] == counts
+    audit_run = reports.pick_audit_run(reports.audit_runs(audit_engine, "d", "r"))
+    assert audit_run is not None and audit_run["decisions"] == counts
+    overview = reports.coalesce_overview(audit_engine, audit_run, "join")
+    assert (overview["rows_merged"], overview["rows_failed"], overview["rows_undecided"]) == (1, 1, 2)
+
+    resolved = reports.row_view(audit_engine, audit_run, Trail.key(1))["decisions"][0]
+    assert resolved["replay"]["resolution"] is True and resolved["replay"]["undecidable_then"] is True
+    assert resolved["explanation"].startswith("Resolved when the coalesce task ended failed")
+    assert "not the policy" in reports.failure_reason_text("coalesce_task_failed")
+
+    reopened = reports.row_view(audit_engine, audit_run, Trail.key(2))
+    assert reopened["decisions"] == [] and len(reopened["superseded_decisions"]) == 1
+    assert all(b["outcome"] is None and len(b["superseded_outcomes"]) == 1 for b in reopened["branches"])

@@ -364,6 +364,10 @@ def check_coalesce(engine: Engine, run: dict[str, Any], node_id: str = "coalesce
                 want = (
                     "not_arrived" if reason == "not_arrived" else "late" if reason in LATE_REASONS else "lost"
                 )
+                if reason == "not_arrived":
+                    # Not arrived at the decision: the outcome names the branch task's state then.
+                    task_state = json.loads(d["details_json"]).get("branch_task_states", {}).get(branch)
+                    reason = f"branch_task_{task_state}"
                 assert (outcome["outcome"], outcome["reason"]) == (want, reason), (
                     f"{where}: {branch} {outcome}"
                 )

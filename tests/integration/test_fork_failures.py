@@ -144,7 +144,9 @@ ERRORS = {
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("kind", sorted(ERRORS))
-def test_any_exception_part_way_fails_the_run_and_is_reraised_unchanged(kind: str, direct_engine: Any) -> None:
+def test_any_exception_part_way_fails_the_run_and_is_reraised_unchanged(
+    kind: str, direct_engine: Any
+) -> None:
     """Two whole chunks are written before the source raises; the error itself reaches Airflow."""
     make_error, reason = ERRORS[kind]
     error = make_error()
@@ -269,7 +271,7 @@ def test_postgresql_refusing_a_row_fails_the_run_with_the_database_error(
     monkeypatch.setattr(fork_module, "row_key_text", str)
     rows = [{"id": "r0"}, {"id": "r1"}, {"id": key()}]
     ti = FakeTI()
-    with pytest.raises(Exception) as raised:  # noqa: PT011 - whatever the driver raises
+    with pytest.raises(Exception) as raised:  # whatever the driver raises
         make_fork(rows).execute(context(ti))
     assert refusal in str(raised.value), raised.value
     (run,) = audit_runs(engine, ti.dag_id, ti.run_id)

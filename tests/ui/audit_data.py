@@ -21,7 +21,7 @@ from typing import Any
 
 from sqlalchemy import Engine
 
-from airflow_elspeth.audit.coalesce import SETTLE, CoalesceSpec, coalesce_pass
+from airflow_elspeth.audit.coalesce import CoalesceSpec, coalesce_pass
 from airflow_elspeth.audit.store import (
     COMPLETED,
     DROPPED,
@@ -204,8 +204,6 @@ def build_run(
     if wait > 0:
         time.sleep(wait + 0.05)
     deliver(AFTER_DEADLINE)
-    # A pass reads the log as of the audit clock less SETTLE: let everything written settle.
-    time.sleep(SETTLE.total_seconds() + 0.1)
 
     specs = [
         CoalesceSpec(

@@ -103,7 +103,7 @@ def test_a_row_nested_deeper_than_json_can_serialise_is_a_payload_error_naming_t
 def test_a_row_that_contains_itself_is_a_payload_error() -> None:
     row: dict[str, Any] = {"id": "r8"}
     row["self"] = row
-    with pytest.raises(PayloadError, match="row 'r8'.*contains itself"):
+    with pytest.raises(PayloadError, match=r"row 'r8'.*contains itself"):
         canonical_json(row, what="row 'r8'")
 
 
@@ -112,7 +112,7 @@ def test_moderate_nesting_is_fine() -> None:
 
 
 def test_a_lone_surrogate_in_an_object_key_is_a_payload_error() -> None:
-    with pytest.raises(PayloadError, match="row 'r9'.*not valid Unicode"):
+    with pytest.raises(PayloadError, match=r"row 'r9'.*not valid Unicode"):
         canonical_json({"\ud800": 1}, what="row 'r9'")
 
 
@@ -147,5 +147,5 @@ def test_a_branch_name_that_is_not_valid_unicode_is_refused() -> None:
 
 
 def test_the_coalesce_checks_its_branches_the_same_way() -> None:
-    with pytest.raises(ElspethConfigError, match="branches: branch name .* more than the 250 allowed"):
+    with pytest.raises(ElspethConfigError, match=r"branches: branch name .* more than the 250 allowed"):
         coalesce_config(branches=["a", "b" * 251], policy="require_all", timeout=60)

@@ -1,0 +1,337 @@
+"""A decision never contradicts its stored log, and a coalesce that ended closes what it left open.
+
+The pass decides each chunk in a transaction ordered against that chunk's branch writers (an
+exclusive advisory lock against shared ones on PostgreSQL, the write lock on SQLite). These tests
+hold a branch writer's commit open across the deadline, after it stamped its events, and check that
+the decision waits for it and agrees with a replay of the stored log; then the resolution of rows a
+coalesce left undecided (``coalesce_task_<state>``) and its supersession by a later try.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine, event, select
+
+from airflow_elspeth.audit import schema as t
+from airflow_elspeth.audit.coalesce import (
+    CoalesceSpec,
+    coalesce_pass,
+    load_run,
+    read_chunk_log,
+    row_events,
+    supersede_resolutions,
+)
+from airflow_elspeth.audit.dml import db_now
+from airflow_elspeth.audit.store import (
+    COMPLETED,
+    AuditStore,
+    ForkRow,
+    NodeResult,
+    RunIdentity,
+    branch_token_id,
+)
+from airflow_elspeth.core.canonical import derive_id, hash_value
+from airflow_elspeth.core.config import coalesce_config
+from airflow_elspeth.core.policy import replay
+from airflow_elspeth.hooks.audit import create_audit_engine
+
+BRANCHES = ("a", "b")
+STEPS = {"a": "ask_a", "b": "ask_b"}
+WAIT = 60.0  # an upper bound for any wait on another thread; never reached when things work
+
+
+def spec(timeout: float, policy: str = "require_all") -> CoalesceSpec:
+    config = coalesce_config(branches=list(BRANCHES), policy=policy, timeout=timeout)
+    return CoalesceSpec(
+        node_id="join", config=config, delivering=STEPS, mapped=dict.fromkeys(BRANCHES, False)
+    )
+
+
+def fork(store: AuditStore, rows: int = 3) -> str:
+    run_id = store.begin_run(
+        RunIdentity(dag_id="dag", airflow_run_id="r1", fork_task_id="fork", try_number=1),
+        branches=BRANCHES,
+        chunk_size=1000,
+        config={"branches": list(BRANCHES)},
+    )
+    store.write_fork_chunk(
+        run_id, BRANCHES, 0, [ForkRow.from_row(f"k{i}", i, {"id": f"k{i}"}) for i in range(rows)]
+    )
+    store.complete_run(run_id, rows_total=rows, chunks_total=1)
+    return run_id
+
+
+def arrivals(run_id: str, branch: str, rows: range) -> list[NodeResult]:
+    now = datetime.now(timezone.utc)
+    results = []
+    for i in rows:
+        row_id = derive_id(run_id, f"k{i}")
+        digest, body = hash_value({"answer": f"{branch}{i}"}, what="output")
+        results.append(
+            NodeResult(
+                token_id=branch_token_id(run_id, row_id, branch),
+                row_id=row_id,
+                chunk=0,
+                status=COMPLETED,
+                started_at=now,
+                completed_at=now,
+                output_hash=digest,
+                output_body=body,
+            )
+        )
+    return results
+
+
+def deliver(store: AuditStore, run_id: str, branch: str, rows: range, total: int = 3) -> None:
+    store.write_branch_results(
+        run_id, STEPS[branch], 1, arrivals(run_id, branch, rows), chunk_tokens={0: total}
+    )
+
+
+def decisions(engine: Engine, run_id: str) -> dict[str, dict[str, Any]]:
+    with engine.connect() as conn:
+        return {
+            d["row_key"]: dict(d)
+            for d in conn.execute(select(t.coalesce_decisions).where(t.coalesce_decisions.c.run_id == run_id))
+            .mappings()
+            .all()
+        }
+
+
+def assert_decisions_replay(engine: Engine, coalesce: CoalesceSpec, run_id: str) -> None:
+    """Every stored policy decision is what a replay of the row's stored log, as of now, says."""
+    with engine.connect() as conn:
+        run = load_run(conn, run_id)
+        assert run is not None and run.completed_at is not None
+        now = db_now(conn)
+        _, states, losses = read_chunk_log(conn, coalesce, run_id, 0, undecided_only=False)
+        stored = conn.execute(select(t.coalesce_decisions).where(t.coalesce_decisions.c.run_id == run_id))
+        for d in stored.mappings():
+            events = row_events(coalesce, states.get(d["row_id"], {}), losses)
+            expected = replay(
+                coalesce.config, events, deadline=run.completed_at + coalesce.config.timeout, now=now
+            )
+            assert (d["decision"], d["failure_reason"]) == (
+                expected.status.value,
+                expected.failure_reason.value if expected.failure_reason else None,
+            ), (
+                f"row {d['row_key']}: stored {d['decision']}/{d['failure_reason']}, replayed {expected}"
+            )
+            assert d["decided_at"] == expected.decided_at
+
+
+class HeldCommit:
+    """Holds a writer's transaction open just before it commits: its events are stamped, not visible."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.stamped = threading.Event()
+        self.release = threading.Event()
+        event.listen(engine, "before_cursor_execute", self._hold)
+
+    def _hold(self, conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        # The progress upsert is the writer's last statement, after its node states are inserted.
+        if statement.lstrip().upper().startswith("INSERT INTO CHUNK_PROGRESS") and not self.stamped.is_set():
+            self.stamped.set()
+            assert self.release.wait(WAIT), "the test never released the held commit"
+
+
+class LockAttempt:
+    """Signals when the pass asks for its ordering lock on the chunk."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.asked = threading.Event()
+        event.listen(engine, "before_cursor_execute", self._seen)
+
+    def _seen(self, conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if "pg_advisory_xact_lock(" in statement or statement.strip().upper() == "BEGIN IMMEDIATE":
+            self.asked.set()
+
+
+def run_in_thread(target: Any, *args: Any) -> tuple[threading.Thread, dict[str, Any]]:
+    outcome: dict[str, Any] = {}
+
+    def body() -> None:
+        try:
+            outcome["value"] = target(*args)
+        except BaseException as err:  # handed to the test thread, which re-raises it
+            outcome["error"] = err
+
+    thread = threading.Thread(target=body, daemon=True)
+    thread.start()
+    return thread, outcome
+
+
+def joined(thread: threading.Thread, outcome: dict[str, Any]) -> Any:
+    thread.join(WAIT)
+    assert not thread.is_alive(), "thread did not finish"
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome.get("value")
+
+
+def wait_for_audit_clock(engine: Engine, moment: datetime) -> None:
+    """Wait (on the database's own clock) until ``moment`` has passed."""
+    done = threading.Event()
+    while not done.is_set():
+        with engine.connect() as conn:
+            if db_now(conn) > moment:
+                return
+        done.wait(0.05)
+
+
+@pytest.fixture
+def second_engine(audit_url: str, audit_engine: Engine) -> Iterator[Engine]:
+    """Another engine on the same database: a writer in another process, as far as the store knows."""
+    engine = create_audit_engine(audit_url)
+    yield engine
+    engine.dispose()
+
+
+def test_a_commit_held_across_the_deadline_is_seen_by_the_decision(
+    audit_engine: Engine, second_engine: Engine
+) -> None:
+    store = AuditStore(audit_engine)
+    coalesce = spec(timeout=3.0)
+    run_id = fork(store)
+    deliver(store, run_id, "a", range(3))
+    held = HeldCommit(second_engine)
+    writer = run_in_thread(deliver, AuditStore(second_engine), run_id, "b", range(3))
+    assert held.stamped.wait(WAIT)
+    with audit_engine.connect() as conn:
+        run = load_run(conn, run_id)
+        assert run is not None and run.completed_at is not None
+        deadline = run.completed_at + coalesce.config.timeout
+        stamped_before_deadline = db_now(conn) < deadline
+    assert stamped_before_deadline, "premise: b's events are stamped before the deadline"
+
+    wait_for_audit_clock(audit_engine, deadline)
+    lock = LockAttempt(audit_engine)
+    deciding = run_in_thread(coalesce_pass, store, coalesce, run_id, {})
+    assert lock.asked.wait(WAIT)  # the pass reached the chunk while b's commit is still held
+    held.release.set()
+    joined(*writer)
+    result = joined(*deciding)
+
+    assert result.done
+    stored = decisions(audit_engine, run_id)
+    assert {d["decision"] for d in stored.values()} == {"merged"}  # b arrived before the deadline
+    assert all(d["decided_at"] < deadline for d in stored.values())
+    assert_decisions_replay(audit_engine, coalesce, run_id)
+
+
+def test_a_write_stamped_after_a_decision_is_late_not_rewritten(
+    audit_engine: Engine, second_engine: Engine
+) -> None:
+    store = AuditStore(audit_engine)
+    coalesce = spec(timeout=1.0)
+    run_id = fork(store)
+    deliver(store, run_id, "a", range(3))
+    with audit_engine.connect() as conn:
+        run = load_run(conn, run_id)
+        assert run is not None and run.completed_at is not None
+    wait_for_audit_clock(audit_engine, run.completed_at + coalesce.config.timeout)
+    assert coalesce_pass(store, coalesce, run_id, {}).done  # incomplete at the deadline
+    deliver(AuditStore(second_engine), run_id, "b", range(3))
+
+    stored = decisions(audit_engine, run_id)
+    assert {(d["decision"], d["failure_reason"]) for d in stored.values()} == {
+        ("failed", "incomplete_branches")
+    }
+    assert_decisions_replay(audit_engine, coalesce, run_id)  # b's arrivals replay as late
+    with audit_engine.connect() as conn:
+        outcomes = conn.execute(
+            select(t.token_outcomes.c.outcome).where(
+                t.token_outcomes.c.run_id == run_id,
+                t.token_outcomes.c.is_terminal,
+                t.token_outcomes.c.token_id.in_(
+                    [branch_token_id(run_id, derive_id(run_id, f"k{i}"), "b") for i in range(3)]
+                ),
+            )
+        ).scalars()
+        assert set(outcomes) == {"not_arrived"}
+
+
+def terminal_outcomes(engine: Engine, run_id: str) -> dict[str, list[tuple[str, str | None]]]:
+    with engine.connect() as conn:
+        rows = conn.execute(
+            select(t.token_outcomes.c.token_id, t.token_outcomes.c.outcome, t.token_outcomes.c.reason).where(
+                t.token_outcomes.c.run_id == run_id, t.token_outcomes.c.is_terminal
+            )
+        ).all()
+    found: dict[str, list[tuple[str, str | None]]] = {}
+    for token_id, outcome, reason in rows:
+        found.setdefault(token_id, []).append((outcome, reason))
+    return found
+
+
+def test_an_ended_coalesce_resolves_what_it_left_and_a_later_try_decides_afresh(audit_engine: Engine) -> None:
+    store = AuditStore(audit_engine)
+    coalesce = spec(timeout=600.0)  # the deadline is far: nothing would decide these rows by itself
+    run_id = fork(store)
+    deliver(store, run_id, "a", range(3))
+    deliver(store, run_id, "b", range(1))  # k0 can merge; k1 and k2 wait for b
+    assert not coalesce_pass(store, coalesce, run_id, {"ask_a": "success", "ask_b": "running"}).done
+
+    # The coalesce task ended (killed, no retries left): its finalizer's pass closes every row.
+    result = coalesce_pass(
+        store, coalesce, run_id, {"ask_a": "success", "ask_b": "running"}, ended_state="failed"
+    )
+    assert result.done
+    stored = decisions(audit_engine, run_id)
+    assert stored["k0"]["decision"] == "merged"
+    for key in ("k1", "k2"):
+        d = stored[key]
+        assert (d["decision"], d["failure_reason"]) == ("failed", "coalesce_task_failed")
+        assert json.loads(d["missing_json"]) == {"b": "not_arrived"}
+        details = json.loads(d["details_json"])
+        assert details["arrived"] == ["a"] and details["coalesce_task_state"] == "failed"
+    outcomes = terminal_outcomes(audit_engine, run_id)
+    branch_tokens = [
+        branch_token_id(run_id, derive_id(run_id, f"k{i}"), b) for i in range(3) for b in BRANCHES
+    ]
+    assert all(len(outcomes.get(token, [])) == 1 for token in branch_tokens), outcomes
+
+    # A person clears the coalesce: its new try reopens the resolved rows and decides them afresh.
+    assert supersede_resolutions(store, coalesce, run_id) == 2
+    deliver(store, run_id, "b", range(1, 3))
+    assert coalesce_pass(store, coalesce, run_id, {"ask_a": "success", "ask_b": "success"}).done
+    stored = decisions(audit_engine, run_id)
+    assert {key: d["decision"] for key, d in stored.items()} == dict.fromkeys(("k0", "k1", "k2"), "merged")
+    outcomes = terminal_outcomes(audit_engine, run_id)
+    assert all(len(outcomes.get(token, [])) == 1 for token in branch_tokens), outcomes
+    with audit_engine.connect() as conn:
+        superseded = conn.execute(select(t.superseded_decisions)).mappings().all()
+        kept = conn.execute(
+            select(t.token_outcomes.c.reason).where(
+                t.token_outcomes.c.run_id == run_id, t.token_outcomes.c.superseded_at.is_not(None)
+            )
+        ).scalars()
+        assert sorted(kept) == sorted(["coalesce_task_failed"] * 2 + ["branch_task_running"] * 2)
+    assert sorted(d["row_key"] for d in superseded) == ["k1", "k2"]
+    assert {d["failure_reason"] for d in superseded} == {"coalesce_task_failed"}
+    assert supersede_resolutions(store, coalesce, run_id) == 0  # policy decisions are never reopened
+
+
+def test_a_resolution_never_overrides_what_the_policy_can_decide(audit_engine: Engine) -> None:
+    store = AuditStore(audit_engine)
+    coalesce = spec(timeout=1.0, policy="first")
+    run_id = fork(store)
+    deliver(store, run_id, "a", range(1))
+    with audit_engine.connect() as conn:
+        run = load_run(conn, run_id)
+        assert run is not None and run.completed_at is not None
+    wait_for_audit_clock(
+        audit_engine, run.completed_at + coalesce.config.timeout + timedelta(milliseconds=10)
+    )
+    assert coalesce_pass(store, coalesce, run_id, {}, ended_state="failed").done
+    stored = decisions(audit_engine, run_id)
+    # past the deadline every row is decidable: the policy decides, nothing is "resolved"
+    assert stored["k0"]["decision"] == "merged"
+    assert {stored[k]["failure_reason"] for k in ("k1", "k2")} == {"first_timeout_no_arrivals"}
+    assert_decisions_replay(audit_engine, coalesce, run_id)
