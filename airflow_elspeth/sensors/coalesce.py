@@ -177,10 +177,13 @@ class CoalesceSensor(BaseSensorOperator):
             else conf.getboolean("operators", "default_deferrable", fallback=False)
         )
         self.audit_conn_id = audit_conn_id
-        self.finalizer = self._add_finalizer(str(task_id)) if self.has_dag() else None
+        self.finalizer = self._add_finalizer(str(task_id), fork) if self.has_dag() else None
 
-    def _add_finalizer(self, task_id: str) -> BaseOperator:
-        """The teardown that closes what this coalesce leaves open once it has ended, whatever the way."""
+    def _add_finalizer(self, task_id: str, fork: ForkOperator) -> BaseOperator:
+        """The teardown that closes what this coalesce leaves open once it has ended, whatever the way.
+
+        Downstream of the fork too: it runs once both ended, so it never closes a fork still working.
+        """
         from airflow_elspeth.operators.finalize import CoalesceFinalizer
 
         finalizer = CoalesceFinalizer(
@@ -192,6 +195,7 @@ class CoalesceSensor(BaseSensorOperator):
             task_group=self.task_group,
         )
         self >> finalizer
+        fork >> finalizer
         finalizer.as_teardown()
         return finalizer
 

@@ -327,6 +327,16 @@ def check_coalesce(engine: Engine, run: dict[str, Any], node_id: str = "coalesce
         row_id, key = d["row_id"], d["row_key"]
         assert rows[row_id]["row_key"] == key and d["chunk"] == rows[row_id]["chunk"]
         events = _events(config, delivering, states, losses, row_id, d["chunk"])
+        if (d["failure_reason"] or "").startswith("coalesce_task_"):
+            # A resolution (the coalesce task ended): the row must have been undecidable then.
+            decided_at = as_utc(d["decided_at"])
+            before = [e for e in events if e.at <= decided_at]
+            assert not replay(config, before, deadline=deadline, now=decided_at).is_final, (
+                f"{node_id} row {key!r}: resolved {d['failure_reason']} but decidable then ({events})"
+            )
+            assert d["decision"] == "failed"
+            by_key[key] = {**d, "consumed": [], "missing": json.loads(d["missing_json"]), "late": []}
+            continue
         expected = replay(config, events, deadline=deadline, now=now)
         consumed = json.loads(d["consumed"])
         missing = json.loads(d["missing_json"])

@@ -82,6 +82,9 @@ class Spec:
     gated: tuple[str, ...] = ()
     prep_fails: str | None = None  # this branch's preparation step fails wholesale
     deferrable: bool = False
+    # The coalesce's first try dies (no retries): "before_pass" raises before it decides anything,
+    # "mid_pass" after it wrote its first chunk of decisions. Its finalizer closes what is left.
+    coalesce_fault: str | None = None
 
     @property
     def hang_seconds(self) -> float:
@@ -192,6 +195,36 @@ def _record_fork_error(context: Any) -> None:
     FORK_ERRORS[context["ti"].dag_id] = str(exception) if exception is not None else "<no exception>"
 
 
+class FaultyCoalesce(CoalesceSensor):
+    """A coalesce whose first try dies in its pass (see ``Spec.coalesce_fault``); later tries work."""
+
+    def __init__(self, *, fault: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.fault = fault
+
+    def decide(self, context: Any, run_id: str) -> bool:
+        if context["ti"].try_number > 1:
+            return super().decide(context, run_id)
+        if self.fault == "before_pass":
+            raise RuntimeError("injected: the coalesce dies before its pass")
+        import airflow_elspeth.audit.coalesce as pass_module
+
+        real_write = pass_module.write_decisions
+        written: list[int] = []
+
+        def write_then_die(*args: Any, **kwargs: Any) -> int:
+            if written:
+                raise RuntimeError("injected: the coalesce dies half way through its pass")
+            written.append(1)
+            return real_write(*args, **kwargs)
+
+        pass_module.write_decisions = write_then_die
+        try:
+            return super().decide(context, run_id)
+        finally:
+            pass_module.write_decisions = real_write
+
+
 def build_dag(spec: Spec) -> DAG:
     """Build the DAG of one scenario."""
     with DAG(
@@ -284,7 +317,9 @@ def build_dag(spec: Spec) -> DAG:
         sensor_options: dict[str, Any] = {}
         if spec.coalesce_trigger_rule:
             sensor_options["trigger_rule"] = spec.coalesce_trigger_rule
-        coalesce = CoalesceSensor(
+        if spec.coalesce_fault:
+            sensor_options.update(fault=spec.coalesce_fault, retries=0)
+        coalesce = (FaultyCoalesce if spec.coalesce_fault else CoalesceSensor)(
             task_id="coalesce",
             fork=fork,
             policy=spec.policy,
@@ -566,6 +601,19 @@ _add(SCENARIOS["elspeth_it_quorum_hang"].with_(dag_id="elspeth_it_quorum_hang_de
 _add(Spec(dag_id="elspeth_it_empty", policy="quorum", quorum=2, rows=0, mapped=("b",)))
 # A nested fork over merged rows
 _add(Spec(dag_id="elspeth_it_nested", policy="best_effort", nested=True, actions={"c": {2: "error"}}))
+
+
+# The coalesce dies (no retries): its finalizer closes every row it left.
+for _fault in ("before_pass", "mid_pass"):
+    _add(
+        Spec(
+            dag_id=f"elspeth_it_coalesce_dies_{_fault}",
+            coalesce_fault=_fault,
+            actions={"c": {1: "error"}},
+            timeout=600.0,
+            tolerated_failures=6,
+        )
+    )
 
 
 def _selected() -> list[Spec]:
