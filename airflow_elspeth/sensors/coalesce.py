@@ -141,9 +141,9 @@ class CoalesceSensor(BaseSensorOperator):
             raise ElspethConfigError(f"on_failure must be one of {ON_FAILURE_CHOICES}, got {on_failure!r}")
         if not isinstance(fork_wait_timeout, timedelta) or fork_wait_timeout < timedelta(0):
             raise ElspethConfigError(f"fork_wait_timeout must be a timedelta >= 0, got {fork_wait_timeout!r}")
-        framework_timeout = fork_wait_timeout + config.timeout + FRAMEWORK_TIMEOUT_MARGIN
         try:
-            datetime.now(timezone.utc) + framework_timeout
+            framework_timeout = fork_wait_timeout + config.timeout + FRAMEWORK_TIMEOUT_MARGIN
+            datetime.now(timezone.utc) + framework_timeout  # a deadline must be a date
         except OverflowError as err:
             raise ElspethConfigError(
                 f"timeout + fork_wait_timeout overflow a date, got timeout={timeout!r}, "

@@ -49,6 +49,9 @@ INVALID = {
     "invalid_timeout.py": ["timeout must be positive"],
     "invalid_coalesce_branches.py": ["branches", "'z'"],
     "invalid_duplicate_branches.py": ["branches", "duplicate", "'a'"],
+    "invalid_timeout_overflow.py": ["overflow a date", "timeout="],
+    "invalid_fork_wait_negative.py": ["fork_wait_timeout must be a timedelta >= 0"],
+    "invalid_row_retry_delay_negative.py": ["row_retry_delay", "-1"],
 }
 
 

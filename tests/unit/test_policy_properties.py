@@ -32,7 +32,9 @@ from airflow_elspeth.core.policy import (
     EventKind,
     FailureReason,
     Status,
+    order_events,
     replay,
+    resolve_ended,
 )
 
 BASE = datetime(2024, 5, 1, 12, 0, tzinfo=timezone.utc)
@@ -553,3 +555,36 @@ def test_merging_a_decision_uses_only_its_consumed_branches(s: Scenario) -> None
         assert {k for k in result.row if k.startswith("only_")} == {f"only_{b}" for b in decision.consumed}
         if len(decision.consumed) >= 2:
             assert result.collisions == {"from": [b for b in s.config.branches if b in decision.consumed]}
+
+
+# ---- resolutions: a row closed because its coalesce task ended
+
+
+@PROPERTY
+@given(s=scenarios(), state=st.sampled_from(["failed", "skipped", "upstream_failed", "success", "removed"]))
+def test_resolve_ended_closes_a_row_with_what_arrived_and_why_the_rest_is_missing(
+    s: Scenario, state: str
+) -> None:
+    decision = resolve_ended(s.config, s.events, at=s.now, task_state=state)
+    seen = [e for e in order_events(s.config, s.events) if e.at <= s.now]
+    arrived = [e.branch for e in seen if e.kind is EventKind.ARRIVAL]
+    lost = {e.branch: e.reason for e in seen if e.kind is EventKind.LOSS}
+    assert decision.status is Status.FAILED and decision.decided_at == s.now
+    assert decision.failure_reason is FailureReason(f"coalesce_task_{state}")
+    assert decision.failure_reason.is_resolution and not decision.consumed
+    assert list(decision.arrived) == arrived == decision.details["arrived"]
+    assert set(decision.missing) == set(s.config.branches) - set(arrived)
+    for branch, reason in decision.missing.items():
+        assert reason == lost.get(branch, NOT_ARRIVED)
+    assert decision.details["coalesce_task_state"] == state
+
+
+@PROPERTY
+@given(s=scenarios(merge=MergeStrategy.SELECT))
+def test_a_select_failure_keeps_the_branches_that_did_arrive(s: Scenario) -> None:
+    decision = replay(s.config, s.events, deadline=s.deadline, now=s.now)
+    if decision.failure_reason is not FailureReason.SELECT_BRANCH_NOT_ARRIVED:
+        return
+    assert decision.details["arrived"] == list(decision.arrived)
+    assert decision.details["arrived"], "select fails only once another branch was merged in its place"
+    assert s.config.select_branch not in decision.details["arrived"]
