@@ -9,40 +9,9 @@ step of its fork delivers is reported when the DAG is parsed, not when it runs.
 
 from __future__ import annotations
 
-import importlib
-import logging
-from functools import cache
 from typing import Any
 
 from airflow.policies import hookimpl
-
-log = logging.getLogger(__name__)
-
-# (module, class, role): the classes whose ``_elspeth_role`` marker the check reads.
-ROLE_CLASSES = (
-    ("airflow_elspeth.operators.fork", "ForkOperator", "fork"),
-    ("airflow_elspeth.operators.branch", "BranchOperator", "branch"),
-    ("airflow_elspeth.sensors.coalesce", "CoalesceSensor", "coalesce"),
-)
-
-
-def unmarked_classes() -> list[str]:
-    """The operator classes that do not carry their role marker (``_elspeth_role``); normally none.
-
-    With a marker missing the structure cannot be read (every coalesce would seem to have no
-    steps), so the policy checks nothing rather than reject every DAG.
-    """
-    missing = []
-    for module, name, role in ROLE_CLASSES:
-        cls = getattr(importlib.import_module(module), name)
-        if getattr(cls, "_elspeth_role", None) != role:
-            missing.append(f"{name}._elspeth_role = {role!r}")
-    return missing
-
-
-@cache
-def _warn_unmarked(missing: tuple[str, ...]) -> None:
-    log.warning("airflow_elspeth: DAG structure not checked, the operator classes lack %s", missing)
 
 
 def structure_error(dag: Any) -> str | None:
@@ -55,10 +24,6 @@ def structure_error(dag: Any) -> str | None:
     from airflow_elspeth import topology
 
     if not topology.has_elspeth_tasks(dag):
-        return None
-    missing = unmarked_classes()
-    if missing:
-        _warn_unmarked(tuple(missing))
         return None
     problems = topology.check_dag(dag)
     if not problems:

@@ -168,21 +168,20 @@ class AuditStore:
             ).scalar()
             # An earlier try still "running" died without closing its run (killed, or a failure
             # this code could not catch): it never will complete, so it is closed now.
-            stale = (
-                conn.execute(
-                    select(t.runs.c.run_id).where(
-                        t.runs.c.dag_id == identity.dag_id,
-                        t.runs.c.airflow_run_id == identity.airflow_run_id,
-                        t.runs.c.fork_task_id == identity.fork_task_id,
-                        t.runs.c.try_number < identity.try_number,
-                        t.runs.c.status == RUNNING,
-                    )
-                )
-                .scalars()
-                .all()
+            stale = _stale_runs(
+                conn,
+                t.runs.c.dag_id == identity.dag_id,
+                t.runs.c.airflow_run_id == identity.airflow_run_id,
+                t.runs.c.fork_task_id == identity.fork_task_id,
+                t.runs.c.try_number < identity.try_number,
             )
             for stale_run in stale:
-                self._fail_run(conn, stale_run, f"fork_task_ended: try {identity.try_number} started")
+                self._fail_run(
+                    conn,
+                    stale_run,
+                    f"fork_task_ended: try {identity.try_number} started before this try was decided",
+                    stale=True,
+                )
             insert_ignore(
                 conn,
                 t.runs,
@@ -265,29 +264,25 @@ class AuditStore:
             self._fail_run(conn, run_id, reason)
 
     def close_stale_runs(self, dag_id: str, airflow_run_id: str, fork_task_id: str, reason: str) -> list[str]:
-        """Fail every audit run of a fork task still "running" once that task has ended."""
+        """Fail every audit run a fork task left open once that task has ended without succeeding."""
         with self.engine.begin() as conn:
-            stale = (
-                conn.execute(
-                    select(t.runs.c.run_id).where(
-                        t.runs.c.dag_id == dag_id,
-                        t.runs.c.airflow_run_id == airflow_run_id,
-                        t.runs.c.fork_task_id == fork_task_id,
-                        t.runs.c.status == RUNNING,
-                    )
-                )
-                .scalars()
-                .all()
+            stale = _stale_runs(
+                conn,
+                t.runs.c.dag_id == dag_id,
+                t.runs.c.airflow_run_id == airflow_run_id,
+                t.runs.c.fork_task_id == fork_task_id,
             )
             for run_id in stale:
-                self._fail_run(conn, run_id, reason)
-        return list(stale)
+                self._fail_run(conn, run_id, reason, stale=True)
+        return stale
 
     @staticmethod
-    def _fail_run(conn: Connection, run_id: str, reason: str) -> None:
+    def _fail_run(conn: Connection, run_id: str, reason: str, *, stale: bool = False) -> None:
+        """Fail a ``running`` run (or, with ``stale``, one :func:`_stale_runs` found) and drop its rows."""
+        closable = [RUNNING, RUN_COMPLETED] if stale else [RUNNING]
         closed = conn.execute(
             update(t.runs)
-            .where(t.runs.c.run_id == run_id, t.runs.c.status == RUNNING)
+            .where(t.runs.c.run_id == run_id, t.runs.c.status.in_(closable))
             .values(status=RUN_FAILED, status_reason=reason[:2000], completed_at=db_now(conn), rows_total=0)
         ).rowcount
         if not closed:
@@ -428,19 +423,29 @@ class AuditStore:
     def abort_attempt_errors(
         self, run_id: str, node_id: str, attempt: int, chunk_tokens: Mapping[int, int]
     ) -> None:
-        """A try that fails on its failure threshold leaves its row errors for the next try."""
+        """A try that fails on its failure threshold leaves its row errors for the next try.
+
+        At the last step of an unjoined branch those errors also ended their tokens: those outcomes
+        are superseded (kept, no longer terminal), so the next try's outcome is the terminal one.
+        """
+        ns = t.node_states.c
+        aborted = and_(ns.run_id == run_id, ns.node_id == node_id, ns.attempt == attempt, ns.status == FAILED)
         with ordered_write(self.engine, run_id, chunk_tokens, decider=False) as conn:
+            now = db_now(conn)
+            to = t.token_outcomes.c
             conn.execute(
-                update(t.node_states)
+                update(t.token_outcomes)
                 .where(
-                    t.node_states.c.run_id == run_id,
-                    t.node_states.c.node_id == node_id,
-                    t.node_states.c.attempt == attempt,
-                    t.node_states.c.status == FAILED,
+                    to.run_id == run_id,
+                    to.is_terminal,
+                    to.join_group_id.is_(None),
+                    to.reason != NOT_JOINED,
+                    to.token_id.in_(select(ns.token_id).where(aborted)),
                 )
-                .values(status=ABORTED)
+                .values(is_terminal=False, superseded_at=now)
             )
-            self._refresh_progress(conn, run_id, node_id, chunk_tokens, db_now(conn))
+            conn.execute(update(t.node_states).where(aborted).values(status=ABORTED))
+            self._refresh_progress(conn, run_id, node_id, chunk_tokens, now)
 
     @staticmethod
     def _refresh_progress(
@@ -465,6 +470,20 @@ class AuditStore:
         set_progress(conn, run_id, node_id, progress, now)
 
     # -- coalesce ---------------------------------------------------------------------------------
+
+
+def _stale_runs(conn: Connection, *where: Any) -> list[str]:
+    """Runs of a fork try that will never be decided: still ``running``, or ``completed`` by a fork
+    task that then failed (e.g. its return value could not be pushed) with no decision made."""
+    decided = select(t.coalesce_decisions.c.run_id).where(t.coalesce_decisions.c.run_id == t.runs.c.run_id)
+    return list(
+        conn.execute(
+            select(t.runs.c.run_id).where(
+                *where,
+                (t.runs.c.status == RUNNING) | ((t.runs.c.status == RUN_COMPLETED) & ~decided.exists()),
+            )
+        ).scalars()
+    )
 
 
 def write_decisions(

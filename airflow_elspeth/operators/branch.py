@@ -15,6 +15,7 @@ from typing import Any
 from airflow.sdk import BaseOperator, Context
 from airflow.sdk.exceptions import AirflowException, AirflowTaskTerminated, AirflowTaskTimeout
 
+from airflow_elspeth import topology
 from airflow_elspeth.audit.queries import WorkItem, branch_work, decided_in_chunk, decided_rows
 from airflow_elspeth.audit.store import COMPLETED, DISCARDED, DROPPED, FAILED, AuditStore, NodeResult
 from airflow_elspeth.core.canonical import hash_value
@@ -125,14 +126,8 @@ class BranchOperator(BaseOperator):
         self._executing_thread: int | None = None  # the thread running execute(), for on_kill
 
     def previous_step(self) -> str | None:
-        """The task id of this branch's previous step, if this step follows another BranchOperator."""
-        steps = [
-            task.task_id
-            for task in self.upstream_list
-            if isinstance(task, BranchOperator)
-            and task.branch == self.branch
-            and task.fork_task_id == self.fork_task_id
-        ]
+        """The task id of this branch's previous step, if this step follows another step of it."""
+        steps = topology.previous_steps(self)
         if len(steps) > 1:
             raise ElspethConfigError(
                 f"{self.task_id}: several previous steps for branch {self.branch!r}: {steps}"
@@ -145,36 +140,11 @@ class BranchOperator(BaseOperator):
         A row is skipped only once all of them decided it: another coalesce of the same fork that
         does not join this branch, or joins it too but decided first, does not make it unneeded.
         """
-        from airflow_elspeth.sensors.coalesce import CoalesceSensor
-
-        found: set[str] = set()
-        seen: set[str] = set()
-        stack: list[Any] = [self]
-        while stack:
-            for task in stack.pop().downstream_list:
-                if task.task_id in seen:
-                    continue
-                seen.add(task.task_id)
-                if isinstance(task, CoalesceSensor):
-                    if task.fork_task_id == self.fork_task_id and self.branch in task.coalesce.branches:
-                        found.add(task.task_id)
-                elif _step_of(task) == (self.fork_task_id, self.branch):
-                    stack.append(task)
-        return sorted(found)
+        return topology.consuming_coalesces(self)
 
     def is_last_step(self) -> bool:
-        """True when no step of the same fork and branch is downstream of this one (at any depth)."""
-        seen: set[str] = set()
-        stack: list[Any] = [self]
-        while stack:
-            for task in stack.pop().downstream_list:
-                if task.task_id in seen:
-                    continue
-                seen.add(task.task_id)
-                if _step_of(task) == (self.fork_task_id, self.branch):
-                    return False
-                stack.append(task)
-        return True
+        """True when no later step of the same fork and branch follows this one."""
+        return topology.is_last_step(self)
 
     def on_kill(self) -> None:
         """On SIGTERM the Airflow task runner calls this from its signal handler, then lets the task
@@ -310,7 +280,7 @@ class BranchOperator(BaseOperator):
 
     def _process_one(self, item: WorkItem, chunk: int, clock: Callable[[], datetime]) -> NodeResult:
         started = clock()
-        base = {
+        base: dict[str, Any] = {
             "token_id": item.token_id,
             "row_id": item.row_id,
             "chunk": chunk,
@@ -582,16 +552,6 @@ class _ResultWriter:
             f"branch {task.branch!r}: {failed} of {processed} rows failed, over {limit}; "
             f"most common errors: {common}. Failing the task so the rows are retried, not lost one by one."
         )
-
-
-def _step_of(task: Any) -> tuple[str, str] | None:
-    """(fork task id, branch) of a BranchOperator, mapped or not."""
-    if isinstance(task, BranchOperator):
-        return task.fork_task_id, task.branch
-    if getattr(task, "operator_class", None) is BranchOperator:
-        fork, branch = task.partial_kwargs.get("fork"), task.partial_kwargs.get("branch")
-        return getattr(fork, "task_id", fork), branch
-    return None
 
 
 def _discard_if_decided(result: NodeResult, decided: Mapping[str, str]) -> NodeResult:

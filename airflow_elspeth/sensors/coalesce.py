@@ -195,7 +195,8 @@ class CoalesceSensor(BaseSensorOperator):
             task_group=self.task_group,
         )
         self >> finalizer
-        fork >> finalizer
+        if fork.has_dag() and fork.dag is self.dag:  # else the structure check names the stray fork
+            fork >> finalizer
         finalizer.as_teardown()
         return finalizer
 

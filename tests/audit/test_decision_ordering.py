@@ -120,9 +120,7 @@ def assert_decisions_replay(engine: Engine, coalesce: CoalesceSpec, run_id: str)
             assert (d["decision"], d["failure_reason"]) == (
                 expected.status.value,
                 expected.failure_reason.value if expected.failure_reason else None,
-            ), (
-                f"row {d['row_key']}: stored {d['decision']}/{d['failure_reason']}, replayed {expected}"
-            )
+            ), f"row {d['row_key']}: stored {d['decision']}/{d['failure_reason']}, replayed {expected}"
             assert d["decided_at"] == expected.decided_at
 
 

@@ -524,3 +524,180 @@ def verify_clean(stack: AirflowStack, audit: AuditDB, *args: str) -> None:
         f"airflow-elspeth verify {' '.join(args)} exited {done.returncode}: {len(findings)} findings "
         f"{checks}\nexamples: {findings[:5]}\ntokens: {detail[:40]}"
     )
+
+
+# -- fault injection and end-state checks (tests/e2e/test_e2e_faults.py) ------------------------------
+
+from collections.abc import Iterator  # noqa: E402 - added with these helpers
+
+
+def _ti_path(dag_id: str, run_id: str, task_id: str) -> str:
+    return (
+        f"/api/v2/dags/{dag_id}/dagRuns/{urllib.parse.quote(run_id, safe='')}"
+        f"/taskInstances/{urllib.parse.quote(task_id, safe='')}"
+    )
+
+
+def task_instance(stack: AirflowStack, dag_id: str, run_id: str, task_id: str) -> dict[str, Any]:
+    """One (unmapped) task instance through the REST API."""
+    return dict(stack.api("GET", _ti_path(dag_id, run_id, task_id)))
+
+
+def set_task_state(stack: AirflowStack, dag_id: str, run_id: str, task_id: str, state: str) -> Any:
+    """What a person does in the UI: mark a task instance ``state`` (PATCH ``new_state``)."""
+    return stack.api("PATCH", _ti_path(dag_id, run_id, task_id), {"new_state": state})
+
+
+def clear_tasks(
+    stack: AirflowStack, dag_id: str, run_id: str, task_ids: list[str], *, include_downstream: bool = True
+) -> list[dict[str, Any]]:
+    """``POST /dags/{dag_id}/clearTaskInstances`` for one DAG run, whatever the tasks' states."""
+    body = {
+        "dry_run": False,
+        "task_ids": task_ids,
+        "dag_run_id": run_id,
+        "include_downstream": include_downstream,
+        "only_failed": False,
+    }
+    done = stack.api("POST", f"/api/v2/dags/{dag_id}/clearTaskInstances", body)
+    return list((done or {}).get("task_instances", []))
+
+
+def xcom_value(stack: AirflowStack, dag_id: str, run_id: str, task_id: str, key: str) -> Any:
+    entry = stack.api("GET", _ti_path(dag_id, run_id, task_id) + f"/xcomEntries/{urllib.parse.quote(key)}")
+    value = entry.get("value")
+    if isinstance(value, str):
+        with contextlib.suppress(ValueError):
+            return json.loads(value)
+    return value
+
+
+def task_process(stack: AirflowStack, ti: dict[str, Any]) -> psutil.Process:
+    """The process running task instance ``ti`` (its runner retitles itself ``airflow worker -- <ti id>``)."""
+    title = f"airflow worker -- {ti['id']}"
+    candidates = []
+    if ti.get("pid"):
+        with contextlib.suppress(psutil.Error):
+            candidates.append(psutil.Process(int(ti["pid"])))
+    candidates += stack._our_processes()
+    for proc in candidates:
+        with contextlib.suppress(psutil.Error):
+            if title in " ".join(proc.cmdline()) and stack.owns(proc):
+                return proc
+    raise E2EError(f"no process of this deployment runs {title!r} (pid {ti.get('pid')})")
+
+
+def kill_task(stack: AirflowStack, dag_id: str, run_id: str, task_id: str) -> dict[str, Any]:
+    """SIGKILL the process of the running try of a task (as the OOM killer would); returns that try."""
+
+    def running() -> dict[str, Any] | None:
+        ti = task_instance(stack, dag_id, run_id, task_id)
+        return ti if ti["state"] == "running" else None
+
+    ti = wait_until(f"{task_id} to be running", running, timeout=120)
+    proc = wait_until(f"the process of {task_id}", lambda: task_process(stack, ti), timeout=30)
+    proc.send_signal(signal.SIGKILL)
+    psutil.wait_procs([proc], timeout=10)
+    return ti
+
+
+@contextlib.contextmanager
+def audit_db_unreachable(stack: AirflowStack) -> Iterator[None]:
+    """The audit database refuses connections and drops the open ones; the metadata DB stays up."""
+    admin = stack.pg.admin_connection()
+    try:
+        with admin.cursor() as cursor:
+            cursor.execute(f'ALTER DATABASE "{stack.audit_db}" ALLOW_CONNECTIONS false')
+            cursor.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE datname = %s AND pid <> pg_backend_pid()",
+                (stack.audit_db,),
+            )
+        yield
+    finally:
+        with admin.cursor() as cursor:
+            cursor.execute(f'ALTER DATABASE "{stack.audit_db}" ALLOW_CONNECTIONS true')
+        admin.close()
+
+
+def _pg_tool(name: str) -> str:
+    import glob
+    import shutil
+
+    found = shutil.which(name)
+    if found:
+        return found
+    candidates = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"))
+    if not candidates:
+        raise E2EError(f"{name} not found")
+    return candidates[-1]
+
+
+def copy_audit_db(stack: AirflowStack) -> str:
+    """A copy of the audit database (pg_dump | psql, while the deployment runs); its URL.
+
+    Dropped with the deployment's databases.
+    """
+    name = f"{stack.audit_db}_copy_{uuid.uuid4().hex[:6]}"
+    admin = stack.pg.admin_connection()
+    try:
+        with admin.cursor() as cursor:
+            cursor.execute(f'CREATE DATABASE "{name}"')
+            stack.databases.append(name)
+    finally:
+        admin.close()
+    server = ["-h", str(stack.pg.host), "-p", str(stack.pg.port), "-U", str(stack.pg.user)]
+    dump = subprocess.run(
+        [_pg_tool("pg_dump"), *server, "--no-owner", "-d", stack.audit_db],
+        capture_output=True,
+        check=True,
+        timeout=120,
+    )
+    subprocess.run(
+        [_pg_tool("psql"), *server, "-q", "-v", "ON_ERROR_STOP=1", "-d", name],
+        input=dump.stdout,
+        capture_output=True,
+        check=True,
+        timeout=120,
+    )
+    return str(stack.pg.url(name))
+
+
+def branch_token_outcomes(audit: AuditDB, run_id: str) -> list[dict[str, Any]]:
+    """Every branch token of an audit run with its number of terminal outcomes and the terminal one."""
+    return audit.all(
+        "SELECT t.token_id, t.branch_name, r.row_key, "
+        "count(o.outcome_id) FILTER (WHERE o.is_terminal) AS terminal, "
+        "max(o.outcome) FILTER (WHERE o.is_terminal) AS outcome, "
+        "max(o.reason) FILTER (WHERE o.is_terminal) AS reason, "
+        "count(o.outcome_id) FILTER (WHERE NOT o.is_terminal) AS superseded "
+        "FROM tokens t JOIN rows r ON r.run_id = t.run_id AND r.row_id = t.row_id "
+        "LEFT JOIN token_outcomes o ON o.token_id = t.token_id "
+        "WHERE t.run_id = :run AND t.token_kind = 'branch' "
+        "GROUP BY t.token_id, t.branch_name, r.row_key ORDER BY r.row_key, t.branch_name",
+        run=run_id,
+    )
+
+
+def assert_closed(
+    stack: AirflowStack, audit: AuditDB, dag_id: str, airflow_run_id: str, *, rows: int, branches: int
+) -> list[dict[str, Any]]:
+    """Nothing left open by a DAG run: no audit run ``running``; in each completed audit run every
+    branch token has exactly one terminal outcome; ``verify --run-id`` exits 0 for each. Returns the
+    audit runs."""
+    runs = audit.all(
+        "SELECT * FROM runs WHERE dag_id = :d AND airflow_run_id = :r ORDER BY try_number",
+        d=dag_id,
+        r=airflow_run_id,
+    )
+    assert runs, f"no audit run for {dag_id}/{airflow_run_id}"
+    running = [r["run_id"] for r in runs if r["status"] == "running"]
+    assert not running, f"audit runs still running: {running}"
+    for run in runs:
+        if run["status"] == "completed":
+            tokens = branch_token_outcomes(audit, run["run_id"])
+            assert len(tokens) == rows * branches, (run["run_id"], len(tokens))
+            wrong = [tok for tok in tokens if tok["terminal"] != 1]
+            assert not wrong, f"tokens without exactly one terminal outcome: {wrong[:10]}"
+        verify_clean(stack, audit, "--run-id", run["run_id"])
+    return runs

@@ -7,7 +7,6 @@ the fork), not when it runs. The valid DAGs (the integration suite's and the exa
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -26,21 +25,6 @@ pytestmark = pytest.mark.integration
 INVALID_TOPOLOGY_DAGS_DIR = HERE / "invalid_topology_dags"
 EXAMPLE_DAGS_DIR = HERE.parent.parent / "dags"
 ROLES = {ForkOperator: "fork", BranchOperator: "branch", CoalesceSensor: "coalesce"}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _role_markers() -> Iterator[None]:
-    """Sets ``_elspeth_role`` on the operator classes that do not define it yet (and removes it after).
-
-    Temporary: once ForkOperator, BranchOperator and CoalesceSensor define ``_elspeth_role``
-    themselves this does nothing, and can go.
-    """
-    added = [cls for cls in ROLES if "_elspeth_role" not in vars(cls)]
-    for cls in added:
-        cls._elspeth_role = ROLES[cls]  # type: ignore[attr-defined]
-    yield
-    for cls in added:
-        del cls._elspeth_role  # type: ignore[attr-defined]
 
 
 def test_the_operator_classes_carry_their_role() -> None:
@@ -445,23 +429,3 @@ def test_the_valid_dags_pass_the_policy(folder: Path) -> None:
     assert elspeth, "no elspeth DAG checked"
     for dag in elspeth:
         assert topology.check_dag(dag) == [], dag.dag_id
-
-
-def test_the_policy_checks_only_with_every_role_marker_in_place() -> None:
-    from airflow_elspeth.policies import unmarked_classes
-
-    assert unmarked_classes() == []
-    with _dag("unmarked") as dag:
-        fork = _fork(branches=("a", "b", "c"))
-        fork >> _step("ask_a", fork, "a") >> _coalesce(fork)
-    assert structure_error(dag) is not None
-    saved = BranchOperator.__dict__.get("_elspeth_role")
-    BranchOperator._elspeth_role = None  # type: ignore[attr-defined]
-    try:
-        assert unmarked_classes() == ["BranchOperator._elspeth_role = 'branch'"]
-        assert structure_error(dag) is None  # not readable: not checked (rather than every DAG refused)
-    finally:
-        if saved is None:
-            del BranchOperator._elspeth_role  # type: ignore[attr-defined]
-        else:
-            BranchOperator._elspeth_role = saved  # type: ignore[attr-defined]

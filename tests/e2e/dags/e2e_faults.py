@@ -108,9 +108,7 @@ def gated(row: dict) -> dict:
 with DAG(
     dag_id=OUTAGE_DAG, schedule=None, start_date=datetime(2025, 1, 1), catchup=False, tags=["e2e"]
 ) as audit_outage:
-    fork = ForkOperator(
-        task_id="fork", rows=OUTAGE_ROWS, row_key="id", branches=["quick", "steady", "gated"]
-    )
+    fork = ForkOperator(task_id="fork", rows=OUTAGE_ROWS, row_key="id", branches=["quick", "steady", "gated"])
     retried = {"retries": 8, "retry_delay": timedelta(seconds=3)}
     outage_branches = [
         BranchOperator(task_id="quick", fork=fork, branch="quick", python_callable=quick, **retried),

@@ -13,12 +13,13 @@ from __future__ import annotations
 import importlib.util
 import sys
 from pathlib import Path
+from typing import Any
 
 EXAMPLES = Path(__file__).resolve().parents[3] / "dags"
 MAX_ACTIVE_RUNS = 1
 
 
-def _load(path: Path):  # noqa: ANN202 - returns the example's DAG
+def _load(path: Path) -> Any:
     name = f"e2e_faults_examples__{path.stem}"
     spec = importlib.util.spec_from_file_location(name, path)
     assert spec is not None and spec.loader is not None, path
