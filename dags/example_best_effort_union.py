@@ -63,8 +63,7 @@ with DAG(
         policy="best_effort",
         merge="union",
         timeout=timedelta(minutes=5),
-        mode="poke",  # waits in its worker slot: no reschedule churn for a short example
-        poke_interval=2,
+        poke_interval=10,  # reschedule mode: shorter pokes make an Airflow scheduler race likely (README)
     )
     fork >> [crm, support]
     [crm, billing, support] >> profile

@@ -47,7 +47,6 @@ with DAG(
         policy="first",
         merge="union",
         timeout=timedelta(minutes=5),
-        mode="poke",  # waits in its worker slot: no reschedule churn for a short example
-        poke_interval=2,
+        poke_interval=10,  # reschedule mode: shorter pokes make an Airflow scheduler race likely (README)
     )
     fork >> [us, eu] >> fetched
