@@ -289,18 +289,23 @@ def _chunk_task_losses(
     ]
 
 
-def supersede_resolutions(store: AuditStore, spec: CoalesceSpec, run_id: str) -> int:
+def supersede_resolutions(store: AuditStore, spec: CoalesceSpec, run_id: str, *, before: datetime) -> int:
     """A new try of a coalesce that had ended: reopen the rows its end resolved, keeping the trail.
 
     Resolutions (``coalesce_task_<state>`` decisions) move to ``superseded_decisions``, their token
     outcomes stay but are no longer terminal (``superseded_at``), so the new try decides those rows
     afresh. Policy decisions are never reopened. Returns how many rows were reopened.
+
+    :param before: the start of the try that asks: only resolutions recorded before it are from an
+        earlier try. A try that was itself marked ended while still running (a person marked it
+        failed) must not undo the resolution of its own end.
     """
     cd = t.coalesce_decisions.c
     resolution = and_(
         cd.run_id == run_id,
         cd.node_id == spec.node_id,
         cd.failure_reason.like(COALESCE_TASK_PREFIX + "%"),
+        cd.recorded_at < before,
     )
     with store.engine.connect() as conn:
         chunks = sorted(conn.execute(select(cd.chunk).where(resolution).distinct()).scalars())

@@ -156,16 +156,6 @@ class CoalesceSensor(BaseSensorOperator):
         kwargs.setdefault("retry_delay", DEFAULT_RETRY_DELAY)
         task_id = kwargs.get("task_id")
         super().__init__(timeout=framework_timeout, **kwargs)
-        if self.mode == "reschedule" and float(self.poke_interval) < RESCHEDULE_RACE_POKE_SECONDS:
-            self.log.warning(
-                "%s: mode='reschedule' with poke_interval=%ss: Airflow's scheduler may fail a "
-                "reschedule-mode sensor on the stale executor event of its previous poke "
-                "(apache/airflow#71172), more often the shorter the interval. The coalesce retries "
-                "and resumes, but use poke_interval >= %ss, mode='poke' or deferrable=True.",
-                self.task_id,
-                self.poke_interval,
-                RESCHEDULE_RACE_POKE_SECONDS,
-            )
         self.fork_task_id = fork.task_id
         self.coalesce = config
         self.tolerated_failures = tolerated_failures
@@ -176,6 +166,20 @@ class CoalesceSensor(BaseSensorOperator):
             if deferrable is not None
             else conf.getboolean("operators", "default_deferrable", fallback=False)
         )
+        if (
+            not self.deferrable
+            and self.mode == "reschedule"
+            and float(self.poke_interval) < RESCHEDULE_RACE_POKE_SECONDS
+        ):
+            self.log.warning(
+                "%s: mode='reschedule' with poke_interval=%ss: Airflow's scheduler may fail a "
+                "reschedule-mode sensor on the stale executor event of its previous poke "
+                "(apache/airflow#71172), more often the shorter the interval. The coalesce retries "
+                "and resumes, but use poke_interval >= %ss, mode='poke' or deferrable=True.",
+                self.task_id,
+                self.poke_interval,
+                RESCHEDULE_RACE_POKE_SECONDS,
+            )
         self.audit_conn_id = audit_conn_id
         self.finalizer = self._add_finalizer(str(task_id), fork) if self.has_dag() else None
 
@@ -256,7 +260,8 @@ class CoalesceSensor(BaseSensorOperator):
         spec = self.spec()
         store = self._store()
         store.register_node(run_id, self.task_id, "coalesce", None, spec.as_dict())
-        reopened = supersede_resolutions(store, spec, run_id)
+        try_started = context["ti"].start_date or datetime.now(timezone.utc)
+        reopened = supersede_resolutions(store, spec, run_id, before=try_started)
         if reopened:
             self.log.info("%s: reopened %d rows resolved when an earlier try ended", self.task_id, reopened)
         states = self._task_states(context, list(spec.delivering.values()))

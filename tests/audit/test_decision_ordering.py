@@ -173,6 +173,12 @@ def joined(thread: threading.Thread, outcome: dict[str, Any]) -> Any:
     return outcome.get("value")
 
 
+def later(engine: Engine) -> datetime:
+    """A moment after everything written so far (by the audit clock)."""
+    with engine.connect() as conn:
+        return db_now(conn) + timedelta(milliseconds=1)
+
+
 def wait_for_audit_clock(engine: Engine, moment: datetime) -> None:
     """Wait (on the database's own clock) until ``moment`` has passed."""
     done = threading.Event()
@@ -275,6 +281,7 @@ def test_an_ended_coalesce_resolves_what_it_left_and_a_later_try_decides_afresh(
     deliver(store, run_id, "a", range(3))
     deliver(store, run_id, "b", range(1))  # k0 can merge; k1 and k2 wait for b
     assert not coalesce_pass(store, coalesce, run_id, {"ask_a": "success", "ask_b": "running"}).done
+    running_try_started = later(audit_engine)
 
     # The coalesce task ended (killed, no retries left): its finalizer's pass closes every row.
     result = coalesce_pass(
@@ -295,8 +302,10 @@ def test_an_ended_coalesce_resolves_what_it_left_and_a_later_try_decides_afresh(
     ]
     assert all(len(outcomes.get(token, [])) == 1 for token in branch_tokens), outcomes
 
+    # The try that was marked ended while it still ran must not undo its own end's resolution.
+    assert supersede_resolutions(store, coalesce, run_id, before=running_try_started) == 0
     # A person clears the coalesce: its new try reopens the resolved rows and decides them afresh.
-    assert supersede_resolutions(store, coalesce, run_id) == 2
+    assert supersede_resolutions(store, coalesce, run_id, before=later(audit_engine)) == 2
     deliver(store, run_id, "b", range(1, 3))
     assert coalesce_pass(store, coalesce, run_id, {"ask_a": "success", "ask_b": "success"}).done
     stored = decisions(audit_engine, run_id)
@@ -313,7 +322,9 @@ def test_an_ended_coalesce_resolves_what_it_left_and_a_later_try_decides_afresh(
         assert sorted(kept) == sorted(["coalesce_task_failed"] * 2 + ["branch_task_running"] * 2)
     assert sorted(d["row_key"] for d in superseded) == ["k1", "k2"]
     assert {d["failure_reason"] for d in superseded} == {"coalesce_task_failed"}
-    assert supersede_resolutions(store, coalesce, run_id) == 0  # policy decisions are never reopened
+    assert (
+        supersede_resolutions(store, coalesce, run_id, before=later(audit_engine)) == 0
+    )  # policy decisions are never reopened
 
 
 def test_a_resolution_never_overrides_what_the_policy_can_decide(audit_engine: Engine) -> None:

@@ -701,3 +701,17 @@ def assert_closed(
             assert not wrong, f"tokens without exactly one terminal outcome: {wrong[:10]}"
         verify_clean(stack, audit, "--run-id", run["run_id"])
     return runs
+
+
+def wait_task_process_gone(stack: AirflowStack, ti: dict[str, Any], *, timeout: float = 120) -> None:
+    """Wait until no process of this deployment runs task instance try ``ti`` any more."""
+    title = f"airflow worker -- {ti['id']}"
+
+    def gone() -> bool:
+        for proc in stack._our_processes():
+            with contextlib.suppress(psutil.Error):
+                if title in " ".join(proc.cmdline()):
+                    return False
+        return True
+
+    wait_until(f"the process of {ti['task_id']} try {ti['try_number']} to end", gone, timeout=timeout)

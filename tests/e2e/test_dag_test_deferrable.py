@@ -87,7 +87,7 @@ def test_deferrable_coalesce_started_before_its_branches_merges_their_arrivals(
     finally:
         session.close()
     assert {task_id: str(ti.state) for task_id, ti in tis.items()} == dict.fromkeys(
-        ("fork", "gate_1", "gate_2", "a", "b", "consensus"), "success"
+        ("fork", "gate_1", "gate_2", "a", "b", "consensus", "consensus_finalize"), "success"
     )
     # It looked (and rescheduled, freeing the loop) after the fork completed and before any branch ran.
     branches_started = min(tis["a"].start_date, tis["b"].start_date)

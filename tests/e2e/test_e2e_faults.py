@@ -32,6 +32,7 @@ from e2e_harness import (
     set_task_state,
     task_instance,
     verify_clean,
+    wait_task_process_gone,
     wait_until,
     xcom_value,
 )
@@ -309,8 +310,9 @@ def test_coalesce_marked_failed_by_a_person_is_resolved(airflow_stack: AirflowSt
     try:
         run = _wait_first_rows_merged(audit, dag_id, run_id)
         audit_run = run["run_id"]
-        _wait_ti(stack, dag_id, run_id, "join", lambda ti: ti["state"] == "running", "to wait")
+        waiting = _wait_ti(stack, dag_id, run_id, "join", lambda ti: ti["state"] == "running", "to wait")
         set_task_state(stack, dag_id, run_id, "join", "failed")
+        marked_at = time.monotonic()
         _wait_ti(
             stack, dag_id, run_id, "join_finalize", lambda ti: ti["state"] == "success", "to close the rows"
         )
@@ -325,6 +327,12 @@ def test_coalesce_marked_failed_by_a_person_is_resolved(airflow_stack: AirflowSt
         final = stack.wait_run(dag_id, run_id, timeout=240)
     finally:
         (state / "release").touch()
+    # The try marked failed may still be running (Airflow stops it at its next heartbeat): the end
+    # state is the one once it is gone.
+    wait_task_process_gone(stack, waiting)
+    note(
+        f"case 3: the marked-failed try's process was gone {time.monotonic() - marked_at:.1f}s after the mark"
+    )
     states = stack.task_states(dag_id, run_id)
     note(f"case 3: DAG run {final['state']}, tasks {states}")
     assert states["slow"] == "success" and states["join"] == "failed" and states["join_finalize"] == "success"

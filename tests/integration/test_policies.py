@@ -92,7 +92,12 @@ def _select_rows_are_selected_output(branch: str) -> Callable[[CoalesceView, dic
             else:
                 assert d["failure_reason"] == "select_branch_not_arrived"
                 assert branch not in d["consumed"]
-                assert json_details(d)["select_branch"] == branch
+                details = json_details(d)
+                assert details["select_branch"] == branch
+                # the branches that did arrive stay on record (they were merged in its place)
+                assert details["arrived"] and branch not in details["arrived"], details
+        for failed in summary["failed_rows"]:
+            assert failed["arrived"], f"failed_rows[].arrived is empty: {failed}"
 
     return check
 
