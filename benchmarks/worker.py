@@ -272,7 +272,9 @@ def run(args: dict[str, Any]) -> dict[str, Any]:
 
     # The coalesce's waiting query, as the trigger runs it (read-only), on this run's tables.
     spec = dag.task_dict["coalesce"].spec()
-    pending_work(engine, spec, run_id, {})  # warm the pool and the page cache, as a trigger's first poll would
+    pending_work(
+        engine, spec, run_id, {}
+    )  # warm the pool and the page cache, as a trigger's first poll would
     polls = []
     answer = None
     for _ in range(args.get("polls", 20)):
