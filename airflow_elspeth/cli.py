@@ -38,6 +38,7 @@ from airflow_elspeth.audit.coalesce import (
     read_chunk_log,
     row_events,
 )
+from airflow_elspeth.audit.engine import engine_for_url
 from airflow_elspeth.audit.queries import (
     LIMBO_EXAMPLES,
     ROWS_UNDECIDED,
@@ -55,9 +56,16 @@ from airflow_elspeth.audit.queries import (
 )
 from airflow_elspeth.core.policy import Status, replay
 
-# Airflow configures its logging when first imported (via the hook): keep its INFO chatter out of a
-# terminal report unless the user asked for a level.
-os.environ.setdefault("AIRFLOW__LOGGING__LOGGING_LEVEL", "WARNING")
+
+def _quiet_airflow() -> None:
+    """Call right before importing Airflow, which configures its logging when first imported.
+
+    Keeps Airflow's INFO chatter out of a terminal report unless the user asked for a level. Only
+    two paths import Airflow: resolving the store without ``--url`` (the hook) and reading Airflow
+    task states (``verify``); ``--url`` reaches the store through ``airflow_elspeth.audit.engine``.
+    """
+    os.environ.setdefault("AIRFLOW__LOGGING__LOGGING_LEVEL", "WARNING")
+
 
 console = Console()
 
@@ -70,10 +78,11 @@ class Target:
     conn_id: str | None
 
     def engine(self, *, upgrade: bool = True) -> Engine:
-        from airflow_elspeth.hooks.audit import ElspethAuditHook, engine_for_url
-
         if self.url:
             return engine_for_url(self.url, upgrade=upgrade)
+        _quiet_airflow()
+        from airflow_elspeth.hooks.audit import ElspethAuditHook
+
         return ElspethAuditHook(audit_conn_id=self.conn_id).get_engine()
 
 
@@ -666,6 +675,7 @@ class AirflowStatesUnavailable(Exception):
 
 def _airflow_metadata_url() -> str:
     """The metadata DB Airflow is configured with (``[database] sql_alchemy_conn``)."""
+    _quiet_airflow()
     try:
         from airflow.configuration import conf
     except Exception as err:  # Airflow not importable

@@ -68,7 +68,7 @@ def main() -> int:
     from sqlalchemy import func, select
 
     from airflow_elspeth.audit import schema as t
-    from airflow_elspeth.hooks.audit import create_audit_engine
+    from airflow_elspeth.audit.engine import create_audit_engine
 
     engine = create_audit_engine(opts.url)
     with engine.connect() as conn:
@@ -98,7 +98,7 @@ def poll_on_postgresql(source: Any, run_id: str, polls: int) -> dict[str, Any]:
     from sqlalchemy import select
 
     from airflow_elspeth.audit import schema as t
-    from airflow_elspeth.hooks.audit import dispose_engine, engine_for_url
+    from airflow_elspeth.audit.engine import dispose_engine, engine_for_url
     from benchmarks.pg import TempPostgres
 
     with TempPostgres() as pg:

@@ -189,7 +189,8 @@ def run(args: dict[str, Any]) -> dict[str, Any]:
 
     recorder = engine = None
     if args["mode"] == "elspeth":
-        from airflow_elspeth.hooks.audit import embedded_database_url, engine_for_url
+        from airflow_elspeth.audit.engine import engine_for_url
+        from airflow_elspeth.hooks.audit import embedded_database_url
 
         url = args.get("audit_url") or embedded_database_url()
         engine = engine_for_url(url)  # the process-wide engine the operators' hook will use
@@ -290,7 +291,7 @@ def run(args: dict[str, Any]) -> dict[str, Any]:
     }
 
     # The floor: the same rows, raw bulk inserts into a fresh copy of the schema.
-    from airflow_elspeth.hooks.audit import create_audit_engine
+    from airflow_elspeth.audit.engine import create_audit_engine
     from benchmarks import floor
 
     floors = {}

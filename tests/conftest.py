@@ -195,7 +195,7 @@ def pg_proc(
 @pytest.fixture
 def pg_url(pg_proc: PostgresServer) -> Iterator[str]:
     """A fresh, empty PostgreSQL database for this test, dropped afterwards."""
-    from airflow_elspeth.hooks.audit import dispose_engine
+    from airflow_elspeth.audit.engine import dispose_engine
 
     name = f"elspeth_test_{uuid.uuid4().hex[:16]}"
     admin = pg_proc.admin_connection()
@@ -226,7 +226,7 @@ def sqlite_url(tmp_path: Path) -> Iterator[str]:
     """A fresh SQLite file for this test (not created yet)."""
     from sqlalchemy.engine import URL
 
-    from airflow_elspeth.hooks.audit import dispose_engine
+    from airflow_elspeth.audit.engine import dispose_engine
 
     url = URL.create("sqlite", database=str(tmp_path / "audit.db")).render_as_string()
     yield url
@@ -248,7 +248,7 @@ def audit_url(request: pytest.FixtureRequest) -> str:
 @pytest.fixture
 def audit_engine(audit_url: str) -> Iterator[object]:
     """The cached Engine for ``audit_url``, schema at head; disposed and forgotten afterwards."""
-    from airflow_elspeth.hooks.audit import dispose_engine, engine_for_url
+    from airflow_elspeth.audit.engine import dispose_engine, engine_for_url
 
     engine = engine_for_url(audit_url)
     yield engine

@@ -9,7 +9,7 @@ from datetime import datetime, timezone
 from itertools import islice
 from typing import Any, TypeVar
 
-from sqlalchemy import Connection, Engine, Table, func, select, text
+from sqlalchemy import Connection, Engine, Executable, Table, func, select, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
@@ -37,6 +37,7 @@ def insert_ignore(conn: Connection, table: Table, values: Sequence[dict[str, Any
     if not values:
         return
     dialect = conn.dialect.name
+    stmt: Executable
     if dialect == "postgresql":
         stmt = postgresql.insert(table).on_conflict_do_nothing()
     elif dialect == "sqlite":
@@ -73,7 +74,7 @@ def db_now(conn: Connection) -> datetime:
     if conn.dialect.name == "sqlite":
         # An embedded SQLite file lives on this machine: its clock is this clock.
         return datetime.now(timezone.utc)
-    value = conn.execute(select(func.clock_timestamp())).scalar_one()
+    value: datetime = conn.execute(select(func.clock_timestamp())).scalar_one()
     return value.astimezone(timezone.utc)
 
 

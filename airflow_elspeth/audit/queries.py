@@ -28,7 +28,7 @@ FAILED_ROWS_LIMIT = 100
 
 
 def coalesce_summary(engine: Engine, spec: CoalesceSpec, run_id: str) -> dict[str, Any]:
-    """The reporting contract of DESIGN §5, computed with grouped queries (no per-row reads)."""
+    """The XCom ``coalesce_summary`` (docs/ARCHITECTURE.md, "The coalesce summary"), from grouped queries."""
     config = spec.config
     cd = t.coalesce_decisions.c
     mine = and_(cd.run_id == run_id, cd.node_id == spec.node_id)

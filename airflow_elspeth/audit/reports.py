@@ -579,8 +579,8 @@ def coalesce_overview(
     """Everything the coalesce section shows above its row lists: configuration, deadline, counts,
     failure reasons, the branch x reason matrix of missing branches and the arrival curves.
 
-    The numbers are those of the coalesce summary (DESIGN §5); ``rows_undecided`` is non-zero while
-    the coalesce is still running.
+    The numbers are those of the coalesce summary (docs/ARCHITECTURE.md, "The coalesce summary");
+    ``rows_undecided`` is non-zero while the coalesce is still running.
     """
     run_id = audit_run["audit_run_id"]
     ref = ref or coalesce_ref(engine, run_id, node_id)

@@ -1,4 +1,4 @@
-"""The audit schema. Table and column names are part of the public contract (DESIGN §6).
+"""The audit schema. Table and column names are a public contract (docs/ARCHITECTURE.md, "The audit schema").
 
 Identifiers are deterministic 32-hex-digit strings derived from (run, row key, branch, node), so a
 retried task derives the same ids and its idempotent inserts store nothing twice. The database
@@ -83,8 +83,8 @@ runs = Table(
     # Why a run failed (the fork's error, the fork task's end, a later try): never silent.
     Column("status_reason", Text),
     Column("config_hash", HASH, nullable=False),
-    # Added beyond DESIGN §6: the audit run this one re-does (same DAG run and fork), row and chunk
-    # counts known once the fork completes, and the fork's branch list.
+    # The audit run this one re-does (same DAG run and fork), row and chunk counts known once the
+    # fork completes, and the fork's branch list.
     Column("previous_run_id", ID),
     Column("rows_total", Integer),
     Column("chunk_size", Integer, nullable=False),
@@ -251,8 +251,8 @@ payloads = Table(
     Column("body", Text, nullable=False),
 )
 
-# Added beyond DESIGN §6: one row per (run, node, chunk) kept current by its single writer, so the
-# coalesce's waiting query reads a few hundred rows instead of scanning millions of node states.
+# One row per (run, node, chunk) kept current by its single writer, so the coalesce's waiting
+# query reads a few hundred rows instead of scanning millions of node states.
 chunk_progress = Table(
     "chunk_progress",
     metadata,
@@ -266,8 +266,8 @@ chunk_progress = Table(
     Column("updated_at", UTCDateTime, nullable=False),
 )
 
-# Added beyond DESIGN §6: a branch task seen in a final state (failed, skipped, upstream_failed, and
-# also success) through the Task SDK. Whatever it had not delivered by then never will be: those
+# A branch task seen in a final state (failed, skipped, upstream_failed, and also success)
+# through the Task SDK. Whatever it had not delivered by then never will be: those
 # tokens are lost with reason branch_task_<state>. Chunk -1 means the whole (unmapped) task.
 branch_task_losses = Table(
     "branch_task_losses",

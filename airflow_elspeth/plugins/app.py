@@ -91,7 +91,7 @@ def audit_engine() -> Engine:
 
     An embedded SQLite file that does not exist yet is not created: :class:`NoAuditStore`.
     """
-    from airflow_elspeth.hooks.audit import engine_for_url
+    from airflow_elspeth.audit.engine import engine_for_url
 
     url = resolve_audit_url()
     if url.get_backend_name() == "sqlite":

@@ -230,7 +230,8 @@ class CoalesceTrigger(BaseTrigger):
     def engine(self) -> Engine:
         """The process-wide engine of the audit store, resolved once per trigger (no migration)."""
         if self._engine is None:
-            from airflow_elspeth.hooks.audit import ElspethAuditHook, engine_for_url
+            from airflow_elspeth.audit.engine import engine_for_url
+            from airflow_elspeth.hooks.audit import ElspethAuditHook
 
             url = ElspethAuditHook(audit_conn_id=self.audit_conn_id).get_url()
             self._engine = engine_for_url(url, upgrade=False)

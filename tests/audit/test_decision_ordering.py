@@ -28,6 +28,7 @@ from airflow_elspeth.audit.coalesce import (
     supersede_resolutions,
 )
 from airflow_elspeth.audit.dml import db_now
+from airflow_elspeth.audit.engine import create_audit_engine
 from airflow_elspeth.audit.store import (
     COMPLETED,
     AuditStore,
@@ -39,7 +40,6 @@ from airflow_elspeth.audit.store import (
 from airflow_elspeth.core.canonical import derive_id, hash_value
 from airflow_elspeth.core.config import coalesce_config
 from airflow_elspeth.core.policy import replay
-from airflow_elspeth.hooks.audit import create_audit_engine
 
 BRANCHES = ("a", "b")
 STEPS = {"a": "ask_a", "b": "ask_b"}
@@ -281,7 +281,8 @@ def test_an_ended_coalesce_resolves_what_it_left_and_a_later_try_decides_afresh(
     deliver(store, run_id, "a", range(3))
     deliver(store, run_id, "b", range(1))  # k0 can merge; k1 and k2 wait for b
     assert not coalesce_pass(store, coalesce, run_id, {"ask_a": "success", "ask_b": "running"}).done
-    running_try_started = later(audit_engine)
+    with audit_engine.connect() as conn:
+        running_try_started = db_now(conn)  # a try that started before its end was resolved
 
     # The coalesce task ended (killed, no retries left): its finalizer's pass closes every row.
     result = coalesce_pass(

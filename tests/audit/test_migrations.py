@@ -15,7 +15,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.pool import NullPool
 
 from airflow_elspeth.audit import migrate, schema
-from airflow_elspeth.hooks.audit import create_audit_engine, engine_for_url
+from airflow_elspeth.audit.engine import create_audit_engine, engine_for_url
 
 PROCESSES = 4
 

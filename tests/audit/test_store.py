@@ -46,7 +46,7 @@ def counts(engine: Engine) -> dict[str, int]:
 
 def write_one_chunk(url: str) -> None:
     """Run in a separate process: begin the run and write chunk 0 (the same data every time)."""
-    from airflow_elspeth.hooks.audit import engine_for_url
+    from airflow_elspeth.audit.engine import engine_for_url
 
     store = AuditStore(engine_for_url(url))
     run_id = store.begin_run(identity(), branches=BRANCHES, chunk_size=CHUNK, config={"b": BRANCHES})

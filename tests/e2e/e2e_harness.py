@@ -288,7 +288,7 @@ class AirflowStack:
         return False
 
     def _drop_databases(self) -> None:
-        from airflow_elspeth.hooks.audit import dispose_engine
+        from airflow_elspeth.audit.engine import dispose_engine
 
         dispose_engine(self.audit_url)
         if not self.databases:

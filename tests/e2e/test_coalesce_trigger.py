@@ -205,7 +205,7 @@ def test_needs_the_run_or_the_fork() -> None:
 
 
 def test_fires_at_the_deadline_although_nothing_happens(store_url: str, sdk: FakeTaskSDK) -> None:
-    from airflow_elspeth.hooks.audit import engine_for_url
+    from airflow_elspeth.audit.engine import engine_for_url
 
     engine = engine_for_url(store_url)
     spec = make_spec(timeout=3.0)
@@ -225,7 +225,7 @@ def test_fires_at_the_deadline_although_nothing_happens(store_url: str, sdk: Fak
 
 
 def test_progress_that_decides_nothing_does_not_wake_the_task(store_url: str, sdk: FakeTaskSDK) -> None:
-    from airflow_elspeth.hooks.audit import engine_for_url
+    from airflow_elspeth.audit.engine import engine_for_url
 
     engine = engine_for_url(store_url)
     spec = make_spec("require_all")
@@ -245,7 +245,7 @@ def test_progress_that_decides_nothing_does_not_wake_the_task(store_url: str, sd
 
 
 def test_quorum_reached_wakes_it(store_url: str, sdk: FakeTaskSDK) -> None:
-    from airflow_elspeth.hooks.audit import engine_for_url
+    from airflow_elspeth.audit.engine import engine_for_url
 
     engine = engine_for_url(store_url)
     spec = make_spec("first")
@@ -257,7 +257,7 @@ def test_quorum_reached_wakes_it(store_url: str, sdk: FakeTaskSDK) -> None:
 
 
 def test_a_branch_task_that_ended_owing_tokens_wakes_it(store_url: str, sdk: FakeTaskSDK) -> None:
-    from airflow_elspeth.hooks.audit import engine_for_url
+    from airflow_elspeth.audit.engine import engine_for_url
 
     engine = engine_for_url(store_url)
     spec = make_spec("require_all")
@@ -275,7 +275,7 @@ def test_a_branch_task_that_ended_owing_tokens_wakes_it(store_url: str, sdk: Fak
 
 
 def test_every_row_decided(store_url: str, sdk: FakeTaskSDK) -> None:
-    from airflow_elspeth.hooks.audit import engine_for_url
+    from airflow_elspeth.audit.engine import engine_for_url
 
     engine = engine_for_url(store_url)
     spec = make_spec("best_effort")
@@ -289,7 +289,7 @@ def test_every_row_decided(store_url: str, sdk: FakeTaskSDK) -> None:
 
 
 def test_deferred_before_the_fork_it_adopts_the_forks_audit_run(store_url: str, sdk: FakeTaskSDK) -> None:
-    from airflow_elspeth.hooks.audit import engine_for_url
+    from airflow_elspeth.audit.engine import engine_for_url
 
     engine = engine_for_url(store_url)
     spec = make_spec("require_all")
@@ -318,7 +318,7 @@ def test_a_fork_that_failed_wakes_it_to_fail(store_url: str, sdk: FakeTaskSDK) -
 
 
 def test_reads_task_states_one_task_id_per_call(store_url: str, sdk: FakeTaskSDK) -> None:
-    from airflow_elspeth.hooks.audit import engine_for_url
+    from airflow_elspeth.audit.engine import engine_for_url
 
     engine = engine_for_url(store_url)
     spec = make_spec("require_all", mapped=True)
@@ -336,7 +336,7 @@ def test_reads_task_states_one_task_id_per_call(store_url: str, sdk: FakeTaskSDK
 
 
 def test_transient_poll_errors_are_retried_then_reported(store_url: str, sdk: FakeTaskSDK) -> None:
-    from airflow_elspeth.hooks.audit import engine_for_url
+    from airflow_elspeth.audit.engine import engine_for_url
 
     engine = engine_for_url(store_url)
     spec = make_spec(timeout=600)
@@ -375,7 +375,7 @@ def test_hundreds_of_triggers_share_one_engine_and_never_block_the_event_loop(
 ) -> None:
     import threading
 
-    from airflow_elspeth.hooks import audit as hook_module
+    from airflow_elspeth.audit import engine as hook_module
 
     engine = hook_module.engine_for_url(store_url)
     spec = make_spec("require_all")

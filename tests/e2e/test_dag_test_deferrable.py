@@ -63,7 +63,7 @@ def test_deferrable_coalesce_started_before_its_branches_merges_their_arrivals(
     from airflow.models.taskreschedule import TaskReschedule
     from sqlalchemy import select, text
 
-    from airflow_elspeth.hooks.audit import engine_for_url
+    from airflow_elspeth.audit.engine import engine_for_url
 
     dag = _load_dag()
     dag_run = dag.test()

@@ -149,10 +149,11 @@ def test_killed_branch_without_retries_is_a_loss_with_its_task_state_before_the_
         ("coalesced", None): KILL_AT,
         ("lost", "branch_task_failed"): len(ROWS) - KILL_AT,
     }
-    # It resumed to decide what it could and deferred again while rows remained.
+    # It waited deferred and was resumed by the trigger (how many times depends on when the kill
+    # lands against the trigger's polls; what matters is above: decided at the loss).
     events = stack.task_log_events(dag_id, run_id, "consensus")
-    assert sum(e.startswith("Pausing task as DEFERRED") for e in events) >= 2, events
-    assert sum("resumed by the trigger" in e for e in events) >= 2, events
+    assert any(e.startswith("Pausing task as DEFERRED") for e in events), events
+    assert any("resumed by the trigger" in e for e in events), events
     final = stack.wait_run(dag_id, run_id, timeout=60)
     # Airflow judges a DAG run by its leaves: the coalesce decided every row and succeeded.
     assert final["state"] == "success"

@@ -231,7 +231,9 @@ def _events(
     row_id: str,
     chunk: int,
 ) -> list[BranchEvent]:
-    """A row's event log, rebuilt from node_states and branch_task_losses (DESIGN §4).
+    """A row's event log, rebuilt from node_states and branch_task_losses.
+
+    See docs/ARCHITECTURE.md, "Decision semantics".
 
     An event's time is when it became visible: ``node_states.recorded_at`` (stamped inside the
     writing transaction), ``branch_task_losses.observed_at``. A branch's first terminal state at its
@@ -431,7 +433,10 @@ def check_coalesce(engine: Engine, run: dict[str, Any], node_id: str = "coalesce
 
 
 def check_summary(summary: Mapping[str, Any], view: CoalesceView) -> None:
-    """The XCom ``coalesce_summary`` agrees with the audit rows (DESIGN §5)."""
+    """The XCom ``coalesce_summary`` agrees with the audit rows.
+
+    See docs/ARCHITECTURE.md, "The coalesce summary".
+    """
     cfg = view.spec["config"]
     decisions = view.decisions.values()
     failed = [d for d in decisions if d["decision"] == "failed"]

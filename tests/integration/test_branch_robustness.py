@@ -17,8 +17,8 @@ from typing import Any
 
 import pytest
 
+from airflow_elspeth.audit.engine import engine_for_url
 from airflow_elspeth.core.config import ElspethConfigError
-from airflow_elspeth.hooks.audit import engine_for_url
 
 from .checks import (
     as_utc,

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from airflow_elspeth.hooks.audit import engine_for_url
+from airflow_elspeth.audit.engine import engine_for_url
 
 from .checks import check_coalesce, check_run_integrity, only_run, q, ti_states, ti_try_numbers, xcom
 from .support import dag_module

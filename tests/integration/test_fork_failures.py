@@ -22,8 +22,8 @@ from typing import Any
 
 import pytest
 
+from airflow_elspeth.audit.engine import engine_for_url
 from airflow_elspeth.audit.store import AuditStore
-from airflow_elspeth.hooks.audit import engine_for_url
 from airflow_elspeth.operators import fork as fork_module
 from airflow_elspeth.operators.fork import AUDIT_RUN_XCOM_KEY, ForkOperator
 

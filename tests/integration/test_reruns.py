@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from airflow_elspeth.hooks.audit import engine_for_url
+from airflow_elspeth.audit.engine import engine_for_url
 
 from .checks import (
     audit_runs,

@@ -131,7 +131,7 @@ def ui_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StoreRuns]:
     """One audit store with the runs the pages are tested on (~15 s: deadlines pass for real)."""
     from sqlalchemy.engine import URL
 
-    from airflow_elspeth.hooks.audit import dispose_engine, engine_for_url
+    from airflow_elspeth.audit.engine import dispose_engine, engine_for_url
 
     path = tmp_path_factory.mktemp("ui-store") / "audit.db"
     url = URL.create("sqlite", database=str(path)).render_as_string()
@@ -215,7 +215,7 @@ def use_store(elspeth_app: Any) -> Iterator[Callable[[Any], None]]:
 @pytest.fixture
 def store(ui_store: StoreRuns, use_store: Callable[[Any], None]) -> StoreRuns:
     """The app reads ``ui_store``."""
-    from airflow_elspeth.hooks.audit import engine_for_url
+    from airflow_elspeth.audit.engine import engine_for_url
 
     use_store(engine_for_url(ui_store.url, upgrade=False))
     return ui_store

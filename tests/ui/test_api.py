@@ -335,8 +335,8 @@ def test_extra_link_lands_on_its_coalesce(client: Any, store: StoreRuns, auth: A
 
 def test_coalesce_numbers_are_the_coalesce_summary(client: Any, store: StoreRuns, auth: Auth) -> None:
     """The page's counts and matrix are those of the summary the coalesce pushes to XCom."""
+    from airflow_elspeth.audit.engine import engine_for_url
     from airflow_elspeth.audit.queries import coalesce_summary, spec_of_node
-    from airflow_elspeth.hooks.audit import engine_for_url
 
     engine = engine_for_url(store.url, upgrade=False)
     for built, coalesce in [

@@ -216,7 +216,7 @@ def test_a_person_finds_why_a_row_failed_in_the_real_ui(server: Server, browser:
     from selenium.webdriver.support.ui import WebDriverWait
 
     from airflow_elspeth.audit import reports
-    from airflow_elspeth.hooks.audit import engine_for_url
+    from airflow_elspeth.audit.engine import engine_for_url
 
     artifacts = artifacts_dir()
     wait = WebDriverWait(browser, 60)

@@ -49,7 +49,7 @@ def _key() -> str:
 def big_store(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     from sqlalchemy.engine import URL
 
-    from airflow_elspeth.hooks.audit import dispose_engine, engine_for_url
+    from airflow_elspeth.audit.engine import dispose_engine, engine_for_url
 
     cache = getattr(request.config, "cache", None)
     directory = cache.mkdir("elspeth-ui-100k") if cache is not None else tmp_path_factory.mktemp("big")
@@ -90,7 +90,7 @@ def test_pages_of_a_100k_row_run_stay_fast(
     client: Any, auth: Callable[[str], dict[str, str]], big_store: str, use_store: Callable[[Any], None]
 ) -> None:
     from airflow_elspeth.audit import reports
-    from airflow_elspeth.hooks.audit import engine_for_url
+    from airflow_elspeth.audit.engine import engine_for_url
 
     reports.clear_cache()
     use_store(engine_for_url(big_store, upgrade=False))

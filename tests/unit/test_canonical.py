@@ -1,4 +1,7 @@
-"""Canonical JSON (RFC 8785), payload hashes and deterministic identifiers (DESIGN §6)."""
+"""Canonical JSON (RFC 8785), payload hashes and deterministic identifiers.
+
+See docs/ARCHITECTURE.md, "The audit schema".
+"""
 
 from __future__ import annotations
 

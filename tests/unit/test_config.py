@@ -1,4 +1,4 @@
-"""Coalesce configuration validation (DESIGN §4): every error names the parameter and the bad value."""
+"""Coalesce configuration validation: every error names the parameter and the bad value."""
 
 from __future__ import annotations
 

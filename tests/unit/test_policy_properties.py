@@ -1,10 +1,10 @@
-"""Property tests of the coalesce replay (DESIGN §4) and the merge strategies.
+"""Property tests of the coalesce replay (docs/ARCHITECTURE.md, "Decision semantics") and the merges.
 
 Every scenario is a random coalesce (2 to 6 branches, any policy with a valid quorum, any merge with a random
 ``select_branch``), one event or none per branch with random kinds, times (ties are frequent, events fall
 before, at and after the deadline) and input order, and a reading time ``now`` before or after the deadline.
 
-The expectations come from a small oracle written from the DESIGN table, not from the implementation: the log
+The expectations come from a small oracle written from the policy table, not from the implementation: the log
 is ordered by time with ties in configured branch order, the deadline is one more step after every event
 stamped at or before it, and a policy resolves at the earliest of its trigger steps (e.g. for quorum: the q-th
 arrival, the (N - q + 1)-th loss, the deadline).
@@ -118,7 +118,7 @@ Step = BranchEvent | str
 
 
 def log_steps(s: Scenario) -> list[Step]:
-    """The ordered log as DESIGN §4 defines it (plus the deadline step once ``now >= deadline``)."""
+    """The ordered log as "Decision semantics" defines it (plus the deadline once ``now >= deadline``)."""
     order = {b: i for i, b in enumerate(s.config.branches)}
     ordered: list[Step] = sorted(s.events, key=lambda e: (e.at, order[e.branch]))
     if s.now >= s.deadline:
@@ -161,7 +161,7 @@ class Expected:
 
 
 def oracle(config: CoalesceConfig, steps: Sequence[Step]) -> Expected:
-    """The DESIGN §4 table as "earliest trigger wins"."""
+    """The policy table of docs/ARCHITECTURE.md ("Decision semantics") as "earliest trigger wins"."""
     n = len(config.branches)
     deadline_index = steps.index(DEADLINE_STEP) if DEADLINE_STEP in steps else None
     triggers: list[tuple[int | None, Status, FailureReason | None]]

@@ -1,4 +1,4 @@
-"""Every cell of the DESIGN §4 coalesce table, one readable case each.
+"""Every cell of the policy table (docs/ARCHITECTURE.md, "Decision semantics"), one readable case each.
 
 Branches are configured as ``gpt, claude, gemini`` (that order breaks ties in time). Times are seconds after
 the fork; the deadline is at 10 s. ``now`` is 9 s (before the deadline) or 30 s (after it).

@@ -167,7 +167,7 @@ def upgrade() -> None:
         sa.Column("recorded_at", _utc(), nullable=False),
         sa.PrimaryKeyConstraint("outcome_id", name="pk_token_outcomes"),
     )
-    # At most one terminal outcome per token, enforced by the database (DESIGN §6).
+    # At most one terminal outcome per token, enforced by the database.
     op.create_index(
         "uq_token_outcomes_terminal",
         "token_outcomes",
