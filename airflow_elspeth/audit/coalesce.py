@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, and_, func, select, update
+from sqlalchemy import Connection, and_, select, update
 
 from airflow_elspeth.audit import schema as t
 from airflow_elspeth.audit.dml import db_now, insert_ignore, ordered_write
@@ -31,6 +31,7 @@ from airflow_elspeth.audit.store import (
     AuditStore,
     DecisionWrite,
     branch_token_id,
+    decided_in_chunk_count,
     dumps,
     join_group_id,
     loss_reason,
@@ -123,6 +124,7 @@ class PassResult:
     rows_decided: int
     deadline: datetime
     now: datetime
+    newly_decided: int = 0  # rows this pass decided (or closed)
 
     @property
     def done(self) -> bool:
@@ -250,7 +252,8 @@ def coalesce_pass(
         now = db_now(conn)
         deadline = deadline_of(run, spec.config)
         signatures = chunk_signatures(conn, spec, run, now, task_states)
-    decided_total = 0
+    ended = ended_tasks_by_chunk(spec, run.chunks_total, task_states)
+    decided_total = newly_decided = 0
     for chunk, (signature, decided, seen) in signatures.items():
         chunk_rows = run.chunk_rows(chunk)
         if decided >= chunk_rows or (signature == seen and ended_state is None):
@@ -259,22 +262,31 @@ def coalesce_pass(
         with ordered_write(store.engine, run_id, [chunk], decider=True) as conn:
             chunk_now = db_now(conn)  # read under the lock: every event stamped before it is visible
             insert_ignore(
-                conn, t.branch_task_losses, _chunk_task_losses(spec, run, chunk, task_states, chunk_now)
+                conn,
+                t.branch_task_losses,
+                _chunk_task_losses(spec, run, chunk, ended.get(chunk, {}), chunk_now),
             )
             writes = decide_chunk(
                 conn, spec, run, chunk, task_states=task_states, now=chunk_now, ended_state=ended_state
             )
-            decided_total += write_decisions(
+            chunk_decided = write_decisions(
                 conn, run_id, spec.node_id, chunk, writes, rows_total=chunk_rows, signature=signature
             )
-    return PassResult(rows_total=run.rows_total, rows_decided=decided_total, deadline=deadline, now=now)
+        decided_total += chunk_decided
+        newly_decided += chunk_decided - decided
+    return PassResult(
+        rows_total=run.rows_total,
+        rows_decided=decided_total,
+        deadline=deadline,
+        now=now,
+        newly_decided=newly_decided,
+    )
 
 
 def _chunk_task_losses(
-    spec: CoalesceSpec, run: RunInfo, chunk: int, task_states: Mapping[str, str], now: datetime
+    spec: CoalesceSpec, run: RunInfo, chunk: int, ended: Mapping[str, str], now: datetime
 ) -> list[dict[str, Any]]:
-    """``branch_task_losses`` rows of one chunk: the branch tasks seen ended, observed ``now``."""
-    ended = ended_tasks_by_chunk(spec, run.chunks_total, task_states).get(chunk, {})
+    """``branch_task_losses`` rows of one chunk: its ended branch tasks ``{task id: state}``, seen ``now``."""
     branch_of = {node: branch for branch, node in spec.delivering.items()}
     return [
         {
@@ -343,9 +355,7 @@ def supersede_resolutions(store: AuditStore, spec: CoalesceSpec, run_id: str, *,
                 .values(is_terminal=False, superseded_at=now)
             )
             conn.execute(t.coalesce_decisions.delete().where(resolution, cd.chunk == chunk))
-            decided = conn.execute(
-                select(func.count()).where(cd.run_id == run_id, cd.node_id == spec.node_id, cd.chunk == chunk)
-            ).scalar_one()
+            decided = decided_in_chunk_count(conn, run_id, spec.node_id, chunk)
             set_progress(conn, run_id, spec.node_id, {chunk: (decided, run.chunk_rows(chunk))}, now)
             reopened += len(rows)
     return reopened

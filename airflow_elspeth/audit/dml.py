@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from itertools import islice
 from typing import Any, TypeVar
 
@@ -19,6 +19,8 @@ T = TypeVar("T")
 # Errors of an audit database that is unreachable or busy for a while (server down or restarting,
 # network cut, pool exhausted, SQLite locked past its busy timeout): retrying later can succeed.
 TRANSIENT_ERRORS: tuple[type[Exception], ...] = (OperationalError, InterfaceError, PoolTimeoutError)
+# Such errors are "not yet" for a waiting coalesce until its deadline plus this grace.
+TRANSIENT_ERROR_GRACE = timedelta(minutes=5)
 
 
 def batched(items: Iterable[T], size: int) -> Iterator[list[T]]:

@@ -469,8 +469,6 @@ class AuditStore:
         progress = {chunk: (done.get(chunk, 0), total) for chunk, total in chunk_tokens.items()}
         set_progress(conn, run_id, node_id, progress, now)
 
-    # -- coalesce ---------------------------------------------------------------------------------
-
 
 def _stale_runs(conn: Connection, *where: Any) -> list[str]:
     """Runs of a fork try that will never be decided: still ``running``, or ``completed`` by a fork
@@ -507,14 +505,21 @@ def write_decisions(
     insert_ignore(conn, t.node_states, [w.merged_state for w in writes if w.merged_state])
     insert_ignore(conn, t.token_outcomes, [o for w in writes for o in w.outcomes])
     insert_ignore(conn, t.coalesce_decisions, [w.decision for w in writes])
-    cd = t.coalesce_decisions.c
-    decided = conn.execute(
-        select(func.count())
-        .select_from(t.coalesce_decisions)
-        .where(and_(cd.run_id == run_id, cd.node_id == node_id, cd.chunk == chunk))
-    ).scalar_one()
+    decided = decided_in_chunk_count(conn, run_id, node_id, chunk)
     set_progress(conn, run_id, node_id, {chunk: (decided, rows_total)}, db_now(conn), signature)
-    return int(decided)
+    return decided
+
+
+def decided_in_chunk_count(conn: Connection, run_id: str, node_id: str, chunk: int) -> int:
+    """How many rows of one chunk a coalesce node has decided (its progress numerator)."""
+    cd = t.coalesce_decisions.c
+    return int(
+        conn.execute(
+            select(func.count())
+            .select_from(t.coalesce_decisions)
+            .where(and_(cd.run_id == run_id, cd.node_id == node_id, cd.chunk == chunk))
+        ).scalar_one()
+    )
 
 
 def set_progress(

@@ -8,8 +8,7 @@ from airflow.sdk import BaseOperator, Context
 
 from airflow_elspeth.audit.store import AuditStore
 from airflow_elspeth.hooks.audit import ElspethAuditHook
-
-SUMMARY_XCOM_KEY = "coalesce_summary"
+from airflow_elspeth.sensors.coalesce import SUMMARY_XCOM_KEY
 
 
 class CoalesceFinalizer(BaseOperator):

@@ -20,7 +20,7 @@ from airflow_elspeth.audit.coalesce import (
     coalesce_pass,
     supersede_resolutions,
 )
-from airflow_elspeth.audit.dml import TRANSIENT_ERRORS
+from airflow_elspeth.audit.dml import TRANSIENT_ERROR_GRACE, TRANSIENT_ERRORS
 from airflow_elspeth.audit.queries import coalesce_summary
 from airflow_elspeth.audit.store import AuditStore
 from airflow_elspeth.core.config import ElspethConfigError, MergeStrategy, Policy, coalesce_config
@@ -33,9 +33,8 @@ ON_FAILURE_CHOICES = ("fail", "skip")
 # Margin between our own deadline and Airflow's sensor timeout, so the framework never ends the task
 # before it has written its decisions (a framework timeout writes nothing).
 FRAMEWORK_TIMEOUT_MARGIN = timedelta(minutes=10)
-# An audit store that cannot be reached is "not yet" until the deadline plus this grace; then the
-# try fails and Airflow retries it (a coalesce retries by default: its passes are idempotent).
-TRANSIENT_ERROR_GRACE = timedelta(minutes=5)
+# An audit store that cannot be reached is "not yet" until the deadline plus TRANSIENT_ERROR_GRACE;
+# then the try fails and Airflow retries it (a coalesce retries by default: its passes are idempotent).
 DEFAULT_RETRIES = 2
 DEFAULT_RETRY_DELAY = timedelta(seconds=15)
 # Below this reschedule poke interval Airflow's scheduler often fails a sensor on a stale executor
@@ -260,8 +259,7 @@ class CoalesceSensor(BaseSensorOperator):
         spec = self.spec()
         store = self._store()
         store.register_node(run_id, self.task_id, "coalesce", None, spec.as_dict())
-        try_started = context["ti"].start_date or datetime.now(timezone.utc)
-        reopened = supersede_resolutions(store, spec, run_id, before=try_started)
+        reopened = supersede_resolutions(store, spec, run_id, before=_try_start(context))
         if reopened:
             self.log.info("%s: reopened %d rows resolved when an earlier try ended", self.task_id, reopened)
         states = self._task_states(context, list(spec.delivering.values()))
@@ -318,11 +316,10 @@ class CoalesceSensor(BaseSensorOperator):
         run_id = ref["audit_run_id"]
         store.register_node(run_id, self.task_id, "coalesce", None, spec.as_dict())
         states = self._task_states(context, list(spec.delivering.values()))
-        before = coalesce_summary(store.engine, spec, run_id)
-        coalesce_pass(store, spec, run_id, states, ended_state=ended_state)
+        result = coalesce_pass(store, spec, run_id, states, ended_state=ended_state)
         summary = coalesce_summary(store.engine, spec, run_id)
         summary["coalesce_task_state"] = ended_state
-        summary["rows_resolved_by_finalizer"] = _decided(summary) - _decided(before)
+        summary["rows_resolved_by_finalizer"] = result.newly_decided
         summary["tolerated_failures"] = self.tolerated_failures
         summary["tolerated_failure_rate"] = self.tolerated_failure_rate
         return summary
@@ -466,8 +463,10 @@ def failure_message(summary: dict[str, Any]) -> str:
     )
 
 
-def _decided(summary: dict[str, Any]) -> int:
-    return int(summary["rows_merged"]) + int(summary["rows_failed"])
+def _try_start(context: Context) -> datetime:
+    """When this run of the task started (Airflow's record of it, else now)."""
+    started: datetime | None = context["ti"].start_date
+    return started or datetime.now(timezone.utc)
 
 
 def _transient_horizon(timeout: timedelta, context: Context) -> datetime:
@@ -475,8 +474,7 @@ def _transient_horizon(timeout: timedelta, context: Context) -> datetime:
 
     Counted from this try's start: a coalesce starts with its branches, after the fork completed.
     """
-    started = context["ti"].start_date or datetime.now(timezone.utc)
-    return started + timeout + TRANSIENT_ERROR_GRACE
+    return _try_start(context) + timeout + TRANSIENT_ERROR_GRACE
 
 
 def _triggers_run_inline(context: Context) -> bool:

@@ -6,7 +6,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from typing import Any
 
 from airflow.triggers.base import BaseTrigger, TriggerEvent
@@ -25,13 +25,12 @@ from airflow_elspeth.audit.coalesce import (
     load_run,
     task_loss_rows,
 )
-from airflow_elspeth.audit.dml import db_now
+from airflow_elspeth.audit.dml import TRANSIENT_ERROR_GRACE, db_now
 
 # A failed poll (audit DB or Task SDK unreachable) is "not yet": polls back off up to this long, and
 # the task is told only once the failures outlast the deadline (or, before the deadline is known,
 # the trigger's start) by TRANSIENT_ERROR_GRACE.
 MAX_ERROR_BACKOFF_SECONDS = 60.0
-TRANSIENT_ERROR_GRACE = timedelta(minutes=5)
 MIN_SLEEP_SECONDS = 0.2
 # The trigger never fires sooner than this after it started. Airflow 3.3 fails a deferred task whose
 # trigger fired before the scheduler drained the executor's "success" event of the deferring exit,
