@@ -55,6 +55,7 @@ from airflow_elspeth.audit.queries import (
     spec_of_node,
 )
 from airflow_elspeth.core.policy import Status, replay
+from airflow_elspeth.exceptions import AirflowStatesUnavailable
 
 
 def _quiet_airflow() -> None:
@@ -667,10 +668,6 @@ def _decision_dict(decision: Any) -> dict[str, Any]:
 
 
 # Airflow task states (the only Airflow reads of this module) --------------------------------------
-
-
-class AirflowStatesUnavailable(Exception):
-    """Airflow's metadata DB is not importable, configured or readable from here."""
 
 
 def _airflow_metadata_url() -> str:

@@ -25,7 +25,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any, Final
 
-from airflow_elspeth.core.config import ElspethConfigError
+from airflow_elspeth.exceptions import TopologyError
 
 ROLE_ATTR: Final = "_elspeth_role"
 FORK: Final = "fork"
@@ -35,10 +35,6 @@ COALESCE: Final = "coalesce"
 ROLES: Final = (FORK, BRANCH, COALESCE)
 BranchStep = tuple[str, str, bool]  # (fork task id, branch, mapped)
 Delivering = dict[str, tuple[str, bool]]  # branch -> (task id, mapped)
-
-
-class TopologyError(ElspethConfigError):
-    """The DAG's fork/branch/coalesce structure is invalid; the message names the tasks involved."""
 
 
 # -- what a task is -------------------------------------------------------------------------------

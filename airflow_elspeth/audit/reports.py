@@ -42,6 +42,7 @@ from airflow_elspeth.audit.queries import (
 )
 from airflow_elspeth.audit.store import ARRIVAL_STATES
 from airflow_elspeth.core.policy import BranchEvent, EventKind, Status, order_events, replay
+from airflow_elspeth.exceptions import NotFound
 
 PAGE_SIZE = 50
 MAX_PAGE_SIZE = 500
@@ -62,10 +63,6 @@ LATE_AFTER_MERGE = "late_arrival_after_merge"
 LATE_AFTER_FAILURE = "late_arrival_after_failure"
 
 T = TypeVar("T")
-
-
-class NotFound(LookupError):
-    """The DAG run, audit run, coalesce, row or task asked for is not in the audit store."""
 
 
 # --------------------------------------------------------------------------------------------------

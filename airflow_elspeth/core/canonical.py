@@ -9,6 +9,8 @@ from typing import Any
 
 import rfc8785
 
+from airflow_elspeth.exceptions import PayloadError
+
 # The longest row key, in UTF-8 bytes. The audit store indexes (run_id, row_key); PostgreSQL
 # refuses a btree index entry above about 2.7 KB, SQLite has no such limit. One limit, well below
 # PostgreSQL's, keeps what a fork accepts the same on both backends.
@@ -18,10 +20,6 @@ _short = reprlib.Repr()
 _short.maxstring = 60
 _short.maxother = 60
 _short.maxlevel = 3
-
-
-class PayloadError(ValueError):
-    """A row or output that cannot be stored as canonical JSON (NaN, Infinity, non-JSON types)."""
 
 
 def short_repr(value: Any) -> str:

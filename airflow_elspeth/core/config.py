@@ -9,9 +9,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from enum import Enum
 
-
-class ElspethConfigError(ValueError):
-    """Invalid fork/branch/coalesce configuration; the message names the parameter and the bad value."""
+from airflow_elspeth.exceptions import ElspethConfigError
 
 
 class Policy(str, Enum):

@@ -19,16 +19,12 @@ from airflow_elspeth import topology
 from airflow_elspeth.audit.queries import WorkItem, branch_work, decided_in_chunk, decided_rows
 from airflow_elspeth.audit.store import COMPLETED, DISCARDED, DROPPED, FAILED, AuditStore, NodeResult
 from airflow_elspeth.core.canonical import hash_value
-from airflow_elspeth.core.config import ElspethConfigError
+from airflow_elspeth.exceptions import BranchFailureThresholdError, ElspethConfigError
 from airflow_elspeth.hooks.audit import ElspethAuditHook
 from airflow_elspeth.operators.fork import ForkOperator, fork_ref
 
 RowCallable = Callable[[dict[str, Any]], "dict[str, Any] | None"]
 MESSAGE_LIMIT = 2000
-
-
-class BranchFailureThresholdError(AirflowException):
-    """Too many rows failed: a systematic error fails the task (and its retry tries them again)."""
 
 
 class BranchOperator(BaseOperator):

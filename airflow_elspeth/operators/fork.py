@@ -12,17 +12,14 @@ from airflow.sdk.exceptions import AirflowFailException
 from airflow_elspeth.audit.dml import batched
 from airflow_elspeth.audit.queries import iter_merged_rows
 from airflow_elspeth.audit.store import AuditStore, ForkRow, RunIdentity
-from airflow_elspeth.core.canonical import PayloadError, row_key_text
-from airflow_elspeth.core.config import ElspethConfigError, validate_branches
+from airflow_elspeth.core.canonical import row_key_text
+from airflow_elspeth.core.config import validate_branches
+from airflow_elspeth.exceptions import ElspethConfigError, ForkInputError, PayloadError
 from airflow_elspeth.hooks.audit import ElspethAuditHook
 
 # The audit run reference is pushed under its own key: the return value is the list of chunk numbers,
 # because Airflow maps (``.expand``) only over a task's return value, with its length recorded at push.
 AUDIT_RUN_XCOM_KEY = "audit_run"
-
-
-class ForkInputError(ValueError):
-    """A row the fork cannot take (not a JSON object, no key, duplicate key, NaN/Infinity)."""
 
 
 def fork_ref(ti: Any, fork_task_id: str) -> dict[str, Any] | None:

@@ -7,7 +7,7 @@ from typing import Any
 
 from airflow.sdk import TaskGroup
 
-from airflow_elspeth.core.config import ElspethConfigError
+from airflow_elspeth.exceptions import ElspethConfigError
 from airflow_elspeth.operators.branch import BranchOperator
 from airflow_elspeth.operators.fork import ForkOperator
 from airflow_elspeth.sensors.coalesce import CoalesceSensor

@@ -38,6 +38,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from airflow_elspeth.audit import reports
+from airflow_elspeth.exceptions import NoAuditStore
 from airflow_elspeth.plugins import chart
 
 log = logging.getLogger(__name__)
@@ -62,10 +63,6 @@ SECURITY_HEADERS = {
 
 # --------------------------------------------------------------------------------------------------
 # The audit store
-
-
-class NoAuditStore(LookupError):
-    """Nothing has been recorded yet: the embedded SQLite file does not exist."""
 
 
 _url_lock = threading.Lock()

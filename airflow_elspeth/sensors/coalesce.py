@@ -23,10 +23,11 @@ from airflow_elspeth.audit.coalesce import (
 from airflow_elspeth.audit.dml import TRANSIENT_ERROR_GRACE, TRANSIENT_ERRORS
 from airflow_elspeth.audit.queries import coalesce_summary
 from airflow_elspeth.audit.store import AuditStore
-from airflow_elspeth.core.config import ElspethConfigError, MergeStrategy, Policy, coalesce_config
+from airflow_elspeth.core.config import MergeStrategy, Policy, coalesce_config
+from airflow_elspeth.exceptions import ElspethConfigError, TopologyError
 from airflow_elspeth.hooks.audit import ElspethAuditHook
 from airflow_elspeth.operators.fork import ForkOperator, fork_ref
-from airflow_elspeth.topology import TopologyError, delivering_steps
+from airflow_elspeth.topology import delivering_steps
 
 SUMMARY_XCOM_KEY = "coalesce_summary"
 ON_FAILURE_CHOICES = ("fail", "skip")

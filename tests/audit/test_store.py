@@ -22,7 +22,8 @@ from airflow_elspeth.audit.store import (
     branch_token_id,
     outcome_row,
 )
-from airflow_elspeth.core.canonical import PayloadError, derive_id
+from airflow_elspeth.core.canonical import derive_id
+from airflow_elspeth.exceptions import PayloadError
 
 BRANCHES = ["left", "right"]
 CHUNK = 1000

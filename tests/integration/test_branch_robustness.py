@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from airflow_elspeth.audit.engine import engine_for_url
-from airflow_elspeth.core.config import ElspethConfigError
+from airflow_elspeth.exceptions import ElspethConfigError
 
 from .checks import (
     as_utc,

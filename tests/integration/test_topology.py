@@ -15,8 +15,8 @@ import pytest
 from airflow.sdk import DAG
 
 from airflow_elspeth import BranchOperator, CoalesceSensor, ForkOperator, fork_join, topology
+from airflow_elspeth.exceptions import TopologyError
 from airflow_elspeth.policies import dag_policy, structure_error
-from airflow_elspeth.topology import TopologyError
 
 from .support import DAGS_DIR, HERE, patched_env
 

@@ -13,14 +13,9 @@ from typing import Any
 
 import pytest
 
-from airflow_elspeth.core.canonical import (
-    MAX_ROW_KEY_BYTES,
-    PayloadError,
-    canonical_json,
-    hash_value,
-    row_key_text,
-)
-from airflow_elspeth.core.config import ElspethConfigError, coalesce_config, validate_branches
+from airflow_elspeth.core.canonical import MAX_ROW_KEY_BYTES, canonical_json, hash_value, row_key_text
+from airflow_elspeth.core.config import coalesce_config, validate_branches
+from airflow_elspeth.exceptions import ElspethConfigError, PayloadError
 
 
 def nested(depth: int, leaf: Any = 1) -> Any:

@@ -16,14 +16,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from airflow_elspeth.core.canonical import (
-    PayloadError,
-    canonical_json,
-    content_hash,
-    derive_id,
-    hash_value,
-    row_key_text,
-)
+from airflow_elspeth.core.canonical import canonical_json, content_hash, derive_id, hash_value, row_key_text
+from airflow_elspeth.exceptions import PayloadError
 
 JSON_SCALARS = st.one_of(
     st.none(),

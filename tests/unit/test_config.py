@@ -9,12 +9,12 @@ import pytest
 
 from airflow_elspeth.core.config import (
     CoalesceConfig,
-    ElspethConfigError,
     MergeStrategy,
     Policy,
     coalesce_config,
     validate_branches,
 )
+from airflow_elspeth.exceptions import ElspethConfigError
 
 BRANCHES = ["gpt", "claude", "gemini"]
 

@@ -1,0 +1,250 @@
+"""The one vocabulary of the audit trail: statuses, outcomes, decisions and reasons, with their words.
+
+Every status or reason the trail stores is spelled here and nowhere else; the operators, the store,
+the reports, the UI and the CLI build, parse and explain them through this module. Reasons come in
+two families:
+
+* a **failure reason** says why a row failed (:class:`FailureReason`: the policy's own reasons, and
+  the ``coalesce_task_<state>`` resolutions written when the coalesce task ended first);
+* a **missing reason** says why one branch did not contribute to a decided row: a loss
+  (``error:<Type>``, ``dropped``, ``branch_task_<state>``), still waiting (``not_arrived``), or a late
+  answer (``late_arrival_after_merge`` / ``late_arrival_after_failure``).
+
+Nothing here knows about Airflow or SQL.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from enum import Enum
+from typing import Any
+
+
+class Word(str, Enum):
+    """A stored word: compares, formats and serialises as its value (``f"{NodeStatus.FAILED}"`` is
+    ``failed``, whatever the Python version's enum formatting)."""
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self.value), spec)
+
+
+class RunStatus(Word):
+    """An audit run: one try of a fork task."""
+
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+
+
+class NodeStatus(Word):
+    """A token's work at one node (step or coalesce). ``aborted`` marks a row error in a try that
+    failed on its failure threshold: the next try processes that row again."""
+
+    COMPLETED = "completed"
+    DROPPED = "dropped"
+    FAILED = "failed"
+    DISCARDED = "discarded"
+    ABORTED = "aborted"
+
+
+TERMINAL_NODE_STATUSES = (NodeStatus.COMPLETED, NodeStatus.DROPPED, NodeStatus.FAILED, NodeStatus.DISCARDED)
+# A discarded result arrived (late, after its row was decided), so it counts as an arrival.
+ARRIVAL_NODE_STATUSES = (NodeStatus.COMPLETED, NodeStatus.DISCARDED)
+
+
+class TokenKind(Word):
+    SOURCE = "source"
+    BRANCH = "branch"
+    MERGED = "merged"
+
+
+class TokenOutcome(Word):
+    """The terminal outcome of a token."""
+
+    # A branch token whose branch no coalesce joins, delivered by its last step (reason ``not_joined``).
+    COMPLETED = "completed"
+    MERGED = "merged"
+    COALESCED = "coalesced"
+    ROW_FAILED = "row_failed"
+    LOST = "lost"
+    NOT_ARRIVED = "not_arrived"
+    LATE = "late"
+
+
+class DecisionStatus(Word):
+    PENDING = "pending"
+    MERGED = "merged"
+    FAILED = "failed"
+
+
+class FailureReason(Word):
+    BRANCH_LOST = "branch_lost"
+    INCOMPLETE_BRANCHES = "incomplete_branches"
+    QUORUM_IMPOSSIBLE = "quorum_impossible"
+    QUORUM_NOT_MET_AT_TIMEOUT = "quorum_not_met_at_timeout"
+    ALL_BRANCHES_LOST = "all_branches_lost"
+    BEST_EFFORT_TIMEOUT_NO_ARRIVALS = "best_effort_timeout_no_arrivals"
+    FIRST_TIMEOUT_NO_ARRIVALS = "first_timeout_no_arrivals"
+    SELECT_BRANCH_NOT_ARRIVED = "select_branch_not_arrived"
+    # Resolutions, not policy outcomes: the coalesce task ended (killed, marked by a person, out of
+    # retries, skipped) with the row still undecidable; see ``core.policy.resolve_ended``.
+    COALESCE_TASK_FAILED = "coalesce_task_failed"
+    COALESCE_TASK_SKIPPED = "coalesce_task_skipped"
+    COALESCE_TASK_UPSTREAM_FAILED = "coalesce_task_upstream_failed"
+    COALESCE_TASK_SUCCESS = "coalesce_task_success"
+    COALESCE_TASK_REMOVED = "coalesce_task_removed"
+
+    @property
+    def is_resolution(self) -> bool:
+        return self.value.startswith(COALESCE_TASK_PREFIX)
+
+
+COALESCE_TASK_PREFIX = "coalesce_task_"
+ERROR_PREFIX = "error:"
+BRANCH_TASK_PREFIX = "branch_task_"
+
+# Missing reasons that are not built from a prefix.
+DROPPED = "dropped"
+NOT_ARRIVED = "not_arrived"
+LATE_AFTER_MERGE = "late_arrival_after_merge"
+LATE_AFTER_FAILURE = "late_arrival_after_failure"
+LATE_REASONS = (LATE_AFTER_MERGE, LATE_AFTER_FAILURE)
+# The reason of a ``completed`` outcome at the last step of a branch no coalesce joins.
+NOT_JOINED = "not_joined"
+# A branch task state unknown to the reader (no Airflow states at hand).
+UNKNOWN_TASK_STATE = "none"
+
+
+def coalesce_task_reason(task_state: str) -> FailureReason:
+    """The resolution reason for a coalesce task that ended in ``task_state`` (unknown: failed)."""
+    try:
+        return FailureReason(COALESCE_TASK_PREFIX + task_state)
+    except ValueError:
+        return FailureReason.COALESCE_TASK_FAILED
+
+
+def is_resolution(failure_reason: str | None) -> bool:
+    """Whether a stored failure reason is a ``coalesce_task_<state>`` resolution."""
+    return bool(failure_reason) and str(failure_reason).startswith(COALESCE_TASK_PREFIX)
+
+
+def resolution_task_state(failure_reason: str) -> str:
+    """The coalesce task state a resolution reason names (``coalesce_task_failed`` -> ``failed``)."""
+    if not is_resolution(failure_reason):
+        raise ValueError(f"{failure_reason!r} is not a coalesce task resolution")
+    return failure_reason[len(COALESCE_TASK_PREFIX) :]
+
+
+def error_reason(error_type: str | None) -> str:
+    """The loss reason of a row whose callable raised ``error_type`` (after its row retries)."""
+    return f"{ERROR_PREFIX}{error_type or 'Exception'}"
+
+
+def branch_task_reason(task_state: str | None) -> str:
+    """The missing reason of a branch whose task was ``task_state`` when the row was decided."""
+    return f"{BRANCH_TASK_PREFIX}{task_state or UNKNOWN_TASK_STATE}"
+
+
+def late_reason(decision: DecisionStatus) -> str:
+    """The missing reason of a branch that answered after its row was decided ``decision``."""
+    return LATE_AFTER_MERGE if decision is DecisionStatus.MERGED else LATE_AFTER_FAILURE
+
+
+class ReasonKind(Word):
+    """What a missing reason says about the branch: lost, still waiting, or late."""
+
+    LOSS = "loss"
+    WAITING = "waiting"
+    LATE = "late"
+
+
+def reason_kind(reason: str) -> ReasonKind:
+    if reason in LATE_REASONS:
+        return ReasonKind.LATE
+    if reason == NOT_ARRIVED:
+        return ReasonKind.WAITING
+    return ReasonKind.LOSS
+
+
+def reason_order(reason: str) -> tuple[int, str]:
+    """Sort key of missing reasons: losses first (errors, drops, task losses), then waiting, then late."""
+    return (list(ReasonKind).index(reason_kind(reason)), reason)
+
+
+def missing_outcome(reason: str) -> TokenOutcome:
+    """The terminal outcome of a branch token missing from its decided row for ``reason``."""
+    kind = reason_kind(reason)
+    if kind is ReasonKind.LATE:
+        return TokenOutcome.LATE
+    if kind is ReasonKind.WAITING:
+        return TokenOutcome.NOT_ARRIVED
+    return TokenOutcome.LOST
+
+
+# --------------------------------------------------------------------------------------------------
+# Words (the pages, the JSON API, the CLI and the sensor's failure message all use these)
+
+FAILURE_REASON_TEXT: Mapping[str, str] = {
+    FailureReason.BRANCH_LOST: "a branch was lost (require_all needs every branch)",
+    FailureReason.INCOMPLETE_BRANCHES: "not every branch had arrived at the deadline (require_all)",
+    FailureReason.QUORUM_IMPOSSIBLE: "too many branches were lost for the quorum to be reachable",
+    FailureReason.QUORUM_NOT_MET_AT_TIMEOUT: "the quorum was not reached by the deadline",
+    FailureReason.ALL_BRANCHES_LOST: "every branch was lost",
+    FailureReason.BEST_EFFORT_TIMEOUT_NO_ARRIVALS: "no branch had arrived by the deadline (best_effort)",
+    FailureReason.FIRST_TIMEOUT_NO_ARRIVALS: "no branch had arrived by the deadline (first)",
+    FailureReason.SELECT_BRANCH_NOT_ARRIVED: "the selected branch was not among the merged arrivals",
+}
+
+MISSING_REASON_TEXT: Mapping[str, str] = {
+    DROPPED: "dropped the row (the callable returned None)",
+    NOT_ARRIVED: "had not arrived when the row was decided",
+    LATE_AFTER_MERGE: "arrived after the row had been merged",
+    LATE_AFTER_FAILURE: "arrived after the row had failed",
+}
+
+
+def failure_reason_text(reason: str | None) -> str:
+    """Why a row failed, in words (resolutions included)."""
+    reason = reason or ""
+    if is_resolution(reason):
+        return (
+            f"the coalesce task ended {resolution_task_state(reason)} before the row could be decided "
+            "(a resolution, not the policy)"
+        )
+    return FAILURE_REASON_TEXT.get(reason, reason)
+
+
+def missing_reason_text(reason: str) -> str:
+    """Why a branch did not contribute to a row, in words."""
+    if reason.startswith(ERROR_PREFIX):
+        return f"raised {reason[len(ERROR_PREFIX) :]} (after its row retries)"
+    if reason.startswith(BRANCH_TASK_PREFIX):
+        return f"its task ended {reason[len(BRANCH_TASK_PREFIX) :]} before delivering the row"
+    return MISSING_REASON_TEXT.get(reason, reason)
+
+
+def outcome_text(outcome: str, reason: str | None) -> str:
+    """A token's terminal outcome, in words."""
+    if outcome == TokenOutcome.COALESCED:
+        return "arrived and was merged into the row"
+    if outcome == TokenOutcome.ROW_FAILED:
+        return f"arrived, but the row failed ({reason})" if reason else "arrived, but the row failed"
+    if outcome in (TokenOutcome.LOST, TokenOutcome.LATE, TokenOutcome.NOT_ARRIVED) and reason:
+        return f"{outcome}: {missing_reason_text(reason)}"
+    return f"{outcome} ({reason})" if reason else str(outcome)
+
+
+def policy_text(config: Mapping[str, Any]) -> str:
+    """A coalesce policy in words, from its stored configuration."""
+    policy = config["policy"]
+    n = len(config["branches"])
+    if policy == "quorum":
+        return f"quorum {config['quorum']} of {n}"
+    if policy == "require_all":
+        return f"require_all ({n} of {n})"
+    if policy == "first":
+        return f"first of {n}"
+    return f"best_effort (any of {n})"

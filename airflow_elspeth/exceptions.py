@@ -1,0 +1,51 @@
+"""Every exception airflow-elspeth raises on purpose, in one hierarchy.
+
+``except ElspethError`` catches all of them. Each also derives from the built-in exception a caller
+would expect (``ValueError`` for bad input, ``LookupError`` for something absent), so code written
+against those keeps working. This module imports nothing from Airflow: the core and the audit layer
+raise these too.
+"""
+
+from __future__ import annotations
+
+
+class ElspethError(Exception):
+    """Base of every airflow-elspeth error."""
+
+
+class ElspethConfigError(ElspethError, ValueError):
+    """Invalid fork/branch/coalesce configuration; the message names the parameter and the bad value."""
+
+
+class TopologyError(ElspethConfigError):
+    """The DAG's fork/branch/coalesce structure is invalid; the message names the tasks involved."""
+
+
+class PayloadError(ElspethError, ValueError):
+    """A row or output that cannot be stored as canonical JSON (NaN, Infinity, non-JSON types)."""
+
+
+class ForkInputError(ElspethError, ValueError):
+    """A row the fork cannot take (not a JSON object, no key, duplicate key, NaN/Infinity)."""
+
+
+class BranchFailureThresholdError(ElspethError):
+    """Too many rows of a branch step failed: a systematic error fails the task (its retry tries them
+    again)."""
+
+
+class AuditInvariantError(ElspethError):
+    """The audit store holds something its own writers never produce (a decision without its fork's
+    completion time, a decided row missing from its run). A bug or a hand-edited store, never input."""
+
+
+class NotFound(ElspethError, LookupError):
+    """The DAG run, audit run, coalesce, row or task asked for is not in the audit store."""
+
+
+class NoAuditStore(NotFound):
+    """Nothing has been recorded yet: the embedded SQLite file does not exist."""
+
+
+class AirflowStatesUnavailable(ElspethError):
+    """Airflow's metadata DB is not importable, configured or readable from here."""
