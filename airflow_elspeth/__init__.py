@@ -17,7 +17,7 @@ _PUBLIC = {
     "CoalesceSensor": "airflow_elspeth.sensors.coalesce",
     "CoalesceTrigger": "airflow_elspeth.triggers.coalesce",
     "ElspethAuditHook": "airflow_elspeth.hooks.audit",
-    "read_merged_rows": "airflow_elspeth.audit.queries",
+    "read_merged_rows": "airflow_elspeth.merged_rows",
     "fork_join": "airflow_elspeth.operators.group",
 }
 

@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,46 +25,22 @@ from rich.markup import escape
 from rich.progress import Progress
 from rich.table import Table
 from rich.tree import Tree
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Engine
 
-from airflow_elspeth.audit import schema as t
-from airflow_elspeth.audit.coalesce import (
-    CoalesceSpec,
-    RunInfo,
-    deadline_of,
-    load_run,
-    read_chunk_log,
-    row_events,
-)
 from airflow_elspeth.audit.engine import engine_for_url
-from airflow_elspeth.audit.queries import (
-    LIMBO_EXAMPLES,
+from airflow_elspeth.audit.read.decisions import run_summaries
+from airflow_elspeth.audit.read.limbo import (
     ROWS_UNDECIDED,
     RUN_NOT_CLOSED,
     TOKENS_WITHOUT_OUTCOME,
     TaskStates,
-    coalesce_nodes,
-    coalesce_summary,
-    is_resolution,
-    limbo_findings,
-    replay_at_resolution,
-    resolution_task_state,
-    row_lineage,
-    spec_of_node,
+    tasks_to_look_up,
 )
-from airflow_elspeth.core.policy import Status, replay
-from airflow_elspeth.exceptions import AirflowStatesUnavailable
-
-
-def _quiet_airflow() -> None:
-    """Call right before importing Airflow, which configures its logging when first imported.
-
-    Keeps Airflow's INFO chatter out of a terminal report unless the user asked for a level. Only
-    two paths import Airflow: resolving the store without ``--url`` (the hook) and reading Airflow
-    task states (``verify``); ``--url`` reaches the store through ``airflow_elspeth.audit.engine``.
-    """
-    os.environ.setdefault("AIRFLOW__LOGGING__LOGGING_LEVEL", "WARNING")
-
+from airflow_elspeth.audit.read.lineage import explain_row
+from airflow_elspeth.audit.read.runs import find_row_run, select_runs
+from airflow_elspeth.audit.read.verify import DECISION_REPLAY, RESOLUTION_DECIDABLE, verify_run
+from airflow_elspeth.core.vocabulary import DecisionStatus, NodeStatus, RunStatus, TokenKind
+from airflow_elspeth.exceptions import AirflowStatesUnavailable, NotFound
 
 console = Console()
 
@@ -81,10 +55,12 @@ class Target:
     def engine(self, *, upgrade: bool = True) -> Engine:
         if self.url:
             return engine_for_url(self.url, upgrade=upgrade)
-        _quiet_airflow()
+        from airflow_elspeth.airflow_states import quiet_airflow
+
+        quiet_airflow()  # the hook imports Airflow
         from airflow_elspeth.hooks.audit import ElspethAuditHook
 
-        return ElspethAuditHook(audit_conn_id=self.conn_id).get_engine()
+        return engine_for_url(ElspethAuditHook(audit_conn_id=self.conn_id).get_url(), upgrade=upgrade)
 
 
 def _emit_json(value: Any) -> None:
@@ -106,21 +82,6 @@ def main(ctx: click.Context, url: str | None, conn_id: str | None) -> None:
 # -- selecting runs ---------------------------------------------------------------------------------
 
 
-def select_runs(
-    engine: Engine, run_id: str | None, dag_id: str | None, airflow_run_id: str | None
-) -> list[dict[str, Any]]:
-    r = t.runs.c
-    query = select(t.runs).order_by(r.started_at)
-    if run_id:
-        query = query.where(r.run_id == run_id)
-    if dag_id:
-        query = query.where(r.dag_id == dag_id)
-    if airflow_run_id:
-        query = query.where(r.airflow_run_id == airflow_run_id)
-    with engine.connect() as conn:
-        return [dict(row) for row in conn.execute(query).mappings()]
-
-
 def run_options(func: Any) -> Any:
     for option in (
         click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables."),
@@ -135,13 +96,6 @@ def run_options(func: Any) -> Any:
 # -- report -----------------------------------------------------------------------------------------
 
 
-def summaries(engine: Engine, runs: list[dict[str, Any]]) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
-    for run in runs:
-        for node in coalesce_nodes(engine, run["run_id"]):
-            spec = spec_of_node(engine, run["run_id"], node["node_id"])
-            yield run, coalesce_summary(engine, spec, run["run_id"])
-
-
 @main.command()
 @run_options
 @click.pass_obj
@@ -151,7 +105,7 @@ def report(
     """Coalesce summaries of every audit run (or the selected ones)."""
     engine = target.engine()
     runs = select_runs(engine, run_id, dag_id, airflow_run_id)
-    found = [{"run": _run_header(run), "summary": summary} for run, summary in summaries(engine, runs)]
+    found = [{"run": _run_header(run), "summary": summary} for run, summary in run_summaries(engine, runs)]
     if as_json:
         _emit_json(found)
         return
@@ -196,7 +150,7 @@ def print_summary(run: dict[str, Any], summary: dict[str, Any]) -> None:
         f"audit run {summary['audit_run_id']} (fork {run['fork_task_id']}, try {run['try_number']}) · "
         f"policy {policy} · merge {merge} · deadline {summary['deadline']}"
     )
-    if run.get("status") != "completed":
+    if run.get("status") != RunStatus.COMPLETED:
         reason = f": {run['status_reason']}" if run.get("status_reason") else ""
         console.print(f"[yellow]audit run {run['status']}{escape(reason)}[/]")
     counts = Table(show_header=True, header_style="bold")
@@ -254,112 +208,6 @@ def print_summary(run: dict[str, Any], summary: dict[str, Any]) -> None:
 # -- explain ----------------------------------------------------------------------------------------
 
 
-def find_row_run(engine: Engine, row_key: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """The newest of ``runs`` that has ``row_key``."""
-    with engine.connect() as conn:
-        for run in reversed(runs):
-            found = conn.execute(
-                select(t.rows.c.row_id).where(t.rows.c.run_id == run["run_id"], t.rows.c.row_key == row_key)
-            ).first()
-            if found:
-                return run
-    raise click.ClickException(f"no audit run has a row with key {row_key!r}")
-
-
-def explain_row(engine: Engine, run_id: str, row_key: str) -> dict[str, Any]:
-    """The row's lineage plus, per coalesce, its decision replayed from the stored event log.
-
-    A policy decision is replayed from the whole log (as it stood when the decision was recorded)
-    and compared. A resolution (``coalesce_task_<state>``) is not a policy outcome: its replay uses
-    only the events up to its ``decided_at`` and must still be pending there.
-    """
-    lineage = row_lineage(engine, run_id, row_key)
-    row = lineage["row"]
-    replays = []
-    with engine.connect() as conn:
-        run = load_run(conn, run_id)
-    assert run is not None
-    for decision in lineage["decisions"]:
-        spec = spec_of_node(engine, run_id, decision["node_id"])
-        if is_resolution(decision["failure_reason"]):
-            replayed = replay_decision(
-                engine,
-                spec,
-                run,
-                row["chunk"],
-                row["row_id"],
-                decision["decided_at"],
-                until=decision["decided_at"],
-            )
-            pending = replayed["decision"] == Status.PENDING.value
-            replays.append(
-                {
-                    "coalesce": decision["node_id"],
-                    "resolution": True,
-                    "task_state": resolution_task_state(decision),
-                    "replayed": replayed,
-                    "undecidable_then": pending,
-                    "agrees": pending,
-                }
-            )
-            continue
-        replayed = replay_decision(engine, spec, run, row["chunk"], row["row_id"], decision["recorded_at"])
-        replays.append(
-            {
-                "coalesce": decision["node_id"],
-                "resolution": False,
-                "replayed": replayed,
-                "agrees": _agrees(decision, replayed),
-            }
-        )
-    return {**lineage, "replays": replays}
-
-
-def replay_decision(
-    engine: Engine,
-    spec: CoalesceSpec,
-    run: RunInfo,
-    chunk: int,
-    row_id: str,
-    now: Any,
-    *,
-    until: Any = None,
-) -> dict[str, Any]:
-    """Replay one row's log as it stood at ``now`` (only the events stamped up to ``until``, if given).
-
-    The events listed are the whole stored log, so a reader sees what came after, too.
-    """
-    with engine.connect() as conn:
-        _, states, losses = read_chunk_log(
-            conn, spec, run.run_id, chunk, undecided_only=False, row_ids=[row_id]
-        )
-    events = row_events(spec, states.get(row_id, {}), losses)
-    deadline = deadline_of(run, spec.config)
-    if until is not None:
-        decision = replay_at_resolution(spec.config, events, decided_at=until, deadline=deadline)
-    else:
-        decision = replay(spec.config, events, deadline=deadline, now=now)
-    return {
-        "decision": decision.status.value,
-        "decided_at": decision.decided_at,
-        "consumed": list(decision.consumed),
-        "failure_reason": decision.failure_reason.value if decision.failure_reason else None,
-        "events": [
-            {"branch": e.branch, "at": e.at, "kind": e.kind.value, "reason": e.reason}
-            for e in sorted(events, key=lambda e: (e.at, spec.config.branch_index(e.branch)))
-        ],
-    }
-
-
-def _agrees(stored: dict[str, Any], replayed: dict[str, Any]) -> bool:
-    return (
-        stored["decision"] == replayed["decision"]
-        and stored["failure_reason"] == replayed["failure_reason"]
-        and json.loads(stored["consumed"]) == replayed["consumed"]
-        and stored["decided_at"] == replayed["decided_at"]
-    )
-
-
 @main.command()
 @click.argument("row_key")
 @run_options
@@ -375,8 +223,11 @@ def explain(
     """One row: its branches, their results and timing, and each coalesce decision and why."""
     engine = target.engine()
     runs = select_runs(engine, run_id, dag_id, airflow_run_id)
-    run = find_row_run(engine, row_key, runs)
-    explained = explain_row(engine, run["run_id"], row_key)
+    try:
+        run = find_row_run(engine, row_key, runs)
+        explained = explain_row(engine, run["run_id"], row_key)
+    except NotFound as err:
+        raise click.ClickException(str(err)) from err
     if as_json:
         _emit_json(explained)
         return
@@ -395,7 +246,7 @@ def print_explanation(run: dict[str, Any], explained: dict[str, Any]) -> None:
     tree = Tree(f"source row {_short(explained['source'])}")
     fork = tree.add(f"fork [bold]{escape(run['fork_task_id'])}[/] (try {run['try_number']})")
     for token in explained["tokens"]:
-        if token["token_kind"] != "branch":
+        if token["token_kind"] != TokenKind.BRANCH:
             continue
         outcome = "; ".join(
             o["outcome"] + (f" ({o['reason']})" if o["reason"] else "")
@@ -430,7 +281,7 @@ def print_explanation(run: dict[str, Any], explained: dict[str, Any]) -> None:
     for decision, replayed in zip(explained["decisions"], explained["replays"], strict=True):
         if replayed.get("resolution"):
             verdict = f"[red]failed: {decision['failure_reason']}[/]"
-        elif decision["decision"] == "merged":
+        elif decision["decision"] == DecisionStatus.MERGED:
             verdict = "[green]merged[/]"
         else:
             verdict = f"[red]failed: {decision['failure_reason']}[/]"
@@ -486,14 +337,19 @@ def print_explanation(run: dict[str, Any], explained: dict[str, Any]) -> None:
     if not explained["decisions"]:
         console.print("\n[yellow]no coalesce has decided this row[/]")
     for token in explained["tokens"]:
-        if token["token_kind"] == "merged":
+        if token["token_kind"] == TokenKind.MERGED:
             for state in token["states"]:
                 console.print(
                     "merged output:", escape(_short(explained["outputs"].get(state["output_ref"]), 400))
                 )
 
 
-STATUS_STYLE = {"completed": "green", "failed": "red", "dropped": "yellow", "discarded": "magenta"}
+STATUS_STYLE = {
+    NodeStatus.COMPLETED.value: "green",
+    NodeStatus.FAILED.value: "red",
+    NodeStatus.DROPPED.value: "yellow",
+    NodeStatus.DISCARDED.value: "magenta",
+}
 
 
 def _clock(moment: Any) -> str:
@@ -514,8 +370,6 @@ def _error_text(error_json: str | None) -> str:
 
 # -- verify -----------------------------------------------------------------------------------------
 
-FINDING_EXAMPLES = LIMBO_EXAMPLES
-
 
 def verify_runs(
     engine: Engine,
@@ -524,236 +378,17 @@ def verify_runs(
     progress: bool,
     task_states: TaskStates | None = None,
 ) -> list[dict[str, Any]]:
-    """Integrity findings over the given runs (empty when everything holds).
+    """Integrity findings over the given runs (empty when everything holds), with a progress bar.
 
-    One finding per (audit run, kind), with a ``count`` and a few ``examples``: limbo (see
-    :func:`~airflow_elspeth.audit.queries.limbo_findings`), orphan token parents, policy decisions
-    that differ from the replay of their stored log (``decision_replay``), and resolutions of rows
-    that were decidable when resolved (``resolution_decidable``).
+    The findings are :func:`~airflow_elspeth.audit.read.verify.verify_run`'s, run by run.
     """
     findings: list[dict[str, Any]] = []
     with Progress(console=console, transient=True, disable=not progress) as bar:
         task = bar.add_task("verifying", total=len(runs))
         for run in runs:
-            run_id = run["run_id"]
-            findings.extend(limbo_findings(engine, [run], task_states=task_states))
-            orphan = _orphan_parents(engine, run_id)
-            if orphan is not None:
-                findings.append(orphan)
-            with engine.connect() as conn:
-                info = load_run(conn, run_id)
-            if info is not None and info.completed_at is not None:
-                mismatches: list[dict[str, Any]] = []
-                decidable: list[dict[str, Any]] = []
-                for node in coalesce_nodes(engine, run_id):
-                    spec = spec_of_node(engine, run_id, node["node_id"])
-                    found_mismatches, found_decidable = _replay_findings(engine, info, spec)
-                    mismatches += found_mismatches
-                    decidable += found_decidable
-                for check, items in (("decision_replay", mismatches), ("resolution_decidable", decidable)):
-                    if items:
-                        findings.append(_aggregate(run_id, check, items))
+            findings.extend(verify_run(engine, run, task_states=task_states))
             bar.advance(task)
     return findings
-
-
-def _aggregate(run_id: str, check: str, items: list[dict[str, Any]]) -> dict[str, Any]:
-    """One finding for many rows: their count, per coalesce, and the first few in full."""
-    per_coalesce: dict[str, int] = {}
-    for item in items:
-        per_coalesce[item["coalesce"]] = per_coalesce.get(item["coalesce"], 0) + 1
-    return {
-        "run_id": run_id,
-        "check": check,
-        "count": len(items),
-        "counted": "rows",
-        "examples": [item["row_key"] for item in items[:FINDING_EXAMPLES]],
-        "coalesces": per_coalesce,
-        "details": items[:FINDING_EXAMPLES],
-    }
-
-
-def _orphan_parents(engine: Engine, run_id: str) -> dict[str, Any] | None:
-    """Token parents of the run's tokens that are no token at all."""
-    tk, tp = t.tokens.c, t.token_parents.c
-    parent = t.tokens.alias("parent")
-    orphans = (
-        select(tp.token_id, tp.parent_token_id)
-        .select_from(
-            t.token_parents.join(t.tokens, tk.token_id == tp.token_id).outerjoin(
-                parent, parent.c.token_id == tp.parent_token_id
-            )
-        )
-        .where(tk.run_id == run_id, parent.c.token_id.is_(None))
-    )
-    with engine.connect() as conn:
-        count = int(conn.execute(select(func.count()).select_from(orphans.subquery())).scalar_one())
-        if not count:
-            return None
-        examples = conn.execute(orphans.order_by(tp.token_id).limit(FINDING_EXAMPLES)).all()
-    return {
-        "run_id": run_id,
-        "check": "orphan_parent",
-        "count": count,
-        "counted": "token parents",
-        "examples": [token_id for token_id, _ in examples],
-        "missing_parents": [parent_id for _, parent_id in examples],
-    }
-
-
-def _replay_findings(
-    engine: Engine, run: RunInfo, spec: CoalesceSpec
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Chunk by chunk: (policy decisions that differ from the replay of their stored event log,
-    resolutions of rows whose log up to the resolution already decided them)."""
-    mismatches: list[dict[str, Any]] = []
-    decidable: list[dict[str, Any]] = []
-    cd = t.coalesce_decisions.c
-    deadline = deadline_of(run, spec.config)
-    for chunk in range(run.chunks_total):
-        with engine.connect() as conn:
-            _, states, losses = read_chunk_log(conn, spec, run.run_id, chunk, undecided_only=False)
-            stored = (
-                conn.execute(
-                    select(t.coalesce_decisions)
-                    .where(cd.run_id == run.run_id, cd.node_id == spec.node_id, cd.chunk == chunk)
-                    .order_by(cd.row_key)
-                )
-                .mappings()
-                .all()
-            )
-        for decision in stored:
-            events = row_events(spec, states.get(decision["row_id"], {}), losses)
-            if is_resolution(decision["failure_reason"]):
-                then = replay_at_resolution(
-                    spec.config, events, decided_at=decision["decided_at"], deadline=deadline
-                )
-                if then.status is not Status.PENDING:
-                    decidable.append(
-                        {
-                            "coalesce": spec.node_id,
-                            "row_key": decision["row_key"],
-                            "resolution": decision["failure_reason"],
-                            "decided_at": decision["decided_at"],
-                            "replayed": _decision_dict(then),
-                        }
-                    )
-                continue
-            replayed = replay(spec.config, events, deadline=deadline, now=decision["recorded_at"])
-            again = _decision_dict(replayed)
-            if not _agrees(dict(decision), again):
-                mismatches.append(
-                    {
-                        "coalesce": spec.node_id,
-                        "row_key": decision["row_key"],
-                        "stored": {
-                            "decision": decision["decision"],
-                            "failure_reason": decision["failure_reason"],
-                            "consumed": json.loads(decision["consumed"]),
-                            "decided_at": decision["decided_at"],
-                        },
-                        "replayed": again,
-                    }
-                )
-    return mismatches, decidable
-
-
-def _decision_dict(decision: Any) -> dict[str, Any]:
-    return {
-        "decision": decision.status.value,
-        "decided_at": decision.decided_at,
-        "consumed": list(decision.consumed),
-        "failure_reason": decision.failure_reason.value if decision.failure_reason else None,
-    }
-
-
-# Airflow task states (the only Airflow reads of this module) --------------------------------------
-
-
-def _airflow_metadata_url() -> str:
-    """The metadata DB Airflow is configured with (``[database] sql_alchemy_conn``)."""
-    _quiet_airflow()
-    try:
-        from airflow.configuration import conf
-    except Exception as err:  # Airflow not importable
-        raise AirflowStatesUnavailable(f"Airflow is not importable ({type(err).__name__}: {err})") from err
-    try:
-        url = conf.get("database", "sql_alchemy_conn")
-    except Exception as err:
-        raise AirflowStatesUnavailable(
-            f"no [database] sql_alchemy_conn ({type(err).__name__}: {err})"
-        ) from err
-    if not url:
-        raise AirflowStatesUnavailable("[database] sql_alchemy_conn is empty")
-    return str(url)
-
-
-def airflow_task_states(
-    runs: list[dict[str, Any]], engine: Engine, url: str | None = None
-) -> tuple[TaskStates, str]:
-    """The states of the fork and coalesce task instances of ``runs``, read from Airflow's metadata DB.
-
-    Read-only, with an engine of its own (never created: a SQLite file that does not exist is
-    "unavailable"). :returns: (states, where they were read).
-    :raises AirflowStatesUnavailable: when they cannot be read.
-    """
-    from sqlalchemy import bindparam, create_engine, text
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.pool import NullPool
-
-    url = url or _airflow_metadata_url()
-    try:
-        parsed = make_url(url)
-    except Exception as err:
-        raise AirflowStatesUnavailable(f"unreadable metadata DB URL ({type(err).__name__})") from err
-    shown = parsed.render_as_string(hide_password=True)
-    if parsed.get_backend_name() == "sqlite":
-        database = parsed.database or ""
-        if database in ("", ":memory:") or not os.path.exists(database):
-            raise AirflowStatesUnavailable(f"no Airflow metadata DB at {database or '(memory)'}")
-    wanted: dict[tuple[str, str], set[str]] = {}
-    run_ids = [r["run_id"] for r in runs]
-    n = t.nodes.c
-    coalesce_tasks: dict[str, list[str]] = {}
-    with engine.connect() as conn:
-        for start in range(0, len(run_ids), 500):
-            for run_id, task_id in conn.execute(
-                select(n.run_id, n.task_id).where(
-                    n.run_id.in_(run_ids[start : start + 500]), n.node_type == "coalesce"
-                )
-            ):
-                coalesce_tasks.setdefault(run_id, []).append(task_id)
-    for run in runs:
-        key = (run["dag_id"], run["airflow_run_id"])
-        wanted.setdefault(key, set()).update([run["fork_task_id"], *coalesce_tasks.get(run["run_id"], [])])
-    states: dict[tuple[str, str, str], str] = {}
-    if not wanted:
-        return states, f"{shown} (nothing to look up)"
-    connect_args = {"connect_timeout": 10} if parsed.get_backend_name() == "postgresql" else {}
-    metadata = create_engine(parsed, poolclass=NullPool, connect_args=connect_args)
-    query = text(
-        "SELECT dag_id, run_id, task_id, state FROM task_instance "
-        "WHERE map_index = -1 AND dag_id = :dag_id AND run_id IN :run_ids"
-    ).bindparams(bindparam("run_ids", expanding=True))
-    by_dag: dict[str, list[str]] = {}
-    for dag_id, airflow_run_id in wanted:
-        by_dag.setdefault(dag_id, []).append(airflow_run_id)
-    try:
-        with metadata.connect() as conn:
-            for dag_id, airflow_run_ids in sorted(by_dag.items()):
-                for start in range(0, len(airflow_run_ids), 500):
-                    part = airflow_run_ids[start : start + 500]
-                    for ti_dag, ti_run, task_id, state in conn.execute(
-                        query, {"dag_id": dag_id, "run_ids": part}
-                    ):
-                        if state is not None and task_id in wanted.get((ti_dag, ti_run), ()):
-                            states[(ti_dag, ti_run, task_id)] = str(state)
-    except Exception as err:
-        first = str(getattr(err, "orig", None) or err).splitlines()[0] if str(err) else ""
-        raise AirflowStatesUnavailable(f"{shown} could not be read ({type(err).__name__}: {first})") from err
-    finally:
-        metadata.dispose()
-    return states, f"{shown} ({len(states)} task instances)"
 
 
 def _task_states_for(
@@ -762,8 +397,13 @@ def _task_states_for(
     """Task states per ``--airflow-states`` (True: required, False: not read, None: try)."""
     if choice is False:
         return None, {"used": False, "detail": "not read (--no-airflow-states)"}
+    wanted = tasks_to_look_up(engine, runs)
+    if not wanted:
+        return {}, {"used": True, "detail": "nothing to look up (no audit runs)"}
+    from airflow_elspeth import airflow_states  # reads Airflow's metadata DB; imports Airflow
+
     try:
-        states, where = airflow_task_states(runs, engine)
+        states, where = airflow_states.airflow_task_states(wanted)
     except AirflowStatesUnavailable as err:
         if choice:
             raise click.ClickException(f"--airflow-states: Airflow task states unavailable: {err}") from err
@@ -779,7 +419,9 @@ def _task_states_for(
     default=None,
     help=(
         "Read fork and coalesce task states from Airflow's metadata DB, to catch runs and rows "
-        "whose task has ended. Default: when Airflow's metadata DB is configured and readable."
+        "whose task has ended. Default: when Airflow's metadata DB is configured and readable. "
+        "Reading them imports Airflow (to find that DB), and only then: with --no-airflow-states, "
+        "or with no audit run to check, verify --url never imports Airflow."
     ),
 )
 @click.pass_obj
@@ -840,11 +482,11 @@ def _finding_detail(finding: dict[str, Any]) -> str:
     if check == TOKENS_WITHOUT_OUTCOME:
         kinds = ", ".join(f"{n} {kind}" for kind, n in finding["by_kind"].items())
         return f"no terminal outcome ({kinds}); rows {', '.join(finding['example_rows'])}"
-    if check == "resolution_decidable":
+    if check == RESOLUTION_DECIDABLE:
         return "resolved when the coalesce task ended, yet decidable then: " + "; ".join(
             f"{d['row_key']} → {d['replayed']['decision']}" for d in finding["details"]
         )
-    if check == "decision_replay":
+    if check == DECISION_REPLAY:
         return "stored decision differs from the replay: " + "; ".join(
             f"{d['row_key']} stored {d['stored']['decision']}, replayed {d['replayed']['decision']}"
             for d in finding["details"]

@@ -49,3 +49,14 @@ class NoAuditStore(NotFound):
 
 class AirflowStatesUnavailable(ElspethError):
     """Airflow's metadata DB is not importable, configured or readable from here."""
+
+
+class ForkRunMissing(NotFound):
+    """A task needs its fork's audit run and this DAG run's fork has not pushed one (the fork has not
+    succeeded in this DAG run). The task fails; Airflow retries it if it has retries left."""
+
+
+class AuditStoreUnreachable(ElspethError, ConnectionError):
+    """The audit store stayed unreachable past the coalesce's grace (its deadline plus
+    ``TRANSIENT_ERROR_GRACE``): the try fails so that Airflow retries it. Not an ``AirflowException``,
+    so a sensor's ``soft_fail`` does not turn it into a skip."""

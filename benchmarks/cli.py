@@ -260,7 +260,7 @@ def size_table(rows: int, results: dict[str, dict[str, Any]]) -> Table:
     add("peak RSS MB (dag.test process)", lambda r: f"{r['peak_rss_mb']['self']:.0f}", "bold")
     add("RSS before dag.test MB", lambda r: f"{r['rss_before_mb']:.0f}")
     add(
-        "poll: pending_work ms (mean/max)",
+        "poll: waiting_poll ms (mean/max)",
         lambda r: f"{r['poll_ms']['mean']:.1f} / {r['poll_ms']['max']:.1f}",
     )
     any_result = next(iter(results.values()))

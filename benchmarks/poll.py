@@ -3,9 +3,10 @@
 ``python -m benchmarks.poll --url sqlite:////path/elspeth_audit.db [--run-id ID] [--polls 20]
 [--also-postgresql]``
 
-Runs :func:`airflow_elspeth.audit.coalesce.pending_work` - the read-only check the deferred
-coalesce's trigger makes on every poll - for the benchmark DAG's coalesce (3 branches
-``branch_alpha|beta|gamma``, require_all) on the newest audit run, and prints the times.
+Runs :func:`airflow_elspeth.audit.coalesce.waiting_poll` - the read-only poll the deferred
+coalesce's trigger makes every ``poll_interval`` - for the benchmark DAG's coalesce (3 branches
+``branch_alpha|beta|gamma``, require_all) on the newest audit run, and prints the times. The polls
+share one memory of undecidable chunks, as one trigger's polls do.
 
 ``--also-postgresql`` copies the tables that query reads (``runs``, ``chunk_progress``,
 ``branch_task_losses``: the same rows, so the same work) into a temporary PostgreSQL server whose
@@ -39,20 +40,21 @@ def bench_spec() -> Any:
 
 
 def time_polls(engine: Any, spec: Any, run_id: str, polls: int = 20) -> dict[str, Any]:
-    from airflow_elspeth.audit.coalesce import pending_work
+    from airflow_elspeth.audit.coalesce import waiting_poll
 
-    pending_work(engine, spec, run_id, {})  # warm-up: pool connection, page cache
+    undecidable: dict[int, str] = {}  # what one trigger remembers between its polls
+    waiting_poll(engine, spec, run_id, {}, undecidable)  # warm-up: pool connection, page cache
     times, answer = [], None
     for _ in range(polls):
         started = time.perf_counter()
-        answer = pending_work(engine, spec, run_id, {})
+        answer = waiting_poll(engine, spec, run_id, {}, undecidable).reason
         times.append((time.perf_counter() - started) * 1000)
     return {
         "mean": round(statistics.mean(times), 2),
         "median": round(statistics.median(times), 2),
         "max": round(max(times), 2),
         "n": polls,
-        "answer": list(answer) if answer else None,
+        "answer": answer,
     }
 
 

@@ -4,7 +4,7 @@ Run by :mod:`benchmarks.cli` with AIRFLOW_HOME, the DAGS_FOLDER and the audit co
 the environment (Airflow reads them at import). It runs one DAG through ``dag.test()`` (tasks run in
 this process), then measures, in this order: the process's peak RSS (before anything else can raise
 it), the task instances' start/end dates, the SQL the provider issued per phase, the audit rows per
-table, the coalesce's waiting query (``pending_work``) and the floor. It writes one JSON file.
+table, the coalesce's waiting poll (``waiting_poll``) and the floor. It writes one JSON file.
 """
 
 from __future__ import annotations
@@ -252,7 +252,7 @@ def run(args: dict[str, Any]) -> dict[str, Any]:
     from sqlalchemy import func, select
 
     from airflow_elspeth.audit import schema as t
-    from airflow_elspeth.audit.coalesce import pending_work
+    from airflow_elspeth.audit.coalesce import waiting_poll
 
     with engine.connect() as conn:
         result["audit_rows"] = {
@@ -271,23 +271,23 @@ def run(args: dict[str, Any]) -> dict[str, Any]:
     result["decisions"] = decisions
     result["audit_run_id"] = run_id
 
-    # The coalesce's waiting query, as the trigger runs it (read-only), on this run's tables.
+    # The coalesce's waiting poll, as the trigger runs it (read-only), on this run's tables.
     spec = dag.task_dict["coalesce"].spec()
-    pending_work(
-        engine, spec, run_id, {}
-    )  # warm the pool and the page cache, as a trigger's first poll would
+    undecidable: dict[int, str] = {}  # what one trigger remembers between its polls
+    # warm the pool and the page cache, as a trigger's first poll would
+    waiting_poll(engine, spec, run_id, {}, undecidable)
     polls = []
     answer = None
     for _ in range(args.get("polls", 20)):
         before = time.perf_counter()
-        answer = pending_work(engine, spec, run_id, {})
+        answer = waiting_poll(engine, spec, run_id, {}, undecidable).reason
         polls.append((time.perf_counter() - before) * 1000)
     result["poll_ms"] = {
         "mean": round(statistics.mean(polls), 2),
         "median": round(statistics.median(polls), 2),
         "max": round(max(polls), 2),
         "n": len(polls),
-        "answer": list(answer) if answer else None,
+        "answer": answer,
     }
 
     # The floor: the same rows, raw bulk inserts into a fresh copy of the schema.

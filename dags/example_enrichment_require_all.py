@@ -3,7 +3,7 @@
 The address service is down for this whole run: every call fails, so the ``lookup_address`` task
 fails wholesale on its failure threshold instead of recording hundreds of row errors. With
 ``require_all`` every row then fails ``branch_lost``; the coalesce records why for each row and is
-skipped (``on_failure="skip"``), and ``notify`` reports the summary from XCom.
+skipped instead of failed (``soft_fail=True``), and ``notify`` reports the summary from XCom.
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ with DAG(
         policy="require_all",
         merge="union",
         timeout=timedelta(minutes=5),
-        on_failure="skip",
+        soft_fail=True,
         poke_interval=10,  # reschedule mode: shorter pokes make an Airflow scheduler race likely (README)
     )
 

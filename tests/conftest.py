@@ -20,6 +20,11 @@ Nothing else differs from what the factory does (same executor, same pg_ctl invo
 
 Without PostgreSQL binaries the PostgreSQL cases are skipped, or fail when ``CI=true``.
 ``--postgresql-exec=/path/to/pg_ctl`` (pytest-postgresql's option) picks a specific server.
+
+Tiers (markers, pyproject.toml), marked here by place rather than on each test: ``quick``, every
+test under tests/unit and tests/audit that is neither ``postgres`` nor ``heavy`` (the pure core, the
+store on SQLite, the operator unit tests): ``-m quick`` is the fast loop; ``heavy``, the scale tests.
+Under pytest-xdist the e2e tests run on one worker (``pytest_xdist_make_scheduler``).
 """
 
 from __future__ import annotations
@@ -46,6 +51,56 @@ os.environ["AIRFLOW_HOME"] = _SUITE_AIRFLOW_HOME
 os.environ.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
 
 PG_BINDIR_GLOB = "/usr/lib/postgresql/*/bin/pg_ctl"
+
+
+TESTS_DIR = Path(__file__).resolve().parent
+QUICK_DIRS = ("unit", "audit")
+# Scale tests: minutes each, so not in the quick tier (the default run still runs them).
+HEAVY = (
+    "tests/audit/test_store.py::test_100k_rows_write_and_read_in_bounded_memory",
+    "tests/ui/test_scale.py::",
+)
+
+
+# The tests that use the Airflow deployment of tests/e2e (session fixture ``airflow_stack``).
+E2E_STACK_TESTS = "tests/e2e/test_e2e_"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark the tiers by place: ``heavy`` (``HEAVY``); ``quick``: the tests under ``QUICK_DIRS``
+    that are neither ``postgres`` nor ``heavy``."""
+    for item in items:
+        if item.nodeid.startswith(HEAVY):
+            item.add_marker(pytest.mark.heavy)
+        try:
+            top = Path(item.path).resolve().relative_to(TESTS_DIR).parts[0]
+        except ValueError:
+            continue
+        if (
+            top in QUICK_DIRS
+            and item.get_closest_marker("postgres") is None
+            and item.get_closest_marker("heavy") is None
+        ):
+            item.add_marker(pytest.mark.quick)
+
+
+@pytest.hookimpl(optionalhook=True, tryfirst=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object | None:
+    """Under pytest-xdist (``--dist load``, scripts/test.sh): every test on its own, except the
+    e2e tests, which go to one worker together so that they share its one Airflow deployment.
+
+    (xdist's ``--dist loadgroup`` would do this with an ``xdist_group`` marker, but xdist 3.8
+    renames node ids through ``Item._nodeid``, which pytest 9 no longer reads.)
+    """
+    if config.getvalue("dist") != "load":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class E2EOnOneWorker(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return E2E_STACK_TESTS if nodeid.startswith(E2E_STACK_TESTS) else nodeid
+
+    return E2EOnOneWorker(config, log)
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

@@ -20,14 +20,11 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, and_, select, update
+from sqlalchemy import Connection, Engine, and_, select, update
 
 from airflow_elspeth.audit import schema as t
 from airflow_elspeth.audit.dml import db_now, insert_ignore, ordered_write
 from airflow_elspeth.audit.store import (
-    ARRIVAL_STATES,
-    COMPLETED,
-    TERMINAL_STATES,
     AuditStore,
     DecisionWrite,
     branch_token_id,
@@ -44,19 +41,29 @@ from airflow_elspeth.core.canonical import hash_value
 from airflow_elspeth.core.config import CoalesceConfig
 from airflow_elspeth.core.merge import merge_outputs
 from airflow_elspeth.core.policy import (
-    COALESCE_TASK_PREFIX,
-    LATE_AFTER_FAILURE,
-    LATE_AFTER_MERGE,
-    NOT_ARRIVED,
     BranchEvent,
     Decision,
     EventKind,
-    Status,
     replay,
     resolve_ended,
 )
+from airflow_elspeth.core.vocabulary import (
+    ARRIVAL_NODE_STATUSES,
+    COALESCE_TASK_PREFIX,
+    NOT_ARRIVED,
+    TERMINAL_NODE_STATUSES,
+    UNKNOWN_TASK_STATE,
+    DecisionStatus,
+    NodeStatus,
+    TokenKind,
+    TokenOutcome,
+    branch_task_reason,
+    missing_outcome,
+)
+from airflow_elspeth.exceptions import AuditInvariantError
 
-# Task states after which a branch task will deliver nothing more.
+# Airflow task states after which a task will deliver nothing more (Airflow's words, not stored
+# statuses of the audit trail: a branch task loss records one as ``branch_task_<state>``).
 ENDED_TASK_STATES = frozenset({"success", "failed", "upstream_failed", "skipped", "removed"})
 WHOLE_TASK = -1
 
@@ -158,7 +165,7 @@ def task_loss_rows(
     rows = []
     for branch in spec.config.branches:
         for key, chunk in spec.task_keys(branch, chunks_total).items():
-            state = task_states.get(key)
+            state = task_states.get(key, UNKNOWN_TASK_STATE)
             if state in ENDED_TASK_STATES:
                 rows.append(
                     {
@@ -214,20 +221,99 @@ def chunk_signatures(
     return result
 
 
-def pending_work(
-    engine: Any, spec: CoalesceSpec, run_id: str, task_states: Mapping[str, str]
-) -> tuple[bool, bool]:
-    """Read-only check: (a pass would evaluate something, every row is decided)."""
+@dataclass(frozen=True)
+class WaitResult:
+    """What one read-only look at a waiting coalesce found (:func:`waiting_poll`).
+
+    ``reason`` says why a pass should run now (None: nothing to do yet); ``deadline`` and ``now``
+    (the audit clock) are known once the fork has completed.
+    """
+
+    reason: str | None
+    deadline: datetime | None = None
+    now: datetime | None = None
+
+
+def waiting_poll(
+    engine: Engine,
+    spec: CoalesceSpec,
+    run_id: str,
+    task_states: Mapping[str, str],
+    undecidable: dict[int, str] | None = None,
+) -> WaitResult:
+    """The waiting coalesce's poll, read-only: would a pass do something now, and why.
+
+    What the deferred coalesce's trigger runs on every poll (and what the benchmarks time). A pass
+    is due when every row is decided, when a branch task ended still owing tokens the sensor has not
+    recorded as lost (only a pass writes that), or when a chunk whose inputs changed since the pass
+    last evaluated it has a row to decide now: that chunk is replayed with :func:`decide_chunk`,
+    the pass's own replay. Past the deadline, every undecided chunk is such a chunk once.
+
+    :param undecidable: chunk -> the signature at which a replay here found nothing to decide;
+        read and updated, so a caller that polls again does not replay a chunk whose inputs did
+        not change.
+    """
     with engine.connect() as conn:
         run = load_run(conn, run_id)
-        if run is None or run.completed_at is None:
-            return False, False
-        sigs = chunk_signatures(conn, spec, run, db_now(conn), task_states)
-    all_decided = all(decided >= run.chunk_rows(c) for c, (_, decided, _) in sigs.items())
-    ready = any(
-        decided < run.chunk_rows(c) and signature != seen for c, (signature, decided, seen) in sigs.items()
-    )
-    return ready, all_decided
+        if run is None:
+            return WaitResult("audit run missing")
+        if run.completed_at is None:
+            return WaitResult("fork not completed")
+        now = db_now(conn)  # the clock the pass decides by
+        deadline = deadline_of(run, spec.config)
+        signatures = chunk_signatures(conn, spec, run, now, task_states)
+        undecided = {
+            chunk for chunk, (_, decided, _) in signatures.items() if decided < run.chunk_rows(chunk)
+        }
+        if not undecided:
+            return WaitResult("every row decided", deadline, now)
+        ended = unrecorded_task_ends(conn, spec, run, task_states, undecided)
+        if ended:
+            return WaitResult(f"branch task ended: {ended}", deadline, now)
+        skip = undecidable if undecidable is not None else {}
+        for chunk in sorted(undecided):
+            signature, _, seen = signatures[chunk]
+            if signature == seen or signature == skip.get(chunk):
+                continue
+            if decide_chunk(conn, spec, run, chunk, task_states=task_states, now=now):
+                return WaitResult(f"rows to decide in chunk {chunk}", deadline, now)
+            skip[chunk] = signature
+    return WaitResult(None, deadline, now)
+
+
+def unrecorded_task_ends(
+    conn: Connection, spec: CoalesceSpec, run: RunInfo, task_states: Mapping[str, str], undecided: set[int]
+) -> list[str]:
+    """Ended branch tasks the sensor has not recorded that still owe tokens to an undecided chunk."""
+    ended = task_loss_rows(spec, run.chunks_total, task_states)
+    if not ended:
+        return []
+    tl, cp = t.branch_task_losses.c, t.chunk_progress.c
+    recorded = {
+        (node, chunk)
+        for node, chunk in conn.execute(select(tl.node_id, tl.chunk).where(tl.run_id == run.run_id))
+    }
+    nodes = list(spec.delivering.values())
+    delivered = {
+        (node, chunk): (done, total)
+        for node, chunk, done, total in conn.execute(
+            select(cp.node_id, cp.chunk, cp.rows_done, cp.rows_total).where(
+                cp.run_id == run.run_id, cp.node_id.in_(nodes)
+            )
+        )
+    }
+    owing = []
+    for row in ended:
+        node, chunk = row["node_id"], row["chunk"]
+        chunks = undecided if chunk == WHOLE_TASK else undecided & {chunk}
+        for c in sorted(chunks):
+            if (node, c) in recorded or (node, WHOLE_TASK) in recorded:
+                continue  # the sensor has recorded this end for that chunk
+            done, total = delivered.get((node, c), (0, None))
+            if total is None or done < total:
+                owing.append(f"{node}={row['task_state']}")
+                break
+    return owing
 
 
 def coalesce_pass(
@@ -410,7 +496,7 @@ def read_chunk_log(
             ns.run_id == run_id,
             ns.node_id.in_(list(branch_of)),
             ns.chunk == chunk,
-            ns.status.in_(TERMINAL_STATES),
+            ns.status.in_(TERMINAL_NODE_STATUSES),
             *([ns.row_id.in_(row_ids)] if row_ids is not None else []),
         )
         .order_by(ns.recorded_at)
@@ -442,14 +528,14 @@ def row_events(
     for branch in spec.config.branches:
         state = states.get(branch)
         if state is not None:
-            if state.status in ARRIVAL_STATES:
+            if state.status in ARRIVAL_NODE_STATUSES:
                 events.append(BranchEvent(branch, state.at, EventKind.ARRIVAL))
             else:
                 reason = loss_reason(state.status, state.error)
                 events.append(BranchEvent(branch, state.at, EventKind.LOSS, reason))
         elif branch in losses:
             task_state, observed_at = losses[branch]
-            events.append(BranchEvent(branch, observed_at, EventKind.LOSS, f"branch_task_{task_state}"))
+            events.append(BranchEvent(branch, observed_at, EventKind.LOSS, branch_task_reason(task_state)))
     return events
 
 
@@ -484,12 +570,12 @@ def decide_chunk(
     wanted = {
         states[row_id][b].output_ref
         for row_id, _, d in decided
-        if d.status is Status.MERGED
+        if d.status is DecisionStatus.MERGED
         for b in d.consumed
     }
     bodies = payload_bodies(conn, wanted)
     task_state_of = {
-        branch: task_states.get(key, "none")
+        branch: task_states.get(key, UNKNOWN_TASK_STATE)
         for branch in spec.config.branches
         for key, key_chunk in spec.task_keys(branch, run.chunks_total).items()
         if key_chunk in (chunk, WHOLE_TASK)
@@ -528,11 +614,17 @@ def _decision_write(
 ) -> DecisionWrite:
     config, node_id, run_id = spec.config, spec.node_id, run.run_id
     join_group = join_group_id(run_id, row_id, node_id)
-    assert decision.decided_at is not None and run.completed_at is not None
+    # A final decision always has its time, and a run is decided only once its fork completed.
+    if decision.decided_at is None or run.completed_at is None:
+        missing = "the decision has no decided_at" if decision.decided_at is None else "no completed_at"
+        raise AuditInvariantError(
+            f"coalesce {node_id}: cannot write the {decision.status} decision of row {row_key!r} "
+            f"of audit run {run_id}: {missing}"
+        )
     write = DecisionWrite(row_id=row_id, row_key=row_key, chunk=chunk, decision={})
     collisions = None
     merged_id = None
-    if decision.status is Status.MERGED:
+    if decision.status is DecisionStatus.MERGED:
         outputs = {b: bodies[states[b].output_ref or ""] for b in decision.consumed}
         merged = merge_outputs(config, decision.consumed, outputs)
         collisions = merged.collisions or None
@@ -543,7 +635,7 @@ def _decision_write(
             "token_id": merged_id,
             "run_id": run_id,
             "row_id": row_id,
-            "token_kind": "merged",
+            "token_kind": TokenKind.MERGED,
             "branch_name": None,
             "fork_group_id": None,
             "join_group_id": join_group,
@@ -560,7 +652,7 @@ def _decision_write(
             "run_id": run_id,
             "node_id": node_id,
             "attempt": 1,
-            "status": COMPLETED,
+            "status": NodeStatus.COMPLETED,
             "input_hash": None,
             "output_hash": merged_hash,
             "output_ref": merged_hash,
@@ -573,25 +665,26 @@ def _decision_write(
             "row_id": row_id,
             "chunk": chunk,
         }
-        write.outcomes.append(outcome_row(merged_id, run_id, "merged", None, now, join_group=join_group))
+        write.outcomes.append(
+            outcome_row(merged_id, run_id, TokenOutcome.MERGED, None, now, join_group=join_group)
+        )
     for branch in config.branches:
         token = branch_token_id(run_id, row_id, branch)
         if branch in decision.consumed:
-            outcome, reason = "coalesced", None
+            outcome, reason = TokenOutcome.COALESCED, None
         elif branch in decision.missing:
             reason = decision.missing[branch]
-            outcome = {
-                NOT_ARRIVED: "not_arrived",
-                LATE_AFTER_MERGE: "late",
-                LATE_AFTER_FAILURE: "late",
-            }.get(reason, "lost")
-            if reason == NOT_ARRIVED:
-                reason = f"branch_task_{task_state_of.get(branch, 'none')}"
+            outcome = missing_outcome(reason)
+            if reason == NOT_ARRIVED:  # the outcome's reason says what its task was doing then
+                reason = branch_task_reason(task_state_of.get(branch))
         else:  # arrived before a failure decision
-            outcome, reason = "row_failed", decision.failure_reason.value if decision.failure_reason else None
+            outcome = TokenOutcome.ROW_FAILED
+            reason = decision.failure_reason.value if decision.failure_reason else None
         write.outcomes.append(outcome_row(token, run_id, outcome, reason, now, join_group=join_group))
     details = dict(decision.details)
-    waiting = {b: task_state_of.get(b, "none") for b, r in decision.missing.items() if r == NOT_ARRIVED}
+    waiting = {
+        b: task_state_of.get(b, UNKNOWN_TASK_STATE) for b, r in decision.missing.items() if r == NOT_ARRIVED
+    }
     if waiting:
         details["branch_task_states"] = waiting
     write.decision = {

@@ -17,24 +17,23 @@ from sqlalchemy import Connection, Engine, and_, func, select, update
 from airflow_elspeth.audit import schema as t
 from airflow_elspeth.audit.dml import db_now, insert_ignore, ordered_write, upsert
 from airflow_elspeth.core.canonical import derive_id, hash_value
+from airflow_elspeth.core.vocabulary import (
+    ARRIVAL_NODE_STATUSES,
+    DROPPED,
+    NOT_JOINED,
+    TERMINAL_NODE_STATUSES,
+    NodeStatus,
+    NodeType,
+    RunStatus,
+    TokenKind,
+    TokenOutcome,
+    error_reason,
+    superseded_try_run_reason,
+)
 
-# Node-state statuses. The terminal ones end a token's work at a node; "aborted" marks a row error
-# in a try that failed on the failure threshold, which the next try processes again.
-COMPLETED = "completed"
-DROPPED = "dropped"
-FAILED = "failed"
-DISCARDED = "discarded"
-ABORTED = "aborted"
-TERMINAL_STATES = (COMPLETED, DROPPED, FAILED, DISCARDED)
-ARRIVAL_STATES = (COMPLETED, DISCARDED)
-
-# Audit run statuses.
-RUNNING = "running"
-RUN_COMPLETED = "completed"
-RUN_FAILED = "failed"
-
-# The terminal outcome of a branch token at the last step of a branch that no coalesce joins.
-NOT_JOINED = "not_joined"
+# Kept only for tests/unit/test_operator_units.py and tests/e2e/test_coalesce_trigger.py, which
+# still import it from here; new code uses core.vocabulary.NodeStatus.
+COMPLETED = NodeStatus.COMPLETED
 
 
 def dumps(value: Any) -> str:
@@ -43,15 +42,15 @@ def dumps(value: Any) -> str:
 
 
 def source_token_id(run_id: str, row_id: str) -> str:
-    return derive_id(run_id, row_id, "source")
+    return derive_id(run_id, row_id, TokenKind.SOURCE)
 
 
 def branch_token_id(run_id: str, row_id: str, branch: str) -> str:
-    return derive_id(run_id, row_id, "branch", branch)
+    return derive_id(run_id, row_id, TokenKind.BRANCH, branch)
 
 
 def merged_token_id(run_id: str, row_id: str, node_id: str) -> str:
-    return derive_id(run_id, row_id, "merged", node_id)
+    return derive_id(run_id, row_id, TokenKind.MERGED, node_id)
 
 
 def join_group_id(run_id: str, row_id: str, node_id: str) -> str:
@@ -179,7 +178,7 @@ class AuditStore:
                 self._fail_run(
                     conn,
                     stale_run,
-                    f"fork_task_ended: try {identity.try_number} started before this try was decided",
+                    superseded_try_run_reason(identity.try_number),
                     stale=True,
                 )
             insert_ignore(
@@ -196,7 +195,7 @@ class AuditStore:
                         "run_type": identity.run_type,
                         "logical_date": identity.logical_date,
                         "started_at": db_now(conn),
-                        "status": RUNNING,
+                        "status": RunStatus.RUNNING,
                         "config_hash": config_hash,
                         "previous_run_id": previous,
                         "chunk_size": chunk_size,
@@ -204,7 +203,9 @@ class AuditStore:
                     }
                 ],
             )
-            self._register_node(conn, run_id, identity.fork_task_id, "fork", None, config_json, config_hash)
+            self._register_node(
+                conn, run_id, identity.fork_task_id, NodeType.FORK, None, config_json, config_hash
+            )
         return run_id
 
     def register_node(
@@ -246,12 +247,18 @@ class AuditStore:
             now = db_now(conn)
             conn.execute(
                 update(t.runs)
-                .where(t.runs.c.run_id == run_id, t.runs.c.status == RUNNING)
+                .where(t.runs.c.run_id == run_id, t.runs.c.status == RunStatus.RUNNING)
                 .values(
-                    status=RUN_COMPLETED, completed_at=now, rows_total=rows_total, chunks_total=chunks_total
+                    status=RunStatus.COMPLETED,
+                    completed_at=now,
+                    rows_total=rows_total,
+                    chunks_total=chunks_total,
                 )
             )
-            return conn.execute(select(t.runs.c.completed_at).where(t.runs.c.run_id == run_id)).scalar_one()
+            completed_at: datetime = conn.execute(
+                select(t.runs.c.completed_at).where(t.runs.c.run_id == run_id)
+            ).scalar_one()
+            return completed_at
 
     def fail_run(self, run_id: str, reason: str) -> None:
         """Mark a fork try that did not complete failed, saying why, and remove its partial rows.
@@ -279,11 +286,13 @@ class AuditStore:
     @staticmethod
     def _fail_run(conn: Connection, run_id: str, reason: str, *, stale: bool = False) -> None:
         """Fail a ``running`` run (or, with ``stale``, one :func:`_stale_runs` found) and drop its rows."""
-        closable = [RUNNING, RUN_COMPLETED] if stale else [RUNNING]
+        closable = [RunStatus.RUNNING, RunStatus.COMPLETED] if stale else [RunStatus.RUNNING]
         closed = conn.execute(
             update(t.runs)
             .where(t.runs.c.run_id == run_id, t.runs.c.status.in_(closable))
-            .values(status=RUN_FAILED, status_reason=reason[:2000], completed_at=db_now(conn), rows_total=0)
+            .values(
+                status=RunStatus.FAILED, status_reason=reason[:2000], completed_at=db_now(conn), rows_total=0
+            )
         ).rowcount
         if not closed:
             return
@@ -330,7 +339,7 @@ class AuditStore:
                         "token_id": source,
                         "run_id": run_id,
                         "row_id": row_id,
-                        "token_kind": "source",
+                        "token_kind": TokenKind.SOURCE,
                         "branch_name": None,
                         "fork_group_id": fork_group,
                         "join_group_id": None,
@@ -342,7 +351,7 @@ class AuditStore:
                     parent_values.append(
                         {"token_id": source, "parent_token_id": row.parent_token_id, "ordinal": 0}
                     )
-                outcome_values.append(outcome_row(source, run_id, "forked", None, now))
+                outcome_values.append(outcome_row(source, run_id, TokenOutcome.FORKED, None, now))
                 for ordinal, branch in enumerate(branches):
                     token = branch_token_id(run_id, row_id, branch)
                     token_values.append(
@@ -350,7 +359,7 @@ class AuditStore:
                             "token_id": token,
                             "run_id": run_id,
                             "row_id": row_id,
-                            "token_kind": "branch",
+                            "token_kind": TokenKind.BRANCH,
                             "branch_name": branch,
                             "fork_group_id": fork_group,
                             "join_group_id": None,
@@ -429,7 +438,9 @@ class AuditStore:
         are superseded (kept, no longer terminal), so the next try's outcome is the terminal one.
         """
         ns = t.node_states.c
-        aborted = and_(ns.run_id == run_id, ns.node_id == node_id, ns.attempt == attempt, ns.status == FAILED)
+        aborted = and_(
+            ns.run_id == run_id, ns.node_id == node_id, ns.attempt == attempt, ns.status == NodeStatus.FAILED
+        )
         with ordered_write(self.engine, run_id, chunk_tokens, decider=False) as conn:
             now = db_now(conn)
             to = t.token_outcomes.c
@@ -444,7 +455,7 @@ class AuditStore:
                 )
                 .values(is_terminal=False, superseded_at=now)
             )
-            conn.execute(update(t.node_states).where(aborted).values(status=ABORTED))
+            conn.execute(update(t.node_states).where(aborted).values(status=NodeStatus.ABORTED))
             self._refresh_progress(conn, run_id, node_id, chunk_tokens, now)
 
     @staticmethod
@@ -454,14 +465,14 @@ class AuditStore:
         if not chunk_tokens:
             return
         ns = t.node_states.c
-        done = dict(
+        done: dict[int, int] = dict(
             conn.execute(
                 select(ns.chunk, func.count(func.distinct(ns.token_id)))
                 .where(
                     ns.run_id == run_id,
                     ns.node_id == node_id,
                     ns.chunk.in_(list(chunk_tokens)),
-                    ns.status.in_(TERMINAL_STATES),
+                    ns.status.in_(TERMINAL_NODE_STATUSES),
                 )
                 .group_by(ns.chunk)
             ).all()
@@ -478,7 +489,8 @@ def _stale_runs(conn: Connection, *where: Any) -> list[str]:
         conn.execute(
             select(t.runs.c.run_id).where(
                 *where,
-                (t.runs.c.status == RUNNING) | ((t.runs.c.status == RUN_COMPLETED) & ~decided.exists()),
+                (t.runs.c.status == RunStatus.RUNNING)
+                | ((t.runs.c.status == RunStatus.COMPLETED) & ~decided.exists()),
             )
         ).scalars()
     )
@@ -578,15 +590,17 @@ def outcome_row(
 
 def loss_reason(status: str, error: Mapping[str, Any] | None) -> str:
     """The loss reason of a terminal node state that is not an arrival."""
-    if status == DROPPED:
-        return "dropped"
-    if status == FAILED:
-        return f"error:{(error or {}).get('type', 'Exception')}"
+    if status == NodeStatus.DROPPED:
+        return DROPPED
+    if status == NodeStatus.FAILED:
+        return error_reason((error or {}).get("type"))
     raise ValueError(f"node state {status!r} is not a loss")
 
 
 def not_joined_outcome(run_id: str, result: NodeResult, at: datetime) -> dict[str, Any]:
     """The terminal outcome of a token at the last step of a branch no coalesce joins."""
-    if result.status in ARRIVAL_STATES:
-        return outcome_row(result.token_id, run_id, COMPLETED, NOT_JOINED, at)
-    return outcome_row(result.token_id, run_id, "lost", loss_reason(result.status, result.error), at)
+    if result.status in ARRIVAL_NODE_STATUSES:
+        return outcome_row(result.token_id, run_id, TokenOutcome.COMPLETED, NOT_JOINED, at)
+    return outcome_row(
+        result.token_id, run_id, TokenOutcome.LOST, loss_reason(result.status, result.error), at
+    )

@@ -15,55 +15,18 @@ from enum import Enum
 from typing import Any
 
 from airflow_elspeth.core.config import CoalesceConfig, MergeStrategy, Policy
+from airflow_elspeth.core.vocabulary import (
+    NOT_ARRIVED,
+    DecisionStatus,
+    FailureReason,
+    coalesce_task_reason,
+    late_reason,
+)
 
 
 class EventKind(str, Enum):
     ARRIVAL = "arrival"
     LOSS = "loss"
-
-
-class Status(str, Enum):
-    PENDING = "pending"
-    MERGED = "merged"
-    FAILED = "failed"
-
-
-class FailureReason(str, Enum):
-    BRANCH_LOST = "branch_lost"
-    INCOMPLETE_BRANCHES = "incomplete_branches"
-    QUORUM_IMPOSSIBLE = "quorum_impossible"
-    QUORUM_NOT_MET_AT_TIMEOUT = "quorum_not_met_at_timeout"
-    ALL_BRANCHES_LOST = "all_branches_lost"
-    BEST_EFFORT_TIMEOUT_NO_ARRIVALS = "best_effort_timeout_no_arrivals"
-    FIRST_TIMEOUT_NO_ARRIVALS = "first_timeout_no_arrivals"
-    SELECT_BRANCH_NOT_ARRIVED = "select_branch_not_arrived"
-    # Resolutions, not policy outcomes: the coalesce task ended (killed, marked by a person, out of
-    # retries, skipped) with the row still undecidable; see :func:`resolve_ended`.
-    COALESCE_TASK_FAILED = "coalesce_task_failed"
-    COALESCE_TASK_SKIPPED = "coalesce_task_skipped"
-    COALESCE_TASK_UPSTREAM_FAILED = "coalesce_task_upstream_failed"
-    COALESCE_TASK_SUCCESS = "coalesce_task_success"
-    COALESCE_TASK_REMOVED = "coalesce_task_removed"
-
-    @property
-    def is_resolution(self) -> bool:
-        return self.value.startswith(COALESCE_TASK_PREFIX)
-
-
-COALESCE_TASK_PREFIX = "coalesce_task_"
-
-
-def coalesce_task_reason(task_state: str) -> FailureReason:
-    """The resolution reason for a coalesce task that ended in ``task_state`` (unknown: failed)."""
-    try:
-        return FailureReason(COALESCE_TASK_PREFIX + task_state)
-    except ValueError:
-        return FailureReason.COALESCE_TASK_FAILED
-
-
-NOT_ARRIVED = "not_arrived"
-LATE_AFTER_MERGE = "late_arrival_after_merge"
-LATE_AFTER_FAILURE = "late_arrival_after_failure"
 
 
 @dataclass(frozen=True)
@@ -91,7 +54,7 @@ class Decision:
     as far as the given log knows them (a branch not arrived at the decision may arrive late later).
     """
 
-    status: Status
+    status: DecisionStatus
     decided_at: datetime | None = None
     consumed: tuple[str, ...] = ()
     arrived: tuple[str, ...] = ()
@@ -103,10 +66,10 @@ class Decision:
 
     @property
     def is_final(self) -> bool:
-        return self.status is not Status.PENDING
+        return self.status is not DecisionStatus.PENDING
 
 
-_PENDING = Decision(status=Status.PENDING)
+_PENDING = Decision(status=DecisionStatus.PENDING)
 
 
 def order_events(config: CoalesceConfig, events: Iterable[BranchEvent]) -> list[BranchEvent]:
@@ -125,63 +88,68 @@ def order_events(config: CoalesceConfig, events: Iterable[BranchEvent]) -> list[
 
 def _resolve(
     config: CoalesceConfig, arrived: list[str], lost: dict[str, str], at_deadline: bool
-) -> tuple[Status, tuple[str, ...], FailureReason | None, dict[str, Any]] | None:
+) -> tuple[DecisionStatus, tuple[str, ...], FailureReason | None, dict[str, Any]] | None:
     """Apply the policy table to the state after one log step; None while pending."""
     n, a, lost_count = len(config.branches), len(arrived), len(lost)
     waiting = _waiting(config, arrived, lost)
     policy = config.policy
     if policy is Policy.REQUIRE_ALL:
         if lost_count:
-            return Status.FAILED, (), FailureReason.BRANCH_LOST, waiting
+            return DecisionStatus.FAILED, (), FailureReason.BRANCH_LOST, waiting
         if a == n:
-            return Status.MERGED, tuple(arrived), None, {}
+            return DecisionStatus.MERGED, tuple(arrived), None, {}
         if at_deadline:
-            return Status.FAILED, (), FailureReason.INCOMPLETE_BRANCHES, waiting
+            return DecisionStatus.FAILED, (), FailureReason.INCOMPLETE_BRANCHES, waiting
         return None
     if policy is Policy.QUORUM:
         need = config.quorum or n
         if a >= need:
-            return Status.MERGED, tuple(arrived[:need]), None, {}
+            return DecisionStatus.MERGED, tuple(arrived[:need]), None, {}
         if n - lost_count < need:
             details = {"need": need, "max_possible": n - lost_count, **waiting}
-            return Status.FAILED, (), FailureReason.QUORUM_IMPOSSIBLE, details
+            return DecisionStatus.FAILED, (), FailureReason.QUORUM_IMPOSSIBLE, details
         if at_deadline:
-            return Status.FAILED, (), FailureReason.QUORUM_NOT_MET_AT_TIMEOUT, {"need": need, **waiting}
+            return (
+                DecisionStatus.FAILED,
+                (),
+                FailureReason.QUORUM_NOT_MET_AT_TIMEOUT,
+                {"need": need, **waiting},
+            )
         return None
     if policy is Policy.BEST_EFFORT:
         if a + lost_count == n or at_deadline:
             if a:
-                return Status.MERGED, tuple(arrived), None, {}
+                return DecisionStatus.MERGED, tuple(arrived), None, {}
             reason = (
                 FailureReason.BEST_EFFORT_TIMEOUT_NO_ARRIVALS
                 if a + lost_count < n
                 else FailureReason.ALL_BRANCHES_LOST
             )
-            return Status.FAILED, (), reason, waiting
+            return DecisionStatus.FAILED, (), reason, waiting
         return None
     # Policy.FIRST
     if a:
-        return Status.MERGED, tuple(arrived[:1]), None, {}
+        return DecisionStatus.MERGED, tuple(arrived[:1]), None, {}
     if lost_count == n:
-        return Status.FAILED, (), FailureReason.ALL_BRANCHES_LOST, waiting
+        return DecisionStatus.FAILED, (), FailureReason.ALL_BRANCHES_LOST, waiting
     if at_deadline:
-        return Status.FAILED, (), FailureReason.FIRST_TIMEOUT_NO_ARRIVALS, waiting
+        return DecisionStatus.FAILED, (), FailureReason.FIRST_TIMEOUT_NO_ARRIVALS, waiting
     return None
 
 
 def _apply_select(
     config: CoalesceConfig,
-    resolved: tuple[Status, tuple[str, ...], FailureReason | None, dict[str, Any]],
+    resolved: tuple[DecisionStatus, tuple[str, ...], FailureReason | None, dict[str, Any]],
     arrived: list[str],
     lost: dict[str, str],
-) -> tuple[Status, tuple[str, ...], FailureReason | None, dict[str, Any]]:
+) -> tuple[DecisionStatus, tuple[str, ...], FailureReason | None, dict[str, Any]]:
     """``select`` never substitutes another branch: a merge without the selected one fails.
 
     The failure keeps what did arrive (and what was lost), like every other failure's details.
     """
     status, consumed, _, _ = resolved
     if (
-        status is Status.MERGED
+        status is DecisionStatus.MERGED
         and config.merge is MergeStrategy.SELECT
         and config.select_branch not in consumed
     ):
@@ -190,7 +158,7 @@ def _apply_select(
             "consumed": list(consumed),
             **_waiting(config, arrived, lost),
         }
-        return Status.FAILED, (), FailureReason.SELECT_BRANCH_NOT_ARRIVED, details
+        return DecisionStatus.FAILED, (), FailureReason.SELECT_BRANCH_NOT_ARRIVED, details
     return resolved
 
 
@@ -244,7 +212,7 @@ def replay(
 
 def _decision(
     config: CoalesceConfig,
-    resolved: tuple[Status, tuple[str, ...], FailureReason | None, dict[str, Any]],
+    resolved: tuple[DecisionStatus, tuple[str, ...], FailureReason | None, dict[str, Any]],
     decided_at: datetime,
     arrived: list[str],
     lost: dict[str, str],
@@ -255,18 +223,17 @@ def _decision(
     """Assemble the decision and classify every branch that did not contribute."""
     status, consumed, reason, details = _apply_select(config, resolved, arrived, lost)
     late = tuple(e.branch for e in after if e.kind is EventKind.ARRIVAL)
-    late_reason = LATE_AFTER_MERGE if status is Status.MERGED else LATE_AFTER_FAILURE
     later_losses = {e.branch: e.reason or "" for e in after if e.kind is EventKind.LOSS}
     missing: dict[str, str] = {}
     for branch in config.branches:
-        if branch in consumed or (status is Status.FAILED and branch in arrived):
+        if branch in consumed or (status is DecisionStatus.FAILED and branch in arrived):
             continue
         if branch in lost:
             missing[branch] = lost[branch]
         elif branch in later_losses:
             missing[branch] = later_losses[branch]
         elif branch in late:
-            missing[branch] = late_reason
+            missing[branch] = late_reason(status)
         else:
             missing[branch] = NOT_ARRIVED
     return Decision(
@@ -296,7 +263,7 @@ def resolve_ended(
     lost = {e.branch: e.reason or "" for e in log if e.kind is EventKind.LOSS}
     missing = {b: lost.get(b, NOT_ARRIVED) for b in config.branches if b not in arrived}
     return Decision(
-        status=Status.FAILED,
+        status=DecisionStatus.FAILED,
         decided_at=at,
         arrived=tuple(arrived),
         failure_reason=coalesce_task_reason(task_state),

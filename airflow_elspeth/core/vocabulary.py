@@ -55,6 +55,14 @@ TERMINAL_NODE_STATUSES = (NodeStatus.COMPLETED, NodeStatus.DROPPED, NodeStatus.F
 ARRIVAL_NODE_STATUSES = (NodeStatus.COMPLETED, NodeStatus.DISCARDED)
 
 
+class NodeType(Word):
+    """What a registered node (``nodes.node_type``) is: a fork, a branch step or a coalesce."""
+
+    FORK = "fork"
+    BRANCH = "branch"
+    COALESCE = "coalesce"
+
+
 class TokenKind(Word):
     SOURCE = "source"
     BRANCH = "branch"
@@ -64,6 +72,8 @@ class TokenKind(Word):
 class TokenOutcome(Word):
     """The terminal outcome of a token."""
 
+    # A source token, once its branch tokens exist.
+    FORKED = "forked"
     # A branch token whose branch no coalesce joins, delivered by its last step (reason ``not_joined``).
     COMPLETED = "completed"
     MERGED = "merged"
@@ -116,6 +126,39 @@ LATE_REASONS = (LATE_AFTER_MERGE, LATE_AFTER_FAILURE)
 NOT_JOINED = "not_joined"
 # A branch task state unknown to the reader (no Airflow states at hand).
 UNKNOWN_TASK_STATE = "none"
+
+
+# ``runs.status_reason`` of an audit run closed ``failed``.
+BAD_ROW_PREFIX = "bad_row: "
+FORK_TASK_PREFIX = "fork_task_"
+FORK_TASK_ENDED = "fork_task_ended"
+
+
+def bad_row_run_reason(problem: str) -> str:
+    """A fork try that met a row it cannot take (no retry: the input is wrong)."""
+    return f"{BAD_ROW_PREFIX}{problem}"
+
+
+def fork_error_run_reason(error: BaseException) -> str:
+    """A fork try that ended with ``error``: its type and first words. ``error:`` for errors (the
+    task may be retried), ``interrupted:`` for what stops a task from outside (SIGTERM, a timeout,
+    KeyboardInterrupt, SystemExit). SQLAlchemy errors are cut before the statement they carry."""
+    kind = "error" if isinstance(error, Exception) else "interrupted"
+    message = " ".join(str(error).split("\n[SQL:", 1)[0].split())
+    if len(message) > 1000:
+        message = message[:1000] + "..."
+    name = type(error).__name__
+    return f"{kind}:{name}: {message}" if message else f"{kind}:{name}"
+
+
+def fork_task_run_reason(task_state: str) -> str:
+    """A run closed by the finalizer because its fork task ended ``task_state`` without completing."""
+    return f"{FORK_TASK_PREFIX}{task_state}"
+
+
+def superseded_try_run_reason(try_number: int) -> str:
+    """A run left open by an earlier fork try, closed when try ``try_number`` began."""
+    return f"{FORK_TASK_ENDED}: try {try_number} started before this try was decided"
 
 
 def coalesce_task_reason(task_state: str) -> FailureReason:

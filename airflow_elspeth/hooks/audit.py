@@ -20,8 +20,7 @@ of URL query parameters, e.g. ``{"sslmode": "require"}``). A plain ``postgres`` 
 
 The Engine itself (per-backend settings, SQLite pragmas, the per-process cache per URL and the
 schema upgrade on first use) comes from ``airflow_elspeth.audit.engine``, which needs no Airflow;
-this module only finds the URL. ``engine_for_url``, ``create_audit_engine``, ``dispose_engine``
-and ``dispose_all_engines`` are re-exported here for existing callers.
+this module only finds the URL.
 
 Connections are looked up through the Task SDK (``BaseHook.get_connection``), i.e. secrets backends,
 environment variables or the API server - never by querying the Airflow metadata database.
@@ -39,11 +38,7 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.pool import NullPool
 
 from airflow_elspeth.audit import migrate
-from airflow_elspeth.audit.engine import SQLITE_BUSY_TIMEOUT_MS as SQLITE_BUSY_TIMEOUT_MS
-from airflow_elspeth.audit.engine import create_audit_engine as create_audit_engine
-from airflow_elspeth.audit.engine import dispose_all_engines as dispose_all_engines
-from airflow_elspeth.audit.engine import dispose_engine as dispose_engine
-from airflow_elspeth.audit.engine import engine_for_url as engine_for_url
+from airflow_elspeth.audit.engine import create_audit_engine, engine_for_url
 
 CONN_TYPE = "elspeth_audit"
 DEFAULT_CONN_ID = "elspeth_audit_default"

@@ -13,13 +13,20 @@ from datetime import datetime
 from typing import Any
 
 from airflow.sdk import BaseOperator, Context
-from airflow.sdk.exceptions import AirflowException, AirflowTaskTerminated, AirflowTaskTimeout
+from airflow.sdk.exceptions import AirflowTaskTerminated, AirflowTaskTimeout
 
 from airflow_elspeth import topology
-from airflow_elspeth.audit.queries import WorkItem, branch_work, decided_in_chunk, decided_rows
-from airflow_elspeth.audit.store import COMPLETED, DISCARDED, DROPPED, FAILED, AuditStore, NodeResult
+from airflow_elspeth.audit.read.work import WorkItem, branch_work, decided_in_chunk, decided_rows
+from airflow_elspeth.audit.store import AuditStore, NodeResult
 from airflow_elspeth.core.canonical import hash_value
-from airflow_elspeth.exceptions import BranchFailureThresholdError, ElspethConfigError
+from airflow_elspeth.core.vocabulary import (
+    TERMINAL_NODE_STATUSES,
+    DecisionStatus,
+    NodeStatus,
+    NodeType,
+    late_reason,
+)
+from airflow_elspeth.exceptions import BranchFailureThresholdError, ElspethConfigError, ForkRunMissing
 from airflow_elspeth.hooks.audit import ElspethAuditHook
 from airflow_elspeth.operators.fork import ForkOperator, fork_ref
 
@@ -163,7 +170,7 @@ class BranchOperator(BaseOperator):
         ti = context["ti"]
         ref = fork_ref(ti, self.fork_task_id)
         if not ref:
-            raise AirflowException(f"fork {self.fork_task_id!r} has no audit run for this DAG run")
+            raise ForkRunMissing(f"fork {self.fork_task_id!r} has no audit run for this DAG run")
         run_id = ref["audit_run_id"]
         store = AuditStore(ElspethAuditHook(audit_conn_id=self.audit_conn_id).get_engine())
         previous = self.previous_step()
@@ -172,7 +179,7 @@ class BranchOperator(BaseOperator):
         store.register_node(
             run_id,
             self.task_id,
-            "branch",
+            NodeType.BRANCH,
             self.branch,
             {
                 "branch": self.branch,
@@ -262,7 +269,7 @@ class BranchOperator(BaseOperator):
             row_id=item.row_id,
             chunk=job.chunk,
             input_hash=item.input_hash,
-            status=FAILED,
+            status=NodeStatus.FAILED,
             started_at=started,
             completed_at=now,
             error={
@@ -283,9 +290,11 @@ class BranchOperator(BaseOperator):
             "input_hash": item.input_hash,
         }
         if item.input_row is None:  # lost at the previous step: stays lost, with the same reason
-            status = item.upstream_status or DROPPED
+            status = item.upstream_status or NodeStatus.DROPPED
             error = (
-                {**(item.upstream_error or {}), "lost_at_previous_step": True} if status == FAILED else None
+                {**(item.upstream_error or {}), "lost_at_previous_step": True}
+                if status == NodeStatus.FAILED
+                else None
             )
             return NodeResult(**base, status=status, started_at=started, completed_at=clock(), error=error)
         attempts = 0
@@ -309,7 +318,7 @@ class BranchOperator(BaseOperator):
                 error = {"type": _type_name(err), "message": _message(err), "attempts": attempts}
                 return NodeResult(
                     **base,
-                    status=FAILED,
+                    status=NodeStatus.FAILED,
                     started_at=started,
                     completed_at=clock(),
                     error=error,
@@ -317,7 +326,7 @@ class BranchOperator(BaseOperator):
                 )
         return NodeResult(
             **base,
-            status=COMPLETED if output is not None else DROPPED,
+            status=NodeStatus.COMPLETED if output is not None else NodeStatus.DROPPED,
             started_at=started,
             completed_at=clock(),
             output_hash=output_hash,
@@ -508,8 +517,8 @@ class _ResultWriter:
             final_step=self.final_step,
         )
         self.buffer, self.buffered = [], set()
-        self.counts.update(r.status for r in results)
-        self.errors.update(str((r.error or {}).get("type")) for r in results if r.status == FAILED)
+        self.counts.update(str(r.status) for r in results)
+        self.errors.update(str((r.error or {}).get("type")) for r in results if r.status == NodeStatus.FAILED)
         if ending and self.aborted:
             self._abort()
             return
@@ -527,8 +536,8 @@ class _ResultWriter:
 
     def _check_threshold(self) -> None:
         task, counts = self.task, self.counts
-        processed = sum(counts[s] for s in (COMPLETED, DROPPED, FAILED, DISCARDED))
-        failed = counts[FAILED]
+        processed = sum(counts[s] for s in TERMINAL_NODE_STATUSES)
+        failed = counts[NodeStatus.FAILED]
         over_count = task.max_failed_rows is not None and failed > task.max_failed_rows
         over_rate = (
             task.max_failed_rate is not None
@@ -552,11 +561,15 @@ class _ResultWriter:
 
 def _discard_if_decided(result: NodeResult, decided: Mapping[str, str]) -> NodeResult:
     """Work on a row decided meanwhile is kept, marked discarded: it can only arrive late."""
-    if result.row_id not in decided or result.status != COMPLETED:
+    if result.row_id not in decided or result.status != NodeStatus.COMPLETED:
         return result
-    late = "late_arrival_after_merge" if decided[result.row_id] == "merged" else "late_arrival_after_failure"
+    late = late_reason(DecisionStatus(decided[result.row_id]))
     return NodeResult(
-        **{**result.__dict__, "status": DISCARDED, "context": {**(result.context or {}), "late": late}}
+        **{
+            **result.__dict__,
+            "status": NodeStatus.DISCARDED,
+            "context": {**(result.context or {}), "late": late},
+        }
     )
 
 

@@ -7,6 +7,7 @@ from typing import Any
 from airflow.sdk import BaseOperator, Context
 
 from airflow_elspeth.audit.store import AuditStore
+from airflow_elspeth.core.vocabulary import fork_task_run_reason
 from airflow_elspeth.hooks.audit import ElspethAuditHook
 from airflow_elspeth.sensors.coalesce import SUMMARY_XCOM_KEY
 
@@ -57,7 +58,7 @@ class CoalesceFinalizer(BaseOperator):
         if fork_state != "success":
             store = AuditStore(ElspethAuditHook(audit_conn_id=self.audit_conn_id).get_engine())
             closed = store.close_stale_runs(
-                ti.dag_id, ti.run_id, self.fork_task_id, reason=f"fork_task_{fork_state}"
+                ti.dag_id, ti.run_id, self.fork_task_id, reason=fork_task_run_reason(fork_state)
             )
             self.log.info(
                 "fork %s ended %s: closed audit runs left running: %s",

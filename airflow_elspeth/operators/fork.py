@@ -10,10 +10,11 @@ from airflow.sdk import BaseOperator, Context, XComArg, conf
 from airflow.sdk.exceptions import AirflowFailException
 
 from airflow_elspeth.audit.dml import batched
-from airflow_elspeth.audit.queries import iter_merged_rows
+from airflow_elspeth.audit.read.rows import iter_merged_rows
 from airflow_elspeth.audit.store import AuditStore, ForkRow, RunIdentity
 from airflow_elspeth.core.canonical import row_key_text
 from airflow_elspeth.core.config import validate_branches
+from airflow_elspeth.core.vocabulary import bad_row_run_reason, fork_error_run_reason
 from airflow_elspeth.exceptions import ElspethConfigError, ForkInputError, PayloadError
 from airflow_elspeth.hooks.audit import ElspethAuditHook
 
@@ -141,13 +142,13 @@ class ForkOperator(BaseOperator):
             )
             store.complete_run(run_id, rows_total=rows_total, chunks_total=chunks_total)
         except ForkInputError as err:
-            if self._close_failed_run(store, run_id, f"bad_row: {err}", err, context, pushed):
+            if self._close_failed_run(store, run_id, bad_row_run_reason(str(err)), err, context, pushed):
                 outcome = f"nothing of audit run {run_id} was kept"
             else:
                 outcome = f"audit run {run_id} could not be marked failed (see the log)"
             raise AirflowFailException(f"{self.task_id}: {err}; {outcome}") from err
         except BaseException as err:  # retried by Airflow (or the task ends): re-raised unchanged
-            self._close_failed_run(store, run_id, failure_reason(err), err, context, pushed)
+            self._close_failed_run(store, run_id, fork_error_run_reason(err), err, context, pushed)
             raise
         self.log.info(
             "Forked %d rows into %d chunks x %d branches (audit run %s)",
@@ -239,21 +240,6 @@ class ForkOperator(BaseOperator):
                 yield ForkRow.from_row(key, index, row, parent)
             except PayloadError as err:
                 raise ForkInputError(str(err)) from err
-
-
-def failure_reason(error: BaseException) -> str:
-    """``runs.status_reason`` of a fork try that ended with ``error``: its type and first words.
-
-    ``error:`` for errors (the task may be retried), ``interrupted:`` for what stops a task from
-    outside (SIGTERM, a timeout, KeyboardInterrupt, SystemExit). SQLAlchemy errors are cut before
-    the statement and parameters they carry.
-    """
-    kind = "error" if isinstance(error, Exception) else "interrupted"
-    message = " ".join(str(error).split("\n[SQL:", 1)[0].split())
-    if len(message) > 1000:
-        message = message[:1000] + "..."
-    name = type(error).__name__
-    return f"{kind}:{name}: {message}" if message else f"{kind}:{name}"
 
 
 def _delete_audit_run_xcom(context: Context, log: Any) -> None:

@@ -1,7 +1,8 @@
 """The Elspeth audit UI: a FastAPI app the Airflow API server mounts at ``/elspeth``.
 
 Server-rendered HTML (Jinja2, autoescaped, no JavaScript) over a JSON API (``/elspeth/api/...``);
-both read the same functions in :mod:`airflow_elspeth.audit.reports`. Read-only: only GET routes.
+both read the same read models (:mod:`airflow_elspeth.audit.read`; the arrival curves through
+:mod:`airflow_elspeth.plugins.series`). Read-only: only GET routes.
 
 Plugin apps are open by default in Airflow 3, so every route declares its access check: the routes
 under ``/dags/{dag_id}/...`` require an authenticated user with read access to that DAG (Airflow's
@@ -37,9 +38,13 @@ from sqlalchemy.engine import URL
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from airflow_elspeth.audit import reports
-from airflow_elspeth.exceptions import NoAuditStore
-from airflow_elspeth.plugins import chart
+from airflow_elspeth.audit.read import decisions, lineage, tasks
+from airflow_elspeth.audit.read.cache import coalesce_ref
+from airflow_elspeth.audit.read.runs import audit_runs, pick_audit_run, recent_runs
+from airflow_elspeth.core import vocabulary
+from airflow_elspeth.core.vocabulary import DecisionStatus, NodeType, ReasonKind
+from airflow_elspeth.exceptions import NoAuditStore, NotFound
+from airflow_elspeth.plugins import chart, series
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +52,8 @@ TEMPLATES = Path(__file__).parent / "templates"
 PAGE_SIZE = 50
 LATE_PAGE_SIZE = 20
 URL_CACHE_SECONDS = 60.0
-DECISIONS = ("failed", "merged", "all")
+ALL_DECISIONS = "all"
+DECISIONS = (DecisionStatus.FAILED.value, DecisionStatus.MERGED.value, ALL_DECISIONS)
 
 # Airflow renders plugin pages in an iframe of its own origin; nothing here runs scripts.
 SECURITY_HEADERS = {
@@ -161,15 +167,15 @@ def fmt_percent(part: float, whole: float) -> str:
 
 
 _SHADES = {
-    "loss": (207, 34, 46, 0.06, 0.34),
-    "late": (212, 167, 44, 0.10, 0.34),
-    "waiting": (87, 96, 106, 0.06, 0.26),
+    ReasonKind.LOSS.value: (207, 34, 46, 0.06, 0.34),
+    ReasonKind.LATE.value: (212, 167, 44, 0.10, 0.34),
+    ReasonKind.WAITING.value: (87, 96, 106, 0.06, 0.26),
 }
 
 
 def shade(kind: str, rows: int, total: int) -> str:
     """Background of a matrix cell: the colour of its kind, stronger with its share of the rows."""
-    red, green, blue, low, span = _SHADES.get(kind, _SHADES["waiting"])
+    red, green, blue, low, span = _SHADES.get(kind, _SHADES[ReasonKind.WAITING.value])
     share = rows / total if total else 0
     return f"rgba({red},{green},{blue},{low + span * min(share, 1):.2f})"
 
@@ -195,11 +201,11 @@ def _environment() -> Environment:
     )
     env.globals.update(
         pct=fmt_percent,
-        reason_text=reports.missing_reason_text,
-        reason_kind=reports.reason_kind,
-        outcome_text=reports.outcome_text,
+        reason_text=vocabulary.missing_reason_text,
+        reason_kind=lambda reason: vocabulary.reason_kind(reason).value,
+        outcome_text=vocabulary.outcome_text,
         shade=shade,
-        failure_text=reports.failure_reason_text,
+        failure_text=vocabulary.failure_reason_text,
     )
     return env
 
@@ -260,8 +266,8 @@ def _blank(value: str | None) -> str | None:
 def _runs_and_selection(
     engine: Engine | None, dag_id: str, run_id: str, audit_run: str | None, coalesce: str | None
 ) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
-    runs = reports.audit_runs(engine, dag_id, run_id) if engine is not None else []
-    selected = reports.pick_audit_run(runs, audit_run_id=audit_run, coalesce=coalesce)
+    runs = audit_runs(engine, dag_id, run_id) if engine is not None else []
+    selected = pick_audit_run(runs, audit_run_id=audit_run, coalesce=coalesce)
     if audit_run and selected is None:
         raise HTTPException(404, f"No audit run {audit_run!r} in DAG run {run_id!r} of {dag_id!r}")
     return runs, selected
@@ -280,13 +286,13 @@ def _require_selected(
 
 def _row_filter(
     decision: str | None, reason: str | None, branch: str | None, branch_reason: str | None
-) -> reports.RowFilter:
-    decision = _blank(decision) or "failed"
+) -> decisions.RowFilter:
+    decision = _blank(decision) or DecisionStatus.FAILED.value
     if decision not in DECISIONS:
         raise HTTPException(400, f"decision must be one of {list(DECISIONS)}, got {decision!r}")
     branch = _blank(branch)
-    return reports.RowFilter(
-        decision=None if decision == "all" else decision,
+    return decisions.RowFilter(
+        decision=None if decision == ALL_DECISIONS else decision,
         reason=_blank(reason),
         branch=branch,
         branch_reason=_blank(branch_reason) if branch is not None else None,
@@ -346,12 +352,12 @@ def build_pages() -> APIRouter:
         }
         if engine is not None and selected is not None and selected["coalesces"]:
             node = coalesce if coalesce in selected["coalesces"] else selected["coalesces"][0]
-            ref = reports.coalesce_ref(engine, selected["audit_run_id"], node)
-            overview = reports.coalesce_overview(engine, selected, node, ref=ref)
+            ref = coalesce_ref(engine, selected["audit_run_id"], node)
+            overview = series.coalesce_page_overview(engine, selected, node, ref=ref)
             if _blank(decision) is None and not overview["rows_failed"]:
                 # Nothing failed: list every decided row rather than an empty list.
-                flt = _row_filter("all", reason, branch, branch_reason)
-            rows = reports.decision_rows(
+                flt = _row_filter(ALL_DECISIONS, reason, branch, branch_reason)
+            rows = decisions.decision_rows(
                 engine,
                 selected["audit_run_id"],
                 node,
@@ -360,13 +366,13 @@ def build_pages() -> APIRouter:
                 offset=(page - 1) * PAGE_SIZE,
                 ref=ref,
             )
-            late = reports.late_arrivals(
+            late = decisions.late_arrivals(
                 engine, selected, node, limit=LATE_PAGE_SIZE, offset=(late_page - 1) * LATE_PAGE_SIZE, ref=ref
             )
             filters = {
                 "audit_run": selected["audit_run_id"],
                 "coalesce": node,
-                "decision": "all" if flt.decision is None else flt.decision,
+                "decision": ALL_DECISIONS if flt.decision is None else flt.decision,
                 "reason": flt.reason,
                 "branch": flt.branch,
                 "branch_reason": flt.branch_reason,
@@ -378,7 +384,7 @@ def build_pages() -> APIRouter:
                 overview=overview,
                 chart=chart.arrivals_chart(overview["arrivals"], overview["branches"], context["colours"]),
                 flt=flt,
-                decision_param="all" if flt.decision is None else flt.decision,
+                decision_param=ALL_DECISIONS if flt.decision is None else flt.decision,
                 rows=rows,
                 page=page,
                 pages=max(1, -(-rows["total"] // PAGE_SIZE)),
@@ -404,8 +410,8 @@ def build_pages() -> APIRouter:
         links = Links(request, dag_id, run_id)
         engine, _, selected = _require_selected(engine, dag_id, run_id, _blank(audit_run))
         try:
-            row = reports.row_view(engine, selected, key)
-        except reports.NotFound as err:
+            row = lineage.row_view(engine, selected, key)
+        except NotFound as err:
             raise HTTPException(404, f"No row {key!r} in audit run {selected['audit_run_id']}") from err
         return _render(
             request,
@@ -433,13 +439,13 @@ def build_pages() -> APIRouter:
     ) -> Response:
         """A task instance's tab: a coalesce or fork opens the run page, a branch step its work."""
         links = Links(request, dag_id, run_id)
-        runs, _ = _runs_and_selection(engine, dag_id, run_id, None, None)
-        view = reports.task_view(engine, runs, task_id, _map_index(map_index)) if engine is not None else None
-        if view is not None and view["kind"] == "coalesce":
+        found, _ = _runs_and_selection(engine, dag_id, run_id, None, None)
+        view = tasks.task_view(engine, found, task_id, _map_index(map_index)) if engine is not None else None
+        if view is not None and view["kind"] == NodeType.COALESCE:
             return RedirectResponse(
                 links.run(audit_run=view["audit_run_id"], coalesce=task_id), status_code=307
             )
-        if view is not None and view["kind"] == "fork":
+        if view is not None and view["kind"] == NodeType.FORK:
             return RedirectResponse(links.run(audit_run=view["audit_run_id"]), status_code=307)
         return _render(
             request,
@@ -450,7 +456,7 @@ def build_pages() -> APIRouter:
                 "task_id": task_id,
                 "links": links,
                 "view": view,
-                "runs": runs,
+                "runs": found,
                 "store_missing": engine is None,
             },
         )
@@ -468,8 +474,8 @@ def build_api() -> APIRouter:
     @router.get("/dags/{dag_id}/runs/{run_id}")
     def api_run(dag_id: str, run_id: str, engine: EngineDep) -> dict[str, Any]:
         """The audit runs of a DAG run (newest try of each fork first), with their coalesces."""
-        runs = reports.audit_runs(engine, dag_id, run_id) if engine is not None else []
-        return {"dag_id": dag_id, "run_id": run_id, "audit_runs": runs}
+        found = audit_runs(engine, dag_id, run_id) if engine is not None else []
+        return {"dag_id": dag_id, "run_id": run_id, "audit_runs": found}
 
     @router.get("/dags/{dag_id}/runs/{run_id}/coalesces/{coalesce}")
     def api_coalesce(
@@ -477,7 +483,7 @@ def build_api() -> APIRouter:
     ) -> dict[str, Any]:
         """Configuration, deadline, counts, failure reasons, missing-branch matrix, arrival curves."""
         engine, _, selected = _require_selected(engine, dag_id, run_id, audit_run, coalesce)
-        return reports.coalesce_overview(engine, selected, coalesce)
+        return series.coalesce_page_overview(engine, selected, coalesce)
 
     @router.get("/dags/{dag_id}/runs/{run_id}/coalesces/{coalesce}/rows")
     def api_rows(
@@ -490,13 +496,13 @@ def build_api() -> APIRouter:
         reason: str | None = None,
         branch: str | None = None,
         branch_reason: str | None = None,
-        limit: Annotated[int, Query(ge=1, le=reports.MAX_PAGE_SIZE)] = PAGE_SIZE,
+        limit: Annotated[int, Query(ge=1, le=decisions.MAX_PAGE_SIZE)] = PAGE_SIZE,
         offset: Annotated[int, Query(ge=0)] = 0,
     ) -> dict[str, Any]:
         """A page of decided rows (default: failed), filtered by reason, missing branch and why."""
         engine, _, selected = _require_selected(engine, dag_id, run_id, audit_run, coalesce)
         flt = _row_filter(decision, reason, branch, branch_reason)
-        return reports.decision_rows(
+        return decisions.decision_rows(
             engine, selected["audit_run_id"], coalesce, flt, limit=limit, offset=offset
         )
 
@@ -507,12 +513,12 @@ def build_api() -> APIRouter:
         coalesce: str,
         engine: EngineDep,
         audit_run: str | None = None,
-        limit: Annotated[int, Query(ge=1, le=reports.MAX_PAGE_SIZE)] = PAGE_SIZE,
+        limit: Annotated[int, Query(ge=1, le=decisions.MAX_PAGE_SIZE)] = PAGE_SIZE,
         offset: Annotated[int, Query(ge=0)] = 0,
     ) -> dict[str, Any]:
         """Arrivals after their row's decision (recorded, never merged)."""
         engine, _, selected = _require_selected(engine, dag_id, run_id, audit_run, coalesce)
-        return reports.late_arrivals(engine, selected, coalesce, limit=limit, offset=offset)
+        return decisions.late_arrivals(engine, selected, coalesce, limit=limit, offset=offset)
 
     @router.get("/dags/{dag_id}/runs/{run_id}/lineage")
     def api_lineage(
@@ -521,8 +527,8 @@ def build_api() -> APIRouter:
         """One row's lineage and decisions, each replayed from its event log."""
         engine, _, selected = _require_selected(engine, dag_id, run_id, audit_run)
         try:
-            return reports.row_view(engine, selected, key)
-        except reports.NotFound as err:
+            return lineage.row_view(engine, selected, key)
+        except NotFound as err:
             raise HTTPException(404, f"No row {key!r} in audit run {selected['audit_run_id']}") from err
 
     @router.get("/dags/{dag_id}/runs/{run_id}/tasks/{task_id}")
@@ -530,10 +536,10 @@ def build_api() -> APIRouter:
         dag_id: str, run_id: str, task_id: str, engine: EngineDep, map_index: str | None = None
     ) -> dict[str, Any]:
         """What a task is in the audit trail and, for a branch step, what it did."""
-        runs = reports.audit_runs(engine, dag_id, run_id) if engine is not None else []
+        found = audit_runs(engine, dag_id, run_id) if engine is not None else []
         if engine is None:
             return {"kind": None, "task_id": task_id, "audit_run_id": None}
-        return reports.task_view(engine, runs, task_id, _map_index(map_index))
+        return tasks.task_view(engine, found, task_id, _map_index(map_index))
 
     return router
 
@@ -597,12 +603,12 @@ def create_app() -> FastAPI:
     def index(request: Request, engine: EngineDep, user: GetUserDep) -> HTMLResponse:
         """Recent audit runs of the DAGs this user may read."""
         readable = get_auth_manager().get_authorized_dag_ids(user=user, method="GET")
-        runs = reports.recent_runs(engine, readable) if engine is not None else []
+        recent = recent_runs(engine, readable) if engine is not None else []
         return _render(
             request,
             "index.html",
             {
-                "runs": runs,
+                "runs": recent,
                 "store_missing": engine is None,
                 "root": request.scope.get("root_path", "").rstrip("/"),
                 "quote": lambda value: quote(value, safe=""),

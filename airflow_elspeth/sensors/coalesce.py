@@ -8,10 +8,11 @@ from typing import Any
 
 from airflow.sdk import BaseOperator, BaseOperatorLink, BaseSensorOperator, Context, conf
 from airflow.sdk.exceptions import (
-    AirflowException,
     AirflowFailException,
     AirflowRescheduleException,
+    AirflowSensorTimeout,
     AirflowSkipException,
+    AirflowTaskTimeout,
 )
 
 from airflow_elspeth.audit.coalesce import (
@@ -21,16 +22,28 @@ from airflow_elspeth.audit.coalesce import (
     supersede_resolutions,
 )
 from airflow_elspeth.audit.dml import TRANSIENT_ERROR_GRACE, TRANSIENT_ERRORS
-from airflow_elspeth.audit.queries import coalesce_summary
+from airflow_elspeth.audit.read.decisions import coalesce_summary
 from airflow_elspeth.audit.store import AuditStore
 from airflow_elspeth.core.config import MergeStrategy, Policy, coalesce_config
-from airflow_elspeth.exceptions import ElspethConfigError, TopologyError
+from airflow_elspeth.core.vocabulary import NodeType
+from airflow_elspeth.exceptions import (
+    AuditStoreUnreachable,
+    ElspethConfigError,
+    ForkRunMissing,
+    TopologyError,
+)
 from airflow_elspeth.hooks.audit import ElspethAuditHook
 from airflow_elspeth.operators.fork import ForkOperator, fork_ref
 from airflow_elspeth.topology import delivering_steps
 
 SUMMARY_XCOM_KEY = "coalesce_summary"
-ON_FAILURE_CHOICES = ("fail", "skip")
+# Parameters of earlier releases: passing one is an error that says what replaced it.
+REMOVED_PARAMETERS = {
+    "on_failure": (
+        "use soft_fail=True (Airflow's sensor parameter) to end the coalesce skipped instead of failed "
+        "when more rows fail than tolerated; soft_fail=False, the default, fails it"
+    ),
+}
 # Margin between our own deadline and Airflow's sensor timeout, so the framework never ends the task
 # before it has written its decisions (a framework timeout writes nothing).
 FRAMEWORK_TIMEOUT_MARGIN = timedelta(minutes=10)
@@ -77,12 +90,21 @@ class CoalesceSensor(BaseSensorOperator):
     :param merge: ``union`` (fields overlaid in branch order, later wins, collisions recorded),
         ``nested`` (``{branch: output}``) or ``select`` (the output of ``select_branch`` only).
     :param select_branch: the branch whose output ``merge="select"`` keeps (never substituted).
-    :param timeout: time after the fork completed at which undecided rows are decided (finite).
+    :param timeout: the per-row deadline: how long after the fork completed a row may stay undecided;
+        at ``fork completion + timeout`` every undecided row is decided by its policy (finite).
+        Not ``BaseSensorOperator.timeout``: that one counts from the sensor's first poke and ends the
+        task without writing anything, so the sensor sets it itself to ``fork_wait_timeout + timeout``
+        plus a 10-minute margin (it never fires before our deadline has decided every row).
     :param branches: the branches to join; default all of the fork's.
     :param tolerated_failures: failed rows allowed before the task fails (default 0).
     :param tolerated_failure_rate: fraction of failed rows allowed before the task fails.
-    :param on_failure: ``"fail"`` (``AirflowFailException``, no retry: the decisions are final) or
-        ``"skip"`` (the task is skipped) when failed rows exceed the tolerance.
+    :param soft_fail: Airflow's meaning: end skipped instead of failed. When failed rows exceed the
+        tolerance the task fails (``AirflowFailException``, no retry: the decisions are final) or,
+        with ``soft_fail=True``, is skipped; either way every decision is recorded first and the
+        summary pushed. The sensor's own failures that Airflow's sensors soft-fail (the fork ended
+        without an audit run, an invalid structure, Airflow's sensor timeout) skip it too, in every
+        mode; its finalizer then closes the rows left open as ``coalesce_task_skipped``. An
+        unreachable audit store still fails the try, so that Airflow retries it.
     :param fork_wait_timeout: how long the sensor may wait for the fork to complete; Airflow's own
         sensor timeout is ``fork_wait_timeout + timeout`` plus a margin, so it never fires first.
     :param deferrable: wait in the triggerer instead of a worker slot; default
@@ -106,7 +128,7 @@ class CoalesceSensor(BaseSensorOperator):
         branches: Sequence[str] | None = None,
         tolerated_failures: int = 0,
         tolerated_failure_rate: float | None = None,
-        on_failure: str = "fail",
+        soft_fail: bool = False,
         fork_wait_timeout: timedelta = timedelta(hours=6),
         deferrable: bool | None = None,
         audit_conn_id: str | None = None,
@@ -114,6 +136,9 @@ class CoalesceSensor(BaseSensorOperator):
     ) -> None:
         if not isinstance(fork, ForkOperator):
             raise ElspethConfigError(f"fork must be a ForkOperator, got {type(fork).__name__}")
+        for name, instead in REMOVED_PARAMETERS.items():
+            if name in kwargs:
+                raise ElspethConfigError(f"{name} was removed (got {name}={kwargs[name]!r}): {instead}")
         config = coalesce_config(
             branches=list(branches) if branches is not None else fork.branches,
             fork_branches=fork.branches,
@@ -137,8 +162,6 @@ class CoalesceSensor(BaseSensorOperator):
             raise ElspethConfigError(
                 f"tolerated_failure_rate must be in [0, 1], got {tolerated_failure_rate!r}"
             )
-        if on_failure not in ON_FAILURE_CHOICES:
-            raise ElspethConfigError(f"on_failure must be one of {ON_FAILURE_CHOICES}, got {on_failure!r}")
         if not isinstance(fork_wait_timeout, timedelta) or fork_wait_timeout < timedelta(0):
             raise ElspethConfigError(f"fork_wait_timeout must be a timedelta >= 0, got {fork_wait_timeout!r}")
         try:
@@ -155,12 +178,11 @@ class CoalesceSensor(BaseSensorOperator):
         kwargs.setdefault("retries", DEFAULT_RETRIES)
         kwargs.setdefault("retry_delay", DEFAULT_RETRY_DELAY)
         task_id = kwargs.get("task_id")
-        super().__init__(timeout=framework_timeout, **kwargs)
+        super().__init__(timeout=framework_timeout, soft_fail=soft_fail, **kwargs)
         self.fork_task_id = fork.task_id
         self.coalesce = config
         self.tolerated_failures = tolerated_failures
         self.tolerated_failure_rate = tolerated_failure_rate
-        self.on_failure = on_failure
         self.deferrable = (
             deferrable
             if deferrable is not None
@@ -259,7 +281,7 @@ class CoalesceSensor(BaseSensorOperator):
         """
         spec = self.spec()
         store = self._store()
-        store.register_node(run_id, self.task_id, "coalesce", None, spec.as_dict())
+        store.register_node(run_id, self.task_id, NodeType.COALESCE, None, spec.as_dict())
         reopened = supersede_resolutions(store, spec, run_id, before=_try_start(context))
         if reopened:
             self.log.info("%s: reopened %d rows resolved when an earlier try ended", self.task_id, reopened)
@@ -281,7 +303,7 @@ class CoalesceSensor(BaseSensorOperator):
         except TRANSIENT_ERRORS as err:
             give_up_at = _transient_horizon(self.coalesce.timeout, context)
             if datetime.now(timezone.utc) >= give_up_at:
-                raise AirflowException(
+                raise AuditStoreUnreachable(
                     f"{self.task_id}: the audit store is still unreachable "
                     f"({type(err).__name__}: {err}); failing this try so that Airflow retries it"
                 ) from err
@@ -315,7 +337,7 @@ class CoalesceSensor(BaseSensorOperator):
         spec = self.spec()
         store = self._store()
         run_id = ref["audit_run_id"]
-        store.register_node(run_id, self.task_id, "coalesce", None, spec.as_dict())
+        store.register_node(run_id, self.task_id, NodeType.COALESCE, None, spec.as_dict())
         states = self._task_states(context, list(spec.delivering.values()))
         result = coalesce_pass(store, spec, run_id, states, ended_state=ended_state)
         summary = coalesce_summary(store.engine, spec, run_id)
@@ -327,7 +349,14 @@ class CoalesceSensor(BaseSensorOperator):
 
     def execute(self, context: Context) -> Any:
         if self.deferrable:
-            return self._defer_or_finish(context)
+            # BaseSensorOperator soft-fails these when poke raises them, and when a resumed deferral
+            # raises any AirflowException (resume_execution); this first pass runs outside both.
+            try:
+                return self._defer_or_finish(context)
+            except (AirflowSensorTimeout, AirflowTaskTimeout, AirflowFailException) as err:
+                if self._skips_on_failure():
+                    raise AirflowSkipException(f"{err} {self._skip_note()}") from err
+                raise
         super().execute(context)
         return self.report(context)
 
@@ -406,7 +435,7 @@ class CoalesceSensor(BaseSensorOperator):
             ref = self._current_fork_ref(context)
             if ref is not None and self.decide(context, ref["audit_run_id"]):
                 return self.report(context)
-            raise AirflowException(
+            raise AuditStoreUnreachable(
                 f"{self.task_id}: the coalesce trigger could not poll the audit store "
                 f"({event.get('message')}); check that the triggerer reaches the audit connection"
             )
@@ -415,21 +444,28 @@ class CoalesceSensor(BaseSensorOperator):
     # -- reporting ----------------------------------------------------------------------------------
 
     def report(self, context: Context) -> dict[str, Any]:
-        """Push ``coalesce_summary``; fail (or skip) when failed rows exceed the tolerance."""
+        """Push ``coalesce_summary``; fail (skip with ``soft_fail``) when failed rows exceed the tolerance."""
         ti = context["ti"]
         ref = self._fork_ref(context)
         if ref is None:
-            raise AirflowException(f"{self.task_id}: report needs the fork's audit run")
+            raise ForkRunMissing(f"{self.task_id}: report needs the fork's audit run")
         summary = coalesce_summary(self._store().engine, self.spec(), ref["audit_run_id"])
         summary["tolerated_failures"] = self.tolerated_failures
         summary["tolerated_failure_rate"] = self.tolerated_failure_rate
         ti.xcom_push(key=SUMMARY_XCOM_KEY, value=summary)
         if not self.within_tolerance(summary):
             message = failure_message(summary)
-            if self.on_failure == "skip":
-                raise AirflowSkipException(message)
+            if self._skips_on_failure():
+                raise AirflowSkipException(f"{message} {self._skip_note()}")
             raise AirflowFailException(message)
         return summary
+
+    def _skips_on_failure(self) -> bool:
+        """Airflow's soft_fail (or never_fail): end skipped where the sensor would fail."""
+        return bool(self.soft_fail or self.never_fail)
+
+    def _skip_note(self) -> str:
+        return f"Skipped instead of failed ({'soft_fail' if self.soft_fail else 'never_fail'}=True)."
 
     def within_tolerance(self, summary: dict[str, Any]) -> bool:
         failed, total = summary["rows_failed"], summary["rows_total"]
@@ -444,24 +480,9 @@ class CoalesceSensor(BaseSensorOperator):
 
 def failure_message(summary: dict[str, Any]) -> str:
     """The one-paragraph answer to "why did the coalesce fail": policy, counts, missing branches."""
-    policy = summary["policy"] + (f"(quorum={summary['quorum']})" if summary.get("quorum") else "")
-    reasons = ", ".join(f"{reason}={n}" for reason, n in summary["failure_reasons"].items())
-    missing = "; ".join(
-        f"{branch}: " + ", ".join(f"{reason} x{n}" for reason, n in info["reasons"].items())
-        for branch, info in summary["missing_branches"].items()
-    )
-    return (
-        f"coalesce {summary['coalesce']!r} ({policy}, merge={summary['merge']}): "
-        f"{summary['rows_failed']} of {summary['rows_total']} rows failed "
-        f"(tolerated: {summary['tolerated_failures']}"
-        + (
-            f" or rate {summary['tolerated_failure_rate']}"
-            if summary.get("tolerated_failure_rate") is not None
-            else ""
-        )
-        + f"). Failure reasons: {reasons or 'none'}. Missing branches: {missing or 'none'}. "
-        f"Audit run {summary['audit_run_id']}."
-    )
+    from airflow_elspeth.audit.read.decisions import failure_message as summary_failure_message
+
+    return summary_failure_message(summary)
 
 
 def _try_start(context: Context) -> datetime:

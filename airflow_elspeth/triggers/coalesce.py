@@ -11,21 +11,11 @@ from typing import Any
 
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 from asgiref.sync import sync_to_async
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine
 
-from airflow_elspeth.audit import schema as t
-from airflow_elspeth.audit.coalesce import (
-    ENDED_TASK_STATES,
-    WHOLE_TASK,
-    CoalesceSpec,
-    RunInfo,
-    chunk_signatures,
-    deadline_of,
-    decide_chunk,
-    load_run,
-    task_loss_rows,
-)
-from airflow_elspeth.audit.dml import TRANSIENT_ERROR_GRACE, db_now
+from airflow_elspeth.audit.coalesce import ENDED_TASK_STATES, CoalesceSpec, waiting_poll
+from airflow_elspeth.audit.dml import TRANSIENT_ERROR_GRACE
+from airflow_elspeth.audit.read.runs import newest_completed_run
 
 # A failed poll (audit DB or Task SDK unreachable) is "not yet": polls back off up to this long, and
 # the task is told only once the failures outlast the deadline (or, before the deadline is known,
@@ -185,7 +175,9 @@ class CoalesceTrigger(BaseTrigger):
         state = (await self.states_of([self.fork_task_id])).get(self.fork_task_id)
         if state == "success":
             # The fork's XCom is this try's now; its newest audit run is the one it pushed.
-            found = await sync_to_async(self.newest_fork_run, thread_sensitive=False)()
+            found = await sync_to_async(newest_completed_run, thread_sensitive=False)(
+                self.engine(), self.dag_id, self.airflow_run_id, self.fork_task_id
+            )
             if found is None:
                 return PollResult("fork succeeded without an audit run")
             self.log.info("fork %s completed: waiting on audit run %s", self.fork_task_id, found)
@@ -194,21 +186,6 @@ class CoalesceTrigger(BaseTrigger):
         if state in ENDED_TASK_STATES:
             return PollResult(f"fork {self.fork_task_id} ended {state}")
         return PollResult(None)
-
-    def newest_fork_run(self) -> str | None:
-        r = t.runs.c
-        with self.engine().connect() as conn:
-            return conn.execute(
-                select(r.run_id)
-                .where(
-                    r.dag_id == self.dag_id,
-                    r.airflow_run_id == self.airflow_run_id,
-                    r.fork_task_id == self.fork_task_id,
-                    r.status == "completed",
-                )
-                .order_by(r.try_number.desc())
-                .limit(1)
-            ).scalar()
 
     async def task_states(self, spec: CoalesceSpec) -> dict[str, str]:
         """States of the branch steps that deliver arrivals."""
@@ -237,73 +214,17 @@ class CoalesceTrigger(BaseTrigger):
         return self._engine
 
     def poll(self, spec: CoalesceSpec, task_states: Mapping[str, str]) -> PollResult:
-        """One read-only look at the audit store (runs in a worker thread)."""
+        """One read-only look at the audit store (runs in a worker thread): the coalesce's
+        :func:`~airflow_elspeth.audit.coalesce.waiting_poll`, then how long to sleep at most."""
         if self.run_id is None:
             raise ValueError("poll needs the audit run (wait_for_fork finds it first)")
-        with self.engine().connect() as conn:
-            run = load_run(conn, self.run_id)
-            if run is None:
-                return PollResult("audit run missing")
-            if run.completed_at is None:
-                return PollResult("fork not completed")  # the task reschedules until it is
-            now = db_now(conn)  # the clock the pass decides by
-            deadline = self._deadline = deadline_of(run, spec.config)
-            signatures = chunk_signatures(conn, spec, run, now, task_states)
-            undecided = {
-                chunk for chunk, (_, decided, _) in signatures.items() if decided < run.chunk_rows(chunk)
-            }
-            if not undecided:
-                return PollResult("every row decided")
-            ended = _unrecorded_task_ends(conn, spec, run, task_states, undecided)
-            if ended:
-                return PollResult(f"branch task ended: {ended}")
-            changed = [
-                chunk
-                for chunk in sorted(undecided)
-                if signatures[chunk][0] != signatures[chunk][2]
-                and signatures[chunk][0] != self._undecidable.get(chunk)
-            ]
-            for chunk in changed:
-                if decide_chunk(conn, spec, run, chunk, task_states=task_states, now=now):
-                    return PollResult(f"rows to decide in chunk {chunk}")
-                self._undecidable[chunk] = signatures[chunk][0]
+        found = waiting_poll(self.engine(), spec, self.run_id, task_states, self._undecidable)
+        if found.deadline is not None:
+            self._deadline = found.deadline
+        if found.reason is not None or found.deadline is None or found.now is None:
+            return PollResult(found.reason)
         # Wake up at the deadline (just after it, by the clock the pass decides by) at the latest.
-        remaining = (deadline - now).total_seconds()
+        remaining = (found.deadline - found.now).total_seconds()
         if remaining <= 0:
             return PollResult(None)
         return PollResult(None, sleep_at_most=max(remaining + DEADLINE_MARGIN_SECONDS, MIN_SLEEP_SECONDS))
-
-
-def _unrecorded_task_ends(
-    conn: Any, spec: CoalesceSpec, run: RunInfo, task_states: Mapping[str, str], undecided: set[int]
-) -> list[str]:
-    """Ended branch tasks the sensor has not recorded that still owe tokens to an undecided chunk."""
-    ended = task_loss_rows(spec, run.chunks_total, task_states)
-    if not ended:
-        return []
-    tl, cp = t.branch_task_losses.c, t.chunk_progress.c
-    recorded = {
-        (node, chunk)
-        for node, chunk in conn.execute(select(tl.node_id, tl.chunk).where(tl.run_id == run.run_id))
-    }
-    nodes = list(spec.delivering.values())
-    delivered = {
-        (node, chunk): (done, total)
-        for node, chunk, done, total in conn.execute(
-            select(cp.node_id, cp.chunk, cp.rows_done, cp.rows_total).where(
-                cp.run_id == run.run_id, cp.node_id.in_(nodes)
-            )
-        )
-    }
-    owing = []
-    for row in ended:
-        node, chunk = row["node_id"], row["chunk"]
-        chunks = undecided if chunk == WHOLE_TASK else undecided & {chunk}
-        for c in sorted(chunks):
-            if (node, c) in recorded or (node, WHOLE_TASK) in recorded:
-                continue  # the sensor has recorded this end for that chunk
-            done, total = delivered.get((node, c), (0, None))
-            if total is None or done < total:
-                owing.append(f"{node}={row['task_state']}")
-                break
-    return owing

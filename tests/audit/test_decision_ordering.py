@@ -14,10 +14,12 @@ import threading
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from typing import Any
+from unittest import mock
 
 import pytest
 from sqlalchemy import Engine, event, select
 
+from airflow_elspeth.audit import coalesce as coalesce_module
 from airflow_elspeth.audit import schema as t
 from airflow_elspeth.audit.coalesce import (
     CoalesceSpec,
@@ -26,11 +28,11 @@ from airflow_elspeth.audit.coalesce import (
     read_chunk_log,
     row_events,
     supersede_resolutions,
+    waiting_poll,
 )
 from airflow_elspeth.audit.dml import db_now
 from airflow_elspeth.audit.engine import create_audit_engine
 from airflow_elspeth.audit.store import (
-    COMPLETED,
     AuditStore,
     ForkRow,
     NodeResult,
@@ -40,6 +42,7 @@ from airflow_elspeth.audit.store import (
 from airflow_elspeth.core.canonical import derive_id, hash_value
 from airflow_elspeth.core.config import coalesce_config
 from airflow_elspeth.core.policy import replay
+from airflow_elspeth.core.vocabulary import NodeStatus
 
 BRANCHES = ("a", "b")
 STEPS = {"a": "ask_a", "b": "ask_b"}
@@ -78,7 +81,7 @@ def arrivals(run_id: str, branch: str, rows: range) -> list[NodeResult]:
                 token_id=branch_token_id(run_id, row_id, branch),
                 row_id=row_id,
                 chunk=0,
-                status=COMPLETED,
+                status=NodeStatus.COMPLETED,
                 started_at=now,
                 completed_at=now,
                 output_hash=digest,
@@ -345,3 +348,35 @@ def test_a_resolution_never_overrides_what_the_policy_can_decide(audit_engine: E
     assert stored["k0"]["decision"] == "merged"
     assert {stored[k]["failure_reason"] for k in ("k1", "k2")} == {"first_timeout_no_arrivals"}
     assert_decisions_replay(audit_engine, coalesce, run_id)
+
+
+def test_the_waiting_poll_says_when_a_pass_would_do_something(audit_engine: Engine) -> None:
+    """``waiting_poll`` (the trigger's poll, what the benchmarks time) agrees with the pass it stands
+    for: progress that decides nothing does not wake it, and is not replayed again until it changes."""
+    store = AuditStore(audit_engine)
+    coalesce = spec(timeout=600.0)
+    run_id = fork(store)
+    running = {"ask_a": "running", "ask_b": "running"}
+    undecidable: dict[int, str] = {}
+    assert waiting_poll(audit_engine, coalesce, run_id, running, undecidable).reason is None
+    coalesce_pass(store, coalesce, run_id, running)  # the sensor's first pass: nothing to decide
+
+    deliver(store, run_id, "a", range(3))  # require_all: one branch decides nothing
+    found = waiting_poll(audit_engine, coalesce, run_id, running, undecidable)
+    assert found.reason is None and found.deadline is not None and found.now is not None
+    assert undecidable  # replayed once and remembered ...
+    with mock.patch.object(coalesce_module, "decide_chunk", wraps=coalesce_module.decide_chunk) as replays:
+        assert waiting_poll(audit_engine, coalesce, run_id, running, undecidable).reason is None
+    assert replays.call_count == 0  # ... so not replayed while nothing changed
+
+    deliver(store, run_id, "b", range(1))  # k0 can merge now
+    assert (
+        waiting_poll(audit_engine, coalesce, run_id, running, undecidable).reason
+        == "rows to decide in chunk 0"
+    )
+    # b's task ended owing k1 and k2: only a pass records that loss, so the poll wakes the task.
+    ended = {"ask_a": "success", "ask_b": "failed"}
+    assert waiting_poll(audit_engine, coalesce, run_id, ended).reason == "branch task ended: ['ask_b=failed']"
+    assert coalesce_pass(store, coalesce, run_id, ended).done
+    assert waiting_poll(audit_engine, coalesce, run_id, ended).reason == "every row decided"
+    assert waiting_poll(audit_engine, coalesce, "no-such-run", ended).reason == "audit run missing"

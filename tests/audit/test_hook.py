@@ -13,13 +13,8 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.pool import NullPool
 
 from airflow_elspeth.audit import migrate
-from airflow_elspeth.hooks.audit import (
-    ElspethAuditHook,
-    create_audit_engine,
-    dispose_all_engines,
-    engine_for_url,
-    url_from_connection,
-)
+from airflow_elspeth.audit.engine import create_audit_engine, dispose_all_engines, engine_for_url
+from airflow_elspeth.hooks.audit import ElspethAuditHook, url_from_connection
 
 
 def _set_connection(monkeypatch: pytest.MonkeyPatch, conn_id: str, **fields: Any) -> None:

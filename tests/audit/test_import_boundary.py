@@ -61,6 +61,20 @@ def test_core_and_every_audit_module_import_without_airflow(tmp_path: Path) -> N
     )
     assert "airflow_elspeth.audit.engine" in report["imported"]
     assert "airflow_elspeth.core.policy" in report["imported"]
+    assert "airflow_elspeth.core.vocabulary" in report["imported"]
+    for read_model in (
+        "cache",
+        "decisions",
+        "limbo",
+        "lineage",
+        "rows",
+        "runs",
+        "sql",
+        "tasks",
+        "verify",
+        "work",
+    ):
+        assert f"airflow_elspeth.audit.read.{read_model}" in report["imported"]
     assert report["airflow"] == [], "airflow_elspeth.core / .audit imported Airflow"
 
 
@@ -70,9 +84,12 @@ def test_core_and_every_audit_module_import_without_airflow(tmp_path: Path) -> N
         ["--help"],
         ["--url", "{url}", "report"],
         ["--url", "{url}", "verify", "--no-airflow-states"],
+        # Airflow states by default, but no audit run to look them up for: Airflow stays unimported.
+        ["--url", "{url}", "verify"],
+        ["--url", "{url}", "explain", "no-such-row"],
         ["--url", "{url}", "db", "upgrade"],
     ],
-    ids=["help", "report", "verify", "db-upgrade"],
+    ids=["help", "report", "verify", "verify-nothing-to-look-up", "explain", "db-upgrade"],
 )
 def test_cli_with_url_runs_without_airflow(tmp_path: Path, args: list[str]) -> None:
     url = f"sqlite:///{tmp_path / 'audit.db'}"
@@ -85,12 +102,13 @@ def test_cli_with_url_runs_without_airflow(tmp_path: Path, args: list[str]) -> N
             try:
                 runpy.run_module("airflow_elspeth.cli", run_name="__main__")  # python -m
             except SystemExit as exit:
-                if exit.code not in (0, None):
+                if exit.code not in (0, None) and "explain" not in sys.argv:  # no such row: exit 1
                     raise
             """
         ),
         tmp_path,
     )
-    assert "airflow_elspeth.audit.queries" in report["imported"]  # the CLI did load
+    assert "airflow_elspeth.audit.read.verify" in report["imported"]  # the CLI did load
+    assert "airflow_elspeth.airflow_states" not in report["imported"]
     assert report["airflow"] == [], f"airflow-elspeth {' '.join(args)} imported Airflow"
     assert report["logging_level_set"] is False  # no os.environ mutation on import

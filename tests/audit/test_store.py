@@ -13,9 +13,8 @@ from sqlalchemy import Engine, func, insert, select
 from sqlalchemy.exc import IntegrityError
 
 from airflow_elspeth.audit import schema as t
-from airflow_elspeth.audit.queries import iter_source_rows
+from airflow_elspeth.audit.read.rows import iter_source_rows
 from airflow_elspeth.audit.store import (
-    COMPLETED,
     AuditStore,
     ForkRow,
     RunIdentity,
@@ -23,6 +22,7 @@ from airflow_elspeth.audit.store import (
     outcome_row,
 )
 from airflow_elspeth.core.canonical import derive_id
+from airflow_elspeth.core.vocabulary import NodeStatus
 from airflow_elspeth.exceptions import PayloadError
 
 BRANCHES = ["left", "right"]
@@ -114,7 +114,7 @@ def test_one_decision_per_row_and_one_state_per_attempt_are_enforced(audit_engin
         "run_id": "run",
         "node_id": "node",
         "attempt": 1,
-        "status": COMPLETED,
+        "status": NodeStatus.COMPLETED,
         "started_at": now,
         "recorded_at": now,
         "row_id": "row",

@@ -19,17 +19,17 @@ import pytest
 from click.testing import CliRunner, Result
 from sqlalchemy import Engine, Table, insert, update
 
-from airflow_elspeth import cli
+from airflow_elspeth import airflow_states, cli
 from airflow_elspeth.audit import schema as t
 from airflow_elspeth.audit.coalesce import CoalesceSpec
-from airflow_elspeth.audit.queries import (
+from airflow_elspeth.audit.read.decisions import coalesce_summary
+from airflow_elspeth.audit.read.limbo import (
     ROWS_UNDECIDED,
     RUN_NOT_CLOSED,
     TOKENS_WITHOUT_OUTCOME,
-    coalesce_summary,
     limbo_findings,
-    spec_of_node,
 )
+from airflow_elspeth.audit.read.runs import coalesce_spec
 from airflow_elspeth.core.config import coalesce_config
 
 BRANCHES = ("a", "b")
@@ -404,7 +404,7 @@ def test_rows_undecided_past_the_deadline_and_grace(
     # Its tokens are not judged while rows wait for a decision (nothing says the coalesce ended).
     assert not [f for f in out["findings"] if f["check"] == TOKENS_WITHOUT_OUTCOME]
 
-    summary = coalesce_summary(audit_engine, spec_of_node(audit_engine, late, "join"), late)
+    summary = coalesce_summary(audit_engine, coalesce_spec(audit_engine, late, "join"), late)
     assert (summary["rows_merged"], summary["rows_failed"], summary["rows_undecided"]) == (2, 0, 28)
 
 
@@ -496,7 +496,7 @@ def test_superseded_decisions_do_not_count_as_decided(
     assert result.exit_code == 1
     assert checks(out["findings"]) == [(run, ROWS_UNDECIDED)]
     assert out["findings"][0]["count"] == 1 and out["findings"][0]["examples"] == [Trail.key(2)]
-    summary = coalesce_summary(audit_engine, spec_of_node(audit_engine, run, "join"), run)
+    summary = coalesce_summary(audit_engine, coalesce_spec(audit_engine, run, "join"), run)
     assert summary["rows_undecided"] == 1 and summary["rows_failed"] == 0
 
     # Once the coalesce ended again, the superseded outcomes are no terminal outcomes either.
@@ -551,7 +551,7 @@ def test_cli_reads_task_states_from_airflow_when_it_can(
 ) -> None:
     run = trail.run(status="running", rows=2)
     url = fake_metadata_db(tmp_path / "airflow.db", {"fork": "failed"})
-    monkeypatch.setattr(cli, "_airflow_metadata_url", lambda: url)
+    monkeypatch.setattr(airflow_states, "_airflow_metadata_url", lambda: url)
     result, out = verify(audit_url)
     assert result.exit_code == 1
     assert out["airflow_states"]["used"] is True and "1 task instances" in out["airflow_states"]["detail"]
@@ -566,7 +566,7 @@ def test_cli_says_when_airflow_states_are_unavailable(
     audit_url: str, trail: Trail, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     clean_run(trail)
-    monkeypatch.setattr(cli, "_airflow_metadata_url", lambda: f"sqlite:///{tmp_path / 'none.db'}")
+    monkeypatch.setattr(airflow_states, "_airflow_metadata_url", lambda: f"sqlite:///{tmp_path / 'none.db'}")
     result, out = verify(audit_url)
     assert result.exit_code == 0
     assert out["airflow_states"]["used"] is False
@@ -584,9 +584,13 @@ def _runs(engine: Engine) -> list[Any]:
 
 
 def test_ui_reports_show_undecided_resolutions_and_superseded(audit_engine: Engine, trail: Trail) -> None:
-    from airflow_elspeth.audit import reports
+    from airflow_elspeth.audit.read.cache import clear_cache
+    from airflow_elspeth.audit.read.decisions import coalesce_overview
+    from airflow_elspeth.audit.read.lineage import row_view
+    from airflow_elspeth.audit.read.runs import audit_runs, pick_audit_run, recent_runs
+    from airflow_elspeth.core.vocabulary import failure_reason_text
 
-    reports.clear_cache()
+    clear_cache()
     run = trail.run(rows=4)
     trail.coalesce(run)
     trail.merge(run, 0)
@@ -595,17 +599,17 @@ def test_ui_reports_show_undecided_resolutions_and_superseded(audit_engine: Engi
     trail.resolve(run, 2)
     trail.supersede(run, 2)
     counts = {"join": {"merged": 1, "failed": 1, "undecided": 2}}
-    assert reports.recent_runs(audit_engine, None)[0]["decisions"] == counts
-    audit_run = reports.pick_audit_run(reports.audit_runs(audit_engine, "d", "r"))
+    assert recent_runs(audit_engine, None)[0]["decisions"] == counts
+    audit_run = pick_audit_run(audit_runs(audit_engine, "d", "r"))
     assert audit_run is not None and audit_run["decisions"] == counts
-    overview = reports.coalesce_overview(audit_engine, audit_run, "join")
+    overview = coalesce_overview(audit_engine, audit_run, "join")
     assert (overview["rows_merged"], overview["rows_failed"], overview["rows_undecided"]) == (1, 1, 2)
 
-    resolved = reports.row_view(audit_engine, audit_run, Trail.key(1))["decisions"][0]
+    resolved = row_view(audit_engine, audit_run, Trail.key(1))["decisions"][0]
     assert resolved["replay"]["resolution"] is True and resolved["replay"]["undecidable_then"] is True
     assert resolved["explanation"].startswith("Resolved when the coalesce task ended failed")
-    assert "not the policy" in reports.failure_reason_text("coalesce_task_failed")
+    assert "not the policy" in failure_reason_text("coalesce_task_failed")
 
-    reopened = reports.row_view(audit_engine, audit_run, Trail.key(2))
+    reopened = row_view(audit_engine, audit_run, Trail.key(2))
     assert reopened["decisions"] == [] and len(reopened["superseded_decisions"]) == 1
     assert all(b["outcome"] is None and len(b["superseded_outcomes"]) == 1 for b in reopened["branches"])

@@ -14,6 +14,7 @@ from unittest import mock
 import pytest
 from sqlalchemy import Engine
 
+from airflow_elspeth.audit import coalesce as pass_module
 from airflow_elspeth.audit.coalesce import CoalesceSpec, coalesce_pass
 from airflow_elspeth.audit.store import (
     COMPLETED,
@@ -31,6 +32,10 @@ from airflow_elspeth.triggers.coalesce import CoalesceTrigger
 DAG_ID, AIRFLOW_RUN = "dag", "manual__1"
 BRANCHES = ["left", "right"]
 ROWS = 6
+# The longest a test waits for an event it expects (it returns as soon as the event comes): generous,
+# so that a slow or loaded machine only makes the test slower. Windows in which nothing may happen
+# stay short: a slow machine cannot produce an event that should not exist.
+EVENT_WAIT = 120.0
 
 
 def make_spec(policy: str = "require_all", timeout: float = 600.0, *, mapped: bool = False) -> CoalesceSpec:
@@ -213,7 +218,7 @@ def test_fires_at_the_deadline_although_nothing_happens(store_url: str, sdk: Fak
     sensor_pass(engine, spec, run_id, sdk.states)
     trigger = new_trigger(spec, run_id, poll=60.0)  # a poll interval far beyond the deadline
     started = time.monotonic()
-    event = run(first_event(trigger, timeout=20))
+    event = run(first_event(trigger, timeout=EVENT_WAIT))
     waited = time.monotonic() - started
     assert event is not None and event["status"] == "ready" and event["run_id"] == run_id
     assert "rows to decide" in event["reason"]
@@ -235,12 +240,12 @@ def test_progress_that_decides_nothing_does_not_wake_the_task(store_url: str, sd
     trigger = new_trigger(spec, run_id, poll=0.1)
     assert run(first_event(trigger, timeout=4.0)) is None
     assert trigger._undecidable  # replayed once, remembered, not replayed on every poll
-    with mock.patch.object(trigger_module, "decide_chunk", wraps=trigger_module.decide_chunk) as replays:
+    with mock.patch.object(pass_module, "decide_chunk", wraps=pass_module.decide_chunk) as replays:
         assert run(first_event(trigger, timeout=1.0)) is None
     assert replays.call_count == 0
 
     deliver(engine, run_id, "right")
-    event = run(first_event(trigger, timeout=10.0))
+    event = run(first_event(trigger, timeout=EVENT_WAIT))
     assert event is not None and "rows to decide" in event["reason"]
 
 
@@ -252,7 +257,7 @@ def test_quorum_reached_wakes_it(store_url: str, sdk: FakeTaskSDK) -> None:
     run_id = fork(engine)
     sensor_pass(engine, spec, run_id, sdk.states)
     deliver(engine, run_id, "right")
-    event = run(first_event(new_trigger(spec, run_id), timeout=10.0))
+    event = run(first_event(new_trigger(spec, run_id), timeout=EVENT_WAIT))
     assert event is not None and "rows to decide" in event["reason"]
 
 
@@ -270,7 +275,7 @@ def test_a_branch_task_that_ended_owing_tokens_wakes_it(store_url: str, sdk: Fak
     assert run(first_event(trigger, timeout=3.0)) is None
     # right failed owing every token: the sensor has a loss to record
     sdk.states["ask_right"] = "failed"
-    event = run(first_event(trigger, timeout=5.0))
+    event = run(first_event(trigger, timeout=EVENT_WAIT))
     assert event is not None and event["reason"] == "branch task ended: ['ask_right=failed']"
 
 
@@ -284,7 +289,7 @@ def test_every_row_decided(store_url: str, sdk: FakeTaskSDK) -> None:
     deliver(engine, run_id, "right")
     time.sleep(2.5)  # let the deliveries settle
     assert coalesce_pass(AuditStore(engine), spec, run_id, sdk.states).done
-    event = run(first_event(new_trigger(spec, run_id), timeout=5.0))
+    event = run(first_event(new_trigger(spec, run_id), timeout=EVENT_WAIT))
     assert event is not None and event["reason"] == "every row decided"
 
 
@@ -305,13 +310,13 @@ def test_deferred_before_the_fork_it_adopts_the_forks_audit_run(store_url: str, 
     sdk.states["fork"] = "failed"  # irrelevant once adopted
     deliver(engine, run_id, "left")
     deliver(engine, run_id, "right")
-    event = run(first_event(trigger, timeout=10.0))
+    event = run(first_event(trigger, timeout=EVENT_WAIT))
     assert event is not None and event["run_id"] == run_id
 
 
 def test_a_fork_that_failed_wakes_it_to_fail(store_url: str, sdk: FakeTaskSDK) -> None:
     sdk.states["fork"] = "upstream_failed"
-    event = run(first_event(new_trigger(make_spec(), None, poll=0.1), timeout=5.0))
+    event = run(first_event(new_trigger(make_spec(), None, poll=0.1), timeout=EVENT_WAIT))
     assert (
         event is not None and event["reason"] == "fork fork ended upstream_failed" and event["run_id"] is None
     )
@@ -363,7 +368,7 @@ def test_transient_poll_errors_are_retried_then_reported(store_url: str, sdk: Fa
         mock.patch.object(trigger_module, "TRANSIENT_ERROR_GRACE", timedelta(0)),
         mock.patch.object(trigger, "poll", side_effect=RuntimeError("db down")),
     ):
-        event = run(first_event(trigger, timeout=15.0))
+        event = run(first_event(trigger, timeout=EVENT_WAIT))
     assert event is not None and event["status"] == "error" and "db down" in event["message"]
 
 
@@ -374,6 +379,7 @@ def test_hundreds_of_triggers_share_one_engine_and_never_block_the_event_loop(
     store_url: str, sdk: FakeTaskSDK
 ) -> None:
     import threading
+    from collections import Counter
 
     from airflow_elspeth.audit import engine as hook_module
 
@@ -386,9 +392,14 @@ def test_hundreds_of_triggers_share_one_engine_and_never_block_the_event_loop(
     threads: set[int] = set()
     real_poll = CoalesceTrigger.poll
 
+    polled: Counter[int] = Counter()  # polls returned, by trigger
+
     def recording_poll(self: CoalesceTrigger, *args: Any) -> Any:
         threads.add(threading.get_ident())
-        return real_poll(self, *args)
+        try:
+            return real_poll(self, *args)
+        finally:
+            polled[id(self)] += 1
 
     async def scenario() -> tuple[float, int, int]:
         lags: list[float] = []
@@ -400,11 +411,20 @@ def test_hundreds_of_triggers_share_one_engine_and_never_block_the_event_loop(
                 await asyncio.sleep(0.01)
                 lags.append(time.monotonic() - before - 0.01)
 
+        async def every_trigger_polled_twice() -> None:  # however slow the machine: no fixed window
+            while len(polled) < len(triggers) or min(polled.values()) < 2 or len(lags) < 2:
+                await asyncio.sleep(0.05)
+
         tick = asyncio.create_task(ticker())
-        results = await asyncio.gather(*(first_event(t, timeout=3.0) for t in triggers))
+        waiting = [asyncio.create_task(first_event(t, timeout=600.0)) for t in triggers]
+        await asyncio.wait_for(every_trigger_polled_twice(), timeout=300)
+        fired = sum(task.done() and task.result() is not None for task in waiting)
+        for task in waiting:
+            task.cancel()
+        await asyncio.gather(*waiting, return_exceptions=True)
         stop.set()
         await tick
-        return max(lags), sum(r is not None for r in results), threading.get_ident()
+        return max(lags), fired, threading.get_ident()
 
     with (
         mock.patch.object(

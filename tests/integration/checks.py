@@ -489,7 +489,7 @@ def tolerated(summary: Mapping[str, Any], failures: int, rate: float | None) -> 
 def check_sensor_state(state: str, summary: Mapping[str, Any], spec: Any) -> str:
     """The coalesce task's end state follows the tolerance; returns the expected state."""
     ok = tolerated(summary, spec.tolerated_failures, spec.tolerated_failure_rate)
-    expected = "success" if ok else ("skipped" if spec.on_failure == "skip" else "failed")
+    expected = "success" if ok else ("skipped" if spec.soft_fail else "failed")
     assert state == expected, (
         f"coalesce ended {state}, tolerance says {expected}: {summary['failure_reasons']}"
     )

@@ -144,7 +144,7 @@ def test_re_running_a_branch_continues_the_same_audit_run(audit_url: str, run_da
 
 
 def xcom_published(engine: Any, view: Any) -> list[dict[str, Any]]:
-    from airflow_elspeth.audit.queries import iter_merged_rows
+    from airflow_elspeth.audit.read.rows import iter_merged_rows
 
     return list(iter_merged_rows(engine, view.run_id, view.node_id))
 

@@ -23,9 +23,6 @@ from sqlalchemy import Engine
 
 from airflow_elspeth.audit.coalesce import CoalesceSpec, coalesce_pass
 from airflow_elspeth.audit.store import (
-    COMPLETED,
-    DROPPED,
-    FAILED,
     AuditStore,
     ForkRow,
     NodeResult,
@@ -34,6 +31,9 @@ from airflow_elspeth.audit.store import (
 )
 from airflow_elspeth.core.canonical import derive_id, hash_value
 from airflow_elspeth.core.config import coalesce_config
+from airflow_elspeth.core.vocabulary import NodeStatus
+
+COMPLETED, DROPPED, FAILED = NodeStatus.COMPLETED, NodeStatus.DROPPED, NodeStatus.FAILED
 
 ON_TIME, AFTER_DEADLINE, AFTER_DECISION = "on_time", "after_deadline", "after_decision"
 
@@ -329,15 +329,9 @@ def bulk_build_run(
 
     from airflow_elspeth.audit.store import dumps
     from airflow_elspeth.core.merge import merge_outputs
-    from airflow_elspeth.core.policy import (
-        LATE_AFTER_FAILURE,
-        LATE_AFTER_MERGE,
-        NOT_ARRIVED,
-        BranchEvent,
-        EventKind,
-        Status,
-        replay,
-    )
+    from airflow_elspeth.core.policy import BranchEvent, EventKind, replay
+    from airflow_elspeth.core.vocabulary import LATE_AFTER_FAILURE, LATE_AFTER_MERGE, NOT_ARRIVED
+    from airflow_elspeth.core.vocabulary import DecisionStatus as Status
 
     assert engine.dialect.name == "sqlite", "bulk_build_run writes SQLite's storage format"
     config = coalesce_config(

@@ -201,7 +201,7 @@ def ui_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StoreRuns]:
 @pytest.fixture
 def use_store(elspeth_app: Any) -> Iterator[Callable[[Any], None]]:
     """``use_store(engine_or_None)``: the app reads this audit store (None: no store yet)."""
-    from airflow_elspeth.audit import reports
+    from airflow_elspeth.audit.read.cache import clear_cache
     from airflow_elspeth.plugins.app import optional_engine
 
     def use(engine: Any) -> None:
@@ -209,7 +209,7 @@ def use_store(elspeth_app: Any) -> Iterator[Callable[[Any], None]]:
 
     yield use
     elspeth_app.dependency_overrides.pop(optional_engine, None)
-    reports.clear_cache()
+    clear_cache()
 
 
 @pytest.fixture

@@ -336,7 +336,8 @@ def test_extra_link_lands_on_its_coalesce(client: Any, store: StoreRuns, auth: A
 def test_coalesce_numbers_are_the_coalesce_summary(client: Any, store: StoreRuns, auth: Auth) -> None:
     """The page's counts and matrix are those of the summary the coalesce pushes to XCom."""
     from airflow_elspeth.audit.engine import engine_for_url
-    from airflow_elspeth.audit.queries import coalesce_summary, spec_of_node
+    from airflow_elspeth.audit.read.decisions import coalesce_summary
+    from airflow_elspeth.audit.read.runs import coalesce_spec
 
     engine = engine_for_url(store.url, upgrade=False)
     for built, coalesce in [
@@ -344,7 +345,7 @@ def test_coalesce_numbers_are_the_coalesce_summary(client: Any, store: StoreRuns
         (store.consensus_try2, "any_answer"),
         (store.xss, "consensus"),
     ]:
-        summary = coalesce_summary(engine, spec_of_node(engine, built.run_id, coalesce), built.run_id)
+        summary = coalesce_summary(engine, coalesce_spec(engine, built.run_id, coalesce), built.run_id)
         overview = api_json(
             client,
             auth,

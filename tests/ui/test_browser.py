@@ -215,8 +215,10 @@ def test_a_person_finds_why_a_row_failed_in_the_real_ui(server: Server, browser:
     from selenium.webdriver.support import expected_conditions as ec
     from selenium.webdriver.support.ui import WebDriverWait
 
-    from airflow_elspeth.audit import reports
     from airflow_elspeth.audit.engine import engine_for_url
+    from airflow_elspeth.audit.read.lineage import row_view
+    from airflow_elspeth.audit.read.runs import audit_runs, pick_audit_run
+    from airflow_elspeth.plugins.series import coalesce_page_overview
 
     artifacts = artifacts_dir()
     wait = WebDriverWait(browser, 60)
@@ -224,10 +226,10 @@ def test_a_person_finds_why_a_row_failed_in_the_real_ui(server: Server, browser:
 
     # What the audit store says, to compare the page with.
     engine = engine_for_url(f"sqlite:///{server.home / 'elspeth_audit.db'}", upgrade=False)
-    runs = reports.audit_runs(engine, DAG_ID, server.run_id)
-    audit_run = reports.pick_audit_run(runs, coalesce="consensus")
+    runs = audit_runs(engine, DAG_ID, server.run_id)
+    audit_run = pick_audit_run(runs, coalesce="consensus")
     assert audit_run is not None
-    overview = reports.coalesce_overview(engine, audit_run, "consensus")
+    overview = coalesce_page_overview(engine, audit_run, "consensus")
     matrix = overview["missing_matrix"]
     assert overview["rows_failed"] >= 1, "the example run should have failed rows"
 
@@ -279,7 +281,7 @@ def test_a_person_finds_why_a_row_failed_in_the_real_ui(server: Server, browser:
     assert "Event log, replayed" in text
     assert "Replaying this event log under the coalesce's policy gives the recorded decision." in text
     assert "Source row" in text and "Fork fork" in text and "Branches" in text
-    lineage = reports.row_view(engine, audit_run, key)
+    lineage = row_view(engine, audit_run, key)
     decision = lineage["decisions"][0]
     assert decision["decision"] == "failed"
     assert decision["explanation"] in text

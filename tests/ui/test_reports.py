@@ -7,8 +7,13 @@ from typing import Any
 
 import pytest
 
-from airflow_elspeth.audit import reports
-from airflow_elspeth.audit.queries import coalesce_summary, spec_of_node
+from airflow_elspeth.audit.read import decisions, lineage, runs, tasks
+from airflow_elspeth.audit.read.cache import clear_cache
+from airflow_elspeth.audit.read.decisions import coalesce_summary
+from airflow_elspeth.audit.read.runs import coalesce_spec
+from airflow_elspeth.core import vocabulary
+from airflow_elspeth.exceptions import NotFound
+from airflow_elspeth.plugins.series import coalesce_page_overview
 
 from .audit_data import Arrive, BuiltRun, build_run, consensus_behaviour
 
@@ -21,7 +26,7 @@ def consensus_with_late_writes(index: int, row: dict[str, Any], branch: str) -> 
 
 @pytest.fixture
 def built(audit_engine: Any) -> BuiltRun:
-    reports.clear_cache()
+    clear_cache()
     return build_run(
         audit_engine,
         dag_id="d",
@@ -35,13 +40,13 @@ def built(audit_engine: Any) -> BuiltRun:
 
 
 def test_reports_agree_with_the_summary_and_the_replay(audit_engine: Any, built: BuiltRun) -> None:
-    runs = reports.audit_runs(audit_engine, "d", "r")
-    run = reports.pick_audit_run(runs, coalesce="consensus")
+    found = runs.audit_runs(audit_engine, "d", "r")
+    run = runs.pick_audit_run(found, coalesce="consensus")
     assert run is not None and run["audit_run_id"] == built.run_id and run["chunks_total"] == 3
 
-    overview = reports.coalesce_overview(audit_engine, run, "consensus")
+    overview = coalesce_page_overview(audit_engine, run, "consensus")
     summary = coalesce_summary(
-        audit_engine, spec_of_node(audit_engine, built.run_id, "consensus"), built.run_id
+        audit_engine, coalesce_spec(audit_engine, built.run_id, "consensus"), built.run_id
     )
     for key in ("rows_total", "rows_merged", "rows_failed", "late_arrivals", "failure_reasons"):
         assert overview[key] == summary[key], key
@@ -59,13 +64,13 @@ def test_reports_agree_with_the_summary_and_the_replay(audit_engine: Any, built:
 
     # Filters: the IN-list path and the JSON-function path (the dialect's own) return the same rows.
     for flt in [
-        reports.RowFilter(decision=None, branch="gemini"),
-        reports.RowFilter(decision=None, branch="claude", branch_reason="error:RateLimitError"),
-        reports.RowFilter(decision="failed", branch="gemini", branch_reason="late_arrival_after_failure"),
-        reports.RowFilter(decision="merged", branch="gemini", branch_reason="not_arrived"),
+        decisions.RowFilter(decision=None, branch="gemini"),
+        decisions.RowFilter(decision=None, branch="claude", branch_reason="error:RateLimitError"),
+        decisions.RowFilter(decision="failed", branch="gemini", branch_reason="late_arrival_after_failure"),
+        decisions.RowFilter(decision="merged", branch="gemini", branch_reason="not_arrived"),
     ]:
-        fast = reports.decision_rows(audit_engine, built.run_id, "consensus", flt, limit=100)
-        json_path = reports.decision_rows(
+        fast = decisions.decision_rows(audit_engine, built.run_id, "consensus", flt, limit=100)
+        json_path = decisions.decision_rows(
             audit_engine, built.run_id, "consensus", flt, limit=100, max_in_list=0
         )
         assert fast["rows"] == json_path["rows"] and fast["total"] == len(fast["rows"]) > 0, flt
@@ -74,7 +79,7 @@ def test_reports_agree_with_the_summary_and_the_replay(audit_engine: Any, built:
             for row in fast["rows"]
         )
 
-    late = reports.late_arrivals(audit_engine, run, "consensus", limit=100)
+    late = decisions.late_arrivals(audit_engine, run, "consensus", limit=100)
     recorded = sum(len(r["late_arrivals"]) for r in late["rows"])
     assert recorded + late["after_write_total"] == overview["late_arrivals"]
     assert all(a["after_decision_s"] > 0 for r in late["rows"] for a in r["late_arrivals"])
@@ -82,36 +87,41 @@ def test_reports_agree_with_the_summary_and_the_replay(audit_engine: Any, built:
 
     # Every row's recorded decision is what a replay of its event log gives.
     for offset in (0, 12):
-        page = reports.decision_rows(
-            audit_engine, built.run_id, "consensus", reports.RowFilter(decision=None), limit=12, offset=offset
+        page = decisions.decision_rows(
+            audit_engine,
+            built.run_id,
+            "consensus",
+            decisions.RowFilter(decision=None),
+            limit=12,
+            offset=offset,
         )
         for row in page["rows"]:
-            view = reports.row_view(audit_engine, run, row["row_key"])
+            view = lineage.row_view(audit_engine, run, row["row_key"])
             decision = view["decisions"][0]
             assert decision["replay"]["agrees"], (row["row_key"], decision["replay"])
             assert decision["explanation"].startswith("Merged" if row["decision"] == "merged" else "Failed")
 
-    stats = reports.task_view(audit_engine, runs, "ask_1")
+    stats = tasks.task_view(audit_engine, found, "ask_1")
     assert stats["kind"] == "branch" and stats["by_status"] == {"completed": 12, "failed": 12}
 
 
 def test_unknown_things_are_not_found(audit_engine: Any, built: BuiltRun) -> None:
-    run = reports.pick_audit_run(reports.audit_runs(audit_engine, "d", "r"))
+    run = runs.pick_audit_run(runs.audit_runs(audit_engine, "d", "r"))
     assert run is not None
-    with pytest.raises(reports.NotFound):
-        reports.coalesce_spec(audit_engine, built.run_id, "nope")
-    with pytest.raises(reports.NotFound):
-        reports.coalesce_spec(audit_engine, built.run_id, "ask_0")  # a branch step, not a coalesce
-    with pytest.raises(reports.NotFound):
-        reports.row_view(audit_engine, run, "no-such-row")
-    assert reports.pick_audit_run(reports.audit_runs(audit_engine, "d", "r"), audit_run_id="x" * 32) is None
-    assert reports.audit_runs(audit_engine, "other", "r") == []
-    assert reports.task_view(audit_engine, [run], "publish")["kind"] is None
+    with pytest.raises(NotFound):
+        runs.coalesce_spec(audit_engine, built.run_id, "nope")
+    with pytest.raises(NotFound):
+        runs.coalesce_spec(audit_engine, built.run_id, "ask_0")  # a branch step, not a coalesce
+    with pytest.raises(NotFound):
+        lineage.row_view(audit_engine, run, "no-such-row")
+    assert runs.pick_audit_run(runs.audit_runs(audit_engine, "d", "r"), audit_run_id="x" * 32) is None
+    assert runs.audit_runs(audit_engine, "other", "r") == []
+    assert tasks.task_view(audit_engine, [run], "publish")["kind"] is None
 
 
 def test_explanations_in_words() -> None:
     config = {"policy": "require_all", "branches": ["a", "b"], "quorum": None, "merge": "union"}
-    text = reports.explain_decision(
+    text = lineage.explain_decision(
         {
             "decision": "failed",
             "failure_reason": "branch_lost",
@@ -126,6 +136,7 @@ def test_explanations_in_words() -> None:
     assert text.startswith("Failed when the deciding event arrived under require_all (2 of 2)")
     assert "b dropped the row (the callable returned None)." in text
     assert (
-        reports.missing_reason_text("branch_task_failed") == "its task ended failed before delivering the row"
+        vocabulary.missing_reason_text("branch_task_failed")
+        == "its task ended failed before delivering the row"
     )
-    assert reports.reason_kind("late_arrival_after_merge") == "late"
+    assert vocabulary.reason_kind("late_arrival_after_merge") == "late"

@@ -89,10 +89,10 @@ def big_store(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathF
 def test_pages_of_a_100k_row_run_stay_fast(
     client: Any, auth: Callable[[str], dict[str, str]], big_store: str, use_store: Callable[[Any], None]
 ) -> None:
-    from airflow_elspeth.audit import reports
     from airflow_elspeth.audit.engine import engine_for_url
+    from airflow_elspeth.audit.read.cache import clear_cache
 
-    reports.clear_cache()
+    clear_cache()
     use_store(engine_for_url(big_store, upgrade=False))
     headers = auth("viewer")
     base = f"/elspeth/dags/{DAG}/runs/{quote(RUN, safe='')}"

@@ -24,17 +24,19 @@ from hypothesis import strategies as st
 from airflow_elspeth.core.config import CoalesceConfig, MergeStrategy, Policy, coalesce_config
 from airflow_elspeth.core.merge import merge_outputs
 from airflow_elspeth.core.policy import (
-    LATE_AFTER_FAILURE,
-    LATE_AFTER_MERGE,
-    NOT_ARRIVED,
     BranchEvent,
     Decision,
     EventKind,
-    FailureReason,
-    Status,
     order_events,
     replay,
     resolve_ended,
+)
+from airflow_elspeth.core.vocabulary import (
+    LATE_AFTER_FAILURE,
+    LATE_AFTER_MERGE,
+    NOT_ARRIVED,
+    DecisionStatus,
+    FailureReason,
 )
 
 BASE = datetime(2024, 5, 1, 12, 0, tzinfo=timezone.utc)
@@ -154,7 +156,7 @@ def nth(steps: Sequence[Step], pred: Any, n: int) -> int | None:
 
 @dataclass(frozen=True)
 class Expected:
-    status: Status
+    status: DecisionStatus
     index: int | None = None  # the decision step in log_steps
     consumed: frozenset[str] = frozenset()
     reason: FailureReason | None = None
@@ -164,51 +166,55 @@ def oracle(config: CoalesceConfig, steps: Sequence[Step]) -> Expected:
     """The policy table of docs/ARCHITECTURE.md ("Decision semantics") as "earliest trigger wins"."""
     n = len(config.branches)
     deadline_index = steps.index(DEADLINE_STEP) if DEADLINE_STEP in steps else None
-    triggers: list[tuple[int | None, Status, FailureReason | None]]
+    triggers: list[tuple[int | None, DecisionStatus, FailureReason | None]]
     if config.policy is Policy.REQUIRE_ALL:
         triggers = [
-            (nth(steps, is_arrival, n), Status.MERGED, None),
-            (nth(steps, is_loss, 1), Status.FAILED, FailureReason.BRANCH_LOST),
-            (deadline_index, Status.FAILED, FailureReason.INCOMPLETE_BRANCHES),
+            (nth(steps, is_arrival, n), DecisionStatus.MERGED, None),
+            (nth(steps, is_loss, 1), DecisionStatus.FAILED, FailureReason.BRANCH_LOST),
+            (deadline_index, DecisionStatus.FAILED, FailureReason.INCOMPLETE_BRANCHES),
         ]
     elif config.policy is Policy.QUORUM:
         q = config.quorum
         assert q is not None
         triggers = [
-            (nth(steps, is_arrival, q), Status.MERGED, None),
-            (nth(steps, is_loss, n - q + 1), Status.FAILED, FailureReason.QUORUM_IMPOSSIBLE),
-            (deadline_index, Status.FAILED, FailureReason.QUORUM_NOT_MET_AT_TIMEOUT),
+            (nth(steps, is_arrival, q), DecisionStatus.MERGED, None),
+            (nth(steps, is_loss, n - q + 1), DecisionStatus.FAILED, FailureReason.QUORUM_IMPOSSIBLE),
+            (deadline_index, DecisionStatus.FAILED, FailureReason.QUORUM_NOT_MET_AT_TIMEOUT),
         ]
     elif config.policy is Policy.FIRST:
         triggers = [
-            (nth(steps, is_arrival, 1), Status.MERGED, None),
-            (nth(steps, is_loss, n), Status.FAILED, FailureReason.ALL_BRANCHES_LOST),
-            (deadline_index, Status.FAILED, FailureReason.FIRST_TIMEOUT_NO_ARRIVALS),
+            (nth(steps, is_arrival, 1), DecisionStatus.MERGED, None),
+            (nth(steps, is_loss, n), DecisionStatus.FAILED, FailureReason.ALL_BRANCHES_LOST),
+            (deadline_index, DecisionStatus.FAILED, FailureReason.FIRST_TIMEOUT_NO_ARRIVALS),
         ]
     else:  # best_effort: resolves once every branch is accounted for, or at the deadline
         all_in = nth(steps, is_event, n)
         candidates = [i for i in (all_in, deadline_index) if i is not None]
         if not candidates:
-            return Expected(Status.PENDING)
+            return Expected(DecisionStatus.PENDING)
         index = min(candidates)
         arrived = frozenset(s.branch for s in steps[: index + 1] if is_arrival(s))  # type: ignore[union-attr]
         if arrived:
-            triggers = [(index, Status.MERGED, None)]
+            triggers = [(index, DecisionStatus.MERGED, None)]
         elif index == all_in:
-            triggers = [(index, Status.FAILED, FailureReason.ALL_BRANCHES_LOST)]
+            triggers = [(index, DecisionStatus.FAILED, FailureReason.ALL_BRANCHES_LOST)]
         else:
-            triggers = [(index, Status.FAILED, FailureReason.BEST_EFFORT_TIMEOUT_NO_ARRIVALS)]
+            triggers = [(index, DecisionStatus.FAILED, FailureReason.BEST_EFFORT_TIMEOUT_NO_ARRIVALS)]
 
     fired = [t for t in triggers if t[0] is not None]
     if not fired:
-        return Expected(Status.PENDING)
+        return Expected(DecisionStatus.PENDING)
     index, status, reason = min(fired, key=lambda t: t[0])  # type: ignore[arg-type,return-value]
     assert index is not None
     consumed: frozenset[str] = frozenset()
-    if status is Status.MERGED:
+    if status is DecisionStatus.MERGED:
         consumed = frozenset(s.branch for s in steps[: index + 1] if is_arrival(s))  # type: ignore[union-attr]
         if config.merge is MergeStrategy.SELECT and config.select_branch not in consumed:
-            status, reason, consumed = Status.FAILED, FailureReason.SELECT_BRANCH_NOT_ARRIVED, frozenset()
+            status, reason, consumed = (
+                DecisionStatus.FAILED,
+                FailureReason.SELECT_BRANCH_NOT_ARRIVED,
+                frozenset(),
+            )
     return Expected(status, index, consumed, reason)
 
 
@@ -243,7 +249,7 @@ def test_replay_matches_the_design_table(s: Scenario) -> None:
     decision = replay_s(s)
 
     assert decision.status is expected.status
-    if expected.status is Status.PENDING:
+    if expected.status is DecisionStatus.PENDING:
         assert decision.decided_at is None
         assert decision.failure_reason is None
         return
@@ -256,7 +262,7 @@ def test_replay_matches_the_design_table(s: Scenario) -> None:
     assert len(decision.consumed) == len(set(decision.consumed))
     arrived_before = [e.branch for e in steps[: expected.index + 1] if is_arrival(e)]  # type: ignore[union-attr]
     assert list(decision.arrived) == arrived_before
-    if decision.status is Status.MERGED:
+    if decision.status is DecisionStatus.MERGED:
         assert decision.failure_reason is None
         # Nothing that arrived by the decision is left out of a merge.
         assert set(decision.consumed) == set(arrived_before)
@@ -278,14 +284,14 @@ def test_prefix_stability(s: Scenario) -> None:
 
     decided = [k for k, d in enumerate(decisions) if d.is_final]
     if not decided:
-        assert all(d.status is Status.PENDING for d in decisions)
+        assert all(d.status is DecisionStatus.PENDING for d in decisions)
         return
     first = decided[0]
     assert first >= 1
     # The first prefix that decides ends exactly at the decision step...
     assert decisions[first].decided_at == decided_time(s, steps[first - 1])
     # ...every shorter prefix is pending, and every longer prefix gives the same decision.
-    assert all(d.status is Status.PENDING for d in decisions[:first])
+    assert all(d.status is DecisionStatus.PENDING for d in decisions[:first])
     for later in decisions[first + 1 :]:
         assert stable_part(later) == stable_part(decisions[first])
     # Late arrivals only accumulate as the log grows.
@@ -298,7 +304,7 @@ def test_prefix_stability(s: Scenario) -> None:
 def test_every_row_resolves_once_the_deadline_is_in_the_log(s: Scenario) -> None:
     decision = replay_s(s)
     if s.now >= s.deadline:
-        assert decision.status is not Status.PENDING
+        assert decision.status is not DecisionStatus.PENDING
         assert decision.decided_at is not None
         assert decision.decided_at <= s.deadline
     else:
@@ -320,7 +326,7 @@ def test_a_row_resolves_at_most_once(s: Scenario) -> None:
         statuses.append(replay_s(s, events, now).status)
     changes = sum(1 for a, b in pairwise(statuses) if a is not b)
     assert changes <= 1
-    assert statuses[0] is Status.PENDING
+    assert statuses[0] is DecisionStatus.PENDING
 
 
 @PROPERTY
@@ -346,7 +352,7 @@ def test_only_a_branchs_first_event_counts(s: Scenario, delay: int) -> None:
 @given(scenarios(policy=Policy.REQUIRE_ALL))
 def test_require_all_never_merges_a_partial_set(s: Scenario) -> None:
     decision = replay_s(s)
-    if decision.status is Status.MERGED:
+    if decision.status is DecisionStatus.MERGED:
         assert set(decision.consumed) == set(s.config.branches)
         assert len(decision.consumed) == len(s.config.branches)
         assert decision.missing == {}
@@ -355,7 +361,7 @@ def test_require_all_never_merges_a_partial_set(s: Scenario) -> None:
     cut = steps.index(DEADLINE_STEP) if DEADLINE_STEP in steps else len(steps)
     in_time = [e for e in steps[:cut] if isinstance(e, BranchEvent)]
     all_arrived = len(in_time) == len(s.config.branches) and all(is_arrival(e) for e in in_time)
-    assert (decision.status is Status.MERGED) == all_arrived
+    assert (decision.status is DecisionStatus.MERGED) == all_arrived
 
 
 @PROPERTY
@@ -366,7 +372,7 @@ def test_quorum_consumes_exactly_the_first_q_arrivals(s: Scenario) -> None:
     assert q is not None
     steps = log_steps(s)
     arrivals = [e for e in steps if is_arrival(e)]
-    if decision.status is Status.MERGED:
+    if decision.status is DecisionStatus.MERGED:
         first_q = arrivals[:q]
         assert set(decision.consumed) == {e.branch for e in first_q}  # type: ignore[union-attr]
         assert len(decision.consumed) == q
@@ -384,7 +390,7 @@ def test_quorum_consumes_exactly_the_first_q_arrivals(s: Scenario) -> None:
 def test_first_consumes_exactly_the_first_arrival(s: Scenario) -> None:
     decision = replay_s(s)
     arrivals = [e for e in log_steps(s) if is_arrival(e)]
-    if decision.status is Status.MERGED:
+    if decision.status is DecisionStatus.MERGED:
         first = arrivals[0]
         assert isinstance(first, BranchEvent)
         assert decision.consumed == (first.branch,)
@@ -398,7 +404,7 @@ def test_first_consumes_exactly_the_first_arrival(s: Scenario) -> None:
 def test_select_never_substitutes_another_branch(s: Scenario) -> None:
     decision = replay_s(s)
     selected = s.config.select_branch
-    if decision.status is Status.MERGED:
+    if decision.status is DecisionStatus.MERGED:
         assert selected in decision.consumed
     # What the policy alone would consume at its decision:
     policy_only = coalesce_config(
@@ -409,8 +415,8 @@ def test_select_never_substitutes_another_branch(s: Scenario) -> None:
         timeout=s.config.timeout,
     )
     unselected = replay(policy_only, s.events, deadline=s.deadline, now=s.now)
-    if unselected.status is Status.MERGED and selected not in unselected.consumed:
-        assert decision.status is Status.FAILED
+    if unselected.status is DecisionStatus.MERGED and selected not in unselected.consumed:
+        assert decision.status is DecisionStatus.FAILED
         assert decision.failure_reason is FailureReason.SELECT_BRANCH_NOT_ARRIVED
         assert decision.decided_at == unselected.decided_at
         assert decision.consumed == ()
@@ -438,12 +444,12 @@ def test_late_and_missing_branches(s: Scenario) -> None:
 
     arrived_before = {e.branch for e in before if is_arrival(e)}  # type: ignore[union-attr]
     losses = {e.branch: e.reason for e in steps if is_loss(e)}  # type: ignore[union-attr]
-    late_outcome = LATE_AFTER_MERGE if decision.status is Status.MERGED else LATE_AFTER_FAILURE
+    late_outcome = LATE_AFTER_MERGE if decision.status is DecisionStatus.MERGED else LATE_AFTER_FAILURE
     expected_missing = {}
     for branch in s.config.branches:
         if branch in decision.consumed:
             continue
-        if decision.status is Status.FAILED and branch in arrived_before:
+        if decision.status is DecisionStatus.FAILED and branch in arrived_before:
             continue
         if branch in losses:
             expected_missing[branch] = losses[branch]
@@ -452,7 +458,7 @@ def test_late_and_missing_branches(s: Scenario) -> None:
         else:
             expected_missing[branch] = NOT_ARRIVED
     assert dict(decision.missing) == expected_missing
-    if decision.status is Status.MERGED:
+    if decision.status is DecisionStatus.MERGED:
         # Every branch is accounted for exactly once: consumed or missing.
         assert set(decision.consumed) | set(decision.missing) == set(s.config.branches)
         assert not set(decision.consumed) & set(decision.missing)
@@ -542,7 +548,7 @@ def test_merging_a_decision_uses_only_its_consumed_branches(s: Scenario) -> None
     decision = replay_s(s)
     arrived = {e.branch for e in s.events if e.kind is EventKind.ARRIVAL}
     outputs = {b: {"from": b, f"only_{b}": 1} for b in arrived}
-    if decision.status is not Status.MERGED:
+    if decision.status is not DecisionStatus.MERGED:
         return
     result = merge_outputs(s.config, decision.consumed, outputs)
     if s.config.merge is MergeStrategy.SELECT:
@@ -569,7 +575,7 @@ def test_resolve_ended_closes_a_row_with_what_arrived_and_why_the_rest_is_missin
     seen = [e for e in order_events(s.config, s.events) if e.at <= s.now]
     arrived = [e.branch for e in seen if e.kind is EventKind.ARRIVAL]
     lost = {e.branch: e.reason for e in seen if e.kind is EventKind.LOSS}
-    assert decision.status is Status.FAILED and decision.decided_at == s.now
+    assert decision.status is DecisionStatus.FAILED and decision.decided_at == s.now
     assert decision.failure_reason is FailureReason(f"coalesce_task_{state}")
     assert decision.failure_reason.is_resolution and not decision.consumed
     assert list(decision.arrived) == arrived == decision.details["arrived"]

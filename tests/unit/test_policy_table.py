@@ -16,15 +16,17 @@ import pytest
 from airflow_elspeth.core.config import CoalesceConfig, MergeStrategy, Policy, coalesce_config
 from airflow_elspeth.core.merge import merge_outputs
 from airflow_elspeth.core.policy import (
-    LATE_AFTER_FAILURE,
-    LATE_AFTER_MERGE,
-    NOT_ARRIVED,
     BranchEvent,
     Decision,
     EventKind,
-    FailureReason,
-    Status,
     replay,
+)
+from airflow_elspeth.core.vocabulary import (
+    LATE_AFTER_FAILURE,
+    LATE_AFTER_MERGE,
+    NOT_ARRIVED,
+    DecisionStatus,
+    FailureReason,
 )
 
 BRANCHES = ("gpt", "claude", "gemini")
@@ -51,7 +53,7 @@ class Cell:
     policy: str
     events: tuple[BranchEvent, ...]
     now: float
-    status: Status
+    status: DecisionStatus
     decided_at: float | str | None = None
     consumed: frozenset[str] = frozenset()
     reason: FailureReason | None = None
@@ -86,21 +88,21 @@ CASES = [
     # ---- require_all
     pytest.param(
         Cell("require_all", (arrive("gpt", 1), arrive("claude", 2), arrive("gemini", 3)), BEFORE,
-             Status.MERGED, 3, cells(*BRANCHES)),
+             DecisionStatus.MERGED, 3, cells(*BRANCHES)),
         id="require_all-merges-when-A=N",
     ),
     pytest.param(
         Cell("require_all", (arrive("gemini", 1), arrive("gpt", 2), arrive("claude", DEADLINE_S)), AFTER,
-             Status.MERGED, DEADLINE_S, cells(*BRANCHES)),
+             DecisionStatus.MERGED, DEADLINE_S, cells(*BRANCHES)),
         id="require_all-arrival-stamped-at-the-deadline-is-in-time",
     ),
     pytest.param(
-        Cell("require_all", (arrive("gpt", 1),), BEFORE, Status.PENDING),
+        Cell("require_all", (arrive("gpt", 1),), BEFORE, DecisionStatus.PENDING),
         id="require_all-pending-before-deadline",
     ),
     pytest.param(
         Cell("require_all", (arrive("gpt", 1), lose("claude", 2, "error:TimeoutError")), BEFORE,
-             Status.FAILED, 2, reason=FailureReason.BRANCH_LOST,
+             DecisionStatus.FAILED, 2, reason=FailureReason.BRANCH_LOST,
              missing={"claude": "error:TimeoutError", "gemini": NOT_ARRIVED},
              details={"lost": {"claude": "error:TimeoutError"}, "arrived": ["gpt"],
                       "not_arrived": ["gemini"]}),
@@ -108,14 +110,14 @@ CASES = [
     ),
     pytest.param(
         Cell("require_all", (lose("gpt", 1, "dropped"), arrive("claude", 2), arrive("gemini", 3)), BEFORE,
-             Status.FAILED, 1, reason=FailureReason.BRANCH_LOST,
+             DecisionStatus.FAILED, 1, reason=FailureReason.BRANCH_LOST,
              missing={"gpt": "dropped", "claude": LATE_AFTER_FAILURE, "gemini": LATE_AFTER_FAILURE},
              late=("claude", "gemini"), details={"lost": {"gpt": "dropped"}}),
         id="require_all-branch_lost-arrivals-after-the-loss-are-late",
     ),
     pytest.param(
         Cell("require_all", (arrive("gpt", 1), arrive("claude", 2), arrive("gemini", 12)), AFTER,
-             Status.FAILED, D, reason=FailureReason.INCOMPLETE_BRANCHES,
+             DecisionStatus.FAILED, D, reason=FailureReason.INCOMPLETE_BRANCHES,
              missing={"gemini": LATE_AFTER_FAILURE}, late=("gemini",),
              details={"arrived": ["gpt", "claude"], "not_arrived": ["gemini"]}),
         id="require_all-fails-incomplete_branches-at-the-deadline",
@@ -123,29 +125,30 @@ CASES = [
     # ---- quorum
     pytest.param(
         Cell("quorum", (arrive("gemini", 1), arrive("gpt", 2), arrive("claude", 3)), BEFORE,
-             Status.MERGED, 2, cells("gemini", "gpt"), quorum=2,
+             DecisionStatus.MERGED, 2, cells("gemini", "gpt"), quorum=2,
              missing={"claude": LATE_AFTER_MERGE}, late=("claude",)),
         id="quorum-merges-when-A-reaches-q-with-the-first-q",
     ),
     pytest.param(
         Cell("quorum", (arrive("gemini", 1), arrive("claude", 1), arrive("gpt", 1)), BEFORE,
-             Status.MERGED, 1, cells("gpt", "claude"), quorum=2,
+             DecisionStatus.MERGED, 1, cells("gpt", "claude"), quorum=2,
              missing={"gemini": LATE_AFTER_MERGE}, late=("gemini",)),
         id="quorum-same-time-arrivals-tie-broken-by-configured-order",
     ),
     pytest.param(
         Cell("quorum", (lose("gpt", 1, "error:KeyError"), arrive("claude", 2), arrive("gemini", 3)), BEFORE,
-             Status.MERGED, 3, cells("claude", "gemini"), quorum=2, missing={"gpt": "error:KeyError"}),
+             DecisionStatus.MERGED, 3, cells("claude", "gemini"), quorum=2,
+             missing={"gpt": "error:KeyError"}),
         id="quorum-a-loss-does-not-fail-while-q-is-reachable",
     ),
     pytest.param(
         Cell("quorum", (lose("gpt", 1, "error:KeyError"), arrive("claude", 2)), BEFORE,
-             Status.PENDING, quorum=2),
+             DecisionStatus.PENDING, quorum=2),
         id="quorum-pending-before-deadline",
     ),
     pytest.param(
         Cell("quorum", (lose("gpt", 1, "dropped"), lose("claude", 2, "task_failed"), arrive("gemini", 3)),
-             BEFORE, Status.FAILED, 2, reason=FailureReason.QUORUM_IMPOSSIBLE, quorum=2,
+             BEFORE, DecisionStatus.FAILED, 2, reason=FailureReason.QUORUM_IMPOSSIBLE, quorum=2,
              missing={"gpt": "dropped", "claude": "task_failed", "gemini": LATE_AFTER_FAILURE},
              late=("gemini",),
              details={"need": 2, "max_possible": 1, "lost": {"gpt": "dropped", "claude": "task_failed"}}),
@@ -153,52 +156,52 @@ CASES = [
     ),
     pytest.param(
         Cell("quorum", (arrive("gpt", 1), lose("claude", 2, "task_skipped")), BEFORE,
-             Status.FAILED, 2, reason=FailureReason.QUORUM_IMPOSSIBLE, quorum=3,
+             DecisionStatus.FAILED, 2, reason=FailureReason.QUORUM_IMPOSSIBLE, quorum=3,
              missing={"claude": "task_skipped", "gemini": NOT_ARRIVED},
              details={"need": 3, "max_possible": 2}),
         id="quorum-q=N-fails-quorum_impossible-on-the-first-loss",
     ),
     pytest.param(
         Cell("quorum", (arrive("gpt", 1), arrive("claude", 11)), AFTER,
-             Status.FAILED, D, reason=FailureReason.QUORUM_NOT_MET_AT_TIMEOUT, quorum=2,
+             DecisionStatus.FAILED, D, reason=FailureReason.QUORUM_NOT_MET_AT_TIMEOUT, quorum=2,
              missing={"claude": LATE_AFTER_FAILURE, "gemini": NOT_ARRIVED}, late=("claude",),
              details={"need": 2}),
         id="quorum-fails-quorum_not_met_at_timeout-at-the-deadline",
     ),
     pytest.param(
         Cell("quorum", (arrive("claude", 4), arrive("gpt", 5)), BEFORE,
-             Status.MERGED, 4, cells("claude"), quorum=1,
+             DecisionStatus.MERGED, 4, cells("claude"), quorum=1,
              missing={"gpt": LATE_AFTER_MERGE, "gemini": NOT_ARRIVED}, late=("gpt",)),
         id="quorum-q=1-merges-the-first-arrival",
     ),
     # ---- best_effort
     pytest.param(
         Cell("best_effort", (arrive("gpt", 1), lose("claude", 2, "dropped"), arrive("gemini", 3)), BEFORE,
-             Status.MERGED, 3, cells("gpt", "gemini"), missing={"claude": "dropped"}),
+             DecisionStatus.MERGED, 3, cells("gpt", "gemini"), missing={"claude": "dropped"}),
         id="best_effort-merges-when-A+L=N-and-A>0",
     ),
     pytest.param(
-        Cell("best_effort", (arrive("gpt", 1), arrive("claude", 2)), BEFORE, Status.PENDING),
+        Cell("best_effort", (arrive("gpt", 1), arrive("claude", 2)), BEFORE, DecisionStatus.PENDING),
         id="best_effort-pending-before-deadline",
     ),
     pytest.param(
         Cell("best_effort",
              (lose("gpt", 1, "dropped"), lose("claude", 2, "error:TimeoutError"),
               lose("gemini", 3, "task_skipped")),
-             BEFORE, Status.FAILED, 3, reason=FailureReason.ALL_BRANCHES_LOST,
+             BEFORE, DecisionStatus.FAILED, 3, reason=FailureReason.ALL_BRANCHES_LOST,
              missing={"gpt": "dropped", "claude": "error:TimeoutError", "gemini": "task_skipped"},
              details={"lost": {"gpt": "dropped", "claude": "error:TimeoutError", "gemini": "task_skipped"}}),
         id="best_effort-fails-all_branches_lost-when-A+L=N-and-A=0",
     ),
     pytest.param(
         Cell("best_effort", (arrive("gpt", 1), arrive("claude", 11)), AFTER,
-             Status.MERGED, D, cells("gpt"),
+             DecisionStatus.MERGED, D, cells("gpt"),
              missing={"claude": LATE_AFTER_MERGE, "gemini": NOT_ARRIVED}, late=("claude",)),
         id="best_effort-merges-what-arrived-at-the-deadline",
     ),
     pytest.param(
         Cell("best_effort", (lose("gpt", 1, "dropped"),), AFTER,
-             Status.FAILED, D, reason=FailureReason.BEST_EFFORT_TIMEOUT_NO_ARRIVALS,
+             DecisionStatus.FAILED, D, reason=FailureReason.BEST_EFFORT_TIMEOUT_NO_ARRIVALS,
              missing={"gpt": "dropped", "claude": NOT_ARRIVED, "gemini": NOT_ARRIVED},
              details={"lost": {"gpt": "dropped"}, "not_arrived": ["claude", "gemini"]}),
         id="best_effort-fails-best_effort_timeout_no_arrivals-at-the-deadline",
@@ -206,35 +209,36 @@ CASES = [
     # ---- first
     pytest.param(
         Cell("first", (arrive("claude", 3), arrive("gpt", 4), arrive("gemini", 5)), BEFORE,
-             Status.MERGED, 3, cells("claude"),
+             DecisionStatus.MERGED, 3, cells("claude"),
              missing={"gpt": LATE_AFTER_MERGE, "gemini": LATE_AFTER_MERGE}, late=("gpt", "gemini")),
         id="first-merges-the-first-arrival-only",
     ),
     pytest.param(
         Cell("first", (arrive("gemini", 2), arrive("claude", 2)), BEFORE,
-             Status.MERGED, 2, cells("claude"),
+             DecisionStatus.MERGED, 2, cells("claude"),
              missing={"gpt": NOT_ARRIVED, "gemini": LATE_AFTER_MERGE}, late=("gemini",)),
         id="first-same-time-arrivals-tie-broken-by-configured-order",
     ),
     pytest.param(
         Cell("first", (lose("gpt", 1, "error:ValueError"), arrive("gemini", 2)), BEFORE,
-             Status.MERGED, 2, cells("gemini"), missing={"gpt": "error:ValueError", "claude": NOT_ARRIVED}),
+             DecisionStatus.MERGED, 2, cells("gemini"),
+             missing={"gpt": "error:ValueError", "claude": NOT_ARRIVED}),
         id="first-losses-before-the-first-arrival-do-not-fail",
     ),
     pytest.param(
-        Cell("first", (lose("gpt", 1, "error:ValueError"),), BEFORE, Status.PENDING),
+        Cell("first", (lose("gpt", 1, "error:ValueError"),), BEFORE, DecisionStatus.PENDING),
         id="first-pending-before-deadline",
     ),
     pytest.param(
         Cell("first",
              (lose("gpt", 1, "dropped"), lose("claude", 1, "dropped"), lose("gemini", 2, "task_failed")),
-             BEFORE, Status.FAILED, 2, reason=FailureReason.ALL_BRANCHES_LOST,
+             BEFORE, DecisionStatus.FAILED, 2, reason=FailureReason.ALL_BRANCHES_LOST,
              missing={"gpt": "dropped", "claude": "dropped", "gemini": "task_failed"}),
         id="first-fails-all_branches_lost-when-L=N",
     ),
     pytest.param(
         Cell("first", (lose("gpt", 2, "dropped"), arrive("gemini", 15)), AFTER,
-             Status.FAILED, D, reason=FailureReason.FIRST_TIMEOUT_NO_ARRIVALS,
+             DecisionStatus.FAILED, D, reason=FailureReason.FIRST_TIMEOUT_NO_ARRIVALS,
              missing={"gpt": "dropped", "claude": NOT_ARRIVED, "gemini": LATE_AFTER_FAILURE},
              late=("gemini",)),
         id="first-fails-first_timeout_no_arrivals-at-the-deadline",
@@ -242,18 +246,19 @@ CASES = [
     # ---- select
     pytest.param(
         Cell("require_all", (arrive("gpt", 1), arrive("claude", 2), arrive("gemini", 3)), BEFORE,
-             Status.MERGED, 3, cells(*BRANCHES), merge="select", select_branch="claude"),
+             DecisionStatus.MERGED, 3, cells(*BRANCHES), merge="select", select_branch="claude"),
         id="select-require_all-merges-with-the-selected-branch",
     ),
     pytest.param(
         Cell("quorum", (arrive("claude", 1), arrive("gemini", 2), arrive("gpt", 3)), BEFORE,
-             Status.MERGED, 2, cells("claude", "gemini"), quorum=2, merge="select", select_branch="claude",
+             DecisionStatus.MERGED, 2, cells("claude", "gemini"), quorum=2, merge="select",
+             select_branch="claude",
              missing={"gpt": LATE_AFTER_MERGE}, late=("gpt",)),
         id="select-quorum-merges-when-selected-is-among-the-first-q",
     ),
     pytest.param(
         Cell("quorum", (arrive("gpt", 1), arrive("claude", 2), arrive("gemini", 3)), BEFORE,
-             Status.FAILED, 2, reason=FailureReason.SELECT_BRANCH_NOT_ARRIVED, quorum=2,
+             DecisionStatus.FAILED, 2, reason=FailureReason.SELECT_BRANCH_NOT_ARRIVED, quorum=2,
              merge="select", select_branch="gemini",
              missing={"gemini": LATE_AFTER_FAILURE}, late=("gemini",),
              details={"select_branch": "gemini", "consumed": ["gpt", "claude"]}),
@@ -261,21 +266,21 @@ CASES = [
     ),
     pytest.param(
         Cell("first", (arrive("claude", 1), arrive("gpt", 2)), BEFORE,
-             Status.FAILED, 1, reason=FailureReason.SELECT_BRANCH_NOT_ARRIVED,
+             DecisionStatus.FAILED, 1, reason=FailureReason.SELECT_BRANCH_NOT_ARRIVED,
              merge="select", select_branch="gpt",
              missing={"gpt": LATE_AFTER_FAILURE, "gemini": NOT_ARRIVED}, late=("gpt",)),
         id="select-first-fails-when-another-branch-arrives-first",
     ),
     pytest.param(
         Cell("best_effort", (lose("gpt", 1, "dropped"), arrive("claude", 2), arrive("gemini", 3)), BEFORE,
-             Status.FAILED, 3, reason=FailureReason.SELECT_BRANCH_NOT_ARRIVED,
+             DecisionStatus.FAILED, 3, reason=FailureReason.SELECT_BRANCH_NOT_ARRIVED,
              merge="select", select_branch="gpt",
              missing={"gpt": "dropped"}),
         id="select-best_effort-fails-when-the-selected-branch-is-lost",
     ),
     pytest.param(
         Cell("best_effort", (arrive("gpt", 1),), AFTER,
-             Status.FAILED, D, reason=FailureReason.SELECT_BRANCH_NOT_ARRIVED, merge="select",
+             DecisionStatus.FAILED, D, reason=FailureReason.SELECT_BRANCH_NOT_ARRIVED, merge="select",
              select_branch="gemini", missing={"claude": NOT_ARRIVED, "gemini": NOT_ARRIVED}),
         id="select-best_effort-at-the-deadline-without-the-selected-branch",
     ),
@@ -297,8 +302,8 @@ def test_design_table_cell(cell: Cell) -> None:
     decision = run(cell)
     assert decision.status is cell.status
     assert decision.failure_reason is cell.reason
-    assert decision.is_final == (cell.status is not Status.PENDING)
-    if cell.status is Status.PENDING:
+    assert decision.is_final == (cell.status is not DecisionStatus.PENDING)
+    if cell.status is DecisionStatus.PENDING:
         assert decision.decided_at is None
         return
     expected_at = t(DEADLINE_S) if cell.decided_at == D else t(cell.decided_at)  # type: ignore[arg-type]
@@ -321,7 +326,7 @@ def test_the_table_produces_every_failure_reason() -> None:
 
 def test_the_table_covers_every_policy_and_status() -> None:
     covered = {(p.values[0].policy, run(p.values[0]).status) for p in CASES}
-    assert covered == {(policy.value, status) for policy in Policy for status in Status}
+    assert covered == {(policy.value, status) for policy in Policy for status in DecisionStatus}
 
 
 def test_a_decision_holds_after_later_events_and_later_reads() -> None:
@@ -330,7 +335,7 @@ def test_a_decision_holds_after_later_events_and_later_reads() -> None:
     events = [arrive("gpt", 1), arrive("claude", 2)]
     early = replay(config, events, deadline=t(DEADLINE_S), now=t(3))
     later = replay(config, [*events, lose("gemini", 12, "task_failed")], deadline=t(DEADLINE_S), now=t(AFTER))
-    assert early.status is later.status is Status.MERGED
+    assert early.status is later.status is DecisionStatus.MERGED
     assert early.decided_at == later.decided_at == t(2)
     assert not later.at_deadline
     assert early.missing == {"gemini": NOT_ARRIVED}
@@ -355,7 +360,7 @@ def test_event_kind_given_as_text_is_not_silently_a_loss() -> None:
     except (TypeError, ValueError):
         return  # rejecting a text kind is an acceptable fix
     decision = replay(config, events, deadline=t(DEADLINE_S), now=t(2))
-    assert decision.status is Status.MERGED
+    assert decision.status is DecisionStatus.MERGED
 
 
 # ---- merges

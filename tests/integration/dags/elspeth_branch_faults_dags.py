@@ -20,10 +20,10 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from airflow.sdk import DAG, task
+from integration.support import selected
 
 from airflow_elspeth import BranchOperator, CoalesceSensor, ForkOperator
 
-ONLY_ENV = "ELSPETH_IT_DAGS"
 ROW_COUNT = 6
 HANG_LIMIT_SECONDS = 60.0  # a hung callable gives up after this, so no thread waits forever
 EXECUTION_TIMEOUT = timedelta(seconds=3)
@@ -230,13 +230,5 @@ def build(dag_id: str) -> DAG:
     return build_unjoined() if dag_id == UNJOINED else build_b_fault(dag_id)
 
 
-def _selected() -> list[str]:
-    only = os.environ.get(ONLY_ENV)
-    if only is None:
-        return list(DAG_IDS)
-    wanted = {name.strip() for name in only.split(",")}
-    return [dag_id for dag_id in DAG_IDS if dag_id in wanted]
-
-
-for _dag_id in _selected():
+for _dag_id in selected(DAG_IDS):
     globals()[_dag_id] = build(_dag_id)

@@ -16,7 +16,6 @@ that they all construct.
 from __future__ import annotations
 
 import math
-import os
 import threading
 import time
 from collections.abc import Iterator, Mapping
@@ -25,12 +24,12 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from airflow.sdk import DAG, task
+from integration.support import selected
 
 from airflow_elspeth import BranchOperator, CoalesceSensor, ForkOperator
 
 BRANCHES = ("a", "b", "c")
 ROW_COUNT = 6
-ONLY_ENV = "ELSPETH_IT_DAGS"
 
 
 def row_key(n: int) -> str:
@@ -67,7 +66,7 @@ class Spec:
     coalesce_trigger_rule: str | None = None  # default: the sensor's own ("always")
     tolerated_failures: int = 0
     tolerated_failure_rate: float | None = None
-    on_failure: str = "fail"
+    soft_fail: bool = False  # the coalesce ends skipped, not failed, beyond the tolerance
     retries: Mapping[str, int] = field(default_factory=dict)
     max_failed_rows: Mapping[str, int] = field(default_factory=dict)
     row_retries: Mapping[str, int] = field(default_factory=dict)
@@ -329,7 +328,7 @@ def build_dag(spec: Spec) -> DAG:
             timeout=timedelta(seconds=spec.timeout),
             tolerated_failures=spec.tolerated_failures,
             tolerated_failure_rate=spec.tolerated_failure_rate,
-            on_failure=spec.on_failure,
+            soft_fail=spec.soft_fail,
             poke_interval=1,
             deferrable=spec.deferrable,
             **sensor_options,
@@ -412,7 +411,7 @@ def _add(spec: Spec) -> None:
 # require_all
 _add(_spec("require_all", ALL_ARRIVE))
 _add(_spec("require_all", ROW_ERRORS, actions={"a": {1: "error", 4: "error"}}, tolerated_failures=2))
-_add(_spec("require_all", TASK_FAILS, fail_task="a", on_failure="skip"))
+_add(_spec("require_all", TASK_FAILS, fail_task="a", soft_fail=True))
 _add(_spec("require_all", HANG, timeout=HANG_TIMEOUT, two_step=("c",), actions={"c": {5: "hang"}}))
 _add(
     _spec(
@@ -465,7 +464,7 @@ _add(
         two_step=("c",),
         actions={"a": {4: "error", 5: "error"}, "b": {4: "error"}, "c": {4: "hang", 5: "hang"}},
         concurrency={"c": 2},
-        on_failure="skip",
+        soft_fail=True,
     )
 )
 _add(_spec("best_effort", LATE, timeout=HANG_TIMEOUT, two_step=("c",), actions={"c": {5: "hang"}}))
@@ -616,13 +615,5 @@ for _fault in ("before_pass", "mid_pass"):
     )
 
 
-def _selected() -> list[Spec]:
-    only = os.environ.get(ONLY_ENV)
-    if only is None:
-        return list(SCENARIOS.values())
-    wanted = {name.strip() for name in only.split(",") if name.strip()}
-    return [spec for name, spec in SCENARIOS.items() if name in wanted]
-
-
-for _spec_ in _selected():
-    globals()[_spec_.dag_id] = build_dag(_spec_)
+for _dag_id in selected(SCENARIOS):
+    globals()[_dag_id] = build_dag(SCENARIOS[_dag_id])

@@ -8,17 +8,16 @@ file a first-try-only failure is keyed on.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from airflow.sdk import DAG
+from integration.support import selected
 
 from airflow_elspeth import BranchOperator, CoalesceSensor, ForkOperator
 
-ONLY_ENV = "ELSPETH_IT_DAGS"
 BRANCHES = ("a", "b")
 FAIL_AFTER = 2500  # rows yielded before the source raises
 CHUNK_SIZE = 1000
@@ -124,13 +123,5 @@ def build_dag(dag_id: str, marker: Path | None = None) -> DAG:
     return dag
 
 
-def _selected() -> list[str]:
-    only = os.environ.get(ONLY_ENV)
-    if only is None:
-        return list(DAG_IDS)
-    wanted = {name.strip() for name in only.split(",")}
-    return [dag_id for dag_id in DAG_IDS if dag_id in wanted]
-
-
-for _dag_id in _selected():
+for _dag_id in selected(DAG_IDS):
     globals()[_dag_id] = build_dag(_dag_id)

@@ -1,0 +1,629 @@
+"""What a coalesce decided: its summary (the one source of counts), pages of decided rows and their
+filters, the branch x reason matrix of missing branches, late arrivals and events per time slot.
+
+The summary (docs/ARCHITECTURE.md, "The coalesce summary") is what the sensor pushes to XCom, what
+``airflow-elspeth report`` prints and what the UI's coalesce overview extends: every count of rows
+merged, failed, undecided and late comes from :func:`coalesce_summary`.
+
+Cost model: a page of rows is a LIMIT/OFFSET query over the coalesce's decisions in (chunk, row_key)
+order, through the ``(run_id, node_id, chunk)`` index, with the decision and reason filters on the
+``(run_id, node_id, decision, failure_reason)`` index, so a page of a million-row run costs about a
+page of a small one. Whole-run aggregates are cached (:mod:`airflow_elspeth.audit.read.cache`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Engine, Integer, and_, bindparam, cast, func, select
+
+from airflow_elspeth.audit import schema as t
+from airflow_elspeth.audit.coalesce import CoalesceSpec, deadline_of, load_run
+from airflow_elspeth.audit.read.cache import CoalesceRef, coalesce_ref, run_reads
+from airflow_elspeth.audit.read.runs import coalesce_nodes, coalesce_spec
+from airflow_elspeth.core.vocabulary import (
+    ARRIVAL_NODE_STATUSES,
+    DecisionStatus,
+    TokenOutcome,
+    policy_text,
+    reason_kind,
+    reason_order,
+)
+from airflow_elspeth.exceptions import NotFound
+
+FAILED_ROWS_LIMIT = 100
+PAGE_SIZE = 50
+MAX_PAGE_SIZE = 500
+# Beyond this many distinct missing-branch combinations, filter in SQL with JSON functions instead
+# of an IN list of the matching combinations.
+MAX_IN_LIST = 500
+# Events over time are counted per slot of a thousandth of the timeout (at least a millisecond).
+SLOTS_PER_TIMEOUT = 1000
+_SLOT_OFFSET = 1_000_000_000
+
+_ARRIVALS = [s.value for s in ARRIVAL_NODE_STATUSES]
+
+
+# --------------------------------------------------------------------------------------------------
+# The coalesce summary
+
+
+def coalesce_summary(engine: Engine, spec: CoalesceSpec, run_id: str) -> dict[str, Any]:
+    """The XCom ``coalesce_summary`` (docs/ARCHITECTURE.md, "The coalesce summary"), from grouped queries.
+
+    :raises NotFound: no such audit run.
+    """
+    config = spec.config
+    cd = t.coalesce_decisions.c
+    mine = and_(cd.run_id == run_id, cd.node_id == spec.node_id)
+    with engine.connect() as conn:
+        run = load_run(conn, run_id)
+        if run is None:
+            raise NotFound(f"no audit run {run_id}")
+        counts = Counter(
+            {
+                (decision, reason): n
+                for decision, reason, n in conn.execute(
+                    select(cd.decision, cd.failure_reason, func.count())
+                    .where(mine)
+                    .group_by(cd.decision, cd.failure_reason)
+                )
+            }
+        )
+        missing: dict[str, dict[str, Any]] = {}
+        for missing_json, n in conn.execute(
+            select(cd.missing_json, func.count()).where(mine).group_by(cd.missing_json)
+        ):
+            for branch, reason in json.loads(missing_json).items():
+                entry = missing.setdefault(branch, {"rows": 0, "reasons": {}})
+                entry["rows"] += n
+                entry["reasons"][reason] = entry["reasons"].get(reason, 0) + n
+        failed_rows = [
+            {
+                "row_key": row_key,
+                "reason": reason,
+                "arrived": json.loads(details).get("arrived", []),
+                "missing": json.loads(missing_json),
+            }
+            for row_key, reason, details, missing_json in conn.execute(
+                select(cd.row_key, cd.failure_reason, cd.details_json, cd.missing_json)
+                .where(mine, cd.decision == DecisionStatus.FAILED.value)
+                .order_by(cd.chunk, cd.row_key)
+                .limit(FAILED_ROWS_LIMIT + 1)
+            )
+        ]
+        late_arrivals = _late_arrivals(conn, spec, run_id)
+        collisions: dict[str, dict[str, Any]] = {}
+        for collisions_json, n in conn.execute(
+            select(cd.collisions_json, func.count())
+            .where(mine, cd.collisions_json.is_not(None))
+            .group_by(cd.collisions_json)
+        ):
+            for field_name, branches in json.loads(collisions_json).items():
+                entry = collisions.setdefault(field_name, {"rows": 0, "branches": []})
+                entry["rows"] += n
+                entry["branches"] = [b for b in config.branches if b in {*entry["branches"], *branches}]
+    rows_failed = sum(n for (decision, _), n in counts.items() if decision == DecisionStatus.FAILED)
+    rows_merged = sum(n for (decision, _), n in counts.items() if decision == DecisionStatus.MERGED)
+    failure_reasons = {
+        reason: n for (decision, reason), n in counts.items() if decision == DecisionStatus.FAILED
+    }
+    return {
+        "coalesce": spec.node_id,
+        "policy": config.policy.value,
+        "quorum": config.quorum,
+        "merge": config.merge.value,
+        "select_branch": config.select_branch,
+        "expected_branches": list(config.branches),
+        "deadline": deadline_of(run, config).isoformat() if run.completed_at else None,
+        "rows_total": run.rows_total,
+        "rows_merged": rows_merged,
+        "rows_failed": rows_failed,
+        # Rows this coalesce has not decided (yet): a resolution replaced by a later try's pass
+        # (superseded_decisions) does not count as decided.
+        "rows_undecided": max(0, run.rows_total - rows_merged - rows_failed),
+        "late_arrivals": late_arrivals,
+        "missing_branches": {b: missing[b] for b in config.branches if b in missing},
+        "failure_reasons": dict(sorted(failure_reasons.items())),
+        "field_collisions": dict(sorted(collisions.items())),
+        "failed_rows": failed_rows[:FAILED_ROWS_LIMIT],
+        "failed_rows_truncated": len(failed_rows) > FAILED_ROWS_LIMIT,
+        "audit_run_id": run_id,
+    }
+
+
+def _late_arrivals(conn: Any, spec: CoalesceSpec, run_id: str) -> int:
+    """Arrivals at this coalesce recorded after their row's decision time: every late arrival.
+
+    Both kinds: those the deciding pass saw (also listed in the decision's ``late_json``) and those
+    recorded after it (their token already ``not_arrived``). Counted against this coalesce's own
+    decisions, not from the tokens' terminal outcomes: with several coalesces on one fork, a token's
+    one terminal outcome may have been written by another coalesce.
+    """
+    ns, cd = t.node_states.c, t.coalesce_decisions.c
+    return int(
+        conn.execute(
+            select(func.count(func.distinct(ns.token_id)))
+            .select_from(
+                t.node_states.join(
+                    t.coalesce_decisions,
+                    and_(cd.run_id == ns.run_id, cd.row_id == ns.row_id, cd.node_id == spec.node_id),
+                )
+            )
+            .where(
+                ns.run_id == run_id,
+                ns.node_id.in_(list(spec.delivering.values())),
+                ns.status.in_(_ARRIVALS),
+                ns.recorded_at > cd.decided_at,
+            )
+        ).scalar_one()
+    )
+
+
+def run_summaries(
+    engine: Engine, runs: Iterable[dict[str, Any]]
+) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
+    """(run, summary) of every coalesce registered in each of ``runs`` (rows of ``runs``)."""
+    for run in runs:
+        for node in coalesce_nodes(engine, run["run_id"]):
+            spec = coalesce_spec(engine, run["run_id"], node["node_id"])
+            yield run, coalesce_summary(engine, spec, run["run_id"])
+
+
+def failure_message(summary: Mapping[str, Any]) -> str:
+    """The one-paragraph answer to "why did the coalesce fail": policy, counts, missing branches."""
+    policy = summary["policy"] + (f"(quorum={summary['quorum']})" if summary.get("quorum") else "")
+    reasons = ", ".join(f"{reason}={n}" for reason, n in summary["failure_reasons"].items())
+    missing = "; ".join(
+        f"{branch}: " + ", ".join(f"{reason} x{n}" for reason, n in info["reasons"].items())
+        for branch, info in summary["missing_branches"].items()
+    )
+    return (
+        f"coalesce {summary['coalesce']!r} ({policy}, merge={summary['merge']}): "
+        f"{summary['rows_failed']} of {summary['rows_total']} rows failed "
+        f"(tolerated: {summary['tolerated_failures']}"
+        + (
+            f" or rate {summary['tolerated_failure_rate']}"
+            if summary.get("tolerated_failure_rate") is not None
+            else ""
+        )
+        + f"). Failure reasons: {reasons or 'none'}. Missing branches: {missing or 'none'}. "
+        f"Audit run {summary['audit_run_id']}."
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Decision groups: the one scan behind the matrix, filtered totals and decisions over time
+
+
+def slot_seconds(spec: CoalesceSpec) -> float:
+    """The width of a time slot: a thousandth of the timeout (at least a millisecond).
+
+    Fine slots cost little: events are stamped per written batch, so the number of non-empty slots
+    is bounded by the number of batches, not by the length of the run.
+    """
+    return max(spec.config.timeout.total_seconds() / SLOTS_PER_TIMEOUT, 0.001)
+
+
+@dataclass(frozen=True)
+class DecisionGroup:
+    decision: str
+    failure_reason: str | None
+    missing_json: str
+    late_json: str
+    rows: int
+    missing: Mapping[str, str] = field(compare=False)
+    late: tuple[str, ...] = field(compare=False)
+
+
+def _decision_scan(ref: CoalesceRef) -> tuple[list[DecisionGroup], dict[str, dict[int, int]]]:
+    """One grouped scan of the coalesce's decisions: the groups, and decisions per time slot."""
+    cd = t.coalesce_decisions.c
+    resolution = slot_seconds(ref.spec)
+    # wait_ms is decided_at - fork completion: slots need no date arithmetic.
+    slot = (cast(cd.wait_ms / (resolution * 1000.0) + _SLOT_OFFSET, Integer) - _SLOT_OFFSET).label("slot")
+    rows: dict[tuple[str, str | None, str, str], int] = {}
+    slots: dict[str, dict[int, int]] = {DecisionStatus.MERGED.value: {}, DecisionStatus.FAILED.value: {}}
+    with ref.engine.connect() as conn:
+        for decision, reason, missing_json, late_json, at, n in conn.execute(
+            select(cd.decision, cd.failure_reason, cd.missing_json, cd.late_json, slot, func.count())
+            .where(cd.run_id == ref.run_id, cd.node_id == ref.node_id)
+            .group_by(cd.decision, cd.failure_reason, cd.missing_json, cd.late_json, slot)
+        ):
+            group = (decision, reason, missing_json, late_json)
+            rows[group] = rows.get(group, 0) + n
+            if at is not None:
+                series = slots.setdefault(decision, {})
+                series[int(at)] = series.get(int(at), 0) + n
+    groups = [
+        DecisionGroup(
+            decision,
+            reason,
+            missing_json,
+            late_json,
+            n,
+            json.loads(missing_json),
+            tuple(json.loads(late_json)),
+        )
+        for (decision, reason, missing_json, late_json), n in rows.items()
+    ]
+    return groups, slots
+
+
+def _scan(ref: CoalesceRef) -> tuple[list[DecisionGroup], dict[str, dict[int, int]]]:
+    return ref.cached("decisions", lambda: _decision_scan(ref))
+
+
+def decision_slots(ref: CoalesceRef) -> dict[str, dict[int, int]]:
+    """Decisions (``merged`` / ``failed``) per time slot of :func:`slot_seconds` after the fork."""
+    return _scan(ref)[1]
+
+
+def arrival_slots(ref: CoalesceRef, audit_run: Mapping[str, Any]) -> dict[str, dict[int, int]]:
+    """Arrivals per branch per time slot (slot s: [s, s+1) x :func:`slot_seconds` after the fork);
+    empty while the fork has not completed."""
+    if audit_run["completed_at"] is None:
+        return {}
+    return ref.cached("arrivals", lambda: _arrival_slots(ref, audit_run))
+
+
+def _arrival_slots(ref: CoalesceRef, audit_run: Mapping[str, Any]) -> dict[str, dict[int, int]]:
+    engine, spec, resolution = ref.engine, ref.spec, slot_seconds(ref.spec)
+    ns = t.node_states.c
+    branch_of = {node: branch for branch, node in spec.delivering.items()}
+    origin = bindparam("origin", audit_run["completed_at"], type_=t.runs.c.completed_at.type)
+    slot: Any
+    if engine.dialect.name == "postgresql":
+        slot = func.floor(func.date_part("epoch", ns.recorded_at - origin) / resolution)
+    else:
+        # One julianday per row; the offset makes CAST's truncation a floor for times before the fork.
+        seconds = (func.julianday(ns.recorded_at) - func.julianday(origin)) * 86400.0
+        slot = cast(seconds / resolution + _SLOT_OFFSET, Integer) - _SLOT_OFFSET
+    slot = slot.label("slot")
+    arrivals: dict[str, dict[int, int]] = {b: {} for b in spec.config.branches}
+    with engine.connect() as conn:
+        for node, at, n in conn.execute(
+            select(ns.node_id, slot, func.count())
+            .where(
+                ns.run_id == audit_run["audit_run_id"],
+                ns.node_id.in_(list(branch_of)),
+                ns.status.in_(_ARRIVALS),
+            )
+            .group_by(ns.node_id, slot)
+        ):
+            if at is None:
+                continue
+            series = arrivals[branch_of[node]]
+            series[int(at)] = series.get(int(at), 0) + n
+    return arrivals
+
+
+@dataclass(frozen=True)
+class RowFilter:
+    """Which decided rows to list.
+
+    :param decision: ``failed``, ``merged`` or None for both.
+    :param reason: the row's failure reason.
+    :param branch: a branch that did not contribute to the row.
+    :param branch_reason: why ``branch`` did not contribute (needs ``branch``).
+    :param late: only rows with a late arrival recorded in their decision.
+    """
+
+    decision: str | None = DecisionStatus.FAILED.value
+    reason: str | None = None
+    branch: str | None = None
+    branch_reason: str | None = None
+    late: bool = False
+
+    def matches(self, group: DecisionGroup) -> bool:
+        if self.decision is not None and group.decision != self.decision:
+            return False
+        if self.reason is not None and group.failure_reason != self.reason:
+            return False
+        if self.late and not group.late:
+            return False
+        if self.branch is not None:
+            if self.branch not in group.missing:
+                return False
+            if self.branch_reason is not None and group.missing[self.branch] != self.branch_reason:
+                return False
+        return True
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "decision": self.decision,
+            "reason": self.reason,
+            "branch": self.branch,
+            "branch_reason": self.branch_reason,
+            "late": self.late,
+        }
+
+
+def _json_missing_condition(engine: Engine, flt: RowFilter) -> Any:
+    """SQL for "``branch`` is missing [for ``branch_reason``]" on missing_json, per dialect."""
+    cd = t.coalesce_decisions.c
+    if engine.dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import JSONB
+
+        value = cast(cd.missing_json, JSONB).op("->>")(flt.branch)
+        return value == flt.branch_reason if flt.branch_reason is not None else value.is_not(None)
+    entries = func.json_each(cd.missing_json).table_valued("key", "value").alias("missing_entry")
+    conditions = [entries.c.key == flt.branch]
+    if flt.branch_reason is not None:
+        conditions.append(entries.c.value == flt.branch_reason)
+    return select(entries.c.key).where(*conditions).exists()
+
+
+# --------------------------------------------------------------------------------------------------
+# The coalesce overview
+
+
+def _matrix(groups: Iterable[DecisionGroup], branches: Sequence[str]) -> dict[str, Any]:
+    cells: dict[str, dict[str, dict[str, int]]] = {}
+    reasons: set[str] = set()
+    for group in groups:
+        for branch, reason in group.missing.items():
+            reasons.add(reason)
+            cell = cells.setdefault(branch, {}).setdefault(reason, {"rows": 0, "failed_rows": 0})
+            cell["rows"] += group.rows
+            if group.decision == DecisionStatus.FAILED:
+                cell["failed_rows"] += group.rows
+    ordered = sorted(reasons, key=reason_order)
+    listed = [b for b in branches if b in cells] + sorted(b for b in cells if b not in branches)
+    return {
+        "branches": listed,
+        "reasons": ordered,
+        "reason_kinds": {r: reason_kind(r).value for r in ordered},
+        "cells": cells,
+        "branch_totals": {b: sum(c["rows"] for c in cells[b].values()) for b in listed},
+        "reason_totals": {r: sum(cells[b].get(r, {}).get("rows", 0) for b in listed) for r in ordered},
+    }
+
+
+def _late_after_write(ref: CoalesceRef) -> list[dict[str, Any]]:
+    """Arrivals written after their row's decision (the decision saw the branch as not arrived)."""
+    spec = ref.spec
+    ns, to, cd = t.node_states.c, t.token_outcomes.c, t.coalesce_decisions.c
+    branch_of = {node: branch for branch, node in spec.delivering.items()}
+    query = (
+        select(
+            cd.row_key,
+            cd.decision,
+            cd.failure_reason,
+            cd.decided_at,
+            cd.recorded_at,
+            ns.node_id,
+            func.min(ns.recorded_at),
+        )
+        .select_from(
+            t.token_outcomes.join(t.node_states, ns.token_id == to.token_id).join(
+                t.coalesce_decisions,
+                and_(cd.run_id == ns.run_id, cd.node_id == spec.node_id, cd.row_id == ns.row_id),
+            )
+        )
+        .where(
+            to.run_id == ref.run_id,
+            to.outcome == TokenOutcome.NOT_ARRIVED.value,
+            to.is_terminal,
+            ns.node_id.in_(list(branch_of)),
+            ns.status.in_(_ARRIVALS),
+        )
+        .group_by(cd.row_key, cd.decision, cd.failure_reason, cd.decided_at, cd.recorded_at, ns.node_id)
+        .order_by(func.min(ns.recorded_at))
+    )
+    with ref.engine.connect() as conn:
+        return [
+            {
+                "row_key": row_key,
+                "branch": branch_of[node_id],
+                "decision": decision,
+                "failure_reason": reason,
+                "decided_at": decided_at,
+                "decision_recorded_at": recorded_at,
+                "arrived_at": arrived_at,
+                "after_decision_s": (arrived_at - decided_at).total_seconds(),
+            }
+            for row_key, decision, reason, decided_at, recorded_at, node_id, arrived_at in conn.execute(query)
+        ]
+
+
+def _after_write(ref: CoalesceRef) -> list[dict[str, Any]]:
+    return ref.cached("after", lambda: _late_after_write(ref))
+
+
+def cached_summary(ref: CoalesceRef) -> dict[str, Any]:
+    """:func:`coalesce_summary` of the coalesce, cached under the run's fingerprint."""
+    return ref.cached("summary", lambda: coalesce_summary(ref.engine, ref.spec, ref.run_id))
+
+
+def coalesce_overview(
+    engine: Engine, audit_run: Mapping[str, Any], node_id: str, *, ref: CoalesceRef | None = None
+) -> dict[str, Any]:
+    """The coalesce summary, extended with what the coalesce section of a page shows besides it:
+    the policy in words, the deadline, late rows, the branch x reason matrix of missing branches.
+
+    Every count is the summary's; ``rows_undecided`` is non-zero while the coalesce is still running.
+    """
+    run_id = audit_run["audit_run_id"]
+    ref = ref or coalesce_ref(engine, run_id, node_id)
+    spec = ref.spec
+    summary, (groups, _), after_write = run_reads(
+        engine, lambda: cached_summary(ref), lambda: _scan(ref), lambda: _after_write(ref)
+    )
+    completed_at = audit_run["completed_at"]
+    deadline = completed_at + spec.config.timeout if completed_at else None
+    return {
+        "coalesce": node_id,
+        "audit_run_id": run_id,
+        "policy": summary["policy"],
+        "policy_text": policy_text(spec.config.as_dict()),
+        "quorum": summary["quorum"],
+        "merge": summary["merge"],
+        "select_branch": summary["select_branch"],
+        "branches": summary["expected_branches"],
+        "delivering": dict(spec.delivering),
+        "timeout_s": spec.config.timeout.total_seconds(),
+        "fork_completed_at": completed_at,
+        "deadline": deadline,
+        "rows_total": summary["rows_total"],
+        "rows_merged": summary["rows_merged"],
+        "rows_failed": summary["rows_failed"],
+        "rows_undecided": summary["rows_undecided"],
+        "late_arrivals": summary["late_arrivals"],
+        "late_rows": sum(g.rows for g in groups if g.late),
+        "late_after_write": len(after_write),
+        "failure_reasons": dict(sorted(summary["failure_reasons"].items(), key=lambda kv: (-kv[1], kv[0]))),
+        "missing_matrix": _matrix(groups, spec.config.branches),
+        "field_collisions": summary["field_collisions"],
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# Rows of a coalesce
+
+
+def _page_bounds(limit: int, offset: int) -> tuple[int, int]:
+    return max(1, min(int(limit), MAX_PAGE_SIZE)), max(0, int(offset))
+
+
+def decision_rows(
+    engine: Engine,
+    run_id: str,
+    node_id: str,
+    flt: RowFilter,
+    *,
+    limit: int = PAGE_SIZE,
+    offset: int = 0,
+    max_in_list: int = MAX_IN_LIST,
+    ref: CoalesceRef | None = None,
+) -> dict[str, Any]:
+    """One page of a coalesce's decided rows, in (chunk, row key) order, with the filter's total."""
+    limit, offset = _page_bounds(limit, offset)
+    ref = ref or coalesce_ref(engine, run_id, node_id)
+    groups = _scan(ref)[0]
+    matching = [g for g in groups if flt.matches(g)]
+    total = sum(g.rows for g in matching)
+    rows: list[dict[str, Any]] = []
+    if total and offset < total:
+        cd = t.coalesce_decisions.c
+        conditions = [cd.run_id == run_id, cd.node_id == node_id]
+        if flt.decision is not None:
+            conditions.append(cd.decision == flt.decision)
+        if flt.reason is not None:
+            conditions.append(cd.failure_reason == flt.reason)
+        if flt.branch is not None:
+            # The groups say which missing-branch combinations match: filter on those exact texts.
+            combos = sorted({g.missing_json for g in matching})
+            if len(combos) <= max_in_list:
+                conditions.append(cd.missing_json.in_(combos))
+            else:
+                conditions.append(_json_missing_condition(engine, flt))
+        if flt.late:
+            conditions.append(cd.late_json != "[]")
+        query = (
+            select(
+                cd.row_key,
+                cd.chunk,
+                cd.decision,
+                cd.failure_reason,
+                cd.details_json,
+                cd.consumed,
+                cd.missing_json,
+                cd.late_json,
+                cd.decided_at,
+                cd.wait_ms,
+            )
+            .where(*conditions)
+            .order_by(cd.chunk, cd.row_key)
+            .limit(limit)
+            .offset(offset)
+        )
+        with engine.connect() as conn:
+            for row in conn.execute(query).mappings():
+                details = json.loads(row["details_json"])
+                consumed = json.loads(row["consumed"])
+                rows.append(
+                    {
+                        "row_key": row["row_key"],
+                        "chunk": row["chunk"],
+                        "decision": row["decision"],
+                        "failure_reason": row["failure_reason"],
+                        "consumed": consumed,
+                        "arrived": details.get("arrived", consumed),
+                        "missing": json.loads(row["missing_json"]),
+                        "late": json.loads(row["late_json"]),
+                        "details": details,
+                        "decided_at": row["decided_at"],
+                        "wait_ms": row["wait_ms"],
+                    }
+                )
+    return {"filter": flt.as_dict(), "total": total, "limit": limit, "offset": offset, "rows": rows}
+
+
+def late_arrivals(
+    engine: Engine,
+    audit_run: Mapping[str, Any],
+    node_id: str,
+    *,
+    limit: int = PAGE_SIZE,
+    offset: int = 0,
+    ref: CoalesceRef | None = None,
+) -> dict[str, Any]:
+    """Arrivals after their row's decision: never merged, always recorded.
+
+    ``rows`` pages the rows whose decision recorded a late branch (with each late branch's arrival
+    time); ``after_write`` lists arrivals that came after the decision was even written.
+    """
+    run_id = audit_run["audit_run_id"]
+    ref = ref or coalesce_ref(engine, run_id, node_id)
+    spec = ref.spec
+    page = decision_rows(
+        engine, run_id, node_id, RowFilter(decision=None, late=True), limit=limit, offset=offset, ref=ref
+    )
+    if page["rows"]:
+        ns = t.node_states.c
+        branch_of = {node: branch for branch, node in spec.delivering.items()}
+        wanted = {r["row_key"] for r in page["rows"]}
+        r = t.rows.c
+        arrived: dict[tuple[str, str], datetime] = {}
+        with engine.connect() as conn:
+            for row_key, node, at in conn.execute(
+                select(r.row_key, ns.node_id, func.min(ns.recorded_at))
+                .select_from(t.node_states.join(t.rows, and_(r.run_id == ns.run_id, r.row_id == ns.row_id)))
+                .where(
+                    ns.run_id == run_id,
+                    ns.node_id.in_(list(branch_of)),
+                    ns.chunk.in_(sorted({x["chunk"] for x in page["rows"]})),
+                    ns.status.in_(_ARRIVALS),
+                    r.row_key.in_(sorted(wanted)),
+                )
+                .group_by(r.row_key, ns.node_id)
+            ):
+                arrived[(row_key, branch_of[node])] = at
+        for row in page["rows"]:
+            row["late_arrivals"] = [
+                {
+                    "branch": branch,
+                    "arrived_at": arrived.get((row["row_key"], branch)),
+                    "after_decision_s": (
+                        (arrived[(row["row_key"], branch)] - row["decided_at"]).total_seconds()
+                        if (row["row_key"], branch) in arrived
+                        else None
+                    ),
+                }
+                for branch in row["late"]
+            ]
+    after = _after_write(ref)
+    return {
+        "total_rows": page["total"],
+        "limit": page["limit"],
+        "offset": page["offset"],
+        "rows": page["rows"],
+        "after_write": after[:MAX_PAGE_SIZE],
+        "after_write_total": len(after),
+    }

@@ -1,0 +1,463 @@
+"""One row, from source to decision: its lineage (tokens, node states, outcomes, decisions), what a
+person reads about it (the row page, ``airflow-elspeth explain``) and each decision replayed from
+its stored event log (through :mod:`airflow_elspeth.audit.read.verify`). Nothing here writes.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Engine, or_, select
+
+from airflow_elspeth.audit import schema as t
+from airflow_elspeth.audit.coalesce import CoalesceSpec, RunInfo
+from airflow_elspeth.audit.read.runs import coalesce_spec, run_info
+from airflow_elspeth.audit.read.verify import COMPARED, Replay, replay_row
+from airflow_elspeth.core.policy import BranchEvent, EventKind
+from airflow_elspeth.core.vocabulary import (
+    NOT_ARRIVED,
+    DecisionStatus,
+    FailureReason,
+    NodeType,
+    ReasonKind,
+    TokenKind,
+    failure_reason_text,
+    is_resolution,
+    missing_reason_text,
+    policy_text,
+    reason_kind,
+    resolution_task_state,
+)
+from airflow_elspeth.exceptions import NotFound
+
+
+def row_lineage(engine: Engine, run_id: str, row_key: str) -> dict[str, Any]:
+    """One row: its source payload, every token and node state, outcomes and decisions.
+
+    ``decisions`` are the current ones; ``superseded_decisions`` the resolutions a later coalesce
+    try replaced. A token's ``outcomes`` are its terminal one and any superseded ones.
+
+    :raises NotFound: no such row in the run.
+    """
+    with engine.connect() as conn:
+        row = (
+            conn.execute(select(t.rows).where(t.rows.c.run_id == run_id, t.rows.c.row_key == row_key))
+            .mappings()
+            .first()
+        )
+        if row is None:
+            raise NotFound(f"no row {row_key!r} in audit run {run_id}")
+        row_id = row["row_id"]
+        source = conn.execute(
+            select(t.payloads.c.body).where(t.payloads.c.hash == row["payload_ref"])
+        ).scalar()
+        tokens = [
+            dict(x)
+            for x in conn.execute(
+                select(t.tokens).where(t.tokens.c.run_id == run_id, t.tokens.c.row_id == row_id)
+            ).mappings()
+        ]
+        token_ids = [tok["token_id"] for tok in tokens]
+        states = defaultdict(list)
+        for state in conn.execute(
+            select(t.node_states)
+            .where(t.node_states.c.token_id.in_(token_ids))
+            .order_by(t.node_states.c.started_at)
+        ).mappings():
+            states[state["token_id"]].append(dict(state))
+        outcomes = defaultdict(list)
+        to = t.token_outcomes.c
+        for outcome in conn.execute(
+            select(t.token_outcomes)
+            # Terminal outcomes, and those a later coalesce try superseded (no longer terminal: each
+            # dict says which by ``is_terminal`` / ``superseded_at``).
+            .where(to.token_id.in_(token_ids), or_(to.is_terminal, to.superseded_at.is_not(None)))
+            .order_by(to.recorded_at)
+        ).mappings():
+            outcomes[outcome["token_id"]].append(dict(outcome))
+        decisions = [
+            dict(d)
+            for d in conn.execute(
+                select(t.coalesce_decisions).where(
+                    t.coalesce_decisions.c.run_id == run_id, t.coalesce_decisions.c.row_id == row_id
+                )
+            ).mappings()
+        ]
+        sd = t.superseded_decisions.c
+        superseded = [
+            dict(d)
+            for d in conn.execute(
+                select(t.superseded_decisions)
+                .where(sd.run_id == run_id, sd.row_id == row_id)
+                .order_by(sd.node_id, sd.superseded_at)
+            ).mappings()
+        ]
+        output_refs = {s["output_ref"] for ss in states.values() for s in ss if s["output_ref"]}
+        outputs = {
+            h: json.loads(b)
+            for h, b in conn.execute(
+                select(t.payloads.c.hash, t.payloads.c.body).where(t.payloads.c.hash.in_(output_refs))
+            )
+        }
+    return {
+        "row": dict(row),
+        "source": json.loads(source) if source else None,
+        "tokens": [
+            {**tok, "states": states[tok["token_id"]], "outcomes": outcomes[tok["token_id"]]}
+            for tok in tokens
+        ],
+        "outputs": outputs,
+        "decisions": decisions,
+        # Resolutions a later try of their coalesce replaced: history, never a decision.
+        "superseded_decisions": superseded,
+    }
+
+
+def explain_decision(
+    decision: Mapping[str, Any], config: Mapping[str, Any], deadline: datetime | None
+) -> str:
+    """One paragraph: what was decided, when, and why, in words."""
+    details = decision["details"]
+    missing: Mapping[str, str] = decision["missing"]
+    consumed: list[str] = decision["consumed"]
+    at = decision["decided_at"]
+    when = "at the deadline" if deadline is not None and at == deadline else "when the deciding event arrived"
+    policy = policy_text(config)
+
+    def listing(names: Iterable[str]) -> str:
+        names = list(names)
+        return ", ".join(names) if names else "none"
+
+    lost = {b: r for b, r in missing.items() if reason_kind(r) is ReasonKind.LOSS}
+    waiting = [b for b, r in missing.items() if r == NOT_ARRIVED]
+    late = [b for b, r in missing.items() if reason_kind(r) is ReasonKind.LATE]
+    parts = []
+    if is_resolution(decision["failure_reason"]):
+        state = details.get("coalesce_task_state") or resolution_task_state(str(decision["failure_reason"]))
+        parts.append(
+            f"Resolved when the coalesce task ended {state}, with the row still undecided under {policy}: "
+            "closed as failed so it is never left waiting. This is not a policy outcome."
+        )
+        parts.append(f"Arrived before the coalesce task ended: {listing(details.get('arrived', []))}.")
+    elif decision["decision"] == DecisionStatus.MERGED:
+        parts.append(f"Merged {when} under {policy} (merge={config['merge']}), from {listing(consumed)}.")
+    else:
+        reason = decision["failure_reason"] or ""
+        parts.append(f"Failed {when} under {policy}: {failure_reason_text(reason)}.")
+        arrived = details.get("arrived")
+        if arrived is not None:
+            parts.append(f"Arrived before the decision: {listing(arrived)}.")
+        if "need" in details:
+            need = details["need"]
+            if "max_possible" in details:
+                parts.append(
+                    f"The quorum needs {need}; at most {details['max_possible']} could still arrive."
+                )
+            else:
+                parts.append(f"The quorum needs {need}.")
+        if reason == FailureReason.SELECT_BRANCH_NOT_ARRIVED:
+            parts.append(
+                f"merge=select keeps only {details.get('select_branch')!r}, which was not among the "
+                f"merged arrivals ({listing(details.get('consumed', []))}); no other branch is substituted."
+            )
+    for branch, why in lost.items():
+        parts.append(f"{branch} {missing_reason_text(why)}.")
+    if waiting:
+        parts.append(f"{listing(waiting)} had not arrived when the row was decided.")
+    if late:
+        parts.append(f"{listing(late)} arrived after the decision (late: recorded, never merged).")
+    return " ".join(parts)
+
+
+def _timeline(
+    log: list[BranchEvent], deadline: datetime, recorded: Mapping[str, Any]
+) -> list[dict[str, Any]]:
+    """The log as read by a person: events, the deadline and the decision, in replay order.
+
+    The deadline sorts after every event stamped at or before it (as in the replay), and the
+    decision right after the event (or deadline) that made it.
+    """
+    consumed = set(recorded["consumed"])
+    entries = [
+        (e.at, 0, i, {"type": "event", **_event_dict(e, deadline, recorded["decided_at"], consumed)})
+        for i, e in enumerate(log)
+    ]
+    entries.append((deadline, 1, 0, {"type": "deadline", "at": deadline}))
+    entries.append(
+        (
+            recorded["decided_at"],
+            2,
+            0,
+            {
+                "type": "decision",
+                "at": recorded["decided_at"],
+                "decision": recorded["decision"],
+                "failure_reason": recorded["failure_reason"],
+            },
+        )
+    )
+    return [entry for *_, entry in sorted(entries, key=lambda x: (x[0], x[1], x[2]))]
+
+
+def _event_dict(
+    event: BranchEvent, deadline: datetime, decided_at: datetime, consumed: set[str]
+) -> dict[str, Any]:
+    if event.kind is EventKind.ARRIVAL:
+        note = "consumed" if event.branch in consumed else ("late" if event.at > decided_at else "arrived")
+    else:
+        note = "lost"
+    return {
+        "branch": event.branch,
+        "at": event.at,
+        "kind": event.kind.value,
+        "reason": event.reason,
+        "after_deadline": event.at > deadline,
+        "note": note,
+    }
+
+
+def _error_of(state: Mapping[str, Any]) -> dict[str, Any] | None:
+    if not state.get("error_json"):
+        return None
+    try:
+        error = json.loads(state["error_json"])
+    except ValueError:
+        return {"type": "?", "message": state["error_json"]}
+    return error if isinstance(error, dict) else {"type": "?", "message": str(error)}
+
+
+def _chain(steps: Mapping[str, Mapping[str, Any]], branch: str) -> list[str]:
+    """A branch's steps in order, from each step's registered ``previous_step``."""
+    mine = {node: cfg for node, cfg in steps.items() if cfg.get("branch") == branch}
+    after = {cfg.get("previous_step"): node for node, cfg in mine.items()}
+    order, current = [], after.get(None)
+    while current is not None and current not in order:
+        order.append(current)
+        current = after.get(current)
+    return order + sorted(n for n in mine if n not in order)
+
+
+def row_view(engine: Engine, audit_run: Mapping[str, Any], row_key: str) -> dict[str, Any]:
+    """One row from source to decision: the source row, the fork, each branch's node states in step
+    order (timing, errors, outputs), the terminal outcome of each token, every coalesce decision with
+    its explanation and a replay of its event log, and the merged output."""
+    run_id = audit_run["audit_run_id"]
+    lineage = row_lineage(engine, run_id, row_key)
+    run = run_info(engine, run_id)
+    n = t.nodes.c
+    with engine.connect() as conn:
+        node_rows = conn.execute(
+            select(n.node_id, n.node_type, n.branch_name, n.config_json).where(n.run_id == run_id)
+        ).all()
+    steps = {
+        node_id: {**json.loads(config_json), "branch": branch}
+        for node_id, node_type, branch, config_json in node_rows
+        if node_type == NodeType.BRANCH
+    }
+    coalesce_configs = {
+        node_id: json.loads(config_json)
+        for node_id, node_type, _, config_json in node_rows
+        if node_type == NodeType.COALESCE
+    }
+    outputs = lineage["outputs"]
+    tokens = lineage["tokens"]
+    source = next((tok for tok in tokens if tok["token_kind"] == TokenKind.SOURCE), None)
+    branches = []
+    for branch in audit_run["branches"]:
+        token = next(
+            (tok for tok in tokens if tok["token_kind"] == TokenKind.BRANCH and tok["branch_name"] == branch),
+            None,
+        )
+        if token is None:
+            continue
+        order = _chain(steps, branch)
+        states = sorted(
+            token["states"],
+            key=lambda s: (order.index(s["node_id"]) if s["node_id"] in order else len(order), s["attempt"]),
+        )
+        terminal = next((o for o in token["outcomes"] if o["is_terminal"]), None)
+        branches.append(
+            {
+                "branch": branch,
+                "token_id": token["token_id"],
+                "steps": order,
+                "states": [
+                    {
+                        "node_id": s["node_id"],
+                        "attempt": s["attempt"],
+                        "status": s["status"],
+                        "started_at": s["started_at"],
+                        "completed_at": s["completed_at"],
+                        "recorded_at": s.get("recorded_at"),
+                        "duration_ms": s["duration_ms"],
+                        "error": _error_of(s),
+                        "context": json.loads(s["context_json"]) if s.get("context_json") else None,
+                        "output": outputs.get(s["output_ref"]) if s["output_ref"] else None,
+                        "output_ref": s["output_ref"],
+                    }
+                    for s in states
+                ],
+                "missing_steps": [step for step in order if step not in {s["node_id"] for s in states}],
+                "outcome": terminal["outcome"] if terminal else None,
+                "outcome_reason": terminal["reason"] if terminal else None,
+                "outcomes": token["outcomes"],
+                # Outcomes of a resolution a later coalesce try replaced: shown, never terminal.
+                "superseded_outcomes": [
+                    o
+                    for o in token["outcomes"]
+                    if not o["is_terminal"] and o.get("superseded_at") is not None
+                ],
+            }
+        )
+    decisions = []
+    for d in lineage["decisions"]:
+        config_data = coalesce_configs.get(d["node_id"])
+        recorded = {
+            "coalesce": d["node_id"],
+            "decision": d["decision"],
+            "failure_reason": d["failure_reason"],
+            "details": json.loads(d["details_json"]),
+            "consumed": json.loads(d["consumed"]),
+            "missing": json.loads(d["missing_json"]),
+            "late": json.loads(d["late_json"]),
+            "collisions": json.loads(d["collisions_json"]) if d.get("collisions_json") else None,
+            "decided_at": d["decided_at"],
+            "recorded_at": d["recorded_at"],
+            "wait_ms": d["wait_ms"],
+            "merged_token_id": d["merged_token_id"],
+        }
+        merged = next((tok for tok in tokens if tok["token_id"] == d["merged_token_id"]), None)
+        merged_state = merged["states"][0] if merged and merged["states"] else None
+        recorded["merged_output"] = (
+            outputs.get(merged_state["output_ref"]) if merged_state and merged_state["output_ref"] else None
+        )
+        if config_data is not None:
+            spec = CoalesceSpec.from_dict(config_data)
+            config = spec.config.as_dict()
+            deadline = (
+                audit_run["completed_at"] + spec.config.timeout
+                if audit_run["completed_at"] is not None
+                else None
+            )
+            recorded["policy_text"] = policy_text(config)
+            recorded["deadline"] = deadline
+            recorded["explanation"] = explain_decision(recorded, config, deadline)
+            recorded["replay"] = _replay_view(engine, spec, run, d, recorded)
+        decisions.append(recorded)
+    decisions.sort(key=lambda d: d["coalesce"])
+    superseded = [
+        {
+            "coalesce": d["node_id"],
+            "decision": d["decision"],
+            "failure_reason": d["failure_reason"],
+            "details": json.loads(d["details_json"]),
+            "missing": json.loads(d["missing_json"]),
+            "decided_at": d["decided_at"],
+            "recorded_at": d["recorded_at"],
+            "superseded_at": d["superseded_at"],
+        }
+        for d in lineage.get("superseded_decisions", [])
+    ]
+    return {
+        "audit_run_id": run_id,
+        "row_key": lineage["row"]["row_key"],
+        "row_index": lineage["row"]["row_index"],
+        "chunk": lineage["row"]["chunk"],
+        "source": lineage["source"],
+        "source_hash": lineage["row"]["source_hash"],
+        "fork": {
+            "task_id": audit_run["fork_task_id"],
+            "token_id": source["token_id"] if source else None,
+            "fork_group_id": source["fork_group_id"] if source else None,
+            "created_at": source["created_at"] if source else None,
+            "branches": audit_run["branches"],
+        },
+        "fork_completed_at": audit_run["completed_at"],
+        "branches": branches,
+        "decisions": decisions,
+        # Resolutions replaced when a person cleared the coalesce: history, never decisions.
+        "superseded_decisions": superseded,
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# Replays, as the row page and ``explain`` show them
+
+
+def _replay_view(
+    engine: Engine, spec: CoalesceSpec, run: RunInfo, stored: Mapping[str, Any], recorded: Mapping[str, Any]
+) -> dict[str, Any]:
+    """The row page's replay of one decision: agreement, differences, the log and its timeline.
+
+    A resolution's check replays only the events up to its ``decided_at``, which must leave the row
+    pending (``undecidable_then``).
+    """
+    try:
+        replayed = replay_row(engine, spec, run, stored)
+    except Exception as err:  # the page still shows the recorded decision
+        return {"available": False, "error": f"{type(err).__name__}: {err}", "events": [], "timeline": []}
+    fields = replayed.replayed_fields
+    got = {k: fields[k] for k in COMPARED}
+    log, deadline = replayed.events, replayed.deadline
+    if replayed.resolution:
+        return {
+            "available": True,
+            "resolution": True,
+            "task_state": replayed.task_state,
+            "undecidable_then": replayed.undecidable_then,
+            "agrees": replayed.agrees,
+            "differences": {},
+            "replayed": got,
+            "deadline": deadline,
+            "events": [_event_dict(e, deadline, recorded["decided_at"], set()) for e in log],
+            "timeline": _timeline(log, deadline, recorded),
+        }
+    return {
+        "available": True,
+        "resolution": False,
+        "agrees": replayed.agrees,
+        "differences": replayed.differences,
+        "replayed": got,
+        "deadline": deadline,
+        "events": [_event_dict(e, deadline, recorded["decided_at"], set(recorded["consumed"])) for e in log],
+        "timeline": _timeline(log, deadline, recorded),
+    }
+
+
+def _explained_replay(replayed: Replay) -> dict[str, Any]:
+    """``explain``'s replay of one decision: the replayed decision and the whole stored log."""
+    shown = {
+        **replayed.replayed_fields,
+        "events": [
+            {"branch": e.branch, "at": e.at, "kind": e.kind.value, "reason": e.reason}
+            for e in replayed.events
+        ],
+    }
+    if replayed.resolution:
+        return {
+            "coalesce": replayed.coalesce,
+            "resolution": True,
+            "task_state": replayed.task_state,
+            "replayed": shown,
+            "undecidable_then": replayed.undecidable_then,
+            "agrees": replayed.agrees,
+        }
+    return {"coalesce": replayed.coalesce, "resolution": False, "replayed": shown, "agrees": replayed.agrees}
+
+
+def explain_row(engine: Engine, run_id: str, row_key: str) -> dict[str, Any]:
+    """The row's lineage plus, per coalesce decision, its replay (``replays``, in the same order).
+
+    :raises NotFound: no such row (or run).
+    """
+    lineage = row_lineage(engine, run_id, row_key)
+    run = run_info(engine, run_id)
+    replays = [
+        _explained_replay(replay_row(engine, coalesce_spec(engine, run_id, d["node_id"]), run, d))
+        for d in lineage["decisions"]
+    ]
+    return {**lineage, "replays": replays}

@@ -1,0 +1,283 @@
+"""Which audit runs there are: the runs of a DAG run, the newest runs, the one to show, their coalesces.
+
+An audit run is one try of a fork task; a DAG run has one per fork execution (a cleared fork starts a
+new one, linked to the earlier try). Nothing here writes.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from sqlalchemy import Engine, func, select
+from sqlalchemy.exc import NoResultFound
+
+from airflow_elspeth.audit import schema as t
+from airflow_elspeth.audit.coalesce import CoalesceSpec, RunInfo, load_run
+from airflow_elspeth.core.vocabulary import DecisionStatus, NodeType, RunStatus
+from airflow_elspeth.exceptions import NotFound
+
+# Runs per IN list.
+_BATCH = 500
+
+
+def select_runs(
+    engine: Engine, run_id: str | None = None, dag_id: str | None = None, airflow_run_id: str | None = None
+) -> list[dict[str, Any]]:
+    """Every audit run (rows of ``runs``, oldest first), or only those matching the given ids."""
+    r = t.runs.c
+    query = select(t.runs).order_by(r.started_at)
+    if run_id:
+        query = query.where(r.run_id == run_id)
+    if dag_id:
+        query = query.where(r.dag_id == dag_id)
+    if airflow_run_id:
+        query = query.where(r.airflow_run_id == airflow_run_id)
+    with engine.connect() as conn:
+        return [dict(row) for row in conn.execute(query).mappings()]
+
+
+def run_info(engine: Engine, run_id: str) -> RunInfo:
+    """:raises NotFound: no such audit run."""
+    with engine.connect() as conn:
+        run = load_run(conn, run_id)
+    if run is None:
+        raise NotFound(f"no audit run {run_id}")
+    return run
+
+
+def find_row_run(engine: Engine, row_key: str, runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The newest of ``runs`` that has ``row_key``. :raises NotFound: none has it."""
+    with engine.connect() as conn:
+        for run in list(runs)[::-1]:
+            found = conn.execute(
+                select(t.rows.c.row_id).where(t.rows.c.run_id == run["run_id"], t.rows.c.row_key == row_key)
+            ).first()
+            if found is not None:
+                return run
+    raise NotFound(f"no audit run has a row with key {row_key!r}")
+
+
+def runs_of_dag_run(engine: Engine, dag_id: str, airflow_run_id: str) -> list[dict[str, Any]]:
+    """Every audit run of a DAG run, oldest first (a reprocessed run has several)."""
+    with engine.connect() as conn:
+        return [
+            dict(row)
+            for row in conn.execute(
+                select(t.runs)
+                .where(t.runs.c.dag_id == dag_id, t.runs.c.airflow_run_id == airflow_run_id)
+                .order_by(t.runs.c.try_number)
+            ).mappings()
+        ]
+
+
+def coalesce_nodes(engine: Engine, run_id: str) -> list[dict[str, Any]]:
+    """The coalesces registered in an audit run (rows of ``nodes``)."""
+    with engine.connect() as conn:
+        return [
+            dict(row)
+            for row in conn.execute(
+                select(t.nodes).where(t.nodes.c.run_id == run_id, t.nodes.c.node_type == NodeType.COALESCE)
+            ).mappings()
+        ]
+
+
+def coalesce_tasks(engine: Engine, run_ids: Sequence[str]) -> dict[str, list[str]]:
+    """Audit run id -> the task ids of its registered coalesces."""
+    n = t.nodes.c
+    found: dict[str, list[str]] = {}
+    with engine.connect() as conn:
+        for start in range(0, len(run_ids), _BATCH):
+            for run_id, task_id in conn.execute(
+                select(n.run_id, n.task_id).where(
+                    n.run_id.in_(list(run_ids[start : start + _BATCH])), n.node_type == NodeType.COALESCE
+                )
+            ):
+                found.setdefault(run_id, []).append(task_id)
+    return found
+
+
+def coalesce_spec(engine: Engine, run_id: str, node_id: str) -> CoalesceSpec:
+    """The coalesce's configuration as it registered it; NotFound if it is not a coalesce of the run."""
+    n = t.nodes.c
+    with engine.connect() as conn:
+        try:
+            config_json = conn.execute(
+                select(n.config_json).where(
+                    n.run_id == run_id, n.node_id == node_id, n.node_type == NodeType.COALESCE
+                )
+            ).scalar_one()
+        except NoResultFound as err:
+            raise NotFound(f"no coalesce {node_id!r} in audit run {run_id}") from err
+    return CoalesceSpec.from_dict(json.loads(config_json))
+
+
+def audit_runs(engine: Engine, dag_id: str, airflow_run_id: str) -> list[dict[str, Any]]:
+    """Every audit run of a DAG run, newest try first per fork, with its coalesces and branch steps.
+
+    A DAG run has one audit run per execution of each fork: a reprocessed (cleared) fork starts a
+    new one; the newest try of each fork is ``current``, the earlier ones stay readable.
+    """
+    runs = runs_of_dag_run(engine, dag_id, airflow_run_id)
+    if not runs:
+        return []
+    n = t.nodes.c
+    nodes: dict[str, list[dict[str, Any]]] = {}
+    with engine.connect() as conn:
+        for run_id, node_id, node_type, branch in conn.execute(
+            select(n.run_id, n.node_id, n.node_type, n.branch_name)
+            .where(n.run_id.in_([r["run_id"] for r in runs]))
+            .order_by(n.run_id, n.node_id)
+        ):
+            nodes.setdefault(run_id, []).append(
+                {"node_id": node_id, "node_type": node_type, "branch": branch}
+            )
+    newest: dict[str, int] = {}
+    for run in runs:
+        newest[run["fork_task_id"]] = max(newest.get(run["fork_task_id"], 0), run["try_number"])
+    result = []
+    for run in runs:
+        mine = nodes.get(run["run_id"], [])
+        result.append(
+            {
+                "audit_run_id": run["run_id"],
+                "dag_id": run["dag_id"],
+                "airflow_run_id": run["airflow_run_id"],
+                "fork_task_id": run["fork_task_id"],
+                "try_number": run["try_number"],
+                "clear_number": run["clear_number"],
+                "run_type": run["run_type"],
+                "logical_date": run["logical_date"],
+                "started_at": run["started_at"],
+                "completed_at": run["completed_at"],
+                "status": run["status"],
+                "status_reason": run.get("status_reason"),
+                "rows_total": run["rows_total"],
+                "chunk_size": run["chunk_size"],
+                "chunks_total": run["chunks_total"],
+                "branches": json.loads(run["branches_json"]),
+                "previous_run_id": run["previous_run_id"],
+                "current": run["try_number"] == newest[run["fork_task_id"]],
+                "coalesces": [x["node_id"] for x in mine if x["node_type"] == NodeType.COALESCE],
+                "branch_steps": [
+                    {"node_id": x["node_id"], "branch": x["branch"]}
+                    for x in mine
+                    if x["node_type"] == NodeType.BRANCH
+                ],
+            }
+        )
+    counts = decision_counts(engine, {r["audit_run_id"]: (r["rows_total"], r["coalesces"]) for r in result})
+    for entry in result:
+        entry["decisions"] = counts.get(entry["audit_run_id"], {})
+    result.sort(key=lambda r: (r["fork_task_id"], -r["try_number"]))
+    return result
+
+
+def decision_counts(
+    engine: Engine, runs: Mapping[str, tuple[int | None, Sequence[str]]]
+) -> dict[str, dict[str, dict[str, int | None]]]:
+    """Per audit run, per registered coalesce: rows merged, failed and undecided (one grouped read).
+
+    :param runs: audit run id -> (its rows_total, or None while the fork runs; its coalesces).
+    ``undecided`` is None while the run's row count is not known. A superseded resolution is not
+    a decision: its row counts as undecided until the coalesce decides it again.
+    """
+    wanted = [run_id for run_id, (_, coalesces) in runs.items() if coalesces]
+    found: dict[tuple[str, str], dict[str, int]] = {}
+    cd = t.coalesce_decisions.c
+    with engine.connect() as conn:
+        for start in range(0, len(wanted), _BATCH):
+            for run_id, node_id, decision, n in conn.execute(
+                select(cd.run_id, cd.node_id, cd.decision, func.count())
+                .where(cd.run_id.in_(wanted[start : start + _BATCH]))
+                .group_by(cd.run_id, cd.node_id, cd.decision)
+            ):
+                found.setdefault((run_id, node_id), {})[decision] = int(n)
+    result: dict[str, dict[str, dict[str, int | None]]] = {}
+    for run_id, (rows_total, coalesces) in runs.items():
+        per_node: dict[str, dict[str, int | None]] = {}
+        for node_id in coalesces:
+            got = found.get((run_id, node_id), {})
+            merged, failed = got.get(DecisionStatus.MERGED, 0), got.get(DecisionStatus.FAILED, 0)
+            undecided = max(0, rows_total - merged - failed) if rows_total is not None else None
+            per_node[node_id] = {"merged": merged, "failed": failed, "undecided": undecided}
+        result[run_id] = per_node
+    return result
+
+
+def newest_completed_run(engine: Engine, dag_id: str, airflow_run_id: str, fork_task_id: str) -> str | None:
+    """The audit run of a fork's newest completed try in a DAG run (what a succeeded fork pushed)."""
+    r = t.runs.c
+    with engine.connect() as conn:
+        found: str | None = conn.execute(
+            select(r.run_id)
+            .where(
+                r.dag_id == dag_id,
+                r.airflow_run_id == airflow_run_id,
+                r.fork_task_id == fork_task_id,
+                r.status == RunStatus.COMPLETED,
+            )
+            .order_by(r.try_number.desc())
+            .limit(1)
+        ).scalar()
+    return found
+
+
+def pick_audit_run(
+    runs: Sequence[dict[str, Any]], *, audit_run_id: str | None = None, coalesce: str | None = None
+) -> dict[str, Any] | None:
+    """The audit run to show: the one asked for, else the newest one with ``coalesce``, else the
+    first current one. Only runs of this DAG run are candidates (``runs`` comes from it)."""
+    if audit_run_id:
+        return next((r for r in runs if r["audit_run_id"] == audit_run_id), None)
+    current = [r for r in runs if r["current"]]
+    if coalesce:
+        for run in [*current, *(r for r in runs if not r["current"])]:
+            if coalesce in run["coalesces"]:
+                return run
+    return current[0] if current else None
+
+
+def recent_runs(engine: Engine, dag_ids: Iterable[str] | None, *, limit: int = 50) -> list[dict[str, Any]]:
+    """The newest audit runs, of the given DAGs only (None: of every DAG), with their coalesces'
+    merged, failed and undecided rows."""
+    ru = t.runs.c
+    query = select(
+        ru.run_id,
+        ru.dag_id,
+        ru.airflow_run_id,
+        ru.fork_task_id,
+        ru.try_number,
+        ru.status,
+        ru.status_reason,
+        ru.started_at,
+        ru.rows_total,
+    )
+    if dag_ids is not None:
+        wanted = sorted(set(dag_ids))
+        if not wanted:
+            return []
+        query = query.where(ru.dag_id.in_(wanted))
+    with engine.connect() as conn:
+        runs = [
+            dict(row) for row in conn.execute(query.order_by(ru.started_at.desc()).limit(limit)).mappings()
+        ]
+    n = t.nodes.c
+    coalesces: dict[str, list[str]] = {}
+    if runs:
+        with engine.connect() as conn:
+            for run_id, node_id in conn.execute(
+                select(n.run_id, n.node_id)
+                .where(n.run_id.in_([r["run_id"] for r in runs]), n.node_type == NodeType.COALESCE)
+                .order_by(n.run_id, n.node_id)
+            ):
+                coalesces.setdefault(run_id, []).append(node_id)
+    counts = decision_counts(
+        engine, {r["run_id"]: (r["rows_total"], coalesces.get(r["run_id"], [])) for r in runs}
+    )
+    for run in runs:
+        run["coalesces"] = coalesces.get(run["run_id"], [])
+        # Per coalesce: {"merged", "failed", "undecided"}.
+        run["decisions"] = counts.get(run["run_id"], {})
+    return runs

@@ -1,0 +1,123 @@
+"""What one task of a DAG run is in the audit trail (fork, branch step or coalesce) and, for a branch
+step, what it did: node states by status, errors by type, durations. Nothing here writes.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from sqlalchemy import Engine, and_, func, select
+
+from airflow_elspeth.audit import schema as t
+from airflow_elspeth.audit.read.sql import json_field
+from airflow_elspeth.core.vocabulary import NodeStatus, NodeType
+
+
+def task_view(
+    engine: Engine, runs: Sequence[dict[str, Any]], task_id: str, map_index: int | None = None
+) -> dict[str, Any]:
+    """What one task of the DAG run is in the audit trail (fork, branch step or coalesce) and, for a
+    branch step, what it did: node states by status, errors by type, durations.
+
+    The newest audit run in which the task appears is used.
+    """
+    ordered = [*(r for r in runs if r["current"]), *(r for r in runs if not r["current"])]
+    for run in ordered:
+        if run["fork_task_id"] == task_id:
+            return {"kind": NodeType.FORK.value, "task_id": task_id, "audit_run_id": run["audit_run_id"]}
+        if task_id in run["coalesces"]:
+            return {"kind": NodeType.COALESCE.value, "task_id": task_id, "audit_run_id": run["audit_run_id"]}
+        step = next((s for s in run["branch_steps"] if s["node_id"] == task_id), None)
+        if step is not None:
+            return {
+                "kind": NodeType.BRANCH.value,
+                **_branch_step_stats(engine, run, task_id, step["branch"], map_index),
+            }
+    return {"kind": None, "task_id": task_id, "audit_run_id": None}
+
+
+def _branch_step_stats(
+    engine: Engine, run: Mapping[str, Any], node_id: str, branch: str, map_index: int | None
+) -> dict[str, Any]:
+    run_id = run["audit_run_id"]
+    ns, r = t.node_states.c, t.rows.c
+    scope = [ns.run_id == run_id, ns.node_id == node_id]
+    n = t.nodes.c
+    with engine.connect() as conn:
+        coalesce_configs = [
+            json.loads(c)
+            for c in conn.execute(
+                select(n.config_json).where(n.run_id == run_id, n.node_type == NodeType.COALESCE)
+            ).scalars()
+        ]
+        mapped = any(cfg.get("mapped", {}).get(branch) for cfg in coalesce_configs)
+        chunk = map_index if mapped and map_index is not None and map_index >= 0 else None
+        if chunk is not None:
+            scope.append(ns.chunk == chunk)
+        by_status: dict[str, int] = {}
+        first_started = last_completed = None
+        duration_sum, duration_max = 0, None
+        for status, n, started, completed, total_ms, max_ms in conn.execute(
+            select(
+                ns.status,
+                func.count(),
+                func.min(ns.started_at),
+                func.max(ns.completed_at),
+                func.sum(ns.duration_ms),
+                func.max(ns.duration_ms),
+            )
+            .where(*scope)
+            .group_by(ns.status)
+        ):
+            by_status[status] = n
+            first_started = started if first_started is None else min(first_started, started)
+            if completed is not None:
+                last_completed = completed if last_completed is None else max(last_completed, completed)
+            duration_sum += total_ms or 0
+            if max_ms is not None:
+                duration_max = max_ms if duration_max is None else max(duration_max, max_ms)
+        # Errors by type in SQL (one grouped scan), then a few example rows of each type.
+        error_type = json_field(engine, ns.error_json, "type").label("error_type")
+        errors: dict[str, dict[str, Any]] = {}
+        for kind, n, message in conn.execute(
+            select(error_type, func.count(), func.min(json_field(engine, ns.error_json, "message")))
+            .where(*scope, ns.status == NodeStatus.FAILED.value)
+            .group_by(error_type)
+            .order_by(func.count().desc())
+        ):
+            errors[str(kind)] = {"rows": n, "message": message or "", "row_keys": []}
+        for kind, entry in list(errors.items())[:20]:
+            entry["row_keys"] = list(
+                conn.execute(
+                    select(r.row_key)
+                    .select_from(
+                        t.node_states.join(t.rows, and_(r.run_id == ns.run_id, r.row_id == ns.row_id))
+                    )
+                    .where(
+                        *scope,
+                        ns.status == NodeStatus.FAILED.value,
+                        json_field(engine, ns.error_json, "type") == kind,
+                    )
+                    .order_by(ns.chunk)
+                    .limit(10)
+                ).scalars()
+            )
+    states_total = sum(by_status.values())
+    feeds = [cfg["node_id"] for cfg in coalesce_configs if cfg.get("delivering", {}).get(branch) == node_id]
+    return {
+        "task_id": node_id,
+        "branch": branch,
+        "audit_run_id": run_id,
+        "mapped": mapped,
+        "chunk": chunk,
+        "states_total": states_total,
+        "by_status": dict(sorted(by_status.items())),
+        "first_started_at": first_started,
+        "last_completed_at": last_completed,
+        "avg_duration_ms": duration_sum / states_total if states_total else None,
+        "max_duration_ms": duration_max,
+        "errors": dict(sorted(errors.items(), key=lambda kv: -kv[1]["rows"])),
+        "delivers_to": feeds,
+    }

@@ -1,0 +1,273 @@
+"""Replay and verify: a stored decision against the replay of its stored event log, and every
+integrity finding of ``airflow-elspeth verify``.
+
+**One notion of the replay moment.** A decision is replayed as it stood when it was made:
+
+* a policy decision from the whole stored log with the clock at its ``recorded_at`` (the deciding
+  pass's clock), and must come out the same (decision, failure reason, consumed branches, time);
+* a resolution (``coalesce_task_<state>``, written when the coalesce task ended first) is no policy
+  outcome: it is replayed from the events stamped up to its ``decided_at``, with the clock there,
+  and must still be pending (the row really was undecidable when it was resolved).
+
+``explain`` (CLI), the row page and its JSON API, and ``verify`` all replay through
+:func:`replay_stored`; ``verify``'s findings (limbo, orphan token parents, replay disagreements,
+decidable resolutions) all come from :func:`verify_run`. Nothing here writes.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Engine, func, select
+
+from airflow_elspeth.audit import schema as t
+from airflow_elspeth.audit.coalesce import (
+    CoalesceSpec,
+    RunInfo,
+    deadline_of,
+    load_run,
+    read_chunk_log,
+    row_events,
+)
+from airflow_elspeth.audit.read.limbo import LIMBO_EXAMPLES, TaskStates, limbo_findings
+from airflow_elspeth.audit.read.runs import coalesce_nodes, coalesce_spec
+from airflow_elspeth.core.policy import BranchEvent, Decision, order_events, replay
+from airflow_elspeth.core.vocabulary import DecisionStatus, is_resolution, resolution_task_state
+
+ORPHAN_PARENT = "orphan_parent"
+DECISION_REPLAY = "decision_replay"
+RESOLUTION_DECIDABLE = "resolution_decidable"
+FINDING_EXAMPLES = LIMBO_EXAMPLES
+
+# What "agrees" compares, in this order.
+COMPARED = ("decision", "failure_reason", "consumed", "decided_at")
+
+
+def decision_fields(decision: Decision) -> dict[str, Any]:
+    """A replayed decision as plain values: decision, decided_at, consumed, failure_reason."""
+    return {
+        "decision": decision.status.value,
+        "decided_at": decision.decided_at,
+        "consumed": list(decision.consumed),
+        "failure_reason": decision.failure_reason.value if decision.failure_reason else None,
+    }
+
+
+def stored_fields(stored: Mapping[str, Any]) -> dict[str, Any]:
+    """The compared fields of a stored ``coalesce_decisions`` row (``consumed`` parsed)."""
+    consumed = stored["consumed"]
+    return {
+        "decision": stored["decision"],
+        "failure_reason": stored["failure_reason"],
+        "consumed": json.loads(consumed) if isinstance(consumed, str) else list(consumed),
+        "decided_at": stored["decided_at"],
+    }
+
+
+def resolved_task_state(stored: Mapping[str, Any]) -> str:
+    """The state the coalesce task ended in, for a resolution (from its details, else its reason)."""
+    try:
+        details = json.loads(stored.get("details_json") or "{}")
+    except ValueError:
+        details = {}
+    state = details.get("coalesce_task_state") if isinstance(details, dict) else None
+    return str(state or resolution_task_state(str(stored["failure_reason"])))
+
+
+@dataclass(frozen=True)
+class Replay:
+    """One stored decision replayed from its stored event log, at the decision's own moment."""
+
+    coalesce: str
+    row_key: str
+    resolution: bool
+    stored: Mapping[str, Any]  # stored_fields() of the stored decision
+    replayed: Decision
+    events: list[BranchEvent]  # the whole stored log, in log order (also what came after)
+    deadline: datetime
+    moment: datetime  # the clock of the replay: recorded_at, or a resolution's decided_at
+    task_state: str | None  # a resolution's coalesce task state
+
+    @property
+    def replayed_fields(self) -> dict[str, Any]:
+        return decision_fields(self.replayed)
+
+    @property
+    def differences(self) -> dict[str, dict[str, Any]]:
+        """Field -> {recorded, replayed} where a policy decision and its replay differ (a resolution
+        has none: it is judged by :attr:`undecidable_then`)."""
+        if self.resolution:
+            return {}
+        got = self.replayed_fields
+        return {
+            k: {"recorded": self.stored[k], "replayed": got[k]} for k in COMPARED if got[k] != self.stored[k]
+        }
+
+    @property
+    def undecidable_then(self) -> bool:
+        """For a resolution: the log up to it left the row pending."""
+        return self.replayed.status is DecisionStatus.PENDING
+
+    @property
+    def agrees(self) -> bool:
+        return self.undecidable_then if self.resolution else not self.differences
+
+
+def replay_stored(
+    spec: CoalesceSpec, run: RunInfo, stored: Mapping[str, Any], events: Sequence[BranchEvent]
+) -> Replay:
+    """Replay a stored decision (a ``coalesce_decisions`` row) from its row's stored ``events``.
+
+    :raises ValueError: the run's fork never completed (no deadline).
+    """
+    deadline = deadline_of(run, spec.config)
+    resolution = is_resolution(stored["failure_reason"])
+    if resolution:
+        moment = stored["decided_at"]
+        replayed = replay(spec.config, [e for e in events if e.at <= moment], deadline=deadline, now=moment)
+    else:
+        moment = stored["recorded_at"]
+        replayed = replay(spec.config, events, deadline=deadline, now=moment)
+    return Replay(
+        coalesce=spec.node_id,
+        row_key=stored["row_key"],
+        resolution=resolution,
+        stored=stored_fields(stored),
+        replayed=replayed,
+        events=order_events(spec.config, events),
+        deadline=deadline,
+        moment=moment,
+        task_state=resolved_task_state(stored) if resolution else None,
+    )
+
+
+def replay_row(engine: Engine, spec: CoalesceSpec, run: RunInfo, stored: Mapping[str, Any]) -> Replay:
+    """Read one decided row's stored event log and replay its stored decision."""
+    with engine.connect() as conn:
+        _, states, losses = read_chunk_log(
+            conn, spec, run.run_id, stored["chunk"], undecided_only=False, row_ids=[stored["row_id"]]
+        )
+    return replay_stored(spec, run, stored, row_events(spec, states.get(stored["row_id"], {}), losses))
+
+
+def replay_coalesce(engine: Engine, spec: CoalesceSpec, run: RunInfo) -> Iterator[Replay]:
+    """Every stored decision of a coalesce replayed, chunk by chunk (one log read per chunk)."""
+    cd = t.coalesce_decisions.c
+    for chunk in range(run.chunks_total):
+        with engine.connect() as conn:
+            _, states, losses = read_chunk_log(conn, spec, run.run_id, chunk, undecided_only=False)
+            stored: Sequence[Any] = (
+                conn.execute(
+                    select(t.coalesce_decisions)
+                    .where(cd.run_id == run.run_id, cd.node_id == spec.node_id, cd.chunk == chunk)
+                    .order_by(cd.row_key)
+                )
+                .mappings()
+                .all()
+            )
+        for decision in stored:
+            yield replay_stored(
+                spec, run, decision, row_events(spec, states.get(decision["row_id"], {}), losses)
+            )
+
+
+# --------------------------------------------------------------------------------------------------
+# verify
+
+
+def verify_run(
+    engine: Engine, run: Mapping[str, Any], *, task_states: TaskStates | None = None
+) -> list[dict[str, Any]]:
+    """Integrity findings of one audit run (a row of ``runs``); empty when everything holds.
+
+    One finding per kind, with a ``count`` and a few ``examples``: limbo (see
+    :func:`~airflow_elspeth.audit.read.limbo.limbo_findings`), orphan token parents, policy
+    decisions that differ from the replay of their stored log (``decision_replay``), and resolutions
+    of rows that were decidable when resolved (``resolution_decidable``).
+    """
+    run_id = run["run_id"]
+    findings = limbo_findings(engine, [run], task_states=task_states)
+    orphan = orphan_parents(engine, run_id)
+    if orphan is not None:
+        findings.append(orphan)
+    with engine.connect() as conn:
+        info = load_run(conn, run_id)
+    if info is None or info.completed_at is None:
+        return findings
+    mismatches: list[dict[str, Any]] = []
+    decidable: list[dict[str, Any]] = []
+    for node in coalesce_nodes(engine, run_id):
+        for replayed in replay_coalesce(engine, coalesce_spec(engine, run_id, node["node_id"]), info):
+            if replayed.agrees:
+                continue
+            if replayed.resolution:
+                decidable.append(
+                    {
+                        "coalesce": replayed.coalesce,
+                        "row_key": replayed.row_key,
+                        "resolution": replayed.stored["failure_reason"],
+                        "decided_at": replayed.stored["decided_at"],
+                        "replayed": replayed.replayed_fields,
+                    }
+                )
+            else:
+                mismatches.append(
+                    {
+                        "coalesce": replayed.coalesce,
+                        "row_key": replayed.row_key,
+                        "stored": dict(replayed.stored),
+                        "replayed": replayed.replayed_fields,
+                    }
+                )
+    for check, items in ((DECISION_REPLAY, mismatches), (RESOLUTION_DECIDABLE, decidable)):
+        if items:
+            findings.append(_aggregate(run_id, check, items))
+    return findings
+
+
+def _aggregate(run_id: str, check: str, items: list[dict[str, Any]]) -> dict[str, Any]:
+    """One finding for many rows: their count, per coalesce, and the first few in full."""
+    per_coalesce: dict[str, int] = {}
+    for item in items:
+        per_coalesce[item["coalesce"]] = per_coalesce.get(item["coalesce"], 0) + 1
+    return {
+        "run_id": run_id,
+        "check": check,
+        "count": len(items),
+        "counted": "rows",
+        "examples": [item["row_key"] for item in items[:FINDING_EXAMPLES]],
+        "coalesces": per_coalesce,
+        "details": items[:FINDING_EXAMPLES],
+    }
+
+
+def orphan_parents(engine: Engine, run_id: str) -> dict[str, Any] | None:
+    """Token parents of the run's tokens that are no token at all."""
+    tk, tp = t.tokens.c, t.token_parents.c
+    parent = t.tokens.alias("parent")
+    orphans = (
+        select(tp.token_id, tp.parent_token_id)
+        .select_from(
+            t.token_parents.join(t.tokens, tk.token_id == tp.token_id).outerjoin(
+                parent, parent.c.token_id == tp.parent_token_id
+            )
+        )
+        .where(tk.run_id == run_id, parent.c.token_id.is_(None))
+    )
+    with engine.connect() as conn:
+        count = int(conn.execute(select(func.count()).select_from(orphans.subquery())).scalar_one())
+        if not count:
+            return None
+        examples = conn.execute(orphans.order_by(tp.token_id).limit(FINDING_EXAMPLES)).all()
+    return {
+        "run_id": run_id,
+        "check": ORPHAN_PARENT,
+        "count": count,
+        "counted": "token parents",
+        "examples": [token_id for token_id, _ in examples],
+        "missing_parents": [parent_id for _, parent_id in examples],
+    }

@@ -1,0 +1,427 @@
+"""Operator unit tests in the style of apache-airflow-providers-standard's: each operator built in a
+DAG, ``execute`` called directly with a minimal fake context (no scheduler, no metadata DB), and
+what it raises or returns asserted - deferral (``TaskDeferred`` and the trigger it carries), the
+reschedule under ``dag.test()``, failing or skipping on the tolerance, and the parse-time errors.
+Where a test needs an audit store it is a fresh SQLite file, reached through the default audit
+connection as in a task.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import pytest
+from airflow.sdk import DAG
+from airflow.sdk.exceptions import (
+    AirflowFailException,
+    AirflowRescheduleException,
+    AirflowSkipException,
+    TaskDeferred,
+)
+
+from airflow_elspeth import BranchOperator, CoalesceSensor, ForkOperator
+from airflow_elspeth.audit.store import (
+    COMPLETED,
+    AuditStore,
+    ForkRow,
+    NodeResult,
+    RunIdentity,
+    branch_token_id,
+)
+from airflow_elspeth.core.canonical import derive_id, hash_value
+from airflow_elspeth.exceptions import AuditStoreUnreachable, ElspethConfigError
+from airflow_elspeth.operators.fork import AUDIT_RUN_XCOM_KEY
+from airflow_elspeth.sensors.coalesce import FRAMEWORK_TIMEOUT_MARGIN, SUMMARY_XCOM_KEY
+from airflow_elspeth.triggers.coalesce import CoalesceTrigger
+
+DAG_ID, AIRFLOW_RUN = "unit_dag", "manual__unit"
+BRANCHES = ["a", "b"]
+ROWS = 3
+
+
+def _identity(row: dict[str, Any]) -> dict[str, Any]:
+    return row
+
+
+class FakeTI:
+    """The slice of ``RuntimeTaskInstance`` the operators use: XComs in a dict, task states given."""
+
+    def __init__(self, states: dict[str, str] | None = None, xcoms: dict[tuple[str, str], Any] | None = None):
+        self.dag_id = DAG_ID
+        self.run_id = AIRFLOW_RUN
+        self.try_number = 1
+        self.start_date = datetime.now(timezone.utc)
+        self.states = dict(states or {})
+        self.xcoms: dict[tuple[str, str], Any] = dict(xcoms or {})
+        self.state_calls: list[list[str]] = []
+
+    def xcom_pull(self, task_ids: str, key: str = "return_value") -> Any:
+        return self.xcoms.get((task_ids, key))
+
+    def xcom_push(self, key: str, value: Any) -> None:
+        self.xcoms[("coalesce", key)] = value
+
+    def get_task_states(self, dag_id: str, task_ids: list[str], run_ids: list[str]) -> dict[str, Any]:
+        assert dag_id == DAG_ID and run_ids == [AIRFLOW_RUN]
+        self.state_calls.append(list(task_ids))
+        return {AIRFLOW_RUN: {t: self.states[t] for t in task_ids if t in self.states}}
+
+    def get_first_reschedule_date(self, context: Any) -> None:
+        return None
+
+
+class FakeDagRun:
+    def __init__(self, triggering_user_name: str | None = None) -> None:
+        self.triggering_user_name = triggering_user_name
+        self.clear_number = 0
+        self.run_type = "manual"
+
+
+def context(ti: FakeTI, *, dag_test: bool = False) -> dict[str, Any]:
+    return {"ti": ti, "dag_run": FakeDagRun("dag_test" if dag_test else None), "logical_date": None}
+
+
+def build(**coalesce: Any) -> tuple[ForkOperator, CoalesceSensor]:
+    params: dict[str, Any] = {"policy": "require_all", "timeout": 60, "poke_interval": 5}
+    params.update(coalesce)
+    with DAG(DAG_ID, schedule=None, start_date=datetime(2026, 1, 1)):
+        fork = ForkOperator(task_id="fork", rows=[{"id": "r0"}], branches=BRANCHES, row_key="id")
+        steps = [
+            BranchOperator(task_id=f"ask_{b}", fork=fork, branch=b, python_callable=_identity)
+            for b in BRANCHES
+        ]
+        sensor = CoalesceSensor(task_id="coalesce", fork=fork, **params)
+        fork >> steps >> sensor
+    return fork, sensor
+
+
+# -- an audit store with a completed fork ------------------------------------------------------------
+
+
+@pytest.fixture
+def store(sqlite_url: str, monkeypatch: pytest.MonkeyPatch) -> AuditStore:
+    """A fresh SQLite audit store, the default audit connection of the operators."""
+    from airflow_elspeth.audit.engine import engine_for_url
+
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_ELSPETH_AUDIT_DEFAULT",
+        json.dumps({"conn_type": "elspeth_audit", "extra": {"sqlalchemy_url": sqlite_url}}),
+    )
+    return AuditStore(engine_for_url(sqlite_url))
+
+
+def completed_fork(store: AuditStore) -> str:
+    run_id = store.begin_run(
+        RunIdentity(dag_id=DAG_ID, airflow_run_id=AIRFLOW_RUN, fork_task_id="fork", try_number=1),
+        branches=BRANCHES,
+        chunk_size=ROWS,
+        config={"branches": BRANCHES},
+    )
+    rows = []
+    for index in range(ROWS):
+        digest, body = hash_value({"id": f"r{index}"}, what="row")
+        rows.append(ForkRow(row_key=f"r{index}", row_index=index, payload_hash=digest, payload_body=body))
+    store.write_fork_chunk(run_id, BRANCHES, 0, rows)
+    store.complete_run(run_id, rows_total=ROWS, chunks_total=1)
+    return run_id
+
+
+def deliver(store: AuditStore, run_id: str, branch: str) -> None:
+    now = datetime.now(timezone.utc)
+    results = []
+    for index in range(ROWS):
+        row_id = derive_id(run_id, f"r{index}")
+        digest, body = hash_value({branch: index}, what="output")
+        results.append(
+            NodeResult(
+                token_id=branch_token_id(run_id, row_id, branch),
+                row_id=row_id,
+                chunk=0,
+                status=COMPLETED,
+                started_at=now,
+                completed_at=now,
+                output_hash=digest,
+                output_body=body,
+            )
+        )
+    store.write_branch_results(run_id, f"ask_{branch}", 1, results, chunk_tokens={0: ROWS})
+
+
+def fork_xcom(run_id: str) -> dict[tuple[str, str], Any]:
+    return {("fork", AUDIT_RUN_XCOM_KEY): {"audit_run_id": run_id, "fork": "fork", "branches": BRANCHES}}
+
+
+# -- CoalesceSensor: deferrable ----------------------------------------------------------------------
+
+
+def test_deferrable_before_the_fork_completed_defers_to_the_coalesce_trigger() -> None:
+    _, sensor = build(deferrable=True)
+    ti = FakeTI(states={"fork": "running"})
+
+    with pytest.raises(TaskDeferred) as deferred:
+        sensor.execute(context(ti))
+
+    assert deferred.value.method_name == "execute_complete"
+    trigger = deferred.value.trigger
+    assert isinstance(trigger, CoalesceTrigger)
+    classpath, kwargs = trigger.serialize()
+    assert classpath == "airflow_elspeth.triggers.coalesce.CoalesceTrigger"
+    assert kwargs["run_id"] is None  # the trigger finds the fork's audit run itself
+    assert kwargs["fork_task_id"] == "fork"
+    assert (kwargs["dag_id"], kwargs["airflow_run_id"]) == (DAG_ID, AIRFLOW_RUN)
+    assert kwargs["poll_interval"] == 5.0
+    assert kwargs["spec"] == sensor.spec().as_dict()
+    assert ti.state_calls == [["fork"]]
+    assert ("coalesce", SUMMARY_XCOM_KEY) not in ti.xcoms
+
+
+def test_deferrable_with_a_stale_fork_xcom_defers_without_that_audit_run() -> None:
+    """After a clear the fork's XCom names the previous try's audit run until the fork succeeded."""
+    _, sensor = build(deferrable=True)
+    ti = FakeTI(states={"fork": "up_for_retry"}, xcoms=fork_xcom("stale-run"))
+
+    with pytest.raises(TaskDeferred) as deferred:
+        sensor.execute(context(ti))
+
+    assert deferred.value.trigger.serialize()[1]["run_id"] is None
+
+
+def test_deferrable_under_dag_test_reschedules_instead_of_deferring() -> None:
+    _, sensor = build(deferrable=True, poke_interval=7)
+    ti = FakeTI(states={"fork": "queued"})
+    before = datetime.now(timezone.utc)
+
+    with pytest.raises(AirflowRescheduleException) as rescheduled:
+        sensor.execute(context(ti, dag_test=True))
+
+    after = datetime.now(timezone.utc)
+    assert before + timedelta(seconds=7) <= rescheduled.value.reschedule_date <= after + timedelta(seconds=7)
+
+
+def test_deferrable_with_rows_undecided_defers_on_the_forks_audit_run(store: AuditStore) -> None:
+    _, sensor = build(deferrable=True)
+    run_id = completed_fork(store)
+    deliver(store, run_id, "a")
+    ti = FakeTI(states={"fork": "success", "ask_a": "success", "ask_b": "running"}, xcoms=fork_xcom(run_id))
+
+    with pytest.raises(TaskDeferred) as deferred:
+        sensor.execute(context(ti))
+
+    assert deferred.value.trigger.serialize()[1]["run_id"] == run_id
+    # the pass before deferring read the delivering steps' states
+    assert ["ask_a"] in ti.state_calls and ["ask_b"] in ti.state_calls
+
+
+def test_deferrable_with_every_row_decided_returns_the_summary_without_deferring(store: AuditStore) -> None:
+    _, sensor = build(deferrable=True)
+    run_id = completed_fork(store)
+    for branch in BRANCHES:
+        deliver(store, run_id, branch)
+    ti = FakeTI(states={"fork": "success", "ask_a": "success", "ask_b": "success"}, xcoms=fork_xcom(run_id))
+
+    summary = sensor.execute(context(ti))
+
+    assert summary["audit_run_id"] == run_id
+    assert (summary["rows_total"], summary["rows_merged"], summary["rows_failed"]) == (ROWS, ROWS, 0)
+    assert ti.xcoms[("coalesce", SUMMARY_XCOM_KEY)] == summary
+
+
+def test_resumed_with_a_trigger_error_and_no_current_fork_fails_naming_the_trigger() -> None:
+    _, sensor = build(deferrable=True)
+    ti = FakeTI(states={"fork": "running"})
+
+    with pytest.raises(AuditStoreUnreachable, match=r"could not poll the audit store \(connection refused\)"):
+        sensor.execute_complete(context(ti), {"status": "error", "message": "connection refused"})
+
+
+def test_resumed_by_an_ordinary_event_defers_again_while_rows_are_open() -> None:
+    _, sensor = build(deferrable=True)
+    ti = FakeTI(states={"fork": "running"})
+
+    with pytest.raises(TaskDeferred):
+        sensor.execute_complete(context(ti), {"status": "progress", "reason": "quorum_reached"})
+
+
+def test_deferrable_defaults_to_operators_default_deferrable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AIRFLOW__OPERATORS__DEFAULT_DEFERRABLE", "True")
+    assert build()[1].deferrable is True
+    assert build(deferrable=False)[1].deferrable is False
+    monkeypatch.setenv("AIRFLOW__OPERATORS__DEFAULT_DEFERRABLE", "False")
+    assert build()[1].deferrable is False
+
+
+# -- CoalesceSensor: reschedule mode -----------------------------------------------------------------
+
+
+def test_reschedule_mode_before_the_fork_completed_reschedules_after_poke_interval() -> None:
+    _, sensor = build(poke_interval=30)
+    assert (sensor.mode, sensor.deferrable) == ("reschedule", False)
+    ti = FakeTI(states={"fork": "running"})
+    before = datetime.now(timezone.utc)
+
+    with pytest.raises(AirflowRescheduleException) as rescheduled:
+        sensor.execute(context(ti))
+
+    assert rescheduled.value.reschedule_date >= before + timedelta(seconds=30)
+
+
+@pytest.mark.parametrize("deferrable", [False, True])
+@pytest.mark.parametrize("state", ["failed", "upstream_failed", "skipped"])
+def test_a_fork_that_ended_without_an_audit_run_fails_the_coalesce(deferrable: bool, state: str) -> None:
+    _, sensor = build(deferrable=deferrable)
+    ti = FakeTI(states={"fork": state})
+
+    with pytest.raises(AirflowFailException, match=f"fork 'fork' ended {state} without an audit run"):
+        sensor.execute(context(ti))
+
+
+@pytest.mark.parametrize("deferrable", [False, True])
+def test_with_soft_fail_a_fork_that_ended_without_an_audit_run_skips_the_coalesce(deferrable: bool) -> None:
+    _, sensor = build(deferrable=deferrable, soft_fail=True)
+    ti = FakeTI(states={"fork": "failed"})
+
+    with pytest.raises(AirflowSkipException) as skipped:
+        sensor.execute(context(ti))
+
+    # reschedule mode: Airflow's sensor loop skips, chaining our failure; deferrable: we skip with it
+    said = f"{skipped.value} {skipped.value.__cause__}"
+    assert "fork 'fork' ended failed without an audit run" in said, said
+
+
+# -- CoalesceSensor: the tolerance -------------------------------------------------------------------
+
+
+def _summary(failed: int, total: int) -> dict[str, Any]:
+    return {
+        "coalesce": "coalesce",
+        "policy": "require_all",
+        "merge": "union",
+        "rows_failed": failed,
+        "rows_total": total,
+        "failure_reasons": {"incomplete_branches": failed} if failed else {},
+        "missing_branches": {"b": {"reasons": {"not_arrived": failed}}} if failed else {},
+        "audit_run_id": "run-1",
+    }
+
+
+@pytest.mark.parametrize(
+    ("tolerated", "rate", "failed", "total", "within"),
+    [
+        (0, None, 0, 10, True),
+        (0, None, 1, 10, False),
+        (2, None, 2, 10, True),
+        (2, None, 3, 10, False),
+        (0, 0.2, 2, 10, True),
+        (0, 0.2, 3, 10, False),
+        (0, 1.0, 0, 0, True),
+        (0, 0.5, 1, 0, False),  # a rate of no rows is no excuse
+    ],
+)
+def test_within_tolerance(tolerated: int, rate: float | None, failed: int, total: int, within: bool) -> None:
+    _, sensor = build(tolerated_failures=tolerated, tolerated_failure_rate=rate)
+    assert sensor.within_tolerance(_summary(failed, total)) is within
+
+
+@pytest.mark.parametrize(
+    ("soft_fail", "raised"), [(False, AirflowFailException), (True, AirflowSkipException)]
+)
+def test_rows_failed_beyond_the_tolerance_fail_or_skip_after_pushing_the_summary(
+    store: AuditStore, soft_fail: bool, raised: type[BaseException]
+) -> None:
+    _, sensor = build(timeout=0.001, soft_fail=soft_fail)
+    run_id = completed_fork(store)
+    deliver(store, run_id, "a")  # "b" never arrives; the deadline has passed
+    ti = FakeTI(states={"fork": "success", "ask_a": "success", "ask_b": "success"}, xcoms=fork_xcom(run_id))
+    assert sensor.poke(context(ti)) is True  # every row decided (failed) at the deadline
+
+    with pytest.raises(raised, match=f"{ROWS} of {ROWS} rows failed") as ended:
+        sensor.report(context(ti))
+
+    assert "require_all" in str(ended.value) and run_id in str(ended.value)
+    pushed = ti.xcoms[("coalesce", SUMMARY_XCOM_KEY)]
+    assert (pushed["rows_failed"], pushed["rows_merged"]) == (ROWS, 0)
+
+
+# -- parse-time configuration errors -----------------------------------------------------------------
+
+
+def test_the_framework_timeout_exceeds_our_deadline_by_the_margin() -> None:
+    _, sensor = build(timeout=60, fork_wait_timeout=timedelta(minutes=5))
+    assert (
+        sensor.timeout
+        == (timedelta(minutes=5) + timedelta(seconds=60) + FRAMEWORK_TIMEOUT_MARGIN).total_seconds()
+    )
+    assert sensor.trigger_rule == "always"
+    assert sensor.finalizer is not None and sensor.finalizer.task_id == "coalesce_finalize"
+    assert sensor.finalizer.is_teardown
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"tolerated_failures": -1}, "tolerated_failures must be an integer >= 0, got -1"),
+        ({"tolerated_failures": True}, "tolerated_failures must be an integer >= 0, got True"),
+        ({"tolerated_failures": 1.5}, "tolerated_failures must be an integer >= 0, got 1.5"),
+        ({"tolerated_failure_rate": 1.5}, "tolerated_failure_rate must be in [0, 1], got 1.5"),
+        ({"tolerated_failure_rate": "0.1"}, "tolerated_failure_rate must be in [0, 1], got '0.1'"),
+        ({"on_failure": "skip"}, "on_failure was removed (got on_failure='skip'): use soft_fail=True"),
+        ({"fork_wait_timeout": 60}, "fork_wait_timeout must be a timedelta >= 0, got 60"),
+        ({"fork_wait_timeout": timedelta(seconds=-1)}, "fork_wait_timeout must be a timedelta >= 0"),
+        ({"fork_wait_timeout": timedelta.max}, "timeout + fork_wait_timeout overflow a date"),
+        ({"policy": "most"}, "policy"),
+        ({"policy": "quorum"}, "quorum"),
+        ({"branches": ["a", "z"]}, "z"),
+    ],
+)
+def test_coalesce_configuration_errors_at_parse_time(overrides: dict[str, Any], message: str) -> None:
+    with pytest.raises(ElspethConfigError) as err:
+        build(**overrides)
+    assert message in str(err.value)
+
+
+def test_coalesce_needs_a_fork_operator() -> None:
+    with pytest.raises(ElspethConfigError, match="fork must be a ForkOperator, got str"):
+        CoalesceSensor(task_id="coalesce", fork="fork", policy="require_all")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"chunk_size": 0}, "chunk_size must be a positive integer, got 0"),
+        ({"chunk_size": True}, "chunk_size must be a positive integer, got True"),
+        ({"row_key": ""}, "row_key must be a column name, got ''"),
+        ({"rows": 42}, "rows must be a list of dicts, an XComArg or a callable returning rows, got int"),
+        ({"branches": ["only"]}, "branches"),
+        ({"branches": ["a", "a"]}, "a"),
+    ],
+)
+def test_fork_configuration_errors_at_parse_time(overrides: dict[str, Any], message: str) -> None:
+    params: dict[str, Any] = {"task_id": "fork", "rows": [], "branches": BRANCHES}
+    params.update(overrides)
+    with pytest.raises(ElspethConfigError) as err:
+        ForkOperator(**params)
+    assert message in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"branch": "z"}, "z"),
+        ({"python_callable": "not callable"}, "python_callable must be callable, got 'not callable'"),
+        ({"max_failed_rate": 1.0}, "max_failed_rate must be in [0, 1), got 1.0"),
+    ],
+)
+def test_branch_configuration_errors_at_parse_time(overrides: dict[str, Any], message: str) -> None:
+    fork = ForkOperator(task_id="fork", rows=[], branches=BRANCHES)
+    params: dict[str, Any] = {"task_id": "ask", "fork": fork, "branch": "a", "python_callable": _identity}
+    params.update(overrides)
+    with pytest.raises(ElspethConfigError) as err:
+        BranchOperator(**params)
+    assert message in str(err.value)
+
+
+def test_branch_needs_a_fork_operator() -> None:
+    with pytest.raises(ElspethConfigError, match="fork must be a ForkOperator, got str"):
+        BranchOperator(task_id="ask", fork="fork", branch="a", python_callable=_identity)
