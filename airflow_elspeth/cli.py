@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,12 +39,27 @@ from airflow_elspeth.audit.read.limbo import (
     tasks_to_look_up,
 )
 from airflow_elspeth.audit.read.lineage import explain_row
-from airflow_elspeth.audit.read.runs import find_row_run, select_runs
+from airflow_elspeth.audit.read.runs import row_runs, select_runs, with_tries
 from airflow_elspeth.audit.read.verify import DECISION_REPLAY, RESOLUTION_DECIDABLE, verify_run
-from airflow_elspeth.core.vocabulary import DecisionStatus, NodeStatus, RunStatus, TokenKind
+from airflow_elspeth.core.vocabulary import (
+    NOT_ARRIVED,
+    DecisionStatus,
+    NodeStatus,
+    RunStatus,
+    TokenKind,
+    TokenOutcome,
+    outcome_text,
+    reason_order,
+)
 from airflow_elspeth.exceptions import AirflowStatesUnavailable, NotFound
 
 console = Console()
+
+
+def _make_console() -> Console:
+    """The console of one invocation: ``COLUMNS`` (when set) is its width, read at each call."""
+    columns = os.environ.get("COLUMNS", "")
+    return Console(width=int(columns) if columns.isdigit() and int(columns) > 0 else None)
 
 
 @dataclass
@@ -76,6 +93,8 @@ def main(ctx: click.Context, url: str | None, conn_id: str | None) -> None:
     # Migration and connection chatter belongs in task logs, not in a terminal report.
     for noisy in ("alembic", "airflow.task.hooks.airflow_elspeth"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    global console
+    console = _make_console()
     ctx.obj = Target(url=url, conn_id=conn_id)
 
 
@@ -102,9 +121,10 @@ def run_options(func: Any) -> Any:
 def report(
     target: Target, run_id: str | None, dag_id: str | None, airflow_run_id: str | None, as_json: bool
 ) -> None:
-    """Coalesce summaries of every audit run (or the selected ones)."""
+    """Coalesce summaries of every audit run (or the selected ones), by logical date then fork try;
+    an earlier try of a fork in the same DAG run is marked superseded."""
     engine = target.engine()
-    runs = select_runs(engine, run_id, dag_id, airflow_run_id)
+    runs = with_tries(engine, select_runs(engine, run_id, dag_id, airflow_run_id))
     found = [{"run": _run_header(run), "summary": summary} for run, summary in run_summaries(engine, runs)]
     if as_json:
         _emit_json(found)
@@ -112,16 +132,24 @@ def report(
     if not runs:
         console.print("No audit runs found.")
         return
-    for item in found:
-        print_summary(item["run"], item["summary"])
     summarised = {item["run"]["run_id"] for item in found}
     for run in runs:
+        for item in found:
+            if item["run"]["run_id"] == run["run_id"]:
+                print_summary(run, item["summary"])
         if run["run_id"] not in summarised:
             reason = f": {run['status_reason']}" if run.get("status_reason") else ""
+            console.rule(_fit([f"{run['dag_id']}", f"{run['airflow_run_id']}"]), style="dim")
             console.print(
-                f"audit run {run['run_id']} ({escape(run['dag_id'])} · {escape(run['airflow_run_id'])}, "
-                f"fork {escape(run['fork_task_id'])}, try {run['try_number']}): "
-                f"{run['status']}{escape(reason)}, no coalesce registered"
+                escape(
+                    _fit(
+                        [
+                            f"audit run {run['run_id']}",
+                            _try_text(run),
+                            f"{run['status']}{reason}, no coalesce registered",
+                        ]
+                    )
+                )
             )
 
 
@@ -136,20 +164,76 @@ def _run_header(run: dict[str, Any]) -> dict[str, Any]:
         "status_reason",
         "rows_total",
         "previous_run_id",
+        "logical_date",
+        "current",
+        "superseded_by_try",
     )
     return {k: run.get(k) for k in keys}
+
+
+def _plural(n: int, word: str, plural: str | None = None) -> str:
+    """``1 row``, ``2 rows`` (``plural`` when adding an s is wrong)."""
+    return f"{n} {word if n == 1 else plural or word + 's'}"
+
+
+def _fit(phrases: list[str], *, indent: str = "") -> str:
+    """Phrases joined by `` · `` on one line when they fit the console, else one phrase a line (a
+    phrase is never broken)."""
+    line = indent + " · ".join(p for p in phrases if p)
+    if len(line) <= console.width - 4:
+        return line
+    return "\n".join(indent + p for p in phrases if p)
+
+
+def _rule(phrases: list[str]) -> None:
+    """A rule with the phrases as its title, or, when they do not fit, a plain rule above them."""
+    title = " · ".join(phrases)
+    if len(title) + 6 <= console.width:
+        console.rule(f"[bold]{escape(title)}[/]")
+    else:
+        console.rule()
+        console.print(escape(_fit(phrases)), style="bold")
+
+
+def _try_text(run: Mapping[str, Any]) -> str:
+    text = f"fork {run['fork_task_id']}, try {run['try_number']}"
+    if run.get("superseded_by_try"):
+        return text + f" (superseded by try {run['superseded_by_try']})"
+    return text
+
+
+def _fits(renderable: Any) -> bool:
+    return bool(console.measure(renderable).maximum <= console.width)
+
+
+def _title(text: str) -> None:
+    """A table's title, on its own line (a table title wraps to the table's width)."""
+    console.print(f"\n[bold]{escape(text)}[/]")
 
 
 def print_summary(run: dict[str, Any], summary: dict[str, Any]) -> None:
     policy = summary["policy"] + (f" (quorum {summary['quorum']})" if summary.get("quorum") else "")
     merge = summary["merge"] + (f" ({summary['select_branch']})" if summary.get("select_branch") else "")
-    console.rule(
-        f"[bold]{run['dag_id']}[/] · {run['airflow_run_id']} · coalesce [bold]{summary['coalesce']}[/]"
-    )
+    _rule([run["dag_id"], run["airflow_run_id"], f"coalesce {summary['coalesce']}"])
+    logical = run.get("logical_date")
     console.print(
-        f"audit run {summary['audit_run_id']} (fork {run['fork_task_id']}, try {run['try_number']}) · "
-        f"policy {policy} · merge {merge} · deadline {summary['deadline']}"
+        escape(
+            _fit(
+                [
+                    f"audit run {summary['audit_run_id']}",
+                    _try_text(run),
+                    f"logical date {logical.isoformat()}" if logical is not None else "",
+                    f"policy {policy}",
+                    f"merge {merge}",
+                    f"deadline {summary['deadline']}",
+                ]
+            )
+        )
     )
+    if run.get("superseded_by_try"):
+        console.print(
+            f"[yellow]superseded: try {run['superseded_by_try']} of this fork is the current one[/]"
+        )
     if run.get("status") != RunStatus.COMPLETED:
         reason = f": {run['status_reason']}" if run.get("status_reason") else ""
         console.print(f"[yellow]audit run {run['status']}{escape(reason)}[/]")
@@ -166,46 +250,88 @@ def print_summary(run: dict[str, Any], summary: dict[str, Any]) -> None:
     )
     console.print(counts)
     if summary["missing_branches"]:
-        reasons = sorted({r for info in summary["missing_branches"].values() for r in info["reasons"]})
-        matrix = Table(title="Missing branches (rows per reason)", header_style="bold")
-        matrix.add_column("branch")
-        for reason in reasons:
-            matrix.add_column(reason, justify="right")
-        matrix.add_column("rows", justify="right")
-        for branch, info in summary["missing_branches"].items():
-            matrix.add_row(branch, *(str(info["reasons"].get(r, "")) for r in reasons), str(info["rows"]))
-        console.print(matrix)
+        _print_missing(summary["missing_branches"])
     if summary.get("field_collisions"):
-        clashes = Table(title="Union field collisions (later branch wins)", header_style="bold")
+        _title("Union field collisions (later branch wins)")
+        clashes = Table(header_style="bold")
         for column in ("field", "rows", "supplied by"):
             clashes.add_column(column)
         for field_name, info in summary["field_collisions"].items():
             clashes.add_row(escape(field_name), str(info["rows"]), escape(", ".join(info["branches"])))
         console.print(clashes)
     if summary["failure_reasons"]:
-        reasons_table = Table(title="Failed rows by reason", header_style="bold")
+        _title("Failed rows by reason")
+        reasons_table = Table(header_style="bold")
         reasons_table.add_column("reason")
         reasons_table.add_column("rows", justify="right")
         for reason, n in summary["failure_reasons"].items():
-            reasons_table.add_row(reason, str(n))
+            reasons_table.add_row(escape(reason), str(n))
         console.print(reasons_table)
-        failed = Table(
-            title="Failed rows" + (" (first 100)" if summary["failed_rows_truncated"] else ""),
-            header_style="bold",
+        _print_failed_rows(summary)
+
+
+def _print_missing(missing: Mapping[str, Any]) -> None:
+    """The branch x reason matrix; one (branch, reason) a line when the matrix is wider than the
+    console (every reason keeps its whole name)."""
+    reasons = sorted({r for info in missing.values() for r in info["reasons"]}, key=reason_order)
+    _title("Missing branches (rows per reason)")
+    matrix = Table(header_style="bold")
+    matrix.add_column("branch")
+    for reason in reasons:
+        matrix.add_column(escape(reason), justify="right", no_wrap=True)
+    matrix.add_column("rows", justify="right")
+    for branch, info in missing.items():
+        matrix.add_row(escape(branch), *(str(info["reasons"].get(r, "")) for r in reasons), str(info["rows"]))
+    if _fits(matrix):
+        console.print(matrix)
+        return
+    tall = Table(header_style="bold")
+    tall.add_column("branch")
+    tall.add_column("reason", no_wrap=True)
+    tall.add_column("rows", justify="right")
+    for branch, info in missing.items():
+        ordered = sorted(info["reasons"].items(), key=lambda kv: reason_order(kv[0]))
+        for i, (reason, n) in enumerate(ordered):
+            tall.add_row(escape(branch) if i == 0 else "", escape(reason), str(n))
+        if len(ordered) > 1:
+            tall.add_row("", "[dim]all reasons[/]", str(info["rows"]), end_section=True)
+        else:
+            tall.rows[-1].end_section = True
+    console.print(tall)
+
+
+def _print_failed_rows(summary: Mapping[str, Any]) -> None:
+    rows = summary["failed_rows"][:20]
+    shown = len(rows)
+    more = summary["rows_failed"] - shown
+    _title(f"Failed rows (first {shown} of {summary['rows_failed']})" if more > 0 else "Failed rows")
+    failed = Table(header_style="bold")
+    for column in ("row key", "reason", "arrived", "missing"):
+        failed.add_column(column, no_wrap=column != "arrived")
+    for row in rows:
+        failed.add_row(
+            escape(row["row_key"]),
+            escape(row["reason"]),
+            escape(", ".join(row["arrived"])) or "-",
+            escape("\n".join(f"{b}: {r}" for b, r in row["missing"].items())) or "-",
         )
-        for column in ("row key", "reason", "arrived", "missing"):
-            failed.add_column(column)
-        for row in summary["failed_rows"][:20]:
-            failed.add_row(
-                row["row_key"],
-                row["reason"],
-                ", ".join(row["arrived"]) or "-",
-                ", ".join(f"{b}: {r}" for b, r in row["missing"].items()) or "-",
-            )
+    if _fits(failed):
         console.print(failed)
+        return
+    for row in rows:  # one row a block: nothing is cut
+        console.print(f"[bold]{escape(row['row_key'])}[/]  {escape(row['reason'])}")
+        console.print(f"  arrived  {escape(', '.join(row['arrived']) or '-')}")
+        missing = list(row["missing"].items()) or [("-", "")]
+        for i, (branch, reason) in enumerate(missing):
+            label = "missing " if i == 0 else "        "
+            console.print(f"  {label} {escape(branch)}" + (f": {escape(reason)}" if reason else ""))
 
 
 # -- explain ----------------------------------------------------------------------------------------
+
+
+class AmbiguousRow(click.ClickException):
+    exit_code = 2
 
 
 @main.command()
@@ -220,52 +346,115 @@ def explain(
     airflow_run_id: str | None,
     as_json: bool,
 ) -> None:
-    """One row: its branches, their results and timing, and each coalesce decision and why."""
+    """One row: its branches, their results and timing, and each coalesce decision and why.
+
+    The row key is looked up in the selected audit runs (all of them without --run-id, --dag-id or
+    --airflow-run-id). Found in one: that one is explained (and named). Found in several: they are
+    listed and the command exits 2; choose one with --run-id, or narrow with --dag-id and
+    --airflow-run-id."""
     engine = target.engine()
-    runs = select_runs(engine, run_id, dag_id, airflow_run_id)
+    runs = with_tries(engine, select_runs(engine, run_id, dag_id, airflow_run_id))
+    matching = row_runs(engine, row_key, runs)
+    if not matching:
+        filters = _filters_text(run_id, dag_id, airflow_run_id)
+        raise click.ClickException(f"no audit run{filters} has a row with key {row_key!r}")
+    if len(matching) > 1:
+        how = "choose one with --run-id RUN, or narrow with --dag-id and --airflow-run-id"
+        if as_json:
+            _emit_json({"error": "ambiguous", "row_key": row_key, "runs": [_run_header(r) for r in matching]})
+        else:
+            console.print(escape(f"row {row_key!r} is in {_plural(len(matching), 'audit run')}:"))
+            _print_candidates(matching)
+        raise AmbiguousRow(f"row {row_key!r} is in {len(matching)} audit runs: {how}")
+    run = matching[0]
     try:
-        run = find_row_run(engine, row_key, runs)
         explained = explain_row(engine, run["run_id"], row_key)
     except NotFound as err:
         raise click.ClickException(str(err)) from err
     if as_json:
         _emit_json(explained)
         return
+    if not run_id:
+        console.print(
+            escape(_fit([f"row {row_key!r} found in one audit run: {run['run_id']}", _try_text(run)]))
+        )
     print_explanation(run, explained)
+
+
+def _filters_text(run_id: str | None, dag_id: str | None, airflow_run_id: str | None) -> str:
+    given = [
+        f"{name} {value}"
+        for name, value in (("--run-id", run_id), ("--dag-id", dag_id), ("--airflow-run-id", airflow_run_id))
+        if value
+    ]
+    return f" matching {', '.join(given)}" if given else ""
+
+
+def _print_candidates(runs: list[dict[str, Any]]) -> None:
+    """The audit runs a row key is in, one block each (they never share a line)."""
+    for run in runs:
+        logical = run.get("logical_date")
+        state = "current" if run["current"] else f"superseded by try {run['superseded_by_try']}"
+        console.print(f"  [bold]{escape(run['run_id'])}[/]")
+        console.print(
+            escape(
+                _fit(
+                    [
+                        f"DAG {run['dag_id']}",
+                        f"Airflow run {run['airflow_run_id']}",
+                        f"logical date {logical.isoformat() if logical is not None else '-'}",
+                        f"fork {run['fork_task_id']} try {run['try_number']} ({state})",
+                    ],
+                    indent="    ",
+                )
+            )
+        )
 
 
 def print_explanation(run: dict[str, Any], explained: dict[str, Any]) -> None:
     row = explained["row"]
-    console.rule(
-        f"row [bold]{escape(row['row_key'])}[/] · {escape(run['dag_id'])} · {escape(run['airflow_run_id'])}"
-    )
-    status = f" · run {run['status']}" + (f" ({run['status_reason']})" if run.get("status_reason") else "")
+    _rule([f"row {row['row_key']}", run["dag_id"], run["airflow_run_id"]])
+    status = f"run {run['status']}" + (f" ({run['status_reason']})" if run.get("status_reason") else "")
     console.print(
-        f"audit run {run['run_id']} · row #{row['row_index']} (chunk {row['chunk']})" + escape(status)
+        escape(
+            _fit([f"audit run {run['run_id']}", f"row #{row['row_index']} (chunk {row['chunk']})", status])
+        )
     )
     tree = Tree(f"source row {_short(explained['source'])}")
     fork = tree.add(f"fork [bold]{escape(run['fork_task_id'])}[/] (try {run['try_number']})")
     for token in explained["tokens"]:
         if token["token_kind"] != TokenKind.BRANCH:
             continue
-        outcome = "; ".join(
-            o["outcome"] + (f" ({o['reason']})" if o["reason"] else "")
-            for o in token["outcomes"]
-            if o["is_terminal"]
-        )
+        terminal = [o for o in token["outcomes"] if o["is_terminal"]]
+        outcome = "; ".join(_outcome_label(o) for o in terminal)
+        earlier = [
+            o for o in token["outcomes"] if not o["is_terminal"] and o.get("superseded_at") is not None
+        ]
+        refined = {TokenOutcome.LATE.value, TokenOutcome.SKIPPED.value}
+        at_decision = [
+            o
+            for o in earlier
+            if o["outcome"] == TokenOutcome.NOT_ARRIVED
+            and any(x["outcome"] in refined and x["join_group_id"] == o["join_group_id"] for x in terminal)
+        ]
         superseded = "; ".join(
-            o["outcome"]
-            + (f" ({o['reason']})" if o["reason"] else "")
-            + f", superseded at {_clock(o['superseded_at'])}"
-            for o in token["outcomes"]
-            if not o["is_terminal"] and o.get("superseded_at") is not None
+            _outcome_label(o) + f", superseded at {_clock(o['superseded_at'])}"
+            for o in earlier
+            if o not in at_decision
         )
         label = f"branch [bold]{escape(token['branch_name'])}[/] → {escape(outcome) or 'no outcome yet'}"
+        if at_decision:
+            label += (
+                f" [dim](at the decision: {escape('; '.join(_outcome_label(o) for o in at_decision))})[/]"
+            )
         if superseded:
             label += f" [dim](superseded: {escape(superseded)})[/]"
         branch = fork.add(label)
         if not token["states"]:
-            branch.add("[yellow]no result from any step[/]")
+            if any(o["outcome"] == TokenOutcome.SKIPPED for o in terminal):
+                branch.add("[dim]not processed by any step: the row was already decided[/]")
+            else:
+                branch.add("[yellow]no result from any step[/]")
         for state in token["states"]:
             style = STATUS_STYLE.get(state["status"], "white")
             result = (
@@ -293,7 +482,16 @@ def print_explanation(run: dict[str, Any], explained: dict[str, Any]) -> None:
         console.print(f"  consumed: {', '.join(json.loads(decision['consumed'])) or '-'}")
         missing = json.loads(decision["missing_json"])
         if missing:
-            console.print("  missing:  " + escape("; ".join(f"{b}: {r}" for b, r in missing.items())))
+            since = _since_decision(explained, decision)
+            console.print(
+                "  missing:  "
+                + escape(
+                    "; ".join(
+                        f"{b}: {r}" + (f", then {since[b]}" if r == NOT_ARRIVED and b in since else "")
+                        for b, r in missing.items()
+                    )
+                )
+            )
         details = json.loads(decision["details_json"])
         if details:
             console.print(f"  details:  {escape(json.dumps(details, sort_keys=True))}")
@@ -342,6 +540,29 @@ def print_explanation(run: dict[str, Any], explained: dict[str, Any]) -> None:
                 console.print(
                     "merged output:", escape(_short(explained["outputs"].get(state["output_ref"]), 400))
                 )
+
+
+def _outcome_label(outcome: Mapping[str, Any]) -> str:
+    """``lost (error:X)``; a skip in words (``skipped: the row was already decided``)."""
+    if outcome["outcome"] == TokenOutcome.SKIPPED:
+        return outcome_text(outcome["outcome"], outcome["reason"])
+    return str(outcome["outcome"]) + (f" ({outcome['reason']})" if outcome["reason"] else "")
+
+
+def _since_decision(explained: Mapping[str, Any], decision: Mapping[str, Any]) -> dict[str, str]:
+    """Branch -> what became of it after the decision saw it ``not_arrived`` (its token's late or
+    skipped outcome that replaced the decision's)."""
+    found = {}
+    for token in explained["tokens"]:
+        if token["token_kind"] != TokenKind.BRANCH:
+            continue
+        replaced = any(
+            not x["is_terminal"] and x["outcome"] == TokenOutcome.NOT_ARRIVED for x in token["outcomes"]
+        )
+        for o in token["outcomes"]:
+            if replaced and o["is_terminal"] and o["outcome"] in (TokenOutcome.LATE, TokenOutcome.SKIPPED):
+                found[token["branch_name"]] = str(o["reason"])
+    return found
 
 
 STATUS_STYLE = {
@@ -447,9 +668,8 @@ def verify(
         console.print(f"Airflow task states: {escape(states_note['detail'])}")
         if findings:
             rows_at_stake = sum(f["count"] for f in findings)
-            table = Table(
-                title=f"{len(findings)} integrity findings ({rows_at_stake} items)", header_style="bold red"
-            )
+            _title(f"{_plural(len(findings), 'integrity finding')} ({_plural(rows_at_stake, 'item')})")
+            table = Table(header_style="bold red")
             for column in ("run", "check", "count", "examples", "detail"):
                 table.add_column(column, overflow="fold")
             for finding in findings[:200]:
@@ -464,7 +684,7 @@ def verify(
             if len(findings) > 200:
                 console.print(f"… and {len(findings) - 200} more (use --json)")
         else:
-            console.print(f"[green]verified {len(runs)} audit runs: no findings[/]")
+            console.print(f"[green]verified {_plural(len(runs), 'audit run')}: no findings[/]")
     if findings:
         sys.exit(1)
 

@@ -50,6 +50,7 @@ from airflow_elspeth.core.policy import (
 from airflow_elspeth.core.vocabulary import (
     ARRIVAL_NODE_STATUSES,
     COALESCE_TASK_PREFIX,
+    ENDED_TASK_STATES,
     NOT_ARRIVED,
     TERMINAL_NODE_STATUSES,
     UNKNOWN_TASK_STATE,
@@ -64,7 +65,6 @@ from airflow_elspeth.exceptions import AuditInvariantError
 
 # Airflow task states after which a task will deliver nothing more (Airflow's words, not stored
 # statuses of the audit trail: a branch task loss records one as ``branch_task_<state>``).
-ENDED_TASK_STATES = frozenset({"success", "failed", "upstream_failed", "skipped", "removed"})
 WHOLE_TASK = -1
 
 

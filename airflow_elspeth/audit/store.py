@@ -21,6 +21,7 @@ from airflow_elspeth.core.vocabulary import (
     ARRIVAL_NODE_STATUSES,
     DROPPED,
     NOT_JOINED,
+    SKIPPED_DECIDED,
     TERMINAL_NODE_STATUSES,
     NodeStatus,
     NodeType,
@@ -28,6 +29,7 @@ from airflow_elspeth.core.vocabulary import (
     TokenKind,
     TokenOutcome,
     error_reason,
+    missing_outcome,
     superseded_try_run_reason,
 )
 
@@ -385,6 +387,7 @@ class AuditStore:
         *,
         chunk_tokens: Mapping[int, int],
         final_step: bool = False,
+        delivering: bool = False,
     ) -> None:
         """Node states and output payloads of one batch, and the chunks' progress, atomically.
 
@@ -392,6 +395,9 @@ class AuditStore:
         :param final_step: this is the last step of a branch that no coalesce joins: each token
             ends here, so its terminal outcome is written with its state (outcome ``completed``
             with reason ``not_joined``, or ``lost`` with the loss reason).
+        :param delivering: this step delivers to its coalesces: a ``discarded`` result (its row was
+            decided before it was written) is a late arrival, and its token's ``not_arrived``
+            outcome becomes ``late`` (the reason in the result's context, ``late``).
         """
         payloads: dict[str, str] = {}
         states = []
@@ -427,7 +433,30 @@ class AuditStore:
                 insert_ignore(
                     conn, t.token_outcomes, [not_joined_outcome(run_id, r, recorded_at) for r in results]
                 )
+            if delivering:
+                late = {
+                    r.token_id: str(r.context["late"])
+                    for r in results
+                    if r.status == NodeStatus.DISCARDED and r.context and r.context.get("late")
+                }
+                replace_not_arrived(conn, run_id, late, recorded_at)
             self._refresh_progress(conn, run_id, node_id, chunk_tokens, recorded_at)
+
+    def record_skipped(
+        self, run_id: str, node_id: str, chunk_tokens: Mapping[int, int], token_ids: Sequence[str]
+    ) -> int:
+        """A branch step skipped these tokens: every coalesce consuming it had decided their rows.
+
+        Their ``not_arrived`` outcomes (the decision's) become ``skipped`` (``skipped_decided``); a
+        token with any other terminal outcome keeps it. Returns how many outcomes were replaced.
+        """
+        if not token_ids:
+            return 0
+        with ordered_write(self.engine, run_id, chunk_tokens, decider=False) as conn:
+            now = db_now(conn)
+            replaced = replace_not_arrived(conn, run_id, dict.fromkeys(token_ids, SKIPPED_DECIDED), now)
+            self._refresh_progress(conn, run_id, node_id, chunk_tokens, now)  # moves the read cache
+            return replaced
 
     def abort_attempt_errors(
         self, run_id: str, node_id: str, attempt: int, chunk_tokens: Mapping[int, int]
@@ -586,6 +615,49 @@ def outcome_row(
         "join_group_id": join_group,
         "recorded_at": at,
     }
+
+
+def replace_not_arrived(conn: Connection, run_id: str, reasons: Mapping[str, str], at: datetime) -> int:
+    """What became of branch tokens their row's decision saw as ``not_arrived``: each token (key)
+    whose terminal outcome is ``not_arrived`` gets the outcome of its reason (``late`` for a late
+    arrival, ``skipped`` for ``skipped_decided``), in the same join group; the ``not_arrived``
+    outcome is kept, superseded at ``at``. Returns how many outcomes were replaced."""
+    to = t.token_outcomes.c
+    tokens = sorted(reasons)
+    replaced = 0
+    for start in range(0, len(tokens), 500):
+        found = conn.execute(
+            select(to.outcome_id, to.token_id, to.join_group_id).where(
+                to.run_id == run_id,
+                to.is_terminal,
+                to.outcome == TokenOutcome.NOT_ARRIVED,
+                to.token_id.in_(tokens[start : start + 500]),
+            )
+        ).all()
+        if not found:
+            continue
+        conn.execute(
+            update(t.token_outcomes)
+            .where(to.outcome_id.in_([f.outcome_id for f in found]))
+            .values(is_terminal=False, superseded_at=at)
+        )
+        insert_ignore(
+            conn,
+            t.token_outcomes,
+            [
+                outcome_row(
+                    token_id,
+                    run_id,
+                    missing_outcome(reasons[token_id]),
+                    reasons[token_id],
+                    at,
+                    join_group=group,
+                )
+                for _, token_id, group in found
+            ],
+        )
+        replaced += len(found)
+    return replaced
 
 
 def loss_reason(status: str, error: Mapping[str, Any] | None) -> str:

@@ -82,6 +82,9 @@ class TokenOutcome(Word):
     LOST = "lost"
     NOT_ARRIVED = "not_arrived"
     LATE = "late"
+    # A branch token a step did not process because every coalesce consuming it had already decided
+    # its row (reason ``skipped_decided``); it replaces the ``not_arrived`` outcome of the decision.
+    SKIPPED = "skipped"
 
 
 class DecisionStatus(Word):
@@ -122,8 +125,14 @@ NOT_ARRIVED = "not_arrived"
 LATE_AFTER_MERGE = "late_arrival_after_merge"
 LATE_AFTER_FAILURE = "late_arrival_after_failure"
 LATE_REASONS = (LATE_AFTER_MERGE, LATE_AFTER_FAILURE)
+# A branch step skipped the row: every coalesce consuming the step had already decided it.
+SKIPPED_DECIDED = "skipped_decided"
 # The reason of a ``completed`` outcome at the last step of a branch no coalesce joins.
 NOT_JOINED = "not_joined"
+# Airflow's task-instance states as they reach the core and the audit layer: plain strings (neither
+# imports Airflow); the shells compare against the same words.
+TASK_SUCCESS = "success"
+ENDED_TASK_STATES = frozenset({TASK_SUCCESS, "failed", "upstream_failed", "skipped", "removed"})
 # A branch task state unknown to the reader (no Airflow states at hand).
 UNKNOWN_TASK_STATE = "none"
 
@@ -201,6 +210,7 @@ class ReasonKind(Word):
 
     LOSS = "loss"
     WAITING = "waiting"
+    SKIPPED = "skipped"
     LATE = "late"
 
 
@@ -209,11 +219,14 @@ def reason_kind(reason: str) -> ReasonKind:
         return ReasonKind.LATE
     if reason == NOT_ARRIVED:
         return ReasonKind.WAITING
+    if reason == SKIPPED_DECIDED:
+        return ReasonKind.SKIPPED
     return ReasonKind.LOSS
 
 
 def reason_order(reason: str) -> tuple[int, str]:
-    """Sort key of missing reasons: losses first (errors, drops, task losses), then waiting, then late."""
+    """Sort key of missing reasons: losses first (errors, drops, task losses), then waiting, then
+    skipped, then late."""
     return (list(ReasonKind).index(reason_kind(reason)), reason)
 
 
@@ -224,7 +237,15 @@ def missing_outcome(reason: str) -> TokenOutcome:
         return TokenOutcome.LATE
     if kind is ReasonKind.WAITING:
         return TokenOutcome.NOT_ARRIVED
+    if kind is ReasonKind.SKIPPED:
+        return TokenOutcome.SKIPPED
     return TokenOutcome.LOST
+
+
+def after_decision_reason(decision: DecisionStatus | str, *, arrived: bool) -> str:
+    """What became of a branch its row's decision saw as ``not_arrived``, once the branch is done
+    with the row: it answered late (``late_arrival_after_<decision>``) or its step skipped the row."""
+    return late_reason(DecisionStatus(decision)) if arrived else SKIPPED_DECIDED
 
 
 # --------------------------------------------------------------------------------------------------
@@ -246,6 +267,7 @@ MISSING_REASON_TEXT: Mapping[str, str] = {
     NOT_ARRIVED: "had not arrived when the row was decided",
     LATE_AFTER_MERGE: "arrived after the row had been merged",
     LATE_AFTER_FAILURE: "arrived after the row had failed",
+    SKIPPED_DECIDED: "the row was already decided",
 }
 
 
@@ -275,7 +297,10 @@ def outcome_text(outcome: str, reason: str | None) -> str:
         return "arrived and was merged into the row"
     if outcome == TokenOutcome.ROW_FAILED:
         return f"arrived, but the row failed ({reason})" if reason else "arrived, but the row failed"
-    if outcome in (TokenOutcome.LOST, TokenOutcome.LATE, TokenOutcome.NOT_ARRIVED) and reason:
+    if (
+        outcome in (TokenOutcome.LOST, TokenOutcome.LATE, TokenOutcome.NOT_ARRIVED, TokenOutcome.SKIPPED)
+        and reason
+    ):
         return f"{outcome}: {missing_reason_text(reason)}"
     return f"{outcome} ({reason})" if reason else str(outcome)
 

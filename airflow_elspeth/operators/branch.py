@@ -189,7 +189,15 @@ class BranchOperator(BaseOperator):
         )
         chunks = [self.chunk] if self.chunk is not None else list(range(ref["chunks_total"]))
         clock = store.clock()
-        writer = _ResultWriter(self, store, run_id, ti.try_number, coalesces, final_step=final_step)
+        writer = _ResultWriter(
+            self,
+            store,
+            run_id,
+            ti.try_number,
+            coalesces,
+            final_step=final_step,
+            delivering=bool(coalesces) and self.is_last_step(),
+        )
         pool = _WorkerPool(self._process_job, self.concurrency, f"elspeth-{self.branch}", clock)
         try:
             for chunk in chunks:
@@ -198,7 +206,7 @@ class BranchOperator(BaseOperator):
                 )
                 writer.start_chunk(chunk, work.tokens_total)
                 writer.counts["resumed_done"] += work.already_done
-                writer.counts["skipped_decided"] += work.already_decided
+                writer.skip(work.decided_tokens)
                 self._run_chunk(pool, work.items, chunk, writer)
         except BaseException as exc:  # only to write what is finished: always re-raised
             self._executing_thread = None  # a SIGTERM now does not interrupt that write
@@ -218,13 +226,16 @@ class BranchOperator(BaseOperator):
         (``writer.decided``, refreshed at every write) are not started.
         """
         todo = iter(items)
+        skipped: list[str] = []
 
         def refill() -> None:
             while pool.pending < 2 * self.concurrency:
                 item = next(todo, None)
                 if item is None:
                     return
-                if item.row_id not in writer.decided:
+                if item.row_id in writer.decided:
+                    skipped.append(item.token_id)
+                else:
                     pool.submit(_Job(item, chunk))
 
         refill()
@@ -241,6 +252,7 @@ class BranchOperator(BaseOperator):
             writer.flush(when_due=True)
             refill()
         writer.flush()
+        writer.skip(skipped)
 
     def _flush_on_exit(
         self, exc: BaseException, pool: _WorkerPool, writer: _ResultWriter, clock: Callable[[], datetime]
@@ -460,10 +472,12 @@ class _ResultWriter:
         coalesces: list[str],
         *,
         final_step: bool = False,
+        delivering: bool = False,
     ) -> None:
         self.task = task
         self.coalesces = coalesces
         self.final_step = final_step
+        self.delivering = delivering
         self.store = store
         self.run_id = run_id
         self.attempt = attempt
@@ -479,6 +493,13 @@ class _ResultWriter:
 
     def start_chunk(self, chunk: int, tokens_total: int) -> None:
         self.chunk, self.tokens_total = chunk, tokens_total
+
+    def skip(self, token_ids: Iterable[str]) -> None:
+        """Record tokens of this chunk not processed because their rows were already decided."""
+        tokens = list(token_ids)
+        if tokens:
+            self.store.record_skipped(self.run_id, self.task.task_id, {self.chunk: self.tokens_total}, tokens)
+            self.counts["skipped_decided"] += len(tokens)
 
     def keep(self, results: Iterable[NodeResult]) -> None:
         """Buffer results without writing them yet (a token already buffered is kept once)."""
@@ -515,6 +536,7 @@ class _ResultWriter:
             results,
             chunk_tokens={self.chunk: self.tokens_total},
             final_step=self.final_step,
+            delivering=self.delivering,
         )
         self.buffer, self.buffered = [], set()
         self.counts.update(str(r.status) for r in results)

@@ -7,7 +7,7 @@ from typing import Any
 from airflow.sdk import BaseOperator, Context
 
 from airflow_elspeth.audit.store import AuditStore
-from airflow_elspeth.core.vocabulary import fork_task_run_reason
+from airflow_elspeth.core.vocabulary import TASK_SUCCESS, fork_task_run_reason
 from airflow_elspeth.hooks.audit import ElspethAuditHook
 from airflow_elspeth.sensors.coalesce import SUMMARY_XCOM_KEY
 
@@ -55,7 +55,7 @@ class CoalesceFinalizer(BaseOperator):
         states = {key: str(value) for key, value in found.get(ti.run_id, {}).items()}
         fork_state = states.get(self.fork_task_id, "none")
         coalesce_state = states.get(self.coalesce_task_id, "none")
-        if fork_state != "success":
+        if fork_state != TASK_SUCCESS:
             store = AuditStore(ElspethAuditHook(audit_conn_id=self.audit_conn_id).get_engine())
             closed = store.close_stale_runs(
                 ti.dag_id, ti.run_id, self.fork_task_id, reason=fork_task_run_reason(fork_state)

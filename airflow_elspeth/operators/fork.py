@@ -67,6 +67,8 @@ class ForkOperator(BaseOperator):
     ) -> None:
         super().__init__(**kwargs)
         self.branches = list(validate_branches(branches))
+        # The audit run reference this try pushed (for OpenLineage, read in the same process).
+        self._pushed_ref: dict[str, Any] | None = None
         if chunk_size is not None and (
             isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
         ):
@@ -96,6 +98,12 @@ class ForkOperator(BaseOperator):
         the expansion by the length of the return value.
         """
         return XComArg(self)
+
+    def get_openlineage_facets_on_complete(self, task_instance: Any) -> Any:
+        """OpenLineage run facet ``elspeth_fork`` (airflow_elspeth/openlineage_facets.py)."""
+        from airflow_elspeth.openlineage_facets import fork_lineage
+
+        return fork_lineage(self._pushed_ref)
 
     def execute(self, context: Context) -> list[int]:
         store = AuditStore(ElspethAuditHook(audit_conn_id=self.audit_conn_id).get_engine())
@@ -129,17 +137,15 @@ class ForkOperator(BaseOperator):
             # Pushed before the run completes: once complete_run has committed, nothing is left
             # that can fail and leave a completed run behind a failed fork.
             pushed = True
-            ti.xcom_push(
-                key=AUDIT_RUN_XCOM_KEY,
-                value={
-                    "audit_run_id": run_id,
-                    "fork": self.task_id,
-                    "branches": self.branches,
-                    "rows_total": rows_total,
-                    "chunks_total": chunks_total,
-                    "chunk_size": chunk_size,
-                },
-            )
+            self._pushed_ref = {
+                "audit_run_id": run_id,
+                "fork": self.task_id,
+                "branches": self.branches,
+                "rows_total": rows_total,
+                "chunks_total": chunks_total,
+                "chunk_size": chunk_size,
+            }
+            ti.xcom_push(key=AUDIT_RUN_XCOM_KEY, value=self._pushed_ref)
             store.complete_run(run_id, rows_total=rows_total, chunks_total=chunks_total)
         except ForkInputError as err:
             if self._close_failed_run(store, run_id, bad_row_run_reason(str(err)), err, context, pushed):

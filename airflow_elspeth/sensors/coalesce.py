@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from airflow.sdk import BaseOperator, BaseOperatorLink, BaseSensorOperator, Context, conf
+from airflow.sdk import Asset, BaseOperator, BaseOperatorLink, BaseSensorOperator, Context, conf
 from airflow.sdk.exceptions import (
     AirflowFailException,
     AirflowRescheduleException,
@@ -16,16 +16,15 @@ from airflow.sdk.exceptions import (
 )
 
 from airflow_elspeth.audit.coalesce import (
-    ENDED_TASK_STATES,
     CoalesceSpec,
     coalesce_pass,
     supersede_resolutions,
 )
 from airflow_elspeth.audit.dml import TRANSIENT_ERROR_GRACE, TRANSIENT_ERRORS
-from airflow_elspeth.audit.read.decisions import coalesce_summary
+from airflow_elspeth.audit.read.decisions import coalesce_summary, failure_message
 from airflow_elspeth.audit.store import AuditStore
 from airflow_elspeth.core.config import MergeStrategy, Policy, coalesce_config
-from airflow_elspeth.core.vocabulary import NodeType
+from airflow_elspeth.core.vocabulary import ENDED_TASK_STATES, TASK_SUCCESS, NodeType
 from airflow_elspeth.exceptions import (
     AuditStoreUnreachable,
     ElspethConfigError,
@@ -37,6 +36,8 @@ from airflow_elspeth.operators.fork import ForkOperator, fork_ref
 from airflow_elspeth.topology import delivering_steps
 
 SUMMARY_XCOM_KEY = "coalesce_summary"
+# The key of the summary in the extra of the Asset events of the coalesce's outlets.
+ASSET_EXTRA_KEY = "elspeth_coalesce"
 # Parameters of earlier releases: passing one is an error that says what replaced it.
 REMOVED_PARAMETERS = {
     "on_failure": (
@@ -58,19 +59,17 @@ FINALIZER_SUFFIX = "_finalize"
 
 
 class CoalesceAuditLink(BaseOperatorLink):
-    """Extra link from a coalesce task to its run's page in the Elspeth audit view."""
+    """Extra link from a coalesce task to its decisions, inside the Airflow UI: the task instance's
+    "Fork/join audit" tab (not the bare plugin page)."""
 
-    name = "Elspeth audit"
+    name = "Fork/join audit"
 
     def get_link(self, operator: Any, *, ti_key: Any) -> str:
-        from urllib.parse import quote
+        from airflow_elspeth.plugins.elspeth import task_tab_url
 
-        from airflow_elspeth.plugins.elspeth import URL_PREFIX, base_path
-
-        dag_id, run_id, task_id = (
-            quote(x, safe="") for x in (ti_key.dag_id, ti_key.run_id, operator.task_id)
+        return task_tab_url(
+            ti_key.dag_id, ti_key.run_id, operator.task_id, getattr(ti_key, "map_index", None)
         )
-        return f"{base_path()}{URL_PREFIX}/dags/{dag_id}/runs/{run_id}?coalesce={task_id}"
 
 
 class CoalesceSensor(BaseSensorOperator):
@@ -183,6 +182,8 @@ class CoalesceSensor(BaseSensorOperator):
         self.coalesce = config
         self.tolerated_failures = tolerated_failures
         self.tolerated_failure_rate = tolerated_failure_rate
+        # This try's summary (for OpenLineage, read in the same process after the task ended).
+        self._reported_summary: dict[str, Any] | None = None
         self.deferrable = (
             deferrable
             if deferrable is not None
@@ -405,7 +406,7 @@ class CoalesceSensor(BaseSensorOperator):
         if ref is None:
             return None
         state = self._task_states(context, [self.fork_task_id]).get(self.fork_task_id)
-        if state != "success":
+        if state != TASK_SUCCESS:
             self.log.info(
                 "%s: fork %r is %s; its XCom (audit run %s) is from an earlier try, waiting for it",
                 self.task_id,
@@ -453,12 +454,36 @@ class CoalesceSensor(BaseSensorOperator):
         summary["tolerated_failures"] = self.tolerated_failures
         summary["tolerated_failure_rate"] = self.tolerated_failure_rate
         ti.xcom_push(key=SUMMARY_XCOM_KEY, value=summary)
+        self._reported_summary = summary
+        self._attach_to_asset_events(context, summary)
         if not self.within_tolerance(summary):
             message = failure_message(summary)
             if self._skips_on_failure():
                 raise AirflowSkipException(f"{message} {self._skip_note()}")
             raise AirflowFailException(message)
         return summary
+
+    def _attach_to_asset_events(self, context: Context, summary: dict[str, Any]) -> None:
+        """Every Asset event of this task's ``outlets`` carries the summary (extra key
+        ``elspeth_coalesce``), so an asset-scheduled DAG downstream reads what merged and what failed
+        (``read_merged_rows(event.extra["elspeth_coalesce"])``). Airflow emits them on success only."""
+        outlet_events = context.get("outlet_events")
+        if outlet_events is None:
+            return
+        for outlet in self.outlets:
+            if isinstance(outlet, Asset):
+                outlet_events[outlet].extra[ASSET_EXTRA_KEY] = summary
+
+    def get_openlineage_facets_on_complete(self, task_instance: Any) -> Any:
+        """OpenLineage run facet ``elspeth_coalesce``: the decision counts, failure reasons and missing
+        branches of this try's summary (airflow_elspeth/openlineage_facets.py)."""
+        from airflow_elspeth.openlineage_facets import coalesce_lineage
+
+        return coalesce_lineage(self._reported_summary)
+
+    def get_openlineage_facets_on_failure(self, task_instance: Any) -> Any:
+        """The same facet when the task failed on its tolerance (the summary is pushed first)."""
+        return self.get_openlineage_facets_on_complete(task_instance)
 
     def _skips_on_failure(self) -> bool:
         """Airflow's soft_fail (or never_fail): end skipped where the sensor would fail."""
@@ -476,13 +501,6 @@ class CoalesceSensor(BaseSensorOperator):
             and total > 0
             and failed / total <= self.tolerated_failure_rate
         )
-
-
-def failure_message(summary: dict[str, Any]) -> str:
-    """The one-paragraph answer to "why did the coalesce fail": policy, counts, missing branches."""
-    from airflow_elspeth.audit.read.decisions import failure_message as summary_failure_message
-
-    return summary_failure_message(summary)
 
 
 def _try_start(context: Context) -> datetime:

@@ -13,9 +13,10 @@ from airflow.triggers.base import BaseTrigger, TriggerEvent
 from asgiref.sync import sync_to_async
 from sqlalchemy import Engine
 
-from airflow_elspeth.audit.coalesce import ENDED_TASK_STATES, CoalesceSpec, waiting_poll
+from airflow_elspeth.audit.coalesce import CoalesceSpec, waiting_poll
 from airflow_elspeth.audit.dml import TRANSIENT_ERROR_GRACE
 from airflow_elspeth.audit.read.runs import newest_completed_run
+from airflow_elspeth.core.vocabulary import ENDED_TASK_STATES, TASK_SUCCESS
 
 # A failed poll (audit DB or Task SDK unreachable) is "not yet": polls back off up to this long, and
 # the task is told only once the failures outlast the deadline (or, before the deadline is known,
@@ -173,7 +174,7 @@ class CoalesceTrigger(BaseTrigger):
         if self.fork_task_id is None:
             raise ValueError("wait_for_fork needs the fork task id")
         state = (await self.states_of([self.fork_task_id])).get(self.fork_task_id)
-        if state == "success":
+        if state == TASK_SUCCESS:
             # The fork's XCom is this try's now; its newest audit run is the one it pushed.
             found = await sync_to_async(newest_completed_run, thread_sensitive=False)(
                 self.engine(), self.dag_id, self.airflow_run_id, self.fork_task_id

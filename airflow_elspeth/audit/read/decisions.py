@@ -28,8 +28,12 @@ from airflow_elspeth.audit.read.cache import CoalesceRef, coalesce_ref, run_read
 from airflow_elspeth.audit.read.runs import coalesce_nodes, coalesce_spec
 from airflow_elspeth.core.vocabulary import (
     ARRIVAL_NODE_STATUSES,
+    NOT_ARRIVED,
     DecisionStatus,
+    ReasonKind,
+    TokenKind,
     TokenOutcome,
+    after_decision_reason,
     policy_text,
     reason_kind,
     reason_order,
@@ -75,29 +79,41 @@ def coalesce_summary(engine: Engine, spec: CoalesceSpec, run_id: str) -> dict[st
                 )
             }
         )
+        groups = Counter(
+            {
+                (decision, missing_json): n
+                for decision, missing_json, n in conn.execute(
+                    select(cd.decision, cd.missing_json, func.count())
+                    .where(mine)
+                    .group_by(cd.decision, cd.missing_json)
+                )
+            }
+        )
+        moves = _after_decision(conn, spec, run_id)
         missing: dict[str, dict[str, Any]] = {}
-        for missing_json, n in conn.execute(
-            select(cd.missing_json, func.count()).where(mine).group_by(cd.missing_json)
-        ):
-            for branch, reason in json.loads(missing_json).items():
-                entry = missing.setdefault(branch, {"rows": 0, "reasons": {}})
-                entry["rows"] += n
-                entry["reasons"][reason] = entry["reasons"].get(reason, 0) + n
+        for (_, branch, reason), n in _missing_counts(groups, moves).items():
+            entry = missing.setdefault(branch, {"rows": 0, "reasons": {}})
+            entry["rows"] += n
+            entry["reasons"][reason] = entry["reasons"].get(reason, 0) + n
+        failed = conn.execute(
+            select(cd.row_id, cd.row_key, cd.failure_reason, cd.details_json, cd.missing_json)
+            .where(mine, cd.decision == DecisionStatus.FAILED.value)
+            .order_by(cd.chunk, cd.row_key)
+            .limit(FAILED_ROWS_LIMIT + 1)
+        ).all()
+        since = _rows_after_decision(conn, spec, run_id, [row.row_id for row in failed])
         failed_rows = [
             {
-                "row_key": row_key,
-                "reason": reason,
-                "arrived": json.loads(details).get("arrived", []),
-                "missing": json.loads(missing_json),
+                "row_key": row.row_key,
+                "reason": row.failure_reason,
+                "arrived": json.loads(row.details_json).get("arrived", []),
+                "missing": {
+                    branch: since.get((row.row_id, branch), reason) if reason == NOT_ARRIVED else reason
+                    for branch, reason in json.loads(row.missing_json).items()
+                },
             }
-            for row_key, reason, details, missing_json in conn.execute(
-                select(cd.row_key, cd.failure_reason, cd.details_json, cd.missing_json)
-                .where(mine, cd.decision == DecisionStatus.FAILED.value)
-                .order_by(cd.chunk, cd.row_key)
-                .limit(FAILED_ROWS_LIMIT + 1)
-            )
+            for row in failed
         ]
-        late_arrivals = _late_arrivals(conn, spec, run_id)
         collisions: dict[str, dict[str, Any]] = {}
         for collisions_json, n in conn.execute(
             select(cd.collisions_json, func.count())
@@ -127,8 +143,22 @@ def coalesce_summary(engine: Engine, spec: CoalesceSpec, run_id: str) -> dict[st
         # Rows this coalesce has not decided (yet): a resolution replaced by a later try's pass
         # (superseded_decisions) does not count as decided.
         "rows_undecided": max(0, run.rows_total - rows_merged - rows_failed),
-        "late_arrivals": late_arrivals,
-        "missing_branches": {b: missing[b] for b in config.branches if b in missing},
+        # Equal to the late columns of missing_branches: late answers seen by the decision and those
+        # written after it.
+        "late_arrivals": sum(
+            n
+            for info in missing.values()
+            for r, n in info["reasons"].items()
+            if reason_kind(r) is ReasonKind.LATE
+        ),
+        "missing_branches": {
+            b: {
+                "rows": missing[b]["rows"],
+                "reasons": dict(sorted(missing[b]["reasons"].items(), key=lambda kv: reason_order(kv[0]))),
+            }
+            for b in config.branches
+            if b in missing
+        },
         "failure_reasons": dict(sorted(failure_reasons.items())),
         "field_collisions": dict(sorted(collisions.items())),
         "failed_rows": failed_rows[:FAILED_ROWS_LIMIT],
@@ -137,32 +167,121 @@ def coalesce_summary(engine: Engine, spec: CoalesceSpec, run_id: str) -> dict[st
     }
 
 
-def _late_arrivals(conn: Any, spec: CoalesceSpec, run_id: str) -> int:
-    """Arrivals at this coalesce recorded after their row's decision time: every late arrival.
+# (decision, missing_json, branch, reason): rows of this coalesce whose decision saw ``branch`` as
+# ``not_arrived`` and whose branch has since answered late or skipped the row (``reason``).
+Moves = Mapping[tuple[str, str, str, str], int]
 
-    Both kinds: those the deciding pass saw (also listed in the decision's ``late_json``) and those
-    recorded after it (their token already ``not_arrived``). Counted against this coalesce's own
-    decisions, not from the tokens' terminal outcomes: with several coalesces on one fork, a token's
-    one terminal outcome may have been written by another coalesce.
+
+def _after_decision(conn: Any, spec: CoalesceSpec, run_id: str) -> dict[tuple[str, str, str, str], int]:
+    """What became of the branches a decision saw as ``not_arrived``: the decision keeps the reason it
+    had, while the token's outcome, the summary and the reports tell what happened since.
+
+    * a **late arrival written after the decision** (at the delivering step, stamped after the row's
+      decision time): ``late_arrival_after_<decision>``, as if the decision had seen it late, which
+      it does in a mode whose pass runs after the answer was written;
+    * a **skip** (the branch step did not process the row, already decided): ``skipped_decided``.
+
+    Counted against this coalesce's own decisions: with several coalesces on one fork, a token's one
+    terminal outcome may have been written by another coalesce.
     """
-    ns, cd = t.node_states.c, t.coalesce_decisions.c
-    return int(
-        conn.execute(
-            select(func.count(func.distinct(ns.token_id)))
-            .select_from(
-                t.node_states.join(
-                    t.coalesce_decisions,
-                    and_(cd.run_id == ns.run_id, cd.row_id == ns.row_id, cd.node_id == spec.node_id),
-                )
+    ns, cd, to, tk = t.node_states.c, t.coalesce_decisions.c, t.token_outcomes.c, t.tokens.c
+    branch_of = {node: branch for branch, node in spec.delivering.items()}
+    found: Counter[tuple[str, str, str, bool]] = Counter()
+    for decision, missing_json, node, n in conn.execute(
+        select(cd.decision, cd.missing_json, ns.node_id, func.count(func.distinct(ns.token_id)))
+        .select_from(
+            t.node_states.join(
+                t.coalesce_decisions,
+                and_(cd.run_id == ns.run_id, cd.row_id == ns.row_id, cd.node_id == spec.node_id),
             )
-            .where(
-                ns.run_id == run_id,
-                ns.node_id.in_(list(spec.delivering.values())),
-                ns.status.in_(_ARRIVALS),
-                ns.recorded_at > cd.decided_at,
+        )
+        .where(
+            ns.run_id == run_id,
+            ns.node_id.in_(list(branch_of)),
+            ns.status.in_(_ARRIVALS),
+            ns.recorded_at > cd.decided_at,
+        )
+        .group_by(cd.decision, cd.missing_json, ns.node_id)
+    ):
+        found[(decision, missing_json, branch_of[node], True)] += n
+    for decision, missing_json, branch, n in conn.execute(
+        select(cd.decision, cd.missing_json, tk.branch_name, func.count())
+        .select_from(
+            t.token_outcomes.join(t.tokens, tk.token_id == to.token_id).join(
+                t.coalesce_decisions,
+                and_(cd.run_id == tk.run_id, cd.row_id == tk.row_id, cd.node_id == spec.node_id),
             )
-        ).scalar_one()
-    )
+        )
+        .where(
+            to.run_id == run_id,
+            to.outcome == TokenOutcome.SKIPPED.value,
+            to.is_terminal,
+            tk.token_kind == TokenKind.BRANCH.value,
+        )
+        .group_by(cd.decision, cd.missing_json, tk.branch_name)
+    ):
+        found[(decision, missing_json, branch, False)] += n
+    moves: dict[tuple[str, str, str, str], int] = {}
+    for (decision, missing_json, branch, arrived), n in found.items():
+        if json.loads(missing_json).get(branch) == NOT_ARRIVED:
+            key = (decision, missing_json, branch, after_decision_reason(decision, arrived=arrived))
+            moves[key] = moves.get(key, 0) + n
+    return moves
+
+
+def _rows_after_decision(
+    conn: Any, spec: CoalesceSpec, run_id: str, row_ids: Sequence[str]
+) -> dict[tuple[str, str], str]:
+    """(row_id, branch) -> what became of a branch since the row's decision (as in
+    :func:`_after_decision`), for the given rows of this coalesce: a late arrival or a skip."""
+    if not row_ids:
+        return {}
+    ns, cd, to, tk = t.node_states.c, t.coalesce_decisions.c, t.token_outcomes.c, t.tokens.c
+    branch_of = {node: branch for branch, node in spec.delivering.items()}
+    mine = and_(cd.run_id == run_id, cd.node_id == spec.node_id, cd.row_id.in_(list(row_ids)))
+    found: dict[tuple[str, str], str] = {}
+    for row_id, decision, node in conn.execute(
+        select(cd.row_id, cd.decision, ns.node_id)
+        .select_from(
+            t.node_states.join(t.coalesce_decisions, and_(cd.run_id == ns.run_id, cd.row_id == ns.row_id))
+        )
+        .where(
+            mine,
+            ns.node_id.in_(list(branch_of)),
+            ns.status.in_(_ARRIVALS),
+            ns.recorded_at > cd.decided_at,
+        )
+    ):
+        found[(row_id, branch_of[node])] = after_decision_reason(decision, arrived=True)
+    for row_id, decision, branch in conn.execute(
+        select(cd.row_id, cd.decision, tk.branch_name)
+        .select_from(
+            t.token_outcomes.join(t.tokens, tk.token_id == to.token_id).join(
+                t.coalesce_decisions, and_(cd.run_id == tk.run_id, cd.row_id == tk.row_id)
+            )
+        )
+        .where(
+            mine,
+            to.outcome == TokenOutcome.SKIPPED.value,
+            to.is_terminal,
+            tk.token_kind == TokenKind.BRANCH.value,
+        )
+    ):
+        found.setdefault((row_id, branch), after_decision_reason(decision, arrived=False))
+    return found
+
+
+def _missing_counts(groups: Mapping[tuple[str, str], int], moves: Moves) -> Counter[tuple[str, str, str]]:
+    """(decision, branch, reason) -> rows over the decision groups ``(decision, missing_json) -> rows``,
+    with the branches that answered late or skipped since the decision counted under that reason."""
+    counts: Counter[tuple[str, str, str]] = Counter()
+    for (decision, missing_json), n in groups.items():
+        for branch, reason in json.loads(missing_json).items():
+            counts[(decision, branch, reason)] += n
+    for (decision, _, branch, reason), n in moves.items():
+        counts[(decision, branch, NOT_ARRIVED)] -= n
+        counts[(decision, branch, reason)] += n
+    return +counts
 
 
 def run_summaries(
@@ -193,8 +312,21 @@ def failure_message(summary: Mapping[str, Any]) -> str:
             else ""
         )
         + f"). Failure reasons: {reasons or 'none'}. Missing branches: {missing or 'none'}. "
-        f"Audit run {summary['audit_run_id']}."
+        + _failed_keys(summary)
+        + f"Audit run {summary['audit_run_id']}."
     )
+
+
+FAILED_KEYS_IN_MESSAGE = 10
+
+
+def _failed_keys(summary: Mapping[str, Any]) -> str:
+    """ "Failed rows: k1, k2 ... and N more. " (at most ten keys), or nothing when none failed."""
+    keys = [str(row["row_key"]) for row in summary.get("failed_rows", [])[:FAILED_KEYS_IN_MESSAGE]]
+    if not keys:
+        return ""
+    more = summary["rows_failed"] - len(keys)
+    return f"Failed rows: {', '.join(keys)}" + (f" and {more} more" if more > 0 else "") + ". "
 
 
 # --------------------------------------------------------------------------------------------------
@@ -363,16 +495,20 @@ def _json_missing_condition(engine: Engine, flt: RowFilter) -> Any:
 # The coalesce overview
 
 
-def _matrix(groups: Iterable[DecisionGroup], branches: Sequence[str]) -> dict[str, Any]:
+def _matrix(groups: Iterable[DecisionGroup], branches: Sequence[str], moves: Moves) -> dict[str, Any]:
+    """The branch x reason matrix of missing branches (the summary's ``missing_branches``, cell by
+    cell, with how many of each cell's rows failed)."""
     cells: dict[str, dict[str, dict[str, int]]] = {}
     reasons: set[str] = set()
+    by_group: Counter[tuple[str, str]] = Counter()
     for group in groups:
-        for branch, reason in group.missing.items():
-            reasons.add(reason)
-            cell = cells.setdefault(branch, {}).setdefault(reason, {"rows": 0, "failed_rows": 0})
-            cell["rows"] += group.rows
-            if group.decision == DecisionStatus.FAILED:
-                cell["failed_rows"] += group.rows
+        by_group[(group.decision, group.missing_json)] += group.rows
+    for (decision, branch, reason), n in _missing_counts(by_group, moves).items():
+        reasons.add(reason)
+        cell = cells.setdefault(branch, {}).setdefault(reason, {"rows": 0, "failed_rows": 0})
+        cell["rows"] += n
+        if decision == DecisionStatus.FAILED:
+            cell["failed_rows"] += n
     ordered = sorted(reasons, key=reason_order)
     listed = [b for b in branches if b in cells] + sorted(b for b in cells if b not in branches)
     return {
@@ -408,10 +544,11 @@ def _late_after_write(ref: CoalesceRef) -> list[dict[str, Any]]:
         )
         .where(
             to.run_id == ref.run_id,
-            to.outcome == TokenOutcome.NOT_ARRIVED.value,
             to.is_terminal,
             ns.node_id.in_(list(branch_of)),
             ns.status.in_(_ARRIVALS),
+            # Written after the decision was (the decision saw the branch as not arrived).
+            ns.recorded_at > cd.recorded_at,
         )
         .group_by(cd.row_key, cd.decision, cd.failure_reason, cd.decided_at, cd.recorded_at, ns.node_id)
         .order_by(func.min(ns.recorded_at))
@@ -436,6 +573,11 @@ def _after_write(ref: CoalesceRef) -> list[dict[str, Any]]:
     return ref.cached("after", lambda: _late_after_write(ref))
 
 
+def _moves(ref: CoalesceRef) -> dict[tuple[str, str, str, str], int]:
+    with ref.engine.connect() as conn:
+        return _after_decision(conn, ref.spec, ref.run_id)
+
+
 def cached_summary(ref: CoalesceRef) -> dict[str, Any]:
     """:func:`coalesce_summary` of the coalesce, cached under the run's fingerprint."""
     return ref.cached("summary", lambda: coalesce_summary(ref.engine, ref.spec, ref.run_id))
@@ -452,8 +594,12 @@ def coalesce_overview(
     run_id = audit_run["audit_run_id"]
     ref = ref or coalesce_ref(engine, run_id, node_id)
     spec = ref.spec
-    summary, (groups, _), after_write = run_reads(
-        engine, lambda: cached_summary(ref), lambda: _scan(ref), lambda: _after_write(ref)
+    summary, (groups, _), after_write, moves = run_reads(
+        engine,
+        lambda: cached_summary(ref),
+        lambda: _scan(ref),
+        lambda: _after_write(ref),
+        lambda: ref.cached("moves", lambda: _moves(ref)),
     )
     completed_at = audit_run["completed_at"]
     deadline = completed_at + spec.config.timeout if completed_at else None
@@ -478,7 +624,7 @@ def coalesce_overview(
         "late_rows": sum(g.rows for g in groups if g.late),
         "late_after_write": len(after_write),
         "failure_reasons": dict(sorted(summary["failure_reasons"].items(), key=lambda kv: (-kv[1], kv[0]))),
-        "missing_matrix": _matrix(groups, spec.config.branches),
+        "missing_matrix": _matrix(groups, spec.config.branches, moves),
         "field_collisions": summary["field_collisions"],
     }
 

@@ -17,10 +17,10 @@ from typing import Any
 from sqlalchemy import Connection, Engine, and_, func, select
 
 from airflow_elspeth.audit import schema as t
-from airflow_elspeth.audit.coalesce import ENDED_TASK_STATES, CoalesceSpec
+from airflow_elspeth.audit.coalesce import CoalesceSpec
 from airflow_elspeth.audit.dml import db_now
 from airflow_elspeth.audit.read.runs import coalesce_tasks
-from airflow_elspeth.core.vocabulary import NodeType, RunStatus
+from airflow_elspeth.core.vocabulary import ENDED_TASK_STATES, NodeType, RunStatus
 
 #: Airflow task states as a plain mapping: (dag_id, airflow_run_id, task_id) -> the state of that
 #: (unmapped) task instance, its latest try. Only the CLI reads them from Airflow.

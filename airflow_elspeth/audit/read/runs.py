@@ -49,14 +49,63 @@ def run_info(engine: Engine, run_id: str) -> RunInfo:
 
 def find_row_run(engine: Engine, row_key: str, runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """The newest of ``runs`` that has ``row_key``. :raises NotFound: none has it."""
+    found = row_runs(engine, row_key, runs)
+    if not found:
+        raise NotFound(f"no audit run has a row with key {row_key!r}")
+    return found[-1]
+
+
+def row_runs(engine: Engine, row_key: str, runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Those of ``runs`` that have a row with key ``row_key``, in the order of ``runs``."""
+    ids = [run["run_id"] for run in runs]
+    having: set[str] = set()
+    r = t.rows.c
     with engine.connect() as conn:
-        for run in list(runs)[::-1]:
-            found = conn.execute(
-                select(t.rows.c.row_id).where(t.rows.c.run_id == run["run_id"], t.rows.c.row_key == row_key)
-            ).first()
-            if found is not None:
-                return run
-    raise NotFound(f"no audit run has a row with key {row_key!r}")
+        for start in range(0, len(ids), _BATCH):
+            having.update(
+                conn.execute(
+                    select(r.run_id).where(r.run_id.in_(ids[start : start + _BATCH]), r.row_key == row_key)
+                ).scalars()
+            )
+    return [run for run in runs if run["run_id"] in having]
+
+
+def run_order(run: Mapping[str, Any]) -> tuple[Any, ...]:
+    """Sort key of audit runs: by logical date (else start), DAG, DAG run, fork, then fork try."""
+    when = run.get("logical_date") or run.get("started_at")
+    return (
+        when is None,
+        when.isoformat() if when is not None else "",
+        run["dag_id"],
+        run["airflow_run_id"],
+        run["fork_task_id"],
+        run["try_number"],
+    )
+
+
+def with_tries(engine: Engine, runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``runs`` in :func:`run_order`, each with ``newest_try`` (the newest try of its fork in its DAG
+    run, over the whole store), ``current`` (it is that try) and ``superseded_by_try`` (else None)."""
+    r = t.runs.c
+    wanted = {(run["dag_id"], run["airflow_run_id"], run["fork_task_id"]) for run in runs}
+    newest: dict[tuple[str, str, str], int] = {}
+    with engine.connect() as conn:
+        for dag_id in sorted({w[0] for w in wanted}):
+            for dag_run, fork, n in conn.execute(
+                select(r.airflow_run_id, r.fork_task_id, func.max(r.try_number))
+                .where(r.dag_id == dag_id)
+                .group_by(r.airflow_run_id, r.fork_task_id)
+            ):
+                if (dag_id, dag_run, fork) in wanted:
+                    newest[(dag_id, dag_run, fork)] = int(n)
+    marked = []
+    for run in sorted(runs, key=run_order):
+        top = newest.get((run["dag_id"], run["airflow_run_id"], run["fork_task_id"]), run["try_number"])
+        current = run["try_number"] >= top
+        marked.append(
+            {**run, "newest_try": top, "current": current, "superseded_by_try": None if current else top}
+        )
+    return marked
 
 
 def runs_of_dag_run(engine: Engine, dag_id: str, airflow_run_id: str) -> list[dict[str, Any]]:

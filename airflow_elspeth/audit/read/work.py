@@ -38,6 +38,8 @@ class ChunkWork:
     tokens_total: int
     already_done: int
     already_decided: int
+    # The tokens of rows already decided by every consuming coalesce, not done here: skipped.
+    decided_tokens: tuple[str, ...] = ()
 
 
 def branch_work(
@@ -127,6 +129,13 @@ def branch_work(
         tokens_total=len(tokens),
         already_done=sum(1 for tok in tokens if tok.token_id in done),
         already_decided=sum(1 for tok in tokens if tok.row_id in decided and tok.token_id not in done),
+        decided_tokens=tuple(
+            tok.token_id
+            for tok in tokens
+            if tok.row_id in decided
+            and tok.token_id not in done
+            and (previous_node is None or tok.token_id in upstream)
+        ),
     )
 
 

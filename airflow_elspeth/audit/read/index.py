@@ -1,0 +1,274 @@
+"""The index of audit runs, outcomes first: per audit run and coalesce, what was decided, whether the
+run is the current try of its fork, and whether undecided rows are overdue. Nothing here writes.
+
+Counts are :func:`airflow_elspeth.audit.read.runs.decision_counts` (the grouped decision count the
+run pages use). Airflow task states come in as a plain mapping (``(dag_id, airflow_run_id,
+task_id) -> state``, as :mod:`airflow_elspeth.airflow_states` reads them), or ``None`` when they
+could not be read: then only the audit-side facts decide the verdict.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy import Engine, func, select
+
+from airflow_elspeth.audit import schema as t
+from airflow_elspeth.audit.coalesce import CoalesceSpec
+from airflow_elspeth.audit.read.runs import decision_counts
+from airflow_elspeth.core.vocabulary import ENDED_TASK_STATES, NodeType, RunStatus
+
+# (dag_id, airflow_run_id, task_id) -> Airflow task state.
+TaskStates = Mapping[tuple[str, str, str], str]
+# (dag_id, airflow_run_id) -> the task ids whose states are wanted (airflow_states.WantedTasks).
+WantedTasks = Mapping[tuple[str, str], set[str]]
+
+SORT_KEYS = ("started_at", "logical_date")
+MAX_LIMIT = 500
+_BATCH = 500
+
+# Verdicts of one (audit run, coalesce), worst first: what the index shows before any count.
+FORK_FAILED = "fork_failed"
+SUPERSEDED = "superseded"
+ENDED_UNDECIDED = "ended_undecided"  # the coalesce task ended with rows undecided
+OVERDUE = "overdue"  # rows undecided past their deadline, the coalesce task not (known to be) ended
+WAITING = "waiting"  # rows undecided, deadline not reached
+FORK_RUNNING = "fork_running"
+NO_COALESCE = "no_coalesce"  # no coalesce has registered in this audit run (yet)
+ROWS_FAILED = "rows_failed"
+ALL_MERGED = "all_merged"
+ALERTS = frozenset({ENDED_UNDECIDED, OVERDUE})
+
+
+def _utc(value: datetime | None) -> datetime | None:
+    if value is None or value.tzinfo is not None:
+        return value
+    return value.replace(tzinfo=timezone.utc)
+
+
+def undecided_status(
+    *,
+    undecided: int | None,
+    deadline: datetime | None,
+    task_state: str | None,
+    current: bool,
+    now: datetime,
+) -> dict[str, Any] | None:
+    """Why rows of a coalesce are undecided, or None when none is.
+
+    ``kind``: ``superseded`` (a later fork try of the DAG run is the one decided), ``fork_running``
+    (no deadline yet), ``ended`` (the coalesce task ended: its finalizer should have resolved them),
+    ``overdue`` (the deadline has passed, the task has not ended, or its state is not known) or
+    ``waiting`` (decided at the deadline at the latest).
+    """
+    if not undecided:
+        return None
+    deadline = _utc(deadline)
+    if not current:
+        kind = SUPERSEDED
+    elif deadline is None:
+        kind = FORK_RUNNING
+    elif task_state in ENDED_TASK_STATES:
+        kind = "ended"
+    elif deadline <= now:
+        kind = OVERDUE
+    else:
+        kind = WAITING
+    return {
+        "kind": kind,
+        "rows": undecided,
+        "deadline": deadline,
+        "task_state": task_state,
+        "overdue": kind in ("ended", OVERDUE),
+        "seconds_to_deadline": (deadline - now).total_seconds() if deadline is not None else None,
+    }
+
+
+def _verdict(run: Mapping[str, Any], counts: Mapping[str, Any] | None, why: Mapping[str, Any] | None) -> str:
+    if run["status"] == RunStatus.FAILED:
+        return FORK_FAILED
+    if not run["current"]:
+        return SUPERSEDED
+    if counts is None:
+        return FORK_RUNNING if run["status"] == RunStatus.RUNNING else NO_COALESCE
+    if why is not None:
+        return {"ended": ENDED_UNDECIDED, OVERDUE: OVERDUE}.get(why["kind"], WAITING)
+    if counts["failed"]:
+        return ROWS_FAILED
+    return ALL_MERGED
+
+
+def audit_index(
+    engine: Engine,
+    dag_ids: Iterable[str] | None,
+    *,
+    read_task_states: Callable[[WantedTasks], TaskStates | None] | None = None,
+    sort: str = "started_at",
+    descending: bool = True,
+    limit: int = 50,
+    now: datetime | None = None,
+) -> list[dict[str, Any]]:
+    """The newest audit runs of the given DAGs (None: of every DAG), sorted by ``sort``
+    (``started_at`` or ``logical_date``, runs without one last), each with per coalesce its counts,
+    deadline, Airflow task state, why rows are undecided and a verdict (``outcomes``, in task order).
+
+    A run is ``current`` when it is the newest try of its fork in its DAG run; an earlier try is
+    superseded (``newest_try`` names the later one). ``read_task_states`` is called once with the
+    coalesce tasks listed (:data:`WantedTasks`) and returns their states, or None when it cannot.
+    """
+    if sort not in SORT_KEYS:
+        raise ValueError(f"sort must be one of {list(SORT_KEYS)}, got {sort!r}")
+    now = now or datetime.now(timezone.utc)
+    runs = _select_runs(engine, dag_ids, sort, descending, max(1, min(int(limit), MAX_LIMIT)))
+    if not runs:
+        return []
+    newest = _newest_tries(engine, runs)
+    specs = _coalesce_specs(engine, [r["run_id"] for r in runs])
+    counts = decision_counts(
+        engine, {r["run_id"]: (r["rows_total"], sorted(specs.get(r["run_id"], {}))) for r in runs}
+    )
+    for run in runs:
+        key = (run["dag_id"], run["airflow_run_id"], run["fork_task_id"])
+        run["newest_try"] = newest.get(key, run["try_number"])
+        run["current"] = run["try_number"] >= run["newest_try"]
+        run["coalesces"] = sorted(specs.get(run["run_id"], {}))
+        run["decisions"] = counts.get(run["run_id"], {})
+    wanted = wanted_task_states(runs)
+    task_states = read_task_states(wanted) if read_task_states is not None and wanted else None
+    for run in runs:
+        run["outcomes"] = [
+            _outcome(run, node_id, spec, run["decisions"].get(node_id, {}), task_states, now)
+            for node_id, spec in sorted(specs.get(run["run_id"], {}).items())
+        ]
+        run["verdict"] = _verdict(run, None, None) if not run["outcomes"] else _worst(run["outcomes"])
+    return runs
+
+
+_ORDER = [
+    FORK_FAILED,
+    ENDED_UNDECIDED,
+    OVERDUE,
+    SUPERSEDED,
+    FORK_RUNNING,
+    WAITING,
+    ROWS_FAILED,
+    NO_COALESCE,
+    ALL_MERGED,
+]
+
+
+def _worst(outcomes: Sequence[Mapping[str, Any]]) -> str:
+    return min((o["verdict"] for o in outcomes), key=_ORDER.index)
+
+
+def _outcome(
+    run: Mapping[str, Any],
+    node_id: str,
+    spec: CoalesceSpec,
+    counts: Mapping[str, Any],
+    task_states: TaskStates | None,
+    now: datetime,
+) -> dict[str, Any]:
+    completed_at = _utc(run["completed_at"])
+    deadline = completed_at + spec.config.timeout if completed_at is not None else None
+    state = None
+    if task_states is not None:
+        state = task_states.get((run["dag_id"], run["airflow_run_id"], node_id))
+    why = undecided_status(
+        undecided=counts.get("undecided"),
+        deadline=deadline,
+        task_state=state,
+        current=bool(run["current"]),
+        now=now,
+    )
+    return {
+        "coalesce": node_id,
+        "policy": spec.config.policy.value,
+        "rows": run["rows_total"],
+        "merged": counts.get("merged", 0),
+        "failed": counts.get("failed", 0),
+        "undecided": counts.get("undecided"),
+        "deadline": deadline,
+        "task_state": state,
+        "undecided_status": why,
+        "overdue": bool(why and why["overdue"]),
+        "verdict": _verdict(run, counts, why),
+    }
+
+
+def _select_runs(
+    engine: Engine, dag_ids: Iterable[str] | None, sort: str, descending: bool, limit: int
+) -> list[dict[str, Any]]:
+    ru = t.runs.c
+    query = select(
+        ru.run_id,
+        ru.dag_id,
+        ru.airflow_run_id,
+        ru.fork_task_id,
+        ru.try_number,
+        ru.run_type,
+        ru.logical_date,
+        ru.status,
+        ru.status_reason,
+        ru.started_at,
+        ru.completed_at,
+        ru.rows_total,
+        ru.chunks_total,
+        ru.previous_run_id,
+    )
+    if dag_ids is not None:
+        wanted = sorted(set(dag_ids))
+        if not wanted:
+            return []
+        query = query.where(ru.dag_id.in_(wanted))
+    column = ru.logical_date if sort == "logical_date" else ru.started_at
+    first = (column.desc() if descending else column.asc()).nulls_last()
+    tie = ru.started_at.desc() if descending else ru.started_at.asc()
+    with engine.connect() as conn:
+        return [dict(row) for row in conn.execute(query.order_by(first, tie).limit(limit)).mappings()]
+
+
+def _newest_tries(engine: Engine, runs: Sequence[Mapping[str, Any]]) -> dict[tuple[str, str, str], int]:
+    """(dag, Airflow run, fork task) -> its newest try, over every audit run of those DAG runs."""
+    ru = t.runs.c
+    keys = sorted({(r["dag_id"], r["airflow_run_id"]) for r in runs})
+    newest: dict[tuple[str, str, str], int] = {}
+    with engine.connect() as conn:
+        for start in range(0, len(keys), _BATCH):
+            for dag_id, airflow_run_id, fork, try_number in conn.execute(
+                select(ru.dag_id, ru.airflow_run_id, ru.fork_task_id, func.max(ru.try_number))
+                .where(
+                    ru.dag_id.in_(sorted({k[0] for k in keys[start : start + _BATCH]})),
+                    ru.airflow_run_id.in_(sorted({k[1] for k in keys[start : start + _BATCH]})),
+                )
+                .group_by(ru.dag_id, ru.airflow_run_id, ru.fork_task_id)
+            ):
+                newest[(dag_id, airflow_run_id, fork)] = int(try_number)
+    return newest
+
+
+def _coalesce_specs(engine: Engine, run_ids: Sequence[str]) -> dict[str, dict[str, CoalesceSpec]]:
+    """Audit run id -> coalesce task id -> its spec as registered (for the deadline and policy)."""
+    n = t.nodes.c
+    found: dict[str, dict[str, CoalesceSpec]] = {}
+    with engine.connect() as conn:
+        for start in range(0, len(run_ids), _BATCH):
+            for run_id, node_id, config_json in conn.execute(
+                select(n.run_id, n.node_id, n.config_json).where(
+                    n.run_id.in_(list(run_ids[start : start + _BATCH])), n.node_type == NodeType.COALESCE
+                )
+            ):
+                found.setdefault(run_id, {})[node_id] = CoalesceSpec.from_dict(json.loads(config_json))
+    return found
+
+
+def wanted_task_states(runs: Iterable[Mapping[str, Any]]) -> dict[tuple[str, str], set[str]]:
+    """(dag_id, airflow_run_id) -> the coalesce task ids whose Airflow states the index shows."""
+    wanted: dict[tuple[str, str], set[str]] = {}
+    for run in runs:
+        if run.get("coalesces"):
+            wanted.setdefault((run["dag_id"], run["airflow_run_id"]), set()).update(run["coalesces"])
+    return wanted
