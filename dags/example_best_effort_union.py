@@ -39,7 +39,7 @@ def from_support(row: dict) -> dict | None:
 
 with DAG(
     dag_id="example_best_effort_union",
-    schedule=None,
+    schedule="@daily",
     start_date=datetime(2026, 1, 1),
     catchup=False,
     tags=["elspeth", "example"],
@@ -63,7 +63,7 @@ with DAG(
         policy="best_effort",
         merge="union",
         timeout=timedelta(minutes=5),
-        poke_interval=10,  # reschedule mode: shorter pokes make an Airflow scheduler race likely (README)
+        deferrable=True,  # waits in the triggerer: no worker slot while the branches work
     )
     fork >> [crm, support]
     [crm, billing, support] >> profile

@@ -39,7 +39,7 @@ def churn_risk(customer: dict) -> dict:
 
 with DAG(
     dag_id="example_enrichment_require_all",
-    schedule=None,
+    schedule="@daily",
     start_date=datetime(2026, 1, 1),
     catchup=False,
     tags=["elspeth", "example"],
@@ -65,7 +65,6 @@ with DAG(
         merge="union",
         timeout=timedelta(minutes=5),
         soft_fail=True,
-        poke_interval=10,  # reschedule mode: shorter pokes make an Airflow scheduler race likely (README)
     )
 
     @task(trigger_rule="all_done")

@@ -30,7 +30,7 @@ def fetch_from(mirror: str, missing_every: int, seconds_per_100mb: float):
 
 with DAG(
     dag_id="example_first_mirror",
-    schedule=None,
+    schedule="@daily",
     start_date=datetime(2026, 1, 1),
     catchup=False,
     tags=["elspeth", "example"],
@@ -47,6 +47,5 @@ with DAG(
         policy="first",
         merge="union",
         timeout=timedelta(minutes=5),
-        poke_interval=10,  # reschedule mode: shorter pokes make an Airflow scheduler race likely (README)
     )
     fork >> [us, eu] >> fetched

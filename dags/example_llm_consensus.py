@@ -50,7 +50,7 @@ def ask_gemini(doc: dict) -> dict:
 
 with DAG(
     dag_id="example_llm_consensus",
-    schedule=None,
+    schedule="@daily",
     start_date=datetime(2026, 1, 1),
     catchup=False,
     tags=["elspeth", "example"],
@@ -85,7 +85,6 @@ with DAG(
         merge="nested",
         timeout=timedelta(seconds=6),
         tolerated_failure_rate=0.25,
-        poke_interval=10,  # reschedule mode: shorter pokes make an Airflow scheduler race likely (README)
     )
 
     @task
