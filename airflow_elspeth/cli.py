@@ -24,8 +24,10 @@ from typing import Any
 import click
 from rich.console import Console
 from rich.markup import escape
+from rich.measure import Measurement
 from rich.progress import Progress
 from rich.table import Table
+from rich.text import Text
 from rich.tree import Tree
 from sqlalchemy import Engine
 
@@ -139,7 +141,7 @@ def report(
                 print_summary(run, item["summary"])
         if run["run_id"] not in summarised:
             reason = f": {run['status_reason']}" if run.get("status_reason") else ""
-            console.rule(_fit([f"{run['dag_id']}", f"{run['airflow_run_id']}"]), style="dim")
+            _rule("no coalesce", [run["dag_id"], run["airflow_run_id"]])
             console.print(
                 escape(
                     _fit(
@@ -176,23 +178,27 @@ def _plural(n: int, word: str, plural: str | None = None) -> str:
     return f"{n} {word if n == 1 else plural or word + 's'}"
 
 
-def _fit(phrases: list[str], *, indent: str = "") -> str:
-    """Phrases joined by `` · `` on one line when they fit the console, else one phrase a line (a
-    phrase is never broken)."""
-    line = indent + " · ".join(p for p in phrases if p)
-    if len(line) <= console.width - 4:
-        return line
-    return "\n".join(indent + p for p in phrases if p)
+def _fit(phrases: list[str], *, indent: str = "", sep: str = " · ") -> str:
+    """Phrases joined by ``sep``, as many to a line as fit the console: a line breaks only between
+    two phrases, never inside one."""
+    lines: list[str] = []
+    for phrase in (p for p in phrases if p):
+        if lines and len(lines[-1]) + len(sep) + len(phrase) <= console.width:
+            lines[-1] += sep + phrase
+        else:
+            lines.append(indent + phrase)
+    return "\n".join(lines)
 
 
-def _rule(phrases: list[str]) -> None:
-    """A rule with the phrases as its title, or, when they do not fit, a plain rule above them."""
-    title = " · ".join(phrases)
-    if len(title) + 6 <= console.width:
-        console.rule(f"[bold]{escape(title)}[/]")
+def _rule(title: str, context: list[str], *, title_first: bool = False) -> None:
+    """A rule titled ``context · title`` (``title · context``), or, when that does not fit, titled
+    ``title`` with the context below it."""
+    whole = " · ".join([title, *context] if title_first else [*context, title])
+    if len(whole) + 6 <= console.width:
+        console.rule(f"[bold]{escape(whole)}[/]")
     else:
-        console.rule()
-        console.print(escape(_fit(phrases)), style="bold")
+        console.rule(f"[bold]{escape(title)}[/]")
+        console.print(escape(_fit(context)), style="bold")
 
 
 def _try_text(run: Mapping[str, Any]) -> str:
@@ -203,7 +209,9 @@ def _try_text(run: Mapping[str, Any]) -> str:
 
 
 def _fits(renderable: Any) -> bool:
-    return bool(console.measure(renderable).maximum <= console.width)
+    """Whether ``renderable`` fits the console without shrinking a column."""
+    wide = console.options.update_width(100_000)
+    return bool(Measurement.get(console, wide, renderable).maximum <= console.width)
 
 
 def _title(text: str) -> None:
@@ -214,7 +222,7 @@ def _title(text: str) -> None:
 def print_summary(run: dict[str, Any], summary: dict[str, Any]) -> None:
     policy = summary["policy"] + (f" (quorum {summary['quorum']})" if summary.get("quorum") else "")
     merge = summary["merge"] + (f" ({summary['select_branch']})" if summary.get("select_branch") else "")
-    _rule([run["dag_id"], run["airflow_run_id"], f"coalesce {summary['coalesce']}"])
+    _rule(f"coalesce {summary['coalesce']}", [run["dag_id"], run["airflow_run_id"]])
     logical = run.get("logical_date")
     console.print(
         escape(
@@ -230,10 +238,6 @@ def print_summary(run: dict[str, Any], summary: dict[str, Any]) -> None:
             )
         )
     )
-    if run.get("superseded_by_try"):
-        console.print(
-            f"[yellow]superseded: try {run['superseded_by_try']} of this fork is the current one[/]"
-        )
     if run.get("status") != RunStatus.COMPLETED:
         reason = f": {run['status_reason']}" if run.get("status_reason") else ""
         console.print(f"[yellow]audit run {run['status']}{escape(reason)}[/]")
@@ -359,13 +363,13 @@ def explain(
         filters = _filters_text(run_id, dag_id, airflow_run_id)
         raise click.ClickException(f"no audit run{filters} has a row with key {row_key!r}")
     if len(matching) > 1:
-        how = "choose one with --run-id RUN, or narrow with --dag-id and --airflow-run-id"
+        how = "Choose one with --run-id, or narrow with --dag-id and --airflow-run-id"
         if as_json:
             _emit_json({"error": "ambiguous", "row_key": row_key, "runs": [_run_header(r) for r in matching]})
         else:
             console.print(escape(f"row {row_key!r} is in {_plural(len(matching), 'audit run')}:"))
             _print_candidates(matching)
-        raise AmbiguousRow(f"row {row_key!r} is in {len(matching)} audit runs: {how}")
+        raise AmbiguousRow(f"row {row_key!r} is in {len(matching)} audit runs.\n{how}.")
     run = matching[0]
     try:
         explained = explain_row(engine, run["run_id"], row_key)
@@ -413,7 +417,7 @@ def _print_candidates(runs: list[dict[str, Any]]) -> None:
 
 def print_explanation(run: dict[str, Any], explained: dict[str, Any]) -> None:
     row = explained["row"]
-    _rule([f"row {row['row_key']}", run["dag_id"], run["airflow_run_id"]])
+    _rule(f"row {row['row_key']}", [run["dag_id"], run["airflow_run_id"]], title_first=True)
     status = f"run {run['status']}" + (f" ({run['status_reason']})" if run.get("status_reason") else "")
     console.print(
         escape(
@@ -443,13 +447,12 @@ def print_explanation(run: dict[str, Any], explained: dict[str, Any]) -> None:
             if o not in at_decision
         )
         label = f"branch [bold]{escape(token['branch_name'])}[/] → {escape(outcome) or 'no outcome yet'}"
-        if at_decision:
-            label += (
-                f" [dim](at the decision: {escape('; '.join(_outcome_label(o) for o in at_decision))})[/]"
-            )
         if superseded:
             label += f" [dim](superseded: {escape(superseded)})[/]"
         branch = fork.add(label)
+        if at_decision:
+            seen = "; ".join(_outcome_label(o) for o in at_decision)
+            branch.add(f"[dim]at the decision: {escape(seen)}[/]")
         if not token["states"]:
             if any(o["outcome"] == TokenOutcome.SKIPPED for o in terminal):
                 branch.add("[dim]not processed by any step: the row was already decided[/]")
@@ -462,10 +465,15 @@ def print_explanation(run: dict[str, Any], explained: dict[str, Any]) -> None:
                 if state["output_ref"]
                 else _error_text(state["error_json"])
             )
-            branch.add(
+            step = (
                 f"{escape(state['node_id'])} (try {state['attempt']}): [{style}]{state['status']}[/] "
-                f"at {_clock(state['completed_at'])}, took {state['duration_ms']} ms · {escape(result)}"
+                f"at {_clock(state['completed_at'])}, took {state['duration_ms']} ms"
             )
+            plain = f"{state['node_id']} (try {state['attempt']}): {state['status']} at 00:00:00.000, took "
+            if len(plain) + len(str(state["duration_ms"])) + len(result) + 20 <= console.width:
+                branch.add(f"{step} · {escape(result)}")
+            else:  # the result on its own line, under its step
+                branch.add(step).add(escape(result))
     console.print(tree)
     for decision, replayed in zip(explained["decisions"], explained["replays"], strict=True):
         if replayed.get("resolution"):
@@ -475,26 +483,44 @@ def print_explanation(run: dict[str, Any], explained: dict[str, Any]) -> None:
         else:
             verdict = f"[red]failed: {decision['failure_reason']}[/]"
         how = f"{decision['policy']}, merge {decision['merge_strategy']}"
-        console.print(
-            f"\n[bold]coalesce {escape(decision['node_id'])}[/] ({how}): {verdict} at "
-            f"{_clock(decision['decided_at'])}, {decision['wait_ms']} ms after the fork completed"
+        verdict_text = Text.from_markup(verdict)
+        line = Text.from_markup(
+            escape(
+                _fit(
+                    [
+                        f"coalesce {decision['node_id']} ({how}):",
+                        f"{verdict_text.plain} at {_clock(decision['decided_at'])},",
+                        f"{decision['wait_ms']} ms after the fork completed",
+                    ],
+                    sep=" ",
+                )
+            )
         )
+        line.highlight_words(
+            [verdict_text.plain], style=str(verdict_text.spans[0].style) if verdict_text.spans else ""
+        )
+        line.stylize("bold", 0, len(f"coalesce {decision['node_id']}"))
+        console.print()
+        console.print(line)
         console.print(f"  consumed: {', '.join(json.loads(decision['consumed'])) or '-'}")
         missing = json.loads(decision["missing_json"])
         if missing:
             since = _since_decision(explained, decision)
+            entries = [
+                f"{b}: {r}" + (f", then {since[b]}" if r == NOT_ARRIVED and b in since else "")
+                for b, r in missing.items()
+            ]
             console.print(
-                "  missing:  "
-                + escape(
-                    "; ".join(
-                        f"{b}: {r}" + (f", then {since[b]}" if r == NOT_ARRIVED and b in since else "")
-                        for b, r in missing.items()
-                    )
-                )
+                escape(_fit(entries, indent="            ", sep="; ").replace(" " * 12, "  missing:  ", 1))
             )
         details = json.loads(decision["details_json"])
         if details:
-            console.print(f"  details:  {escape(json.dumps(details, sort_keys=True))}")
+            entries = [
+                f"{json.dumps(k)}: {json.dumps(v, sort_keys=True)}" for k, v in sorted(details.items())
+            ]
+            entries[0], entries[-1] = "{" + entries[0], entries[-1] + "}"
+            text = _fit([e + "," for e in entries[:-1]] + entries[-1:], indent=" " * 12, sep=" ")
+            console.print(escape(text.replace(" " * 12, "  details:  ", 1)))
         console.print("  event log, replayed:")
         for event in replayed["replayed"]["events"]:
             reason = f" ({event['reason']})" if event["reason"] else ""

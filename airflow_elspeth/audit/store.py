@@ -23,12 +23,14 @@ from airflow_elspeth.core.vocabulary import (
     NOT_JOINED,
     SKIPPED_DECIDED,
     TERMINAL_NODE_STATUSES,
+    DecisionStatus,
     NodeStatus,
     NodeType,
     RunStatus,
     TokenKind,
     TokenOutcome,
     error_reason,
+    late_reason,
     missing_outcome,
     superseded_try_run_reason,
 )
@@ -434,10 +436,12 @@ class AuditStore:
                     conn, t.token_outcomes, [not_joined_outcome(run_id, r, recorded_at) for r in results]
                 )
             if delivering:
-                late = {
-                    r.token_id: str(r.context["late"])
+                # Every arrival whose token a decision already ended not_arrived is late: discarded
+                # ones say so; one written just after a decision its writer had not seen yet too.
+                late: dict[str, str | None] = {
+                    r.token_id: (str(r.context["late"]) if r.context and r.context.get("late") else None)
                     for r in results
-                    if r.status == NodeStatus.DISCARDED and r.context and r.context.get("late")
+                    if r.status in ARRIVAL_NODE_STATUSES
                 }
                 replace_not_arrived(conn, run_id, late, recorded_at)
             self._refresh_progress(conn, run_id, node_id, chunk_tokens, recorded_at)
@@ -617,17 +621,22 @@ def outcome_row(
     }
 
 
-def replace_not_arrived(conn: Connection, run_id: str, reasons: Mapping[str, str], at: datetime) -> int:
+def replace_not_arrived(
+    conn: Connection, run_id: str, reasons: Mapping[str, str | None], at: datetime
+) -> int:
     """What became of branch tokens their row's decision saw as ``not_arrived``: each token (key)
     whose terminal outcome is ``not_arrived`` gets the outcome of its reason (``late`` for a late
-    arrival, ``skipped`` for ``skipped_decided``), in the same join group; the ``not_arrived``
-    outcome is kept, superseded at ``at``. Returns how many outcomes were replaced."""
-    to = t.token_outcomes.c
+    arrival, ``skipped`` for ``skipped_decided``; None: a late arrival after the row's decision,
+    ``failed`` if any coalesce failed it), in the same join group; the ``not_arrived`` outcome is
+    kept, superseded at ``at``. Returns how many outcomes were replaced."""
+    to, cd = t.token_outcomes.c, t.coalesce_decisions.c
     tokens = sorted(reasons)
     replaced = 0
     for start in range(0, len(tokens), 500):
         found = conn.execute(
-            select(to.outcome_id, to.token_id, to.join_group_id).where(
+            select(to.outcome_id, to.token_id, to.join_group_id, t.tokens.c.row_id)
+            .join(t.tokens, t.tokens.c.token_id == to.token_id)
+            .where(
                 to.run_id == run_id,
                 to.is_terminal,
                 to.outcome == TokenOutcome.NOT_ARRIVED,
@@ -636,6 +645,20 @@ def replace_not_arrived(conn: Connection, run_id: str, reasons: Mapping[str, str
         ).all()
         if not found:
             continue
+        unknown = sorted({f.row_id for f in found if reasons[f.token_id] is None})
+        decided: dict[str, str] = {}
+        if unknown:
+            decided = dict(
+                conn.execute(
+                    select(cd.row_id, func.min(cd.decision))
+                    .where(cd.run_id == run_id, cd.row_id.in_(unknown))
+                    .group_by(cd.row_id)
+                ).all()
+            )
+        chosen = {
+            f.token_id: reasons[f.token_id] or late_reason(DecisionStatus(decided.get(f.row_id, "failed")))
+            for f in found
+        }
         conn.execute(
             update(t.token_outcomes)
             .where(to.outcome_id.in_([f.outcome_id for f in found]))
@@ -646,14 +669,14 @@ def replace_not_arrived(conn: Connection, run_id: str, reasons: Mapping[str, str
             t.token_outcomes,
             [
                 outcome_row(
-                    token_id,
+                    f.token_id,
                     run_id,
-                    missing_outcome(reasons[token_id]),
-                    reasons[token_id],
+                    missing_outcome(chosen[f.token_id]),
+                    chosen[f.token_id],
                     at,
-                    join_group=group,
+                    join_group=f.join_group_id,
                 )
-                for _, token_id, group in found
+                for f in found
             ],
         )
         replaced += len(found)

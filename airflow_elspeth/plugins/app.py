@@ -11,6 +11,15 @@ DAGs the user may read. Authentication is Airflow's: the UI's ``_token`` cookie 
 
 Every query is scoped by the DAG and DAG run in the path, so an audit run id from another DAG is
 not found rather than shown.
+
+Light and dark: the pages follow ``prefers-color-scheme`` with CSS variables for both. Airflow 3.3's
+UI (next-themes, ``attribute="class"``, localStorage key ``theme``) sets ``color-scheme`` on its
+``<html>``; the tab's iframe inherits it and the framed page's ``prefers-color-scheme`` follows it, so
+the tab matches Airflow's theme with no script (the pages stay script-free).
+
+Airflow task states (the coalesce's, shown beside its counts) are read from the metadata DB through
+:mod:`airflow_elspeth.airflow_states`, the API server's own database; when they cannot be read the
+pages say so and show the audit-side facts alone.
 """
 
 from __future__ import annotations
@@ -30,7 +39,7 @@ from airflow.api_fastapi.core_api.security import GetUserDep, requires_access_da
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.templating import Jinja2Templates
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 from sqlalchemy import Engine
@@ -38,9 +47,9 @@ from sqlalchemy.engine import URL
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from airflow_elspeth.audit.read import decisions, lineage, tasks
+from airflow_elspeth.audit.read import decisions, index, lineage, tasks
 from airflow_elspeth.audit.read.cache import coalesce_ref
-from airflow_elspeth.audit.read.runs import audit_runs, pick_audit_run, recent_runs
+from airflow_elspeth.audit.read.runs import audit_runs, pick_audit_run
 from airflow_elspeth.core import vocabulary
 from airflow_elspeth.core.vocabulary import DecisionStatus, NodeType, ReasonKind
 from airflow_elspeth.exceptions import NoAuditStore, NotFound
@@ -112,6 +121,34 @@ def optional_engine() -> Engine | None:
 
 
 EngineDep = Annotated[Any, Depends(optional_engine)]
+IndexLimit = Annotated[int, Query(ge=1, le=index.MAX_LIMIT)]
+
+
+class TaskStateReader:
+    """Reads Airflow task states once per request, remembering whether it could (``note``)."""
+
+    def __init__(self) -> None:
+        self.note: str | None = None
+        self.known = False
+
+    def __call__(self, wanted: index.WantedTasks) -> dict[tuple[str, str, str], str] | None:
+        from airflow_elspeth.airflow_states import airflow_task_states
+        from airflow_elspeth.exceptions import AirflowStatesUnavailable
+
+        try:
+            states, _ = airflow_task_states(wanted)
+        except AirflowStatesUnavailable as err:
+            log.warning("Elspeth UI: Airflow task states unavailable: %s", err)
+            self.note = (
+                f"Airflow task states could not be read ({err}); showing the audit trail's facts only."
+            )
+            return None
+        self.known = True
+        return states
+
+    def state(self, dag_id: str, run_id: str, task_id: str) -> str | None:
+        states = self({(dag_id, run_id): {task_id}})
+        return None if states is None else states.get((dag_id, run_id, task_id))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -123,6 +160,28 @@ def fmt_time(value: datetime | None) -> str:
         return "—"
     value = value.astimezone(timezone.utc)
     return value.strftime("%Y-%m-%d %H:%M:%S.") + f"{value.microsecond // 1000:03d} UTC"
+
+
+def fmt_hms(value: datetime | None) -> str:
+    """``14:03:07 UTC`` (a deadline, to the second)."""
+    if value is None:
+        return "—"
+    return value.astimezone(timezone.utc).strftime("%H:%M:%S UTC")
+
+
+_TASK_BADGES = {
+    "success": "ok",
+    "failed": "failed",
+    "upstream_failed": "failed",
+    "up_for_retry": "late",
+    "skipped": "neutral",
+    "removed": "neutral",
+}
+
+
+def task_badge(state: str | None) -> str:
+    """The badge class of an Airflow task state (anything still in progress: ``running``)."""
+    return _TASK_BADGES.get(state or "", "running")
 
 
 def fmt_seconds(seconds: float | None) -> str:
@@ -194,6 +253,7 @@ def _environment() -> Environment:
     )
     env.filters.update(
         ts=fmt_time,
+        hms=fmt_hms,
         secs=fmt_seconds,
         rel=fmt_relative,
         num=fmt_number,
@@ -206,6 +266,7 @@ def _environment() -> Environment:
         outcome_text=vocabulary.outcome_text,
         shade=shade,
         failure_text=vocabulary.failure_reason_text,
+        task_badge=task_badge,
     )
     return env
 
@@ -307,6 +368,87 @@ def _map_index(value: str | None) -> int | None:
         return None
 
 
+class SectionQuery:
+    """The coalesce section's filters and pages: query parameters of the run page and of a
+    coalesce's task tab (validated before anything is read)."""
+
+    def __init__(
+        self,
+        decision: str | None = None,
+        reason: str | None = None,
+        branch: str | None = None,
+        branch_reason: str | None = None,
+        page: Annotated[int, Query(ge=1)] = 1,
+        late_page: Annotated[int, Query(ge=1)] = 1,
+    ) -> None:
+        self.flt = _row_filter(decision, reason, branch, branch_reason)
+        self.asked_decision = _blank(decision)
+        self.page, self.late_page = page, late_page
+
+
+SectionDep = Annotated[SectionQuery, Depends()]
+
+
+def _coalesce_section(
+    engine: Engine,
+    selected: dict[str, Any],
+    node: str,
+    view: Callable[..., str],
+    query: SectionQuery,
+    task_state: str | None,
+) -> dict[str, Any]:
+    """What run.html's coalesce section shows: overview, chart, rows, late arrivals, and why rows
+    are undecided; ``view(**params)`` is the URL of the page it is on (the run page or a task tab)."""
+    flt, page, late_page = query.flt, query.page, query.late_page
+    ref = coalesce_ref(engine, selected["audit_run_id"], node)
+    overview = series.coalesce_page_overview(engine, selected, node, ref=ref)
+    if query.asked_decision is None and not overview["rows_failed"]:
+        # Nothing failed: list every decided row rather than an empty list.
+        flt = _row_filter(ALL_DECISIONS, flt.reason, flt.branch, flt.branch_reason)
+    rows = decisions.decision_rows(
+        engine, selected["audit_run_id"], node, flt, limit=PAGE_SIZE, offset=(page - 1) * PAGE_SIZE, ref=ref
+    )
+    late = decisions.late_arrivals(
+        engine, selected, node, limit=LATE_PAGE_SIZE, offset=(late_page - 1) * LATE_PAGE_SIZE, ref=ref
+    )
+    filters = {
+        "audit_run": selected["audit_run_id"],
+        "coalesce": node,
+        "decision": ALL_DECISIONS if flt.decision is None else flt.decision,
+        "reason": flt.reason,
+        "branch": flt.branch,
+        "branch_reason": flt.branch_reason,
+    }
+    return {
+        "here": view,
+        "page_link": lambda p: view(**filters, page=p, late_page=late_page) + "#rows",
+        "late_page_link": lambda p: view(**filters, page=page, late_page=p) + "#late",
+        "coalesce": node,
+        "overview": overview,
+        "chart": chart.arrivals_chart(
+            overview["arrivals"], overview["branches"], chart.colours(selected["branches"])
+        ),
+        "flt": flt,
+        "decision_param": ALL_DECISIONS if flt.decision is None else flt.decision,
+        "rows": rows,
+        "page": page,
+        "pages": max(1, -(-rows["total"] // PAGE_SIZE)),
+        "late": late,
+        "late_page": late_page,
+        "late_pages": max(1, -(-late["total_rows"] // LATE_PAGE_SIZE)),
+        "page_size": PAGE_SIZE,
+        "late_page_size": LATE_PAGE_SIZE,
+        "task_state": task_state,
+        "undecided": index.undecided_status(
+            undecided=overview["rows_undecided"],
+            deadline=overview["deadline"],
+            task_state=task_state,
+            current=bool(selected["current"]),
+            now=datetime.now(timezone.utc),
+        ),
+    }
+
+
 # --------------------------------------------------------------------------------------------------
 # HTML pages
 
@@ -325,19 +467,13 @@ def build_pages() -> APIRouter:
         dag_id: str,
         run_id: str,
         engine: EngineDep,
+        query: SectionDep,
         audit_run: str | None = None,
         coalesce: str | None = None,
-        decision: str | None = None,
-        reason: str | None = None,
-        branch: str | None = None,
-        branch_reason: str | None = None,
-        page: Annotated[int, Query(ge=1)] = 1,
-        late_page: Annotated[int, Query(ge=1)] = 1,
     ) -> HTMLResponse:
         """The DAG run's audit: its audit runs, then one coalesce in full."""
         links = Links(request, dag_id, run_id)
         audit_run, coalesce = _blank(audit_run), _blank(coalesce)
-        flt = _row_filter(decision, reason, branch, branch_reason)  # validates before any read
         runs, selected = _runs_and_selection(engine, dag_id, run_id, audit_run, coalesce)
         context: dict[str, Any] = {
             "dag_id": dag_id,
@@ -348,51 +484,20 @@ def build_pages() -> APIRouter:
             "store_missing": engine is None,
             "asked_coalesce": coalesce,
             "coalesce": None,
+            "task_only": False,
             "colours": chart.colours(selected["branches"]) if selected else {},
         }
         if engine is not None and selected is not None and selected["coalesces"]:
             node = coalesce if coalesce in selected["coalesces"] else selected["coalesces"][0]
-            ref = coalesce_ref(engine, selected["audit_run_id"], node)
-            overview = series.coalesce_page_overview(engine, selected, node, ref=ref)
-            if _blank(decision) is None and not overview["rows_failed"]:
-                # Nothing failed: list every decided row rather than an empty list.
-                flt = _row_filter(ALL_DECISIONS, reason, branch, branch_reason)
-            rows = decisions.decision_rows(
-                engine,
-                selected["audit_run_id"],
-                node,
-                flt,
-                limit=PAGE_SIZE,
-                offset=(page - 1) * PAGE_SIZE,
-                ref=ref,
-            )
-            late = decisions.late_arrivals(
-                engine, selected, node, limit=LATE_PAGE_SIZE, offset=(late_page - 1) * LATE_PAGE_SIZE, ref=ref
-            )
-            filters = {
-                "audit_run": selected["audit_run_id"],
-                "coalesce": node,
-                "decision": ALL_DECISIONS if flt.decision is None else flt.decision,
-                "reason": flt.reason,
-                "branch": flt.branch,
-                "branch_reason": flt.branch_reason,
-            }
             context.update(
-                page_link=lambda p: links.run(**filters, page=p, late_page=late_page) + "#rows",
-                late_page_link=lambda p: links.run(**filters, page=page, late_page=p) + "#late",
-                coalesce=node,
-                overview=overview,
-                chart=chart.arrivals_chart(overview["arrivals"], overview["branches"], context["colours"]),
-                flt=flt,
-                decision_param=ALL_DECISIONS if flt.decision is None else flt.decision,
-                rows=rows,
-                page=page,
-                pages=max(1, -(-rows["total"] // PAGE_SIZE)),
-                late=late,
-                late_page=late_page,
-                late_pages=max(1, -(-late["total_rows"] // LATE_PAGE_SIZE)),
-                page_size=PAGE_SIZE,
-                late_page_size=LATE_PAGE_SIZE,
+                _coalesce_section(
+                    engine,
+                    selected,
+                    node,
+                    lambda **params: links.run(**params),
+                    query,
+                    task_state=TaskStateReader().state(dag_id, run_id, node),
+                )
             )
         return _render(request, "run.html", context)
 
@@ -435,31 +540,55 @@ def build_pages() -> APIRouter:
         run_id: str,
         task_id: str,
         engine: EngineDep,
+        query: SectionDep,
         map_index: str | None = None,
+        audit_run: str | None = None,
     ) -> Response:
-        """A task instance's tab: a coalesce or fork opens the run page, a branch step its work."""
+        """A task instance's tab, that task's part: a fork's rows and chunks, a branch step's results
+        and losses, a coalesce's decisions (the run page's coalesce section, without the rest)."""
         links = Links(request, dag_id, run_id)
         found, _ = _runs_and_selection(engine, dag_id, run_id, None, None)
+        if _blank(audit_run):
+            found = [r for r in found if r["audit_run_id"] == audit_run] or found
         view = tasks.task_view(engine, found, task_id, _map_index(map_index)) if engine is not None else None
-        if view is not None and view["kind"] == NodeType.COALESCE:
-            return RedirectResponse(
-                links.run(audit_run=view["audit_run_id"], coalesce=task_id), status_code=307
+        selected = next((r for r in found if view and r["audit_run_id"] == view["audit_run_id"]), None)
+        context: dict[str, Any] = {
+            "dag_id": dag_id,
+            "run_id": run_id,
+            "task_id": task_id,
+            "links": links,
+            "view": view,
+            "runs": found,
+            "selected": selected,
+            "store_missing": engine is None,
+            "coalesce": None,
+            "task_only": True,
+            "asked_coalesce": None,
+            "colours": chart.colours(selected["branches"]) if selected else {},
+        }
+        if (
+            engine is not None
+            and selected is not None
+            and view is not None
+            and view["kind"] == NodeType.COALESCE
+        ):
+
+            def here(**params: Any) -> str:
+                params.pop("coalesce", None)
+                return links.task(task_id, **params)
+
+            context.update(
+                _coalesce_section(
+                    engine,
+                    selected,
+                    task_id,
+                    here,
+                    query,
+                    task_state=TaskStateReader().state(dag_id, run_id, task_id),
+                )
             )
-        if view is not None and view["kind"] == NodeType.FORK:
-            return RedirectResponse(links.run(audit_run=view["audit_run_id"]), status_code=307)
-        return _render(
-            request,
-            "task.html",
-            {
-                "dag_id": dag_id,
-                "run_id": run_id,
-                "task_id": task_id,
-                "links": links,
-                "view": view,
-                "runs": found,
-                "store_missing": engine is None,
-            },
-        )
+            return _render(request, "run.html", context)
+        return _render(request, "task.html", context)
 
     return router
 
@@ -599,21 +728,69 @@ def create_app() -> FastAPI:
     app.include_router(build_pages())
     app.include_router(build_api())
 
-    @app.get("/", response_class=HTMLResponse, name="index")
-    def index(request: Request, engine: EngineDep, user: GetUserDep) -> HTMLResponse:
-        """Recent audit runs of the DAGs this user may read."""
+    def _index(
+        engine: Engine | None, user: Any, sort: str, order: str, limit: int
+    ) -> tuple[list[dict[str, Any]], TaskStateReader]:
+        if sort not in index.SORT_KEYS:
+            raise HTTPException(400, f"sort must be one of {list(index.SORT_KEYS)}, got {sort!r}")
+        if order not in ("asc", "desc"):
+            raise HTTPException(400, f"order must be asc or desc, got {order!r}")
+        reader = TaskStateReader()
+        if engine is None:
+            return [], reader
         readable = get_auth_manager().get_authorized_dag_ids(user=user, method="GET")
-        recent = recent_runs(engine, readable) if engine is not None else []
+        runs = index.audit_index(
+            engine, readable, read_task_states=reader, sort=sort, descending=order == "desc", limit=limit
+        )
+        return runs, reader
+
+    @app.get("/", response_class=HTMLResponse, name="index")
+    def index_page(
+        request: Request,
+        engine: EngineDep,
+        user: GetUserDep,
+        sort: str = "started_at",
+        order: str = "desc",
+        limit: IndexLimit = 50,
+    ) -> HTMLResponse:
+        """Audit runs of the DAGs this user may read, outcomes first (per coalesce)."""
+        runs, reader = _index(engine, user, sort, order, limit)
+        root = request.scope.get("root_path", "").rstrip("/")
         return _render(
             request,
             "index.html",
             {
-                "runs": recent,
+                "runs": runs,
                 "store_missing": engine is None,
-                "root": request.scope.get("root_path", "").rstrip("/"),
+                "root": root,
                 "quote": lambda value: quote(value, safe=""),
+                "sort": sort,
+                "order": order,
+                "sort_link": lambda key: (
+                    f"{root}/?"
+                    + urlencode({"sort": key, "order": "asc" if (sort, order) == (key, "desc") else "desc"})
+                ),
+                "states_note": reader.note,
+                "alerts": index.ALERTS,
             },
         )
+
+    @app.get("/api/runs", name="api_index")
+    def api_index(
+        engine: EngineDep,
+        user: GetUserDep,
+        sort: str = "started_at",
+        order: str = "desc",
+        limit: IndexLimit = 50,
+    ) -> dict[str, Any]:
+        """The index as JSON: audit runs of readable DAGs, with per coalesce its outcome."""
+        runs, reader = _index(engine, user, sort, order, limit)
+        return {
+            "sort": sort,
+            "order": order,
+            "task_states": "read" if reader.known else (reader.note or "not needed"),
+            "audit_runs": runs,
+        }
 
     @app.middleware("http")
     async def security_headers(request: Request, call_next: Callable[[Request], Any]) -> Response:

@@ -394,22 +394,29 @@ def test_hundreds_of_triggers_share_one_engine_and_never_block_the_event_loop(
 
     polled: Counter[int] = Counter()  # polls returned, by trigger
 
+    in_flight = [0]  # polls running right now (in worker threads)
+
     def recording_poll(self: CoalesceTrigger, *args: Any) -> Any:
         threads.add(threading.get_ident())
+        in_flight[0] += 1
         try:
             return real_poll(self, *args)
         finally:
+            in_flight[0] -= 1
             polled[id(self)] += 1
 
-    async def scenario() -> tuple[float, int, int]:
+    async def scenario() -> tuple[int, int, int]:
         lags: list[float] = []
+        ticks_during_polls = [0]
         stop = asyncio.Event()
 
-        async def ticker() -> None:  # how late does the loop run a 10 ms sleep?
+        async def ticker() -> None:  # does the loop keep running while the audit DB is read?
             while not stop.is_set():
                 before = time.monotonic()
                 await asyncio.sleep(0.01)
                 lags.append(time.monotonic() - before - 0.01)
+                if in_flight[0]:
+                    ticks_during_polls[0] += 1
 
         async def every_trigger_polled_twice() -> None:  # however slow the machine: no fixed window
             while len(polled) < len(triggers) or min(polled.values()) < 2 or len(lags) < 2:
@@ -424,7 +431,7 @@ def test_hundreds_of_triggers_share_one_engine_and_never_block_the_event_loop(
         await asyncio.gather(*waiting, return_exceptions=True)
         stop.set()
         await tick
-        return max(lags), fired, threading.get_ident()
+        return ticks_during_polls[0], fired, threading.get_ident()
 
     with (
         mock.patch.object(
@@ -432,10 +439,12 @@ def test_hundreds_of_triggers_share_one_engine_and_never_block_the_event_loop(
         ) as created,
         mock.patch.object(CoalesceTrigger, "poll", recording_poll),
     ):
-        worst_lag, fired, loop_thread = run(scenario())
+        ticks_during_polls, fired, loop_thread = run(scenario())
     assert fired == 0  # nothing decidable: all 200 kept waiting
     assert created.call_count == 0  # the engine of the process, already there, is reused
     assert all(t._engine is engine for t in triggers)
     assert len(sdk.calls) >= 200 * len(BRANCHES)  # every trigger polled
     assert threads and loop_thread not in threads  # the audit DB is read off the event loop
-    assert worst_lag < 2.0, f"the event loop stalled {worst_lag:.2f}s"
+    # the loop ran while polls were reading the audit DB (not a wall-clock budget: a loaded machine
+    # makes every tick late, but a blocked loop makes none while a read is in flight)
+    assert ticks_during_polls > 0

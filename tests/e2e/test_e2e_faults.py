@@ -639,7 +639,7 @@ RUNS_EACH = 5
 EXAMPLES = {
     # dag_id: (coalesce task, its expected state, rows, branches)
     "example_best_effort_union": ("profile", "success", 30, 3),
-    "example_enrichment_require_all": ("enriched", "skipped", 40, 3),  # on_failure="skip", by design
+    "example_enrichment_require_all": ("enriched", "skipped", 40, 3),  # soft_fail=True, by design
     "example_first_mirror": ("fetched", "success", 20, 2),
     "example_llm_consensus": ("consensus", "success", 24, 3),
 }

@@ -323,6 +323,31 @@ def check_coalesce(engine: Engine, run: dict[str, Any], node_id: str = "coalesce
     branch_token = {
         (t["row_id"], t["branch_name"]): t["token_id"] for t in tokens if t["token_kind"] == "branch"
     }
+
+    def story_of(d: dict[str, Any], row_id: str, missing: dict[str, str]) -> dict[str, str]:
+        """The story told since (summary, reports, outcomes): a branch the decision saw not arrived
+        that answered after the row's decision time is a late arrival; one whose step skipped the
+        decided row (its token's outcome says so) is skipped_decided."""
+        story = dict(missing)
+        for branch, reason in missing.items():
+            if reason != "not_arrived":
+                continue
+            answered = [
+                s
+                for s in states
+                if s["node_id"] == delivering[branch]
+                and s["row_id"] == row_id
+                and s["status"] in ARRIVAL_NODE_STATES
+                and as_utc(s["recorded_at"]) > as_utc(d["decided_at"])
+            ]
+            if answered:
+                story[branch] = (
+                    "late_arrival_after_merge" if d["decision"] == "merged" else "late_arrival_after_failure"
+                )
+            elif outcomes[branch_token[(row_id, branch)]]["outcome"] == "skipped":
+                story[branch] = "skipped_decided"
+        return story
+
     by_key: dict[str, dict[str, Any]] = {}
     late_tokens = 0
     for d in decisions:
@@ -337,7 +362,14 @@ def check_coalesce(engine: Engine, run: dict[str, Any], node_id: str = "coalesce
                 f"{node_id} row {key!r}: resolved {d['failure_reason']} but decidable then ({events})"
             )
             assert d["decision"] == "failed"
-            by_key[key] = {**d, "consumed": [], "missing": json.loads(d["missing_json"]), "late": []}
+            resolved_missing = json.loads(d["missing_json"])
+            by_key[key] = {
+                **d,
+                "consumed": [],
+                "missing": resolved_missing,
+                "story": story_of(d, row_id, resolved_missing),
+                "late": [],
+            }
             continue
         expected = replay(config, events, deadline=deadline, now=now)
         consumed = json.loads(d["consumed"])
@@ -362,6 +394,7 @@ def check_coalesce(engine: Engine, run: dict[str, Any], node_id: str = "coalesce
                 later = [e for e in events if e.branch == branch]
                 assert later and later[0].at >= as_utc(d["decided_at"]), f"{where}: {branch}"
         assert set(late) <= set(expected.late), f"{where}: late {late} not in {expected.late}"
+        story = story_of(d, row_id, missing)
         # Each branch token's terminal outcome says what happened to it at this decision (unless
         # another coalesce of the same fork decided the token first: one terminal outcome a token).
         join_group = join_group_id(run_id, row_id, node_id)
@@ -377,9 +410,15 @@ def check_coalesce(engine: Engine, run: dict[str, Any], node_id: str = "coalesce
                     "not_arrived" if reason == "not_arrived" else "late" if reason in LATE_REASONS else "lost"
                 )
                 if reason == "not_arrived":
-                    # Not arrived at the decision: the outcome names the branch task's state then.
+                    # Not arrived at the decision: the outcome names the branch task's state then,
+                    # unless the branch has since answered (late) or skipped the decided row.
                     task_state = json.loads(d["details_json"]).get("branch_task_states", {}).get(branch)
                     reason = f"branch_task_{task_state}"
+                    since = story[branch]
+                    if since in LATE_REASONS:
+                        want, reason = "late", since
+                    elif since == "skipped_decided":
+                        want, reason = "skipped", since
                 assert (outcome["outcome"], outcome["reason"]) == (want, reason), (
                     f"{where}: {branch} {outcome}"
                 )
@@ -428,7 +467,7 @@ def check_coalesce(engine: Engine, run: dict[str, Any], node_id: str = "coalesce
             assert collisions == merged.collisions, f"{where}: collisions"
         else:
             assert d["merged_token_id"] is None
-        by_key[key] = {**d, "consumed": consumed, "missing": missing, "late": late}
+        by_key[key] = {**d, "consumed": consumed, "missing": missing, "story": story, "late": late}
     return CoalesceView(run=run, node_id=node_id, spec=spec, decisions=by_key, late_tokens=late_tokens)
 
 
@@ -442,7 +481,7 @@ def check_summary(summary: Mapping[str, Any], view: CoalesceView) -> None:
     failed = [d for d in decisions if d["decision"] == "failed"]
     missing: dict[str, dict[str, Any]] = {}
     for d in decisions:
-        for branch, reason in d["missing"].items():
+        for branch, reason in d["story"].items():
             entry = missing.setdefault(branch, {"rows": 0, "reasons": {}})
             entry["rows"] += 1
             entry["reasons"][reason] = entry["reasons"].get(reason, 0) + 1
@@ -477,8 +516,22 @@ def check_summary(summary: Mapping[str, Any], view: CoalesceView) -> None:
     for d in failed:
         entry = listed[d["row_key"]]
         assert entry["reason"] == d["failure_reason"]
-        assert entry["missing"] == d["missing"]
+        assert entry["missing"] == d["story"]
         assert entry["arrived"] == json.loads(d["details_json"]).get("arrived", [])
+
+
+def check_counts_add_up(summary: Mapping[str, Any]) -> None:
+    """Every count of a summary is the sum of the table it heads (rows, failure reasons, each
+    branch's missing reasons; late arrivals = the late columns of the missing-branch table)."""
+    assert (
+        summary["rows_total"] == summary["rows_merged"] + summary["rows_failed"] + summary["rows_undecided"]
+    )
+    assert summary["rows_failed"] == sum(summary["failure_reasons"].values())
+    late = 0
+    for branch, info in summary["missing_branches"].items():
+        assert info["rows"] == sum(info["reasons"].values()), (branch, info)
+        late += sum(n for r, n in info["reasons"].items() if r in LATE_REASONS)
+    assert summary["late_arrivals"] == late, summary
 
 
 def tolerated(summary: Mapping[str, Any], failures: int, rate: float | None) -> bool:

@@ -221,8 +221,8 @@ def store(ui_store: StoreRuns, use_store: Callable[[Any], None]) -> StoreRuns:
     return ui_store
 
 
-def artifacts_dir() -> Path:
-    """``test-artifacts/`` at the repository root (gitignored)."""
-    directory = Path(__file__).resolve().parents[2] / "test-artifacts"
-    directory.mkdir(exist_ok=True)
+def artifacts_dir(sub: str = "") -> Path:
+    """``test-artifacts/`` at the repository root, or a directory in it (all gitignored)."""
+    directory = Path(__file__).resolve().parents[2] / "test-artifacts" / sub
+    directory.mkdir(parents=True, exist_ok=True)
     return directory

@@ -7,7 +7,6 @@ for an authenticated user with read access to the DAG in its path, and reads not
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import quote
@@ -52,6 +51,10 @@ ROUTES: dict[str, str] = {
 }
 
 
+# Routes that list only the DAGs the user may read (no DAG in the path).
+INDEX_ROUTES = ("/", "/api/runs")
+
+
 def assert_no_audit_data(text: str) -> None:
     """Nothing read from the audit store (the login link may echo the URL asked for)."""
     for marker in ("RateLimitError", "quorum", "audit_run", "gpt", "classified", "invoice"):
@@ -73,7 +76,7 @@ def test_the_plugin_is_mounted_with_exactly_the_routes_tested_here(elspeth_app: 
     from fastapi.routing import APIRoute
 
     paths = {route.path for route in elspeth_app.routes if isinstance(route, APIRoute)}
-    assert paths == {*ROUTES, "/"}
+    assert paths == {*ROUTES, *INDEX_ROUTES}
     for route in elspeth_app.routes:
         if isinstance(route, APIRoute):
             assert route.methods <= {"GET", "HEAD"}, f"{route.path} is not read-only: {route.methods}"
@@ -83,18 +86,25 @@ def test_plugin_registers_tabs_on_dag_runs_and_task_instances() -> None:
     from airflow import plugins_manager
 
     external_views, _ = plugins_manager._get_ui_plugins()
-    ours = {v["url_route"]: v for v in external_views if v["url_route"].startswith("elspeth")}
+    ours = {v["url_route"]: v for v in external_views if v["href"].startswith("/elspeth")}
+    assert set(ours) == {"elspeth-audit", "elspeth-audit-task", "fork-join-audit"}
     assert ours["elspeth-audit"]["destination"] == "dag_run"
     assert ours["elspeth-audit"]["href"] == "/elspeth/dags/{DAG_ID}/runs/{RUN_ID}"
     assert ours["elspeth-audit-task"]["destination"] == "task_instance"
     assert "{TASK_ID}" in ours["elspeth-audit-task"]["href"]
+    # The Browse entry opens the index of audit runs.
+    assert ours["fork-join-audit"]["destination"] == "nav"
+    assert ours["fork-join-audit"]["category"] == "browse"
+    assert ours["fork-join-audit"]["href"] == "/elspeth/"
+    # Never to be taken for Airflow's own "Audit Log".
+    assert {v["name"] for v in ours.values()} == {"Fork/join audit"}
     apps, _ = plugins_manager.get_fastapi_plugins()
     assert [a["url_prefix"] for a in apps if a["name"] == "Elspeth audit"] == ["/elspeth"]
 
 
-@pytest.mark.parametrize("template", [*ROUTES, "/"])
+@pytest.mark.parametrize("template", [*ROUTES, *INDEX_ROUTES])
 def test_every_route_answers_401_without_credentials(client: Any, store: StoreRuns, template: str) -> None:
-    response = client.get(concrete(template) if template != "/" else "/elspeth/")
+    response = client.get(concrete(template) if template not in INDEX_ROUTES else "/elspeth" + template)
     assert response.status_code == 401, response.text
     assert_no_audit_data(response.text)
 
@@ -174,6 +184,8 @@ def test_index_lists_only_runs_of_readable_dags(
     assert page.status_code == 200
     assert XSS_RUN in page.text
     assert SECRET_RUN not in page.text and CONSENSUS_RUN not in page.text
+    listed = client.get("/elspeth/api/runs", headers=auth("viewer")).json()["audit_runs"]
+    assert {r["airflow_run_id"] for r in listed} == {XSS_RUN}
 
 
 def test_login_with_password_then_bearer_token_or_cookie(client: Any, store: StoreRuns) -> None:
@@ -312,19 +324,42 @@ def test_reprocessed_dag_run_lists_every_audit_run_and_shows_the_newest(
 
 
 def test_extra_link_lands_on_its_coalesce(client: Any, store: StoreRuns, auth: Auth) -> None:
+    """The extra link opens the task instance's tab inside the Airflow UI, whose frame shows that
+    coalesce's decisions."""
     from types import SimpleNamespace
+
+    from airflow import plugins_manager
 
     from airflow_elspeth.sensors.coalesce import CoalesceAuditLink
 
+    external_views, _ = plugins_manager._get_ui_plugins()
+    tab = next(v for v in external_views if v["url_route"] == "elspeth-audit-task")
     for coalesce in ("any_answer", "consensus"):
         link = CoalesceAuditLink().get_link(
             SimpleNamespace(task_id=coalesce),
-            ti_key=SimpleNamespace(dag_id=CONSENSUS_DAG, run_id=CONSENSUS_RUN),
+            ti_key=SimpleNamespace(dag_id=CONSENSUS_DAG, run_id=CONSENSUS_RUN, map_index=-1),
         )
-        page = client.get(link, headers=auth("viewer"))
-        assert page.status_code == 200, link
-        assert re.search(rf'class="active" aria-current="page">{coalesce}<', page.text)
+        # Airflow's UI route of a task instance with the plugin tab "elspeth-audit-task" open.
+        assert link == (
+            f"/dags/{CONSENSUS_DAG}/runs/{quote(CONSENSUS_RUN, safe='')}/tasks/{coalesce}"
+            "/plugin/elspeth-audit-task"
+        )
+        # What that tab frames: the href with the route's parameters substituted, as the UI does.
+        framed = (
+            tab["href"]
+            .replace("{DAG_ID}", CONSENSUS_DAG)
+            .replace("{RUN_ID}", quote(CONSENSUS_RUN, safe=""))
+            .replace("{TASK_ID}", coalesce)
+            .replace("{MAP_INDEX}", "-1")
+        )
+        page = client.get(framed, headers=auth("viewer"))
+        assert page.status_code == 200, framed
         assert f"Coalesce <code>{coalesce}</code>" in page.text
+        assert "All audit runs of this DAG run" not in page.text  # that task's part only
+    mapped = CoalesceAuditLink().get_link(
+        SimpleNamespace(task_id="c"), ti_key=SimpleNamespace(dag_id="d", run_id="r", map_index=3)
+    )
+    assert mapped == "/dags/d/runs/r/tasks/c/mapped/3/plugin/elspeth-audit-task"
     # A coalesce that has not run yet (it registers on its first poke): the run, and a notice.
     early = client.get(
         run_path(CONSENSUS_DAG, CONSENSUS_RUN) + "?coalesce=not_started", headers=auth("viewer")
@@ -462,14 +497,23 @@ def test_merged_row_shows_its_output(client: Any, store: StoreRuns, auth: Auth) 
 
 
 def test_task_tabs(client: Any, store: StoreRuns, auth: Auth) -> None:
+    """Each task instance's tab shows that task's part of the trail."""
     headers = auth("viewer")
     coalesce = client.get(
-        run_path(CONSENSUS_DAG, CONSENSUS_RUN, "/tasks/any_answer?map_index=-1"),
-        headers=headers,
-        follow_redirects=False,
+        run_path(CONSENSUS_DAG, CONSENSUS_RUN, "/tasks/any_answer?map_index=-1"), headers=headers
     )
-    assert coalesce.status_code == 307
-    assert "coalesce=any_answer" in coalesce.headers["location"]
+    assert coalesce.status_code == 200
+    assert "Coalesce <code>any_answer</code>" in coalesce.text and 'id="matrix-title"' in coalesce.text
+    assert "Audit run of fork" not in coalesce.text and "Coalesce <code>consensus</code>" not in coalesce.text
+    # Its filters stay on the task's tab.
+    task_url = run_path(CONSENSUS_DAG, CONSENSUS_RUN, "/tasks/any_answer")
+    assert f'action="{task_url}#rows"' in coalesce.text
+    filtered = client.get(task_url + "?decision=all&page=1", headers=headers)
+    assert filtered.status_code == 200 and "Decided rows" in filtered.text
+    fork = client.get(run_path(CONSENSUS_DAG, CONSENSUS_RUN, "/tasks/fork"), headers=headers)
+    assert fork.status_code == 200
+    assert "Fork <code>fork</code>" in fork.text and "chunks" in fork.text
+    assert "Coalesce <code>" not in fork.text
     branch = client.get(
         run_path(CONSENSUS_DAG, CONSENSUS_RUN, "/tasks/ask_1?map_index={MAP_INDEX}"), headers=headers
     )

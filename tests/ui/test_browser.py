@@ -1,10 +1,11 @@
 """A person's path through the real UI, in headless Chromium: log in, open a DAG run, click its
-"Audit" tab, read the missing-branches matrix, click a failed row and read why it failed.
+"Fork/join audit" tab, read the missing-branches matrix, click a failed row and read why it failed;
+then the index and the coalesce tab in Airflow's light and dark themes.
 
 Everything is real: ``airflow db migrate`` and ``dag.test()`` of dags/example_llm_consensus.py in a
 temporary AIRFLOW_HOME, then ``airflow api-server`` with the plugin loaded from the installed entry
 point, the SimpleAuthManager's login form, and Chromium driven by Selenium through chromedriver.
-Screenshots go to ``test-artifacts/``.
+Screenshots go to ``test-artifacts/ui/``.
 
 Needs the Debian packages ``chromium`` and ``chromium-driver`` and the pip package ``selenium``
 (the ``test`` extra). Without them the test is skipped, or fails when ``CI=true``.
@@ -26,6 +27,7 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 from urllib.parse import quote
 
@@ -219,8 +221,9 @@ def test_a_person_finds_why_a_row_failed_in_the_real_ui(server: Server, browser:
     from airflow_elspeth.audit.read.lineage import row_view
     from airflow_elspeth.audit.read.runs import audit_runs, pick_audit_run
     from airflow_elspeth.plugins.series import coalesce_page_overview
+    from airflow_elspeth.sensors.coalesce import CoalesceAuditLink
 
-    artifacts = artifacts_dir()
+    artifacts = artifacts_dir("ui")
     wait = WebDriverWait(browser, 60)
     run_path = f"/dags/{DAG_ID}/runs/{quote(server.run_id, safe='')}"
 
@@ -247,9 +250,9 @@ def test_a_person_finds_why_a_row_failed_in_the_real_ui(server: Server, browser:
     # The DAG run page, then its "Audit" tab.
     browser.get(server.base + run_path)
     tab = wait.until(ec.element_to_be_clickable((By.CSS_SELECTOR, "a[href$='plugin/elspeth-audit']")))
-    assert tab.text.strip() == "Audit"
+    assert tab.text.strip() == TAB
     tab.click()
-    frame = wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "iframe[title='Audit']")))
+    frame = wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, FRAME)))
     browser.switch_to.frame(frame)
     wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "table.matrix")))
 
@@ -271,7 +274,7 @@ def test_a_person_finds_why_a_row_failed_in_the_real_ui(server: Server, browser:
     browser.save_screenshot(str(artifacts / "elspeth-audit-tab.png"))
 
     # A failed row: click it in the tab, and read its lineage and why it failed.
-    browser.switch_to.frame(browser.find_element(By.CSS_SELECTOR, "iframe[title='Audit']"))
+    browser.switch_to.frame(browser.find_element(By.CSS_SELECTOR, FRAME))
     first_failed = browser.find_element(By.CSS_SELECTOR, "#rows table tbody tr td.key a")
     key = first_failed.text.strip()
     first_failed.click()
@@ -293,18 +296,29 @@ def test_a_person_finds_why_a_row_failed_in_the_real_ui(server: Server, browser:
     browser.switch_to.default_content()
     browser.save_screenshot(str(artifacts / "elspeth-row-lineage-tab.png"))
 
-    # The task instance tab of the coalesce lands on the same coalesce.
+    # The task instance tab of the coalesce shows that coalesce's part, not the whole run page.
     browser.get(server.base + run_path + "/tasks/consensus")
     task_tab = wait.until(
         ec.element_to_be_clickable((By.CSS_SELECTOR, "a[href$='plugin/elspeth-audit-task']"))
     )
+    assert task_tab.text.strip() == TAB
     task_tab.click()
-    frame = wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "iframe[title='Audit']")))
-    browser.switch_to.frame(frame)
-    wait.until(ec.presence_of_element_located((By.ID, "coalesce-title")))
+    _in_frame(browser, wait, "coalesce-title")
     assert " ".join(browser.find_element(By.ID, "coalesce-title").text.split()).startswith(
         "Coalesce consensus"
     )
+    assert not browser.find_elements(By.ID, "audit-run")
+    assert "success" in browser.find_element(By.ID, "coalesce-task-state").text  # Airflow's state
+    browser.switch_to.default_content()
+
+    # The extra link lands inside the Airflow UI, on that coalesce's tab.
+    link = CoalesceAuditLink().get_link(
+        SimpleNamespace(task_id="consensus"),
+        ti_key=SimpleNamespace(dag_id=DAG_ID, run_id=server.run_id, map_index=-1),
+    )
+    browser.get(server.base + link)
+    _in_frame(browser, wait, "coalesce-title")
+    assert "consensus" in browser.find_element(By.ID, "coalesce-title").text
     browser.switch_to.default_content()
 
     # Whole pages, outside the tab, for a person to look at.
@@ -315,3 +329,90 @@ def test_a_person_finds_why_a_row_failed_in_the_real_ui(server: Server, browser:
     wait.until(ec.presence_of_element_located((By.ID, "row-title")))
     _full_page_screenshot(browser, artifacts / "elspeth-row-page.png")
     print(f"\nscreenshots in {artifacts}", file=sys.stderr)
+
+
+TAB = "Fork/join audit"
+FRAME = f"iframe[title='{TAB}']"
+
+
+def _in_frame(browser: Any, wait: Any, element_id: str) -> None:
+    """Into the plugin's frame, once it shows ``element_id``."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+
+    browser.switch_to.default_content()
+    frame = wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, FRAME)))
+    browser.switch_to.frame(frame)
+    wait.until(ec.presence_of_element_located((By.ID, element_id)))
+
+
+def _luminance(css_colour: str) -> float:
+    """Relative luminance (0 black .. 1 white) of ``rgb(...)`` / ``rgba(...)``."""
+    parts = [float(x) for x in css_colour[css_colour.index("(") + 1 : -1].split(",")[:3]]
+    r, g, b = (c / 255 for c in parts)
+    return 0.2126 * r + 0.7152 * g + 0.0722 * b
+
+
+def _colours(browser: Any) -> dict[str, float]:
+    """Luminance of the framed page's background, a card's background and the text."""
+    script = """
+        const style = (el) => getComputedStyle(el);
+        const card = document.querySelector('.card');
+        return [style(document.documentElement).backgroundColor, style(card).backgroundColor,
+                style(document.body).color];
+    """
+    page, card, text = browser.execute_script(script)
+    return {"page": _luminance(page), "card": _luminance(card), "text": _luminance(text)}
+
+
+@pytest.mark.parametrize("theme", ["light", "dark"])
+def test_the_tabs_follow_airflows_theme(server: Server, browser: Any, theme: str) -> None:
+    """Airflow's theme (next-themes: localStorage ``theme``, ``color-scheme`` on its <html>) reaches
+    the plugin's frame: the index (Browse menu entry) and the coalesce's task tab, light and dark."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from airflow_elspeth.audit.engine import engine_for_url
+    from airflow_elspeth.audit.read.index import audit_index
+
+    artifacts = artifacts_dir("ui")
+    wait = WebDriverWait(browser, 60)
+    browser.get(server.base + "/auth/login")
+    wait.until(ec.presence_of_element_located((By.NAME, "username"))).send_keys(USER)
+    browser.find_element(By.NAME, "password").send_keys(PASSWORD)
+    browser.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
+    wait.until(lambda b: b.get_cookie("_token") is not None)
+    browser.execute_script("localStorage.setItem('theme', arguments[0])", theme)
+
+    # The Browse menu's entry: Airflow's nav route for it frames the index.
+    browser.get(server.base + "/plugin/fork-join-audit")
+    wait.until(lambda b: theme in (b.find_element(By.TAG_NAME, "html").get_attribute("class") or ""))
+    _in_frame(browser, wait, "index")
+    engine = engine_for_url(f"sqlite:///{server.home / 'elspeth_audit.db'}", upgrade=False)
+    expected = audit_index(engine, None)[0]["outcomes"][0]
+    rows = browser.find_elements(By.CSS_SELECTOR, "#index tbody tr")
+    cells = [c.text.strip() for c in rows[0].find_elements(By.TAG_NAME, "td")]
+    assert cells[0].startswith("rows failed" if expected["failed"] else "all merged"), cells
+    assert cells[3].startswith("consensus"), cells
+    numbers = [f"{expected[k]:,}" for k in ("rows", "merged", "failed", "undecided")]
+    assert cells[4:8] == numbers, (cells, expected)
+    assert cells[8] == "success", cells  # the coalesce's Airflow task state, read by the API server
+    index_colours = _colours(browser)
+    browser.switch_to.default_content()
+    browser.save_screenshot(str(artifacts / f"index-{theme}.png"))
+
+    run_path = f"/dags/{DAG_ID}/runs/{quote(server.run_id, safe='')}"
+    browser.get(server.base + run_path + "/tasks/consensus/plugin/elspeth-audit-task")
+    _in_frame(browser, wait, "matrix-title")
+    coalesce_colours = _colours(browser)
+    browser.switch_to.default_content()
+    browser.save_screenshot(str(artifacts / f"coalesce-{theme}.png"))
+
+    for where, found in (("index", index_colours), ("coalesce tab", coalesce_colours)):
+        if theme == "dark":
+            assert found["page"] < 0.15 and found["card"] < 0.15, (where, found)
+            assert found["text"] > 0.6, (where, found)
+        else:
+            assert found["page"] > 0.85 and found["card"] > 0.85, (where, found)
+            assert found["text"] < 0.3, (where, found)

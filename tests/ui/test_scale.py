@@ -1,12 +1,14 @@
-"""Pages of a 100k-row run stay fast: each page request well under a second.
+"""Pages of a 100k-row run answer at every depth, each with a bounded number of SQL statements.
 
 The run (100,000 rows x 3 branches, quorum 2 of 3: 30,000 failed rows, 70,000 late arrivals) is
 bulk-written (tests/ui/audit_data.py: bulk_build_run, ~30 s) and kept in pytest's cache directory
 under a key of the code that shapes it, so later runs reuse it.
 
 The first view of a coalesce computes its run-wide aggregates (matrix, arrival curves) in one scan
-each, in parallel, and caches them under a fingerprint of the run's progress; it is timed and
-reported separately. Every other request is a page.
+each, in parallel, and caches them under a fingerprint of the run's progress. Every other request is
+a page: a LIMIT/OFFSET walk of an index, so its statement count does not depend on its depth (no
+statement per row). The test asserts that, never a duration (the machine is shared); it prints each
+request's time for the reader.
 """
 
 from __future__ import annotations
@@ -27,8 +29,9 @@ pytestmark = pytest.mark.integration
 
 ROWS = 100_000
 DAG, RUN = "big_dag", "scheduled__2026-01-01T00:00:00+00:00"
-PAGE_BUDGET_S = 0.8
-FIRST_VIEW_BUDGET_S = 3.0
+# SQL statements one request may issue: a page reads its run, coalesce, counts and one page of rows
+# (a statement per row would be thousands here).
+PAGE_STATEMENTS = 25
 
 
 def _key() -> str:
@@ -86,25 +89,35 @@ def big_store(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathF
         dispose_engine(url)
 
 
-def test_pages_of_a_100k_row_run_stay_fast(
+def test_pages_of_a_100k_row_run_answer_at_every_depth(
     client: Any, auth: Callable[[str], dict[str, str]], big_store: str, use_store: Callable[[Any], None]
 ) -> None:
+    from sqlalchemy import event
+
     from airflow_elspeth.audit.engine import engine_for_url
     from airflow_elspeth.audit.read.cache import clear_cache
 
     clear_cache()
-    use_store(engine_for_url(big_store, upgrade=False))
+    engine = engine_for_url(big_store, upgrade=False)
+    use_store(engine)
     headers = auth("viewer")
     base = f"/elspeth/dags/{DAG}/runs/{quote(RUN, safe='')}"
     api = f"/elspeth/api/dags/{DAG}/runs/{quote(RUN, safe='')}"
-    timings: list[tuple[str, float]] = []
+    timings: list[tuple[str, float, int]] = []
+    statements = [0]
+
+    def count(*_: Any) -> None:
+        statements[0] += 1
+
+    event.listen(engine, "before_cursor_execute", count)
 
     def timed(label: str, path: str) -> Any:
+        statements[0] = 0
         started = time.perf_counter()
         response = client.get(path, headers=headers)
         elapsed = time.perf_counter() - started
         assert response.status_code == 200, (label, response.text[:500])
-        timings.append((label, elapsed))
+        timings.append((label, elapsed, statements[0]))
         return response
 
     first = timed("first view of the coalesce (aggregates computed)", base + "?coalesce=consensus")
@@ -139,11 +152,10 @@ def test_pages_of_a_100k_row_run_stay_fast(
     last = client.get(api + "/coalesces/consensus/rows?limit=50&offset=29950", headers=headers).json()
     assert last["total"] == 30_000 and len(last["rows"]) == 50
 
-    width = max(len(label) for label, _ in timings)
-    print(f"\n{ROWS:,}-row run, request timings:")
-    for label, elapsed in timings:
-        print(f"  {label:<{width}}  {elapsed * 1000:7.0f} ms")
-    first_view = timings[0][1]
-    assert first_view < FIRST_VIEW_BUDGET_S, f"first view took {first_view:.2f}s"
-    slow = [(label, round(t, 3)) for label, t in timings[1:] if t >= PAGE_BUDGET_S]
-    assert not slow, f"pages over {PAGE_BUDGET_S}s: {slow}"
+    event.remove(engine, "before_cursor_execute", count)
+    width = max(len(label) for label, _, _ in timings)
+    print(f"\n{ROWS:,}-row run, requests (time on this machine, SQL statements):")
+    for label, elapsed, issued in timings:
+        print(f"  {label:<{width}}  {elapsed * 1000:7.0f} ms  {issued:3d} statements")
+    heavy = [(label, issued) for label, _, issued in timings[1:] if issued > PAGE_STATEMENTS]
+    assert not heavy, f"pages issuing more than {PAGE_STATEMENTS} statements: {heavy}"

@@ -16,11 +16,11 @@ from __future__ import annotations
 import json
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Engine, Integer, and_, bindparam, cast, func, select
+from sqlalchemy import Engine, Integer, and_, bindparam, cast, func, or_, select
 
 from airflow_elspeth.audit import schema as t
 from airflow_elspeth.audit.coalesce import CoalesceSpec, deadline_of, load_run
@@ -28,7 +28,10 @@ from airflow_elspeth.audit.read.cache import CoalesceRef, coalesce_ref, run_read
 from airflow_elspeth.audit.read.runs import coalesce_nodes, coalesce_spec
 from airflow_elspeth.core.vocabulary import (
     ARRIVAL_NODE_STATUSES,
+    LATE_AFTER_MERGE,
+    LATE_REASONS,
     NOT_ARRIVED,
+    SKIPPED_DECIDED,
     DecisionStatus,
     ReasonKind,
     TokenKind,
@@ -637,6 +640,84 @@ def _page_bounds(limit: int, offset: int) -> tuple[int, int]:
     return max(1, min(int(limit), MAX_PAGE_SIZE)), max(0, int(offset))
 
 
+# Missing reasons whose rows depend on what branches did after the decision (see _after_decision).
+_STORY_REASONS = (NOT_ARRIVED, *LATE_REASONS, SKIPPED_DECIDED)
+
+
+def _story_matches(
+    ref: CoalesceRef, groups: Sequence[DecisionGroup], flt: RowFilter
+) -> tuple[list[DecisionGroup], int]:
+    """The groups that may hold rows where ``flt.branch`` is missing for ``flt.branch_reason`` as the
+    summary counts it (after :func:`_after_decision`), and how many rows that is."""
+    branch, wanted = str(flt.branch), flt.branch_reason
+    moves = ref.cached("moves", lambda: _moves(ref))
+    wide = replace(flt, branch_reason=None)
+    matching, total = [], 0
+    for g in groups:
+        reason = g.missing.get(branch)
+        if not wide.matches(g) or reason not in (wanted, NOT_ARRIVED):
+            continue
+        moved = {
+            r: n for (d, mj, b, r), n in moves.items() if (d, mj, b) == (g.decision, g.missing_json, branch)
+        }
+        if reason == wanted:
+            n = g.rows - (sum(moved.values()) if wanted == NOT_ARRIVED else 0)
+        else:
+            n = moved.get(str(wanted), 0)
+        if n:
+            matching.append(g)
+            total += n
+    return matching, total
+
+
+def _story_condition(
+    engine: Engine, spec: CoalesceSpec, flt: RowFilter, matching: Sequence[DecisionGroup], max_in_list: int
+) -> Any:
+    """SQL for the rows of :func:`_story_matches`: the decision's own reason, or ``not_arrived`` and
+    what the branch did since (answered late, skipped the row), per ``flt.branch_reason``."""
+    cd, ns, to, tk = t.coalesce_decisions.c, t.node_states.c, t.token_outcomes.c, t.tokens.c
+    branch, wanted = str(flt.branch), str(flt.branch_reason)
+
+    def having(reason: str) -> Any:
+        combos = sorted({g.missing_json for g in matching if g.missing.get(branch) == reason})
+        if len(combos) <= max_in_list:
+            return cd.missing_json.in_(combos)
+        return _json_missing_condition(engine, replace(flt, branch_reason=reason))
+
+    answered = (
+        select(ns.state_id)
+        .where(
+            ns.run_id == cd.run_id,
+            ns.row_id == cd.row_id,
+            ns.node_id == spec.delivering[branch],
+            ns.status.in_(_ARRIVALS),
+            ns.recorded_at > cd.decided_at,
+        )
+        .exists()
+    )
+    skipped = (
+        select(tk.token_id)
+        .select_from(t.tokens.join(t.token_outcomes, to.token_id == tk.token_id))
+        .where(
+            tk.run_id == cd.run_id,
+            tk.row_id == cd.row_id,
+            tk.branch_name == branch,
+            tk.token_kind == TokenKind.BRANCH.value,
+            to.outcome == TokenOutcome.SKIPPED.value,
+            to.is_terminal,
+        )
+        .exists()
+    )
+    if wanted == NOT_ARRIVED:
+        return and_(having(NOT_ARRIVED), ~answered, ~skipped)
+    if wanted == SKIPPED_DECIDED:
+        since = and_(having(NOT_ARRIVED), ~answered, skipped)
+    else:
+        decision = DecisionStatus.MERGED if wanted == LATE_AFTER_MERGE else DecisionStatus.FAILED
+        since = and_(having(NOT_ARRIVED), answered, cd.decision == decision.value)
+    return or_(having(wanted), since)
+
+
 def decision_rows(
     engine: Engine,
     run_id: str,
@@ -652,8 +733,12 @@ def decision_rows(
     limit, offset = _page_bounds(limit, offset)
     ref = ref or coalesce_ref(engine, run_id, node_id)
     groups = _scan(ref)[0]
-    matching = [g for g in groups if flt.matches(g)]
-    total = sum(g.rows for g in matching)
+    story = flt.branch is not None and flt.branch_reason in _STORY_REASONS
+    if story:
+        matching, total = _story_matches(ref, groups, flt)
+    else:
+        matching = [g for g in groups if flt.matches(g)]
+        total = sum(g.rows for g in matching)
     rows: list[dict[str, Any]] = []
     if total and offset < total:
         cd = t.coalesce_decisions.c
@@ -662,7 +747,9 @@ def decision_rows(
             conditions.append(cd.decision == flt.decision)
         if flt.reason is not None:
             conditions.append(cd.failure_reason == flt.reason)
-        if flt.branch is not None:
+        if story:
+            conditions.append(_story_condition(engine, ref.spec, flt, matching, max_in_list))
+        elif flt.branch is not None:
             # The groups say which missing-branch combinations match: filter on those exact texts.
             combos = sorted({g.missing_json for g in matching})
             if len(combos) <= max_in_list:
@@ -673,6 +760,7 @@ def decision_rows(
             conditions.append(cd.late_json != "[]")
         query = (
             select(
+                cd.row_id,
                 cd.row_key,
                 cd.chunk,
                 cd.decision,
@@ -690,7 +778,9 @@ def decision_rows(
             .offset(offset)
         )
         with engine.connect() as conn:
-            for row in conn.execute(query).mappings():
+            found = list(conn.execute(query).mappings())
+            since = _rows_after_decision(conn, ref.spec, run_id, [row["row_id"] for row in found])
+            for row in found:
                 details = json.loads(row["details_json"])
                 consumed = json.loads(row["consumed"])
                 rows.append(
@@ -701,7 +791,12 @@ def decision_rows(
                         "failure_reason": row["failure_reason"],
                         "consumed": consumed,
                         "arrived": details.get("arrived", consumed),
-                        "missing": json.loads(row["missing_json"]),
+                        "missing": {
+                            branch: since.get((row["row_id"], branch), reason)
+                            if reason == NOT_ARRIVED
+                            else reason
+                            for branch, reason in json.loads(row["missing_json"]).items()
+                        },
                         "late": json.loads(row["late_json"]),
                         "details": details,
                         "decided_at": row["decided_at"],

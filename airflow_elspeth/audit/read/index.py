@@ -132,6 +132,7 @@ def audit_index(
     )
     for run in runs:
         key = (run["dag_id"], run["airflow_run_id"], run["fork_task_id"])
+        run["audit_run_id"] = run["run_id"]  # the name the run pages use
         run["newest_try"] = newest.get(key, run["try_number"])
         run["current"] = run["try_number"] >= run["newest_try"]
         run["coalesces"] = sorted(specs.get(run["run_id"], {}))
@@ -161,7 +162,7 @@ _ORDER = [
 
 
 def _worst(outcomes: Sequence[Mapping[str, Any]]) -> str:
-    return min((o["verdict"] for o in outcomes), key=_ORDER.index)
+    return str(min((str(o["verdict"]) for o in outcomes), key=_ORDER.index))
 
 
 def _outcome(

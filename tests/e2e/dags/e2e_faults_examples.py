@@ -3,9 +3,10 @@
 (Airflow's safe mode parses a file only if it names both "airflow" and "dag": this line does.)
 
 Each ``dags/example_*.py`` is executed as a module of its own and its ``dag`` exposed here, so the
-e2e deployment parses (and its tasks run) exactly those DAGs; their DAG ids are theirs. One change:
-``max_active_runs=1``, so the test can queue all its runs of a DAG at once and the scheduler runs
-them one after the other (the four DAGs side by side).
+e2e deployment parses (and its tasks run) exactly those DAGs; their DAG ids are theirs. Two changes:
+``max_active_runs=MAX_ACTIVE_RUNS``, so the test can queue all its runs of a DAG at once and the
+scheduler runs them one after the other (the four DAGs side by side), and no schedule, so the runs of a
+DAG are exactly the ones the test triggers (the examples' ``@daily`` would add one on unpause).
 """
 
 from __future__ import annotations
@@ -15,7 +16,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from airflow.sdk.definitions.timetables.simple import NullTimetable
+
 EXAMPLES = Path(__file__).resolve().parents[3] / "dags"
+# One at a time: the examples' deadlines are seconds (the LLM example's is 6 s), so runs side by
+# side on two cores would change which rows make it, i.e. the examples' own outcome.
 MAX_ACTIVE_RUNS = 1
 
 
@@ -28,6 +33,7 @@ def _load(path: Path) -> Any:
     spec.loader.exec_module(module)
     dag = module.dag
     dag.max_active_runs = MAX_ACTIVE_RUNS
+    dag.timetable = NullTimetable()
     return dag
 
 

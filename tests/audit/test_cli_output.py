@@ -1,0 +1,321 @@
+"""What ``airflow-elspeth`` prints, byte for byte, at 80 and 120 columns (golden files), and what it
+refuses to guess.
+
+The audit store is written through the store's own write path (the calls the operators make) on an
+SQLite file whose clock (``dml.db_now``) is a fake one the test moves, so every id and every time in
+the output is fixed. ``ELSPETH_UPDATE_GOLDEN=1`` rewrites the golden files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner, Result
+from sqlalchemy import Engine
+
+from airflow_elspeth import cli
+from airflow_elspeth.audit import dml
+from airflow_elspeth.audit.coalesce import CoalesceSpec, coalesce_pass
+from airflow_elspeth.audit.engine import engine_for_url
+from airflow_elspeth.audit.read.decisions import coalesce_summary, failure_message
+from airflow_elspeth.audit.read.runs import coalesce_spec
+from airflow_elspeth.audit.store import (
+    AuditStore,
+    ForkRow,
+    NodeResult,
+    RunIdentity,
+    branch_token_id,
+)
+from airflow_elspeth.core.canonical import derive_id, hash_value
+from airflow_elspeth.core.config import coalesce_config
+from airflow_elspeth.core.vocabulary import NodeStatus, ReasonKind, reason_kind
+
+GOLDEN = Path(__file__).parent / "golden"
+T0 = datetime(2026, 11, 27, 5, 13, 14, tzinfo=timezone.utc)
+BRANCHES = ("gpt", "claude", "gemini")
+STEPS = {b: f"ask_{b}" for b in BRANCHES}
+DAG = "example_llm_consensus"
+RUN_1 = "manual__2026-11-27T05:13:14+00:00"
+RUN_2 = "manual__2026-11-28T05:13:14+00:00"
+
+
+class FakeClock:
+    """``datetime`` for ``dml``: ``now()`` is the test's time, which only the test moves."""
+
+    at = T0
+
+    @classmethod
+    def now(cls, tz: Any = None) -> datetime:
+        return cls.at
+
+    @classmethod
+    def move(cls, seconds: float) -> datetime:
+        cls.at = cls.at + timedelta(seconds=seconds)
+        return cls.at
+
+
+def _spec(timeout_s: float = 6.0) -> CoalesceSpec:
+    return CoalesceSpec(
+        node_id="consensus",
+        config=coalesce_config(
+            branches=list(BRANCHES),
+            policy="quorum",
+            quorum=2,
+            merge="nested",
+            timeout=timedelta(seconds=timeout_s),
+        ),
+        delivering=dict(STEPS),
+        mapped=dict.fromkeys(BRANCHES, False),
+    )
+
+
+class Builder:
+    """One audit run written call by call, at the fake clock's times."""
+
+    def __init__(
+        self, engine: Engine, airflow_run_id: str, try_number: int, keys: list[str], day: int
+    ) -> None:
+        self.store = AuditStore(engine)
+        identity = RunIdentity(
+            dag_id=DAG,
+            airflow_run_id=airflow_run_id,
+            fork_task_id="fork",
+            try_number=try_number,
+            run_type="manual",
+            logical_date=datetime(2026, 11, day, 5, 13, 14, tzinfo=timezone.utc),
+        )
+        self.run_id = self.store.begin_run(
+            identity, branches=list(BRANCHES), chunk_size=100, config={"branches": list(BRANCHES)}
+        )
+        self.keys = keys
+        rows = []
+        for index, key in enumerate(keys):
+            digest, body = hash_value({"id": key, "pages": 10 * (index + 1)})
+            rows.append(ForkRow(row_key=key, row_index=index, payload_hash=digest, payload_body=body))
+        self.store.write_fork_chunk(self.run_id, list(BRANCHES), 0, rows)
+        self.store.complete_run(self.run_id, rows_total=len(keys), chunks_total=1)
+        for branch, step in STEPS.items():
+            self.store.register_node(
+                self.run_id, step, "branch", branch, {"branch": branch, "previous_step": None}
+            )
+        self.spec = _spec()
+        self.store.register_node(self.run_id, "consensus", "coalesce", None, self.spec.as_dict())
+
+    def token(self, key: str, branch: str) -> str:
+        return branch_token_id(self.run_id, derive_id(self.run_id, key), branch)
+
+    def write(self, branch: str, outcomes: dict[str, str], *, late: str | None = None) -> None:
+        """``outcomes``: row key -> ``ok`` or an error type; ``late``: written as discarded."""
+        results = []
+        for key, what in outcomes.items():
+            row_id = derive_id(self.run_id, key)
+            done = FakeClock.at
+            common: dict[str, Any] = {
+                "token_id": self.token(key, branch),
+                "row_id": row_id,
+                "chunk": 0,
+                "started_at": done - timedelta(milliseconds=40),
+                "completed_at": done,
+            }
+            if what == "ok":
+                digest, body = hash_value({f"{branch}_label": "invoice", "key": key})
+                status = NodeStatus.DISCARDED if late else NodeStatus.COMPLETED
+                context = {"late": late} if late else None
+                results.append(
+                    NodeResult(**common, status=status, output_hash=digest, output_body=body, context=context)
+                )
+            else:
+                error = {"type": what, "message": f"429 Too Many Requests for {key}", "attempts": 1}
+                results.append(
+                    NodeResult(**common, status=NodeStatus.FAILED, error=error, context={"attempts": 1})
+                )
+        self.store.write_branch_results(
+            self.run_id, STEPS[branch], 1, results, chunk_tokens={0: len(self.keys)}, delivering=True
+        )
+
+    def decide(self) -> None:
+        coalesce_pass(self.store, self.spec, self.run_id, {step: "running" for step in STEPS.values()})
+
+    def skip(self, branch: str, keys: list[str]) -> None:
+        self.store.record_skipped(
+            self.run_id, STEPS[branch], {0: len(self.keys)}, [self.token(k, branch) for k in keys]
+        )
+
+
+@pytest.fixture
+def store(sqlite_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, dict[str, str]]]:
+    """Three audit runs of one DAG: run 1 (tries 1 and 2 of its fork), run 2; returns (url, ids)."""
+    FakeClock.at = T0
+    monkeypatch.setattr(dml, "datetime", FakeClock)
+    engine = engine_for_url(sqlite_url)
+    keys = [f"doc-00{i}" for i in range(1, 6)]
+    main = Builder(engine, RUN_1, 1, keys, day=27)
+    FakeClock.move(1)
+    main.write("gpt", {k: "ok" for k in keys[:4]})
+    FakeClock.move(0.25)
+    main.write("claude", {"doc-001": "ok", "doc-002": "ok", "doc-003": "ok", "doc-004": "RateLimitError"})
+    FakeClock.move(2)
+    main.write("gemini", {"doc-002": "ok"})
+    main.decide()  # doc-001..003 merged by gpt and claude; doc-002's gemini is late, seen by the pass
+    FakeClock.move(4)  # past the deadline
+    main.decide()  # doc-004 and doc-005 fail at the deadline
+    FakeClock.move(1.5)
+    main.write("gemini", {"doc-003": "ok"}, late="late_arrival_after_merge")
+    main.write("gemini", {"doc-004": "ok"}, late="late_arrival_after_failure")
+    main.skip("gemini", ["doc-001", "doc-005"])
+    # Try 2 of the same fork in the same DAG run (a cleared fork), and a second DAG run.
+    ids = {"try1": main.run_id}
+    for name, airflow_run, try_number, day in (("try2", RUN_1, 2, 27), ("other", RUN_2, 1, 28)):
+        FakeClock.at = datetime(2026, 11, day, 6, 0, 0, tzinfo=timezone.utc) + timedelta(minutes=try_number)
+        extra = Builder(engine, airflow_run, try_number, ["doc-001", "doc-002"], day=day)
+        FakeClock.move(1)
+        extra.write("gpt", {"doc-001": "ok", "doc-002": "ok"})
+        extra.write("claude", {"doc-001": "ok", "doc-002": "ok"})
+        extra.decide()
+        extra.skip("gemini", ["doc-001", "doc-002"])
+        ids[name] = extra.run_id
+    yield sqlite_url, ids
+
+
+def invoke(url: str, *args: str, width: int = 80) -> Result:
+    return CliRunner().invoke(cli.main, ["--url", url, *args], env={"COLUMNS": str(width)})
+
+
+def golden(name: str, text: str) -> None:
+    path = GOLDEN / name
+    if os.environ.get("ELSPETH_UPDATE_GOLDEN"):
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(text)
+    assert path.exists(), f"{path} missing: run with ELSPETH_UPDATE_GOLDEN=1"
+    assert text == path.read_text(), (
+        f"{name} differs from its golden file (ELSPETH_UPDATE_GOLDEN=1 rewrites it)"
+    )
+
+
+@pytest.mark.parametrize("width", [80, 120])
+def test_report_golden(store: tuple[str, dict[str, str]], width: int) -> None:
+    url, ids = store
+    result = invoke(url, "report", "--dag-id", DAG, width=width)
+    assert result.exit_code == 0, result.output
+    golden(f"report_{width}.txt", result.output)
+    assert all(len(line) <= width for line in result.output.splitlines())
+    # By logical date then fork try; the earlier try of the first DAG run is marked.
+    first, second, third = (result.output.index(ids[k]) for k in ("try1", "try2", "other"))
+    assert first < second < third
+    assert "superseded by try 2" in result.output
+
+
+@pytest.mark.parametrize("width", [80, 120])
+def test_explain_golden(store: tuple[str, dict[str, str]], width: int) -> None:
+    url, ids = store
+    for key in ("doc-003", "doc-005"):
+        result = invoke(url, "explain", key, width=width)
+        assert result.exit_code == 0, result.output
+        golden(f"explain_{key}_{width}.txt", result.output)
+        assert all(len(line) <= width for line in result.output.splitlines())
+        assert f"found in one audit run: {ids['try1']}" in " ".join(result.output.split())
+    skipped = invoke(url, "explain", "doc-005", width=120).output
+    assert "gemini → skipped: the row was already decided" in skipped
+    assert "branch_task_running" in skipped  # what the decision saw, kept
+    late = invoke(url, "explain", "doc-003", width=120).output
+    assert "gemini → late (late_arrival_after_merge)" in late
+
+
+@pytest.mark.parametrize("width", [80, 120])
+def test_explain_ambiguous_lists_runs(store: tuple[str, dict[str, str]], width: int) -> None:
+    url, ids = store
+    result = invoke(url, "explain", "doc-001", width=width)
+    assert result.exit_code == 2
+    golden(f"explain_ambiguous_{width}.txt", result.output)
+    assert all(len(line) <= width for line in result.output.splitlines())
+    for run_id in ids.values():
+        assert run_id in result.output
+    assert "--run-id" in result.output and "--airflow-run-id" in result.output
+    # Narrowed to one DAG run: still its two fork tries, one superseded.
+    narrowed = invoke(url, "explain", "doc-001", "--dag-id", DAG, "--airflow-run-id", RUN_1, width=width)
+    assert narrowed.exit_code == 2
+    assert "superseded by try 2" in narrowed.output and "(current)" in narrowed.output
+    as_json = CliRunner().invoke(cli.main, ["--url", url, "explain", "doc-001", "--json"])
+    assert as_json.exit_code == 2
+    listed = json.loads(as_json.output[: as_json.output.rindex("}") + 1])
+    assert listed["error"] == "ambiguous" and [r["run_id"] for r in listed["runs"]] == [
+        ids["try1"],
+        ids["try2"],
+        ids["other"],
+    ]
+    assert [r["current"] for r in listed["runs"]] == [False, True, True]
+    # Unambiguous within the filters: picked, and named.
+    picked = invoke(url, "explain", "doc-001", "--airflow-run-id", RUN_2, width=width)
+    assert picked.exit_code == 0, picked.output
+    assert f"found in one audit run: {ids['other']}" in " ".join(picked.output.split())
+    chosen = invoke(url, "explain", "doc-001", "--run-id", ids["try2"], width=width)
+    assert chosen.exit_code == 0 and "found in one audit run" not in chosen.output
+
+
+def test_verify_plurals(store: tuple[str, dict[str, str]]) -> None:
+    url, ids = store
+    one = invoke(url, "verify", "--no-airflow-states", "--run-id", ids["other"])
+    assert one.exit_code == 0, one.output
+    assert "verified 1 audit run: no findings" in one.output
+    every = invoke(url, "verify", "--no-airflow-states")
+    assert "verified 3 audit runs: no findings" in every.output
+
+
+def test_headline_counts_equal_their_tables(store: tuple[str, dict[str, str]]) -> None:
+    url, ids = store
+    engine = engine_for_url(url)
+    summary = coalesce_summary(engine, coalesce_spec(engine, ids["try1"], "consensus"), ids["try1"])
+    # What report prints: each headline count is the sum of the table under it.
+    report = invoke(url, "report", "--json")
+    assert report.exit_code == 0, report.output
+    for item in json.loads(report.output):
+        s = item["summary"]
+        tables = s["missing_branches"].values()
+        late = sum(
+            n for info in tables for r, n in info["reasons"].items() if reason_kind(r) is ReasonKind.LATE
+        )
+        assert s["late_arrivals"] == late
+        assert all(info["rows"] == sum(info["reasons"].values()) for info in tables)
+        assert s["rows_total"] == s["rows_merged"] + s["rows_failed"] + s["rows_undecided"]
+        assert s["rows_failed"] == sum(s["failure_reasons"].values())
+        if item["run"]["run_id"] == ids["try1"]:
+            assert s == json.loads(json.dumps(summary, default=str))
+    assert summary["late_arrivals"] == 3
+    assert summary["missing_branches"]["gemini"]["reasons"] == {
+        "skipped_decided": 2,
+        "late_arrival_after_merge": 2,
+        "late_arrival_after_failure": 1,
+    }
+    by_key = {row["row_key"]: row for row in summary["failed_rows"]}
+    assert by_key["doc-004"]["missing"] == {
+        "claude": "error:RateLimitError",
+        "gemini": "late_arrival_after_failure",
+    }
+    assert by_key["doc-005"]["missing"]["gemini"] == "skipped_decided"
+
+
+def test_failure_message_names_ten_rows() -> None:
+    summary = {
+        "coalesce": "c",
+        "policy": "require_all",
+        "quorum": None,
+        "merge": "union",
+        "rows_failed": 13,
+        "rows_total": 20,
+        "tolerated_failures": 0,
+        "failure_reasons": {"branch_lost": 13},
+        "missing_branches": {"a": {"rows": 13, "reasons": {"error:E": 13}}},
+        "failed_rows": [{"row_key": f"k{i}"} for i in range(13)],
+        "audit_run_id": "r",
+    }
+    message = failure_message(summary)
+    assert "Failed rows: k0, k1, k2, k3, k4, k5, k6, k7, k8, k9 and 3 more." in message
+    assert "k10" not in message
+    one = failure_message({**summary, "rows_failed": 1, "failed_rows": [{"row_key": "only"}]})
+    assert "Failed rows: only." in one and "more" not in one

@@ -1,0 +1,234 @@
+"""The index of audit runs, outcomes first (read model ``audit/read/index.py``, page and JSON), and
+the coalesce page's account of why rows are undecided."""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from typing import Any
+from urllib.parse import quote
+
+import pytest
+
+from .conftest import CONSENSUS_DAG, CONSENSUS_RUN, StoreRuns
+
+pytestmark = pytest.mark.integration
+
+Auth = Callable[[str], dict[str, str]]
+STALL_DAG = "stall_dag"
+ENDED_RUN, WAITING_RUN = "scheduled__2026-03-01T00:00:00+00:00", "scheduled__2026-03-02T00:00:00+00:00"
+
+
+@dataclass(frozen=True)
+class Stalled:
+    engine: Any
+    ended: str  # audit run whose deadline has passed
+    waiting: str  # audit run whose deadline is an hour away
+
+
+def _undecided_run(engine: Any, airflow_run_id: str, logical_date: datetime, timeout: timedelta) -> str:
+    """A fork that completed and a coalesce that registered but decided nothing (3 rows open)."""
+    from airflow_elspeth.audit.coalesce import CoalesceSpec
+    from airflow_elspeth.audit.store import AuditStore, ForkRow, RunIdentity
+    from airflow_elspeth.core.canonical import hash_value
+    from airflow_elspeth.core.config import coalesce_config
+
+    store = AuditStore(engine)
+    branches = ["a", "b"]
+    run_id = store.begin_run(
+        RunIdentity(
+            dag_id=STALL_DAG,
+            airflow_run_id=airflow_run_id,
+            fork_task_id="fork",
+            try_number=1,
+            run_type="scheduled",
+            logical_date=logical_date,
+        ),
+        branches=branches,
+        chunk_size=1000,
+        config={"branches": branches, "row_key": "id", "chunk_size": 1000},
+    )
+    rows = []
+    for index in range(3):
+        payload_hash, body = hash_value({"id": f"r{index}"})
+        rows.append(
+            ForkRow(row_key=f"r{index}", row_index=index, payload_hash=payload_hash, payload_body=body)
+        )
+    store.write_fork_chunk(run_id, branches, 0, rows)
+    store.complete_run(run_id, rows_total=3, chunks_total=1)
+    spec = CoalesceSpec(
+        node_id="join",
+        config=coalesce_config(
+            branches=branches, policy="require_all", quorum=None, merge="union", timeout=timeout
+        ),
+        delivering={"a": "ask_a", "b": "ask_b"},
+        mapped={"a": False, "b": False},
+    )
+    store.register_node(run_id, "join", "coalesce", None, spec.as_dict())
+    return run_id
+
+
+@pytest.fixture(scope="module")
+def stalled(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stalled]:
+    from sqlalchemy.engine import URL
+
+    from airflow_elspeth.audit.engine import dispose_engine, engine_for_url
+
+    url = URL.create("sqlite", database=str(tmp_path_factory.mktemp("stall") / "audit.db")).render_as_string()
+    engine = engine_for_url(url)
+    ended = _undecided_run(
+        engine, ENDED_RUN, datetime(2026, 3, 1, tzinfo=timezone.utc), timedelta(seconds=0.01)
+    )
+    time.sleep(0.05)  # the first one's deadline passes
+    waiting = _undecided_run(
+        engine, WAITING_RUN, datetime(2026, 3, 2, tzinfo=timezone.utc), timedelta(hours=1)
+    )
+    try:
+        yield Stalled(engine, ended, waiting)
+    finally:
+        dispose_engine(url)
+
+
+@pytest.fixture
+def readable(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The viewer may read STALL_DAG (not a DAG of the metadata DB)."""
+    from airflow.api_fastapi.auth.managers.simple.simple_auth_manager import SimpleAuthManager
+
+    monkeypatch.setattr(
+        SimpleAuthManager,
+        "get_authorized_dag_ids",
+        lambda self, *, user, method="GET", session=None: {STALL_DAG},
+    )
+
+
+def _states(ended_state: str) -> Callable[..., tuple[dict[tuple[str, str, str], str], str]]:
+    def read(wanted: Any, url: str | None = None) -> tuple[dict[tuple[str, str, str], str], str]:
+        states = {(STALL_DAG, ENDED_RUN, "join"): ended_state, (STALL_DAG, WAITING_RUN, "join"): "deferred"}
+        return {k: v for k, v in states.items() if k[2] in wanted.get(k[:2], ())}, "test"
+
+    return read
+
+
+def test_superseded_tries_and_counts(store: StoreRuns) -> None:
+    """Counts are the run pages' (decision_counts); an earlier fork try of a DAG run is superseded."""
+    from airflow_elspeth.audit.engine import engine_for_url
+    from airflow_elspeth.audit.read.index import audit_index
+    from airflow_elspeth.audit.read.runs import decision_counts
+
+    engine = engine_for_url(store.url, upgrade=False)
+    runs = {r["run_id"]: r for r in audit_index(engine, [CONSENSUS_DAG])}
+    try1, try2 = runs[store.consensus_try1.run_id], runs[store.consensus_try2.run_id]
+    assert (try1["current"], try1["newest_try"], try1["verdict"]) == (False, 2, "superseded")
+    assert try2["current"] is True and try2["verdict"] == "rows_failed"
+    assert [o["coalesce"] for o in try2["outcomes"]] == ["any_answer", "consensus"]
+    counts = decision_counts(engine, {try2["run_id"]: (try2["rows_total"], try2["coalesces"])})
+    for outcome in try2["outcomes"]:
+        mine = counts[try2["run_id"]][outcome["coalesce"]]
+        assert (outcome["merged"], outcome["failed"], outcome["undecided"]) == (
+            mine["merged"],
+            mine["failed"],
+            mine["undecided"],
+        )
+        assert outcome["rows"] == 40 and outcome["task_state"] is None and not outcome["overdue"]
+
+
+def test_undecided_status_says_why() -> None:
+    from airflow_elspeth.audit.read.index import undecided_status
+
+    now = datetime(2026, 1, 1, 12, tzinfo=timezone.utc)
+    soon, past = now + timedelta(minutes=5), now - timedelta(minutes=5)
+
+    def kind(**kw: Any) -> str | None:
+        found = undecided_status(**{"undecided": 3, "current": True, "now": now, "task_state": None, **kw})
+        return found["kind"] if found else None
+
+    assert kind(undecided=0, deadline=past) is None
+    assert kind(deadline=soon, task_state="deferred") == "waiting"
+    assert kind(deadline=past, task_state="running") == "overdue"
+    assert kind(deadline=past) == "overdue"  # state not known: the audit side alone
+    assert kind(deadline=soon, task_state="failed") == "ended"
+    assert kind(deadline=None) == "fork_running"
+    assert kind(deadline=past, current=False) == "superseded"
+
+
+@pytest.mark.usefixtures("readable")
+def test_index_puts_outcomes_first_and_flags_overdue_rows(
+    client: Any, stalled: Stalled, use_store: Any, auth: Auth, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from airflow_elspeth import airflow_states
+
+    use_store(stalled.engine)
+    monkeypatch.setattr(airflow_states, "airflow_task_states", _states("failed"))
+    data = client.get("/elspeth/api/runs?sort=logical_date&order=asc", headers=auth("viewer")).json()
+    assert data["task_states"] == "read"
+    assert [r["airflow_run_id"] for r in data["audit_runs"]] == [ENDED_RUN, WAITING_RUN]
+    ended, waiting = (r["outcomes"][0] for r in data["audit_runs"])
+    assert (ended["rows"], ended["merged"], ended["failed"], ended["undecided"]) == (3, 0, 0, 3)
+    assert ended["task_state"] == "failed" and ended["verdict"] == "ended_undecided" and ended["overdue"]
+    assert waiting["task_state"] == "deferred" and waiting["verdict"] == "waiting" and not waiting["overdue"]
+    newest_first = client.get("/elspeth/api/runs?sort=logical_date", headers=auth("viewer")).json()
+    assert [r["airflow_run_id"] for r in newest_first["audit_runs"]] == [WAITING_RUN, ENDED_RUN]
+    assert client.get("/elspeth/api/runs?sort=nope", headers=auth("viewer")).status_code == 400
+
+    page = client.get("/elspeth/?sort=logical_date&order=asc", headers=auth("viewer")).text
+    rows = re.findall(r'<tr class="([^"]*)" data-verdict="([^"]+)">', page)
+    assert rows == [("alert", "ended_undecided"), ("", "waiting")]
+    head = page.index("<thead>")
+    assert page.index("Outcome", head) < page.index("Coalesce", head) < page.index("Undecided", head)
+    assert "undecided: coalesce ended" in page and "Logical date ▲" in page
+
+
+@pytest.mark.usefixtures("readable")
+def test_without_task_states_the_index_says_so(
+    client: Any, stalled: Stalled, use_store: Any, auth: Auth, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from airflow_elspeth import airflow_states
+    from airflow_elspeth.exceptions import AirflowStatesUnavailable
+
+    def unavailable(wanted: Any, url: str | None = None) -> Any:
+        raise AirflowStatesUnavailable("no metadata DB here")
+
+    use_store(stalled.engine)
+    monkeypatch.setattr(airflow_states, "airflow_task_states", unavailable)
+    data = client.get("/elspeth/api/runs", headers=auth("viewer")).json()
+    assert "no metadata DB here" in data["task_states"]
+    by_run = {r["airflow_run_id"]: r["outcomes"][0] for r in data["audit_runs"]}
+    # The audit side alone: past the deadline and undecided is overdue.
+    assert by_run[ENDED_RUN]["verdict"] == "overdue" and by_run[ENDED_RUN]["task_state"] is None
+    page = client.get("/elspeth/", headers=auth("viewer")).text
+    assert "Airflow task states could not be read" in page and "undecided past deadline" in page
+
+
+def test_coalesce_page_says_why_rows_are_undecided_and_what_to_do(
+    client: Any, stalled: Stalled, use_store: Any, auth: Auth, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from airflow_elspeth import airflow_states
+
+    use_store(stalled.engine)
+    monkeypatch.setattr(airflow_states, "airflow_task_states", _states("failed"))
+    ended = client.get(
+        f"/elspeth/dags/{STALL_DAG}/runs/{quote(ENDED_RUN, safe='')}", headers=auth("viewer")
+    ).text
+    why = ended[ended.index('id="why-undecided"') :]
+    why = " ".join(re.sub(r"<[^>]+>", "", why[: why.index("</div>")]).split())
+    assert "3 rows undecided." in why and "the coalesce task ended failed" in why
+    assert "clear the coalesce task join" in why
+    assert f"airflow-elspeth verify --dag-id {STALL_DAG} --airflow-run-id {ENDED_RUN}" in why
+    waiting = client.get(
+        f"/elspeth/dags/{STALL_DAG}/runs/{quote(WAITING_RUN, safe='')}/tasks/join", headers=auth("viewer")
+    ).text
+    why = waiting[waiting.index('id="why-undecided"') :]
+    why = " ".join(re.sub(r"<[^>]+>", "", why[: why.index("</div>")]).split())
+    assert "still waiting" in why
+    assert re.search(r"\d\d:\d\d:\d\d UTC at the latest", why), why
+    assert "deferred" in waiting  # the coalesce's Airflow task state
+
+
+def test_decided_runs_have_no_undecided_notice(client: Any, store: StoreRuns, auth: Auth) -> None:
+    page = client.get(
+        f"/elspeth/dags/{CONSENSUS_DAG}/runs/{quote(CONSENSUS_RUN, safe='')}", headers=auth("viewer")
+    ).text
+    assert 'id="why-undecided"' not in page and 'id="coalesce-task-state"' in page
