@@ -706,7 +706,18 @@ def verify(
                     escape(", ".join(str(e) for e in finding.get("examples", []))),
                     escape(_finding_detail(finding)),
                 )
-            console.print(table)
+            if _fits(table):
+                console.print(table)
+            else:  # one finding a block: a run id or a check name is never cut
+                for finding in findings[:200]:
+                    counted = f"{finding['count']} {finding.get('counted', '')}".strip()
+                    console.print(
+                        f"[bold]{escape(finding['check'])}[/] · {counted} · run {finding['run_id']}"
+                    )
+                    examples = ", ".join(str(e) for e in finding.get("examples", []))
+                    if examples:
+                        console.print(f"  examples: {escape(examples)}")
+                    console.print(f"  {escape(_finding_detail(finding))}")
             if len(findings) > 200:
                 console.print(f"… and {len(findings) - 200} more (use --json)")
         else:

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Run the test suite: bash scripts/test.sh [pytest arguments...]
 # Creates .venv and installs the project with its test extras on first use (scripts/bootstrap.sh).
-# The whole suite (no test paths, no -m/-k) runs on 3 pytest-xdist workers, the e2e tests together
-# on one of them (they share one Airflow deployment); a selection runs in this one process.
+# The whole suite (no test paths, no -m/-k) runs on 4 pytest-xdist workers, the e2e tests in two
+# groups on two of them (each group shares one Airflow deployment, tests/conftest.py); a selection
+# runs in this one process.
 # ELSPETH_TEST_WORKERS=N sets the workers either way (0: one process); -n/--numprocesses or
 # -p no:xdist passed here win. Exits with pytest's exit code.
 set -euo pipefail
@@ -30,8 +31,8 @@ for arg in "$@"; do
     previous="$arg"
 done
 xdist=()
-if [ "${workers:-3}" != "0" ]; then
-    xdist=("-n" "${workers:-3}" "--dist" "load")
+if [ "${workers:-4}" != "0" ]; then
+    xdist=("-n" "${workers:-4}" "--dist" "load")
 fi
 
 exec "$ELSPETH_PY" -m pytest "${xdist[@]}" "$@"

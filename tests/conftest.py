@@ -62,8 +62,21 @@ HEAVY = (
 )
 
 
-# The tests that use the Airflow deployment of tests/e2e (session fixture ``airflow_stack``).
+# The tests that use the Airflow deployment of tests/e2e (session fixture ``airflow_stack``), in two
+# groups of about the same length, each on one xdist worker with a deployment of its own: the fault
+# matrix, and the rest (the example DAGs' runs, the backfill, the deferred and killed-worker cases).
 E2E_STACK_TESTS = "tests/e2e/test_e2e_"
+E2E_FAULT_MATRIX = "tests/e2e/test_e2e_faults.py::"
+E2E_EXAMPLES = E2E_FAULT_MATRIX + "test_example_dags_"
+
+
+def e2e_group(nodeid: str) -> str | None:
+    """The e2e group (one deployment) a test belongs to, or None for a test without one."""
+    if not nodeid.startswith(E2E_STACK_TESTS):
+        return None
+    if nodeid.startswith(E2E_FAULT_MATRIX) and not nodeid.startswith(E2E_EXAMPLES):
+        return "e2e fault matrix"
+    return "e2e examples, backfill, deferred, killed worker"
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -87,7 +100,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.hookimpl(optionalhook=True, tryfirst=True)
 def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object | None:
     """Under pytest-xdist (``--dist load``, scripts/test.sh): every test on its own, except the
-    e2e tests, which go to one worker together so that they share its one Airflow deployment.
+    e2e tests: each of their two groups (``e2e_group``) goes to one worker, where its tests share
+    that worker's Airflow deployment. (The two groups, the largest scopes, are handed out first, to
+    two different workers.)
 
     (xdist's ``--dist loadgroup`` would do this with an ``xdist_group`` marker, but xdist 3.8
     renames node ids through ``Item._nodeid``, which pytest 9 no longer reads.)
@@ -98,7 +113,7 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object | 
 
     class E2EOnOneWorker(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
-            return E2E_STACK_TESTS if nodeid.startswith(E2E_STACK_TESTS) else nodeid
+            return e2e_group(nodeid) or nodeid
 
     return E2EOnOneWorker(config, log)
 

@@ -67,7 +67,7 @@ def test_reports_agree_with_the_summary_and_the_replay(audit_engine: Any, built:
         decisions.RowFilter(decision=None, branch="gemini"),
         decisions.RowFilter(decision=None, branch="claude", branch_reason="error:RateLimitError"),
         decisions.RowFilter(decision="failed", branch="gemini", branch_reason="late_arrival_after_failure"),
-        decisions.RowFilter(decision="merged", branch="gemini", branch_reason="not_arrived"),
+        decisions.RowFilter(decision="merged", branch="gemini", branch_reason="late_arrival_after_merge"),
     ]:
         fast = decisions.decision_rows(audit_engine, built.run_id, "consensus", flt, limit=100)
         json_path = decisions.decision_rows(
