@@ -64,19 +64,30 @@ HEAVY = (
 
 # The tests that use the Airflow deployment of tests/e2e (session fixture ``airflow_stack``), in two
 # groups of about the same length, each on one xdist worker with a deployment of its own: the fault
-# matrix, and the rest (the example DAGs' runs, the backfill, the deferred and killed-worker cases).
+# matrix with the backfill, and the example DAGs' runs with the deferred and killed-worker cases.
 E2E_STACK_TESTS = "tests/e2e/test_e2e_"
 E2E_FAULT_MATRIX = "tests/e2e/test_e2e_faults.py::"
 E2E_EXAMPLES = E2E_FAULT_MATRIX + "test_example_dags_"
 
 
-def e2e_group(nodeid: str) -> str | None:
-    """The e2e group (one deployment) a test belongs to, or None for a test without one."""
+E2E_BACKFILL = "tests/e2e/test_e2e_backfill.py::"
+# The browser tests share one module fixture (a migrated Airflow, a dag.test run, an API server).
+BROWSER_TESTS = "tests/ui/test_browser.py::"
+
+
+def xdist_scope(nodeid: str) -> str:
+    """The xdist scope of a test: the tests of one scope run on one worker, sharing its fixtures.
+    The e2e tests form two groups of about the same length (each with a deployment of its own), the
+    browser tests one; every other test is its own scope."""
+    if nodeid.startswith(BROWSER_TESTS):
+        return "browser"
     if not nodeid.startswith(E2E_STACK_TESTS):
-        return None
-    if nodeid.startswith(E2E_FAULT_MATRIX) and not nodeid.startswith(E2E_EXAMPLES):
-        return "e2e fault matrix"
-    return "e2e examples, backfill, deferred, killed worker"
+        return nodeid
+    if nodeid.startswith(E2E_EXAMPLES):
+        return "e2e examples, deferred, killed worker"
+    if nodeid.startswith((E2E_FAULT_MATRIX, E2E_BACKFILL)):
+        return "e2e fault matrix, backfill"
+    return "e2e examples, deferred, killed worker"
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -100,9 +111,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.hookimpl(optionalhook=True, tryfirst=True)
 def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object | None:
     """Under pytest-xdist (``--dist load``, scripts/test.sh): every test on its own, except the
-    e2e tests: each of their two groups (``e2e_group``) goes to one worker, where its tests share
-    that worker's Airflow deployment. (The two groups, the largest scopes, are handed out first, to
-    two different workers.)
+    tests grouped by ``xdist_scope``: each e2e group goes to one worker, where its tests share that
+    worker's Airflow deployment, and the browser tests to one. (The groups, the largest scopes, are
+    handed out first, to different workers.)
 
     (xdist's ``--dist loadgroup`` would do this with an ``xdist_group`` marker, but xdist 3.8
     renames node ids through ``Item._nodeid``, which pytest 9 no longer reads.)
@@ -113,7 +124,7 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object | 
 
     class E2EOnOneWorker(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
-            return e2e_group(nodeid) or nodeid
+            return xdist_scope(nodeid)
 
     return E2EOnOneWorker(config, log)
 
