@@ -586,8 +586,9 @@ def _runs(engine: Engine) -> list[Any]:
 def test_ui_reports_show_undecided_resolutions_and_superseded(audit_engine: Engine, trail: Trail) -> None:
     from airflow_elspeth.audit.read.cache import clear_cache
     from airflow_elspeth.audit.read.decisions import coalesce_overview
+    from airflow_elspeth.audit.read.index import audit_index
     from airflow_elspeth.audit.read.lineage import row_view
-    from airflow_elspeth.audit.read.runs import audit_runs, pick_audit_run, recent_runs
+    from airflow_elspeth.audit.read.runs import audit_runs, pick_audit_run
     from airflow_elspeth.core.vocabulary import failure_reason_text
 
     clear_cache()
@@ -599,7 +600,8 @@ def test_ui_reports_show_undecided_resolutions_and_superseded(audit_engine: Engi
     trail.resolve(run, 2)
     trail.supersede(run, 2)
     counts = {"join": {"merged": 1, "failed": 1, "undecided": 2}}
-    assert recent_runs(audit_engine, None)[0]["decisions"] == counts
+    (outcome,) = audit_index(audit_engine, None)[0]["outcomes"]
+    assert {outcome["coalesce"]: {k: outcome[k] for k in ("merged", "failed", "undecided")}} == counts
     audit_run = pick_audit_run(audit_runs(audit_engine, "d", "r"))
     assert audit_run is not None and audit_run["decisions"] == counts
     overview = coalesce_overview(audit_engine, audit_run, "join")

@@ -7,7 +7,7 @@ new one, linked to the earlier try). Nothing here writes.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from sqlalchemy import Engine, func, select
@@ -286,47 +286,3 @@ def pick_audit_run(
             if coalesce in run["coalesces"]:
                 return run
     return current[0] if current else None
-
-
-def recent_runs(engine: Engine, dag_ids: Iterable[str] | None, *, limit: int = 50) -> list[dict[str, Any]]:
-    """The newest audit runs, of the given DAGs only (None: of every DAG), with their coalesces'
-    merged, failed and undecided rows."""
-    ru = t.runs.c
-    query = select(
-        ru.run_id,
-        ru.dag_id,
-        ru.airflow_run_id,
-        ru.fork_task_id,
-        ru.try_number,
-        ru.status,
-        ru.status_reason,
-        ru.started_at,
-        ru.rows_total,
-    )
-    if dag_ids is not None:
-        wanted = sorted(set(dag_ids))
-        if not wanted:
-            return []
-        query = query.where(ru.dag_id.in_(wanted))
-    with engine.connect() as conn:
-        runs = [
-            dict(row) for row in conn.execute(query.order_by(ru.started_at.desc()).limit(limit)).mappings()
-        ]
-    n = t.nodes.c
-    coalesces: dict[str, list[str]] = {}
-    if runs:
-        with engine.connect() as conn:
-            for run_id, node_id in conn.execute(
-                select(n.run_id, n.node_id)
-                .where(n.run_id.in_([r["run_id"] for r in runs]), n.node_type == NodeType.COALESCE)
-                .order_by(n.run_id, n.node_id)
-            ):
-                coalesces.setdefault(run_id, []).append(node_id)
-    counts = decision_counts(
-        engine, {r["run_id"]: (r["rows_total"], coalesces.get(r["run_id"], [])) for r in runs}
-    )
-    for run in runs:
-        run["coalesces"] = coalesces.get(run["run_id"], [])
-        # Per coalesce: {"merged", "failed", "undecided"}.
-        run["decisions"] = counts.get(run["run_id"], {})
-    return runs
