@@ -1,8 +1,8 @@
 """Task states read from Airflow's own metadata DB: the only read of that database in the provider.
 
-``airflow-elspeth verify`` imports this module only when it reads Airflow task states (to catch
-audit runs and rows whose fork or coalesce task has ended); the checks themselves (the audit
-layer) take the states as a plain mapping, :data:`airflow_elspeth.audit.read.limbo.TaskStates`.
+``airflow-elspeth verify`` and ``report`` import this module only when they read Airflow task states
+(to catch audit runs and rows whose fork or coalesce task has ended, to show the coalesce task's
+state), as the UI index does; the audit layer takes the states as a plain mapping, :data:`airflow_elspeth.audit.read.limbo.TaskStates`.
 Read-only, with an engine of its own; Airflow itself is imported only to find the metadata DB's URL.
 """
 

@@ -5,9 +5,9 @@ event log), ``verify`` (integrity sweep, limbo included; exits non-zero on any f
 ``db upgrade``. Every command reads the configured audit store (the embedded SQLite file when
 nothing is configured), takes ``--json``, and writes nothing except ``db upgrade``.
 
-``verify`` may also read the fork and coalesce task states from Airflow's metadata DB (read-only,
-when Airflow is configured here; ``--airflow-states/--no-airflow-states``): the only read of
-Airflow's own database anywhere in the provider. The checks themselves (audit layer) take those
+``report`` and ``verify`` may also read the fork and coalesce task states from Airflow's metadata DB
+(read-only, when Airflow is configured here; ``--airflow-states/--no-airflow-states``): the only read
+of Airflow's own database anywhere in the provider. The checks themselves (audit layer) take those
 states as a plain mapping.
 """
 
@@ -117,28 +117,58 @@ def run_options(func: Any) -> Any:
 # -- report -----------------------------------------------------------------------------------------
 
 
+def airflow_states_option(purpose: str) -> Any:
+    return click.option(
+        "--airflow-states/--no-airflow-states",
+        "airflow_states",
+        default=None,
+        help=(
+            f"Read fork and coalesce task states from Airflow's metadata DB, {purpose}. Default: "
+            "when Airflow's metadata DB is configured and readable. Reading them imports Airflow (to "
+            "find that DB), and only then: with --no-airflow-states, or with no audit run to read, "
+            "--url never imports Airflow."
+        ),
+    )
+
+
 @main.command()
 @run_options
+@airflow_states_option("to show each coalesce task's state")
 @click.pass_obj
 def report(
-    target: Target, run_id: str | None, dag_id: str | None, airflow_run_id: str | None, as_json: bool
+    target: Target,
+    run_id: str | None,
+    dag_id: str | None,
+    airflow_run_id: str | None,
+    as_json: bool,
+    airflow_states: bool | None,
 ) -> None:
     """Coalesce summaries of every audit run (or the selected ones), by logical date then fork try;
-    an earlier try of a fork in the same DAG run is marked superseded."""
+    an earlier try of a fork in the same DAG run is marked superseded; with Airflow task states, the
+    coalesce task's state."""
     engine = target.engine()
     runs = with_tries(engine, select_runs(engine, run_id, dag_id, airflow_run_id))
-    found = [{"run": _run_header(run), "summary": summary} for run, summary in run_summaries(engine, runs)]
+    task_states, states_note = _task_states_for(airflow_states, runs, engine)
+    found = [
+        {
+            "run": _run_header(run),
+            "coalesce_task_state": _task_state(task_states, run, summary["coalesce"]),
+            "summary": summary,
+        }
+        for run, summary in run_summaries(engine, runs)
+    ]
     if as_json:
         _emit_json(found)
         return
     if not runs:
         console.print("No audit runs found.")
         return
+    console.print(f"Airflow task states: {escape(states_note['detail'])}")
     summarised = {item["run"]["run_id"] for item in found}
     for run in runs:
         for item in found:
             if item["run"]["run_id"] == run["run_id"]:
-                print_summary(run, item["summary"])
+                print_summary(run, item["summary"], item["coalesce_task_state"])
         if run["run_id"] not in summarised:
             reason = f": {run['status_reason']}" if run.get("status_reason") else ""
             _rule("no coalesce", [run["dag_id"], run["airflow_run_id"]])
@@ -153,6 +183,14 @@ def report(
                     )
                 )
             )
+
+
+def _task_state(task_states: TaskStates | None, run: Mapping[str, Any], task_id: str) -> str | None:
+    """A task's Airflow state in the DAG run of ``run``; ``None`` when states were not read or
+    Airflow has no such task instance (a deleted DAG run)."""
+    if task_states is None:
+        return None
+    return task_states.get((run["dag_id"], run["airflow_run_id"], task_id))
 
 
 def _run_header(run: dict[str, Any]) -> dict[str, Any]:
@@ -219,7 +257,8 @@ def _title(text: str) -> None:
     console.print(f"\n[bold]{escape(text)}[/]")
 
 
-def print_summary(run: dict[str, Any], summary: dict[str, Any]) -> None:
+def print_summary(run: dict[str, Any], summary: dict[str, Any], task_state: str | None = None) -> None:
+    """One coalesce's summary; ``task_state``: its task's Airflow state, when read."""
     policy = summary["policy"] + (f" (quorum {summary['quorum']})" if summary.get("quorum") else "")
     merge = summary["merge"] + (f" ({summary['select_branch']})" if summary.get("select_branch") else "")
     _rule(f"coalesce {summary['coalesce']}", [run["dag_id"], run["airflow_run_id"]])
@@ -234,6 +273,7 @@ def print_summary(run: dict[str, Any], summary: dict[str, Any]) -> None:
                     f"policy {policy}",
                     f"merge {merge}",
                     f"deadline {summary['deadline']}",
+                    f"coalesce task {task_state}" if task_state is not None else "",
                 ]
             )
         )
@@ -660,17 +700,7 @@ def _task_states_for(
 
 @main.command()
 @run_options
-@click.option(
-    "--airflow-states/--no-airflow-states",
-    "airflow_states",
-    default=None,
-    help=(
-        "Read fork and coalesce task states from Airflow's metadata DB, to catch runs and rows "
-        "whose task has ended. Default: when Airflow's metadata DB is configured and readable. "
-        "Reading them imports Airflow (to find that DB), and only then: with --no-airflow-states, "
-        "or with no audit run to check, verify --url never imports Airflow."
-    ),
-)
+@airflow_states_option("to catch runs and rows whose task has ended")
 @click.pass_obj
 def verify(
     target: Target,

@@ -201,7 +201,7 @@ def golden(name: str, text: str) -> None:
 @pytest.mark.parametrize("width", [80, 120])
 def test_report_golden(store: tuple[str, dict[str, str]], width: int) -> None:
     url, ids = store
-    result = invoke(url, "report", "--dag-id", DAG, width=width)
+    result = invoke(url, "report", "--no-airflow-states", "--dag-id", DAG, width=width)
     assert result.exit_code == 0, result.output
     golden(f"report_{width}.txt", result.output)
     assert all(len(line) <= width for line in result.output.splitlines())

@@ -13,10 +13,13 @@ in the reschedule and the deferrable mode:
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
+from click.testing import CliRunner
 
+from airflow_elspeth import cli
 from airflow_elspeth.audit.engine import engine_for_url
 from airflow_elspeth.audit.read.verify import verify_run
 from airflow_elspeth.exceptions import ElspethConfigError
@@ -90,6 +93,17 @@ def test_rows_failed_beyond_the_tolerance_skip_with_soft_fail_and_fail_without(
     assert q(engine, "SELECT COUNT(*) AS n FROM superseded_decisions")[0]["n"] == 0
 
     assert verify_findings(engine, dag_run, run) == []
+
+    # The report reads the coalesce task's state from Airflow's metadata DB, as the UI index does.
+    report = CliRunner().invoke(
+        cli.main, ["--url", audit_url, "report", "--airflow-states", "--json", "--run-id", run["run_id"]]
+    )
+    assert report.exit_code == 0, report.output
+    assert [item["coalesce_task_state"] for item in json.loads(report.output)] == [states["coalesce"]]
+    text = CliRunner().invoke(
+        cli.main, ["--url", audit_url, "report", "--airflow-states", "--run-id", run["run_id"]]
+    )
+    assert f"coalesce task {states['coalesce']}" in text.output, text.output
 
 
 @in_every_mode
