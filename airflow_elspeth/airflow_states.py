@@ -2,7 +2,8 @@
 
 ``airflow-elspeth verify`` and ``report`` import this module only when they read Airflow task states
 (to catch audit runs and rows whose fork or coalesce task has ended, to show the coalesce task's
-state), as the UI index does; the audit layer takes the states as a plain mapping, :data:`airflow_elspeth.audit.read.limbo.TaskStates`.
+state), as the UI index does; the audit layer takes the states as a plain mapping,
+:data:`airflow_elspeth.audit.read.limbo.TaskStates`.
 Read-only, with an engine of its own; Airflow itself is imported only to find the metadata DB's URL.
 """
 

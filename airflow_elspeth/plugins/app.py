@@ -229,6 +229,8 @@ _SHADES = {
     ReasonKind.LOSS.value: (207, 34, 46, 0.06, 0.34),
     ReasonKind.LATE.value: (212, 167, 44, 0.10, 0.34),
     ReasonKind.WAITING.value: (87, 96, 106, 0.06, 0.26),
+    # Airflow's own colour for a skipped task (pink): a skip of a decided row is no loss.
+    ReasonKind.SKIPPED.value: (219, 39, 119, 0.05, 0.22),
 }
 
 

@@ -232,3 +232,49 @@ def test_decided_runs_have_no_undecided_notice(client: Any, store: StoreRuns, au
         f"/elspeth/dags/{CONSENSUS_DAG}/runs/{quote(CONSENSUS_RUN, safe='')}", headers=auth("viewer")
     ).text
     assert 'id="why-undecided"' not in page and 'id="coalesce-task-state"' in page
+
+
+@pytest.mark.usefixtures("readable")
+def test_branch_step_tab_shows_the_rows_lost_when_its_task_ended(
+    client: Any, use_store: Any, auth: Auth, tmp_path: Any
+) -> None:
+    """The coalesce saw branch a's task failed: its tab lists that end and the rows it lost."""
+    from sqlalchemy.engine import URL
+
+    from airflow_elspeth.audit.coalesce import coalesce_pass
+    from airflow_elspeth.audit.engine import dispose_engine, engine_for_url
+    from airflow_elspeth.audit.read.runs import coalesce_spec
+    from airflow_elspeth.audit.store import AuditStore
+    from airflow_elspeth.core.vocabulary import NodeType
+
+    url = URL.create("sqlite", database=str(tmp_path / "audit.db")).render_as_string()
+    engine = engine_for_url(url)
+    try:
+        run_id = _undecided_run(
+            engine, ENDED_RUN, datetime(2026, 3, 1, tzinfo=timezone.utc), timedelta(hours=1)
+        )
+        store = AuditStore(engine)
+        for branch in ("a", "b"):
+            store.register_node(run_id, f"ask_{branch}", NodeType.BRANCH, branch, {"branch": branch})
+        spec = coalesce_spec(engine, run_id, "join")
+        coalesce_pass(store, spec, run_id, {"ask_a": "failed", "ask_b": "running"})
+        use_store(engine)
+
+        step = client.get(
+            f"/elspeth/api/dags/{STALL_DAG}/runs/{quote(ENDED_RUN, safe='')}/tasks/ask_a",
+            headers=auth("viewer"),
+        ).json()
+        assert [(e["task_state"], e["records"]) for e in step["task_ends"]] == [("failed", 1)]
+        assert step["rows_lost_at_task_end"] == 3
+        other = client.get(
+            f"/elspeth/api/dags/{STALL_DAG}/runs/{quote(ENDED_RUN, safe='')}/tasks/ask_b",
+            headers=auth("viewer"),
+        ).json()
+        assert (other["task_ends"], other["rows_lost_at_task_end"]) == ([], 0)
+        page = client.get(
+            f"/elspeth/dags/{STALL_DAG}/runs/{quote(ENDED_RUN, safe='')}/tasks/ask_a", headers=auth("viewer")
+        ).text
+        assert "Task ended with rows undelivered" in page
+        assert "3 rows of branch a lost" in page and "branch_task_failed" in page
+    finally:
+        dispose_engine(url)

@@ -140,3 +140,12 @@ def test_explanations_in_words() -> None:
         == "its task ended failed before delivering the row"
     )
     assert vocabulary.reason_kind("late_arrival_after_merge") == "late"
+
+
+def test_every_reason_kind_has_its_own_matrix_shade() -> None:
+    """A matrix cell's colour tells its kind apart: a skip of a decided row is not shaded as waiting."""
+    from airflow_elspeth.plugins.app import shade
+
+    colours = {shade(kind.value, 1, 1).rsplit(",", 1)[0] for kind in vocabulary.ReasonKind}
+    assert len(colours) == len(vocabulary.ReasonKind)
+    assert shade("skipped", 1, 4) != shade("skipped", 4, 4)  # stronger with its share of the rows

@@ -1,5 +1,6 @@
 """What one task of a DAG run is in the audit trail (fork, branch step or coalesce) and, for a branch
-step, what it did: node states by status, errors by type, durations. Nothing here writes.
+step, what it did: node states by status, errors by type, durations, and the rows its branch lost
+when the task ended without delivering them. Nothing here writes.
 """
 
 from __future__ import annotations
@@ -8,11 +9,12 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from sqlalchemy import Engine, and_, func, select
+from sqlalchemy import Connection, Engine, and_, func, select
 
 from airflow_elspeth.audit import schema as t
+from airflow_elspeth.audit.coalesce import WHOLE_TASK
 from airflow_elspeth.audit.read.sql import json_field
-from airflow_elspeth.core.vocabulary import NodeStatus, NodeType
+from airflow_elspeth.core.vocabulary import BRANCH_TASK_PREFIX, NodeStatus, NodeType, TokenOutcome
 
 
 def task_view(
@@ -104,6 +106,7 @@ def _branch_step_stats(
                     .limit(10)
                 ).scalars()
             )
+        task_ends, rows_lost = _task_end_losses(conn, run_id, node_id, branch, chunk)
     states_total = sum(by_status.values())
     feeds = [cfg["node_id"] for cfg in coalesce_configs if cfg.get("delivering", {}).get(branch) == node_id]
     return {
@@ -120,4 +123,43 @@ def _branch_step_stats(
         "max_duration_ms": duration_max,
         "errors": dict(sorted(errors.items(), key=lambda kv: -kv[1]["rows"])),
         "delivers_to": feeds,
+        "task_ends": task_ends,
+        "rows_lost_at_task_end": rows_lost,
     }
+
+
+def _task_end_losses(
+    conn: Connection, run_id: str, node_id: str, branch: str, chunk: int | None
+) -> tuple[list[dict[str, Any]], int]:
+    """The ends of this delivering task that the coalesce recorded (``branch_task_losses``), by task
+    state: how many chunk records, first seen when; and how many of the branch's rows they lost
+    (reason ``branch_task_<state>``). An intermediate step has none."""
+    tl, tk, o = t.branch_task_losses.c, t.tokens.c, t.token_outcomes.c
+    ends_scope = [tl.run_id == run_id, tl.node_id == node_id]
+    lost_scope = [
+        o.run_id == run_id,
+        o.is_terminal,
+        o.outcome == TokenOutcome.LOST.value,
+        o.reason.startswith(BRANCH_TASK_PREFIX),
+        tk.branch_name == branch,
+    ]
+    if chunk is not None:
+        ends_scope.append(tl.chunk.in_([chunk, WHOLE_TASK]))
+        lost_scope.append(tk.chunk == chunk)
+    ends = [
+        {"task_state": state, "records": n, "first_seen_at": seen}
+        for state, n, seen in conn.execute(
+            select(tl.task_state, func.count(), func.min(tl.observed_at))
+            .where(*ends_scope)
+            .group_by(tl.task_state)
+            .order_by(tl.task_state)
+        )
+    ]
+    if not ends:
+        return [], 0
+    lost = conn.execute(
+        select(func.count())
+        .select_from(t.token_outcomes.join(t.tokens, tk.token_id == o.token_id))
+        .where(*lost_scope)
+    ).scalar_one()
+    return ends, int(lost)
