@@ -33,6 +33,7 @@ from sqlalchemy import Engine
 
 from airflow_elspeth.audit.engine import engine_for_url
 from airflow_elspeth.audit.read.decisions import run_summaries
+from airflow_elspeth.audit.read.errors import error_groups
 from airflow_elspeth.audit.read.limbo import (
     ROWS_UNDECIDED,
     RUN_NOT_CLOSED,
@@ -149,11 +150,13 @@ def report(
     engine = target.engine()
     runs = with_tries(engine, select_runs(engine, run_id, dag_id, airflow_run_id))
     task_states, states_note = _task_states_for(airflow_states, runs, engine)
+    errors = {run["run_id"]: error_groups(engine, [run["run_id"]]) for run in runs}
     found = [
         {
             "run": _run_header(run),
             "coalesce_task_state": _task_state(task_states, run, summary["coalesce"]),
             "summary": summary,
+            "errors": errors[run["run_id"]],
         }
         for run, summary in run_summaries(engine, runs)
     ]
@@ -183,6 +186,42 @@ def report(
                     )
                 )
             )
+    if any(errors.values()):
+        _print_error_groups(error_groups(engine, [run["run_id"] for run in runs]), len(runs))
+
+
+def _print_error_groups(groups: list[dict[str, Any]], runs: int) -> None:
+    """Row errors of every listed audit run, one line per fingerprint (the same error)."""
+    _title(f"Row errors by fingerprint, across {_plural(runs, 'audit run')}")
+    table = Table(header_style="bold")
+    for column in ("fingerprint", "reason", "rows", "runs", "branches", "message (shape)"):
+        table.add_column(column, justify="right" if column in ("rows", "runs") else "left")
+    for group in groups:
+        table.add_row(
+            group["error_hash"][:12],
+            escape(group["reason"]),
+            str(group["rows"]),
+            str(len(group["audit_runs"])),
+            escape(", ".join(group["branches"])),
+            escape(group["message_shape"]),
+        )
+    if _fits(table):
+        console.print(table)
+        return
+    for group in groups:  # one error a block: a reason or a message is never cut
+        console.print(
+            escape(
+                _fit(
+                    [
+                        f"{group['error_hash'][:12]} {group['reason']}",
+                        _plural(group["rows"], "row"),
+                        _plural(len(group["audit_runs"]), "audit run"),
+                        "branch " + ", ".join(group["branches"]),
+                    ]
+                )
+            )
+        )
+        console.print(f"  {escape(group['message_shape'])}")
 
 
 def _task_state(task_states: TaskStates | None, run: Mapping[str, Any], task_id: str) -> str | None:

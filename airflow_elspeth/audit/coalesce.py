@@ -39,6 +39,7 @@ from airflow_elspeth.audit.store import (
 )
 from airflow_elspeth.core.canonical import hash_value
 from airflow_elspeth.core.config import CoalesceConfig
+from airflow_elspeth.core.errors import recorded_error_fingerprint
 from airflow_elspeth.core.merge import merge_outputs
 from airflow_elspeth.core.policy import (
     BranchEvent,
@@ -680,7 +681,15 @@ def _decision_write(
         else:  # arrived before a failure decision
             outcome = TokenOutcome.ROW_FAILED
             reason = decision.failure_reason.value if decision.failure_reason else None
-        write.outcomes.append(outcome_row(token, run_id, outcome, reason, now, join_group=join_group))
+        state = states.get(branch)
+        error_hash = (
+            recorded_error_fingerprint(state.error)
+            if outcome == TokenOutcome.LOST and state is not None and state.status == NodeStatus.FAILED
+            else None
+        )
+        write.outcomes.append(
+            outcome_row(token, run_id, outcome, reason, now, join_group=join_group, error_hash=error_hash)
+        )
     details = dict(decision.details)
     waiting = {
         b: task_state_of.get(b, UNKNOWN_TASK_STATE) for b, r in decision.missing.items() if r == NOT_ARRIVED

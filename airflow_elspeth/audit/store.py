@@ -17,6 +17,7 @@ from sqlalchemy import Connection, Engine, and_, func, select, update
 from airflow_elspeth.audit import schema as t
 from airflow_elspeth.audit.dml import db_now, insert_ignore, ordered_write, upsert
 from airflow_elspeth.core.canonical import derive_id, hash_value
+from airflow_elspeth.core.errors import recorded_error_fingerprint
 from airflow_elspeth.core.vocabulary import (
     ARRIVAL_NODE_STATUSES,
     DROPPED,
@@ -697,5 +698,10 @@ def not_joined_outcome(run_id: str, result: NodeResult, at: datetime) -> dict[st
     if result.status in ARRIVAL_NODE_STATUSES:
         return outcome_row(result.token_id, run_id, TokenOutcome.COMPLETED, NOT_JOINED, at)
     return outcome_row(
-        result.token_id, run_id, TokenOutcome.LOST, loss_reason(result.status, result.error), at
+        result.token_id,
+        run_id,
+        TokenOutcome.LOST,
+        loss_reason(result.status, result.error),
+        at,
+        error_hash=recorded_error_fingerprint(result.error) if result.status == NodeStatus.FAILED else None,
     )

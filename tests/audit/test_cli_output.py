@@ -17,13 +17,14 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner, Result
-from sqlalchemy import Engine
+from sqlalchemy import Engine, text
 
 from airflow_elspeth import cli
 from airflow_elspeth.audit import dml
 from airflow_elspeth.audit.coalesce import CoalesceSpec, coalesce_pass
 from airflow_elspeth.audit.engine import engine_for_url
 from airflow_elspeth.audit.read.decisions import coalesce_summary, failure_message
+from airflow_elspeth.audit.read.errors import error_groups
 from airflow_elspeth.audit.read.runs import coalesce_spec
 from airflow_elspeth.audit.store import (
     AuditStore,
@@ -319,3 +320,53 @@ def test_failure_message_names_ten_rows() -> None:
     assert "k10" not in message
     one = failure_message({**summary, "rows_failed": 1, "failed_rows": [{"row_key": "only"}]})
     assert "Failed rows: only." in one and "more" not in one
+
+
+def test_identical_errors_group_across_rows_and_runs(
+    sqlite_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same error on different rows of two DAG runs is one fingerprint; the database groups the
+    losses by it, and ``report`` prints one line for it with its rows and audit runs."""
+    FakeClock.at = T0
+    monkeypatch.setattr(dml, "datetime", FakeClock)
+    engine = engine_for_url(sqlite_url)
+    keys = ["doc-001", "doc-002", "doc-003"]
+    runs = []
+    for airflow_run, day, errors in (
+        (RUN_1, 27, {"doc-001": "RateLimitError", "doc-002": "RateLimitError", "doc-003": "KeyError"}),
+        (RUN_2, 28, {"doc-001": "ok", "doc-002": "ok", "doc-003": "RateLimitError"}),
+    ):
+        run = Builder(engine, airflow_run, 1, keys, day=day)
+        FakeClock.move(1)
+        run.write("gpt", {k: "ok" for k in keys})
+        run.write("claude", errors)
+        FakeClock.move(6)  # past the deadline: the rows with claude's error fail, gemini never came
+        run.decide()
+        runs.append(run.run_id)
+
+    groups = error_groups(engine, runs)
+    assert [(g["reason"], g["rows"], g["audit_runs"], g["branches"]) for g in groups] == [
+        ("error:RateLimitError", 3, sorted(runs), ["claude"]),
+        ("error:KeyError", 1, [runs[0]], ["claude"]),
+    ]
+    assert groups[0]["message_shape"] == "<n> Too Many Requests for doc-<n>"
+    assert groups[0]["example_row_keys"] == ["doc-001", "doc-002", "doc-003"]
+    with engine.connect() as conn:
+        by_hash = conn.execute(
+            text(
+                "SELECT error_hash, count(*) FROM token_outcomes"
+                " WHERE is_terminal AND error_hash IS NOT NULL GROUP BY error_hash ORDER BY count(*) DESC"
+            )
+        ).all()
+    assert [tuple(row) for row in by_hash] == [(groups[0]["error_hash"], 3), (groups[1]["error_hash"], 1)]
+
+    wide = invoke(sqlite_url, "report", "--no-airflow-states", "--dag-id", DAG, width=120).output
+    assert "Row errors by fingerprint, across 2 audit runs" in wide
+    assert f"{groups[0]['error_hash'][:12]} │ error:RateLimitError │    3 │    2 │ claude" in wide
+    narrow = invoke(sqlite_url, "report", "--no-airflow-states", "--dag-id", DAG, width=80).output
+    assert (
+        f"{groups[0]['error_hash'][:12]} error:RateLimitError · 3 rows · 2 audit runs · branch claude"
+        in narrow
+    )
+    as_json = json.loads(invoke(sqlite_url, "report", "--no-airflow-states", "--json").output)
+    assert {e["error_hash"] for item in as_json for e in item["errors"]} == {g["error_hash"] for g in groups}

@@ -19,6 +19,7 @@ from sqlalchemy import Engine, text
 
 from airflow_elspeth.audit.store import join_group_id
 from airflow_elspeth.core.config import coalesce_config
+from airflow_elspeth.core.errors import error_fingerprint
 from airflow_elspeth.core.merge import merge_outputs
 from airflow_elspeth.core.policy import BranchEvent, EventKind, replay
 
@@ -590,9 +591,35 @@ def check_sensor_state(state: str, summary: Mapping[str, Any], spec: Any) -> str
     return expected
 
 
+def check_error_fingerprints(engine: Engine, run_id: str) -> None:
+    """A terminal loss to a row error carries the fingerprint of the error its node state recorded;
+    no other terminal outcome carries one."""
+    outcomes = q(
+        engine,
+        "SELECT token_id, outcome, reason, error_hash FROM token_outcomes WHERE run_id = :r AND is_terminal",
+        r=run_id,
+    )
+    errors: dict[str, set[str]] = {}
+    for state in q(
+        engine,
+        "SELECT token_id, error_json FROM node_states WHERE run_id = :r AND status = 'failed'",
+        r=run_id,
+    ):
+        error = json.loads(state["error_json"] or "{}")
+        fingerprint = error_fingerprint(error.get("type") or "Exception", error.get("message") or "")
+        errors.setdefault(state["token_id"], set()).add(fingerprint)
+    for o in outcomes:
+        if o["outcome"] == "lost" and str(o["reason"]).startswith("error:"):
+            assert o["error_hash"] in errors.get(o["token_id"], set()), (o, errors.get(o["token_id"]))
+        else:
+            assert o["error_hash"] is None, o
+
+
 def check_run_integrity(engine: Engine, run_id: str) -> dict[str, int]:
-    """Run-wide invariants: one terminal outcome per token, one terminal node state per (token, node)."""
+    """Run-wide invariants: one terminal outcome per token, one terminal node state per (token, node),
+    an error fingerprint on each loss to a row error."""
     check_node_states_unique(engine, run_id)
+    check_error_fingerprints(engine, run_id)
     return check_terminal_outcomes(engine, run_id)
 
 
