@@ -30,6 +30,7 @@ from rich.table import Table
 from rich.text import Text
 from rich.tree import Tree
 from sqlalchemy import Engine
+from sqlalchemy.engine import make_url
 
 from airflow_elspeth.audit.engine import engine_for_url
 from airflow_elspeth.audit.read.decisions import run_summaries
@@ -71,16 +72,30 @@ class Target:
 
     url: str | None
     conn_id: str | None
+    # What was read, for the messages that report nothing found ("no audit runs in ...").
+    where: str = "the audit store"
 
     def engine(self, *, upgrade: bool = True) -> Engine:
         if self.url:
+            self.where = make_url(self.url).render_as_string(hide_password=True)
             return engine_for_url(self.url, upgrade=upgrade)
         from airflow_elspeth.airflow_states import quiet_airflow
 
         quiet_airflow()  # the hook imports Airflow
+        # A terminal command reads connections from Airflow's metadata DB as well as from the
+        # environment, as ``airflow connections get`` does: Airflow 3 consults the metadata DB only
+        # in a process that declares itself a server; otherwise a connection defined there would be
+        # missed and the embedded default read instead.
+        os.environ.setdefault("_AIRFLOW_PROCESS_CONTEXT", "server")
         from airflow_elspeth.hooks.audit import ElspethAuditHook
 
-        return engine_for_url(ElspethAuditHook(audit_conn_id=self.conn_id).get_url(), upgrade=upgrade)
+        hook = ElspethAuditHook(audit_conn_id=self.conn_id)
+        url = hook.get_url()
+        used = hook.resolved_conn_id
+        self.where = f"{url.render_as_string(hide_password=True)} " + (
+            f"(connection {used})" if used else "(the embedded SQLite default)"
+        )
+        return engine_for_url(url, upgrade=upgrade)
 
 
 def _emit_json(value: Any) -> None:
@@ -164,7 +179,7 @@ def report(
         _emit_json(found)
         return
     if not runs:
-        console.print("No audit runs found.")
+        console.print(f"No audit runs found in {escape(target.where)}.", soft_wrap=True)
         return
     console.print(f"Airflow task states: {escape(states_note['detail'])}")
     summarised = {item["run"]["run_id"] for item in found}
@@ -440,7 +455,7 @@ def explain(
     matching = row_runs(engine, row_key, runs)
     if not matching:
         filters = _filters_text(run_id, dag_id, airflow_run_id)
-        raise click.ClickException(f"no audit run{filters} has a row with key {row_key!r}")
+        raise click.ClickException(f"no audit run{filters} in {target.where} has a row with key {row_key!r}")
     if len(matching) > 1:
         how = "Choose one with --run-id, or narrow with --dag-id and --airflow-run-id"
         if as_json:
@@ -790,7 +805,10 @@ def verify(
             if len(findings) > 200:
                 console.print(f"… and {len(findings) - 200} more (use --json)")
         else:
-            console.print(f"[green]verified {_plural(len(runs), 'audit run')}: no findings[/]")
+            place = f" in {escape(target.where)}" if not runs else ""
+            console.print(
+                f"[green]verified {_plural(len(runs), 'audit run')}{place}: no findings[/]", soft_wrap=True
+            )
     if findings:
         sys.exit(1)
 
