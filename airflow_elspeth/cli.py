@@ -181,7 +181,7 @@ def report(
     if not runs:
         console.print(f"No audit runs found in {escape(target.where)}.", soft_wrap=True)
         return
-    console.print(f"Airflow task states: {escape(states_note['detail'])}")
+    console.print(f"Airflow task states: {escape(states_note['detail'])}", soft_wrap=True)
     summarised = {item["run"]["run_id"] for item in found}
     for run in runs:
         for item in found:
@@ -775,7 +775,7 @@ def verify(
     if as_json:
         _emit_json({"runs_checked": len(runs), "airflow_states": states_note, "findings": findings})
     else:
-        console.print(f"Airflow task states: {escape(states_note['detail'])}")
+        console.print(f"Airflow task states: {escape(states_note['detail'])}", soft_wrap=True)
         if findings:
             rows_at_stake = sum(f["count"] for f in findings)
             _title(f"{_plural(len(findings), 'integrity finding')} ({_plural(rows_at_stake, 'item')})")
