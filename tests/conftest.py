@@ -64,12 +64,13 @@ HEAVY = (
 
 # The tests that use the Airflow deployment of tests/e2e (session fixture ``airflow_stack``), in two
 # groups of about the same length (four to five minutes each on two cores), each on one xdist worker
-# with a deployment of its own: the fault matrix with the deferred cases, and the example DAGs' runs
-# with the backfill and the killed-worker cases.
+# with a deployment of its own: the fault matrix with the deferred cases and the waiting modes'
+# labels, and the example DAGs' runs with the backfill and the killed-worker cases.
 E2E_STACK_TESTS = "tests/e2e/test_e2e_"
 E2E_FAULT_MATRIX = "tests/e2e/test_e2e_faults.py::"
 E2E_EXAMPLES = E2E_FAULT_MATRIX + "test_example_dags_"
 E2E_DEFERRED = "tests/e2e/test_e2e_deferred.py::"
+E2E_LABELS = "tests/e2e/test_e2e_labels_modes.py::"
 # The browser tests share one module fixture (a migrated Airflow, a dag.test run, an API server).
 BROWSER_TESTS = "tests/ui/test_browser.py::"
 
@@ -84,8 +85,8 @@ def xdist_scope(nodeid: str) -> str:
         return nodeid
     if nodeid.startswith(E2E_EXAMPLES):
         return "e2e examples, backfill, killed worker"
-    if nodeid.startswith((E2E_FAULT_MATRIX, E2E_DEFERRED)):
-        return "e2e fault matrix, deferred"
+    if nodeid.startswith((E2E_FAULT_MATRIX, E2E_DEFERRED, E2E_LABELS)):
+        return "e2e fault matrix, deferred, labels"
     return "e2e examples, backfill, killed worker"
 
 
