@@ -696,6 +696,9 @@ def _decision_write(
     }
     if waiting:
         details["branch_task_states"] = waiting
+    details["arrival_order"] = [
+        {"branch": a.branch, "offset_ms": a.offset_ms} for a in decision.arrival_order
+    ]
     write.decision = {
         "run_id": run_id,
         "node_id": node_id,
@@ -714,6 +717,7 @@ def _decision_write(
         "merged_token_id": merged_id,
         "decided_at": decision.decided_at,
         "wait_ms": int((decision.decided_at - run.completed_at).total_seconds() * 1000),
+        "wait_from_first_arrival_ms": decision.wait_from_first_arrival_ms,
         "recorded_at": now,
     }
     return write

@@ -219,7 +219,10 @@ coalesce_decisions = Table(
     Column("collisions_json", Text),
     Column("merged_token_id", ID),
     Column("decided_at", UTCDateTime, nullable=False),
+    # From the fork's completion, and from the row's first arrival (null: nothing arrived); the
+    # arrival order with each branch's offset from the first is in details_json.
     Column("wait_ms", BigInteger),
+    Column("wait_from_first_arrival_ms", BigInteger),
     Column("recorded_at", UTCDateTime, nullable=False),
     Index(None, "run_id", "node_id", "decision", "failure_reason"),
     Index(None, "run_id", "node_id", "chunk"),

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from enum import Enum
 from typing import Any
 
@@ -46,12 +46,23 @@ class BranchEvent:
 
 
 @dataclass(frozen=True)
+class Arrival:
+    """One branch's arrival before its row's decision: ``offset_ms`` after the row's first arrival."""
+
+    branch: str
+    offset_ms: int
+
+
+@dataclass(frozen=True)
 class Decision:
     """The resolution of one (coalesce, row).
 
-    ``status``, ``decided_at``, ``consumed``, ``arrived``, ``failure_reason`` and ``details`` depend
-    only on the log up to the decision. ``missing`` and ``late`` describe the non-contributing branches
-    as far as the given log knows them (a branch not arrived at the decision may arrive late later).
+    ``status``, ``decided_at``, ``consumed``, ``arrived``, ``failure_reason``, ``details`` and the
+    arrival record (``arrival_order``: the arrivals up to the decision in log order, with their
+    offsets from the first; ``wait_from_first_arrival_ms``: from the first arrival to the decision,
+    None without an arrival) depend only on the log up to the decision. ``missing`` and ``late``
+    describe the non-contributing branches as far as the given log knows them (a branch not arrived
+    at the decision may arrive late later).
     """
 
     status: DecisionStatus
@@ -63,6 +74,8 @@ class Decision:
     at_deadline: bool = False
     missing: Mapping[str, str] = field(default_factory=dict)
     late: tuple[str, ...] = ()
+    arrival_order: tuple[Arrival, ...] = ()
+    wait_from_first_arrival_ms: int | None = None
 
     @property
     def is_final(self) -> bool:
@@ -191,37 +204,58 @@ def replay(
         cut = sum(1 for e in log if e.at <= deadline)
         steps.insert(cut, None)
 
-    arrived: list[str] = []
+    arrivals: list[BranchEvent] = []
     lost: dict[str, str] = {}
     for index, step in enumerate(steps):
         if step is None:
-            resolved = _resolve(config, arrived, lost, at_deadline=True)
+            resolved = _resolve(config, _branches(arrivals), lost, at_deadline=True)
             decided_at = deadline
         else:
             if step.kind is EventKind.ARRIVAL:
-                arrived.append(step.branch)
+                arrivals.append(step)
             else:
                 lost[step.branch] = step.reason or ""
-            resolved = _resolve(config, arrived, lost, at_deadline=False)
+            resolved = _resolve(config, _branches(arrivals), lost, at_deadline=False)
             decided_at = step.at
         if resolved is not None:
             after = [e for e in steps[index + 1 :] if e is not None]
-            return _decision(config, resolved, decided_at, arrived, lost, after, at_deadline=step is None)
+            return _decision(config, resolved, decided_at, arrivals, lost, after, at_deadline=step is None)
     return _PENDING
+
+
+def _branches(arrivals: list[BranchEvent]) -> list[str]:
+    return [e.branch for e in arrivals]
+
+
+def _ms(delta: timedelta) -> int:
+    return delta // timedelta(milliseconds=1)
+
+
+def arrival_record(
+    arrivals: list[BranchEvent], decided_at: datetime
+) -> tuple[tuple[Arrival, ...], int | None]:
+    """The arrivals in log order with their offsets from the first, and the wait from the first
+    arrival to ``decided_at`` (None without an arrival)."""
+    if not arrivals:
+        return (), None
+    first = arrivals[0].at
+    return tuple(Arrival(e.branch, _ms(e.at - first)) for e in arrivals), _ms(decided_at - first)
 
 
 def _decision(
     config: CoalesceConfig,
     resolved: tuple[DecisionStatus, tuple[str, ...], FailureReason | None, dict[str, Any]],
     decided_at: datetime,
-    arrived: list[str],
+    arrivals: list[BranchEvent],
     lost: dict[str, str],
     after: list[BranchEvent],
     *,
     at_deadline: bool,
 ) -> Decision:
     """Assemble the decision and classify every branch that did not contribute."""
+    arrived = _branches(arrivals)
     status, consumed, reason, details = _apply_select(config, resolved, arrived, lost)
+    order, wait = arrival_record(arrivals, decided_at)
     late = tuple(e.branch for e in after if e.kind is EventKind.ARRIVAL)
     later_losses = {e.branch: e.reason or "" for e in after if e.kind is EventKind.LOSS}
     missing: dict[str, str] = {}
@@ -246,6 +280,8 @@ def _decision(
         at_deadline=at_deadline,
         missing=missing,
         late=late,
+        arrival_order=order,
+        wait_from_first_arrival_ms=wait,
     )
 
 
@@ -259,9 +295,11 @@ def resolve_ended(
     reason, or ``not_arrived``. Events after ``at`` belong to nobody: the row is closed.
     """
     log = [e for e in order_events(config, events) if e.at <= at]
-    arrived = [e.branch for e in log if e.kind is EventKind.ARRIVAL]
+    arrivals = [e for e in log if e.kind is EventKind.ARRIVAL]
+    arrived = _branches(arrivals)
     lost = {e.branch: e.reason or "" for e in log if e.kind is EventKind.LOSS}
     missing = {b: lost.get(b, NOT_ARRIVED) for b in config.branches if b not in arrived}
+    order, wait = arrival_record(arrivals, at)
     return Decision(
         status=DecisionStatus.FAILED,
         decided_at=at,
@@ -269,4 +307,6 @@ def resolve_ended(
         failure_reason=coalesce_task_reason(task_state),
         details={**_waiting(config, arrived, lost), "coalesce_task_state": task_state},
         missing=missing,
+        arrival_order=order,
+        wait_from_first_arrival_ms=wait,
     )

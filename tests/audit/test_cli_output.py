@@ -370,3 +370,53 @@ def test_identical_errors_group_across_rows_and_runs(
     )
     as_json = json.loads(invoke(sqlite_url, "report", "--no-airflow-states", "--json").output)
     assert {e["error_hash"] for item in as_json for e in item["errors"]} == {g["error_hash"] for g in groups}
+
+
+def test_the_arrival_record_is_what_the_replay_computes(store: tuple[str, dict[str, str]]) -> None:
+    """Each decision stores its arrival order with offsets from the first arrival and the wait from
+    it; ``verify`` replays them from the event log, flags a record that differs, and skips the
+    comparison for a decision stored without one (written before schema revision 0003)."""
+    url, ids = store
+    engine = engine_for_url(url)
+    with engine.begin() as conn:
+        row = conn.execute(
+            text(
+                "SELECT row_id, details_json, wait_ms, wait_from_first_arrival_ms FROM coalesce_decisions"
+                " WHERE run_id = :r AND row_key = 'doc-003'"
+            ),
+            {"r": ids["try1"]},
+        ).one()
+    details = json.loads(row.details_json)
+    assert details["arrival_order"] == [
+        {"branch": "gpt", "offset_ms": 0},
+        {"branch": "claude", "offset_ms": 250},
+    ]
+    assert (row.wait_ms, row.wait_from_first_arrival_ms) == (1250, 250)
+    summary = coalesce_summary(engine, coalesce_spec(engine, ids["try1"], "consensus"), ids["try1"])
+    assert summary["waits_ms"]["from_first_arrival"]["max"] >= 250
+
+    def verify_findings() -> list[str]:
+        result = invoke(url, "verify", "--no-airflow-states", "--json", "--run-id", ids["try1"])
+        return [f["check"] for f in json.loads(result.output)["findings"]]
+
+    assert verify_findings() == []
+    tampered = {
+        **details,
+        "arrival_order": [{"branch": "claude", "offset_ms": 0}, {"branch": "gpt", "offset_ms": 250}],
+    }
+    with engine.begin() as conn:
+        conn.execute(
+            text("UPDATE coalesce_decisions SET details_json = :d WHERE run_id = :r AND row_id = :row"),
+            {"d": json.dumps(tampered), "r": ids["try1"], "row": row.row_id},
+        )
+    assert verify_findings() == ["decision_replay"]
+    unrecorded = {k: v for k, v in details.items() if k != "arrival_order"}
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                "UPDATE coalesce_decisions SET details_json = :d, wait_from_first_arrival_ms = NULL"
+                " WHERE run_id = :r AND row_id = :row"
+            ),
+            {"d": json.dumps(unrecorded), "r": ids["try1"], "row": row.row_id},
+        )
+    assert verify_findings() == []

@@ -65,6 +65,7 @@ def test_core_and_every_audit_module_import_without_airflow(tmp_path: Path) -> N
     for read_model in (
         "cache",
         "decisions",
+        "errors",
         "index",
         "limbo",
         "lineage",

@@ -395,6 +395,16 @@ def check_coalesce(engine: Engine, run: dict[str, Any], node_id: str = "coalesce
                 later = [e for e in events if e.branch == branch]
                 assert later and later[0].at >= as_utc(d["decided_at"]), f"{where}: {branch}"
         assert set(late) <= set(expected.late), f"{where}: late {late} not in {expected.late}"
+        # The arrival record, computed here from the oracle's own event log: the arrivals up to the
+        # decision in log order, offsets from the first, and the wait from the first.
+        arrivals = [e for e in events if e.kind == "arrival" and e.at <= expected.decided_at]
+        arrivals.sort(key=lambda e: (e.at, config.branches.index(e.branch)))
+        ms = timedelta(milliseconds=1)
+        assert json.loads(d["details_json"])["arrival_order"] == [
+            {"branch": e.branch, "offset_ms": (e.at - arrivals[0].at) // ms} for e in arrivals
+        ], where
+        first_wait = (expected.decided_at - arrivals[0].at) // ms if arrivals else None
+        assert d["wait_from_first_arrival_ms"] == first_wait, where
         story = story_of(d, row_id, missing)
         # Each branch token's terminal outcome says what happened to it at this decision (unless
         # another coalesce of the same fork decided the token first: one terminal outcome a token).
@@ -535,6 +545,13 @@ def check_summary(summary: Mapping[str, Any], view: CoalesceView) -> None:
         view.late_tokens,
     )
     assert summary["failed_rows_truncated"] is (len(failed) > 100)
+    first_waits = [
+        d["wait_from_first_arrival_ms"] for d in decisions if d["wait_from_first_arrival_ms"] is not None
+    ]
+    assert summary["waits_ms"]["from_first_arrival"]["max"] == (max(first_waits) if first_waits else None)
+    assert summary["waits_ms"]["from_fork_completion"]["max"] == max(
+        (d["wait_ms"] for d in decisions), default=None
+    )
     collisions: dict[str, dict[str, Any]] = {}
     for d in decisions:
         for name, branches in json.loads(d["collisions_json"] or "{}").items():

@@ -235,7 +235,17 @@ def replay_s(
 
 def stable_part(d: Decision) -> tuple[Any, ...]:
     """What may not change once a row is decided, whenever the log is read."""
-    return (d.status, d.decided_at, d.consumed, d.arrived, d.failure_reason, dict(d.details), d.at_deadline)
+    return (
+        d.status,
+        d.decided_at,
+        d.consumed,
+        d.arrived,
+        d.failure_reason,
+        dict(d.details),
+        d.at_deadline,
+        d.arrival_order,
+        d.wait_from_first_arrival_ms,
+    )
 
 
 # ---- properties
@@ -262,6 +272,16 @@ def test_replay_matches_the_design_table(s: Scenario) -> None:
     assert len(decision.consumed) == len(set(decision.consumed))
     arrived_before = [e.branch for e in steps[: expected.index + 1] if is_arrival(e)]  # type: ignore[union-attr]
     assert list(decision.arrived) == arrived_before
+    # The arrival record: those arrivals in log order, offsets from the first, and the first's wait.
+    arrival_times = [e.at for e in steps[: expected.index + 1] if is_arrival(e)]  # type: ignore[union-attr]
+    assert [a.branch for a in decision.arrival_order] == arrived_before
+    ms = timedelta(milliseconds=1)
+    assert [a.offset_ms for a in decision.arrival_order] == [
+        (at - arrival_times[0]) // ms for at in arrival_times
+    ]
+    assert decision.wait_from_first_arrival_ms == (
+        (decision.decided_at - arrival_times[0]) // ms if arrival_times else None
+    )
     if decision.status is DecisionStatus.MERGED:
         assert decision.failure_reason is None
         # Nothing that arrived by the decision is left out of a merge.

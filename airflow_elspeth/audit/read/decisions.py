@@ -92,6 +92,14 @@ def coalesce_summary(engine: Engine, spec: CoalesceSpec, run_id: str) -> dict[st
                 )
             }
         )
+        waits = conn.execute(
+            select(
+                func.avg(cd.wait_ms),
+                func.max(cd.wait_ms),
+                func.avg(cd.wait_from_first_arrival_ms),
+                func.max(cd.wait_from_first_arrival_ms),
+            ).where(mine)
+        ).one()
         moves = _after_decision(conn, spec, run_id)
         missing: dict[str, dict[str, Any]] = {}
         for (_, branch, reason), n in _missing_counts(groups, moves).items():
@@ -166,8 +174,19 @@ def coalesce_summary(engine: Engine, spec: CoalesceSpec, run_id: str) -> dict[st
         "field_collisions": dict(sorted(collisions.items())),
         "failed_rows": failed_rows[:FAILED_ROWS_LIMIT],
         "failed_rows_truncated": len(failed_rows) > FAILED_ROWS_LIMIT,
+        # How long the decided rows waited: from the fork's completion, and from each row's first
+        # arrival (rows with an arrival); mean and max in milliseconds, None before any decision.
+        "waits_ms": {
+            "from_fork_completion": {"mean": _whole(waits[0]), "max": _whole(waits[1])},
+            "from_first_arrival": {"mean": _whole(waits[2]), "max": _whole(waits[3])},
+        },
         "audit_run_id": run_id,
     }
+
+
+def _whole(value: Any) -> int | None:
+    """A SQL aggregate (an int, a float, PostgreSQL's Decimal, or NULL) as whole milliseconds."""
+    return None if value is None else round(float(value))
 
 
 # (decision, missing_json, branch, reason): rows of this coalesce whose decision saw ``branch`` as

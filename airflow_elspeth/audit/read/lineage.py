@@ -328,6 +328,7 @@ def row_view(engine: Engine, audit_run: Mapping[str, Any], row_key: str) -> dict
             "decided_at": d["decided_at"],
             "recorded_at": d["recorded_at"],
             "wait_ms": d["wait_ms"],
+            "wait_from_first_arrival_ms": d.get("wait_from_first_arrival_ms"),
             "merged_token_id": d["merged_token_id"],
         }
         merged = next((tok for tok in tokens if tok["token_id"] == d["merged_token_id"]), None)

@@ -43,38 +43,61 @@ DECISION_REPLAY = "decision_replay"
 RESOLUTION_DECIDABLE = "resolution_decidable"
 FINDING_EXAMPLES = LIMBO_EXAMPLES
 
-# What "agrees" compares, in this order.
-COMPARED = ("decision", "failure_reason", "consumed", "decided_at")
+# What "agrees" compares, in this order. The arrival record is compared only where it was stored
+# (decisions written before schema revision 0003 have none).
+COMPARED = (
+    "decision",
+    "failure_reason",
+    "consumed",
+    "decided_at",
+    "arrival_order",
+    "wait_from_first_arrival_ms",
+)
+
+
+ARRIVAL_RECORD = ("arrival_order", "wait_from_first_arrival_ms")
 
 
 def decision_fields(decision: Decision) -> dict[str, Any]:
-    """A replayed decision as plain values: decision, decided_at, consumed, failure_reason."""
+    """A replayed decision as plain values: decision, decided_at, consumed, failure_reason and its
+    arrival record."""
     return {
         "decision": decision.status.value,
         "decided_at": decision.decided_at,
         "consumed": list(decision.consumed),
         "failure_reason": decision.failure_reason.value if decision.failure_reason else None,
+        "arrival_order": [{"branch": a.branch, "offset_ms": a.offset_ms} for a in decision.arrival_order],
+        "wait_from_first_arrival_ms": decision.wait_from_first_arrival_ms,
     }
 
 
 def stored_fields(stored: Mapping[str, Any]) -> dict[str, Any]:
-    """The compared fields of a stored ``coalesce_decisions`` row (``consumed`` parsed)."""
+    """The compared fields of a stored ``coalesce_decisions`` row (``consumed`` parsed); the arrival
+    record is None where it was not stored."""
     consumed = stored["consumed"]
+    details = _details(stored)
+    recorded = "arrival_order" in details
     return {
         "decision": stored["decision"],
         "failure_reason": stored["failure_reason"],
         "consumed": json.loads(consumed) if isinstance(consumed, str) else list(consumed),
         "decided_at": stored["decided_at"],
+        "arrival_order": details["arrival_order"] if recorded else None,
+        "wait_from_first_arrival_ms": stored.get("wait_from_first_arrival_ms") if recorded else None,
     }
+
+
+def _details(stored: Mapping[str, Any]) -> dict[str, Any]:
+    try:
+        details = json.loads(stored.get("details_json") or "{}")
+    except ValueError:
+        return {}
+    return details if isinstance(details, dict) else {}
 
 
 def resolved_task_state(stored: Mapping[str, Any]) -> str:
     """The state the coalesce task ended in, for a resolution (from its details, else its reason)."""
-    try:
-        details = json.loads(stored.get("details_json") or "{}")
-    except ValueError:
-        details = {}
-    state = details.get("coalesce_task_state") if isinstance(details, dict) else None
+    state = _details(stored).get("coalesce_task_state")
     return str(state or resolution_task_state(str(stored["failure_reason"])))
 
 
@@ -103,8 +126,11 @@ class Replay:
         if self.resolution:
             return {}
         got = self.replayed_fields
+        unrecorded = self.stored.get("arrival_order") is None
         return {
-            k: {"recorded": self.stored[k], "replayed": got[k]} for k in COMPARED if got[k] != self.stored[k]
+            k: {"recorded": self.stored[k], "replayed": got[k]}
+            for k in COMPARED
+            if got[k] != self.stored[k] and not (unrecorded and k in ARRIVAL_RECORD)
         }
 
     @property
