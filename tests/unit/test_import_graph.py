@@ -1,0 +1,97 @@
+"""No import cycle among the package's modules, and each layer imports only the layers below it.
+
+Read from the source with ``ast`` (no module is imported): the module-level imports of every module
+under ``airflow_elspeth``, leaving out ``if TYPE_CHECKING:`` blocks. Imports inside functions are
+deliberate late bindings (the CLI imports Airflow only when it needs it) and do not count.
+"""
+
+from __future__ import annotations
+
+import ast
+from graphlib import CycleError, TopologicalSorter
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[2] / "airflow_elspeth"
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _modules() -> dict[str, Path]:
+    return {
+        _module_name(path): path
+        for path in PACKAGE.rglob("*.py")
+        if "migrations" not in path.parts  # Alembic loads revisions by path, never by import
+    }
+
+
+def _is_type_checking(node: ast.stmt) -> bool:
+    test = node.test if isinstance(node, ast.If) else None
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
+
+
+def _imports(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
+    """The package modules ``name`` imports at module level."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found: set[str] = set()
+    for node in ast.parse(path.read_text(encoding="utf-8")).body:
+        if isinstance(node, ast.If) and _is_type_checking(node):
+            continue
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name in modules)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                base = f"{anchor}.{base}" if base else anchor
+            for alias in node.names:
+                target = f"{base}.{alias.name}"
+                if target in modules:
+                    found.add(target)
+                elif base in modules:
+                    found.add(base)
+    found.discard(name)
+    return found
+
+
+def _graph() -> dict[str, set[str]]:
+    modules = _modules()
+    return {name: _imports(name, path, modules) for name, path in modules.items()}
+
+
+def test_the_module_graph_has_no_cycle() -> None:
+    graph = _graph()
+    # The edges the parser must see for the check to mean anything (a plain and a from-import).
+    assert "airflow_elspeth.topology" in graph["airflow_elspeth.operators.branch"]
+    assert "airflow_elspeth.core.policy" in graph["airflow_elspeth.audit.coalesce"]
+    assert "airflow_elspeth.operators.branch" not in graph["airflow_elspeth.sensors.coalesce"]
+    try:
+        tuple(TopologicalSorter(graph).static_order())
+    except CycleError as cycle:
+        raise AssertionError(f"import cycle: {' -> '.join(cycle.args[1])}") from None
+
+
+def test_layers_import_only_downwards() -> None:
+    """The pure core imports nothing of the package outside it (and ``exceptions``); the audit layer
+    imports no shell (docs/ARCHITECTURE.md, "Layers and what each may import")."""
+    below = {
+        "airflow_elspeth.core": ("airflow_elspeth.core", "airflow_elspeth.exceptions"),
+        "airflow_elspeth.audit": (
+            "airflow_elspeth.core",
+            "airflow_elspeth.audit",
+            "airflow_elspeth.exceptions",
+        ),
+    }
+    wrong = sorted(
+        (name, target)
+        for name, targets in _graph().items()
+        for layer, allowed in below.items()
+        if name == layer or name.startswith(layer + ".")
+        for target in targets
+        if not target.startswith(allowed)
+    )
+    assert not wrong, wrong
