@@ -32,6 +32,7 @@ from airflow_elspeth.audit.coalesce import (
 )
 from airflow_elspeth.audit.dml import db_now
 from airflow_elspeth.audit.engine import create_audit_engine
+from airflow_elspeth.audit.read.work import branch_work, decided_in_chunk, decided_rows
 from airflow_elspeth.audit.store import (
     AuditStore,
     ForkRow,
@@ -329,6 +330,42 @@ def test_an_ended_coalesce_resolves_what_it_left_and_a_later_try_decides_afresh(
     assert (
         supersede_resolutions(store, coalesce, run_id, before=later(audit_engine)) == 0
     )  # policy decisions are never reopened
+
+
+def test_a_branch_still_answers_rows_a_resolution_closed_so_a_later_try_can_merge_them(
+    audit_engine: Engine,
+) -> None:
+    """A resolution closes a row because its coalesce task ended, not because of its data: a branch
+    that reaches the row still processes it (its answer is late for now), so when a person clears
+    the coalesce its new try has every branch's answer and merges the row. Had the branch skipped
+    it, that try could only fail it."""
+    store = AuditStore(audit_engine)
+    coalesce = spec(timeout=600.0)
+    run_id = fork(store)
+    deliver(store, run_id, "a", range(3))
+    deliver(store, run_id, "b", range(1))
+    running = {"ask_a": "success", "ask_b": "running"}
+    assert coalesce_pass(store, coalesce, run_id, running, ended_state="failed").done
+    k0 = derive_id(run_id, "k0")
+
+    work = branch_work(audit_engine, run_id, STEPS["b"], "b", 0, None, coalesces=["join"])
+    assert sorted(item.row_key for item in work.items) == ["k1", "k2"]  # k0 is done
+    assert work.decided_tokens == ()
+    row_ids = [derive_id(run_id, f"k{i}") for i in range(3)]
+    assert decided_rows(audit_engine, run_id, row_ids, coalesces=["join"]) == {k0: "merged"}
+    assert decided_in_chunk(audit_engine, run_id, 0, coalesces=["join"]) == {k0}
+
+    deliver(store, run_id, "b", range(1, 3))  # after the resolution: late for now
+    assert supersede_resolutions(store, coalesce, run_id, before=later(audit_engine)) == 2
+    assert coalesce_pass(store, coalesce, run_id, {"ask_a": "success", "ask_b": "success"}).done
+    stored = decisions(audit_engine, run_id)
+    assert {key: d["decision"] for key, d in stored.items()} == dict.fromkeys(("k0", "k1", "k2"), "merged")
+    outcomes = terminal_outcomes(audit_engine, run_id)
+    branch_tokens = [
+        branch_token_id(run_id, derive_id(run_id, f"k{i}"), b) for i in range(3) for b in BRANCHES
+    ]
+    assert {token: len(outcomes.get(token, [])) for token in branch_tokens} == dict.fromkeys(branch_tokens, 1)
+    assert_decisions_replay(audit_engine, coalesce, run_id)
 
 
 def test_a_resolution_never_overrides_what_the_policy_can_decide(audit_engine: Engine) -> None:

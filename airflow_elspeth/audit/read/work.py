@@ -1,6 +1,10 @@
 """What a branch step still has to do: the tokens of a chunk it has not finished, with their input
 rows, and which rows every coalesce joining its branch has already decided (a result for those could
 only arrive late). Read by ``BranchOperator``; nothing here writes.
+
+A ``coalesce_task_<state>`` resolution does not count as decided here: it closes a row because its
+coalesce task ended, and a later try of that coalesce reopens it (``audit.coalesce`` supersession).
+A branch that skipped such rows would leave that try nothing to decide them with.
 """
 
 from __future__ import annotations
@@ -10,11 +14,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, Engine, and_, func, select
+from sqlalchemy import Connection, Engine, and_, func, or_, select
 
 from airflow_elspeth.audit import schema as t
 from airflow_elspeth.audit.coalesce import payload_bodies
-from airflow_elspeth.core.vocabulary import ARRIVAL_NODE_STATUSES, TERMINAL_NODE_STATUSES, TokenKind
+from airflow_elspeth.core.vocabulary import (
+    ARRIVAL_NODE_STATUSES,
+    COALESCE_TASK_PREFIX,
+    TERMINAL_NODE_STATUSES,
+    TokenKind,
+)
 
 _TERMINAL = [s.value for s in TERMINAL_NODE_STATUSES]
 
@@ -140,7 +149,8 @@ def branch_work(
 
 
 def _decided_by_all(conn: Connection, run_id: str, coalesces: Sequence[str], *where: Any) -> dict[str, str]:
-    """row_id -> decision of the rows that every coalesce in ``coalesces`` has decided.
+    """row_id -> decision of the rows that every coalesce in ``coalesces`` has decided by its policy
+    (a resolution is not such a decision: see the module's docstring).
 
     The decision is "failed" when any of them failed the row. No coalesces: nothing is decided.
     """
@@ -151,7 +161,12 @@ def _decided_by_all(conn: Connection, run_id: str, coalesces: Sequence[str], *wh
     return dict(
         conn.execute(
             select(cd.row_id, func.min(cd.decision))
-            .where(cd.run_id == run_id, cd.node_id.in_(nodes), *where)
+            .where(
+                cd.run_id == run_id,
+                cd.node_id.in_(nodes),
+                or_(cd.failure_reason.is_(None), ~cd.failure_reason.like(COALESCE_TASK_PREFIX + "%")),
+                *where,
+            )
             .group_by(cd.row_id)
             .having(func.count(func.distinct(cd.node_id)) == len(nodes))
         ).all()
