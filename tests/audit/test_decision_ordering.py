@@ -355,15 +355,22 @@ def test_a_branch_still_answers_rows_a_resolution_closed_so_a_later_try_can_merg
     assert decided_rows(audit_engine, run_id, row_ids, coalesces=["join"]) == {k0: "merged"}
     assert decided_in_chunk(audit_engine, run_id, 0, coalesces=["join"]) == {k0}
 
-    deliver(store, run_id, "b", range(1, 3))  # after the resolution: late for now
+    # After the resolution, written as the delivering step writes: late for now.
+    store.write_branch_results(
+        run_id, STEPS["b"], 1, arrivals(run_id, "b", range(1, 3)), chunk_tokens={0: 3}, delivering=True
+    )
+    branch_tokens = [
+        branch_token_id(run_id, derive_id(run_id, f"k{i}"), b) for i in range(3) for b in BRANCHES
+    ]
+    outcomes = terminal_outcomes(audit_engine, run_id)
+    assert {token: len(outcomes.get(token, [])) for token in branch_tokens} == dict.fromkeys(branch_tokens, 1)
+    late = [outcomes[branch_token_id(run_id, derive_id(run_id, f"k{i}"), "b")] for i in (1, 2)]
+    assert late == [[("late", "late_arrival_after_failure")]] * 2
     assert supersede_resolutions(store, coalesce, run_id, before=later(audit_engine)) == 2
     assert coalesce_pass(store, coalesce, run_id, {"ask_a": "success", "ask_b": "success"}).done
     stored = decisions(audit_engine, run_id)
     assert {key: d["decision"] for key, d in stored.items()} == dict.fromkeys(("k0", "k1", "k2"), "merged")
     outcomes = terminal_outcomes(audit_engine, run_id)
-    branch_tokens = [
-        branch_token_id(run_id, derive_id(run_id, f"k{i}"), b) for i in range(3) for b in BRANCHES
-    ]
     assert {token: len(outcomes.get(token, [])) for token in branch_tokens} == dict.fromkeys(branch_tokens, 1)
     assert_decisions_replay(audit_engine, coalesce, run_id)
 
