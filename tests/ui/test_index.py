@@ -115,8 +115,9 @@ def _states(ended_state: str) -> Callable[..., tuple[dict[tuple[str, str, str], 
 def test_superseded_tries_and_counts(store: StoreRuns) -> None:
     """Counts are the run pages' (decision_counts); an earlier fork try of a DAG run is superseded."""
     from airflow_elspeth.audit.engine import engine_for_url
+    from airflow_elspeth.audit.read.decisions import coalesce_summary
     from airflow_elspeth.audit.read.index import audit_index
-    from airflow_elspeth.audit.read.runs import decision_counts
+    from airflow_elspeth.audit.read.runs import coalesce_spec, decision_counts
 
     engine = engine_for_url(store.url, upgrade=False)
     runs = {r["run_id"]: r for r in audit_index(engine, [CONSENSUS_DAG])}
@@ -133,6 +134,39 @@ def test_superseded_tries_and_counts(store: StoreRuns) -> None:
             mine["undecided"],
         )
         assert outcome["rows"] == 40 and outcome["task_state"] is None and not outcome["overdue"]
+        # Why rows failed: the summary's failure reasons (the one source of counts), most first.
+        spec = coalesce_spec(engine, try2["run_id"], outcome["coalesce"])
+        summary = coalesce_summary(engine, spec, try2["run_id"])
+        assert outcome["failure_reasons"] == summary["failure_reasons"]
+        assert sum(outcome["failure_reasons"].values()) == outcome["failed"]
+        assert list(outcome["failure_reasons"].values()) == sorted(
+            outcome["failure_reasons"].values(), reverse=True
+        )
+    assert any(o["failure_reasons"] for o in try2["outcomes"]), "the fixture has failed rows"
+
+
+def test_the_index_page_says_why_rows_failed(
+    client: Any, store: StoreRuns, auth: Auth, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each failure reason of a coalesce is a chip with its row count, its words on hover, and a
+    link to those rows on the run page."""
+    from airflow.api_fastapi.auth.managers.simple.simple_auth_manager import SimpleAuthManager
+
+    monkeypatch.setattr(
+        SimpleAuthManager,
+        "get_authorized_dag_ids",
+        lambda self, *, user, method="GET", session=None: {CONSENSUS_DAG},
+    )
+    data = client.get("/elspeth/api/runs", headers=auth("viewer")).json()
+    run = next(r for r in data["audit_runs"] if r["run_id"] == store.consensus_try2.run_id)
+    page = client.get("/elspeth/", headers=auth("viewer")).text
+    for outcome in run["outcomes"]:
+        for reason, n in list(outcome["failure_reasons"].items())[:3]:
+            label = rf"<strong>{re.escape(reason)}</strong> {n}</a>"
+            chip = re.search(rf'<a class="chip loss" href="([^"]+)" title="([^"]+)">{label}', page)
+            assert chip, reason
+            assert f"coalesce={quote(outcome['coalesce'])}" in chip.group(1)
+            assert f"reason={quote(reason)}" in chip.group(1) and "decision=failed" in chip.group(1)
 
 
 def test_undecided_status_says_why() -> None:

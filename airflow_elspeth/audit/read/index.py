@@ -191,6 +191,8 @@ def _outcome(
         "rows": run["rows_total"],
         "merged": counts.get("merged", 0),
         "failed": counts.get("failed", 0),
+        # Why rows failed: failure reason -> rows, most first (what the index shows beside the count).
+        "failure_reasons": dict(counts.get("failure_reasons", {})),
         "undecided": counts.get("undecided"),
         "deadline": deadline,
         "task_state": state,

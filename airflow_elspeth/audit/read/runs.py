@@ -225,8 +225,9 @@ def audit_runs(engine: Engine, dag_id: str, airflow_run_id: str) -> list[dict[st
 
 def decision_counts(
     engine: Engine, runs: Mapping[str, tuple[int | None, Sequence[str]]]
-) -> dict[str, dict[str, dict[str, int | None]]]:
-    """Per audit run, per registered coalesce: rows merged, failed and undecided (one grouped read).
+) -> dict[str, dict[str, dict[str, Any]]]:
+    """Per audit run, per registered coalesce: rows merged, failed and undecided, and the failed
+    rows per failure reason, most first (one grouped read).
 
     :param runs: audit run id -> (its rows_total, or None while the fork runs; its coalesces).
     ``undecided`` is None while the run's row count is not known. A superseded resolution is not
@@ -234,23 +235,33 @@ def decision_counts(
     """
     wanted = [run_id for run_id, (_, coalesces) in runs.items() if coalesces]
     found: dict[tuple[str, str], dict[str, int]] = {}
+    reasons: dict[tuple[str, str], dict[str, int]] = {}
     cd = t.coalesce_decisions.c
     with engine.connect() as conn:
         for start in range(0, len(wanted), _BATCH):
-            for run_id, node_id, decision, n in conn.execute(
-                select(cd.run_id, cd.node_id, cd.decision, func.count())
+            for run_id, node_id, decision, reason, n in conn.execute(
+                select(cd.run_id, cd.node_id, cd.decision, cd.failure_reason, func.count())
                 .where(cd.run_id.in_(wanted[start : start + _BATCH]))
-                .group_by(cd.run_id, cd.node_id, cd.decision)
+                .group_by(cd.run_id, cd.node_id, cd.decision, cd.failure_reason)
             ):
-                found.setdefault((run_id, node_id), {})[decision] = int(n)
-    result: dict[str, dict[str, dict[str, int | None]]] = {}
+                got = found.setdefault((run_id, node_id), {})
+                got[decision] = got.get(decision, 0) + int(n)
+                if decision == DecisionStatus.FAILED:
+                    reasons.setdefault((run_id, node_id), {})[str(reason)] = int(n)
+    result: dict[str, dict[str, dict[str, Any]]] = {}
     for run_id, (rows_total, coalesces) in runs.items():
-        per_node: dict[str, dict[str, int | None]] = {}
+        per_node: dict[str, dict[str, Any]] = {}
         for node_id in coalesces:
             got = found.get((run_id, node_id), {})
             merged, failed = got.get(DecisionStatus.MERGED, 0), got.get(DecisionStatus.FAILED, 0)
             undecided = max(0, rows_total - merged - failed) if rows_total is not None else None
-            per_node[node_id] = {"merged": merged, "failed": failed, "undecided": undecided}
+            why = reasons.get((run_id, node_id), {})
+            per_node[node_id] = {
+                "merged": merged,
+                "failed": failed,
+                "undecided": undecided,
+                "failure_reasons": dict(sorted(why.items(), key=lambda item: (-item[1], item[0]))),
+            }
         result[run_id] = per_node
     return result
 
