@@ -146,6 +146,8 @@ def coalesce_summary(engine: Engine, spec: CoalesceSpec, run_id: str) -> dict[st
         "quorum": config.quorum,
         "merge": config.merge.value,
         "select_branch": config.select_branch,
+        "on_collision": config.on_collision,
+        "output_contract": spec.output_contract,
         "expected_branches": list(config.branches),
         "deadline": deadline_of(run, config).isoformat() if run.completed_at else None,
         "rows_total": run.rows_total,
