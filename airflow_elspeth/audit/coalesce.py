@@ -609,11 +609,23 @@ def decide_chunk(
     ]
 
 
+def arrival_bodies(
+    conn: Connection, config: CoalesceConfig, states: Mapping[str, Mapping[str, TokenState]]
+) -> dict[str, Any]:
+    """The outputs of the given rows' arrivals (payload hash -> output) when the decision depends
+    on them (``on_collision="fail_row"``), else nothing."""
+    if not config.fails_on_collision:
+        return {}
+    return payload_bodies(conn, {state.output_ref for row in states.values() for state in row.values()})
+
+
 def collision_check(
     config: CoalesceConfig, states: Mapping[str, TokenState], bodies: Mapping[str, Any]
-) -> CollisionCheck:
+) -> CollisionCheck | None:
     """The collisions of merging one row's consumed outputs (``bodies``: payload hash -> output),
-    for :func:`~airflow_elspeth.core.policy.replay` with ``on_collision="fail_row"``."""
+    for :func:`~airflow_elspeth.core.policy.replay`; None unless ``on_collision="fail_row"``."""
+    if not config.fails_on_collision:
+        return None
 
     def collisions(consumed: tuple[str, ...]) -> Mapping[str, list[str]]:
         outputs = {b: bodies[states[b].output_ref or ""] for b in consumed}

@@ -39,7 +39,15 @@ from airflow_elspeth.exceptions import ElspethConfigError
 
 PROPERTY = settings(max_examples=300, deadline=None)
 BASE = datetime(2024, 5, 1, 12, 0, tzinfo=timezone.utc)
-TYPE_OF_KIND = {"str": str, "int": int, "float": float, "bool": bool, "dict": dict, "list": list, "None": None}
+TYPE_OF_KIND = {
+    "str": str,
+    "int": int,
+    "float": float,
+    "bool": bool,
+    "dict": dict,
+    "list": list,
+    "None": None,
+}
 
 # ---- strategies
 
@@ -68,7 +76,8 @@ def _accepts(contract: Contract, row: dict[str, Any]) -> bool:
 
 
 def test_types_follow_json() -> None:
-    contract = contract_of({"n": int, "x": float, "s": str | None, "o": Optional[dict], "l": (list, bool)})
+    declared = {"n": int, "x": float, "s": str | None, "o": Optional[dict], "l": (list, bool)}  # noqa: UP045
+    contract = contract_of(declared)
     assert contract.as_dict() == {
         "n": ["int"],
         "x": ["float", "int"],  # canonical JSON writes 1.0 as 1: a stored float may read back as int
@@ -87,7 +96,12 @@ def test_the_first_field_in_declared_order_is_named_with_its_value() -> None:
     contract = contract_of({"b": int, "a": str})
     violation = contract.violation({"a": 1, "b": "x"})
     assert violation is not None
-    assert (violation.field, violation.value, violation.expected, violation.missing) == ("b", "x", ("int",), False)
+    assert (violation.field, violation.value, violation.expected, violation.missing) == (
+        "b",
+        "x",
+        ("int",),
+        False,
+    )
     assert violation.message == "field 'b' is str, the contract says int"
     missing = contract.violation({"b": 1})
     assert missing is not None and missing.missing and missing.field == "a"
@@ -142,7 +156,9 @@ def test_a_union_of_compatible_contracts_accepts_exactly_the_rows_all_accept(
 
 @PROPERTY
 @given(st.lists(CONTRACTS, min_size=2, max_size=4), st.data())
-def test_conflicts_are_found_whatever_the_branch_order(contracts: list[Contract], data: st.DataObject) -> None:
+def test_conflicts_are_found_whatever_the_branch_order(
+    contracts: list[Contract], data: st.DataObject
+) -> None:
     by_branch = {f"b{i}": c for i, c in enumerate(contracts)}
     order = data.draw(st.permutations(list(by_branch)))
     first = merge_contracts(by_branch, list(by_branch))
@@ -174,7 +190,9 @@ def test_a_conflict_names_the_field_and_both_branches() -> None:
 
 def test_float_and_int_or_float_agree() -> None:
     assert normalised_kinds(float) == normalised_kinds((int, float))
-    merged = merge_contracts({"a": contract_of({"x": float}), "b": contract_of({"x": int | float})}, ["a", "b"])
+    merged = merge_contracts(
+        {"a": contract_of({"x": float}), "b": contract_of({"x": int | float})}, ["a", "b"]
+    )
     assert merged.conflicts == () and merged.contract.as_dict() == {"x": ["float", "int"]}
 
 
@@ -191,7 +209,9 @@ def test_on_collision_is_record_by_default_and_validated() -> None:
     assert _config(on_collision="fail_row").fails_on_collision
     with pytest.raises(ElspethConfigError, match=r"prefer one of the branches \['a', 'b', 'c'\], got 'z'"):
         _config(on_collision="prefer:z")
-    with pytest.raises(ElspethConfigError, match="on_collision must be 'record', 'fail_row' or 'prefer:<branch>'"):
+    with pytest.raises(
+        ElspethConfigError, match="on_collision must be 'record', 'fail_row' or 'prefer:<branch>'"
+    ):
         _config(on_collision="last")
     with pytest.raises(ElspethConfigError, match="only valid with merge='union'"):
         _config(on_collision="fail_row", merge="nested")
@@ -237,7 +257,9 @@ def test_fail_row_fails_a_colliding_merge_at_the_same_step(on_collision: str) ->
         "not_arrived": [],
     }
     # Without the outputs at hand the decision is the log's alone.
-    assert replay(config, late, deadline=BASE + timedelta(minutes=1), now=BASE).status is DecisionStatus.MERGED
+    assert (
+        replay(config, late, deadline=BASE + timedelta(minutes=1), now=BASE).status is DecisionStatus.MERGED
+    )
 
 
 def test_a_late_branch_after_a_collision_failure_is_late_after_failure() -> None:
