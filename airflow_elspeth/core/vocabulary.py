@@ -329,6 +329,15 @@ def outcome_text(outcome: str, reason: str | None) -> str:
     return f"{outcome} ({reason})" if reason else str(outcome)
 
 
+def collision_rule_text(on_collision: str) -> str:
+    """What a union does with a field several branches supplied (``on_collision``), in words."""
+    if on_collision == "fail_row":
+        return f"the row fails ({FailureReason.FIELD_COLLISION})"
+    if on_collision.startswith("prefer:"):
+        return f"branch {on_collision[len('prefer:') :]!r} wins"
+    return "the later branch in configured order wins"
+
+
 def policy_text(config: Mapping[str, Any]) -> str:
     """A coalesce policy in words, from its stored configuration."""
     policy = config["policy"]

@@ -37,6 +37,7 @@ from airflow_elspeth.core.vocabulary import (
     TokenKind,
     TokenOutcome,
     after_decision_reason,
+    collision_rule_text,
     policy_text,
     reason_kind,
     reason_order,
@@ -650,6 +651,8 @@ def coalesce_overview(
         "failure_reasons": dict(sorted(summary["failure_reasons"].items(), key=lambda kv: (-kv[1], kv[0]))),
         "missing_matrix": _matrix(groups, spec.config.branches, moves),
         "field_collisions": summary["field_collisions"],
+        "collision_rule": collision_rule_text(spec.config.on_collision),
+        "output_contract": summary["output_contract"],
     }
 
 

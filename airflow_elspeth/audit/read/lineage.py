@@ -25,6 +25,7 @@ from airflow_elspeth.core.vocabulary import (
     NodeType,
     ReasonKind,
     TokenKind,
+    collision_rule_text,
     failure_reason_text,
     is_resolution,
     missing_reason_text,
@@ -345,6 +346,7 @@ def row_view(engine: Engine, audit_run: Mapping[str, Any], row_key: str) -> dict
                 else None
             )
             recorded["policy_text"] = policy_text(config)
+            recorded["collision_rule"] = collision_rule_text(spec.config.on_collision)
             recorded["deadline"] = deadline
             recorded["explanation"] = explain_decision(recorded, config, deadline)
             recorded["replay"] = _replay_view(engine, spec, run, d, recorded)
