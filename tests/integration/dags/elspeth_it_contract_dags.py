@@ -18,11 +18,11 @@ Like the other DAG files here, parsing this file builds only the DAGs named in `
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 from airflow.sdk import DAG, task
-from integration.support import selected
+from integration.support import integration_dag, selected
 
 from airflow_elspeth import BranchOperator, CoalesceSensor, ForkOperator, read_merged_rows
 
@@ -64,14 +64,7 @@ class Answer:
 
 
 def build_dag(scenario: Scenario) -> DAG:
-    with DAG(
-        dag_id=scenario.dag_id,
-        schedule=None,
-        start_date=datetime(2026, 1, 1),
-        catchup=False,
-        tags=["elspeth", "integration-test"],
-        default_args={"retries": 0},
-    ) as dag:
+    with integration_dag(scenario.dag_id) as dag:
         fork = ForkOperator(
             task_id="fork",
             rows=[{"id": f"r{n}", "n": n} for n in range(ROW_COUNT)],
