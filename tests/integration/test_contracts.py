@@ -26,6 +26,8 @@ from airflow.sdk import DAG
 
 from airflow_elspeth import BranchOperator, CoalesceSensor, ForkOperator, topology
 from airflow_elspeth.audit.engine import engine_for_url
+from airflow_elspeth.audit.read.lineage import explain_row, row_view
+from airflow_elspeth.audit.read.runs import audit_runs, pick_audit_run
 from airflow_elspeth.audit.read.verify import verify_run
 from airflow_elspeth.core.contract import Contract
 from airflow_elspeth.exceptions import ElspethConfigError, ElspethDagWarning
@@ -154,6 +156,15 @@ def test_on_collision(on_collision: str, waiting: str, audit_url: str, run_dag: 
             assert {b: _outcome(engine, view.run_id, key, b) for b in "ab"} == {
                 b: ("row_failed", "field_collision") for b in "ab"
             }
+        # explain and the row page: the replay from the stored outputs agrees, and says why.
+        assert [r["agrees"] for r in explain_row(engine, view.run_id, EVEN[0])["replays"]] == [True]
+        audit_run = pick_audit_run(audit_runs(engine, dag_run.dag_id, dag_run.run_id))
+        (decision,) = row_view(engine, audit_run, EVEN[0])["decisions"]
+        assert decision["collision_rule"] == "the row fails (field_collision)"
+        assert (
+            "supplied the same fields ('value' from a, b) and on_collision='fail_row'"
+            in decision["explanation"]
+        )
         return
     winner = "a" if on_collision == "prefer:a" else "b"
     assert view.per_row() == dict.fromkeys(ROWS, "merged")

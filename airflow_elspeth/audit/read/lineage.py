@@ -165,6 +165,15 @@ def explain_decision(
                 f"merge=select keeps only {details.get('select_branch')!r}, which was not among the "
                 f"merged arrivals ({listing(details.get('consumed', []))}); no other branch is substituted."
             )
+        if reason == FailureReason.FIELD_COLLISION:
+            clashes = "; ".join(
+                f"{name!r} from {listing(branches)}"
+                for name, branches in details.get("collisions", {}).items()
+            )
+            parts.append(
+                f"The union of {listing(details.get('consumed', []))} would have merged, but they supplied "
+                f"the same fields ({clashes}) and on_collision='fail_row' fails such a row."
+            )
     for branch, why in lost.items():
         parts.append(f"{branch} {missing_reason_text(why)}.")
     if waiting:
