@@ -11,7 +11,7 @@ with each warning logged and issued as an :class:`~airflow_elspeth.exceptions.El
 Airflow 3.3's "DAG warnings" (``airflow.models.dagwarning``) take only Airflow's own closed
 ``DagWarningType`` (asset conflicts, missing pools, runtime-varying values) and the DAG processor
 records Python warnings only while it imports the file, before the policy runs; so the warning goes
-to the DAG processor's log of that file and to whoever parses the DAG with warnings shown
+to the DAG processor's log of that file and, attributed to the DAG file, to whoever parses the DAG with warnings shown
 (``python my_dag.py``, ``pytest``, ``airflow dags test``).
 """
 
@@ -59,7 +59,10 @@ def warn_structure(dag: Any) -> list[str]:
     for message in found:
         text = f"DAG {dag.dag_id!r}: {message}"
         log.warning("%s", text)
-        warnings.warn(text, ElspethDagWarning, stacklevel=2)
+        # Attributed to the DAG's file, not to this module: that is where the author looks.
+        warnings.warn_explicit(
+            text, ElspethDagWarning, filename=str(getattr(dag, "fileloc", "") or __file__), lineno=1
+        )
     return found
 
 

@@ -267,7 +267,9 @@ def test_a_require_all_fed_by_rows_certain_to_fail_imports_with_warnings(
         "'prep_b' has no row_retries: one error there loses the row on the branch, and so fails it "
         "(branch_lost)",
     ]
-    assert [str(w.message) for w in warned if w.category is ElspethDagWarning] == expected
+    ours = [w for w in warned if w.category is ElspethDagWarning]
+    assert [str(w.message) for w in ours] == expected
+    assert {w.filename for w in ours} == {str(HERE / "warned_dags" / "warned_require_all.py")}
     assert [r.getMessage() for r in caplog.records if r.name == "airflow_elspeth.policies"] == expected
 
 
