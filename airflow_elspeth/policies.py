@@ -11,8 +11,8 @@ with each warning logged and issued as an :class:`~airflow_elspeth.exceptions.El
 Airflow 3.3's "DAG warnings" (``airflow.models.dagwarning``) take only Airflow's own closed
 ``DagWarningType`` (asset conflicts, missing pools, runtime-varying values) and the DAG processor
 records Python warnings only while it imports the file, before the policy runs; so the warning goes
-to the DAG processor's log of that file and, attributed to the DAG file, to whoever parses the DAG with warnings shown
-(``python my_dag.py``, ``pytest``, ``airflow dags test``).
+to the DAG processor's log of that file and, attributed to the DAG file, to whoever parses the DAG
+with warnings shown (``python my_dag.py``, ``pytest``, ``airflow dags test``).
 """
 
 from __future__ import annotations

@@ -19,6 +19,8 @@ from collections.abc import Mapping
 from enum import Enum
 from typing import Any
 
+from airflow_elspeth.core.config import ON_COLLISION_FAIL_ROW, ON_COLLISION_PREFER
+
 
 class Word(str, Enum):
     """A stored word: compares, formats and serialises as its value (``f"{NodeStatus.FAILED}"`` is
@@ -331,10 +333,10 @@ def outcome_text(outcome: str, reason: str | None) -> str:
 
 def collision_rule_text(on_collision: str) -> str:
     """What a union does with a field several branches supplied (``on_collision``), in words."""
-    if on_collision == "fail_row":
+    if on_collision == ON_COLLISION_FAIL_ROW:
         return f"the row fails ({FailureReason.FIELD_COLLISION})"
-    if on_collision.startswith("prefer:"):
-        return f"branch {on_collision[len('prefer:') :]!r} wins"
+    if on_collision.startswith(ON_COLLISION_PREFER):
+        return f"branch {on_collision[len(ON_COLLISION_PREFER) :]!r} wins"
     return "the later branch in configured order wins"
 
 
