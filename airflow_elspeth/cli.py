@@ -52,6 +52,7 @@ from airflow_elspeth.core.vocabulary import (
     RunStatus,
     TokenKind,
     TokenOutcome,
+    collision_rule_text,
     outcome_text,
     reason_order,
 )
@@ -350,7 +351,7 @@ def print_summary(run: dict[str, Any], summary: dict[str, Any], task_state: str 
     if summary["missing_branches"]:
         _print_missing(summary["missing_branches"])
     if summary.get("field_collisions"):
-        _title("Union field collisions (later branch wins)")
+        _title(f"Union field collisions ({collision_rule_text(summary.get('on_collision', 'record'))})")
         clashes = Table(header_style="bold")
         for column in ("field", "rows", "supplied by"):
             clashes.add_column(column)

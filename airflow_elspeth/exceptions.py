@@ -60,3 +60,9 @@ class AuditStoreUnreachable(ElspethError, ConnectionError):
     """The audit store stayed unreachable past the coalesce's grace (its deadline plus
     ``TRANSIENT_ERROR_GRACE``): the try fails so that Airflow retries it. Not an ``AirflowException``,
     so a sensor's ``soft_fail`` does not turn it into a skip."""
+
+
+class ElspethDagWarning(UserWarning):
+    """A DAG whose structure is sound but certain to fail some rows (a ``require_all`` coalesce fed
+    by a step that may drop rows, or by an earlier step without ``row_retries``). Issued by the
+    cluster policy at parse time (``airflow_elspeth/policies.py``), never raised."""

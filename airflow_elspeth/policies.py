@@ -5,13 +5,25 @@ loads when it initialises (``airflow.settings.initialize`` -> ``load_policy_plug
 calls :func:`dag_policy` for every DAG it bags; a raised ``AirflowClusterPolicyViolation`` keeps the
 DAG out of the bag and is recorded as the file's import error, so a coalesce over a branch that no
 step of its fork delivers is reported when the DAG is parsed, not when it runs.
+
+A sound DAG that is certain to fail rows (:func:`airflow_elspeth.topology.dag_warnings`) is bagged,
+with each warning logged and issued as an :class:`~airflow_elspeth.exceptions.ElspethDagWarning`.
+Airflow 3.3's "DAG warnings" (``airflow.models.dagwarning``) take only Airflow's own closed
+``DagWarningType`` (asset conflicts, missing pools, runtime-varying values) and the DAG processor
+records Python warnings only while it imports the file, before the policy runs; so the warning goes
+to the DAG processor's log of that file and, attributed to the DAG file, to whoever parses the DAG
+with warnings shown (``python my_dag.py``, ``pytest``, ``airflow dags test``).
 """
 
 from __future__ import annotations
 
+import logging
+import warnings
 from typing import Any
 
 from airflow.policies import hookimpl
+
+log = logging.getLogger(__name__)
 
 
 def structure_error(dag: Any) -> str | None:
@@ -32,9 +44,32 @@ def structure_error(dag: Any) -> str | None:
     return f"DAG {dag.dag_id!r}: {len(problems)} fork/branch/coalesce structure problem(s):\n{listed}"
 
 
+def warn_structure(dag: Any) -> list[str]:
+    """Log and issue (as :class:`~airflow_elspeth.exceptions.ElspethDagWarning`) each of ``dag``'s
+    parse-time warnings; returns them.
+
+    :param dag: a DAG.
+    """
+    from airflow_elspeth import topology
+    from airflow_elspeth.exceptions import ElspethDagWarning
+
+    if not topology.has_elspeth_tasks(dag):
+        return []
+    found = topology.dag_warnings(dag)
+    for message in found:
+        text = f"DAG {dag.dag_id!r}: {message}"
+        log.warning("%s", text)
+        # Attributed to the DAG's file, not to this module: that is where the author looks.
+        warnings.warn_explicit(
+            text, ElspethDagWarning, filename=str(getattr(dag, "fileloc", "") or __file__), lineno=1
+        )
+    return found
+
+
 @hookimpl
 def dag_policy(dag: Any) -> None:
-    """Refuse a DAG whose forks, branch steps and coalesces do not fit together.
+    """Refuse a DAG whose forks, branch steps and coalesces do not fit together; warn about one
+    certain to fail rows.
 
     :param dag: the DAG being bagged.
     :raises AirflowClusterPolicyViolation: listing every problem (see
@@ -45,3 +80,4 @@ def dag_policy(dag: Any) -> None:
         from airflow.exceptions import AirflowClusterPolicyViolation
 
         raise AirflowClusterPolicyViolation(message)
+    warn_structure(dag)

@@ -18,6 +18,8 @@ Attributes read:
 * CoalesceSensor: ``fork_task_id``, ``coalesce.branches``; mapped: ``partial_kwargs["fork"]`` and
   ``partial_kwargs.get("branches")`` (default: the fork's branches).
 * ForkOperator: ``branches``.
+* For contracts and warnings, BranchOperator's ``output_fields``, ``may_drop`` and ``row_retries``
+  (mapped: the same names in ``partial_kwargs``) and an unmapped CoalesceSensor's ``coalesce``.
 """
 
 from __future__ import annotations
@@ -25,7 +27,9 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any, Final
 
-from airflow_elspeth.exceptions import TopologyError
+from airflow_elspeth.core.config import CoalesceConfig, MergeStrategy, Policy
+from airflow_elspeth.core.contract import Contract, MergedContract, contract_of, merge_contracts
+from airflow_elspeth.exceptions import ElspethConfigError, TopologyError
 
 ROLE_ATTR: Final = "_elspeth_role"
 FORK: Final = "fork"
@@ -346,6 +350,126 @@ def _step_problems(task: Any, tasks: dict[str, Any]) -> list[str]:
     return problems
 
 
+# -- contracts and warnings -----------------------------------------------------------------------
+
+
+def _step_arg(task: Any, name: str, default: Any) -> Any:
+    """A step's constructor argument: its attribute, or for a mapped step its ``.partial()`` kwarg."""
+    if is_mapped(task):
+        return _partial(task).get(name, default)
+    return getattr(task, name, default)
+
+
+def step_contract(step_task: Any) -> Contract | None:
+    """The output contract a branch step declares (``output_fields``), None when it declares none.
+
+    :param step_task: a BranchOperator, mapped or not.
+    :raises ElspethConfigError: a mapped step's ``output_fields`` that is no valid contract (an
+        unmapped step's constructor has refused it already).
+    """
+    declared = _step_arg(step_task, "output_fields", None)
+    if declared is None:
+        return None
+    return contract_of(declared, param=f"BranchOperator {step_task.task_id!r}: output_fields")
+
+
+def _coalesce_config(coalesce_task: Any) -> CoalesceConfig | None:
+    """An unmapped coalesce's configuration (a mapped one's is only known once expanded)."""
+    if is_mapped(coalesce_task):
+        return None
+    config = getattr(coalesce_task, "coalesce", None)
+    return config if isinstance(config, CoalesceConfig) else None
+
+
+def _delivering_tasks(coalesce_task: Any) -> dict[str, Any]:
+    """Each joined branch's delivering step, as the task (branches without a sound one left out)."""
+    delivering, _ = _analyse_coalesce(coalesce_task)
+    upstream = {task.task_id: task for task in _upstream(coalesce_task)}
+    return {branch: upstream[task_id] for branch, (task_id, _) in delivering.items()}
+
+
+def coalesce_contract(coalesce_task: Any) -> MergedContract | None:
+    """The contract of the rows a coalesce merges, from its branches' delivering steps.
+
+    ``union``: the branches' contracts merged (conflicts included, see
+    :func:`~airflow_elspeth.core.contract.merge_contracts`); ``select``: the selected branch's;
+    ``nested`` (a row of whole branch outputs) and a mapped coalesce: None.
+
+    :param coalesce_task: a CoalesceSensor.
+    :raises ElspethConfigError: a delivering step's ``output_fields`` that is no valid contract.
+    """
+    config = _coalesce_config(coalesce_task)
+    if config is None or config.merge is MergeStrategy.NESTED:
+        return None
+    steps = _delivering_tasks(coalesce_task)
+    contracts = {branch: step_contract(step) for branch, step in steps.items()}
+    order = [config.select_branch] if config.select_branch is not None else list(config.branches)
+    return merge_contracts(contracts, order)
+
+
+def _contract_problems(coalesce_task: Any) -> list[str]:
+    """A union coalesce whose branches declare one field with different types, naming the coalesce,
+    the field, each branch and its delivering step."""
+    try:
+        merged = coalesce_contract(coalesce_task)
+    except ElspethConfigError as err:
+        return [f"coalesce {coalesce_task.task_id!r}: {err}"]
+    config = _coalesce_config(coalesce_task)
+    if merged is None or config is None or config.merge is not MergeStrategy.UNION:
+        return []
+    steps = _delivering_tasks(coalesce_task)
+    return [
+        f"coalesce {coalesce_task.task_id!r} (merge='union'): {conflict.message} (steps "
+        f"{_names(steps[b].task_id for b in conflict.declared)}); a union keeps one branch's value, "
+        "so every branch supplying a field must declare the same type"
+        for conflict in merged.conflicts
+    ]
+
+
+def _branch_chain(step_task: Any) -> list[Any]:
+    """A branch's steps up to and including ``step_task``, first step first."""
+    fork_task_id, branch, _ = _require_step(step_task)
+    chain = [step_task]
+    while True:
+        earlier = [t for t in _upstream(chain[0]) if _same_branch(t, fork_task_id, branch)]
+        if len(earlier) != 1 or earlier[0] in chain:
+            return chain
+        chain.insert(0, earlier[0])
+
+
+def dag_warnings(dag: Any) -> list[str]:
+    """Rows certain to fail that the author can see at parse time (empty when none).
+
+    For every unmapped ``require_all`` coalesce, each joined branch's steps: one declared
+    ``may_drop=True`` (each row it drops fails ``branch_lost``), and an earlier step of a multi-step
+    branch without ``row_retries`` (one error there loses the row on the branch, and so fails it).
+    The messages name the coalesce, the branch and the step.
+
+    :param dag: a DAG (its tasks are read, never changed).
+    """
+    found: list[str] = []
+    for task in dag.tasks:
+        config = _coalesce_config(task) if role_of(task) == COALESCE else None
+        if config is None or config.policy is not Policy.REQUIRE_ALL:
+            continue
+        for branch, delivering in _delivering_tasks(task).items():
+            prefix = f"coalesce {task.task_id!r} (require_all) joins branch {branch!r}"
+            chain = _branch_chain(delivering)
+            for step in chain:
+                if _step_arg(step, "may_drop", False):
+                    found.append(
+                        f"{prefix}, whose step {step.task_id!r} may drop rows (may_drop=True): every "
+                        "row it drops fails the coalesce (branch_lost)"
+                    )
+            for step in chain[:-1]:
+                if not _step_arg(step, "row_retries", 0):
+                    found.append(
+                        f"{prefix}, whose earlier step {step.task_id!r} has no row_retries: one error "
+                        "there loses the row on the branch, and so fails it (branch_lost)"
+                    )
+    return found
+
+
 def check_dag(dag: Any) -> list[str]:
     """Every structure problem of a DAG's forks, branch steps and coalesces (empty when sound).
 
@@ -353,7 +477,8 @@ def check_dag(dag: Any) -> list[str]:
       step: a BranchOperator of the same fork for that branch, directly upstream, the branch's last
       step (none, several, only steps of another fork, or an earlier step are problems);
     * each branch step names a fork of this DAG, is downstream of it, follows at most one step of
-      its branch, and (mapped, so not checked by its constructor) names one of the fork's branches.
+      its branch, and (mapped, so not checked by its constructor) names one of the fork's branches;
+    * a ``union`` coalesce's branches declare no field with different types (``output_fields``).
 
     Each message names the task(s), the branch and the fork.
 
@@ -373,4 +498,5 @@ def check_dag(dag: Any) -> list[str]:
                     problems.append(missing_fork)
                     continue
             problems.extend(_analyse_coalesce(task)[1])
+            problems.extend(_contract_problems(task))
     return problems

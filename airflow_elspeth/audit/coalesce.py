@@ -43,6 +43,7 @@ from airflow_elspeth.core.errors import recorded_error_fingerprint
 from airflow_elspeth.core.merge import merge_outputs
 from airflow_elspeth.core.policy import (
     BranchEvent,
+    CollisionCheck,
     Decision,
     EventKind,
     replay,
@@ -77,6 +78,9 @@ class CoalesceSpec:
     config: CoalesceConfig
     delivering: Mapping[str, str]  # branch -> task id of the branch step that delivers arrivals
     mapped: Mapping[str, bool]  # branch -> whether that task is mapped over the fork's chunks
+    # The merged rows' contract (``MergedContract.as_dict``: fields, untyped branches), None when no
+    # contract applies (``nested``, or a coalesce registered before contracts existed).
+    output_contract: Mapping[str, Any] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -84,11 +88,12 @@ class CoalesceSpec:
             "config": self.config.as_dict(),
             "delivering": dict(self.delivering),
             "mapped": dict(self.mapped),
+            "output_contract": dict(self.output_contract) if self.output_contract is not None else None,
         }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> CoalesceSpec:
-        from airflow_elspeth.core.config import coalesce_config
+        from airflow_elspeth.core.config import ON_COLLISION_RECORD, coalesce_config
 
         config = data["config"]
         return cls(
@@ -100,9 +105,11 @@ class CoalesceSpec:
                 timeout=timedelta(seconds=config["timeout_seconds"]),
                 quorum=config["quorum"],
                 select_branch=config["select_branch"],
+                on_collision=config.get("on_collision", ON_COLLISION_RECORD),
             ),
             delivering=dict(data["delivering"]),
             mapped=dict(data["mapped"]),
+            output_contract=data.get("output_contract"),
         )
 
     def task_keys(self, branch: str, chunks_total: int) -> dict[str, int]:
@@ -568,13 +575,26 @@ def decide_chunk(
                 continue
             decision = resolve_ended(spec.config, events, at=now, task_state=ended_state)
         decided.append((row_id, row_key, decision))
-    wanted = {
-        states[row_id][b].output_ref
-        for row_id, _, d in decided
-        if d.status is DecisionStatus.MERGED
-        for b in d.consumed
-    }
-    bodies = payload_bodies(conn, wanted)
+    merging = [(row_id, d) for row_id, _, d in decided if d.status is DecisionStatus.MERGED]
+    bodies = payload_bodies(conn, {states[row_id][b].output_ref for row_id, d in merging for b in d.consumed})
+    if spec.config.fails_on_collision and merging:
+        # The log says merge; whether the outputs collide decides it: replay those rows with them.
+        decided = [
+            (
+                row_id,
+                row_key,
+                replay(
+                    spec.config,
+                    row_events(spec, states[row_id], losses),
+                    deadline=deadline,
+                    now=now,
+                    collisions=collision_check(spec.config, states[row_id], bodies),
+                )
+                if d.status is DecisionStatus.MERGED
+                else d,
+            )
+            for row_id, row_key, d in decided
+        ]
     task_state_of = {
         branch: task_states.get(key, UNKNOWN_TASK_STATE)
         for branch in spec.config.branches
@@ -587,6 +607,31 @@ def decide_chunk(
         )
         for row_id, row_key, d in decided
     ]
+
+
+def arrival_bodies(
+    conn: Connection, config: CoalesceConfig, states: Mapping[str, Mapping[str, TokenState]]
+) -> dict[str, Any]:
+    """The outputs of the given rows' arrivals (payload hash -> output) when the decision depends
+    on them (``on_collision="fail_row"``), else nothing."""
+    if not config.fails_on_collision:
+        return {}
+    return payload_bodies(conn, {state.output_ref for row in states.values() for state in row.values()})
+
+
+def collision_check(
+    config: CoalesceConfig, states: Mapping[str, TokenState], bodies: Mapping[str, Any]
+) -> CollisionCheck | None:
+    """The collisions of merging one row's consumed outputs (``bodies``: payload hash -> output),
+    for :func:`~airflow_elspeth.core.policy.replay`; None unless ``on_collision="fail_row"``."""
+    if not config.fails_on_collision:
+        return None
+
+    def collisions(consumed: tuple[str, ...]) -> Mapping[str, list[str]]:
+        outputs = {b: bodies[states[b].output_ref or ""] for b in consumed}
+        return merge_outputs(config, consumed, outputs).collisions
+
+    return collisions
 
 
 def payload_bodies(conn: Connection, hashes: Iterable[str | None]) -> dict[str, Any]:
@@ -623,7 +668,8 @@ def _decision_write(
             f"of audit run {run_id}: {missing}"
         )
     write = DecisionWrite(row_id=row_id, row_key=row_key, chunk=chunk, decision={})
-    collisions = None
+    # A field_collision failure keeps the collisions that failed it, as a merge records its own.
+    collisions = decision.details.get("collisions") if decision.status is DecisionStatus.FAILED else None
     merged_id = None
     if decision.status is DecisionStatus.MERGED:
         outputs = {b: bodies[states[b].output_ref or ""] for b in decision.consumed}

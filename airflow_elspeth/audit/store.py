@@ -30,7 +30,7 @@ from airflow_elspeth.core.vocabulary import (
     RunStatus,
     TokenKind,
     TokenOutcome,
-    error_reason,
+    failed_state_reason,
     late_reason,
     missing_outcome,
     superseded_try_run_reason,
@@ -689,7 +689,7 @@ def loss_reason(status: str, error: Mapping[str, Any] | None) -> str:
     if status == NodeStatus.DROPPED:
         return DROPPED
     if status == NodeStatus.FAILED:
-        return error_reason((error or {}).get("type"))
+        return failed_state_reason(error)
     raise ValueError(f"node state {status!r} is not a loss")
 
 

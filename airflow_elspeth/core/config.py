@@ -25,6 +25,12 @@ class MergeStrategy(str, Enum):
     SELECT = "select"
 
 
+# ``on_collision``: what a union does with a field more than one consumed branch supplied.
+ON_COLLISION_RECORD = "record"  # the later-configured branch wins; the collision is recorded
+ON_COLLISION_FAIL_ROW = "fail_row"  # the row fails ``field_collision`` instead of merging
+ON_COLLISION_PREFER = "prefer:"  # ``prefer:<branch>``: that branch wins; the collision is recorded
+
+
 def validate_branches(branches: Sequence[str], *, param: str = "branches") -> tuple[str, ...]:
     """Branch names: at least two, unique, non-empty strings, kept verbatim (never normalised)."""
     if isinstance(branches, str) or not isinstance(branches, Sequence):
@@ -75,6 +81,18 @@ class CoalesceConfig:
     timeout: timedelta
     quorum: int | None = None
     select_branch: str | None = None
+    on_collision: str = ON_COLLISION_RECORD
+
+    @property
+    def preferred_branch(self) -> str | None:
+        """The branch whose value wins a union collision (``on_collision="prefer:<branch>"``)."""
+        if self.on_collision.startswith(ON_COLLISION_PREFER):
+            return self.on_collision[len(ON_COLLISION_PREFER) :]
+        return None
+
+    @property
+    def fails_on_collision(self) -> bool:
+        return self.on_collision == ON_COLLISION_FAIL_ROW
 
     def branch_index(self, branch: str) -> int:
         return self.branches.index(branch)
@@ -87,6 +105,7 @@ class CoalesceConfig:
             "timeout_seconds": self.timeout.total_seconds(),
             "quorum": self.quorum,
             "select_branch": self.select_branch,
+            "on_collision": self.on_collision,
         }
 
 
@@ -98,11 +117,14 @@ def coalesce_config(
     timeout: timedelta | float | int,
     quorum: int | None = None,
     select_branch: str | None = None,
+    on_collision: str = ON_COLLISION_RECORD,
     fork_branches: Sequence[str] | None = None,
 ) -> CoalesceConfig:
     """Validate a coalesce's parameters and return the frozen configuration.
 
     :param branches: the branches this coalesce joins (its fork's, unless a subset is given).
+    :param on_collision: ``record``, ``fail_row`` or ``prefer:<branch>`` (one of ``branches``); other
+        than ``record`` only with ``merge="union"``, the one merge with collisions.
     :param fork_branches: the fork's branches; every coalesced branch must be one of them.
     :raises ElspethConfigError: naming the parameter and the bad value.
     """
@@ -148,6 +170,7 @@ def coalesce_config(
             f"select_branch is only valid with merge='select', got select_branch={select_branch!r}"
         )
 
+    _check_on_collision(on_collision, merge_value, names)
     return CoalesceConfig(
         branches=names,
         policy=policy_value,
@@ -155,4 +178,25 @@ def coalesce_config(
         timeout=timeout_td,
         quorum=quorum,
         select_branch=select_branch,
+        on_collision=on_collision,
     )
+
+
+def _check_on_collision(on_collision: object, merge: MergeStrategy, names: tuple[str, ...]) -> None:
+    allowed = f"{ON_COLLISION_RECORD!r}, {ON_COLLISION_FAIL_ROW!r} or '{ON_COLLISION_PREFER}<branch>'"
+    if not isinstance(on_collision, str):
+        raise ElspethConfigError(f"on_collision must be {allowed}, got {on_collision!r}")
+    if on_collision.startswith(ON_COLLISION_PREFER):
+        preferred = on_collision[len(ON_COLLISION_PREFER) :]
+        if preferred not in names:
+            raise ElspethConfigError(
+                f"on_collision={on_collision!r} must prefer one of the branches {list(names)!r}, "
+                f"got {preferred!r}"
+            )
+    elif on_collision not in (ON_COLLISION_RECORD, ON_COLLISION_FAIL_ROW):
+        raise ElspethConfigError(f"on_collision must be {allowed}, got {on_collision!r}")
+    if on_collision != ON_COLLISION_RECORD and merge is not MergeStrategy.UNION:
+        raise ElspethConfigError(
+            f"on_collision={on_collision!r} is only valid with merge='union' (only a union has "
+            f"collisions), got merge={merge.value!r}"
+        )

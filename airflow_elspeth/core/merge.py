@@ -23,7 +23,8 @@ def merge_outputs(
     """Merge the outputs of the ``consumed`` branches.
 
     Branches are applied in configured order (not arrival order), so for ``union`` the
-    later-configured branch wins a field, and the collision lists every branch that supplied it.
+    later-configured branch wins a field, unless ``on_collision="prefer:<branch>"`` names the branch
+    that wins (applied last); a collision lists every branch that supplied the field, the winner last.
 
     :raises ValueError: a consumed branch without an output, or ``select`` whose branch was not
         consumed (the policy replay fails such rows; merging must never substitute another branch).
@@ -31,7 +32,10 @@ def merge_outputs(
     missing_outputs = [b for b in consumed if b not in outputs]
     if missing_outputs:
         raise ValueError(f"no output for consumed branches {missing_outputs!r}")
-    ordered = [b for b in config.branches if b in consumed]
+    preferred = config.preferred_branch
+    ordered = [b for b in config.branches if b in consumed and b != preferred]
+    if preferred is not None and preferred in consumed:
+        ordered.append(preferred)
     if config.merge is MergeStrategy.SELECT:
         selected = config.select_branch
         if selected is None or selected not in consumed:

@@ -8,7 +8,7 @@ ordered after it are late. Nothing here knows about Airflow or SQL.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from enum import Enum
@@ -175,6 +175,33 @@ def _apply_select(
     return resolved
 
 
+# The collisions of merging the outputs of the given consumed branches (``core.merge``): field ->
+# the branches that supplied it. What a union with ``on_collision="fail_row"`` needs of the outputs.
+CollisionCheck = Callable[[tuple[str, ...]], Mapping[str, list[str]]]
+
+
+def _apply_collisions(
+    config: CoalesceConfig,
+    resolved: tuple[DecisionStatus, tuple[str, ...], FailureReason | None, dict[str, Any]],
+    arrived: list[str],
+    lost: dict[str, str],
+    collisions: CollisionCheck | None,
+) -> tuple[DecisionStatus, tuple[str, ...], FailureReason | None, dict[str, Any]]:
+    """``on_collision="fail_row"``: a union whose consumed outputs share a field fails instead."""
+    status, consumed, _, _ = resolved
+    if status is not DecisionStatus.MERGED or collisions is None or not config.fails_on_collision:
+        return resolved
+    found = collisions(consumed)
+    if not found:
+        return resolved
+    details = {
+        "collisions": {name: list(branches) for name, branches in found.items()},
+        "consumed": list(consumed),
+        **_waiting(config, arrived, lost),
+    }
+    return DecisionStatus.FAILED, (), FailureReason.FIELD_COLLISION, details
+
+
 def _waiting(config: CoalesceConfig, arrived: list[str], lost: dict[str, str]) -> dict[str, Any]:
     not_arrived = [b for b in config.branches if b not in arrived and b not in lost]
     return {"arrived": list(arrived), "lost": dict(lost), "not_arrived": not_arrived}
@@ -186,12 +213,16 @@ def replay(
     *,
     deadline: datetime,
     now: datetime,
+    collisions: CollisionCheck | None = None,
 ) -> Decision:
     """Replay a row's events under ``config``; the deadline is in the log once ``now >= deadline``.
 
     :param events: the row's arrivals and losses, in any order; unknown branches raise ``ValueError``.
     :param deadline: fork completion + timeout.
     :param now: the audit clock at the time of reading.
+    :param collisions: with ``on_collision="fail_row"``, the collisions of the consumed branches'
+        outputs: a merge with any fails ``field_collision`` at the same step. Without it the decision
+        is the log's alone (a caller that merges must pass it: ``audit.coalesce.collision_check``).
     """
     events = list(events)
     for event in events:
@@ -219,7 +250,16 @@ def replay(
             decided_at = step.at
         if resolved is not None:
             after = [e for e in steps[index + 1 :] if e is not None]
-            return _decision(config, resolved, decided_at, arrivals, lost, after, at_deadline=step is None)
+            return _decision(
+                config,
+                resolved,
+                decided_at,
+                arrivals,
+                lost,
+                after,
+                at_deadline=step is None,
+                collisions=collisions,
+            )
     return _PENDING
 
 
@@ -251,10 +291,12 @@ def _decision(
     after: list[BranchEvent],
     *,
     at_deadline: bool,
+    collisions: CollisionCheck | None,
 ) -> Decision:
     """Assemble the decision and classify every branch that did not contribute."""
     arrived = _branches(arrivals)
-    status, consumed, reason, details = _apply_select(config, resolved, arrived, lost)
+    selected = _apply_select(config, resolved, arrived, lost)
+    status, consumed, reason, details = _apply_collisions(config, selected, arrived, lost, collisions)
     order, wait = arrival_record(arrivals, decided_at)
     late = tuple(e.branch for e in after if e.kind is EventKind.ARRIVAL)
     later_losses = {e.branch: e.reason or "" for e in after if e.kind is EventKind.LOSS}

@@ -19,6 +19,8 @@ from collections.abc import Mapping
 from enum import Enum
 from typing import Any
 
+from airflow_elspeth.core.config import ON_COLLISION_FAIL_ROW, ON_COLLISION_PREFER
+
 
 class Word(str, Enum):
     """A stored word: compares, formats and serialises as its value (``f"{NodeStatus.FAILED}"`` is
@@ -102,6 +104,9 @@ class FailureReason(Word):
     BEST_EFFORT_TIMEOUT_NO_ARRIVALS = "best_effort_timeout_no_arrivals"
     FIRST_TIMEOUT_NO_ARRIVALS = "first_timeout_no_arrivals"
     SELECT_BRANCH_NOT_ARRIVED = "select_branch_not_arrived"
+    # A union whose consumed branches supplied the same field, with ``on_collision="fail_row"``: the
+    # decision depends on the outputs, not only on the log (``core.merge.settle``).
+    FIELD_COLLISION = "field_collision"
     # Resolutions, not policy outcomes: the coalesce task ended (killed, marked by a person, out of
     # retries, skipped) with the row still undecidable; see ``core.policy.resolve_ended``.
     COALESCE_TASK_FAILED = "coalesce_task_failed"
@@ -117,6 +122,9 @@ class FailureReason(Word):
 
 COALESCE_TASK_PREFIX = "coalesce_task_"
 ERROR_PREFIX = "error:"
+CONTRACT_PREFIX = "contract:"
+# ``error_json.type`` of a node state whose output broke its step's contract (``core/contract.py``).
+CONTRACT_VIOLATION = "ContractViolation"
 BRANCH_TASK_PREFIX = "branch_task_"
 
 # Missing reasons that are not built from a prefix.
@@ -195,6 +203,21 @@ def error_reason(error_type: str | None) -> str:
     return f"{ERROR_PREFIX}{error_type or 'Exception'}"
 
 
+def contract_reason(field: str) -> str:
+    """The loss reason of a row whose output broke its step's contract at ``field``."""
+    return f"{CONTRACT_PREFIX}{field}"
+
+
+def failed_state_reason(error: Mapping[str, Any] | None) -> str:
+    """The loss reason of a ``failed`` node state from its stored error: ``contract:<field>`` for a
+    contract violation (the error carries ``contract.field``), else ``error:<Type>``."""
+    error = error or {}
+    contract = error.get("contract")
+    if error.get("type") == CONTRACT_VIOLATION and isinstance(contract, Mapping) and "field" in contract:
+        return contract_reason(str(contract["field"]))
+    return error_reason(error.get("type"))
+
+
 def branch_task_reason(task_state: str | None) -> str:
     """The missing reason of a branch whose task was ``task_state`` when the row was decided."""
     return f"{BRANCH_TASK_PREFIX}{task_state or UNKNOWN_TASK_STATE}"
@@ -260,6 +283,7 @@ FAILURE_REASON_TEXT: Mapping[str, str] = {
     FailureReason.BEST_EFFORT_TIMEOUT_NO_ARRIVALS: "no branch had arrived by the deadline (best_effort)",
     FailureReason.FIRST_TIMEOUT_NO_ARRIVALS: "no branch had arrived by the deadline (first)",
     FailureReason.SELECT_BRANCH_NOT_ARRIVED: "the selected branch was not among the merged arrivals",
+    FailureReason.FIELD_COLLISION: "branches supplied the same field (on_collision='fail_row')",
 }
 
 MISSING_REASON_TEXT: Mapping[str, str] = {
@@ -286,6 +310,8 @@ def missing_reason_text(reason: str) -> str:
     """Why a branch did not contribute to a row, in words."""
     if reason.startswith(ERROR_PREFIX):
         return f"raised {reason[len(ERROR_PREFIX) :]} (after its row retries)"
+    if reason.startswith(CONTRACT_PREFIX):
+        return f"its output broke the branch's contract at field {reason[len(CONTRACT_PREFIX) :]!r}"
     if reason.startswith(BRANCH_TASK_PREFIX):
         return f"its task ended {reason[len(BRANCH_TASK_PREFIX) :]} before delivering the row"
     return MISSING_REASON_TEXT.get(reason, reason)
@@ -303,6 +329,15 @@ def outcome_text(outcome: str, reason: str | None) -> str:
     ):
         return f"{outcome}: {missing_reason_text(reason)}"
     return f"{outcome} ({reason})" if reason else str(outcome)
+
+
+def collision_rule_text(on_collision: str) -> str:
+    """What a union does with a field several branches supplied (``on_collision``), in words."""
+    if on_collision == ON_COLLISION_FAIL_ROW:
+        return f"the row fails ({FailureReason.FIELD_COLLISION})"
+    if on_collision.startswith(ON_COLLISION_PREFER):
+        return f"branch {on_collision[len(ON_COLLISION_PREFER) :]!r} wins"
+    return "the later branch in configured order wins"
 
 
 def policy_text(config: Mapping[str, Any]) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import queue
 import threading
@@ -19,7 +20,9 @@ from airflow_elspeth import topology
 from airflow_elspeth.audit.read.work import WorkItem, branch_work, decided_in_chunk, decided_rows
 from airflow_elspeth.audit.store import AuditStore, NodeResult
 from airflow_elspeth.core.canonical import hash_value
+from airflow_elspeth.core.contract import Contract, Violation, contract_of
 from airflow_elspeth.core.vocabulary import (
+    CONTRACT_VIOLATION,
     TERMINAL_NODE_STATUSES,
     DecisionStatus,
     NodeStatus,
@@ -55,6 +58,16 @@ class BranchOperator(BaseOperator):
     :param fork: the ForkOperator whose tokens this branch processes.
     :param branch: the branch name (one of ``fork.branches``).
     :param python_callable: called once per row with a copy of the row (or the previous step's output).
+    :param output_fields: the step's output contract, ``{field: type}``: every output must have each
+        field, of that type (``str``, ``int``, ``float``, ``bool``, ``dict``, ``list``, ``None``, a tuple
+        or union of them: ``int | None``; ``bool`` is no ``int``, ``float`` takes ``int``; other fields
+        pass). An output that breaks it is a loss ``contract:<field>`` (no row retry: the callable
+        answered), with the offending value in the trail. Plain Python types rather than a JSON
+        Schema or a pydantic model: DAG files are Python, nothing new to install, and the outputs
+        are JSON objects, whose kinds these are. A ``merge="union"`` coalesce refuses, at parse
+        time, branches declaring one field with different types; see ``airflow_elspeth/core/contract.py``.
+    :param may_drop: the callable may return None (drop rows); a ``require_all`` coalesce fed by this
+        step gets a parse-time warning (every dropped row fails it).
     :param chunk: process only this chunk; set by ``.partial(...).expand(chunk=fork.chunks)``.
     :param row_retries: extra calls after an exception before the row is lost.
     :param row_retry_delay: seconds between those calls (a finite number >= 0).
@@ -78,6 +91,8 @@ class BranchOperator(BaseOperator):
         fork: ForkOperator,
         branch: str,
         python_callable: RowCallable,
+        output_fields: Mapping[str, Any] | None = None,
+        may_drop: bool = False,
         chunk: int | None = None,
         row_retries: int = 0,
         row_retry_delay: float = 0.0,
@@ -99,6 +114,13 @@ class BranchOperator(BaseOperator):
             )
         if not callable(python_callable):
             raise ElspethConfigError(f"python_callable must be callable, got {python_callable!r}")
+        if not isinstance(may_drop, bool):
+            raise ElspethConfigError(f"may_drop must be True or False, got {may_drop!r}")
+        self.contract: Contract | None = (
+            contract_of(output_fields, param=f"{kwargs.get('task_id')}: output_fields")
+            if output_fields is not None
+            else None
+        )
         _check_int("row_retries", row_retries, minimum=0)
         _check_number("row_retry_delay", row_retry_delay, positive=False)
         _check_int("concurrency", concurrency, minimum=1)
@@ -116,6 +138,8 @@ class BranchOperator(BaseOperator):
         self.fork_task_id = fork.task_id
         self.branch = branch
         self.python_callable = python_callable
+        self.output_fields = dict(output_fields) if output_fields is not None else None
+        self.may_drop = may_drop
         self.chunk = chunk
         self.row_retries = row_retries
         self.row_retry_delay = row_retry_delay
@@ -185,6 +209,8 @@ class BranchOperator(BaseOperator):
                 "branch": self.branch,
                 "previous_step": previous,
                 "callable": _callable_name(self.python_callable),
+                "output_fields": self.contract.as_dict() if self.contract is not None else None,
+                "may_drop": self.may_drop,
             },
         )
         chunks = [self.chunk] if self.chunk is not None else list(range(ref["chunks_total"]))
@@ -318,8 +344,11 @@ class BranchOperator(BaseOperator):
                     raise TypeError(
                         f"python_callable must return a dict or None, got {type(output).__name__}"
                     )
+                violation = None
+                if output is not None and self.contract is not None:
+                    violation = self.contract.violation(output)
                 output_hash = body = None
-                if output is not None:
+                if output is not None and violation is None:
                     output_hash, body = hash_value(dict(output), what=f"output for row {item.row_key!r}")
                 break
             except Exception as err:  # the user callable failing on a row is data: recorded as a loss
@@ -336,6 +365,15 @@ class BranchOperator(BaseOperator):
                     error=error,
                     context={"attempts": attempts},
                 )
+        if violation is not None:
+            return NodeResult(
+                **base,
+                status=NodeStatus.FAILED,
+                started_at=started,
+                completed_at=clock(),
+                error=_contract_error(violation),
+                context={"attempts": attempts} if attempts > 1 else None,
+            )
         return NodeResult(
             **base,
             status=NodeStatus.COMPLETED if output is not None else NodeStatus.DROPPED,
@@ -593,6 +631,31 @@ def _discard_if_decided(result: NodeResult, decided: Mapping[str, str]) -> NodeR
             "context": {**(result.context or {}), "late": late},
         }
     )
+
+
+def _contract_error(violation: Violation) -> dict[str, Any]:
+    """The stored error of an output that broke its contract: the field, the offending value (as
+    JSON when it is JSON and short, else its ``repr`` cut short) and the kinds the contract takes."""
+    shown: Any = violation.value
+    try:
+        keep_whole = len(json.dumps(shown, allow_nan=False)) <= MESSAGE_LIMIT
+    except (TypeError, ValueError):  # not JSON (a date, a NaN, a set...): its repr stands in
+        keep_whole = False
+    if not keep_whole:
+        try:
+            shown = repr(shown)[:MESSAGE_LIMIT]
+        except Exception:  # a value whose repr raises is still recorded, by its type
+            shown = f"<{type(shown).__name__}: repr() raised>"
+    return {
+        "type": CONTRACT_VIOLATION,
+        "message": violation.message,
+        "contract": {
+            "field": violation.field,
+            "value": shown,
+            "expected": list(violation.expected),
+            "missing": violation.missing,
+        },
+    }
 
 
 def _type_name(err: BaseException) -> str:

@@ -23,7 +23,7 @@ from airflow_elspeth.audit.coalesce import (
 from airflow_elspeth.audit.dml import TRANSIENT_ERROR_GRACE, TRANSIENT_ERRORS
 from airflow_elspeth.audit.read.decisions import coalesce_summary, failure_message
 from airflow_elspeth.audit.store import AuditStore
-from airflow_elspeth.core.config import MergeStrategy, Policy, coalesce_config
+from airflow_elspeth.core.config import ON_COLLISION_RECORD, MergeStrategy, Policy, coalesce_config
 from airflow_elspeth.core.vocabulary import ENDED_TASK_STATES, TASK_SUCCESS, NodeType
 from airflow_elspeth.exceptions import (
     AuditStoreUnreachable,
@@ -33,7 +33,7 @@ from airflow_elspeth.exceptions import (
 )
 from airflow_elspeth.hooks.audit import ElspethAuditHook
 from airflow_elspeth.operators.fork import ForkOperator, fork_ref
-from airflow_elspeth.topology import delivering_steps
+from airflow_elspeth.topology import coalesce_contract, delivering_steps
 
 SUMMARY_XCOM_KEY = "coalesce_summary"
 # The key of the summary in the extra of the Asset events of the coalesce's outlets.
@@ -89,6 +89,11 @@ class CoalesceSensor(BaseSensorOperator):
     :param merge: ``union`` (fields overlaid in branch order, later wins, collisions recorded),
         ``nested`` (``{branch: output}``) or ``select`` (the output of ``select_branch`` only).
     :param select_branch: the branch whose output ``merge="select"`` keeps (never substituted).
+    :param on_collision: what ``merge="union"`` does with a field several consumed branches supplied
+        (possible where contracts do not rule it out: branches without ``output_fields``):
+        ``"record"`` (default: the later-configured branch wins, the collision is recorded),
+        ``"fail_row"`` (the row fails ``field_collision``, its arrivals end ``row_failed``) or
+        ``"prefer:<branch>"`` (that branch, one of the coalesce's, wins; recorded too).
     :param timeout: the per-row deadline: how long after the fork completed a row may stay undecided;
         at ``fork completion + timeout`` every undecided row is decided by its policy (finite).
         Not ``BaseSensorOperator.timeout``: that one counts from the sensor's first poke and ends the
@@ -123,6 +128,7 @@ class CoalesceSensor(BaseSensorOperator):
         quorum: int | None = None,
         merge: MergeStrategy | str = MergeStrategy.UNION,
         select_branch: str | None = None,
+        on_collision: str = ON_COLLISION_RECORD,
         timeout: timedelta | float = timedelta(hours=1),
         branches: Sequence[str] | None = None,
         tolerated_failures: int = 0,
@@ -145,6 +151,7 @@ class CoalesceSensor(BaseSensorOperator):
             quorum=quorum,
             merge=merge,
             select_branch=select_branch,
+            on_collision=on_collision,
             timeout=timeout,
         )
         if (
@@ -237,14 +244,35 @@ class CoalesceSensor(BaseSensorOperator):
         """
         try:
             steps = delivering_steps(self)
-        except TopologyError as err:
+            contract = self.output_contract()
+        except ElspethConfigError as err:  # TopologyError, or a mapped step's invalid output_fields
             raise AirflowFailException(str(err)) from err
         return CoalesceSpec(
             node_id=self.task_id,
             config=self.coalesce,
             delivering={branch: task_id for branch, (task_id, _) in steps.items()},
             mapped={branch: mapped for branch, (_, mapped) in steps.items()},
+            output_contract=contract,
         )
+
+    def output_contract(self) -> dict[str, Any] | None:
+        """The contract of the rows this coalesce merges, for downstream tasks (also in the summary):
+        ``{"fields": {field: [types]}, "untyped_branches": [...]}`` from the branches' delivering
+        steps' ``output_fields`` (``union``: merged; ``select``: the selected branch's), None for
+        ``nested``. A field is certain to be in a merged row only when every branch was consumed
+        and none is untyped (an untyped branch may supply any field).
+
+        :raises TopologyError: the branches declare one field with different types (the cluster
+            policy refuses such a DAG at parse time; this is for a DAG that bypassed it).
+        """
+        merged = coalesce_contract(self)
+        if merged is None:
+            return None
+        if merged.conflicts:
+            raise TopologyError(
+                f"coalesce {self.task_id!r}: " + "; ".join(c.message for c in merged.conflicts)
+            )
+        return merged.as_dict()
 
     def _store(self) -> AuditStore:
         return AuditStore(ElspethAuditHook(audit_conn_id=self.audit_conn_id).get_engine())

@@ -256,7 +256,10 @@ def _events(
                 events.append(BranchEvent(branch, at, EventKind.LOSS, "dropped"))
             else:
                 error = json.loads(first["error_json"] or "{}")
-                events.append(BranchEvent(branch, at, EventKind.LOSS, f"error:{error.get('type')}"))
+                # An output that broke its step's contract is lost at the field it broke.
+                contract = error.get("contract") if error.get("type") == "ContractViolation" else None
+                reason = f"contract:{contract['field']}" if contract else f"error:{error.get('type')}"
+                events.append(BranchEvent(branch, at, EventKind.LOSS, reason))
             continue
         task_losses = [x for x in losses if x["node_id"] == node and x["chunk"] in (chunk, -1)]
         task_losses.sort(key=lambda x: x["chunk"] != chunk)  # the chunk's own task first
@@ -284,6 +287,7 @@ def check_coalesce(engine: Engine, run: dict[str, Any], node_id: str = "coalesce
         timeout=timedelta(seconds=cfg["timeout_seconds"]),
         quorum=cfg["quorum"],
         select_branch=cfg["select_branch"],
+        on_collision=cfg.get("on_collision", "record"),
     )
     delivering = spec["delivering"]
     nodes = tuple(delivering.values())
@@ -349,6 +353,23 @@ def check_coalesce(engine: Engine, run: dict[str, Any], node_id: str = "coalesce
                 story[branch] = "skipped_decided"
         return story
 
+    def output_of(row_id: str, branch: str) -> Any:
+        state = next(
+            s
+            for s in states
+            if s["node_id"] == delivering[branch]
+            and s["row_id"] == row_id
+            and s["status"] in ARRIVAL_NODE_STATES
+        )
+        return payload(state["output_ref"])
+
+    def collisions_of(row_id: str) -> Any:
+        """on_collision="fail_row": the decision depends on whether the consumed outputs collide."""
+        return lambda consumed: (
+            merge_outputs(config, consumed, {b: output_of(row_id, b) for b in consumed}).collisions
+        )
+
+    fail_row = config.on_collision == "fail_row"
     by_key: dict[str, dict[str, Any]] = {}
     late_tokens = 0
     for d in decisions:
@@ -372,7 +393,9 @@ def check_coalesce(engine: Engine, run: dict[str, Any], node_id: str = "coalesce
                 "late": [],
             }
             continue
-        expected = replay(config, events, deadline=deadline, now=now)
+        expected = replay(
+            config, events, deadline=deadline, now=now, collisions=collisions_of(row_id) if fail_row else None
+        )
         consumed = json.loads(d["consumed"])
         missing = json.loads(d["missing_json"])
         late = json.loads(d["late_json"])
@@ -462,22 +485,14 @@ def check_coalesce(engine: Engine, run: dict[str, Any], node_id: str = "coalesce
                 n=node_id,
             )
             assert len(merged_state) == 1 and merged_state[0]["status"] == "completed"
-            outputs = {}
-            for b in consumed:
-                state = next(
-                    s
-                    for s in states
-                    if s["node_id"] == delivering[b]
-                    and s["row_id"] == row_id
-                    and s["status"] in ARRIVAL_NODE_STATES
-                )
-                outputs[b] = payload(state["output_ref"])
-            merged = merge_outputs(config, consumed, outputs)
+            merged = merge_outputs(config, consumed, {b: output_of(row_id, b) for b in consumed})
             assert payload(merged_state[0]["output_ref"]) == merged.row, f"{where}: merged row"
             collisions = json.loads(d["collisions_json"]) if d["collisions_json"] else {}
             assert collisions == merged.collisions, f"{where}: collisions"
         else:
             assert d["merged_token_id"] is None
+            if d["failure_reason"] == "field_collision":  # the collisions that failed it, recorded
+                assert json.loads(d["collisions_json"]) == expected.details["collisions"], where
         by_key[key] = {**d, "consumed": consumed, "missing": missing, "story": story, "late": late}
     return CoalesceView(run=run, node_id=node_id, spec=spec, decisions=by_key, late_tokens=late_tokens)
 
@@ -609,8 +624,9 @@ def check_sensor_state(state: str, summary: Mapping[str, Any], spec: Any) -> str
 
 
 def check_error_fingerprints(engine: Engine, run_id: str) -> None:
-    """A terminal loss to a row error carries the fingerprint of the error its node state recorded;
-    no other terminal outcome carries one."""
+    """A terminal loss to a row error (``error:<Type>``, or ``contract:<field>``: an output that broke
+    its step's contract) carries the fingerprint of the error its node state recorded; no other
+    terminal outcome carries one."""
     outcomes = q(
         engine,
         "SELECT token_id, outcome, reason, error_hash FROM token_outcomes WHERE run_id = :r AND is_terminal",
@@ -626,7 +642,7 @@ def check_error_fingerprints(engine: Engine, run_id: str) -> None:
         fingerprint = error_fingerprint(error.get("type") or "Exception", error.get("message") or "")
         errors.setdefault(state["token_id"], set()).add(fingerprint)
     for o in outcomes:
-        if o["outcome"] == "lost" and str(o["reason"]).startswith("error:"):
+        if o["outcome"] == "lost" and str(o["reason"]).startswith(("error:", "contract:")):
             assert o["error_hash"] in errors.get(o["token_id"], set()), (o, errors.get(o["token_id"]))
         else:
             assert o["error_hash"] is None, o

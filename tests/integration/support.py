@@ -32,6 +32,23 @@ def selected(dag_ids: Iterable[str]) -> list[str]:
     return [dag_id for dag_id in dag_ids if dag_id in wanted]
 
 
+def integration_dag(dag_id: str) -> Any:
+    """The DAG the integration DAG files build their scenarios in: unscheduled, tagged, and no task
+    retries unless a task sets its own."""
+    from datetime import datetime
+
+    from airflow.sdk import DAG
+
+    return DAG(
+        dag_id=dag_id,
+        schedule=None,
+        start_date=datetime(2026, 1, 1),
+        catchup=False,
+        tags=["elspeth", "integration-test"],
+        default_args={"retries": 0},
+    )
+
+
 def dag_module() -> ModuleType:
     """The test DAG factory module (tests/integration/dags/elspeth_it_dags.py), imported once."""
     module = sys.modules.get(DAG_MODULE_NAME)

@@ -403,6 +403,11 @@ INVALID = {
         "'ask_a' follows it",
     ],
     "topology_mapped_unknown_branch.py": ["'ask_z'", "branch 'z' is not a branch of fork 'fork'"],
+    "topology_conflicting_contracts.py": [
+        "coalesce 'coalesce' (merge='union')",
+        "field 'value' is declared int in branch 'a', str in branch 'b'",
+        "(steps 'ask_a', 'ask_b')",
+    ],
 }
 
 

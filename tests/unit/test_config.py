@@ -56,6 +56,7 @@ def test_a_valid_configuration_is_kept_as_given() -> None:
         "timeout_seconds": 90.0,
         "quorum": 2,
         "select_branch": "gpt",
+        "on_collision": "record",
     }
 
 

@@ -425,3 +425,59 @@ def test_branch_configuration_errors_at_parse_time(overrides: dict[str, Any], me
 def test_branch_needs_a_fork_operator() -> None:
     with pytest.raises(ElspethConfigError, match="fork must be a ForkOperator, got str"):
         BranchOperator(task_id="ask", fork="fork", branch="a", python_callable=_identity)
+
+
+# -- output contracts of a branch step
+
+
+def _contract_result(output: dict[str, Any], retries: int = 0) -> Any:
+    """The node result of one row whose callable answers ``output`` (counting the calls)."""
+    from airflow_elspeth.audit.read.work import WorkItem
+
+    calls: list[int] = []
+
+    def answer(row: dict[str, Any]) -> dict[str, Any]:
+        calls.append(1)
+        return output
+
+    fork = ForkOperator(task_id="fork_c", rows=[{"id": 1}], row_key="id", branches=["a", "b"])
+    step = BranchOperator(
+        task_id="ask_a",
+        fork=fork,
+        branch="a",
+        python_callable=answer,
+        output_fields={"when": str, "n": int},
+        row_retries=retries,
+    )
+    item = WorkItem(token_id="t", row_id="r", row_key="1", input_hash="h", input_row={"id": 1})
+    result = step._process_one(item, 0, lambda: datetime(2026, 1, 1, tzinfo=timezone.utc))
+    return result, len(calls)
+
+
+def test_an_output_breaking_the_contract_is_failed_with_its_value_and_not_retried() -> None:
+    result, calls = _contract_result({"when": "today", "n": True}, retries=3)
+    assert calls == 1 and result.status == "failed" and result.output_hash is None
+    assert result.error == {
+        "type": "ContractViolation",
+        "message": "field 'n' is bool, the contract says int",
+        "contract": {"field": "n", "value": True, "expected": ["int"], "missing": False},
+    }
+
+
+@pytest.mark.parametrize(
+    ("value", "shown"),
+    [
+        (datetime(2026, 1, 1), "datetime.datetime(2026, 1, 1, 0, 0)"),  # not JSON: its repr
+        ("x" * 5000, repr("x" * 5000)[:2000]),  # too long to keep whole: cut
+    ],
+    ids=["not-json", "too-long"],
+)
+def test_an_offending_value_that_cannot_be_kept_whole_is_kept_as_its_repr(value: Any, shown: str) -> None:
+    result, _ = _contract_result({"when": "today", "n": value})
+    assert result.error["contract"]["value"] == shown
+    json.dumps(result.error)  # storable
+
+
+def test_an_output_keeping_the_contract_is_completed() -> None:
+    result, _ = _contract_result({"when": "today", "n": 2, "extra": None})
+    assert result.status == "completed" and result.output_hash

@@ -321,7 +321,12 @@ def test_design_table_cell(cell: Cell) -> None:
 def test_the_table_produces_every_failure_reason() -> None:
     produced = {run(p.values[0]).failure_reason for p in CASES} - {None}
     # Resolutions (coalesce_task_<state>) are not policy outcomes: resolve_ended produces them.
-    assert produced == {reason for reason in FailureReason if not reason.is_resolution}
+    # field_collision depends on the outputs, not the log (tests/unit/test_contract.py).
+    assert produced == {
+        reason
+        for reason in FailureReason
+        if not reason.is_resolution and reason is not FailureReason.FIELD_COLLISION
+    }
 
 
 def test_the_table_covers_every_policy_and_status() -> None:

@@ -37,6 +37,7 @@ from airflow_elspeth.core.vocabulary import (
     TokenKind,
     TokenOutcome,
     after_decision_reason,
+    collision_rule_text,
     policy_text,
     reason_kind,
     reason_order,
@@ -146,6 +147,8 @@ def coalesce_summary(engine: Engine, spec: CoalesceSpec, run_id: str) -> dict[st
         "quorum": config.quorum,
         "merge": config.merge.value,
         "select_branch": config.select_branch,
+        "on_collision": config.on_collision,
+        "output_contract": spec.output_contract,
         "expected_branches": list(config.branches),
         "deadline": deadline_of(run, config).isoformat() if run.completed_at else None,
         "rows_total": run.rows_total,
@@ -648,6 +651,8 @@ def coalesce_overview(
         "failure_reasons": dict(sorted(summary["failure_reasons"].items(), key=lambda kv: (-kv[1], kv[0]))),
         "missing_matrix": _matrix(groups, spec.config.branches, moves),
         "field_collisions": summary["field_collisions"],
+        "collision_rule": collision_rule_text(spec.config.on_collision),
+        "output_contract": summary["output_contract"],
     }
 
 

@@ -25,6 +25,7 @@ from airflow_elspeth.core.vocabulary import (
     NodeType,
     ReasonKind,
     TokenKind,
+    collision_rule_text,
     failure_reason_text,
     is_resolution,
     missing_reason_text,
@@ -163,6 +164,15 @@ def explain_decision(
             parts.append(
                 f"merge=select keeps only {details.get('select_branch')!r}, which was not among the "
                 f"merged arrivals ({listing(details.get('consumed', []))}); no other branch is substituted."
+            )
+        if reason == FailureReason.FIELD_COLLISION:
+            clashes = "; ".join(
+                f"{name!r} from {listing(branches)}"
+                for name, branches in details.get("collisions", {}).items()
+            )
+            parts.append(
+                f"The union of {listing(details.get('consumed', []))} would have merged, but they supplied "
+                f"the same fields ({clashes}) and on_collision='fail_row' fails such a row."
             )
     for branch, why in lost.items():
         parts.append(f"{branch} {missing_reason_text(why)}.")
@@ -345,6 +355,7 @@ def row_view(engine: Engine, audit_run: Mapping[str, Any], row_key: str) -> dict
                 else None
             )
             recorded["policy_text"] = policy_text(config)
+            recorded["collision_rule"] = collision_rule_text(spec.config.on_collision)
             recorded["deadline"] = deadline
             recorded["explanation"] = explain_decision(recorded, config, deadline)
             recorded["replay"] = _replay_view(engine, spec, run, d, recorded)

@@ -28,6 +28,8 @@ from airflow_elspeth.audit import schema as t
 from airflow_elspeth.audit.coalesce import (
     CoalesceSpec,
     RunInfo,
+    arrival_bodies,
+    collision_check,
     deadline_of,
     load_run,
     read_chunk_log,
@@ -35,7 +37,7 @@ from airflow_elspeth.audit.coalesce import (
 )
 from airflow_elspeth.audit.read.limbo import LIMBO_EXAMPLES, TaskStates, limbo_findings
 from airflow_elspeth.audit.read.runs import coalesce_nodes, coalesce_spec
-from airflow_elspeth.core.policy import BranchEvent, Decision, order_events, replay
+from airflow_elspeth.core.policy import BranchEvent, CollisionCheck, Decision, order_events, replay
 from airflow_elspeth.core.vocabulary import DecisionStatus, is_resolution, resolution_task_state
 
 ORPHAN_PARENT = "orphan_parent"
@@ -144,10 +146,16 @@ class Replay:
 
 
 def replay_stored(
-    spec: CoalesceSpec, run: RunInfo, stored: Mapping[str, Any], events: Sequence[BranchEvent]
+    spec: CoalesceSpec,
+    run: RunInfo,
+    stored: Mapping[str, Any],
+    events: Sequence[BranchEvent],
+    collisions: CollisionCheck | None = None,
 ) -> Replay:
     """Replay a stored decision (a ``coalesce_decisions`` row) from its row's stored ``events``.
 
+    :param collisions: the row's collision check (``audit.coalesce.collision_check``) when
+        ``on_collision="fail_row"`` makes the decision depend on the stored outputs.
     :raises ValueError: the run's fork never completed (no deadline).
     """
     deadline = deadline_of(run, spec.config)
@@ -157,7 +165,7 @@ def replay_stored(
         replayed = replay(spec.config, [e for e in events if e.at <= moment], deadline=deadline, now=moment)
     else:
         moment = stored["recorded_at"]
-        replayed = replay(spec.config, events, deadline=deadline, now=moment)
+        replayed = replay(spec.config, events, deadline=deadline, now=moment, collisions=collisions)
     return Replay(
         coalesce=spec.node_id,
         row_key=stored["row_key"],
@@ -177,7 +185,11 @@ def replay_row(engine: Engine, spec: CoalesceSpec, run: RunInfo, stored: Mapping
         _, states, losses = read_chunk_log(
             conn, spec, run.run_id, stored["chunk"], undecided_only=False, row_ids=[stored["row_id"]]
         )
-    return replay_stored(spec, run, stored, row_events(spec, states.get(stored["row_id"], {}), losses))
+        bodies = arrival_bodies(conn, spec.config, states)
+    row = states.get(stored["row_id"], {})
+    return replay_stored(
+        spec, run, stored, row_events(spec, row, losses), collision_check(spec.config, row, bodies)
+    )
 
 
 def replay_coalesce(engine: Engine, spec: CoalesceSpec, run: RunInfo) -> Iterator[Replay]:
@@ -186,6 +198,7 @@ def replay_coalesce(engine: Engine, spec: CoalesceSpec, run: RunInfo) -> Iterato
     for chunk in range(run.chunks_total):
         with engine.connect() as conn:
             _, states, losses = read_chunk_log(conn, spec, run.run_id, chunk, undecided_only=False)
+            bodies = arrival_bodies(conn, spec.config, states)
             stored: Sequence[Any] = (
                 conn.execute(
                     select(t.coalesce_decisions)
@@ -196,8 +209,9 @@ def replay_coalesce(engine: Engine, spec: CoalesceSpec, run: RunInfo) -> Iterato
                 .all()
             )
         for decision in stored:
+            row = states.get(decision["row_id"], {})
             yield replay_stored(
-                spec, run, decision, row_events(spec, states.get(decision["row_id"], {}), losses)
+                spec, run, decision, row_events(spec, row, losses), collision_check(spec.config, row, bodies)
             )
 
 

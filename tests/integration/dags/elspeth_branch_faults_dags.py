@@ -16,11 +16,11 @@ import signal
 import sys
 import threading
 from collections.abc import Callable, Mapping
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 from airflow.sdk import DAG, task
-from integration.support import selected
+from integration.support import integration_dag, selected
 
 from airflow_elspeth import BranchOperator, CoalesceSensor, ForkOperator
 
@@ -148,17 +148,6 @@ B_FAULTS: dict[str, tuple[Mapping[str, Any], Mapping[int, Action]]] = {
 DAG_IDS = (UNJOINED, *B_FAULTS)
 
 
-def _dag(dag_id: str) -> DAG:
-    return DAG(
-        dag_id=dag_id,
-        schedule=None,
-        start_date=datetime(2026, 1, 1),
-        catchup=False,
-        tags=["elspeth", "integration-test"],
-        default_args={"retries": 0},
-    )
-
-
 @task
 def load(count: int) -> list[dict[str, Any]]:
     return [{"id": f"r{n}", "n": n} for n in range(count)]
@@ -167,7 +156,7 @@ def load(count: int) -> list[dict[str, Any]]:
 def build_unjoined() -> DAG:
     """Branches a, b, c; the coalesce joins a and b only. c is ``prep_c >> ask_c`` (ask_c mapped
     over the fork's chunks): prep_c drops r4; ask_c drops r1 and fails r2."""
-    with _dag(UNJOINED) as dag:
+    with integration_dag(UNJOINED) as dag:
         fork = ForkOperator(
             task_id="fork", rows=load(ROW_COUNT), row_key="id", branches=["a", "b", "c"], chunk_size=4
         )
@@ -203,7 +192,7 @@ def build_unjoined() -> DAG:
 def build_b_fault(dag_id: str) -> DAG:
     """Branches a and b under a best_effort coalesce; ask_b runs the scripted fault."""
     options, actions = B_FAULTS[dag_id]
-    with _dag(dag_id) as dag:
+    with integration_dag(dag_id) as dag:
         fork = ForkOperator(
             task_id="fork", rows=load(ROW_COUNT), row_key="id", branches=["a", "b"], chunk_size=4
         )

@@ -20,11 +20,11 @@ import threading
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 from airflow.sdk import DAG, task
-from integration.support import selected
+from integration.support import integration_dag, selected
 
 from airflow_elspeth import BranchOperator, CoalesceSensor, ForkOperator
 
@@ -226,14 +226,7 @@ class FaultyCoalesce(CoalesceSensor):
 
 def build_dag(spec: Spec) -> DAG:
     """Build the DAG of one scenario."""
-    with DAG(
-        dag_id=spec.dag_id,
-        schedule=None,
-        start_date=datetime(2026, 1, 1),
-        catchup=False,
-        tags=["elspeth", "integration-test"],
-        default_args={"retries": 0},
-    ) as dag:
+    with integration_dag(spec.dag_id) as dag:
 
         @task
         def load(count: int) -> list[dict[str, Any]]:

@@ -9,12 +9,12 @@ file a first-try-only failure is keyed on.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from datetime import datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 from airflow.sdk import DAG
-from integration.support import selected
+from integration.support import integration_dag, selected
 
 from airflow_elspeth import BranchOperator, CoalesceSensor, ForkOperator
 
@@ -90,14 +90,7 @@ def build_dag(dag_id: str, marker: Path | None = None) -> DAG:
         chunk_size = SMALL_CHUNK_SIZE
     else:
         raise ValueError(f"unknown fork failure DAG {dag_id!r}")
-    with DAG(
-        dag_id=dag_id,
-        schedule=None,
-        start_date=datetime(2026, 1, 1),
-        catchup=False,
-        tags=["elspeth", "integration-test"],
-        default_args={"retries": 0},
-    ) as dag:
+    with integration_dag(dag_id) as dag:
         fork = ForkOperator(
             task_id="fork",
             rows=rows,

@@ -8,11 +8,11 @@ coalesce's outlet is the asset ``ASSET_URI``.
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 from airflow.sdk import DAG, Asset
-from integration.support import selected
+from integration.support import integration_dag, selected
 
 from airflow_elspeth import BranchOperator, CoalesceSensor, ForkOperator
 
@@ -35,14 +35,7 @@ def answer_b(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def build_dag(dag_id: str = DAG_ID) -> DAG:
-    with DAG(
-        dag_id=dag_id,
-        schedule=None,
-        start_date=datetime(2026, 1, 1),
-        catchup=False,
-        tags=["elspeth", "integration-test"],
-        default_args={"retries": 0},
-    ) as dag:
+    with integration_dag(dag_id) as dag:
         rows = [{"id": f"r{n}", "n": n} for n in range(ROW_COUNT)]
         fork = ForkOperator(task_id="fork", rows=rows, row_key="id", branches=list(BRANCHES))
         ask_a = BranchOperator(task_id="ask_a", fork=fork, branch="a", python_callable=answer_a)

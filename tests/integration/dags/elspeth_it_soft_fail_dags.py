@@ -15,11 +15,11 @@ from __future__ import annotations
 import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 from airflow.sdk import DAG, task
-from integration.support import selected
+from integration.support import integration_dag, selected
 
 from airflow_elspeth import BranchOperator, CoalesceSensor, ForkOperator
 
@@ -55,14 +55,7 @@ class Answer:
 
 
 def build_dag(scenario: Scenario) -> DAG:
-    with DAG(
-        dag_id=scenario.dag_id,
-        schedule=None,
-        start_date=datetime(2026, 1, 1),
-        catchup=False,
-        tags=["elspeth", "integration-test"],
-        default_args={"retries": 0},
-    ) as dag:
+    with integration_dag(scenario.dag_id) as dag:
         bad = scenario.bad_rows
         fork = ForkOperator(
             task_id="fork", rows=lambda: _rows(bad), row_key="id", branches=list(BRANCHES), chunk_size=4
