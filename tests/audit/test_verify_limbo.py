@@ -599,9 +599,12 @@ def test_ui_reports_show_undecided_resolutions_and_superseded(audit_engine: Engi
     trail.resolve(run, 1)
     trail.resolve(run, 2)
     trail.supersede(run, 2)
-    counts = {"join": {"merged": 1, "failed": 1, "undecided": 2}}
+    # The superseded resolution of row 2 is not a decision: undecided, and no failure reason.
+    counts = {
+        "join": {"merged": 1, "failed": 1, "undecided": 2, "failure_reasons": {"coalesce_task_failed": 1}}
+    }
     (outcome,) = audit_index(audit_engine, None)[0]["outcomes"]
-    assert {outcome["coalesce"]: {k: outcome[k] for k in ("merged", "failed", "undecided")}} == counts
+    assert {outcome["coalesce"]: {k: outcome[k] for k in counts["join"]}} == counts
     audit_run = pick_audit_run(audit_runs(audit_engine, "d", "r"))
     assert audit_run is not None and audit_run["decisions"] == counts
     overview = coalesce_overview(audit_engine, audit_run, "join")
