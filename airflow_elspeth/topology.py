@@ -443,30 +443,65 @@ def dag_warnings(dag: Any) -> list[str]:
     For every unmapped ``require_all`` coalesce, each joined branch's steps: one declared
     ``may_drop=True`` (each row it drops fails ``branch_lost``), and an earlier step of a multi-step
     branch without ``row_retries`` (one error there loses the row on the branch, and so fails it).
-    The messages name the coalesce, the branch and the step.
+    For every unmapped ``union`` coalesce with ``on_collision="fail_row"``: a field that several
+    branches' contracts declare (each row merging those branches fails ``field_collision``).
+    The messages name the coalesce, the branch and the step (or the field and the branches).
 
     :param dag: a DAG (its tasks are read, never changed).
     """
     found: list[str] = []
     for task in dag.tasks:
         config = _coalesce_config(task) if role_of(task) == COALESCE else None
-        if config is None or config.policy is not Policy.REQUIRE_ALL:
+        if config is None:
             continue
-        for branch, delivering in _delivering_tasks(task).items():
-            prefix = f"coalesce {task.task_id!r} (require_all) joins branch {branch!r}"
-            chain = _branch_chain(delivering)
-            for step in chain:
-                if _step_arg(step, "may_drop", False):
-                    found.append(
-                        f"{prefix}, whose step {step.task_id!r} may drop rows (may_drop=True): every "
-                        "row it drops fails the coalesce (branch_lost)"
-                    )
-            for step in chain[:-1]:
-                if not _step_arg(step, "row_retries", 0):
-                    found.append(
-                        f"{prefix}, whose earlier step {step.task_id!r} has no row_retries: one error "
-                        "there loses the row on the branch, and so fails it (branch_lost)"
-                    )
+        if config.policy is Policy.REQUIRE_ALL:
+            found.extend(_lossy_step_warnings(task))
+        if config.fails_on_collision:
+            found.extend(_certain_collision_warnings(task))
+    return found
+
+
+def _lossy_step_warnings(coalesce_task: Any) -> list[str]:
+    """A ``require_all`` coalesce's branch steps that may drop or lose rows (see dag_warnings)."""
+    found: list[str] = []
+    for branch, delivering in _delivering_tasks(coalesce_task).items():
+        prefix = f"coalesce {coalesce_task.task_id!r} (require_all) joins branch {branch!r}"
+        chain = _branch_chain(delivering)
+        for step in chain:
+            if _step_arg(step, "may_drop", False):
+                found.append(
+                    f"{prefix}, whose step {step.task_id!r} may drop rows (may_drop=True): every "
+                    "row it drops fails the coalesce (branch_lost)"
+                )
+        for step in chain[:-1]:
+            if not _step_arg(step, "row_retries", 0):
+                found.append(
+                    f"{prefix}, whose earlier step {step.task_id!r} has no row_retries: one error "
+                    "there loses the row on the branch, and so fails it (branch_lost)"
+                )
+    return found
+
+
+def _certain_collision_warnings(coalesce_task: Any) -> list[str]:
+    """Fields several branches of a ``fail_row`` union declare: every row merging them fails."""
+    try:
+        merged = coalesce_contract(coalesce_task)
+    except ElspethConfigError:
+        return []  # check_dag reports the invalid contract
+    if merged is None:
+        return []
+    steps = _delivering_tasks(coalesce_task)
+    contracts = {branch: step_contract(step) for branch, step in steps.items()}
+    found = []
+    for name in merged.contract.fields:
+        suppliers = [b for b, c in contracts.items() if c is not None and name in c.fields]
+        if len(suppliers) > 1:
+            found.append(
+                f"coalesce {coalesce_task.task_id!r} (on_collision='fail_row'): branches "
+                f"{_names(suppliers)} all declare field {name!r}, so every row merging them fails "
+                "(field_collision); drop the field from all but one contract, or choose "
+                "on_collision='prefer:<branch>'"
+            )
     return found
 
 

@@ -294,3 +294,31 @@ def test_no_warning_without_require_all_or_with_retries() -> None:
         prep >> steps[0]
         steps >> _coalesce(fork, policy="require_all")
     assert topology.dag_warnings(dag) == []  # the earlier step retries its rows
+
+
+def test_a_fail_row_union_whose_contracts_share_a_field_warns_that_every_row_fails() -> None:
+    """Two contracts declaring one field (alike, so no conflict) under ``on_collision="fail_row"``:
+    every row merging both branches is certain to fail ``field_collision``."""
+    fields = {"a": {"id": str, "score": float}, "b": {"id": str, "label": str}, "c": None}
+
+    def build(dag_id: str, on_collision: str) -> DAG:
+        with _dag(dag_id) as dag:
+            fork = _fork()
+            steps = [
+                BranchOperator(
+                    task_id=f"ask_{b}", fork=fork, branch=b, python_callable=dict, output_fields=declared
+                )
+                for b, declared in fields.items()
+            ]
+            fork >> steps
+            steps >> _coalesce(fork, policy="best_effort", merge="union", on_collision=on_collision)
+        return dag
+
+    assert topology.check_dag(build("shared_field", "fail_row")) == []
+    assert topology.dag_warnings(build("shared_field", "fail_row")) == [
+        "coalesce 'coalesce' (on_collision='fail_row'): branches 'a', 'b' all declare field 'id', so "
+        "every row merging them fails (field_collision); drop the field from all but one contract, or "
+        "choose on_collision='prefer:<branch>'"
+    ]
+    assert topology.dag_warnings(build("preferred", "prefer:a")) == []
+    assert topology.dag_warnings(build("recorded", "record")) == []
