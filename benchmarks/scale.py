@@ -35,6 +35,8 @@ from e2e_harness import AirflowStack, AuditDB, RedisServer, run_scale_dag  # noq
 
 EXECUTORS = ("celery", "local")
 out = Console()
+if not out.is_terminal:  # redirected to a file: do not squeeze the table into 80 columns
+    out = Console(width=160)
 err = Console(stderr=True)
 
 

@@ -18,7 +18,7 @@ from airflow.sdk import DAG
 from airflow_elspeth import BranchOperator, CoalesceSensor, ForkOperator
 
 ROWS = int(os.environ.get("ELSPETH_SCALE_ROWS", "5000"))
-CHUNK = int(os.environ.get("ELSPETH_SCALE_CHUNK", "500"))
+CHUNK = int(os.environ.get("ELSPETH_SCALE_CHUNK", "1000"))
 BRANCHES = ("alpha", "beta", "gamma")
 
 
