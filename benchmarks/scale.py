@@ -75,6 +75,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+# The audit tables an audit run writes to, with how to count its rows there (payloads are shared).
+AUDIT_TABLES = {
+    table: f"SELECT count(*) FROM {table} WHERE run_id = :run"
+    for table in ("rows", "tokens", "node_states", "token_outcomes", "coalesce_decisions", "chunk_progress")
+} | {
+    "token_parents": "SELECT count(*) FROM token_parents p JOIN tokens t ON t.token_id = p.token_id "
+    "WHERE t.run_id = :run"
+}
+
+
+def audit_rows(audit: AuditDB, run_id: str) -> dict[str, int]:
+    """Rows audit run ``run_id`` wrote, per table and in all."""
+    counts = {table: int(audit.scalar(sql, run=run_id)) for table, sql in AUDIT_TABLES.items()}
+    return {**counts, "total": sum(counts.values())}
+
+
 def measure(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     celery = "celery" in args.executor
     with ExitStack() as cleanup:
@@ -125,6 +141,7 @@ def measure(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                     "SELECT count(*) FROM coalesce_decisions WHERE run_id = :run", run=audit_run
                 )
                 run["verify_exit"] = stack.elspeth("verify", "--run-id", audit_run).returncode
+                run["audit_rows"] = audit_rows(audit, audit_run)
             else:
                 err.print(stack.diagnostics())
             figures["runs"].append(run)
@@ -163,6 +180,10 @@ def show(figures: dict[str, Any]) -> None:
             "clean" if run["verify_exit"] == 0 else f"exit {run['verify_exit']}",
         )
     out.print(table)
+    for run in figures["runs"]:
+        if run["state"] == "success":
+            per_row = run["audit_rows"]["total"] / figures["rows"]
+            out.print(f"{run['executor']}: {per_row:.1f} audit rows per source row {run['audit_rows']}")
     out.print(f"deployment up in {figures['setup_seconds']:.0f} s (not counted)")
 
 
