@@ -35,6 +35,7 @@ import urllib.request
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -648,8 +649,6 @@ SCALE_DAGS = {"celery": "e2e_scale_celery", "local": "e2e_scale_local"}
 
 
 def _moment(value: str) -> float:
-    from datetime import datetime
-
     return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
 
 
