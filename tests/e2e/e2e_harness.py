@@ -660,7 +660,6 @@ def run_scale_dag(stack: AirflowStack, executor: str, rows: int, *, timeout: flo
     instances and how many ran on each host."""
     dag_id = SCALE_DAGS[executor]
     stack.wait_dag(dag_id)
-    stack.unpause(dag_id)
     run_id = stack.trigger(dag_id)
     run = stack.wait_run(dag_id, run_id, timeout=timeout, interval=1)
     tis = stack.task_instances(dag_id, run_id)

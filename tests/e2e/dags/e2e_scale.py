@@ -17,8 +17,8 @@ from airflow.sdk import DAG
 
 from airflow_elspeth import BranchOperator, CoalesceSensor, ForkOperator
 
-ROWS = int(os.environ.get("ELSPETH_SCALE_ROWS", "5000"))
-CHUNK = int(os.environ.get("ELSPETH_SCALE_CHUNK", "1000"))
+ROWS = int(os.environ.get("ELSPETH_SCALE_ROWS", "2000"))
+CHUNK = int(os.environ.get("ELSPETH_SCALE_CHUNK", "400"))
 BRANCHES = ("alpha", "beta", "gamma")
 
 
@@ -48,6 +48,7 @@ def scale_dag(dag_id: str, executor: str | None) -> DAG:
         schedule=None,
         start_date=datetime(2025, 1, 1),
         catchup=False,
+        is_paused_upon_creation=False,  # manual runs only: no unpausing (an `airflow` CLI start) needed
         default_args=default_args,
         tags=["e2e"],
     ) as dag:
