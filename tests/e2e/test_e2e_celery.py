@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from e2e_harness import AirflowStack, AuditDB, run_scale_dag, verify_clean
@@ -34,7 +35,7 @@ def audit(celery_stack: AirflowStack) -> Iterator[AuditDB]:
     db.dispose()
 
 
-def _check_run(stack: AirflowStack, audit: AuditDB, run: dict) -> None:
+def _check_run(stack: AirflowStack, audit: AuditDB, run: dict[str, Any]) -> None:
     assert run["state"] == "success", run
     assert run["mapped_task_instances"] == len(BRANCHES) * ROWS // CHUNK, run
     audit_run = audit.run_of(run["dag_id"], run["run_id"])
@@ -58,6 +59,7 @@ def test_branches_mapped_over_chunks_run_on_both_celery_workers_and_verify_clean
 
     local = run_scale_dag(stack, "local", ROWS, timeout=360)
     _check_run(stack, audit, local)
+    assert not set(local["hosts"]) & set(stack.worker_names), local["hosts"]  # not on a Celery worker
 
     lines = [
         f"{run['executor']:>6}: {run['rows_per_second']:7.1f} rows/s, {run['wall_seconds']:.1f} s wall, "
