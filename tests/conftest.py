@@ -65,8 +65,10 @@ HEAVY = (
 # The tests that use the Airflow deployment of tests/e2e (session fixture ``airflow_stack``), in two
 # groups of about the same length (four to five minutes each on two cores), each on one xdist worker
 # with a deployment of its own: the fault matrix with the deferred cases and the waiting modes'
-# labels, and the example DAGs' runs with the backfill and the killed-worker cases.
+# labels, and the example DAGs' runs with the backfill and the killed-worker cases. The Celery test
+# (session fixture ``celery_stack``, a deployment of its own) is a third group.
 E2E_STACK_TESTS = "tests/e2e/test_e2e_"
+E2E_CELERY = "tests/e2e/test_e2e_celery.py::"
 E2E_FAULT_MATRIX = "tests/e2e/test_e2e_faults.py::"
 E2E_EXAMPLES = E2E_FAULT_MATRIX + "test_example_dags_"
 E2E_DEFERRED = "tests/e2e/test_e2e_deferred.py::"
@@ -77,12 +79,14 @@ BROWSER_TESTS = "tests/ui/test_browser.py::"
 
 def xdist_scope(nodeid: str) -> str:
     """The xdist scope of a test: the tests of one scope run on one worker, sharing its fixtures.
-    The e2e tests form two groups of about the same length (each with a deployment of its own), the
-    browser tests one; every other test is its own scope."""
+    The e2e tests form two groups of about the same length (each with a deployment of its own) and
+    the Celery group, the browser tests one; every other test is its own scope."""
     if nodeid.startswith(BROWSER_TESTS):
         return "browser"
     if not nodeid.startswith(E2E_STACK_TESTS):
         return nodeid
+    if nodeid.startswith(E2E_CELERY):
+        return "e2e celery"
     if nodeid.startswith(E2E_EXAMPLES):
         return "e2e examples, backfill, killed worker"
     if nodeid.startswith((E2E_FAULT_MATRIX, E2E_DEFERRED, E2E_LABELS)):

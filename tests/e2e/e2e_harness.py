@@ -9,6 +9,11 @@ read task-instance states), with ``[core] simple_auth_manager_all_admins`` so no
 Every process runs in its own process group with its output in ``<home>/proc/<name>.log``; task
 processes (own process groups too) are found through the process tree and by their AIRFLOW_HOME, so
 ``stop()`` leaves nothing behind even when a task was sleeping.
+
+With ``celery_workers`` and a ``broker_url`` (a ``RedisServer``), the executors are the CeleryExecutor
+(default) and the LocalExecutor (for tasks that name it), and ``start()`` adds that many ``airflow
+celery worker`` processes; each reports its own name as the task instances' ``hostname``
+(``worker_hostname``), since they all run on this machine.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import contextlib
 import json
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -29,6 +35,7 @@ import urllib.request
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +46,7 @@ DAGS_FOLDER = Path(__file__).resolve().parent / "dags"
 VENV_BIN = Path(sys.executable).parent
 PROCESSES = ("api-server", "scheduler", "dag-processor", "triggerer")
 STATE_ENV = "ELSPETH_E2E_STATE"
+WORKER_NAME_ENV = "ELSPETH_E2E_WORKER_NAME"
 TERMINAL_RUN_STATES = ("success", "failed")
 
 
@@ -67,6 +75,68 @@ def wait_until(what: str, check: Callable[[], Any], *, timeout: float, interval:
             detail = f" (last error: {type(last_error).__name__}: {last_error})" if last_error else ""
             raise E2EError(f"timed out after {timeout:.0f}s waiting for {what}{detail}")
         time.sleep(interval)
+
+
+def worker_hostname() -> str:
+    """``[core] hostname_callable`` of the Celery workers: the worker's Celery hostname, which the
+    harness puts in its environment (every worker runs on this machine, so the FQDN is the same)."""
+    return os.environ.get(WORKER_NAME_ENV) or socket.getfqdn()
+
+
+@dataclass
+class RedisServer:
+    """A Redis broker of our own: ``redis-server`` on a free loopback port, no persistence, its files
+    in ``home``; ``start()`` it, ``stop()`` it (idempotent)."""
+
+    home: Path
+    port: int = field(default_factory=free_port)
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    @property
+    def log(self) -> Path:
+        return self.home / "redis.log"
+
+    def start(self, *, timeout: float = 30) -> None:
+        executable = shutil.which("redis-server")
+        if executable is None:
+            raise E2EError("redis-server not found on PATH (install the redis-server OS package)")
+        self.home.mkdir(parents=True, exist_ok=True)
+        command = [executable, "--bind", "127.0.0.1", "--port", str(self.port), "--dir", str(self.home)]
+        command += ["--daemonize", "no", "--save", "", "--appendonly", "no", "--protected-mode", "yes"]
+        with open(self.log, "ab") as log:
+            self.process = subprocess.Popen(
+                command,
+                cwd=self.home,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        wait_until(
+            f"redis-server on port {self.port} to answer PING", self.ping, timeout=timeout, interval=0.2
+        )
+
+    def ping(self) -> bool:
+        if self.process is not None and self.process.poll() is not None:
+            raise E2EError(f"redis-server exited with {self.process.returncode}\n{tail(self.log)}")
+        with socket.create_connection(("127.0.0.1", self.port), timeout=2) as conn:
+            conn.sendall(b"PING\r\n")
+            return conn.recv(64).startswith(b"+PONG")
+
+    def stop(self) -> None:
+        if self.process is None:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(timeout=10)
+        self.process = None
 
 
 def tail(path: Path, lines: int = 60) -> str:
@@ -106,6 +176,10 @@ class AirflowStack:
     home: Path
     dags_folder: Path = DAGS_FOLDER
     parallelism: int = 8
+    broker_url: str | None = None  # with celery_workers: the CeleryExecutor's broker
+    celery_workers: int = 0
+    worker_concurrency: int = 2
+    extra_env: dict[str, str] = field(default_factory=dict)
     port: int = field(default_factory=free_port)
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     databases: list[str] = field(default_factory=list)
@@ -118,6 +192,9 @@ class AirflowStack:
         self.state_dir = self.home / "state"
         self.proc_dir = self.home / "proc"
         self.base_url = f"http://127.0.0.1:{self.port}"
+        if self.celery_workers and not self.broker_url:
+            raise ValueError("celery_workers need a broker_url")
+        self.worker_names = [f"worker{n}@e2e-{suffix}" for n in range(1, self.celery_workers + 1)]
 
     # -- configuration ----------------------------------------------------------------------------
 
@@ -140,7 +217,9 @@ class AirflowStack:
             "PATH": f"{VENV_BIN}:{base.get('PATH', '/usr/bin:/bin')}",
             "AIRFLOW_HOME": str(self.home),
             STATE_ENV: str(self.state_dir),
-            "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
+            "AIRFLOW__CORE__EXECUTOR": "CeleryExecutor,LocalExecutor"
+            if self.celery_workers
+            else "LocalExecutor",
             "AIRFLOW__CORE__PARALLELISM": str(self.parallelism),
             "AIRFLOW__CORE__DAGS_FOLDER": str(self.dags_folder),
             "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
@@ -173,6 +252,18 @@ class AirflowStack:
             "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT": str(self._log_ports[1]),
             "AIRFLOW__ELSPETH__CHUNK_SIZE": "1000",
             "PYTHONUNBUFFERED": "1",
+            **self._celery_env(),
+            **self.extra_env,
+        }
+
+    def _celery_env(self) -> dict[str, str]:
+        if not self.celery_workers:
+            return {}
+        return {
+            "AIRFLOW__CELERY__BROKER_URL": str(self.broker_url),
+            # Task states through the metadata DB (the provider's default, spelled out).
+            "AIRFLOW__CELERY__RESULT_BACKEND": f"db+{self.meta_url}",
+            "AIRFLOW__CELERY__WORKER_CONCURRENCY": str(self.worker_concurrency),
         }
 
     # -- lifecycle --------------------------------------------------------------------------------
@@ -207,17 +298,38 @@ class AirflowStack:
         # Schema of the audit store at head before any task runs (tasks would do it on first use).
         self.run([str(VENV_BIN / "airflow-elspeth"), "--url", self.audit_url, "db", "upgrade"], timeout=120)
         for name in PROCESSES:
-            self._spawn(name)
+            self._spawn(name, [name])
+        for name in self.worker_names:
+            self._spawn(
+                name,
+                # --skip-serve-logs: every worker on this machine would serve its logs on the same port
+                [
+                    "celery",
+                    "worker",
+                    "--celery-hostname",
+                    name,
+                    "--concurrency",
+                    str(self.worker_concurrency),
+                    "--skip-serve-logs",
+                ],
+                {
+                    WORKER_NAME_ENV: name,
+                    "AIRFLOW__CORE__HOSTNAME_CALLABLE": f"{Path(__file__).stem}.worker_hostname",
+                    "PYTHONPATH": os.pathsep.join(
+                        filter(None, [str(Path(__file__).parent), self.env().get("PYTHONPATH")])
+                    ),
+                },
+            )
         wait_until("every Airflow process to report healthy", self.healthy, timeout=ready_timeout, interval=1)
         self.timings["ready"] = time.monotonic() - started
 
-    def _spawn(self, name: str) -> None:
+    def _spawn(self, name: str, args: list[str], env: dict[str, str] | None = None) -> None:
         log = open(self.proc_dir / f"{name}.log", "ab")  # noqa: SIM115 - owned by the process
         try:
             self.processes[name] = subprocess.Popen(
-                [str(VENV_BIN / "airflow"), name],
+                [str(VENV_BIN / "airflow"), *args],
                 cwd=self.home,
-                env=self.env(),
+                env={**self.env(), **(env or {})},
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -236,7 +348,11 @@ class AirflowStack:
         return all(
             (health.get(part) or {}).get("status") == "healthy"
             for part in ("metadatabase", "scheduler", "triggerer", "dag_processor")
-        )
+        ) and all(self.worker_ready(name) for name in self.worker_names)
+
+    def worker_ready(self, name: str) -> bool:
+        """Whether Celery worker ``name`` logged that it is ready (connected, consuming its queue)."""
+        return f"{name} ready." in (self.proc_dir / f"{name}.log").read_text(errors="replace")
 
     def stop(self) -> None:
         """Stop every process of this deployment (and every task process it started), drop the DBs."""
@@ -425,7 +541,7 @@ class AirflowStack:
     def diagnostics(self, lines: int = 60) -> str:
         """The tail of every process log and of the newest task logs (attached to failed tests)."""
         parts = []
-        for name in PROCESSES:
+        for name in (*PROCESSES, *self.worker_names):
             proc = self.processes.get(name)
             status = (
                 "not started"
@@ -524,6 +640,65 @@ def verify_clean(stack: AirflowStack, audit: AuditDB, *args: str) -> None:
         f"airflow-elspeth verify {' '.join(args)} exited {done.returncode}: {len(findings)} findings "
         f"{checks}\nexamples: {findings[:5]}\ntokens: {detail[:40]}"
     )
+
+
+# -- scale runs (tests/e2e/test_e2e_celery.py, benchmarks/scale.py) ----------------------------------
+
+# tests/e2e/dags/e2e_scale.py: the same DAG on each executor of a deployment with Celery workers.
+SCALE_DAGS = {"celery": "e2e_scale_celery", "local": "e2e_scale_local"}
+
+
+def _moment(value: str) -> float:
+    return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+
+
+def run_scale_dag(stack: AirflowStack, executor: str, rows: int, *, timeout: float) -> dict[str, Any]:
+    """Trigger tests/e2e/dags/e2e_scale.py's DAG for ``executor``, wait for the run to end, return its
+    figures: state, wall seconds (DAG run start..end) and rows/s, seconds per phase (from the task
+    instances' start and end: ``queued`` run start..fork start, ``fork``, ``branches`` first branch
+    start..last branch end, ``join_after_branches`` last branch end..coalesce end), the mapped task
+    instances and how many ran on each host."""
+    dag_id = SCALE_DAGS[executor]
+    stack.wait_dag(dag_id)
+    run_id = stack.trigger(dag_id)
+    run = stack.wait_run(dag_id, run_id, timeout=timeout, interval=1)
+    tis = stack.task_instances(dag_id, run_id)
+    fork = next(ti for ti in tis if ti["task_id"] == "fork")
+    join = next(ti for ti in tis if ti["task_id"] == "join")
+    mapped = [ti for ti in tis if ti["map_index"] >= 0]
+    timed = all(ti["start_date"] and ti["end_date"] for ti in [fork, join, *mapped])
+    if run["state"] != "success" or not mapped or not timed:
+        states = stack.task_states(dag_id, run_id)
+        return {
+            "executor": executor,
+            "dag_id": dag_id,
+            "run_id": run_id,
+            "state": run["state"],
+            "tasks": states,
+        }
+    wall = _moment(run["end_date"]) - _moment(run["start_date"])
+    branches_start = min(_moment(ti["start_date"]) for ti in mapped)
+    branches_end = max(_moment(ti["end_date"]) for ti in mapped)
+    hosts: dict[str, int] = {}
+    for ti in mapped:
+        hosts[str(ti["hostname"])] = hosts.get(str(ti["hostname"]), 0) + 1
+    return {
+        "executor": executor,
+        "dag_id": dag_id,
+        "run_id": run_id,
+        "state": run["state"],
+        "rows": rows,
+        "wall_seconds": round(wall, 1),
+        "rows_per_second": round(rows / wall, 1),
+        "phases": {
+            "queued": round(_moment(fork["start_date"]) - _moment(run["start_date"]), 1),
+            "fork": round(_moment(fork["end_date"]) - _moment(fork["start_date"]), 1),
+            "branches": round(branches_end - branches_start, 1),
+            "join_after_branches": round(_moment(join["end_date"]) - branches_end, 1),
+        },
+        "mapped_task_instances": len(mapped),
+        "hosts": dict(sorted(hosts.items())),
+    }
 
 
 # -- fault injection and end-state checks (tests/e2e/test_e2e_faults.py) ------------------------------
