@@ -147,8 +147,9 @@ def _assert_resolution_outcomes(
     audit: AuditDB, run_id: str, slow_states: dict[str, str] | None = None
 ) -> None:
     """Each token's terminal outcome after the resolution. ``slow_states`` (row key -> the slow
-    step's node state), once that step has ended: what it did with a resolved row since, a late
-    answer (``discarded``) or a skip of the decided row (no state); without it, still not arrived."""
+    step's node state), once that step has ended: a resolved row is still processed (a resolution is
+    not a decision a branch skips: a clear of the coalesce would reopen it), so its answer is late;
+    without it, still not arrived."""
     tokens = branch_token_outcomes(audit, run_id)
     assert len(tokens) == 2 * len(WAIT_ROWS) and {t["terminal"] for t in tokens} == {1}, tokens
     by_row = {(t["row_key"], t["branch_name"]): (t["outcome"], t["reason"]) for t in tokens}
@@ -159,10 +160,9 @@ def _assert_resolution_outcomes(
         assert by_row[(key, "quick")] == ("row_failed", RESOLVED), by_row[(key, "quick")]
         if slow_states is None:
             expected = ("not_arrived", "branch_task_running")
-        elif slow_states.get(key) == "discarded":
-            expected = ("late", "late_arrival_after_failure")
         else:
-            expected = ("skipped", "skipped_decided")
+            assert slow_states.get(key) == "completed", (key, slow_states)
+            expected = ("late", "late_arrival_after_failure")
         assert by_row[(key, "slow")] == expected, (key, by_row[(key, "slow")], slow_states)
 
 
@@ -361,7 +361,7 @@ def test_coalesce_marked_failed_by_a_person_is_resolved(airflow_stack: AirflowSt
     note(f"case 3: {trail}")
     assert not superseded, f"the resolutions of the marked-failed coalesce were reopened: {trail}"
     _assert_resolved_at_hold(decisions)
-    # what slow delivered after the resolution is recorded late (rows not started yet are skipped)
+    # slow answers every row: those after the resolution are late (it does not skip resolved rows)
     slow = {
         s["row_key"]: s["status"]
         for s in audit.all(
@@ -371,7 +371,7 @@ def test_coalesce_marked_failed_by_a_person_is_resolved(airflow_stack: AirflowSt
         )
     }
     assert {k: slow[k] for k in WAIT_ROWS[:HOLD_AT]} == dict.fromkeys(WAIT_ROWS[:HOLD_AT], "completed")
-    assert {slow.get(k, "skipped") for k in WAIT_ROWS[HOLD_AT:]} <= {"discarded", "skipped"}, slow
+    assert {slow.get(k) for k in WAIT_ROWS[HOLD_AT:]} == {"completed"}, slow
     _assert_resolution_outcomes(audit, audit_run, slow_states=slow)
     assert_closed(stack, audit, dag_id, run_id, rows=len(WAIT_ROWS), branches=2)
 
