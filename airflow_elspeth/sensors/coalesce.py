@@ -369,8 +369,9 @@ class CoalesceSensor(BaseSensorOperator):
         Waits in the triggerer (:class:`~airflow_elspeth.triggers.coalesce.CoalesceTrigger`), which
         runs this same pass whenever it has something to decide (so rows are decided, and branches
         skip them, while the task is deferred) and wakes the task once every row is decided;
-        deferred before the fork completed, the trigger finds the fork's audit run itself. Under ``dag.test()`` a trigger runs inline and would block the very
-        branches it waits for, so the task reschedules itself instead (freeing its slot too).
+        deferred before the fork completed, the trigger finds the fork's audit run itself. Under
+        ``dag.test()`` a trigger runs inline and would block the very branches it waits for, so the
+        task reschedules itself instead (freeing its slot too).
         """
         ref = self._current_fork_ref(context)
         if ref is not None and self._decide_or_wait(context, ref):
