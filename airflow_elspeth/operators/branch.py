@@ -36,7 +36,7 @@ RowCallable = Callable[[dict[str, Any]], "dict[str, Any] | None"]
 MESSAGE_LIMIT = 2000
 # How often the writer reads which rows of its chunk were decided: a row decided while the branch
 # works is skipped within this (plus one query) of its decision.
-DECIDED_REFRESH_SECONDS = 0.5
+DECIDED_REFRESH_SECONDS = 0.25
 # How long the writer retries an audit store that is unreachable before the task fails (and Airflow
 # retries it: finished rows are not done again), and its pause between attempts.
 WRITE_RETRY_SECONDS = 30.0
