@@ -76,9 +76,11 @@ class BranchOperator(BaseOperator):
         least ``min_rows_for_rate`` rows were processed.
     :param min_rows_for_rate: rows to process before ``max_failed_rate`` is judged.
     :param concurrency: threads calling ``python_callable`` at once (for I/O-bound callables).
-    :param batch_size: rows written per transaction (at most).
-    :param flush_seconds: longest a finished row waits before it is written; a result only
-        arrives at the coalesce once written.
+    :param batch_size: rows written per transaction (at most). Results are written as soon as the
+        write before them committed (a result only arrives at the coalesce once written); no new row
+        starts while this many are unwritten.
+    :param flush_seconds: no new row starts while a finished one has waited this long unwritten
+        (the audit store is slower than the callable: the wait must not grow).
     :param audit_conn_id: the audit store connection (see ForkOperator).
     """
 
