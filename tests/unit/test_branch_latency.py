@@ -19,11 +19,11 @@ from sqlalchemy import text
 from sqlalchemy.exc import OperationalError
 
 from airflow_elspeth import BranchOperator, CoalesceSensor, ForkOperator
-from airflow_elspeth.audit.coalesce import coalesce_pass
 from airflow_elspeth.audit.store import AuditStore, ForkRow, RunIdentity
 from airflow_elspeth.core.canonical import hash_value
 from airflow_elspeth.operators import branch as branch_module
 from airflow_elspeth.operators.fork import AUDIT_RUN_XCOM_KEY
+from airflow_elspeth.triggers.coalesce import CoalesceTrigger
 
 DAG_ID, AIRFLOW_RUN = "latency_dag", "manual__latency"
 BRANCHES = ["fast", "slow"]
@@ -184,8 +184,9 @@ def test_a_finished_result_is_written_while_another_row_still_runs(
 def test_rows_decided_while_the_branch_works_are_skipped_not_run(
     store: AuditStore, running: list[threading.Thread]
 ) -> None:
-    """A decision written while the branch is busy on a held row: the rows it decided are recorded
-    skipped while that row still runs (read once per chunk, not per row), and never called."""
+    """A deferred coalesce's trigger decides rows while the branch is busy on a held row: the rows
+    it decided are recorded skipped while that row still runs (read once per chunk, not per row),
+    and never called."""
     ref = completed_fork(store)
     run_id = ref["audit_run_id"]
     slow = Latched(held={"r0"})
@@ -194,9 +195,12 @@ def test_rows_decided_while_the_branch_works_are_skipped_not_run(
     wait_for("slow to start r0", lambda: slow.called == ["r0"])
     # the fast branch delivers every row and a pass decides them all (policy first)
     assert tasks["fast"].execute({"ti": FakeTI(ref)})["completed"] == ROWS  # type: ignore[arg-type]
+    # the deferred coalesce's trigger decides them in the triggerer, without the task resuming
     spec = tasks["coalesce"].spec()
-    AuditStore(store.engine).register_node(run_id, "coalesce", "coalesce", None, spec.as_dict())
-    assert coalesce_pass(store, spec, run_id, {}).done
+    trigger = CoalesceTrigger(
+        spec=spec.as_dict(), run_id=run_id, dag_id=DAG_ID, airflow_run_id=AIRFLOW_RUN, poll_interval=1
+    )
+    assert trigger.poll(spec, {"fast": "success", "slow": "running"}).reason == "every row decided"
     # r0 still runs; r1 was queued (2 x concurrency) and r2..r5 never handed to a worker
     wait_for(
         "the decided rows recorded skipped", lambda: skipped(store, run_id, "slow") >= {"r2", "r3", "r4"}
