@@ -391,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
             out.print(naive_table(naive, ours_1k))
         home = workdir / "latency-home"
         home.mkdir()
-        skips = latency.run_scenario(airflow_env(home, workdir), f"sqlite:///{workdir / 'latency.db'}")
+        skips = latency.run_scenario(airflow_env(home, workdir), f"sqlite:///{workdir / 'latency.db'}", home)
         out.print(latency.scenario_table(skips))
     info["loadavg_end"] = os.getloadavg()
     if opts.save:

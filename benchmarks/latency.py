@@ -211,7 +211,10 @@ def scenario(url: str) -> dict[str, Any]:
         slow_ran = conn.execute(
             select(func.count()).where(t.node_states.c.run_id == run_id, t.node_states.c.node_id == "slow")
         ).scalar_one()
+    import airflow_elspeth
+
     return {
+        "provider": str(Path(airflow_elspeth.__file__).parent),
         "rows": ROWS,
         "fast_row_seconds": FAST_ROW_SECONDS,
         "slow_row_seconds": SLOW_ROW_SECONDS,
@@ -227,10 +230,15 @@ def scenario(url: str) -> dict[str, Any]:
     }
 
 
-def run_scenario(env: dict[str, str], url: str) -> dict[str, Any]:
-    """:func:`scenario` in a fresh process with ``env`` (an Airflow home, the PYTHONPATH)."""
+def run_scenario(env: dict[str, str], url: str, cwd: Path) -> dict[str, Any]:
+    """:func:`scenario` in a fresh process with ``env`` (an Airflow home, the PYTHONPATH).
+
+    ``cwd`` must not be the checkout: ``python -m`` puts it first on sys.path, which would shadow
+    ``--provider-path`` (as for the benchmark workers, benchmarks/cli.py).
+    """
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks.latency", "--url", url],
+        cwd=cwd,
         env=env,
         capture_output=True,
         text=True,
