@@ -531,6 +531,7 @@ class _ResultWriter:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._failure: BaseException | None = None
+        self._busy = False  # the writer thread is in a round (a write, the refresh, their checks)
         self._next_refresh = 0.0
 
     def start_chunk(self, chunk: int, tokens_total: int, items: Iterable[WorkItem] = ()) -> None:
@@ -605,7 +606,7 @@ class _ResultWriter:
     def drain(self) -> None:
         """Main thread, at the end of a chunk: wait until everything kept is written; raise its error."""
         with self._changed:
-            while self._failure is None and (self.buffer or self._to_skip):
+            while self._failure is None and (self.buffer or self._to_skip or self._busy):
                 self._changed.wait(MAIN_WAKE_SECONDS)
             self._raise_failure()
 
@@ -623,6 +624,7 @@ class _ResultWriter:
                 if self._stopping:
                     return
                 batch = self.buffer[: self.task.batch_size]
+                self._busy = True  # until this round's threshold check or failure is known
             try:
                 if batch:
                     self._write(batch)
@@ -646,6 +648,10 @@ class _ResultWriter:
             except BaseException as err:  # handed to the main thread, which raises it
                 self._fail(err)
                 return
+            finally:
+                with self._changed:
+                    self._busy = False
+                    self._changed.notify_all()
 
     def _fail(self, err: BaseException) -> None:
         with self._changed:
