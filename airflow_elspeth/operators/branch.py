@@ -491,9 +491,10 @@ class _ResultWriter:
     main thread, which ends the task (after writing what it can, :meth:`BranchOperator._flush_on_exit`).
 
     Every ``DECIDED_REFRESH_SECONDS`` the writer thread also reads which rows of the chunk every
-    consuming coalesce has decided (one query per chunk, not per row) and records those not yet
-    started as skipped; a worker :meth:`claim`-s a row before calling the callable, under the same
-    lock, so a row is either run or skipped, never both.
+    consuming coalesce has decided by its policy (one query per chunk, not per row; a resolution
+    can be reopened, see :func:`~airflow_elspeth.audit.read.work.decided_in_chunk`) and records
+    those not yet started as skipped; a worker :meth:`claim`-s a row before calling the callable,
+    under the same lock, so a row is either run or skipped, never both.
     """
 
     def __init__(
@@ -687,7 +688,8 @@ class _ResultWriter:
         self.errors.update(str((r.error or {}).get("type")) for r in marked if r.status == NodeStatus.FAILED)
 
     def _refresh_decided(self) -> None:
-        """Rows of the chunk decided by every consuming coalesce: those not started are skipped now."""
+        """Rows of the chunk decided by every consuming coalesce's policy: those not started are
+        skipped now."""
         self._next_refresh = time.monotonic() + DECIDED_REFRESH_SECONDS
         if self.coalesces:
             decided = decided_in_chunk(self.store.engine, self.run_id, self.chunk, coalesces=self.coalesces)

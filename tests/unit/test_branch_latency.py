@@ -19,6 +19,8 @@ from sqlalchemy import text
 from sqlalchemy.exc import OperationalError
 
 from airflow_elspeth import BranchOperator, CoalesceSensor, ForkOperator
+from airflow_elspeth.audit.coalesce import coalesce_pass
+from airflow_elspeth.audit.read.work import decided_in_chunk, decided_rows
 from airflow_elspeth.audit.store import AuditStore, ForkRow, RunIdentity
 from airflow_elspeth.core.canonical import hash_value
 from airflow_elspeth.operators import branch as branch_module
@@ -251,3 +253,24 @@ def test_an_audit_store_unreachable_too_long_fails_the_task(
     tasks = build({"fast": _identity, "slow": _identity})
     with pytest.raises(OperationalError, match="could not connect"):
         tasks["slow"].execute({"ti": FakeTI(ref)})  # type: ignore[arg-type]
+
+
+def test_a_resolution_is_not_a_reason_to_skip(store: AuditStore) -> None:
+    """Rows resolved because their coalesce task ended can be reopened (a person clears the
+    coalesce) and decided afresh with this branch's result: a working branch does not skip them."""
+    ref = completed_fork(store)
+    run_id = ref["audit_run_id"]
+    tasks = build({"fast": _identity, "slow": _identity})
+    spec = tasks["coalesce"].spec()
+    store.register_node(run_id, "coalesce", "coalesce", None, spec.as_dict())
+    resolved = coalesce_pass(store, spec, run_id, {}, ended_state="failed")
+    assert resolved.done and resolved.newly_decided == ROWS
+    assert decided_in_chunk(store.engine, run_id, 0, coalesces=["coalesce"]) == set()
+    # a result written meanwhile is still marked as after the decision (discarded)
+    decided = decided_rows(store.engine, run_id, _row_ids(store, run_id), coalesces=["coalesce"])
+    assert set(decided.values()) == {"failed"} and len(decided) == ROWS
+
+
+def _row_ids(store: AuditStore, run_id: str) -> list[str]:
+    with store.engine.connect() as conn:
+        return list(conn.execute(text("SELECT row_id FROM rows WHERE run_id = :r"), {"r": run_id}).scalars())

@@ -10,11 +10,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, Engine, and_, func, select
+from sqlalchemy import Connection, Engine, and_, func, not_, or_, select
 
 from airflow_elspeth.audit import schema as t
 from airflow_elspeth.audit.coalesce import payload_bodies
-from airflow_elspeth.core.vocabulary import ARRIVAL_NODE_STATUSES, TERMINAL_NODE_STATUSES, TokenKind
+from airflow_elspeth.core.vocabulary import (
+    ARRIVAL_NODE_STATUSES,
+    COALESCE_TASK_PREFIX,
+    TERMINAL_NODE_STATUSES,
+    TokenKind,
+)
 
 _TERMINAL = [s.value for s in TERMINAL_NODE_STATUSES]
 
@@ -168,6 +173,13 @@ def decided_rows(
 
 
 def decided_in_chunk(engine: Engine, run_id: str, chunk: int, *, coalesces: Sequence[str]) -> set[str]:
-    """The rows of one chunk that every coalesce in ``coalesces`` has decided."""
+    """The rows of one chunk that every coalesce in ``coalesces`` has decided by its policy.
+
+    What a branch re-reads while it works, to skip rows it has not started. A resolution
+    (``coalesce_task_<state>``, its coalesce task ended) does not count: clearing that coalesce
+    reopens it and decides the row afresh, which needs this branch's result.
+    """
+    cd = t.coalesce_decisions.c
+    by_policy = or_(cd.failure_reason.is_(None), not_(cd.failure_reason.startswith(COALESCE_TASK_PREFIX)))
     with engine.connect() as conn:
-        return set(_decided_by_all(conn, run_id, coalesces, t.coalesce_decisions.c.chunk == chunk))
+        return set(_decided_by_all(conn, run_id, coalesces, cd.chunk == chunk, by_policy))
