@@ -268,6 +268,9 @@ def run(args: dict[str, Any]) -> dict[str, Any]:
             ).all()
         )
     result["audit_rows_total"] = sum(result["audit_rows"].values())
+    from benchmarks.latency import visibility
+
+    result["visibility_ms"] = visibility(engine, run_id)  # callable return -> visible in the store
     result["decisions"] = decisions
     result["audit_run_id"] = run_id
 

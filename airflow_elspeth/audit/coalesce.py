@@ -1,8 +1,9 @@
 """The coalesce pass: read each ready chunk's event log, replay it with the core, write the decisions.
 
 This is the one piece of code that decides rows. The sensor (poke and reschedule), the deferred
-sensor's resumption and the coalesce's finalizer all go through it; the trigger replays chunks
-read-only with :func:`decide_chunk` to know whether a pass would decide anything. It knows SQL and
+sensor's resumption, the deferred sensor's trigger and the coalesce's finalizer all go through it;
+:func:`waiting_poll` replays chunks read-only with :func:`decide_chunk` to know whether a pass
+would decide anything before taking a chunk's write lock. It knows SQL and
 the core, not Airflow: task states come in as a plain mapping.
 
 Each chunk is decided in one transaction ordered against the branch writers of that chunk
@@ -233,13 +234,16 @@ def chunk_signatures(
 class WaitResult:
     """What one read-only look at a waiting coalesce found (:func:`waiting_poll`).
 
-    ``reason`` says why a pass should run now (None: nothing to do yet); ``deadline`` and ``now``
-    (the audit clock) are known once the fork has completed.
+    ``reason`` says why a pass should run now (None: nothing to do yet); ``pass_writes`` whether that
+    pass would write (decide a row, record a branch task's loss) rather than only find every row
+    decided or nothing to wait on; ``deadline`` and ``now`` (the audit clock) are known once the
+    fork has completed.
     """
 
     reason: str | None
     deadline: datetime | None = None
     now: datetime | None = None
+    pass_writes: bool = False
 
 
 def waiting_poll(
@@ -251,7 +255,8 @@ def waiting_poll(
 ) -> WaitResult:
     """The waiting coalesce's poll, read-only: would a pass do something now, and why.
 
-    What the deferred coalesce's trigger runs on every poll (and what the benchmarks time). A pass
+    What the deferred coalesce's trigger runs on every poll before it runs a pass itself (and what the
+    benchmarks time): a changed chunk takes no write lock unless a row of it can be decided. A pass
     is due when every row is decided, when a branch task ended still owing tokens the sensor has not
     recorded as lost (only a pass writes that), or when a chunk whose inputs changed since the pass
     last evaluated it has a row to decide now: that chunk is replayed with :func:`decide_chunk`,
@@ -277,14 +282,14 @@ def waiting_poll(
             return WaitResult("every row decided", deadline, now)
         ended = unrecorded_task_ends(conn, spec, run, task_states, undecided)
         if ended:
-            return WaitResult(f"branch task ended: {ended}", deadline, now)
+            return WaitResult(f"branch task ended: {ended}", deadline, now, pass_writes=True)
         skip = undecidable if undecidable is not None else {}
         for chunk in sorted(undecided):
             signature, _, seen = signatures[chunk]
             if signature == seen or signature == skip.get(chunk):
                 continue
             if decide_chunk(conn, spec, run, chunk, task_states=task_states, now=now):
-                return WaitResult(f"rows to decide in chunk {chunk}", deadline, now)
+                return WaitResult(f"rows to decide in chunk {chunk}", deadline, now, pass_writes=True)
             skip[chunk] = signature
     return WaitResult(None, deadline, now)
 
@@ -560,7 +565,7 @@ def decide_chunk(
     """Replay every undecided row of a chunk as of the audit clock ``now``; the final ones to write.
 
     Called inside the pass's ordered transaction (so ``now`` is after every event it can see), or
-    read-only by the trigger to know whether a pass would decide something.
+    read-only by :func:`waiting_poll` to know whether a pass would decide something.
 
     :param ended_state: see :func:`coalesce_pass`: rows still pending are resolved, not skipped.
     """

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import queue
@@ -17,6 +18,7 @@ from airflow.sdk import BaseOperator, Context
 from airflow.sdk.exceptions import AirflowTaskTerminated, AirflowTaskTimeout
 
 from airflow_elspeth import topology
+from airflow_elspeth.audit.dml import TRANSIENT_ERRORS
 from airflow_elspeth.audit.read.work import WorkItem, branch_work, decided_in_chunk, decided_rows
 from airflow_elspeth.audit.store import AuditStore, NodeResult
 from airflow_elspeth.core.canonical import hash_value
@@ -35,6 +37,17 @@ from airflow_elspeth.operators.fork import ForkOperator, fork_ref
 
 RowCallable = Callable[[dict[str, Any]], "dict[str, Any] | None"]
 MESSAGE_LIMIT = 2000
+# How often the writer reads which rows of its chunk were decided: a row decided while the branch
+# works is skipped within this (plus one query) of its decision.
+DECIDED_REFRESH_SECONDS = 0.25
+# How long the writer retries an audit store that is unreachable before the task fails (and Airflow
+# retries it: finished rows are not done again), and its pause between attempts.
+WRITE_RETRY_SECONDS = 30.0
+WRITE_RETRY_PAUSE_SECONDS = 1.0
+# The main thread wakes at least this often to see whether the writer thread failed.
+MAIN_WAKE_SECONDS = 0.2
+# At the task's end, how long to wait for a write in flight before writing the buffer anyway.
+STOP_WAIT_SECONDS = 30.0
 
 
 class BranchOperator(BaseOperator):
@@ -76,9 +89,11 @@ class BranchOperator(BaseOperator):
         least ``min_rows_for_rate`` rows were processed.
     :param min_rows_for_rate: rows to process before ``max_failed_rate`` is judged.
     :param concurrency: threads calling ``python_callable`` at once (for I/O-bound callables).
-    :param batch_size: rows written per transaction (at most).
-    :param flush_seconds: longest a finished row waits before it is written; a result only
-        arrives at the coalesce once written.
+    :param batch_size: rows written per transaction (at most). Results are written as soon as the
+        write before them committed (a result only arrives at the coalesce once written); no new row
+        starts while this many are unwritten.
+    :param flush_seconds: no new row starts while a finished one has waited this long unwritten
+        (the audit store is slower than the callable: the wait must not grow).
     :param audit_conn_id: the audit store connection (see ForkOperator).
     """
 
@@ -224,13 +239,15 @@ class BranchOperator(BaseOperator):
             final_step=final_step,
             delivering=bool(coalesces) and self.is_last_step(),
         )
-        pool = _WorkerPool(self._process_job, self.concurrency, f"elspeth-{self.branch}", clock)
+        pool = _WorkerPool(
+            functools.partial(self._process_job, writer), self.concurrency, f"elspeth-{self.branch}", clock
+        )
         try:
             for chunk in chunks:
                 work = branch_work(
                     store.engine, run_id, self.task_id, self.branch, chunk, previous, coalesces=coalesces
                 )
-                writer.start_chunk(chunk, work.tokens_total)
+                writer.start_chunk(chunk, work.tokens_total, work.items)
                 writer.counts["resumed_done"] += work.already_done
                 writer.skip(work.decided_tokens)
                 self._run_chunk(pool, work.items, chunk, writer)
@@ -245,40 +262,36 @@ class BranchOperator(BaseOperator):
         return summary
 
     def _run_chunk(self, pool: _WorkerPool, items: list[WorkItem], chunk: int, writer: _ResultWriter) -> None:
-        """Process one chunk on the pool, writing results as they finish.
+        """Process one chunk on the pool while the writer thread writes results as they finish.
 
-        The callable runs on worker threads so that finished rows are written while a slow row is
-        still running: a result becomes an arrival only once it is written. Rows decided meanwhile
-        (``writer.decided``, refreshed at every write) are not started.
+        The callable runs on worker threads and the results are written by the writer's own thread,
+        so a finished result is written while slow rows still run: it becomes an arrival only once
+        written. A row decided meanwhile is not started (``writer.claim``, checked by the worker
+        just before it calls the callable), and the writer records it skipped.
         """
         todo = iter(items)
-        skipped: list[str] = []
-
-        def refill() -> None:
-            while pool.pending < 2 * self.concurrency:
-                item = next(todo, None)
-                if item is None:
-                    return
-                if item.row_id in writer.decided:
-                    skipped.append(item.token_id)
-                else:
+        writer.start()
+        try:
+            while True:
+                writer.wait_for_room()
+                while pool.pending < 2 * self.concurrency:
+                    item = next(todo, None)
+                    if item is None:
+                        break
                     pool.submit(_Job(item, chunk))
-
-        refill()
-        while pool.pending:
-            done = pool.next(timeout=self.flush_seconds)
-            if done is None:
-                writer.flush(when_due=True)
-                continue
-            if done.error is not None:
-                raise done.error  # sys.exit, KeyboardInterrupt... in the callable end the task
-            if done.result is not None:
-                writer.keep([done.result])
-            pool.taken()
-            writer.flush(when_due=True)
-            refill()
-        writer.flush()
-        writer.skip(skipped)
+                if not pool.pending:
+                    break
+                done = pool.next(timeout=MAIN_WAKE_SECONDS)
+                if done is None:
+                    continue
+                if done.error is not None:
+                    raise done.error  # sys.exit, KeyboardInterrupt... in the callable end the task
+                if done.result is not None:
+                    writer.keep([done.result])
+                pool.taken()
+            writer.drain()
+        finally:
+            writer.stop()
 
     def _flush_on_exit(
         self, exc: BaseException, pool: _WorkerPool, writer: _ResultWriter, clock: Callable[[], datetime]
@@ -289,12 +302,13 @@ class BranchOperator(BaseOperator):
         a retry processes them again). A failure to write is logged: ``exc`` is what ends the task.
         """
         finished, running = pool.close()
+        writer.stop()  # its batch in flight is written or left in the buffer, never half
         writer.keep(done.result for done in finished if done.result is not None)
         if isinstance(exc, AirflowTaskTimeout):
             now = clock()
             writer.keep(self._timed_out(job, started, now) for job, started in running)
         try:
-            writer.flush(ending=True)
+            writer.flush()
         except Exception:
             self.log.exception(
                 "Branch %s: could not write the rows finished before the task ended", self.branch
@@ -316,7 +330,12 @@ class BranchOperator(BaseOperator):
             },
         )
 
-    def _process_job(self, job: _Job, clock: Callable[[], datetime]) -> NodeResult:
+    def _process_job(
+        self, writer: _ResultWriter, job: _Job, clock: Callable[[], datetime]
+    ) -> NodeResult | None:
+        """The job's result, or None when its row was decided before it started (not run)."""
+        if not writer.claim(job.item):
+            return None
         return self._process_one(job.item, job.chunk, clock)
 
     def _process_one(self, item: WorkItem, chunk: int, clock: Callable[[], datetime]) -> NodeResult:
@@ -395,7 +414,8 @@ class _Job:
 
 @dataclass(frozen=True)
 class _Done:
-    """A finished job: its result, or what the callable raised past ``except Exception``."""
+    """A finished job: its result (None: not run, its row was decided), or what the callable raised
+    past ``except Exception``."""
 
     job: _Job
     result: NodeResult | None
@@ -417,7 +437,7 @@ class _WorkerPool:
 
     def __init__(
         self,
-        fn: Callable[[_Job, Callable[[], datetime]], NodeResult],
+        fn: Callable[[_Job, Callable[[], datetime]], NodeResult | None],
         workers: int,
         name: str,
         clock: Callable[[], datetime],
@@ -493,12 +513,26 @@ class _WorkerPool:
 
 
 class _ResultWriter:
-    """Buffers a branch task's results and writes them a batch at a time.
+    """A branch task's results, written by a thread of their own as soon as they are finished.
 
-    A batch is written when it reaches ``batch_size`` rows or when its oldest result has waited
-    ``flush_seconds``; each write checks which rows were decided meanwhile (their results are kept,
-    marked discarded) and the failure threshold. A batch leaves the buffer only once written (a
-    write interrupted by the task ending is done again: writes are idempotent).
+    Group commit: the writer thread writes whatever is buffered (at most ``batch_size`` rows) as
+    soon as its previous write committed, so results that finish during a write go together into
+    the next one. Under load batches grow and throughput stays high; a lone result waits for at
+    most the write in flight and its own. The main thread stops starting rows while the buffer is
+    full (``batch_size``) or its oldest result has waited ``flush_seconds`` (:meth:`wait_for_room`),
+    so a database slower than the callable cannot make the wait grow without bound.
+
+    Each write checks which rows were decided meanwhile (their results are kept, marked discarded)
+    and the failure threshold. A batch leaves the buffer only once written (a write interrupted by
+    the task ending is done again: writes are idempotent). An unreachable database is retried for
+    ``WRITE_RETRY_SECONDS``; then its error, like any other of the writer thread, is raised in the
+    main thread, which ends the task (after writing what it can, :meth:`BranchOperator._flush_on_exit`).
+
+    Every ``DECIDED_REFRESH_SECONDS`` the writer thread also reads which rows of the chunk every
+    consuming coalesce has decided by its policy (one query per chunk, not per row; a resolution
+    can be reopened, see :func:`~airflow_elspeth.audit.read.work.decided_in_chunk`) and records
+    those not yet started as skipped; a worker :meth:`claim`-s a row before calling the callable,
+    under the same lock, so a row is either run or skipped, never both.
     """
 
     def __init__(
@@ -524,13 +558,56 @@ class _ResultWriter:
         self.decided: set[str] = set()
         self.buffer: list[NodeResult] = []
         self.buffered: set[str] = set()  # the buffer's token ids
-        self.oldest = 0.0
+        self.oldest = 0.0  # monotonic time the buffer's oldest result was kept
         self.chunk = 0
         self.tokens_total = 0
         self.aborted = False
+        # Reentrant: a signal can leave the main thread holding it, and the exit path takes it again.
+        self._lock = threading.RLock()
+        self._changed = threading.Condition(self._lock)
+        self._unstarted: dict[str, str] = {}  # row id -> token id of the chunk's rows not yet claimed
+        self._to_skip: list[str] = []  # tokens of rows found decided before they started, to record
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._failure: BaseException | None = None
+        self._busy = False  # the writer thread is in a round (a write, the refresh, their checks)
+        self._next_refresh = 0.0
 
-    def start_chunk(self, chunk: int, tokens_total: int) -> None:
-        self.chunk, self.tokens_total = chunk, tokens_total
+    def start_chunk(self, chunk: int, tokens_total: int, items: Iterable[WorkItem] = ()) -> None:
+        with self._lock:
+            self.chunk, self.tokens_total = chunk, tokens_total
+            self._unstarted = {item.row_id: item.token_id for item in items}
+
+    def start(self) -> None:
+        """Start the writer thread for the current chunk (stopped by :meth:`stop`)."""
+        with self._lock:
+            self._stopping, self._failure = False, None
+            self._next_refresh = time.monotonic() + DECIDED_REFRESH_SECONDS
+        self._thread = threading.Thread(
+            target=self._run, name=f"elspeth-{self.task.branch}-writer", daemon=True
+        )
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop the writer thread once its write in flight (if any) has ended; idempotent."""
+        thread = self._thread
+        if thread is None:
+            return
+        with self._changed:
+            self._stopping = True
+            self._changed.notify_all()
+        thread.join(STOP_WAIT_SECONDS)
+        if thread.is_alive():  # a write hung on the database: the exit flush may write it twice (idempotent)
+            self.task.log.warning("Branch %s: the writer thread did not stop", self.task.branch)
+        self._thread = None
+
+    def claim(self, item: WorkItem) -> bool:
+        """Called by a worker before it runs ``item``: False when its row was decided (skipped)."""
+        with self._lock:
+            if item.row_id in self.decided:
+                return False
+            self._unstarted.pop(item.row_id, None)
+            return True
 
     def skip(self, token_ids: Iterable[str]) -> None:
         """Record tokens of this chunk not processed because their rows were already decided."""
@@ -540,52 +617,151 @@ class _ResultWriter:
             self.counts["skipped_decided"] += len(tokens)
 
     def keep(self, results: Iterable[NodeResult]) -> None:
-        """Buffer results without writing them yet (a token already buffered is kept once)."""
-        for result in results:
-            if result.token_id in self.buffered:
-                continue
-            if not self.buffer:
-                self.oldest = time.monotonic()
-            self.buffer.append(result)
-            self.buffered.add(result.token_id)
+        """Buffer results for the writer thread (a token already buffered is kept once)."""
+        with self._changed:
+            for result in results:
+                if result.token_id in self.buffered:
+                    continue
+                if not self.buffer:
+                    self.oldest = time.monotonic()
+                self.buffer.append(result)
+                self.buffered.add(result.token_id)
+            self._changed.notify_all()
 
-    def flush(self, *, when_due: bool = False, ending: bool = False) -> None:
-        """Write the buffer (``when_due``: only if it is full or old enough).
+    def wait_for_room(self) -> None:
+        """Main thread: wait while the buffer is full or old (the writer is behind); raise its error."""
+        with self._changed:
+            while (
+                self._failure is None
+                and self.buffer
+                and (
+                    len(self.buffer) >= self.task.batch_size
+                    or time.monotonic() - self.oldest >= self.task.flush_seconds
+                )
+            ):
+                self._changed.wait(MAIN_WAKE_SECONDS)
+            self._raise_failure()
 
-        :param ending: the task is ending on an exception: the threshold is still applied (its
-            error is the caller's to log), and after an abort the rows failed since are aborted too.
-        """
-        if not self.buffer:
-            return
-        due = (
-            len(self.buffer) >= self.task.batch_size
-            or time.monotonic() - self.oldest >= self.task.flush_seconds
-        )
-        if when_due and not due:
-            return
+    def drain(self) -> None:
+        """Main thread, at the end of a chunk: wait until everything kept is written; raise its error."""
+        with self._changed:
+            while self._failure is None and (self.buffer or self._to_skip or self._busy):
+                self._changed.wait(MAIN_WAKE_SECONDS)
+            self._raise_failure()
+
+    def _raise_failure(self) -> None:
+        if self._failure is not None:
+            raise self._failure
+
+    def _run(self) -> None:
+        """The writer thread: write what is buffered as soon as the previous write committed."""
+        failing_since: float | None = None
+        while True:
+            with self._changed:
+                while not self._stopping and not self.buffer and time.monotonic() < self._next_refresh:
+                    self._changed.wait(max(0.0, self._next_refresh - time.monotonic()))
+                if self._stopping:
+                    return
+                batch = self.buffer[: self.task.batch_size]
+                self._busy = True  # until this round's threshold check or failure is known
+            try:
+                if batch:
+                    self._write(batch)
+                if time.monotonic() >= self._next_refresh or self._to_skip:
+                    self._refresh_decided()
+                failing_since = None
+            except TRANSIENT_ERRORS as err:
+                failing_since = failing_since or time.monotonic()
+                if time.monotonic() - failing_since < WRITE_RETRY_SECONDS:
+                    self.task.log.warning(
+                        "Branch %s: the audit store is unreachable (%s: %s); writing again shortly",
+                        self.task.branch,
+                        type(err).__name__,
+                        err,
+                    )
+                    with self._changed:
+                        self._changed.wait(WRITE_RETRY_PAUSE_SECONDS)
+                    continue
+                self._fail(err)
+                return
+            except BaseException as err:  # handed to the main thread, which raises it
+                self._fail(err)
+                return
+            finally:
+                with self._changed:
+                    self._busy = False
+                    self._changed.notify_all()
+
+    def _fail(self, err: BaseException) -> None:
+        with self._changed:
+            self._failure = err
+            self._changed.notify_all()
+
+    def _write(self, batch: list[NodeResult]) -> None:
+        """Write ``batch`` (the buffer's head), then take it out of the buffer; check the threshold."""
+        self._write_results(batch)
+        with self._changed:
+            del self.buffer[: len(batch)]
+            self.buffered.difference_update(r.token_id for r in batch)
+            if self.buffer:
+                self.oldest = time.monotonic()  # the next result's wait is not known: counted from now
+            self._changed.notify_all()
+        self._check_threshold()
+
+    def _write_results(self, results: list[NodeResult]) -> None:
         decided = decided_rows(
-            self.store.engine, self.run_id, [r.row_id for r in self.buffer], coalesces=self.coalesces
+            self.store.engine, self.run_id, [r.row_id for r in results], coalesces=self.coalesces
         )
-        results = [_discard_if_decided(r, decided) for r in self.buffer]
+        marked = [_discard_if_decided(r, decided) for r in results]
         self.store.write_branch_results(
             self.run_id,
             self.task.task_id,
             self.attempt,
-            results,
+            marked,
             chunk_tokens={self.chunk: self.tokens_total},
             final_step=self.final_step,
             delivering=self.delivering,
         )
+        self.counts.update(str(r.status) for r in marked)
+        self.errors.update(str((r.error or {}).get("type")) for r in marked if r.status == NodeStatus.FAILED)
+
+    def _refresh_decided(self) -> None:
+        """Rows of the chunk decided by every consuming coalesce's policy: those not started are
+        skipped now."""
+        self._next_refresh = time.monotonic() + DECIDED_REFRESH_SECONDS
+        if self.coalesces:
+            decided = decided_in_chunk(self.store.engine, self.run_id, self.chunk, coalesces=self.coalesces)
+            with self._lock:
+                newly = decided - self.decided
+                self.decided |= newly
+                self._to_skip.extend(self._unstarted.pop(row) for row in newly if row in self._unstarted)
+        self._record_skips()
+
+    def _record_skips(self) -> None:
+        """Record the rows found decided before they started; they leave the list once written."""
+        with self._lock:
+            tokens = list(self._to_skip)
+        if tokens:
+            self.skip(tokens)
+            with self._changed:
+                del self._to_skip[: len(tokens)]
+                self._changed.notify_all()
+
+    def flush(self) -> None:
+        """Main thread, the writer thread stopped, the task ending on an exception: write the buffer.
+
+        The threshold is still applied (its error is the caller's to log), and after an abort the
+        rows failed since are aborted too.
+        """
+        self._record_skips()
+        if not self.buffer:
+            return
+        results = list(self.buffer)
+        self._write_results(results)
         self.buffer, self.buffered = [], set()
-        self.counts.update(str(r.status) for r in results)
-        self.errors.update(str((r.error or {}).get("type")) for r in results if r.status == NodeStatus.FAILED)
-        if ending and self.aborted:
+        if self.aborted:
             self._abort()
             return
-        if not ending:
-            self.decided.update(
-                decided_in_chunk(self.store.engine, self.run_id, self.chunk, coalesces=self.coalesces)
-            )
         self._check_threshold()
 
     def _abort(self) -> None:

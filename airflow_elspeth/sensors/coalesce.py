@@ -395,10 +395,11 @@ class CoalesceSensor(BaseSensorOperator):
         """Decide what can be decided now; finish, or wait for more without holding a worker slot.
 
         Waits in the triggerer (:class:`~airflow_elspeth.triggers.coalesce.CoalesceTrigger`), which
-        wakes the task only when a pass would decide something, a branch task ended owing tokens,
-        or the deadline passed; deferred before the fork completed, the trigger finds the fork's
-        audit run itself. Under ``dag.test()`` a trigger runs inline and would block the very
-        branches it waits for, so the task reschedules itself instead (freeing its slot too).
+        runs this same pass whenever it has something to decide (so rows are decided, and branches
+        skip them, while the task is deferred) and wakes the task once every row is decided;
+        deferred before the fork completed, the trigger finds the fork's audit run itself. Under
+        ``dag.test()`` a trigger runs inline and would block the very branches it waits for, so the
+        task reschedules itself instead (freeing its slot too).
         """
         ref = self._current_fork_ref(context)
         if ref is not None and self._decide_or_wait(context, ref):
@@ -446,9 +447,11 @@ class CoalesceSensor(BaseSensorOperator):
         return ref
 
     def execute_complete(self, context: Context, event: dict[str, Any] | None = None) -> Any:
-        """Resume from the trigger: decide with the same pass as the other modes; maybe defer again.
+        """Resume from the trigger: run the same pass as the other modes; maybe defer again.
 
-        The event carries the audit run and the reason it fired. When the trigger gave up polling
+        The trigger has written the decisions already; this pass finds them (and decides what the
+        trigger could not have seen, e.g. after the fork's audit run changed), then reports. The
+        event carries the audit run and the reason it fired. When the trigger gave up polling
         (the audit store or the Task SDK unreachable from the triggerer), one pass runs here: it
         finishes when it can; otherwise the task fails with the trigger's error (a retry resumes
         from what is recorded: the decisions made so far stay).

@@ -1,4 +1,4 @@
-"""CoalesceTrigger: wait in the triggerer until a deferred coalesce has something to decide."""
+"""CoalesceTrigger: decide a deferred coalesce's rows in the triggerer; resume it once all are decided."""
 
 from __future__ import annotations
 
@@ -13,10 +13,11 @@ from airflow.triggers.base import BaseTrigger, TriggerEvent
 from asgiref.sync import sync_to_async
 from sqlalchemy import Engine
 
-from airflow_elspeth.audit.coalesce import CoalesceSpec, waiting_poll
+from airflow_elspeth.audit.coalesce import CoalesceSpec, WaitResult, coalesce_pass, waiting_poll
 from airflow_elspeth.audit.dml import TRANSIENT_ERROR_GRACE
 from airflow_elspeth.audit.read.runs import newest_completed_run
-from airflow_elspeth.core.vocabulary import ENDED_TASK_STATES, TASK_SUCCESS
+from airflow_elspeth.audit.store import AuditStore
+from airflow_elspeth.core.vocabulary import ENDED_TASK_STATES, TASK_SUCCESS, NodeType
 
 # A failed poll (audit DB or Task SDK unreachable) is "not yet": polls back off up to this long, and
 # the task is told only once the failures outlast the deadline (or, before the deadline is known,
@@ -40,26 +41,27 @@ class PollResult:
 
 
 class CoalesceTrigger(BaseTrigger):
-    """Poll the audit store, read-only, until the deferred coalesce can decide something.
+    """Decide the deferred coalesce's rows in the triggerer, and resume the task once all are decided.
 
     Deferred before its fork has completed (``run_id`` None), it first watches the fork task: once
     it succeeded, the fork's newest audit run is the one to wait on (and the task is not woken for
     it); when the fork ends otherwise, the task resumes to fail.
 
-    Then it fires when
+    Then every poll looks read-only (:func:`~airflow_elspeth.audit.coalesce.waiting_poll`) for
+    something to write: a chunk whose inputs (deliveries, recorded task losses, whether the
+    deadline passed) changed since a pass last evaluated it and that has a row to decide now
+    (replayed with the pass's own :func:`~airflow_elspeth.audit.coalesce.decide_chunk`; a chunk
+    found undecidable is not replayed again until its inputs change), or a branch task that ended
+    still owing tokens (its loss to record). Then it runs the coalesce's pass itself (:meth:`decide`),
+    so decisions are written as soon as they can be made, while the task is deferred, and branches
+    skip the decided rows. It sleeps no longer than until the deadline (it keeps its own clock),
+    when the pass decides every row left.
 
-    * a pass would decide at least one row now: a chunk whose inputs (deliveries, recorded task
-      losses, whether the deadline passed) changed since the sensor last evaluated it is replayed
-      read-only with the same code the pass uses (:func:`~airflow_elspeth.audit.coalesce.decide_chunk`);
-      a chunk found undecidable is not replayed again until its inputs change, so branches making
-      progress without deciding anything never wake the task;
-    * the deadline passes: the trigger sleeps no longer than until the deadline (it keeps its own
-      clock, nothing else has to happen);
-    * a branch task ended (failed, skipped, ...) while tokens it was to deliver are still missing:
-      only the sensor records task losses (a write), so the task resumes to record them;
-    * every row is decided, or the audit run is gone.
+    It fires when every row is decided (``execute_complete`` runs the same pass, which finds
+    nothing left, and reports), or the audit run is gone; never within ``MIN_DEFERRAL_SECONDS`` of
+    starting, which only delays the task's report, not a decision.
 
-    It writes nothing and holds no connection between polls. Database work runs in worker threads
+    It holds no connection between polls. Database work runs in worker threads
     (``sync_to_async(thread_sensitive=False)``), never on the triggerer's event loop; branch task
     states come from ``RuntimeTaskInstance.get_task_states``, one task id per call (mapped tasks
     come back as ``<task_id>_<map_index>``). The audit engine is the process-wide cached one (one
@@ -99,6 +101,7 @@ class CoalesceTrigger(BaseTrigger):
         self._deadline: datetime | None = None
         # chunk -> signature at which a read-only replay found nothing to decide
         self._undecidable: dict[int, str] = {}
+        self._registered: set[str] = set()  # audit runs whose coalesce node this trigger registered
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         return (
@@ -215,11 +218,15 @@ class CoalesceTrigger(BaseTrigger):
         return self._engine
 
     def poll(self, spec: CoalesceSpec, task_states: Mapping[str, str]) -> PollResult:
-        """One read-only look at the audit store (runs in a worker thread): the coalesce's
-        :func:`~airflow_elspeth.audit.coalesce.waiting_poll`, then how long to sleep at most."""
+        """One look at the audit store (runs in a worker thread): the coalesce's read-only
+        :func:`~airflow_elspeth.audit.coalesce.waiting_poll`; when it finds something to write, the
+        coalesce's own pass, here; then why to resume the task (None: not yet) and how long to sleep.
+        """
         if self.run_id is None:
             raise ValueError("poll needs the audit run (wait_for_fork finds it first)")
         found = waiting_poll(self.engine(), spec, self.run_id, task_states, self._undecidable)
+        if found.pass_writes:
+            found = self.decide(spec, self.run_id, task_states)
         if found.deadline is not None:
             self._deadline = found.deadline
         if found.reason is not None or found.deadline is None or found.now is None:
@@ -229,3 +236,27 @@ class CoalesceTrigger(BaseTrigger):
         if remaining <= 0:
             return PollResult(None)
         return PollResult(None, sleep_at_most=max(remaining + DEADLINE_MARGIN_SECONDS, MIN_SLEEP_SECONDS))
+
+    def decide(self, spec: CoalesceSpec, run_id: str, task_states: Mapping[str, str]) -> WaitResult:
+        """Run the coalesce's pass here, so that a decision is written when it can be made, not when
+        the task resumes (a branch skips a decided row only once it is written).
+
+        The pass is the sensor's (:func:`~airflow_elspeth.audit.coalesce.coalesce_pass`): each chunk
+        in one transaction ordered against the branch writers, so a triggerer killed mid-pass
+        leaves whole chunks decided or none, and a second trigger instance (triggerer failover)
+        finds the rows already decided and writes nothing twice (primary keys, ``ON CONFLICT DO
+        NOTHING``). Resumes the task only once every row is decided.
+        """
+        store = AuditStore(self.engine())
+        if run_id not in self._registered:  # deferred before the fork completed: the sensor did not
+            store.register_node(run_id, spec.node_id, NodeType.COALESCE, None, spec.as_dict())
+            self._registered.add(run_id)
+        result = coalesce_pass(store, spec, run_id, task_states)
+        self.log.info(
+            "coalesce %s: %d/%d rows decided in the triggerer (%d now)",
+            spec.node_id,
+            result.rows_decided,
+            result.rows_total,
+            result.newly_decided,
+        )
+        return WaitResult("every row decided" if result.done else None, result.deadline, result.now)

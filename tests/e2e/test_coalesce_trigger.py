@@ -12,7 +12,7 @@ from typing import Any
 from unittest import mock
 
 import pytest
-from sqlalchemy import Engine
+from sqlalchemy import Engine, text
 
 from airflow_elspeth.audit import coalesce as pass_module
 from airflow_elspeth.audit.coalesce import CoalesceSpec, coalesce_pass
@@ -73,12 +73,14 @@ def fork(engine: Engine, *, chunk_size: int = ROWS, complete: bool = True) -> st
     return run_id
 
 
-def deliver(engine: Engine, run_id: str, branch: str, *, chunk_size: int = ROWS) -> None:
-    """Every row of ``branch`` arrives at its delivering node."""
+def deliver(
+    engine: Engine, run_id: str, branch: str, *, chunk_size: int = ROWS, rows: range = range(ROWS)
+) -> None:
+    """Every row of ``rows`` (default all) of ``branch`` arrives at its delivering node."""
     store = AuditStore(engine)
     now = datetime.now(timezone.utc)
     results = []
-    for index in range(ROWS):
+    for index in rows:
         row_id = derive_id(run_id, f"k{index}")
         digest, body = hash_value({branch: index}, what="output")
         results.append(
@@ -99,8 +101,38 @@ def deliver(engine: Engine, run_id: str, branch: str, *, chunk_size: int = ROWS)
         f"ask_{branch}",
         1,
         results,
-        chunk_tokens={c: sum(r.chunk == c for r in results) for c in chunks},
+        chunk_tokens={c: min(chunk_size, ROWS - c * chunk_size) for c in chunks},
     )
+
+
+def decisions(engine: Engine, run_id: str) -> dict[int, str]:
+    """Row index -> decision of the rows decided so far."""
+    with engine.connect() as conn:
+        found = conn.execute(
+            text("SELECT row_key, decision FROM coalesce_decisions WHERE run_id = :r"), {"r": run_id}
+        ).all()
+    return {int(key[1:]): decision for key, decision in found}
+
+
+async def until_written(
+    trigger: CoalesceTrigger, engine: Engine, run_id: str, rows: int
+) -> dict[str, Any] | None:
+    """Run the trigger until ``rows`` decisions are written; its event, if it fired meanwhile."""
+    events: list[dict[str, Any]] = []
+
+    async def take() -> None:
+        async for event in trigger.run():
+            events.append(dict(event.payload))
+            return
+
+    task = asyncio.create_task(take())
+    started = time.monotonic()
+    while len(decisions(engine, run_id)) < rows and not task.done():
+        assert time.monotonic() - started < EVENT_WAIT, "the trigger never wrote the decisions"
+        await asyncio.sleep(0.05)
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    return events[0] if events else None
 
 
 class FakeTaskSDK:
@@ -221,12 +253,12 @@ def test_fires_at_the_deadline_although_nothing_happens(store_url: str, sdk: Fak
     event = run(first_event(trigger, timeout=EVENT_WAIT))
     waited = time.monotonic() - started
     assert event is not None and event["status"] == "ready" and event["run_id"] == run_id
-    assert "rows to decide" in event["reason"]
+    assert event["reason"] == "every row decided"
     # woken by the deadline (3 s after the fork), not by the 60 s poll interval
     assert waited < 30.0
-    # and the pass it resumes decides every row at the deadline
+    # it decided every row at the deadline itself: the pass the task resumes with finds nothing left
     result = coalesce_pass(AuditStore(engine), spec, run_id, sdk.states)
-    assert result.done
+    assert result.done and result.newly_decided == 0
 
 
 def test_progress_that_decides_nothing_does_not_wake_the_task(store_url: str, sdk: FakeTaskSDK) -> None:
@@ -246,10 +278,10 @@ def test_progress_that_decides_nothing_does_not_wake_the_task(store_url: str, sd
 
     deliver(engine, run_id, "right")
     event = run(first_event(trigger, timeout=EVENT_WAIT))
-    assert event is not None and "rows to decide" in event["reason"]
+    assert event is not None and event["reason"] == "every row decided"
 
 
-def test_quorum_reached_wakes_it(store_url: str, sdk: FakeTaskSDK) -> None:
+def test_quorum_reached_is_decided_in_the_triggerer(store_url: str, sdk: FakeTaskSDK) -> None:
     from airflow_elspeth.audit.engine import engine_for_url
 
     engine = engine_for_url(store_url)
@@ -258,7 +290,29 @@ def test_quorum_reached_wakes_it(store_url: str, sdk: FakeTaskSDK) -> None:
     sensor_pass(engine, spec, run_id, sdk.states)
     deliver(engine, run_id, "right")
     event = run(first_event(new_trigger(spec, run_id), timeout=EVENT_WAIT))
-    assert event is not None and "rows to decide" in event["reason"]
+    assert event is not None and event["reason"] == "every row decided"
+    assert decisions(engine, run_id) == dict.fromkeys(range(ROWS), "merged")
+
+
+def test_decides_rows_while_the_task_stays_deferred(store_url: str, sdk: FakeTaskSDK) -> None:
+    """Rows decidable before the others are written at once (a branch then skips them), without
+    waking the task: it resumes once, when every row is decided."""
+    from airflow_elspeth.audit.engine import engine_for_url
+
+    engine = engine_for_url(store_url)
+    spec = make_spec("first")
+    run_id = fork(engine, chunk_size=2)
+    sensor_pass(engine, spec, run_id, sdk.states)
+    deliver(engine, run_id, "right", chunk_size=2, rows=range(4))  # chunks 0 and 1; chunk 2 waits
+    trigger = new_trigger(spec, run_id, poll=0.1)
+    # no wall-clock window needed for the decision: wait for it to be written, the trigger running
+    event = run(until_written(trigger, engine, run_id, rows=4))
+    assert event is None, "woke the task while a chunk was still undecided"
+    assert decisions(engine, run_id) == dict.fromkeys(range(4), "merged")
+    deliver(engine, run_id, "left", chunk_size=2, rows=range(4, ROWS))
+    event = run(first_event(trigger, timeout=EVENT_WAIT))
+    assert event is not None and event["reason"] == "every row decided"
+    assert decisions(engine, run_id) == dict.fromkeys(range(ROWS), "merged")
 
 
 def test_a_branch_task_that_ended_owing_tokens_wakes_it(store_url: str, sdk: FakeTaskSDK) -> None:
@@ -273,10 +327,11 @@ def test_a_branch_task_that_ended_owing_tokens_wakes_it(store_url: str, sdk: Fak
     sdk.states["ask_left"] = "success"
     trigger = new_trigger(spec, run_id, poll=0.1)
     assert run(first_event(trigger, timeout=3.0)) is None
-    # right failed owing every token: the sensor has a loss to record
+    # right failed owing every token: the trigger records the loss and fails the rows at once
     sdk.states["ask_right"] = "failed"
     event = run(first_event(trigger, timeout=EVENT_WAIT))
-    assert event is not None and event["reason"] == "branch task ended: ['ask_right=failed']"
+    assert event is not None and event["reason"] == "every row decided"
+    assert decisions(engine, run_id) == dict.fromkeys(range(ROWS), "failed")
 
 
 def test_every_row_decided(store_url: str, sdk: FakeTaskSDK) -> None:
@@ -448,3 +503,99 @@ def test_hundreds_of_triggers_share_one_engine_and_never_block_the_event_loop(
     # the loop ran while polls were reading the audit DB (not a wall-clock budget: a loaded machine
     # makes every tick late, but a blocked loop makes none while a read is in flight)
     assert ticks_during_polls > 0
+
+
+# -- failure paths of the trigger's own pass ---------------------------------------------------------
+
+
+class Killed(BaseException):
+    """Stands for the triggerer process dying: nothing after it runs, not even ``except Exception``."""
+
+
+def integrity(engine: Engine, run_id: str) -> list[dict[str, Any]]:
+    from airflow_elspeth.audit.read.verify import verify_run
+
+    with engine.connect() as conn:
+        run_row = conn.execute(text("SELECT * FROM runs WHERE run_id = :r"), {"r": run_id}).mappings().one()
+    return verify_run(engine, dict(run_row))
+
+
+def test_a_triggerer_killed_mid_pass_leaves_whole_chunks_and_the_next_trigger_resumes(
+    store_url: str, sdk: FakeTaskSDK
+) -> None:
+    from airflow_elspeth.audit.engine import engine_for_url
+
+    engine = engine_for_url(store_url)
+    spec = make_spec("require_all")
+    run_id = fork(engine, chunk_size=2)
+    sensor_pass(engine, spec, run_id, sdk.states)
+    deliver(engine, run_id, "left", chunk_size=2)
+    deliver(engine, run_id, "right", chunk_size=2)
+    real_write = pass_module.write_decisions
+    written: list[int] = []
+
+    def dies_on_the_second_chunk(conn: Any, run: str, node: str, chunk: int, *args: Any, **kw: Any) -> int:
+        if written:
+            raise Killed  # inside the chunk's transaction, after its statements began
+        written.append(chunk)
+        return int(real_write(conn, run, node, chunk, *args, **kw))
+
+    first = new_trigger(spec, run_id)
+    with (
+        mock.patch.object(pass_module, "write_decisions", side_effect=dies_on_the_second_chunk),
+        pytest.raises(Killed),
+    ):
+        first.poll(make_spec("require_all"), sdk.states)
+    assert decisions(engine, run_id) == {0: "merged", 1: "merged"}  # chunk 0 whole, chunk 1 nothing
+    with engine.connect() as conn:
+        outcomes = conn.execute(
+            text(
+                "SELECT count(*) FROM token_outcomes WHERE run_id = :r AND is_terminal"
+                " AND join_group_id IS NOT NULL"
+            ),
+            {"r": run_id},
+        ).scalar_one()
+    assert outcomes == 2 * (len(BRANCHES) + 1)  # the decisions' outcomes: chunk 0's tokens only
+    event = run(first_event(new_trigger(spec, run_id), timeout=EVENT_WAIT))
+    assert event is not None and event["reason"] == "every row decided"
+    assert decisions(engine, run_id) == dict.fromkeys(range(ROWS), "merged")
+    assert integrity(engine, run_id) == []
+
+
+def test_two_trigger_instances_decide_each_row_once(store_url: str, sdk: FakeTaskSDK) -> None:
+    """Triggerer failover can run the same trigger twice at once: the ordered write and the primary
+    keys make the second pass over a chunk find its rows decided and write nothing."""
+    from airflow_elspeth.audit.engine import engine_for_url
+
+    engine = engine_for_url(store_url)
+    spec = make_spec("require_all")
+    run_id = fork(engine, chunk_size=1)
+    sensor_pass(engine, spec, run_id, sdk.states)
+    deliver(engine, run_id, "left", chunk_size=1)
+    deliver(engine, run_id, "right", chunk_size=1)
+    passes = [0]
+    real_pass = trigger_module.coalesce_pass
+
+    def counted(*args: Any, **kw: Any) -> Any:
+        passes[0] += 1
+        return real_pass(*args, **kw)
+
+    async def both() -> list[dict[str, Any] | None]:
+        triggers = [new_trigger(spec, run_id, poll=0.05) for _ in range(2)]
+        return list(await asyncio.gather(*(first_event(t, timeout=EVENT_WAIT) for t in triggers)))
+
+    with mock.patch.object(trigger_module, "coalesce_pass", side_effect=counted):
+        events = run(both())
+    assert [e and e["reason"] for e in events] == ["every row decided"] * 2
+    assert passes[0] >= 2  # both ran a pass (the same snapshot made both see rows to decide)
+    assert decisions(engine, run_id) == dict.fromkeys(range(ROWS), "merged")
+    with engine.connect() as conn:
+        per_token = conn.execute(
+            text(
+                "SELECT max(n) FROM (SELECT count(*) AS n FROM token_outcomes WHERE run_id = :r"
+                " AND is_terminal GROUP BY token_id) AS counts"
+            ),
+            {"r": run_id},
+        ).scalar_one()
+    assert per_token == 1
+    assert integrity(engine, run_id) == []

@@ -1,5 +1,6 @@
 """The deferrable coalesce on the real scheduler + triggerer: deferred while the branches run (no
-worker slot, no pool slot), and deciding at its deadline although a branch hangs."""
+worker slot, no pool slot), and deciding at its deadline although a branch hangs, which then skips
+the rows decided while it hangs."""
 
 from __future__ import annotations
 
@@ -85,16 +86,29 @@ def test_deferred_without_a_slot_while_branches_run_then_decides_at_the_deadline
         assert d["missing_json"] == {"hung": "not_arrived"}
         assert d["details_json"]["branch_task_states"] == {"hung": "running"}
         assert d["decided_at"] == deadline, "a deadline decision is timed at the deadline"
-    outcomes = audit.all(
-        "SELECT t.branch_name, o.outcome, count(*) AS n FROM token_outcomes o JOIN tokens t "
-        "ON t.token_id = o.token_id WHERE o.run_id = :run AND t.token_kind = 'branch' AND o.is_terminal "
-        "GROUP BY t.branch_name, o.outcome ORDER BY 1",
-        run=run["run_id"],
+
+    def outcomes() -> dict[tuple[str, str], int]:
+        found = audit.all(
+            "SELECT t.branch_name, o.outcome, count(*) AS n FROM token_outcomes o JOIN tokens t "
+            "ON t.token_id = o.token_id WHERE o.run_id = :run AND t.token_kind = 'branch' "
+            "AND o.is_terminal GROUP BY t.branch_name, o.outcome ORDER BY 1",
+            run=run["run_id"],
+        )
+        return {(o["branch_name"], o["outcome"]): o["n"] for o in found}
+
+    # 'hung', still blocked on its first row, skips the five others once the trigger decided them
+    # (the branch reads its chunk's decisions every 0.25 s; the trigger writes them at the deadline)
+    wait_until(
+        "'hung' to skip the rows decided while it hangs",
+        lambda: ("hung", "skipped") in outcomes(),
+        timeout=30,
     )
-    assert {(o["branch_name"], o["outcome"]): o["n"] for o in outcomes} == {
+    wait_until("all five", lambda: outcomes().get(("hung", "skipped")) == 5, timeout=30)
+    assert outcomes() == {
         ("fast", "coalesced"): 6,
         ("steady", "coalesced"): 6,
-        ("hung", "not_arrived"): 6,
+        ("hung", "not_arrived"): 1,
+        ("hung", "skipped"): 5,
     }
     merged = audit.all(
         "SELECT p.body FROM tokens t JOIN node_states s ON s.token_id = t.token_id "
@@ -103,7 +117,7 @@ def test_deferred_without_a_slot_while_branches_run_then_decides_at_the_deadline
     )
     assert len(merged) == 6 and all('"fast"' in m["body"] and '"steady"' in m["body"] for m in merged)
 
-    # -- released, 'hung' delivers late: recorded, never merged; the run ends clean --------------
+    # -- released, 'hung' delivers its first row late: recorded, never merged; the run ends clean --
     (state_dir / "release").touch()
     final = stack.wait_run(DAG_ID, run_id, timeout=120)
     assert final["state"] == "success"
@@ -112,6 +126,7 @@ def test_deferred_without_a_slot_while_branches_run_then_decides_at_the_deadline
         "WHERE run_id = :run AND node_id = 'hung' GROUP BY status",
         run=run["run_id"],
     )
-    assert {s["status"]: s["n"] for s in hung_states} == {"discarded": 6}
+    assert {s["status"]: s["n"] for s in hung_states} == {"discarded": 1}
+    assert outcomes()[("hung", "late")] == 1
     assert audit.scalar("SELECT count(*) FROM coalesce_decisions WHERE run_id = :run", run=run["run_id"]) == 6
     verify_clean(stack, audit, "--run-id", run["run_id"])

@@ -183,6 +183,7 @@ def decided_rows(
 
 
 def decided_in_chunk(engine: Engine, run_id: str, chunk: int, *, coalesces: Sequence[str]) -> set[str]:
-    """The rows of one chunk that every coalesce in ``coalesces`` has decided."""
+    """The rows of one chunk that every coalesce in ``coalesces`` has decided by its policy: what a
+    branch re-reads while it works, to skip rows it has not started."""
     with engine.connect() as conn:
         return set(_decided_by_all(conn, run_id, coalesces, t.coalesce_decisions.c.chunk == chunk))

@@ -1,0 +1,276 @@
+"""When a branch's results become visible, and when it notices decided rows: BranchOperator.execute
+called directly (fake context, SQLite audit store), its callable held on latches, so every
+assertion is about order (what is visible while another row is still running), not about speed.
+Waits for an expected event poll the audit store and return as soon as it happens.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable, Iterator
+from datetime import datetime
+from typing import Any
+
+import pytest
+from airflow.sdk import DAG
+from sqlalchemy import text
+from sqlalchemy.exc import OperationalError
+
+from airflow_elspeth import BranchOperator, CoalesceSensor, ForkOperator
+from airflow_elspeth.audit.coalesce import coalesce_pass
+from airflow_elspeth.audit.read.work import decided_in_chunk, decided_rows
+from airflow_elspeth.audit.store import AuditStore, ForkRow, RunIdentity
+from airflow_elspeth.core.canonical import hash_value
+from airflow_elspeth.operators import branch as branch_module
+from airflow_elspeth.operators.fork import AUDIT_RUN_XCOM_KEY
+from airflow_elspeth.triggers.coalesce import CoalesceTrigger
+
+DAG_ID, AIRFLOW_RUN = "latency_dag", "manual__latency"
+BRANCHES = ["fast", "slow"]
+ROWS = 6
+EVENT_WAIT = 120.0  # generous: a loaded machine makes a test slower, never wrong
+
+
+def _identity(row: dict[str, Any]) -> dict[str, Any]:
+    return dict(row)
+
+
+class FakeTI:
+    dag_id, run_id, try_number = DAG_ID, AIRFLOW_RUN, 1
+
+    def __init__(self, ref: dict[str, Any]) -> None:
+        self.ref = ref
+
+    def xcom_pull(self, task_ids: str, key: str = "return_value") -> Any:
+        return self.ref if (task_ids, key) == ("fork", AUDIT_RUN_XCOM_KEY) else None
+
+
+@pytest.fixture
+def store(sqlite_url: str, monkeypatch: pytest.MonkeyPatch) -> AuditStore:
+    from airflow_elspeth.audit.engine import engine_for_url
+
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_ELSPETH_AUDIT_DEFAULT",
+        json.dumps({"conn_type": "elspeth_audit", "extra": {"sqlalchemy_url": sqlite_url}}),
+    )
+    return AuditStore(engine_for_url(sqlite_url))
+
+
+def completed_fork(store: AuditStore) -> dict[str, Any]:
+    run_id = store.begin_run(
+        RunIdentity(dag_id=DAG_ID, airflow_run_id=AIRFLOW_RUN, fork_task_id="fork", try_number=1),
+        branches=BRANCHES,
+        chunk_size=ROWS,
+        config={"branches": BRANCHES},
+    )
+    rows = []
+    for index in range(ROWS):
+        digest, body = hash_value({"id": f"r{index}"}, what="row")
+        rows.append(ForkRow(row_key=f"r{index}", row_index=index, payload_hash=digest, payload_body=body))
+    store.write_fork_chunk(run_id, BRANCHES, 0, rows)
+    store.complete_run(run_id, rows_total=ROWS, chunks_total=1)
+    return {"audit_run_id": run_id, "chunks_total": 1}
+
+
+def build(callables: dict[str, Callable[[dict[str, Any]], Any]], **branch: Any) -> dict[str, Any]:
+    with DAG(DAG_ID, schedule=None, start_date=datetime(2026, 1, 1)):
+        fork = ForkOperator(task_id="fork", rows=[{"id": "r0"}], branches=BRANCHES, row_key="id")
+        steps = {
+            b: BranchOperator(task_id=b, fork=fork, branch=b, python_callable=callables[b], **branch)
+            for b in BRANCHES
+        }
+        sensor = CoalesceSensor(task_id="coalesce", fork=fork, policy="first", timeout=3600)
+        fork >> list(steps.values()) >> sensor
+    return {**steps, "coalesce": sensor}
+
+
+def states(store: AuditStore, run_id: str, node: str) -> dict[str, str]:
+    with store.engine.connect() as conn:
+        found = conn.execute(
+            text(
+                "SELECT r.row_key, s.status FROM node_states s JOIN rows r"
+                " ON r.run_id = s.run_id AND r.row_id = s.row_id WHERE s.run_id = :r AND s.node_id = :n"
+            ),
+            {"r": run_id, "n": node},
+        ).all()
+    return dict(found)
+
+
+def skipped(store: AuditStore, run_id: str, branch: str) -> set[str]:
+    with store.engine.connect() as conn:
+        found = conn.execute(
+            text(
+                "SELECT r.row_key FROM token_outcomes o JOIN tokens t ON t.token_id = o.token_id"
+                " JOIN rows r ON r.run_id = t.run_id AND r.row_id = t.row_id"
+                " WHERE o.run_id = :r AND t.branch_name = :b AND o.is_terminal AND o.outcome = 'skipped'"
+            ),
+            {"r": run_id, "b": branch},
+        ).scalars()
+    return set(found)
+
+
+def wait_for(what: str, check: Callable[[], bool]) -> None:
+    started = time.monotonic()
+    while not check():
+        assert time.monotonic() - started < EVENT_WAIT, f"never saw {what}"
+        time.sleep(0.02)
+
+
+class Latched:
+    """A callable whose rows in ``held`` block until released; records the rows it was called for."""
+
+    def __init__(self, held: set[str]) -> None:
+        self.held = held
+        self.release = threading.Event()
+        self.called: list[str] = []
+
+    def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
+        self.called.append(row["id"])
+        if row["id"] in self.held and not self.release.wait(EVENT_WAIT):
+            raise TimeoutError("never released")
+        return {"seen": row["id"]}
+
+
+@pytest.fixture
+def running() -> Iterator[list[threading.Thread]]:
+    threads: list[threading.Thread] = []
+    yield threads
+    for thread in threads:
+        thread.join(EVENT_WAIT)
+        assert not thread.is_alive()
+
+
+def execute_in_thread(task: BranchOperator, ref: dict[str, Any], running: list[threading.Thread]) -> dict:
+    outcome: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            outcome["summary"] = task.execute({"ti": FakeTI(ref)})  # type: ignore[arg-type]
+        except BaseException as err:  # reported to the test thread, which asserts on it
+            outcome["error"] = err
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    running.append(thread)
+    return outcome
+
+
+def test_a_finished_result_is_written_while_another_row_still_runs(
+    store: AuditStore, running: list[threading.Thread]
+) -> None:
+    """Neither a full batch nor ``flush_seconds`` is waited for: the result that is ready is written
+    as soon as the writer is free, so a result can never turn late by waiting in the buffer."""
+    ref = completed_fork(store)
+    run_id = ref["audit_run_id"]
+    slow = Latched(held={"r1"})
+    tasks = build({"fast": _identity, "slow": slow}, concurrency=2, flush_seconds=3600, batch_size=500)
+    outcome = execute_in_thread(tasks["slow"], ref, running)
+    # r0 returned at once; r1 is held: r0 must be in the store while r1's callable has not returned
+    wait_for("r0 written while r1 runs", lambda: states(store, run_id, "slow").get("r0") == "completed")
+    assert "r1" not in states(store, run_id, "slow")
+    slow.release.set()
+    running[0].join(EVENT_WAIT)
+    assert "error" not in outcome, outcome
+    assert states(store, run_id, "slow") == {f"r{i}": "completed" for i in range(ROWS)}
+    # every result's event time is after its callable returned, and before the task ended
+    with store.engine.connect() as conn:
+        bad = conn.execute(
+            text("SELECT count(*) FROM node_states WHERE run_id = :r AND recorded_at < completed_at"),
+            {"r": run_id},
+        ).scalar_one()
+    assert bad == 0
+
+
+def test_rows_decided_while_the_branch_works_are_skipped_not_run(
+    store: AuditStore, running: list[threading.Thread]
+) -> None:
+    """A deferred coalesce's trigger decides rows while the branch is busy on a held row: the rows
+    it decided are recorded skipped while that row still runs (read once per chunk, not per row),
+    and never called."""
+    ref = completed_fork(store)
+    run_id = ref["audit_run_id"]
+    slow = Latched(held={"r0"})
+    tasks = build({"fast": _identity, "slow": slow}, concurrency=1)
+    outcome = execute_in_thread(tasks["slow"], ref, running)
+    wait_for("slow to start r0", lambda: slow.called == ["r0"])
+    # the fast branch delivers every row and a pass decides them all (policy first)
+    assert tasks["fast"].execute({"ti": FakeTI(ref)})["completed"] == ROWS  # type: ignore[arg-type]
+    # the deferred coalesce's trigger decides them in the triggerer, without the task resuming
+    spec = tasks["coalesce"].spec()
+    trigger = CoalesceTrigger(
+        spec=spec.as_dict(), run_id=run_id, dag_id=DAG_ID, airflow_run_id=AIRFLOW_RUN, poll_interval=1
+    )
+    assert trigger.poll(spec, {"fast": "success", "slow": "running"}).reason == "every row decided"
+    # r0 still runs; r1 was queued (2 x concurrency) and r2..r5 never handed to a worker
+    wait_for(
+        "the decided rows recorded skipped", lambda: skipped(store, run_id, "slow") >= {"r2", "r3", "r4"}
+    )
+    assert slow.called == ["r0"]
+    slow.release.set()
+    running[0].join(EVENT_WAIT)
+    assert "error" not in outcome, outcome
+    assert slow.called == ["r0"]  # r1 was claimed by no worker either: its row was decided
+    assert skipped(store, run_id, "slow") == {f"r{i}" for i in range(1, ROWS)}
+    assert states(store, run_id, "slow") == {"r0": "discarded"}  # decided before it was written
+    assert outcome["summary"]["skipped_decided"] == ROWS - 1
+
+
+def test_an_audit_store_unreachable_for_a_while_is_retried_not_fatal(
+    store: AuditStore, running: list[threading.Thread], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ref = completed_fork(store)
+    run_id = ref["audit_run_id"]
+    monkeypatch.setattr(branch_module, "WRITE_RETRY_PAUSE_SECONDS", 0.01)
+    real_write = AuditStore.write_branch_results
+    failures = iter([OperationalError("INSERT", {}, Exception("database is locked"))] * 3)
+
+    def flaky(self: AuditStore, *args: Any, **kw: Any) -> None:
+        error = next(failures, None)
+        if error is not None:
+            raise error
+        real_write(self, *args, **kw)
+
+    monkeypatch.setattr(AuditStore, "write_branch_results", flaky)
+    tasks = build({"fast": _identity, "slow": _identity})
+    summary = tasks["slow"].execute({"ti": FakeTI(ref)})  # type: ignore[arg-type]
+    assert summary["completed"] == ROWS
+    assert states(store, run_id, "slow") == {f"r{i}": "completed" for i in range(ROWS)}
+
+
+def test_an_audit_store_unreachable_too_long_fails_the_task(
+    store: AuditStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ref = completed_fork(store)
+    monkeypatch.setattr(branch_module, "WRITE_RETRY_PAUSE_SECONDS", 0.01)
+    monkeypatch.setattr(branch_module, "WRITE_RETRY_SECONDS", 0.0)
+
+    def down(self: AuditStore, *args: Any, **kw: Any) -> None:
+        raise OperationalError("INSERT", {}, Exception("could not connect"))
+
+    monkeypatch.setattr(AuditStore, "write_branch_results", down)
+    tasks = build({"fast": _identity, "slow": _identity})
+    with pytest.raises(OperationalError, match="could not connect"):
+        tasks["slow"].execute({"ti": FakeTI(ref)})  # type: ignore[arg-type]
+
+
+def test_a_resolution_is_not_a_reason_to_skip(store: AuditStore) -> None:
+    """Rows resolved because their coalesce task ended can be reopened (a person clears the
+    coalesce) and decided afresh with this branch's result: a working branch does not skip them."""
+    ref = completed_fork(store)
+    run_id = ref["audit_run_id"]
+    tasks = build({"fast": _identity, "slow": _identity})
+    spec = tasks["coalesce"].spec()
+    store.register_node(run_id, "coalesce", "coalesce", None, spec.as_dict())
+    resolved = coalesce_pass(store, spec, run_id, {}, ended_state="failed")
+    assert resolved.done and resolved.newly_decided == ROWS
+    assert decided_in_chunk(store.engine, run_id, 0, coalesces=["coalesce"]) == set()
+    # a result written meanwhile is still marked as after the decision (discarded)
+    decided = decided_rows(store.engine, run_id, _row_ids(store, run_id), coalesces=["coalesce"])
+    assert set(decided.values()) == {"failed"} and len(decided) == ROWS
+
+
+def _row_ids(store: AuditStore, run_id: str) -> list[str]:
+    with store.engine.connect() as conn:
+        return list(conn.execute(text("SELECT row_id FROM rows WHERE run_id = :r"), {"r": run_id}).scalars())
