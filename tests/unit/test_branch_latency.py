@@ -266,9 +266,9 @@ def test_a_resolution_is_not_a_reason_to_skip(store: AuditStore) -> None:
     resolved = coalesce_pass(store, spec, run_id, {}, ended_state="failed")
     assert resolved.done and resolved.newly_decided == ROWS
     assert decided_in_chunk(store.engine, run_id, 0, coalesces=["coalesce"]) == set()
-    # a result written meanwhile is still marked as after the decision (discarded)
-    decided = decided_rows(store.engine, run_id, _row_ids(store, run_id), coalesces=["coalesce"])
-    assert set(decided.values()) == {"failed"} and len(decided) == ROWS
+    # nor is a result written meanwhile discarded: it is an arrival (late until a later try reopens
+    # the row; tests/audit/test_decision_ordering.py follows it through)
+    assert decided_rows(store.engine, run_id, _row_ids(store, run_id), coalesces=["coalesce"]) == {}
 
 
 def _row_ids(store: AuditStore, run_id: str) -> list[str]:
