@@ -670,7 +670,9 @@ def _decision_write(
             outcome_row(merged_id, run_id, TokenOutcome.MERGED, None, now, join_group=join_group)
         )
     for branch in config.branches:
-        token = branch_token_id(run_id, row_id, branch)
+        state = states.get(branch)
+        # A branch with a state already has its token id; derive it only for the others.
+        token = state.token_id if state is not None else branch_token_id(run_id, row_id, branch)
         if branch in decision.consumed:
             outcome, reason = TokenOutcome.COALESCED, None
         elif branch in decision.missing:
@@ -681,7 +683,6 @@ def _decision_write(
         else:  # arrived before a failure decision
             outcome = TokenOutcome.ROW_FAILED
             reason = decision.failure_reason.value if decision.failure_reason else None
-        state = states.get(branch)
         error_hash = (
             recorded_error_fingerprint(state.error)
             if outcome == TokenOutcome.LOST and state is not None and state.status == NodeStatus.FAILED
