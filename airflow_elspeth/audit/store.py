@@ -369,6 +369,16 @@ class AuditStore:
         self, run_id: str, branches: Sequence[str], chunk: int, rows: Sequence[ForkRow]
     ) -> None:
         """Rows, payloads, the source token and one token per branch, in one transaction."""
+        self.write_fork_chunks(run_id, branches, [(chunk, rows)])
+
+    def write_fork_chunks(
+        self, run_id: str, branches: Sequence[str], chunks: Sequence[tuple[int, Sequence[ForkRow]]]
+    ) -> None:
+        """:meth:`write_fork_chunk` of several chunks in one transaction: whole chunks or nothing.
+
+        A commit costs SQLite a WAL sync and often a checkpoint: a few chunks per commit write the
+        index pages they share once (see benchmarks/RESULTS.md, issue 11).
+        """
         payloads: dict[str, str] = {}
         row_values: list[tuple[Any, ...]] = []
         token_values: list[tuple[Any, ...]] = []
@@ -376,26 +386,28 @@ class AuditStore:
         outcome_values: list[tuple[Any, ...]] = []
         source_kind, branch_kind, forked = TokenKind.SOURCE, TokenKind.BRANCH, TokenOutcome.FORKED
         with self.engine.begin() as conn:
-            # One timestamp for the chunk, converted once for the database (not per token).
+            # One timestamp for the chunks, converted once for the database (not per token).
             now = bind_value(conn, t.tokens.c.created_at, db_now(conn))
-            for row in rows:
-                row_id = derive_id(run_id, row.row_key)
-                source = source_token_id(run_id, row_id)
-                fork_group = derive_id(run_id, row_id, "fork")
-                payloads[row.payload_hash] = row.payload_body
-                row_values.append(
-                    (run_id, row_id, row.row_key, row.row_index, chunk, row.payload_hash, row.payload_hash)
-                )
-                token_values.append((source, run_id, row_id, source_kind, None, fork_group, None, chunk, now))
-                if row.parent_token_id:
-                    parent_values.append((source, row.parent_token_id, 0))
-                outcome_values.append((source, run_id, forked, True, None, None, None, now))
-                for ordinal, branch in enumerate(branches):
-                    token = branch_token_id(run_id, row_id, branch)
+            for chunk, rows in chunks:
+                for row in rows:
+                    row_id = derive_id(run_id, row.row_key)
+                    source = source_token_id(run_id, row_id)
+                    fork_group = derive_id(run_id, row_id, "fork")
+                    payloads[row.payload_hash] = row.payload_body
+                    digest = row.payload_hash
+                    row_values.append((run_id, row_id, row.row_key, row.row_index, chunk, digest, digest))
                     token_values.append(
-                        (token, run_id, row_id, branch_kind, branch, fork_group, None, chunk, now)
+                        (source, run_id, row_id, source_kind, None, fork_group, None, chunk, now)
                     )
-                    parent_values.append((token, source, ordinal))
+                    if row.parent_token_id:
+                        parent_values.append((source, row.parent_token_id, 0))
+                    outcome_values.append((source, run_id, forked, True, None, None, None, now))
+                    for ordinal, branch in enumerate(branches):
+                        token = branch_token_id(run_id, row_id, branch)
+                        token_values.append(
+                            (token, run_id, row_id, branch_kind, branch, fork_group, None, chunk, now)
+                        )
+                        parent_values.append((token, source, ordinal))
             insert_tuples(conn, t.payloads, PAYLOAD_COLUMNS, list(payloads.items()))
             insert_tuples(conn, t.rows, ROW_COLUMNS, row_values)
             insert_tuples(conn, t.tokens, TOKEN_COLUMNS, token_values, bound=["created_at"])
