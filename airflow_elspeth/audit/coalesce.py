@@ -23,7 +23,7 @@ from typing import Any
 from sqlalchemy import Connection, Engine, and_, select, update
 
 from airflow_elspeth.audit import schema as t
-from airflow_elspeth.audit.dml import db_now, insert_ignore, ordered_write
+from airflow_elspeth.audit.dml import db_now, insert_ignore, ordered_write, refresh_statistics
 from airflow_elspeth.audit.store import (
     AuditStore,
     DecisionWrite,
@@ -373,6 +373,10 @@ def coalesce_pass(
                 )
                 decided_total += chunk_decided
                 newly_decided += chunk_decided - decided
+    if newly_decided and decided_total >= run.rows_total:
+        # The run is decided: the summary, the report and the UI read these tables next.
+        with store.engine.begin() as conn:
+            refresh_statistics(conn, [t.node_states, t.coalesce_decisions, t.token_outcomes, t.tokens])
     return PassResult(
         rows_total=run.rows_total,
         rows_decided=decided_total,

@@ -156,6 +156,20 @@ def _converted(
     return converted
 
 
+def refresh_statistics(conn: Connection, tables: Sequence[Table]) -> None:
+    """PostgreSQL: ``ANALYZE`` tables a run has just filled in bulk (SQLite: nothing to do).
+
+    Autovacuum analyses a table only some time after a fraction of it changed; a run written faster
+    than that leaves the planner the statistics of empty tables, and it then joins node states to
+    decisions by nested loops over sequential scans (the summary's late-arrival query ran for more
+    than six minutes at 20k rows; benchmarks/RESULTS.md, issue 11). ANALYZE samples a bounded number
+    of rows, so its cost does not grow with the run.
+    """
+    if conn.dialect.name == "postgresql":
+        quote = conn.dialect.identifier_preparer.quote
+        conn.exec_driver_sql("ANALYZE " + ", ".join(quote(table.name) for table in tables))
+
+
 def upsert(
     conn: Connection, table: Table, values: Sequence[dict[str, Any]], *, update: Sequence[str]
 ) -> None:

@@ -15,7 +15,15 @@ from typing import Any
 from sqlalchemy import Connection, Engine, and_, func, select, update
 
 from airflow_elspeth.audit import schema as t
-from airflow_elspeth.audit.dml import bind_value, db_now, insert_ignore, insert_tuples, ordered_write, upsert
+from airflow_elspeth.audit.dml import (
+    bind_value,
+    db_now,
+    insert_ignore,
+    insert_tuples,
+    ordered_write,
+    refresh_statistics,
+    upsert,
+)
 from airflow_elspeth.core.canonical import derive_id, hash_value
 from airflow_elspeth.core.errors import recorded_error_fingerprint
 from airflow_elspeth.core.vocabulary import (
@@ -299,6 +307,8 @@ class AuditStore:
     def complete_run(self, run_id: str, *, rows_total: int, chunks_total: int) -> datetime:
         """Mark the fork complete; its completion time starts every coalesce deadline."""
         with self.engine.begin() as conn:
+            # Before the run completes: the branches' and the coalesce's reads need these plans.
+            refresh_statistics(conn, [t.rows, t.tokens, t.token_parents, t.token_outcomes, t.payloads])
             now = db_now(conn)
             conn.execute(
                 update(t.runs)
