@@ -2,7 +2,9 @@
 
 fork -> 3 branches (trivial callables) -> coalesce through ``dag.test()`` at 10k / 100k / 1M rows on
 SQLite and PostgreSQL, each (size, database) in a fresh process; plus the floor (raw bulk insert of
-the same audit rows), the naive mapped-task way at 1,000 rows and the coalesce's waiting query.
+the same audit rows), the lean floor (``../shared/bench/lean_floor.py``: one row per event, run at
+the same size right after each of our runs), the naive mapped-task way at 1,000 rows and the
+coalesce's waiting query.
 See benchmarks/RESULTS.md for figures from this machine.
 """
 
@@ -32,6 +34,8 @@ DEFAULT_SIZES = (10_000, 100_000, 1_000_000)
 NAIVE_ROWS = 1_000  # Airflow's default max_map_length is 1024
 DATABASES = ("sqlite", "postgresql")
 PHASES = ("fork", "branch_alpha", "branch_beta", "branch_gamma", "coalesce")
+# The lean floor lives beside the repository (in CI the repository's parent folder holds shared/).
+LEAN_FLOOR = REPO.parent / "shared" / "bench" / "lean_floor.py"
 
 out = Console()
 if not out.is_terminal:  # redirected to a file: do not squeeze the tables into 80 columns
@@ -123,7 +127,13 @@ def prepare_template(workdir: Path) -> Path:
 
 class Runner:
     def __init__(
-        self, workdir: Path, template: Path, pg: Any | None, keep: bool, profile_dir: Path | None
+        self,
+        workdir: Path,
+        template: Path,
+        pg: Any | None,
+        keep: bool,
+        profile_dir: Path | None,
+        lean_floor: bool = True,
     ) -> None:
         self.workdir, self.template, self.pg, self.keep, self.profile_dir = (
             workdir,
@@ -132,6 +142,7 @@ class Runner:
             keep,
             profile_dir,
         )
+        self.lean_floor = lean_floor
 
     def run(self, mode: str, rows: int, db: str, *, floor: bool = True) -> dict[str, Any]:
         name = f"{mode}_{db}_{rows}"
@@ -203,6 +214,11 @@ class Runner:
                 raise RuntimeError(
                     f"{name}: the DAG run ended {result['dag_run_state']}: see {run_dir}/worker.log"
                 )
+            if mode == "elspeth" and self.lean_floor:
+                # Right after our run, at the same size: the ratio compares like with like.
+                result["lean_floor"] = run_lean_floor(rows)
+                seconds = result["lean_floor"]["seconds"]
+                result["lean_ratio"] = round(result["phases_total_seconds"] / seconds, 2) if seconds else None
             err.log(f"{name}: {summary_line(result)}")
             return result
         finally:
@@ -213,11 +229,36 @@ class Runner:
                     shutil.rmtree(run_dir, ignore_errors=True)
 
 
+def run_lean_floor(rows: int) -> dict[str, Any]:
+    """``lean_floor.py --rows N --json`` in a fresh process: its figures (seconds, rows_per_second)."""
+    if not LEAN_FLOOR.is_file():
+        raise FileNotFoundError(
+            f"the lean floor {LEAN_FLOOR} is missing (the repository's parent folder must hold "
+            "shared/bench/lean_floor.py); --no-lean-floor skips it"
+        )
+    proc = subprocess.run(
+        [sys.executable, str(LEAN_FLOOR), "--rows", str(rows), "--json"],
+        capture_output=True,
+        text=True,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"{LEAN_FLOOR} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    figures: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return figures
+
+
+def audit_rows_per_source_row(r: dict[str, Any]) -> float:
+    return round(r["audit_rows_total"] / r["rows"], 1)
+
+
 def summary_line(r: dict[str, Any]) -> str:
     if r["mode"] != "elspeth":
         return f"end to end {r['end_to_end_seconds']} s, {r['task_instances']} task instances"
+    lean = r.get("lean_floor") or {}
     return (
         f"phases {r['phases_total_seconds']} s, {r['rows_per_second']} rows/s, "
+        f"lean floor {lean.get('rows_per_second', '-')} rows/s ({lean.get('seconds', '-')} s), "
+        f"x{r.get('lean_ratio')} the lean floor, {audit_rows_per_source_row(r)} audit rows/source row, "
         f"floor {r.get('floor_seconds')} s, overhead x{r.get('overhead_vs_floor')}, "
         f"peak RSS {r['peak_rss_mb']['self']} MB, poll {r['poll_ms']['mean']} ms"
     )
@@ -257,6 +298,12 @@ def size_table(rows: int, results: dict[str, dict[str, Any]]) -> Table:
     add("total of phases s (operators' execute)", lambda r: f"{r['phases_total_seconds']:.1f}", "bold")
     add("total of task instances s (start..end)", lambda r: f"{r['ti_total_seconds']:.1f}")
     add("rows per second", lambda r: f"{r['rows_per_second']:,.0f}", "bold")
+    add(
+        "lean floor rows per second (lean_floor.py, same size)",
+        lambda r: f"{r['lean_floor']['rows_per_second']:,.0f} ({r['lean_floor']['seconds']:.1f} s)",
+    )
+    add("phases / lean floor time (target <= 4)", lambda r: f"x{r['lean_ratio']}", "bold")
+    add("audit rows per source row", audit_rows_per_source_row)
     add("floor s (raw bulk insert)", lambda r: f"{r['floor_seconds']:.1f} ({r['floor_method']})")
     add("overhead vs floor (target <= 2)", lambda r: f"x{r['overhead_vs_floor']}", "bold")
     add("peak RSS MB (dag.test process)", lambda r: f"{r['peak_rss_mb']['self']:.0f}", "bold")
@@ -314,7 +361,11 @@ def compact(r: dict[str, Any]) -> dict[str, Any]:
         "floor_seconds": r.get("floor_seconds"),
         "floor_method": r.get("floor_method"),
         "overhead_vs_floor": r.get("overhead_vs_floor"),
+        "lean_floor_rows_per_second": (r.get("lean_floor") or {}).get("rows_per_second"),
+        "lean_floor_seconds": (r.get("lean_floor") or {}).get("seconds"),
+        "lean_ratio": r.get("lean_ratio"),
         "audit_rows": r["audit_rows"],
+        "audit_rows_per_source_row": audit_rows_per_source_row(r),
         "poll_ms": r["poll_ms"]["mean"],
         "visibility_p99_ms": r["visibility_ms"]["p99"],
         "end_to_end_seconds": r["end_to_end_seconds"],
@@ -334,6 +385,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--no-naive", action="store_true", help="skip the naive mapped-task comparison")
     parser.add_argument("--no-floor", action="store_true", help="skip the floor (raw bulk insert)")
+    parser.add_argument(
+        "--no-lean-floor",
+        action="store_true",
+        help=f"skip the lean floor ({LEAN_FLOOR.relative_to(REPO.parent)}, run after each of our runs)",
+    )
     parser.add_argument(
         "--profile", type=Path, metavar="DIR", help="run the DAGs under pyinstrument, write profiles to DIR"
     )
@@ -376,7 +432,9 @@ def main(argv: list[str] | None = None) -> int:
                 stack.callback(pg.stop)
             info["postgresql"] = pg.version()
             err.log(f"temporary PostgreSQL {info['postgresql']} on port {pg.port}")
-        runner = Runner(workdir, prepare_template(workdir), pg, opts.keep, opts.profile)
+        runner = Runner(
+            workdir, prepare_template(workdir), pg, opts.keep, opts.profile, not opts.no_lean_floor
+        )
         for rows in sizes:
             results[rows] = {}
             for db in dbs:

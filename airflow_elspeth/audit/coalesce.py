@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -24,7 +24,7 @@ from typing import Any
 from sqlalchemy import Connection, Engine, and_, select, update
 
 from airflow_elspeth.audit import schema as t
-from airflow_elspeth.audit.dml import db_now, insert_ignore, ordered_write
+from airflow_elspeth.audit.dml import db_now, insert_ignore, ordered_write, refresh_statistics
 from airflow_elspeth.audit.store import (
     AuditStore,
     DecisionWrite,
@@ -353,26 +353,42 @@ def coalesce_pass(
         signatures = chunk_signatures(conn, spec, run, now, task_states)
     ended = ended_tasks_by_chunk(spec, run.chunks_total, task_states)
     decided_total = newly_decided = 0
+    due: list[tuple[int, str, int]] = []  # (chunk, signature, rows decided before) to evaluate
     for chunk, (signature, decided, seen) in signatures.items():
         chunk_rows = run.chunk_rows(chunk)
         if decided >= chunk_rows or (signature == seen and ended_state is None):
             decided_total += min(decided, chunk_rows)
             continue
-        with ordered_write(store.engine, run_id, [chunk], decider=True) as conn:
-            chunk_now = db_now(conn)  # read under the lock: every event stamped before it is visible
-            insert_ignore(
-                conn,
-                t.branch_task_losses,
-                _chunk_task_losses(spec, run, chunk, ended.get(chunk, {}), chunk_now),
-            )
-            writes = decide_chunk(
-                conn, spec, run, chunk, task_states=task_states, now=chunk_now, ended_state=ended_state
-            )
-            chunk_decided = write_decisions(
-                conn, run_id, spec.node_id, chunk, writes, rows_total=chunk_rows, signature=signature
-            )
-        decided_total += chunk_decided
-        newly_decided += chunk_decided - decided
+        due.append((chunk, signature, decided))
+    for group in _write_groups(run, due):
+        # One ordered transaction for a few chunks (their locks taken in one order): a commit costs
+        # SQLite a WAL sync and often a checkpoint. Each chunk still commits whole or not at all.
+        with ordered_write(store.engine, run_id, [chunk for chunk, _, _ in group], decider=True) as conn:
+            now_locked = db_now(conn)  # read under the locks: every event stamped before it is visible
+            for chunk, signature, decided in group:
+                insert_ignore(
+                    conn,
+                    t.branch_task_losses,
+                    _chunk_task_losses(spec, run, chunk, ended.get(chunk, {}), now_locked),
+                )
+                writes = decide_chunk(
+                    conn, spec, run, chunk, task_states=task_states, now=now_locked, ended_state=ended_state
+                )
+                chunk_decided = write_decisions(
+                    conn,
+                    run_id,
+                    spec.node_id,
+                    chunk,
+                    writes,
+                    rows_total=run.chunk_rows(chunk),
+                    signature=signature,
+                )
+                decided_total += chunk_decided
+                newly_decided += chunk_decided - decided
+    if newly_decided and decided_total >= run.rows_total:
+        # The run is decided: the summary, the report and the UI read these tables next.
+        with store.engine.begin() as conn:
+            refresh_statistics(conn, [t.node_states, t.coalesce_decisions, t.token_outcomes, t.tokens])
     return PassResult(
         rows_total=run.rows_total,
         rows_decided=decided_total,
@@ -380,6 +396,24 @@ def coalesce_pass(
         now=now,
         newly_decided=newly_decided,
     )
+
+
+# Rows of undecided chunks the pass evaluates per transaction (whole chunks, one at least).
+PASS_ROWS_PER_WRITE = 5_000
+
+
+def _write_groups(run: RunInfo, due: list[tuple[int, str, int]]) -> Iterator[list[tuple[int, str, int]]]:
+    """The chunks to evaluate, in order, grouped up to :data:`PASS_ROWS_PER_WRITE` rows a group."""
+    group: list[tuple[int, str, int]] = []
+    rows = 0
+    for item in due:
+        group.append(item)
+        rows += run.chunk_rows(item[0])
+        if rows >= PASS_ROWS_PER_WRITE:
+            yield group
+            group, rows = [], 0
+    if group:
+        yield group
 
 
 def _chunk_task_losses(
@@ -721,7 +755,9 @@ def _decision_write(
             outcome_row(merged_id, run_id, TokenOutcome.MERGED, None, now, join_group=join_group)
         )
     for branch in config.branches:
-        token = branch_token_id(run_id, row_id, branch)
+        state = states.get(branch)
+        # A branch with a state already has its token id; derive it only for the others.
+        token = state.token_id if state is not None else branch_token_id(run_id, row_id, branch)
         if branch in decision.consumed:
             outcome, reason = TokenOutcome.COALESCED, None
         elif branch in decision.missing:
@@ -732,7 +768,6 @@ def _decision_write(
         else:  # arrived before a failure decision
             outcome = TokenOutcome.ROW_FAILED
             reason = decision.failure_reason.value if decision.failure_reason else None
-        state = states.get(branch)
         error_hash = (
             recorded_error_fingerprint(state.error)
             if outcome == TokenOutcome.LOST and state is not None and state.status == NodeStatus.FAILED

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from itertools import islice
+from operator import itemgetter
 from typing import Any, TypeVar
 
-from sqlalchemy import Connection, Engine, Executable, Table, func, select, text
+from sqlalchemy import Column, Connection, Dialect, Engine, Table, func, select, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
@@ -34,19 +36,138 @@ def insert_ignore(conn: Connection, table: Table, values: Sequence[dict[str, Any
     """Bulk insert that skips rows whose key already exists (``ON CONFLICT DO NOTHING``).
 
     Every conflict is ignored, including the partial unique index on terminal outcomes, which is
-    what makes retried and concurrent writers idempotent.
+    what makes retried and concurrent writers idempotent. Every dict must have the same keys (the
+    columns written; the others take their defaults).
     """
     if not values:
         return
-    dialect = conn.dialect.name
-    stmt: Executable
-    if dialect == "postgresql":
-        stmt = postgresql.insert(table).on_conflict_do_nothing()
-    elif dialect == "sqlite":
-        stmt = sqlite.insert(table).on_conflict_do_nothing()
-    else:
-        raise NotImplementedError(f"audit store supports sqlite and postgresql, not {dialect}")
-    conn.execute(stmt, list(values))
+    columns = tuple(values[0])
+    if len(columns) == 1:
+        (column,) = columns
+        insert_tuples(conn, table, columns, [(value[column],) for value in values])
+        return
+    row_of = itemgetter(*columns)  # a C-level dict-to-tuple
+    insert_tuples(conn, table, columns, [row_of(value) for value in values])
+
+
+# Rows per multi-row VALUES statement on PostgreSQL: psycopg 3 binds on the server, which takes at
+# most 65,535 parameters a statement; psycopg2 interpolates on the client and has no such limit.
+_PG_MAX_PARAMETERS = 32_000
+_PG_MAX_ROWS = 1_000
+
+
+def insert_tuples(
+    conn: Connection,
+    table: Table,
+    columns: Sequence[str],
+    rows: Sequence[tuple[Any, ...]],
+    *,
+    bound: Collection[str] = (),
+) -> None:
+    """:func:`insert_ignore` of prebuilt tuples (values in ``columns`` order): the hot path.
+
+    The statement goes to the DBAPI cursor as SQL text (``exec_driver_sql``), so SQLAlchemy neither
+    compiles it nor processes parameters row by row; only columns whose type converts values (the
+    audit timestamps, booleans) are converted, once per distinct value. SQLite gets one
+    ``executemany``; PostgreSQL multi-row ``VALUES`` (one round trip per page, not per row).
+
+    :param bound: columns whose values the caller already converted with :func:`bind_value`
+        (e.g. one timestamp shared by every row of a batch).
+    """
+    if not rows:
+        return
+    insert = _compiled_insert(conn.dialect, table, tuple(columns))
+    converters = tuple((i, p) for i, p in insert.converters if columns[i] not in bound)
+    if converters:
+        rows = _converted(rows, converters)
+    if insert.one_row is not None:  # SQLite
+        conn.exec_driver_sql(insert.one_row, list(rows))
+        return
+    page = max(1, min(_PG_MAX_ROWS, _PG_MAX_PARAMETERS // len(columns)))
+    for start in range(0, len(rows), page):
+        part = rows[start : start + page]
+        sql = insert.prefix + ",".join([insert.placeholder] * len(part)) + insert.suffix
+        conn.exec_driver_sql(sql, tuple(value for row in part for value in row))
+
+
+def bind_value(conn: Connection, column: Column[Any], value: Any) -> Any:
+    """``value`` as :func:`insert_tuples` sends it for ``column`` (pass the column in ``bound``)."""
+    processor = column.type.dialect_impl(conn.dialect).bind_processor(conn.dialect)
+    return value if processor is None else processor(value)
+
+
+@dataclass(frozen=True)
+class _Insert:
+    one_row: str | None  # the executemany statement (SQLite); None: multi-row VALUES pages
+    prefix: str
+    placeholder: str
+    suffix: str
+    converters: tuple[tuple[int, Callable[[Any], Any]], ...]  # (column position, bind processor)
+
+
+_inserts: dict[tuple[str, str, tuple[str, ...]], _Insert] = {}
+
+
+def _compiled_insert(dialect: Dialect, table: Table, columns: tuple[str, ...]) -> _Insert:
+    key = (dialect.name, table.name, columns)
+    found = _inserts.get(key)
+    if found is not None:
+        return found
+    if dialect.name not in ("sqlite", "postgresql"):
+        raise NotImplementedError(f"audit store supports sqlite and postgresql, not {dialect.name}")
+    quote = dialect.identifier_preparer.quote
+    mark = "?" if dialect.paramstyle == "qmark" else "%s"
+    placeholder = "(" + ",".join([mark] * len(columns)) + ")"
+    prefix = f"INSERT INTO {quote(table.name)} ({','.join(quote(c) for c in columns)}) VALUES "
+    suffix = " ON CONFLICT DO NOTHING"
+    converters = []
+    for position, name in enumerate(columns):
+        # The column type's own bind processor (for UTCDateTime: its aware-UTC check and SQLite's
+        # storage format), so what is stored is what a SQLAlchemy insert would have stored.
+        processor = table.c[name].type.dialect_impl(dialect).bind_processor(dialect)
+        if processor is not None:
+            converters.append((position, processor))
+    found = _Insert(
+        prefix + placeholder + suffix if dialect.name == "sqlite" else None,
+        prefix,
+        placeholder,
+        suffix,
+        tuple(converters),
+    )
+    _inserts[key] = found
+    return found
+
+
+def _converted(
+    rows: Sequence[tuple[Any, ...]], converters: tuple[tuple[int, Callable[[Any], Any]], ...]
+) -> list[tuple[Any, ...]]:
+    # Each distinct value converted once: a batch shares a handful of timestamps across its rows.
+    memos: list[dict[Any, Any]] = [{} for _ in converters]
+    converted = []
+    for row in rows:
+        values = list(row)
+        for (position, processor), memo in zip(converters, memos, strict=True):
+            value = values[position]
+            try:
+                values[position] = memo[value]
+            except KeyError:
+                values[position] = memo[value] = processor(value)
+        converted.append(tuple(values))
+    return converted
+
+
+def refresh_statistics(conn: Connection, tables: Sequence[Table]) -> None:
+    """PostgreSQL: ``ANALYZE`` tables a run has just filled in bulk (SQLite: nothing to do).
+
+    Autovacuum analyses a table only some time after a fraction of it changed; a run written faster
+    than that leaves the planner the statistics of empty tables, and it then joins node states to
+    decisions by nested loops over sequential scans (the summary's late-arrival query ran for more
+    than six minutes at 20k rows; benchmarks/RESULTS.md, issue 11). ANALYZE samples a bounded number
+    of rows, so its cost does not grow with the run.
+    """
+    if conn.dialect.name == "postgresql":
+        quote = conn.dialect.identifier_preparer.quote
+        conn.exec_driver_sql("ANALYZE " + ", ".join(quote(table.name) for table in tables))
 
 
 def upsert(

@@ -144,7 +144,7 @@ token_parents = Table(
     Column("token_id", ID, primary_key=True),
     Column("parent_token_id", ID, primary_key=True),
     Column("ordinal", Integer, nullable=False),
-    Index(None, "parent_token_id"),
+    # No index on parent_token_id: nothing looks tokens up by their parent (migration 0004).
 )
 
 node_states = Table(

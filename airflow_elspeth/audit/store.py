@@ -15,7 +15,15 @@ from typing import Any
 from sqlalchemy import Connection, Engine, and_, func, select, update
 
 from airflow_elspeth.audit import schema as t
-from airflow_elspeth.audit.dml import db_now, insert_ignore, ordered_write, upsert
+from airflow_elspeth.audit.dml import (
+    bind_value,
+    db_now,
+    insert_ignore,
+    insert_tuples,
+    ordered_write,
+    refresh_statistics,
+    upsert,
+)
 from airflow_elspeth.core.canonical import derive_id, hash_value
 from airflow_elspeth.core.errors import recorded_error_fingerprint
 from airflow_elspeth.core.vocabulary import (
@@ -41,9 +49,59 @@ from airflow_elspeth.core.vocabulary import (
 COMPLETED = NodeStatus.COMPLETED
 
 
+# Column orders of the tuples the hot paths build (dml.insert_tuples).
+PAYLOAD_COLUMNS = ("hash", "body")
+ROW_COLUMNS = ("run_id", "row_id", "row_key", "row_index", "chunk", "source_hash", "payload_ref")
+TOKEN_COLUMNS = (
+    "token_id",
+    "run_id",
+    "row_id",
+    "token_kind",
+    "branch_name",
+    "fork_group_id",
+    "join_group_id",
+    "chunk",
+    "created_at",
+)
+PARENT_COLUMNS = ("token_id", "parent_token_id", "ordinal")
+STATE_COLUMNS = (
+    "state_id",
+    "token_id",
+    "run_id",
+    "node_id",
+    "attempt",
+    "status",
+    "input_hash",
+    "output_hash",
+    "output_ref",
+    "error_json",
+    "context_json",
+    "started_at",
+    "completed_at",
+    "duration_ms",
+    "row_id",
+    "chunk",
+    "recorded_at",  # last: set inside the writing transaction
+)
+OUTCOME_COLUMNS = (
+    "token_id",
+    "run_id",
+    "outcome",
+    "is_terminal",
+    "reason",
+    "error_hash",
+    "join_group_id",
+    "recorded_at",
+)
+
+
+# One encoder for every call: json.dumps with options builds a new JSONEncoder each time.
+_encode = json.JSONEncoder(separators=(",", ":"), sort_keys=True, default=str).encode
+
+
 def dumps(value: Any) -> str:
     """Compact JSON for the *_json columns (not canonical: these are not hashed)."""
-    return json.dumps(value, separators=(",", ":"), sort_keys=True, default=str)
+    return _encode(value)
 
 
 def source_token_id(run_id: str, row_id: str) -> str:
@@ -249,6 +307,8 @@ class AuditStore:
     def complete_run(self, run_id: str, *, rows_total: int, chunks_total: int) -> datetime:
         """Mark the fork complete; its completion time starts every coalesce deadline."""
         with self.engine.begin() as conn:
+            # Before the run completes: the branches' and the coalesce's reads need these plans.
+            refresh_statistics(conn, [t.rows, t.tokens, t.token_parents, t.token_outcomes, t.payloads])
             now = db_now(conn)
             conn.execute(
                 update(t.runs)
@@ -319,65 +379,50 @@ class AuditStore:
         self, run_id: str, branches: Sequence[str], chunk: int, rows: Sequence[ForkRow]
     ) -> None:
         """Rows, payloads, the source token and one token per branch, in one transaction."""
+        self.write_fork_chunks(run_id, branches, [(chunk, rows)])
+
+    def write_fork_chunks(
+        self, run_id: str, branches: Sequence[str], chunks: Sequence[tuple[int, Sequence[ForkRow]]]
+    ) -> None:
+        """:meth:`write_fork_chunk` of several chunks in one transaction: whole chunks or nothing.
+
+        A commit costs SQLite a WAL sync and often a checkpoint: a few chunks per commit write the
+        index pages they share once (see benchmarks/RESULTS.md, issue 11).
+        """
         payloads: dict[str, str] = {}
-        row_values, token_values, parent_values, outcome_values = [], [], [], []
+        row_values: list[tuple[Any, ...]] = []
+        token_values: list[tuple[Any, ...]] = []
+        parent_values: list[tuple[Any, ...]] = []
+        outcome_values: list[tuple[Any, ...]] = []
+        source_kind, branch_kind, forked = TokenKind.SOURCE, TokenKind.BRANCH, TokenOutcome.FORKED
         with self.engine.begin() as conn:
-            now = db_now(conn)
-            for row in rows:
-                row_id = derive_id(run_id, row.row_key)
-                source = source_token_id(run_id, row_id)
-                fork_group = derive_id(run_id, row_id, "fork")
-                payloads[row.payload_hash] = row.payload_body
-                row_values.append(
-                    {
-                        "run_id": run_id,
-                        "row_id": row_id,
-                        "row_key": row.row_key,
-                        "row_index": row.row_index,
-                        "chunk": chunk,
-                        "source_hash": row.payload_hash,
-                        "payload_ref": row.payload_hash,
-                    }
-                )
-                token_values.append(
-                    {
-                        "token_id": source,
-                        "run_id": run_id,
-                        "row_id": row_id,
-                        "token_kind": TokenKind.SOURCE,
-                        "branch_name": None,
-                        "fork_group_id": fork_group,
-                        "join_group_id": None,
-                        "chunk": chunk,
-                        "created_at": now,
-                    }
-                )
-                if row.parent_token_id:
-                    parent_values.append(
-                        {"token_id": source, "parent_token_id": row.parent_token_id, "ordinal": 0}
-                    )
-                outcome_values.append(outcome_row(source, run_id, TokenOutcome.FORKED, None, now))
-                for ordinal, branch in enumerate(branches):
-                    token = branch_token_id(run_id, row_id, branch)
+            # One timestamp for the chunks, converted once for the database (not per token).
+            now = bind_value(conn, t.tokens.c.created_at, db_now(conn))
+            for chunk, rows in chunks:
+                for row in rows:
+                    row_id = derive_id(run_id, row.row_key)
+                    source = source_token_id(run_id, row_id)
+                    fork_group = derive_id(run_id, row_id, "fork")
+                    payloads[row.payload_hash] = row.payload_body
+                    digest = row.payload_hash
+                    row_values.append((run_id, row_id, row.row_key, row.row_index, chunk, digest, digest))
                     token_values.append(
-                        {
-                            "token_id": token,
-                            "run_id": run_id,
-                            "row_id": row_id,
-                            "token_kind": TokenKind.BRANCH,
-                            "branch_name": branch,
-                            "fork_group_id": fork_group,
-                            "join_group_id": None,
-                            "chunk": chunk,
-                            "created_at": now,
-                        }
+                        (source, run_id, row_id, source_kind, None, fork_group, None, chunk, now)
                     )
-                    parent_values.append({"token_id": token, "parent_token_id": source, "ordinal": ordinal})
-            insert_ignore(conn, t.payloads, [{"hash": h, "body": b} for h, b in payloads.items()])
-            insert_ignore(conn, t.rows, row_values)
-            insert_ignore(conn, t.tokens, token_values)
-            insert_ignore(conn, t.token_parents, parent_values)
-            insert_ignore(conn, t.token_outcomes, outcome_values)
+                    if row.parent_token_id:
+                        parent_values.append((source, row.parent_token_id, 0))
+                    outcome_values.append((source, run_id, forked, True, None, None, None, now))
+                    for ordinal, branch in enumerate(branches):
+                        token = branch_token_id(run_id, row_id, branch)
+                        token_values.append(
+                            (token, run_id, row_id, branch_kind, branch, fork_group, None, chunk, now)
+                        )
+                        parent_values.append((token, source, ordinal))
+            insert_tuples(conn, t.payloads, PAYLOAD_COLUMNS, list(payloads.items()))
+            insert_tuples(conn, t.rows, ROW_COLUMNS, row_values)
+            insert_tuples(conn, t.tokens, TOKEN_COLUMNS, token_values, bound=["created_at"])
+            insert_tuples(conn, t.token_parents, PARENT_COLUMNS, parent_values)
+            insert_tuples(conn, t.token_outcomes, OUTCOME_COLUMNS, outcome_values, bound=["recorded_at"])
 
     # -- branches ---------------------------------------------------------------------------------
 
@@ -408,30 +453,29 @@ class AuditStore:
             if result.output_hash is not None and result.output_body is not None:
                 payloads[result.output_hash] = result.output_body
             states.append(
-                {
-                    "state_id": derive_id(result.token_id, node_id, attempt),
-                    "token_id": result.token_id,
-                    "run_id": run_id,
-                    "node_id": node_id,
-                    "attempt": attempt,
-                    "status": result.status,
-                    "input_hash": result.input_hash,
-                    "output_hash": result.output_hash,
-                    "output_ref": result.output_hash,
-                    "error_json": dumps(result.error) if result.error is not None else None,
-                    "context_json": dumps(result.context) if result.context is not None else None,
-                    "started_at": result.started_at,
-                    "completed_at": result.completed_at,
-                    "duration_ms": int((result.completed_at - result.started_at).total_seconds() * 1000),
-                    "recorded_at": None,  # set inside the writing transaction
-                    "row_id": result.row_id,
-                    "chunk": result.chunk,
-                }
+                (
+                    derive_id(result.token_id, node_id, attempt),
+                    result.token_id,
+                    run_id,
+                    node_id,
+                    attempt,
+                    result.status,
+                    result.input_hash,
+                    result.output_hash,
+                    result.output_hash,
+                    dumps(result.error) if result.error is not None else None,
+                    dumps(result.context) if result.context is not None else None,
+                    result.started_at,
+                    result.completed_at,
+                    int((result.completed_at - result.started_at).total_seconds() * 1000),
+                    result.row_id,
+                    result.chunk,
+                )
             )
         with ordered_write(self.engine, run_id, chunk_tokens, decider=False) as conn:
             recorded_at = db_now(conn)  # the event time: read under the ordering lock
-            insert_ignore(conn, t.payloads, [{"hash": h, "body": b} for h, b in payloads.items()])
-            insert_ignore(conn, t.node_states, [{**state, "recorded_at": recorded_at} for state in states])
+            insert_tuples(conn, t.payloads, PAYLOAD_COLUMNS, list(payloads.items()))
+            insert_tuples(conn, t.node_states, STATE_COLUMNS, [(*state, recorded_at) for state in states])
             if final_step:
                 insert_ignore(
                     conn, t.token_outcomes, [not_joined_outcome(run_id, r, recorded_at) for r in results]

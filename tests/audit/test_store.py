@@ -6,13 +6,14 @@ from __future__ import annotations
 import math
 import multiprocessing
 import tracemalloc
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
 import pytest
 from sqlalchemy import Engine, func, insert, select
 from sqlalchemy.exc import IntegrityError
 
 from airflow_elspeth.audit import schema as t
+from airflow_elspeth.audit.dml import insert_ignore, insert_tuples
 from airflow_elspeth.audit.read.rows import iter_source_rows
 from airflow_elspeth.audit.store import (
     AuditStore,
@@ -26,6 +27,7 @@ from airflow_elspeth.core.vocabulary import NodeStatus
 from airflow_elspeth.exceptions import PayloadError
 
 BRANCHES = ["left", "right"]
+LOSS_COLUMNS = ("run_id", "node_id", "chunk", "branch_name", "task_state", "observed_at")
 CHUNK = 1000
 
 
@@ -186,3 +188,47 @@ def test_ten_times_the_rows_write_and_read_in_the_same_memory(audit_engine: Engi
     assert big_write < 1.5 * small_write + 2 * 2**20
     assert big_read < 1.5 * small_read + 2 * 2**20
     assert counts(audit_engine)["rows"] == 11_000
+
+
+# ---- the raw write path (dml.insert_tuples) stores what a SQLAlchemy insert stores
+
+
+def test_raw_inserts_store_what_sqlalchemy_stores(audit_engine: Engine) -> None:
+    at = datetime(2026, 1, 2, 3, 4, 5, 6, tzinfo=timezone(timedelta(hours=2)))
+    row = {
+        "token_id": "raw",
+        "run_id": "r",
+        "outcome": "coalesced",
+        "is_terminal": True,
+        "reason": None,
+        "error_hash": None,
+        "join_group_id": None,
+        "recorded_at": at,
+    }
+    with audit_engine.begin() as conn:
+        # The second terminal outcome of the same token is ignored (the partial unique index).
+        insert_ignore(conn, t.token_outcomes, [row, {**row, "outcome": "lost"}])
+        conn.execute(insert(t.token_outcomes).values({**row, "token_id": "core"}))
+        stored = conn.exec_driver_sql(
+            "SELECT token_id, outcome, is_terminal, recorded_at FROM token_outcomes ORDER BY token_id"
+        ).all()
+        read_back = conn.execute(select(t.token_outcomes.c.recorded_at)).scalars().all()
+    assert [s[0] for s in stored] == ["core", "raw"]
+    assert stored[0][1:] == stored[1][1:]
+    assert read_back == [at.astimezone(timezone.utc)] * 2
+
+
+def test_raw_inserts_refuse_naive_timestamps(audit_engine: Engine) -> None:
+    with pytest.raises(ValueError, match="naive datetime"), audit_engine.begin() as conn:
+        insert_tuples(
+            conn, t.branch_task_losses, LOSS_COLUMNS, [("r", "n", 0, "b", "failed", datetime(2026, 1, 1))]
+        )
+
+
+def test_raw_inserts_page_large_batches_and_stay_idempotent(audit_engine: Engine) -> None:
+    bodies = [(f"{i:064x}", f'{{"i":{i}}}') for i in range(2_500)]  # more than one PostgreSQL page
+    for _ in range(2):
+        with audit_engine.begin() as conn:
+            insert_tuples(conn, t.payloads, ("hash", "body"), bodies)
+    with audit_engine.connect() as conn:
+        assert conn.execute(select(func.count()).select_from(t.payloads)).scalar_one() == 2_500

@@ -107,6 +107,9 @@ def direct_engine(audit_url: str, monkeypatch: pytest.MonkeyPatch) -> Any:
     monkeypatch.setattr(
         fork_module, "ElspethAuditHook", lambda audit_conn_id=None: SimpleNamespace(get_engine=lambda: engine)
     )
+    # One chunk per transaction, so a few rows are enough to leave whole chunks written before the
+    # failure (by default the fork writes FORK_ROWS_PER_WRITE rows per transaction).
+    monkeypatch.setattr(fork_module, "FORK_ROWS_PER_WRITE", 1)
     return engine
 
 
@@ -293,13 +296,16 @@ def run_failure_dag(dag: Any, audit_url: str) -> Any:
 def chunks_written(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """The chunk numbers the forks of the test wrote (before anything was removed again)."""
     written: list[int] = []
-    original = AuditStore.write_fork_chunk
+    original = AuditStore.write_fork_chunks
 
-    def spy(self: AuditStore, run_id: str, branches: Any, chunk: int, rows: Any) -> None:
-        original(self, run_id, branches, chunk, rows)
-        written.append(chunk)
+    def spy(self: AuditStore, run_id: str, branches: Any, chunks: Any) -> None:
+        original(self, run_id, branches, chunks)
+        written.extend(chunk for chunk, _ in chunks)
 
-    monkeypatch.setattr(AuditStore, "write_fork_chunk", spy)
+    monkeypatch.setattr(AuditStore, "write_fork_chunks", spy)
+    # One chunk per transaction, as the tests count whole chunks written before a failure (by
+    # default the fork writes FORK_ROWS_PER_WRITE rows, several chunks, per transaction).
+    monkeypatch.setattr(fork_module, "FORK_ROWS_PER_WRITE", 1)
     return written
 
 

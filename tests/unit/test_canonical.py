@@ -13,10 +13,18 @@ import re
 from typing import Any
 
 import pytest
+import rfc8785
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from airflow_elspeth.core.canonical import canonical_json, content_hash, derive_id, hash_value, row_key_text
+from airflow_elspeth.core.canonical import (
+    _stdlib_is_canonical,
+    canonical_json,
+    content_hash,
+    derive_id,
+    hash_value,
+    row_key_text,
+)
 from airflow_elspeth.exceptions import PayloadError
 
 JSON_SCALARS = st.one_of(
@@ -169,3 +177,57 @@ def test_row_key_text(key: Any, text: str) -> None:
 def test_row_key_text_rejects_non_canonical_keys_naming_the_key() -> None:
     with pytest.raises(PayloadError, match="row key"):
         row_key_text(math.nan)
+
+
+# ---- the standard-library fast path is byte-identical to rfc8785
+
+# Weighted towards what the fast path takes (ASCII keys, in-range floats and integers) and what it
+# must hand over (non-ASCII and astral keys, integral or tiny or huge floats, out-of-range integers,
+# control characters, lone surrogates, str subclasses).
+FAST_KEYS = st.one_of(st.text(alphabet=st.characters(max_codepoint=127), max_size=6), st.text(max_size=4))
+FAST_SCALARS = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**53) + 1, 2**53 - 1),
+    st.integers(),
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.floats(min_value=1e-5, max_value=1e17),
+    st.sampled_from([1e-4, 1e16, 9999999999999998.0, 0.1, -0.0, 1e21, 1e-7, 4503599627370497.5]),
+    st.text(),
+    st.text(alphabet=st.characters(max_codepoint=0x7F)),
+    st.sampled_from(["\ud800", "\x7f", "\u2028", "\U0001f600", "\ue000"]),
+)
+FAST_JSON = st.recursive(
+    FAST_SCALARS,
+    lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(FAST_KEYS, inner, max_size=4)),
+    max_leaves=20,
+)
+
+
+def reference(value: Any) -> bytes | None:
+    """rfc8785's bytes, or None where it refuses the value."""
+    try:
+        return rfc8785.dumps(value)
+    except (rfc8785.CanonicalizationError, UnicodeError):
+        return None
+
+
+@settings(max_examples=1500, deadline=None)
+@given(FAST_JSON)
+def test_canonical_json_is_byte_identical_to_rfc8785(value: Any) -> None:
+    expected = reference(value)
+    if expected is None:
+        with pytest.raises(PayloadError):
+            canonical_json(value)
+    else:
+        assert canonical_json(value) == expected
+
+
+def test_the_fast_path_takes_plain_rows_and_hands_over_the_rest() -> None:
+    assert (
+        _stdlib_is_canonical({"id": "row-1", "n": 3, "x": 0.25, "tags": ["a", None, True], "é": "ü"}) is False
+    )
+    assert _stdlib_is_canonical({"id": "row-1", "n": 3, "x": 0.25, "tags": ["a", None, True, "ü"]})
+    for value in (2.0, 1e-5, 1e16, 2**53, {1: "a"}, {"é": "ü"}, ("a",), {"k": {"k": 1e300}}):
+        assert not _stdlib_is_canonical(value), value
+    assert canonical_json({"b": 2.0, "a": 1e-7}) == b'{"a":1e-7,"b":2}'
