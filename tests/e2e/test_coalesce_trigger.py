@@ -521,9 +521,13 @@ def integrity(engine: Engine, run_id: str) -> list[dict[str, Any]]:
 
 
 def test_a_triggerer_killed_mid_pass_leaves_whole_chunks_and_the_next_trigger_resumes(
-    store_url: str, sdk: FakeTaskSDK
+    store_url: str, sdk: FakeTaskSDK, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from airflow_elspeth.audit.engine import engine_for_url
+
+    # One chunk per transaction (the pass groups PASS_ROWS_PER_WRITE rows of chunks by default), so
+    # the kill falls between two commits.
+    monkeypatch.setattr(pass_module, "PASS_ROWS_PER_WRITE", 1)
 
     engine = engine_for_url(store_url)
     spec = make_spec("require_all")

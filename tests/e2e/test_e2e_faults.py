@@ -39,6 +39,7 @@ from e2e_harness import (
 from sqlalchemy import text
 
 from airflow_elspeth.core.vocabulary import FailureReason
+from airflow_elspeth.operators.fork import FORK_ROWS_PER_WRITE
 
 pytestmark = [pytest.mark.e2e, pytest.mark.postgres, pytest.mark.timeout(480)]
 
@@ -620,7 +621,10 @@ def test_fork_source_raising_part_way_keeps_nothing(airflow_stack: AirflowStack,
         audit_run = run["run_id"]
         wait_until(
             "the fork to write its two chunks",
-            lambda: audit.scalar("SELECT count(*) FROM rows WHERE run_id = :r", r=audit_run) == 10,
+            lambda: (
+                audit.scalar("SELECT count(*) FROM rows WHERE run_id = :r", r=audit_run)
+                == FORK_ROWS_PER_WRITE
+            ),
             timeout=120,
         )
         assert audit.scalar("SELECT count(*) FROM tokens WHERE run_id = :r", r=audit_run) > 0

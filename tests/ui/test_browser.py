@@ -395,9 +395,13 @@ def test_the_tabs_follow_airflows_theme(server: Server, browser: Any, theme: str
     cells = [c.text.strip() for c in rows[0].find_elements(By.TAG_NAME, "td")]
     assert cells[0].startswith("rows failed" if expected["failed"] else "all merged"), cells
     assert cells[3].startswith("consensus"), cells
-    numbers = [f"{expected[k]:,}" for k in ("rows", "merged", "failed", "undecided")]
-    assert cells[4:8] == numbers, (cells, expected)
-    assert cells[8] == "success", cells  # the coalesce's Airflow task state, read by the API server
+    numbers = [f"{expected[k]:,}" for k in ("rows", "merged", "failed")]
+    assert cells[4:7] == numbers, (cells, expected)
+    # Why rows failed: each failure reason beside its row count (at most three shown).
+    why = [word for reason, n in list(expected["failure_reasons"].items())[:3] for word in (reason, f"{n:,}")]
+    assert cells[7].split()[: len(why)] == why and bool(why) == bool(expected["failed"]), (cells, expected)
+    assert cells[8] == f"{expected['undecided']:,}", (cells, expected)
+    assert cells[9] == "success", cells  # the coalesce's Airflow task state, read by the API server
     index_colours = _colours(browser)
     browser.switch_to.default_content()
     browser.save_screenshot(str(artifacts / f"index-{theme}.png"))

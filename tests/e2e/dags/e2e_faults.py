@@ -13,7 +13,7 @@ gate is bounded, so a test that forgets to open one cannot keep a worker forever
   retry (an unreachable audit store fails their try).
 * ``e2e_faults_held_commit``: ``fast`` delivers every row at once, ``slow`` a row a second;
   ``best_effort`` with a 40 s deadline, so ``slow`` is writing when the deadline passes.
-* ``e2e_faults_fork_raises``: the fork's source yields two chunks (5 rows each), waits for
+* ``e2e_faults_fork_raises``: the fork's source yields two chunks (one fork write), waits for
   ``raise``, then raises.
 """
 
@@ -28,6 +28,7 @@ from pathlib import Path
 from airflow.sdk import DAG
 
 from airflow_elspeth import BranchOperator, CoalesceSensor, ForkOperator
+from airflow_elspeth.operators.fork import FORK_ROWS_PER_WRITE
 
 STATE_ROOT = Path(os.environ.get("ELSPETH_E2E_STATE", "/tmp"))
 GATE_LIMIT_SECONDS = 300
@@ -36,7 +37,9 @@ WAIT_ROWS = [{"id": f"row-{n}", "n": n} for n in range(10)]
 OUTAGE_ROWS = [{"id": f"row-{n}", "n": n} for n in range(24)]
 HELD_ROWS = [{"id": f"row-{n:02d}", "n": n} for n in range(60)]
 HELD_DEADLINE = timedelta(seconds=40)
-FORK_CHUNK = 5
+# e2e_faults_fork_raises: two chunks make one fork write (it writes FORK_ROWS_PER_WRITE rows a
+# transaction), so both are in the store before the source waits and then raises.
+FORK_CHUNK = FORK_ROWS_PER_WRITE // 2
 
 
 def wait_for(dag_id: str, gate: str) -> None:
