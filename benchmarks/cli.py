@@ -27,7 +27,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from benchmarks import latency
+from benchmarks import latency, run_for_json
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_SIZES = (10_000, 100_000, 1_000_000)
@@ -236,15 +236,7 @@ def run_lean_floor(rows: int) -> dict[str, Any]:
             f"the lean floor {LEAN_FLOOR} is missing (the repository's parent folder must hold "
             "shared/bench/lean_floor.py); --no-lean-floor skips it"
         )
-    proc = subprocess.run(
-        [sys.executable, str(LEAN_FLOOR), "--rows", str(rows), "--json"],
-        capture_output=True,
-        text=True,
-    )
-    if proc.returncode != 0:
-        raise RuntimeError(f"{LEAN_FLOOR} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-    figures: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
-    return figures
+    return run_for_json([sys.executable, str(LEAN_FLOOR), "--rows", str(rows), "--json"], str(LEAN_FLOOR))
 
 
 def audit_rows_per_source_row(r: dict[str, Any]) -> float:

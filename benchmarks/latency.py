@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -236,18 +235,10 @@ def run_scenario(env: dict[str, str], url: str, cwd: Path) -> dict[str, Any]:
     ``cwd`` must not be the checkout: ``python -m`` puts it first on sys.path, which would shadow
     ``--provider-path`` (as for the benchmark workers, benchmarks/cli.py).
     """
-    proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.latency", "--url", url],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if proc.returncode != 0:
-        raise RuntimeError(f"latency scenario failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-    result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
-    return result
+    from benchmarks import run_for_json
+
+    command = [sys.executable, "-m", "benchmarks.latency", "--url", url]
+    return run_for_json(command, "latency scenario", cwd=cwd, env=env)
 
 
 def scenario_table(r: dict[str, Any]) -> Any:
