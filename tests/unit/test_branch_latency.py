@@ -6,7 +6,6 @@ Waits for an expected event poll the audit store and return as soon as it happen
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -21,11 +20,12 @@ from sqlalchemy.exc import OperationalError
 from airflow_elspeth import BranchOperator, CoalesceSensor, ForkOperator
 from airflow_elspeth.audit.coalesce import coalesce_pass
 from airflow_elspeth.audit.read.work import decided_in_chunk, decided_rows
-from airflow_elspeth.audit.store import AuditStore, ForkRow, RunIdentity
-from airflow_elspeth.core.canonical import hash_value
+from airflow_elspeth.audit.store import AuditStore
 from airflow_elspeth.operators import branch as branch_module
 from airflow_elspeth.operators.fork import AUDIT_RUN_XCOM_KEY
 from airflow_elspeth.triggers.coalesce import CoalesceTrigger
+
+from .support import completed_fork as fork_written
 
 DAG_ID, AIRFLOW_RUN = "latency_dag", "manual__latency"
 BRANCHES = ["fast", "slow"]
@@ -47,30 +47,9 @@ class FakeTI:
         return self.ref if (task_ids, key) == ("fork", AUDIT_RUN_XCOM_KEY) else None
 
 
-@pytest.fixture
-def store(sqlite_url: str, monkeypatch: pytest.MonkeyPatch) -> AuditStore:
-    from airflow_elspeth.audit.engine import engine_for_url
-
-    monkeypatch.setenv(
-        "AIRFLOW_CONN_ELSPETH_AUDIT_DEFAULT",
-        json.dumps({"conn_type": "elspeth_audit", "extra": {"sqlalchemy_url": sqlite_url}}),
-    )
-    return AuditStore(engine_for_url(sqlite_url))
-
-
 def completed_fork(store: AuditStore) -> dict[str, Any]:
-    run_id = store.begin_run(
-        RunIdentity(dag_id=DAG_ID, airflow_run_id=AIRFLOW_RUN, fork_task_id="fork", try_number=1),
-        branches=BRANCHES,
-        chunk_size=ROWS,
-        config={"branches": BRANCHES},
-    )
-    rows = []
-    for index in range(ROWS):
-        digest, body = hash_value({"id": f"r{index}"}, what="row")
-        rows.append(ForkRow(row_key=f"r{index}", row_index=index, payload_hash=digest, payload_body=body))
-    store.write_fork_chunk(run_id, BRANCHES, 0, rows)
-    store.complete_run(run_id, rows_total=ROWS, chunks_total=1)
+    """The fork's XCom reference to a completed audit run of ROWS rows."""
+    run_id = fork_written(store, dag_id=DAG_ID, airflow_run_id=AIRFLOW_RUN, branches=BRANCHES, rows=ROWS)
     return {"audit_run_id": run_id, "chunks_total": 1}
 
 

@@ -25,9 +25,7 @@ from airflow_elspeth import BranchOperator, CoalesceSensor, ForkOperator
 from airflow_elspeth.audit.store import (
     COMPLETED,
     AuditStore,
-    ForkRow,
     NodeResult,
-    RunIdentity,
     branch_token_id,
 )
 from airflow_elspeth.core.canonical import derive_id, hash_value
@@ -35,6 +33,8 @@ from airflow_elspeth.exceptions import AuditStoreUnreachable, ElspethConfigError
 from airflow_elspeth.operators.fork import AUDIT_RUN_XCOM_KEY
 from airflow_elspeth.sensors.coalesce import FRAMEWORK_TIMEOUT_MARGIN, SUMMARY_XCOM_KEY
 from airflow_elspeth.triggers.coalesce import CoalesceTrigger
+
+from .support import completed_fork as fork_written
 
 DAG_ID, AIRFLOW_RUN = "unit_dag", "manual__unit"
 BRANCHES = ["a", "b"]
@@ -100,32 +100,8 @@ def build(**coalesce: Any) -> tuple[ForkOperator, CoalesceSensor]:
 # -- an audit store with a completed fork ------------------------------------------------------------
 
 
-@pytest.fixture
-def store(sqlite_url: str, monkeypatch: pytest.MonkeyPatch) -> AuditStore:
-    """A fresh SQLite audit store, the default audit connection of the operators."""
-    from airflow_elspeth.audit.engine import engine_for_url
-
-    monkeypatch.setenv(
-        "AIRFLOW_CONN_ELSPETH_AUDIT_DEFAULT",
-        json.dumps({"conn_type": "elspeth_audit", "extra": {"sqlalchemy_url": sqlite_url}}),
-    )
-    return AuditStore(engine_for_url(sqlite_url))
-
-
 def completed_fork(store: AuditStore) -> str:
-    run_id = store.begin_run(
-        RunIdentity(dag_id=DAG_ID, airflow_run_id=AIRFLOW_RUN, fork_task_id="fork", try_number=1),
-        branches=BRANCHES,
-        chunk_size=ROWS,
-        config={"branches": BRANCHES},
-    )
-    rows = []
-    for index in range(ROWS):
-        digest, body = hash_value({"id": f"r{index}"}, what="row")
-        rows.append(ForkRow(row_key=f"r{index}", row_index=index, payload_hash=digest, payload_body=body))
-    store.write_fork_chunk(run_id, BRANCHES, 0, rows)
-    store.complete_run(run_id, rows_total=ROWS, chunks_total=1)
-    return run_id
+    return fork_written(store, dag_id=DAG_ID, airflow_run_id=AIRFLOW_RUN, branches=BRANCHES, rows=ROWS)
 
 
 def deliver(store: AuditStore, run_id: str, branch: str) -> None:
