@@ -28,7 +28,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any, Final
 
 from airflow_elspeth.core.config import CoalesceConfig, MergeStrategy, Policy
-from airflow_elspeth.core.contract import Contract, MergedContract, contract_of, merge_contracts
+from airflow_elspeth.core.contract import Contract, FieldKinds, MergedContract, contract_of, merge_contracts
 from airflow_elspeth.exceptions import ElspethConfigError, TopologyError
 
 ROLE_ATTR: Final = "_elspeth_role"
@@ -485,24 +485,22 @@ def _lossy_step_warnings(coalesce_task: Any) -> list[str]:
 def _certain_collision_warnings(coalesce_task: Any) -> list[str]:
     """Fields several branches of a ``fail_row`` union declare: every row merging them fails."""
     try:
-        merged = coalesce_contract(coalesce_task)
+        contracts = {b: step_contract(step) for b, step in _delivering_tasks(coalesce_task).items()}
     except ElspethConfigError:
         return []  # check_dag reports the invalid contract
-    if merged is None:
-        return []
-    steps = _delivering_tasks(coalesce_task)
-    contracts = {branch: step_contract(step) for branch, step in steps.items()}
-    found = []
-    for name in merged.contract.fields:
-        suppliers = [b for b, c in contracts.items() if c is not None and name in c.fields]
-        if len(suppliers) > 1:
-            found.append(
-                f"coalesce {coalesce_task.task_id!r} (on_collision='fail_row'): branches "
-                f"{_names(suppliers)} all declare field {name!r}, so every row merging them fails "
-                "(field_collision); drop the field from all but one contract, or choose "
-                "on_collision='prefer:<branch>'"
-            )
-    return found
+    suppliers: dict[str, list[str]] = {}
+    declared: dict[str, set[FieldKinds]] = {}  # field -> the kinds it is declared with
+    for branch, contract in contracts.items():
+        for name, kinds in contract.fields.items() if contract is not None else ():
+            suppliers.setdefault(name, []).append(branch)
+            declared.setdefault(name, set()).add(kinds)
+    return [
+        f"coalesce {coalesce_task.task_id!r} (on_collision='fail_row'): branches {_names(branches)} all "
+        f"declare field {name!r}, so every row merging them fails (field_collision); drop the field "
+        "from all but one contract, or choose on_collision='prefer:<branch>'"
+        for name, branches in suppliers.items()
+        if len(branches) > 1 and len(declared[name]) == 1  # declared unlike: check_dag's conflict
+    ]
 
 
 def check_dag(dag: Any) -> list[str]:
