@@ -63,7 +63,7 @@ def insert_tuples(
     rows: Sequence[tuple[Any, ...]],
     *,
     bound: Collection[str] = (),
-) -> None:
+) -> int:
     """:func:`insert_ignore` of prebuilt tuples (values in ``columns`` order): the hot path.
 
     The statement goes to the DBAPI cursor as SQL text (``exec_driver_sql``), so SQLAlchemy neither
@@ -73,21 +73,23 @@ def insert_tuples(
 
     :param bound: columns whose values the caller already converted with :func:`bind_value`
         (e.g. one timestamp shared by every row of a batch).
+    :returns: how many rows were inserted (the others' keys existed).
     """
     if not rows:
-        return
+        return 0
     insert = _compiled_insert(conn.dialect, table, tuple(columns))
     converters = tuple((i, p) for i, p in insert.converters if columns[i] not in bound)
     if converters:
         rows = _converted(rows, converters)
     if insert.one_row is not None:  # SQLite
-        conn.exec_driver_sql(insert.one_row, list(rows))
-        return
+        return int(conn.exec_driver_sql(insert.one_row, list(rows)).rowcount)
     page = max(1, min(_PG_MAX_ROWS, _PG_MAX_PARAMETERS // len(columns)))
+    inserted = 0
     for start in range(0, len(rows), page):
         part = rows[start : start + page]
         sql = insert.prefix + ",".join([insert.placeholder] * len(part)) + insert.suffix
-        conn.exec_driver_sql(sql, tuple(value for row in part for value in row))
+        inserted += conn.exec_driver_sql(sql, tuple(value for row in part for value in row)).rowcount
+    return inserted
 
 
 def bind_value(conn: Connection, column: Column[Any], value: Any) -> Any:

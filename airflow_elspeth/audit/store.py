@@ -43,6 +43,7 @@ from airflow_elspeth.core.vocabulary import (
     missing_outcome,
     superseded_try_run_reason,
 )
+from airflow_elspeth.exceptions import ForkInputError
 
 # Kept only for tests/unit/test_operator_units.py and tests/e2e/test_coalesce_trigger.py, which
 # still import it from here; new code uses core.vocabulary.NodeStatus.
@@ -368,12 +369,10 @@ class AuditStore:
 
     # -- fork -------------------------------------------------------------------------------------
 
-    def row_key_exists(self, run_id: str, row_key: str) -> bool:
+    def stored_duplicate(self, run_id: str, rows: Sequence[ForkRow]) -> ForkRow | None:
+        """The first of ``rows`` (not written yet) whose key an earlier write of the run stored."""
         with self.engine.connect() as conn:
-            found = conn.execute(
-                select(t.rows.c.row_id).where(t.rows.c.run_id == run_id, t.rows.c.row_key == row_key)
-            ).first()
-        return found is not None
+            return _stored_duplicate(conn, run_id, rows)
 
     def write_fork_chunk(
         self, run_id: str, branches: Sequence[str], chunk: int, rows: Sequence[ForkRow]
@@ -388,6 +387,9 @@ class AuditStore:
 
         A commit costs SQLite a WAL sync and often a checkpoint: a few chunks per commit write the
         index pages they share once (see benchmarks/RESULTS.md, issue 11).
+
+        :raises ForkInputError: a row's key was stored by an earlier write (the rows' unique key
+            finds it, so the fork keeps nothing per row in memory); nothing of this write is kept.
         """
         payloads: dict[str, str] = {}
         row_values: list[tuple[Any, ...]] = []
@@ -419,7 +421,12 @@ class AuditStore:
                         )
                         parent_values.append((token, source, ordinal))
             insert_tuples(conn, t.payloads, PAYLOAD_COLUMNS, list(payloads.items()))
-            insert_tuples(conn, t.rows, ROW_COLUMNS, row_values)
+            if insert_tuples(conn, t.rows, ROW_COLUMNS, row_values) < len(row_values):
+                # Keys stored already: by another row (a duplicate), or by this very write retried
+                # (the same rows at the same indexes, which is no error).
+                duplicate = _stored_duplicate(conn, run_id, [row for _, rows in chunks for row in rows])
+                if duplicate is not None:
+                    raise duplicate_key_error(duplicate.row_key, duplicate.row_index)
             insert_tuples(conn, t.tokens, TOKEN_COLUMNS, token_values, bound=["created_at"])
             insert_tuples(conn, t.token_parents, PARENT_COLUMNS, parent_values)
             insert_tuples(conn, t.token_outcomes, OUTCOME_COLUMNS, outcome_values, bound=["recorded_at"])
@@ -557,6 +564,28 @@ class AuditStore:
         )
         progress = {chunk: (done.get(chunk, 0), total) for chunk, total in chunk_tokens.items()}
         set_progress(conn, run_id, node_id, progress, now)
+
+
+def duplicate_key_error(row_key: str, row_index: int) -> ForkInputError:
+    return ForkInputError(f"duplicate row key {row_key!r} (row at index {row_index})")
+
+
+def _stored_duplicate(conn: Connection, run_id: str, rows: Sequence[ForkRow]) -> ForkRow | None:
+    """The first of ``rows`` whose key is stored for another row index of the run."""
+    r = t.rows.c
+    for start in range(0, len(rows), 500):
+        part = rows[start : start + 500]
+        stored = dict(
+            conn.execute(
+                select(r.row_key, r.row_index).where(
+                    r.run_id == run_id, r.row_key.in_([row.row_key for row in part])
+                )
+            ).all()
+        )
+        for row in part:
+            if stored.get(row.row_key, row.row_index) != row.row_index:
+                return row
+    return None
 
 
 def _stale_runs(conn: Connection, *where: Any) -> list[str]:

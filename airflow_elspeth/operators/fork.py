@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 from airflow.sdk import BaseOperator, Context, XComArg, conf
 from airflow.sdk.exceptions import AirflowFailException
 
-from airflow_elspeth.audit.dml import batched
 from airflow_elspeth.audit.read.rows import iter_merged_rows
-from airflow_elspeth.audit.store import AuditStore, ForkRow, RunIdentity
+from airflow_elspeth.audit.store import AuditStore, ForkRow, RunIdentity, duplicate_key_error
 from airflow_elspeth.core.canonical import row_key_text
 from airflow_elspeth.core.config import validate_branches
 from airflow_elspeth.core.vocabulary import bad_row_run_reason, fork_error_run_reason
@@ -136,8 +134,10 @@ class ForkOperator(BaseOperator):
         try:
             # Whole chunks, several per transaction (FORK_ROWS_PER_WRITE rows at most, one chunk at least).
             per_write = max(1, FORK_ROWS_PER_WRITE // chunk_size) * chunk_size
-            rows = self._validated_rows(context, per_write, lambda key: store.row_key_exists(run_id, key))
-            for batch in batched(rows, per_write):
+            batch: list[ForkRow] = []
+
+            def write() -> None:
+                nonlocal rows_total, chunks_total
                 chunks = [
                     (chunks_total + i, batch[start : start + chunk_size])
                     for i, start in enumerate(range(0, len(batch), chunk_size))
@@ -145,6 +145,22 @@ class ForkOperator(BaseOperator):
                 store.write_fork_chunks(run_id, self.branches, chunks)
                 rows_total += len(batch)
                 chunks_total += len(chunks)
+                batch.clear()
+
+            try:
+                for row in self._validated_rows(context, per_write):
+                    batch.append(row)
+                    if len(batch) == per_write:
+                        write()
+                if batch:
+                    write()
+            except ForkInputError:
+                # The first bad row is the one named: an unwritten row whose key an earlier write
+                # stored (found only by writing it) may come before the row that failed validation.
+                duplicate = store.stored_duplicate(run_id, batch) if batch else None
+                if duplicate is not None:
+                    raise duplicate_key_error(duplicate.row_key, duplicate.row_index) from None
+                raise
             # Pushed before the run completes: once complete_run has committed, nothing is left
             # that can fail and leave a completed run behind a failed fork.
             pushed = True
@@ -222,21 +238,17 @@ class ForkOperator(BaseOperator):
         for row in rows:
             yield row, None
 
-    def _validated_rows(
-        self, context: Context, per_write: int, is_written: Callable[[str], bool]
-    ) -> Iterator[ForkRow]:
+    def _validated_rows(self, context: Context, per_write: int) -> Iterator[ForkRow]:
         """Validate and hash rows in order; the first bad row stops the fork with its key named.
 
-        Duplicate keys are caught with an 8-byte digest per key (a few dozen bytes a row, not the
-        keys themselves); a digest match is confirmed against the rows not written yet (the
-        ``per_write`` rows of the current write, which the caller writes before asking for the
-        next row) or the store.
+        A duplicate key within one write (``per_write`` rows, which the caller writes before asking
+        for the next row) is caught here; one of an earlier write by the store when this write is
+        stored (the rows' unique key): memory does not grow with the row count.
         """
-        seen: set[bytes] = set()
-        pending_keys: set[str] = set()
+        pending: set[str] = set()
         for index, (row, parent) in enumerate(self._source(context)):
             if index % per_write == 0:
-                pending_keys.clear()
+                pending.clear()
             if not isinstance(row, Mapping):
                 raise ForkInputError(f"row at index {index} is not a JSON object (got {type(row).__name__})")
             if self.row_key is None:
@@ -250,11 +262,9 @@ class ForkOperator(BaseOperator):
                     key = row_key_text(row[self.row_key])
                 except PayloadError as err:
                     raise ForkInputError(f"row at index {index}: {err}") from err
-            digest = hashlib.blake2b(key.encode(), digest_size=8).digest()
-            if digest in seen and (key in pending_keys or is_written(key)):
-                raise ForkInputError(f"duplicate row key {key!r} (row at index {index})")
-            seen.add(digest)
-            pending_keys.add(key)
+            if key in pending:
+                raise duplicate_key_error(key, index)
+            pending.add(key)
             try:
                 yield ForkRow.from_row(key, index, row, parent)
             except PayloadError as err:

@@ -13,6 +13,7 @@ Two halves, each on SQLite and PostgreSQL:
 from __future__ import annotations
 
 import importlib.util
+import re
 import secrets
 import sys
 from collections.abc import Iterator
@@ -23,7 +24,7 @@ from typing import Any
 import pytest
 
 from airflow_elspeth.audit.engine import engine_for_url
-from airflow_elspeth.audit.store import AuditStore
+from airflow_elspeth.audit.store import AuditStore, ForkRow, RunIdentity
 from airflow_elspeth.operators import fork as fork_module
 from airflow_elspeth.operators.fork import AUDIT_RUN_XCOM_KEY, ForkOperator
 
@@ -179,6 +180,55 @@ def test_a_row_nested_too_deeply_is_a_bad_row_not_a_recursion_error(direct_engin
     assert "nothing of audit run" in message
     (run,) = audit_runs(direct_engine, ti.dag_id, ti.run_id)
     assert_failed_and_empty(direct_engine, run, "bad_row: row 'r2'")
+
+
+DUPLICATES = {
+    # Two rows a write (chunk_size 2, FORK_ROWS_PER_WRITE 1): rows 0-1, then 2-3, ...
+    "within_one_write": ([{"id": "r0"}, {"id": "r1"}, {"id": "r2"}, {"id": "r2"}], "'r2' (row at index 3)"),
+    "against_an_earlier_write": (
+        [{"id": "r0"}, {"id": "r1"}, {"id": "r2"}, {"id": "r0"}],
+        "'r0' (row at index 3)",
+    ),
+    # The duplicate is found only by writing its row; the row after it fails validation first, and
+    # the duplicate, the first bad row, is still the one named.
+    "before_an_invalid_row": (
+        [{"id": "r0"}, {"id": "r1"}, {"id": "r1"}, {"id": "r3", "n": float("nan")}],
+        "'r1' (row at index 2)",
+    ),
+}
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("case", sorted(DUPLICATES))
+def test_a_duplicate_key_fails_the_fork_naming_the_first_bad_row(case: str, direct_engine: Any) -> None:
+    """The fork keeps no per-row state in memory: a key of an earlier write is found by the rows'
+    unique key in the store, and the write holding it is not kept."""
+    from airflow.sdk.exceptions import AirflowFailException
+
+    rows, named = DUPLICATES[case]
+    ti = FakeTI()
+    with pytest.raises(AirflowFailException, match=r"duplicate row key " + re.escape(named)):
+        make_fork(rows).execute(context(ti))
+    (run,) = audit_runs(direct_engine, ti.dag_id, ti.run_id)
+    assert_failed_and_empty(direct_engine, run, "bad_row: duplicate row key " + named)
+
+
+def test_writing_the_same_rows_again_is_no_duplicate(direct_engine: Any) -> None:
+    """A write retried with the same rows at the same indexes (the same try run again) stores
+    nothing twice and is not taken for a duplicate key."""
+    store = AuditStore(direct_engine)
+    run_id = store.begin_run(
+        RunIdentity(
+            dag_id="elspeth_fork_direct", airflow_run_id="manual__again", fork_task_id="fork", try_number=1
+        ),
+        branches=["a", "b"],
+        chunk_size=2,
+        config={},
+    )
+    rows = [ForkRow.from_row(f"r{n}", n, {"id": f"r{n}"}) for n in range(2)]
+    store.write_fork_chunks(run_id, ["a", "b"], [(0, rows)])
+    store.write_fork_chunks(run_id, ["a", "b"], [(0, rows)])
+    assert left_behind(direct_engine, run_id)["rows"] == 2
 
 
 @pytest.mark.timeout(60)

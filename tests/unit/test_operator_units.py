@@ -29,7 +29,7 @@ from airflow_elspeth.audit.store import (
     branch_token_id,
 )
 from airflow_elspeth.core.canonical import derive_id, hash_value
-from airflow_elspeth.exceptions import AuditStoreUnreachable, ElspethConfigError, ForkInputError
+from airflow_elspeth.exceptions import AuditStoreUnreachable, ElspethConfigError
 from airflow_elspeth.operators.fork import AUDIT_RUN_XCOM_KEY
 from airflow_elspeth.sensors.coalesce import FRAMEWORK_TIMEOUT_MARGIN, SUMMARY_XCOM_KEY
 from airflow_elspeth.triggers.coalesce import CoalesceTrigger
@@ -457,24 +457,3 @@ def test_an_offending_value_that_cannot_be_kept_whole_is_kept_as_its_repr(value:
 def test_an_output_keeping_the_contract_is_completed() -> None:
     result, _ = _contract_result({"when": "today", "n": 2, "extra": None})
     assert result.status == "completed" and result.output_hash
-
-
-@pytest.mark.parametrize(
-    ("per_write", "written"),
-    [(4, set()), (2, {"r1"})],
-    ids=["within_one_write", "against_the_store"],
-)
-def test_a_duplicate_key_is_caught_whether_written_already_or_not(per_write: int, written: set[str]) -> None:
-    """The fork writes several chunks per transaction: a key of the same write is not in the store
-    yet and must be found among the pending rows; one of an earlier write is asked of the store."""
-    rows = [{"id": "r0"}, {"id": "r1"}, {"id": "r2"}, {"id": "r1"}]
-    fork = ForkOperator(task_id="fork", rows=rows, branches=BRANCHES, row_key="id")
-    asked: list[str] = []
-
-    def is_written(key: str) -> bool:
-        asked.append(key)
-        return key in written
-
-    with pytest.raises(ForkInputError, match=r"duplicate row key 'r1' \(row at index 3\)"):
-        list(fork._validated_rows({}, per_write, is_written))  # type: ignore[arg-type]
-    assert asked == ([] if per_write == 4 else ["r1"])
