@@ -5,11 +5,10 @@ from __future__ import annotations
 import functools
 import json
 import math
-import queue
 import threading
 import time
-from collections import Counter, deque
-from collections.abc import Callable, Iterable, Mapping
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -240,7 +239,11 @@ class BranchOperator(BaseOperator):
             delivering=bool(coalesces) and self.is_last_step(),
         )
         pool = _WorkerPool(
-            functools.partial(self._process_job, writer), self.concurrency, f"elspeth-{self.branch}", clock
+            functools.partial(self._process_job, writer),
+            writer,
+            self.concurrency,
+            f"elspeth-{self.branch}",
+            clock,
         )
         try:
             for chunk in chunks:
@@ -264,31 +267,15 @@ class BranchOperator(BaseOperator):
     def _run_chunk(self, pool: _WorkerPool, items: list[WorkItem], chunk: int, writer: _ResultWriter) -> None:
         """Process one chunk on the pool while the writer thread writes results as they finish.
 
-        The callable runs on worker threads and the results are written by the writer's own thread,
-        so a finished result is written while slow rows still run: it becomes an arrival only once
-        written. A row decided meanwhile is not started (``writer.claim``, checked by the worker
-        just before it calls the callable), and the writer records it skipped.
+        The callable runs on worker threads, which take the chunk's rows one at a time and hand each
+        result to the writer, whose own thread writes it: a finished result is written while slow
+        rows still run, and becomes an arrival only once written. A row decided meanwhile is not
+        started (``writer.claim``, checked by the worker just before it calls the callable), and the
+        writer records it skipped. No row passes through the main thread, which only waits.
         """
-        todo = iter(items)
         writer.start()
         try:
-            while True:
-                writer.wait_for_room()
-                while pool.pending < 2 * self.concurrency:
-                    item = next(todo, None)
-                    if item is None:
-                        break
-                    pool.submit(_Job(item, chunk))
-                if not pool.pending:
-                    break
-                done = pool.next(timeout=MAIN_WAKE_SECONDS)
-                if done is None:
-                    continue
-                if done.error is not None:
-                    raise done.error  # sys.exit, KeyboardInterrupt... in the callable end the task
-                if done.result is not None:
-                    writer.keep([done.result])
-                pool.taken()
+            pool.run(items, chunk)
             writer.drain()
         finally:
             writer.stop()
@@ -301,9 +288,8 @@ class BranchOperator(BaseOperator):
         Rows still running at any other exit stay unwritten (the coalesce records the task's loss,
         a retry processes them again). A failure to write is logged: ``exc`` is what ends the task.
         """
-        finished, running = pool.close()
+        running = pool.close()  # every finished result is in the writer's buffer
         writer.stop()  # its batch in flight is written or left in the buffer, never half
-        writer.keep(done.result for done in finished if done.result is not None)
         if isinstance(exc, AirflowTaskTimeout):
             now = clock()
             writer.keep(self._timed_out(job, started, now) for job, started in running)
@@ -334,6 +320,7 @@ class BranchOperator(BaseOperator):
         self, writer: _ResultWriter, job: _Job, clock: Callable[[], datetime]
     ) -> NodeResult | None:
         """The job's result, or None when its row was decided before it started (not run)."""
+        writer.wait_for_room()  # backpressure: the writer is behind (raises its failure)
         if not writer.claim(job.item):
             return None
         return self._process_one(job.item, job.chunk, clock)
@@ -412,104 +399,100 @@ class _Job:
     chunk: int
 
 
-@dataclass(frozen=True)
-class _Done:
-    """A finished job: its result (None: not run, its row was decided), or what the callable raised
-    past ``except Exception``."""
-
-    job: _Job
-    result: NodeResult | None
-    error: BaseException | None = None
-
-
 class _WorkerPool:
-    """Daemon threads running ``fn(job, clock)``, never joined.
+    """Daemon threads that take a chunk's rows one at a time and hand each result to the writer;
+    never joined.
 
     ``concurrent.futures`` joins its threads on shutdown and at interpreter exit, so a hung
     callable would keep the task alive past its ``execution_timeout``. Here :meth:`close` only
     stops the pool: idle workers end, a busy one is abandoned and ends with the process.
 
-    Every job is not started, running, or finished, and one lock guards the moves between those,
-    so :meth:`close` sees each job in exactly one of them. A finished job stays in the pool until
-    the caller, having buffered its result, calls :meth:`taken`: an exception raised in between
-    (a signal) cannot lose it.
+    The workers pull rows themselves, so a row costs no hand-off through the main thread (that
+    round trip per row was a fifth of a branch's time, benchmarks/RESULTS.md). Every row is not
+    started, running, or delivered, and one lock guards the moves between those, so :meth:`close`
+    sees each row in exactly one of them: a result is delivered to the writer under that lock,
+    unless the pool was closed first (the row is then left to the task's retry, as an unstarted
+    one is).
     """
 
     def __init__(
         self,
         fn: Callable[[_Job, Callable[[], datetime]], NodeResult | None],
+        writer: _ResultWriter,
         workers: int,
         name: str,
         clock: Callable[[], datetime],
     ) -> None:
         self._fn = fn
+        self._writer = writer
         self._clock = clock
-        self._todo: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         # Reentrant: a signal can leave the main thread holding it, and close() runs after that.
         self._lock = threading.RLock()
         self._changed = threading.Condition(self._lock)
         self._running: dict[_Job, datetime] = {}
-        self._finished: deque[_Done] = deque()
-        self._stopped = False  # no job starts any more
+        self._active = 0  # workers still taking rows of the current chunk
+        self._error: BaseException | None = None  # what a worker raised past ``except Exception``
+        self._stopped = False  # no row starts any more
         self._closed = False
-        self._workers: list[threading.Thread] = []
         self._size = workers
         self._name = name
-        self.pending = 0  # submitted and not yet taken (main thread only)
 
-    def submit(self, job: _Job) -> None:
-        if len(self._workers) < self._size:
-            worker = threading.Thread(
-                target=self._work, name=f"{self._name}_{len(self._workers)}", daemon=True
-            )
-            worker.start()
-            self._workers.append(worker)
-        self.pending += 1
-        self._todo.put(job)
+    def run(self, items: list[WorkItem], chunk: int) -> None:
+        """Main thread: run every row of ``items``; return once all are delivered.
 
-    def next(self, timeout: float) -> _Done | None:
-        """The oldest finished job (still in the pool), or None if none finishes within ``timeout``."""
-        with self._changed:
-            if not self._finished:
-                self._changed.wait(timeout)
-            return self._finished[0] if self._finished else None
-
-    def taken(self) -> None:
-        """The job :meth:`next` returned is dealt with: remove it."""
+        Wakes every ``MAIN_WAKE_SECONDS`` (so a signal is handled) and raises the writer's failure
+        or what a worker raised (``sys.exit``, ``KeyboardInterrupt``... in the callable end the task).
+        """
+        todo = iter(items)
+        workers = min(self._size, len(items))
         with self._lock:
-            self._finished.popleft()
-        self.pending -= 1
+            self._active = workers
+        for number in range(workers):
+            threading.Thread(
+                target=self._work, args=(todo, chunk), name=f"{self._name}_{number}", daemon=True
+            ).start()
+        with self._changed:
+            while self._active and self._error is None:
+                self._changed.wait(MAIN_WAKE_SECONDS)
+                self._writer.raise_failure()
+            if self._error is not None:
+                raise self._error
 
-    def close(self) -> tuple[list[_Done], list[tuple[_Job, datetime]]]:
-        """Stop the pool; returns the jobs finished but not taken, and the running ones."""
+    def close(self) -> list[tuple[_Job, datetime]]:
+        """Stop the pool; returns the rows running (and when each started)."""
         with self._lock:
             if self._closed:
-                return [], []
+                return []
             self._closed = self._stopped = True
-            finished, running = list(self._finished), list(self._running.items())
-            self._finished.clear()
-        for _ in self._workers:
-            self._todo.put(None)  # wakes the idle workers, which then end
-        return finished, running
+            return list(self._running.items())
 
-    def _work(self) -> None:
-        while True:
-            job = self._todo.get()
+    def _work(self, todo: Iterator[WorkItem], chunk: int) -> None:
+        try:
+            while True:
+                with self._lock:
+                    item = None if self._stopped else next(todo, None)
+                    if item is None:
+                        return
+                    job = _Job(item, chunk)
+                    self._running[job] = self._clock()
+                try:
+                    result = self._fn(job, self._clock)
+                except BaseException:
+                    with self._lock:
+                        del self._running[job]
+                    raise
+                with self._lock:
+                    del self._running[job]
+                    if result is not None and not self._closed:
+                        self._writer.keep([result])
+        except BaseException as err:  # handed to the main thread, which re-raises it
             with self._lock:
-                if job is None or self._stopped:
-                    return
-                self._running[job] = self._clock()
-            try:
-                done = _Done(job, self._fn(job, self._clock))
-            except BaseException as err:  # handed to the main thread, which re-raises it
-                done = _Done(job, None, err)
-            with self._lock:
-                del self._running[job]
-                if done.error is not None:
-                    self._stopped = True  # the task is ending: no new row starts
-                if not self._closed:
-                    self._finished.append(done)
-                    self._changed.notify()
+                self._stopped = True  # the task is ending: no new row starts
+                self._error = self._error or err
+        finally:
+            with self._changed:
+                self._active -= 1
+                self._changed.notify_all()
 
 
 class _ResultWriter:
@@ -640,16 +623,17 @@ class _ResultWriter:
                 )
             ):
                 self._changed.wait(MAIN_WAKE_SECONDS)
-            self._raise_failure()
+            self.raise_failure()
 
     def drain(self) -> None:
         """Main thread, at the end of a chunk: wait until everything kept is written; raise its error."""
         with self._changed:
             while self._failure is None and (self.buffer or self._to_skip or self._busy):
                 self._changed.wait(MAIN_WAKE_SECONDS)
-            self._raise_failure()
+            self.raise_failure()
 
-    def _raise_failure(self) -> None:
+    def raise_failure(self) -> None:
+        """Raise the writer thread's failure, if it failed."""
         if self._failure is not None:
             raise self._failure
 
