@@ -728,10 +728,6 @@ def _decision_write(
             "chunk": chunk,
             "created_at": now,
         }
-        write.parents = [
-            {"token_id": merged_id, "parent_token_id": states[b].token_id, "ordinal": i}
-            for i, b in enumerate(decision.consumed)
-        ]
         write.merged_state = {
             "state_id": merged_id,
             "token_id": merged_id,

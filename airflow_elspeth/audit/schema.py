@@ -138,6 +138,10 @@ tokens = Table(
     Index(None, "run_id", "row_id"),
 )
 
+# Only the links that cannot be derived: a nested fork's source token -> the upstream merged token.
+# A branch token's parent is its row's source token, and a merged token's parents are the branch
+# tokens its decision consumed (``coalesce_decisions.consumed``): both derived, never stored
+# (migration 0005), which saves six rows per source row of a three-branch fork.
 token_parents = Table(
     "token_parents",
     metadata,

@@ -188,7 +188,6 @@ class DecisionWrite:
     merged_token: dict[str, Any] | None = None
     merged_payload: tuple[str, str] | None = None
     merged_state: dict[str, Any] | None = None
-    parents: list[dict[str, Any]] = field(default_factory=list)
     outcomes: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -414,12 +413,12 @@ class AuditStore:
                     if row.parent_token_id:
                         parent_values.append((source, row.parent_token_id, 0))
                     outcome_values.append((source, run_id, forked, True, None, None, None, now))
-                    for ordinal, branch in enumerate(branches):
+                    # A branch token's parent (its row's source token) is not stored: it is derived.
+                    for branch in branches:
                         token = branch_token_id(run_id, row_id, branch)
                         token_values.append(
                             (token, run_id, row_id, branch_kind, branch, fork_group, None, chunk, now)
                         )
-                        parent_values.append((token, source, ordinal))
             insert_tuples(conn, t.payloads, PAYLOAD_COLUMNS, list(payloads.items()))
             if insert_tuples(conn, t.rows, ROW_COLUMNS, row_values) < len(row_values):
                 # Keys stored already: by another row (a duplicate), or by this very write retried
@@ -620,7 +619,6 @@ def write_decisions(
         [{"hash": w.merged_payload[0], "body": w.merged_payload[1]} for w in writes if w.merged_payload],
     )
     insert_ignore(conn, t.tokens, [w.merged_token for w in writes if w.merged_token])
-    insert_ignore(conn, t.token_parents, [p for w in writes for p in w.parents])
     insert_ignore(conn, t.node_states, [w.merged_state for w in writes if w.merged_state])
     insert_ignore(conn, t.token_outcomes, [o for w in writes for o in w.outcomes])
     insert_ignore(conn, t.coalesce_decisions, [w.decision for w in writes])

@@ -176,3 +176,97 @@ def test_concurrent_upgrades_all_succeed(audit_url: str, via: str) -> None:
         assert _schema_differences(engine) == []
     finally:
         engine.dispose()
+
+
+def test_derivable_token_parents_go_with_0005_and_its_downgrade_writes_them_back(
+    plain_engine: Engine,
+) -> None:
+    """0.1 stored every token's parents; from 0005 only a nested fork's link to the upstream merged
+    row is stored, the others are derived (branch token -> source token, merged token -> the branch
+    tokens its decision consumed)."""
+    from alembic import command
+
+    from airflow_elspeth.audit.store import (
+        AuditStore,
+        ForkRow,
+        RunIdentity,
+        branch_token_id,
+        merged_token_id,
+        source_token_id,
+    )
+    from airflow_elspeth.core.canonical import derive_id
+
+    migrate.upgrade(plain_engine)
+    store = AuditStore(plain_engine)
+    branches = ["a", "b"]
+    run_id = store.begin_run(
+        RunIdentity(dag_id="d", airflow_run_id="r", fork_task_id="fork", try_number=1),
+        branches=branches,
+        chunk_size=2,
+        config={},
+    )
+    upstream = "u" * 32
+    rows = [
+        ForkRow.from_row("k0", 0, {"id": "k0"}, parent_token_id=upstream),
+        ForkRow.from_row("k1", 1, {"id": "k1"}),
+    ]
+    store.write_fork_chunk(run_id, branches, 0, rows)
+    row0 = derive_id(run_id, "k0")
+    merged = merged_token_id(run_id, row0, "coalesce")
+    now = datetime.now(timezone.utc)
+    with plain_engine.begin() as connection:
+        connection.execute(
+            insert(schema.tokens),
+            [
+                {
+                    "token_id": merged,
+                    "run_id": run_id,
+                    "row_id": row0,
+                    "token_kind": "merged",
+                    "chunk": 0,
+                    "created_at": now,
+                }
+            ],
+        )
+        connection.execute(
+            insert(schema.coalesce_decisions),
+            [
+                {
+                    "run_id": run_id,
+                    "node_id": "coalesce",
+                    "row_id": row0,
+                    "row_key": "k0",
+                    "chunk": 0,
+                    "decision": "merged",
+                    "details_json": "{}",
+                    "policy": "quorum",
+                    "merge_strategy": "union",
+                    "consumed": '["b"]',
+                    "missing_json": "{}",
+                    "late_json": "[]",
+                    "merged_token_id": merged,
+                    "decided_at": now,
+                    "recorded_at": now,
+                }
+            ],
+        )
+
+    def links() -> set[tuple[str, str, int]]:
+        with plain_engine.connect() as connection:
+            return set(
+                connection.execute(text("SELECT token_id, parent_token_id, ordinal FROM token_parents")).all()
+            )
+
+    nested = (source_token_id(run_id, row0), upstream, 0)
+    assert links() == {nested}  # what the writers store now
+    with plain_engine.connect() as connection:
+        command.downgrade(migrate.alembic_config(connection), "0004")
+        connection.commit()
+    derived = {
+        (branch_token_id(run_id, row, b), source_token_id(run_id, row), i)
+        for row in (row0, derive_id(run_id, "k1"))
+        for i, b in enumerate(branches)
+    }
+    assert links() == {nested, (merged, branch_token_id(run_id, row0, "b"), 0)} | derived
+    migrate.upgrade(plain_engine)
+    assert links() == {nested}

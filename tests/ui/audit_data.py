@@ -353,8 +353,7 @@ def bulk_build_run(
     chunks_total = (rows_total + chunk_size - 1) // chunk_size
 
     payloads: dict[str, str] = {}
-    row_values, token_values, parent_values, state_values, outcome_values, decision_values = (
-        [],
+    row_values, token_values, state_values, outcome_values, decision_values = (
         [],
         [],
         [],
@@ -404,7 +403,6 @@ def bulk_build_run(
             token_values.append(
                 (token, run_id, row_id, "branch", branch, fork_group, None, chunk, fork_done_text)
             )
-            parent_values.append((token, source, ordinal))
             what = scripts[ordinal]
             if what is None:
                 continue
@@ -516,8 +514,6 @@ def bulk_build_run(
             token_values.append(
                 (merged_id, run_id, row_id, "merged", None, None, join_group, chunk, now_text)
             )
-            for ordinal, branch in enumerate(decision.consumed):
-                parent_values.append((merged_id, branch_tokens[branch], ordinal))
             state_values.append(
                 (
                     merged_id,
@@ -660,7 +656,6 @@ def bulk_build_run(
             ),
             token_values,
         ),
-        (_insert("token_parents", ["token_id", "parent_token_id", "ordinal"]), parent_values),
         (
             _insert(
                 "node_states",
