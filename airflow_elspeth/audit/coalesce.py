@@ -24,7 +24,7 @@ from typing import Any
 from sqlalchemy import Connection, Engine, and_, select, update
 
 from airflow_elspeth.audit import schema as t
-from airflow_elspeth.audit.dml import db_now, insert_ignore, ordered_write, refresh_statistics
+from airflow_elspeth.audit.dml import db_now, insert_ignore, ordered_write, refresh_statistics, select_in
 from airflow_elspeth.audit.store import (
     AuditStore,
     DecisionWrite,
@@ -674,15 +674,10 @@ def collision_check(
 
 
 def payload_bodies(conn: Connection, hashes: Iterable[str | None]) -> dict[str, Any]:
-    wanted = [h for h in hashes if h]
-    bodies: dict[str, Any] = {}
-    for start in range(0, len(wanted), 500):
-        part = wanted[start : start + 500]
-        for digest, body in conn.execute(
-            select(t.payloads.c.hash, t.payloads.c.body).where(t.payloads.c.hash.in_(part))
-        ):
-            bodies[digest] = json.loads(body)
-    return bodies
+    """Payload hash -> the JSON value it stores."""
+    wanted = [h for h in set(hashes) if h]
+    sql = "SELECT hash, body FROM payloads WHERE hash IN"
+    return {digest: json.loads(body) for digest, body in select_in(conn, sql, wanted)}
 
 
 def _decision_write(

@@ -16,6 +16,8 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
+from airflow_elspeth.audit.schema import UTCDateTime, utc_sqlite_text
+
 T = TypeVar("T")
 
 # Errors of an audit database that is unreachable or busy for a while (server down or restarting,
@@ -92,10 +94,32 @@ def insert_tuples(
     return inserted
 
 
+def select_in(conn: Connection, sql: str, values: Sequence[Any], *, page: int = 500) -> Iterator[Any]:
+    """The rows of ``sql`` (which ends in ``IN``) for ``values``, a page of them per statement.
+
+    Sent as driver SQL: SQLAlchemy would coerce and render every value of an ``in_()`` list on
+    each call, which cost a branch more than the query itself (benchmarks/RESULTS.md).
+    """
+    mark = "?" if conn.dialect.paramstyle == "qmark" else "%s"
+    for start in range(0, len(values), page):
+        part = values[start : start + page]
+        yield from conn.exec_driver_sql(f"{sql} ({','.join([mark] * len(part))})", tuple(part))
+
+
 def bind_value(conn: Connection, column: Column[Any], value: Any) -> Any:
     """``value`` as :func:`insert_tuples` sends it for ``column`` (pass the column in ``bound``)."""
-    processor = column.type.dialect_impl(conn.dialect).bind_processor(conn.dialect)
+    processor = _bind_processor(conn.dialect, column)
     return value if processor is None else processor(value)
+
+
+def _bind_processor(dialect: Dialect, column: Column[Any]) -> Callable[[Any], Any] | None:
+    """The column type's own bind processor (for UTCDateTime: its aware-UTC check and SQLite's
+    storage format), so what is stored is what a SQLAlchemy insert would have stored; on SQLite
+    the audit timestamps take the same conversion fused into one function."""
+    if dialect.name == "sqlite" and isinstance(column.type, UTCDateTime):
+        return utc_sqlite_text
+    processor: Callable[[Any], Any] | None = column.type.dialect_impl(dialect).bind_processor(dialect)
+    return processor
 
 
 @dataclass(frozen=True)
@@ -124,9 +148,7 @@ def _compiled_insert(dialect: Dialect, table: Table, columns: tuple[str, ...]) -
     suffix = " ON CONFLICT DO NOTHING"
     converters = []
     for position, name in enumerate(columns):
-        # The column type's own bind processor (for UTCDateTime: its aware-UTC check and SQLite's
-        # storage format), so what is stored is what a SQLAlchemy insert would have stored.
-        processor = table.c[name].type.dialect_impl(dialect).bind_processor(dialect)
+        processor = _bind_processor(dialect, table.c[name])
         if processor is not None:
             converters.append((position, processor))
     found = _Insert(

@@ -441,7 +441,7 @@ class AuditStore:
         *,
         chunk_tokens: Mapping[int, int],
         final_step: bool = False,
-        delivering: bool = False,
+        delivering_to: Sequence[str] = (),
     ) -> None:
         """Node states and output payloads of one batch, and the chunks' progress, atomically.
 
@@ -449,9 +449,10 @@ class AuditStore:
         :param final_step: this is the last step of a branch that no coalesce joins: each token
             ends here, so its terminal outcome is written with its state (outcome ``completed``
             with reason ``not_joined``, or ``lost`` with the loss reason).
-        :param delivering: this step delivers to its coalesces: a ``discarded`` result (its row was
-            decided before it was written) is a late arrival, and its token's ``not_arrived``
-            outcome becomes ``late`` (the reason in the result's context, ``late``).
+        :param delivering_to: the coalesces this step delivers to (none: it delivers to none): a
+            ``discarded`` result (its row was decided before it was written) is a late arrival, and
+            its token's ``not_arrived`` outcome becomes ``late`` (the reason in the result's
+            context, ``late``).
         """
         payloads: dict[str, str] = {}
         states = []
@@ -480,19 +481,28 @@ class AuditStore:
             )
         with ordered_write(self.engine, run_id, chunk_tokens, decider=False) as conn:
             recorded_at = db_now(conn)  # the event time: read under the ordering lock
+            stamp = bind_value(conn, t.node_states.c.recorded_at, recorded_at)
             insert_tuples(conn, t.payloads, PAYLOAD_COLUMNS, list(payloads.items()))
-            insert_tuples(conn, t.node_states, STATE_COLUMNS, [(*state, recorded_at) for state in states])
+            insert_tuples(
+                conn,
+                t.node_states,
+                STATE_COLUMNS,
+                [(*state, stamp) for state in states],
+                bound=["recorded_at"],
+            )
             if final_step:
                 insert_ignore(
                     conn, t.token_outcomes, [not_joined_outcome(run_id, r, recorded_at) for r in results]
                 )
-            if delivering:
+            if delivering_to:
                 # Every arrival whose token a decision already ended not_arrived is late: discarded
                 # ones say so; one written just after a decision its writer had not seen yet too.
+                # Only rows decided by now can have such an outcome (one indexed read per chunk).
+                decided = decided_row_ids(conn, run_id, delivering_to, list(chunk_tokens))
                 late: dict[str, str | None] = {
                     r.token_id: (str(r.context["late"]) if r.context and r.context.get("late") else None)
                     for r in results
-                    if r.status in ARRIVAL_NODE_STATUSES
+                    if r.status in ARRIVAL_NODE_STATUSES and r.row_id in decided
                 }
                 replace_not_arrived(conn, run_id, late, recorded_at)
             self._refresh_progress(conn, run_id, node_id, chunk_tokens, recorded_at)
@@ -625,6 +635,18 @@ def write_decisions(
     decided = decided_in_chunk_count(conn, run_id, node_id, chunk)
     set_progress(conn, run_id, node_id, {chunk: (decided, rows_total)}, db_now(conn), signature)
     return decided
+
+
+def decided_row_ids(conn: Connection, run_id: str, nodes: Sequence[str], chunks: Sequence[int]) -> set[str]:
+    """The rows of these chunks that any of these coalesce nodes has decided."""
+    cd = t.coalesce_decisions.c
+    return set(
+        conn.execute(
+            select(cd.row_id).where(
+                cd.run_id == run_id, cd.node_id.in_(list(nodes)), cd.chunk.in_(list(chunks))
+            )
+        ).scalars()
+    )
 
 
 def decided_in_chunk_count(conn: Connection, run_id: str, node_id: str, chunk: int) -> int:

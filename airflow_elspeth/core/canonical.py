@@ -119,6 +119,8 @@ def derive_id(*parts: object) -> str:
     for part in parts:
         if isinstance(part, str):
             kind, data = b"s", part.encode("utf-8")
+        elif type(part) is int:  # what json.dumps writes for an int, without its encoder (hot path)
+            kind, data = b"j", b"%d" % part
         else:
             kind, data = b"j", json.dumps(part, sort_keys=True, default=str).encode("utf-8")
         pieces.append(b"%s%d:%s" % (kind, len(data), data))

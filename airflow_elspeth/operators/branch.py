@@ -8,7 +8,7 @@ import math
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -18,7 +18,7 @@ from airflow.sdk.exceptions import AirflowTaskTerminated, AirflowTaskTimeout
 
 from airflow_elspeth import topology
 from airflow_elspeth.audit.dml import TRANSIENT_ERRORS
-from airflow_elspeth.audit.read.work import WorkItem, branch_work, decided_in_chunk, decided_rows
+from airflow_elspeth.audit.read.work import WorkItem, branch_work, decided_in_chunk, decisions_in_chunk
 from airflow_elspeth.audit.store import AuditStore, NodeResult
 from airflow_elspeth.core.canonical import hash_value
 from airflow_elspeth.core.contract import Contract, Violation, contract_of
@@ -236,7 +236,7 @@ class BranchOperator(BaseOperator):
             ti.try_number,
             coalesces,
             final_step=final_step,
-            delivering=bool(coalesces) and self.is_last_step(),
+            delivering_to=coalesces if self.is_last_step() else (),
         )
         pool = _WorkerPool(
             functools.partial(self._process_job, writer),
@@ -527,12 +527,12 @@ class _ResultWriter:
         coalesces: list[str],
         *,
         final_step: bool = False,
-        delivering: bool = False,
+        delivering_to: Sequence[str] = (),
     ) -> None:
         self.task = task
         self.coalesces = coalesces
         self.final_step = final_step
-        self.delivering = delivering
+        self.delivering_to = delivering_to
         self.store = store
         self.run_id = run_id
         self.attempt = attempt
@@ -693,9 +693,7 @@ class _ResultWriter:
         self._check_threshold()
 
     def _write_results(self, results: list[NodeResult]) -> None:
-        decided = decided_rows(
-            self.store.engine, self.run_id, [r.row_id for r in results], coalesces=self.coalesces
-        )
+        decided = decisions_in_chunk(self.store.engine, self.run_id, self.chunk, coalesces=self.coalesces)
         marked = [_discard_if_decided(r, decided) for r in results]
         self.store.write_branch_results(
             self.run_id,
@@ -704,7 +702,7 @@ class _ResultWriter:
             marked,
             chunk_tokens={self.chunk: self.tokens_total},
             final_step=self.final_step,
-            delivering=self.delivering,
+            delivering_to=self.delivering_to,
         )
         self.counts.update(str(r.status) for r in marked)
         self.errors.update(str((r.error or {}).get("type")) for r in marked if r.status == NodeStatus.FAILED)

@@ -137,7 +137,12 @@ class Builder:
                     NodeResult(**common, status=NodeStatus.FAILED, error=error, context={"attempts": 1})
                 )
         self.store.write_branch_results(
-            self.run_id, STEPS[branch], 1, results, chunk_tokens={0: len(self.keys)}, delivering=True
+            self.run_id,
+            STEPS[branch],
+            1,
+            results,
+            chunk_tokens={0: len(self.keys)},
+            delivering_to=["consensus"],
         )
 
     def decide(self) -> None:

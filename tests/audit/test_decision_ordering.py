@@ -32,7 +32,7 @@ from airflow_elspeth.audit.coalesce import (
 )
 from airflow_elspeth.audit.dml import db_now
 from airflow_elspeth.audit.engine import create_audit_engine
-from airflow_elspeth.audit.read.work import branch_work, decided_in_chunk, decided_rows
+from airflow_elspeth.audit.read.work import branch_work, decided_in_chunk, decisions_in_chunk
 from airflow_elspeth.audit.store import (
     AuditStore,
     ForkRow,
@@ -351,13 +351,12 @@ def test_a_branch_still_answers_rows_a_resolution_closed_so_a_later_try_can_merg
     work = branch_work(audit_engine, run_id, STEPS["b"], "b", 0, None, coalesces=["join"])
     assert sorted(item.row_key for item in work.items) == ["k1", "k2"]  # k0 is done
     assert work.decided_tokens == ()
-    row_ids = [derive_id(run_id, f"k{i}") for i in range(3)]
-    assert decided_rows(audit_engine, run_id, row_ids, coalesces=["join"]) == {k0: "merged"}
+    assert decisions_in_chunk(audit_engine, run_id, 0, coalesces=["join"]) == {k0: "merged"}
     assert decided_in_chunk(audit_engine, run_id, 0, coalesces=["join"]) == {k0}
 
     # After the resolution, written as the delivering step writes: late for now.
     store.write_branch_results(
-        run_id, STEPS["b"], 1, arrivals(run_id, "b", range(1, 3)), chunk_tokens={0: 3}, delivering=True
+        run_id, STEPS["b"], 1, arrivals(run_id, "b", range(1, 3)), chunk_tokens={0: 3}, delivering_to=["join"]
     )
     branch_tokens = [
         branch_token_id(run_id, derive_id(run_id, f"k{i}"), b) for i in range(3) for b in BRANCHES

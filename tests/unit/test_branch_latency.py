@@ -19,7 +19,7 @@ from sqlalchemy.exc import OperationalError
 
 from airflow_elspeth import BranchOperator, CoalesceSensor, ForkOperator
 from airflow_elspeth.audit.coalesce import coalesce_pass
-from airflow_elspeth.audit.read.work import decided_in_chunk, decided_rows
+from airflow_elspeth.audit.read.work import decided_in_chunk, decisions_in_chunk
 from airflow_elspeth.audit.store import AuditStore
 from airflow_elspeth.operators import branch as branch_module
 from airflow_elspeth.operators.fork import AUDIT_RUN_XCOM_KEY
@@ -247,9 +247,4 @@ def test_a_resolution_is_not_a_reason_to_skip(store: AuditStore) -> None:
     assert decided_in_chunk(store.engine, run_id, 0, coalesces=["coalesce"]) == set()
     # nor is a result written meanwhile discarded: it is an arrival (late until a later try reopens
     # the row; tests/audit/test_decision_ordering.py follows it through)
-    assert decided_rows(store.engine, run_id, _row_ids(store, run_id), coalesces=["coalesce"]) == {}
-
-
-def _row_ids(store: AuditStore, run_id: str) -> list[str]:
-    with store.engine.connect() as conn:
-        return list(conn.execute(text("SELECT row_id FROM rows WHERE run_id = :r"), {"r": run_id}).scalars())
+    assert decisions_in_chunk(store.engine, run_id, 0, coalesces=["coalesce"]) == {}

@@ -173,17 +173,16 @@ def _decided_by_all(conn: Connection, run_id: str, coalesces: Sequence[str], *wh
     )
 
 
-def decided_rows(
-    engine: Engine, run_id: str, row_ids: list[str], *, coalesces: Sequence[str]
+def decisions_in_chunk(
+    engine: Engine, run_id: str, chunk: int, *, coalesces: Sequence[str]
 ) -> dict[str, str]:
-    """row_id -> decision ('merged', or 'failed' if any failed it) for the given rows that every
-    coalesce in ``coalesces`` has decided."""
+    """row_id -> decision ('merged', or 'failed' if any failed it) of the rows of one chunk that
+    every coalesce in ``coalesces`` has decided by its policy (one indexed range read)."""
     with engine.connect() as conn:
-        return _decided_by_all(conn, run_id, coalesces, t.coalesce_decisions.c.row_id.in_(row_ids))
+        return _decided_by_all(conn, run_id, coalesces, t.coalesce_decisions.c.chunk == chunk)
 
 
 def decided_in_chunk(engine: Engine, run_id: str, chunk: int, *, coalesces: Sequence[str]) -> set[str]:
     """The rows of one chunk that every coalesce in ``coalesces`` has decided by its policy: what a
     branch re-reads while it works, to skip rows it has not started."""
-    with engine.connect() as conn:
-        return set(_decided_by_all(conn, run_id, coalesces, t.coalesce_decisions.c.chunk == chunk))
+    return set(decisions_in_chunk(engine, run_id, chunk, coalesces=coalesces))
