@@ -14,6 +14,7 @@ decision is therefore always what a replay of the stored log says, whatever the 
 
 from __future__ import annotations
 
+import functools
 import json
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Mapping
@@ -680,6 +681,23 @@ def payload_bodies(conn: Connection, hashes: Iterable[str | None]) -> dict[str, 
     return {digest: json.loads(body) for digest, body in select_in(conn, sql, wanted)}
 
 
+# A pass writes the same few branch lists and missing-branch maps for thousands of rows: their JSON
+# is made once (the values are tuples of branch names and reasons, so they can key a cache).
+@functools.lru_cache(maxsize=4096)
+def _list_json(items: tuple[str, ...]) -> str:
+    return dumps(list(items))
+
+
+@functools.lru_cache(maxsize=4096)
+def _mapping_json(items: tuple[tuple[str, str], ...]) -> str:
+    return dumps(dict(items))
+
+
+@functools.lru_cache(maxsize=4096)
+def _merge_context_json(consumed: tuple[str, ...]) -> str:
+    return dumps({"consumed": list(consumed), "collisions": None})
+
+
 def _decision_write(
     spec: CoalesceSpec,
     run: RunInfo,
@@ -734,7 +752,11 @@ def _decision_write(
             "output_hash": merged_hash,
             "output_ref": merged_hash,
             "error_json": None,
-            "context_json": dumps({"consumed": list(decision.consumed), "collisions": collisions}),
+            "context_json": (
+                _merge_context_json(decision.consumed)
+                if collisions is None
+                else dumps({"consumed": list(decision.consumed), "collisions": collisions})
+            ),
             "started_at": decision.decided_at,
             "completed_at": now,
             "duration_ms": 0,
@@ -787,9 +809,9 @@ def _decision_write(
         "details_json": dumps(details),
         "policy": config.policy.value,
         "merge_strategy": config.merge.value,
-        "consumed": dumps(list(decision.consumed)),
-        "missing_json": dumps(dict(decision.missing)),
-        "late_json": dumps(list(decision.late)),
+        "consumed": _list_json(decision.consumed),
+        "missing_json": _mapping_json(tuple(decision.missing.items())),
+        "late_json": _list_json(decision.late),
         "collisions_json": dumps(collisions) if collisions else None,
         "merged_token_id": merged_id,
         "decided_at": decision.decided_at,
