@@ -88,9 +88,9 @@ class BranchOperator(BaseOperator):
         least ``min_rows_for_rate`` rows were processed.
     :param min_rows_for_rate: rows to process before ``max_failed_rate`` is judged.
     :param concurrency: threads calling ``python_callable`` at once (for I/O-bound callables).
-    :param batch_size: rows written per transaction (at most). Results are written as soon as the
-        write before them committed (a result only arrives at the coalesce once written); no new row
-        starts while this many are unwritten.
+    :param batch_size: rows written per transaction (at most; by default a chunk's worth). Results
+        are written as soon as the write before them committed (a result only arrives at the
+        coalesce once written); no new row starts while this many are unwritten.
     :param flush_seconds: no new row starts while a finished one has waited this long unwritten
         (the audit store is slower than the callable: the wait must not grow).
     :param audit_conn_id: the audit store connection (see ForkOperator).
@@ -114,7 +114,7 @@ class BranchOperator(BaseOperator):
         max_failed_rate: float | None = None,
         min_rows_for_rate: int = 100,
         concurrency: int = 1,
-        batch_size: int = 500,
+        batch_size: int = 1000,
         flush_seconds: float = 1.0,
         audit_conn_id: str | None = None,
         **kwargs: Any,
