@@ -106,13 +106,19 @@ _COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\
 
 def _copy_field(value: Any) -> str:
     """One value in COPY's text format (the values are what the VALUES path would bind)."""
-    if value is None:
+    if value.__class__ is str:  # most values: ids, hashes, JSON; escaped only if they need it
+        text: str = value
+    elif value is None:
         return "\\N"
-    if value is True or value is False:
+    elif value is True or value is False:
         return "t" if value else "f"
-    if isinstance(value, datetime):
+    elif isinstance(value, datetime):
         return value.isoformat()
-    return str(value).translate(_COPY_ESCAPES)
+    else:
+        text = str(value)
+    if "\\" in text or "\t" in text or "\n" in text or "\r" in text:
+        return text.translate(_COPY_ESCAPES)
+    return text
 
 
 def _copy_insert(
