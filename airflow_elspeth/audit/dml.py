@@ -246,8 +246,8 @@ def refresh_statistics(conn: Connection, tables: Sequence[Table]) -> None:
     Autovacuum analyses a table only some time after a fraction of it changed; a run written faster
     than that leaves the planner the statistics of empty tables, and it then joins node states to
     decisions by nested loops over sequential scans (the summary's late-arrival query ran for more
-    than six minutes at 20k rows; benchmarks/RESULTS.md, issue 11). ANALYZE samples a bounded number
-    of rows, so its cost does not grow with the run.
+    than six minutes at 20k rows in a benchmark). ANALYZE samples a bounded number of rows, so its
+    cost does not grow with the run.
     """
     if conn.dialect.name == "postgresql":
         quote = conn.dialect.identifier_preparer.quote

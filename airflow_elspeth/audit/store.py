@@ -385,7 +385,7 @@ class AuditStore:
         """:meth:`write_fork_chunk` of several chunks in one transaction: whole chunks or nothing.
 
         A commit costs SQLite a WAL sync and often a checkpoint: a few chunks per commit write the
-        index pages they share once (see benchmarks/RESULTS.md, issue 11).
+        index pages they share once.
 
         :raises ForkInputError: a row's key was stored by an earlier write (the rows' unique key
             finds it, so the fork keeps nothing per row in memory); nothing of this write is kept.
