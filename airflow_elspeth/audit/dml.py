@@ -86,10 +86,8 @@ def insert_tuples(
         rows = _converted(rows, converters)
     if insert.one_row is not None:  # SQLite
         return int(conn.exec_driver_sql(insert.one_row, list(rows)).rowcount)
-    if len(rows) >= PG_COPY_MIN_ROWS:
-        copied = _copy_insert(conn, table, tuple(columns), rows)
-        if copied is not None:
-            return copied
+    if insert.copy is not None and len(rows) >= PG_COPY_MIN_ROWS:
+        return _copy_insert(conn, insert.copy, rows)
     page = max(1, min(_PG_MAX_ROWS, _PG_MAX_PARAMETERS // len(columns)))
     inserted = 0
     for start in range(0, len(rows), page):
@@ -121,36 +119,46 @@ def _copy_field(value: Any) -> str:
     return text
 
 
-def _copy_insert(
-    conn: Connection, table: Table, columns: tuple[str, ...], rows: Sequence[tuple[Any, ...]]
-) -> int | None:
-    """``INSERT … ON CONFLICT DO NOTHING`` of ``rows`` through ``COPY`` into a session-private
-    staging table (about twice as fast as multi-row VALUES; benchmarks/RESULTS.md). Same
-    transaction, same conflicts ignored, the same count returned. None: the driver has no COPY
-    (only psycopg2's ``copy_expert`` is used), the caller inserts another way.
-    """
-    driver_connection: Any = conn.connection.driver_connection
-    if not hasattr(driver_connection.cursor(), "copy_expert"):
-        return None
-    quote = conn.dialect.identifier_preparer.quote
+@dataclass(frozen=True)
+class _Copy:
+    """The statements of :func:`_copy_insert` for one (table, columns)."""
+
+    create_staging: str
+    copy: str
+    move: str
+    clear: str
+
+
+def _copy_statements(dialect: Dialect, table: Table, columns: tuple[str, ...]) -> _Copy:
+    quote = dialect.identifier_preparer.quote
     digest = hashlib.sha256(",".join(columns).encode()).hexdigest()[:8]
     staging = quote(f"elspeth_copy_{table.name}_{digest}")
     target, names = quote(table.name), ",".join(quote(c) for c in columns)
-    # Only the columns written and the rows' order, no constraints: the target's constraints judge
-    # the rows, in order (the first of two conflicting rows wins, as with VALUES). Asked every
-    # time: a rolled-back transaction takes a table it created with it.
-    conn.exec_driver_sql(
-        f"CREATE TEMP TABLE IF NOT EXISTS {staging} AS"
-        f" SELECT {names}, 0::bigint AS elspeth_row FROM {target} WITH NO DATA"
+    return _Copy(
+        # Only the columns written and the rows' order, no constraints: the target's constraints
+        # judge the rows, in order (the first of two conflicting rows wins, as with VALUES).
+        create_staging=f"CREATE TEMP TABLE IF NOT EXISTS {staging} AS"
+        f" SELECT {names}, 0::bigint AS elspeth_row FROM {target} WITH NO DATA",
+        copy=f"COPY {staging} FROM STDIN",
+        move=f"INSERT INTO {target} ({names}) SELECT {names} FROM {staging} ORDER BY elspeth_row"
+        " ON CONFLICT DO NOTHING",
+        clear=f"TRUNCATE {staging}",  # the next batch of the same transaction starts empty
     )
+
+
+def _copy_insert(conn: Connection, statements: _Copy, rows: Sequence[tuple[Any, ...]]) -> int:
+    """``INSERT … ON CONFLICT DO NOTHING`` of ``rows`` through ``COPY`` into a session-private
+    staging table (about twice as fast as multi-row VALUES; benchmarks/RESULTS.md). Same
+    transaction, same conflicts ignored, the same count returned.
+    """
+    # Asked every time: a rolled-back transaction takes a staging table it created with it.
+    conn.exec_driver_sql(statements.create_staging)
     text_rows = "".join("\t".join(map(_copy_field, row)) + f"\t{number}\n" for number, row in enumerate(rows))
+    driver_connection: Any = conn.connection.driver_connection
     with driver_connection.cursor() as cursor:
-        cursor.copy_expert(f"COPY {staging} FROM STDIN", io.StringIO(text_rows))
-    inserted = conn.exec_driver_sql(
-        f"INSERT INTO {target} ({names}) SELECT {names} FROM {staging} ORDER BY elspeth_row"
-        " ON CONFLICT DO NOTHING"
-    ).rowcount
-    conn.exec_driver_sql(f"TRUNCATE {staging}")  # the next batch of this transaction starts empty
+        cursor.copy_expert(statements.copy, io.StringIO(text_rows))
+    inserted = conn.exec_driver_sql(statements.move).rowcount
+    conn.exec_driver_sql(statements.clear)
     return int(inserted)
 
 
@@ -189,13 +197,14 @@ class _Insert:
     placeholder: str
     suffix: str
     converters: tuple[tuple[int, Callable[[Any], Any]], ...]  # (column position, bind processor)
+    copy: _Copy | None  # PostgreSQL through psycopg2 (its copy_expert): COPY for large batches
 
 
-_inserts: dict[tuple[str, str, tuple[str, ...]], _Insert] = {}
+_inserts: dict[tuple[str, str, str, tuple[str, ...]], _Insert] = {}
 
 
 def _compiled_insert(dialect: Dialect, table: Table, columns: tuple[str, ...]) -> _Insert:
-    key = (dialect.name, table.name, columns)
+    key = (dialect.name, dialect.driver, table.name, columns)
     found = _inserts.get(key)
     if found is not None:
         return found
@@ -217,6 +226,7 @@ def _compiled_insert(dialect: Dialect, table: Table, columns: tuple[str, ...]) -
         placeholder,
         suffix,
         tuple(converters),
+        _copy_statements(dialect, table, columns) if dialect.driver == "psycopg2" else None,
     )
     _inserts[key] = found
     return found
