@@ -512,6 +512,12 @@ class Killed(BaseException):
     """Stands for the triggerer process dying: nothing after it runs, not even ``except Exception``."""
 
 
+def scalar(engine: Engine, run_id: str, sql: str) -> Any:
+    """The one value ``sql`` (parameter ``:r``, the audit run) returns."""
+    with engine.connect() as conn:
+        return conn.execute(text(sql), {"r": run_id}).scalar_one()
+
+
 def integrity(engine: Engine, run_id: str) -> list[dict[str, Any]]:
     from airflow_elspeth.audit.read.verify import verify_run
 
@@ -551,14 +557,11 @@ def test_a_triggerer_killed_mid_pass_leaves_whole_chunks_and_the_next_trigger_re
     ):
         first.poll(make_spec("require_all"), sdk.states)
     assert decisions(engine, run_id) == {0: "merged", 1: "merged"}  # chunk 0 whole, chunk 1 nothing
-    with engine.connect() as conn:
-        outcomes = conn.execute(
-            text(
-                "SELECT count(*) FROM token_outcomes WHERE run_id = :r AND is_terminal"
-                " AND join_group_id IS NOT NULL"
-            ),
-            {"r": run_id},
-        ).scalar_one()
+    outcomes = scalar(
+        engine,
+        run_id,
+        "SELECT count(*) FROM token_outcomes WHERE run_id = :r AND is_terminal AND join_group_id IS NOT NULL",
+    )
     assert outcomes == 2 * (len(BRANCHES) + 1)  # the decisions' outcomes: chunk 0's tokens only
     event = run(first_event(new_trigger(spec, run_id), timeout=EVENT_WAIT))
     assert event is not None and event["reason"] == "every row decided"
@@ -593,13 +596,11 @@ def test_two_trigger_instances_decide_each_row_once(store_url: str, sdk: FakeTas
     assert [e and e["reason"] for e in events] == ["every row decided"] * 2
     assert passes[0] >= 2  # both ran a pass (the same snapshot made both see rows to decide)
     assert decisions(engine, run_id) == dict.fromkeys(range(ROWS), "merged")
-    with engine.connect() as conn:
-        per_token = conn.execute(
-            text(
-                "SELECT max(n) FROM (SELECT count(*) AS n FROM token_outcomes WHERE run_id = :r"
-                " AND is_terminal GROUP BY token_id) AS counts"
-            ),
-            {"r": run_id},
-        ).scalar_one()
+    per_token = scalar(
+        engine,
+        run_id,
+        "SELECT max(n) FROM (SELECT count(*) AS n FROM token_outcomes WHERE run_id = :r"
+        " AND is_terminal GROUP BY token_id) AS counts",
+    )
     assert per_token == 1
     assert integrity(engine, run_id) == []

@@ -23,6 +23,11 @@ from sqlalchemy import Engine
 
 from airflow_elspeth.audit.coalesce import CoalesceSpec, coalesce_pass
 from airflow_elspeth.audit.store import (
+    OUTCOME_COLUMNS,
+    PAYLOAD_COLUMNS,
+    ROW_COLUMNS,
+    STATE_COLUMNS,
+    TOKEN_COLUMNS,
     AuditStore,
     ForkRow,
     NodeResult,
@@ -632,69 +637,21 @@ def bulk_build_run(
             ),
             node_values,
         ),
-        (_insert("payloads", ["hash", "body"], ignore=True), list(payloads.items())),
+        (_insert("payloads", PAYLOAD_COLUMNS, ignore=True), list(payloads.items())),
         (
-            _insert(
-                "rows", ["run_id", "row_id", "row_key", "row_index", "chunk", "source_hash", "payload_ref"]
-            ),
+            _insert("rows", ROW_COLUMNS),
             row_values,
         ),
         (
-            _insert(
-                "tokens",
-                [
-                    "token_id",
-                    "run_id",
-                    "row_id",
-                    "token_kind",
-                    "branch_name",
-                    "fork_group_id",
-                    "join_group_id",
-                    "chunk",
-                    "created_at",
-                ],
-            ),
+            _insert("tokens", TOKEN_COLUMNS),
             token_values,
         ),
         (
-            _insert(
-                "node_states",
-                [
-                    "state_id",
-                    "token_id",
-                    "run_id",
-                    "node_id",
-                    "attempt",
-                    "status",
-                    "input_hash",
-                    "output_hash",
-                    "output_ref",
-                    "error_json",
-                    "context_json",
-                    "started_at",
-                    "completed_at",
-                    "duration_ms",
-                    "row_id",
-                    "chunk",
-                    "recorded_at",
-                ],
-            ),
+            _insert("node_states", STATE_COLUMNS),
             state_values,
         ),
         (
-            _insert(
-                "token_outcomes",
-                [
-                    "token_id",
-                    "run_id",
-                    "outcome",
-                    "is_terminal",
-                    "reason",
-                    "error_hash",
-                    "join_group_id",
-                    "recorded_at",
-                ],
-            ),
+            _insert("token_outcomes", OUTCOME_COLUMNS),
             outcome_values,
         ),
         (
