@@ -8,9 +8,8 @@ from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from itertools import islice
 from operator import itemgetter
-from typing import Any, TypeVar
+from typing import Any
 
 from sqlalchemy import Column, Connection, Dialect, Engine, Table, func, select, text
 from sqlalchemy.dialects import postgresql, sqlite
@@ -19,20 +18,11 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 from airflow_elspeth.audit.schema import UTCDateTime, utc_sqlite_text
 
-T = TypeVar("T")
-
 # Errors of an audit database that is unreachable or busy for a while (server down or restarting,
 # network cut, pool exhausted, SQLite locked past its busy timeout): retrying later can succeed.
 TRANSIENT_ERRORS: tuple[type[Exception], ...] = (OperationalError, InterfaceError, PoolTimeoutError)
 # Such errors are "not yet" for a waiting coalesce until its deadline plus this grace.
 TRANSIENT_ERROR_GRACE = timedelta(minutes=5)
-
-
-def batched(items: Iterable[T], size: int) -> Iterator[list[T]]:
-    """Consecutive lists of at most ``size`` items (streams; never materialises ``items``)."""
-    iterator = iter(items)
-    while batch := list(islice(iterator, size)):
-        yield batch
 
 
 def insert_ignore(conn: Connection, table: Table, values: Sequence[dict[str, Any]]) -> None:
