@@ -35,7 +35,7 @@ import urllib.request
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -536,6 +536,35 @@ class AirflowStack:
                 events.append(line)
         return events
 
+    def restart_scheduler(self, env: dict[str, str] | None = None, *, timeout: float = 120) -> None:
+        """Stop the scheduler (SIGTERM; its process group SIGKILLed after 60 s) and start it again
+        with ``env`` over the deployment's environment (the task supervisors its LocalExecutor
+        starts inherit it); return once the new scheduler heartbeats. Meant for a moment when no
+        task runs: a graceful stop waits for the running ones."""
+        old = self.processes.pop("scheduler")
+        old.terminate()
+        try:
+            old.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(old.pid, signal.SIGKILL)
+            old.wait(timeout=10)
+        started = datetime.now(timezone.utc)
+        self._spawn("scheduler", ["scheduler"], env)
+
+        def heartbeating() -> bool:
+            scheduler = self.processes["scheduler"]
+            if scheduler.poll() is not None:
+                raise E2EError(
+                    f"the restarted scheduler exited with {scheduler.returncode}\n"
+                    f"{tail(self.proc_dir / 'scheduler.log')}"
+                )
+            health = self.api("GET", "/api/v2/monitor/health").get("scheduler") or {}
+            beat = health.get("latest_scheduler_heartbeat")
+            return bool(beat) and datetime.fromisoformat(beat) > started
+
+        wait_until("the restarted scheduler to heartbeat", heartbeating, timeout=timeout, interval=1)
+
     # -- diagnostics ------------------------------------------------------------------------------
 
     def diagnostics(self, lines: int = 60) -> str:
@@ -890,3 +919,25 @@ def wait_task_process_gone(stack: AirflowStack, ti: dict[str, Any], *, timeout: 
         return True
 
     wait_until(f"the process of {ti['task_id']} try {ti['try_number']} to end", gone, timeout=timeout)
+
+
+def task_supervisor(stack: AirflowStack, proc: psutil.Process) -> psutil.Process:
+    """The supervisor of task process ``proc``: its parent, the LocalExecutor worker that forked it,
+    relays its calls to the API server and heartbeats for it (so Airflow tells the task through it
+    that its try ended)."""
+    parent = proc.parent()
+    ours = {popen.pid for popen in stack.processes.values()}
+    if parent is None or parent.pid in ours or not stack.owns(parent):
+        raise E2EError(f"task process {proc.pid} has no supervisor of this deployment (parent {parent})")
+    return parent
+
+
+@contextlib.contextmanager
+def scheduler_settings(stack: AirflowStack, settings: dict[str, str]) -> Iterator[None]:
+    """Run the scheduler with ``settings`` (``AIRFLOW__...`` environment variables) for the duration:
+    restarted with them, and restarted without them afterwards (also when the body fails)."""
+    stack.restart_scheduler(settings)
+    try:
+        yield
+    finally:
+        stack.restart_scheduler()
