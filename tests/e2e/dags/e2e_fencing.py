@@ -10,7 +10,8 @@ coalesce is ``require_all`` with a 10-minute deadline, so only the task's loss c
 ``HOLD_AT`` onwards before the test lets ``slow`` answer.
 
 * ``e2e_fencing_marked_deferrable`` / ``e2e_fencing_marked_reschedule``: the test marks ``slow``
-  failed through the REST API while it holds its row; the coalesce waits deferred, or rescheduling.
+  failed through the REST API while it holds its row; the coalesce waits deferred (polling every
+  2 s), or rescheduling (every 10 s).
 * ``e2e_fencing_paused``: the test pauses ``slow``'s process and its supervisor; the scheduler fails
   the task by its heartbeat timeout; the coalesce waits deferred.
 """
@@ -26,6 +27,7 @@ from airflow.sdk import DAG
 
 import airflow_elspeth
 from airflow_elspeth import BranchOperator, CoalesceSensor, ForkOperator
+from airflow_elspeth.sensors.coalesce import RESCHEDULE_RACE_POKE_SECONDS
 
 STATE_ROOT = Path(os.environ.get("ELSPETH_E2E_STATE", "/tmp"))
 GATE_LIMIT_SECONDS = 300
@@ -74,7 +76,6 @@ def build(dag_id: str, **waiting) -> DAG:
             policy="require_all",
             merge="union",
             timeout=timedelta(minutes=10),
-            poke_interval=2,
             retry_delay=timedelta(seconds=2),
             **waiting,
         )
@@ -82,6 +83,9 @@ def build(dag_id: str, **waiting) -> DAG:
     return dag
 
 
-marked_deferrable = build("e2e_fencing_marked_deferrable", deferrable=True)
-marked_reschedule = build("e2e_fencing_marked_reschedule", mode="reschedule")
-paused = build("e2e_fencing_paused", deferrable=True)
+marked_deferrable = build("e2e_fencing_marked_deferrable", deferrable=True, poke_interval=2)
+# Shorter pokes let Airflow's scheduler fail a rescheduling sensor on a stale event (the sensor warns).
+marked_reschedule = build(
+    "e2e_fencing_marked_reschedule", mode="reschedule", poke_interval=RESCHEDULE_RACE_POKE_SECONDS
+)
+paused = build("e2e_fencing_paused", deferrable=True, poke_interval=2)
