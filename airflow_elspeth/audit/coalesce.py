@@ -63,6 +63,8 @@ from airflow_elspeth.core.vocabulary import (
     TokenKind,
     TokenOutcome,
     branch_task_reason,
+    is_task_loss,
+    late_reason,
     missing_outcome,
 )
 from airflow_elspeth.exceptions import AuditInvariantError
@@ -571,20 +573,35 @@ def read_chunk_log(
 def row_events(
     spec: CoalesceSpec, states: Mapping[str, TokenState], losses: Mapping[str, tuple[str, datetime]]
 ) -> list[BranchEvent]:
-    """A row's event log: each branch's state at its delivering node, else its task's loss."""
+    """A row's event log: each branch's earliest event, its state at the delivering node or its
+    task's recorded loss.
+
+    A task's loss fences what that task writes afterwards: Airflow declared it ended (failed by a
+    person, by a heartbeat timeout, ...) and the pass recorded that under the exclusive ordering
+    lock, so a state stamped later came from a writer already counted as gone. It is kept and read
+    as late (:func:`fenced_write`), never as the branch's event, so no later write can change what a
+    decision made at the loss saw. A state stamped before the loss (a commit the pass waited for)
+    is the branch's event, as it was when the pass read it.
+    """
     events = []
     for branch in spec.config.branches:
         state = states.get(branch)
-        if state is not None:
+        loss = losses.get(branch)
+        if state is not None and not fenced_write(state, loss):
             if state.status in ARRIVAL_NODE_STATUSES:
                 events.append(BranchEvent(branch, state.at, EventKind.ARRIVAL))
             else:
                 reason = loss_reason(state.status, state.error)
                 events.append(BranchEvent(branch, state.at, EventKind.LOSS, reason))
-        elif branch in losses:
-            task_state, observed_at = losses[branch]
+        elif loss is not None:
+            task_state, observed_at = loss
             events.append(BranchEvent(branch, observed_at, EventKind.LOSS, branch_task_reason(task_state)))
     return events
+
+
+def fenced_write(state: TokenState, loss: tuple[str, datetime] | None) -> bool:
+    """Whether a branch's state was written after its task's loss was recorded (a late write)."""
+    return loss is not None and state.at > loss[1]
 
 
 def decide_chunk(
@@ -775,6 +792,9 @@ def _decision_write(
             outcome, reason = TokenOutcome.COALESCED, None
         elif branch in decision.missing:
             reason = decision.missing[branch]
+            if is_task_loss(reason) and state is not None and state.status in ARRIVAL_NODE_STATUSES:
+                # Its task's loss was the branch's event; the answer that task wrote after it is late.
+                reason = late_reason(decision.status)
             outcome = missing_outcome(reason)
             if reason == NOT_ARRIVED:  # the outcome's reason says what its task was doing then
                 reason = branch_task_reason(task_state_of.get(branch))
@@ -783,7 +803,11 @@ def _decision_write(
             reason = decision.failure_reason.value if decision.failure_reason else None
         error_hash = (
             recorded_error_fingerprint(state.error)
-            if outcome == TokenOutcome.LOST and state is not None and state.status == NodeStatus.FAILED
+            if outcome == TokenOutcome.LOST
+            and state is not None
+            and state.status == NodeStatus.FAILED
+            and reason is not None
+            and not is_task_loss(reason)
             else None
         )
         write.outcomes.append(

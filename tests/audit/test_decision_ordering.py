@@ -423,3 +423,124 @@ def test_the_waiting_poll_says_when_a_pass_would_do_something(audit_engine: Engi
     assert coalesce_pass(store, coalesce, run_id, ended).done
     assert waiting_poll(audit_engine, coalesce, run_id, ended).reason == "every row decided"
     assert waiting_poll(audit_engine, coalesce, "no-such-run", ended).reason == "audit run missing"
+
+
+# --------------------------------------------------------------------------------------------------
+# Fencing: a branch task Airflow declared ended (marked failed by a person, failed by a heartbeat
+# timeout) may still be running and write. Whatever it writes after the pass recorded its loss is
+# late, never an arrival that changes what a decision saw.
+
+ENDED_B = {"ask_a": "success", "ask_b": "failed"}
+
+
+def branch_outcomes(engine: Engine, run_id: str, branch: str) -> list[list[tuple[str, str | None]]]:
+    outcomes = terminal_outcomes(engine, run_id)
+    return [outcomes.get(branch_token_id(run_id, derive_id(run_id, f"k{i}"), branch), []) for i in range(3)]
+
+
+def assert_verified(engine: Engine, run_id: str) -> None:
+    from airflow_elspeth.audit.read.verify import verify_run
+
+    with engine.connect() as conn:
+        run = conn.execute(select(t.runs).where(t.runs.c.run_id == run_id)).mappings().one()
+    assert verify_run(engine, dict(run)) == []
+
+
+def write_as_delivering_step(store: AuditStore, run_id: str, branch: str, status: NodeStatus) -> None:
+    """The branch's answers for every row, as its delivering step writes them (a ``discarded`` one
+    is what a writer that read the decision first writes)."""
+    results = arrivals(run_id, branch, range(3))
+    if status is NodeStatus.DISCARDED:
+        results = [
+            NodeResult(**{**r.__dict__, "status": status, "context": {"late": "late_arrival_after_failure"}})
+            for r in results
+        ]
+    store.write_branch_results(run_id, STEPS[branch], 1, results, chunk_tokens={0: 3}, delivering_to=["join"])
+
+
+@pytest.mark.parametrize("status", [NodeStatus.COMPLETED, NodeStatus.DISCARDED])
+def test_what_an_ended_task_writes_after_its_loss_is_late(audit_engine: Engine, status: NodeStatus) -> None:
+    store = AuditStore(audit_engine)
+    coalesce = spec(timeout=600.0)
+    run_id = fork(store)
+    deliver(store, run_id, "a", range(3))
+    assert coalesce_pass(store, coalesce, run_id, ENDED_B).done  # require_all: b's task loss fails them
+
+    write_as_delivering_step(store, run_id, "b", status)  # the process Airflow declared dead writes
+
+    stored = decisions(audit_engine, run_id)
+    assert {(d["decision"], d["failure_reason"]) for d in stored.values()} == {("failed", "branch_lost")}
+    assert [json.loads(d["missing_json"]) for d in stored.values()] == [{"b": "branch_task_failed"}] * 3
+    assert_decisions_replay(audit_engine, coalesce, run_id)
+    assert branch_outcomes(audit_engine, run_id, "b") == [[("late", "late_arrival_after_failure")]] * 3
+    assert branch_outcomes(audit_engine, run_id, "a") == [[("row_failed", "branch_lost")]] * 3
+    assert_verified(audit_engine, run_id)
+
+
+def test_a_write_committed_before_the_loss_is_the_branchs_arrival(audit_engine: Engine) -> None:
+    store = AuditStore(audit_engine)
+    coalesce = spec(timeout=600.0)
+    run_id = fork(store)
+    deliver(store, run_id, "a", range(3))
+    write_as_delivering_step(store, run_id, "b", NodeStatus.COMPLETED)
+    assert coalesce_pass(store, coalesce, run_id, ENDED_B).done  # b answered before it was declared ended
+
+    assert {d["decision"] for d in decisions(audit_engine, run_id).values()} == {"merged"}
+    assert branch_outcomes(audit_engine, run_id, "b") == [[("coalesced", None)]] * 3
+    assert_decisions_replay(audit_engine, coalesce, run_id)
+    assert_verified(audit_engine, run_id)
+
+
+def test_a_write_held_across_the_loss_is_seen_by_the_decision(
+    audit_engine: Engine, second_engine: Engine
+) -> None:
+    """The ended task stamped its answers before the pass came to record its loss, and its commit
+    is held: the pass waits for it, so the answers are arrivals and the loss comes after them."""
+    store = AuditStore(audit_engine)
+    coalesce = spec(timeout=600.0)
+    run_id = fork(store)
+    deliver(store, run_id, "a", range(3))
+    held = HeldCommit(second_engine)
+    writer = run_in_thread(
+        write_as_delivering_step, AuditStore(second_engine), run_id, "b", NodeStatus.COMPLETED
+    )
+    assert held.stamped.wait(WAIT)
+    lock = LockAttempt(audit_engine)
+    deciding = run_in_thread(coalesce_pass, store, coalesce, run_id, ENDED_B)
+    assert lock.asked.wait(WAIT)
+    held.release.set()
+    joined(*writer)
+    assert joined(*deciding).done
+
+    assert {d["decision"] for d in decisions(audit_engine, run_id).values()} == {"merged"}
+    with audit_engine.connect() as conn:
+        observed = conn.execute(
+            select(t.branch_task_losses.c.observed_at).where(t.branch_task_losses.c.node_id == "ask_b")
+        ).scalar_one()
+        stamped = set(
+            conn.execute(
+                select(t.node_states.c.recorded_at).where(t.node_states.c.node_id == "ask_b")
+            ).scalars()
+        )
+    assert max(stamped) < observed
+    assert_decisions_replay(audit_engine, coalesce, run_id)
+    assert_verified(audit_engine, run_id)
+
+
+def test_a_fenced_write_never_counts_for_a_row_still_open(audit_engine: Engine) -> None:
+    """``first``: b's task loss leaves the rows open; b's dead process then answers, and a answers
+    after it. The rows merge with a alone: b's answer came from a task already counted as gone."""
+    store = AuditStore(audit_engine)
+    coalesce = spec(timeout=600.0, policy="first")
+    run_id = fork(store)
+    assert not coalesce_pass(store, coalesce, run_id, {"ask_a": "running", "ask_b": "failed"}).done
+    write_as_delivering_step(store, run_id, "b", NodeStatus.COMPLETED)
+    assert not coalesce_pass(store, coalesce, run_id, {"ask_a": "running", "ask_b": "failed"}).done
+    deliver(store, run_id, "a", range(3))
+    assert coalesce_pass(store, coalesce, run_id, {"ask_a": "success", "ask_b": "failed"}).done
+
+    stored = decisions(audit_engine, run_id)
+    assert [(d["decision"], json.loads(d["consumed"])) for d in stored.values()] == [("merged", ["a"])] * 3
+    assert branch_outcomes(audit_engine, run_id, "b") == [[("late", "late_arrival_after_merge")]] * 3
+    assert_decisions_replay(audit_engine, coalesce, run_id)
+    assert_verified(audit_engine, run_id)
