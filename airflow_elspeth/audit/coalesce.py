@@ -588,15 +588,29 @@ def row_events(
         state = states.get(branch)
         loss = losses.get(branch)
         if state is not None and not fenced_write(state, loss):
-            if state.status in ARRIVAL_NODE_STATUSES:
-                events.append(BranchEvent(branch, state.at, EventKind.ARRIVAL))
-            else:
-                reason = loss_reason(state.status, state.error)
-                events.append(BranchEvent(branch, state.at, EventKind.LOSS, reason))
+            events.append(_state_event(branch, state))
         elif loss is not None:
             task_state, observed_at = loss
             events.append(BranchEvent(branch, observed_at, EventKind.LOSS, branch_task_reason(task_state)))
     return events
+
+
+def late_writes(
+    spec: CoalesceSpec, states: Mapping[str, TokenState], losses: Mapping[str, tuple[str, datetime]]
+) -> list[BranchEvent]:
+    """The states of a row that :func:`row_events` leaves out (written after their task's recorded
+    loss), as the events they would have been: what ``explain`` and the row page show as late."""
+    return [
+        _state_event(branch, state)
+        for branch, state in states.items()
+        if fenced_write(state, losses.get(branch))
+    ]
+
+
+def _state_event(branch: str, state: TokenState) -> BranchEvent:
+    if state.status in ARRIVAL_NODE_STATUSES:
+        return BranchEvent(branch, state.at, EventKind.ARRIVAL)
+    return BranchEvent(branch, state.at, EventKind.LOSS, loss_reason(state.status, state.error))
 
 
 def fenced_write(state: TokenState, loss: tuple[str, datetime] | None) -> bool:

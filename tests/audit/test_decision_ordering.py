@@ -43,7 +43,7 @@ from airflow_elspeth.audit.store import (
 from airflow_elspeth.core.canonical import derive_id, hash_value
 from airflow_elspeth.core.config import coalesce_config
 from airflow_elspeth.core.policy import replay
-from airflow_elspeth.core.vocabulary import NodeStatus
+from airflow_elspeth.core.vocabulary import NodeStatus, NodeType
 
 BRANCHES = ("a", "b")
 STEPS = {"a": "ask_a", "b": "ask_b"}
@@ -433,6 +433,13 @@ def test_the_waiting_poll_says_when_a_pass_would_do_something(audit_engine: Engi
 ENDED_B = {"ask_a": "success", "ask_b": "failed"}
 
 
+def registered_fork(store: AuditStore, coalesce: CoalesceSpec) -> str:
+    """A completed fork with its coalesce registered, as the sensor registers it (verify reads it)."""
+    run_id = fork(store)
+    store.register_node(run_id, coalesce.node_id, NodeType.COALESCE, None, coalesce.as_dict())
+    return run_id
+
+
 def branch_outcomes(engine: Engine, run_id: str, branch: str) -> list[list[tuple[str, str | None]]]:
     outcomes = terminal_outcomes(engine, run_id)
     return [outcomes.get(branch_token_id(run_id, derive_id(run_id, f"k{i}"), branch), []) for i in range(3)]
@@ -462,7 +469,7 @@ def write_as_delivering_step(store: AuditStore, run_id: str, branch: str, status
 def test_what_an_ended_task_writes_after_its_loss_is_late(audit_engine: Engine, status: NodeStatus) -> None:
     store = AuditStore(audit_engine)
     coalesce = spec(timeout=600.0)
-    run_id = fork(store)
+    run_id = registered_fork(store, coalesce)
     deliver(store, run_id, "a", range(3))
     assert coalesce_pass(store, coalesce, run_id, ENDED_B).done  # require_all: b's task loss fails them
 
@@ -475,12 +482,22 @@ def test_what_an_ended_task_writes_after_its_loss_is_late(audit_engine: Engine, 
     assert branch_outcomes(audit_engine, run_id, "b") == [[("late", "late_arrival_after_failure")]] * 3
     assert branch_outcomes(audit_engine, run_id, "a") == [[("row_failed", "branch_lost")]] * 3
     assert_verified(audit_engine, run_id)
+    # explain: the replay agrees, and shows b's write beside the log as late
+    from airflow_elspeth.audit.read.lineage import explain_row
+
+    [explained] = explain_row(audit_engine, run_id, "k0")["replays"]
+    assert explained["agrees"]
+    assert [(e["branch"], e["kind"]) for e in explained["replayed"]["events"]] == [
+        ("a", "arrival"),
+        ("b", "loss"),
+    ]
+    assert [(e["branch"], e["kind"]) for e in explained["replayed"]["late_writes"]] == [("b", "arrival")]
 
 
 def test_a_write_committed_before_the_loss_is_the_branchs_arrival(audit_engine: Engine) -> None:
     store = AuditStore(audit_engine)
     coalesce = spec(timeout=600.0)
-    run_id = fork(store)
+    run_id = registered_fork(store, coalesce)
     deliver(store, run_id, "a", range(3))
     write_as_delivering_step(store, run_id, "b", NodeStatus.COMPLETED)
     assert coalesce_pass(store, coalesce, run_id, ENDED_B).done  # b answered before it was declared ended
@@ -498,7 +515,7 @@ def test_a_write_held_across_the_loss_is_seen_by_the_decision(
     is held: the pass waits for it, so the answers are arrivals and the loss comes after them."""
     store = AuditStore(audit_engine)
     coalesce = spec(timeout=600.0)
-    run_id = fork(store)
+    run_id = registered_fork(store, coalesce)
     deliver(store, run_id, "a", range(3))
     held = HeldCommit(second_engine)
     writer = run_in_thread(
@@ -532,7 +549,7 @@ def test_a_fenced_write_never_counts_for_a_row_still_open(audit_engine: Engine) 
     after it. The rows merge with a alone: b's answer came from a task already counted as gone."""
     store = AuditStore(audit_engine)
     coalesce = spec(timeout=600.0, policy="first")
-    run_id = fork(store)
+    run_id = registered_fork(store, coalesce)
     assert not coalesce_pass(store, coalesce, run_id, {"ask_a": "running", "ask_b": "failed"}).done
     write_as_delivering_step(store, run_id, "b", NodeStatus.COMPLETED)
     assert not coalesce_pass(store, coalesce, run_id, {"ask_a": "running", "ask_b": "failed"}).done
