@@ -732,7 +732,7 @@ def replace_not_arrived(
 
     :param after_task_loss: the tokens arrived (a late arrival): a token the decision saw lost to
         its task's end (``lost``, ``branch_task_<state>``) is replaced too, since what its task wrote
-        after that end is late (``audit.coalesce.fenced_write``).
+        after that end is late (``audit.coalesce.row_events``).
     """
     to, cd = t.token_outcomes.c, t.coalesce_decisions.c
     replaceable = to.outcome == TokenOutcome.NOT_ARRIVED

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 from typing import Any
 from unittest import mock
@@ -560,4 +561,52 @@ def test_a_fenced_write_never_counts_for_a_row_still_open(audit_engine: Engine) 
     assert [(d["decision"], json.loads(d["consumed"])) for d in stored.values()] == [("merged", ["a"])] * 3
     assert branch_outcomes(audit_engine, run_id, "b") == [[("late", "late_arrival_after_merge")]] * 3
     assert_decisions_replay(audit_engine, coalesce, run_id)
+    assert_verified(audit_engine, run_id)
+
+
+def registered_by_0_1(store: AuditStore, coalesce: CoalesceSpec) -> str:
+    """A completed fork whose coalesce 0.1 registered: its stored spec has no ``fenced`` key."""
+    run_id = fork(store)
+    config = {k: v for k, v in coalesce.as_dict().items() if k != "fenced"}
+    store.register_node(run_id, coalesce.node_id, NodeType.COALESCE, None, config)
+    return run_id
+
+
+def test_a_0_1_decision_taken_at_a_loss_then_contradicted_by_a_late_write_verifies(
+    audit_engine: Engine,
+) -> None:
+    """What 0.1 left when a branch marked failed kept writing: the decision at its task's loss, the
+    write after it. 0.1's own verify replayed the write as an arrival and disagreed; the decision is
+    now replayed from the log as its pass could see it, and agrees, nothing rewritten."""
+    store = AuditStore(audit_engine)
+    as_0_1 = replace(spec(timeout=600.0), fenced=False)
+    run_id = registered_by_0_1(store, as_0_1)
+    deliver(store, run_id, "a", range(3))
+    assert coalesce_pass(store, as_0_1, run_id, ENDED_B).done
+    deliver(store, run_id, "b", range(3))  # 0.1's writer: no outcome of a task's loss relabelled
+
+    assert {d["failure_reason"] for d in decisions(audit_engine, run_id).values()} == {"branch_lost"}
+    assert branch_outcomes(audit_engine, run_id, "b") == [[("lost", "branch_task_failed")]] * 3
+    assert_verified(audit_engine, run_id)
+    from airflow_elspeth.audit.read.lineage import explain_row
+
+    [explained] = explain_row(audit_engine, run_id, "k0")["replays"]
+    assert explained["agrees"]
+    assert [(e["branch"], e["kind"]) for e in explained["replayed"]["late_writes"]] == [("b", "arrival")]
+
+
+def test_a_0_1_decision_that_counted_a_write_after_a_loss_verifies_as_it_was_made(
+    audit_engine: Engine,
+) -> None:
+    """0.1 counted an ended task's write, made after its loss and before the decision, as an
+    arrival. That decision stands as made (downstream tasks used it) and replays the same."""
+    store = AuditStore(audit_engine)
+    as_0_1 = replace(spec(timeout=600.0, policy="first"), fenced=False)
+    run_id = registered_by_0_1(store, as_0_1)
+    assert not coalesce_pass(store, as_0_1, run_id, {"ask_a": "running", "ask_b": "failed"}).done
+    deliver(store, run_id, "b", range(3))
+    assert coalesce_pass(store, as_0_1, run_id, {"ask_a": "running", "ask_b": "failed"}).done
+
+    stored = decisions(audit_engine, run_id)
+    assert [(d["decision"], json.loads(d["consumed"])) for d in stored.values()] == [("merged", ["b"])] * 3
     assert_verified(audit_engine, run_id)

@@ -205,13 +205,14 @@ def _replay_of(
     losses: Mapping[str, tuple[str, datetime]],
     bodies: Mapping[str, Any],
 ) -> Replay:
+    as_of = stored["recorded_at"]  # what the deciding pass could see (a 0.1 coalesce's rule needs it)
     return replay_stored(
         spec,
         run,
         stored,
-        row_events(spec, row, losses),
+        row_events(spec, row, losses, as_of=as_of),
         collision_check(spec.config, row, bodies),
-        late_writes(spec, row, losses),
+        late_writes(spec, row, losses, as_of=as_of),
     )
 
 
