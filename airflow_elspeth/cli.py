@@ -623,13 +623,17 @@ def print_explanation(run: dict[str, Any], explained: dict[str, Any]) -> None:
             text = _fit([e + "," for e in entries[:-1]] + entries[-1:], indent=" " * 12, sep=" ")
             console.print(escape(text.replace(" " * 12, "  details:  ", 1)))
         console.print("  event log, replayed:")
-        for event in replayed["replayed"]["events"]:
+        shown = replayed["replayed"]
+        late = [{**e, "late_write": True} for e in shown["late_writes"]]
+        for event in sorted([*shown["events"], *late], key=lambda e: e["at"]):
             reason = f" ({event['reason']})" if event["reason"] else ""
             after = (
                 " [dim](after the resolution)[/]"
                 if replayed.get("resolution") and event["at"] > decision["decided_at"]
                 else ""
             )
+            if event.get("late_write"):
+                after = " [dim](late: written after its task was recorded ended, not in the log)[/]"
             name = escape(event["branch"])
             console.print(f"    {_clock(event['at'])}  {name:<12} {event['kind']}{escape(reason)}{after}")
         if replayed.get("resolution"):

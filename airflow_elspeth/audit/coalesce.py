@@ -63,6 +63,8 @@ from airflow_elspeth.core.vocabulary import (
     TokenKind,
     TokenOutcome,
     branch_task_reason,
+    is_task_loss,
+    late_reason,
     missing_outcome,
 )
 from airflow_elspeth.exceptions import AuditInvariantError
@@ -83,6 +85,9 @@ class CoalesceSpec:
     # The merged rows' contract (``MergedContract.as_dict``: fields, untyped branches), None when no
     # contract applies (``nested``, or a coalesce registered before contracts existed).
     output_contract: Mapping[str, Any] | None = None
+    # Whether a branch task's recorded loss fences what it writes afterwards (:func:`row_events`).
+    # False only for a coalesce registered by 0.1, whose decisions are replayed as 0.1 made them.
+    fenced: bool = True
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -91,6 +96,7 @@ class CoalesceSpec:
             "delivering": dict(self.delivering),
             "mapped": dict(self.mapped),
             "output_contract": dict(self.output_contract) if self.output_contract is not None else None,
+            "fenced": self.fenced,
         }
 
     @classmethod
@@ -112,6 +118,7 @@ class CoalesceSpec:
             delivering=dict(data["delivering"]),
             mapped=dict(data["mapped"]),
             output_contract=data.get("output_contract"),
+            fenced=data.get("fenced", False),  # absent: registered by 0.1, before fencing
         )
 
     def task_keys(self, branch: str, chunks_total: int) -> dict[str, int]:
@@ -569,22 +576,69 @@ def read_chunk_log(
 
 
 def row_events(
-    spec: CoalesceSpec, states: Mapping[str, TokenState], losses: Mapping[str, tuple[str, datetime]]
+    spec: CoalesceSpec,
+    states: Mapping[str, TokenState],
+    losses: Mapping[str, tuple[str, datetime]],
+    *,
+    as_of: datetime | None = None,
 ) -> list[BranchEvent]:
-    """A row's event log: each branch's state at its delivering node, else its task's loss."""
+    """A row's event log: each branch's earliest event, its state at the delivering node or its
+    task's recorded loss.
+
+    A task's loss fences what that task writes afterwards: Airflow declared it ended (failed by a
+    person, by a heartbeat timeout, ...) and the pass recorded that under the exclusive ordering
+    lock, so a state stamped later came from a writer already counted as gone. It is kept and read
+    as late (:func:`late_writes`), never as the branch's event, so no later write can change what a
+    decision made at the loss saw. A state stamped before the loss (a commit the pass waited for)
+    is the branch's event, as it was when the pass read it.
+
+    :param as_of: for a coalesce registered by 0.1 (``spec.fenced`` false), the moment its decision
+        was recorded: 0.1 preferred a branch's state over its task's loss, as far as the pass could
+        see it then, and its decisions are replayed that way.
+    """
     events = []
     for branch in spec.config.branches:
         state = states.get(branch)
-        if state is not None:
-            if state.status in ARRIVAL_NODE_STATUSES:
-                events.append(BranchEvent(branch, state.at, EventKind.ARRIVAL))
-            else:
-                reason = loss_reason(state.status, state.error)
-                events.append(BranchEvent(branch, state.at, EventKind.LOSS, reason))
-        elif branch in losses:
-            task_state, observed_at = losses[branch]
+        loss = losses.get(branch)
+        if state is not None and _state_counts(spec, state, loss, as_of):
+            events.append(_state_event(branch, state))
+        elif loss is not None:
+            task_state, observed_at = loss
             events.append(BranchEvent(branch, observed_at, EventKind.LOSS, branch_task_reason(task_state)))
     return events
+
+
+def late_writes(
+    spec: CoalesceSpec,
+    states: Mapping[str, TokenState],
+    losses: Mapping[str, tuple[str, datetime]],
+    *,
+    as_of: datetime | None = None,
+) -> list[BranchEvent]:
+    """The states of a row that :func:`row_events` leaves out (written after their task's recorded
+    loss), as the events they would have been: what ``explain`` and the row page show as late."""
+    return [
+        _state_event(branch, state)
+        for branch, state in states.items()
+        if not _state_counts(spec, state, losses.get(branch), as_of)
+    ]
+
+
+def _state_counts(
+    spec: CoalesceSpec, state: TokenState, loss: tuple[str, datetime] | None, as_of: datetime | None
+) -> bool:
+    """Whether a branch's state, rather than its task's loss, is the branch's event."""
+    if loss is None:
+        return True
+    if spec.fenced:
+        return state.at <= loss[1]
+    return as_of is None or state.at <= as_of
+
+
+def _state_event(branch: str, state: TokenState) -> BranchEvent:
+    if state.status in ARRIVAL_NODE_STATUSES:
+        return BranchEvent(branch, state.at, EventKind.ARRIVAL)
+    return BranchEvent(branch, state.at, EventKind.LOSS, loss_reason(state.status, state.error))
 
 
 def decide_chunk(
@@ -775,6 +829,9 @@ def _decision_write(
             outcome, reason = TokenOutcome.COALESCED, None
         elif branch in decision.missing:
             reason = decision.missing[branch]
+            if is_task_loss(reason) and state is not None and state.status in ARRIVAL_NODE_STATUSES:
+                # Its task's loss was the branch's event; the answer that task wrote after it is late.
+                reason = late_reason(decision.status)
             outcome = missing_outcome(reason)
             if reason == NOT_ARRIVED:  # the outcome's reason says what its task was doing then
                 reason = branch_task_reason(task_state_of.get(branch))
@@ -783,7 +840,11 @@ def _decision_write(
             reason = decision.failure_reason.value if decision.failure_reason else None
         error_hash = (
             recorded_error_fingerprint(state.error)
-            if outcome == TokenOutcome.LOST and state is not None and state.status == NodeStatus.FAILED
+            if outcome == TokenOutcome.LOST
+            and state is not None
+            and state.status == NodeStatus.FAILED
+            and reason is not None
+            and not is_task_loss(reason)
             else None
         )
         write.outcomes.append(

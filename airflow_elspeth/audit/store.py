@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import Connection, Engine, and_, func, select, update
+from sqlalchemy import Connection, Engine, and_, func, or_, select, update
 
 from airflow_elspeth.audit import schema as t
 from airflow_elspeth.audit.dml import (
@@ -28,6 +28,7 @@ from airflow_elspeth.core.canonical import derive_id, hash_value
 from airflow_elspeth.core.errors import recorded_error_fingerprint
 from airflow_elspeth.core.vocabulary import (
     ARRIVAL_NODE_STATUSES,
+    BRANCH_TASK_PREFIX,
     DROPPED,
     NOT_JOINED,
     SKIPPED_DECIDED,
@@ -504,7 +505,7 @@ class AuditStore:
                     for r in results
                     if r.status in ARRIVAL_NODE_STATUSES and r.row_id in decided
                 }
-                replace_not_arrived(conn, run_id, late, recorded_at)
+                replace_not_arrived(conn, run_id, late, recorded_at, after_task_loss=True)
             self._refresh_progress(conn, run_id, node_id, chunk_tokens, recorded_at)
 
     def record_skipped(
@@ -716,14 +717,28 @@ def outcome_row(
 
 
 def replace_not_arrived(
-    conn: Connection, run_id: str, reasons: Mapping[str, str | None], at: datetime
+    conn: Connection,
+    run_id: str,
+    reasons: Mapping[str, str | None],
+    at: datetime,
+    *,
+    after_task_loss: bool = False,
 ) -> int:
     """What became of branch tokens their row's decision saw as ``not_arrived``: each token (key)
     whose terminal outcome is ``not_arrived`` gets the outcome of its reason (``late`` for a late
     arrival, ``skipped`` for ``skipped_decided``; None: a late arrival after the row's decision,
     ``failed`` if any coalesce failed it), in the same join group; the ``not_arrived`` outcome is
-    kept, superseded at ``at``. Returns how many outcomes were replaced."""
+    kept, superseded at ``at``. Returns how many outcomes were replaced.
+
+    :param after_task_loss: the tokens arrived (a late arrival): a token the decision saw lost to
+        its task's end (``lost``, ``branch_task_<state>``) is replaced too, since what its task wrote
+        after that end is late (``audit.coalesce.row_events``).
+    """
     to, cd = t.token_outcomes.c, t.coalesce_decisions.c
+    replaceable = to.outcome == TokenOutcome.NOT_ARRIVED
+    if after_task_loss:
+        task_loss = and_(to.outcome == TokenOutcome.LOST, to.reason.startswith(BRANCH_TASK_PREFIX))
+        replaceable = or_(replaceable, task_loss)
     tokens = sorted(reasons)
     replaced = 0
     for start in range(0, len(tokens), 500):
@@ -733,7 +748,7 @@ def replace_not_arrived(
             .where(
                 to.run_id == run_id,
                 to.is_terminal,
-                to.outcome == TokenOutcome.NOT_ARRIVED,
+                replaceable,
                 to.token_id.in_(tokens[start : start + 500]),
             )
         ).all()

@@ -223,6 +223,11 @@ def branch_task_reason(task_state: str | None) -> str:
     return f"{BRANCH_TASK_PREFIX}{task_state or UNKNOWN_TASK_STATE}"
 
 
+def is_task_loss(reason: str) -> bool:
+    """Whether a missing reason is a branch task's end (``branch_task_<state>``), not a row's own."""
+    return reason.startswith(BRANCH_TASK_PREFIX)
+
+
 def late_reason(decision: DecisionStatus) -> str:
     """The missing reason of a branch that answered after its row was decided ``decision``."""
     return LATE_AFTER_MERGE if decision is DecisionStatus.MERGED else LATE_AFTER_FAILURE
@@ -312,7 +317,7 @@ def missing_reason_text(reason: str) -> str:
         return f"raised {reason[len(ERROR_PREFIX) :]} (after its row retries)"
     if reason.startswith(CONTRACT_PREFIX):
         return f"its output broke the branch's contract at field {reason[len(CONTRACT_PREFIX) :]!r}"
-    if reason.startswith(BRANCH_TASK_PREFIX):
+    if is_task_loss(reason):
         return f"its task ended {reason[len(BRANCH_TASK_PREFIX) :]} before delivering the row"
     return MISSING_REASON_TEXT.get(reason, reason)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 from typing import Any
 from unittest import mock
@@ -43,7 +44,7 @@ from airflow_elspeth.audit.store import (
 from airflow_elspeth.core.canonical import derive_id, hash_value
 from airflow_elspeth.core.config import coalesce_config
 from airflow_elspeth.core.policy import replay
-from airflow_elspeth.core.vocabulary import NodeStatus
+from airflow_elspeth.core.vocabulary import NodeStatus, NodeType
 
 BRANCHES = ("a", "b")
 STEPS = {"a": "ask_a", "b": "ask_b"}
@@ -423,3 +424,189 @@ def test_the_waiting_poll_says_when_a_pass_would_do_something(audit_engine: Engi
     assert coalesce_pass(store, coalesce, run_id, ended).done
     assert waiting_poll(audit_engine, coalesce, run_id, ended).reason == "every row decided"
     assert waiting_poll(audit_engine, coalesce, "no-such-run", ended).reason == "audit run missing"
+
+
+# --------------------------------------------------------------------------------------------------
+# Fencing: a branch task Airflow declared ended (marked failed by a person, failed by a heartbeat
+# timeout) may still be running and write. Whatever it writes after the pass recorded its loss is
+# late, never an arrival that changes what a decision saw.
+
+ENDED_B = {"ask_a": "success", "ask_b": "failed"}
+
+
+def registered_fork(store: AuditStore, coalesce: CoalesceSpec) -> str:
+    """A completed fork with its coalesce registered, as the sensor registers it (verify reads it)."""
+    run_id = fork(store)
+    store.register_node(run_id, coalesce.node_id, NodeType.COALESCE, None, coalesce.as_dict())
+    return run_id
+
+
+def branch_outcomes(engine: Engine, run_id: str, branch: str) -> list[list[tuple[str, str | None]]]:
+    outcomes = terminal_outcomes(engine, run_id)
+    return [outcomes.get(branch_token_id(run_id, derive_id(run_id, f"k{i}"), branch), []) for i in range(3)]
+
+
+def assert_verified(engine: Engine, run_id: str) -> None:
+    from airflow_elspeth.audit.read.verify import verify_run
+
+    with engine.connect() as conn:
+        run = conn.execute(select(t.runs).where(t.runs.c.run_id == run_id)).mappings().one()
+    assert verify_run(engine, dict(run)) == []
+
+
+def write_as_delivering_step(store: AuditStore, run_id: str, branch: str, status: NodeStatus) -> None:
+    """The branch's answers for every row, as its delivering step writes them (a ``discarded`` one
+    is what a writer that read the decision first writes)."""
+    results = arrivals(run_id, branch, range(3))
+    if status is NodeStatus.DISCARDED:
+        results = [
+            NodeResult(**{**r.__dict__, "status": status, "context": {"late": "late_arrival_after_failure"}})
+            for r in results
+        ]
+    store.write_branch_results(run_id, STEPS[branch], 1, results, chunk_tokens={0: 3}, delivering_to=["join"])
+
+
+@pytest.mark.parametrize("status", [NodeStatus.COMPLETED, NodeStatus.DISCARDED])
+def test_what_an_ended_task_writes_after_its_loss_is_late(audit_engine: Engine, status: NodeStatus) -> None:
+    store = AuditStore(audit_engine)
+    coalesce = spec(timeout=600.0)
+    run_id = registered_fork(store, coalesce)
+    deliver(store, run_id, "a", range(3))
+    assert coalesce_pass(store, coalesce, run_id, ENDED_B).done  # require_all: b's task loss fails them
+
+    write_as_delivering_step(store, run_id, "b", status)  # the process Airflow declared dead writes
+
+    stored = decisions(audit_engine, run_id)
+    assert {(d["decision"], d["failure_reason"]) for d in stored.values()} == {("failed", "branch_lost")}
+    assert [json.loads(d["missing_json"]) for d in stored.values()] == [{"b": "branch_task_failed"}] * 3
+    assert_decisions_replay(audit_engine, coalesce, run_id)
+    assert branch_outcomes(audit_engine, run_id, "b") == [[("late", "late_arrival_after_failure")]] * 3
+    assert branch_outcomes(audit_engine, run_id, "a") == [[("row_failed", "branch_lost")]] * 3
+    assert_verified(audit_engine, run_id)
+    # explain: the replay agrees, and shows b's write beside the log as late
+    from airflow_elspeth.audit.read.lineage import explain_row
+
+    [explained] = explain_row(audit_engine, run_id, "k0")["replays"]
+    assert explained["agrees"]
+    assert [(e["branch"], e["kind"]) for e in explained["replayed"]["events"]] == [
+        ("a", "arrival"),
+        ("b", "loss"),
+    ]
+    assert [(e["branch"], e["kind"]) for e in explained["replayed"]["late_writes"]] == [("b", "arrival")]
+
+
+def test_a_write_committed_before_the_loss_is_the_branchs_arrival(audit_engine: Engine) -> None:
+    store = AuditStore(audit_engine)
+    coalesce = spec(timeout=600.0)
+    run_id = registered_fork(store, coalesce)
+    deliver(store, run_id, "a", range(3))
+    write_as_delivering_step(store, run_id, "b", NodeStatus.COMPLETED)
+    assert coalesce_pass(store, coalesce, run_id, ENDED_B).done  # b answered before it was declared ended
+
+    assert {d["decision"] for d in decisions(audit_engine, run_id).values()} == {"merged"}
+    assert branch_outcomes(audit_engine, run_id, "b") == [[("coalesced", None)]] * 3
+    assert_decisions_replay(audit_engine, coalesce, run_id)
+    assert_verified(audit_engine, run_id)
+
+
+def test_a_write_held_across_the_loss_is_seen_by_the_decision(
+    audit_engine: Engine, second_engine: Engine
+) -> None:
+    """The ended task stamped its answers before the pass came to record its loss, and its commit
+    is held: the pass waits for it, so the answers are arrivals and the loss comes after them."""
+    store = AuditStore(audit_engine)
+    coalesce = spec(timeout=600.0)
+    run_id = registered_fork(store, coalesce)
+    deliver(store, run_id, "a", range(3))
+    held = HeldCommit(second_engine)
+    writer = run_in_thread(
+        write_as_delivering_step, AuditStore(second_engine), run_id, "b", NodeStatus.COMPLETED
+    )
+    assert held.stamped.wait(WAIT)
+    lock = LockAttempt(audit_engine)
+    deciding = run_in_thread(coalesce_pass, store, coalesce, run_id, ENDED_B)
+    assert lock.asked.wait(WAIT)
+    held.release.set()
+    joined(*writer)
+    assert joined(*deciding).done
+
+    assert {d["decision"] for d in decisions(audit_engine, run_id).values()} == {"merged"}
+    with audit_engine.connect() as conn:
+        observed = conn.execute(
+            select(t.branch_task_losses.c.observed_at).where(t.branch_task_losses.c.node_id == "ask_b")
+        ).scalar_one()
+        stamped = set(
+            conn.execute(
+                select(t.node_states.c.recorded_at).where(t.node_states.c.node_id == "ask_b")
+            ).scalars()
+        )
+    assert max(stamped) < observed
+    assert_decisions_replay(audit_engine, coalesce, run_id)
+    assert_verified(audit_engine, run_id)
+
+
+def test_a_fenced_write_never_counts_for_a_row_still_open(audit_engine: Engine) -> None:
+    """``first``: b's task loss leaves the rows open; b's dead process then answers, and a answers
+    after it. The rows merge with a alone: b's answer came from a task already counted as gone."""
+    store = AuditStore(audit_engine)
+    coalesce = spec(timeout=600.0, policy="first")
+    run_id = registered_fork(store, coalesce)
+    assert not coalesce_pass(store, coalesce, run_id, {"ask_a": "running", "ask_b": "failed"}).done
+    write_as_delivering_step(store, run_id, "b", NodeStatus.COMPLETED)
+    assert not coalesce_pass(store, coalesce, run_id, {"ask_a": "running", "ask_b": "failed"}).done
+    deliver(store, run_id, "a", range(3))
+    assert coalesce_pass(store, coalesce, run_id, {"ask_a": "success", "ask_b": "failed"}).done
+
+    stored = decisions(audit_engine, run_id)
+    assert [(d["decision"], json.loads(d["consumed"])) for d in stored.values()] == [("merged", ["a"])] * 3
+    assert branch_outcomes(audit_engine, run_id, "b") == [[("late", "late_arrival_after_merge")]] * 3
+    assert_decisions_replay(audit_engine, coalesce, run_id)
+    assert_verified(audit_engine, run_id)
+
+
+def registered_by_0_1(store: AuditStore, coalesce: CoalesceSpec) -> str:
+    """A completed fork whose coalesce 0.1 registered: its stored spec has no ``fenced`` key."""
+    run_id = fork(store)
+    config = {k: v for k, v in coalesce.as_dict().items() if k != "fenced"}
+    store.register_node(run_id, coalesce.node_id, NodeType.COALESCE, None, config)
+    return run_id
+
+
+def test_a_0_1_decision_taken_at_a_loss_then_contradicted_by_a_late_write_verifies(
+    audit_engine: Engine,
+) -> None:
+    """What 0.1 left when a branch marked failed kept writing: the decision at its task's loss, the
+    write after it. 0.1's own verify replayed the write as an arrival and disagreed; the decision is
+    now replayed from the log as its pass could see it, and agrees, nothing rewritten."""
+    store = AuditStore(audit_engine)
+    as_0_1 = replace(spec(timeout=600.0), fenced=False)
+    run_id = registered_by_0_1(store, as_0_1)
+    deliver(store, run_id, "a", range(3))
+    assert coalesce_pass(store, as_0_1, run_id, ENDED_B).done
+    deliver(store, run_id, "b", range(3))  # 0.1's writer: no outcome of a task's loss relabelled
+
+    assert {d["failure_reason"] for d in decisions(audit_engine, run_id).values()} == {"branch_lost"}
+    assert branch_outcomes(audit_engine, run_id, "b") == [[("lost", "branch_task_failed")]] * 3
+    assert_verified(audit_engine, run_id)
+    from airflow_elspeth.audit.read.lineage import explain_row
+
+    [explained] = explain_row(audit_engine, run_id, "k0")["replays"]
+    assert explained["agrees"]
+    assert [(e["branch"], e["kind"]) for e in explained["replayed"]["late_writes"]] == [("b", "arrival")]
+
+
+def test_a_0_1_decision_that_counted_a_write_after_a_loss_verifies_as_it_was_made(
+    audit_engine: Engine,
+) -> None:
+    """0.1 counted an ended task's write, made after its loss and before the decision, as an
+    arrival. That decision stands as made (downstream tasks used it) and replays the same."""
+    store = AuditStore(audit_engine)
+    as_0_1 = replace(spec(timeout=600.0, policy="first"), fenced=False)
+    run_id = registered_by_0_1(store, as_0_1)
+    assert not coalesce_pass(store, as_0_1, run_id, {"ask_a": "running", "ask_b": "failed"}).done
+    deliver(store, run_id, "b", range(3))
+    assert coalesce_pass(store, as_0_1, run_id, {"ask_a": "running", "ask_b": "failed"}).done
+
+    stored = decisions(audit_engine, run_id)
+    assert [(d["decision"], json.loads(d["consumed"])) for d in stored.values()] == [("merged", ["b"])] * 3
+    assert_verified(audit_engine, run_id)

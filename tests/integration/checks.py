@@ -237,17 +237,21 @@ def _events(
     See docs/ARCHITECTURE.md, "Decision semantics".
 
     An event's time is when it became visible: ``node_states.recorded_at`` (stamped inside the
-    writing transaction), ``branch_task_losses.observed_at``. A branch's first terminal state at its
-    delivering step is its event; without one, its task's loss (the chunk's own, else the task's).
+    writing transaction), ``branch_task_losses.observed_at``. A branch's event is the earlier of its
+    first terminal state at its delivering step and its task's loss (the chunk's own, else the
+    task's): a state stamped after that loss was written by a task already declared ended (late).
     """
     events = []
     for branch in config.branches:
         node = delivering[branch]
+        task_losses = [x for x in losses if x["node_id"] == node and x["chunk"] in (chunk, -1)]
+        task_losses.sort(key=lambda x: x["chunk"] != chunk)  # the chunk's own task first
+        loss = task_losses[0] if task_losses else None
         mine = sorted(
             (s for s in states if s["node_id"] == node and s["row_id"] == row_id),
             key=lambda s: as_utc(s["recorded_at"]),
         )
-        if mine:
+        if mine and (loss is None or as_utc(mine[0]["recorded_at"]) <= as_utc(loss["observed_at"])):
             first = mine[0]
             at = as_utc(first["recorded_at"])
             if first["status"] in ARRIVAL_NODE_STATES:
@@ -260,11 +264,7 @@ def _events(
                 contract = error.get("contract") if error.get("type") == "ContractViolation" else None
                 reason = f"contract:{contract['field']}" if contract else f"error:{error.get('type')}"
                 events.append(BranchEvent(branch, at, EventKind.LOSS, reason))
-            continue
-        task_losses = [x for x in losses if x["node_id"] == node and x["chunk"] in (chunk, -1)]
-        task_losses.sort(key=lambda x: x["chunk"] != chunk)  # the chunk's own task first
-        if task_losses:
-            loss = task_losses[0]
+        elif loss is not None:
             events.append(
                 BranchEvent(
                     branch, as_utc(loss["observed_at"]), EventKind.LOSS, f"branch_task_{loss['task_state']}"
@@ -434,6 +434,13 @@ def check_coalesce(engine: Engine, run: dict[str, Any], node_id: str = "coalesce
         join_group = join_group_id(run_id, row_id, node_id)
         for branch in config.branches:
             outcome = outcomes[branch_token[(row_id, branch)]]
+            arrival = [
+                s
+                for s in states
+                if s["node_id"] == delivering[branch]
+                and s["row_id"] == row_id
+                and s["status"] in ARRIVAL_NODE_STATES
+            ]
             if outcome["join_group_id"] != join_group:
                 assert outcome["outcome"] != "forked", f"{where}: {branch} has no decision outcome"
             elif branch in consumed:
@@ -443,7 +450,11 @@ def check_coalesce(engine: Engine, run: dict[str, Any], node_id: str = "coalesce
                 want = (
                     "not_arrived" if reason == "not_arrived" else "late" if reason in LATE_REASONS else "lost"
                 )
-                if reason == "not_arrived":
+                if reason.startswith("branch_task_") and arrival:
+                    # Lost to its task's end; what that task wrote afterwards is late.
+                    want = "late"
+                    reason = f"late_arrival_after_{'merge' if d['decision'] == 'merged' else 'failure'}"
+                elif reason == "not_arrived":
                     # Not arrived at the decision: the outcome names the branch task's state then,
                     # unless the branch has since answered (late) or skipped the decided row.
                     task_state = json.loads(d["details_json"]).get("branch_task_states", {}).get(branch)
@@ -459,13 +470,6 @@ def check_coalesce(engine: Engine, run: dict[str, Any], node_id: str = "coalesce
             else:
                 assert d["decision"] == "failed", f"{where}: {branch} neither consumed nor missing"
                 assert (outcome["outcome"], outcome["reason"]) == ("row_failed", d["failure_reason"])
-            arrival = [
-                s
-                for s in states
-                if s["node_id"] == delivering[branch]
-                and s["row_id"] == row_id
-                and s["status"] in ARRIVAL_NODE_STATES
-            ]
             if arrival and as_utc(arrival[0]["recorded_at"]) > as_utc(d["decided_at"]):
                 late_tokens += 1
         # A merged row: its token, its parents (the consumed branch tokens, derived from the

@@ -35,6 +35,10 @@ from airflow_elspeth.core.vocabulary import (
 )
 from airflow_elspeth.exceptions import NotFound
 
+# The event kind of a late write in the row page's and explain's replay views (not stored): a state
+# a branch task wrote after its recorded end, shown beside the log it is not part of.
+LATE_WRITE = "late_write"
+
 
 def row_lineage(engine: Engine, run_id: str, row_key: str) -> dict[str, Any]:
     """One row: its source payload, every token and node state, outcomes and decisions.
@@ -183,18 +187,22 @@ def explain_decision(
     return " ".join(parts)
 
 
-def _timeline(
-    log: list[BranchEvent], deadline: datetime, recorded: Mapping[str, Any]
-) -> list[dict[str, Any]]:
-    """The log as read by a person: events, the deadline and the decision, in replay order.
+def _timeline(replayed: Replay, recorded: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The log as read by a person: events, the deadline and the decision, in replay order, with
+    what branch tasks wrote after their recorded end (late writes, never in the log).
 
     The deadline sorts after every event stamped at or before it (as in the replay), and the
     decision right after the event (or deadline) that made it.
     """
+    deadline = replayed.deadline
     consumed = set(recorded["consumed"])
     entries = [
         (e.at, 0, i, {"type": "event", **_event_dict(e, deadline, recorded["decided_at"], consumed)})
-        for i, e in enumerate(log)
+        for i, e in enumerate(replayed.events)
+    ]
+    entries += [
+        (e.at, 0, len(entries) + i, {"type": "event", **_late_write_dict(e, deadline)})
+        for i, e in enumerate(replayed.late_writes)
     ]
     entries.append((deadline, 1, 0, {"type": "deadline", "at": deadline}))
     entries.append(
@@ -227,6 +235,18 @@ def _event_dict(
         "reason": event.reason,
         "after_deadline": event.at > deadline,
         "note": note,
+    }
+
+
+def _late_write_dict(event: BranchEvent, deadline: datetime) -> dict[str, Any]:
+    """A state its branch task wrote after its recorded end: kept, late, never in the log."""
+    return {
+        "branch": event.branch,
+        "at": event.at,
+        "kind": LATE_WRITE,
+        "reason": event.reason,
+        "after_deadline": event.at > deadline,
+        "note": "late",
     }
 
 
@@ -415,6 +435,7 @@ def _replay_view(
     fields = replayed.replayed_fields
     got = {k: fields[k] for k in COMPARED}
     log, deadline = replayed.events, replayed.deadline
+    late = [_late_write_dict(e, deadline) for e in replayed.late_writes]
     if replayed.resolution:
         return {
             "available": True,
@@ -426,7 +447,8 @@ def _replay_view(
             "replayed": got,
             "deadline": deadline,
             "events": [_event_dict(e, deadline, recorded["decided_at"], set()) for e in log],
-            "timeline": _timeline(log, deadline, recorded),
+            "late_writes": late,
+            "timeline": _timeline(replayed, recorded),
         }
     return {
         "available": True,
@@ -436,7 +458,8 @@ def _replay_view(
         "replayed": got,
         "deadline": deadline,
         "events": [_event_dict(e, deadline, recorded["decided_at"], set(recorded["consumed"])) for e in log],
-        "timeline": _timeline(log, deadline, recorded),
+        "late_writes": late,
+        "timeline": _timeline(replayed, recorded),
     }
 
 
@@ -447,6 +470,10 @@ def _explained_replay(replayed: Replay) -> dict[str, Any]:
         "events": [
             {"branch": e.branch, "at": e.at, "kind": e.kind.value, "reason": e.reason}
             for e in replayed.events
+        ],
+        "late_writes": [
+            {"branch": e.branch, "at": e.at, "kind": e.kind.value, "reason": e.reason}
+            for e in replayed.late_writes
         ],
     }
     if replayed.resolution:

@@ -28,9 +28,11 @@ from airflow_elspeth.audit import schema as t
 from airflow_elspeth.audit.coalesce import (
     CoalesceSpec,
     RunInfo,
+    TokenState,
     arrival_bodies,
     collision_check,
     deadline_of,
+    late_writes,
     load_run,
     read_chunk_log,
     row_events,
@@ -116,6 +118,9 @@ class Replay:
     deadline: datetime
     moment: datetime  # the clock of the replay: recorded_at, or a resolution's decided_at
     task_state: str | None  # a resolution's coalesce task state
+    # What branch tasks wrote after their recorded loss (``audit.coalesce.late_writes``): late,
+    # never in the log.
+    late_writes: Sequence[BranchEvent] = ()
 
     @property
     def replayed_fields(self) -> dict[str, Any]:
@@ -151,11 +156,13 @@ def replay_stored(
     stored: Mapping[str, Any],
     events: Sequence[BranchEvent],
     collisions: CollisionCheck | None = None,
+    late: Sequence[BranchEvent] = (),
 ) -> Replay:
     """Replay a stored decision (a ``coalesce_decisions`` row) from its row's stored ``events``.
 
     :param collisions: the row's collision check (``audit.coalesce.collision_check``) when
         ``on_collision="fail_row"`` makes the decision depend on the stored outputs.
+    :param late: the row's late writes (``audit.coalesce.late_writes``), shown beside the log.
     :raises ValueError: the run's fork never completed (no deadline).
     """
     deadline = deadline_of(run, spec.config)
@@ -176,6 +183,7 @@ def replay_stored(
         deadline=deadline,
         moment=moment,
         task_state=resolved_task_state(stored) if resolution else None,
+        late_writes=sorted(late, key=lambda e: e.at),
     )
 
 
@@ -186,9 +194,25 @@ def replay_row(engine: Engine, spec: CoalesceSpec, run: RunInfo, stored: Mapping
             conn, spec, run.run_id, stored["chunk"], undecided_only=False, row_ids=[stored["row_id"]]
         )
         bodies = arrival_bodies(conn, spec.config, states)
-    row = states.get(stored["row_id"], {})
+    return _replay_of(spec, run, stored, states.get(stored["row_id"], {}), losses, bodies)
+
+
+def _replay_of(
+    spec: CoalesceSpec,
+    run: RunInfo,
+    stored: Mapping[str, Any],
+    row: Mapping[str, TokenState],
+    losses: Mapping[str, tuple[str, datetime]],
+    bodies: Mapping[str, Any],
+) -> Replay:
+    as_of = stored["recorded_at"]  # what the deciding pass could see (a 0.1 coalesce's rule needs it)
     return replay_stored(
-        spec, run, stored, row_events(spec, row, losses), collision_check(spec.config, row, bodies)
+        spec,
+        run,
+        stored,
+        row_events(spec, row, losses, as_of=as_of),
+        collision_check(spec.config, row, bodies),
+        late_writes(spec, row, losses, as_of=as_of),
     )
 
 
@@ -209,10 +233,7 @@ def replay_coalesce(engine: Engine, spec: CoalesceSpec, run: RunInfo) -> Iterato
                 .all()
             )
         for decision in stored:
-            row = states.get(decision["row_id"], {})
-            yield replay_stored(
-                spec, run, decision, row_events(spec, row, losses), collision_check(spec.config, row, bodies)
-            )
+            yield _replay_of(spec, run, decision, states.get(decision["row_id"], {}), losses, bodies)
 
 
 # --------------------------------------------------------------------------------------------------
