@@ -20,6 +20,7 @@ supervisor stays paused until that row's answer is recorded.
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
@@ -167,6 +168,15 @@ def _assert_fenced(
     assert explained.returncode == 0, explained.stderr[-2000:]
     assert "replay agrees with the stored decision" in explained.stdout, explained.stdout
     assert "DISAGREES" not in explained.stdout, explained.stdout
+    # ... and shows the late answer beside the replayed log, in which slow's event is its loss.
+    (replay,) = json.loads(stack.elspeth("explain", "--json", HELD, "--run-id", audit_run).stdout)["replays"]
+    shown = replay["replayed"]
+    assert replay["agrees"] and shown["decision"] == "failed", replay
+    assert [(e["kind"], e["reason"]) for e in shown["events"] if e["branch"] == "slow"] == [
+        ("loss", "branch_task_failed")
+    ], shown
+    late_writes = [(w["branch"], datetime.fromisoformat(w["at"])) for w in shown["late_writes"]]
+    assert late_writes == [("slow", late["recorded_at"])], shown
 
     outcomes = {
         (t["row_key"], t["branch_name"]): (t["outcome"], t["reason"])
