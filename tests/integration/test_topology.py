@@ -417,7 +417,8 @@ def test_a_fork_join_groups_tasks_inherit_the_store_given_to_its_fork() -> None:
 
 
 @pytest.mark.parametrize(
-    ("fork_store", "named_by_fork"), [("fork_store", "'fork_store'"), (None, "none (the default audit store)")]
+    ("fork_store", "named_by_fork"),
+    [("fork_store", "'fork_store'"), (None, "none (the default audit store)")],
 )
 def test_a_step_naming_another_store_than_its_fork_fails_at_parse_time(
     fork_store: str | None, named_by_fork: str
@@ -440,7 +441,11 @@ def test_a_step_naming_another_store_than_its_fork_fails_at_parse_time(
 def test_a_coalesce_naming_another_store_than_its_fork_fails_at_parse_time() -> None:
     with _dag("store_coalesce_mismatch"):
         fork = ForkOperator(
-            task_id="orders", rows=[{"id": 1}], row_key="id", branches=["a", "b"], audit_conn_id="sqlite_store"
+            task_id="orders",
+            rows=[{"id": 1}],
+            row_key="id",
+            branches=["a", "b"],
+            audit_conn_id="sqlite_store",
         )
         with pytest.raises(TopologyError) as raised:
             _coalesce(fork, "orders_joined", audit_conn_id="elspeth_audit_default")
