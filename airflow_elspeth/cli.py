@@ -46,13 +46,15 @@ from airflow_elspeth.audit.read.lineage import explain_row
 from airflow_elspeth.audit.read.runs import row_runs, select_runs, with_tries
 from airflow_elspeth.audit.read.verify import DECISION_REPLAY, RESOLUTION_DECIDABLE, verify_run
 from airflow_elspeth.core.vocabulary import (
-    NOT_ARRIVED,
+    SKIPPED_DECIDED,
     DecisionStatus,
     NodeStatus,
     RunStatus,
     TokenKind,
     TokenOutcome,
+    answered_since,
     collision_rule_text,
+    is_task_loss,
     outcome_text,
     reason_order,
 )
@@ -607,7 +609,12 @@ def print_explanation(run: dict[str, Any], explained: dict[str, Any]) -> None:
         if missing:
             since = _since_decision(explained, decision)
             entries = [
-                f"{b}: {r}" + (f", then {since[b]}" if r == NOT_ARRIVED and b in since else "")
+                f"{b}: {r}"
+                + (
+                    f", then {since[b]}"
+                    if b in since and answered_since(r, arrived=since[b] != SKIPPED_DECIDED)
+                    else ""
+                )
                 for b, r in missing.items()
             ]
             console.print(
@@ -692,14 +699,19 @@ def _arrival_text(decision: Mapping[str, Any]) -> list[str]:
 
 
 def _since_decision(explained: Mapping[str, Any], decision: Mapping[str, Any]) -> dict[str, str]:
-    """Branch -> what became of it after the decision saw it ``not_arrived`` (its token's late or
-    skipped outcome that replaced the decision's)."""
+    """Branch -> what became of it after the decision saw it ``not_arrived`` or lost to its task's
+    end (its token's late or skipped outcome that replaced the decision's)."""
     found = {}
     for token in explained["tokens"]:
         if token["token_kind"] != TokenKind.BRANCH:
             continue
         replaced = any(
-            not x["is_terminal"] and x["outcome"] == TokenOutcome.NOT_ARRIVED for x in token["outcomes"]
+            not x["is_terminal"]
+            and (
+                x["outcome"] == TokenOutcome.NOT_ARRIVED
+                or (x["outcome"] == TokenOutcome.LOST and is_task_loss(str(x["reason"])))
+            )
+            for x in token["outcomes"]
         )
         for o in token["outcomes"]:
             if replaced and o["is_terminal"] and o["outcome"] in (TokenOutcome.LATE, TokenOutcome.SKIPPED):

@@ -20,6 +20,8 @@ Attributes read:
 * ForkOperator: ``branches``.
 * For contracts and warnings, BranchOperator's ``output_fields``, ``may_drop`` and ``row_retries``
   (mapped: the same names in ``partial_kwargs``) and an unmapped CoalesceSensor's ``coalesce``.
+* For the audit store, ``audit_conn_id`` of the fork, its steps, its coalesces and their finalizers
+  (mapped: in ``partial_kwargs``); a finalizer's ``fork_task_id``.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ ROLE_ATTR: Final = "_elspeth_role"
 FORK: Final = "fork"
 BRANCH: Final = "branch"
 COALESCE: Final = "coalesce"
+FINALIZER: Final = "finalizer"
 # The roles the structure is made of; other markers (e.g. ``"finalizer"``) are elspeth tasks too.
 ROLES: Final = (FORK, BRANCH, COALESCE)
 BranchStep = tuple[str, str, bool]  # (fork task id, branch, mapped)
@@ -503,6 +506,72 @@ def _certain_collision_warnings(coalesce_task: Any) -> list[str]:
     ]
 
 
+# -- the audit store ------------------------------------------------------------------------------
+
+
+def _named_store(task: Any) -> str | None:
+    """The ``audit_conn_id`` a task names; None (also for ``""``) when it leaves it to the default."""
+    return _step_arg(task, "audit_conn_id", None) or None
+
+
+def store_mismatch(task: Any, audit_conn_id: str | None, fork: Any) -> str | None:
+    """Why a task of ``fork`` given ``audit_conn_id`` would write to another audit store than the fork,
+    naming both tasks and both connection ids; None when it names none or the fork's.
+
+    Only what the tasks name is compared: no name (None or ``""``) means the default store
+    (``[elspeth] audit_conn_id``, else ``elspeth_audit_default``, else the embedded SQLite file),
+    resolved where a task runs, not here. So a task naming a store while its fork names none is a
+    mismatch too: the fork's rows would be in the default store, the task's writes in its own.
+
+    :param task: a BranchOperator, CoalesceSensor or finalizer of ``fork``, mapped or not.
+    :param audit_conn_id: the ``audit_conn_id`` the task was given.
+    :param fork: its ForkOperator.
+    """
+    named, forks = audit_conn_id or None, _named_store(fork)
+    if named is None or named == forks:
+        return None
+    kind = (_mapped_class(task) or type(task)).__name__
+    fork_names = repr(forks) if forks else "none (the default audit store)"
+    return (
+        f"{kind} {task.task_id!r} names audit_conn_id {named!r} but its fork {fork.task_id!r} names "
+        f"{fork_names}: a fork's branch steps, coalesces and finalizers write to the fork's audit "
+        f"store; leave audit_conn_id unset on {task.task_id!r} (it then inherits the fork's)"
+    )
+
+
+def fork_store(task: Any, audit_conn_id: str | None, fork: Any) -> str | None:
+    """The ``audit_conn_id`` a task of ``fork`` uses: the fork's, inherited when the task names none.
+
+    :param task: the BranchOperator or CoalesceSensor being built (its DAG, if any, is named).
+    :param audit_conn_id: the ``audit_conn_id`` it was given.
+    :param fork: its ForkOperator.
+    :raises TopologyError: the task names another store than its fork (see :func:`store_mismatch`).
+    """
+    problem = store_mismatch(task, audit_conn_id, fork)
+    if problem is not None:
+        raise TopologyError(f"DAG {task.dag_id!r}: {problem}" if task.has_dag() else problem)
+    return _named_store(fork)
+
+
+def _store_problems(task: Any, tasks: dict[str, Any]) -> list[str]:
+    """A branch step, coalesce or finalizer naming another audit store than its fork of this DAG
+    (a mapped task's constructor runs only when it runs, so this is what catches it at parse time)."""
+    role = role_of(task)
+    if role == BRANCH:
+        step = branch_step_of(task)
+        fork_task_id = step[0] if step is not None else None
+    elif role == COALESCE:
+        joined = coalesce_of(task)
+        fork_task_id = joined[0] if joined is not None else None
+    else:
+        fork_task_id = getattr(task, "fork_task_id", None)
+    fork = tasks.get(fork_task_id) if isinstance(fork_task_id, str) else None
+    if fork is None or role_of(fork) != FORK:
+        return []  # reported as a task whose fork is unknown or not of this DAG
+    problem = store_mismatch(task, _named_store(task), fork)
+    return [problem] if problem is not None else []
+
+
 def check_dag(dag: Any) -> list[str]:
     """Every structure problem of a DAG's forks, branch steps and coalesces (empty when sound).
 
@@ -511,7 +580,9 @@ def check_dag(dag: Any) -> list[str]:
       step (none, several, only steps of another fork, or an earlier step are problems);
     * each branch step names a fork of this DAG, is downstream of it, follows at most one step of
       its branch, and (mapped, so not checked by its constructor) names one of the fork's branches;
-    * a ``union`` coalesce's branches declare no field with different types (``output_fields``).
+    * a ``union`` coalesce's branches declare no field with different types (``output_fields``);
+    * each branch step, coalesce and finalizer names no ``audit_conn_id`` but its fork's (one audit
+      store per fork: :func:`store_mismatch`).
 
     Each message names the task(s), the branch and the fork.
 
@@ -532,4 +603,6 @@ def check_dag(dag: Any) -> list[str]:
                     continue
             problems.extend(_analyse_coalesce(task)[1])
             problems.extend(_contract_problems(task))
+        if role in (BRANCH, COALESCE, FINALIZER):
+            problems.extend(_store_problems(task, tasks))
     return problems

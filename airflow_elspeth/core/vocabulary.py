@@ -270,6 +270,14 @@ def missing_outcome(reason: str) -> TokenOutcome:
     return TokenOutcome.LOST
 
 
+def answered_since(reason: str, *, arrived: bool) -> bool:
+    """Whether what a branch did with a decided row replaces, in its token's outcome and the
+    summaries, the reason its row's decision recorded: an answer or a skip of a branch seen
+    ``not_arrived``; an answer of a branch seen lost to its task's end (that task wrote after its
+    end was recorded: a late write)."""
+    return reason == NOT_ARRIVED or (arrived and is_task_loss(reason))
+
+
 def after_decision_reason(decision: DecisionStatus | str, *, arrived: bool) -> str:
     """What became of a branch its row's decision saw as ``not_arrived``, once the branch is done
     with the row: it answered late (``late_arrival_after_<decision>``) or its step skipped the row."""

@@ -93,7 +93,9 @@ class BranchOperator(BaseOperator):
         coalesce once written); no new row starts while this many are unwritten.
     :param flush_seconds: no new row starts while a finished one has waited this long unwritten
         (the audit store is slower than the callable: the wait must not grow).
-    :param audit_conn_id: the audit store connection (see ForkOperator).
+    :param audit_conn_id: leave unset: the step uses its fork's audit store (the fork's
+        ``audit_conn_id``, or the default store when the fork names none). Naming another one is an
+        error at DAG parse time (``TopologyError``, naming both tasks and both connection ids).
     """
 
     ui_color = "#d4e8f7"
@@ -163,7 +165,7 @@ class BranchOperator(BaseOperator):
         self.concurrency = concurrency
         self.batch_size = batch_size
         self.flush_seconds = flush_seconds
-        self.audit_conn_id = audit_conn_id
+        self.audit_conn_id = topology.fork_store(self, audit_conn_id, fork)
         self._executing_thread: int | None = None  # the thread running execute(), for on_kill
 
     def previous_step(self) -> str | None:

@@ -32,7 +32,8 @@ class CoalesceFinalizer(BaseOperator):
 
     :param coalesce_task_id: the coalesce this finalizer closes.
     :param fork_task_id: that coalesce's fork.
-    :param audit_conn_id: the audit store connection (see ForkOperator).
+    :param audit_conn_id: the fork's audit store, as its coalesce resolved it (a different one is
+        a structure problem: :func:`airflow_elspeth.topology.check_dag`).
     """
 
     ui_color = "#eeeeee"

@@ -52,7 +52,9 @@ class ForkOperator(BaseOperator):
     :param chunk_size: rows per chunk (one transaction each, one mapped branch task each);
         default ``[elspeth] chunk_size``.
     :param audit_conn_id: the audit store connection; default ``[elspeth] audit_conn_id``, then
-        ``elspeth_audit_default``, then an embedded SQLite file under ``$AIRFLOW_HOME``.
+        ``elspeth_audit_default``, then an embedded SQLite file under ``$AIRFLOW_HOME``. The fork's
+        branch steps, coalesces and their finalizers use the same store: they inherit it (naming
+        another one is an error at DAG parse time).
     """
 
     ui_color = "#e8d4f7"

@@ -33,7 +33,8 @@ def fork_join(
     :param rows: as ForkOperator's ``rows``.
     :param branches: branch name -> the row callable of that branch, in branch order.
     :param row_key: as ForkOperator's ``row_key``.
-    :param fork_kwargs: extra ForkOperator arguments (e.g. ``chunk_size``, ``audit_conn_id``).
+    :param fork_kwargs: extra ForkOperator arguments (e.g. ``chunk_size``; ``audit_conn_id``, which the
+        branches and the coalesce inherit).
     :param branch_kwargs: extra arguments for every BranchOperator (e.g. ``row_retries``).
     :param coalesce_kwargs: CoalesceSensor arguments (``policy``, ``quorum``, ``merge``, ``timeout`` …).
     """

@@ -33,7 +33,7 @@ from airflow_elspeth.exceptions import (
 )
 from airflow_elspeth.hooks.audit import ElspethAuditHook
 from airflow_elspeth.operators.fork import ForkOperator, fork_ref
-from airflow_elspeth.topology import coalesce_contract, delivering_steps
+from airflow_elspeth.topology import coalesce_contract, delivering_steps, fork_store
 
 SUMMARY_XCOM_KEY = "coalesce_summary"
 # The key of the summary in the extra of the Asset events of the coalesce's outlets.
@@ -113,7 +113,10 @@ class CoalesceSensor(BaseSensorOperator):
         sensor timeout is ``fork_wait_timeout + timeout`` plus a margin, so it never fires first.
     :param deferrable: wait in the triggerer instead of a worker slot; default
         ``[operators] default_deferrable``.
-    :param audit_conn_id: the audit store connection (see ForkOperator).
+    :param audit_conn_id: leave unset: the coalesce, its trigger and its finalizer use the fork's
+        audit store (the fork's ``audit_conn_id``, or the default store when the fork names none).
+        Naming another one is an error at DAG parse time (``TopologyError``, naming both tasks and
+        both connection ids).
     """
 
     ui_color = "#f7e8d4"
@@ -210,7 +213,7 @@ class CoalesceSensor(BaseSensorOperator):
                 self.poke_interval,
                 RESCHEDULE_RACE_POKE_SECONDS,
             )
-        self.audit_conn_id = audit_conn_id
+        self.audit_conn_id = fork_store(self, audit_conn_id, fork)  # its trigger and finalizer's too
         self.finalizer = self._add_finalizer(str(task_id), fork) if self.has_dag() else None
 
     def _add_finalizer(self, task_id: str, fork: ForkOperator) -> BaseOperator:

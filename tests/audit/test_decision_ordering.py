@@ -446,6 +446,21 @@ def branch_outcomes(engine: Engine, run_id: str, branch: str) -> list[list[tuple
     return [outcomes.get(branch_token_id(run_id, derive_id(run_id, f"k{i}"), branch), []) for i in range(3)]
 
 
+def assert_told_late(engine: Engine, coalesce: CoalesceSpec, run_id: str, late: str) -> None:
+    """The summary and the rows filter tell b's late writes as the token outcomes do: late."""
+    from airflow_elspeth.audit.read.decisions import RowFilter, coalesce_summary, decision_rows
+
+    summary = coalesce_summary(engine, coalesce, run_id)
+    assert summary["missing_branches"]["b"] == {"rows": 3, "reasons": {late: 3}}
+    assert summary["late_arrivals"] == 3
+    for max_in_list in (100, 0):  # the IN-list path and the JSON-function path
+        for reason, rows in ((late, 3), ("branch_task_failed", 0)):
+            flt = RowFilter(decision=None, branch="b", branch_reason=reason)
+            found = decision_rows(engine, run_id, "join", flt, max_in_list=max_in_list)
+            assert (found["total"], len(found["rows"])) == (rows, rows), (reason, max_in_list)
+            assert all(row["missing"]["b"] == late for row in found["rows"])
+
+
 def assert_verified(engine: Engine, run_id: str) -> None:
     from airflow_elspeth.audit.read.verify import verify_run
 
@@ -483,6 +498,7 @@ def test_what_an_ended_task_writes_after_its_loss_is_late(audit_engine: Engine, 
     assert branch_outcomes(audit_engine, run_id, "b") == [[("late", "late_arrival_after_failure")]] * 3
     assert branch_outcomes(audit_engine, run_id, "a") == [[("row_failed", "branch_lost")]] * 3
     assert_verified(audit_engine, run_id)
+    assert_told_late(audit_engine, coalesce, run_id, "late_arrival_after_failure")
     # explain: the replay agrees, and shows b's write beside the log as late
     from airflow_elspeth.audit.read.lineage import explain_row
 
@@ -562,6 +578,7 @@ def test_a_fenced_write_never_counts_for_a_row_still_open(audit_engine: Engine) 
     assert branch_outcomes(audit_engine, run_id, "b") == [[("late", "late_arrival_after_merge")]] * 3
     assert_decisions_replay(audit_engine, coalesce, run_id)
     assert_verified(audit_engine, run_id)
+    assert_told_late(audit_engine, coalesce, run_id, "late_arrival_after_merge")
 
 
 def registered_by_0_1(store: AuditStore, coalesce: CoalesceSpec) -> str:

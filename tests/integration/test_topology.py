@@ -366,6 +366,127 @@ def test_the_policy_lists_every_problem_in_one_violation() -> None:
         assert needle in message, message
 
 
+# -- one audit store per fork --------------------------------------------------------------------
+
+
+def test_a_forks_steps_coalesce_trigger_and_finalizer_inherit_its_audit_store() -> None:
+    """Nothing but the fork names the store: every task of the fork writes where the fork wrote."""
+    with _dag("store_inherited") as dag:
+        fork = ForkOperator(
+            task_id="fork", rows=[{"id": 1}], row_key="id", branches=["a", "b"], audit_conn_id="fork_store"
+        )
+        ask_a = _step("ask_a", fork, "a")
+        ask_b = BranchOperator(
+            task_id="ask_b", fork=fork, branch="b", python_callable=dict, audit_conn_id="fork_store"
+        )  # naming the fork's own store is allowed
+        coalesce = _coalesce(fork)
+        fork >> [ask_a, ask_b] >> coalesce
+    assert [t.audit_conn_id for t in (ask_a, ask_b, coalesce, coalesce.finalizer)] == ["fork_store"] * 4
+    assert topology.check_dag(dag) == []
+
+
+def test_a_fork_without_a_store_leaves_its_tasks_on_the_default_store() -> None:
+    with _dag("store_default") as dag:
+        fork = _fork()
+        ask_a, ask_b = _step("ask_a", fork, "a"), _step("ask_b", fork, "b")
+        coalesce = _coalesce(fork, audit_conn_id="")  # empty: no name, as for the hook
+        fork >> [ask_a, ask_b] >> coalesce
+    assert [t.audit_conn_id for t in (ask_a, ask_b, coalesce, coalesce.finalizer)] == [None] * 4
+    assert topology.check_dag(dag) == []
+
+
+def test_a_fork_join_groups_tasks_inherit_the_store_given_to_its_fork() -> None:
+    with _dag("store_grouped") as dag:
+        group = fork_join(
+            "enrich",
+            rows=[{"id": 1}],
+            row_key="id",
+            branches={"a": dict, "b": dict},
+            fork_kwargs={"audit_conn_id": "fork_store"},
+            policy="require_all",
+            timeout=timedelta(seconds=30),
+        )
+    assert {t.task_id: t.audit_conn_id for t in dag.tasks} == {
+        "enrich.fork": "fork_store",
+        "enrich.a": "fork_store",
+        "enrich.b": "fork_store",
+        "enrich.coalesce": "fork_store",
+        "enrich.coalesce_finalize": "fork_store",
+    }
+    assert group["coalesce"].finalizer.audit_conn_id == "fork_store"
+
+
+@pytest.mark.parametrize(
+    ("fork_store", "named_by_fork"),
+    [("fork_store", "'fork_store'"), (None, "none (the default audit store)")],
+)
+def test_a_step_naming_another_store_than_its_fork_fails_at_parse_time(
+    fork_store: str | None, named_by_fork: str
+) -> None:
+    with _dag("store_step_mismatch"):
+        fork = ForkOperator(
+            task_id="orders", rows=[{"id": 1}], row_key="id", branches=["a", "b"], audit_conn_id=fork_store
+        )
+        with pytest.raises(TopologyError) as raised:
+            BranchOperator(
+                task_id="ask_a", fork=fork, branch="a", python_callable=dict, audit_conn_id="other_store"
+            )
+    assert str(raised.value) == (
+        "DAG 'store_step_mismatch': BranchOperator 'ask_a' names audit_conn_id 'other_store' but its "
+        f"fork 'orders' names {named_by_fork}: a fork's branch steps, coalesces and finalizers write to "
+        "the fork's audit store; leave audit_conn_id unset on 'ask_a' (it then inherits the fork's)"
+    )
+
+
+def test_a_coalesce_naming_another_store_than_its_fork_fails_at_parse_time() -> None:
+    with _dag("store_coalesce_mismatch"):
+        fork = ForkOperator(
+            task_id="orders",
+            rows=[{"id": 1}],
+            row_key="id",
+            branches=["a", "b"],
+            audit_conn_id="sqlite_store",
+        )
+        with pytest.raises(TopologyError) as raised:
+            _coalesce(fork, "orders_joined", audit_conn_id="elspeth_audit_default")
+    message = str(raised.value)
+    for needle in (
+        "DAG 'store_coalesce_mismatch'",
+        "CoalesceSensor 'orders_joined' names audit_conn_id 'elspeth_audit_default'",
+        "its fork 'orders' names 'sqlite_store'",
+    ):
+        assert needle in message, message
+
+
+def test_a_mapped_step_or_a_finalizer_naming_another_store_is_a_structure_problem() -> None:
+    """A mapped step's constructor runs only when the task runs: the parse-time check finds it."""
+    from airflow_elspeth.operators.finalize import CoalesceFinalizer
+
+    with _dag("store_mapped_mismatch") as dag:
+        fork = ForkOperator(
+            task_id="fork", rows=[{"id": 1}], row_key="id", branches=["a", "b"], audit_conn_id="fork_store"
+        )
+        ask_a = _step("ask_a", fork, "a")
+        ask_b = BranchOperator.partial(
+            task_id="ask_b", fork=fork, branch="b", python_callable=dict, audit_conn_id="other_store"
+        ).expand(chunk=fork.chunks)
+        coalesce = _coalesce(fork)
+        fork >> ask_a
+        [ask_a, ask_b] >> coalesce
+        stray = CoalesceFinalizer(
+            task_id="stray_finalize", coalesce_task_id="coalesce", fork_task_id="fork", audit_conn_id="x"
+        )
+        coalesce >> stray
+    assert _problems(dag) == [
+        "BranchOperator 'ask_b' names audit_conn_id 'other_store' but its fork 'fork' names 'fork_store': "
+        "a fork's branch steps, coalesces and finalizers write to the fork's audit store; leave "
+        "audit_conn_id unset on 'ask_b' (it then inherits the fork's)",
+        "CoalesceFinalizer 'stray_finalize' names audit_conn_id 'x' but its fork 'fork' names 'fork_store': "
+        "a fork's branch steps, coalesces and finalizers write to the fork's audit store; leave "
+        "audit_conn_id unset on 'stray_finalize' (it then inherits the fork's)",
+    ]
+
+
 # ------------------------------------------------------------------------------------------------
 # Through the DagBag: the cluster policy (airflow.policy entry point) at parse time
 
@@ -403,6 +524,11 @@ INVALID = {
         "'ask_a' follows it",
     ],
     "topology_mapped_unknown_branch.py": ["'ask_z'", "branch 'z' is not a branch of fork 'fork'"],
+    "topology_mapped_step_of_another_store.py": [
+        "DAG 'topology_mapped_step_of_another_store'",
+        "BranchOperator 'ask_b' names audit_conn_id 'elspeth_audit_default'",
+        "its fork 'fork' names 'elspeth_sqlite'",
+    ],
     "topology_conflicting_contracts.py": [
         "coalesce 'coalesce' (merge='union')",
         "field 'value' is declared int in branch 'a', str in branch 'b'",

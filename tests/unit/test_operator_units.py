@@ -153,6 +153,27 @@ def test_deferrable_before_the_fork_completed_defers_to_the_coalesce_trigger() -
     assert ("coalesce", SUMMARY_XCOM_KEY) not in ti.xcoms
 
 
+def test_the_trigger_of_a_deferred_coalesce_reads_its_forks_audit_store() -> None:
+    """The coalesce names no store: its trigger gets the fork's (as its finalizer does)."""
+    with DAG("unit_store_dag", schedule=None, start_date=datetime(2026, 1, 1)):
+        fork = ForkOperator(
+            task_id="fork", rows=[{"id": "r0"}], branches=BRANCHES, row_key="id", audit_conn_id="fork_store"
+        )
+        steps = [
+            BranchOperator(task_id=f"ask_{b}", fork=fork, branch=b, python_callable=_identity)
+            for b in BRANCHES
+        ]
+        sensor = CoalesceSensor(
+            task_id="coalesce", fork=fork, policy="require_all", timeout=60, deferrable=True
+        )
+        fork >> steps >> sensor
+
+    with pytest.raises(TaskDeferred) as deferred:
+        sensor.execute(context(FakeTI(states={"fork": "running"})))
+
+    assert deferred.value.trigger.serialize()[1]["audit_conn_id"] == "fork_store"
+
+
 def test_deferrable_with_a_stale_fork_xcom_defers_without_that_audit_run() -> None:
     """After a clear the fork's XCom names the previous try's audit run until the fork succeeded."""
     _, sensor = build(deferrable=True)

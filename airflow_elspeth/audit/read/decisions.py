@@ -29,6 +29,7 @@ from airflow_elspeth.audit.read.cache import CoalesceRef, coalesce_ref, run_read
 from airflow_elspeth.audit.read.runs import coalesce_nodes, coalesce_spec
 from airflow_elspeth.core.vocabulary import (
     ARRIVAL_NODE_STATUSES,
+    BRANCH_TASK_PREFIX,
     LATE_AFTER_MERGE,
     LATE_REASONS,
     NOT_ARRIVED,
@@ -38,7 +39,9 @@ from airflow_elspeth.core.vocabulary import (
     TokenKind,
     TokenOutcome,
     after_decision_reason,
+    answered_since,
     collision_rule_text,
+    is_task_loss,
     policy_text,
     reason_kind,
     reason_order,
@@ -136,10 +139,7 @@ def coalesce_summary(engine: Engine, spec: CoalesceSpec, run_id: str) -> dict[st
                 "row_key": row.row_key,
                 "reason": row.failure_reason,
                 "arrived": json.loads(row.details_json).get("arrived", []),
-                "missing": {
-                    branch: since.get((row.row_id, branch), reason) if reason == NOT_ARRIVED else reason
-                    for branch, reason in json.loads(row.missing_json).items()
-                },
+                "missing": _missing_now(since, row.row_id, row.missing_json),
             }
             for row in failed
         ]
@@ -210,13 +210,23 @@ def _whole(value: Any) -> int | None:
 
 
 # (decision, missing_json, branch, reason): rows of this coalesce whose decision saw ``branch`` as
-# ``not_arrived`` and whose branch has since answered late or skipped the row (``reason``).
+# ``not_arrived`` (or lost to its task's end) and whose branch has since answered late or skipped
+# the row (``reason``; see ``core.vocabulary.answered_since``).
 Moves = Mapping[tuple[str, str, str, str], int]
+
+# An answer after the row's decision, or any answer of a branch a decision saw lost to its task's end
+# (written after that end: a late write, even before the decision). Decisions with such a loss are
+# few, so the time condition still prunes the join for all the others.
+_ANSWER_SINCE = or_(
+    t.node_states.c.recorded_at > t.coalesce_decisions.c.decided_at,
+    t.coalesce_decisions.c.missing_json.contains(f'"{BRANCH_TASK_PREFIX}', autoescape=True),
+)
 
 
 def _after_decision(conn: Any, spec: CoalesceSpec, run_id: str) -> dict[tuple[str, str, str, str], int]:
-    """What became of the branches a decision saw as ``not_arrived``: the decision keeps the reason it
-    had, while the token's outcome, the summary and the reports tell what happened since.
+    """What became of the branches a decision saw as ``not_arrived`` (or lost to their task's end):
+    the decision keeps the reason it had, while the token's outcome, the summary and the reports tell
+    what happened since.
 
     * a **late arrival written after the decision** (at the delivering step, stamped after the row's
       decision time): ``late_arrival_after_<decision>``, as if the decision had seen it late, which
@@ -241,7 +251,7 @@ def _after_decision(conn: Any, spec: CoalesceSpec, run_id: str) -> dict[tuple[st
             ns.run_id == run_id,
             ns.node_id.in_(list(branch_of)),
             ns.status.in_(_ARRIVALS),
-            ns.recorded_at > cd.decided_at,
+            _ANSWER_SINCE,
         )
         .group_by(cd.decision, cd.missing_json, ns.node_id)
     ):
@@ -265,7 +275,8 @@ def _after_decision(conn: Any, spec: CoalesceSpec, run_id: str) -> dict[tuple[st
         found[(decision, missing_json, branch, False)] += n
     moves: dict[tuple[str, str, str, str], int] = {}
     for (decision, missing_json, branch, arrived), n in found.items():
-        if json.loads(missing_json).get(branch) == NOT_ARRIVED:
+        reason = json.loads(missing_json).get(branch)
+        if reason is not None and answered_since(reason, arrived=arrived):
             key = (decision, missing_json, branch, after_decision_reason(decision, arrived=arrived))
             moves[key] = moves.get(key, 0) + n
     return moves
@@ -291,7 +302,7 @@ def _rows_after_decision(
             mine,
             ns.node_id.in_(list(branch_of)),
             ns.status.in_(_ARRIVALS),
-            ns.recorded_at > cd.decided_at,
+            _ANSWER_SINCE,
         )
     ):
         found[(row_id, branch_of[node])] = after_decision_reason(decision, arrived=True)
@@ -313,6 +324,17 @@ def _rows_after_decision(
     return found
 
 
+def _missing_now(since: Mapping[tuple[str, str], str], row_id: str, missing_json: str) -> dict[str, str]:
+    """A decided row's missing branches, each with what it did since where that replaces the
+    decision's reason (``since``: :func:`_rows_after_decision`)."""
+    missing: dict[str, str] = json.loads(missing_json)
+    for branch, reason in missing.items():
+        after = since.get((row_id, branch))
+        if after is not None and answered_since(reason, arrived=after != SKIPPED_DECIDED):
+            missing[branch] = after
+    return missing
+
+
 def _missing_counts(groups: Mapping[tuple[str, str], int], moves: Moves) -> Counter[tuple[str, str, str]]:
     """(decision, branch, reason) -> rows over the decision groups ``(decision, missing_json) -> rows``,
     with the branches that answered late or skipped since the decision counted under that reason."""
@@ -320,8 +342,8 @@ def _missing_counts(groups: Mapping[tuple[str, str], int], moves: Moves) -> Coun
     for (decision, missing_json), n in groups.items():
         for branch, reason in json.loads(missing_json).items():
             counts[(decision, branch, reason)] += n
-    for (decision, _, branch, reason), n in moves.items():
-        counts[(decision, branch, NOT_ARRIVED)] -= n
+    for (decision, missing_json, branch, reason), n in moves.items():
+        counts[(decision, branch, json.loads(missing_json)[branch])] -= n
         counts[(decision, branch, reason)] += n
     return +counts
 
@@ -681,8 +703,13 @@ def _page_bounds(limit: int, offset: int) -> tuple[int, int]:
     return max(1, min(int(limit), MAX_PAGE_SIZE)), max(0, int(offset))
 
 
-# Missing reasons whose rows depend on what branches did after the decision (see _after_decision).
+# Missing reasons whose rows depend on what branches did after the decision (see _after_decision);
+# a task's end (``branch_task_<state>``) too.
 _STORY_REASONS = (NOT_ARRIVED, *LATE_REASONS, SKIPPED_DECIDED)
+
+
+def _is_story_reason(reason: str | None) -> bool:
+    return reason is not None and (reason in _STORY_REASONS or is_task_loss(reason))
 
 
 def _story_matches(
@@ -695,16 +722,13 @@ def _story_matches(
     wide = replace(flt, branch_reason=None)
     matching, total = [], 0
     for g in groups:
-        reason = g.missing.get(branch)
-        if not wide.matches(g) or reason not in (wanted, NOT_ARRIVED):
+        if not wide.matches(g) or branch not in g.missing:
             continue
+        # Only a reason that what the branch did since can replace has moves (_after_decision).
         moved = {
             r: n for (d, mj, b, r), n in moves.items() if (d, mj, b) == (g.decision, g.missing_json, branch)
         }
-        if reason == wanted:
-            n = g.rows - (sum(moved.values()) if wanted == NOT_ARRIVED else 0)
-        else:
-            n = moved.get(str(wanted), 0)
+        n = g.rows - sum(moved.values()) if g.missing[branch] == wanted else moved.get(str(wanted), 0)
         if n:
             matching.append(g)
             total += n
@@ -725,17 +749,24 @@ def _story_condition(
             return cd.missing_json.in_(combos)
         return _json_missing_condition(engine, replace(flt, branch_reason=reason))
 
-    answered = (
-        select(ns.state_id)
-        .where(
-            ns.run_id == cd.run_id,
-            ns.row_id == cd.row_id,
-            ns.node_id == spec.delivering[branch],
-            ns.status.in_(_ARRIVALS),
-            ns.recorded_at > cd.decided_at,
+    def answer(*since: Any) -> Any:
+        return (
+            select(ns.state_id)
+            .where(
+                ns.run_id == cd.run_id,
+                ns.row_id == cd.row_id,
+                ns.node_id == spec.delivering[branch],
+                ns.status.in_(_ARRIVALS),
+                *since,
+            )
+            .exists()
         )
-        .exists()
-    )
+
+    answered = answer(ns.recorded_at > cd.decided_at)
+    # Lost to its task's end: any answer is a late write (written after that end).
+    task_ends = sorted({g.missing[branch] for g in matching if is_task_loss(g.missing.get(branch, ""))})
+    if is_task_loss(wanted):
+        return and_(having(wanted), ~answer())
     skipped = (
         select(tk.token_id)
         .select_from(t.tokens.join(t.token_outcomes, to.token_id == tk.token_id))
@@ -755,7 +786,8 @@ def _story_condition(
         since = and_(having(NOT_ARRIVED), ~answered, skipped)
     else:
         decision = DecisionStatus.MERGED if wanted == LATE_AFTER_MERGE else DecisionStatus.FAILED
-        since = and_(having(NOT_ARRIVED), answered, cd.decision == decision.value)
+        late_writes = [and_(having(end), answer()) for end in task_ends]
+        since = and_(or_(and_(having(NOT_ARRIVED), answered), *late_writes), cd.decision == decision.value)
     return or_(having(wanted), since)
 
 
@@ -774,7 +806,7 @@ def decision_rows(
     limit, offset = _page_bounds(limit, offset)
     ref = ref or coalesce_ref(engine, run_id, node_id)
     groups = _scan(ref)[0]
-    story = flt.branch is not None and flt.branch_reason in _STORY_REASONS
+    story = flt.branch is not None and _is_story_reason(flt.branch_reason)
     if story:
         matching, total = _story_matches(ref, groups, flt)
     else:
@@ -832,12 +864,7 @@ def decision_rows(
                         "failure_reason": row["failure_reason"],
                         "consumed": consumed,
                         "arrived": details.get("arrived", consumed),
-                        "missing": {
-                            branch: since.get((row["row_id"], branch), reason)
-                            if reason == NOT_ARRIVED
-                            else reason
-                            for branch, reason in json.loads(row["missing_json"]).items()
-                        },
+                        "missing": _missing_now(since, row["row_id"], row["missing_json"]),
                         "late": json.loads(row["late_json"]),
                         "details": details,
                         "decided_at": row["decided_at"],
