@@ -31,7 +31,8 @@ class PayloadLimit:
     """The most bytes a payload may take as canonical JSON, and what sets that limit (for errors).
 
     :param max_bytes: the limit, a positive number of bytes.
-    :param source: names the limit in error messages, e.g. ``"[elspeth] max_row_bytes"``.
+    :param source: names the limit in error messages, e.g. ``"[elspeth] max_row_bytes"``: "row 'r4'
+        is larger than 1048576 bytes as canonical JSON ([elspeth] max_row_bytes)".
     """
 
     max_bytes: int
@@ -44,7 +45,7 @@ class PayloadLimit:
             )
 
 
-_ROW_KEY_LIMIT = PayloadLimit(MAX_ROW_KEY_BYTES, "row keys")
+_ROW_KEY_LIMIT = PayloadLimit(MAX_ROW_KEY_BYTES, "the longest row key")
 
 
 _short = reprlib.Repr()
@@ -181,8 +182,7 @@ def payload_size(value: Any, limit: PayloadLimit, *, what: str = "value") -> int
             size += _scalar_size(item, budget - size)
         if size > budget:
             raise PayloadLimitExceeded(
-                f"{what} is larger than {limit.max_bytes} bytes as canonical JSON "
-                f"(the limit of {limit.source})"
+                f"{what} is larger than {limit.max_bytes} bytes as canonical JSON ({limit.source})"
             )
         while levels:
             item = next(levels[-1], _END)

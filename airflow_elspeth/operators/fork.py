@@ -10,7 +10,7 @@ from airflow.sdk.exceptions import AirflowFailException
 
 from airflow_elspeth.audit.read.rows import iter_merged_rows
 from airflow_elspeth.audit.store import AuditStore, ForkRow, RunIdentity, duplicate_key_error
-from airflow_elspeth.core.canonical import row_key_text
+from airflow_elspeth.core.canonical import PayloadLimit, row_key_text
 from airflow_elspeth.core.config import validate_branches
 from airflow_elspeth.core.vocabulary import bad_row_run_reason, fork_error_run_reason
 from airflow_elspeth.exceptions import ElspethConfigError, ForkInputError, PayloadError
@@ -34,6 +34,24 @@ FORK_ROWS_PER_WRITE = 5_000
 
 def default_chunk_size() -> int:
     return conf.getint("elspeth", "chunk_size", fallback=1000)
+
+
+MAX_ROW_BYTES_OPTION = "[elspeth] max_row_bytes"
+# 1 MiB: records are rarely beyond kilobytes, and a task holds a write's worth of rows in memory
+# (a branch step up to ``batch_size`` results, 1,000 by default; the fork whole chunks), so this
+# limit times those rows bounds what input of any shape can make a task hold.
+DEFAULT_MAX_ROW_BYTES = 1024 * 1024
+
+
+def row_limit() -> PayloadLimit:
+    """The largest source row or branch output, as canonical JSON: ``[elspeth] max_row_bytes``.
+
+    :raises ElspethConfigError: for a value that is not a positive integer (Airflow's own
+        ``AirflowConfigException`` for one that is not an integer).
+    """
+    return PayloadLimit(
+        conf.getint("elspeth", "max_row_bytes", fallback=DEFAULT_MAX_ROW_BYTES), MAX_ROW_BYTES_OPTION
+    )
 
 
 class ForkOperator(BaseOperator):
@@ -109,6 +127,7 @@ class ForkOperator(BaseOperator):
         return fork_lineage(self._pushed_ref)
 
     def execute(self, context: Context) -> list[int]:
+        limit = row_limit()  # a bad setting fails the task before an audit run exists
         store = AuditStore(ElspethAuditHook(audit_conn_id=self.audit_conn_id).get_engine())
         chunk_size = self.chunk_size or default_chunk_size()
         ti, dag_run = context["ti"], context["dag_run"]
@@ -148,7 +167,7 @@ class ForkOperator(BaseOperator):
                 batch.clear()
 
             try:
-                for row in self._validated_rows(context, per_write):
+                for row in self._validated_rows(context, per_write, limit):
                     batch.append(row)
                     if len(batch) == per_write:
                         write()
@@ -238,12 +257,14 @@ class ForkOperator(BaseOperator):
         for row in rows:
             yield row, None
 
-    def _validated_rows(self, context: Context, per_write: int) -> Iterator[ForkRow]:
+    def _validated_rows(self, context: Context, per_write: int, limit: PayloadLimit) -> Iterator[ForkRow]:
         """Validate and hash rows in order; the first bad row stops the fork with its key named.
 
-        A duplicate key within one write (``per_write`` rows, which the caller writes before asking
-        for the next row) is caught here; one of an earlier write by the store when this write is
-        stored (the rows' unique key): memory does not grow with the row count.
+        A row over ``limit`` as canonical JSON (or nested too deeply) is found by a walk that stops
+        at the limit, before the row is serialised. A duplicate key within one write (``per_write``
+        rows, which the caller writes before asking for the next row) is caught here; one of an
+        earlier write by the store when this write is stored (the rows' unique key): memory does
+        not grow with the row count.
         """
         pending: set[str] = set()
         for index, (row, parent) in enumerate(self._source(context)):
@@ -266,7 +287,7 @@ class ForkOperator(BaseOperator):
                 raise duplicate_key_error(key, index)
             pending.add(key)
             try:
-                yield ForkRow.from_row(key, index, row, parent)
+                yield ForkRow.from_row(key, index, row, parent, limit=limit)
             except PayloadError as err:
                 raise ForkInputError(str(err)) from err
 
