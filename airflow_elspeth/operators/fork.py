@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 from airflow.sdk import BaseOperator, Context, XComArg, conf
-from airflow.sdk.exceptions import AirflowFailException
+from airflow.sdk.exceptions import AirflowFailException, AirflowTaskTerminated
 
 from airflow_elspeth.audit.read.rows import iter_merged_rows
 from airflow_elspeth.audit.store import AuditStore, ForkRow, RunIdentity, duplicate_key_error
@@ -90,6 +91,7 @@ class ForkOperator(BaseOperator):
         self.branches = list(validate_branches(branches))
         # The audit run reference this try pushed (for OpenLineage, read in the same process).
         self._pushed_ref: dict[str, Any] | None = None
+        self._executing_thread: int | None = None  # the thread running execute(), for on_kill
         if chunk_size is not None and (
             isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
         ):
@@ -126,7 +128,23 @@ class ForkOperator(BaseOperator):
 
         return fork_lineage(self._pushed_ref)
 
+    def on_kill(self) -> None:
+        """On SIGTERM the Airflow task runner calls this from its signal handler, then lets the task
+        run on: raising here ends ``execute`` (a slow or endless source included), which closes the
+        audit run failed ``interrupted:AirflowTaskTerminated``. Once: closing it is not interrupted.
+        """
+        if self._executing_thread is not None and self._executing_thread == threading.get_ident():
+            self._executing_thread = None
+            raise AirflowTaskTerminated(f"{self.task_id}: terminated (SIGTERM) while forking rows")
+
     def execute(self, context: Context) -> list[int]:
+        self._executing_thread = threading.get_ident()
+        try:
+            return self._execute(context)
+        finally:
+            self._executing_thread = None
+
+    def _execute(self, context: Context) -> list[int]:
         limit = row_limit()  # a bad setting fails the task before an audit run exists
         store = AuditStore(ElspethAuditHook(audit_conn_id=self.audit_conn_id).get_engine())
         chunk_size = self.chunk_size or default_chunk_size()
@@ -226,6 +244,7 @@ class ForkOperator(BaseOperator):
         audit store is unreachable the run stays ``running`` until this fork runs again (its next
         try's ``begin_run`` closes earlier tries).
         """
+        self._executing_thread = None  # a SIGTERM now does not interrupt closing the run
         if pushed:
             _delete_audit_run_xcom(context, self.log)
         try:

@@ -8,7 +8,8 @@ Two halves, each on SQLite and PostgreSQL:
 * ``dag.test()`` runs (tests/integration/dags/elspeth_it_fork_failure_dags.py): a source raising
   after 2,500 rows, the same source succeeding on the fork's retry, bad row keys, a row over
   ``[elspeth] max_row_bytes`` and one of shared references expanding to 2**50 values (memory
-  measured), the run's completion failing after its XCom was pushed.
+  measured), a SIGTERM while the source still yields rows, the run's completion failing after its
+  XCom was pushed.
 """
 
 from __future__ import annotations
@@ -499,6 +500,26 @@ def test_a_shared_reference_bomb_fails_the_fork_at_the_default_limit_in_bounded_
         reason = f"row 'r4' is larger than {limit} bytes as canonical JSON ([elspeth] max_row_bytes)"
         assert_bad_row_failed_the_fork(engine, dag_run, D.FORK_ERRORS[D.BOMB_ROW], chunks_written, reason)
     assert rss.growth < BOMB_RSS_GROWTH_LIMIT, f"RSS grew by {rss.growth / 2**20:.0f} MiB"
+
+
+@pytest.mark.timeout(240)
+def test_sigterm_ends_the_fork_and_keeps_nothing(
+    audit_url: str, airflow_metadata: str, chunks_written: list[int]
+) -> None:
+    """The task runner's SIGTERM handler calls on_kill(), which ends execute() at once (dag.test()
+    runs the task in this process, with that handler installed): the source's remaining rows are
+    never written, the run is closed failed ``interrupted``."""
+    D.FORK_ERRORS.pop(D.SIGTERM, None)
+    dag_run = run_failure_dag(D.build_dag(D.SIGTERM), audit_url)
+    states = ti_states(dag_run)
+    assert states["fork"] == "failed", states
+    assert "terminated (SIGTERM) while forking rows" in D.FORK_ERRORS[D.SIGTERM]
+    assert chunks_written == [0, 1]
+    engine = engine_for_url(audit_url)
+    (run,) = fork_runs(engine, dag_run)
+    assert_failed_and_empty(engine, run, "interrupted:AirflowTaskTerminated: fork: terminated (SIGTERM)")
+    assert xcom(dag_run, "fork", AUDIT_RUN_XCOM_KEY) is None
+    assert_fork_side_closed(engine, dag_run)
 
 
 @pytest.mark.timeout(240)

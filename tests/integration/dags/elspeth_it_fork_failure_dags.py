@@ -1,6 +1,6 @@
 """Test DAGs of forks that fail: a source raising part-way, on the first try only, bad row keys,
 a row over ``[elspeth] max_row_bytes`` (a flat one, and one of shared references expanding to 2**50
-values).
+values), a SIGTERM while the source still has rows.
 
 Every DAG is ``fork >> [ask_a, ask_b] >> coalesce`` with a callable source. Like
 ``elspeth_it_dags.py``, parsing this file builds only the DAGs named in ``ELSPETH_IT_DAGS`` (all of
@@ -10,6 +10,8 @@ file a first-try-only failure is keyed on.
 
 from __future__ import annotations
 
+import os
+import signal
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -28,6 +30,7 @@ BAD_ROW_INDEX = 4  # after two whole chunks of SMALL_CHUNK_SIZE
 LONG_KEY_CHARS = 3000
 OVERSIZE_LIMIT = 4096  # the [elspeth] max_row_bytes its test sets
 BOMB_LEVELS = 50  # [x, x] this many times over: 2**50 leaves from 51 lists
+ROWS_AFTER_SIGTERM = 20_000  # what the source still yields after the SIGTERM, unless it stops the fork
 SOURCE_ERROR = f"source connection lost after {FAIL_AFTER} rows"
 
 SOURCE_FAILS = "elspeth_it_fork_source_fails"
@@ -37,7 +40,17 @@ NUL_KEY = "elspeth_it_fork_nul_key"
 COMPLETE_FAILS = "elspeth_it_fork_complete_fails"
 OVERSIZE_ROW = "elspeth_it_fork_oversize_row"
 BOMB_ROW = "elspeth_it_fork_bomb_row"
-DAG_IDS = (SOURCE_FAILS, SOURCE_FAILS_ONCE, LONG_KEY, NUL_KEY, COMPLETE_FAILS, OVERSIZE_ROW, BOMB_ROW)
+SIGTERM = "elspeth_it_fork_sigterm"
+DAG_IDS = (
+    SOURCE_FAILS,
+    SOURCE_FAILS_ONCE,
+    LONG_KEY,
+    NUL_KEY,
+    COMPLETE_FAILS,
+    OVERSIZE_ROW,
+    BOMB_ROW,
+    SIGTERM,
+)
 
 BAD_ROW_KINDS = {LONG_KEY: "long", NUL_KEY: "nul", OVERSIZE_ROW: "oversize", BOMB_ROW: "bomb"}
 
@@ -64,6 +77,23 @@ def shared_references(levels: int) -> Any:
     for _ in range(levels):
         value = [value, value]
     return value
+
+
+def sigterm_source() -> Iterator[dict[str, Any]]:
+    """BAD_ROW_INDEX rows, then SIGTERM to this process, as the supervisor sends it, then
+    ROWS_AFTER_SIGTERM more rows: only the fork's on_kill ends the try before they are written.
+
+    Only with the task runner's own handler installed (dag.test() runs tasks in the test process):
+    never kill the test process itself.
+    """
+    for n in range(BAD_ROW_INDEX):
+        yield {"id": f"r{n}", "n": n}
+    handler = signal.getsignal(signal.SIGTERM)
+    if not callable(handler) or "_on_term" not in getattr(handler, "__qualname__", ""):
+        raise RuntimeError(f"the task runner's SIGTERM handler is not installed ({handler!r})")
+    os.kill(os.getpid(), signal.SIGTERM)
+    for n in range(BAD_ROW_INDEX, BAD_ROW_INDEX + ROWS_AFTER_SIGTERM):
+        yield {"id": f"r{n}", "n": n}
 
 
 def bad_key_source(kind: str) -> Iterator[dict[str, Any]]:
@@ -106,6 +136,9 @@ def build_dag(dag_id: str, marker: Path | None = None) -> DAG:
     elif dag_id in BAD_ROW_KINDS:
         kind = BAD_ROW_KINDS[dag_id]
         rows = lambda: bad_key_source(kind)  # noqa: E731
+        chunk_size = SMALL_CHUNK_SIZE
+    elif dag_id == SIGTERM:
+        rows = sigterm_source
         chunk_size = SMALL_CHUNK_SIZE
     elif dag_id == COMPLETE_FAILS:
         rows = lambda: bad_key_source("good")  # noqa: E731
