@@ -454,6 +454,19 @@ def test_an_offending_value_that_cannot_be_kept_whole_is_kept_as_its_repr(value:
     json.dumps(result.error)  # storable
 
 
+def test_an_offending_value_of_shared_references_is_shown_cut_without_expanding_it() -> None:
+    """``[x, x]`` 50 times over (2**50 leaves): neither kept whole nor repr'd whole."""
+    tree: Any = [1]
+    for _ in range(50):
+        tree = [tree, tree]
+    result, _ = _contract_result({"when": "today", "n": tree})
+    assert (
+        result.error["contract"]["value"]
+        == "[[[[...], [...]], [[...], [...]]], [[[...], [...]], [[...], [...]]]]"
+    )
+    json.dumps(result.error)  # storable
+
+
 def test_an_output_keeping_the_contract_is_completed() -> None:
     result, _ = _contract_result({"when": "today", "n": 2, "extra": None})
     assert result.status == "completed" and result.output_hash
