@@ -29,8 +29,11 @@ def fork_ref(ti: Any, fork_task_id: str) -> dict[str, Any] | None:
 
 
 # Rows the fork writes per transaction, in whole chunks: fewer SQLite commits (WAL syncs and
-# checkpoints), still atomic per chunk; the validated rows of one write are held in memory.
+# checkpoints), still atomic per chunk; the validated rows of one write are held in memory. A write
+# also ends at the first chunk boundary past FORK_CHARS_PER_WRITE characters of canonical JSON, so
+# large rows do not multiply that memory by the rows a write could hold (5,000 x max_row_bytes).
 FORK_ROWS_PER_WRITE = 5_000
+FORK_CHARS_PER_WRITE = 64 * 1024 * 1024
 
 
 def default_chunk_size() -> int:
@@ -172,9 +175,10 @@ class ForkOperator(BaseOperator):
             # Whole chunks, several per transaction (FORK_ROWS_PER_WRITE rows at most, one chunk at least).
             per_write = max(1, FORK_ROWS_PER_WRITE // chunk_size) * chunk_size
             batch: list[ForkRow] = []
+            batch_chars = 0
 
             def write() -> None:
-                nonlocal rows_total, chunks_total
+                nonlocal rows_total, chunks_total, batch_chars
                 chunks = [
                     (chunks_total + i, batch[start : start + chunk_size])
                     for i, start in enumerate(range(0, len(batch), chunk_size))
@@ -183,11 +187,15 @@ class ForkOperator(BaseOperator):
                 rows_total += len(batch)
                 chunks_total += len(chunks)
                 batch.clear()
+                batch_chars = 0
 
             try:
-                for row in self._validated_rows(context, per_write, limit):
+                for row in self._validated_rows(context, batch, limit):
                     batch.append(row)
-                    if len(batch) == per_write:
+                    batch_chars += len(row.payload_body)
+                    if len(batch) == per_write or (
+                        batch_chars >= FORK_CHARS_PER_WRITE and len(batch) % chunk_size == 0
+                    ):
                         write()
                 if batch:
                     write()
@@ -276,18 +284,20 @@ class ForkOperator(BaseOperator):
         for row in rows:
             yield row, None
 
-    def _validated_rows(self, context: Context, per_write: int, limit: PayloadLimit) -> Iterator[ForkRow]:
+    def _validated_rows(
+        self, context: Context, batch: Sequence[ForkRow], limit: PayloadLimit
+    ) -> Iterator[ForkRow]:
         """Validate and hash rows in order; the first bad row stops the fork with its key named.
 
         A row over ``limit`` as canonical JSON (or nested too deeply) is found by a walk that stops
-        at the limit, before the row is serialised. A duplicate key within one write (``per_write``
-        rows, which the caller writes before asking for the next row) is caught here; one of an
+        at the limit, before the row is serialised. A duplicate key within one write (``batch``, the
+        rows the caller has not written yet: empty when a write begins) is caught here; one of an
         earlier write by the store when this write is stored (the rows' unique key): memory does
         not grow with the row count.
         """
         pending: set[str] = set()
         for index, (row, parent) in enumerate(self._source(context)):
-            if index % per_write == 0:
+            if not batch:
                 pending.clear()
             if not isinstance(row, Mapping):
                 raise ForkInputError(f"row at index {index} is not a JSON object (got {type(row).__name__})")

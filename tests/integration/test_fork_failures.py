@@ -215,6 +215,60 @@ def test_a_duplicate_key_fails_the_fork_naming_the_first_bad_row(case: str, dire
     assert_failed_and_empty(direct_engine, run, "bad_row: duplicate row key " + named)
 
 
+@pytest.fixture
+def writes(direct_engine: Any, monkeypatch: pytest.MonkeyPatch) -> list[list[int]]:
+    """The chunk numbers of each write_fork_chunks call, with writes of up to FORK_ROWS_PER_WRITE
+    rows (5,000) and a character budget of 250: large rows, not their count, end these writes."""
+    monkeypatch.setattr(fork_module, "FORK_ROWS_PER_WRITE", 5_000)
+    monkeypatch.setattr(fork_module, "FORK_CHARS_PER_WRITE", 250)
+    calls: list[list[int]] = []
+    original = AuditStore.write_fork_chunks
+
+    def spy(self: AuditStore, run_id: str, branches: Any, chunks: Any) -> None:
+        original(self, run_id, branches, chunks)
+        calls.append([chunk for chunk, _ in chunks])
+
+    monkeypatch.setattr(AuditStore, "write_fork_chunks", spy)
+    return calls
+
+
+def padded(key: str) -> dict[str, Any]:
+    return {"id": key, "text": "x" * 90}  # about 110 characters of canonical JSON
+
+
+@pytest.mark.timeout(60)
+def test_a_write_ends_at_the_first_whole_chunk_past_its_character_budget(
+    direct_engine: Any, writes: list[list[int]]
+) -> None:
+    """Two chunks of two rows pass 250 characters: the fork holds that, not 5,000 large rows."""
+    ti = FakeTI()
+    assert make_fork([padded(f"r{n}") for n in range(7)]).execute(context(ti)) == [0, 1, 2, 3]
+    assert writes == [[0, 1], [2, 3]]
+    (run,) = audit_runs(direct_engine, ti.dag_id, ti.run_id)
+    assert run["status"] == "completed" and run["rows_total"] == 7
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    ("duplicate_of", "written"),
+    [("r1", [[0, 1]]), ("r4", [[0, 1]])],
+    ids=["of-an-earlier-write", "within-the-write-in-progress"],
+)
+def test_a_duplicate_key_is_found_across_writes_ended_by_their_size(
+    duplicate_of: str, written: list[list[int]], direct_engine: Any, writes: list[list[int]]
+) -> None:
+    from airflow.sdk.exceptions import AirflowFailException
+
+    rows = [padded(f"r{n}") for n in range(5)] + [padded(duplicate_of)]
+    ti = FakeTI()
+    named = f"'{duplicate_of}' (row at index 5)"
+    with pytest.raises(AirflowFailException, match=r"duplicate row key " + re.escape(named)):
+        make_fork(rows).execute(context(ti))
+    assert writes == written
+    (run,) = audit_runs(direct_engine, ti.dag_id, ti.run_id)
+    assert_failed_and_empty(direct_engine, run, "bad_row: duplicate row key " + named)
+
+
 def test_writing_the_same_rows_again_is_no_duplicate(direct_engine: Any) -> None:
     """A write retried with the same rows at the same indexes (the same try run again) stores
     nothing twice and is not taken for a duplicate key."""
