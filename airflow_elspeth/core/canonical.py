@@ -125,8 +125,8 @@ def _scalar_size(value: Any, room: int) -> int:
     if isinstance(value, bool):
         return 4 if value else 5
     if isinstance(value, int):
-        number = int(value)
-        return len(str(number)) if -_INT_MAX <= number <= _INT_MAX else 1
+        integer = int(value)
+        return len(str(integer)) if -_INT_MAX <= integer <= _INT_MAX else 1
     if isinstance(value, str):
         return _text_size(value, room)
     if isinstance(value, float):
