@@ -147,8 +147,8 @@ def payload_size(value: Any, limit: PayloadLimit, *, what: str = "value") -> int
     most ``max_bytes + 1`` values whatever the shape, and its memory is one iterator per level.
 
     For a value :func:`canonical_json` accepts, the size returned equals the length of its bytes
-    (tests/unit/test_canonical.py checks it). For one it refuses, the size is a lower bound and the
-    error is left to :func:`canonical_json`.
+    (tests/unit/test_canonical.py checks it). For one it refuses, the size is only the walk's count
+    (such a value counts a byte) and the error is left to :func:`canonical_json`.
 
     :param limit: the most bytes allowed.
     :param what: names the value in the error message, e.g. ``"row 'a-17'"``.

@@ -398,6 +398,25 @@ def test_branch_configuration_errors_at_parse_time(overrides: dict[str, Any], me
     assert message in str(err.value)
 
 
+def test_max_row_bytes_is_read_from_the_airflow_configuration(monkeypatch: pytest.MonkeyPatch) -> None:
+    from airflow.sdk.exceptions import AirflowConfigException
+
+    from airflow_elspeth.operators.fork import DEFAULT_MAX_ROW_BYTES, row_limit
+
+    monkeypatch.delenv("AIRFLOW__ELSPETH__MAX_ROW_BYTES", raising=False)
+    assert row_limit().max_bytes == DEFAULT_MAX_ROW_BYTES == 1024 * 1024
+    monkeypatch.setenv("AIRFLOW__ELSPETH__MAX_ROW_BYTES", "4096")
+    assert row_limit().max_bytes == 4096
+    monkeypatch.setenv("AIRFLOW__ELSPETH__MAX_ROW_BYTES", "0")
+    with pytest.raises(
+        ElspethConfigError, match=r"\[elspeth\] max_row_bytes must be a positive number of bytes, got 0"
+    ):
+        row_limit()
+    monkeypatch.setenv("AIRFLOW__ELSPETH__MAX_ROW_BYTES", "1MB")
+    with pytest.raises(AirflowConfigException, match='"max_row_bytes" key in "elspeth" section'):
+        row_limit()
+
+
 def test_branch_needs_a_fork_operator() -> None:
     with pytest.raises(ElspethConfigError, match="fork must be a ForkOperator, got str"):
         BranchOperator(task_id="ask", fork="fork", branch="a", python_callable=_identity)
