@@ -226,6 +226,10 @@ def canonical_json(value: Any, *, what: str = "value", limit: PayloadLimit | Non
         raise PayloadError(
             f"{what} is not canonical JSON: nested too deeply to serialise (or it contains itself)"
         ) from err
+    except ValueError as err:
+        # rfc8785 writes an out-of-range integer into its error message, which Python refuses for
+        # one of more than 4,300 digits: still a value JSON cannot hold, not a source failure.
+        raise PayloadError(f"{what} is not canonical JSON: {err}") from err
 
 
 def content_hash(canonical: bytes) -> str:

@@ -124,6 +124,11 @@ def test_a_row_that_contains_itself_is_a_payload_error() -> None:
         canonical_json(row, what="row 'r8'")
 
 
+def test_an_integer_of_more_digits_than_python_prints_is_a_payload_error() -> None:
+    with pytest.raises(PayloadError, match=r"row 'r9' is not canonical JSON: .*4300 digits"):
+        hash_value({"id": "r9", "n": 10**5000}, what="row 'r9'")
+
+
 def test_moderate_nesting_is_fine() -> None:
     assert canonical_json(nested(100)) == b"[" * 100 + b"1" + b"]" * 100
 
