@@ -25,6 +25,12 @@ class PayloadError(ElspethError, ValueError):
     """A row or output that cannot be stored as canonical JSON (NaN, Infinity, non-JSON types)."""
 
 
+class PayloadLimitExceeded(PayloadError):
+    """A row or output larger than its limit as canonical JSON (``[elspeth] max_row_bytes`` for rows
+    and branch outputs) or nested deeper than ``MAX_PAYLOAD_DEPTH``; found by a walk that stops at
+    the limit, so the payload is never serialised whole."""
+
+
 class ForkInputError(ElspethError, ValueError):
     """A row the fork cannot take (not a JSON object, no key, duplicate key, NaN/Infinity)."""
 

@@ -117,6 +117,22 @@ def get_provider_info() -> dict[str, Any]:
                         "example": "5000",
                         "default": "1000",
                     },
+                    "max_row_bytes": {
+                        "description": (
+                            "The largest source row, and the largest branch output, as canonical JSON "
+                            "(bytes). A fork given a larger row fails naming the row key and the limit, "
+                            "keeping nothing of its audit run; a larger branch output is that row's "
+                            "loss ``error:PayloadLimitExceeded``. Checked by a walk that stops at the "
+                            "limit, so a row of any shape (a shared-reference structure expanding to "
+                            "2**50 values included) costs at most this much work and memory. A task "
+                            "holds up to a write of rows (the fork whole chunks, a branch step "
+                            "``batch_size`` results): this times that many rows bounds its memory.\n"
+                        ),
+                        "version_added": "0.1.0",
+                        "type": "integer",
+                        "example": "10485760",
+                        "default": "1048576",
+                    },
                 },
             }
         },

@@ -24,7 +24,7 @@ from airflow_elspeth.audit.dml import (
     refresh_statistics,
     upsert,
 )
-from airflow_elspeth.core.canonical import derive_id, hash_value
+from airflow_elspeth.core.canonical import PayloadLimit, derive_id, hash_value
 from airflow_elspeth.core.errors import recorded_error_fingerprint
 from airflow_elspeth.core.vocabulary import (
     ARRIVAL_NODE_STATUSES,
@@ -151,13 +151,21 @@ class ForkRow:
 
     @classmethod
     def from_row(
-        cls, row_key: str, row_index: int, row: Mapping[str, Any], parent_token_id: str | None = None
+        cls,
+        row_key: str,
+        row_index: int,
+        row: Mapping[str, Any],
+        parent_token_id: str | None = None,
+        *,
+        limit: PayloadLimit | None = None,
     ) -> ForkRow:
         """Hash a row as canonical JSON.
 
+        :param limit: the largest row allowed (checked before the row is serialised).
+        :raises PayloadLimitExceeded: naming the row key and the limit, for a row over ``limit``.
         :raises PayloadError: naming the row key, for NaN/Infinity or values JSON cannot hold.
         """
-        payload_hash, body = hash_value(dict(row), what=f"row {row_key!r}")
+        payload_hash, body = hash_value(dict(row), what=f"row {row_key!r}", limit=limit)
         return cls(row_key, row_index, payload_hash, body, parent_token_id)
 
 

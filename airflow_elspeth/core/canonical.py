@@ -4,17 +4,49 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import reprlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from json.encoder import encode_basestring
 from typing import Any
 
 import rfc8785
 
-from airflow_elspeth.exceptions import PayloadError
+from airflow_elspeth.exceptions import ElspethConfigError, PayloadError, PayloadLimitExceeded
 
 # The longest row key, in UTF-8 bytes. The audit store indexes (run_id, row_key); PostgreSQL
 # refuses a btree index entry above about 2.7 KB, SQLite has no such limit. One limit, well below
 # PostgreSQL's, keeps what a fork accepts the same on both backends.
 MAX_ROW_KEY_BYTES = 1000
+
+# The deepest nesting of objects and arrays a bounded payload may have, the payload itself counting
+# as one level. Far beyond any record's shape; well within what rfc8785's recursion, the readers'
+# ``json.loads`` and Python's stack take, and it stops a structure that contains itself.
+MAX_PAYLOAD_DEPTH = 100
+
+
+@dataclass(frozen=True)
+class PayloadLimit:
+    """The most bytes a payload may take as canonical JSON, and what sets that limit (for errors).
+
+    :param max_bytes: the limit, a positive number of bytes.
+    :param source: names the limit in error messages, e.g. ``"[elspeth] max_row_bytes"``: "row 'r4'
+        is larger than 1048576 bytes as canonical JSON ([elspeth] max_row_bytes)".
+    """
+
+    max_bytes: int
+    source: str
+
+    def __post_init__(self) -> None:
+        if isinstance(self.max_bytes, bool) or not isinstance(self.max_bytes, int) or self.max_bytes < 1:
+            raise ElspethConfigError(
+                f"{self.source} must be a positive number of bytes, got {self.max_bytes!r}"
+            )
+
+
+_ROW_KEY_LIMIT = PayloadLimit(MAX_ROW_KEY_BYTES, "the longest row key")
+
 
 _short = reprlib.Repr()
 _short.maxstring = 60
@@ -69,17 +101,115 @@ def _stdlib_is_canonical(value: Any, depth: int = 0) -> bool:
     return False
 
 
-def canonical_json(value: Any, *, what: str = "value") -> bytes:
+_END = object()
+
+
+def _text_size(text: str, room: int) -> int:
+    """Bytes of ``text`` as a canonical JSON string, quotes included; a text that cannot fit in
+    ``room`` bytes (a character is at least one byte) is not encoded, and its lower bound returned."""
+    if len(text) + 2 > room:
+        return len(text) + 2
+    # json's escapes are RFC 8785's (see _stdlib_is_canonical); a lone surrogate, which
+    # canonical_json refuses after the walk, is counted rather than raised here.
+    return len(encode_basestring(text).encode("utf-8", "surrogatepass"))
+
+
+def _scalar_size(value: Any, room: int) -> int:
+    """Bytes of a non-container ``value`` as canonical JSON, as rfc8785 tells the types apart.
+
+    A value canonical JSON refuses (NaN, an integer beyond 2**53, a set, a date...) counts one byte:
+    the walk only bounds the work, and :func:`canonical_json` raises the error that names it.
+    """
+    if value is None:
+        return 4
+    if isinstance(value, bool):
+        return 4 if value else 5
+    if isinstance(value, int):
+        integer = int(value)
+        return len(str(integer)) if -_INT_MAX <= integer <= _INT_MAX else 1
+    if isinstance(value, str):
+        return _text_size(value, room)
+    if isinstance(value, float):
+        number = float(value)
+        if not math.isfinite(number):
+            return 1
+        if _FLOAT_MIN <= abs(number) < _FLOAT_MAX and not number.is_integer():
+            return len(repr(number))  # what both encoders write in this range
+        return len(rfc8785.dumps(number))
+    return 1
+
+
+def payload_size(value: Any, limit: PayloadLimit, *, what: str = "value") -> int:
+    """The length of ``canonical_json(value)`` in bytes, found without serialising it.
+
+    The walk keeps a running count and stops as soon as it passes ``limit.max_bytes``: every value
+    visited (a shared reference each time it is reached) adds at least one byte, so it visits at
+    most ``max_bytes + 1`` values whatever the shape, and its memory is one iterator per level.
+
+    For a value :func:`canonical_json` accepts, the size returned equals the length of its bytes
+    (tests/unit/test_canonical.py checks it). For one it refuses, the size is only the walk's count
+    (such a value counts a byte) and the error is left to :func:`canonical_json`.
+
+    :param limit: the most bytes allowed.
+    :param what: names the value in the error message, e.g. ``"row 'a-17'"``.
+    :raises PayloadLimitExceeded: over ``limit.max_bytes``, or objects and arrays nested more than
+        :data:`MAX_PAYLOAD_DEPTH` deep (which a structure containing itself always is).
+    """
+    budget = limit.max_bytes
+    size = 0
+    levels: list[Iterator[Any]] = []  # the values still to visit of each enclosing object or array
+    item = value
+    while True:
+        if isinstance(item, (dict, list, tuple)):
+            if len(levels) >= MAX_PAYLOAD_DEPTH:
+                raise PayloadLimitExceeded(
+                    f"{what} is nested too deeply: more than {MAX_PAYLOAD_DEPTH} levels of objects "
+                    "and arrays (or it contains itself)"
+                )
+            count = len(item)
+            # Brackets and count - 1 commas; an object's count colons too, and its keys now.
+            size += 2 + max(count - 1, 0)
+            if isinstance(item, dict):
+                size += count
+                for key in item:
+                    if size > budget:
+                        break
+                    size += _text_size(key, budget - size) if isinstance(key, str) else 1
+                levels.append(iter(item.values()))
+            else:
+                levels.append(iter(item))
+        else:
+            size += _scalar_size(item, budget - size)
+        if size > budget:
+            raise PayloadLimitExceeded(
+                f"{what} is larger than {limit.max_bytes} bytes as canonical JSON ({limit.source})"
+            )
+        while levels:
+            item = next(levels[-1], _END)
+            if item is not _END:
+                break
+            levels.pop()
+        else:
+            return size
+
+
+def canonical_json(value: Any, *, what: str = "value", limit: PayloadLimit | None = None) -> bytes:
     """Serialise ``value`` as RFC 8785 canonical JSON.
 
     Values the standard library's C encoder writes identically (:func:`_stdlib_is_canonical`: in
     practice almost every row) take that path; the others the pure-Python ``rfc8785``.
 
     :param what: names the value in the error message, e.g. ``"row 'a-17'"``.
+    :param limit: when given, :func:`payload_size` checks ``value`` against it first, so nothing
+        over it is ever serialised (a shared-reference structure expanding to 2**50 values costs
+        the walk to the limit, not its expansion).
+    :raises PayloadLimitExceeded: over ``limit`` (size or nesting).
     :raises PayloadError: for NaN/Infinity, integers outside the JSON-safe range, non-JSON types,
         text that is not valid Unicode (lone surrogates) and values nested too deeply to
         serialise (or containing themselves).
     """
+    if limit is not None:
+        payload_size(value, limit, what=what)
     if _stdlib_is_canonical(value):
         try:
             return _compact(value).encode("utf-8")
@@ -96,6 +226,10 @@ def canonical_json(value: Any, *, what: str = "value") -> bytes:
         raise PayloadError(
             f"{what} is not canonical JSON: nested too deeply to serialise (or it contains itself)"
         ) from err
+    except ValueError as err:
+        # rfc8785 writes an out-of-range integer into its error message, which Python refuses for
+        # one of more than 4,300 digits: still a value JSON cannot hold, not a source failure.
+        raise PayloadError(f"{what} is not canonical JSON: {err}") from err
 
 
 def content_hash(canonical: bytes) -> str:
@@ -103,9 +237,9 @@ def content_hash(canonical: bytes) -> str:
     return hashlib.sha256(canonical).hexdigest()
 
 
-def hash_value(value: Any, *, what: str = "value") -> tuple[str, str]:
-    """Return ``(hash, canonical_text)`` for a JSON value."""
-    body = canonical_json(value, what=what)
+def hash_value(value: Any, *, what: str = "value", limit: PayloadLimit | None = None) -> tuple[str, str]:
+    """Return ``(hash, canonical_text)`` for a JSON value (``limit``: see :func:`canonical_json`)."""
+    body = canonical_json(value, what=what, limit=limit)
     return content_hash(body), body.decode("utf-8")
 
 
@@ -132,13 +266,19 @@ def row_key_text(key: Any) -> str:
 
     The same limits hold on every audit backend:
 
+    :raises PayloadLimitExceeded: for a composite key over the limit as canonical JSON (found
+        without serialising it) or nested more than :data:`MAX_PAYLOAD_DEPTH` deep.
     :raises PayloadError: for a missing key (``None``), a key that is not canonical JSON, and a
         stored key that contains a NUL character (PostgreSQL text cannot hold one), is not valid
         Unicode, or is longer than :data:`MAX_ROW_KEY_BYTES` UTF-8 bytes.
     """
     if key is None:
         raise PayloadError("row key is missing (None)")
-    text = key if isinstance(key, str) else canonical_json(key, what=f"row key {short_repr(key)}").decode()
+    text = (
+        key
+        if isinstance(key, str)
+        else canonical_json(key, what=f"row key {short_repr(key)}", limit=_ROW_KEY_LIMIT).decode()
+    )
     if "\x00" in text:
         raise PayloadError(f"row key {short_repr(text)} contains a NUL character")
     try:

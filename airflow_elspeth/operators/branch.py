@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import reprlib
 import threading
 import time
 from collections import Counter
@@ -20,7 +21,7 @@ from airflow_elspeth import topology
 from airflow_elspeth.audit.dml import TRANSIENT_ERRORS
 from airflow_elspeth.audit.read.work import WorkItem, branch_work, decided_in_chunk, decisions_in_chunk
 from airflow_elspeth.audit.store import AuditStore, NodeResult
-from airflow_elspeth.core.canonical import hash_value
+from airflow_elspeth.core.canonical import PayloadLimit, hash_value, payload_size
 from airflow_elspeth.core.contract import Contract, Violation, contract_of
 from airflow_elspeth.core.vocabulary import (
     CONTRACT_VIOLATION,
@@ -32,10 +33,19 @@ from airflow_elspeth.core.vocabulary import (
 )
 from airflow_elspeth.exceptions import BranchFailureThresholdError, ElspethConfigError, ForkRunMissing
 from airflow_elspeth.hooks.audit import ElspethAuditHook
-from airflow_elspeth.operators.fork import ForkOperator, fork_ref
+from airflow_elspeth.operators.fork import ForkOperator, fork_ref, row_limit
 
 RowCallable = Callable[[dict[str, Any]], "dict[str, Any] | None"]
 MESSAGE_LIMIT = 2000
+# An offending value is kept whole up to MESSAGE_LIMIT bytes of canonical JSON, found by a walk that
+# stops there; past it, its repr is cut, built by a reprlib that elides deep and long containers
+# (at most 10 items a level, 3 levels), so neither serialises a huge or shared-reference value whole.
+_SHOWN_LIMIT = PayloadLimit(MESSAGE_LIMIT, "the longest value kept whole")
+_shown = reprlib.Repr()
+_shown.maxlevel = 3
+_shown.maxlist = _shown.maxtuple = _shown.maxdict = _shown.maxset = _shown.maxfrozenset = 10
+# Long enough that the cut below keeps the first MESSAGE_LIMIT characters of a long text's repr.
+_shown.maxstring = _shown.maxlong = _shown.maxother = 2 * MESSAGE_LIMIT + 3
 # How often the writer reads which rows of its chunk were decided: a row decided while the branch
 # works is skipped within this (plus one query) of its decision.
 DECIDED_REFRESH_SECONDS = 0.25
@@ -167,6 +177,7 @@ class BranchOperator(BaseOperator):
         self.flush_seconds = flush_seconds
         self.audit_conn_id = topology.fork_store(self, audit_conn_id, fork)
         self._executing_thread: int | None = None  # the thread running execute(), for on_kill
+        self._row_limit: PayloadLimit | None = None  # [elspeth] max_row_bytes, read by execute
 
     def previous_step(self) -> str | None:
         """The task id of this branch's previous step, if this step follows another step of it."""
@@ -207,6 +218,7 @@ class BranchOperator(BaseOperator):
             self._executing_thread = None
 
     def _execute(self, context: Context) -> dict[str, Any]:
+        self._row_limit = row_limit()  # a bad setting fails the task before any row runs
         ti = context["ti"]
         ref = fork_ref(ti, self.fork_task_id)
         if not ref:
@@ -327,6 +339,12 @@ class BranchOperator(BaseOperator):
             return None
         return self._process_one(job.item, job.chunk, clock)
 
+    def _output_limit(self) -> PayloadLimit:
+        """The largest output allowed (``[elspeth] max_row_bytes``), as ``execute`` read it."""
+        if self._row_limit is None:  # _process_one called on its own (unit tests)
+            self._row_limit = row_limit()
+        return self._row_limit
+
     def _process_one(self, item: WorkItem, chunk: int, clock: Callable[[], datetime]) -> NodeResult:
         started = clock()
         base: dict[str, Any] = {
@@ -357,7 +375,9 @@ class BranchOperator(BaseOperator):
                     violation = self.contract.violation(output)
                 output_hash = body = None
                 if output is not None and violation is None:
-                    output_hash, body = hash_value(dict(output), what=f"output for row {item.row_key!r}")
+                    output_hash, body = hash_value(
+                        dict(output), what=f"output for row {item.row_key!r}", limit=self._output_limit()
+                    )
                 break
             except Exception as err:  # the user callable failing on a row is data: recorded as a loss
                 if attempts <= self.row_retries:
@@ -798,12 +818,13 @@ def _contract_error(violation: Violation) -> dict[str, Any]:
     JSON when it is JSON and short, else its ``repr`` cut short) and the kinds the contract takes."""
     shown: Any = violation.value
     try:
+        payload_size(shown, _SHOWN_LIMIT)
         keep_whole = len(json.dumps(shown, allow_nan=False)) <= MESSAGE_LIMIT
-    except (TypeError, ValueError):  # not JSON (a date, a NaN, a set...): its repr stands in
+    except (TypeError, ValueError):  # too large, or not JSON (a date, a NaN, a set...): its repr
         keep_whole = False
     if not keep_whole:
         try:
-            shown = repr(shown)[:MESSAGE_LIMIT]
+            shown = _shown.repr(shown)[:MESSAGE_LIMIT]
         except Exception:  # a value whose repr raises is still recorded, by its type
             shown = f"<{type(shown).__name__}: repr() raised>"
     return {

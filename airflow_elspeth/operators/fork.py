@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 from airflow.sdk import BaseOperator, Context, XComArg, conf
-from airflow.sdk.exceptions import AirflowFailException
+from airflow.sdk.exceptions import AirflowFailException, AirflowTaskTerminated
 
 from airflow_elspeth.audit.read.rows import iter_merged_rows
 from airflow_elspeth.audit.store import AuditStore, ForkRow, RunIdentity, duplicate_key_error
-from airflow_elspeth.core.canonical import row_key_text
+from airflow_elspeth.core.canonical import PayloadLimit, row_key_text
 from airflow_elspeth.core.config import validate_branches
 from airflow_elspeth.core.vocabulary import bad_row_run_reason, fork_error_run_reason
 from airflow_elspeth.exceptions import ElspethConfigError, ForkInputError, PayloadError
@@ -28,12 +29,33 @@ def fork_ref(ti: Any, fork_task_id: str) -> dict[str, Any] | None:
 
 
 # Rows the fork writes per transaction, in whole chunks: fewer SQLite commits (WAL syncs and
-# checkpoints), still atomic per chunk; the validated rows of one write are held in memory.
+# checkpoints), still atomic per chunk; the validated rows of one write are held in memory. A write
+# also ends at the first chunk boundary past FORK_CHARS_PER_WRITE characters of canonical JSON, so
+# large rows do not multiply that memory by the rows a write could hold (5,000 x max_row_bytes).
 FORK_ROWS_PER_WRITE = 5_000
+FORK_CHARS_PER_WRITE = 64 * 1024 * 1024
 
 
 def default_chunk_size() -> int:
     return conf.getint("elspeth", "chunk_size", fallback=1000)
+
+
+MAX_ROW_BYTES_OPTION = "[elspeth] max_row_bytes"
+# 1 MiB: records are rarely beyond kilobytes, and a task holds a write's worth of rows in memory
+# (a branch step up to ``batch_size`` results, 1,000 by default; the fork whole chunks), so this
+# limit times those rows bounds what input of any shape can make a task hold.
+DEFAULT_MAX_ROW_BYTES = 1024 * 1024
+
+
+def row_limit() -> PayloadLimit:
+    """The largest source row or branch output, as canonical JSON: ``[elspeth] max_row_bytes``.
+
+    :raises ElspethConfigError: for a value that is not a positive integer (Airflow's own
+        ``AirflowConfigException`` for one that is not an integer).
+    """
+    return PayloadLimit(
+        conf.getint("elspeth", "max_row_bytes", fallback=DEFAULT_MAX_ROW_BYTES), MAX_ROW_BYTES_OPTION
+    )
 
 
 class ForkOperator(BaseOperator):
@@ -74,6 +96,7 @@ class ForkOperator(BaseOperator):
         self.branches = list(validate_branches(branches))
         # The audit run reference this try pushed (for OpenLineage, read in the same process).
         self._pushed_ref: dict[str, Any] | None = None
+        self._executing_thread: int | None = None  # the thread running execute(), for on_kill
         if chunk_size is not None and (
             isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
         ):
@@ -110,7 +133,24 @@ class ForkOperator(BaseOperator):
 
         return fork_lineage(self._pushed_ref)
 
+    def on_kill(self) -> None:
+        """On SIGTERM the Airflow task runner calls this from its signal handler, then lets the task
+        run on: raising here ends ``execute`` (a slow or endless source included), which closes the
+        audit run failed ``interrupted:AirflowTaskTerminated``. Once: closing it is not interrupted.
+        """
+        if self._executing_thread is not None and self._executing_thread == threading.get_ident():
+            self._executing_thread = None
+            raise AirflowTaskTerminated(f"{self.task_id}: terminated (SIGTERM) while forking rows")
+
     def execute(self, context: Context) -> list[int]:
+        self._executing_thread = threading.get_ident()
+        try:
+            return self._execute(context)
+        finally:
+            self._executing_thread = None
+
+    def _execute(self, context: Context) -> list[int]:
+        limit = row_limit()  # a bad setting fails the task before an audit run exists
         store = AuditStore(ElspethAuditHook(audit_conn_id=self.audit_conn_id).get_engine())
         chunk_size = self.chunk_size or default_chunk_size()
         ti, dag_run = context["ti"], context["dag_run"]
@@ -137,9 +177,10 @@ class ForkOperator(BaseOperator):
             # Whole chunks, several per transaction (FORK_ROWS_PER_WRITE rows at most, one chunk at least).
             per_write = max(1, FORK_ROWS_PER_WRITE // chunk_size) * chunk_size
             batch: list[ForkRow] = []
+            batch_chars = 0
 
             def write() -> None:
-                nonlocal rows_total, chunks_total
+                nonlocal rows_total, chunks_total, batch_chars
                 chunks = [
                     (chunks_total + i, batch[start : start + chunk_size])
                     for i, start in enumerate(range(0, len(batch), chunk_size))
@@ -148,11 +189,15 @@ class ForkOperator(BaseOperator):
                 rows_total += len(batch)
                 chunks_total += len(chunks)
                 batch.clear()
+                batch_chars = 0
 
             try:
-                for row in self._validated_rows(context, per_write):
+                for row in self._validated_rows(context, batch, limit):
                     batch.append(row)
-                    if len(batch) == per_write:
+                    batch_chars += len(row.payload_body)
+                    if len(batch) == per_write or (
+                        batch_chars >= FORK_CHARS_PER_WRITE and len(batch) % chunk_size == 0
+                    ):
                         write()
                 if batch:
                     write()
@@ -209,6 +254,7 @@ class ForkOperator(BaseOperator):
         audit store is unreachable the run stays ``running`` until this fork runs again (its next
         try's ``begin_run`` closes earlier tries).
         """
+        self._executing_thread = None  # a SIGTERM now does not interrupt closing the run
         if pushed:
             _delete_audit_run_xcom(context, self.log)
         try:
@@ -240,16 +286,20 @@ class ForkOperator(BaseOperator):
         for row in rows:
             yield row, None
 
-    def _validated_rows(self, context: Context, per_write: int) -> Iterator[ForkRow]:
+    def _validated_rows(
+        self, context: Context, batch: Sequence[ForkRow], limit: PayloadLimit
+    ) -> Iterator[ForkRow]:
         """Validate and hash rows in order; the first bad row stops the fork with its key named.
 
-        A duplicate key within one write (``per_write`` rows, which the caller writes before asking
-        for the next row) is caught here; one of an earlier write by the store when this write is
-        stored (the rows' unique key): memory does not grow with the row count.
+        A row over ``limit`` as canonical JSON (or nested too deeply) is found by a walk that stops
+        at the limit, before the row is serialised. A duplicate key within one write (``batch``, the
+        rows the caller has not written yet: empty when a write begins) is caught here; one of an
+        earlier write by the store when this write is stored (the rows' unique key): memory does
+        not grow with the row count.
         """
         pending: set[str] = set()
         for index, (row, parent) in enumerate(self._source(context)):
-            if index % per_write == 0:
+            if not batch:
                 pending.clear()
             if not isinstance(row, Mapping):
                 raise ForkInputError(f"row at index {index} is not a JSON object (got {type(row).__name__})")
@@ -268,7 +318,7 @@ class ForkOperator(BaseOperator):
                 raise duplicate_key_error(key, index)
             pending.add(key)
             try:
-                yield ForkRow.from_row(key, index, row, parent)
+                yield ForkRow.from_row(key, index, row, parent, limit=limit)
             except PayloadError as err:
                 raise ForkInputError(str(err)) from err
 

@@ -15,6 +15,7 @@ from sqlalchemy.pool import NullPool
 from airflow_elspeth.audit import migrate
 from airflow_elspeth.audit.engine import create_audit_engine, dispose_all_engines, engine_for_url
 from airflow_elspeth.hooks.audit import ElspethAuditHook, url_from_connection
+from airflow_elspeth.operators.fork import DEFAULT_MAX_ROW_BYTES
 
 
 def _set_connection(monkeypatch: pytest.MonkeyPatch, conn_id: str, **fields: Any) -> None:
@@ -240,3 +241,4 @@ def test_provider_info_is_valid_and_mirrors_the_hook() -> None:
     options = info["config"]["elspeth"]["options"]
     assert options["audit_conn_id"]["default"] == ""
     assert options["chunk_size"]["default"] == "1000"
+    assert options["max_row_bytes"]["default"] == str(DEFAULT_MAX_ROW_BYTES)

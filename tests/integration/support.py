@@ -6,7 +6,9 @@ import contextlib
 import importlib.util
 import json
 import os
+import resource
 import sys
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -73,6 +75,46 @@ def patched_env(**values: str) -> Iterator[None]:
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
+
+
+class RssGrowth:
+    """How far this process's resident memory rose above where it was when the block began.
+
+    A daemon thread samples the RSS every few milliseconds; the kernel's high-water mark
+    (``ru_maxrss``) catches a spike between samples whenever it sets a new peak for the process.
+    """
+
+    SAMPLE_SECONDS = 0.005
+
+    def __init__(self) -> None:
+        import psutil
+
+        self._process = psutil.Process()
+        self.start = self._process.memory_info().rss
+        self._peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+        self.peak = self.start
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._sample, name="rss-sampler", daemon=True)
+
+    def _sample(self) -> None:
+        while not self._done.wait(self.SAMPLE_SECONDS):
+            self.peak = max(self.peak, self._process.memory_info().rss)
+
+    @property
+    def growth(self) -> int:
+        """Bytes of the peak above the start."""
+        high_water = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        peak = max(self.peak, high_water if high_water > self._peak_before else 0)
+        return max(0, peak - self.start)
+
+    def __enter__(self) -> RssGrowth:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._process.memory_info().rss)
 
 
 def _bundle_config() -> str:

@@ -30,7 +30,7 @@ from .checks import (
     ti_states,
     xcom,
 )
-from .support import DAGS_DIR
+from .support import DAGS_DIR, patched_env
 
 pytestmark = pytest.mark.integration
 
@@ -230,6 +230,38 @@ def test_an_exception_that_cannot_be_printed_loses_its_row_only(audit_url: str, 
     assert view.missing("r1") == {"b": "error:UnprintableError"}
     assert view.missing("r4") == {"b": "error:UnrenderableError"}
     assert view.per_row() == dict.fromkeys(ROWS, "merged")
+
+
+@pytest.mark.timeout(240)  # the backstop: unbounded, the 2**50-leaf output never finishes
+def test_an_output_over_max_row_bytes_loses_its_row_only_naming_the_key_and_the_limit(
+    audit_url: str, run_dag: Any
+) -> None:
+    """Like an output that is not JSON: the row's loss ``error:PayloadLimitExceeded`` (after its
+    row retry), the task goes on. The shared-reference output is read up to the limit, never
+    serialised."""
+    M.reset()
+    with patched_env(AIRFLOW__ELSPETH__MAX_ROW_BYTES=str(M.OVERSIZE_LIMIT)):
+        dag_run = run_dag(M.build(M.OVERSIZE), audit_url)
+    engine = engine_for_url(audit_url)
+    view, states = verify(engine, dag_run)
+    assert states["ask_b"] == "success", states
+
+    written = node_states(engine, view.run_id, "ask_b")
+    assert {k: s["status"] for k, s in written.items()} == {
+        **dict.fromkeys(ROWS, "completed"),
+        "r1": "failed",
+        "r4": "failed",
+    }
+    for key in ("r1", "r4"):
+        assert written[key]["error"] == {
+            "type": "PayloadLimitExceeded",
+            "message": f"output for row '{key}' is larger than {M.OVERSIZE_LIMIT} bytes as canonical JSON "
+            "([elspeth] max_row_bytes)",
+            "attempts": 2,
+        }
+        assert view.missing(key) == {"b": "error:PayloadLimitExceeded"}
+    assert calls(M.OVERSIZE, "ask_b").count("r1") == 2  # retried like any output error
+    assert view.per_row() == dict.fromkeys(ROWS, "merged")  # best_effort: a's output alone
 
 
 # ------------------------------------------------------------------------------------------------

@@ -6,8 +6,10 @@ Two halves, each on SQLite and PostgreSQL:
   exception a try can end with (errors, RecursionError, KeyboardInterrupt, SystemExit, Airflow's
   SIGTERM exception), the audit store failing while the run is closed, PostgreSQL refusing a row.
 * ``dag.test()`` runs (tests/integration/dags/elspeth_it_fork_failure_dags.py): a source raising
-  after 2,500 rows, the same source succeeding on the fork's retry, bad row keys, the run's
-  completion failing after its XCom was pushed.
+  after 2,500 rows, the same source succeeding on the fork's retry, bad row keys, a row over
+  ``[elspeth] max_row_bytes`` and one of shared references expanding to 2**50 values (memory
+  measured), a SIGTERM while the source still yields rows, the run's completion failing after its
+  XCom was pushed.
 """
 
 from __future__ import annotations
@@ -26,10 +28,10 @@ import pytest
 from airflow_elspeth.audit.engine import engine_for_url
 from airflow_elspeth.audit.store import AuditStore, ForkRow, RunIdentity
 from airflow_elspeth.operators import fork as fork_module
-from airflow_elspeth.operators.fork import AUDIT_RUN_XCOM_KEY, ForkOperator
+from airflow_elspeth.operators.fork import AUDIT_RUN_XCOM_KEY, DEFAULT_MAX_ROW_BYTES, ForkOperator
 
 from .checks import audit_runs, check_run_integrity, q, ti_states, ti_try_numbers, xcom
-from .support import DAGS_DIR, patched_env, run_env
+from .support import DAGS_DIR, RssGrowth, patched_env, run_env
 
 pytestmark = pytest.mark.integration
 
@@ -213,6 +215,60 @@ def test_a_duplicate_key_fails_the_fork_naming_the_first_bad_row(case: str, dire
     assert_failed_and_empty(direct_engine, run, "bad_row: duplicate row key " + named)
 
 
+@pytest.fixture
+def writes(direct_engine: Any, monkeypatch: pytest.MonkeyPatch) -> list[list[int]]:
+    """The chunk numbers of each write_fork_chunks call, with writes of up to FORK_ROWS_PER_WRITE
+    rows (5,000) and a character budget of 250: large rows, not their count, end these writes."""
+    monkeypatch.setattr(fork_module, "FORK_ROWS_PER_WRITE", 5_000)
+    monkeypatch.setattr(fork_module, "FORK_CHARS_PER_WRITE", 250)
+    calls: list[list[int]] = []
+    original = AuditStore.write_fork_chunks
+
+    def spy(self: AuditStore, run_id: str, branches: Any, chunks: Any) -> None:
+        original(self, run_id, branches, chunks)
+        calls.append([chunk for chunk, _ in chunks])
+
+    monkeypatch.setattr(AuditStore, "write_fork_chunks", spy)
+    return calls
+
+
+def padded(key: str) -> dict[str, Any]:
+    return {"id": key, "text": "x" * 90}  # about 110 characters of canonical JSON
+
+
+@pytest.mark.timeout(60)
+def test_a_write_ends_at_the_first_whole_chunk_past_its_character_budget(
+    direct_engine: Any, writes: list[list[int]]
+) -> None:
+    """Two chunks of two rows pass 250 characters: the fork holds that, not 5,000 large rows."""
+    ti = FakeTI()
+    assert make_fork([padded(f"r{n}") for n in range(7)]).execute(context(ti)) == [0, 1, 2, 3]
+    assert writes == [[0, 1], [2, 3]]
+    (run,) = audit_runs(direct_engine, ti.dag_id, ti.run_id)
+    assert run["status"] == "completed" and run["rows_total"] == 7
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    ("duplicate_of", "written"),
+    [("r1", [[0, 1]]), ("r4", [[0, 1]])],
+    ids=["of-an-earlier-write", "within-the-write-in-progress"],
+)
+def test_a_duplicate_key_is_found_across_writes_ended_by_their_size(
+    duplicate_of: str, written: list[list[int]], direct_engine: Any, writes: list[list[int]]
+) -> None:
+    from airflow.sdk.exceptions import AirflowFailException
+
+    rows = [padded(f"r{n}") for n in range(5)] + [padded(duplicate_of)]
+    ti = FakeTI()
+    named = f"'{duplicate_of}' (row at index 5)"
+    with pytest.raises(AirflowFailException, match=r"duplicate row key " + re.escape(named)):
+        make_fork(rows).execute(context(ti))
+    assert writes == written
+    (run,) = audit_runs(direct_engine, ti.dag_id, ti.run_id)
+    assert_failed_and_empty(direct_engine, run, "bad_row: duplicate row key " + named)
+
+
 def test_writing_the_same_rows_again_is_no_duplicate(direct_engine: Any) -> None:
     """A write retried with the same rows at the same indexes (the same try run again) stores
     nothing twice and is not taken for a duplicate key."""
@@ -337,8 +393,8 @@ def test_postgresql_refusing_a_row_fails_the_run_with_the_database_error(
 # dag.test()
 
 
-def run_failure_dag(dag: Any, audit_url: str) -> Any:
-    with patched_env(**run_env(dag.dag_id, audit_url)):
+def run_failure_dag(dag: Any, audit_url: str, **env: str) -> Any:
+    with patched_env(**run_env(dag.dag_id, audit_url), **env):
         return dag.test()
 
 
@@ -442,6 +498,80 @@ def test_a_row_key_the_backends_cannot_index_fails_the_fork_naming_the_row(
     engine = engine_for_url(audit_url)
     (run,) = fork_runs(engine, dag_run)
     assert_failed_and_empty(engine, run, "bad_row: row at index 4")
+    assert xcom(dag_run, "fork", AUDIT_RUN_XCOM_KEY) is None
+    assert_fork_side_closed(engine, dag_run)
+
+
+def assert_bad_row_failed_the_fork(
+    engine: Any, dag_run: Any, message: str, chunks_written: list[int], reason: str
+) -> None:
+    """The fork failed on row r4 (after two whole chunks were written) with ``reason``: its run is
+    failed naming it, nothing of it kept, no XCom, nothing left running."""
+    states = ti_states(dag_run)
+    assert states["fork"] == "failed", states
+    assert reason in message and "nothing of audit run" in message, message
+    assert chunks_written == [0, 1]
+    (run,) = fork_runs(engine, dag_run)
+    assert_failed_and_empty(engine, run, f"bad_row: {reason}")
+    assert xcom(dag_run, "fork", AUDIT_RUN_XCOM_KEY) is None
+    assert_fork_side_closed(engine, dag_run)
+
+
+@pytest.mark.timeout(240)
+def test_a_row_over_max_row_bytes_fails_the_fork_naming_its_key_and_the_limit(
+    audit_url: str, airflow_metadata: str, chunks_written: list[int]
+) -> None:
+    D.FORK_ERRORS.pop(D.OVERSIZE_ROW, None)
+    dag_run = run_failure_dag(
+        D.build_dag(D.OVERSIZE_ROW), audit_url, AIRFLOW__ELSPETH__MAX_ROW_BYTES=str(D.OVERSIZE_LIMIT)
+    )
+    reason = f"row 'r4' is larger than {D.OVERSIZE_LIMIT} bytes as canonical JSON ([elspeth] max_row_bytes)"
+    assert_bad_row_failed_the_fork(
+        engine_for_url(audit_url), dag_run, D.FORK_ERRORS[D.OVERSIZE_ROW], chunks_written, reason
+    )
+
+
+# What the fork may add to its process's resident memory while refusing the 2**50-leaf row: the
+# walk's own cost is a few kilobytes. Unbounded, the row took 7.6 GB.
+BOMB_RSS_GROWTH_LIMIT = 200 * 1024 * 1024
+
+
+@pytest.mark.timeout(300)  # the backstop: unbounded, this row never finishes
+def test_a_shared_reference_bomb_fails_the_fork_at_the_default_limit_in_bounded_memory(
+    audit_url: str, airflow_metadata: str, chunks_written: list[int]
+) -> None:
+    """The tester's row, built in the fork's process: ``x = [1]``, ``x = [x, x]`` 50 times. The
+    walk reads it up to the limit and stops; it is never serialised. A first run at a 64-byte
+    limit warms dag.test() up (its first run in a process imports about 100 MB of modules), so
+    the measured run, at the default 1 MiB, counts what the row costs."""
+    engine = engine_for_url(audit_url)
+    for limit, measured in ((64, False), (DEFAULT_MAX_ROW_BYTES, True)):
+        D.FORK_ERRORS.pop(D.BOMB_ROW, None)
+        chunks_written.clear()
+        env = {} if measured else {"AIRFLOW__ELSPETH__MAX_ROW_BYTES": str(limit)}
+        with RssGrowth() as rss:
+            dag_run = run_failure_dag(D.build_dag(D.BOMB_ROW), audit_url, **env)
+        reason = f"row 'r4' is larger than {limit} bytes as canonical JSON ([elspeth] max_row_bytes)"
+        assert_bad_row_failed_the_fork(engine, dag_run, D.FORK_ERRORS[D.BOMB_ROW], chunks_written, reason)
+    assert rss.growth < BOMB_RSS_GROWTH_LIMIT, f"RSS grew by {rss.growth / 2**20:.0f} MiB"
+
+
+@pytest.mark.timeout(240)
+def test_sigterm_ends_the_fork_and_keeps_nothing(
+    audit_url: str, airflow_metadata: str, chunks_written: list[int]
+) -> None:
+    """The task runner's SIGTERM handler calls on_kill(), which ends execute() at once (dag.test()
+    runs the task in this process, with that handler installed): the source's remaining rows are
+    never written, the run is closed failed ``interrupted``."""
+    D.FORK_ERRORS.pop(D.SIGTERM, None)
+    dag_run = run_failure_dag(D.build_dag(D.SIGTERM), audit_url)
+    states = ti_states(dag_run)
+    assert states["fork"] == "failed", states
+    assert "terminated (SIGTERM) while forking rows" in D.FORK_ERRORS[D.SIGTERM]
+    assert chunks_written == [0, 1]
+    engine = engine_for_url(audit_url)
+    (run,) = fork_runs(engine, dag_run)
+    assert_failed_and_empty(engine, run, "interrupted:AirflowTaskTerminated: fork: terminated (SIGTERM)")
     assert xcom(dag_run, "fork", AUDIT_RUN_XCOM_KEY) is None
     assert_fork_side_closed(engine, dag_run)
 

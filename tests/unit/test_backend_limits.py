@@ -15,13 +15,21 @@ import pytest
 
 from airflow_elspeth.core.canonical import MAX_ROW_KEY_BYTES, canonical_json, hash_value, row_key_text
 from airflow_elspeth.core.config import coalesce_config, validate_branches
-from airflow_elspeth.exceptions import ElspethConfigError, PayloadError
+from airflow_elspeth.exceptions import ElspethConfigError, PayloadError, PayloadLimitExceeded
 
 
 def nested(depth: int, leaf: Any = 1) -> Any:
     value = leaf
     for _ in range(depth):
         value = [value]
+    return value
+
+
+def shared_references(levels: int) -> Any:
+    """``[x, x]`` ``levels`` times over: a few objects that expand to 2**levels leaves."""
+    value: Any = [1]
+    for _ in range(levels):
+        value = [value, value]
     return value
 
 
@@ -61,7 +69,6 @@ def test_the_longest_key_is_1000_utf8_bytes() -> None:
         pytest.param("k" * 1001, 1001, id="ascii-1001"),
         pytest.param("é" * 501, 1002, id="two-byte-chars"),
         pytest.param("k" * 3000, 3000, id="3000-chars"),
-        pytest.param(["k" * 999], 1003, id="composite-canonical-text"),
     ],
 )
 def test_a_key_over_1000_utf8_bytes_is_refused_naming_its_size(key: Any, size: int) -> None:
@@ -70,6 +77,21 @@ def test_a_key_over_1000_utf8_bytes_is_refused_naming_its_size(key: Any, size: i
     message = str(err.value)
     assert f"is {size} UTF-8 bytes" in message and "more than the 1000 allowed" in message, message
     assert len(message) < 200, "the key is shown cut short"
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        pytest.param(["k" * 999], id="1003-bytes-of-canonical-text"),
+        pytest.param(shared_references(50), id="2**50-shared-references"),
+    ],
+)
+def test_a_composite_key_over_1000_bytes_is_refused_without_serialising_it(key: Any) -> None:
+    with pytest.raises(PayloadLimitExceeded) as err:
+        row_key_text(key)
+    message = str(err.value)
+    assert "is larger than 1000 bytes as canonical JSON (the longest row key)" in message, message
+    assert message.startswith("row key [") and len(message) < 200, "the key is shown cut short"
 
 
 def test_a_key_that_is_not_valid_unicode_is_refused() -> None:
@@ -100,6 +122,11 @@ def test_a_row_that_contains_itself_is_a_payload_error() -> None:
     row["self"] = row
     with pytest.raises(PayloadError, match=r"row 'r8'.*contains itself"):
         canonical_json(row, what="row 'r8'")
+
+
+def test_an_integer_of_more_digits_than_python_prints_is_a_payload_error() -> None:
+    with pytest.raises(PayloadError, match=r"row 'r9' is not canonical JSON: .*4300 digits"):
+        hash_value({"id": "r9", "n": 10**5000}, what="row 'r9'")
 
 
 def test_moderate_nesting_is_fine() -> None:

@@ -5,11 +5,13 @@ See docs/ARCHITECTURE.md, "The audit schema".
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import json
 import math
 import random
 import re
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -18,14 +20,30 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from airflow_elspeth.core.canonical import (
+    MAX_PAYLOAD_DEPTH,
+    PayloadLimit,
     _stdlib_is_canonical,
     canonical_json,
     content_hash,
     derive_id,
     hash_value,
+    payload_size,
     row_key_text,
 )
-from airflow_elspeth.exceptions import PayloadError
+from airflow_elspeth.exceptions import ElspethConfigError, PayloadError, PayloadLimitExceeded
+
+
+class Colour(str, enum.Enum):
+    """A str enum: canonical JSON writes its value."""
+
+    RED = "red"
+    BLUE = "blu\u00e9"
+    BROKEN = "\ud800"
+
+
+class Level(int):
+    """An int subclass: canonical JSON writes its number."""
+
 
 JSON_SCALARS = st.one_of(
     st.none(),
@@ -241,3 +259,133 @@ def test_the_fast_path_takes_plain_rows_and_hands_over_the_rest() -> None:
     for value in (2.0, 1e-5, 1e16, 2**53, {1: "a"}, {"é": "ü"}, ("a",), {"k": {"k": 1e300}}):
         assert not _stdlib_is_canonical(value), value
     assert canonical_json({"b": 2.0, "a": 1e-7}) == b'{"a":1e-7,"b":2}'
+
+
+# ---- payload_size: the canonical length, found by a walk that stops at the limit
+
+BIG = PayloadLimit(10**9, "a test limit")
+ODD_SCALARS = st.one_of(
+    st.sampled_from([math.nan, math.inf, -math.inf, 2**53, -(2**53), 10**400, {1, 2}, b"bytes", object()]),
+    st.sampled_from(list(Colour)),
+    st.builds(Level, st.integers(-(2**60), 2**60)),
+)
+WITH_ODD = st.recursive(
+    st.one_of(FAST_SCALARS, ODD_SCALARS),
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=4),
+        st.lists(inner, max_size=4).map(tuple),
+        st.dictionaries(st.one_of(FAST_KEYS, st.integers(0, 3)), inner, max_size=4),
+    ),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=1500, deadline=None)
+@given(WITH_ODD)
+def test_payload_size_is_the_length_of_the_canonical_bytes(value: Any) -> None:
+    """Equal, not a bound, for every value canonical_json accepts (str and int enums, tuples,
+    every float form included); a value it refuses still gets a size, and canonical_json the error."""
+    size = payload_size(value, BIG)
+    try:
+        body = canonical_json(value)
+    except PayloadError:
+        return
+    assert size == len(body)
+    assert canonical_json(value, limit=PayloadLimit(size, "exact")) == body
+    if size > 1:
+        with pytest.raises(PayloadLimitExceeded, match=rf"larger than {size - 1} bytes as canonical JSON"):
+            canonical_json(value, limit=PayloadLimit(size - 1, "one byte short"))
+
+
+class Counted(list):  # type: ignore[type-arg]
+    """A JSON array (rfc8785 and the walk take list subclasses) that counts the items read from it."""
+
+    reads = 0
+
+    def __iter__(self) -> Iterator[Any]:
+        for item in super().__iter__():
+            Counted.reads += 1
+            yield item
+
+
+@st.composite
+def shared_graphs(draw: st.DrawFn) -> Any:
+    """Arrays built from earlier arrays by reference (a DAG: one object reached by many paths,
+    2**depth leaves from a few dozen objects), sometimes with an array containing itself."""
+    nodes: list[Any] = [Counted(draw(st.lists(FAST_SCALARS, max_size=3)))]
+    for _ in range(draw(st.integers(1, 60))):
+        picks = draw(st.lists(st.integers(0, len(nodes) - 1), min_size=1, max_size=4))
+        nodes.append(Counted(nodes[i] for i in picks))
+    if draw(st.booleans()):
+        nodes[draw(st.integers(0, len(nodes) - 1))].append(nodes[-1])  # a cycle, or a shared tail
+    return nodes[-1]
+
+
+@settings(max_examples=300, deadline=None)
+@given(shared_graphs(), st.integers(1, 5000))
+def test_payload_size_reads_at_most_the_limit_plus_one_values_whatever_the_shape(
+    value: Any, max_bytes: int
+) -> None:
+    """Each value read adds at least a byte, so the walk stops within max_bytes + 1 reads: a
+    shared-reference structure is paid for as it expands, up to the limit and no further."""
+    Counted.reads = 0
+    try:
+        size = payload_size(value, PayloadLimit(max_bytes, "the test limit"))
+    except PayloadLimitExceeded:
+        pass
+    else:
+        assert size <= max_bytes
+    assert Counted.reads <= max_bytes + 1
+
+
+def test_a_shared_reference_bomb_stops_at_the_limit() -> None:
+    """The tester's row: 2**50 leaves from 51 lists. Read up to the limit, never serialised."""
+    bomb: Any = Counted([1])
+    for _ in range(50):
+        bomb = Counted([bomb, bomb])
+    limit = PayloadLimit(1024 * 1024, "[elspeth] max_row_bytes")
+    Counted.reads = 0
+    with pytest.raises(PayloadLimitExceeded) as err:
+        canonical_json({"id": "r4", "tree": bomb}, what="row 'r4'", limit=limit)
+    assert str(err.value) == (
+        "row 'r4' is larger than 1048576 bytes as canonical JSON ([elspeth] max_row_bytes)"
+    )
+    assert Counted.reads <= limit.max_bytes + 1
+
+
+def test_nesting_is_bounded_at_max_payload_depth_levels() -> None:
+    limit = PayloadLimit(10**6, "a test limit")
+    deepest: Any = 1
+    for _ in range(MAX_PAYLOAD_DEPTH - 1):
+        deepest = [deepest]
+    assert payload_size({"tree": deepest}, limit) == len(canonical_json({"tree": deepest}))
+    with pytest.raises(
+        PayloadLimitExceeded, match=rf"row 'r1' is nested too deeply: more than {MAX_PAYLOAD_DEPTH}"
+    ):
+        canonical_json({"tree": [deepest]}, what="row 'r1'", limit=limit)
+
+
+def test_a_payload_containing_itself_is_stopped_by_the_depth_guard() -> None:
+    row: dict[str, Any] = {"id": "r2"}
+    row["self"] = row
+    with pytest.raises(PayloadLimitExceeded, match=r"row 'r2' is nested too deeply.*contains itself"):
+        hash_value(row, what="row 'r2'", limit=PayloadLimit(10**6, "a test limit"))
+
+
+def test_a_huge_container_or_text_is_refused_before_it_is_read() -> None:
+    limit = PayloadLimit(100, "a test limit")
+    wide = Counted(range(10**6))
+    Counted.reads = 0
+    with pytest.raises(PayloadLimitExceeded):
+        payload_size(wide, limit)
+    assert Counted.reads == 0, "a million commas are over 100 bytes: no item is read"
+    with pytest.raises(PayloadLimitExceeded):
+        payload_size({"x" * 10**7: 1}, limit)
+
+
+@pytest.mark.parametrize("max_bytes", [0, -1, 1.5, True, "10"])
+def test_a_limit_is_a_positive_number_of_bytes(max_bytes: Any) -> None:
+    with pytest.raises(
+        ElspethConfigError, match=r"\[elspeth\] max_row_bytes must be a positive number of bytes"
+    ):
+        PayloadLimit(max_bytes, "[elspeth] max_row_bytes")

@@ -419,6 +419,25 @@ def test_branch_configuration_errors_at_parse_time(overrides: dict[str, Any], me
     assert message in str(err.value)
 
 
+def test_max_row_bytes_is_read_from_the_airflow_configuration(monkeypatch: pytest.MonkeyPatch) -> None:
+    from airflow.sdk.exceptions import AirflowConfigException
+
+    from airflow_elspeth.operators.fork import DEFAULT_MAX_ROW_BYTES, row_limit
+
+    monkeypatch.delenv("AIRFLOW__ELSPETH__MAX_ROW_BYTES", raising=False)
+    assert row_limit().max_bytes == DEFAULT_MAX_ROW_BYTES == 1024 * 1024
+    monkeypatch.setenv("AIRFLOW__ELSPETH__MAX_ROW_BYTES", "4096")
+    assert row_limit().max_bytes == 4096
+    monkeypatch.setenv("AIRFLOW__ELSPETH__MAX_ROW_BYTES", "0")
+    with pytest.raises(
+        ElspethConfigError, match=r"\[elspeth\] max_row_bytes must be a positive number of bytes, got 0"
+    ):
+        row_limit()
+    monkeypatch.setenv("AIRFLOW__ELSPETH__MAX_ROW_BYTES", "1MB")
+    with pytest.raises(AirflowConfigException, match='"max_row_bytes" key in "elspeth" section'):
+        row_limit()
+
+
 def test_branch_needs_a_fork_operator() -> None:
     with pytest.raises(ElspethConfigError, match="fork must be a ForkOperator, got str"):
         BranchOperator(task_id="ask", fork="fork", branch="a", python_callable=_identity)
@@ -472,6 +491,19 @@ def test_an_output_breaking_the_contract_is_failed_with_its_value_and_not_retrie
 def test_an_offending_value_that_cannot_be_kept_whole_is_kept_as_its_repr(value: Any, shown: str) -> None:
     result, _ = _contract_result({"when": "today", "n": value})
     assert result.error["contract"]["value"] == shown
+    json.dumps(result.error)  # storable
+
+
+def test_an_offending_value_of_shared_references_is_shown_cut_without_expanding_it() -> None:
+    """``[x, x]`` 50 times over (2**50 leaves): neither kept whole nor repr'd whole."""
+    tree: Any = [1]
+    for _ in range(50):
+        tree = [tree, tree]
+    result, _ = _contract_result({"when": "today", "n": tree})
+    assert (
+        result.error["contract"]["value"]
+        == "[[[[...], [...]], [[...], [...]]], [[[...], [...]], [[...], [...]]]]"
+    )
     json.dumps(result.error)  # storable
 
 

@@ -1,8 +1,9 @@
 """Test DAGs of tests/integration/test_branch_robustness.py: branch tasks that end abnormally.
 
 Every DAG is ``load >> fork >> branches >> coalesce`` over six rows ``r0..r5``. ``ask_b`` is the
-branch under test: it hangs past ``execution_timeout``, calls ``sys.exit``, receives SIGTERM, or
-raises exceptions that cannot be printed, on chosen rows. The unjoined DAG has a third branch
+branch under test: it hangs past ``execution_timeout``, calls ``sys.exit``, receives SIGTERM,
+raises exceptions that cannot be printed, or answers outputs over ``[elspeth] max_row_bytes`` (one
+of shared references expanding to 2**50 values), on chosen rows. The unjoined DAG has a third branch
 ``c`` (two steps, the last one mapped over the fork's chunks) that no coalesce joins.
 
 As in elspeth_it_dags.py, ``dag.test()`` re-parses this folder before each run, and only the DAGs
@@ -34,6 +35,8 @@ TIMEOUT = "elspeth_bf_timeout"
 SYS_EXIT = "elspeth_bf_sys_exit"
 SIGTERM = "elspeth_bf_sigterm"
 UNPRINTABLE = "elspeth_bf_unprintable"
+OVERSIZE = "elspeth_bf_oversize"
+OVERSIZE_LIMIT = 4096  # the [elspeth] max_row_bytes its test sets
 
 # A hanging callable sets HUNG when it starts waiting and RETURNED when it stops; RELEASE ends it.
 HUNG = threading.Event()
@@ -109,6 +112,18 @@ def _unrenderable(row: dict[str, Any]) -> dict[str, Any]:
     raise UnrenderableError(f"cannot answer {row['id']}")
 
 
+def _shared_references(row: dict[str, Any]) -> dict[str, Any]:
+    """``x = [1]``, then ``x = [x, x]`` 50 times: an output of 51 lists that expands to 2**50 leaves."""
+    tree: Any = [1]
+    for _ in range(50):
+        tree = [tree, tree]
+    return {"id": row["id"], "tree": tree}
+
+
+def _oversize(row: dict[str, Any]) -> dict[str, Any]:
+    return {"id": row["id"], "text": "x" * OVERSIZE_LIMIT}
+
+
 def _drop(row: dict[str, Any]) -> None:
     return None
 
@@ -144,6 +159,7 @@ B_FAULTS: dict[str, tuple[Mapping[str, Any], Mapping[int, Action]]] = {
     SYS_EXIT: ({"flush_seconds": SLOW_FLUSH}, {3: _sys_exit}),
     SIGTERM: ({"flush_seconds": SLOW_FLUSH}, {3: _sigterm}),
     UNPRINTABLE: ({}, {1: _unprintable, 4: _unrenderable}),
+    OVERSIZE: ({"row_retries": 1}, {1: _shared_references, 4: _oversize}),
 }
 DAG_IDS = (UNJOINED, *B_FAULTS)
 
