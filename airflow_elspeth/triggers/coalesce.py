@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, TypeVar
 
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 from asgiref.sync import sync_to_async
@@ -30,6 +30,15 @@ MIN_SLEEP_SECONDS = 0.2
 # the "scheduled" case). A few seconds of latency on a resume is cheap; a failed coalesce is not.
 MIN_DEFERRAL_SECONDS = 10.0
 DEADLINE_MARGIN_SECONDS = 0.05
+
+T = TypeVar("T")
+
+
+async def off_loop(call: Callable[..., T], *args: Any) -> T:
+    """``call(*args)`` in a worker thread. Everything that may block (a connection lookup through the
+    Task SDK, engine creation, SQL, task states, imports) goes through here: a blocked event loop
+    stalls every trigger of the triggerer, and a long one makes Airflow declare it deadlocked."""
+    return await sync_to_async(call, thread_sensitive=False)(*args)
 
 
 @dataclass(frozen=True)
@@ -118,7 +127,7 @@ class CoalesceTrigger(BaseTrigger):
         )
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
-        spec = CoalesceSpec.from_dict(self.spec)
+        spec = await off_loop(CoalesceSpec.from_dict, self.spec)
         started = time.monotonic()
         started_at = datetime.now(timezone.utc)
         errors = 0
@@ -128,7 +137,7 @@ class CoalesceTrigger(BaseTrigger):
                     result = await self.wait_for_fork()
                 else:
                     states = await self.task_states(spec)
-                    result = await sync_to_async(self.poll, thread_sensitive=False)(spec, states)
+                    result = await off_loop(self.poll, spec, states)
             except Exception as err:  # any failure to poll is transient until the grace runs out
                 errors += 1
                 give_up_at = (self._deadline or started_at) + TRANSIENT_ERROR_GRACE
@@ -179,9 +188,7 @@ class CoalesceTrigger(BaseTrigger):
         state = (await self.states_of([self.fork_task_id])).get(self.fork_task_id)
         if state == TASK_SUCCESS:
             # The fork's XCom is this try's now; its newest audit run is the one it pushed.
-            found = await sync_to_async(newest_completed_run, thread_sensitive=False)(
-                self.engine(), self.dag_id, self.airflow_run_id, self.fork_task_id
-            )
+            found = await off_loop(self.newest_fork_run)
             if found is None:
                 return PollResult("fork succeeded without an audit run")
             self.log.info("fork %s completed: waiting on audit run %s", self.fork_task_id, found)
@@ -196,19 +203,35 @@ class CoalesceTrigger(BaseTrigger):
         return await self.states_of(dict.fromkeys(spec.delivering.values()))
 
     async def states_of(self, task_ids: Iterable[str]) -> dict[str, str]:
-        """Task states of this DAG run through the Task SDK, one task id per call."""
+        """Task states of this DAG run through the Task SDK (in a worker thread)."""
+        return await off_loop(self.task_states_now, list(task_ids))
+
+    def task_states_now(self, task_ids: Iterable[str]) -> dict[str, str]:
+        """Task states of this DAG run through the Task SDK, one task id per call (blocks: each is a
+        round trip to the triggerer's supervisor)."""
         from airflow.sdk.execution_time.task_runner import RuntimeTaskInstance
 
-        get_states = sync_to_async(RuntimeTaskInstance.get_task_states, thread_sensitive=False)
         states: dict[str, str] = {}
         for task_id in task_ids:
-            found = await get_states(dag_id=self.dag_id, task_ids=[task_id], run_ids=[self.airflow_run_id])
+            found = RuntimeTaskInstance.get_task_states(
+                dag_id=self.dag_id, task_ids=[task_id], run_ids=[self.airflow_run_id]
+            )
             run_states = (found or {}).get(self.airflow_run_id, {})
             states.update({key: str(state) for key, state in run_states.items() if state is not None})
         return states
 
+    def newest_fork_run(self) -> str | None:
+        """The newest completed audit run of the fork in this DAG run (blocks: SQL)."""
+        if self.fork_task_id is None:
+            raise ValueError("newest_fork_run needs the fork task id")
+        return newest_completed_run(self.engine(), self.dag_id, self.airflow_run_id, self.fork_task_id)
+
     def engine(self) -> Engine:
-        """The process-wide engine of the audit store, resolved once per trigger (no migration)."""
+        """The process-wide engine of the audit store, resolved once per trigger (no migration).
+
+        Blocks (a connection lookup through the Task SDK, perhaps the engine's creation): called
+        only from the worker threads of :meth:`poll` and :meth:`newest_fork_run`.
+        """
         if self._engine is None:
             from airflow_elspeth.audit.engine import engine_for_url
             from airflow_elspeth.hooks.audit import ElspethAuditHook

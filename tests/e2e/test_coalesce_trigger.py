@@ -136,13 +136,17 @@ async def until_written(
 
 
 class FakeTaskSDK:
-    """``RuntimeTaskInstance.get_task_states`` answering from a dict, recording every call."""
+    """``RuntimeTaskInstance.get_task_states`` answering from a dict, recording every call
+    (``respond``, which a test may replace with a slower one)."""
 
     def __init__(self, states: dict[str, str] | None = None) -> None:
         self.states: dict[str, str] = dict(states or {})
         self.calls: list[dict[str, Any]] = []
 
-    def __call__(
+    def __call__(self, *args: Any, **kw: Any) -> Any:
+        return self.respond(*args, **kw)
+
+    def respond(
         self, dag_id: str, task_ids: list[str] | None = None, run_ids: list[str] | None = None, **kw: Any
     ) -> Any:
         self.calls.append({"dag_id": dag_id, "task_ids": list(task_ids or []), "run_ids": run_ids})
@@ -604,3 +608,103 @@ def test_two_trigger_instances_decide_each_row_once(store_url: str, sdk: FakeTas
     )
     assert per_token == 1
     assert integrity(engine, run_id) == []
+
+
+# -- the triggerer's event loop ------------------------------------------------------------------------
+
+# How long each blocking call of the trigger takes in the loop-lag test: long enough that one made on
+# the loop's thread stalls the loop far beyond what a loaded machine's scheduling does to it, so the
+# test tells "ran on the loop" from "ran off it" whatever the machine's speed. The limit is the
+# triggerer's own ([triggerer] blocked_main_thread_warning_threshold: it logs a blocked loop beyond).
+BLOCKING_CALL = 0.5
+LOOP_STALL_LIMIT = 0.2
+
+
+def test_the_trigger_never_blocks_the_event_loop(
+    store_url: str, sdk: FakeTaskSDK, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Deferred before its fork completed, the trigger looks up its connection, creates its engine,
+    watches the fork, adopts its audit run and decides the rows on a real audit store, each of those
+    calls made slow; a watchdog on the same loop measures how late its 10 ms sleeps wake."""
+    from collections import Counter
+
+    from airflow_elspeth.audit import engine as engine_module
+    from airflow_elspeth.hooks.audit import ElspethAuditHook
+
+    engine = engine_module.engine_for_url(store_url)
+    spec = make_spec("require_all")
+    sdk.states["fork"] = "running"
+    run_id = fork(engine, complete=False)
+    engine_module.dispose_engine(store_url)  # the trigger creates its engine (the test's still works)
+    calls: Counter[str] = Counter()
+
+    def slowed(name: str, call: Any) -> Any:
+        def slow(*args: Any, **kwargs: Any) -> Any:
+            calls[name] += 1
+            time.sleep(BLOCKING_CALL)
+            return call(*args, **kwargs)
+
+        return slow
+
+    lookup = ElspethAuditHook.get_connection
+    monkeypatch.setattr(
+        ElspethAuditHook,
+        "get_connection",
+        classmethod(lambda cls, conn_id: slowed("connection lookup", lookup)(conn_id)),
+    )
+    monkeypatch.setattr(
+        engine_module, "create_audit_engine", slowed("engine creation", engine_module.create_audit_engine)
+    )
+    from_dict = CoalesceSpec.from_dict
+    monkeypatch.setattr(CoalesceSpec, "from_dict", classmethod(lambda cls, d: slowed("spec", from_dict)(d)))
+    for name in ("newest_completed_run", "waiting_poll", "coalesce_pass"):
+        monkeypatch.setattr(trigger_module, name, slowed(name, getattr(trigger_module, name)))
+    sdk.respond = slowed("task states", sdk.respond)
+
+    async def scenario() -> tuple[dict[str, Any] | None, list[float]]:
+        lags: list[float] = []
+        stop = asyncio.Event()
+
+        async def watchdog() -> None:
+            while not stop.is_set():
+                before = time.monotonic()
+                await asyncio.sleep(0.01)
+                lags.append(time.monotonic() - before - 0.01)
+
+        async def until(done: Any, what: str) -> None:
+            started = time.monotonic()
+            while not done():
+                assert time.monotonic() - started < EVENT_WAIT, f"never saw {what}"
+                await asyncio.sleep(0.05)
+
+        watching = asyncio.create_task(watchdog())
+        trigger = new_trigger(spec, None, poll=0.1)
+        event = asyncio.create_task(first_event(trigger, timeout=EVENT_WAIT))
+        await until(lambda: calls["task states"] >= 2, "the trigger look at the running fork")
+        # the test's own writes run in threads too: they must not stall the loop it measures
+        await asyncio.to_thread(AuditStore(engine).complete_run, run_id, rows_total=ROWS, chunks_total=1)
+        sdk.states["fork"] = "success"
+        await until(lambda: trigger.run_id == run_id, "the trigger adopt the fork's audit run")
+        for branch in BRANCHES:
+            await asyncio.to_thread(deliver, engine, run_id, branch)
+        fired = await event
+        stop.set()
+        await watching
+        return fired, lags
+
+    fired, lags = run(scenario())
+    assert fired is not None and fired["reason"] == "every row decided", fired
+    assert decisions(engine, run_id) == dict.fromkeys(range(ROWS), "merged")
+    # every blocking call was made (slowly), and none of them on the loop
+    assert set(calls) == {
+        "connection lookup",
+        "engine creation",
+        "spec",
+        "task states",
+        "newest_completed_run",
+        "waiting_poll",
+        "coalesce_pass",
+    }, calls
+    assert calls["engine creation"] == 1
+    worst = sorted(lags, reverse=True)[:5]
+    assert max(lags) < LOOP_STALL_LIMIT, f"the event loop stalled {worst} s (calls: {dict(calls)})"
