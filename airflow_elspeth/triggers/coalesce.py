@@ -54,7 +54,9 @@ class CoalesceTrigger(BaseTrigger):
 
     Deferred before its fork has completed (``run_id`` None), it first watches the fork task: once
     it succeeded, the fork's newest audit run is the one to wait on (and the task is not woken for
-    it); when the fork ends otherwise, the task resumes to fail.
+    it); when the fork ends otherwise, or has not completed by ``fork_wait_until`` (the sensor's
+    ``fork_wait_timeout``, which it keeps by itself), the task resumes to fail as it would in
+    reschedule mode.
 
     Then every poll looks read-only (:func:`~airflow_elspeth.audit.coalesce.waiting_poll`) for
     something to write: a chunk whose inputs (deliveries, recorded task losses, whether the
@@ -83,6 +85,8 @@ class CoalesceTrigger(BaseTrigger):
     :param audit_conn_id: the audit store connection (default resolution when None).
     :param poll_interval: seconds between polls.
     :param fork_task_id: the fork task (needed when ``run_id`` is None).
+    :param fork_wait_until: when to stop waiting for the fork to complete; None (a trigger deferred
+        by a release without it): no limit of its own.
     """
 
     def __init__(
@@ -95,6 +99,7 @@ class CoalesceTrigger(BaseTrigger):
         audit_conn_id: str | None = None,
         poll_interval: float = 10.0,
         fork_task_id: str | None = None,
+        fork_wait_until: datetime | None = None,
     ) -> None:
         if run_id is None and fork_task_id is None:
             raise ValueError("CoalesceTrigger needs the audit run_id or the fork_task_id to find it")
@@ -106,6 +111,7 @@ class CoalesceTrigger(BaseTrigger):
         self.audit_conn_id = audit_conn_id
         self.poll_interval = float(poll_interval)
         self.fork_task_id = fork_task_id
+        self.fork_wait_until = fork_wait_until
         self._engine: Engine | None = None
         self._deadline: datetime | None = None
         # chunk -> signature at which a read-only replay found nothing to decide
@@ -123,6 +129,7 @@ class CoalesceTrigger(BaseTrigger):
                 "audit_conn_id": self.audit_conn_id,
                 "poll_interval": self.poll_interval,
                 "fork_task_id": self.fork_task_id,
+                "fork_wait_until": self.fork_wait_until,
             },
         )
 
@@ -182,7 +189,8 @@ class CoalesceTrigger(BaseTrigger):
         }
 
     async def wait_for_fork(self) -> PollResult:
-        """Before the fork completed: resume if it ended otherwise, adopt its audit run if it succeeded."""
+        """Before the fork completed: adopt its audit run if it succeeded; resume the task if it ended
+        otherwise or ``fork_wait_until`` passed (sleeping no longer than until then)."""
         if self.fork_task_id is None:
             raise ValueError("wait_for_fork needs the fork task id")
         state = (await self.states_of([self.fork_task_id])).get(self.fork_task_id)
@@ -196,7 +204,15 @@ class CoalesceTrigger(BaseTrigger):
             return PollResult(None, sleep_at_most=0)
         if state in ENDED_TASK_STATES:
             return PollResult(f"fork {self.fork_task_id} ended {state}")
-        return PollResult(None)
+        if self.fork_wait_until is None:
+            return PollResult(None)
+        left = (self.fork_wait_until - datetime.now(timezone.utc)).total_seconds()
+        if left <= 0:
+            return PollResult(
+                f"fork {self.fork_task_id} has not completed by {self.fork_wait_until.isoformat()} "
+                "(fork_wait_timeout)"
+            )
+        return PollResult(None, sleep_at_most=max(left + DEADLINE_MARGIN_SECONDS, MIN_SLEEP_SECONDS))
 
     async def task_states(self, spec: CoalesceSpec) -> dict[str, str]:
         """States of the branch steps that deliver arrivals."""

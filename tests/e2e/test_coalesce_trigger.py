@@ -178,7 +178,9 @@ def store_url(audit_url: str, monkeypatch: pytest.MonkeyPatch) -> str:
     return audit_url
 
 
-def new_trigger(spec: CoalesceSpec, run_id: str | None, poll: float = 0.2) -> CoalesceTrigger:
+def new_trigger(
+    spec: CoalesceSpec, run_id: str | None, poll: float = 0.2, fork_wait_until: datetime | None = None
+) -> CoalesceTrigger:
     return CoalesceTrigger(
         spec=spec.as_dict(),
         run_id=run_id,
@@ -186,6 +188,7 @@ def new_trigger(spec: CoalesceSpec, run_id: str | None, poll: float = 0.2) -> Co
         airflow_run_id=AIRFLOW_RUN,
         poll_interval=poll,
         fork_task_id="fork",
+        fork_wait_until=fork_wait_until,
     )
 
 
@@ -219,7 +222,9 @@ def test_serializes_and_reinstantiates_through_the_triggerer_encoding() -> None:
     from airflow.models.trigger import Trigger
     from airflow.serialization.decoders import smart_decode_trigger_kwargs
 
-    original = new_trigger(make_spec("quorum"), "run-1", poll=7.5)
+    original = new_trigger(
+        make_spec("quorum"), "run-1", poll=7.5, fork_wait_until=datetime(2026, 1, 1, 6, tzinfo=timezone.utc)
+    )
     classpath, kwargs = original.serialize()
     assert classpath == "airflow_elspeth.triggers.coalesce.CoalesceTrigger"
     # the triggerer's path: encrypted at defer time, decrypted and decoded in the trigger runner
@@ -235,6 +240,9 @@ def test_serializes_and_reinstantiates_through_the_triggerer_encoding() -> None:
     # before its fork completed, it is serialised without an audit run
     waiting = new_trigger(make_spec(), None)
     assert CoalesceTrigger(**waiting.serialize()[1]).serialize() == waiting.serialize()
+    # one deferred by a release without fork_wait_until comes back from its stored kwargs
+    stored_by_0_1 = {k: v for k, v in kwargs.items() if k != "fork_wait_until"}
+    assert CoalesceTrigger(**stored_by_0_1).fork_wait_until is None
 
 
 def test_needs_the_run_or_the_fork() -> None:
@@ -379,6 +387,32 @@ def test_a_fork_that_failed_wakes_it_to_fail(store_url: str, sdk: FakeTaskSDK) -
     assert (
         event is not None and event["reason"] == "fork fork ended upstream_failed" and event["run_id"] is None
     )
+
+
+def test_a_fork_not_complete_by_fork_wait_until_wakes_it(store_url: str, sdk: FakeTaskSDK) -> None:
+    """The trigger keeps the sensor's fork_wait_timeout itself (the resumed task then ends as a
+    reschedule-mode poke would: tests/unit/test_operator_units.py), woken by it, not by its poll."""
+    sdk.states["fork"] = "running"
+    until = datetime.now(timezone.utc) + timedelta(seconds=2)
+    trigger = new_trigger(make_spec(), None, poll=60.0, fork_wait_until=until)
+    started = time.monotonic()
+    event = run(first_event(trigger, timeout=EVENT_WAIT))
+    assert datetime.now(timezone.utc) >= until
+    assert time.monotonic() - started < 30.0  # the wait's end woke it, not the 60 s poll interval
+    assert event is not None and event["status"] == "ready" and event["run_id"] is None
+    assert event["reason"] == f"fork fork has not completed by {until.isoformat()} (fork_wait_timeout)"
+
+
+def test_a_fork_that_completes_in_time_is_adopted_whatever_fork_wait_until(
+    store_url: str, sdk: FakeTaskSDK
+) -> None:
+    from airflow_elspeth.audit.engine import engine_for_url
+
+    run_id = fork(engine_for_url(store_url))
+    past = datetime.now(timezone.utc) - timedelta(seconds=1)  # succeeded: the limit no longer matters
+    trigger = new_trigger(make_spec(), None, poll=0.1, fork_wait_until=past)
+    assert run(first_event(trigger, timeout=1.5)) is None
+    assert trigger.run_id == run_id
 
 
 def test_reads_task_states_one_task_id_per_call(store_url: str, sdk: FakeTaskSDK) -> None:
