@@ -1,4 +1,8 @@
-"""CoalesceTrigger: decide a deferred coalesce's rows in the triggerer; resume it once all are decided."""
+"""CoalesceTrigger: decide a deferred coalesce's rows in the triggerer; resume it once all are decided.
+
+The triggerer imports this module on its event loop, so it imports nothing heavy: the audit layer
+(SQLAlchemy, the store) is imported in the trigger's worker threads, where its blocking work runs.
+"""
 
 from __future__ import annotations
 
@@ -6,18 +10,17 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass
-from datetime import datetime, timezone
-from typing import Any, TypeVar
+from datetime import datetime, timedelta, timezone
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from airflow.triggers.base import BaseTrigger, TriggerEvent
-from asgiref.sync import sync_to_async
-from sqlalchemy import Engine
 
-from airflow_elspeth.audit.coalesce import CoalesceSpec, WaitResult, coalesce_pass, waiting_poll
-from airflow_elspeth.audit.dml import TRANSIENT_ERROR_GRACE
-from airflow_elspeth.audit.read.runs import newest_completed_run
-from airflow_elspeth.audit.store import AuditStore
 from airflow_elspeth.core.vocabulary import ENDED_TASK_STATES, TASK_SUCCESS, NodeType
+
+if TYPE_CHECKING:
+    from sqlalchemy import Engine
+
+    from airflow_elspeth.audit.coalesce import CoalesceSpec, WaitResult
 
 # A failed poll (audit DB or Task SDK unreachable) is "not yet": polls back off up to this long, and
 # the task is told only once the failures outlast the deadline (or, before the deadline is known,
@@ -38,7 +41,16 @@ async def off_loop(call: Callable[..., T], *args: Any) -> T:
     """``call(*args)`` in a worker thread. Everything that may block (a connection lookup through the
     Task SDK, engine creation, SQL, task states, imports) goes through here: a blocked event loop
     stalls every trigger of the triggerer, and a long one makes Airflow declare it deadlocked."""
-    return await sync_to_async(call, thread_sensitive=False)(*args)
+    return await asyncio.to_thread(call, *args)
+
+
+def load_spec(spec: dict[str, Any]) -> tuple[CoalesceSpec, timedelta]:
+    """The coalesce's spec and the audit layer's transient-error grace (blocks: the first call imports
+    the audit layer)."""
+    from airflow_elspeth.audit.coalesce import CoalesceSpec
+    from airflow_elspeth.audit.dml import TRANSIENT_ERROR_GRACE
+
+    return CoalesceSpec.from_dict(spec), TRANSIENT_ERROR_GRACE
 
 
 @dataclass(frozen=True)
@@ -72,8 +84,9 @@ class CoalesceTrigger(BaseTrigger):
     nothing left, and reports), or the audit run is gone; never within ``MIN_DEFERRAL_SECONDS`` of
     starting, which only delays the task's report, not a decision.
 
-    It holds no connection between polls. Database work runs in worker threads
-    (``sync_to_async(thread_sensitive=False)``), never on the triggerer's event loop; branch task
+    It holds no connection between polls. Everything that may block (the audit layer's import, the
+    connection lookup, the engine, task states, SQL) runs in worker threads (:func:`off_loop`),
+    never on the triggerer's event loop, which every trigger of the triggerer shares; branch task
     states come from ``RuntimeTaskInstance.get_task_states``, one task id per call (mapped tasks
     come back as ``<task_id>_<map_index>``). The audit engine is the process-wide cached one (one
     pool per audit database for every trigger in the triggerer), resolved once per trigger.
@@ -134,7 +147,7 @@ class CoalesceTrigger(BaseTrigger):
         )
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
-        spec = await off_loop(CoalesceSpec.from_dict, self.spec)
+        spec, error_grace = await off_loop(load_spec, self.spec)
         started = time.monotonic()
         started_at = datetime.now(timezone.utc)
         errors = 0
@@ -147,7 +160,7 @@ class CoalesceTrigger(BaseTrigger):
                     result = await off_loop(self.poll, spec, states)
             except Exception as err:  # any failure to poll is transient until the grace runs out
                 errors += 1
-                give_up_at = (self._deadline or started_at) + TRANSIENT_ERROR_GRACE
+                give_up_at = (self._deadline or started_at) + error_grace
                 self.log.warning(
                     "coalesce %s: poll failed (%d in a row; the task is told after %s): %s: %s",
                     spec.node_id,
@@ -240,6 +253,8 @@ class CoalesceTrigger(BaseTrigger):
         """The newest completed audit run of the fork in this DAG run (blocks: SQL)."""
         if self.fork_task_id is None:
             raise ValueError("newest_fork_run needs the fork task id")
+        from airflow_elspeth.audit.read.runs import newest_completed_run
+
         return newest_completed_run(self.engine(), self.dag_id, self.airflow_run_id, self.fork_task_id)
 
     def engine(self) -> Engine:
@@ -261,6 +276,8 @@ class CoalesceTrigger(BaseTrigger):
         :func:`~airflow_elspeth.audit.coalesce.waiting_poll`; when it finds something to write, the
         coalesce's own pass, here; then why to resume the task (None: not yet) and how long to sleep.
         """
+        from airflow_elspeth.audit.coalesce import waiting_poll
+
         if self.run_id is None:
             raise ValueError("poll needs the audit run (wait_for_fork finds it first)")
         found = waiting_poll(self.engine(), spec, self.run_id, task_states, self._undecidable)
@@ -286,6 +303,9 @@ class CoalesceTrigger(BaseTrigger):
         finds the rows already decided and writes nothing twice (primary keys, ``ON CONFLICT DO
         NOTHING``). Resumes the task only once every row is decided.
         """
+        from airflow_elspeth.audit.coalesce import WaitResult, coalesce_pass
+        from airflow_elspeth.audit.store import AuditStore
+
         store = AuditStore(self.engine())
         if run_id not in self._registered:  # deferred before the fork completed: the sensor did not
             store.register_node(run_id, spec.node_id, NodeType.COALESCE, None, spec.as_dict())

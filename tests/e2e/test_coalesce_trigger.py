@@ -15,7 +15,9 @@ import pytest
 from sqlalchemy import Engine, text
 
 from airflow_elspeth.audit import coalesce as pass_module
+from airflow_elspeth.audit import dml
 from airflow_elspeth.audit.coalesce import CoalesceSpec, coalesce_pass
+from airflow_elspeth.audit.read import runs
 from airflow_elspeth.audit.store import (
     COMPLETED,
     AuditStore,
@@ -458,7 +460,7 @@ def test_transient_poll_errors_are_retried_then_reported(store_url: str, sdk: Fa
     # Once the failures outlast the deadline and the grace, the task is told.
     trigger._deadline = datetime.now(timezone.utc) - timedelta(seconds=1)
     with (
-        mock.patch.object(trigger_module, "TRANSIENT_ERROR_GRACE", timedelta(0)),
+        mock.patch.object(dml, "TRANSIENT_ERROR_GRACE", timedelta(0)),
         mock.patch.object(trigger, "poll", side_effect=RuntimeError("db down")),
     ):
         event = run(first_event(trigger, timeout=EVENT_WAIT))
@@ -619,7 +621,7 @@ def test_two_trigger_instances_decide_each_row_once(store_url: str, sdk: FakeTas
     deliver(engine, run_id, "left", chunk_size=1)
     deliver(engine, run_id, "right", chunk_size=1)
     passes = [0]
-    real_pass = trigger_module.coalesce_pass
+    real_pass = pass_module.coalesce_pass
 
     def counted(*args: Any, **kw: Any) -> Any:
         passes[0] += 1
@@ -629,7 +631,7 @@ def test_two_trigger_instances_decide_each_row_once(store_url: str, sdk: FakeTas
         triggers = [new_trigger(spec, run_id, poll=0.05) for _ in range(2)]
         return list(await asyncio.gather(*(first_event(t, timeout=EVENT_WAIT) for t in triggers)))
 
-    with mock.patch.object(trigger_module, "coalesce_pass", side_effect=counted):
+    with mock.patch.object(pass_module, "coalesce_pass", side_effect=counted):
         events = run(both())
     assert [e and e["reason"] for e in events] == ["every row decided"] * 2
     assert passes[0] >= 2  # both ran a pass (the same snapshot made both see rows to decide)
@@ -691,8 +693,12 @@ def test_the_trigger_never_blocks_the_event_loop(
     )
     from_dict = CoalesceSpec.from_dict
     monkeypatch.setattr(CoalesceSpec, "from_dict", classmethod(lambda cls, d: slowed("spec", from_dict)(d)))
-    for name in ("newest_completed_run", "waiting_poll", "coalesce_pass"):
-        monkeypatch.setattr(trigger_module, name, slowed(name, getattr(trigger_module, name)))
+    for module, name in (
+        (runs, "newest_completed_run"),
+        (pass_module, "waiting_poll"),
+        (pass_module, "coalesce_pass"),
+    ):
+        monkeypatch.setattr(module, name, slowed(name, getattr(module, name)))
     sdk.respond = slowed("task states", sdk.respond)
 
     async def scenario() -> tuple[dict[str, Any] | None, list[float]]:
@@ -742,3 +748,22 @@ def test_the_trigger_never_blocks_the_event_loop(
     assert calls["engine creation"] == 1
     worst = sorted(lags, reverse=True)[:5]
     assert max(lags) < LOOP_STALL_LIMIT, f"the event loop stalled {worst} s (calls: {dict(calls)})"
+
+
+def test_the_trigger_module_imports_nothing_that_blocks() -> None:
+    """The triggerer imports a trigger's module on its event loop: this one leaves the audit layer
+    (SQLAlchemy, the store) to the trigger's worker threads."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys, airflow.triggers.base; loaded = set(sys.modules); "
+        "import airflow_elspeth.triggers.coalesce; "
+        "print(sorted(m for m in set(sys.modules) - loaded if not m.startswith('airflow_elspeth.core')))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert done.stdout.strip().splitlines()[-1] == str(
+        ["airflow_elspeth.exceptions", "airflow_elspeth.triggers", "airflow_elspeth.triggers.coalesce"]
+    )
