@@ -110,10 +110,11 @@ class CoalesceSensor(BaseSensorOperator):
         mode; its finalizer then closes the rows left open as ``coalesce_task_skipped``. An
         unreachable audit store still fails the try, so that Airflow retries it.
     :param fork_wait_timeout: how long the sensor may wait for the fork to complete, counted as
-        Airflow's sensor timeout is (from its first poke, across reschedules and deferrals): a fork
-        not complete by then ends the coalesce with ``AirflowSensorTimeout`` (skipped with
-        ``soft_fail``), in every mode; its finalizer closes what the fork writes later. Airflow's
-        own sensor timeout is ``fork_wait_timeout + timeout`` plus a margin, so it never fires first.
+        Airflow's sensor timeout is (from the first poke of the try, across its reschedules and
+        deferrals): a fork not complete by then ends the coalesce with ``AirflowSensorTimeout`` (no
+        retry; skipped with ``soft_fail``), in every mode; its finalizer closes what the fork writes
+        later. Airflow's own sensor timeout is ``fork_wait_timeout + timeout`` plus a margin, so it
+        never fires first.
     :param deferrable: wait in the triggerer instead of a worker slot; default
         ``[operators] default_deferrable``. The deferral carries what is left of Airflow's sensor
         timeout, so a triggerer that never runs the trigger cannot leave it deferred for ever.
