@@ -284,6 +284,24 @@ def test_before_fork_wait_timeout_the_coalesce_keeps_waiting(mode: str) -> None:
         _wait_in(mode, sensor, ti)
 
 
+@pytest.mark.parametrize(
+    ("soft_fail", "raised"), [(False, AirflowSensorTimeout), (True, AirflowSkipException)]
+)
+def test_a_deferral_airflow_timed_out_ends_as_a_sensor_timeout(
+    soft_fail: bool, raised: type[BaseException]
+) -> None:
+    """The backstop (the trigger never ran, e.g. no triggerer): Airflow resumes the task with
+    ``__fail__`` and the trigger timeout; it ends as a reschedule-mode sensor's timeout does."""
+    from airflow.sdk.bases.operator import TRIGGER_FAIL_REPR, TriggerFailureReason
+
+    _, sensor = build(deferrable=True, soft_fail=soft_fail)
+
+    with pytest.raises(raised):
+        sensor.resume_execution(
+            TRIGGER_FAIL_REPR, {"error": TriggerFailureReason.TRIGGER_TIMEOUT}, context(FakeTI())
+        )
+
+
 def test_a_deferral_past_airflows_sensor_timeout_ends_as_the_sensor_loop_would(store: AuditStore) -> None:
     """Rows still open once Airflow's own sensor timeout has passed (the fork completed late): the
     task is not deferred again, it times out as a reschedule-mode sensor does."""
