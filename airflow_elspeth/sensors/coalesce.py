@@ -109,10 +109,15 @@ class CoalesceSensor(BaseSensorOperator):
         without an audit run, an invalid structure, Airflow's sensor timeout) skip it too, in every
         mode; its finalizer then closes the rows left open as ``coalesce_task_skipped``. An
         unreachable audit store still fails the try, so that Airflow retries it.
-    :param fork_wait_timeout: how long the sensor may wait for the fork to complete; Airflow's own
-        sensor timeout is ``fork_wait_timeout + timeout`` plus a margin, so it never fires first.
+    :param fork_wait_timeout: how long the sensor may wait for the fork to complete, counted as
+        Airflow's sensor timeout is (from the first poke of the try, across its reschedules and
+        deferrals): a fork not complete by then ends the coalesce with ``AirflowSensorTimeout`` (no
+        retry; skipped with ``soft_fail``), in every mode; its finalizer closes what the fork writes
+        later. Airflow's own sensor timeout is ``fork_wait_timeout + timeout`` plus a margin, so it
+        never fires first.
     :param deferrable: wait in the triggerer instead of a worker slot; default
-        ``[operators] default_deferrable``.
+        ``[operators] default_deferrable``. The deferral carries what is left of Airflow's sensor
+        timeout, so a triggerer that never runs the trigger cannot leave it deferred for ever.
     :param audit_conn_id: leave unset: the coalesce, its trigger and its finalizer use the fork's
         audit store (the fork's ``audit_conn_id``, or the default store when the fork names none).
         Naming another one is an error at DAG parse time (``TopologyError``, naming both tasks and
@@ -189,6 +194,7 @@ class CoalesceSensor(BaseSensorOperator):
         task_id = kwargs.get("task_id")
         super().__init__(timeout=framework_timeout, soft_fail=soft_fail, **kwargs)
         self.fork_task_id = fork.task_id
+        self.fork_wait_timeout = fork_wait_timeout
         self.coalesce = config
         self.tolerated_failures = tolerated_failures
         self.tolerated_failure_rate = tolerated_failure_rate
@@ -353,7 +359,33 @@ class CoalesceSensor(BaseSensorOperator):
         # The current try's audit run only: after a clear, the fork's XCom names the old one until
         # the fork has run again.
         ref = self._current_fork_ref(context)
-        return ref is not None and self._decide_or_wait(context, ref)
+        if ref is None:
+            self._end_if_fork_wait_over(_waiting_since(context))
+            return False
+        return self._decide_or_wait(context, ref)
+
+    def _end_if_fork_wait_over(self, since: datetime) -> None:
+        """Raise ``AirflowSensorTimeout`` once ``fork_wait_timeout`` has passed since ``since`` (the fork
+        has not completed: the caller found no audit run of its current try)."""
+        if datetime.now(timezone.utc) < since + self.fork_wait_timeout:
+            return
+        raise AirflowSensorTimeout(
+            f"{self.task_id}: fork {self.fork_task_id!r} did not complete within fork_wait_timeout "
+            f"({self.fork_wait_timeout}) of the coalesce's first poke at {since.isoformat()}; "
+            "nothing to coalesce"
+        )
+
+    def _sensor_timeout_left(self, since: datetime) -> timedelta:
+        """What is left of Airflow's sensor timeout (``self.timeout``) since ``since``; past it, the
+        ``AirflowSensorTimeout`` Airflow's own sensor loop raises in the other modes."""
+        waited = datetime.now(timezone.utc) - since
+        left = timedelta(seconds=self.timeout) - waited
+        if left <= timedelta(0):
+            raise AirflowSensorTimeout(
+                f"Sensor has timed out; run duration of {waited.total_seconds()} seconds exceeds "
+                f"the specified timeout of {self.timeout}."
+            )
+        return left
 
     def finalize(self, context: Context, ended_state: str) -> dict[str, Any] | None:
         """After this coalesce ended for good: decide what can be, close every other row.
@@ -400,12 +432,18 @@ class CoalesceSensor(BaseSensorOperator):
         Waits in the triggerer (:class:`~airflow_elspeth.triggers.coalesce.CoalesceTrigger`), which
         runs this same pass whenever it has something to decide (so rows are decided, and branches
         skip them, while the task is deferred) and wakes the task once every row is decided;
-        deferred before the fork completed, the trigger finds the fork's audit run itself. Under
-        ``dag.test()`` a trigger runs inline and would block the very branches it waits for, so the
-        task reschedules itself instead (freeing its slot too).
+        deferred before the fork completed, the trigger finds the fork's audit run itself, and
+        resumes the task at ``fork_wait_timeout`` if the fork has not completed by then (this pass
+        then ends the task as a poke would). The deferral's timeout is what is left of Airflow's
+        sensor timeout: the backstop if the trigger never runs (no triggerer), ended by Airflow as
+        a sensor timeout. Under ``dag.test()`` a trigger runs inline and would block the very
+        branches it waits for, so the task reschedules itself instead (freeing its slot too).
         """
+        since = _waiting_since(context)
         ref = self._current_fork_ref(context)
-        if ref is not None and self._decide_or_wait(context, ref):
+        if ref is None:
+            self._end_if_fork_wait_over(since)
+        elif self._decide_or_wait(context, ref):
             return self.report(context)
         if _triggers_run_inline(context):
             raise AirflowRescheduleException(_reschedule_date(self.poke_interval))
@@ -421,8 +459,10 @@ class CoalesceSensor(BaseSensorOperator):
                 audit_conn_id=self.audit_conn_id,
                 poll_interval=float(self.poke_interval),
                 fork_task_id=self.fork_task_id,
+                fork_wait_until=since + self.fork_wait_timeout,
             ),
             method_name="execute_complete",
+            timeout=self._sensor_timeout_left(since),
         )
         return None
 
@@ -541,6 +581,14 @@ def _try_start(context: Context) -> datetime:
     """When this run of the task started (Airflow's record of it, else now)."""
     started: datetime | None = context["ti"].start_date
     return started or datetime.now(timezone.utc)
+
+
+def _waiting_since(context: Context) -> datetime:
+    """Since when this coalesce waits, as Airflow's sensor timeout counts it: its first reschedule
+    (reschedule mode, and deferrable under ``dag.test()``), else this try's start (which Airflow
+    keeps across deferrals)."""
+    first_reschedule: datetime | None = context["ti"].get_first_reschedule_date(context)
+    return first_reschedule or _try_start(context)
 
 
 def _transient_horizon(timeout: timedelta, context: Context) -> datetime:

@@ -1,23 +1,26 @@
-"""CoalesceTrigger: decide a deferred coalesce's rows in the triggerer; resume it once all are decided."""
+"""CoalesceTrigger: decide a deferred coalesce's rows in the triggerer; resume it once all are decided.
+
+The triggerer imports this module on its event loop, so it imports nothing heavy: the audit layer
+(SQLAlchemy, the store) is imported in the trigger's worker threads, where its blocking work runs.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass
-from datetime import datetime, timezone
-from typing import Any
+from datetime import datetime, timedelta, timezone
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from airflow.triggers.base import BaseTrigger, TriggerEvent
-from asgiref.sync import sync_to_async
-from sqlalchemy import Engine
 
-from airflow_elspeth.audit.coalesce import CoalesceSpec, WaitResult, coalesce_pass, waiting_poll
-from airflow_elspeth.audit.dml import TRANSIENT_ERROR_GRACE
-from airflow_elspeth.audit.read.runs import newest_completed_run
-from airflow_elspeth.audit.store import AuditStore
 from airflow_elspeth.core.vocabulary import ENDED_TASK_STATES, TASK_SUCCESS, NodeType
+
+if TYPE_CHECKING:
+    from sqlalchemy import Engine
+
+    from airflow_elspeth.audit.coalesce import CoalesceSpec, WaitResult
 
 # A failed poll (audit DB or Task SDK unreachable) is "not yet": polls back off up to this long, and
 # the task is told only once the failures outlast the deadline (or, before the deadline is known,
@@ -30,6 +33,24 @@ MIN_SLEEP_SECONDS = 0.2
 # the "scheduled" case). A few seconds of latency on a resume is cheap; a failed coalesce is not.
 MIN_DEFERRAL_SECONDS = 10.0
 DEADLINE_MARGIN_SECONDS = 0.05
+
+T = TypeVar("T")
+
+
+async def off_loop(call: Callable[..., T], *args: Any) -> T:
+    """``call(*args)`` in a worker thread. Everything that may block (a connection lookup through the
+    Task SDK, engine creation, SQL, task states, imports) goes through here: a blocked event loop
+    stalls every trigger of the triggerer, and a long one makes Airflow declare it deadlocked."""
+    return await asyncio.to_thread(call, *args)
+
+
+def load_spec(spec: dict[str, Any]) -> tuple[CoalesceSpec, timedelta]:
+    """The coalesce's spec and the audit layer's transient-error grace (blocks: the first call imports
+    the audit layer)."""
+    from airflow_elspeth.audit.coalesce import CoalesceSpec
+    from airflow_elspeth.audit.dml import TRANSIENT_ERROR_GRACE
+
+    return CoalesceSpec.from_dict(spec), TRANSIENT_ERROR_GRACE
 
 
 @dataclass(frozen=True)
@@ -45,7 +66,9 @@ class CoalesceTrigger(BaseTrigger):
 
     Deferred before its fork has completed (``run_id`` None), it first watches the fork task: once
     it succeeded, the fork's newest audit run is the one to wait on (and the task is not woken for
-    it); when the fork ends otherwise, the task resumes to fail.
+    it); when the fork ends otherwise, or has not completed by ``fork_wait_until`` (the sensor's
+    ``fork_wait_timeout``, which it keeps by itself), the task resumes to fail as it would in
+    reschedule mode.
 
     Then every poll looks read-only (:func:`~airflow_elspeth.audit.coalesce.waiting_poll`) for
     something to write: a chunk whose inputs (deliveries, recorded task losses, whether the
@@ -61,8 +84,9 @@ class CoalesceTrigger(BaseTrigger):
     nothing left, and reports), or the audit run is gone; never within ``MIN_DEFERRAL_SECONDS`` of
     starting, which only delays the task's report, not a decision.
 
-    It holds no connection between polls. Database work runs in worker threads
-    (``sync_to_async(thread_sensitive=False)``), never on the triggerer's event loop; branch task
+    It holds no connection between polls. Everything that may block (the audit layer's import, the
+    connection lookup, the engine, task states, SQL) runs in worker threads (:func:`off_loop`),
+    never on the triggerer's event loop, which every trigger of the triggerer shares; branch task
     states come from ``RuntimeTaskInstance.get_task_states``, one task id per call (mapped tasks
     come back as ``<task_id>_<map_index>``). The audit engine is the process-wide cached one (one
     pool per audit database for every trigger in the triggerer), resolved once per trigger.
@@ -74,6 +98,8 @@ class CoalesceTrigger(BaseTrigger):
     :param audit_conn_id: the audit store connection (default resolution when None).
     :param poll_interval: seconds between polls.
     :param fork_task_id: the fork task (needed when ``run_id`` is None).
+    :param fork_wait_until: when to stop waiting for the fork to complete; None (a trigger deferred
+        by a release without it): no limit of its own.
     """
 
     def __init__(
@@ -86,6 +112,7 @@ class CoalesceTrigger(BaseTrigger):
         audit_conn_id: str | None = None,
         poll_interval: float = 10.0,
         fork_task_id: str | None = None,
+        fork_wait_until: datetime | None = None,
     ) -> None:
         if run_id is None and fork_task_id is None:
             raise ValueError("CoalesceTrigger needs the audit run_id or the fork_task_id to find it")
@@ -97,6 +124,7 @@ class CoalesceTrigger(BaseTrigger):
         self.audit_conn_id = audit_conn_id
         self.poll_interval = float(poll_interval)
         self.fork_task_id = fork_task_id
+        self.fork_wait_until = fork_wait_until
         self._engine: Engine | None = None
         self._deadline: datetime | None = None
         # chunk -> signature at which a read-only replay found nothing to decide
@@ -114,11 +142,12 @@ class CoalesceTrigger(BaseTrigger):
                 "audit_conn_id": self.audit_conn_id,
                 "poll_interval": self.poll_interval,
                 "fork_task_id": self.fork_task_id,
+                "fork_wait_until": self.fork_wait_until,
             },
         )
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
-        spec = CoalesceSpec.from_dict(self.spec)
+        spec, error_grace = await off_loop(load_spec, self.spec)
         started = time.monotonic()
         started_at = datetime.now(timezone.utc)
         errors = 0
@@ -128,10 +157,10 @@ class CoalesceTrigger(BaseTrigger):
                     result = await self.wait_for_fork()
                 else:
                     states = await self.task_states(spec)
-                    result = await sync_to_async(self.poll, thread_sensitive=False)(spec, states)
+                    result = await off_loop(self.poll, spec, states)
             except Exception as err:  # any failure to poll is transient until the grace runs out
                 errors += 1
-                give_up_at = (self._deadline or started_at) + TRANSIENT_ERROR_GRACE
+                give_up_at = (self._deadline or started_at) + error_grace
                 self.log.warning(
                     "coalesce %s: poll failed (%d in a row; the task is told after %s): %s: %s",
                     spec.node_id,
@@ -173,15 +202,14 @@ class CoalesceTrigger(BaseTrigger):
         }
 
     async def wait_for_fork(self) -> PollResult:
-        """Before the fork completed: resume if it ended otherwise, adopt its audit run if it succeeded."""
+        """Before the fork completed: adopt its audit run if it succeeded; resume the task if it ended
+        otherwise or ``fork_wait_until`` passed (sleeping no longer than until then)."""
         if self.fork_task_id is None:
             raise ValueError("wait_for_fork needs the fork task id")
         state = (await self.states_of([self.fork_task_id])).get(self.fork_task_id)
         if state == TASK_SUCCESS:
             # The fork's XCom is this try's now; its newest audit run is the one it pushed.
-            found = await sync_to_async(newest_completed_run, thread_sensitive=False)(
-                self.engine(), self.dag_id, self.airflow_run_id, self.fork_task_id
-            )
+            found = await off_loop(self.newest_fork_run)
             if found is None:
                 return PollResult("fork succeeded without an audit run")
             self.log.info("fork %s completed: waiting on audit run %s", self.fork_task_id, found)
@@ -189,26 +217,52 @@ class CoalesceTrigger(BaseTrigger):
             return PollResult(None, sleep_at_most=0)
         if state in ENDED_TASK_STATES:
             return PollResult(f"fork {self.fork_task_id} ended {state}")
-        return PollResult(None)
+        if self.fork_wait_until is None:
+            return PollResult(None)
+        left = (self.fork_wait_until - datetime.now(timezone.utc)).total_seconds()
+        if left <= 0:
+            return PollResult(
+                f"fork {self.fork_task_id} has not completed by {self.fork_wait_until.isoformat()} "
+                "(fork_wait_timeout)"
+            )
+        return PollResult(None, sleep_at_most=max(left + DEADLINE_MARGIN_SECONDS, MIN_SLEEP_SECONDS))
 
     async def task_states(self, spec: CoalesceSpec) -> dict[str, str]:
         """States of the branch steps that deliver arrivals."""
         return await self.states_of(dict.fromkeys(spec.delivering.values()))
 
     async def states_of(self, task_ids: Iterable[str]) -> dict[str, str]:
-        """Task states of this DAG run through the Task SDK, one task id per call."""
+        """Task states of this DAG run through the Task SDK (in a worker thread)."""
+        return await off_loop(self.task_states_now, list(task_ids))
+
+    def task_states_now(self, task_ids: Iterable[str]) -> dict[str, str]:
+        """Task states of this DAG run through the Task SDK, one task id per call (blocks: each is a
+        round trip to the triggerer's supervisor)."""
         from airflow.sdk.execution_time.task_runner import RuntimeTaskInstance
 
-        get_states = sync_to_async(RuntimeTaskInstance.get_task_states, thread_sensitive=False)
         states: dict[str, str] = {}
         for task_id in task_ids:
-            found = await get_states(dag_id=self.dag_id, task_ids=[task_id], run_ids=[self.airflow_run_id])
+            found = RuntimeTaskInstance.get_task_states(
+                dag_id=self.dag_id, task_ids=[task_id], run_ids=[self.airflow_run_id]
+            )
             run_states = (found or {}).get(self.airflow_run_id, {})
             states.update({key: str(state) for key, state in run_states.items() if state is not None})
         return states
 
+    def newest_fork_run(self) -> str | None:
+        """The newest completed audit run of the fork in this DAG run (blocks: SQL)."""
+        if self.fork_task_id is None:
+            raise ValueError("newest_fork_run needs the fork task id")
+        from airflow_elspeth.audit.read.runs import newest_completed_run
+
+        return newest_completed_run(self.engine(), self.dag_id, self.airflow_run_id, self.fork_task_id)
+
     def engine(self) -> Engine:
-        """The process-wide engine of the audit store, resolved once per trigger (no migration)."""
+        """The process-wide engine of the audit store, resolved once per trigger (no migration).
+
+        Blocks (a connection lookup through the Task SDK, perhaps the engine's creation): called
+        only from the worker threads of :meth:`poll` and :meth:`newest_fork_run`.
+        """
         if self._engine is None:
             from airflow_elspeth.audit.engine import engine_for_url
             from airflow_elspeth.hooks.audit import ElspethAuditHook
@@ -222,6 +276,8 @@ class CoalesceTrigger(BaseTrigger):
         :func:`~airflow_elspeth.audit.coalesce.waiting_poll`; when it finds something to write, the
         coalesce's own pass, here; then why to resume the task (None: not yet) and how long to sleep.
         """
+        from airflow_elspeth.audit.coalesce import waiting_poll
+
         if self.run_id is None:
             raise ValueError("poll needs the audit run (wait_for_fork finds it first)")
         found = waiting_poll(self.engine(), spec, self.run_id, task_states, self._undecidable)
@@ -247,6 +303,9 @@ class CoalesceTrigger(BaseTrigger):
         finds the rows already decided and writes nothing twice (primary keys, ``ON CONFLICT DO
         NOTHING``). Resumes the task only once every row is decided.
         """
+        from airflow_elspeth.audit.coalesce import WaitResult, coalesce_pass
+        from airflow_elspeth.audit.store import AuditStore
+
         store = AuditStore(self.engine())
         if run_id not in self._registered:  # deferred before the fork completed: the sensor did not
             store.register_node(run_id, spec.node_id, NodeType.COALESCE, None, spec.as_dict())

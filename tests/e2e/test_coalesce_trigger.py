@@ -15,7 +15,9 @@ import pytest
 from sqlalchemy import Engine, text
 
 from airflow_elspeth.audit import coalesce as pass_module
+from airflow_elspeth.audit import dml
 from airflow_elspeth.audit.coalesce import CoalesceSpec, coalesce_pass
+from airflow_elspeth.audit.read import runs
 from airflow_elspeth.audit.store import (
     COMPLETED,
     AuditStore,
@@ -136,13 +138,17 @@ async def until_written(
 
 
 class FakeTaskSDK:
-    """``RuntimeTaskInstance.get_task_states`` answering from a dict, recording every call."""
+    """``RuntimeTaskInstance.get_task_states`` answering from a dict, recording every call
+    (``respond``, which a test may replace with a slower one)."""
 
     def __init__(self, states: dict[str, str] | None = None) -> None:
         self.states: dict[str, str] = dict(states or {})
         self.calls: list[dict[str, Any]] = []
 
-    def __call__(
+    def __call__(self, *args: Any, **kw: Any) -> Any:
+        return self.respond(*args, **kw)
+
+    def respond(
         self, dag_id: str, task_ids: list[str] | None = None, run_ids: list[str] | None = None, **kw: Any
     ) -> Any:
         self.calls.append({"dag_id": dag_id, "task_ids": list(task_ids or []), "run_ids": run_ids})
@@ -174,7 +180,9 @@ def store_url(audit_url: str, monkeypatch: pytest.MonkeyPatch) -> str:
     return audit_url
 
 
-def new_trigger(spec: CoalesceSpec, run_id: str | None, poll: float = 0.2) -> CoalesceTrigger:
+def new_trigger(
+    spec: CoalesceSpec, run_id: str | None, poll: float = 0.2, fork_wait_until: datetime | None = None
+) -> CoalesceTrigger:
     return CoalesceTrigger(
         spec=spec.as_dict(),
         run_id=run_id,
@@ -182,6 +190,7 @@ def new_trigger(spec: CoalesceSpec, run_id: str | None, poll: float = 0.2) -> Co
         airflow_run_id=AIRFLOW_RUN,
         poll_interval=poll,
         fork_task_id="fork",
+        fork_wait_until=fork_wait_until,
     )
 
 
@@ -215,7 +224,9 @@ def test_serializes_and_reinstantiates_through_the_triggerer_encoding() -> None:
     from airflow.models.trigger import Trigger
     from airflow.serialization.decoders import smart_decode_trigger_kwargs
 
-    original = new_trigger(make_spec("quorum"), "run-1", poll=7.5)
+    original = new_trigger(
+        make_spec("quorum"), "run-1", poll=7.5, fork_wait_until=datetime(2026, 1, 1, 6, tzinfo=timezone.utc)
+    )
     classpath, kwargs = original.serialize()
     assert classpath == "airflow_elspeth.triggers.coalesce.CoalesceTrigger"
     # the triggerer's path: encrypted at defer time, decrypted and decoded in the trigger runner
@@ -231,6 +242,9 @@ def test_serializes_and_reinstantiates_through_the_triggerer_encoding() -> None:
     # before its fork completed, it is serialised without an audit run
     waiting = new_trigger(make_spec(), None)
     assert CoalesceTrigger(**waiting.serialize()[1]).serialize() == waiting.serialize()
+    # one deferred by a release without fork_wait_until comes back from its stored kwargs
+    stored_by_0_1 = {k: v for k, v in kwargs.items() if k != "fork_wait_until"}
+    assert CoalesceTrigger(**stored_by_0_1).fork_wait_until is None
 
 
 def test_needs_the_run_or_the_fork() -> None:
@@ -377,6 +391,32 @@ def test_a_fork_that_failed_wakes_it_to_fail(store_url: str, sdk: FakeTaskSDK) -
     )
 
 
+def test_a_fork_not_complete_by_fork_wait_until_wakes_it(store_url: str, sdk: FakeTaskSDK) -> None:
+    """The trigger keeps the sensor's fork_wait_timeout itself (the resumed task then ends as a
+    reschedule-mode poke would: tests/unit/test_operator_units.py), woken by it, not by its poll."""
+    sdk.states["fork"] = "running"
+    until = datetime.now(timezone.utc) + timedelta(seconds=2)
+    trigger = new_trigger(make_spec(), None, poll=60.0, fork_wait_until=until)
+    started = time.monotonic()
+    event = run(first_event(trigger, timeout=EVENT_WAIT))
+    assert datetime.now(timezone.utc) >= until
+    assert time.monotonic() - started < 30.0  # the wait's end woke it, not the 60 s poll interval
+    assert event is not None and event["status"] == "ready" and event["run_id"] is None
+    assert event["reason"] == f"fork fork has not completed by {until.isoformat()} (fork_wait_timeout)"
+
+
+def test_a_fork_that_completes_in_time_is_adopted_whatever_fork_wait_until(
+    store_url: str, sdk: FakeTaskSDK
+) -> None:
+    from airflow_elspeth.audit.engine import engine_for_url
+
+    run_id = fork(engine_for_url(store_url))
+    past = datetime.now(timezone.utc) - timedelta(seconds=1)  # succeeded: the limit no longer matters
+    trigger = new_trigger(make_spec(), None, poll=0.1, fork_wait_until=past)
+    assert run(first_event(trigger, timeout=1.5)) is None
+    assert trigger.run_id == run_id
+
+
 def test_reads_task_states_one_task_id_per_call(store_url: str, sdk: FakeTaskSDK) -> None:
     from airflow_elspeth.audit.engine import engine_for_url
 
@@ -420,7 +460,7 @@ def test_transient_poll_errors_are_retried_then_reported(store_url: str, sdk: Fa
     # Once the failures outlast the deadline and the grace, the task is told.
     trigger._deadline = datetime.now(timezone.utc) - timedelta(seconds=1)
     with (
-        mock.patch.object(trigger_module, "TRANSIENT_ERROR_GRACE", timedelta(0)),
+        mock.patch.object(dml, "TRANSIENT_ERROR_GRACE", timedelta(0)),
         mock.patch.object(trigger, "poll", side_effect=RuntimeError("db down")),
     ):
         event = run(first_event(trigger, timeout=EVENT_WAIT))
@@ -581,7 +621,7 @@ def test_two_trigger_instances_decide_each_row_once(store_url: str, sdk: FakeTas
     deliver(engine, run_id, "left", chunk_size=1)
     deliver(engine, run_id, "right", chunk_size=1)
     passes = [0]
-    real_pass = trigger_module.coalesce_pass
+    real_pass = pass_module.coalesce_pass
 
     def counted(*args: Any, **kw: Any) -> Any:
         passes[0] += 1
@@ -591,7 +631,7 @@ def test_two_trigger_instances_decide_each_row_once(store_url: str, sdk: FakeTas
         triggers = [new_trigger(spec, run_id, poll=0.05) for _ in range(2)]
         return list(await asyncio.gather(*(first_event(t, timeout=EVENT_WAIT) for t in triggers)))
 
-    with mock.patch.object(trigger_module, "coalesce_pass", side_effect=counted):
+    with mock.patch.object(pass_module, "coalesce_pass", side_effect=counted):
         events = run(both())
     assert [e and e["reason"] for e in events] == ["every row decided"] * 2
     assert passes[0] >= 2  # both ran a pass (the same snapshot made both see rows to decide)
@@ -604,3 +644,126 @@ def test_two_trigger_instances_decide_each_row_once(store_url: str, sdk: FakeTas
     )
     assert per_token == 1
     assert integrity(engine, run_id) == []
+
+
+# -- the triggerer's event loop ------------------------------------------------------------------------
+
+# How long each blocking call of the trigger takes in the loop-lag test: long enough that one made on
+# the loop's thread stalls the loop far beyond what a loaded machine's scheduling does to it, so the
+# test tells "ran on the loop" from "ran off it" whatever the machine's speed. The limit is the
+# triggerer's own ([triggerer] blocked_main_thread_warning_threshold: it logs a blocked loop beyond).
+BLOCKING_CALL = 0.5
+LOOP_STALL_LIMIT = 0.2
+
+
+def test_the_trigger_never_blocks_the_event_loop(
+    store_url: str, sdk: FakeTaskSDK, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Deferred before its fork completed, the trigger looks up its connection, creates its engine,
+    watches the fork, adopts its audit run and decides the rows on a real audit store, each of those
+    calls made slow; a watchdog on the same loop measures how late its 10 ms sleeps wake."""
+    from collections import Counter
+
+    from airflow_elspeth.audit import engine as engine_module
+    from airflow_elspeth.hooks.audit import ElspethAuditHook
+
+    engine = engine_module.engine_for_url(store_url)
+    spec = make_spec("require_all")
+    sdk.states["fork"] = "running"
+    run_id = fork(engine, complete=False)
+    engine_module.dispose_engine(store_url)  # the trigger creates its engine (the test's still works)
+    calls: Counter[str] = Counter()
+
+    def slowed(name: str, call: Any) -> Any:
+        def slow(*args: Any, **kwargs: Any) -> Any:
+            calls[name] += 1
+            time.sleep(BLOCKING_CALL)
+            return call(*args, **kwargs)
+
+        return slow
+
+    lookup = ElspethAuditHook.get_connection
+    monkeypatch.setattr(
+        ElspethAuditHook,
+        "get_connection",
+        classmethod(lambda cls, conn_id: slowed("connection lookup", lookup)(conn_id)),
+    )
+    monkeypatch.setattr(
+        engine_module, "create_audit_engine", slowed("engine creation", engine_module.create_audit_engine)
+    )
+    from_dict = CoalesceSpec.from_dict
+    monkeypatch.setattr(CoalesceSpec, "from_dict", classmethod(lambda cls, d: slowed("spec", from_dict)(d)))
+    for module, name in (
+        (runs, "newest_completed_run"),
+        (pass_module, "waiting_poll"),
+        (pass_module, "coalesce_pass"),
+    ):
+        monkeypatch.setattr(module, name, slowed(name, getattr(module, name)))
+    sdk.respond = slowed("task states", sdk.respond)
+
+    async def scenario() -> tuple[dict[str, Any] | None, list[float]]:
+        lags: list[float] = []
+        stop = asyncio.Event()
+
+        async def watchdog() -> None:
+            while not stop.is_set():
+                before = time.monotonic()
+                await asyncio.sleep(0.01)
+                lags.append(time.monotonic() - before - 0.01)
+
+        async def until(done: Any, what: str) -> None:
+            started = time.monotonic()
+            while not done():
+                assert time.monotonic() - started < EVENT_WAIT, f"never saw {what}"
+                await asyncio.sleep(0.05)
+
+        watching = asyncio.create_task(watchdog())
+        trigger = new_trigger(spec, None, poll=0.1)
+        event = asyncio.create_task(first_event(trigger, timeout=EVENT_WAIT))
+        await until(lambda: calls["task states"] >= 2, "the trigger look at the running fork")
+        # the test's own writes run in threads too: they must not stall the loop it measures
+        await asyncio.to_thread(AuditStore(engine).complete_run, run_id, rows_total=ROWS, chunks_total=1)
+        sdk.states["fork"] = "success"
+        await until(lambda: trigger.run_id == run_id, "the trigger adopt the fork's audit run")
+        for branch in BRANCHES:
+            await asyncio.to_thread(deliver, engine, run_id, branch)
+        fired = await event
+        stop.set()
+        await watching
+        return fired, lags
+
+    fired, lags = run(scenario())
+    assert fired is not None and fired["reason"] == "every row decided", fired
+    assert decisions(engine, run_id) == dict.fromkeys(range(ROWS), "merged")
+    # every blocking call was made (slowly), and none of them on the loop
+    assert set(calls) == {
+        "connection lookup",
+        "engine creation",
+        "spec",
+        "task states",
+        "newest_completed_run",
+        "waiting_poll",
+        "coalesce_pass",
+    }, calls
+    assert calls["engine creation"] == 1
+    worst = sorted(lags, reverse=True)[:5]
+    assert max(lags) < LOOP_STALL_LIMIT, f"the event loop stalled {worst} s (calls: {dict(calls)})"
+
+
+def test_the_trigger_module_imports_nothing_that_blocks() -> None:
+    """The triggerer imports a trigger's module on its event loop: this one leaves the audit layer
+    (SQLAlchemy, the store) to the trigger's worker threads."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys, airflow.triggers.base; loaded = set(sys.modules); "
+        "import airflow_elspeth.triggers.coalesce; "
+        "print(sorted(m for m in set(sys.modules) - loaded if not m.startswith('airflow_elspeth.core')))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert done.stdout.strip().splitlines()[-1] == str(
+        ["airflow_elspeth.exceptions", "airflow_elspeth.triggers", "airflow_elspeth.triggers.coalesce"]
+    )

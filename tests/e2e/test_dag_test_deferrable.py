@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -45,14 +46,14 @@ def inline_env(audit_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]
     yield audit_url
 
 
-def _load_dag():  # type: ignore[no-untyped-def]
+def _load_dag(module_name: str = "e2e_inline_deferrable", name: str = "dag"):  # type: ignore[no-untyped-def]
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("e2e_inline_deferrable", DAGS / "e2e_inline_deferrable.py")
+    spec = importlib.util.spec_from_file_location(module_name, DAGS / f"{module_name}.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.dag
+    return getattr(module, name)
 
 
 def test_deferrable_coalesce_started_before_its_branches_merges_their_arrivals(
@@ -113,3 +114,60 @@ def test_deferrable_coalesce_started_before_its_branches_merges_their_arrivals(
     for decision, reason, consumed, missing in rows:
         assert (decision, reason) == ("merged", None)
         assert sorted(json.loads(consumed)) == ["a", "b"] and json.loads(missing) == {}
+
+
+@pytest.mark.parametrize(("name", "ended"), [("fork_wait", "failed"), ("fork_wait_soft", "skipped")])
+def test_a_deferrable_coalesce_whose_fork_does_not_complete_ends_at_fork_wait_timeout(
+    metadata_db: str, inline_env: str, name: str, ended: str
+) -> None:
+    """Failed with AirflowSensorTimeout (no retry although it has retries), or skipped with
+    soft_fail; the fork completing afterwards leaves nothing open: its finalizer closes every row."""
+    from airflow import settings
+    from airflow.models.taskinstance import TaskInstance
+    from sqlalchemy import select, text
+
+    from airflow_elspeth.audit.engine import engine_for_url
+    from airflow_elspeth.audit.read.verify import verify_run
+
+    dag = _load_dag("e2e_inline_fork_wait", name)
+    dag_run = dag.test()
+    assert str(dag_run.state) == ("failed" if ended == "failed" else "success")
+    session = settings.Session()
+    try:
+        tis = {
+            ti.task_id: ti
+            for ti in session.scalars(
+                select(TaskInstance).where(
+                    TaskInstance.dag_id == dag.dag_id, TaskInstance.run_id == dag_run.run_id
+                )
+            )
+        }
+    finally:
+        session.close()
+    states = {task_id: str(ti.state) for task_id, ti in tis.items()}
+    assert states == {
+        **dict.fromkeys(("fork_gate", "fork", "branch_gate", "a", "b", "consensus_finalize"), "success"),
+        "consensus": ended,
+    }
+    assert tis["consensus"].try_number == 1 and tis["consensus"].max_tries == 2  # not retried
+    # it gave up at fork_wait_timeout (3 s), not at Airflow's sensor timeout (3 s + 20 s + 10 min)
+    waited = tis["consensus"].end_date - dag_run.start_date
+    assert timedelta(seconds=3) <= waited < timedelta(minutes=10), waited
+
+    engine = engine_for_url(inline_env)
+    with engine.connect() as conn:
+        run = (
+            conn.execute(
+                text("SELECT * FROM runs WHERE dag_id = :dag AND airflow_run_id = :run"),
+                {"dag": dag.dag_id, "run": dag_run.run_id},
+            )
+            .mappings()
+            .one()
+        )
+        decided = conn.execute(
+            text("SELECT decision, failure_reason FROM coalesce_decisions WHERE run_id = :r"),
+            {"r": run["run_id"]},
+        ).all()
+    # the finalizer closed every row before the branches answered (their answers recorded late)
+    assert [tuple(d) for d in decided] == [("failed", f"coalesce_task_{ended}")] * 3
+    assert verify_run(engine, dict(run)) == []

@@ -1,15 +1,17 @@
 """The deferrable coalesce on the real scheduler + triggerer: deferred while the branches run (no
 worker slot, no pool slot), and deciding at its deadline although a branch hangs, which then skips
-the rows decided while it hangs."""
+the rows decided while it hangs; ended at ``fork_wait_timeout`` when its fork has not completed; and
+never blocking the triggerer's event loop (the last test reads the triggerer's log)."""
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from datetime import datetime, timedelta
 
 import pytest
-from e2e_harness import AirflowStack, AuditDB, verify_clean, wait_until
+from e2e_harness import AirflowStack, AuditDB, task_log_tail, verify_clean, wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.postgres, pytest.mark.timeout(420)]
 
@@ -130,3 +132,94 @@ def test_deferred_without_a_slot_while_branches_run_then_decides_at_the_deadline
     assert outcomes()[("hung", "late")] == 1
     assert audit.scalar("SELECT count(*) FROM coalesce_decisions WHERE run_id = :run", run=run["run_id"]) == 6
     verify_clean(stack, audit, "--run-id", run["run_id"])
+
+
+FORK_WAIT_DAG = "e2e_deferred_fork_wait"
+# How far before a trigger's first log line (after its last) a blocked-loop warning is still its.
+STALL_LOG_SLACK = timedelta(seconds=2)
+
+
+def test_deferred_before_a_fork_that_does_not_complete_it_ends_at_fork_wait_timeout(
+    airflow_stack: AirflowStack, audit: AuditDB
+) -> None:
+    stack = airflow_stack
+    stack.wait_dag(FORK_WAIT_DAG)
+    stack.unpause(FORK_WAIT_DAG)
+    state_dir = stack.state_dir / FORK_WAIT_DAG
+    state_dir.mkdir(parents=True, exist_ok=True)
+    run_id = stack.trigger(FORK_WAIT_DAG)
+    try:
+        seen: set[str | None] = set()
+
+        def coalesce_ended() -> bool:
+            states = stack.task_states(FORK_WAIT_DAG, run_id)
+            seen.add(states.get("consensus"))
+            assert states.get("fork") in (None, "scheduled", "queued"), states  # held behind the gate
+            return states.get("consensus") in ("success", "failed", "skipped", "up_for_retry")
+
+        wait_until("the coalesce to give up waiting for its fork", coalesce_ended, timeout=150)
+    finally:
+        (state_dir / "release").touch()
+    assert "deferred" in seen, seen
+    consensus = {ti["task_id"]: ti for ti in stack.task_instances(FORK_WAIT_DAG, run_id)}["consensus"]
+    assert (consensus["state"], consensus["try_number"]) == ("failed", 1), consensus  # no retry
+    log = task_log_tail(
+        stack.home
+        / "logs"
+        / f"dag_id={FORK_WAIT_DAG}"
+        / f"run_id={run_id}"
+        / "task_id=consensus"
+        / "attempt=1.log",
+        200,
+    )
+    # the trigger woke it at fork_wait_timeout; the resumed task ended as a reschedule-mode poke does
+    assert "resumed by the trigger (fork fork has not completed by" in log, log
+    assert (
+        "AirflowSensorTimeout: consensus: fork 'fork' did not complete within fork_wait_timeout (0:00:20)"
+        in log
+    ), log
+    waited = _parse(consensus["end_date"]) - _parse(consensus["start_date"])
+    assert timedelta(seconds=20) <= waited < timedelta(minutes=10), waited
+
+    # released, the fork completes; the finalizer closes what the coalesce will never decide
+    final = stack.wait_run(FORK_WAIT_DAG, run_id, timeout=180)
+    assert final["state"] == "failed"
+    states = stack.task_states(FORK_WAIT_DAG, run_id)
+    assert states["consensus_finalize"] == states["fork"] == "success", states
+    run = audit.run_of(FORK_WAIT_DAG, run_id)
+    assert len(audit.decisions(run["run_id"])) == len(range(4))
+    verify_clean(stack, audit, "--run-id", run["run_id"])
+
+
+def _log_moment(line: str) -> datetime:
+    """The timestamp a triggerer or task log line starts with (``2026-01-01T00:00:00.000000Z ...``)."""
+    return _parse(line.split()[0])
+
+
+def test_the_triggerer_loop_was_never_blocked_while_a_coalesce_trigger_ran(
+    airflow_stack: AirflowStack,
+) -> None:
+    """Across the deferred coalesces this deployment ran so far (this module's, and those of any
+    module that ran before it on it; this test runs last in the module), the triggerer never logged
+    its event loop deadlocked (no word from the loop for ``runner_health_check_threshold``), nor
+    blocked (beyond ``[triggerer] blocked_main_thread_warning_threshold``, 1 s in this suite:
+    e2e_harness.py says why) while one of their triggers was being created or running; a stall
+    outside every trigger's lifetime is the machine's, not ours."""
+    lifetimes = []
+    for path in (airflow_stack.home / "logs").glob("dag_id=*/**/*.trigger.*.log"):
+        lines = [
+            json.loads(line) for line in path.read_text(errors="replace").splitlines() if line.startswith("{")
+        ]
+        # a stall is logged when it ends: one caused by creating the trigger precedes its first line
+        lifetimes.append(
+            (
+                _parse(lines[0]["timestamp"]) - STALL_LOG_SLACK,
+                _parse(lines[-1]["timestamp"]) + STALL_LOG_SLACK,
+            )
+        )
+    assert lifetimes, "no trigger ran"
+    log = (airflow_stack.proc_dir / "triggerer.log").read_text(errors="replace").splitlines()
+    deadlocked = [line for line in log if "appears deadlocked" in line]
+    blocked = [line for line in log if "async thread was blocked" in line]
+    ours = [line for line in blocked if any(start <= _log_moment(line) <= end for start, end in lifetimes)]
+    assert deadlocked + ours == [], "\n".join(deadlocked + ours)

@@ -17,6 +17,7 @@ from airflow.sdk import DAG
 from airflow.sdk.exceptions import (
     AirflowFailException,
     AirflowRescheduleException,
+    AirflowSensorTimeout,
     AirflowSkipException,
     TaskDeferred,
 )
@@ -239,6 +240,99 @@ def test_resumed_by_an_ordinary_event_defers_again_while_rows_are_open() -> None
 
     with pytest.raises(TaskDeferred):
         sensor.execute_complete(context(ti), {"status": "progress", "reason": "quorum_reached"})
+
+
+def test_the_deferral_carries_the_fork_wait_and_what_is_left_of_airflows_sensor_timeout() -> None:
+    _, sensor = build(deferrable=True, timeout=60, fork_wait_timeout=timedelta(hours=2))
+    ti = FakeTI(states={"fork": "running"})
+    ti.start_date = datetime.now(timezone.utc) - timedelta(hours=1)  # deferred an hour ago, resumed
+
+    with pytest.raises(TaskDeferred) as deferred:
+        sensor.execute_complete(context(ti), {"status": "ready", "reason": "fork fork ended success"})
+
+    # the trigger ends the wait for the fork itself, at the sensor's fork_wait_timeout
+    assert deferred.value.trigger.serialize()[1]["fork_wait_until"] == ti.start_date + timedelta(hours=2)
+    # Airflow's deferral timeout is the backstop: the sensor timeout, counted from the same start
+    left = timedelta(hours=2, seconds=60) + FRAMEWORK_TIMEOUT_MARGIN - timedelta(hours=1)
+    assert deferred.value.timeout is not None
+    assert left - timedelta(seconds=30) < deferred.value.timeout <= left
+
+
+MODES = ["reschedule", "deferrable", "resumed"]
+
+
+def _wait_in(mode: str, sensor: CoalesceSensor, ti: FakeTI) -> Any:
+    """One look of the coalesce in ``mode``: a reschedule-mode poke, the deferrable first pass, or the
+    deferrable task resumed by its trigger (through Airflow's ``resume_execution``)."""
+    if mode == "resumed":
+        event = {"status": "ready", "reason": "fork fork has not completed by ... (fork_wait_timeout)"}
+        return sensor.resume_execution("execute_complete", {"event": event}, context(ti))
+    return sensor.execute(context(ti))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_fork_not_complete_within_fork_wait_timeout_ends_the_coalesce_in_every_mode(mode: str) -> None:
+    _, sensor = build(deferrable=mode != "reschedule", fork_wait_timeout=timedelta(minutes=5))
+    ti = FakeTI(states={"fork": "running"})
+    ti.start_date = datetime.now(timezone.utc) - timedelta(minutes=5, seconds=1)
+
+    with pytest.raises(AirflowSensorTimeout) as timed_out:
+        _wait_in(mode, sensor, ti)
+
+    assert "fork 'fork' did not complete within fork_wait_timeout (0:05:00)" in str(timed_out.value)
+    assert ("coalesce", SUMMARY_XCOM_KEY) not in ti.xcoms
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_with_soft_fail_a_fork_not_complete_within_fork_wait_timeout_skips_the_coalesce(mode: str) -> None:
+    _, sensor = build(deferrable=mode != "reschedule", soft_fail=True, fork_wait_timeout=timedelta(0))
+    ti = FakeTI(states={"fork": "queued"})
+
+    with pytest.raises(AirflowSkipException) as skipped:
+        _wait_in(mode, sensor, ti)
+
+    said = f"{skipped.value} {skipped.value.__cause__}"
+    assert "did not complete within fork_wait_timeout" in said, said
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_before_fork_wait_timeout_the_coalesce_keeps_waiting(mode: str) -> None:
+    _, sensor = build(deferrable=mode != "reschedule", fork_wait_timeout=timedelta(minutes=5))
+    ti = FakeTI(states={"fork": "running"})
+    ti.start_date = datetime.now(timezone.utc) - timedelta(minutes=4)
+
+    with pytest.raises(TaskDeferred if mode != "reschedule" else AirflowRescheduleException):
+        _wait_in(mode, sensor, ti)
+
+
+@pytest.mark.parametrize(
+    ("soft_fail", "raised"), [(False, AirflowSensorTimeout), (True, AirflowSkipException)]
+)
+def test_a_deferral_airflow_timed_out_ends_as_a_sensor_timeout(
+    soft_fail: bool, raised: type[BaseException]
+) -> None:
+    """The backstop (the trigger never ran, e.g. no triggerer): Airflow resumes the task with
+    ``__fail__`` and the trigger timeout; it ends as a reschedule-mode sensor's timeout does."""
+    from airflow.sdk.bases.operator import TRIGGER_FAIL_REPR, TriggerFailureReason
+
+    _, sensor = build(deferrable=True, soft_fail=soft_fail)
+
+    with pytest.raises(raised):
+        sensor.resume_execution(
+            TRIGGER_FAIL_REPR, {"error": TriggerFailureReason.TRIGGER_TIMEOUT}, context(FakeTI())
+        )
+
+
+def test_a_deferral_past_airflows_sensor_timeout_ends_as_the_sensor_loop_would(store: AuditStore) -> None:
+    """Rows still open once Airflow's own sensor timeout has passed (the fork completed late): the
+    task is not deferred again, it times out as a reschedule-mode sensor does."""
+    _, sensor = build(deferrable=True, timeout=60, fork_wait_timeout=timedelta(minutes=5))
+    run_id = completed_fork(store)
+    ti = FakeTI(states={"fork": "success", "ask_a": "running", "ask_b": "running"}, xcoms=fork_xcom(run_id))
+    ti.start_date = datetime.now(timezone.utc) - timedelta(minutes=16)
+
+    with pytest.raises(AirflowSensorTimeout, match="Sensor has timed out; run duration of"):
+        sensor.execute_complete(context(ti), {"status": "ready", "reason": "every row decided"})
 
 
 def test_deferrable_defaults_to_operators_default_deferrable(monkeypatch: pytest.MonkeyPatch) -> None:
