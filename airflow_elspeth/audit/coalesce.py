@@ -252,6 +252,7 @@ class WaitResult:
     deadline: datetime | None = None
     now: datetime | None = None
     pass_writes: bool = False
+    passed: PassResult | None = None  # the pass run on what the poll found (``CoalesceService.poll``)
 
 
 def waiting_poll(

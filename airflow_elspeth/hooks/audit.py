@@ -38,7 +38,10 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.pool import NullPool
 
 from airflow_elspeth.audit import migrate
+from airflow_elspeth.audit.coalesce import CoalesceSpec
 from airflow_elspeth.audit.engine import create_audit_engine, engine_for_url
+from airflow_elspeth.audit.service import CoalesceService
+from airflow_elspeth.audit.store import AuditStore
 
 CONN_TYPE = "elspeth_audit"
 DEFAULT_CONN_ID = "elspeth_audit_default"
@@ -186,6 +189,18 @@ class ElspethAuditHook(BaseHook):
 
     def get_conn(self) -> Engine:
         return self.get_engine()
+
+    def get_store(self) -> AuditStore:
+        """The audit store's writer (the fork and the branch steps write through it)."""
+        return AuditStore(self.get_engine())
+
+    def get_coalesce_service(self, spec: CoalesceSpec, *, upgrade: bool = True) -> CoalesceService:
+        """Everything one coalesce does with this store (its sensor, trigger and finalizer).
+
+        :param spec: the coalesce.
+        :param upgrade: migrate the schema on the engine's first use; the triggerer never does.
+        """
+        return CoalesceService(engine_for_url(self.get_url(), upgrade=upgrade), spec)
 
     def test_connection(self) -> tuple[bool, str]:
         """Connect and report the schema revision; never migrates (runs in the API server)."""

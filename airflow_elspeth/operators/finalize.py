@@ -6,10 +6,10 @@ from typing import Any
 
 from airflow.sdk import BaseOperator, Context
 
-from airflow_elspeth.audit.store import AuditStore
+from airflow_elspeth.coalesce_task import SUMMARY_XCOM_KEY, coalesce_spec, read_task_states
 from airflow_elspeth.core.vocabulary import TASK_SUCCESS, fork_task_run_reason
 from airflow_elspeth.hooks.audit import ElspethAuditHook
-from airflow_elspeth.sensors.coalesce import SUMMARY_XCOM_KEY
+from airflow_elspeth.operators.fork import fork_ref
 
 
 class CoalesceFinalizer(BaseOperator):
@@ -32,6 +32,8 @@ class CoalesceFinalizer(BaseOperator):
 
     :param coalesce_task_id: the coalesce this finalizer closes.
     :param fork_task_id: that coalesce's fork.
+    :param tolerated_failures: the coalesce's (copied into the summary, as the coalesce does).
+    :param tolerated_failure_rate: the coalesce's (likewise).
     :param audit_conn_id: the fork's audit store, as its coalesce resolved it (a different one is
         a structure problem: :func:`airflow_elspeth.topology.check_dag`).
     """
@@ -40,25 +42,33 @@ class CoalesceFinalizer(BaseOperator):
     _elspeth_role = "finalizer"
 
     def __init__(
-        self, *, coalesce_task_id: str, fork_task_id: str, audit_conn_id: str | None = None, **kwargs: Any
+        self,
+        *,
+        coalesce_task_id: str,
+        fork_task_id: str,
+        tolerated_failures: int = 0,
+        tolerated_failure_rate: float | None = None,
+        audit_conn_id: str | None = None,
+        **kwargs: Any,
     ) -> None:
         kwargs.setdefault("retries", 2)
         super().__init__(**kwargs)
         self.coalesce_task_id = coalesce_task_id
         self.fork_task_id = fork_task_id
+        self.tolerated_failures = tolerated_failures
+        self.tolerated_failure_rate = tolerated_failure_rate
         self.audit_conn_id = audit_conn_id
 
     def execute(self, context: Context) -> dict[str, Any] | None:
         ti = context["ti"]
-        found = ti.get_task_states(
-            dag_id=ti.dag_id, task_ids=[self.fork_task_id, self.coalesce_task_id], run_ids=[ti.run_id]
+        states = read_task_states(
+            ti.get_task_states, ti.dag_id, ti.run_id, [self.fork_task_id, self.coalesce_task_id]
         )
-        states = {key: str(value) for key, value in found.get(ti.run_id, {}).items()}
         fork_state = states.get(self.fork_task_id, "none")
         coalesce_state = states.get(self.coalesce_task_id, "none")
+        hook = ElspethAuditHook(audit_conn_id=self.audit_conn_id)
         if fork_state != TASK_SUCCESS:
-            store = AuditStore(ElspethAuditHook(audit_conn_id=self.audit_conn_id).get_engine())
-            closed = store.close_stale_runs(
+            closed = hook.get_store().close_stale_runs(
                 ti.dag_id, ti.run_id, self.fork_task_id, reason=fork_task_run_reason(fork_state)
             )
             self.log.info(
@@ -68,11 +78,18 @@ class CoalesceFinalizer(BaseOperator):
                 closed or "none",
             )
             return None
-        coalesce = self.dag.get_task(self.coalesce_task_id)
-        summary = coalesce.finalize(context, coalesce_state)
-        if summary is None:
+        # The fork's current try succeeded, so its XCom names this try's audit run.
+        ref = fork_ref(ti, self.fork_task_id)
+        if not ref:
             self.log.info("coalesce %s has no audit run of this fork try to close", self.coalesce_task_id)
             return None
+        # The coalesce as its DAG defines it now (its task's attributes, not a call into it).
+        spec = coalesce_spec(self.dag.get_task(self.coalesce_task_id))
+        service = hook.get_coalesce_service(spec)
+        branch_states = read_task_states(ti.get_task_states, ti.dag_id, ti.run_id, spec.delivering.values())
+        summary = service.finalize(ref["audit_run_id"], branch_states, coalesce_state)
+        summary["tolerated_failures"] = self.tolerated_failures
+        summary["tolerated_failure_rate"] = self.tolerated_failure_rate
         resolved = summary["rows_resolved_by_finalizer"]
         if resolved:
             self.log.warning(

@@ -15,27 +15,24 @@ from airflow.sdk.exceptions import (
     AirflowTaskTimeout,
 )
 
-from airflow_elspeth.audit.coalesce import (
-    CoalesceSpec,
-    coalesce_pass,
-    supersede_resolutions,
-)
+from airflow_elspeth.audit.coalesce import CoalesceSpec
 from airflow_elspeth.audit.dml import TRANSIENT_ERROR_GRACE, TRANSIENT_ERRORS
-from airflow_elspeth.audit.read.decisions import coalesce_summary, failure_message
-from airflow_elspeth.audit.store import AuditStore
+from airflow_elspeth.audit.read.decisions import failure_message
+from airflow_elspeth.audit.service import CoalesceService
+from airflow_elspeth.coalesce_task import SUMMARY_XCOM_KEY, coalesce_spec, read_task_states
+from airflow_elspeth.coalesce_task import output_contract as coalesce_output_contract
 from airflow_elspeth.core.config import ON_COLLISION_RECORD, MergeStrategy, Policy, coalesce_config
-from airflow_elspeth.core.vocabulary import ENDED_TASK_STATES, TASK_SUCCESS, NodeType
+from airflow_elspeth.core.vocabulary import ENDED_TASK_STATES, TASK_SUCCESS
 from airflow_elspeth.exceptions import (
     AuditStoreUnreachable,
     ElspethConfigError,
     ForkRunMissing,
-    TopologyError,
 )
 from airflow_elspeth.hooks.audit import ElspethAuditHook
+from airflow_elspeth.operators.finalize import CoalesceFinalizer
 from airflow_elspeth.operators.fork import ForkOperator, fork_ref
-from airflow_elspeth.topology import coalesce_contract, delivering_steps, fork_store
+from airflow_elspeth.topology import fork_store
 
-SUMMARY_XCOM_KEY = "coalesce_summary"
 # The key of the summary in the extra of the Asset events of the coalesce's outlets.
 ASSET_EXTRA_KEY = "elspeth_coalesce"
 # Parameters of earlier releases: passing one is an error that says what replaced it.
@@ -227,12 +224,12 @@ class CoalesceSensor(BaseSensorOperator):
 
         Downstream of the fork too: it runs once both ended, so it never closes a fork still working.
         """
-        from airflow_elspeth.operators.finalize import CoalesceFinalizer
-
         finalizer = CoalesceFinalizer(
             task_id=task_id + FINALIZER_SUFFIX,
             coalesce_task_id=self.task_id,
             fork_task_id=self.fork_task_id,
+            tolerated_failures=self.tolerated_failures,
+            tolerated_failure_rate=self.tolerated_failure_rate,
             audit_conn_id=self.audit_conn_id,
             dag=self.dag,
             task_group=self.task_group,
@@ -246,45 +243,31 @@ class CoalesceSensor(BaseSensorOperator):
     # -- what the coalesce joins ----------------------------------------------------------------
 
     def spec(self) -> CoalesceSpec:
-        """Each branch's delivering step: the BranchOperator of this fork directly upstream.
+        """Each branch's delivering step: the BranchOperator of this fork directly upstream
+        (:func:`airflow_elspeth.coalesce_task.coalesce_spec`).
 
         The DAG's structure is checked at parse time (:func:`airflow_elspeth.topology.check_dag`);
         a DAG that bypassed that check still fails here, naming the problem.
         """
         try:
-            steps = delivering_steps(self)
-            contract = self.output_contract()
+            return coalesce_spec(self)
         except ElspethConfigError as err:  # TopologyError, or a mapped step's invalid output_fields
             raise AirflowFailException(str(err)) from err
-        return CoalesceSpec(
-            node_id=self.task_id,
-            config=self.coalesce,
-            delivering={branch: task_id for branch, (task_id, _) in steps.items()},
-            mapped={branch: mapped for branch, (_, mapped) in steps.items()},
-            output_contract=contract,
-        )
 
     def output_contract(self) -> dict[str, Any] | None:
         """The contract of the rows this coalesce merges, for downstream tasks (also in the summary):
-        ``{"fields": {field: [types]}, "untyped_branches": [...]}`` from the branches' delivering
-        steps' ``output_fields`` (``union``: merged; ``select``: the selected branch's), None for
-        ``nested``. A field is certain to be in a merged row only when every branch was consumed
-        and none is untyped (an untyped branch may supply any field).
+        see :func:`airflow_elspeth.coalesce_task.output_contract`. A field is certain to be in a
+        merged row only when every branch was consumed and none is untyped (an untyped branch may
+        supply any field).
 
         :raises TopologyError: the branches declare one field with different types (the cluster
             policy refuses such a DAG at parse time; this is for a DAG that bypassed it).
         """
-        merged = coalesce_contract(self)
-        if merged is None:
-            return None
-        if merged.conflicts:
-            raise TopologyError(
-                f"coalesce {self.task_id!r}: " + "; ".join(c.message for c in merged.conflicts)
-            )
-        return merged.as_dict()
+        return coalesce_output_contract(self)
 
-    def _store(self) -> AuditStore:
-        return AuditStore(ElspethAuditHook(audit_conn_id=self.audit_conn_id).get_engine())
+    def service(self) -> CoalesceService:
+        """This coalesce's way into its fork's audit store."""
+        return ElspethAuditHook(audit_conn_id=self.audit_conn_id).get_coalesce_service(self.spec())
 
     def _fork_ref(self, context: Context) -> dict[str, Any] | None:
         """The fork's audit run, or None while the fork has not completed (fails if it never will)."""
@@ -301,13 +284,9 @@ class CoalesceSensor(BaseSensorOperator):
 
     @staticmethod
     def _task_states(context: Context, task_ids: Sequence[str]) -> dict[str, str]:
-        """Task states through the Task SDK, one task id per call (mapped keys are ``task_id_<i>``)."""
+        """Task states of this DAG run through the Task SDK (mapped keys are ``task_id_<i>``)."""
         ti = context["ti"]
-        states: dict[str, str] = {}
-        for task_id in task_ids:
-            found = ti.get_task_states(dag_id=ti.dag_id, task_ids=[task_id], run_ids=[ti.run_id])
-            states.update({k: str(v) for k, v in found.get(ti.run_id, {}).items() if v is not None})
-        return states
+        return read_task_states(ti.get_task_states, ti.dag_id, ti.run_id, task_ids)
 
     # -- deciding ---------------------------------------------------------------------------------
 
@@ -317,14 +296,14 @@ class CoalesceSensor(BaseSensorOperator):
         A try that starts after the coalesce had ended (a person cleared it) first reopens the rows
         that end resolved, so they are decided afresh.
         """
-        spec = self.spec()
-        store = self._store()
-        store.register_node(run_id, self.task_id, NodeType.COALESCE, None, spec.as_dict())
-        reopened = supersede_resolutions(store, spec, run_id, before=_try_start(context))
-        if reopened:
-            self.log.info("%s: reopened %d rows resolved when an earlier try ended", self.task_id, reopened)
-        states = self._task_states(context, list(spec.delivering.values()))
-        result = coalesce_pass(store, spec, run_id, states)
+        service = self.service()
+        states = self._task_states(context, list(service.spec.delivering.values()))
+        decided = service.decide(run_id, states, reopen_before=_try_start(context))
+        if decided.reopened:
+            self.log.info(
+                "%s: reopened %d rows resolved when an earlier try ended", self.task_id, decided.reopened
+            )
+        result = decided.result
         self.log.info(
             "%s: %d/%d rows decided (deadline %s)",
             self.task_id,
@@ -386,30 +365,6 @@ class CoalesceSensor(BaseSensorOperator):
                 f"the specified timeout of {self.timeout}."
             )
         return left
-
-    def finalize(self, context: Context, ended_state: str) -> dict[str, Any] | None:
-        """After this coalesce ended for good: decide what can be, close every other row.
-
-        Runs in the finalizer teardown (:class:`~airflow_elspeth.operators.finalize.CoalesceFinalizer`).
-        Rows the policy can decide are decided as in any pass; every row still undecidable is
-        failed with reason ``coalesce_task_<ended_state>``, its tokens given outcomes. Returns the
-        summary, or None when the fork has no audit run of this try to finalize.
-        """
-        ref = self._current_fork_ref(context)
-        if ref is None:
-            return None
-        spec = self.spec()
-        store = self._store()
-        run_id = ref["audit_run_id"]
-        store.register_node(run_id, self.task_id, NodeType.COALESCE, None, spec.as_dict())
-        states = self._task_states(context, list(spec.delivering.values()))
-        result = coalesce_pass(store, spec, run_id, states, ended_state=ended_state)
-        summary = coalesce_summary(store.engine, spec, run_id)
-        summary["coalesce_task_state"] = ended_state
-        summary["rows_resolved_by_finalizer"] = result.newly_decided
-        summary["tolerated_failures"] = self.tolerated_failures
-        summary["tolerated_failure_rate"] = self.tolerated_failure_rate
-        return summary
 
     def execute(self, context: Context) -> Any:
         if self.deferrable:
@@ -524,7 +479,7 @@ class CoalesceSensor(BaseSensorOperator):
         ref = self._fork_ref(context)
         if ref is None:
             raise ForkRunMissing(f"{self.task_id}: report needs the fork's audit run")
-        summary = coalesce_summary(self._store().engine, self.spec(), ref["audit_run_id"])
+        summary = self.service().summary(ref["audit_run_id"])
         summary["tolerated_failures"] = self.tolerated_failures
         summary["tolerated_failure_rate"] = self.tolerated_failure_rate
         ti.xcom_push(key=SUMMARY_XCOM_KEY, value=summary)

@@ -15,12 +15,11 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
-from airflow_elspeth.core.vocabulary import ENDED_TASK_STATES, TASK_SUCCESS, NodeType
+from airflow_elspeth.core.vocabulary import ENDED_TASK_STATES, TASK_SUCCESS
 
 if TYPE_CHECKING:
-    from sqlalchemy import Engine
-
-    from airflow_elspeth.audit.coalesce import CoalesceSpec, WaitResult
+    from airflow_elspeth.audit.coalesce import CoalesceSpec
+    from airflow_elspeth.audit.service import CoalesceService
 
 # A failed poll (audit DB or Task SDK unreachable) is "not yet": polls back off up to this long, and
 # the task is told only once the failures outlast the deadline (or, before the deadline is known,
@@ -75,10 +74,10 @@ class CoalesceTrigger(BaseTrigger):
     deadline passed) changed since a pass last evaluated it and that has a row to decide now
     (replayed with the pass's own :func:`~airflow_elspeth.audit.coalesce.decide_chunk`; a chunk
     found undecidable is not replayed again until its inputs change), or a branch task that ended
-    still owing tokens (its loss to record). Then it runs the coalesce's pass itself (:meth:`decide`),
-    so decisions are written as soon as they can be made, while the task is deferred, and branches
-    skip the decided rows. It sleeps no longer than until the deadline (it keeps its own clock),
-    when the pass decides every row left.
+    still owing tokens (its loss to record). Then it runs the coalesce's pass itself (both through
+    :meth:`~airflow_elspeth.audit.service.CoalesceService.poll`), so decisions are written as soon
+    as they can be made, while the task is deferred, and branches skip the decided rows. It sleeps
+    no longer than until the deadline (it keeps its own clock), when the pass decides every row left.
 
     It fires when every row is decided (``execute_complete`` runs the same pass, which finds
     nothing left, and reports), or the audit run is gone; never within ``MIN_DEFERRAL_SECONDS`` of
@@ -88,8 +87,9 @@ class CoalesceTrigger(BaseTrigger):
     connection lookup, the engine, task states, SQL) runs in worker threads (:func:`off_loop`),
     never on the triggerer's event loop, which every trigger of the triggerer shares; branch task
     states come from ``RuntimeTaskInstance.get_task_states``, one task id per call (mapped tasks
-    come back as ``<task_id>_<map_index>``). The audit engine is the process-wide cached one (one
-    pool per audit database for every trigger in the triggerer), resolved once per trigger.
+    come back as ``<task_id>_<map_index>``). Its way into the audit store, a
+    :class:`~airflow_elspeth.audit.service.CoalesceService` on the process-wide cached engine (one
+    pool per audit database for every trigger in the triggerer), is resolved once per trigger.
 
     :param spec: the coalesce's :class:`~airflow_elspeth.audit.coalesce.CoalesceSpec` as a dict.
     :param run_id: the audit run; None while the fork has not completed.
@@ -125,11 +125,10 @@ class CoalesceTrigger(BaseTrigger):
         self.poll_interval = float(poll_interval)
         self.fork_task_id = fork_task_id
         self.fork_wait_until = fork_wait_until
-        self._engine: Engine | None = None
+        self._service: CoalesceService | None = None
         self._deadline: datetime | None = None
         # chunk -> signature at which a read-only replay found nothing to decide
         self._undecidable: dict[int, str] = {}
-        self._registered: set[str] = set()  # audit runs whose coalesce node this trigger registered
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         return (
@@ -154,7 +153,7 @@ class CoalesceTrigger(BaseTrigger):
         while True:
             try:
                 if self.run_id is None:
-                    result = await self.wait_for_fork()
+                    result = await self.wait_for_fork(spec)
                 else:
                     states = await self.task_states(spec)
                     result = await off_loop(self.poll, spec, states)
@@ -201,7 +200,7 @@ class CoalesceTrigger(BaseTrigger):
             **extra,
         }
 
-    async def wait_for_fork(self) -> PollResult:
+    async def wait_for_fork(self, spec: CoalesceSpec) -> PollResult:
         """Before the fork completed: adopt its audit run if it succeeded; resume the task if it ended
         otherwise or ``fork_wait_until`` passed (sleeping no longer than until then)."""
         if self.fork_task_id is None:
@@ -209,7 +208,7 @@ class CoalesceTrigger(BaseTrigger):
         state = (await self.states_of([self.fork_task_id])).get(self.fork_task_id)
         if state == TASK_SUCCESS:
             # The fork's XCom is this try's now; its newest audit run is the one it pushed.
-            found = await off_loop(self.newest_fork_run)
+            found = await off_loop(self.newest_fork_run, spec)
             if found is None:
                 return PollResult("fork succeeded without an audit run")
             self.log.info("fork %s completed: waiting on audit run %s", self.fork_task_id, found)
@@ -240,49 +239,53 @@ class CoalesceTrigger(BaseTrigger):
         round trip to the triggerer's supervisor)."""
         from airflow.sdk.execution_time.task_runner import RuntimeTaskInstance
 
-        states: dict[str, str] = {}
-        for task_id in task_ids:
-            found = RuntimeTaskInstance.get_task_states(
-                dag_id=self.dag_id, task_ids=[task_id], run_ids=[self.airflow_run_id]
-            )
-            run_states = (found or {}).get(self.airflow_run_id, {})
-            states.update({key: str(state) for key, state in run_states.items() if state is not None})
-        return states
+        from airflow_elspeth.coalesce_task import read_task_states
 
-    def newest_fork_run(self) -> str | None:
+        return read_task_states(
+            RuntimeTaskInstance.get_task_states, self.dag_id, self.airflow_run_id, task_ids
+        )
+
+    def newest_fork_run(self, spec: CoalesceSpec) -> str | None:
         """The newest completed audit run of the fork in this DAG run (blocks: SQL)."""
         if self.fork_task_id is None:
             raise ValueError("newest_fork_run needs the fork task id")
-        from airflow_elspeth.audit.read.runs import newest_completed_run
+        return self.service(spec).newest_fork_run(self.dag_id, self.airflow_run_id, self.fork_task_id)
 
-        return newest_completed_run(self.engine(), self.dag_id, self.airflow_run_id, self.fork_task_id)
-
-    def engine(self) -> Engine:
-        """The process-wide engine of the audit store, resolved once per trigger (no migration).
+    def service(self, spec: CoalesceSpec) -> CoalesceService:
+        """The coalesce's way into the audit store, resolved once per trigger (no migration).
 
         Blocks (a connection lookup through the Task SDK, perhaps the engine's creation): called
         only from the worker threads of :meth:`poll` and :meth:`newest_fork_run`.
         """
-        if self._engine is None:
-            from airflow_elspeth.audit.engine import engine_for_url
+        if self._service is None:
             from airflow_elspeth.hooks.audit import ElspethAuditHook
 
-            url = ElspethAuditHook(audit_conn_id=self.audit_conn_id).get_url()
-            self._engine = engine_for_url(url, upgrade=False)
-        return self._engine
+            hook = ElspethAuditHook(audit_conn_id=self.audit_conn_id)
+            self._service = hook.get_coalesce_service(spec, upgrade=False)
+        return self._service
 
     def poll(self, spec: CoalesceSpec, task_states: Mapping[str, str]) -> PollResult:
-        """One look at the audit store (runs in a worker thread): the coalesce's read-only
-        :func:`~airflow_elspeth.audit.coalesce.waiting_poll`; when it finds something to write, the
-        coalesce's own pass, here; then why to resume the task (None: not yet) and how long to sleep.
-        """
-        from airflow_elspeth.audit.coalesce import waiting_poll
+        """One look at the audit store (runs in a worker thread): the coalesce's waiting poll, which
+        runs the coalesce's pass here when it finds something to write (so a decision is written
+        when it can be made, not when the task resumes: a branch skips a decided row only once it is
+        written); then why to resume the task (None: not yet) and how long to sleep.
 
+        The pass is the sensor's: each chunk in one transaction ordered against the branch writers,
+        so a triggerer killed mid-pass leaves whole chunks decided or none, and a second trigger
+        instance (triggerer failover) finds the rows already decided and writes nothing twice
+        (primary keys, ``ON CONFLICT DO NOTHING``). Resumes the task only once every row is decided.
+        """
         if self.run_id is None:
             raise ValueError("poll needs the audit run (wait_for_fork finds it first)")
-        found = waiting_poll(self.engine(), spec, self.run_id, task_states, self._undecidable)
-        if found.pass_writes:
-            found = self.decide(spec, self.run_id, task_states)
+        found = self.service(spec).poll(self.run_id, task_states, self._undecidable)
+        if found.passed is not None:
+            self.log.info(
+                "coalesce %s: %d/%d rows decided in the triggerer (%d now)",
+                spec.node_id,
+                found.passed.rows_decided,
+                found.passed.rows_total,
+                found.passed.newly_decided,
+            )
         if found.deadline is not None:
             self._deadline = found.deadline
         if found.reason is not None or found.deadline is None or found.now is None:
@@ -292,30 +295,3 @@ class CoalesceTrigger(BaseTrigger):
         if remaining <= 0:
             return PollResult(None)
         return PollResult(None, sleep_at_most=max(remaining + DEADLINE_MARGIN_SECONDS, MIN_SLEEP_SECONDS))
-
-    def decide(self, spec: CoalesceSpec, run_id: str, task_states: Mapping[str, str]) -> WaitResult:
-        """Run the coalesce's pass here, so that a decision is written when it can be made, not when
-        the task resumes (a branch skips a decided row only once it is written).
-
-        The pass is the sensor's (:func:`~airflow_elspeth.audit.coalesce.coalesce_pass`): each chunk
-        in one transaction ordered against the branch writers, so a triggerer killed mid-pass
-        leaves whole chunks decided or none, and a second trigger instance (triggerer failover)
-        finds the rows already decided and writes nothing twice (primary keys, ``ON CONFLICT DO
-        NOTHING``). Resumes the task only once every row is decided.
-        """
-        from airflow_elspeth.audit.coalesce import WaitResult, coalesce_pass
-        from airflow_elspeth.audit.store import AuditStore
-
-        store = AuditStore(self.engine())
-        if run_id not in self._registered:  # deferred before the fork completed: the sensor did not
-            store.register_node(run_id, spec.node_id, NodeType.COALESCE, None, spec.as_dict())
-            self._registered.add(run_id)
-        result = coalesce_pass(store, spec, run_id, task_states)
-        self.log.info(
-            "coalesce %s: %d/%d rows decided in the triggerer (%d now)",
-            spec.node_id,
-            result.rows_decided,
-            result.rows_total,
-            result.newly_decided,
-        )
-        return WaitResult("every row decided" if result.done else None, result.deadline, result.now)

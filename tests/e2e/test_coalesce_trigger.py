@@ -16,8 +16,8 @@ from sqlalchemy import Engine, text
 
 from airflow_elspeth.audit import coalesce as pass_module
 from airflow_elspeth.audit import dml
+from airflow_elspeth.audit import service as service_module
 from airflow_elspeth.audit.coalesce import CoalesceSpec, coalesce_pass
-from airflow_elspeth.audit.read import runs
 from airflow_elspeth.audit.store import (
     COMPLETED,
     AuditStore,
@@ -537,7 +537,7 @@ def test_hundreds_of_triggers_share_one_engine_and_never_block_the_event_loop(
         ticks_during_polls, fired, loop_thread = run(scenario())
     assert fired == 0  # nothing decidable: all 200 kept waiting
     assert created.call_count == 0  # the engine of the process, already there, is reused
-    assert all(t._engine is engine for t in triggers)
+    assert all(t._service is not None and t._service.engine is engine for t in triggers)
     assert len(sdk.calls) >= 200 * len(BRANCHES)  # every trigger polled
     assert threads and loop_thread not in threads  # the audit DB is read off the event loop
     # the loop ran while polls were reading the audit DB (not a wall-clock budget: a loaded machine
@@ -621,7 +621,7 @@ def test_two_trigger_instances_decide_each_row_once(store_url: str, sdk: FakeTas
     deliver(engine, run_id, "left", chunk_size=1)
     deliver(engine, run_id, "right", chunk_size=1)
     passes = [0]
-    real_pass = pass_module.coalesce_pass
+    real_pass = service_module.coalesce_pass
 
     def counted(*args: Any, **kw: Any) -> Any:
         passes[0] += 1
@@ -631,7 +631,7 @@ def test_two_trigger_instances_decide_each_row_once(store_url: str, sdk: FakeTas
         triggers = [new_trigger(spec, run_id, poll=0.05) for _ in range(2)]
         return list(await asyncio.gather(*(first_event(t, timeout=EVENT_WAIT) for t in triggers)))
 
-    with mock.patch.object(pass_module, "coalesce_pass", side_effect=counted):
+    with mock.patch.object(service_module, "coalesce_pass", side_effect=counted):
         events = run(both())
     assert [e and e["reason"] for e in events] == ["every row decided"] * 2
     assert passes[0] >= 2  # both ran a pass (the same snapshot made both see rows to decide)
@@ -694,9 +694,9 @@ def test_the_trigger_never_blocks_the_event_loop(
     from_dict = CoalesceSpec.from_dict
     monkeypatch.setattr(CoalesceSpec, "from_dict", classmethod(lambda cls, d: slowed("spec", from_dict)(d)))
     for module, name in (
-        (runs, "newest_completed_run"),
-        (pass_module, "waiting_poll"),
-        (pass_module, "coalesce_pass"),
+        (service_module, "newest_completed_run"),
+        (service_module, "waiting_poll"),
+        (service_module, "coalesce_pass"),
     ):
         monkeypatch.setattr(module, name, slowed(name, getattr(module, name)))
     sdk.respond = slowed("task states", sdk.respond)
