@@ -21,8 +21,8 @@ from airflow_elspeth import BranchOperator, CoalesceSensor, ForkOperator
 from airflow_elspeth.audit.coalesce import coalesce_pass
 from airflow_elspeth.audit.read.work import decided_in_chunk, decisions_in_chunk
 from airflow_elspeth.audit.store import AuditStore
-from airflow_elspeth.operators import branch as branch_module
 from airflow_elspeth.operators.fork import AUDIT_RUN_XCOM_KEY
+from airflow_elspeth.runtime import branch as branch_runtime
 from airflow_elspeth.triggers.coalesce import CoalesceTrigger
 
 from .support import completed_fork as fork_written
@@ -201,7 +201,7 @@ def test_an_audit_store_unreachable_for_a_while_is_retried_not_fatal(
 ) -> None:
     ref = completed_fork(store)
     run_id = ref["audit_run_id"]
-    monkeypatch.setattr(branch_module, "WRITE_RETRY_PAUSE_SECONDS", 0.01)
+    monkeypatch.setattr(branch_runtime, "WRITE_RETRY_PAUSE_SECONDS", 0.01)
     real_write = AuditStore.write_branch_results
     failures = iter([OperationalError("INSERT", {}, Exception("database is locked"))] * 3)
 
@@ -222,8 +222,8 @@ def test_an_audit_store_unreachable_too_long_fails_the_task(
     store: AuditStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     ref = completed_fork(store)
-    monkeypatch.setattr(branch_module, "WRITE_RETRY_PAUSE_SECONDS", 0.01)
-    monkeypatch.setattr(branch_module, "WRITE_RETRY_SECONDS", 0.0)
+    monkeypatch.setattr(branch_runtime, "WRITE_RETRY_PAUSE_SECONDS", 0.01)
+    monkeypatch.setattr(branch_runtime, "WRITE_RETRY_SECONDS", 0.0)
 
     def down(self: AuditStore, *args: Any, **kw: Any) -> None:
         raise OperationalError("INSERT", {}, Exception("could not connect"))
