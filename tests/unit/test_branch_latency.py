@@ -7,7 +7,6 @@ Waits for an expected event poll the audit store and return as soon as it happen
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable, Iterator
 from datetime import datetime
 from typing import Any
@@ -25,12 +24,12 @@ from airflow_elspeth.operators.fork import AUDIT_RUN_XCOM_KEY
 from airflow_elspeth.runtime import branch as branch_runtime
 from airflow_elspeth.triggers.coalesce import CoalesceTrigger
 
+from .support import WAIT, skipped, states, wait_for
 from .support import completed_fork as fork_written
 
 DAG_ID, AIRFLOW_RUN = "latency_dag", "manual__latency"
 BRANCHES = ["fast", "slow"]
 ROWS = 6
-EVENT_WAIT = 120.0  # generous: a loaded machine makes a test slower, never wrong
 
 
 def _identity(row: dict[str, Any]) -> dict[str, Any]:
@@ -65,38 +64,6 @@ def build(callables: dict[str, Callable[[dict[str, Any]], Any]], **branch: Any) 
     return {**steps, "coalesce": sensor}
 
 
-def states(store: AuditStore, run_id: str, node: str) -> dict[str, str]:
-    with store.engine.connect() as conn:
-        found = conn.execute(
-            text(
-                "SELECT r.row_key, s.status FROM node_states s JOIN rows r"
-                " ON r.run_id = s.run_id AND r.row_id = s.row_id WHERE s.run_id = :r AND s.node_id = :n"
-            ),
-            {"r": run_id, "n": node},
-        ).all()
-    return dict(found)
-
-
-def skipped(store: AuditStore, run_id: str, branch: str) -> set[str]:
-    with store.engine.connect() as conn:
-        found = conn.execute(
-            text(
-                "SELECT r.row_key FROM token_outcomes o JOIN tokens t ON t.token_id = o.token_id"
-                " JOIN rows r ON r.run_id = t.run_id AND r.row_id = t.row_id"
-                " WHERE o.run_id = :r AND t.branch_name = :b AND o.is_terminal AND o.outcome = 'skipped'"
-            ),
-            {"r": run_id, "b": branch},
-        ).scalars()
-    return set(found)
-
-
-def wait_for(what: str, check: Callable[[], bool]) -> None:
-    started = time.monotonic()
-    while not check():
-        assert time.monotonic() - started < EVENT_WAIT, f"never saw {what}"
-        time.sleep(0.02)
-
-
 class Latched:
     """A callable whose rows in ``held`` block until released; records the rows it was called for."""
 
@@ -107,7 +74,7 @@ class Latched:
 
     def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
         self.called.append(row["id"])
-        if row["id"] in self.held and not self.release.wait(EVENT_WAIT):
+        if row["id"] in self.held and not self.release.wait(WAIT):
             raise TimeoutError("never released")
         return {"seen": row["id"]}
 
@@ -117,7 +84,7 @@ def running() -> Iterator[list[threading.Thread]]:
     threads: list[threading.Thread] = []
     yield threads
     for thread in threads:
-        thread.join(EVENT_WAIT)
+        thread.join(WAIT)
         assert not thread.is_alive()
 
 
@@ -150,7 +117,7 @@ def test_a_finished_result_is_written_while_another_row_still_runs(
     wait_for("r0 written while r1 runs", lambda: states(store, run_id, "slow").get("r0") == "completed")
     assert "r1" not in states(store, run_id, "slow")
     slow.release.set()
-    running[0].join(EVENT_WAIT)
+    running[0].join(WAIT)
     assert "error" not in outcome, outcome
     assert states(store, run_id, "slow") == {f"r{i}": "completed" for i in range(ROWS)}
     # every result's event time is after its callable returned, and before the task ended
@@ -188,7 +155,7 @@ def test_rows_decided_while_the_branch_works_are_skipped_not_run(
     )
     assert slow.called == ["r0"]
     slow.release.set()
-    running[0].join(EVENT_WAIT)
+    running[0].join(WAIT)
     assert "error" not in outcome, outcome
     assert slow.called == ["r0"]  # r1 was claimed by no worker either: its row was decided
     assert skipped(store, run_id, "slow") == {f"r{i}" for i in range(1, ROWS)}
