@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import reprlib
@@ -23,7 +24,7 @@ from airflow_elspeth.core.vocabulary import CONTRACT_VIOLATION, NodeStatus, Node
 from airflow_elspeth.exceptions import ElspethConfigError, ForkRunMissing
 from airflow_elspeth.hooks.audit import ElspethAuditHook
 from airflow_elspeth.operators.fork import ForkOperator, fork_ref, row_limit
-from airflow_elspeth.runtime.branch import BranchRuntime, StepRun, StepSettings
+from airflow_elspeth.runtime.branch import BranchRuntime, StepRun, StepSettings, row_result
 
 RowCallable = Callable[[dict[str, Any]], "dict[str, Any] | None"]
 MESSAGE_LIMIT = 2000
@@ -258,11 +259,9 @@ class BranchOperator(BaseOperator):
 
     def _timed_out(self, item: WorkItem, chunk: int, started: datetime, now: datetime) -> NodeResult:
         """A row still running at ``execution_timeout``: a loss ``error:AirflowTaskTimeout``."""
-        return NodeResult(
-            token_id=item.token_id,
-            row_id=item.row_id,
-            chunk=chunk,
-            input_hash=item.input_hash,
+        return row_result(
+            item,
+            chunk,
             status=NodeStatus.FAILED,
             started_at=started,
             completed_at=now,
@@ -280,12 +279,7 @@ class BranchOperator(BaseOperator):
 
     def _process_one(self, item: WorkItem, chunk: int, clock: Callable[[], datetime]) -> NodeResult:
         started = clock()
-        base: dict[str, Any] = {
-            "token_id": item.token_id,
-            "row_id": item.row_id,
-            "chunk": chunk,
-            "input_hash": item.input_hash,
-        }
+        result = functools.partial(row_result, item, chunk)
         if item.input_row is None:  # lost at the previous step: stays lost, with the same reason
             status = item.upstream_status or NodeStatus.DROPPED
             error = (
@@ -293,7 +287,7 @@ class BranchOperator(BaseOperator):
                 if status == NodeStatus.FAILED
                 else None
             )
-            return NodeResult(**base, status=status, started_at=started, completed_at=clock(), error=error)
+            return result(status=status, started_at=started, completed_at=clock(), error=error)
         attempts = 0
         while True:
             attempts += 1
@@ -318,8 +312,7 @@ class BranchOperator(BaseOperator):
                         time.sleep(self.row_retry_delay)
                     continue
                 error = {"type": _type_name(err), "message": _message(err), "attempts": attempts}
-                return NodeResult(
-                    **base,
+                return result(
                     status=NodeStatus.FAILED,
                     started_at=started,
                     completed_at=clock(),
@@ -327,16 +320,14 @@ class BranchOperator(BaseOperator):
                     context={"attempts": attempts},
                 )
         if violation is not None:
-            return NodeResult(
-                **base,
+            return result(
                 status=NodeStatus.FAILED,
                 started_at=started,
                 completed_at=clock(),
                 error=_contract_error(violation),
                 context={"attempts": attempts} if attempts > 1 else None,
             )
-        return NodeResult(
-            **base,
+        return result(
             status=NodeStatus.COMPLETED if output is not None else NodeStatus.DROPPED,
             started_at=started,
             completed_at=clock(),

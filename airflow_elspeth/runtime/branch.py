@@ -96,6 +96,14 @@ class StepRun:
     delivering_to: tuple[str, ...]
 
 
+def row_result(item: WorkItem, chunk: int, **fields: Any) -> NodeResult:
+    """``item``'s result at this step: its token, row, chunk and input hash, and ``fields`` (status,
+    times, output or error)."""
+    return NodeResult(
+        token_id=item.token_id, row_id=item.row_id, chunk=chunk, input_hash=item.input_hash, **fields
+    )
+
+
 class BranchRuntime:
     """One try of a branch step: its chunks run on a :class:`WorkerPool`, written by a
     :class:`ResultWriter`.

@@ -3,8 +3,10 @@ through the store, and what the store then holds."""
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from sqlalchemy import text
 
@@ -67,3 +69,20 @@ def wait_for(what: str, check: Callable[[], bool]) -> None:
     while not check():
         assert time.monotonic() - started < WAIT, f"never saw {what}"
         time.sleep(0.02)
+
+
+def in_thread(run: Callable[[], Any], running: list[threading.Thread]) -> dict[str, Any]:
+    """Call ``run()`` on a thread added to ``running``; what it returns ends up in the returned dict
+    under ``returned``, what it raises under ``error``."""
+    outcome: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            outcome["returned"] = run()
+        except BaseException as err:  # reported to the test thread, which asserts on it
+            outcome["error"] = err
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    running.append(thread)
+    return outcome

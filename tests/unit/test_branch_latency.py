@@ -7,7 +7,7 @@ Waits for an expected event poll the audit store and return as soon as it happen
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
@@ -24,7 +24,7 @@ from airflow_elspeth.operators.fork import AUDIT_RUN_XCOM_KEY
 from airflow_elspeth.runtime import branch as branch_runtime
 from airflow_elspeth.triggers.coalesce import CoalesceTrigger
 
-from .support import WAIT, skipped, states, wait_for
+from .support import WAIT, in_thread, skipped, states, wait_for
 from .support import completed_fork as fork_written
 
 DAG_ID, AIRFLOW_RUN = "latency_dag", "manual__latency"
@@ -79,28 +79,8 @@ class Latched:
         return {"seen": row["id"]}
 
 
-@pytest.fixture
-def running() -> Iterator[list[threading.Thread]]:
-    threads: list[threading.Thread] = []
-    yield threads
-    for thread in threads:
-        thread.join(WAIT)
-        assert not thread.is_alive()
-
-
 def execute_in_thread(task: BranchOperator, ref: dict[str, Any], running: list[threading.Thread]) -> dict:
-    outcome: dict[str, Any] = {}
-
-    def target() -> None:
-        try:
-            outcome["summary"] = task.execute({"ti": FakeTI(ref)})  # type: ignore[arg-type]
-        except BaseException as err:  # reported to the test thread, which asserts on it
-            outcome["error"] = err
-
-    thread = threading.Thread(target=target, daemon=True)
-    thread.start()
-    running.append(thread)
-    return outcome
+    return in_thread(lambda: task.execute({"ti": FakeTI(ref)}), running)  # type: ignore[arg-type]
 
 
 def test_a_finished_result_is_written_while_another_row_still_runs(
@@ -160,7 +140,7 @@ def test_rows_decided_while_the_branch_works_are_skipped_not_run(
     assert slow.called == ["r0"]  # r1 was claimed by no worker either: its row was decided
     assert skipped(store, run_id, "slow") == {f"r{i}" for i in range(1, ROWS)}
     assert states(store, run_id, "slow") == {"r0": "discarded"}  # decided before it was written
-    assert outcome["summary"]["skipped_decided"] == ROWS - 1
+    assert outcome["returned"]["skipped_decided"] == ROWS - 1
 
 
 def test_an_audit_store_unreachable_for_a_while_is_retried_not_fatal(

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
@@ -29,9 +29,10 @@ from airflow_elspeth.runtime.branch import (
     StepRun,
     StepSettings,
     WorkerPool,
+    row_result,
 )
 
-from .support import WAIT, completed_fork, skipped, states, wait_for
+from .support import WAIT, completed_fork, in_thread, skipped, states, wait_for
 
 BRANCHES = ("fast", "slow")
 ROWS = 6
@@ -83,11 +84,9 @@ def answer(item: WorkItem, chunk: int, clock: Clock) -> NodeResult:
     """A row processed: completed with an output."""
     now = clock()
     digest, body = hash_value({"seen": item.row_key}, what="output")
-    return NodeResult(
-        token_id=item.token_id,
-        row_id=item.row_id,
-        chunk=chunk,
-        input_hash=item.input_hash,
+    return row_result(
+        item,
+        chunk,
         status=NodeStatus.COMPLETED,
         started_at=now,
         completed_at=now,
@@ -99,11 +98,9 @@ def answer(item: WorkItem, chunk: int, clock: Clock) -> NodeResult:
 def failure(item: WorkItem, chunk: int, clock: Clock) -> NodeResult:
     """A row whose callable raised: failed."""
     now = clock()
-    return NodeResult(
-        token_id=item.token_id,
-        row_id=item.row_id,
-        chunk=chunk,
-        input_hash=item.input_hash,
+    return row_result(
+        item,
+        chunk,
         status=NodeStatus.FAILED,
         started_at=now,
         completed_at=now,
@@ -148,31 +145,6 @@ class RecordingStore(AuditStore):
         self.writes.append([self._keys[r.row_id] for r in results])
 
 
-@pytest.fixture
-def threads() -> Iterator[list[threading.Thread]]:
-    started: list[threading.Thread] = []
-    yield started
-    for thread in started:
-        thread.join(WAIT)
-        assert not thread.is_alive()
-
-
-def in_thread(run: Any, threads: list[threading.Thread]) -> dict[str, Any]:
-    """Call ``run()`` on a thread; its return value or exception end up in the returned dict."""
-    outcome: dict[str, Any] = {}
-
-    def target() -> None:
-        try:
-            outcome["returned"] = run()
-        except BaseException as err:  # reported to the test thread, which asserts on it
-            outcome["error"] = err
-
-    thread = threading.Thread(target=target, daemon=True)
-    thread.start()
-    threads.append(thread)
-    return outcome
-
-
 def test_results_finished_during_a_write_go_together_into_the_next_one_at_most_batch_size(
     store: AuditStore,
 ) -> None:
@@ -196,7 +168,7 @@ def test_results_finished_during_a_write_go_together_into_the_next_one_at_most_b
 
 
 def test_a_result_is_written_while_another_row_still_runs_and_no_write_exceeds_batch_size(
-    store: AuditStore, threads: list[threading.Thread]
+    store: AuditStore, running: list[threading.Thread]
 ) -> None:
     run_id = forked(store)
     recording = RecordingStore(store, run_id)
@@ -204,11 +176,11 @@ def test_a_result_is_written_while_another_row_still_runs_and_no_write_exceeds_b
     runtime = BranchRuntime(
         recording, settings(concurrency=3, batch_size=2), step_run(run_id), held, LOG, store.clock()
     )
-    outcome = in_thread(lambda: runtime.run([0]), threads)
+    outcome = in_thread(lambda: runtime.run([0]), running)
     wait_for("r0 written while r1 runs", lambda: states(store, run_id, "slow").get("r0") == "completed")
     assert "r1" not in states(store, run_id, "slow")
     held.release.set()
-    threads[0].join(WAIT)
+    running[0].join(WAIT)
     assert "error" not in outcome, outcome
     assert outcome["returned"] == {"completed": ROWS, "resumed_done": 0}
     assert all(len(write) <= 2 for write in recording.writes), recording.writes
@@ -216,7 +188,7 @@ def test_a_result_is_written_while_another_row_still_runs_and_no_write_exceeds_b
 
 
 def test_rows_decided_meanwhile_are_skipped_not_run_and_a_late_result_is_discarded(
-    store: AuditStore, threads: list[threading.Thread]
+    store: AuditStore, running: list[threading.Thread]
 ) -> None:
     """Policy ``first``: the fast branch's arrivals decide every row while the slow step runs r0.
     The rows it has not started are recorded skipped while r0 still runs, and never run; r0's result,
@@ -224,7 +196,7 @@ def test_rows_decided_meanwhile_are_skipped_not_run_and_a_late_result_is_discard
     run_id = forked(store)
     held = Held("r0")
     runtime = BranchRuntime(store, settings(), step_run(run_id), held, LOG, store.clock())
-    outcome = in_thread(lambda: runtime.run([0]), threads)
+    outcome = in_thread(lambda: runtime.run([0]), running)
     wait_for("slow to start r0", lambda: held.called == ["r0"])
     fast = ResultWriter(store, settings("fast"), step_run(run_id), LOG)
     fast.start_chunk(0, ROWS, items(store, run_id, "fast"))
@@ -244,7 +216,7 @@ def test_rows_decided_meanwhile_are_skipped_not_run_and_a_late_result_is_discard
     wait_for("the rows not started recorded skipped", lambda: skipped(store, run_id, "slow") == not_started)
     assert held.called == ["r0"]
     held.release.set()
-    threads[0].join(WAIT)
+    running[0].join(WAIT)
     assert "error" not in outcome, outcome
     assert held.called == ["r0"]
     assert outcome["returned"] == {"discarded": 1, "skipped_decided": ROWS - 1, "resumed_done": 0}
@@ -308,7 +280,7 @@ def test_an_unreachable_store_is_retried_then_raised_to_the_caller(
 
 
 def test_close_reports_the_running_rows_and_leaves_the_others(
-    store: AuditStore, threads: list[threading.Thread]
+    store: AuditStore, running: list[threading.Thread]
 ) -> None:
     """Every row is not started, running or delivered: close() returns the running ones; a result
     finished after it is not delivered, and no row starts."""
@@ -318,13 +290,13 @@ def test_close_reports_the_running_rows_and_leaves_the_others(
     writer.start_chunk(0, ROWS, todo)
     held = Held("r1", "r2")
     pool = WorkerPool(held, writer, 2, "test", store.clock())
-    outcome = in_thread(lambda: pool.run(todo, 0), threads)
+    outcome = in_thread(lambda: pool.run(todo, 0), running)
     wait_for("r0 delivered, r1 and r2 running", lambda: len(held.called) == 3 and len(writer.buffer) == 1)
-    running = pool.close()
-    assert sorted(job.item.row_key for job, _ in running) == ["r1", "r2"]
+    busy = pool.close()
+    assert sorted(job.item.row_key for job, _ in busy) == ["r1", "r2"]
     assert pool.close() == []  # once
     held.release.set()
-    threads[0].join(WAIT)
+    running[0].join(WAIT)
     assert "error" not in outcome, outcome
     assert sorted(held.called) == ["r0", "r1", "r2"]  # r3 never started
     assert [r.row_id for r in writer.buffer] == [todo[0].row_id]  # r1 and r2 finished after close()
@@ -332,7 +304,7 @@ def test_close_reports_the_running_rows_and_leaves_the_others(
 
 @pytest.mark.parametrize("expire", [True, False], ids=["timeout", "other-end"])
 def test_the_rows_finished_before_the_task_ended_are_written_on_the_way_out(
-    store: AuditStore, threads: list[threading.Thread], expire: bool
+    store: AuditStore, running: list[threading.Thread], expire: bool
 ) -> None:
     """A worker raising past the row (``sys.exit`` in the callable) ends the run while r1 runs: r0's
     result is written, r1 gets the ``expire`` result when given (a timeout) and is left to the
@@ -342,16 +314,7 @@ def test_the_rows_finished_before_the_task_ended_are_written_on_the_way_out(
     runtime = BranchRuntime(store, settings(concurrency=2), step_run(run_id), held, LOG, store.clock())
 
     def expired(item: WorkItem, chunk: int, started: datetime, now: datetime) -> NodeResult:
-        return NodeResult(
-            token_id=item.token_id,
-            row_id=item.row_id,
-            chunk=chunk,
-            input_hash=item.input_hash,
-            status=NodeStatus.FAILED,
-            started_at=started,
-            completed_at=now,
-            error={"type": "Expired", "message": "still running"},
-        )
+        return failure(item, chunk, lambda: now)
 
     with pytest.raises(SystemExit):
         try:
