@@ -1,4 +1,5 @@
-"""The audit store and the pure core never import Airflow; neither does the CLI unless it must.
+"""The pure core, the audit store and the task runtimes never import Airflow; neither does the CLI
+unless it must.
 
 Each check runs in a fresh interpreter (this test process has long since imported Airflow) and
 reports which ``airflow`` modules ended up in ``sys.modules``.
@@ -46,13 +47,13 @@ def _run(code: str, tmp_path: Path) -> dict[str, Any]:
     return report
 
 
-def test_core_and_every_audit_module_import_without_airflow(tmp_path: Path) -> None:
+def test_core_audit_and_runtime_modules_import_without_airflow(tmp_path: Path) -> None:
     report = _run(
         textwrap.dedent(
             """
             import importlib, pkgutil
-            import airflow_elspeth.audit, airflow_elspeth.core
-            for package in (airflow_elspeth.core, airflow_elspeth.audit):
+            import airflow_elspeth.audit, airflow_elspeth.core, airflow_elspeth.runtime
+            for package in (airflow_elspeth.core, airflow_elspeth.audit, airflow_elspeth.runtime):
                 for info in pkgutil.walk_packages(package.__path__, package.__name__ + "."):
                     importlib.import_module(info.name)
             """
@@ -62,6 +63,7 @@ def test_core_and_every_audit_module_import_without_airflow(tmp_path: Path) -> N
     assert "airflow_elspeth.audit.engine" in report["imported"]
     assert "airflow_elspeth.core.policy" in report["imported"]
     assert "airflow_elspeth.core.vocabulary" in report["imported"]
+    assert "airflow_elspeth.runtime.branch" in report["imported"]
     for read_model in (
         "cache",
         "decisions",
@@ -77,7 +79,7 @@ def test_core_and_every_audit_module_import_without_airflow(tmp_path: Path) -> N
         "work",
     ):
         assert f"airflow_elspeth.audit.read.{read_model}" in report["imported"]
-    assert report["airflow"] == [], "airflow_elspeth.core / .audit imported Airflow"
+    assert report["airflow"] == [], "airflow_elspeth.core / .audit / .runtime imported Airflow"
 
 
 @pytest.mark.parametrize(

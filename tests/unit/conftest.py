@@ -1,11 +1,13 @@
 """Make the checkout importable when the package is not installed into the environment; the
-operator unit tests' audit store."""
+operator unit tests' audit store and the threads a test starts."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
 import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,3 +28,15 @@ def store(sqlite_url: str, monkeypatch: pytest.MonkeyPatch) -> Any:
         json.dumps({"conn_type": "elspeth_audit", "extra": {"sqlalchemy_url": sqlite_url}}),
     )
     return AuditStore(engine_for_url(sqlite_url))
+
+
+@pytest.fixture
+def running() -> Iterator[list[threading.Thread]]:
+    """The threads a test starts (``support.in_thread``): each must have ended once the test is over."""
+    from .support import WAIT
+
+    threads: list[threading.Thread] = []
+    yield threads
+    for thread in threads:
+        thread.join(WAIT)
+        assert not thread.is_alive()

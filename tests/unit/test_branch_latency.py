@@ -7,8 +7,7 @@ Waits for an expected event poll the audit store and return as soon as it happen
 from __future__ import annotations
 
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
@@ -21,16 +20,16 @@ from airflow_elspeth import BranchOperator, CoalesceSensor, ForkOperator
 from airflow_elspeth.audit.coalesce import coalesce_pass
 from airflow_elspeth.audit.read.work import decided_in_chunk, decisions_in_chunk
 from airflow_elspeth.audit.store import AuditStore
-from airflow_elspeth.operators import branch as branch_module
 from airflow_elspeth.operators.fork import AUDIT_RUN_XCOM_KEY
+from airflow_elspeth.runtime import branch as branch_runtime
 from airflow_elspeth.triggers.coalesce import CoalesceTrigger
 
+from .support import WAIT, in_thread, skipped, states, wait_for
 from .support import completed_fork as fork_written
 
 DAG_ID, AIRFLOW_RUN = "latency_dag", "manual__latency"
 BRANCHES = ["fast", "slow"]
 ROWS = 6
-EVENT_WAIT = 120.0  # generous: a loaded machine makes a test slower, never wrong
 
 
 def _identity(row: dict[str, Any]) -> dict[str, Any]:
@@ -65,38 +64,6 @@ def build(callables: dict[str, Callable[[dict[str, Any]], Any]], **branch: Any) 
     return {**steps, "coalesce": sensor}
 
 
-def states(store: AuditStore, run_id: str, node: str) -> dict[str, str]:
-    with store.engine.connect() as conn:
-        found = conn.execute(
-            text(
-                "SELECT r.row_key, s.status FROM node_states s JOIN rows r"
-                " ON r.run_id = s.run_id AND r.row_id = s.row_id WHERE s.run_id = :r AND s.node_id = :n"
-            ),
-            {"r": run_id, "n": node},
-        ).all()
-    return dict(found)
-
-
-def skipped(store: AuditStore, run_id: str, branch: str) -> set[str]:
-    with store.engine.connect() as conn:
-        found = conn.execute(
-            text(
-                "SELECT r.row_key FROM token_outcomes o JOIN tokens t ON t.token_id = o.token_id"
-                " JOIN rows r ON r.run_id = t.run_id AND r.row_id = t.row_id"
-                " WHERE o.run_id = :r AND t.branch_name = :b AND o.is_terminal AND o.outcome = 'skipped'"
-            ),
-            {"r": run_id, "b": branch},
-        ).scalars()
-    return set(found)
-
-
-def wait_for(what: str, check: Callable[[], bool]) -> None:
-    started = time.monotonic()
-    while not check():
-        assert time.monotonic() - started < EVENT_WAIT, f"never saw {what}"
-        time.sleep(0.02)
-
-
 class Latched:
     """A callable whose rows in ``held`` block until released; records the rows it was called for."""
 
@@ -107,33 +74,13 @@ class Latched:
 
     def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
         self.called.append(row["id"])
-        if row["id"] in self.held and not self.release.wait(EVENT_WAIT):
+        if row["id"] in self.held and not self.release.wait(WAIT):
             raise TimeoutError("never released")
         return {"seen": row["id"]}
 
 
-@pytest.fixture
-def running() -> Iterator[list[threading.Thread]]:
-    threads: list[threading.Thread] = []
-    yield threads
-    for thread in threads:
-        thread.join(EVENT_WAIT)
-        assert not thread.is_alive()
-
-
 def execute_in_thread(task: BranchOperator, ref: dict[str, Any], running: list[threading.Thread]) -> dict:
-    outcome: dict[str, Any] = {}
-
-    def target() -> None:
-        try:
-            outcome["summary"] = task.execute({"ti": FakeTI(ref)})  # type: ignore[arg-type]
-        except BaseException as err:  # reported to the test thread, which asserts on it
-            outcome["error"] = err
-
-    thread = threading.Thread(target=target, daemon=True)
-    thread.start()
-    running.append(thread)
-    return outcome
+    return in_thread(lambda: task.execute({"ti": FakeTI(ref)}), running)  # type: ignore[arg-type]
 
 
 def test_a_finished_result_is_written_while_another_row_still_runs(
@@ -150,7 +97,7 @@ def test_a_finished_result_is_written_while_another_row_still_runs(
     wait_for("r0 written while r1 runs", lambda: states(store, run_id, "slow").get("r0") == "completed")
     assert "r1" not in states(store, run_id, "slow")
     slow.release.set()
-    running[0].join(EVENT_WAIT)
+    running[0].join(WAIT)
     assert "error" not in outcome, outcome
     assert states(store, run_id, "slow") == {f"r{i}": "completed" for i in range(ROWS)}
     # every result's event time is after its callable returned, and before the task ended
@@ -188,12 +135,12 @@ def test_rows_decided_while_the_branch_works_are_skipped_not_run(
     )
     assert slow.called == ["r0"]
     slow.release.set()
-    running[0].join(EVENT_WAIT)
+    running[0].join(WAIT)
     assert "error" not in outcome, outcome
     assert slow.called == ["r0"]  # r1 was claimed by no worker either: its row was decided
     assert skipped(store, run_id, "slow") == {f"r{i}" for i in range(1, ROWS)}
     assert states(store, run_id, "slow") == {"r0": "discarded"}  # decided before it was written
-    assert outcome["summary"]["skipped_decided"] == ROWS - 1
+    assert outcome["returned"]["skipped_decided"] == ROWS - 1
 
 
 def test_an_audit_store_unreachable_for_a_while_is_retried_not_fatal(
@@ -201,7 +148,7 @@ def test_an_audit_store_unreachable_for_a_while_is_retried_not_fatal(
 ) -> None:
     ref = completed_fork(store)
     run_id = ref["audit_run_id"]
-    monkeypatch.setattr(branch_module, "WRITE_RETRY_PAUSE_SECONDS", 0.01)
+    monkeypatch.setattr(branch_runtime, "WRITE_RETRY_PAUSE_SECONDS", 0.01)
     real_write = AuditStore.write_branch_results
     failures = iter([OperationalError("INSERT", {}, Exception("database is locked"))] * 3)
 
@@ -222,8 +169,8 @@ def test_an_audit_store_unreachable_too_long_fails_the_task(
     store: AuditStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     ref = completed_fork(store)
-    monkeypatch.setattr(branch_module, "WRITE_RETRY_PAUSE_SECONDS", 0.01)
-    monkeypatch.setattr(branch_module, "WRITE_RETRY_SECONDS", 0.0)
+    monkeypatch.setattr(branch_runtime, "WRITE_RETRY_PAUSE_SECONDS", 0.01)
+    monkeypatch.setattr(branch_runtime, "WRITE_RETRY_SECONDS", 0.0)
 
     def down(self: AuditStore, *args: Any, **kw: Any) -> None:
         raise OperationalError("INSERT", {}, Exception("could not connect"))

@@ -80,6 +80,7 @@ def test_the_module_graph_has_no_cycle() -> None:
     graph = _graph()
     # The edges the parser must see for the check to mean anything (a plain and a from-import).
     assert "airflow_elspeth.topology" in graph["airflow_elspeth.operators.branch"]
+    assert "airflow_elspeth.runtime.branch" in graph["airflow_elspeth.operators.branch"]
     assert "airflow_elspeth.core.policy" in graph["airflow_elspeth.audit.coalesce"]
     assert "airflow_elspeth.operators.branch" not in graph["airflow_elspeth.sensors.coalesce"]
     # an import inside a function counts (the sensor's trigger is imported where it defers)
@@ -92,12 +93,19 @@ def test_the_module_graph_has_no_cycle() -> None:
 
 def test_layers_import_only_downwards() -> None:
     """The pure core imports nothing of the package outside it (and ``exceptions``); the audit layer
-    imports no shell (docs/ARCHITECTURE.md, "Layers and what each may import")."""
+    imports no runtime and no shell; a runtime no shell (docs/ARCHITECTURE.md, "Layers and what each
+    may import")."""
     below = {
         "airflow_elspeth.core": ("airflow_elspeth.core", "airflow_elspeth.exceptions"),
         "airflow_elspeth.audit": (
             "airflow_elspeth.core",
             "airflow_elspeth.audit",
+            "airflow_elspeth.exceptions",
+        ),
+        "airflow_elspeth.runtime": (
+            "airflow_elspeth.core",
+            "airflow_elspeth.audit",
+            "airflow_elspeth.runtime",
             "airflow_elspeth.exceptions",
         ),
     }

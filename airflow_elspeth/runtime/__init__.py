@@ -1,0 +1,1 @@
+"""Runtimes of the tasks, without Airflow: the threads a task runs on, over the audit store."""
