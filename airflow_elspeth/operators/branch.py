@@ -17,7 +17,7 @@ from airflow.sdk.exceptions import AirflowTaskTerminated, AirflowTaskTimeout
 
 from airflow_elspeth import topology
 from airflow_elspeth.audit.read.work import WorkItem
-from airflow_elspeth.audit.store import AuditStore, NodeResult
+from airflow_elspeth.audit.store import NodeResult
 from airflow_elspeth.core.canonical import PayloadLimit, hash_value, payload_size
 from airflow_elspeth.core.contract import Contract, Violation, contract_of
 from airflow_elspeth.core.vocabulary import CONTRACT_VIOLATION, NodeStatus, NodeType
@@ -204,7 +204,7 @@ class BranchOperator(BaseOperator):
         if not ref:
             raise ForkRunMissing(f"fork {self.fork_task_id!r} has no audit run for this DAG run")
         run_id = ref["audit_run_id"]
-        store = AuditStore(ElspethAuditHook(audit_conn_id=self.audit_conn_id).get_engine())
+        store = ElspethAuditHook(audit_conn_id=self.audit_conn_id).get_store()
         previous = self.previous_step()
         coalesces = self.consuming_coalesces()
         final_step = not coalesces and self.is_last_step()

@@ -151,7 +151,7 @@ class ForkOperator(BaseOperator):
 
     def _execute(self, context: Context) -> list[int]:
         limit = row_limit()  # a bad setting fails the task before an audit run exists
-        store = AuditStore(ElspethAuditHook(audit_conn_id=self.audit_conn_id).get_engine())
+        store = ElspethAuditHook(audit_conn_id=self.audit_conn_id).get_store()
         chunk_size = self.chunk_size or default_chunk_size()
         ti, dag_run = context["ti"], context["dag_run"]
         identity = RunIdentity(
