@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from airflow_elspeth.audit.coalesce import CoalesceSpec
+from airflow_elspeth.audit.service import CoalesceSpec
 from airflow_elspeth.exceptions import TopologyError
 from airflow_elspeth.topology import coalesce_contract, delivering_steps
 

@@ -2,10 +2,12 @@
 
 The coalesce sensor (every waiting mode), its trigger and its finalizer reach the audit store only
 through a :class:`CoalesceService` (``ElspethAuditHook.get_coalesce_service`` hands one out, as a
-``DbApiHook`` hands out a connection): they read Airflow (XCom, task states), call the service, and
-translate its answer back (XCom, a deferral, an exception). So "register the coalesce, reopen what an
-earlier try's end resolved, run the pass" is written once, here. It knows SQL and the core, not
-Airflow: task states come in as a plain ``{task key: state}`` mapping.
+``DbApiHook`` hands out a connection) and this module's few other names (which errors of the store
+are transient and for how long, the failure message of a summary): they read Airflow (XCom, task
+states), call the service, and translate its answer back (XCom, a deferral, an exception). So
+"register the coalesce, reopen what an earlier try's end resolved, run the pass" is written once,
+here. It knows SQL and the core, not Airflow: task states come in as a plain ``{task key: state}``
+mapping.
 """
 
 from __future__ import annotations
@@ -25,10 +27,21 @@ from airflow_elspeth.audit.coalesce import (
     supersede_resolutions,
     waiting_poll,
 )
-from airflow_elspeth.audit.read.decisions import coalesce_summary
+from airflow_elspeth.audit.dml import TRANSIENT_ERROR_GRACE, TRANSIENT_ERRORS
+from airflow_elspeth.audit.read.decisions import coalesce_summary, failure_message
 from airflow_elspeth.audit.read.runs import newest_completed_run
 from airflow_elspeth.audit.store import AuditStore
 from airflow_elspeth.core.vocabulary import NodeType
+
+# What the coalesce's shells use of the audit layer, besides the service and the spec.
+__all__ = [
+    "TRANSIENT_ERRORS",
+    "TRANSIENT_ERROR_GRACE",
+    "CoalesceService",
+    "CoalesceSpec",
+    "Decided",
+    "failure_message",
+]
 
 
 @dataclass(frozen=True)

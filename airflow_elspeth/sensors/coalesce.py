@@ -15,10 +15,13 @@ from airflow.sdk.exceptions import (
     AirflowTaskTimeout,
 )
 
-from airflow_elspeth.audit.coalesce import CoalesceSpec
-from airflow_elspeth.audit.dml import TRANSIENT_ERROR_GRACE, TRANSIENT_ERRORS
-from airflow_elspeth.audit.read.decisions import failure_message
-from airflow_elspeth.audit.service import CoalesceService
+from airflow_elspeth.audit.service import (
+    TRANSIENT_ERROR_GRACE,
+    TRANSIENT_ERRORS,
+    CoalesceService,
+    CoalesceSpec,
+    failure_message,
+)
 from airflow_elspeth.coalesce_task import SUMMARY_XCOM_KEY, coalesce_spec, read_task_states
 from airflow_elspeth.coalesce_task import output_contract as coalesce_output_contract
 from airflow_elspeth.core.config import ON_COLLISION_RECORD, MergeStrategy, Policy, coalesce_config

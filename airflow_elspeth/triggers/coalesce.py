@@ -18,8 +18,7 @@ from airflow.triggers.base import BaseTrigger, TriggerEvent
 from airflow_elspeth.core.vocabulary import ENDED_TASK_STATES, TASK_SUCCESS
 
 if TYPE_CHECKING:
-    from airflow_elspeth.audit.coalesce import CoalesceSpec
-    from airflow_elspeth.audit.service import CoalesceService
+    from airflow_elspeth.audit.service import CoalesceService, CoalesceSpec
 
 # A failed poll (audit DB or Task SDK unreachable) is "not yet": polls back off up to this long, and
 # the task is told only once the failures outlast the deadline (or, before the deadline is known,
@@ -46,8 +45,7 @@ async def off_loop(call: Callable[..., T], *args: Any) -> T:
 def load_spec(spec: dict[str, Any]) -> tuple[CoalesceSpec, timedelta]:
     """The coalesce's spec and the audit layer's transient-error grace (blocks: the first call imports
     the audit layer)."""
-    from airflow_elspeth.audit.coalesce import CoalesceSpec
-    from airflow_elspeth.audit.dml import TRANSIENT_ERROR_GRACE
+    from airflow_elspeth.audit.service import TRANSIENT_ERROR_GRACE, CoalesceSpec
 
     return CoalesceSpec.from_dict(spec), TRANSIENT_ERROR_GRACE
 

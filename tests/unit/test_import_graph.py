@@ -118,3 +118,18 @@ def test_layers_import_only_downwards() -> None:
         if not target.startswith(allowed)
     )
     assert not wrong, wrong
+
+
+def test_the_coalesce_shells_reach_the_audit_layer_through_its_service() -> None:
+    """The sensor, its trigger, its finalizer and what they share import one audit entry point: the
+    coalesce service (and the spec it takes); they get it from the hook (docs/ARCHITECTURE.md)."""
+    entry = {"airflow_elspeth.audit.service", "airflow_elspeth.audit.model"}
+    graph = _graph()
+    for shell in (
+        "airflow_elspeth.sensors.coalesce",
+        "airflow_elspeth.triggers.coalesce",
+        "airflow_elspeth.operators.finalize",
+        "airflow_elspeth.coalesce_task",
+    ):
+        audit = {target for target in graph[shell] if target.startswith("airflow_elspeth.audit")}
+        assert audit <= entry, f"{shell} imports {sorted(audit - entry)}"
