@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from e2e_harness import AirflowStack, RedisServer
+from e2e_harness import AirflowStack, AuditDB, RedisServer
 
 STACK_FIXTURES = ("airflow_stack", "celery_stack")
 
@@ -98,3 +98,11 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     if lines:
         terminalreporter.write_sep("=", "e2e figures")
         terminalreporter.write_line("\n".join(lines))
+
+
+@pytest.fixture
+def audit(airflow_stack: AirflowStack) -> Iterator[AuditDB]:
+    """The audit database of the shared deployment, read as the tests check it."""
+    db = AuditDB(airflow_stack.audit_url)
+    yield db
+    db.dispose()

@@ -947,3 +947,13 @@ def scheduler_settings(stack: AirflowStack, settings: dict[str, str]) -> Iterato
         yield
     finally:
         stack.restart_scheduler()
+
+
+def start_run(stack: AirflowStack, dag_id: str) -> tuple[str, Path]:
+    """Unpause ``dag_id`` and trigger a run: its run id, and the DAG's state folder (created), where
+    the test DAGs read the files the tests drive them with."""
+    state = stack.state_dir / dag_id
+    state.mkdir(parents=True, exist_ok=True)
+    stack.wait_dag(dag_id)
+    stack.unpause(dag_id)
+    return stack.trigger(dag_id), state

@@ -4,7 +4,6 @@ one PostgreSQL audit database; then `--reprocess-behavior failed` re-runs the fa
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from datetime import datetime, timezone
 
 import pytest
@@ -17,13 +16,6 @@ DAYS = ["2025-03-01", "2025-03-02", "2025-03-03", "2025-03-04", "2025-03-05"]
 FAIL_DAY = "2025-03-03"
 ROWS = 8
 BRANCHES = ("left", "right")
-
-
-@pytest.fixture
-def audit(airflow_stack: AirflowStack) -> Iterator[AuditDB]:
-    db = AuditDB(airflow_stack.audit_url)
-    yield db
-    db.dispose()
 
 
 def _day(run: dict) -> str:

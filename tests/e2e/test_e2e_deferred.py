@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
 from datetime import datetime, timedelta
 
 import pytest
@@ -18,13 +17,6 @@ pytestmark = [pytest.mark.e2e, pytest.mark.postgres, pytest.mark.timeout(420)]
 DAG_ID = "e2e_deferred_deadline"
 BRANCHES = ("fast", "steady", "hung")
 DEADLINE = timedelta(seconds=25)
-
-
-@pytest.fixture
-def audit(airflow_stack: AirflowStack) -> Iterator[AuditDB]:
-    db = AuditDB(airflow_stack.audit_url)
-    yield db
-    db.dispose()
 
 
 def _parse(moment: str) -> datetime:

@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
 from datetime import datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import psycopg2
@@ -30,6 +28,7 @@ from e2e_harness import (
     copy_audit_db,
     kill_task,
     set_task_state,
+    start_run,
     task_instance,
     verify_clean,
     wait_task_process_gone,
@@ -48,24 +47,9 @@ HOLD_AT = 4  # dags/e2e_faults.py: slow delivers rows 0-3, then waits for "relea
 RESOLVED = "coalesce_task_failed"
 
 
-@pytest.fixture
-def audit(airflow_stack: AirflowStack) -> Iterator[AuditDB]:
-    db = AuditDB(airflow_stack.audit_url)
-    yield db
-    db.dispose()
-
-
 def note(message: str) -> None:
     """Observations for the report (shown with ``-s``)."""
     print(f"FAULTS: {message}")
-
-
-def _start(stack: AirflowStack, dag_id: str) -> tuple[str, Path]:
-    state = stack.state_dir / dag_id
-    state.mkdir(parents=True, exist_ok=True)
-    stack.wait_dag(dag_id)
-    stack.unpause(dag_id)
-    return stack.trigger(dag_id), state
 
 
 def _audit_run(audit: AuditDB, dag_id: str, run_id: str) -> dict[str, Any]:
@@ -172,7 +156,7 @@ def _assert_resolution_outcomes(
 
 def test_coalesce_killed_mid_wait_resumes_on_its_retry(airflow_stack: AirflowStack, audit: AuditDB) -> None:
     stack, dag_id = airflow_stack, "e2e_faults_coalesce_killed"
-    run_id, state = _start(stack, dag_id)
+    run_id, state = start_run(stack, dag_id)
     run = _wait_first_rows_merged(audit, dag_id, run_id)
     killed = kill_task(stack, dag_id, run_id, "join")
     assert killed["try_number"] == 1
@@ -246,7 +230,7 @@ def test_coalesce_killed_without_retries_is_resolved_then_cleared_and_decided_af
     airflow_stack: AirflowStack, audit: AuditDB
 ) -> None:
     stack, dag_id = airflow_stack, "e2e_faults_coalesce_killed_no_retry"
-    run_id, state = _start(stack, dag_id)
+    run_id, state = start_run(stack, dag_id)
     try:
         run = _wait_first_rows_merged(audit, dag_id, run_id)
         audit_run = run["run_id"]
@@ -320,7 +304,7 @@ def test_coalesce_killed_without_retries_is_resolved_then_cleared_and_decided_af
 
 def test_coalesce_marked_failed_by_a_person_is_resolved(airflow_stack: AirflowStack, audit: AuditDB) -> None:
     stack, dag_id = airflow_stack, "e2e_faults_coalesce_marked_failed"
-    run_id, state = _start(stack, dag_id)
+    run_id, state = start_run(stack, dag_id)
     try:
         run = _wait_first_rows_merged(audit, dag_id, run_id)
         audit_run = run["run_id"]
@@ -393,7 +377,7 @@ def test_audit_db_unreachable_during_branches_and_the_wait(
     airflow_stack: AirflowStack, audit: AuditDB
 ) -> None:
     stack, dag_id = airflow_stack, "e2e_faults_audit_outage"
-    run_id, state = _start(stack, dag_id)
+    run_id, state = start_run(stack, dag_id)
     try:
         run = _audit_run(audit, dag_id, run_id)
         audit_run = run["run_id"]
@@ -484,7 +468,7 @@ def test_branch_commit_held_across_the_deadline_is_seen_or_late_never_both(
     airflow_stack: AirflowStack, audit: AuditDB
 ) -> None:
     stack, dag_id = airflow_stack, "e2e_faults_held_commit"
-    run_id, _ = _start(stack, dag_id)
+    run_id, _ = start_run(stack, dag_id)
 
     def fork_completed() -> dict[str, Any] | None:
         run = audit.run_of(dag_id, run_id)
@@ -615,7 +599,7 @@ def test_branch_commit_held_across_the_deadline_is_seen_or_late_never_both(
 
 def test_fork_source_raising_part_way_keeps_nothing(airflow_stack: AirflowStack, audit: AuditDB) -> None:
     stack, dag_id = airflow_stack, "e2e_faults_fork_raises"
-    run_id, state = _start(stack, dag_id)
+    run_id, state = start_run(stack, dag_id)
     try:
         run = _audit_run(audit, dag_id, run_id)
         audit_run = run["run_id"]

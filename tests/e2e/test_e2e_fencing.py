@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -36,6 +35,7 @@ from e2e_harness import (
     branch_token_outcomes,
     scheduler_settings,
     set_task_state,
+    start_run,
     task_instance,
     task_process,
     task_supervisor,
@@ -61,21 +61,6 @@ HEARTBEAT_TIMEOUT = {
     "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT": "20",
     "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT_DETECTION_INTERVAL": "2",
 }
-
-
-@pytest.fixture
-def audit(airflow_stack: AirflowStack) -> Iterator[AuditDB]:
-    db = AuditDB(airflow_stack.audit_url)
-    yield db
-    db.dispose()
-
-
-def _start(stack: AirflowStack, dag_id: str) -> tuple[str, Path]:
-    state = stack.state_dir / dag_id
-    state.mkdir(parents=True, exist_ok=True)
-    stack.wait_dag(dag_id)
-    stack.unpause(dag_id)
-    return stack.trigger(dag_id), state
 
 
 def _decided(audit: AuditDB, audit_run: str) -> dict[str, tuple[str, str | None]]:
@@ -201,7 +186,7 @@ def test_branch_marked_failed_while_running_writes_late_and_the_decision_stands(
     airflow_stack: AirflowStack, audit: AuditDB, mode: str
 ) -> None:
     stack, dag_id = airflow_stack, f"e2e_fencing_marked_{mode}"
-    run_id, state = _start(stack, dag_id)
+    run_id, state = start_run(stack, dag_id)
     paused: list[psutil.Process] = []
     try:
         audit_run, slow = _holding(stack, audit, dag_id, run_id, state)
@@ -230,7 +215,7 @@ def test_paused_branch_failed_by_heartbeat_timeout_writes_late_when_resumed(
 ) -> None:
     stack, dag_id = airflow_stack, "e2e_fencing_paused"
     with scheduler_settings(stack, HEARTBEAT_TIMEOUT):
-        run_id, state = _start(stack, dag_id)
+        run_id, state = start_run(stack, dag_id)
         paused: list[psutil.Process] = []
         try:
             audit_run, slow = _holding(stack, audit, dag_id, run_id, state)

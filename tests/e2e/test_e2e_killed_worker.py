@@ -7,33 +7,17 @@ import os
 import signal
 import time
 from collections import Counter
-from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 
 import psutil
 import pytest
-from e2e_harness import AirflowStack, AuditDB, verify_clean, wait_until
+from e2e_harness import AirflowStack, AuditDB, start_run, verify_clean, wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.postgres, pytest.mark.timeout(360)]
 
 KILL_AT = 4  # the victim is killed while calling on row-4 (rows 0-3 are recorded)
 ROWS = [f"row-{n}" for n in range(10)]
-
-
-@pytest.fixture
-def audit(airflow_stack: AirflowStack) -> Iterator[AuditDB]:
-    db = AuditDB(airflow_stack.audit_url)
-    yield db
-    db.dispose()
-
-
-def _start(stack: AirflowStack, dag_id: str) -> tuple[str, Path]:
-    state = stack.state_dir / dag_id
-    state.mkdir(parents=True, exist_ok=True)
-    stack.wait_dag(dag_id)
-    stack.unpause(dag_id)
-    return stack.trigger(dag_id), state
 
 
 def _kill_victim(stack: AirflowStack, state: Path) -> int:
@@ -66,7 +50,7 @@ def test_killed_branch_is_retried_and_resumes_from_what_was_recorded(
     airflow_stack: AirflowStack, audit: AuditDB
 ) -> None:
     stack, dag_id = airflow_stack, "e2e_killed_worker"
-    run_id, state = _start(stack, dag_id)
+    run_id, state = start_run(stack, dag_id)
     _kill_victim(stack, state)
     recorded_before_kill = {
         s["row_key"] for s in _victim_states(audit, audit.run_of(dag_id, run_id)["run_id"])
@@ -112,7 +96,7 @@ def test_killed_branch_without_retries_is_a_loss_with_its_task_state_before_the_
     airflow_stack: AirflowStack, audit: AuditDB
 ) -> None:
     stack, dag_id = airflow_stack, "e2e_killed_no_retry"
-    run_id, state = _start(stack, dag_id)
+    run_id, state = start_run(stack, dag_id)
     _kill_victim(stack, state)
     killed_at = time.monotonic()
 
