@@ -56,6 +56,7 @@ from airflow_elspeth.core.vocabulary import (
     collision_rule_text,
     is_task_loss,
     outcome_text,
+    policy_text,
     reason_order,
 )
 from airflow_elspeth.exceptions import AirflowStatesUnavailable, NotFound
@@ -316,7 +317,7 @@ def _title(text: str) -> None:
 
 def print_summary(run: dict[str, Any], summary: dict[str, Any], task_state: str | None = None) -> None:
     """One coalesce's summary; ``task_state``: its task's Airflow state, when read."""
-    policy = summary["policy"] + (f" (quorum {summary['quorum']})" if summary.get("quorum") else "")
+    policy = policy_text(summary["policy"], len(summary["expected_branches"]), summary["quorum"])
     merge = summary["merge"] + (f" ({summary['select_branch']})" if summary.get("select_branch") else "")
     _rule(f"coalesce {summary['coalesce']}", [run["dag_id"], run["airflow_run_id"]])
     logical = run.get("logical_date")

@@ -15,12 +15,9 @@ from airflow.sdk.exceptions import (
     AirflowTaskTimeout,
 )
 
-from airflow_elspeth.audit.coalesce import (
-    CoalesceSpec,
-    coalesce_pass,
-    supersede_resolutions,
-)
+from airflow_elspeth.audit.coalesce import coalesce_pass, supersede_resolutions
 from airflow_elspeth.audit.dml import TRANSIENT_ERROR_GRACE, TRANSIENT_ERRORS
+from airflow_elspeth.audit.model import CoalesceSpec
 from airflow_elspeth.audit.read.decisions import coalesce_summary, failure_message
 from airflow_elspeth.audit.store import AuditStore
 from airflow_elspeth.core.config import ON_COLLISION_RECORD, MergeStrategy, Policy, coalesce_config

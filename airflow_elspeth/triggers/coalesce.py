@@ -13,8 +13,9 @@ from airflow.triggers.base import BaseTrigger, TriggerEvent
 from asgiref.sync import sync_to_async
 from sqlalchemy import Engine
 
-from airflow_elspeth.audit.coalesce import CoalesceSpec, WaitResult, coalesce_pass, waiting_poll
+from airflow_elspeth.audit.coalesce import WaitResult, coalesce_pass, waiting_poll
 from airflow_elspeth.audit.dml import TRANSIENT_ERROR_GRACE
+from airflow_elspeth.audit.model import CoalesceSpec
 from airflow_elspeth.audit.read.runs import newest_completed_run
 from airflow_elspeth.audit.store import AuditStore
 from airflow_elspeth.core.vocabulary import ENDED_TASK_STATES, TASK_SUCCESS, NodeType

@@ -21,7 +21,7 @@ from sqlalchemy import Engine, Table, insert, update
 
 from airflow_elspeth import airflow_states, cli
 from airflow_elspeth.audit import schema as t
-from airflow_elspeth.audit.coalesce import CoalesceSpec
+from airflow_elspeth.audit.model import CoalesceSpec
 from airflow_elspeth.audit.read.decisions import coalesce_summary
 from airflow_elspeth.audit.read.limbo import (
     ROWS_UNDECIDED,

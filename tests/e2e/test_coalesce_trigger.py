@@ -15,7 +15,8 @@ import pytest
 from sqlalchemy import Engine, text
 
 from airflow_elspeth.audit import coalesce as pass_module
-from airflow_elspeth.audit.coalesce import CoalesceSpec, coalesce_pass
+from airflow_elspeth.audit.coalesce import coalesce_pass
+from airflow_elspeth.audit.model import CoalesceSpec
 from airflow_elspeth.audit.store import (
     COMPLETED,
     AuditStore,

@@ -31,7 +31,7 @@ class Stalled:
 
 def _undecided_run(engine: Any, airflow_run_id: str, logical_date: datetime, timeout: timedelta) -> str:
     """A fork that completed and a coalesce that registered but decided nothing (3 rows open)."""
-    from airflow_elspeth.audit.coalesce import CoalesceSpec
+    from airflow_elspeth.audit.model import CoalesceSpec
     from airflow_elspeth.audit.store import AuditStore, ForkRow, RunIdentity
     from airflow_elspeth.core.canonical import hash_value
     from airflow_elspeth.core.config import coalesce_config

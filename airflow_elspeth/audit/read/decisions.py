@@ -24,7 +24,7 @@ from typing import Any
 from sqlalchemy import Connection, Engine, Integer, and_, bindparam, cast, func, or_, select, text
 
 from airflow_elspeth.audit import schema as t
-from airflow_elspeth.audit.coalesce import CoalesceSpec, deadline_of, load_run
+from airflow_elspeth.audit.model import CoalesceSpec, deadline_of, load_run
 from airflow_elspeth.audit.read.cache import CoalesceRef, coalesce_ref, run_reads
 from airflow_elspeth.audit.read.runs import coalesce_nodes, coalesce_spec
 from airflow_elspeth.core.vocabulary import (
@@ -360,7 +360,7 @@ def run_summaries(
 
 def failure_message(summary: Mapping[str, Any]) -> str:
     """The one-paragraph answer to "why did the coalesce fail": policy, counts, missing branches."""
-    policy = summary["policy"] + (f"(quorum={summary['quorum']})" if summary.get("quorum") else "")
+    policy = policy_text(summary["policy"], len(summary["expected_branches"]), summary["quorum"])
     reasons = ", ".join(f"{reason}={n}" for reason, n in summary["failure_reasons"].items())
     missing = "; ".join(
         f"{branch}: " + ", ".join(f"{reason} x{n}" for reason, n in info["reasons"].items())
@@ -671,7 +671,7 @@ def coalesce_overview(
         "coalesce": node_id,
         "audit_run_id": run_id,
         "policy": summary["policy"],
-        "policy_text": policy_text(spec.config.as_dict()),
+        "policy_text": policy_text(spec.config.policy, len(spec.config.branches), spec.config.quorum),
         "quorum": summary["quorum"],
         "merge": summary["merge"],
         "select_branch": summary["select_branch"],

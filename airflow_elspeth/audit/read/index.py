@@ -17,7 +17,7 @@ from typing import Any
 from sqlalchemy import Engine, func, select
 
 from airflow_elspeth.audit import schema as t
-from airflow_elspeth.audit.coalesce import CoalesceSpec
+from airflow_elspeth.audit.model import CoalesceSpec
 from airflow_elspeth.audit.read.runs import decision_counts
 from airflow_elspeth.core.vocabulary import ENDED_TASK_STATES, NodeType, RunStatus
 

@@ -14,7 +14,7 @@ from typing import Any
 from sqlalchemy import Engine, or_, select
 
 from airflow_elspeth.audit import schema as t
-from airflow_elspeth.audit.coalesce import CoalesceSpec, RunInfo
+from airflow_elspeth.audit.model import CoalesceSpec, RunInfo
 from airflow_elspeth.audit.read.runs import coalesce_spec, run_info
 from airflow_elspeth.audit.read.verify import COMPARED, Replay, replay_row
 from airflow_elspeth.core.policy import BranchEvent, EventKind
@@ -131,7 +131,7 @@ def explain_decision(
     consumed: list[str] = decision["consumed"]
     at = decision["decided_at"]
     when = "at the deadline" if deadline is not None and at == deadline else "when the deciding event arrived"
-    policy = policy_text(config)
+    policy = policy_text(config["policy"], len(config["branches"]), config["quorum"])
 
     def listing(names: Iterable[str]) -> str:
         names = list(names)
@@ -374,7 +374,9 @@ def row_view(engine: Engine, audit_run: Mapping[str, Any], row_key: str) -> dict
                 if audit_run["completed_at"] is not None
                 else None
             )
-            recorded["policy_text"] = policy_text(config)
+            recorded["policy_text"] = policy_text(
+                spec.config.policy, len(spec.config.branches), spec.config.quorum
+            )
             recorded["collision_rule"] = collision_rule_text(spec.config.on_collision)
             recorded["deadline"] = deadline
             recorded["explanation"] = explain_decision(recorded, config, deadline)

@@ -14,7 +14,7 @@ from sqlalchemy import Engine, func, select
 from sqlalchemy.exc import NoResultFound
 
 from airflow_elspeth.audit import schema as t
-from airflow_elspeth.audit.coalesce import CoalesceSpec, RunInfo, load_run
+from airflow_elspeth.audit.model import CoalesceSpec, RunInfo, load_run
 from airflow_elspeth.core.vocabulary import DecisionStatus, NodeType, RunStatus
 from airflow_elspeth.exceptions import NotFound
 

@@ -12,7 +12,7 @@ from typing import Any
 from sqlalchemy import Connection, Engine, and_, func, select
 
 from airflow_elspeth.audit import schema as t
-from airflow_elspeth.audit.coalesce import WHOLE_TASK
+from airflow_elspeth.audit.model import WHOLE_TASK
 from airflow_elspeth.audit.read.sql import json_field
 from airflow_elspeth.core.vocabulary import BRANCH_TASK_PREFIX, NodeStatus, NodeType, TokenOutcome
 
