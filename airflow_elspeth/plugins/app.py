@@ -49,6 +49,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from airflow_elspeth.audit.read import decisions, index, lineage, tasks
 from airflow_elspeth.audit.read.cache import coalesce_ref
+from airflow_elspeth.audit.read.records import to_json
 from airflow_elspeth.audit.read.runs import audit_runs, pick_audit_run
 from airflow_elspeth.core import vocabulary
 from airflow_elspeth.core.vocabulary import DecisionStatus, NodeType, ReasonKind
@@ -434,7 +435,7 @@ def _coalesce_section(
         "decision_param": ALL_DECISIONS if flt.decision is None else flt.decision,
         "rows": rows,
         "page": page,
-        "pages": max(1, -(-rows["total"] // PAGE_SIZE)),
+        "pages": max(1, -(-rows.total // PAGE_SIZE)),
         "late": late,
         "late_page": late_page,
         "late_pages": max(1, -(-late["total_rows"] // LATE_PAGE_SIZE)),
@@ -530,7 +531,7 @@ def build_pages() -> APIRouter:
                 "selected": selected,
                 "row": row,
                 "coalesce": _blank(coalesce)
-                or (row["decisions"][0]["coalesce"] if row["decisions"] else None),
+                or (row["decisions"][0].coalesce if row["decisions"] else None),
                 "colours": chart.colours(selected["branches"]),
             },
         )
@@ -614,7 +615,8 @@ def build_api() -> APIRouter:
     ) -> dict[str, Any]:
         """Configuration, deadline, counts, failure reasons, missing-branch matrix, arrival curves."""
         engine, _, selected = _require_selected(engine, dag_id, run_id, audit_run, coalesce)
-        return series.coalesce_page_overview(engine, selected, coalesce)
+        overview: dict[str, Any] = to_json(series.coalesce_page_overview(engine, selected, coalesce))
+        return overview
 
     @router.get("/dags/{dag_id}/runs/{run_id}/coalesces/{coalesce}/rows")
     def api_rows(
@@ -633,9 +635,12 @@ def build_api() -> APIRouter:
         """A page of decided rows (default: failed), filtered by reason, missing branch and why."""
         engine, _, selected = _require_selected(engine, dag_id, run_id, audit_run, coalesce)
         flt = _row_filter(decision, reason, branch, branch_reason)
-        return decisions.decision_rows(
-            engine, selected["audit_run_id"], coalesce, flt, limit=limit, offset=offset
+        page: dict[str, Any] = to_json(
+            decisions.decision_rows(
+                engine, selected["audit_run_id"], coalesce, flt, limit=limit, offset=offset
+            )
         )
+        return page
 
     @router.get("/dags/{dag_id}/runs/{run_id}/coalesces/{coalesce}/late-arrivals")
     def api_late(
@@ -649,7 +654,10 @@ def build_api() -> APIRouter:
     ) -> dict[str, Any]:
         """Arrivals after their row's decision (recorded, never merged)."""
         engine, _, selected = _require_selected(engine, dag_id, run_id, audit_run, coalesce)
-        return decisions.late_arrivals(engine, selected, coalesce, limit=limit, offset=offset)
+        late: dict[str, Any] = to_json(
+            decisions.late_arrivals(engine, selected, coalesce, limit=limit, offset=offset)
+        )
+        return late
 
     @router.get("/dags/{dag_id}/runs/{run_id}/lineage")
     def api_lineage(
@@ -658,7 +666,8 @@ def build_api() -> APIRouter:
         """One row's lineage and decisions, each replayed from its event log."""
         engine, _, selected = _require_selected(engine, dag_id, run_id, audit_run)
         try:
-            return lineage.row_view(engine, selected, key)
+            row: dict[str, Any] = to_json(lineage.row_view(engine, selected, key))
+            return row
         except NotFound as err:
             raise HTTPException(404, f"No row {key!r} in audit run {selected['audit_run_id']}") from err
 
@@ -791,7 +800,7 @@ def create_app() -> FastAPI:
             "sort": sort,
             "order": order,
             "task_states": "read" if reader.known else (reader.note or "not needed"),
-            "audit_runs": runs,
+            "audit_runs": to_json(runs),
         }
 
     @app.middleware("http")

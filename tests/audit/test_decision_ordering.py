@@ -451,8 +451,8 @@ def assert_told_late(engine: Engine, coalesce: CoalesceSpec, run_id: str, late: 
         for reason, rows in ((late, 3), ("branch_task_failed", 0)):
             flt = RowFilter(decision=None, branch="b", branch_reason=reason)
             found = decision_rows(engine, run_id, "join", flt, max_in_list=max_in_list)
-            assert (found["total"], len(found["rows"])) == (rows, rows), (reason, max_in_list)
-            assert all(row["missing"]["b"] == late for row in found["rows"])
+            assert (found.total, len(found.rows)) == (rows, rows), (reason, max_in_list)
+            assert all(row.missing["b"] == late for row in found.rows)
 
 
 def assert_verified(engine: Engine, run_id: str) -> None:
