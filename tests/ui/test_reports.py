@@ -3,11 +3,13 @@ julianday/date_part for the chart, json_each/jsonb for the branch filter fallbac
 
 from __future__ import annotations
 
+import json
 from datetime import datetime, timezone
 from typing import Any
 
 import pytest
 
+from airflow_elspeth.audit import schema
 from airflow_elspeth.audit.read import decisions, lineage, runs, tasks
 from airflow_elspeth.audit.read.cache import clear_cache
 from airflow_elspeth.audit.read.decisions import coalesce_summary
@@ -129,27 +131,17 @@ def test_unknown_things_are_not_found(audit_engine: Any, built: BuiltRun) -> Non
 def test_explanations_in_words() -> None:
     config = coalesce_config(branches=["a", "b"], policy="require_all", merge="union", timeout=60)
     at = datetime(2026, 1, 1, tzinfo=timezone.utc)
-    decision = DecisionRecord(
-        coalesce="c",
-        row_key="k",
-        chunk=0,
-        decision="failed",
-        failure_reason="branch_lost",
-        policy="require_all",
-        merge_strategy="union",
-        consumed=[],
-        arrived=["a"],
-        missing={"b": "dropped"},
-        late=[],
-        details={"arrived": ["a"], "lost": {"b": "dropped"}},
-        collisions=None,
-        decided_at=at,
-        recorded_at=at,
-        wait_ms=0,
-        wait_from_first_arrival_ms=None,
-        merged_token_id=None,
-    )
-    text = lineage.explain_decision(decision, config, None)
+    stored = {c.name: None for c in schema.coalesce_decisions.c} | {
+        "node_id": "c",
+        "decision": "failed",
+        "failure_reason": "branch_lost",
+        "consumed": "[]",
+        "missing_json": json.dumps({"b": "dropped"}),
+        "late_json": "[]",
+        "details_json": json.dumps({"arrived": ["a"], "lost": {"b": "dropped"}}),
+        "decided_at": at,
+    }
+    text = lineage.explain_decision(DecisionRecord.from_row(stored), config, None)
     assert text.startswith("Failed when the deciding event arrived under require_all (2 of 2)")
     assert "b dropped the row (the callable returned None)." in text
     assert (

@@ -36,7 +36,6 @@ from airflow_elspeth.audit.read.records import (
     LateDecision,
     MissingBranch,
     Wait,
-    Waits,
     to_json,
 )
 from airflow_elspeth.audit.read.runs import coalesce_nodes, coalesce_spec
@@ -216,10 +215,10 @@ def summarise(engine: Engine, spec: CoalesceSpec, run_id: str) -> CoalesceSummar
         },
         failed_rows=failed_rows[:FAILED_ROWS_LIMIT],
         failed_rows_truncated=len(failed_rows) > FAILED_ROWS_LIMIT,
-        waits_ms=Waits(
-            from_fork_completion=Wait(mean=_whole(waits[0]), max=_whole(waits[1])),
-            from_first_arrival=Wait(mean=_whole(waits[2]), max=_whole(waits[3])),
-        ),
+        waits_ms={
+            "from_fork_completion": Wait(mean=_whole(waits[0]), max=_whole(waits[1])),
+            "from_first_arrival": Wait(mean=_whole(waits[2]), max=_whole(waits[3])),
+        },
         audit_run_id=run_id,
     )
 

@@ -70,12 +70,6 @@ class Wait:
 
 
 @dataclass(frozen=True)
-class Waits:
-    from_fork_completion: Wait
-    from_first_arrival: Wait
-
-
-@dataclass(frozen=True)
 class CoalesceSummary:
     """What a coalesce decided, from grouped queries: the one source of counts (the XCom
     ``coalesce_summary`` is :func:`to_json` of it, the report and the UI read it)."""
@@ -103,7 +97,9 @@ class CoalesceSummary:
     field_collisions: dict[str, FieldCollision]
     failed_rows: list[FailedRow]
     failed_rows_truncated: bool
-    waits_ms: Waits
+    # How long the decided rows waited: ``from_fork_completion`` and ``from_first_arrival`` (rows
+    # with an arrival).
+    waits_ms: dict[str, Wait]
     audit_run_id: str
 
 
