@@ -606,7 +606,7 @@ def test_ui_reports_show_undecided_resolutions_and_superseded(audit_engine: Engi
     (outcome,) = audit_index(audit_engine, None)[0]["outcomes"]
     assert {outcome.coalesce: {k: getattr(outcome, k) for k in counts["join"]}} == counts
     audit_run = pick_audit_run(audit_runs(audit_engine, "d", "r"))
-    assert audit_run is not None and audit_run["decisions"] == counts
+    assert audit_run is not None and audit_run.decisions == counts
     overview = coalesce_overview(audit_engine, audit_run, "join")
     assert (overview["rows_merged"], overview["rows_failed"], overview["rows_undecided"]) == (1, 1, 2)
 

@@ -47,7 +47,7 @@ def built(audit_engine: Any) -> BuiltRun:
 def test_reports_agree_with_the_summary_and_the_replay(audit_engine: Any, built: BuiltRun) -> None:
     found = runs.audit_runs(audit_engine, "d", "r")
     run = runs.pick_audit_run(found, coalesce="consensus")
-    assert run is not None and run["audit_run_id"] == built.run_id and run["chunks_total"] == 3
+    assert run is not None and run.audit_run_id == built.run_id and run.chunks_total == 3
 
     overview = coalesce_page_overview(audit_engine, run, "consensus")
     summary = coalesce_summary(

@@ -27,6 +27,7 @@ from airflow_elspeth.audit import schema as t
 from airflow_elspeth.audit.model import CoalesceSpec, deadline_of, load_run
 from airflow_elspeth.audit.read.cache import CoalesceRef, coalesce_ref, run_reads
 from airflow_elspeth.audit.read.records import (
+    AuditRunView,
     CoalesceSummary,
     DecisionPage,
     DecisionRecord,
@@ -479,19 +480,19 @@ def decision_slots(ref: CoalesceRef) -> dict[str, dict[int, int]]:
     return _scan(ref)[1]
 
 
-def arrival_slots(ref: CoalesceRef, audit_run: Mapping[str, Any]) -> dict[str, dict[int, int]]:
+def arrival_slots(ref: CoalesceRef, audit_run: AuditRunView) -> dict[str, dict[int, int]]:
     """Arrivals per branch per time slot (slot s: [s, s+1) x :func:`slot_seconds` after the fork);
     empty while the fork has not completed."""
-    if audit_run["completed_at"] is None:
+    if audit_run.completed_at is None:
         return {}
     return ref.cached("arrivals", lambda: _arrival_slots(ref, audit_run))
 
 
-def _arrival_slots(ref: CoalesceRef, audit_run: Mapping[str, Any]) -> dict[str, dict[int, int]]:
+def _arrival_slots(ref: CoalesceRef, audit_run: AuditRunView) -> dict[str, dict[int, int]]:
     engine, spec, resolution = ref.engine, ref.spec, slot_seconds(ref.spec)
     ns = t.node_states.c
     branch_of = {node: branch for branch, node in spec.delivering.items()}
-    origin = bindparam("origin", audit_run["completed_at"], type_=t.runs.c.completed_at.type)
+    origin = bindparam("origin", audit_run.completed_at, type_=t.runs.c.completed_at.type)
     slot: Any
     if engine.dialect.name == "postgresql":
         slot = func.floor(func.date_part("epoch", ns.recorded_at - origin) / resolution)
@@ -505,7 +506,7 @@ def _arrival_slots(ref: CoalesceRef, audit_run: Mapping[str, Any]) -> dict[str, 
         for node, at, n in conn.execute(
             select(ns.node_id, slot, func.count())
             .where(
-                ns.run_id == audit_run["audit_run_id"],
+                ns.run_id == audit_run.audit_run_id,
                 ns.node_id.in_(list(branch_of)),
                 ns.status.in_(_ARRIVALS),
             )
@@ -667,14 +668,14 @@ def cached_summary(ref: CoalesceRef) -> CoalesceSummary:
 
 
 def coalesce_overview(
-    engine: Engine, audit_run: Mapping[str, Any], node_id: str, *, ref: CoalesceRef | None = None
+    engine: Engine, audit_run: AuditRunView, node_id: str, *, ref: CoalesceRef | None = None
 ) -> dict[str, Any]:
     """The coalesce summary, extended with what the coalesce section of a page shows besides it:
     the policy in words, the deadline, late rows, the branch x reason matrix of missing branches.
 
     Every count is the summary's; ``rows_undecided`` is non-zero while the coalesce is still running.
     """
-    run_id = audit_run["audit_run_id"]
+    run_id = audit_run.audit_run_id
     ref = ref or coalesce_ref(engine, run_id, node_id)
     spec = ref.spec
     summary, (groups, _), after_write, moves = run_reads(
@@ -684,7 +685,7 @@ def coalesce_overview(
         lambda: _after_write(ref),
         lambda: ref.cached("moves", lambda: _moves(ref)),
     )
-    completed_at = audit_run["completed_at"]
+    completed_at = audit_run.completed_at
     deadline = completed_at + spec.config.timeout if completed_at else None
     return {
         "coalesce": node_id,
@@ -869,7 +870,7 @@ def decision_rows(
 
 def late_arrivals(
     engine: Engine,
-    audit_run: Mapping[str, Any],
+    audit_run: AuditRunView,
     node_id: str,
     *,
     limit: int = PAGE_SIZE,
@@ -881,7 +882,7 @@ def late_arrivals(
     ``rows`` pages the rows whose decision recorded a late branch (with each late branch's arrival
     time); ``after_write`` lists arrivals that came after the decision was even written.
     """
-    run_id = audit_run["audit_run_id"]
+    run_id = audit_run.audit_run_id
     ref = ref or coalesce_ref(engine, run_id, node_id)
     spec = ref.spec
     page = decision_rows(

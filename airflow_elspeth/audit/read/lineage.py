@@ -15,7 +15,7 @@ from sqlalchemy import Engine, or_, select
 
 from airflow_elspeth.audit import schema as t
 from airflow_elspeth.audit.model import CoalesceSpec, RunInfo
-from airflow_elspeth.audit.read.records import DecisionRecord, RowDecision, SupersededDecision
+from airflow_elspeth.audit.read.records import AuditRunView, DecisionRecord, RowDecision, SupersededDecision
 from airflow_elspeth.audit.read.runs import coalesce_spec, run_info
 from airflow_elspeth.audit.read.verify import COMPARED, Replay, replay_row
 from airflow_elspeth.core.config import CoalesceConfig
@@ -271,11 +271,11 @@ def _chain(steps: Mapping[str, Mapping[str, Any]], branch: str) -> list[str]:
     return order + sorted(n for n in mine if n not in order)
 
 
-def row_view(engine: Engine, audit_run: Mapping[str, Any], row_key: str) -> dict[str, Any]:
+def row_view(engine: Engine, audit_run: AuditRunView, row_key: str) -> dict[str, Any]:
     """One row from source to decision: the source row, the fork, each branch's node states in step
     order (timing, errors, outputs), the terminal outcome of each token, every coalesce decision with
     its explanation and a replay of its event log, and the merged output."""
-    run_id = audit_run["audit_run_id"]
+    run_id = audit_run.audit_run_id
     lineage = row_lineage(engine, run_id, row_key)
     run = run_info(engine, run_id)
     n = t.nodes.c
@@ -297,7 +297,7 @@ def row_view(engine: Engine, audit_run: Mapping[str, Any], row_key: str) -> dict
     tokens = lineage["tokens"]
     source = next((tok for tok in tokens if tok["token_kind"] == TokenKind.SOURCE), None)
     branches = []
-    for branch in audit_run["branches"]:
+    for branch in audit_run.branches:
         token = next(
             (tok for tok in tokens if tok["token_kind"] == TokenKind.BRANCH and tok["branch_name"] == branch),
             None,
@@ -357,9 +357,7 @@ def row_view(engine: Engine, audit_run: Mapping[str, Any], row_key: str) -> dict
             continue
         spec = CoalesceSpec.from_dict(config_data)
         config = spec.config
-        deadline = (
-            audit_run["completed_at"] + config.timeout if audit_run["completed_at"] is not None else None
-        )
+        deadline = audit_run.completed_at + config.timeout if audit_run.completed_at is not None else None
         decisions.append(
             RowDecision.extending(
                 record,
@@ -381,13 +379,13 @@ def row_view(engine: Engine, audit_run: Mapping[str, Any], row_key: str) -> dict
         "source": lineage["source"],
         "source_hash": lineage["row"]["source_hash"],
         "fork": {
-            "task_id": audit_run["fork_task_id"],
+            "task_id": audit_run.fork_task_id,
             "token_id": source["token_id"] if source else None,
             "fork_group_id": source["fork_group_id"] if source else None,
             "created_at": source["created_at"] if source else None,
-            "branches": audit_run["branches"],
+            "branches": audit_run.branches,
         },
-        "fork_completed_at": audit_run["completed_at"],
+        "fork_completed_at": audit_run.completed_at,
         "branches": branches,
         "decisions": decisions,
         # Resolutions replaced when a person cleared the coalesce: history, never decisions.

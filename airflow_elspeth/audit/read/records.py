@@ -104,6 +104,45 @@ class CoalesceSummary:
 
 
 # --------------------------------------------------------------------------------------------------
+# The audit runs of a DAG run, as the run pages show them
+
+
+@dataclass(frozen=True)
+class BranchStep:
+    node_id: str
+    branch: str
+
+
+@dataclass(frozen=True)
+class AuditRunView:
+    """One audit run (a fork try) of a DAG run with its coalesces, branch steps and, per coalesce,
+    its decision counts (``merged``, ``failed``, ``undecided``, ``failure_reasons``)."""
+
+    audit_run_id: str
+    dag_id: str
+    airflow_run_id: str
+    fork_task_id: str
+    try_number: int
+    clear_number: int
+    run_type: str | None
+    logical_date: datetime | None
+    started_at: datetime
+    completed_at: datetime | None
+    status: str
+    status_reason: str | None
+    rows_total: int | None
+    chunk_size: int
+    chunks_total: int | None
+    branches: list[str]
+    previous_run_id: str | None
+    # The newest try of its fork in the DAG run (an earlier try stays readable, superseded).
+    current: bool
+    coalesces: list[str]
+    branch_steps: list[BranchStep]
+    decisions: dict[str, dict[str, Any]]
+
+
+# --------------------------------------------------------------------------------------------------
 # The runs index (outcomes first)
 
 
