@@ -530,7 +530,7 @@ def build_pages() -> APIRouter:
                 "links": links,
                 "selected": selected,
                 "row": row,
-                "coalesce": _blank(coalesce) or (row["decisions"][0].coalesce if row["decisions"] else None),
+                "coalesce": _blank(coalesce) or (row.decisions[0].coalesce if row.decisions else None),
                 "colours": chart.colours(selected.branches),
             },
         )

@@ -610,7 +610,7 @@ def test_ui_reports_show_undecided_resolutions_and_superseded(audit_engine: Engi
     overview = coalesce_overview(audit_engine, audit_run, "join")
     assert (overview["rows_merged"], overview["rows_failed"], overview["rows_undecided"]) == (1, 1, 2)
 
-    resolved = row_view(audit_engine, audit_run, Trail.key(1))["decisions"][0]
+    resolved = row_view(audit_engine, audit_run, Trail.key(1)).decisions[0]
     assert resolved.replay is not None
     assert resolved.replay["resolution"] is True and resolved.replay["undecidable_then"] is True
     assert resolved.explanation is not None
@@ -618,5 +618,5 @@ def test_ui_reports_show_undecided_resolutions_and_superseded(audit_engine: Engi
     assert "not the policy" in failure_reason_text("coalesce_task_failed")
 
     reopened = row_view(audit_engine, audit_run, Trail.key(2))
-    assert reopened["decisions"] == [] and len(reopened["superseded_decisions"]) == 1
-    assert all(b["outcome"] is None and len(b["superseded_outcomes"]) == 1 for b in reopened["branches"])
+    assert reopened.decisions == [] and len(reopened.superseded_decisions) == 1
+    assert all(b["outcome"] is None and len(b["superseded_outcomes"]) == 1 for b in reopened.branches)

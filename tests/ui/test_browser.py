@@ -285,10 +285,10 @@ def test_a_person_finds_why_a_row_failed_in_the_real_ui(server: Server, browser:
     assert "Replaying this event log under the coalesce's policy gives the recorded decision." in text
     assert "Source row" in text and "Fork fork" in text and "Branches" in text
     lineage = row_view(engine, audit_run, key)
-    decision = lineage["decisions"][0]
+    decision = lineage.decisions[0]
     assert decision.decision == "failed"
     assert decision.explanation is not None and decision.explanation in text
-    for branch in lineage["branches"]:
+    for branch in lineage.branches:
         for state in branch["states"]:
             assert state["node_id"] in text
             if state["error"]:

@@ -105,7 +105,7 @@ def test_reports_agree_with_the_summary_and_the_replay(audit_engine: Any, built:
         )
         for row in page.rows:
             view = lineage.row_view(audit_engine, run, row.row_key)
-            decision = view["decisions"][0]
+            decision = view.decisions[0]
             assert decision.replay is not None and decision.replay["agrees"], (row.row_key, decision.replay)
             assert decision.explanation is not None
             assert decision.explanation.startswith("Merged" if row.decision == "merged" else "Failed")

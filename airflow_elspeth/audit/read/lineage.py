@@ -15,7 +15,13 @@ from sqlalchemy import Engine, or_, select
 
 from airflow_elspeth.audit import schema as t
 from airflow_elspeth.audit.model import CoalesceSpec, RunInfo
-from airflow_elspeth.audit.read.records import AuditRunView, DecisionRecord, RowDecision, SupersededDecision
+from airflow_elspeth.audit.read.records import (
+    AuditRunView,
+    DecisionRecord,
+    RowDecision,
+    RowView,
+    SupersededDecision,
+)
 from airflow_elspeth.audit.read.runs import coalesce_spec, run_info
 from airflow_elspeth.audit.read.verify import COMPARED, Replay, replay_row
 from airflow_elspeth.core.config import CoalesceConfig
@@ -271,7 +277,7 @@ def _chain(steps: Mapping[str, Mapping[str, Any]], branch: str) -> list[str]:
     return order + sorted(n for n in mine if n not in order)
 
 
-def row_view(engine: Engine, audit_run: AuditRunView, row_key: str) -> dict[str, Any]:
+def row_view(engine: Engine, audit_run: AuditRunView, row_key: str) -> RowView:
     """One row from source to decision: the source row, the fork, each branch's node states in step
     order (timing, errors, outputs), the terminal outcome of each token, every coalesce decision with
     its explanation and a replay of its event log, and the merged output."""
@@ -371,26 +377,25 @@ def row_view(engine: Engine, audit_run: AuditRunView, row_key: str) -> dict[str,
         )
     decisions.sort(key=lambda d: d.coalesce)
     superseded = [SupersededDecision.from_row(d) for d in lineage.get("superseded_decisions", [])]
-    return {
-        "audit_run_id": run_id,
-        "row_key": lineage["row"]["row_key"],
-        "row_index": lineage["row"]["row_index"],
-        "chunk": lineage["row"]["chunk"],
-        "source": lineage["source"],
-        "source_hash": lineage["row"]["source_hash"],
-        "fork": {
+    return RowView(
+        audit_run_id=run_id,
+        row_key=lineage["row"]["row_key"],
+        row_index=lineage["row"]["row_index"],
+        chunk=lineage["row"]["chunk"],
+        source=lineage["source"],
+        source_hash=lineage["row"]["source_hash"],
+        fork={
             "task_id": audit_run.fork_task_id,
             "token_id": source["token_id"] if source else None,
             "fork_group_id": source["fork_group_id"] if source else None,
             "created_at": source["created_at"] if source else None,
             "branches": audit_run.branches,
         },
-        "fork_completed_at": audit_run.completed_at,
-        "branches": branches,
-        "decisions": decisions,
-        # Resolutions replaced when a person cleared the coalesce: history, never decisions.
-        "superseded_decisions": superseded,
-    }
+        fork_completed_at=audit_run.completed_at,
+        branches=branches,
+        decisions=decisions,
+        superseded_decisions=superseded,
+    )
 
 
 # --------------------------------------------------------------------------------------------------

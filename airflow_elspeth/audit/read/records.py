@@ -266,6 +266,26 @@ class RowDecision(DecisionRecord):
 
 
 @dataclass(frozen=True)
+class RowView:
+    """One row from source to decision, as the row page and the lineage API show it: the source
+    row, the fork, each branch's node states in step order and outcomes, every coalesce decision
+    and the resolutions a later try of their coalesce replaced."""
+
+    audit_run_id: str
+    row_key: str
+    row_index: int
+    chunk: int
+    source: Any
+    source_hash: str
+    fork: dict[str, Any]  # task_id, token_id, fork_group_id, created_at, branches
+    fork_completed_at: datetime | None
+    branches: list[dict[str, Any]]
+    decisions: list[RowDecision]
+    # Resolutions replaced when a person cleared the coalesce: history, never decisions.
+    superseded_decisions: list[SupersededDecision]
+
+
+@dataclass(frozen=True)
 class LateArrival:
     """A branch that answered a row after its decision; None times: no answer found at the step."""
 
