@@ -43,6 +43,7 @@ from airflow_elspeth.audit.read.limbo import (
     tasks_to_look_up,
 )
 from airflow_elspeth.audit.read.lineage import explain_row
+from airflow_elspeth.audit.read.records import CoalesceSummary, DecisionRecord, MissingBranch, to_json
 from airflow_elspeth.audit.read.runs import row_runs, select_runs, with_tries
 from airflow_elspeth.audit.read.verify import DECISION_REPLAY, RESOLUTION_DECIDABLE, verify_run
 from airflow_elspeth.core.vocabulary import (
@@ -56,6 +57,7 @@ from airflow_elspeth.core.vocabulary import (
     collision_rule_text,
     is_task_loss,
     outcome_text,
+    policy_text,
     reason_order,
 )
 from airflow_elspeth.exceptions import AirflowStatesUnavailable, NotFound
@@ -102,7 +104,7 @@ class Target:
 
 
 def _emit_json(value: Any) -> None:
-    click.echo(json.dumps(value, indent=2, default=str, sort_keys=False))
+    click.echo(json.dumps(to_json(value), indent=2, default=str, sort_keys=False))
 
 
 @click.group()
@@ -169,10 +171,10 @@ def report(
     runs = with_tries(engine, select_runs(engine, run_id, dag_id, airflow_run_id))
     task_states, states_note = _task_states_for(airflow_states, runs, engine)
     errors = {run["run_id"]: error_groups(engine, [run["run_id"]]) for run in runs}
-    found = [
+    found: list[dict[str, Any]] = [
         {
             "run": _run_header(run),
-            "coalesce_task_state": _task_state(task_states, run, summary["coalesce"]),
+            "coalesce_task_state": _task_state(task_states, run, summary.coalesce),
             "summary": summary,
             "errors": errors[run["run_id"]],
         }
@@ -314,22 +316,22 @@ def _title(text: str) -> None:
     console.print(f"\n[bold]{escape(text)}[/]")
 
 
-def print_summary(run: dict[str, Any], summary: dict[str, Any], task_state: str | None = None) -> None:
+def print_summary(run: dict[str, Any], summary: CoalesceSummary, task_state: str | None = None) -> None:
     """One coalesce's summary; ``task_state``: its task's Airflow state, when read."""
-    policy = summary["policy"] + (f" (quorum {summary['quorum']})" if summary.get("quorum") else "")
-    merge = summary["merge"] + (f" ({summary['select_branch']})" if summary.get("select_branch") else "")
-    _rule(f"coalesce {summary['coalesce']}", [run["dag_id"], run["airflow_run_id"]])
+    policy = policy_text(summary.policy, len(summary.expected_branches), summary.quorum)
+    merge = summary.merge + (f" ({summary.select_branch})" if summary.select_branch else "")
+    _rule(f"coalesce {summary.coalesce}", [run["dag_id"], run["airflow_run_id"]])
     logical = run.get("logical_date")
     console.print(
         escape(
             _fit(
                 [
-                    f"audit run {summary['audit_run_id']}",
+                    f"audit run {summary.audit_run_id}",
                     _try_text(run),
                     f"logical date {logical.isoformat()}" if logical is not None else "",
                     f"policy {policy}",
                     f"merge {merge}",
-                    f"deadline {summary['deadline']}",
+                    f"deadline {summary.deadline}",
                     f"coalesce task {task_state}" if task_state is not None else "",
                 ]
             )
@@ -341,40 +343,40 @@ def print_summary(run: dict[str, Any], summary: dict[str, Any], task_state: str 
     counts = Table(show_header=True, header_style="bold")
     for column in ("rows", "merged", "failed", "undecided", "late arrivals"):
         counts.add_column(column, justify="right")
-    undecided = summary.get("rows_undecided", 0)
+    undecided = summary.rows_undecided
     counts.add_row(
-        str(summary["rows_total"]),
-        f"[green]{summary['rows_merged']}[/]",
-        f"[red]{summary['rows_failed']}[/]" if summary["rows_failed"] else "0",
+        str(summary.rows_total),
+        f"[green]{summary.rows_merged}[/]",
+        f"[red]{summary.rows_failed}[/]" if summary.rows_failed else "0",
         f"[yellow]{undecided}[/]" if undecided else "0",
-        str(summary["late_arrivals"]),
+        str(summary.late_arrivals),
     )
     console.print(counts)
-    if summary["missing_branches"]:
-        _print_missing(summary["missing_branches"])
-    if summary.get("field_collisions"):
-        _title(f"Union field collisions ({collision_rule_text(summary.get('on_collision', 'record'))})")
+    if summary.missing_branches:
+        _print_missing(summary.missing_branches)
+    if summary.field_collisions:
+        _title(f"Union field collisions ({collision_rule_text(summary.on_collision)})")
         clashes = Table(header_style="bold")
         for column in ("field", "rows", "supplied by"):
             clashes.add_column(column)
-        for field_name, info in summary["field_collisions"].items():
-            clashes.add_row(escape(field_name), str(info["rows"]), escape(", ".join(info["branches"])))
+        for field_name, clash in summary.field_collisions.items():
+            clashes.add_row(escape(field_name), str(clash.rows), escape(", ".join(clash.branches)))
         console.print(clashes)
-    if summary["failure_reasons"]:
+    if summary.failure_reasons:
         _title("Failed rows by reason")
         reasons_table = Table(header_style="bold")
         reasons_table.add_column("reason")
         reasons_table.add_column("rows", justify="right")
-        for reason, n in summary["failure_reasons"].items():
+        for reason, n in summary.failure_reasons.items():
             reasons_table.add_row(escape(reason), str(n))
         console.print(reasons_table)
         _print_failed_rows(summary)
 
 
-def _print_missing(missing: Mapping[str, Any]) -> None:
+def _print_missing(missing: Mapping[str, MissingBranch]) -> None:
     """The branch x reason matrix; one (branch, reason) a line when the matrix is wider than the
     console (every reason keeps its whole name)."""
-    reasons = sorted({r for info in missing.values() for r in info["reasons"]}, key=reason_order)
+    reasons = sorted({r for info in missing.values() for r in info.reasons}, key=reason_order)
     _title("Missing branches (rows per reason)")
     matrix = Table(header_style="bold")
     matrix.add_column("branch")
@@ -382,7 +384,7 @@ def _print_missing(missing: Mapping[str, Any]) -> None:
         matrix.add_column(escape(reason), justify="right", no_wrap=True)
     matrix.add_column("rows", justify="right")
     for branch, info in missing.items():
-        matrix.add_row(escape(branch), *(str(info["reasons"].get(r, "")) for r in reasons), str(info["rows"]))
+        matrix.add_row(escape(branch), *(str(info.reasons.get(r, "")) for r in reasons), str(info.rows))
     if _fits(matrix):
         console.print(matrix)
         return
@@ -391,38 +393,38 @@ def _print_missing(missing: Mapping[str, Any]) -> None:
     tall.add_column("reason", no_wrap=True)
     tall.add_column("rows", justify="right")
     for branch, info in missing.items():
-        ordered = sorted(info["reasons"].items(), key=lambda kv: reason_order(kv[0]))
+        ordered = sorted(info.reasons.items(), key=lambda kv: reason_order(kv[0]))
         for i, (reason, n) in enumerate(ordered):
             tall.add_row(escape(branch) if i == 0 else "", escape(reason), str(n))
         if len(ordered) > 1:
-            tall.add_row("", "[dim]all reasons[/]", str(info["rows"]), end_section=True)
+            tall.add_row("", "[dim]all reasons[/]", str(info.rows), end_section=True)
         else:
             tall.rows[-1].end_section = True
     console.print(tall)
 
 
-def _print_failed_rows(summary: Mapping[str, Any]) -> None:
-    rows = summary["failed_rows"][:20]
+def _print_failed_rows(summary: CoalesceSummary) -> None:
+    rows = summary.failed_rows[:20]
     shown = len(rows)
-    more = summary["rows_failed"] - shown
-    _title(f"Failed rows (first {shown} of {summary['rows_failed']})" if more > 0 else "Failed rows")
+    more = summary.rows_failed - shown
+    _title(f"Failed rows (first {shown} of {summary.rows_failed})" if more > 0 else "Failed rows")
     failed = Table(header_style="bold")
     for column in ("row key", "reason", "arrived", "missing"):
         failed.add_column(column, no_wrap=column != "arrived")
     for row in rows:
         failed.add_row(
-            escape(row["row_key"]),
-            escape(row["reason"]),
-            escape(", ".join(row["arrived"])) or "-",
-            escape("\n".join(f"{b}: {r}" for b, r in row["missing"].items())) or "-",
+            escape(row.row_key),
+            escape(row.reason or ""),
+            escape(", ".join(row.arrived)) or "-",
+            escape("\n".join(f"{b}: {r}" for b, r in row.missing.items())) or "-",
         )
     if _fits(failed):
         console.print(failed)
         return
     for row in rows:  # one row a block: nothing is cut
-        console.print(f"[bold]{escape(row['row_key'])}[/]  {escape(row['reason'])}")
-        console.print(f"  arrived  {escape(', '.join(row['arrived']) or '-')}")
-        missing = list(row["missing"].items()) or [("-", "")]
+        console.print(f"[bold]{escape(row.row_key)}[/]  {escape(row.reason or '')}")
+        console.print(f"  arrived  {escape(', '.join(row.arrived) or '-')}")
+        missing = list(row.missing.items()) or [("-", "")]
         for i, (branch, reason) in enumerate(missing):
             label = "missing " if i == 0 else "        "
             console.print(f"  {label} {escape(branch)}" + (f": {escape(reason)}" if reason else ""))
@@ -572,22 +574,23 @@ def print_explanation(run: dict[str, Any], explained: dict[str, Any]) -> None:
             else:  # the result on its own line, under its step
                 branch.add(step).add(escape(result))
     console.print(tree)
-    for decision, replayed in zip(explained["decisions"], explained["replays"], strict=True):
+    for stored, replayed in zip(explained["decisions"], explained["replays"], strict=True):
+        decision = DecisionRecord.from_row(stored)
         if replayed.get("resolution"):
-            verdict = f"[red]failed: {decision['failure_reason']}[/]"
-        elif decision["decision"] == DecisionStatus.MERGED:
+            verdict = f"[red]failed: {decision.failure_reason}[/]"
+        elif decision.decision == DecisionStatus.MERGED:
             verdict = "[green]merged[/]"
         else:
-            verdict = f"[red]failed: {decision['failure_reason']}[/]"
-        how = f"{decision['policy']}, merge {decision['merge_strategy']}"
+            verdict = f"[red]failed: {decision.failure_reason}[/]"
+        how = f"{decision.policy}, merge {decision.merge_strategy}"
         verdict_text = Text.from_markup(verdict)
         line = Text.from_markup(
             escape(
                 _fit(
                     [
-                        f"coalesce {decision['node_id']} ({how}):",
-                        f"{verdict_text.plain} at {_clock(decision['decided_at'])},",
-                        f"{decision['wait_ms']} ms after the fork completed",
+                        f"coalesce {decision.coalesce} ({how}):",
+                        f"{verdict_text.plain} at {_clock(decision.decided_at)},",
+                        f"{decision.wait_ms} ms after the fork completed",
                     ],
                     sep=" ",
                 )
@@ -596,16 +599,16 @@ def print_explanation(run: dict[str, Any], explained: dict[str, Any]) -> None:
         line.highlight_words(
             [verdict_text.plain], style=str(verdict_text.spans[0].style) if verdict_text.spans else ""
         )
-        line.stylize("bold", 0, len(f"coalesce {decision['node_id']}"))
+        line.stylize("bold", 0, len(f"coalesce {decision.coalesce}"))
         console.print()
         console.print(line)
-        console.print(f"  consumed: {', '.join(json.loads(decision['consumed'])) or '-'}")
+        console.print(f"  consumed: {', '.join(decision.consumed) or '-'}")
         arrivals = _arrival_text(decision)
         if arrivals:
             console.print(
                 escape(_fit(arrivals, indent="            ", sep="; ").replace(" " * 12, "  arrived:  ", 1))
             )
-        missing = json.loads(decision["missing_json"])
+        missing = decision.missing
         if missing:
             since = _since_decision(explained, decision)
             entries = [
@@ -620,7 +623,7 @@ def print_explanation(run: dict[str, Any], explained: dict[str, Any]) -> None:
             console.print(
                 escape(_fit(entries, indent="            ", sep="; ").replace(" " * 12, "  missing:  ", 1))
             )
-        details = {k: v for k, v in json.loads(decision["details_json"]).items() if k != "arrival_order"}
+        details = {k: v for k, v in decision.details.items() if k != "arrival_order"}
         if details:
             entries = [
                 f"{json.dumps(k)}: {json.dumps(v, sort_keys=True)}" for k, v in sorted(details.items())
@@ -636,7 +639,7 @@ def print_explanation(run: dict[str, Any], explained: dict[str, Any]) -> None:
             reason = f" ({event['reason']})" if event["reason"] else ""
             after = (
                 " [dim](after the resolution)[/]"
-                if replayed.get("resolution") and event["at"] > decision["decided_at"]
+                if replayed.get("resolution") and event["at"] > decision.decided_at
                 else ""
             )
             if event.get("late_write"):
@@ -687,18 +690,18 @@ def _outcome_label(outcome: Mapping[str, Any]) -> str:
     return str(outcome["outcome"]) + (f" ({outcome['reason']})" if outcome["reason"] else "")
 
 
-def _arrival_text(decision: Mapping[str, Any]) -> list[str]:
+def _arrival_text(decision: DecisionRecord) -> list[str]:
     """``gpt +0 ms``, ``claude +437 ms``, ..., ``decided 5563 ms after the first``: the arrival record
     of a decision (empty for a decision without arrivals, or written before it was recorded)."""
-    order = json.loads(decision["details_json"]).get("arrival_order") or []
+    order = decision.arrival_order
     if not order:
         return []
     entries = [f"{a['branch']} +{a['offset_ms']} ms" for a in order]
-    wait = decision.get("wait_from_first_arrival_ms")
+    wait = decision.wait_from_first_arrival_ms
     return [*entries, f"decided {wait} ms after the first"] if wait is not None else entries
 
 
-def _since_decision(explained: Mapping[str, Any], decision: Mapping[str, Any]) -> dict[str, str]:
+def _since_decision(explained: Mapping[str, Any], decision: DecisionRecord) -> dict[str, str]:
     """Branch -> what became of it after the decision saw it ``not_arrived`` or lost to its task's
     end (its token's late or skipped outcome that replaced the decision's)."""
     found = {}

@@ -24,7 +24,7 @@ from typing import Any
 
 
 def bench_spec() -> Any:
-    from airflow_elspeth.audit.coalesce import CoalesceSpec
+    from airflow_elspeth.audit.model import CoalesceSpec
     from airflow_elspeth.core.config import coalesce_config
     from benchmarks.factory import BRANCHES
 

@@ -4,7 +4,8 @@ This is the one piece of code that decides rows. The sensor (poke and reschedule
 sensor's resumption, the deferred sensor's trigger and the coalesce's finalizer all go through it;
 :func:`waiting_poll` replays chunks read-only with :func:`decide_chunk` to know whether a pass
 would decide anything before taking a chunk's write lock. It knows SQL and
-the core, not Airflow: task states come in as a plain mapping.
+the core, not Airflow: task states come in as a plain mapping. The log it reads is
+:mod:`~airflow_elspeth.audit.log`'s, the one ``verify`` and ``explain`` replay.
 
 Each chunk is decided in one transaction ordered against the branch writers of that chunk
 (:func:`~airflow_elspeth.audit.dml.ordered_write`): the pass reads the audit clock after every
@@ -15,17 +16,25 @@ decision is therefore always what a replay of the stored log says, whatever the 
 from __future__ import annotations
 
 import functools
-import json
 from collections import defaultdict
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Connection, Engine, and_, select, update
 
 from airflow_elspeth.audit import schema as t
-from airflow_elspeth.audit.dml import db_now, insert_ignore, ordered_write, refresh_statistics, select_in
+from airflow_elspeth.audit.dml import db_now, insert_ignore, ordered_write, refresh_statistics
+from airflow_elspeth.audit.log import TokenState, collision_check, read_chunk_log, row_events
+from airflow_elspeth.audit.model import (
+    WHOLE_TASK,
+    CoalesceSpec,
+    RunInfo,
+    deadline_of,
+    load_run,
+    payload_bodies,
+)
 from airflow_elspeth.audit.store import (
     AuditStore,
     DecisionWrite,
@@ -33,21 +42,16 @@ from airflow_elspeth.audit.store import (
     decided_in_chunk_count,
     dumps,
     join_group_id,
-    loss_reason,
     merged_token_id,
     outcome_row,
     set_progress,
     write_decisions,
 )
 from airflow_elspeth.core.canonical import hash_value
-from airflow_elspeth.core.config import CoalesceConfig
 from airflow_elspeth.core.errors import recorded_error_fingerprint
 from airflow_elspeth.core.merge import merge_outputs
 from airflow_elspeth.core.policy import (
-    BranchEvent,
-    CollisionCheck,
     Decision,
-    EventKind,
     replay,
     resolve_ended,
 )
@@ -56,7 +60,6 @@ from airflow_elspeth.core.vocabulary import (
     COALESCE_TASK_PREFIX,
     ENDED_TASK_STATES,
     NOT_ARRIVED,
-    TERMINAL_NODE_STATUSES,
     UNKNOWN_TASK_STATE,
     DecisionStatus,
     NodeStatus,
@@ -68,78 +71,6 @@ from airflow_elspeth.core.vocabulary import (
     missing_outcome,
 )
 from airflow_elspeth.exceptions import AuditInvariantError
-
-# Airflow task states after which a task will deliver nothing more (Airflow's words, not stored
-# statuses of the audit trail: a branch task loss records one as ``branch_task_<state>``).
-WHOLE_TASK = -1
-
-
-@dataclass(frozen=True)
-class CoalesceSpec:
-    """What a coalesce pass needs to know about its coalesce, as plain data (serialisable)."""
-
-    node_id: str
-    config: CoalesceConfig
-    delivering: Mapping[str, str]  # branch -> task id of the branch step that delivers arrivals
-    mapped: Mapping[str, bool]  # branch -> whether that task is mapped over the fork's chunks
-    # The merged rows' contract (``MergedContract.as_dict``: fields, untyped branches), None when no
-    # contract applies (``nested``, or a coalesce registered before contracts existed).
-    output_contract: Mapping[str, Any] | None = None
-    # Whether a branch task's recorded loss fences what it writes afterwards (:func:`row_events`).
-    # False only for a coalesce registered by 0.1, whose decisions are replayed as 0.1 made them.
-    fenced: bool = True
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "node_id": self.node_id,
-            "config": self.config.as_dict(),
-            "delivering": dict(self.delivering),
-            "mapped": dict(self.mapped),
-            "output_contract": dict(self.output_contract) if self.output_contract is not None else None,
-            "fenced": self.fenced,
-        }
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> CoalesceSpec:
-        from airflow_elspeth.core.config import ON_COLLISION_RECORD, coalesce_config
-
-        config = data["config"]
-        return cls(
-            node_id=data["node_id"],
-            config=coalesce_config(
-                branches=config["branches"],
-                policy=config["policy"],
-                merge=config["merge"],
-                timeout=timedelta(seconds=config["timeout_seconds"]),
-                quorum=config["quorum"],
-                select_branch=config["select_branch"],
-                on_collision=config.get("on_collision", ON_COLLISION_RECORD),
-            ),
-            delivering=dict(data["delivering"]),
-            mapped=dict(data["mapped"]),
-            output_contract=data.get("output_contract"),
-            fenced=data.get("fenced", False),  # absent: registered by 0.1, before fencing
-        )
-
-    def task_keys(self, branch: str, chunks_total: int) -> dict[str, int]:
-        """Keys of ``get_task_states`` for a branch's delivering task -> the chunk each covers."""
-        task_id = self.delivering[branch]
-        if self.mapped[branch]:
-            return {f"{task_id}_{chunk}": chunk for chunk in range(chunks_total)}
-        return {task_id: WHOLE_TASK}
-
-
-@dataclass(frozen=True)
-class RunInfo:
-    run_id: str
-    status: str
-    completed_at: datetime | None
-    rows_total: int
-    chunk_size: int
-    chunks_total: int
-
-    def chunk_rows(self, chunk: int) -> int:
-        return max(0, min(self.chunk_size, self.rows_total - chunk * self.chunk_size))
 
 
 @dataclass(frozen=True)
@@ -153,26 +84,6 @@ class PassResult:
     @property
     def done(self) -> bool:
         return self.rows_decided >= self.rows_total
-
-
-def load_run(conn: Connection, run_id: str) -> RunInfo | None:
-    row = conn.execute(select(t.runs).where(t.runs.c.run_id == run_id)).mappings().first()
-    if row is None:
-        return None
-    return RunInfo(
-        run_id=run_id,
-        status=row["status"],
-        completed_at=row["completed_at"],
-        rows_total=row["rows_total"] or 0,
-        chunk_size=row["chunk_size"],
-        chunks_total=row["chunks_total"] or 0,
-    )
-
-
-def deadline_of(run: RunInfo, config: CoalesceConfig) -> datetime:
-    if run.completed_at is None:
-        raise ValueError(f"audit run {run.run_id} has not completed its fork")
-    return run.completed_at + config.timeout
 
 
 def task_loss_rows(
@@ -503,145 +414,6 @@ def supersede_resolutions(store: AuditStore, spec: CoalesceSpec, run_id: str, *,
     return reopened
 
 
-@dataclass(frozen=True)
-class TokenState:
-    token_id: str
-    branch: str
-    status: str
-    at: datetime  # when the state became visible (node_states.recorded_at): the event time
-    output_ref: str | None
-    error: Mapping[str, Any] | None
-
-
-def read_chunk_log(
-    conn: Connection,
-    spec: CoalesceSpec,
-    run_id: str,
-    chunk: int,
-    *,
-    undecided_only: bool,
-    row_ids: list[str] | None = None,
-) -> tuple[list[tuple[str, str, int]], dict[str, dict[str, TokenState]], dict[str, tuple[str, datetime]]]:
-    """One chunk's rows, their branch states at the delivering nodes, and whole-task losses.
-
-    :returns: (rows as (row_id, row_key, row_index)), {row_id: {branch: first terminal state}},
-        {branch: (task state, observed_at)} for the chunk.
-    """
-    r = t.rows.c
-    query = select(r.row_id, r.row_key, r.row_index).where(r.run_id == run_id, r.chunk == chunk)
-    decided_ids: set[str] = set()
-    if undecided_only:
-        # One indexed range read of this chunk's decisions (ix run_id, node_id, chunk), filtered here:
-        # a correlated NOT EXISTS lets PostgreSQL, on tables not analysed yet, scan every decision of
-        # the run once per row of the chunk (quadratic in the run size).
-        cd = t.coalesce_decisions.c
-        decided_ids = set(
-            conn.execute(
-                select(cd.row_id).where(cd.run_id == run_id, cd.node_id == spec.node_id, cd.chunk == chunk)
-            ).scalars()
-        )
-    if row_ids is not None:
-        query = query.where(r.row_id.in_(row_ids))
-    rows = [tuple(row) for row in conn.execute(query.order_by(r.row_index)) if row[0] not in decided_ids]
-    branch_of = {node: branch for branch, node in spec.delivering.items()}
-    ns = t.node_states.c
-    states: dict[str, dict[str, TokenState]] = defaultdict(dict)
-    for token_id, row_id, node_id, status, recorded_at, output_ref, error_json in conn.execute(
-        select(ns.token_id, ns.row_id, ns.node_id, ns.status, ns.recorded_at, ns.output_ref, ns.error_json)
-        .where(
-            ns.run_id == run_id,
-            ns.node_id.in_(list(branch_of)),
-            ns.chunk == chunk,
-            ns.status.in_(TERMINAL_NODE_STATUSES),
-            *([ns.row_id.in_(row_ids)] if row_ids is not None else []),
-        )
-        .order_by(ns.recorded_at)
-    ):
-        branch = branch_of[node_id]
-        if branch not in states[row_id]:
-            error = json.loads(error_json) if error_json else None
-            states[row_id][branch] = TokenState(token_id, branch, status, recorded_at, output_ref, error)
-    tl = t.branch_task_losses.c
-    losses: dict[str, tuple[str, datetime]] = {}
-    for node_id, loss_chunk, state, observed_at in conn.execute(
-        select(tl.node_id, tl.chunk, tl.task_state, tl.observed_at).where(
-            tl.run_id == run_id,
-            tl.node_id.in_(list(branch_of)),
-            tl.chunk.in_([chunk, WHOLE_TASK]),
-        )
-    ):
-        branch = branch_of[node_id]
-        if branch not in losses or loss_chunk == chunk:
-            losses[branch] = (state, observed_at)
-    return rows, states, losses
-
-
-def row_events(
-    spec: CoalesceSpec,
-    states: Mapping[str, TokenState],
-    losses: Mapping[str, tuple[str, datetime]],
-    *,
-    as_of: datetime | None = None,
-) -> list[BranchEvent]:
-    """A row's event log: each branch's earliest event, its state at the delivering node or its
-    task's recorded loss.
-
-    A task's loss fences what that task writes afterwards: Airflow declared it ended (failed by a
-    person, by a heartbeat timeout, ...) and the pass recorded that under the exclusive ordering
-    lock, so a state stamped later came from a writer already counted as gone. It is kept and read
-    as late (:func:`late_writes`), never as the branch's event, so no later write can change what a
-    decision made at the loss saw. A state stamped before the loss (a commit the pass waited for)
-    is the branch's event, as it was when the pass read it.
-
-    :param as_of: for a coalesce registered by 0.1 (``spec.fenced`` false), the moment its decision
-        was recorded: 0.1 preferred a branch's state over its task's loss, as far as the pass could
-        see it then, and its decisions are replayed that way.
-    """
-    events = []
-    for branch in spec.config.branches:
-        state = states.get(branch)
-        loss = losses.get(branch)
-        if state is not None and _state_counts(spec, state, loss, as_of):
-            events.append(_state_event(branch, state))
-        elif loss is not None:
-            task_state, observed_at = loss
-            events.append(BranchEvent(branch, observed_at, EventKind.LOSS, branch_task_reason(task_state)))
-    return events
-
-
-def late_writes(
-    spec: CoalesceSpec,
-    states: Mapping[str, TokenState],
-    losses: Mapping[str, tuple[str, datetime]],
-    *,
-    as_of: datetime | None = None,
-) -> list[BranchEvent]:
-    """The states of a row that :func:`row_events` leaves out (written after their task's recorded
-    loss), as the events they would have been: what ``explain`` and the row page show as late."""
-    return [
-        _state_event(branch, state)
-        for branch, state in states.items()
-        if not _state_counts(spec, state, losses.get(branch), as_of)
-    ]
-
-
-def _state_counts(
-    spec: CoalesceSpec, state: TokenState, loss: tuple[str, datetime] | None, as_of: datetime | None
-) -> bool:
-    """Whether a branch's state, rather than its task's loss, is the branch's event."""
-    if loss is None:
-        return True
-    if spec.fenced:
-        return state.at <= loss[1]
-    return as_of is None or state.at <= as_of
-
-
-def _state_event(branch: str, state: TokenState) -> BranchEvent:
-    if state.status in ARRIVAL_NODE_STATUSES:
-        return BranchEvent(branch, state.at, EventKind.ARRIVAL)
-    return BranchEvent(branch, state.at, EventKind.LOSS, loss_reason(state.status, state.error))
-
-
 def decide_chunk(
     conn: Connection,
     spec: CoalesceSpec,
@@ -702,38 +474,6 @@ def decide_chunk(
         )
         for row_id, row_key, d in decided
     ]
-
-
-def arrival_bodies(
-    conn: Connection, config: CoalesceConfig, states: Mapping[str, Mapping[str, TokenState]]
-) -> dict[str, Any]:
-    """The outputs of the given rows' arrivals (payload hash -> output) when the decision depends
-    on them (``on_collision="fail_row"``), else nothing."""
-    if not config.fails_on_collision:
-        return {}
-    return payload_bodies(conn, {state.output_ref for row in states.values() for state in row.values()})
-
-
-def collision_check(
-    config: CoalesceConfig, states: Mapping[str, TokenState], bodies: Mapping[str, Any]
-) -> CollisionCheck | None:
-    """The collisions of merging one row's consumed outputs (``bodies``: payload hash -> output),
-    for :func:`~airflow_elspeth.core.policy.replay`; None unless ``on_collision="fail_row"``."""
-    if not config.fails_on_collision:
-        return None
-
-    def collisions(consumed: tuple[str, ...]) -> Mapping[str, list[str]]:
-        outputs = {b: bodies[states[b].output_ref or ""] for b in consumed}
-        return merge_outputs(config, consumed, outputs).collisions
-
-    return collisions
-
-
-def payload_bodies(conn: Connection, hashes: Iterable[str | None]) -> dict[str, Any]:
-    """Payload hash -> the JSON value it stores."""
-    wanted = [h for h in set(hashes) if h]
-    sql = "SELECT hash, body FROM payloads WHERE hash IN"
-    return {digest: json.loads(body) for digest, body in select_in(conn, sql, wanted)}
 
 
 # A pass writes the same few branch lists and missing-branch maps for thousands of rows: their JSON

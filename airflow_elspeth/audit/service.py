@@ -20,7 +20,6 @@ from typing import Any
 from sqlalchemy import Engine
 
 from airflow_elspeth.audit.coalesce import (
-    CoalesceSpec,
     PassResult,
     WaitResult,
     coalesce_pass,
@@ -28,6 +27,7 @@ from airflow_elspeth.audit.coalesce import (
     waiting_poll,
 )
 from airflow_elspeth.audit.dml import TRANSIENT_ERROR_GRACE, TRANSIENT_ERRORS
+from airflow_elspeth.audit.model import CoalesceSpec
 from airflow_elspeth.audit.read.decisions import coalesce_summary, failure_message
 from airflow_elspeth.audit.read.runs import newest_completed_run
 from airflow_elspeth.audit.store import AuditStore

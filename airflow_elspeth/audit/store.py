@@ -24,12 +24,12 @@ from airflow_elspeth.audit.dml import (
     refresh_statistics,
     upsert,
 )
+from airflow_elspeth.audit.log import loss_reason
 from airflow_elspeth.core.canonical import PayloadLimit, derive_id, hash_value
 from airflow_elspeth.core.errors import recorded_error_fingerprint
 from airflow_elspeth.core.vocabulary import (
     ARRIVAL_NODE_STATUSES,
     BRANCH_TASK_PREFIX,
-    DROPPED,
     NOT_JOINED,
     SKIPPED_DECIDED,
     TERMINAL_NODE_STATUSES,
@@ -39,7 +39,6 @@ from airflow_elspeth.core.vocabulary import (
     RunStatus,
     TokenKind,
     TokenOutcome,
-    failed_state_reason,
     late_reason,
     missing_outcome,
     superseded_try_run_reason,
@@ -740,7 +739,7 @@ def replace_not_arrived(
 
     :param after_task_loss: the tokens arrived (a late arrival): a token the decision saw lost to
         its task's end (``lost``, ``branch_task_<state>``) is replaced too, since what its task wrote
-        after that end is late (``audit.coalesce.row_events``).
+        after that end is late (``audit.log.row_events``).
     """
     to, cd = t.token_outcomes.c, t.coalesce_decisions.c
     replaceable = to.outcome == TokenOutcome.NOT_ARRIVED
@@ -798,15 +797,6 @@ def replace_not_arrived(
         )
         replaced += len(found)
     return replaced
-
-
-def loss_reason(status: str, error: Mapping[str, Any] | None) -> str:
-    """The loss reason of a terminal node state that is not an arrival."""
-    if status == NodeStatus.DROPPED:
-        return DROPPED
-    if status == NodeStatus.FAILED:
-        return failed_state_reason(error)
-    raise ValueError(f"node state {status!r} is not a loss")
 
 
 def not_joined_outcome(run_id: str, result: NodeResult, at: datetime) -> dict[str, Any]:

@@ -22,6 +22,7 @@ from airflow_elspeth.core.vocabulary import (
     coalesce_task_reason,
     late_reason,
 )
+from airflow_elspeth.exceptions import ElspethConfigError
 
 
 class EventKind(str, Enum):
@@ -140,14 +141,16 @@ def _resolve(
             )
             return DecisionStatus.FAILED, (), reason, waiting
         return None
-    # Policy.FIRST
-    if a:
-        return DecisionStatus.MERGED, tuple(arrived[:1]), None, {}
-    if lost_count == n:
-        return DecisionStatus.FAILED, (), FailureReason.ALL_BRANCHES_LOST, waiting
-    if at_deadline:
-        return DecisionStatus.FAILED, (), FailureReason.FIRST_TIMEOUT_NO_ARRIVALS, waiting
-    return None
+    if policy is Policy.FIRST:
+        if a:
+            return DecisionStatus.MERGED, tuple(arrived[:1]), None, {}
+        if lost_count == n:
+            return DecisionStatus.FAILED, (), FailureReason.ALL_BRANCHES_LOST, waiting
+        if at_deadline:
+            return DecisionStatus.FAILED, (), FailureReason.FIRST_TIMEOUT_NO_ARRIVALS, waiting
+        return None
+    # A policy added to core.config without its rule here must not be decided by another's rule.
+    raise ElspethConfigError(f"coalesce policy {policy!r} has no rule in core.policy")
 
 
 def _apply_select(
@@ -222,7 +225,7 @@ def replay(
     :param now: the audit clock at the time of reading.
     :param collisions: with ``on_collision="fail_row"``, the collisions of the consumed branches'
         outputs: a merge with any fails ``field_collision`` at the same step. Without it the decision
-        is the log's alone (a caller that merges must pass it: ``audit.coalesce.collision_check``).
+        is the log's alone (a caller that merges must pass it: ``audit.log.collision_check``).
     """
     events = list(events)
     for event in events:

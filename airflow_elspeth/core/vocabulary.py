@@ -19,7 +19,8 @@ from collections.abc import Mapping
 from enum import Enum
 from typing import Any
 
-from airflow_elspeth.core.config import ON_COLLISION_FAIL_ROW, ON_COLLISION_PREFER
+from airflow_elspeth.core.config import ON_COLLISION_FAIL_ROW, ON_COLLISION_PREFER, Policy
+from airflow_elspeth.exceptions import ElspethConfigError
 
 
 class Word(str, Enum):
@@ -353,14 +354,25 @@ def collision_rule_text(on_collision: str) -> str:
     return "the later branch in configured order wins"
 
 
-def policy_text(config: Mapping[str, Any]) -> str:
-    """A coalesce policy in words, from its stored configuration."""
-    policy = config["policy"]
-    n = len(config["branches"])
-    if policy == "quorum":
-        return f"quorum {config['quorum']} of {n}"
-    if policy == "require_all":
-        return f"require_all ({n} of {n})"
-    if policy == "first":
-        return f"first of {n}"
-    return f"best_effort (any of {n})"
+def policy_text(policy: str, branches: int, quorum: int | None) -> str:
+    """A coalesce policy in words ("quorum 2 of 3"): the one wording the CLI, the UI, ``explain`` and
+    the sensor's failure message use.
+
+    :param policy: the policy's stored value (a :class:`~airflow_elspeth.core.config.Policy` value).
+    :param branches: how many branches the coalesce joins.
+    :param quorum: the quorum (read only for ``quorum``).
+    :raises ElspethConfigError: ``policy`` is no policy this function has words for.
+    """
+    try:
+        member = Policy(policy)
+    except ValueError:
+        raise ElspethConfigError(f"unknown coalesce policy {policy!r}") from None
+    if member is Policy.QUORUM:
+        return f"quorum {quorum} of {branches}"
+    if member is Policy.REQUIRE_ALL:
+        return f"require_all ({branches} of {branches})"
+    if member is Policy.BEST_EFFORT:
+        return f"best_effort (any of {branches})"
+    if member is Policy.FIRST:
+        return f"first of {branches}"
+    raise ElspethConfigError(f"coalesce policy {policy!r} has no words in core.vocabulary.policy_text")

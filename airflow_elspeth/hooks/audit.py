@@ -38,8 +38,8 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.pool import NullPool
 
 from airflow_elspeth.audit import migrate
-from airflow_elspeth.audit.coalesce import CoalesceSpec
 from airflow_elspeth.audit.engine import create_audit_engine, engine_for_url
+from airflow_elspeth.audit.model import CoalesceSpec
 from airflow_elspeth.audit.service import CoalesceService
 from airflow_elspeth.audit.store import AuditStore
 

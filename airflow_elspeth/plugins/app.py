@@ -49,6 +49,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from airflow_elspeth.audit.read import decisions, index, lineage, tasks
 from airflow_elspeth.audit.read.cache import coalesce_ref
+from airflow_elspeth.audit.read.records import AuditRunView, to_json
 from airflow_elspeth.audit.read.runs import audit_runs, pick_audit_run
 from airflow_elspeth.core import vocabulary
 from airflow_elspeth.core.vocabulary import DecisionStatus, NodeType, ReasonKind
@@ -328,7 +329,7 @@ def _blank(value: str | None) -> str | None:
 
 def _runs_and_selection(
     engine: Engine | None, dag_id: str, run_id: str, audit_run: str | None, coalesce: str | None
-) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+) -> tuple[list[AuditRunView], AuditRunView | None]:
     runs = audit_runs(engine, dag_id, run_id) if engine is not None else []
     selected = pick_audit_run(runs, audit_run_id=audit_run, coalesce=coalesce)
     if audit_run and selected is None:
@@ -338,12 +339,12 @@ def _runs_and_selection(
 
 def _require_selected(
     engine: Engine | None, dag_id: str, run_id: str, audit_run: str | None, coalesce: str | None = None
-) -> tuple[Engine, list[dict[str, Any]], dict[str, Any]]:
+) -> tuple[Engine, list[AuditRunView], AuditRunView]:
     runs, selected = _runs_and_selection(engine, dag_id, run_id, audit_run, coalesce)
     if engine is None or selected is None:
         raise HTTPException(404, f"No Elspeth audit runs for DAG run {run_id!r} of {dag_id!r}")
-    if coalesce is not None and coalesce not in selected["coalesces"]:
-        raise HTTPException(404, f"No coalesce {coalesce!r} in audit run {selected['audit_run_id']}")
+    if coalesce is not None and coalesce not in selected.coalesces:
+        raise HTTPException(404, f"No coalesce {coalesce!r} in audit run {selected.audit_run_id}")
     return engine, runs, selected
 
 
@@ -393,7 +394,7 @@ SectionDep = Annotated[SectionQuery, Depends()]
 
 def _coalesce_section(
     engine: Engine,
-    selected: dict[str, Any],
+    selected: AuditRunView,
     node: str,
     view: Callable[..., str],
     query: SectionQuery,
@@ -402,19 +403,19 @@ def _coalesce_section(
     """What run.html's coalesce section shows: overview, chart, rows, late arrivals, and why rows
     are undecided; ``view(**params)`` is the URL of the page it is on (the run page or a task tab)."""
     flt, page, late_page = query.flt, query.page, query.late_page
-    ref = coalesce_ref(engine, selected["audit_run_id"], node)
+    ref = coalesce_ref(engine, selected.audit_run_id, node)
     overview = series.coalesce_page_overview(engine, selected, node, ref=ref)
     if query.asked_decision is None and not overview["rows_failed"]:
         # Nothing failed: list every decided row rather than an empty list.
         flt = _row_filter(ALL_DECISIONS, flt.reason, flt.branch, flt.branch_reason)
     rows = decisions.decision_rows(
-        engine, selected["audit_run_id"], node, flt, limit=PAGE_SIZE, offset=(page - 1) * PAGE_SIZE, ref=ref
+        engine, selected.audit_run_id, node, flt, limit=PAGE_SIZE, offset=(page - 1) * PAGE_SIZE, ref=ref
     )
     late = decisions.late_arrivals(
         engine, selected, node, limit=LATE_PAGE_SIZE, offset=(late_page - 1) * LATE_PAGE_SIZE, ref=ref
     )
     filters = {
-        "audit_run": selected["audit_run_id"],
+        "audit_run": selected.audit_run_id,
         "coalesce": node,
         "decision": ALL_DECISIONS if flt.decision is None else flt.decision,
         "reason": flt.reason,
@@ -428,13 +429,13 @@ def _coalesce_section(
         "coalesce": node,
         "overview": overview,
         "chart": chart.arrivals_chart(
-            overview["arrivals"], overview["branches"], chart.colours(selected["branches"])
+            overview["arrivals"], overview["branches"], chart.colours(selected.branches)
         ),
         "flt": flt,
         "decision_param": ALL_DECISIONS if flt.decision is None else flt.decision,
         "rows": rows,
         "page": page,
-        "pages": max(1, -(-rows["total"] // PAGE_SIZE)),
+        "pages": max(1, -(-rows.total // PAGE_SIZE)),
         "late": late,
         "late_page": late_page,
         "late_pages": max(1, -(-late["total_rows"] // LATE_PAGE_SIZE)),
@@ -445,7 +446,7 @@ def _coalesce_section(
             undecided=overview["rows_undecided"],
             deadline=overview["deadline"],
             task_state=task_state,
-            current=bool(selected["current"]),
+            current=bool(selected.current),
             now=datetime.now(timezone.utc),
         ),
     }
@@ -487,10 +488,10 @@ def build_pages() -> APIRouter:
             "asked_coalesce": coalesce,
             "coalesce": None,
             "task_only": False,
-            "colours": chart.colours(selected["branches"]) if selected else {},
+            "colours": chart.colours(selected.branches) if selected else {},
         }
-        if engine is not None and selected is not None and selected["coalesces"]:
-            node = coalesce if coalesce in selected["coalesces"] else selected["coalesces"][0]
+        if engine is not None and selected is not None and selected.coalesces:
+            node = coalesce if coalesce in selected.coalesces else selected.coalesces[0]
             context.update(
                 _coalesce_section(
                     engine,
@@ -519,7 +520,7 @@ def build_pages() -> APIRouter:
         try:
             row = lineage.row_view(engine, selected, key)
         except NotFound as err:
-            raise HTTPException(404, f"No row {key!r} in audit run {selected['audit_run_id']}") from err
+            raise HTTPException(404, f"No row {key!r} in audit run {selected.audit_run_id}") from err
         return _render(
             request,
             "row.html",
@@ -529,9 +530,8 @@ def build_pages() -> APIRouter:
                 "links": links,
                 "selected": selected,
                 "row": row,
-                "coalesce": _blank(coalesce)
-                or (row["decisions"][0]["coalesce"] if row["decisions"] else None),
-                "colours": chart.colours(selected["branches"]),
+                "coalesce": _blank(coalesce) or (row.decisions[0].coalesce if row.decisions else None),
+                "colours": chart.colours(selected.branches),
             },
         )
 
@@ -551,9 +551,9 @@ def build_pages() -> APIRouter:
         links = Links(request, dag_id, run_id)
         found, _ = _runs_and_selection(engine, dag_id, run_id, None, None)
         if _blank(audit_run):
-            found = [r for r in found if r["audit_run_id"] == audit_run] or found
+            found = [r for r in found if r.audit_run_id == audit_run] or found
         view = tasks.task_view(engine, found, task_id, _map_index(map_index)) if engine is not None else None
-        selected = next((r for r in found if view and r["audit_run_id"] == view["audit_run_id"]), None)
+        selected = next((r for r in found if view and r.audit_run_id == view["audit_run_id"]), None)
         context: dict[str, Any] = {
             "dag_id": dag_id,
             "run_id": run_id,
@@ -566,7 +566,7 @@ def build_pages() -> APIRouter:
             "coalesce": None,
             "task_only": True,
             "asked_coalesce": None,
-            "colours": chart.colours(selected["branches"]) if selected else {},
+            "colours": chart.colours(selected.branches) if selected else {},
         }
         if (
             engine is not None
@@ -606,7 +606,7 @@ def build_api() -> APIRouter:
     def api_run(dag_id: str, run_id: str, engine: EngineDep) -> dict[str, Any]:
         """The audit runs of a DAG run (newest try of each fork first), with their coalesces."""
         found = audit_runs(engine, dag_id, run_id) if engine is not None else []
-        return {"dag_id": dag_id, "run_id": run_id, "audit_runs": found}
+        return {"dag_id": dag_id, "run_id": run_id, "audit_runs": to_json(found)}
 
     @router.get("/dags/{dag_id}/runs/{run_id}/coalesces/{coalesce}")
     def api_coalesce(
@@ -614,7 +614,8 @@ def build_api() -> APIRouter:
     ) -> dict[str, Any]:
         """Configuration, deadline, counts, failure reasons, missing-branch matrix, arrival curves."""
         engine, _, selected = _require_selected(engine, dag_id, run_id, audit_run, coalesce)
-        return series.coalesce_page_overview(engine, selected, coalesce)
+        overview: dict[str, Any] = to_json(series.coalesce_page_overview(engine, selected, coalesce))
+        return overview
 
     @router.get("/dags/{dag_id}/runs/{run_id}/coalesces/{coalesce}/rows")
     def api_rows(
@@ -633,9 +634,10 @@ def build_api() -> APIRouter:
         """A page of decided rows (default: failed), filtered by reason, missing branch and why."""
         engine, _, selected = _require_selected(engine, dag_id, run_id, audit_run, coalesce)
         flt = _row_filter(decision, reason, branch, branch_reason)
-        return decisions.decision_rows(
-            engine, selected["audit_run_id"], coalesce, flt, limit=limit, offset=offset
+        page: dict[str, Any] = to_json(
+            decisions.decision_rows(engine, selected.audit_run_id, coalesce, flt, limit=limit, offset=offset)
         )
+        return page
 
     @router.get("/dags/{dag_id}/runs/{run_id}/coalesces/{coalesce}/late-arrivals")
     def api_late(
@@ -649,7 +651,10 @@ def build_api() -> APIRouter:
     ) -> dict[str, Any]:
         """Arrivals after their row's decision (recorded, never merged)."""
         engine, _, selected = _require_selected(engine, dag_id, run_id, audit_run, coalesce)
-        return decisions.late_arrivals(engine, selected, coalesce, limit=limit, offset=offset)
+        late: dict[str, Any] = to_json(
+            decisions.late_arrivals(engine, selected, coalesce, limit=limit, offset=offset)
+        )
+        return late
 
     @router.get("/dags/{dag_id}/runs/{run_id}/lineage")
     def api_lineage(
@@ -658,9 +663,10 @@ def build_api() -> APIRouter:
         """One row's lineage and decisions, each replayed from its event log."""
         engine, _, selected = _require_selected(engine, dag_id, run_id, audit_run)
         try:
-            return lineage.row_view(engine, selected, key)
+            row: dict[str, Any] = to_json(lineage.row_view(engine, selected, key))
+            return row
         except NotFound as err:
-            raise HTTPException(404, f"No row {key!r} in audit run {selected['audit_run_id']}") from err
+            raise HTTPException(404, f"No row {key!r} in audit run {selected.audit_run_id}") from err
 
     @router.get("/dags/{dag_id}/runs/{run_id}/tasks/{task_id}")
     def api_task(
@@ -791,7 +797,7 @@ def create_app() -> FastAPI:
             "sort": sort,
             "order": order,
             "task_states": "read" if reader.known else (reader.note or "not needed"),
-            "audit_runs": runs,
+            "audit_runs": to_json(runs),
         }
 
     @app.middleware("http")

@@ -15,6 +15,7 @@ from sqlalchemy import Engine
 
 from airflow_elspeth.audit.read import decisions
 from airflow_elspeth.audit.read.cache import CoalesceRef, coalesce_ref, run_reads
+from airflow_elspeth.audit.read.records import AuditRunView
 
 CHART_COLUMNS = 240
 # The chart zooms on the events when they all happen before this share of the timeout, and
@@ -24,11 +25,11 @@ LATE_FACTOR = 2.5
 
 
 def coalesce_page_overview(
-    engine: Engine, audit_run: Mapping[str, Any], node_id: str, *, ref: CoalesceRef | None = None
+    engine: Engine, audit_run: AuditRunView, node_id: str, *, ref: CoalesceRef | None = None
 ) -> dict[str, Any]:
     """What the coalesce section of the page and ``/api/.../coalesces/{coalesce}`` show: the
     coalesce overview (the summary extended for the page) plus the arrival curves (``arrivals``)."""
-    ref = ref or coalesce_ref(engine, audit_run["audit_run_id"], node_id)
+    ref = ref or coalesce_ref(engine, audit_run.audit_run_id, node_id)
     # The arrivals scan runs beside the overview's (on PostgreSQL); the series then reads it cached.
     overview, _ = run_reads(
         engine,
@@ -38,7 +39,7 @@ def coalesce_page_overview(
     return {**overview, "arrivals": arrival_series(ref, audit_run)}
 
 
-def arrival_series(ref: CoalesceRef, audit_run: Mapping[str, Any]) -> dict[str, Any]:
+def arrival_series(ref: CoalesceRef, audit_run: AuditRunView) -> dict[str, Any]:
     """Cumulative arrivals per branch and cumulative decisions over time, against the deadline.
 
     Times are seconds since the fork completed (the deadline is at ``timeout_s``). One grouped scan
@@ -55,11 +56,11 @@ def arrival_series(ref: CoalesceRef, audit_run: Mapping[str, Any]) -> dict[str, 
         "resolution_s": resolution,
         "x_s": [],
         "segments": [],
-        "rows_total": audit_run["rows_total"] or 0,
+        "rows_total": audit_run.rows_total or 0,
         "branches": {},
         "decisions": {},
     }
-    if audit_run["completed_at"] is None:
+    if audit_run.completed_at is None:
         return empty
     arrivals, decided = run_reads(
         ref.engine, lambda: decisions.arrival_slots(ref, audit_run), lambda: decisions.decision_slots(ref)
@@ -112,7 +113,7 @@ def arrival_series(ref: CoalesceRef, audit_run: Mapping[str, Any]) -> dict[str, 
         "segments": [
             {"from_s": low, "to_s": high, "compressed": compressed} for low, high, compressed in segments
         ],
-        "rows_total": audit_run["rows_total"] or 0,
+        "rows_total": audit_run.rows_total or 0,
         "branches": {b: cumulative(s) for b, s in arrivals.items()},
         "decisions": {d: cumulative(s) for d, s in decided.items()},
     }

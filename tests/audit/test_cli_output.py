@@ -21,8 +21,9 @@ from sqlalchemy import Engine, text
 
 from airflow_elspeth import cli
 from airflow_elspeth.audit import dml
-from airflow_elspeth.audit.coalesce import CoalesceSpec, coalesce_pass
+from airflow_elspeth.audit.coalesce import coalesce_pass
 from airflow_elspeth.audit.engine import engine_for_url
+from airflow_elspeth.audit.model import CoalesceSpec
 from airflow_elspeth.audit.read.decisions import coalesce_summary, failure_message
 from airflow_elspeth.audit.read.errors import error_groups
 from airflow_elspeth.audit.read.runs import coalesce_spec
@@ -312,6 +313,7 @@ def test_failure_message_names_ten_rows() -> None:
         "policy": "require_all",
         "quorum": None,
         "merge": "union",
+        "expected_branches": ["a", "b"],
         "rows_failed": 13,
         "rows_total": 20,
         "tolerated_failures": 0,
@@ -321,6 +323,7 @@ def test_failure_message_names_ten_rows() -> None:
         "audit_run_id": "r",
     }
     message = failure_message(summary)
+    assert message.startswith("coalesce 'c' (require_all (2 of 2), merge=union)")
     assert "Failed rows: k0, k1, k2, k3, k4, k5, k6, k7, k8, k9 and 3 more." in message
     assert "k10" not in message
     one = failure_message({**summary, "rows_failed": 1, "failed_rows": [{"row_key": "only"}]})

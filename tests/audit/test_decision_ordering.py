@@ -22,17 +22,11 @@ from sqlalchemy import Engine, event, select
 
 from airflow_elspeth.audit import coalesce as coalesce_module
 from airflow_elspeth.audit import schema as t
-from airflow_elspeth.audit.coalesce import (
-    CoalesceSpec,
-    coalesce_pass,
-    load_run,
-    read_chunk_log,
-    row_events,
-    supersede_resolutions,
-    waiting_poll,
-)
+from airflow_elspeth.audit.coalesce import coalesce_pass, supersede_resolutions, waiting_poll
 from airflow_elspeth.audit.dml import db_now
 from airflow_elspeth.audit.engine import create_audit_engine
+from airflow_elspeth.audit.log import read_chunk_log, row_events
+from airflow_elspeth.audit.model import CoalesceSpec, load_run
 from airflow_elspeth.audit.read.work import branch_work, decided_in_chunk, decisions_in_chunk
 from airflow_elspeth.audit.store import (
     AuditStore,
@@ -457,8 +451,8 @@ def assert_told_late(engine: Engine, coalesce: CoalesceSpec, run_id: str, late: 
         for reason, rows in ((late, 3), ("branch_task_failed", 0)):
             flt = RowFilter(decision=None, branch="b", branch_reason=reason)
             found = decision_rows(engine, run_id, "join", flt, max_in_list=max_in_list)
-            assert (found["total"], len(found["rows"])) == (rows, rows), (reason, max_in_list)
-            assert all(row["missing"]["b"] == late for row in found["rows"])
+            assert (found.total, len(found.rows)) == (rows, rows), (reason, max_in_list)
+            assert all(row.missing["b"] == late for row in found.rows)
 
 
 def assert_verified(engine: Engine, run_id: str) -> None:

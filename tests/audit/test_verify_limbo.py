@@ -21,7 +21,7 @@ from sqlalchemy import Engine, Table, insert, update
 
 from airflow_elspeth import airflow_states, cli
 from airflow_elspeth.audit import schema as t
-from airflow_elspeth.audit.coalesce import CoalesceSpec
+from airflow_elspeth.audit.model import CoalesceSpec
 from airflow_elspeth.audit.read.decisions import coalesce_summary
 from airflow_elspeth.audit.read.limbo import (
     ROWS_UNDECIDED,
@@ -604,17 +604,19 @@ def test_ui_reports_show_undecided_resolutions_and_superseded(audit_engine: Engi
         "join": {"merged": 1, "failed": 1, "undecided": 2, "failure_reasons": {"coalesce_task_failed": 1}}
     }
     (outcome,) = audit_index(audit_engine, None)[0]["outcomes"]
-    assert {outcome["coalesce"]: {k: outcome[k] for k in counts["join"]}} == counts
+    assert {outcome.coalesce: {k: getattr(outcome, k) for k in counts["join"]}} == counts
     audit_run = pick_audit_run(audit_runs(audit_engine, "d", "r"))
-    assert audit_run is not None and audit_run["decisions"] == counts
+    assert audit_run is not None and audit_run.decisions == counts
     overview = coalesce_overview(audit_engine, audit_run, "join")
     assert (overview["rows_merged"], overview["rows_failed"], overview["rows_undecided"]) == (1, 1, 2)
 
-    resolved = row_view(audit_engine, audit_run, Trail.key(1))["decisions"][0]
-    assert resolved["replay"]["resolution"] is True and resolved["replay"]["undecidable_then"] is True
-    assert resolved["explanation"].startswith("Resolved when the coalesce task ended failed")
+    resolved = row_view(audit_engine, audit_run, Trail.key(1)).decisions[0]
+    assert resolved.replay is not None
+    assert resolved.replay["resolution"] is True and resolved.replay["undecidable_then"] is True
+    assert resolved.explanation is not None
+    assert resolved.explanation.startswith("Resolved when the coalesce task ended failed")
     assert "not the policy" in failure_reason_text("coalesce_task_failed")
 
     reopened = row_view(audit_engine, audit_run, Trail.key(2))
-    assert reopened["decisions"] == [] and len(reopened["superseded_decisions"]) == 1
-    assert all(b["outcome"] is None and len(b["superseded_outcomes"]) == 1 for b in reopened["branches"])
+    assert reopened.decisions == [] and len(reopened.superseded_decisions) == 1
+    assert all(b["outcome"] is None and len(b["superseded_outcomes"]) == 1 for b in reopened.branches)

@@ -14,8 +14,9 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine, event
 
-from airflow_elspeth.audit.coalesce import CoalesceSpec, coalesce_pass
+from airflow_elspeth.audit.coalesce import coalesce_pass
 from airflow_elspeth.audit.engine import engine_for_url
+from airflow_elspeth.audit.model import CoalesceSpec
 from airflow_elspeth.audit.read.decisions import coalesce_summary
 from airflow_elspeth.audit.store import AuditStore, ForkRow, RunIdentity
 from airflow_elspeth.core.config import coalesce_config

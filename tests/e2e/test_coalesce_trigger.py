@@ -17,7 +17,8 @@ from sqlalchemy import Engine, text
 from airflow_elspeth.audit import coalesce as pass_module
 from airflow_elspeth.audit import dml
 from airflow_elspeth.audit import service as service_module
-from airflow_elspeth.audit.coalesce import CoalesceSpec, coalesce_pass
+from airflow_elspeth.audit.coalesce import coalesce_pass
+from airflow_elspeth.audit.model import CoalesceSpec
 from airflow_elspeth.audit.store import (
     COMPLETED,
     AuditStore,

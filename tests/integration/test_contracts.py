@@ -159,12 +159,11 @@ def test_on_collision(on_collision: str, waiting: str, audit_url: str, run_dag: 
         # explain and the row page: the replay from the stored outputs agrees, and says why.
         assert [r["agrees"] for r in explain_row(engine, view.run_id, EVEN[0])["replays"]] == [True]
         audit_run = pick_audit_run(audit_runs(engine, dag_run.dag_id, dag_run.run_id))
-        (decision,) = row_view(engine, audit_run, EVEN[0])["decisions"]
-        assert decision["collision_rule"] == "the row fails (field_collision)"
-        assert (
-            "supplied the same fields ('value' from a, b) and on_collision='fail_row'"
-            in decision["explanation"]
-        )
+        (decision,) = row_view(engine, audit_run, EVEN[0]).decisions
+        assert decision.collision_rule == "the row fails (field_collision)"
+        assert decision.explanation is not None
+        clash = "supplied the same fields ('value' from a, b) and on_collision='fail_row'"
+        assert clash in decision.explanation
         return
     winner = "a" if on_collision == "prefer:a" else "b"
     assert view.per_row() == dict.fromkeys(ROWS, "merged")

@@ -21,11 +21,10 @@ from click.testing import CliRunner
 from airflow_elspeth import cli
 from airflow_elspeth.audit.engine import engine_for_url
 from airflow_elspeth.audit.read.decisions import coalesce_overview, coalesce_summary
-from airflow_elspeth.audit.read.runs import coalesce_spec
+from airflow_elspeth.audit.read.runs import audit_runs, coalesce_spec, pick_audit_run
 from airflow_elspeth.core.vocabulary import LATE_REASONS, SKIPPED_DECIDED, ReasonKind, reason_kind
 
 from .checks import (
-    as_utc,
     check_coalesce,
     check_counts_add_up,
     check_run_integrity,
@@ -86,9 +85,9 @@ def run_mode(scenario: str, mode: str, audit_url: str, run_dag: Any) -> dict[str
     fresh = coalesce_summary(engine, coalesce_spec(engine, run["run_id"], "coalesce"), run["run_id"])
     check_counts_add_up(fresh)
     check_summary(fresh, view)
-    overview = coalesce_overview(
-        engine, {"audit_run_id": run["run_id"], "completed_at": as_utc(run["completed_at"])}, "coalesce"
-    )
+    audit_run = pick_audit_run(audit_runs(engine, dag_run.dag_id, dag_run.run_id), audit_run_id=run["run_id"])
+    assert audit_run is not None
+    overview = coalesce_overview(engine, audit_run, "coalesce")
     assert_overview_matches(overview, fresh)
     report = CliRunner().invoke(cli.main, ["--url", audit_url, "report", "--run-id", run["run_id"], "--json"])
     assert report.exit_code == 0, report.output

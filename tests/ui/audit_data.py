@@ -21,7 +21,8 @@ from typing import Any
 
 from sqlalchemy import Engine
 
-from airflow_elspeth.audit.coalesce import CoalesceSpec, coalesce_pass
+from airflow_elspeth.audit.coalesce import coalesce_pass
+from airflow_elspeth.audit.model import CoalesceSpec
 from airflow_elspeth.audit.store import (
     OUTCOME_COLUMNS,
     PAYLOAD_COLUMNS,

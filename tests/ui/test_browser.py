@@ -285,10 +285,10 @@ def test_a_person_finds_why_a_row_failed_in_the_real_ui(server: Server, browser:
     assert "Replaying this event log under the coalesce's policy gives the recorded decision." in text
     assert "Source row" in text and "Fork fork" in text and "Branches" in text
     lineage = row_view(engine, audit_run, key)
-    decision = lineage["decisions"][0]
-    assert decision["decision"] == "failed"
-    assert decision["explanation"] in text
-    for branch in lineage["branches"]:
+    decision = lineage.decisions[0]
+    assert decision.decision == "failed"
+    assert decision.explanation is not None and decision.explanation in text
+    for branch in lineage.branches:
         for state in branch["states"]:
             assert state["node_id"] in text
             if state["error"]:
@@ -393,14 +393,14 @@ def test_the_tabs_follow_airflows_theme(server: Server, browser: Any, theme: str
     expected = audit_index(engine, None)[0]["outcomes"][0]
     rows = browser.find_elements(By.CSS_SELECTOR, "#index tbody tr")
     cells = [c.text.strip() for c in rows[0].find_elements(By.TAG_NAME, "td")]
-    assert cells[0].startswith("rows failed" if expected["failed"] else "all merged"), cells
+    assert cells[0].startswith("rows failed" if expected.failed else "all merged"), cells
     assert cells[3].startswith("consensus"), cells
-    numbers = [f"{expected[k]:,}" for k in ("rows", "merged", "failed")]
+    numbers = [f"{n:,}" for n in (expected.rows, expected.merged, expected.failed)]
     assert cells[4:7] == numbers, (cells, expected)
     # Why rows failed: each failure reason beside its row count (at most three shown).
-    why = [word for reason, n in list(expected["failure_reasons"].items())[:3] for word in (reason, f"{n:,}")]
-    assert cells[7].split()[: len(why)] == why and bool(why) == bool(expected["failed"]), (cells, expected)
-    assert cells[8] == f"{expected['undecided']:,}", (cells, expected)
+    why = [word for reason, n in list(expected.failure_reasons.items())[:3] for word in (reason, f"{n:,}")]
+    assert cells[7].split()[: len(why)] == why and bool(why) == bool(expected.failed), (cells, expected)
+    assert cells[8] == f"{expected.undecided:,}", (cells, expected)
     assert cells[9] == "success", cells  # the coalesce's Airflow task state, read by the API server
     index_colours = _colours(browser)
     browser.switch_to.default_content()

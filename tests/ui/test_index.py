@@ -31,7 +31,7 @@ class Stalled:
 
 def _undecided_run(engine: Any, airflow_run_id: str, logical_date: datetime, timeout: timedelta) -> str:
     """A fork that completed and a coalesce that registered but decided nothing (3 rows open)."""
-    from airflow_elspeth.audit.coalesce import CoalesceSpec
+    from airflow_elspeth.audit.model import CoalesceSpec
     from airflow_elspeth.audit.store import AuditStore, ForkRow, RunIdentity
     from airflow_elspeth.core.canonical import hash_value
     from airflow_elspeth.core.config import coalesce_config
@@ -124,25 +124,25 @@ def test_superseded_tries_and_counts(store: StoreRuns) -> None:
     try1, try2 = runs[store.consensus_try1.run_id], runs[store.consensus_try2.run_id]
     assert (try1["current"], try1["newest_try"], try1["verdict"]) == (False, 2, "superseded")
     assert try2["current"] is True and try2["verdict"] == "rows_failed"
-    assert [o["coalesce"] for o in try2["outcomes"]] == ["any_answer", "consensus"]
+    assert [o.coalesce for o in try2["outcomes"]] == ["any_answer", "consensus"]
     counts = decision_counts(engine, {try2["run_id"]: (try2["rows_total"], try2["coalesces"])})
     for outcome in try2["outcomes"]:
-        mine = counts[try2["run_id"]][outcome["coalesce"]]
-        assert (outcome["merged"], outcome["failed"], outcome["undecided"]) == (
+        mine = counts[try2["run_id"]][outcome.coalesce]
+        assert (outcome.merged, outcome.failed, outcome.undecided) == (
             mine["merged"],
             mine["failed"],
             mine["undecided"],
         )
-        assert outcome["rows"] == 40 and outcome["task_state"] is None and not outcome["overdue"]
+        assert outcome.rows == 40 and outcome.task_state is None and not outcome.overdue
         # Why rows failed: the summary's failure reasons (the one source of counts), most first.
-        spec = coalesce_spec(engine, try2["run_id"], outcome["coalesce"])
+        spec = coalesce_spec(engine, try2["run_id"], outcome.coalesce)
         summary = coalesce_summary(engine, spec, try2["run_id"])
-        assert outcome["failure_reasons"] == summary["failure_reasons"]
-        assert sum(outcome["failure_reasons"].values()) == outcome["failed"]
-        assert list(outcome["failure_reasons"].values()) == sorted(
-            outcome["failure_reasons"].values(), reverse=True
+        assert outcome.failure_reasons == summary["failure_reasons"]
+        assert sum(outcome.failure_reasons.values()) == outcome.failed
+        assert list(outcome.failure_reasons.values()) == sorted(
+            outcome.failure_reasons.values(), reverse=True
         )
-    assert any(o["failure_reasons"] for o in try2["outcomes"]), "the fixture has failed rows"
+    assert any(o.failure_reasons for o in try2["outcomes"]), "the fixture has failed rows"
 
 
 def test_the_index_page_says_why_rows_failed(
@@ -177,7 +177,7 @@ def test_undecided_status_says_why() -> None:
 
     def kind(**kw: Any) -> str | None:
         found = undecided_status(**{"undecided": 3, "current": True, "now": now, "task_state": None, **kw})
-        return found["kind"] if found else None
+        return found.kind if found else None
 
     assert kind(undecided=0, deadline=past) is None
     assert kind(deadline=soon, task_state="deferred") == "waiting"

@@ -3,15 +3,20 @@ julianday/date_part for the chart, json_each/jsonb for the branch filter fallbac
 
 from __future__ import annotations
 
+import json
+from datetime import datetime, timezone
 from typing import Any
 
 import pytest
 
+from airflow_elspeth.audit import schema
 from airflow_elspeth.audit.read import decisions, lineage, runs, tasks
 from airflow_elspeth.audit.read.cache import clear_cache
 from airflow_elspeth.audit.read.decisions import coalesce_summary
+from airflow_elspeth.audit.read.records import DecisionRecord
 from airflow_elspeth.audit.read.runs import coalesce_spec
 from airflow_elspeth.core import vocabulary
+from airflow_elspeth.core.config import coalesce_config
 from airflow_elspeth.exceptions import NotFound
 from airflow_elspeth.plugins.series import coalesce_page_overview
 
@@ -42,7 +47,7 @@ def built(audit_engine: Any) -> BuiltRun:
 def test_reports_agree_with_the_summary_and_the_replay(audit_engine: Any, built: BuiltRun) -> None:
     found = runs.audit_runs(audit_engine, "d", "r")
     run = runs.pick_audit_run(found, coalesce="consensus")
-    assert run is not None and run["audit_run_id"] == built.run_id and run["chunks_total"] == 3
+    assert run is not None and run.audit_run_id == built.run_id and run.chunks_total == 3
 
     overview = coalesce_page_overview(audit_engine, run, "consensus")
     summary = coalesce_summary(
@@ -73,16 +78,19 @@ def test_reports_agree_with_the_summary_and_the_replay(audit_engine: Any, built:
         json_path = decisions.decision_rows(
             audit_engine, built.run_id, "consensus", flt, limit=100, max_in_list=0
         )
-        assert fast["rows"] == json_path["rows"] and fast["total"] == len(fast["rows"]) > 0, flt
+        assert fast.rows == json_path.rows and fast.total == len(fast.rows) > 0, flt
         assert all(
-            row["missing"][flt.branch] == (flt.branch_reason or row["missing"][flt.branch])
-            for row in fast["rows"]
+            row.missing[flt.branch] == (flt.branch_reason or row.missing[flt.branch]) for row in fast.rows
         )
 
     late = decisions.late_arrivals(audit_engine, run, "consensus", limit=100)
-    recorded = sum(len(r["late_arrivals"]) for r in late["rows"])
+    recorded = sum(len(r.late_arrivals) for r in late["rows"])
     assert recorded + late["after_write_total"] == overview["late_arrivals"]
-    assert all(a["after_decision_s"] > 0 for r in late["rows"] for a in r["late_arrivals"])
+    assert all(
+        a.after_decision_s is not None and a.after_decision_s > 0
+        for r in late["rows"]
+        for a in r.late_arrivals
+    )
     assert {a["row_key"] for a in late["after_write"]} == {"doc-001", "doc-009", "doc-017"}
 
     # Every row's recorded decision is what a replay of its event log gives.
@@ -95,11 +103,12 @@ def test_reports_agree_with_the_summary_and_the_replay(audit_engine: Any, built:
             limit=12,
             offset=offset,
         )
-        for row in page["rows"]:
-            view = lineage.row_view(audit_engine, run, row["row_key"])
-            decision = view["decisions"][0]
-            assert decision["replay"]["agrees"], (row["row_key"], decision["replay"])
-            assert decision["explanation"].startswith("Merged" if row["decision"] == "merged" else "Failed")
+        for row in page.rows:
+            view = lineage.row_view(audit_engine, run, row.row_key)
+            decision = view.decisions[0]
+            assert decision.replay is not None and decision.replay["agrees"], (row.row_key, decision.replay)
+            assert decision.explanation is not None
+            assert decision.explanation.startswith("Merged" if row.decision == "merged" else "Failed")
 
     stats = tasks.task_view(audit_engine, found, "ask_1")
     assert stats["kind"] == "branch" and stats["by_status"] == {"completed": 12, "failed": 12}
@@ -120,19 +129,19 @@ def test_unknown_things_are_not_found(audit_engine: Any, built: BuiltRun) -> Non
 
 
 def test_explanations_in_words() -> None:
-    config = {"policy": "require_all", "branches": ["a", "b"], "quorum": None, "merge": "union"}
-    text = lineage.explain_decision(
-        {
-            "decision": "failed",
-            "failure_reason": "branch_lost",
-            "details": {"arrived": ["a"], "lost": {"b": "dropped"}},
-            "missing": {"b": "dropped"},
-            "consumed": [],
-            "decided_at": None,
-        },
-        config,
-        None,
-    )
+    config = coalesce_config(branches=["a", "b"], policy="require_all", merge="union", timeout=60)
+    at = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    stored = {c.name: None for c in schema.coalesce_decisions.c} | {
+        "node_id": "c",
+        "decision": "failed",
+        "failure_reason": "branch_lost",
+        "consumed": "[]",
+        "missing_json": json.dumps({"b": "dropped"}),
+        "late_json": "[]",
+        "details_json": json.dumps({"arrived": ["a"], "lost": {"b": "dropped"}}),
+        "decided_at": at,
+    }
+    text = lineage.explain_decision(DecisionRecord.from_row(stored), config, None)
     assert text.startswith("Failed when the deciding event arrived under require_all (2 of 2)")
     assert "b dropped the row (the callable returned None)." in text
     assert (

@@ -14,7 +14,8 @@ from typing import Any
 import pytest
 from sqlalchemy.exc import OperationalError
 
-from airflow_elspeth.audit.coalesce import CoalesceSpec, coalesce_pass
+from airflow_elspeth.audit.coalesce import coalesce_pass
+from airflow_elspeth.audit.model import CoalesceSpec
 from airflow_elspeth.audit.read.work import WorkItem, branch_work
 from airflow_elspeth.audit.store import AuditStore, NodeResult
 from airflow_elspeth.core.canonical import hash_value

@@ -133,3 +133,19 @@ def test_the_coalesce_shells_reach_the_audit_layer_through_its_service() -> None
     ):
         audit = {target for target in graph[shell] if target.startswith("airflow_elspeth.audit")}
         assert audit <= entry, f"{shell} imports {sorted(audit - entry)}"
+
+
+def test_read_models_do_not_depend_on_the_write_path() -> None:
+    """The read models (``audit/read``) read through the model and the log (``audit/model.py``,
+    ``audit/log.py``), never through the coalesce pass or the writers: a change to how rows are
+    decided or written cannot break a read, and the read side can be followed without the pass."""
+    graph = _graph()
+    assert "airflow_elspeth.audit.model" in graph["airflow_elspeth.audit.read.runs"]
+    write_path = {"airflow_elspeth.audit.coalesce", "airflow_elspeth.audit.store"}
+    wrong = sorted(
+        (name, target)
+        for name, targets in graph.items()
+        if name.startswith("airflow_elspeth.audit.read.")
+        for target in targets & write_path
+    )
+    assert not wrong, wrong

@@ -7,7 +7,7 @@ the fork; the deadline is at 10 s. ``now`` is 9 s (before the deadline) or 30 s 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -27,7 +27,9 @@ from airflow_elspeth.core.vocabulary import (
     NOT_ARRIVED,
     DecisionStatus,
     FailureReason,
+    policy_text,
 )
+from airflow_elspeth.exceptions import ElspethConfigError
 
 BRANCHES = ("gpt", "claude", "gemini")
 T0 = datetime(2024, 5, 1, 12, 0, tzinfo=timezone.utc)
@@ -351,6 +353,41 @@ def test_unknown_branch_in_the_log_is_rejected() -> None:
     config = coalesce_config(branches=BRANCHES, policy="first", timeout=DEADLINE_S)
     with pytest.raises(ValueError, match="GPT"):
         replay(config, [arrive("GPT", 1)], deadline=t(DEADLINE_S), now=t(2))
+
+
+def test_a_policy_without_a_rule_is_an_error_not_another_policy() -> None:
+    """A policy the replay has no rule for (one added to ``Policy`` and not to ``core.policy``) is an
+    error, never decided by ``first``'s rule (which would merge this row at the first arrival)."""
+    config = replace(
+        coalesce_config(branches=BRANCHES, policy="first", timeout=DEADLINE_S),
+        policy="majority",  # type: ignore[arg-type]
+    )
+    with pytest.raises(ElspethConfigError, match="majority"):
+        replay(config, [arrive("gpt", 1)], deadline=t(DEADLINE_S), now=t(2))
+
+
+@pytest.mark.parametrize(
+    ("policy", "quorum", "words"),
+    [
+        ("require_all", None, "require_all (3 of 3)"),
+        ("quorum", 2, "quorum 2 of 3"),
+        ("best_effort", None, "best_effort (any of 3)"),
+        ("first", None, "first of 3"),
+    ],
+)
+def test_policy_text_puts_every_policy_into_words(policy: str, quorum: int | None, words: str) -> None:
+    assert policy_text(policy, len(BRANCHES), quorum) == words
+
+
+def test_policy_text_covers_every_policy() -> None:
+    for policy in Policy:
+        assert policy_text(policy, len(BRANCHES), 2).startswith(policy.value)
+
+
+def test_an_unknown_policy_has_no_words() -> None:
+    """An unknown policy is an error where it is put into words, never described as best_effort."""
+    with pytest.raises(ElspethConfigError, match="majority"):
+        policy_text("majority", len(BRANCHES), None)
 
 
 def test_a_loss_needs_a_reason() -> None:

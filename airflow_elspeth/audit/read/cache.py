@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 from sqlalchemy import Engine, func, select
 
 from airflow_elspeth.audit import schema as t
-from airflow_elspeth.audit.coalesce import CoalesceSpec
+from airflow_elspeth.audit.model import CoalesceSpec
 from airflow_elspeth.audit.read.runs import coalesce_spec
 
 CACHE_SIZE = 64

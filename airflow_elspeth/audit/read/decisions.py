@@ -24,8 +24,21 @@ from typing import Any
 from sqlalchemy import Connection, Engine, Integer, and_, bindparam, cast, func, or_, select, text
 
 from airflow_elspeth.audit import schema as t
-from airflow_elspeth.audit.coalesce import CoalesceSpec, deadline_of, load_run
+from airflow_elspeth.audit.model import CoalesceSpec, deadline_of, load_run
 from airflow_elspeth.audit.read.cache import CoalesceRef, coalesce_ref, run_reads
+from airflow_elspeth.audit.read.records import (
+    AuditRunView,
+    CoalesceSummary,
+    DecisionPage,
+    DecisionRecord,
+    FailedRow,
+    FieldCollision,
+    LateArrival,
+    LateDecision,
+    MissingBranch,
+    Wait,
+    to_json,
+)
 from airflow_elspeth.audit.read.runs import coalesce_nodes, coalesce_spec
 from airflow_elspeth.core.vocabulary import (
     ARRIVAL_NODE_STATUSES,
@@ -82,7 +95,17 @@ def whole_run_reads(engine: Engine) -> Iterator[Connection]:
 
 
 def coalesce_summary(engine: Engine, spec: CoalesceSpec, run_id: str) -> dict[str, Any]:
-    """The XCom ``coalesce_summary`` (docs/ARCHITECTURE.md, "The coalesce summary"), from grouped queries.
+    """The XCom ``coalesce_summary`` (docs/ARCHITECTURE.md, "The coalesce summary"): the JSON of
+    :func:`summarise`, a public contract.
+
+    :raises NotFound: no such audit run.
+    """
+    summary: dict[str, Any] = to_json(summarise(engine, spec, run_id))
+    return summary
+
+
+def summarise(engine: Engine, spec: CoalesceSpec, run_id: str) -> CoalesceSummary:
+    """What a coalesce decided, from grouped queries: the one source of counts.
 
     :raises NotFound: no such audit run.
     """
@@ -135,12 +158,12 @@ def coalesce_summary(engine: Engine, spec: CoalesceSpec, run_id: str) -> dict[st
         ).all()
         since = _rows_after_decision(conn, spec, run_id, [row.row_id for row in failed])
         failed_rows = [
-            {
-                "row_key": row.row_key,
-                "reason": row.failure_reason,
-                "arrived": json.loads(row.details_json).get("arrived", []),
-                "missing": _missing_now(since, row.row_id, row.missing_json),
-            }
+            FailedRow(
+                row_key=row.row_key,
+                reason=row.failure_reason,
+                arrived=json.loads(row.details_json).get("arrived", []),
+                missing=_missing_now(since, row.row_id, row.missing_json),
+            )
             for row in failed
         ]
         collisions: dict[str, dict[str, Any]] = {}
@@ -158,50 +181,47 @@ def coalesce_summary(engine: Engine, spec: CoalesceSpec, run_id: str) -> dict[st
     failure_reasons = {
         reason: n for (decision, reason), n in counts.items() if decision == DecisionStatus.FAILED
     }
-    return {
-        "coalesce": spec.node_id,
-        "policy": config.policy.value,
-        "quorum": config.quorum,
-        "merge": config.merge.value,
-        "select_branch": config.select_branch,
-        "on_collision": config.on_collision,
-        "output_contract": spec.output_contract,
-        "expected_branches": list(config.branches),
-        "deadline": deadline_of(run, config).isoformat() if run.completed_at else None,
-        "rows_total": run.rows_total,
-        "rows_merged": rows_merged,
-        "rows_failed": rows_failed,
-        # Rows this coalesce has not decided (yet): a resolution replaced by a later try's pass
-        # (superseded_decisions) does not count as decided.
-        "rows_undecided": max(0, run.rows_total - rows_merged - rows_failed),
-        # Equal to the late columns of missing_branches: late answers seen by the decision and those
-        # written after it.
-        "late_arrivals": sum(
+    return CoalesceSummary(
+        coalesce=spec.node_id,
+        policy=config.policy.value,
+        quorum=config.quorum,
+        merge=config.merge.value,
+        select_branch=config.select_branch,
+        on_collision=config.on_collision,
+        output_contract=spec.output_contract,
+        expected_branches=list(config.branches),
+        deadline=deadline_of(run, config).isoformat() if run.completed_at else None,
+        rows_total=run.rows_total,
+        rows_merged=rows_merged,
+        rows_failed=rows_failed,
+        rows_undecided=max(0, run.rows_total - rows_merged - rows_failed),
+        late_arrivals=sum(
             n
             for info in missing.values()
             for r, n in info["reasons"].items()
             if reason_kind(r) is ReasonKind.LATE
         ),
-        "missing_branches": {
-            b: {
-                "rows": missing[b]["rows"],
-                "reasons": dict(sorted(missing[b]["reasons"].items(), key=lambda kv: reason_order(kv[0]))),
-            }
+        missing_branches={
+            b: MissingBranch(
+                rows=missing[b]["rows"],
+                reasons=dict(sorted(missing[b]["reasons"].items(), key=lambda kv: reason_order(kv[0]))),
+            )
             for b in config.branches
             if b in missing
         },
-        "failure_reasons": dict(sorted(failure_reasons.items())),
-        "field_collisions": dict(sorted(collisions.items())),
-        "failed_rows": failed_rows[:FAILED_ROWS_LIMIT],
-        "failed_rows_truncated": len(failed_rows) > FAILED_ROWS_LIMIT,
-        # How long the decided rows waited: from the fork's completion, and from each row's first
-        # arrival (rows with an arrival); mean and max in milliseconds, None before any decision.
-        "waits_ms": {
-            "from_fork_completion": {"mean": _whole(waits[0]), "max": _whole(waits[1])},
-            "from_first_arrival": {"mean": _whole(waits[2]), "max": _whole(waits[3])},
+        failure_reasons=dict(sorted(failure_reasons.items())),
+        field_collisions={
+            name: FieldCollision(rows=entry["rows"], branches=entry["branches"])
+            for name, entry in sorted(collisions.items())
         },
-        "audit_run_id": run_id,
-    }
+        failed_rows=failed_rows[:FAILED_ROWS_LIMIT],
+        failed_rows_truncated=len(failed_rows) > FAILED_ROWS_LIMIT,
+        waits_ms={
+            "from_fork_completion": Wait(mean=_whole(waits[0]), max=_whole(waits[1])),
+            "from_first_arrival": Wait(mean=_whole(waits[2]), max=_whole(waits[3])),
+        },
+        audit_run_id=run_id,
+    )
 
 
 def _whole(value: Any) -> int | None:
@@ -350,17 +370,17 @@ def _missing_counts(groups: Mapping[tuple[str, str], int], moves: Moves) -> Coun
 
 def run_summaries(
     engine: Engine, runs: Iterable[dict[str, Any]]
-) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
+) -> Iterator[tuple[dict[str, Any], CoalesceSummary]]:
     """(run, summary) of every coalesce registered in each of ``runs`` (rows of ``runs``)."""
     for run in runs:
         for node in coalesce_nodes(engine, run["run_id"]):
             spec = coalesce_spec(engine, run["run_id"], node["node_id"])
-            yield run, coalesce_summary(engine, spec, run["run_id"])
+            yield run, summarise(engine, spec, run["run_id"])
 
 
 def failure_message(summary: Mapping[str, Any]) -> str:
     """The one-paragraph answer to "why did the coalesce fail": policy, counts, missing branches."""
-    policy = summary["policy"] + (f"(quorum={summary['quorum']})" if summary.get("quorum") else "")
+    policy = policy_text(summary["policy"], len(summary["expected_branches"]), summary["quorum"])
     reasons = ", ".join(f"{reason}={n}" for reason, n in summary["failure_reasons"].items())
     missing = "; ".join(
         f"{branch}: " + ", ".join(f"{reason} x{n}" for reason, n in info["reasons"].items())
@@ -460,19 +480,19 @@ def decision_slots(ref: CoalesceRef) -> dict[str, dict[int, int]]:
     return _scan(ref)[1]
 
 
-def arrival_slots(ref: CoalesceRef, audit_run: Mapping[str, Any]) -> dict[str, dict[int, int]]:
+def arrival_slots(ref: CoalesceRef, audit_run: AuditRunView) -> dict[str, dict[int, int]]:
     """Arrivals per branch per time slot (slot s: [s, s+1) x :func:`slot_seconds` after the fork);
     empty while the fork has not completed."""
-    if audit_run["completed_at"] is None:
+    if audit_run.completed_at is None:
         return {}
     return ref.cached("arrivals", lambda: _arrival_slots(ref, audit_run))
 
 
-def _arrival_slots(ref: CoalesceRef, audit_run: Mapping[str, Any]) -> dict[str, dict[int, int]]:
+def _arrival_slots(ref: CoalesceRef, audit_run: AuditRunView) -> dict[str, dict[int, int]]:
     engine, spec, resolution = ref.engine, ref.spec, slot_seconds(ref.spec)
     ns = t.node_states.c
     branch_of = {node: branch for branch, node in spec.delivering.items()}
-    origin = bindparam("origin", audit_run["completed_at"], type_=t.runs.c.completed_at.type)
+    origin = bindparam("origin", audit_run.completed_at, type_=t.runs.c.completed_at.type)
     slot: Any
     if engine.dialect.name == "postgresql":
         slot = func.floor(func.date_part("epoch", ns.recorded_at - origin) / resolution)
@@ -486,7 +506,7 @@ def _arrival_slots(ref: CoalesceRef, audit_run: Mapping[str, Any]) -> dict[str, 
         for node, at, n in conn.execute(
             select(ns.node_id, slot, func.count())
             .where(
-                ns.run_id == audit_run["audit_run_id"],
+                ns.run_id == audit_run.audit_run_id,
                 ns.node_id.in_(list(branch_of)),
                 ns.status.in_(_ARRIVALS),
             )
@@ -642,20 +662,20 @@ def _moves(ref: CoalesceRef) -> dict[tuple[str, str, str, str], int]:
         return _after_decision(conn, ref.spec, ref.run_id)
 
 
-def cached_summary(ref: CoalesceRef) -> dict[str, Any]:
-    """:func:`coalesce_summary` of the coalesce, cached under the run's fingerprint."""
-    return ref.cached("summary", lambda: coalesce_summary(ref.engine, ref.spec, ref.run_id))
+def cached_summary(ref: CoalesceRef) -> CoalesceSummary:
+    """:func:`summarise` of the coalesce, cached under the run's fingerprint."""
+    return ref.cached("summary", lambda: summarise(ref.engine, ref.spec, ref.run_id))
 
 
 def coalesce_overview(
-    engine: Engine, audit_run: Mapping[str, Any], node_id: str, *, ref: CoalesceRef | None = None
+    engine: Engine, audit_run: AuditRunView, node_id: str, *, ref: CoalesceRef | None = None
 ) -> dict[str, Any]:
     """The coalesce summary, extended with what the coalesce section of a page shows besides it:
     the policy in words, the deadline, late rows, the branch x reason matrix of missing branches.
 
     Every count is the summary's; ``rows_undecided`` is non-zero while the coalesce is still running.
     """
-    run_id = audit_run["audit_run_id"]
+    run_id = audit_run.audit_run_id
     ref = ref or coalesce_ref(engine, run_id, node_id)
     spec = ref.spec
     summary, (groups, _), after_write, moves = run_reads(
@@ -665,33 +685,33 @@ def coalesce_overview(
         lambda: _after_write(ref),
         lambda: ref.cached("moves", lambda: _moves(ref)),
     )
-    completed_at = audit_run["completed_at"]
+    completed_at = audit_run.completed_at
     deadline = completed_at + spec.config.timeout if completed_at else None
     return {
         "coalesce": node_id,
         "audit_run_id": run_id,
-        "policy": summary["policy"],
-        "policy_text": policy_text(spec.config.as_dict()),
-        "quorum": summary["quorum"],
-        "merge": summary["merge"],
-        "select_branch": summary["select_branch"],
-        "branches": summary["expected_branches"],
+        "policy": summary.policy,
+        "policy_text": policy_text(summary.policy, len(summary.expected_branches), summary.quorum),
+        "quorum": summary.quorum,
+        "merge": summary.merge,
+        "select_branch": summary.select_branch,
+        "branches": summary.expected_branches,
         "delivering": dict(spec.delivering),
         "timeout_s": spec.config.timeout.total_seconds(),
         "fork_completed_at": completed_at,
         "deadline": deadline,
-        "rows_total": summary["rows_total"],
-        "rows_merged": summary["rows_merged"],
-        "rows_failed": summary["rows_failed"],
-        "rows_undecided": summary["rows_undecided"],
-        "late_arrivals": summary["late_arrivals"],
+        "rows_total": summary.rows_total,
+        "rows_merged": summary.rows_merged,
+        "rows_failed": summary.rows_failed,
+        "rows_undecided": summary.rows_undecided,
+        "late_arrivals": summary.late_arrivals,
         "late_rows": sum(g.rows for g in groups if g.late),
         "late_after_write": len(after_write),
-        "failure_reasons": dict(sorted(summary["failure_reasons"].items(), key=lambda kv: (-kv[1], kv[0]))),
+        "failure_reasons": dict(sorted(summary.failure_reasons.items(), key=lambda kv: (-kv[1], kv[0]))),
         "missing_matrix": _matrix(groups, spec.config.branches, moves),
-        "field_collisions": summary["field_collisions"],
+        "field_collisions": summary.field_collisions,
         "collision_rule": collision_rule_text(spec.config.on_collision),
-        "output_contract": summary["output_contract"],
+        "output_contract": summary.output_contract,
     }
 
 
@@ -801,7 +821,7 @@ def decision_rows(
     offset: int = 0,
     max_in_list: int = MAX_IN_LIST,
     ref: CoalesceRef | None = None,
-) -> dict[str, Any]:
+) -> DecisionPage:
     """One page of a coalesce's decided rows, in (chunk, row key) order, with the filter's total."""
     limit, offset = _page_bounds(limit, offset)
     ref = ref or coalesce_ref(engine, run_id, node_id)
@@ -812,7 +832,7 @@ def decision_rows(
     else:
         matching = [g for g in groups if flt.matches(g)]
         total = sum(g.rows for g in matching)
-    rows: list[dict[str, Any]] = []
+    rows: list[DecisionRecord] = []
     if total and offset < total:
         cd = t.coalesce_decisions.c
         conditions = [cd.run_id == run_id, cd.node_id == node_id]
@@ -832,19 +852,7 @@ def decision_rows(
         if flt.late:
             conditions.append(cd.late_json != "[]")
         query = (
-            select(
-                cd.row_id,
-                cd.row_key,
-                cd.chunk,
-                cd.decision,
-                cd.failure_reason,
-                cd.details_json,
-                cd.consumed,
-                cd.missing_json,
-                cd.late_json,
-                cd.decided_at,
-                cd.wait_ms,
-            )
+            select(t.coalesce_decisions)
             .where(*conditions)
             .order_by(cd.chunk, cd.row_key)
             .limit(limit)
@@ -853,30 +861,16 @@ def decision_rows(
         with engine.connect() as conn:
             found = list(conn.execute(query).mappings())
             since = _rows_after_decision(conn, ref.spec, run_id, [row["row_id"] for row in found])
-            for row in found:
-                details = json.loads(row["details_json"])
-                consumed = json.loads(row["consumed"])
-                rows.append(
-                    {
-                        "row_key": row["row_key"],
-                        "chunk": row["chunk"],
-                        "decision": row["decision"],
-                        "failure_reason": row["failure_reason"],
-                        "consumed": consumed,
-                        "arrived": details.get("arrived", consumed),
-                        "missing": _missing_now(since, row["row_id"], row["missing_json"]),
-                        "late": json.loads(row["late_json"]),
-                        "details": details,
-                        "decided_at": row["decided_at"],
-                        "wait_ms": row["wait_ms"],
-                    }
-                )
-    return {"filter": flt.as_dict(), "total": total, "limit": limit, "offset": offset, "rows": rows}
+            rows = [
+                DecisionRecord.from_row(row, missing=_missing_now(since, row["row_id"], row["missing_json"]))
+                for row in found
+            ]
+    return DecisionPage(filter=flt.as_dict(), total=total, limit=limit, offset=offset, rows=rows)
 
 
 def late_arrivals(
     engine: Engine,
-    audit_run: Mapping[str, Any],
+    audit_run: AuditRunView,
     node_id: str,
     *,
     limit: int = PAGE_SIZE,
@@ -888,18 +882,18 @@ def late_arrivals(
     ``rows`` pages the rows whose decision recorded a late branch (with each late branch's arrival
     time); ``after_write`` lists arrivals that came after the decision was even written.
     """
-    run_id = audit_run["audit_run_id"]
+    run_id = audit_run.audit_run_id
     ref = ref or coalesce_ref(engine, run_id, node_id)
     spec = ref.spec
     page = decision_rows(
         engine, run_id, node_id, RowFilter(decision=None, late=True), limit=limit, offset=offset, ref=ref
     )
-    if page["rows"]:
+    arrived: dict[tuple[str, str], datetime] = {}
+    if page.rows:
         ns = t.node_states.c
         branch_of = {node: branch for branch, node in spec.delivering.items()}
-        wanted = {r["row_key"] for r in page["rows"]}
+        wanted = {row.row_key for row in page.rows}
         r = t.rows.c
-        arrived: dict[tuple[str, str], datetime] = {}
         with engine.connect() as conn:
             for row_key, node, at in conn.execute(
                 select(r.row_key, ns.node_id, func.min(ns.recorded_at))
@@ -907,32 +901,37 @@ def late_arrivals(
                 .where(
                     ns.run_id == run_id,
                     ns.node_id.in_(list(branch_of)),
-                    ns.chunk.in_(sorted({x["chunk"] for x in page["rows"]})),
+                    ns.chunk.in_(sorted({row.chunk for row in page.rows})),
                     ns.status.in_(_ARRIVALS),
                     r.row_key.in_(sorted(wanted)),
                 )
                 .group_by(r.row_key, ns.node_id)
             ):
                 arrived[(row_key, branch_of[node])] = at
-        for row in page["rows"]:
-            row["late_arrivals"] = [
-                {
-                    "branch": branch,
-                    "arrived_at": arrived.get((row["row_key"], branch)),
-                    "after_decision_s": (
-                        (arrived[(row["row_key"], branch)] - row["decided_at"]).total_seconds()
-                        if (row["row_key"], branch) in arrived
+    rows = [
+        LateDecision.extending(
+            row,
+            late_arrivals=[
+                LateArrival(
+                    branch=branch,
+                    arrived_at=arrived.get((row.row_key, branch)),
+                    after_decision_s=(
+                        (arrived[(row.row_key, branch)] - row.decided_at).total_seconds()
+                        if (row.row_key, branch) in arrived
                         else None
                     ),
-                }
-                for branch in row["late"]
-            ]
+                )
+                for branch in row.late
+            ],
+        )
+        for row in page.rows
+    ]
     after = _after_write(ref)
     return {
-        "total_rows": page["total"],
-        "limit": page["limit"],
-        "offset": page["offset"],
-        "rows": page["rows"],
+        "total_rows": page.total,
+        "limit": page.limit,
+        "offset": page.offset,
+        "rows": rows,
         "after_write": after[:MAX_PAGE_SIZE],
         "after_write_total": len(after),
     }

@@ -17,7 +17,8 @@ from typing import Any
 from sqlalchemy import Engine, func, select
 
 from airflow_elspeth.audit import schema as t
-from airflow_elspeth.audit.coalesce import CoalesceSpec
+from airflow_elspeth.audit.model import CoalesceSpec
+from airflow_elspeth.audit.read.records import CoalesceOutcome, UndecidedStatus
 from airflow_elspeth.audit.read.runs import decision_counts
 from airflow_elspeth.core.vocabulary import ENDED_TASK_STATES, NodeType, RunStatus
 
@@ -56,7 +57,7 @@ def undecided_status(
     task_state: str | None,
     current: bool,
     now: datetime,
-) -> dict[str, Any] | None:
+) -> UndecidedStatus | None:
     """Why rows of a coalesce are undecided, or None when none is.
 
     ``kind``: ``superseded`` (a later fork try of the DAG run is the one decided), ``fork_running``
@@ -77,17 +78,17 @@ def undecided_status(
         kind = OVERDUE
     else:
         kind = WAITING
-    return {
-        "kind": kind,
-        "rows": undecided,
-        "deadline": deadline,
-        "task_state": task_state,
-        "overdue": kind in ("ended", OVERDUE),
-        "seconds_to_deadline": (deadline - now).total_seconds() if deadline is not None else None,
-    }
+    return UndecidedStatus(
+        kind=kind,
+        rows=undecided,
+        deadline=deadline,
+        task_state=task_state,
+        overdue=kind in ("ended", OVERDUE),
+        seconds_to_deadline=(deadline - now).total_seconds() if deadline is not None else None,
+    )
 
 
-def _verdict(run: Mapping[str, Any], counts: Mapping[str, Any] | None, why: Mapping[str, Any] | None) -> str:
+def _verdict(run: Mapping[str, Any], counts: Mapping[str, Any] | None, why: UndecidedStatus | None) -> str:
     if run["status"] == RunStatus.FAILED:
         return FORK_FAILED
     if not run["current"]:
@@ -95,7 +96,7 @@ def _verdict(run: Mapping[str, Any], counts: Mapping[str, Any] | None, why: Mapp
     if counts is None:
         return FORK_RUNNING if run["status"] == RunStatus.RUNNING else NO_COALESCE
     if why is not None:
-        return {"ended": ENDED_UNDECIDED, OVERDUE: OVERDUE}.get(why["kind"], WAITING)
+        return {"ended": ENDED_UNDECIDED, OVERDUE: OVERDUE}.get(why.kind, WAITING)
     if counts["failed"]:
         return ROWS_FAILED
     return ALL_MERGED
@@ -161,8 +162,8 @@ _ORDER = [
 ]
 
 
-def _worst(outcomes: Sequence[Mapping[str, Any]]) -> str:
-    return str(min((str(o["verdict"]) for o in outcomes), key=_ORDER.index))
+def _worst(outcomes: Sequence[CoalesceOutcome]) -> str:
+    return min((o.verdict for o in outcomes), key=_ORDER.index)
 
 
 def _outcome(
@@ -172,7 +173,7 @@ def _outcome(
     counts: Mapping[str, Any],
     task_states: TaskStates | None,
     now: datetime,
-) -> dict[str, Any]:
+) -> CoalesceOutcome:
     completed_at = _utc(run["completed_at"])
     deadline = completed_at + spec.config.timeout if completed_at is not None else None
     state = None
@@ -185,21 +186,20 @@ def _outcome(
         current=bool(run["current"]),
         now=now,
     )
-    return {
-        "coalesce": node_id,
-        "policy": spec.config.policy.value,
-        "rows": run["rows_total"],
-        "merged": counts.get("merged", 0),
-        "failed": counts.get("failed", 0),
-        # Why rows failed: failure reason -> rows, most first (what the index shows beside the count).
-        "failure_reasons": dict(counts.get("failure_reasons", {})),
-        "undecided": counts.get("undecided"),
-        "deadline": deadline,
-        "task_state": state,
-        "undecided_status": why,
-        "overdue": bool(why and why["overdue"]),
-        "verdict": _verdict(run, counts, why),
-    }
+    return CoalesceOutcome(
+        coalesce=node_id,
+        policy=spec.config.policy.value,
+        rows=run["rows_total"],
+        merged=counts.get("merged", 0),
+        failed=counts.get("failed", 0),
+        failure_reasons=dict(counts.get("failure_reasons", {})),
+        undecided=counts.get("undecided"),
+        deadline=deadline,
+        task_state=state,
+        undecided_status=why,
+        overdue=bool(why and why.overdue),
+        verdict=_verdict(run, counts, why),
+    )
 
 
 def _select_runs(

@@ -17,8 +17,8 @@ from typing import Any
 from sqlalchemy import Connection, Engine, and_, func, select
 
 from airflow_elspeth.audit import schema as t
-from airflow_elspeth.audit.coalesce import CoalesceSpec
 from airflow_elspeth.audit.dml import db_now
+from airflow_elspeth.audit.model import CoalesceSpec
 from airflow_elspeth.audit.read.runs import coalesce_tasks
 from airflow_elspeth.core.vocabulary import ENDED_TASK_STATES, NodeType, RunStatus
 

@@ -14,9 +14,17 @@ from typing import Any
 from sqlalchemy import Engine, or_, select
 
 from airflow_elspeth.audit import schema as t
-from airflow_elspeth.audit.coalesce import CoalesceSpec, RunInfo
+from airflow_elspeth.audit.model import CoalesceSpec, RunInfo
+from airflow_elspeth.audit.read.records import (
+    AuditRunView,
+    DecisionRecord,
+    RowDecision,
+    RowView,
+    SupersededDecision,
+)
 from airflow_elspeth.audit.read.runs import coalesce_spec, run_info
 from airflow_elspeth.audit.read.verify import COMPARED, Replay, replay_row
+from airflow_elspeth.core.config import CoalesceConfig
 from airflow_elspeth.core.policy import BranchEvent, EventKind
 from airflow_elspeth.core.vocabulary import (
     NOT_ARRIVED,
@@ -122,16 +130,14 @@ def row_lineage(engine: Engine, run_id: str, row_key: str) -> dict[str, Any]:
     }
 
 
-def explain_decision(
-    decision: Mapping[str, Any], config: Mapping[str, Any], deadline: datetime | None
-) -> str:
+def explain_decision(decision: DecisionRecord, config: CoalesceConfig, deadline: datetime | None) -> str:
     """One paragraph: what was decided, when, and why, in words."""
-    details = decision["details"]
-    missing: Mapping[str, str] = decision["missing"]
-    consumed: list[str] = decision["consumed"]
-    at = decision["decided_at"]
+    details = decision.details
+    missing = decision.missing
+    consumed = decision.consumed
+    at = decision.decided_at
     when = "at the deadline" if deadline is not None and at == deadline else "when the deciding event arrived"
-    policy = policy_text(config)
+    policy = policy_text(config.policy, len(config.branches), config.quorum)
 
     def listing(names: Iterable[str]) -> str:
         names = list(names)
@@ -141,17 +147,17 @@ def explain_decision(
     waiting = [b for b, r in missing.items() if r == NOT_ARRIVED]
     late = [b for b, r in missing.items() if reason_kind(r) is ReasonKind.LATE]
     parts = []
-    if is_resolution(decision["failure_reason"]):
-        state = details.get("coalesce_task_state") or resolution_task_state(str(decision["failure_reason"]))
+    if is_resolution(decision.failure_reason):
+        state = details.get("coalesce_task_state") or resolution_task_state(str(decision.failure_reason))
         parts.append(
             f"Resolved when the coalesce task ended {state}, with the row still undecided under {policy}: "
             "closed as failed so it is never left waiting. This is not a policy outcome."
         )
         parts.append(f"Arrived before the coalesce task ended: {listing(details.get('arrived', []))}.")
-    elif decision["decision"] == DecisionStatus.MERGED:
-        parts.append(f"Merged {when} under {policy} (merge={config['merge']}), from {listing(consumed)}.")
+    elif decision.decision == DecisionStatus.MERGED:
+        parts.append(f"Merged {when} under {policy} (merge={config.merge.value}), from {listing(consumed)}.")
     else:
-        reason = decision["failure_reason"] or ""
+        reason = decision.failure_reason or ""
         parts.append(f"Failed {when} under {policy}: {failure_reason_text(reason)}.")
         arrived = details.get("arrived")
         if arrived is not None:
@@ -187,7 +193,7 @@ def explain_decision(
     return " ".join(parts)
 
 
-def _timeline(replayed: Replay, recorded: Mapping[str, Any]) -> list[dict[str, Any]]:
+def _timeline(replayed: Replay, recorded: DecisionRecord) -> list[dict[str, Any]]:
     """The log as read by a person: events, the deadline and the decision, in replay order, with
     what branch tasks wrote after their recorded end (late writes, never in the log).
 
@@ -195,9 +201,9 @@ def _timeline(replayed: Replay, recorded: Mapping[str, Any]) -> list[dict[str, A
     decision right after the event (or deadline) that made it.
     """
     deadline = replayed.deadline
-    consumed = set(recorded["consumed"])
+    consumed = set(recorded.consumed)
     entries = [
-        (e.at, 0, i, {"type": "event", **_event_dict(e, deadline, recorded["decided_at"], consumed)})
+        (e.at, 0, i, {"type": "event", **_event_dict(e, deadline, recorded.decided_at, consumed)})
         for i, e in enumerate(replayed.events)
     ]
     entries += [
@@ -207,14 +213,14 @@ def _timeline(replayed: Replay, recorded: Mapping[str, Any]) -> list[dict[str, A
     entries.append((deadline, 1, 0, {"type": "deadline", "at": deadline}))
     entries.append(
         (
-            recorded["decided_at"],
+            recorded.decided_at,
             2,
             0,
             {
                 "type": "decision",
-                "at": recorded["decided_at"],
-                "decision": recorded["decision"],
-                "failure_reason": recorded["failure_reason"],
+                "at": recorded.decided_at,
+                "decision": recorded.decision,
+                "failure_reason": recorded.failure_reason,
             },
         )
     )
@@ -271,11 +277,11 @@ def _chain(steps: Mapping[str, Mapping[str, Any]], branch: str) -> list[str]:
     return order + sorted(n for n in mine if n not in order)
 
 
-def row_view(engine: Engine, audit_run: Mapping[str, Any], row_key: str) -> dict[str, Any]:
+def row_view(engine: Engine, audit_run: AuditRunView, row_key: str) -> RowView:
     """One row from source to decision: the source row, the fork, each branch's node states in step
     order (timing, errors, outputs), the terminal outcome of each token, every coalesce decision with
     its explanation and a replay of its event log, and the merged output."""
-    run_id = audit_run["audit_run_id"]
+    run_id = audit_run.audit_run_id
     lineage = row_lineage(engine, run_id, row_key)
     run = run_info(engine, run_id)
     n = t.nodes.c
@@ -297,7 +303,7 @@ def row_view(engine: Engine, audit_run: Mapping[str, Any], row_key: str) -> dict
     tokens = lineage["tokens"]
     source = next((tok for tok in tokens if tok["token_kind"] == TokenKind.SOURCE), None)
     branches = []
-    for branch in audit_run["branches"]:
+    for branch in audit_run.branches:
         token = next(
             (tok for tok in tokens if tok["token_kind"] == TokenKind.BRANCH and tok["branch_name"] == branch),
             None,
@@ -345,75 +351,51 @@ def row_view(engine: Engine, audit_run: Mapping[str, Any], row_key: str) -> dict
         )
     decisions = []
     for d in lineage["decisions"]:
-        config_data = coalesce_configs.get(d["node_id"])
-        recorded = {
-            "coalesce": d["node_id"],
-            "decision": d["decision"],
-            "failure_reason": d["failure_reason"],
-            "details": json.loads(d["details_json"]),
-            "consumed": json.loads(d["consumed"]),
-            "missing": json.loads(d["missing_json"]),
-            "late": json.loads(d["late_json"]),
-            "collisions": json.loads(d["collisions_json"]) if d.get("collisions_json") else None,
-            "decided_at": d["decided_at"],
-            "recorded_at": d["recorded_at"],
-            "wait_ms": d["wait_ms"],
-            "wait_from_first_arrival_ms": d.get("wait_from_first_arrival_ms"),
-            "merged_token_id": d["merged_token_id"],
-        }
-        merged = next((tok for tok in tokens if tok["token_id"] == d["merged_token_id"]), None)
+        record = DecisionRecord.from_row(d)
+        merged = next((tok for tok in tokens if tok["token_id"] == record.merged_token_id), None)
         merged_state = merged["states"][0] if merged and merged["states"] else None
-        recorded["merged_output"] = (
+        merged_output = (
             outputs.get(merged_state["output_ref"]) if merged_state and merged_state["output_ref"] else None
         )
-        if config_data is not None:
-            spec = CoalesceSpec.from_dict(config_data)
-            config = spec.config.as_dict()
-            deadline = (
-                audit_run["completed_at"] + spec.config.timeout
-                if audit_run["completed_at"] is not None
-                else None
+        config_data = coalesce_configs.get(record.coalesce)
+        if config_data is None:
+            decisions.append(RowDecision.extending(record, merged_output=merged_output))
+            continue
+        spec = CoalesceSpec.from_dict(config_data)
+        config = spec.config
+        deadline = audit_run.completed_at + config.timeout if audit_run.completed_at is not None else None
+        decisions.append(
+            RowDecision.extending(
+                record,
+                merged_output=merged_output,
+                policy_text=policy_text(config.policy, len(config.branches), config.quorum),
+                collision_rule=collision_rule_text(config.on_collision),
+                deadline=deadline,
+                explanation=explain_decision(record, config, deadline),
+                replay=_replay_view(engine, spec, run, d, record),
             )
-            recorded["policy_text"] = policy_text(config)
-            recorded["collision_rule"] = collision_rule_text(spec.config.on_collision)
-            recorded["deadline"] = deadline
-            recorded["explanation"] = explain_decision(recorded, config, deadline)
-            recorded["replay"] = _replay_view(engine, spec, run, d, recorded)
-        decisions.append(recorded)
-    decisions.sort(key=lambda d: d["coalesce"])
-    superseded = [
-        {
-            "coalesce": d["node_id"],
-            "decision": d["decision"],
-            "failure_reason": d["failure_reason"],
-            "details": json.loads(d["details_json"]),
-            "missing": json.loads(d["missing_json"]),
-            "decided_at": d["decided_at"],
-            "recorded_at": d["recorded_at"],
-            "superseded_at": d["superseded_at"],
-        }
-        for d in lineage.get("superseded_decisions", [])
-    ]
-    return {
-        "audit_run_id": run_id,
-        "row_key": lineage["row"]["row_key"],
-        "row_index": lineage["row"]["row_index"],
-        "chunk": lineage["row"]["chunk"],
-        "source": lineage["source"],
-        "source_hash": lineage["row"]["source_hash"],
-        "fork": {
-            "task_id": audit_run["fork_task_id"],
+        )
+    decisions.sort(key=lambda d: d.coalesce)
+    superseded = [SupersededDecision.from_row(d) for d in lineage.get("superseded_decisions", [])]
+    return RowView(
+        audit_run_id=run_id,
+        row_key=lineage["row"]["row_key"],
+        row_index=lineage["row"]["row_index"],
+        chunk=lineage["row"]["chunk"],
+        source=lineage["source"],
+        source_hash=lineage["row"]["source_hash"],
+        fork={
+            "task_id": audit_run.fork_task_id,
             "token_id": source["token_id"] if source else None,
             "fork_group_id": source["fork_group_id"] if source else None,
             "created_at": source["created_at"] if source else None,
-            "branches": audit_run["branches"],
+            "branches": audit_run.branches,
         },
-        "fork_completed_at": audit_run["completed_at"],
-        "branches": branches,
-        "decisions": decisions,
-        # Resolutions replaced when a person cleared the coalesce: history, never decisions.
-        "superseded_decisions": superseded,
-    }
+        fork_completed_at=audit_run.completed_at,
+        branches=branches,
+        decisions=decisions,
+        superseded_decisions=superseded,
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -421,7 +403,7 @@ def row_view(engine: Engine, audit_run: Mapping[str, Any], row_key: str) -> dict
 
 
 def _replay_view(
-    engine: Engine, spec: CoalesceSpec, run: RunInfo, stored: Mapping[str, Any], recorded: Mapping[str, Any]
+    engine: Engine, spec: CoalesceSpec, run: RunInfo, stored: Mapping[str, Any], recorded: DecisionRecord
 ) -> dict[str, Any]:
     """The row page's replay of one decision: agreement, differences, the log and its timeline.
 
@@ -446,7 +428,7 @@ def _replay_view(
             "differences": {},
             "replayed": got,
             "deadline": deadline,
-            "events": [_event_dict(e, deadline, recorded["decided_at"], set()) for e in log],
+            "events": [_event_dict(e, deadline, recorded.decided_at, set()) for e in log],
             "late_writes": late,
             "timeline": _timeline(replayed, recorded),
         }
@@ -457,7 +439,7 @@ def _replay_view(
         "differences": replayed.differences,
         "replayed": got,
         "deadline": deadline,
-        "events": [_event_dict(e, deadline, recorded["decided_at"], set(recorded["consumed"])) for e in log],
+        "events": [_event_dict(e, deadline, recorded.decided_at, set(recorded.consumed)) for e in log],
         "late_writes": late,
         "timeline": _timeline(replayed, recorded),
     }

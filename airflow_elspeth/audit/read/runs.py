@@ -14,7 +14,8 @@ from sqlalchemy import Engine, func, select
 from sqlalchemy.exc import NoResultFound
 
 from airflow_elspeth.audit import schema as t
-from airflow_elspeth.audit.coalesce import CoalesceSpec, RunInfo, load_run
+from airflow_elspeth.audit.model import CoalesceSpec, RunInfo, load_run
+from airflow_elspeth.audit.read.records import AuditRunView, BranchStep
 from airflow_elspeth.core.vocabulary import DecisionStatus, NodeType, RunStatus
 from airflow_elspeth.exceptions import NotFound
 
@@ -162,7 +163,7 @@ def coalesce_spec(engine: Engine, run_id: str, node_id: str) -> CoalesceSpec:
     return CoalesceSpec.from_dict(json.loads(config_json))
 
 
-def audit_runs(engine: Engine, dag_id: str, airflow_run_id: str) -> list[dict[str, Any]]:
+def audit_runs(engine: Engine, dag_id: str, airflow_run_id: str) -> list[AuditRunView]:
     """Every audit run of a DAG run, newest try first per fork, with its coalesces and branch steps.
 
     A DAG run has one audit run per execution of each fork: a reprocessed (cleared) fork starts a
@@ -185,41 +186,46 @@ def audit_runs(engine: Engine, dag_id: str, airflow_run_id: str) -> list[dict[st
     newest: dict[str, int] = {}
     for run in runs:
         newest[run["fork_task_id"]] = max(newest.get(run["fork_task_id"], 0), run["try_number"])
-    result = []
-    for run in runs:
-        mine = nodes.get(run["run_id"], [])
-        result.append(
-            {
-                "audit_run_id": run["run_id"],
-                "dag_id": run["dag_id"],
-                "airflow_run_id": run["airflow_run_id"],
-                "fork_task_id": run["fork_task_id"],
-                "try_number": run["try_number"],
-                "clear_number": run["clear_number"],
-                "run_type": run["run_type"],
-                "logical_date": run["logical_date"],
-                "started_at": run["started_at"],
-                "completed_at": run["completed_at"],
-                "status": run["status"],
-                "status_reason": run.get("status_reason"),
-                "rows_total": run["rows_total"],
-                "chunk_size": run["chunk_size"],
-                "chunks_total": run["chunks_total"],
-                "branches": json.loads(run["branches_json"]),
-                "previous_run_id": run["previous_run_id"],
-                "current": run["try_number"] == newest[run["fork_task_id"]],
-                "coalesces": [x["node_id"] for x in mine if x["node_type"] == NodeType.COALESCE],
-                "branch_steps": [
-                    {"node_id": x["node_id"], "branch": x["branch"]}
-                    for x in mine
-                    if x["node_type"] == NodeType.BRANCH
-                ],
-            }
+    coalesces = {
+        run["run_id"]: [
+            x["node_id"] for x in nodes.get(run["run_id"], []) if x["node_type"] == NodeType.COALESCE
+        ]
+        for run in runs
+    }
+    counts = decision_counts(
+        engine, {run["run_id"]: (run["rows_total"], coalesces[run["run_id"]]) for run in runs}
+    )
+    result = [
+        AuditRunView(
+            audit_run_id=run["run_id"],
+            dag_id=run["dag_id"],
+            airflow_run_id=run["airflow_run_id"],
+            fork_task_id=run["fork_task_id"],
+            try_number=run["try_number"],
+            clear_number=run["clear_number"],
+            run_type=run["run_type"],
+            logical_date=run["logical_date"],
+            started_at=run["started_at"],
+            completed_at=run["completed_at"],
+            status=run["status"],
+            status_reason=run["status_reason"],
+            rows_total=run["rows_total"],
+            chunk_size=run["chunk_size"],
+            chunks_total=run["chunks_total"],
+            branches=json.loads(run["branches_json"]),
+            previous_run_id=run["previous_run_id"],
+            current=run["try_number"] == newest[run["fork_task_id"]],
+            coalesces=coalesces[run["run_id"]],
+            branch_steps=[
+                BranchStep(node_id=x["node_id"], branch=x["branch"])
+                for x in nodes.get(run["run_id"], [])
+                if x["node_type"] == NodeType.BRANCH
+            ],
+            decisions=counts.get(run["run_id"], {}),
         )
-    counts = decision_counts(engine, {r["audit_run_id"]: (r["rows_total"], r["coalesces"]) for r in result})
-    for entry in result:
-        entry["decisions"] = counts.get(entry["audit_run_id"], {})
-    result.sort(key=lambda r: (r["fork_task_id"], -r["try_number"]))
+        for run in runs
+    ]
+    result.sort(key=lambda r: (r.fork_task_id, -r.try_number))
     return result
 
 
@@ -285,15 +291,15 @@ def newest_completed_run(engine: Engine, dag_id: str, airflow_run_id: str, fork_
 
 
 def pick_audit_run(
-    runs: Sequence[dict[str, Any]], *, audit_run_id: str | None = None, coalesce: str | None = None
-) -> dict[str, Any] | None:
+    runs: Sequence[AuditRunView], *, audit_run_id: str | None = None, coalesce: str | None = None
+) -> AuditRunView | None:
     """The audit run to show: the one asked for, else the newest one with ``coalesce``, else the
     first current one. Only runs of this DAG run are candidates (``runs`` comes from it)."""
     if audit_run_id:
-        return next((r for r in runs if r["audit_run_id"] == audit_run_id), None)
-    current = [r for r in runs if r["current"]]
+        return next((r for r in runs if r.audit_run_id == audit_run_id), None)
+    current = [r for r in runs if r.current]
     if coalesce:
-        for run in [*current, *(r for r in runs if not r["current"])]:
-            if coalesce in run["coalesces"]:
+        for run in [*current, *(r for r in runs if not r.current)]:
+            if coalesce in run.coalesces:
                 return run
     return current[0] if current else None

@@ -6,44 +6,44 @@ when the task ended without delivering them. Nothing here writes.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from sqlalchemy import Connection, Engine, and_, func, select
 
 from airflow_elspeth.audit import schema as t
-from airflow_elspeth.audit.coalesce import WHOLE_TASK
+from airflow_elspeth.audit.model import WHOLE_TASK
+from airflow_elspeth.audit.read.records import AuditRunView
 from airflow_elspeth.audit.read.sql import json_field
 from airflow_elspeth.core.vocabulary import BRANCH_TASK_PREFIX, NodeStatus, NodeType, TokenOutcome
 
 
 def task_view(
-    engine: Engine, runs: Sequence[dict[str, Any]], task_id: str, map_index: int | None = None
+    engine: Engine, runs: Sequence[AuditRunView], task_id: str, map_index: int | None = None
 ) -> dict[str, Any]:
     """What one task of the DAG run is in the audit trail (fork, branch step or coalesce) and, for a
     branch step, what it did: node states by status, errors by type, durations.
 
     The newest audit run in which the task appears is used.
     """
-    ordered = [*(r for r in runs if r["current"]), *(r for r in runs if not r["current"])]
+    ordered = [*(r for r in runs if r.current), *(r for r in runs if not r.current)]
     for run in ordered:
-        if run["fork_task_id"] == task_id:
-            return {"kind": NodeType.FORK.value, "task_id": task_id, "audit_run_id": run["audit_run_id"]}
-        if task_id in run["coalesces"]:
-            return {"kind": NodeType.COALESCE.value, "task_id": task_id, "audit_run_id": run["audit_run_id"]}
-        step = next((s for s in run["branch_steps"] if s["node_id"] == task_id), None)
+        if run.fork_task_id == task_id:
+            return {"kind": NodeType.FORK.value, "task_id": task_id, "audit_run_id": run.audit_run_id}
+        if task_id in run.coalesces:
+            return {"kind": NodeType.COALESCE.value, "task_id": task_id, "audit_run_id": run.audit_run_id}
+        step = next((s for s in run.branch_steps if s.node_id == task_id), None)
         if step is not None:
             return {
                 "kind": NodeType.BRANCH.value,
-                **_branch_step_stats(engine, run, task_id, step["branch"], map_index),
+                **_branch_step_stats(engine, run.audit_run_id, task_id, step.branch, map_index),
             }
     return {"kind": None, "task_id": task_id, "audit_run_id": None}
 
 
 def _branch_step_stats(
-    engine: Engine, run: Mapping[str, Any], node_id: str, branch: str, map_index: int | None
+    engine: Engine, run_id: str, node_id: str, branch: str, map_index: int | None
 ) -> dict[str, Any]:
-    run_id = run["audit_run_id"]
     ns, r = t.node_states.c, t.rows.c
     scope = [ns.run_id == run_id, ns.node_id == node_id]
     n = t.nodes.c

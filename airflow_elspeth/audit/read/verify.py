@@ -25,18 +25,15 @@ from typing import Any
 from sqlalchemy import Engine, func, select
 
 from airflow_elspeth.audit import schema as t
-from airflow_elspeth.audit.coalesce import (
-    CoalesceSpec,
-    RunInfo,
+from airflow_elspeth.audit.log import (
     TokenState,
     arrival_bodies,
     collision_check,
-    deadline_of,
     late_writes,
-    load_run,
     read_chunk_log,
     row_events,
 )
+from airflow_elspeth.audit.model import CoalesceSpec, RunInfo, deadline_of, load_run
 from airflow_elspeth.audit.read.limbo import LIMBO_EXAMPLES, TaskStates, limbo_findings
 from airflow_elspeth.audit.read.runs import coalesce_nodes, coalesce_spec
 from airflow_elspeth.core.policy import BranchEvent, CollisionCheck, Decision, order_events, replay
@@ -118,7 +115,7 @@ class Replay:
     deadline: datetime
     moment: datetime  # the clock of the replay: recorded_at, or a resolution's decided_at
     task_state: str | None  # a resolution's coalesce task state
-    # What branch tasks wrote after their recorded loss (``audit.coalesce.late_writes``): late,
+    # What branch tasks wrote after their recorded loss (``audit.log.late_writes``): late,
     # never in the log.
     late_writes: Sequence[BranchEvent] = ()
 
@@ -160,9 +157,9 @@ def replay_stored(
 ) -> Replay:
     """Replay a stored decision (a ``coalesce_decisions`` row) from its row's stored ``events``.
 
-    :param collisions: the row's collision check (``audit.coalesce.collision_check``) when
+    :param collisions: the row's collision check (``audit.log.collision_check``) when
         ``on_collision="fail_row"`` makes the decision depend on the stored outputs.
-    :param late: the row's late writes (``audit.coalesce.late_writes``), shown beside the log.
+    :param late: the row's late writes (``audit.log.late_writes``), shown beside the log.
     :raises ValueError: the run's fork never completed (no deadline).
     """
     deadline = deadline_of(run, spec.config)

@@ -17,7 +17,7 @@ from typing import Any
 from sqlalchemy import Connection, Engine, and_, func, or_, select
 
 from airflow_elspeth.audit import schema as t
-from airflow_elspeth.audit.coalesce import payload_bodies
+from airflow_elspeth.audit.model import payload_bodies
 from airflow_elspeth.core.vocabulary import (
     ARRIVAL_NODE_STATUSES,
     COALESCE_TASK_PREFIX,
