@@ -15,7 +15,6 @@ import pytest
 from sqlalchemy import Engine, text
 
 from airflow_elspeth.audit import coalesce as pass_module
-from airflow_elspeth.audit import dml
 from airflow_elspeth.audit import service as service_module
 from airflow_elspeth.audit.coalesce import coalesce_pass
 from airflow_elspeth.audit.model import CoalesceSpec
@@ -461,7 +460,7 @@ def test_transient_poll_errors_are_retried_then_reported(store_url: str, sdk: Fa
     # Once the failures outlast the deadline and the grace, the task is told.
     trigger._deadline = datetime.now(timezone.utc) - timedelta(seconds=1)
     with (
-        mock.patch.object(dml, "TRANSIENT_ERROR_GRACE", timedelta(0)),
+        mock.patch.object(service_module, "TRANSIENT_ERROR_GRACE", timedelta(0)),
         mock.patch.object(trigger, "poll", side_effect=RuntimeError("db down")),
     ):
         event = run(first_event(trigger, timeout=EVENT_WAIT))

@@ -103,13 +103,18 @@ def context(ti: FakeTI) -> Any:
     return {"ti": ti, "dag_run": SimpleNamespace(clear_number=0, run_type="manual"), "logical_date": None}
 
 
+def hook_on(engine: Any) -> Any:
+    """An ``ElspethAuditHook`` stand-in whatever its connection: the store of ``engine``."""
+    return lambda audit_conn_id=None: SimpleNamespace(
+        get_engine=lambda: engine, get_store=lambda: AuditStore(engine)
+    )
+
+
 @pytest.fixture
 def direct_engine(audit_url: str, monkeypatch: pytest.MonkeyPatch) -> Any:
     """The audit engine of ``audit_url``, which every ForkOperator of the test writes to."""
     engine = engine_for_url(audit_url)
-    monkeypatch.setattr(
-        fork_module, "ElspethAuditHook", lambda audit_conn_id=None: SimpleNamespace(get_engine=lambda: engine)
-    )
+    monkeypatch.setattr(fork_module, "ElspethAuditHook", hook_on(engine))
     # One chunk per transaction, so a few rows are enough to leave whole chunks written before the
     # failure (by default the fork writes FORK_ROWS_PER_WRITE rows per transaction).
     monkeypatch.setattr(fork_module, "FORK_ROWS_PER_WRITE", 1)
@@ -374,9 +379,7 @@ def test_postgresql_refusing_a_row_fails_the_run_with_the_database_error(
     """With the fork's own key checks bypassed, PostgreSQL itself refuses the key: the run still ends
     failed, naming the database's error, and the error reaches Airflow (which retries it)."""
     engine = engine_for_url(pg_url)
-    monkeypatch.setattr(
-        fork_module, "ElspethAuditHook", lambda audit_conn_id=None: SimpleNamespace(get_engine=lambda: engine)
-    )
+    monkeypatch.setattr(fork_module, "ElspethAuditHook", hook_on(engine))
     monkeypatch.setattr(fork_module, "row_key_text", str)
     rows = [{"id": "r0"}, {"id": "r1"}, {"id": key()}]
     ti = FakeTI()
