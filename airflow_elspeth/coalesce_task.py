@@ -1,6 +1,6 @@
 """What the three Airflow shells of a coalesce share: its sensor, its trigger and its finalizer.
 
-The coalesce's :class:`~airflow_elspeth.audit.coalesce.CoalesceSpec` built from its task (so the
+The coalesce's :class:`~airflow_elspeth.audit.model.CoalesceSpec` built from its task (so the
 finalizer never calls into the sensor), the XCom key of its summary, and the branch tasks' states
 read through the Task SDK. Each shell then reaches the audit store through one
 :class:`~airflow_elspeth.audit.service.CoalesceService`.

@@ -89,7 +89,7 @@ class CoalesceTrigger(BaseTrigger):
     :class:`~airflow_elspeth.audit.service.CoalesceService` on the process-wide cached engine (one
     pool per audit database for every trigger in the triggerer), is resolved once per trigger.
 
-    :param spec: the coalesce's :class:`~airflow_elspeth.audit.coalesce.CoalesceSpec` as a dict.
+    :param spec: the coalesce's :class:`~airflow_elspeth.audit.model.CoalesceSpec` as a dict.
     :param run_id: the audit run; None while the fork has not completed.
     :param dag_id: the DAG of the branch tasks whose states are watched.
     :param airflow_run_id: the DAG run of those tasks.
