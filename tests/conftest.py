@@ -62,38 +62,39 @@ HEAVY = (
 )
 
 
-# The tests that use the Airflow deployment of tests/e2e (session fixture ``airflow_stack``), in two
-# groups of about the same length (four to five minutes each on two cores), each on one xdist worker
-# with a deployment of its own: the fault matrix with the deferred cases, the waiting modes' labels
-# and the branches marked failed while running (about 100 s), and the example DAGs' runs with the
-# backfill, the killed-worker cases and the paused branch failed by its heartbeat timeout (about
-# 80 s). The Celery test (session fixture ``celery_stack``, a deployment of its own) is a third group.
+# The tests that use the Airflow deployment of tests/e2e (session fixture ``airflow_stack``), in three
+# groups of about the same length (five to seven minutes each on two cores, measured with
+# --durations), each on one xdist worker with a deployment of its own: the fault matrix; the example
+# DAGs' runs with the backfill and the killed-worker cases; the deferred cases with the waiting modes'
+# labels and the fencing cases (branches marked failed while running, the paused branch failed by
+# its heartbeat timeout). The Celery test (session fixture ``celery_stack``, a deployment of its own)
+# is a fourth group.
 E2E_STACK_TESTS = "tests/e2e/test_e2e_"
 E2E_CELERY = "tests/e2e/test_e2e_celery.py::"
 E2E_FAULT_MATRIX = "tests/e2e/test_e2e_faults.py::"
 E2E_EXAMPLES = E2E_FAULT_MATRIX + "test_example_dags_"
 E2E_DEFERRED = "tests/e2e/test_e2e_deferred.py::"
 E2E_LABELS = "tests/e2e/test_e2e_labels_modes.py::"
-E2E_FENCING_MARKED = "tests/e2e/test_e2e_fencing.py::test_branch_marked_failed_"
+E2E_FENCING = "tests/e2e/test_e2e_fencing.py::"
 # The browser tests share one module fixture (a migrated Airflow, a dag.test run, an API server).
 BROWSER_TESTS = "tests/ui/test_browser.py::"
 
 
 def xdist_scope(nodeid: str) -> str:
     """The xdist scope of a test: the tests of one scope run on one worker, sharing its fixtures.
-    The e2e tests form two groups of about the same length (each with a deployment of its own) and
-    the Celery group, the browser tests one; every other test is its own scope."""
+    The e2e tests form three groups of about the same length (each with a deployment of its own)
+    and the Celery group, the browser tests one; every other test is its own scope."""
     if nodeid.startswith(BROWSER_TESTS):
         return "browser"
     if not nodeid.startswith(E2E_STACK_TESTS):
         return nodeid
     if nodeid.startswith(E2E_CELERY):
         return "e2e celery"
-    if nodeid.startswith(E2E_EXAMPLES):
-        return "e2e examples, backfill, killed worker, paused"
-    if nodeid.startswith((E2E_FAULT_MATRIX, E2E_DEFERRED, E2E_LABELS, E2E_FENCING_MARKED)):
-        return "e2e fault matrix, deferred, labels, marked failed"
-    return "e2e examples, backfill, killed worker, paused"
+    if nodeid.startswith((E2E_DEFERRED, E2E_LABELS, E2E_FENCING)):
+        return "e2e deferred, labels, fencing"
+    if nodeid.startswith(E2E_FAULT_MATRIX) and not nodeid.startswith(E2E_EXAMPLES):
+        return "e2e fault matrix"
+    return "e2e examples, backfill, killed worker"
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
