@@ -63,8 +63,9 @@ HEAVY = (
 
 
 # The tests that use the Airflow deployment of tests/e2e (session fixture ``airflow_stack``), in three
-# groups of about the same length (five to seven minutes each on two cores, measured with
-# --durations), each on one xdist worker with a deployment of its own: the fault matrix; the example
+# groups of about the same length (six to seven minutes of test time each, from --durations; on two
+# cores the whole suite is CPU-bound, so three deployments did not shorten it), each on one xdist
+# worker with a deployment of its own: the fault matrix; the example
 # DAGs' runs with the backfill and the killed-worker cases; the deferred cases with the waiting modes'
 # labels and the fencing cases (branches marked failed while running, the paused branch failed by
 # its heartbeat timeout). The Celery test (session fixture ``celery_stack``, a deployment of its own)
