@@ -43,20 +43,17 @@ from airflow_elspeth.audit.read.limbo import (
     tasks_to_look_up,
 )
 from airflow_elspeth.audit.read.lineage import explain_row
-from airflow_elspeth.audit.read.records import CoalesceSummary, DecisionRecord, MissingBranch, to_json
+from airflow_elspeth.audit.read.records import CoalesceSummary, Explanation, MissingBranch, to_json
 from airflow_elspeth.audit.read.runs import row_runs, select_runs, with_tries
 from airflow_elspeth.audit.read.verify import DECISION_REPLAY, RESOLUTION_DECIDABLE, verify_run
 from airflow_elspeth.core.vocabulary import (
-    SKIPPED_DECIDED,
     DecisionStatus,
     NodeStatus,
     RunStatus,
     TokenKind,
     TokenOutcome,
-    answered_since,
     collision_rule_text,
-    is_task_loss,
-    outcome_text,
+    outcome_label,
     policy_text,
     reason_order,
 )
@@ -514,69 +511,59 @@ def _print_candidates(runs: list[dict[str, Any]]) -> None:
         )
 
 
-def print_explanation(run: dict[str, Any], explained: dict[str, Any]) -> None:
-    row = explained["row"]
-    _rule(f"row {row['row_key']}", [run["dag_id"], run["airflow_run_id"]], title_first=True)
+def print_explanation(run: dict[str, Any], explained: Explanation) -> None:
+    row = explained.row
+    _rule(f"row {row.row_key}", [run["dag_id"], run["airflow_run_id"]], title_first=True)
     status = f"run {run['status']}" + (f" ({run['status_reason']})" if run.get("status_reason") else "")
     console.print(
-        escape(
-            _fit([f"audit run {run['run_id']}", f"row #{row['row_index']} (chunk {row['chunk']})", status])
-        )
+        escape(_fit([f"audit run {run['run_id']}", f"row #{row.row_index} (chunk {row.chunk})", status]))
     )
-    tree = Tree(f"source row {_short(explained['source'])}")
+    tree = Tree(f"source row {_short(explained.source)}")
     fork = tree.add(f"fork [bold]{escape(run['fork_task_id'])}[/] (try {run['try_number']})")
-    for token in explained["tokens"]:
-        if token["token_kind"] != TokenKind.BRANCH:
+    for token in explained.tokens:
+        if token.token_kind != TokenKind.BRANCH:
             continue
-        terminal = [o for o in token["outcomes"] if o["is_terminal"]]
-        outcome = "; ".join(_outcome_label(o) for o in terminal)
-        earlier = [
-            o for o in token["outcomes"] if not o["is_terminal"] and o.get("superseded_at") is not None
-        ]
+        terminal = token.terminal
+        outcome = "; ".join(outcome_label(o.outcome, o.reason) for o in terminal)
         refined = {TokenOutcome.LATE.value, TokenOutcome.SKIPPED.value}
         at_decision = [
             o
-            for o in earlier
-            if o["outcome"] == TokenOutcome.NOT_ARRIVED
-            and any(x["outcome"] in refined and x["join_group_id"] == o["join_group_id"] for x in terminal)
+            for o in token.superseded
+            if o.outcome == TokenOutcome.NOT_ARRIVED
+            and any(x.outcome in refined and x.join_group_id == o.join_group_id for x in terminal)
         ]
         superseded = "; ".join(
-            _outcome_label(o) + f", superseded at {_clock(o['superseded_at'])}"
-            for o in earlier
+            outcome_label(o.outcome, o.reason) + f", superseded at {_clock(o.superseded_at)}"
+            for o in token.superseded
             if o not in at_decision
         )
-        label = f"branch [bold]{escape(token['branch_name'])}[/] → {escape(outcome) or 'no outcome yet'}"
+        label = f"branch [bold]{escape(str(token.branch_name))}[/] → {escape(outcome) or 'no outcome yet'}"
         if superseded:
             label += f" [dim](superseded: {escape(superseded)})[/]"
         branch = fork.add(label)
         if at_decision:
-            seen = "; ".join(_outcome_label(o) for o in at_decision)
+            seen = "; ".join(outcome_label(o.outcome, o.reason) for o in at_decision)
             branch.add(f"[dim]at the decision: {escape(seen)}[/]")
-        if not token["states"]:
-            if any(o["outcome"] == TokenOutcome.SKIPPED for o in terminal):
+        if not token.states:
+            if any(o.outcome == TokenOutcome.SKIPPED for o in terminal):
                 branch.add("[dim]not processed by any step: the row was already decided[/]")
             else:
                 branch.add("[yellow]no result from any step[/]")
-        for state in token["states"]:
-            style = STATUS_STYLE.get(state["status"], "white")
-            result = (
-                _short(explained["outputs"].get(state["output_ref"]))
-                if state["output_ref"]
-                else _error_text(state["error_json"])
-            )
+        for state in token.states:
+            style = STATUS_STYLE.get(state.status, "white")
+            result = _short(explained.output_of(state)) if state.output_ref else _error_text(state.error_json)
             step = (
-                f"{escape(state['node_id'])} (try {state['attempt']}): [{style}]{state['status']}[/] "
-                f"at {_clock(state['completed_at'])}, took {state['duration_ms']} ms"
+                f"{escape(state.node_id)} (try {state.attempt}): [{style}]{state.status}[/] "
+                f"at {_clock(state.completed_at)}, took {state.duration_ms} ms"
             )
-            plain = f"{state['node_id']} (try {state['attempt']}): {state['status']} at 00:00:00.000, took "
-            if len(plain) + len(str(state["duration_ms"])) + len(result) + 20 <= console.width:
+            plain = f"{state.node_id} (try {state.attempt}): {state.status} at 00:00:00.000, took "
+            if len(plain) + len(str(state.duration_ms)) + len(result) + 20 <= console.width:
                 branch.add(f"{step} · {escape(result)}")
             else:  # the result on its own line, under its step
                 branch.add(step).add(escape(result))
     console.print(tree)
-    for stored, replayed in zip(explained["decisions"], explained["replays"], strict=True):
-        decision = DecisionRecord.from_row(stored)
-        if replayed.get("resolution"):
+    for decision, replayed in zip(explained.decisions, explained.replays, strict=True):
+        if replayed.resolution:
             verdict = f"[red]failed: {decision.failure_reason}[/]"
         elif decision.decision == DecisionStatus.MERGED:
             verdict = "[green]merged[/]"
@@ -602,124 +589,53 @@ def print_explanation(run: dict[str, Any], explained: dict[str, Any]) -> None:
         line.stylize("bold", 0, len(f"coalesce {decision.coalesce}"))
         console.print()
         console.print(line)
-        console.print(f"  consumed: {', '.join(decision.consumed) or '-'}")
-        arrivals = _arrival_text(decision)
-        if arrivals:
-            console.print(
-                escape(_fit(arrivals, indent="            ", sep="; ").replace(" " * 12, "  arrived:  ", 1))
-            )
-        missing = decision.missing
-        if missing:
-            since = _since_decision(explained, decision)
-            entries = [
-                f"{b}: {r}"
-                + (
-                    f", then {since[b]}"
-                    if b in since and answered_since(r, arrived=since[b] != SKIPPED_DECIDED)
-                    else ""
-                )
-                for b, r in missing.items()
-            ]
-            console.print(
-                escape(_fit(entries, indent="            ", sep="; ").replace(" " * 12, "  missing:  ", 1))
-            )
-        details = {k: v for k, v in decision.details.items() if k != "arrival_order"}
-        if details:
-            entries = [
-                f"{json.dumps(k)}: {json.dumps(v, sort_keys=True)}" for k, v in sorted(details.items())
-            ]
-            entries[0] = "{" + entries[0]
-            entries[-1] += "}"  # the same entry when there is one
-            text = _fit([e + "," for e in entries[:-1]] + entries[-1:], indent=" " * 12, sep=" ")
-            console.print(escape(text.replace(" " * 12, "  details:  ", 1)))
+        # The record's shown fields, each ``  label:  phrases`` with its phrases wrapped under it.
+        for shown in decision.shown_fields():
+            text = _fit(shown.entries, indent=" " * 12, sep=shown.sep)
+            console.print(escape(text.replace(" " * 12, f"  {shown.label + ':':<10}", 1)))
         console.print("  event log, replayed:")
-        shown = replayed["replayed"]
-        late = [{**e, "late_write": True} for e in shown["late_writes"]]
-        for event in sorted([*shown["events"], *late], key=lambda e: e["at"]):
-            reason = f" ({event['reason']})" if event["reason"] else ""
+        found = replayed.replayed
+        late = [(e, True) for e in found.late_writes]
+        for event, late_write in sorted([*((e, False) for e in found.events), *late], key=lambda x: x[0].at):
             after = (
                 " [dim](after the resolution)[/]"
-                if replayed.get("resolution") and event["at"] > decision.decided_at
+                if replayed.resolution and event.at > decision.decided_at
                 else ""
             )
-            if event.get("late_write"):
+            if late_write:
                 after = " [dim](late: written after its task was recorded ended, not in the log)[/]"
-            name = escape(event["branch"])
-            console.print(f"    {_clock(event['at'])}  {name:<12} {event['kind']}{escape(reason)}{after}")
-        if replayed.get("resolution"):
-            state = escape(replayed["task_state"])
-            if replayed["undecidable_then"]:
+            name = escape(event.branch)
+            console.print(f"    {_clock(event.at)}  {name:<12} {escape(event.label)}{after}")
+        if replayed.resolution:
+            state = escape(str(replayed.task_state))
+            if replayed.undecidable_then:
                 console.print(
                     f"  resolved when the coalesce task ended {state}: "
                     "[green]the row was undecidable then[/] (no policy decision to replay)"
                 )
             else:
-                found = replayed["replayed"]
                 console.print(
                     f"  resolved when the coalesce task ended {state}, [red]but the row was decidable "
-                    f"then[/]: its log up to the resolution gives {found['decision']}"
-                    + (f" ({found['failure_reason']})" if found["failure_reason"] else "")
-                    + f" at {_clock(found['decided_at'])}"
+                    f"then[/]: its log up to the resolution gives {found.decision}"
+                    + (f" ({found.failure_reason})" if found.failure_reason else "")
+                    + f" at {_clock(found.decided_at)}"
                 )
         else:
-            agrees = (
-                "[green]agrees with the stored decision[/]" if replayed["agrees"] else "[red]DISAGREES[/]"
-            )
+            agrees = "[green]agrees with the stored decision[/]" if replayed.agrees else "[red]DISAGREES[/]"
             console.print(f"  replay {agrees}")
-    for old in explained.get("superseded_decisions", []):
-        reason = f": {old['failure_reason']}" if old["failure_reason"] else ""
+    for old in explained.superseded_decisions:
+        reason = f": {old.failure_reason}" if old.failure_reason else ""
         console.print(
-            f"\n[dim]coalesce {escape(old['node_id'])}: superseded {escape(old['decision'] + reason)} "
-            f"(decided at {_clock(old['decided_at'])}, superseded at {_clock(old['superseded_at'])} "
+            f"\n[dim]coalesce {escape(old.coalesce)}: superseded {escape(old.decision + reason)} "
+            f"(decided at {_clock(old.decided_at)}, superseded at {_clock(old.superseded_at)} "
             "by a later try of the coalesce, which decides the row afresh)[/]"
         )
-    if not explained["decisions"]:
+    if not explained.decisions:
         console.print("\n[yellow]no coalesce has decided this row[/]")
-    for token in explained["tokens"]:
-        if token["token_kind"] == TokenKind.MERGED:
-            for state in token["states"]:
-                console.print(
-                    "merged output:", escape(_short(explained["outputs"].get(state["output_ref"]), 400))
-                )
-
-
-def _outcome_label(outcome: Mapping[str, Any]) -> str:
-    """``lost (error:X)``; a skip in words (``skipped: the row was already decided``)."""
-    if outcome["outcome"] == TokenOutcome.SKIPPED:
-        return outcome_text(outcome["outcome"], outcome["reason"])
-    return str(outcome["outcome"]) + (f" ({outcome['reason']})" if outcome["reason"] else "")
-
-
-def _arrival_text(decision: DecisionRecord) -> list[str]:
-    """``gpt +0 ms``, ``claude +437 ms``, ..., ``decided 5563 ms after the first``: the arrival record
-    of a decision (empty for a decision without arrivals, or written before it was recorded)."""
-    order = decision.arrival_order
-    if not order:
-        return []
-    entries = [f"{a['branch']} +{a['offset_ms']} ms" for a in order]
-    wait = decision.wait_from_first_arrival_ms
-    return [*entries, f"decided {wait} ms after the first"] if wait is not None else entries
-
-
-def _since_decision(explained: Mapping[str, Any], decision: DecisionRecord) -> dict[str, str]:
-    """Branch -> what became of it after the decision saw it ``not_arrived`` or lost to its task's
-    end (its token's late or skipped outcome that replaced the decision's)."""
-    found = {}
-    for token in explained["tokens"]:
-        if token["token_kind"] != TokenKind.BRANCH:
-            continue
-        replaced = any(
-            not x["is_terminal"]
-            and (
-                x["outcome"] == TokenOutcome.NOT_ARRIVED
-                or (x["outcome"] == TokenOutcome.LOST and is_task_loss(str(x["reason"])))
-            )
-            for x in token["outcomes"]
-        )
-        for o in token["outcomes"]:
-            if replaced and o["is_terminal"] and o["outcome"] in (TokenOutcome.LATE, TokenOutcome.SKIPPED):
-                found[token["branch_name"]] = str(o["reason"])
-    return found
+    for token in explained.tokens:
+        if token.token_kind == TokenKind.MERGED:
+            for state in token.states:
+                console.print("merged output:", escape(_short(explained.output_of(state), 400)))
 
 
 STATUS_STYLE = {

@@ -345,6 +345,17 @@ def outcome_text(outcome: str, reason: str | None) -> str:
     return f"{outcome} ({reason})" if reason else str(outcome)
 
 
+def outcome_label(outcome: str, reason: str | None) -> str:
+    """An outcome, or an event of a row's log, with its stored reason: the one label ``explain`` and
+    the row page give it (``lost (error:RateLimitError)``, ``late (late_arrival_after_merge)``,
+    ``arrival``). A skip of a decided row is :data:`SKIP_LABEL` wherever it shows, its token's
+    outcome or the end of the branch task that skipped the row."""
+    return f"{outcome} ({reason})" if reason else str(outcome)
+
+
+SKIP_LABEL = outcome_label(TokenOutcome.SKIPPED, SKIPPED_DECIDED)
+
+
 def collision_rule_text(on_collision: str) -> str:
     """What a union does with a field several branches supplied (``on_collision``), in words."""
     if on_collision == ON_COLLISION_FAIL_ROW:

@@ -228,7 +228,7 @@ def test_explain_golden(store: tuple[str, dict[str, str]], width: int) -> None:
         assert all(len(line) <= width for line in result.output.splitlines())
         assert f"found in one audit run: {ids['try1']}" in " ".join(result.output.split())
     skipped = invoke(url, "explain", "doc-005", width=120).output
-    assert "gemini → skipped: the row was already decided" in skipped
+    assert "gemini → skipped (skipped_decided)" in skipped
     assert "branch_task_running" in skipped  # what the decision saw, kept
     late = invoke(url, "explain", "doc-003", width=120).output
     assert "gemini → late (late_arrival_after_merge)" in late

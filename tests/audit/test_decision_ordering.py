@@ -496,13 +496,10 @@ def test_what_an_ended_task_writes_after_its_loss_is_late(audit_engine: Engine, 
     # explain: the replay agrees, and shows b's write beside the log as late
     from airflow_elspeth.audit.read.lineage import explain_row
 
-    [explained] = explain_row(audit_engine, run_id, "k0")["replays"]
-    assert explained["agrees"]
-    assert [(e["branch"], e["kind"]) for e in explained["replayed"]["events"]] == [
-        ("a", "arrival"),
-        ("b", "loss"),
-    ]
-    assert [(e["branch"], e["kind"]) for e in explained["replayed"]["late_writes"]] == [("b", "arrival")]
+    [explained] = explain_row(audit_engine, run_id, "k0").replays
+    assert explained.agrees
+    assert [(e.branch, e.kind) for e in explained.replayed.events] == [("a", "arrival"), ("b", "loss")]
+    assert [(e.branch, e.kind) for e in explained.replayed.late_writes] == [("b", "arrival")]
 
 
 def test_a_write_committed_before_the_loss_is_the_branchs_arrival(audit_engine: Engine) -> None:
@@ -601,9 +598,9 @@ def test_a_0_1_decision_taken_at_a_loss_then_contradicted_by_a_late_write_verifi
     assert_verified(audit_engine, run_id)
     from airflow_elspeth.audit.read.lineage import explain_row
 
-    [explained] = explain_row(audit_engine, run_id, "k0")["replays"]
-    assert explained["agrees"]
-    assert [(e["branch"], e["kind"]) for e in explained["replayed"]["late_writes"]] == [("b", "arrival")]
+    [explained] = explain_row(audit_engine, run_id, "k0").replays
+    assert explained.agrees
+    assert [(e.branch, e.kind) for e in explained.replayed.late_writes] == [("b", "arrival")]
 
 
 def test_a_0_1_decision_that_counted_a_write_after_a_loss_verifies_as_it_was_made(

@@ -157,7 +157,7 @@ def test_on_collision(on_collision: str, waiting: str, audit_url: str, run_dag: 
                 b: ("row_failed", "field_collision") for b in "ab"
             }
         # explain and the row page: the replay from the stored outputs agrees, and says why.
-        assert [r["agrees"] for r in explain_row(engine, view.run_id, EVEN[0])["replays"]] == [True]
+        assert [r.agrees for r in explain_row(engine, view.run_id, EVEN[0]).replays] == [True]
         audit_run = pick_audit_run(audit_runs(engine, dag_run.dag_id, dag_run.run_id))
         (decision,) = row_view(engine, audit_run, EVEN[0]).decisions
         assert decision.collision_rule == "the row fails (field_collision)"

@@ -5,9 +5,10 @@ its stored event log (through :mod:`airflow_elspeth.audit.read.verify`). Nothing
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -18,9 +19,19 @@ from airflow_elspeth.audit.model import CoalesceSpec, RunInfo
 from airflow_elspeth.audit.read.records import (
     AuditRunView,
     DecisionRecord,
+    ExplainedReplay,
+    Explanation,
+    LogEvent,
+    NodeStateRecord,
+    OutcomeRecord,
+    ReplayedDecision,
     RowDecision,
+    RowLineage,
     RowView,
+    StoredRow,
     SupersededDecision,
+    TokenRecord,
+    from_columns,
 )
 from airflow_elspeth.audit.read.runs import coalesce_spec, run_info
 from airflow_elspeth.audit.read.verify import COMPARED, Replay, replay_row
@@ -28,15 +39,21 @@ from airflow_elspeth.core.config import CoalesceConfig
 from airflow_elspeth.core.policy import BranchEvent, EventKind
 from airflow_elspeth.core.vocabulary import (
     NOT_ARRIVED,
+    SKIP_LABEL,
+    SKIPPED_DECIDED,
     DecisionStatus,
     FailureReason,
     NodeType,
     ReasonKind,
     TokenKind,
+    TokenOutcome,
+    answered_since,
     collision_rule_text,
     failure_reason_text,
     is_resolution,
+    is_task_loss,
     missing_reason_text,
+    outcome_label,
     policy_text,
     reason_kind,
     resolution_task_state,
@@ -48,14 +65,20 @@ from airflow_elspeth.exceptions import NotFound
 LATE_WRITE = "late_write"
 
 
-def row_lineage(engine: Engine, run_id: str, row_key: str) -> dict[str, Any]:
-    """One row: its source payload, every token and node state, outcomes and decisions.
+def row_lineage(engine: Engine, run_id: str, row_key: str) -> RowLineage:
+    """One row: its source payload, every token with its parents, node states and outcomes, and its
+    decisions.
 
     ``decisions`` are the current ones; ``superseded_decisions`` the resolutions a later coalesce
     try replaced. A token's ``outcomes`` are its terminal one and any superseded ones.
 
     :raises NotFound: no such row in the run.
     """
+    return _read_lineage(engine, run_id, row_key)[0]
+
+
+def _read_lineage(engine: Engine, run_id: str, row_key: str) -> tuple[RowLineage, list[dict[str, Any]]]:
+    """:func:`row_lineage`, and its decisions as stored (what a replay reads)."""
     with engine.connect() as conn:
         row = (
             conn.execute(select(t.rows).where(t.rows.c.run_id == run_id, t.rows.c.row_key == row_key))
@@ -69,8 +92,8 @@ def row_lineage(engine: Engine, run_id: str, row_key: str) -> dict[str, Any]:
             select(t.payloads.c.body).where(t.payloads.c.hash == row["payload_ref"])
         ).scalar()
         tokens = [
-            dict(x)
-            for x in conn.execute(
+            dict(tok)
+            for tok in conn.execute(
                 select(t.tokens).where(t.tokens.c.run_id == run_id, t.tokens.c.row_id == row_id)
             ).mappings()
         ]
@@ -81,18 +104,25 @@ def row_lineage(engine: Engine, run_id: str, row_key: str) -> dict[str, Any]:
             .where(t.node_states.c.token_id.in_(token_ids))
             .order_by(t.node_states.c.started_at)
         ).mappings():
-            states[state["token_id"]].append(dict(state))
+            states[state["token_id"]].append(from_columns(NodeStateRecord, state))
         outcomes = defaultdict(list)
         to = t.token_outcomes.c
         for outcome in conn.execute(
             select(t.token_outcomes)
             # Terminal outcomes, and those a later coalesce try superseded (no longer terminal: each
-            # dict says which by ``is_terminal`` / ``superseded_at``).
+            # says which by ``is_terminal`` / ``superseded_at``).
             .where(to.token_id.in_(token_ids), or_(to.is_terminal, to.superseded_at.is_not(None)))
             .order_by(to.recorded_at)
         ).mappings():
-            outcomes[outcome["token_id"]].append(dict(outcome))
-        decisions = [
+            outcomes[outcome["token_id"]].append(from_columns(OutcomeRecord, outcome))
+        tp = t.token_parents.c
+        # The one stored link: a nested fork's source token -> the upstream merged token.
+        stored_parents = defaultdict(list)
+        for token_id, parent in conn.execute(
+            select(tp.token_id, tp.parent_token_id).where(tp.token_id.in_(token_ids)).order_by(tp.ordinal)
+        ):
+            stored_parents[token_id].append(parent)
+        stored = [
             dict(d)
             for d in conn.execute(
                 select(t.coalesce_decisions).where(
@@ -102,32 +132,96 @@ def row_lineage(engine: Engine, run_id: str, row_key: str) -> dict[str, Any]:
         ]
         sd = t.superseded_decisions.c
         superseded = [
-            dict(d)
+            SupersededDecision.from_row(d)
             for d in conn.execute(
                 select(t.superseded_decisions)
                 .where(sd.run_id == run_id, sd.row_id == row_id)
                 .order_by(sd.node_id, sd.superseded_at)
             ).mappings()
         ]
-        output_refs = {s["output_ref"] for ss in states.values() for s in ss if s["output_ref"]}
+        output_refs = {s.output_ref for ss in states.values() for s in ss if s.output_ref}
         outputs = {
             h: json.loads(b)
             for h, b in conn.execute(
                 select(t.payloads.c.hash, t.payloads.c.body).where(t.payloads.c.hash.in_(output_refs))
             )
         }
-    return {
-        "row": dict(row),
-        "source": json.loads(source) if source else None,
-        "tokens": [
-            {**tok, "states": states[tok["token_id"]], "outcomes": outcomes[tok["token_id"]]}
-            for tok in tokens
+    decisions = [DecisionRecord.from_row(d) for d in stored]
+    parents = _parents(tokens, decisions, stored_parents)
+    records = [
+        from_columns(
+            TokenRecord,
+            tok,
+            parents=parents[tok["token_id"]],
+            states=states[tok["token_id"]],
+            outcomes=outcomes[tok["token_id"]],
+        )
+        for tok in tokens
+    ]
+    lineage = RowLineage(
+        row=from_columns(StoredRow, row),
+        source=json.loads(source) if source else None,
+        tokens=records,
+        outputs=outputs,
+        decisions=[
+            dataclasses.replace(d, missing_since=_since_decision(records, d.missing)) for d in decisions
         ],
-        "outputs": outputs,
-        "decisions": decisions,
-        # Resolutions a later try of their coalesce replaced: history, never a decision.
-        "superseded_decisions": superseded,
+        superseded_decisions=superseded,
+    )
+    return lineage, stored
+
+
+def _parents(
+    tokens: Sequence[Mapping[str, Any]],
+    decisions: Sequence[DecisionRecord],
+    stored: Mapping[str, list[str]],
+) -> dict[str, list[str]]:
+    """Token -> its parents: a branch token's is its row's source token, a merged token's the branch
+    tokens of its decision's ``consumed`` (in that order), a source token's the stored link of a
+    nested fork (docs/ARCHITECTURE.md, ``token_parents``)."""
+    source = [tok["token_id"] for tok in tokens if tok["token_kind"] == TokenKind.SOURCE]
+    branch_token = {
+        tok["branch_name"]: tok["token_id"] for tok in tokens if tok["token_kind"] == TokenKind.BRANCH
     }
+    consumed = {d.merged_token_id: d.consumed for d in decisions if d.merged_token_id}
+    parents: dict[str, list[str]] = {}
+    for tok in tokens:
+        token_id, kind = tok["token_id"], tok["token_kind"]
+        if kind == TokenKind.BRANCH:
+            parents[token_id] = source
+        elif kind == TokenKind.MERGED:
+            parents[token_id] = [branch_token[b] for b in consumed.get(token_id, []) if b in branch_token]
+        else:
+            parents[token_id] = stored.get(token_id, [])
+    return parents
+
+
+def _since_decision(tokens: Sequence[TokenRecord], missing: Mapping[str, str]) -> dict[str, str]:
+    """Branch -> what it did after the decision saw it ``missing``, where that replaces the reason
+    the decision recorded (:func:`~airflow_elspeth.core.vocabulary.answered_since`): its token's
+    late or skipped outcome, which replaced the decision's ``not_arrived`` or task-loss outcome."""
+    found = {}
+    for token in tokens:
+        branch = token.branch_name
+        if token.token_kind != TokenKind.BRANCH or branch is None or branch not in missing:
+            continue
+        replaced = any(
+            not x.is_terminal
+            and (
+                x.outcome == TokenOutcome.NOT_ARRIVED
+                or (x.outcome == TokenOutcome.LOST and is_task_loss(str(x.reason)))
+            )
+            for x in token.outcomes
+        )
+        for o in token.terminal:
+            after = str(o.reason)
+            if (
+                replaced
+                and o.outcome in (TokenOutcome.LATE, TokenOutcome.SKIPPED)
+                and answered_since(missing[branch], arrived=after != SKIPPED_DECIDED)
+            ):
+                found[branch] = after
+    return found
 
 
 def explain_decision(decision: DecisionRecord, config: CoalesceConfig, deadline: datetime | None) -> str:
@@ -203,7 +297,7 @@ def _timeline(replayed: Replay, recorded: DecisionRecord) -> list[dict[str, Any]
     deadline = replayed.deadline
     consumed = set(recorded.consumed)
     entries = [
-        (e.at, 0, i, {"type": "event", **_event_dict(e, deadline, recorded.decided_at, consumed)})
+        (e.at, 0, i, {"type": "event", **_event_dict(e, deadline, recorded, consumed)})
         for i, e in enumerate(replayed.events)
     ]
     entries += [
@@ -227,18 +321,38 @@ def _timeline(replayed: Replay, recorded: DecisionRecord) -> list[dict[str, Any]
     return [entry for *_, entry in sorted(entries, key=lambda x: (x[0], x[1], x[2]))]
 
 
+def _is_skip(event: BranchEvent, recorded: DecisionRecord) -> bool:
+    """Whether a log event is the end of a branch task that skipped the decided row (it delivered
+    nothing, so its end reads as a loss in the log): the skip, shown as the skip."""
+    return (
+        event.kind is EventKind.LOSS
+        and recorded.missing_since.get(event.branch) == SKIPPED_DECIDED
+        and is_task_loss(str(event.reason))
+    )
+
+
+def _label(event: BranchEvent, recorded: DecisionRecord) -> str:
+    """An event's one label (:func:`~airflow_elspeth.core.vocabulary.outcome_label`)."""
+    return SKIP_LABEL if _is_skip(event, recorded) else outcome_label(event.kind.value, event.reason)
+
+
 def _event_dict(
-    event: BranchEvent, deadline: datetime, decided_at: datetime, consumed: set[str]
+    event: BranchEvent, deadline: datetime, recorded: DecisionRecord, consumed: set[str]
 ) -> dict[str, Any]:
     if event.kind is EventKind.ARRIVAL:
-        note = "consumed" if event.branch in consumed else ("late" if event.at > decided_at else "arrived")
+        note = (
+            "consumed"
+            if event.branch in consumed
+            else ("late" if event.at > recorded.decided_at else "arrived")
+        )
     else:
-        note = "lost"
+        note = TokenOutcome.SKIPPED.value if _is_skip(event, recorded) else "lost"
     return {
         "branch": event.branch,
         "at": event.at,
         "kind": event.kind.value,
         "reason": event.reason,
+        "label": _label(event, recorded),
         "after_deadline": event.at > deadline,
         "note": note,
     }
@@ -251,18 +365,19 @@ def _late_write_dict(event: BranchEvent, deadline: datetime) -> dict[str, Any]:
         "at": event.at,
         "kind": LATE_WRITE,
         "reason": event.reason,
+        "label": outcome_label(event.kind.value, event.reason),
         "after_deadline": event.at > deadline,
         "note": "late",
     }
 
 
-def _error_of(state: Mapping[str, Any]) -> dict[str, Any] | None:
-    if not state.get("error_json"):
+def _error_of(error_json: str | None) -> dict[str, Any] | None:
+    if not error_json:
         return None
     try:
-        error = json.loads(state["error_json"])
+        error = json.loads(error_json)
     except ValueError:
-        return {"type": "?", "message": state["error_json"]}
+        return {"type": "?", "message": error_json}
     return error if isinstance(error, dict) else {"type": "?", "message": str(error)}
 
 
@@ -282,7 +397,7 @@ def row_view(engine: Engine, audit_run: AuditRunView, row_key: str) -> RowView:
     order (timing, errors, outputs), the terminal outcome of each token, every coalesce decision with
     its explanation and a replay of its event log, and the merged output."""
     run_id = audit_run.audit_run_id
-    lineage = row_lineage(engine, run_id, row_key)
+    lineage, stored = _read_lineage(engine, run_id, row_key)
     run = run_info(engine, run_id)
     n = t.nodes.c
     with engine.connect() as conn:
@@ -299,64 +414,55 @@ def row_view(engine: Engine, audit_run: AuditRunView, row_key: str) -> RowView:
         for node_id, node_type, _, config_json in node_rows
         if node_type == NodeType.COALESCE
     }
-    outputs = lineage["outputs"]
-    tokens = lineage["tokens"]
-    source = next((tok for tok in tokens if tok["token_kind"] == TokenKind.SOURCE), None)
+    tokens = lineage.tokens
+    source = next((tok for tok in tokens if tok.token_kind == TokenKind.SOURCE), None)
     branches = []
     for branch in audit_run.branches:
         token = next(
-            (tok for tok in tokens if tok["token_kind"] == TokenKind.BRANCH and tok["branch_name"] == branch),
+            (tok for tok in tokens if tok.token_kind == TokenKind.BRANCH and tok.branch_name == branch),
             None,
         )
         if token is None:
             continue
         order = _chain(steps, branch)
         states = sorted(
-            token["states"],
-            key=lambda s: (order.index(s["node_id"]) if s["node_id"] in order else len(order), s["attempt"]),
+            token.states,
+            key=lambda s: (order.index(s.node_id) if s.node_id in order else len(order), s.attempt),
         )
-        terminal = next((o for o in token["outcomes"] if o["is_terminal"]), None)
+        terminal = next(iter(token.terminal), None)
         branches.append(
             {
                 "branch": branch,
-                "token_id": token["token_id"],
+                "token_id": token.token_id,
                 "steps": order,
                 "states": [
                     {
-                        "node_id": s["node_id"],
-                        "attempt": s["attempt"],
-                        "status": s["status"],
-                        "started_at": s["started_at"],
-                        "completed_at": s["completed_at"],
-                        "recorded_at": s.get("recorded_at"),
-                        "duration_ms": s["duration_ms"],
-                        "error": _error_of(s),
-                        "context": json.loads(s["context_json"]) if s.get("context_json") else None,
-                        "output": outputs.get(s["output_ref"]) if s["output_ref"] else None,
-                        "output_ref": s["output_ref"],
+                        "node_id": s.node_id,
+                        "attempt": s.attempt,
+                        "status": s.status,
+                        "started_at": s.started_at,
+                        "completed_at": s.completed_at,
+                        "recorded_at": s.recorded_at,
+                        "duration_ms": s.duration_ms,
+                        "error": _error_of(s.error_json),
+                        "context": json.loads(s.context_json) if s.context_json else None,
+                        "output": lineage.output_of(s),
+                        "output_ref": s.output_ref,
                     }
                     for s in states
                 ],
-                "missing_steps": [step for step in order if step not in {s["node_id"] for s in states}],
-                "outcome": terminal["outcome"] if terminal else None,
-                "outcome_reason": terminal["reason"] if terminal else None,
-                "outcomes": token["outcomes"],
+                "missing_steps": [step for step in order if step not in {s.node_id for s in states}],
+                "outcome": terminal.outcome if terminal else None,
+                "outcome_reason": terminal.reason if terminal else None,
+                "outcomes": token.outcomes,
                 # Outcomes of a resolution a later coalesce try replaced: shown, never terminal.
-                "superseded_outcomes": [
-                    o
-                    for o in token["outcomes"]
-                    if not o["is_terminal"] and o.get("superseded_at") is not None
-                ],
+                "superseded_outcomes": token.superseded,
             }
         )
     decisions = []
-    for d in lineage["decisions"]:
-        record = DecisionRecord.from_row(d)
-        merged = next((tok for tok in tokens if tok["token_id"] == record.merged_token_id), None)
-        merged_state = merged["states"][0] if merged and merged["states"] else None
-        merged_output = (
-            outputs.get(merged_state["output_ref"]) if merged_state and merged_state["output_ref"] else None
-        )
+    for record, d in zip(lineage.decisions, stored, strict=True):
+        merged = next((tok for tok in tokens if tok.token_id == record.merged_token_id), None)
+        merged_output = lineage.output_of(merged.states[0]) if merged and merged.states else None
         config_data = coalesce_configs.get(record.coalesce)
         if config_data is None:
             decisions.append(RowDecision.extending(record, merged_output=merged_output))
@@ -376,25 +482,24 @@ def row_view(engine: Engine, audit_run: AuditRunView, row_key: str) -> RowView:
             )
         )
     decisions.sort(key=lambda d: d.coalesce)
-    superseded = [SupersededDecision.from_row(d) for d in lineage.get("superseded_decisions", [])]
     return RowView(
         audit_run_id=run_id,
-        row_key=lineage["row"]["row_key"],
-        row_index=lineage["row"]["row_index"],
-        chunk=lineage["row"]["chunk"],
-        source=lineage["source"],
-        source_hash=lineage["row"]["source_hash"],
+        row_key=lineage.row.row_key,
+        row_index=lineage.row.row_index,
+        chunk=lineage.row.chunk,
+        source=lineage.source,
+        source_hash=lineage.row.source_hash,
         fork={
             "task_id": audit_run.fork_task_id,
-            "token_id": source["token_id"] if source else None,
-            "fork_group_id": source["fork_group_id"] if source else None,
-            "created_at": source["created_at"] if source else None,
+            "token_id": source.token_id if source else None,
+            "fork_group_id": source.fork_group_id if source else None,
+            "created_at": source.created_at if source else None,
             "branches": audit_run.branches,
         },
         fork_completed_at=audit_run.completed_at,
         branches=branches,
         decisions=decisions,
-        superseded_decisions=superseded,
+        superseded_decisions=lineage.superseded_decisions,
     )
 
 
@@ -428,7 +533,7 @@ def _replay_view(
             "differences": {},
             "replayed": got,
             "deadline": deadline,
-            "events": [_event_dict(e, deadline, recorded.decided_at, set()) for e in log],
+            "events": [_event_dict(e, deadline, recorded, set()) for e in log],
             "late_writes": late,
             "timeline": _timeline(replayed, recorded),
         }
@@ -439,46 +544,42 @@ def _replay_view(
         "differences": replayed.differences,
         "replayed": got,
         "deadline": deadline,
-        "events": [_event_dict(e, deadline, recorded.decided_at, set(recorded.consumed)) for e in log],
+        "events": [_event_dict(e, deadline, recorded, set(recorded.consumed)) for e in log],
         "late_writes": late,
         "timeline": _timeline(replayed, recorded),
     }
 
 
-def _explained_replay(replayed: Replay) -> dict[str, Any]:
+def _explained_replay(replayed: Replay, recorded: DecisionRecord) -> ExplainedReplay:
     """``explain``'s replay of one decision: the replayed decision and the whole stored log."""
-    shown = {
-        **replayed.replayed_fields,
-        "events": [
-            {"branch": e.branch, "at": e.at, "kind": e.kind.value, "reason": e.reason}
-            for e in replayed.events
-        ],
-        "late_writes": [
-            {"branch": e.branch, "at": e.at, "kind": e.kind.value, "reason": e.reason}
-            for e in replayed.late_writes
-        ],
-    }
-    if replayed.resolution:
-        return {
-            "coalesce": replayed.coalesce,
-            "resolution": True,
-            "task_state": replayed.task_state,
-            "replayed": shown,
-            "undecidable_then": replayed.undecidable_then,
-            "agrees": replayed.agrees,
-        }
-    return {"coalesce": replayed.coalesce, "resolution": False, "replayed": shown, "agrees": replayed.agrees}
+    return ExplainedReplay(
+        coalesce=replayed.coalesce,
+        resolution=replayed.resolution,
+        task_state=replayed.task_state if replayed.resolution else None,
+        replayed=ReplayedDecision(
+            **replayed.replayed_fields,
+            events=[_log_event(e, _label(e, recorded)) for e in replayed.events],
+            late_writes=[_log_event(e, outcome_label(e.kind.value, e.reason)) for e in replayed.late_writes],
+        ),
+        undecidable_then=replayed.undecidable_then if replayed.resolution else None,
+        agrees=replayed.agrees,
+    )
 
 
-def explain_row(engine: Engine, run_id: str, row_key: str) -> dict[str, Any]:
+def _log_event(event: BranchEvent, label: str) -> LogEvent:
+    return LogEvent(branch=event.branch, at=event.at, kind=event.kind.value, reason=event.reason, label=label)
+
+
+def explain_row(engine: Engine, run_id: str, row_key: str) -> Explanation:
     """The row's lineage plus, per coalesce decision, its replay (``replays``, in the same order).
 
     :raises NotFound: no such row (or run).
     """
-    lineage = row_lineage(engine, run_id, row_key)
+    lineage, stored = _read_lineage(engine, run_id, row_key)
     run = run_info(engine, run_id)
     replays = [
-        _explained_replay(replay_row(engine, coalesce_spec(engine, run_id, d["node_id"]), run, d))
-        for d in lineage["decisions"]
+        _explained_replay(replay_row(engine, coalesce_spec(engine, run_id, d["node_id"]), run, d), record)
+        for record, d in zip(lineage.decisions, stored, strict=True)
     ]
-    return {**lineage, "replays": replays}
+    fields = {f.name: getattr(lineage, f.name) for f in dataclasses.fields(RowLineage)}
+    return Explanation(**fields, replays=replays)

@@ -9,12 +9,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self, TypeVar
 
 from sqlalchemy import RowMapping
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+Record = TypeVar("Record", bound="DataclassInstance")
 
 
 def to_json(value: Any) -> Any:
@@ -183,8 +188,104 @@ class CoalesceOutcome:
 
 
 @dataclass(frozen=True)
+class ShownField:
+    """One shown field of a decision record: its label and its text as phrases, which an outlet
+    joins with ``sep`` and breaks into lines only between two of them."""
+
+    name: str
+    label: str
+    entries: list[str]
+    sep: str
+
+    @property
+    def text(self) -> str:
+        return self.sep.join(self.entries)
+
+
+# Field metadata key: how the row page and ``explain`` show a field of a decision record.
+SHOWN = "shown"
+
+
+@dataclass(frozen=True)
+class _Shown:
+    label: str
+    # The record -> the field's phrases; an empty list leaves the field out.
+    entries: Callable[[Any], list[str]] | None
+    sep: str
+
+
+def shown(
+    label: str, entries: Callable[[Any], list[str]] | None = None, *, sep: str = ", "
+) -> dict[str, Any]:
+    """Field metadata: the field is a line of the decision record on the row page and in
+    ``explain`` (:meth:`DecisionRecord.shown_fields`), in declaration order.
+
+    :param label: what both call it.
+    :param entries: the record -> the field's phrases; by default the value's own
+        (:func:`shown_entries`).
+    :param sep: what joins the phrases.
+    """
+    return {SHOWN: _Shown(label, entries, sep)}
+
+
+def shown_entries(value: Any) -> list[str]:
+    """A field's value as phrases: nothing for None or an empty collection, a list's items, a
+    mapping's ``key: value`` pairs, else the value's text."""
+    if value is None:
+        return []
+    if isinstance(value, Mapping):
+        return [f"{key}: {item}" for key, item in value.items()]
+    if isinstance(value, list | tuple):
+        return [str(item) for item in value]
+    return [str(value)]
+
+
+def _consumed_entries(record: DecisionRecord) -> list[str]:
+    return record.consumed or ["-"]
+
+
+def _arrival_entries(record: DecisionRecord) -> list[str]:
+    """``gpt +0 ms``, ``claude +437 ms``, ..., ``decided 5563 ms after the first``: the arrival
+    record (nothing for a decision without arrivals, or written before it was recorded)."""
+    order = record.arrival_order
+    if not order:
+        return []
+    entries = [f"{a['branch']} +{a['offset_ms']} ms" for a in order]
+    wait = record.wait_from_first_arrival_ms
+    return [*entries, f"decided {wait} ms after the first"] if wait is not None else entries
+
+
+def _missing_entries(record: DecisionRecord) -> list[str]:
+    """``branch: reason``, with what the branch did since where that replaces the reason
+    (``gemini: not_arrived, then skipped_decided``)."""
+    since = record.missing_since
+    return [f"{b}: {r}" + (f", then {since[b]}" if b in since else "") for b, r in record.missing.items()]
+
+
+def _details_entries(record: DecisionRecord) -> list[str]:
+    """The details as one JSON object, key by key (the arrival order is the arrived line)."""
+    details = {k: v for k, v in record.details.items() if k != "arrival_order"}
+    if not details:
+        return []
+    entries = [f"{json.dumps(k)}: {json.dumps(v, sort_keys=True)}" for k, v in sorted(details.items())]
+    entries[0] = "{" + entries[0]
+    entries[-1] += "}"  # the same entry when there is one
+    return [e + "," for e in entries[:-1]] + entries[-1:]
+
+
+def _collision_entries(record: DecisionRecord) -> list[str]:
+    """``field ← branch, branch`` per field several merged branches supplied."""
+    return [f"{name} ← {', '.join(branches)}" for name, branches in sorted((record.collisions or {}).items())]
+
+
+@dataclass(frozen=True)
 class DecisionRecord:
-    """One stored decision, its JSON columns read (:meth:`from_row`)."""
+    """One stored decision, its JSON columns read (:meth:`from_row`).
+
+    A field with :func:`shown` metadata is a line of the record wherever a person reads it (the
+    row page and ``explain`` iterate :meth:`shown_fields`), so a new shown field needs nothing
+    there.
+    """
 
     coalesce: str
     row_key: str
@@ -193,18 +294,25 @@ class DecisionRecord:
     failure_reason: str | None
     policy: str
     merge_strategy: str
-    consumed: list[str]
-    # The branches that arrived before the decision: a merge's consumed, a failure's ``arrived``.
-    arrived: list[str]
-    missing: dict[str, str]
+    consumed: list[str] = field(metadata=shown("consumed", _consumed_entries))
+    # The branches that arrived before the decision: a merge's consumed, a failure's ``arrived``;
+    # shown as the arrival record (each one's offset from the first, the wait from the first).
+    arrived: list[str] = field(metadata=shown("arrived", _arrival_entries, sep="; "))
+    missing: dict[str, str] = field(metadata=shown("missing", _missing_entries, sep="; "))
     late: list[str]
-    details: dict[str, Any]
-    collisions: dict[str, list[str]] | None
+    details: dict[str, Any] = field(metadata=shown("details", _details_entries, sep=" "))
+    collisions: dict[str, list[str]] | None = field(
+        metadata=shown("field collisions", _collision_entries, sep="; ")
+    )
     decided_at: datetime
     recorded_at: datetime
     wait_ms: int
     wait_from_first_arrival_ms: int | None
     merged_token_id: str | None
+    # Branch -> what it did since the decision where that replaces the decision's missing reason
+    # (a late answer or a skip of a branch seen ``not_arrived``, ...): the row page and ``explain``
+    # fill it from the row's tokens (:func:`~airflow_elspeth.core.vocabulary.answered_since`).
+    missing_since: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def from_row(
@@ -244,6 +352,18 @@ class DecisionRecord:
         stored = {f.name: getattr(record, f.name) for f in dataclasses.fields(DecisionRecord)}
         return cls(**stored, **extra)
 
+    def shown_fields(self) -> list[ShownField]:
+        """The fields a person reads, in declaration order, each as phrases (an empty one left out)."""
+        found = []
+        for f in dataclasses.fields(self):
+            how: _Shown | None = f.metadata.get(SHOWN)
+            if how is None:
+                continue
+            entries = how.entries(self) if how.entries else shown_entries(getattr(self, f.name))
+            if entries:
+                found.append(ShownField(f.name, how.label, entries, how.sep))
+        return found
+
     @property
     def arrival_order(self) -> list[dict[str, Any]]:
         """The arrivals up to the decision, each ``{branch, offset_ms}`` from the first (empty for
@@ -259,7 +379,13 @@ class RowDecision(DecisionRecord):
 
     merged_output: Any = None
     policy_text: str | None = None
-    collision_rule: str | None = None
+    # What the union did with the collided fields, shown beside them.
+    collision_rule: str | None = field(
+        default=None,
+        metadata=shown(
+            "collision rule", lambda d: [d.collision_rule] if d.collisions and d.collision_rule else []
+        ),
+    )
     deadline: datetime | None = None
     explanation: str | None = None
     replay: dict[str, Any] | None = None
@@ -338,3 +464,161 @@ class DecisionPage:
     limit: int
     offset: int
     rows: list[DecisionRecord] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------------------------------
+# One row's lineage, as ``explain`` shows it (``--json`` is :func:`to_json` of an Explanation): the
+# stored rows of the row, its tokens, their node states and outcomes, under their column names.
+
+
+def from_columns(cls: type[Record], row: RowMapping | Mapping[str, Any], **extra: Any) -> Record:
+    """A record of ``cls`` from the stored row's columns of its fields' names (and ``extra``)."""
+    return cls(**{f.name: row[f.name] for f in dataclasses.fields(cls) if f.name not in extra}, **extra)
+
+
+@dataclass(frozen=True)
+class StoredRow:
+    """A ``rows`` row: one source row of an audit run."""
+
+    run_id: str
+    row_id: str
+    row_key: str
+    row_index: int
+    chunk: int
+    source_hash: str
+    payload_ref: str
+
+
+@dataclass(frozen=True)
+class NodeStateRecord:
+    """A ``node_states`` row: one token's work at one node (step or coalesce), one attempt."""
+
+    state_id: str
+    token_id: str
+    run_id: str
+    node_id: str
+    attempt: int
+    status: str
+    input_hash: str | None
+    output_hash: str | None
+    output_ref: str | None
+    error_json: str | None
+    context_json: str | None
+    started_at: datetime
+    completed_at: datetime | None
+    duration_ms: int | None
+    recorded_at: datetime
+    row_id: str
+    chunk: int
+
+
+@dataclass(frozen=True)
+class OutcomeRecord:
+    """A ``token_outcomes`` row: a token's terminal outcome, or one a later coalesce try superseded
+    (``is_terminal`` false, ``superseded_at`` set)."""
+
+    outcome_id: int
+    token_id: str
+    run_id: str
+    outcome: str
+    is_terminal: bool
+    reason: str | None
+    error_hash: str | None
+    join_group_id: str | None
+    recorded_at: datetime
+    superseded_at: datetime | None
+
+
+@dataclass(frozen=True)
+class TokenRecord:
+    """A ``tokens`` row with its parents (derived as docs/ARCHITECTURE.md says, or the one stored
+    link of a nested fork), its node states by start and its outcomes by record time."""
+
+    token_id: str
+    run_id: str
+    row_id: str
+    token_kind: str
+    branch_name: str | None
+    fork_group_id: str | None
+    join_group_id: str | None
+    chunk: int
+    created_at: datetime
+    parents: list[str]
+    states: list[NodeStateRecord]
+    outcomes: list[OutcomeRecord]
+
+    @property
+    def terminal(self) -> list[OutcomeRecord]:
+        return [o for o in self.outcomes if o.is_terminal]
+
+    @property
+    def superseded(self) -> list[OutcomeRecord]:
+        """Outcomes of a resolution a later coalesce try replaced: shown, never terminal."""
+        return [o for o in self.outcomes if not o.is_terminal and o.superseded_at is not None]
+
+
+@dataclass(frozen=True)
+class RowLineage:
+    """One row: its stored row and source payload, every token with its node states and outcomes,
+    the outputs they reference (payload hash -> body), its coalesce decisions (each with what its
+    missing branches did since) and the resolutions a later coalesce try replaced."""
+
+    row: StoredRow
+    source: Any
+    tokens: list[TokenRecord]
+    outputs: dict[str, Any]
+    decisions: list[DecisionRecord]
+    # Resolutions a later try of their coalesce replaced: history, never a decision.
+    superseded_decisions: list[SupersededDecision]
+
+    def output_of(self, state: NodeStateRecord) -> Any:
+        """What a node state output (None for a state without output)."""
+        return self.outputs.get(state.output_ref) if state.output_ref else None
+
+
+@dataclass(frozen=True)
+class LogEvent:
+    """An event of a row's stored log (or a late write beside it), with the label a person reads:
+    ``arrival``, ``loss (error:X)``; a branch task's end after a skip of the decided row is the
+    skip, labelled as the skip (``skipped (skipped_decided)``)."""
+
+    branch: str
+    at: datetime
+    kind: str
+    reason: str | None
+    label: str
+
+
+@dataclass(frozen=True)
+class ReplayedDecision:
+    """A decision replayed from its row's stored log (the fields ``verify`` compares), with that
+    log and the late writes beside it."""
+
+    decision: str
+    decided_at: datetime | None
+    consumed: list[str]
+    failure_reason: str | None
+    arrival_order: list[dict[str, Any]]
+    wait_from_first_arrival_ms: int | None
+    events: list[LogEvent]
+    late_writes: list[LogEvent]
+
+
+@dataclass(frozen=True)
+class ExplainedReplay:
+    """One decision of the row replayed; a resolution (the coalesce task ended first) is judged by
+    ``undecidable_then`` (its log up to it left the row pending), with its ``task_state``."""
+
+    coalesce: str
+    resolution: bool
+    task_state: str | None
+    replayed: ReplayedDecision
+    undecidable_then: bool | None
+    agrees: bool
+
+
+@dataclass(frozen=True)
+class Explanation(RowLineage):
+    """``explain``: the row's lineage and each decision replayed (``replays``, in decision order)."""
+
+    replays: list[ExplainedReplay]
