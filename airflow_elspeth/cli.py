@@ -592,7 +592,7 @@ def print_explanation(run: dict[str, Any], explained: Explanation) -> None:
         # The record's shown fields, each ``  label:  phrases`` with its phrases wrapped under it.
         for shown in decision.shown_fields():
             text = _fit(shown.entries, indent=" " * 12, sep=shown.sep)
-            console.print(escape(text.replace(" " * 12, f"  {shown.label + ':':<10}", 1)))
+            console.print(escape(text.replace(" " * 12, f"  {shown.label + ':':<9} ", 1)))
         console.print("  event log, replayed:")
         found = replayed.replayed
         late = [(e, True) for e in found.late_writes]

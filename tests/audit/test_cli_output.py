@@ -8,24 +8,28 @@ the output is fixed. ``ELSPETH_UPDATE_GOLDEN=1`` rewrites the golden files.
 
 from __future__ import annotations
 
+import html
 import json
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
 import pytest
 from click.testing import CliRunner, Result
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine, insert, text
 
 from airflow_elspeth import cli
-from airflow_elspeth.audit import dml
+from airflow_elspeth.audit import dml, schema
 from airflow_elspeth.audit.coalesce import coalesce_pass
 from airflow_elspeth.audit.engine import engine_for_url
 from airflow_elspeth.audit.model import CoalesceSpec
 from airflow_elspeth.audit.read.decisions import coalesce_summary, failure_message
 from airflow_elspeth.audit.read.errors import error_groups
+from airflow_elspeth.audit.read.lineage import explain_row
+from airflow_elspeth.audit.read.records import DecisionRecord, ShownField, shown
 from airflow_elspeth.audit.read.runs import coalesce_spec
 from airflow_elspeth.audit.store import (
     AuditStore,
@@ -36,7 +40,7 @@ from airflow_elspeth.audit.store import (
 )
 from airflow_elspeth.core.canonical import derive_id, hash_value
 from airflow_elspeth.core.config import coalesce_config
-from airflow_elspeth.core.vocabulary import NodeStatus, ReasonKind, reason_kind
+from airflow_elspeth.core.vocabulary import SKIP_LABEL, NodeStatus, ReasonKind, reason_kind
 
 GOLDEN = Path(__file__).parent / "golden"
 T0 = datetime(2026, 11, 27, 5, 13, 14, tzinfo=timezone.utc)
@@ -428,3 +432,101 @@ def test_the_arrival_record_is_what_the_replay_computes(store: tuple[str, dict[s
             {"d": json.dumps(unrecorded), "r": ids["try1"], "row": row.row_id},
         )
     assert verify_findings() == []
+
+
+def row_page(url: str, run_id: str, key: str) -> str:
+    """The row page of ``key`` in audit run ``run_id``, rendered by the UI's own templates, as text
+    (HTML entities read)."""
+    from starlette.requests import Request
+
+    from airflow_elspeth.audit.read.lineage import row_view
+    from airflow_elspeth.audit.read.runs import audit_runs
+    from airflow_elspeth.plugins import app, chart
+
+    engine = engine_for_url(url)
+    selected = next(r for r in audit_runs(engine, DAG, RUN_1) if r.audit_run_id == run_id)
+    page = app.templates.env.get_template("row.html").render(
+        dag_id=DAG,
+        run_id=RUN_1,
+        links=app.Links(Request({"type": "http", "root_path": ""}), DAG, RUN_1),
+        selected=selected,
+        row=row_view(engine, selected, key),
+        coalesce=None,
+        colours=chart.colours(selected.branches),
+    )
+    return html.unescape(page)
+
+
+def test_a_skip_has_one_label(store: tuple[str, dict[str, str]]) -> None:
+    """The end of the branch task that skipped a decided row reads as a loss in the row's log
+    (``branch_task_success``): ``explain`` and the row page show it as the skip, in the words the
+    token's outcome and the decision's missing branches use (issue 21)."""
+    url, ids = store
+    engine = engine_for_url(url)
+    with engine.begin() as conn:  # what the coalesce pass records when the skipping task ends
+        conn.execute(
+            insert(schema.branch_task_losses).values(
+                run_id=ids["try1"],
+                node_id=STEPS["gemini"],
+                chunk=0,
+                branch_name="gemini",
+                task_state="success",
+                observed_at=FakeClock.move(1),
+            )
+        )
+    out = invoke(url, "explain", "doc-005", "--run-id", ids["try1"], width=120).output
+    assert f"gemini → {SKIP_LABEL}" in out  # the token's outcome
+    assert "gemini: not_arrived, then skipped_decided" in out  # the decision's missing branch
+    log = out[out.index("event log, replayed:") :].splitlines()
+    assert [line.split()[1:] for line in log if "gemini" in line] == [["gemini", *SKIP_LABEL.split()]]
+    assert "branch_task_success" not in out and "replay agrees" in out
+    page = row_page(url, ids["try1"], "doc-005")
+    assert f"<td>{SKIP_LABEL}</td>" in page and "branch_task_success" not in page
+    assert '<span class="badge skipped">skipped</span>' in page
+    assert "gemini: not_arrived, then skipped_decided" in page
+
+
+def test_the_decision_record_is_laid_out_from_its_shown_fields(
+    store: tuple[str, dict[str, str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``explain`` and the row page show every shown field of the decision record, and only from
+    :meth:`DecisionRecord.shown_fields`: a new field marked :func:`shown` needs neither cli.py nor
+    row.html (docs/ARCHITECTURE.md, "What a change touches")."""
+
+    @dataclass(frozen=True)
+    class Probe(DecisionRecord):
+        probe_column: int = field(default=7, metadata=shown("probe column"))
+
+    probe = Probe.extending(DecisionRecord.from_row(_stored_decision(store, "doc-004")))
+    assert probe.shown_fields()[-1] == ShownField("probe_column", "probe column", ["7"], ", ")
+    unshown = {"coalesce", "decided_at", "wait_ms", "late", "merged_token_id", "missing_since"}
+    assert {f.name for f in probe.shown_fields()}.isdisjoint(unshown)
+
+    url, ids = store
+    listed = DecisionRecord.shown_fields
+    added = ShownField("probe_column", "probe column", ["7 ms", "then 8 ms"], "; ")
+    monkeypatch.setattr(DecisionRecord, "shown_fields", lambda self: [*listed(self), added])
+    for key in ("doc-003", "doc-004", "doc-005"):
+        out = " ".join(invoke(url, "explain", key, "--run-id", ids["try1"], width=200).output.split())
+        page = " ".join(row_page(url, ids["try1"], key).split())
+        (decision,) = explain_row(engine_for_url(url), ids["try1"], key).decisions
+        shown_now = decision.shown_fields()
+        assert shown_now[0].name == "consumed" and shown_now[-1] == added
+        for f in shown_now:
+            text_ = " ".join(f.text.split())
+            assert f"{f.label}: {text_}" in out, (key, f)
+            assert f'<dt>{f.label.capitalize()}</dt><dd class="shown-{f.name}">{text_}</dd>' in page, (key, f)
+
+
+def _stored_decision(store: tuple[str, dict[str, str]], key: str) -> dict[str, Any]:
+    url, ids = store
+    with engine_for_url(url).connect() as conn:
+        row = (
+            conn.execute(
+                text("SELECT * FROM coalesce_decisions WHERE run_id = :r AND row_key = :k"),
+                {"r": ids["try1"], "k": key},
+            )
+            .mappings()
+            .one()
+        )
+    return dict(row)
