@@ -92,8 +92,8 @@ def _read_lineage(engine: Engine, run_id: str, row_key: str) -> tuple[RowLineage
             select(t.payloads.c.body).where(t.payloads.c.hash == row["payload_ref"])
         ).scalar()
         tokens = [
-            dict(tok)
-            for tok in conn.execute(
+            dict(x)
+            for x in conn.execute(
                 select(t.tokens).where(t.tokens.c.run_id == run_id, t.tokens.c.row_id == row_id)
             ).mappings()
         ]
