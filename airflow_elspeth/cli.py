@@ -607,15 +607,15 @@ def print_explanation(run: dict[str, Any], explained: Explanation) -> None:
             name = escape(event.branch)
             console.print(f"    {_clock(event.at)}  {name:<12} {escape(event.label)}{after}")
         if replayed.resolution:
-            state = escape(str(replayed.task_state))
+            ended = escape(str(replayed.task_state))
             if replayed.undecidable_then:
                 console.print(
-                    f"  resolved when the coalesce task ended {state}: "
+                    f"  resolved when the coalesce task ended {ended}: "
                     "[green]the row was undecidable then[/] (no policy decision to replay)"
                 )
             else:
                 console.print(
-                    f"  resolved when the coalesce task ended {state}, [red]but the row was decidable "
+                    f"  resolved when the coalesce task ended {ended}, [red]but the row was decidable "
                     f"then[/]: its log up to the resolution gives {found.decision}"
                     + (f" ({found.failure_reason})" if found.failure_reason else "")
                     + f" at {_clock(found.decided_at)}"
