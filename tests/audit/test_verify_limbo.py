@@ -497,6 +497,85 @@ def test_a_resolution_of_a_decidable_row_is_flagged(audit_url: str, trail: Trail
     assert data["replays"][0]["resolution"] is True and data["replays"][0]["undecidable_then"] is False
 
 
+def test_a_decision_that_differs_from_its_replay_is_flagged(audit_url: str, trail: Trail) -> None:
+    run = trail.run(rows=2)
+    trail.coalesce(run)
+    trail.merge(run, 0)
+    trail.merge(run, 1)
+    # Row 1's stored decision says it failed, yet both branches arrived: its log merges it.
+    cd = t.coalesce_decisions.c
+    with trail.engine.begin() as conn:
+        conn.execute(
+            update(t.coalesce_decisions)
+            .where(cd.run_id == run, cd.row_id == Trail.row_id(run, 1))
+            .values(decision="failed", failure_reason="branch_lost", consumed="[]")
+        )
+    result, out = verify(audit_url, "--no-airflow-states")
+    assert result.exit_code == 1
+    assert reported(out["findings"]) == [(run, "decision_replay")]
+    finding = out["findings"][0]
+    assert list(finding) == ["run_id", "check", "count", "counted", "examples", "coalesces", "details"]
+    assert (finding["count"], finding["counted"], finding["examples"]) == (1, "rows", [Trail.key(1)])
+    assert finding["coalesces"] == {"join": 1}
+    [detail] = finding["details"]
+    assert list(detail) == ["coalesce", "row_key", "stored", "replayed"]
+    compared = [
+        "decision",
+        "decided_at",
+        "consumed",
+        "failure_reason",
+        "arrival_order",
+        "wait_from_first_arrival_ms",
+    ]
+    assert list(detail["stored"]) == list(detail["replayed"]) == compared
+    stored, replayed = detail["stored"], detail["replayed"]
+    assert (stored["decision"], stored["failure_reason"], stored["consumed"]) == ("failed", "branch_lost", [])
+    assert (replayed["decision"], replayed["failure_reason"], replayed["consumed"]) == (
+        "merged",
+        None,
+        ["a", "b"],
+    )
+    assert stored["decided_at"] == replayed["decided_at"]
+    # Trail stores no arrival record, so none is compared.
+    assert stored["arrival_order"] is None and stored["wait_from_first_arrival_ms"] is None
+
+    text = CliRunner().invoke(
+        cli.main, ["--url", audit_url, "verify", "--no-airflow-states"], env={"COLUMNS": "80"}
+    )
+    assert text.exit_code == 1
+    assert f"{Trail.key(1)} stored failed, replayed merged" in " ".join(text.output.split())
+
+
+def test_a_token_parent_that_is_no_token_is_flagged(audit_url: str, trail: Trail) -> None:
+    run = clean_run(trail, rows=1)
+    trail._insert(
+        t.token_parents, {"token_id": Trail.token(run, 0, "a"), "parent_token_id": "gone", "ordinal": 0}
+    )
+    result, out = verify(audit_url, "--no-airflow-states")
+    assert result.exit_code == 1
+    assert out["findings"] == [
+        {
+            "run_id": run,
+            "check": "orphan_parent",
+            "count": 1,
+            "counted": "token parents",
+            "examples": [Trail.token(run, 0, "a")],
+            "missing_parents": ["gone"],
+        }
+    ]
+    text = CliRunner().invoke(
+        cli.main, ["--url", audit_url, "verify", "--no-airflow-states"], env={"COLUMNS": "80"}
+    )
+    assert text.exit_code == 1 and '{"missing_parents": ["gone"]}' in text.output
+
+
+def test_a_finding_is_always_one_of_its_kinds() -> None:
+    with pytest.raises(ValueError):
+        FindingCheck("limbo")
+    with pytest.raises(TypeError, match="no kind of finding"):
+        Finding(run_id="r", count=1, examples=[])
+
+
 def test_superseded_decisions_do_not_count_as_decided(
     audit_engine: Engine, audit_url: str, trail: Trail
 ) -> None:
