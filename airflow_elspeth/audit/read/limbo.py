@@ -46,7 +46,8 @@ def limbo_findings(
     task_states: TaskStates | None = None,
     now: datetime | None = None,
 ) -> list[Finding]:
-    """Limbo in the given audit runs: one finding per (audit run, kind), with a count and examples.
+    """Limbo in the given audit runs: one finding (a :class:`~airflow_elspeth.audit.read.records.Finding`
+    of its kind) per (audit run, kind), with a count and examples.
 
     :param runs: rows of ``runs`` (mappings with at least run_id, dag_id, airflow_run_id,
         fork_task_id, try_number, status, completed_at).
