@@ -35,17 +35,23 @@ from sqlalchemy.engine import make_url
 from airflow_elspeth.audit.engine import engine_for_url
 from airflow_elspeth.audit.read.decisions import run_summaries
 from airflow_elspeth.audit.read.errors import error_groups
-from airflow_elspeth.audit.read.limbo import (
-    ROWS_UNDECIDED,
-    RUN_NOT_CLOSED,
-    TOKENS_WITHOUT_OUTCOME,
-    TaskStates,
-    tasks_to_look_up,
-)
+from airflow_elspeth.audit.read.limbo import TaskStates, tasks_to_look_up
 from airflow_elspeth.audit.read.lineage import explain_row
-from airflow_elspeth.audit.read.records import CoalesceSummary, Explanation, MissingBranch, to_json
+from airflow_elspeth.audit.read.records import (
+    CoalesceSummary,
+    DecidableResolutions,
+    DecisionsDifferFromReplay,
+    ErrorGroup,
+    Explanation,
+    Finding,
+    MissingBranch,
+    RowsUndecided,
+    RunNotClosed,
+    TokensWithoutOutcome,
+    to_json,
+)
 from airflow_elspeth.audit.read.runs import row_runs, select_runs, with_tries
-from airflow_elspeth.audit.read.verify import DECISION_REPLAY, RESOLUTION_DECIDABLE, verify_run
+from airflow_elspeth.audit.read.verify import verify_run
 from airflow_elspeth.core.vocabulary import (
     DecisionStatus,
     NodeStatus,
@@ -207,7 +213,7 @@ def report(
         _print_error_groups(error_groups(engine, [run["run_id"] for run in runs]), len(runs))
 
 
-def _print_error_groups(groups: list[dict[str, Any]], runs: int) -> None:
+def _print_error_groups(groups: list[ErrorGroup], runs: int) -> None:
     """Row errors of every listed audit run, one line per fingerprint (the same error)."""
     _title(f"Row errors by fingerprint, across {_plural(runs, 'audit run')}")
     table = Table(header_style="bold")
@@ -215,12 +221,12 @@ def _print_error_groups(groups: list[dict[str, Any]], runs: int) -> None:
         table.add_column(column, justify="right" if column in ("rows", "runs") else "left")
     for group in groups:
         table.add_row(
-            group["error_hash"][:12],
-            escape(group["reason"]),
-            str(group["rows"]),
-            str(len(group["audit_runs"])),
-            escape(", ".join(group["branches"])),
-            escape(group["message_shape"]),
+            group.error_hash[:12],
+            escape(group.reason),
+            str(group.rows),
+            str(len(group.audit_runs)),
+            escape(", ".join(group.branches)),
+            escape(group.message_shape),
         )
     if _fits(table):
         console.print(table)
@@ -230,15 +236,15 @@ def _print_error_groups(groups: list[dict[str, Any]], runs: int) -> None:
             escape(
                 _fit(
                     [
-                        f"{group['error_hash'][:12]} {group['reason']}",
-                        _plural(group["rows"], "row"),
-                        _plural(len(group["audit_runs"]), "audit run"),
-                        "branch " + ", ".join(group["branches"]),
+                        f"{group.error_hash[:12]} {group.reason}",
+                        _plural(group.rows, "row"),
+                        _plural(len(group.audit_runs), "audit run"),
+                        "branch " + ", ".join(group.branches),
                     ]
                 )
             )
         )
-        console.print(f"  {escape(group['message_shape'])}")
+        console.print(f"  {escape(group.message_shape)}")
 
 
 def _task_state(task_states: TaskStates | None, run: Mapping[str, Any], task_id: str) -> str | None:
@@ -671,12 +677,12 @@ def verify_runs(
     *,
     progress: bool,
     task_states: TaskStates | None = None,
-) -> list[dict[str, Any]]:
+) -> list[Finding]:
     """Integrity findings over the given runs (empty when everything holds), with a progress bar.
 
     The findings are :func:`~airflow_elspeth.audit.read.verify.verify_run`'s, run by run.
     """
-    findings: list[dict[str, Any]] = []
+    findings: list[Finding] = []
     with Progress(console=console, transient=True, disable=not progress) as bar:
         task = bar.add_task("verifying", total=len(runs))
         for run in runs:
@@ -730,28 +736,28 @@ def verify(
     else:
         console.print(f"Airflow task states: {escape(states_note['detail'])}", soft_wrap=True)
         if findings:
-            rows_at_stake = sum(f["count"] for f in findings)
+            rows_at_stake = sum(f.count for f in findings)
             _title(f"{_plural(len(findings), 'integrity finding')} ({_plural(rows_at_stake, 'item')})")
             table = Table(header_style="bold red")
             for column in ("run", "check", "count", "examples", "detail"):
                 table.add_column(column, overflow="fold")
             for finding in findings[:200]:
                 table.add_row(
-                    finding["run_id"],
-                    finding["check"],
-                    f"{finding['count']} {finding.get('counted', '')}".strip(),
-                    escape(", ".join(str(e) for e in finding.get("examples", []))),
+                    finding.run_id,
+                    str(finding.check),
+                    f"{finding.count} {finding.counted}",
+                    escape(", ".join(finding.examples)),
                     escape(_finding_detail(finding)),
                 )
             if _fits(table):
                 console.print(table)
             else:  # one finding a block: a run id or a check name is never cut
                 for finding in findings[:200]:
-                    counted = f"{finding['count']} {finding.get('counted', '')}".strip()
                     console.print(
-                        f"[bold]{escape(finding['check'])}[/] · {counted} · run {finding['run_id']}"
+                        f"[bold]{escape(str(finding.check))}[/] · {finding.count} {finding.counted}"
+                        f" · run {finding.run_id}"
                     )
-                    examples = ", ".join(str(e) for e in finding.get("examples", []))
+                    examples = ", ".join(finding.examples)
                     if examples:
                         console.print(f"  examples: {escape(examples)}")
                     console.print(f"  {escape(_finding_detail(finding))}")
@@ -766,29 +772,31 @@ def verify(
         sys.exit(1)
 
 
-def _finding_detail(finding: dict[str, Any]) -> str:
+def _finding_detail(finding: Finding) -> str:
     """One line of what a finding is about, beyond its count and examples."""
-    check = finding["check"]
-    if check == RUN_NOT_CLOSED:
-        return "still running, but " + "; ".join(finding["why"])
-    if check == ROWS_UNDECIDED:
-        return "; ".join(
-            f"{node}: {info['undecided']} undecided, " + ", ".join(info["why"])
-            for node, info in finding["coalesces"].items()
-        )
-    if check == TOKENS_WITHOUT_OUTCOME:
-        kinds = ", ".join(f"{n} {kind}" for kind, n in finding["by_kind"].items())
-        return f"no terminal outcome ({kinds}); rows {', '.join(finding['example_rows'])}"
-    if check == RESOLUTION_DECIDABLE:
-        return "resolved when the coalesce task ended, yet decidable then: " + "; ".join(
-            f"{d['row_key']} → {d['replayed']['decision']}" for d in finding["details"]
-        )
-    if check == DECISION_REPLAY:
-        return "stored decision differs from the replay: " + "; ".join(
-            f"{d['row_key']} stored {d['stored']['decision']}, replayed {d['replayed']['decision']}"
-            for d in finding["details"]
-        )
-    rest = {k: v for k, v in finding.items() if k not in ("run_id", "check", "count", "counted", "examples")}
+    match finding:
+        case RunNotClosed():
+            return "still running, but " + "; ".join(finding.why)
+        case RowsUndecided():
+            return "; ".join(
+                f"{node}: {info.undecided} undecided, " + ", ".join(info.why)
+                for node, info in finding.coalesces.items()
+            )
+        case TokensWithoutOutcome():
+            kinds = ", ".join(f"{n} {kind}" for kind, n in finding.by_kind.items())
+            return f"no terminal outcome ({kinds}); rows {', '.join(finding.example_rows)}"
+        case DecidableResolutions():
+            return "resolved when the coalesce task ended, yet decidable then: " + "; ".join(
+                f"{d.row_key} → {d.replayed.decision}" for d in finding.details
+            )
+        case DecisionsDifferFromReplay():
+            return "stored decision differs from the replay: " + "; ".join(
+                f"{d.row_key} stored {d.stored.decision}, replayed {d.replayed.decision}"
+                for d in finding.details
+            )
+    # The rest (orphan parents, duplicate terminal outcomes): their details as JSON.
+    shown = ("run_id", "check", "count", "counted", "examples")
+    rest = {k: v for k, v in to_json(finding).items() if k not in shown}
     return json.dumps(rest, default=str)[:300]
 
 

@@ -357,12 +357,12 @@ def test_identical_errors_group_across_rows_and_runs(
         runs.append(run.run_id)
 
     groups = error_groups(engine, runs)
-    assert [(g["reason"], g["rows"], g["audit_runs"], g["branches"]) for g in groups] == [
+    assert [(g.reason, g.rows, g.audit_runs, g.branches) for g in groups] == [
         ("error:RateLimitError", 3, sorted(runs), ["claude"]),
         ("error:KeyError", 1, [runs[0]], ["claude"]),
     ]
-    assert groups[0]["message_shape"] == "<n> Too Many Requests for doc-<n>"
-    assert groups[0]["example_row_keys"] == ["doc-001", "doc-002", "doc-003"]
+    assert groups[0].message_shape == "<n> Too Many Requests for doc-<n>"
+    assert groups[0].example_row_keys == ["doc-001", "doc-002", "doc-003"]
     with engine.connect() as conn:
         by_hash = conn.execute(
             text(
@@ -370,18 +370,17 @@ def test_identical_errors_group_across_rows_and_runs(
                 " WHERE is_terminal AND error_hash IS NOT NULL GROUP BY error_hash ORDER BY count(*) DESC"
             )
         ).all()
-    assert [tuple(row) for row in by_hash] == [(groups[0]["error_hash"], 3), (groups[1]["error_hash"], 1)]
+    assert [tuple(row) for row in by_hash] == [(groups[0].error_hash, 3), (groups[1].error_hash, 1)]
 
     wide = invoke(sqlite_url, "report", "--no-airflow-states", "--dag-id", DAG, width=120).output
     assert "Row errors by fingerprint, across 2 audit runs" in wide
-    assert f"{groups[0]['error_hash'][:12]} │ error:RateLimitError │    3 │    2 │ claude" in wide
+    assert f"{groups[0].error_hash[:12]} │ error:RateLimitError │    3 │    2 │ claude" in wide
     narrow = invoke(sqlite_url, "report", "--no-airflow-states", "--dag-id", DAG, width=80).output
     assert (
-        f"{groups[0]['error_hash'][:12]} error:RateLimitError · 3 rows · 2 audit runs · branch claude"
-        in narrow
+        f"{groups[0].error_hash[:12]} error:RateLimitError · 3 rows · 2 audit runs · branch claude" in narrow
     )
     as_json = json.loads(invoke(sqlite_url, "report", "--no-airflow-states", "--json").output)
-    assert {e["error_hash"] for item in as_json for e in item["errors"]} == {g["error_hash"] for g in groups}
+    assert {e["error_hash"] for item in as_json for e in item["errors"]} == {g.error_hash for g in groups}
 
 
 def test_the_arrival_record_is_what_the_replay_computes(store: tuple[str, dict[str, str]]) -> None:

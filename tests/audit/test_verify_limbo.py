@@ -13,7 +13,7 @@ import sqlite3
 from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 from click.testing import CliRunner, Result
@@ -23,11 +23,13 @@ from airflow_elspeth import airflow_states, cli
 from airflow_elspeth.audit import schema as t
 from airflow_elspeth.audit.model import CoalesceSpec
 from airflow_elspeth.audit.read.decisions import coalesce_summary
-from airflow_elspeth.audit.read.limbo import (
-    ROWS_UNDECIDED,
-    RUN_NOT_CLOSED,
-    TOKENS_WITHOUT_OUTCOME,
-    limbo_findings,
+from airflow_elspeth.audit.read.limbo import limbo_findings
+from airflow_elspeth.audit.read.records import (
+    Finding,
+    FindingCheck,
+    RowsUndecided,
+    RunNotClosed,
+    TokensWithoutOutcome,
 )
 from airflow_elspeth.audit.read.runs import coalesce_spec
 from airflow_elspeth.core.config import coalesce_config
@@ -333,13 +335,24 @@ def verify(url: str, *args: str) -> tuple[Result, dict[str, Any]]:
     return result, json.loads(result.output)
 
 
-def only(findings: list[dict[str, Any]], check: str) -> dict[str, Any]:
-    found = [f for f in findings if f["check"] == check]
+RUN_NOT_CLOSED = FindingCheck.RUN_NOT_CLOSED
+ROWS_UNDECIDED = FindingCheck.ROWS_UNDECIDED
+TOKENS_WITHOUT_OUTCOME = FindingCheck.TOKENS_WITHOUT_OUTCOME
+F = TypeVar("F", bound=Finding)
+
+
+def only(findings: list[Finding], kind: type[F]) -> F:
+    found = [f for f in findings if isinstance(f, kind)]
     assert len(found) == 1, findings
     return found[0]
 
 
-def checks(findings: list[dict[str, Any]]) -> list[tuple[str, str]]:
+def checks(findings: list[Finding]) -> list[tuple[str, str]]:
+    return sorted((f.run_id, f.check) for f in findings)
+
+
+def reported(findings: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """The (run, check) of each finding ``verify --json`` reported."""
     return sorted((f["run_id"], f["check"]) for f in findings)
 
 
@@ -362,8 +375,8 @@ def test_a_run_still_running_after_a_later_try_started(audit_url: str, trail: Tr
     current = clean_run(trail, try_number=2)
     result, out = verify(audit_url, "--no-airflow-states")
     assert result.exit_code == 1
-    finding = only(out["findings"], RUN_NOT_CLOSED)
-    assert checks(out["findings"]) == [(stale, RUN_NOT_CLOSED)]
+    assert reported(out["findings"]) == [(stale, RUN_NOT_CLOSED)]
+    finding = out["findings"][0]
     assert finding["count"] == 4 and finding["examples"] == [Trail.key(i) for i in range(4)]
     assert finding["later_tries"][0]["run_id"] == current
     assert finding["why"] == ["try 2 of fork task fork started"]
@@ -380,7 +393,8 @@ def test_a_run_still_running_after_its_fork_task_ended(audit_engine: Engine, tra
     for state in ("failed", "success", "upstream_failed"):
         findings = limbo_findings(audit_engine, runs, task_states={("d", "r", "fork"): state})
         assert checks(findings) == [(run, RUN_NOT_CLOSED)]
-        assert findings[0]["count"] == 2 and findings[0]["fork_task_state"] == state
+        unclosed = only(findings, RunNotClosed)
+        assert unclosed.count == 2 and unclosed.fork_task_state == state
 
 
 def test_rows_undecided_past_the_deadline_and_grace(
@@ -395,7 +409,7 @@ def test_rows_undecided_past_the_deadline_and_grace(
     trail.merge(waiting, 0)
     result, out = verify(audit_url, "--no-airflow-states")
     assert result.exit_code == 1
-    assert checks(out["findings"]) == [(late, ROWS_UNDECIDED)]  # one line for 28 rows, never 28 lines
+    assert reported(out["findings"]) == [(late, ROWS_UNDECIDED)]  # one line for 28 rows, never 28 lines
     finding = out["findings"][0]
     assert finding["count"] == 28
     assert finding["examples"] == [Trail.key(i) for i in range(2, 7)]
@@ -418,12 +432,12 @@ def test_rows_undecided_after_the_coalesce_task_ended(audit_engine: Engine, trai
     findings = limbo_findings(audit_engine, runs, task_states={("d", "r", "join"): "failed"})
     # The coalesce ended: its undecided rows are limbo, and so are their tokens, now judged.
     assert checks(findings) == [(run, ROWS_UNDECIDED), (run, TOKENS_WITHOUT_OUTCOME)]
-    undecided = only(findings, ROWS_UNDECIDED)
-    assert undecided["count"] == 2 and undecided["examples"] == [Trail.key(1), Trail.key(2)]
-    assert undecided["coalesces"]["join"]["why"] == ["coalesce task join ended failed"]
-    tokens = only(findings, TOKENS_WITHOUT_OUTCOME)
-    assert tokens["count"] == 4 and tokens["by_kind"] == {"branch": 4}
-    assert tokens["example_rows"] == [Trail.key(1), Trail.key(2)]
+    undecided = only(findings, RowsUndecided)
+    assert undecided.count == 2 and undecided.examples == [Trail.key(1), Trail.key(2)]
+    assert undecided.coalesces["join"].why == ["coalesce task join ended failed"]
+    tokens = only(findings, TokensWithoutOutcome)
+    assert tokens.count == 4 and tokens.by_kind == {"branch": 4}
+    assert tokens.example_rows == [Trail.key(1), Trail.key(2)]
 
 
 def test_rows_undecided_by_two_coalesces_are_counted_once(audit_engine: Engine, trail: Trail) -> None:
@@ -434,11 +448,11 @@ def test_rows_undecided_by_two_coalesces_are_counted_once(audit_engine: Engine, 
         for i in decided:
             trail._decision(run, i, node, "failed", "incomplete_branches", FORKED + timedelta(seconds=60))
     findings = limbo_findings(audit_engine, [dict(r) for r in _runs(audit_engine)])
-    finding = only(findings, ROWS_UNDECIDED)
+    finding = only(findings, RowsUndecided)
     assert len(findings) == 1
-    assert finding["count"] == 3  # rows 0 (by y), 2 (by x) and 3 (by neither)
-    assert finding["examples"] == [Trail.key(0), Trail.key(2), Trail.key(3)]
-    assert {n: c["undecided"] for n, c in finding["coalesces"].items()} == {"x": 2, "y": 2}
+    assert finding.count == 3  # rows 0 (by y), 2 (by x) and 3 (by neither)
+    assert finding.examples == [Trail.key(0), Trail.key(2), Trail.key(3)]
+    assert {n: c.undecided for n, c in finding.coalesces.items()} == {"x": 2, "y": 2}
 
 
 def test_tokens_without_outcome_once_every_row_is_decided(audit_url: str, trail: Trail) -> None:
@@ -448,7 +462,7 @@ def test_tokens_without_outcome_once_every_row_is_decided(audit_url: str, trail:
         trail.merge(run, i, outcomes=i >= 12)  # rows 0-11 decided, their branch tokens left open
     result, out = verify(audit_url, "--no-airflow-states")
     assert result.exit_code == 1
-    assert checks(out["findings"]) == [(run, TOKENS_WITHOUT_OUTCOME)]
+    assert reported(out["findings"]) == [(run, TOKENS_WITHOUT_OUTCOME)]
     finding = out["findings"][0]
     assert finding["count"] == 24 and finding["by_kind"] == {"branch": 24}
     assert len(finding["examples"]) == 5 and set(finding["example_rows"]) <= {Trail.key(i) for i in range(12)}
@@ -469,7 +483,7 @@ def test_a_resolution_of_a_decidable_row_is_flagged(audit_url: str, trail: Trail
     result, out = verify(audit_url, "--no-airflow-states")
     assert result.exit_code == 1
     # Resolutions are never compared with a replay of the whole log: no decision_replay finding.
-    assert checks(out["findings"]) == [(run, "resolution_decidable")]
+    assert reported(out["findings"]) == [(run, "resolution_decidable")]
     finding = out["findings"][0]
     assert finding["count"] == 1 and finding["examples"] == [Trail.key(2)]
     assert finding["details"][0]["replayed"]["decision"] == "merged"
@@ -483,6 +497,85 @@ def test_a_resolution_of_a_decidable_row_is_flagged(audit_url: str, trail: Trail
     assert data["replays"][0]["resolution"] is True and data["replays"][0]["undecidable_then"] is False
 
 
+def test_a_decision_that_differs_from_its_replay_is_flagged(audit_url: str, trail: Trail) -> None:
+    run = trail.run(rows=2)
+    trail.coalesce(run)
+    trail.merge(run, 0)
+    trail.merge(run, 1)
+    # Row 1's stored decision says it failed, yet both branches arrived: its log merges it.
+    cd = t.coalesce_decisions.c
+    with trail.engine.begin() as conn:
+        conn.execute(
+            update(t.coalesce_decisions)
+            .where(cd.run_id == run, cd.row_id == Trail.row_id(run, 1))
+            .values(decision="failed", failure_reason="branch_lost", consumed="[]")
+        )
+    result, out = verify(audit_url, "--no-airflow-states")
+    assert result.exit_code == 1
+    assert reported(out["findings"]) == [(run, "decision_replay")]
+    finding = out["findings"][0]
+    assert list(finding) == ["run_id", "check", "count", "counted", "examples", "coalesces", "details"]
+    assert (finding["count"], finding["counted"], finding["examples"]) == (1, "rows", [Trail.key(1)])
+    assert finding["coalesces"] == {"join": 1}
+    [detail] = finding["details"]
+    assert list(detail) == ["coalesce", "row_key", "stored", "replayed"]
+    compared = [
+        "decision",
+        "decided_at",
+        "consumed",
+        "failure_reason",
+        "arrival_order",
+        "wait_from_first_arrival_ms",
+    ]
+    assert list(detail["stored"]) == list(detail["replayed"]) == compared
+    stored, replayed = detail["stored"], detail["replayed"]
+    assert (stored["decision"], stored["failure_reason"], stored["consumed"]) == ("failed", "branch_lost", [])
+    assert (replayed["decision"], replayed["failure_reason"], replayed["consumed"]) == (
+        "merged",
+        None,
+        ["a", "b"],
+    )
+    assert stored["decided_at"] == replayed["decided_at"]
+    # Trail stores no arrival record, so none is compared.
+    assert stored["arrival_order"] is None and stored["wait_from_first_arrival_ms"] is None
+
+    text = CliRunner().invoke(
+        cli.main, ["--url", audit_url, "verify", "--no-airflow-states"], env={"COLUMNS": "80"}
+    )
+    assert text.exit_code == 1
+    assert f"{Trail.key(1)} stored failed, replayed merged" in " ".join(text.output.split())
+
+
+def test_a_token_parent_that_is_no_token_is_flagged(audit_url: str, trail: Trail) -> None:
+    run = clean_run(trail, rows=1)
+    trail._insert(
+        t.token_parents, {"token_id": Trail.token(run, 0, "a"), "parent_token_id": "gone", "ordinal": 0}
+    )
+    result, out = verify(audit_url, "--no-airflow-states")
+    assert result.exit_code == 1
+    assert out["findings"] == [
+        {
+            "run_id": run,
+            "check": "orphan_parent",
+            "count": 1,
+            "counted": "token parents",
+            "examples": [Trail.token(run, 0, "a")],
+            "missing_parents": ["gone"],
+        }
+    ]
+    text = CliRunner().invoke(
+        cli.main, ["--url", audit_url, "verify", "--no-airflow-states"], env={"COLUMNS": "80"}
+    )
+    assert text.exit_code == 1 and '{"missing_parents": ["gone"]}' in text.output
+
+
+def test_a_finding_is_always_one_of_its_kinds() -> None:
+    with pytest.raises(ValueError):
+        FindingCheck("limbo")
+    with pytest.raises(TypeError, match="no kind of finding"):
+        Finding(run_id="r", count=1, examples=[])
+
+
 def test_superseded_decisions_do_not_count_as_decided(
     audit_engine: Engine, audit_url: str, trail: Trail
 ) -> None:
@@ -494,7 +587,7 @@ def test_superseded_decisions_do_not_count_as_decided(
     trail.supersede(run, 2)  # cleared: the resolution is history, row 2 waits for the new try
     result, out = verify(audit_url, "--no-airflow-states")
     assert result.exit_code == 1
-    assert checks(out["findings"]) == [(run, ROWS_UNDECIDED)]
+    assert reported(out["findings"]) == [(run, ROWS_UNDECIDED)]
     assert out["findings"][0]["count"] == 1 and out["findings"][0]["examples"] == [Trail.key(2)]
     summary = coalesce_summary(audit_engine, coalesce_spec(audit_engine, run, "join"), run)
     assert summary["rows_undecided"] == 1 and summary["rows_failed"] == 0
@@ -503,7 +596,7 @@ def test_superseded_decisions_do_not_count_as_decided(
     findings = limbo_findings(
         audit_engine, [dict(r) for r in _runs(audit_engine)], task_states={("d", "r", "join"): "failed"}
     )
-    assert only(findings, TOKENS_WITHOUT_OUTCOME)["count"] == 2
+    assert only(findings, TokensWithoutOutcome).count == 2
 
     data = json.loads(
         CliRunner().invoke(cli.main, ["--url", audit_url, "explain", Trail.key(2), "--json"]).output
@@ -555,7 +648,7 @@ def test_cli_reads_task_states_from_airflow_when_it_can(
     result, out = verify(audit_url)
     assert result.exit_code == 1
     assert out["airflow_states"]["used"] is True and "1 task instances" in out["airflow_states"]["detail"]
-    assert checks(out["findings"]) == [(run, RUN_NOT_CLOSED)]
+    assert reported(out["findings"]) == [(run, RUN_NOT_CLOSED)]
     assert out["findings"][0]["why"] == ["fork task fork ended failed"]
 
     result, out = verify(audit_url, "--no-airflow-states")

@@ -18,6 +18,7 @@ from airflow_elspeth.audit import coalesce as pass_module
 from airflow_elspeth.audit import service as service_module
 from airflow_elspeth.audit.coalesce import coalesce_pass
 from airflow_elspeth.audit.model import CoalesceSpec
+from airflow_elspeth.audit.read.records import Finding
 from airflow_elspeth.audit.store import (
     COMPLETED,
     AuditStore,
@@ -558,7 +559,7 @@ def scalar(engine: Engine, run_id: str, sql: str) -> Any:
         return conn.execute(text(sql), {"r": run_id}).scalar_one()
 
 
-def integrity(engine: Engine, run_id: str) -> list[dict[str, Any]]:
+def integrity(engine: Engine, run_id: str) -> list[Finding]:
     from airflow_elspeth.audit.read.verify import verify_run
 
     with engine.connect() as conn:

@@ -19,6 +19,15 @@ from sqlalchemy import Connection, Engine, and_, func, select
 from airflow_elspeth.audit import schema as t
 from airflow_elspeth.audit.dml import db_now
 from airflow_elspeth.audit.model import CoalesceSpec
+from airflow_elspeth.audit.read.records import (
+    DuplicateTerminalOutcomes,
+    Finding,
+    LaterTry,
+    RowsUndecided,
+    RunNotClosed,
+    TokensWithoutOutcome,
+    UndecidedCoalesce,
+)
 from airflow_elspeth.audit.read.runs import coalesce_tasks
 from airflow_elspeth.core.vocabulary import ENDED_TASK_STATES, NodeType, RunStatus
 
@@ -29,11 +38,6 @@ TaskStates = Mapping[tuple[str, str, str], str]
 UNDECIDED_GRACE = timedelta(minutes=5)
 LIMBO_EXAMPLES = 5
 
-RUN_NOT_CLOSED = "run_not_closed"
-ROWS_UNDECIDED = "rows_undecided"
-TOKENS_WITHOUT_OUTCOME = "tokens_without_outcome"
-DUPLICATE_TERMINAL_OUTCOMES = "duplicate_terminal_outcomes"
-
 
 def limbo_findings(
     engine: Engine,
@@ -41,8 +45,9 @@ def limbo_findings(
     *,
     task_states: TaskStates | None = None,
     now: datetime | None = None,
-) -> list[dict[str, Any]]:
-    """Limbo in the given audit runs: one finding per (audit run, kind), with a count and examples.
+) -> list[Finding]:
+    """Limbo in the given audit runs: one finding (a :class:`~airflow_elspeth.audit.read.records.Finding`
+    of its kind) per (audit run, kind), with a count and examples.
 
     :param runs: rows of ``runs`` (mappings with at least run_id, dag_id, airflow_run_id,
         fork_task_id, try_number, status, completed_at).
@@ -61,7 +66,7 @@ def limbo_findings(
       without exactly one terminal outcome, once every registered coalesce decided every row or
       (with task states) every registered coalesce's task ended. Count: tokens.
     """
-    findings: list[dict[str, Any]] = []
+    findings: list[Finding] = []
     with engine.connect() as conn:
         clock = now if now is not None else db_now(conn)
         for run in runs:
@@ -71,7 +76,7 @@ def limbo_findings(
 
 def _run_limbo(
     conn: Connection, run: Mapping[str, Any], task_states: TaskStates | None, now: datetime
-) -> list[dict[str, Any]]:
+) -> list[Finding]:
     run_id = run["run_id"]
 
     def state_of(task_id: str) -> str | None:
@@ -80,7 +85,7 @@ def _run_limbo(
         state = task_states.get((run["dag_id"], run["airflow_run_id"], task_id))
         return str(state) if state is not None else None
 
-    findings: list[dict[str, Any]] = []
+    findings: list[Finding] = []
     if run["status"] == RunStatus.RUNNING:
         unclosed = _run_not_closed(conn, run, state_of(run["fork_task_id"]))
         if unclosed is not None:
@@ -99,7 +104,7 @@ def _run_limbo(
             select(cd.node_id, func.count()).where(cd.run_id == run_id).group_by(cd.node_id)
         )
     }
-    flagged: dict[str, dict[str, Any]] = {}
+    flagged: dict[str, UndecidedCoalesce] = {}
     all_decided, all_ended = True, task_states is not None
     n = t.nodes.c
     for node_id, task_id, config_json in conn.execute(
@@ -122,12 +127,9 @@ def _run_limbo(
         if now > deadline + UNDECIDED_GRACE:
             why.append(f"past the deadline {deadline.isoformat()} by more than {UNDECIDED_GRACE}")
         if why:
-            flagged[node_id] = {
-                "undecided": undecided,
-                "deadline": deadline,
-                "task_state": state,
-                "why": why,
-            }
+            flagged[node_id] = UndecidedCoalesce(
+                undecided=undecided, deadline=deadline, task_state=state, why=why
+            )
     if flagged:
         findings.append(_rows_undecided(conn, run_id, rows_total, flagged))
     if all_decided or all_ended:
@@ -137,12 +139,10 @@ def _run_limbo(
     return findings
 
 
-def _run_not_closed(
-    conn: Connection, run: Mapping[str, Any], fork_state: str | None
-) -> dict[str, Any] | None:
+def _run_not_closed(conn: Connection, run: Mapping[str, Any], fork_state: str | None) -> RunNotClosed | None:
     ru, r = t.runs.c, t.rows.c
     later = [
-        dict(x)
+        LaterTry(run_id=x.run_id, try_number=x.try_number, status=x.status)
         for x in conn.execute(
             select(ru.run_id, ru.try_number, ru.status)
             .where(
@@ -152,11 +152,11 @@ def _run_not_closed(
                 ru.try_number > run["try_number"],
             )
             .order_by(ru.try_number)
-        ).mappings()
+        )
     ]
     why = []
     if later:
-        why.append(f"try {later[0]['try_number']} of fork task {run['fork_task_id']} started")
+        why.append(f"try {later[0].try_number} of fork task {run['fork_task_id']} started")
     if fork_state in ENDED_TASK_STATES:
         why.append(f"fork task {run['fork_task_id']} ended {fork_state}")
     if not why:
@@ -172,26 +172,24 @@ def _run_not_closed(
             .limit(LIMBO_EXAMPLES)
         ).scalars()
     )
-    return {
-        "run_id": run["run_id"],
-        "check": RUN_NOT_CLOSED,
-        "count": rows,
-        "counted": "rows",
-        "examples": examples,
-        "why": why,
-        "try_number": run["try_number"],
-        "later_tries": later,
-        "fork_task_state": fork_state,
-    }
+    return RunNotClosed(
+        run_id=run["run_id"],
+        count=rows,
+        examples=examples,
+        why=why,
+        try_number=run["try_number"],
+        later_tries=later,
+        fork_task_state=fork_state,
+    )
 
 
 def _rows_undecided(
-    conn: Connection, run_id: str, rows_total: int, flagged: Mapping[str, Mapping[str, Any]]
-) -> dict[str, Any]:
+    conn: Connection, run_id: str, rows_total: int, flagged: Mapping[str, UndecidedCoalesce]
+) -> RowsUndecided:
     r, cd = t.rows.c, t.coalesce_decisions.c
     nodes = sorted(flagged)
     if len(nodes) == 1:
-        count = int(flagged[nodes[0]]["undecided"])
+        count = flagged[nodes[0]].undecided
     else:
         decided_by_all = (
             select(cd.row_id)
@@ -215,17 +213,15 @@ def _rows_undecided(
             .limit(LIMBO_EXAMPLES)
         ):
             examples[key] = (chunk, index)
-    return {
-        "run_id": run_id,
-        "check": ROWS_UNDECIDED,
-        "count": count,
-        "counted": "rows",
-        "examples": sorted(examples, key=lambda k: examples[k])[:LIMBO_EXAMPLES],
-        "coalesces": {node: dict(flagged[node]) for node in nodes},
-    }
+    return RowsUndecided(
+        run_id=run_id,
+        count=count,
+        examples=sorted(examples, key=lambda k: examples[k])[:LIMBO_EXAMPLES],
+        coalesces={node: flagged[node] for node in nodes},
+    )
 
 
-def _outcome_findings(conn: Connection, run_id: str, because: str) -> list[dict[str, Any]]:
+def _outcome_findings(conn: Connection, run_id: str, because: str) -> list[Finding]:
     """Tokens of a finished run without exactly one terminal outcome (superseded ones do not count)."""
     tk, to, r = t.tokens.c, t.token_outcomes.c, t.rows.c
     terminal = select(to.token_id).where(to.token_id == tk.token_id, to.is_terminal).exists()
@@ -239,7 +235,7 @@ def _outcome_findings(conn: Connection, run_id: str, because: str) -> list[dict[
             .order_by(tk.token_kind)
         )
     }
-    findings = []
+    findings: list[Finding] = []
     if by_kind:
         examples = conn.execute(
             select(tk.token_id, r.row_key)
@@ -249,16 +245,14 @@ def _outcome_findings(conn: Connection, run_id: str, because: str) -> list[dict[
             .limit(LIMBO_EXAMPLES)
         ).all()
         findings.append(
-            {
-                "run_id": run_id,
-                "check": TOKENS_WITHOUT_OUTCOME,
-                "count": sum(by_kind.values()),
-                "counted": "tokens",
-                "examples": [token_id for token_id, _ in examples],
-                "example_rows": sorted({key for _, key in examples if key is not None}),
-                "by_kind": by_kind,
-                "checked_because": because,
-            }
+            TokensWithoutOutcome(
+                run_id=run_id,
+                count=sum(by_kind.values()),
+                examples=[token_id for token_id, _ in examples],
+                example_rows=sorted({key for _, key in examples if key is not None}),
+                by_kind=by_kind,
+                checked_because=because,
+            )
         )
     duplicated = conn.execute(
         select(to.token_id, func.count())
@@ -269,14 +263,12 @@ def _outcome_findings(conn: Connection, run_id: str, because: str) -> list[dict[
     ).all()
     if duplicated:
         findings.append(
-            {
-                "run_id": run_id,
-                "check": DUPLICATE_TERMINAL_OUTCOMES,
-                "count": len(duplicated),
-                "counted": "tokens",
-                "examples": [token_id for token_id, _ in duplicated[:LIMBO_EXAMPLES]],
-                "checked_because": because,
-            }
+            DuplicateTerminalOutcomes(
+                run_id=run_id,
+                count=len(duplicated),
+                examples=[token_id for token_id, _ in duplicated[:LIMBO_EXAMPLES]],
+                checked_because=because,
+            )
         )
     return findings
 

@@ -12,9 +12,11 @@ import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, Self, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Self, TypeVar
 
 from sqlalchemy import RowMapping
+
+from airflow_elspeth.core.vocabulary import Word
 
 if TYPE_CHECKING:
     from _typeshed import DataclassInstance
@@ -622,3 +624,194 @@ class Explanation(RowLineage):
     """``explain``: the row's lineage and each decision replayed (``replays``, in decision order)."""
 
     replays: list[ExplainedReplay]
+# verify: a stored decision against its replay, and the integrity findings (``verify --json``)
+
+
+@dataclass(frozen=True)
+class DecisionFields:
+    """What ``verify`` compares of a decision, stored or replayed (``read.verify.COMPARED``). The
+    arrival record (``arrival_order``, ``wait_from_first_arrival_ms``) of a stored decision is None
+    where it was not stored (decisions written before schema revision 0003)."""
+
+    decision: str
+    decided_at: datetime | None  # None: the replay left the row pending
+    consumed: list[str]
+    failure_reason: str | None
+    # Each ``{branch, offset_ms}``, as the decision stores it in ``details_json``.
+    arrival_order: list[dict[str, Any]] | None
+    wait_from_first_arrival_ms: int | None
+
+
+@dataclass(frozen=True)
+class Difference:
+    """One compared field where a stored decision and its replay differ."""
+
+    recorded: Any
+    replayed: Any
+
+
+class FindingCheck(Word):
+    """The kinds of ``verify`` finding (each one's ``check``): a closed set, one record each."""
+
+    RUN_NOT_CLOSED = "run_not_closed"
+    ROWS_UNDECIDED = "rows_undecided"
+    TOKENS_WITHOUT_OUTCOME = "tokens_without_outcome"
+    DUPLICATE_TERMINAL_OUTCOMES = "duplicate_terminal_outcomes"
+    ORPHAN_PARENT = "orphan_parent"
+    DECISION_REPLAY = "decision_replay"
+    RESOLUTION_DECIDABLE = "resolution_decidable"
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One ``verify`` finding: an audit run, what was checked, how many items (rows, tokens or token
+    parents, per ``counted``) fail it and the first few of them. A finding is always one of the kinds
+    below, whose class fixes ``check`` and ``counted`` and adds its details."""
+
+    run_id: str
+    check: FindingCheck = field(init=False)
+    count: int
+    counted: str = field(init=False)
+    examples: list[str]
+
+    def __post_init__(self) -> None:
+        if not isinstance(getattr(self, "check", None), FindingCheck):
+            raise TypeError(f"{type(self).__name__} is no kind of finding: each kind names its check")
+
+
+@dataclass(frozen=True)
+class LaterTry:
+    """A later try of a fork task than a run still ``running``."""
+
+    run_id: str
+    try_number: int
+    status: str
+
+
+@dataclass(frozen=True)
+class RunNotClosed(Finding):
+    """A run still ``running`` while a later try of its fork task exists or that task ended. Its
+    examples are row keys."""
+
+    check: FindingCheck = field(default=FindingCheck.RUN_NOT_CLOSED, init=False)
+    counted: str = field(default="rows", init=False)
+    why: list[str]
+    try_number: int
+    later_tries: list[LaterTry]
+    fork_task_state: str | None
+
+
+@dataclass(frozen=True)
+class UndecidedCoalesce:
+    """A coalesce that left rows undecided past its deadline (and grace) or after its task ended."""
+
+    undecided: int
+    deadline: datetime
+    task_state: str | None
+    why: list[str]
+
+
+@dataclass(frozen=True)
+class RowsUndecided(Finding):
+    """Rows of a completed run left undecided, counted once however many coalesces left them."""
+
+    check: FindingCheck = field(default=FindingCheck.ROWS_UNDECIDED, init=False)
+    counted: str = field(default="rows", init=False)
+    coalesces: dict[str, UndecidedCoalesce]
+
+
+@dataclass(frozen=True)
+class TokensWithoutOutcome(Finding):
+    """Tokens of a finished run without a terminal outcome. Its examples are token ids."""
+
+    check: FindingCheck = field(default=FindingCheck.TOKENS_WITHOUT_OUTCOME, init=False)
+    counted: str = field(default="tokens", init=False)
+    example_rows: list[str]
+    by_kind: dict[str, int]
+    checked_because: str
+
+
+@dataclass(frozen=True)
+class DuplicateTerminalOutcomes(Finding):
+    """Tokens with more than one terminal outcome. Its examples are token ids."""
+
+    check: FindingCheck = field(default=FindingCheck.DUPLICATE_TERMINAL_OUTCOMES, init=False)
+    counted: str = field(default="tokens", init=False)
+    checked_because: str
+
+
+@dataclass(frozen=True)
+class OrphanParents(Finding):
+    """Token parents that are no token; examples are the children, ``missing_parents`` theirs."""
+
+    check: FindingCheck = field(default=FindingCheck.ORPHAN_PARENT, init=False)
+    counted: str = field(default="token parents", init=False)
+    missing_parents: list[str]
+
+
+@dataclass(frozen=True)
+class RowReplay:
+    """One decided row whose replay disagrees with what is stored."""
+
+    coalesce: str
+    row_key: str
+
+
+@dataclass(frozen=True)
+class ReplayMismatch(RowReplay):
+    """A policy decision that differs from the replay of its stored log."""
+
+    stored: DecisionFields
+    replayed: DecisionFields
+
+
+@dataclass(frozen=True)
+class DecidableResolution(RowReplay):
+    """A resolution of a row the log up to it had already decided."""
+
+    resolution: str
+    decided_at: datetime
+    replayed: DecisionFields
+
+
+RowReplayT = TypeVar("RowReplayT", bound=RowReplay)
+
+
+@dataclass(frozen=True)
+class ReplayFinding(Finding, Generic[RowReplayT]):
+    """Decided rows whose replay disagrees: per coalesce how many, and the first few in full."""
+
+    coalesces: dict[str, int]
+    details: list[RowReplayT]
+
+
+@dataclass(frozen=True)
+class DecisionsDifferFromReplay(ReplayFinding[ReplayMismatch]):
+    check: FindingCheck = field(default=FindingCheck.DECISION_REPLAY, init=False)
+    counted: str = field(default="rows", init=False)
+
+
+@dataclass(frozen=True)
+class DecidableResolutions(ReplayFinding[DecidableResolution]):
+    check: FindingCheck = field(default=FindingCheck.RESOLUTION_DECIDABLE, init=False)
+    counted: str = field(default="rows", init=False)
+
+
+# --------------------------------------------------------------------------------------------------
+# Row errors by fingerprint
+
+
+@dataclass(frozen=True)
+class ErrorGroup:
+    """The terminal losses to one error fingerprint (``token_outcomes.error_hash``): its loss reason,
+    rows (branch tokens), audit runs and branches, one example message and its shape, and up to five
+    example row keys."""
+
+    error_hash: str
+    reason: str
+    rows: int
+    audit_runs: list[str]
+    branches: list[str]
+    message: str
+    message_shape: str
+    example_row_keys: list[str]

@@ -35,13 +35,23 @@ from airflow_elspeth.audit.log import (
 )
 from airflow_elspeth.audit.model import CoalesceSpec, RunInfo, deadline_of, load_run
 from airflow_elspeth.audit.read.limbo import LIMBO_EXAMPLES, TaskStates, limbo_findings
+from airflow_elspeth.audit.read.records import (
+    DecidableResolution,
+    DecidableResolutions,
+    DecisionFields,
+    DecisionsDifferFromReplay,
+    Difference,
+    Finding,
+    OrphanParents,
+    ReplayFinding,
+    ReplayMismatch,
+    RowReplayT,
+    to_json,
+)
 from airflow_elspeth.audit.read.runs import coalesce_nodes, coalesce_spec
 from airflow_elspeth.core.policy import BranchEvent, CollisionCheck, Decision, order_events, replay
 from airflow_elspeth.core.vocabulary import DecisionStatus, is_resolution, resolution_task_state
 
-ORPHAN_PARENT = "orphan_parent"
-DECISION_REPLAY = "decision_replay"
-RESOLUTION_DECIDABLE = "resolution_decidable"
 FINDING_EXAMPLES = LIMBO_EXAMPLES
 
 # What "agrees" compares, in this order. The arrival record is compared only where it was stored
@@ -59,33 +69,32 @@ COMPARED = (
 ARRIVAL_RECORD = ("arrival_order", "wait_from_first_arrival_ms")
 
 
-def decision_fields(decision: Decision) -> dict[str, Any]:
-    """A replayed decision as plain values: decision, decided_at, consumed, failure_reason and its
-    arrival record."""
-    return {
-        "decision": decision.status.value,
-        "decided_at": decision.decided_at,
-        "consumed": list(decision.consumed),
-        "failure_reason": decision.failure_reason.value if decision.failure_reason else None,
-        "arrival_order": [{"branch": a.branch, "offset_ms": a.offset_ms} for a in decision.arrival_order],
-        "wait_from_first_arrival_ms": decision.wait_from_first_arrival_ms,
-    }
+def decision_fields(decision: Decision) -> DecisionFields:
+    """The compared fields of a replayed decision (its arrival record as a decision stores it)."""
+    return DecisionFields(
+        decision=decision.status.value,
+        decided_at=decision.decided_at,
+        consumed=list(decision.consumed),
+        failure_reason=decision.failure_reason.value if decision.failure_reason else None,
+        arrival_order=[{"branch": a.branch, "offset_ms": a.offset_ms} for a in decision.arrival_order],
+        wait_from_first_arrival_ms=decision.wait_from_first_arrival_ms,
+    )
 
 
-def stored_fields(stored: Mapping[str, Any]) -> dict[str, Any]:
+def stored_fields(stored: Mapping[str, Any]) -> DecisionFields:
     """The compared fields of a stored ``coalesce_decisions`` row (``consumed`` parsed); the arrival
     record is None where it was not stored."""
     consumed = stored["consumed"]
     details = _details(stored)
     recorded = "arrival_order" in details
-    return {
-        "decision": stored["decision"],
-        "failure_reason": stored["failure_reason"],
-        "consumed": json.loads(consumed) if isinstance(consumed, str) else list(consumed),
-        "decided_at": stored["decided_at"],
-        "arrival_order": details["arrival_order"] if recorded else None,
-        "wait_from_first_arrival_ms": stored.get("wait_from_first_arrival_ms") if recorded else None,
-    }
+    return DecisionFields(
+        decision=stored["decision"],
+        decided_at=stored["decided_at"],
+        consumed=json.loads(consumed) if isinstance(consumed, str) else list(consumed),
+        failure_reason=stored["failure_reason"],
+        arrival_order=details["arrival_order"] if recorded else None,
+        wait_from_first_arrival_ms=stored.get("wait_from_first_arrival_ms") if recorded else None,
+    )
 
 
 def _details(stored: Mapping[str, Any]) -> dict[str, Any]:
@@ -109,7 +118,7 @@ class Replay:
     coalesce: str
     row_key: str
     resolution: bool
-    stored: Mapping[str, Any]  # stored_fields() of the stored decision
+    stored: DecisionFields  # stored_fields() of the stored decision
     replayed: Decision
     events: list[BranchEvent]  # the whole stored log, in log order (also what came after)
     deadline: datetime
@@ -120,21 +129,31 @@ class Replay:
     late_writes: Sequence[BranchEvent] = ()
 
     @property
-    def replayed_fields(self) -> dict[str, Any]:
+    def replayed_record(self) -> DecisionFields:
+        """The replayed decision's compared fields, as :attr:`stored` holds the stored one's."""
         return decision_fields(self.replayed)
 
     @property
-    def differences(self) -> dict[str, dict[str, Any]]:
-        """Field -> {recorded, replayed} where a policy decision and its replay differ (a resolution
-        has none: it is judged by :attr:`undecidable_then`)."""
+    def replayed_fields(self) -> dict[str, Any]:
+        """:attr:`replayed_record` as plain values (what the row page and ``explain`` show)."""
+        fields: dict[str, Any] = to_json(self.replayed_record)
+        return fields
+
+    @property
+    def differences(self) -> dict[str, Difference]:
+        """Field -> its recorded and replayed value, where a policy decision and its replay differ
+        (a resolution has none: it is judged by :attr:`undecidable_then`)."""
         if self.resolution:
             return {}
-        got = self.replayed_fields
-        unrecorded = self.stored.get("arrival_order") is None
+        got = self.replayed_record
+        unrecorded = self.stored.arrival_order is None
+        differences = {
+            k: Difference(recorded=getattr(self.stored, k), replayed=getattr(got, k)) for k in COMPARED
+        }
         return {
-            k: {"recorded": self.stored[k], "replayed": got[k]}
-            for k in COMPARED
-            if got[k] != self.stored[k] and not (unrecorded and k in ARRIVAL_RECORD)
+            k: d
+            for k, d in differences.items()
+            if d.recorded != d.replayed and not (unrecorded and k in ARRIVAL_RECORD)
         }
 
     @property
@@ -239,10 +258,11 @@ def replay_coalesce(engine: Engine, spec: CoalesceSpec, run: RunInfo) -> Iterato
 
 def verify_run(
     engine: Engine, run: Mapping[str, Any], *, task_states: TaskStates | None = None
-) -> list[dict[str, Any]]:
+) -> list[Finding]:
     """Integrity findings of one audit run (a row of ``runs``); empty when everything holds.
 
-    One finding per kind, with a ``count`` and a few ``examples``: limbo (see
+    One finding per kind (:class:`~airflow_elspeth.audit.read.records.FindingCheck`), with a
+    ``count`` and a few ``examples``: limbo (see
     :func:`~airflow_elspeth.audit.read.limbo.limbo_findings`), orphan token parents, policy
     decisions that differ from the replay of their stored log (``decision_replay``), and resolutions
     of rows that were decidable when resolved (``resolution_decidable``).
@@ -256,54 +276,56 @@ def verify_run(
         info = load_run(conn, run_id)
     if info is None or info.completed_at is None:
         return findings
-    mismatches: list[dict[str, Any]] = []
-    decidable: list[dict[str, Any]] = []
+    mismatches: list[ReplayMismatch] = []
+    decidable: list[DecidableResolution] = []
     for node in coalesce_nodes(engine, run_id):
         for replayed in replay_coalesce(engine, coalesce_spec(engine, run_id, node["node_id"]), info):
             if replayed.agrees:
                 continue
             if replayed.resolution:
                 decidable.append(
-                    {
-                        "coalesce": replayed.coalesce,
-                        "row_key": replayed.row_key,
-                        "resolution": replayed.stored["failure_reason"],
-                        "decided_at": replayed.stored["decided_at"],
-                        "replayed": replayed.replayed_fields,
-                    }
+                    DecidableResolution(
+                        coalesce=replayed.coalesce,
+                        row_key=replayed.row_key,
+                        # A resolution always has its coalesce_task_<state> reason.
+                        resolution=str(replayed.stored.failure_reason),
+                        decided_at=replayed.moment,  # a resolution is replayed at its decided_at
+                        replayed=replayed.replayed_record,
+                    )
                 )
             else:
                 mismatches.append(
-                    {
-                        "coalesce": replayed.coalesce,
-                        "row_key": replayed.row_key,
-                        "stored": dict(replayed.stored),
-                        "replayed": replayed.replayed_fields,
-                    }
+                    ReplayMismatch(
+                        coalesce=replayed.coalesce,
+                        row_key=replayed.row_key,
+                        stored=replayed.stored,
+                        replayed=replayed.replayed_record,
+                    )
                 )
-    for check, items in ((DECISION_REPLAY, mismatches), (RESOLUTION_DECIDABLE, decidable)):
-        if items:
-            findings.append(_aggregate(run_id, check, items))
+    if mismatches:
+        findings.append(_aggregate(DecisionsDifferFromReplay, run_id, mismatches))
+    if decidable:
+        findings.append(_aggregate(DecidableResolutions, run_id, decidable))
     return findings
 
 
-def _aggregate(run_id: str, check: str, items: list[dict[str, Any]]) -> dict[str, Any]:
+def _aggregate(
+    kind: type[ReplayFinding[RowReplayT]], run_id: str, items: list[RowReplayT]
+) -> ReplayFinding[RowReplayT]:
     """One finding for many rows: their count, per coalesce, and the first few in full."""
     per_coalesce: dict[str, int] = {}
     for item in items:
-        per_coalesce[item["coalesce"]] = per_coalesce.get(item["coalesce"], 0) + 1
-    return {
-        "run_id": run_id,
-        "check": check,
-        "count": len(items),
-        "counted": "rows",
-        "examples": [item["row_key"] for item in items[:FINDING_EXAMPLES]],
-        "coalesces": per_coalesce,
-        "details": items[:FINDING_EXAMPLES],
-    }
+        per_coalesce[item.coalesce] = per_coalesce.get(item.coalesce, 0) + 1
+    return kind(
+        run_id=run_id,
+        count=len(items),
+        examples=[item.row_key for item in items[:FINDING_EXAMPLES]],
+        coalesces=per_coalesce,
+        details=items[:FINDING_EXAMPLES],
+    )
 
 
-def orphan_parents(engine: Engine, run_id: str) -> dict[str, Any] | None:
+def orphan_parents(engine: Engine, run_id: str) -> OrphanParents | None:
     """Token parents of the run's tokens that are no token at all."""
     tk, tp = t.tokens.c, t.token_parents.c
     parent = t.tokens.alias("parent")
@@ -321,11 +343,9 @@ def orphan_parents(engine: Engine, run_id: str) -> dict[str, Any] | None:
         if not count:
             return None
         examples = conn.execute(orphans.order_by(tp.token_id).limit(FINDING_EXAMPLES)).all()
-    return {
-        "run_id": run_id,
-        "check": ORPHAN_PARENT,
-        "count": count,
-        "counted": "token parents",
-        "examples": [token_id for token_id, _ in examples],
-        "missing_parents": [parent_id for _, parent_id in examples],
-    }
+    return OrphanParents(
+        run_id=run_id,
+        count=count,
+        examples=[token_id for token_id, _ in examples],
+        missing_parents=[parent_id for _, parent_id in examples],
+    )
