@@ -299,9 +299,8 @@ class ValuePreview:
 def value_preview(value: Any) -> ValuePreview:
     """The pretty JSON of ``value``, whole when short, else its first ``VALUE_PREVIEW_CHARS`` characters."""
     text = pretty_json(value)
-    if len(text) <= VALUE_PREVIEW_CHARS:
-        return ValuePreview(text, truncated=False, size=len(text.encode("utf-8")))
-    return ValuePreview(text[:VALUE_PREVIEW_CHARS], truncated=True, size=len(canonical_json(value)))
+    truncated = len(text) > VALUE_PREVIEW_CHARS
+    return ValuePreview(text[:VALUE_PREVIEW_CHARS], truncated=truncated, size=len(canonical_json(value)))
 
 
 def error_reference() -> str:
