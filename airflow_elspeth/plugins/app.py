@@ -74,7 +74,6 @@ from airflow_elspeth.core.canonical import canonical_json
 from airflow_elspeth.core.vocabulary import DecisionStatus, NodeType, ReasonKind
 from airflow_elspeth.exceptions import NoAuditStore, NotFound
 from airflow_elspeth.plugins import chart, series
-from airflow_elspeth.plugins.elspeth import RUN_TAB_ROUTE, TASK_TAB_ROUTE
 
 log = logging.getLogger(__name__)
 
@@ -335,8 +334,6 @@ def _environment() -> Environment:
         task_badge=task_badge,
         preview=value_preview,
         page_script=Markup(PAGE_SCRIPT),
-        # The tabs whose address the page script keeps (Airflow keeps a menu view's itself).
-        tab_routes=f"{RUN_TAB_ROUTE} {TASK_TAB_ROUTE}",
     )
     return env
 

@@ -41,27 +41,19 @@
   if (!frame || window.parent === window) {
     return;
   }
-  var routes = (root.getAttribute("data-tab-routes") || "").split(" ");
   var scope = root.getAttribute("data-scope") || "";
+  // A DAG run's or task instance's tab: <...>/dags/<dag>/runs/<run>[/tasks/<task>[/mapped/<n>]]
+  // /plugin/<route>, then the page it names, if any. A menu view (<base>/plugin/<route>) is not
+  // one: Airflow's UI keeps its address itself.
+  var TAB = /^(.*?\/dags\/[^\/]+\/runs\/[^\/]+(?:\/tasks\/[^\/]+(?:\/mapped\/[^\/]+)?)?\/plugin\/[^\/]+)(\/.*)?$/;
 
   // {address: the tab's own address, page: the page its address names, or ""}
   function tab() {
-    var path = outer.pathname;
-    var found = null;
-    routes.forEach(function (route) {
-      var marker = "/plugin/" + route;
-      var at = path.indexOf(marker + "/");
-      if (at < 0 && route && path.slice(-marker.length) === marker) {
-        at = path.length - marker.length;
-      }
-      if (at >= 0 && (found === null || at < found.at)) {
-        found = {at: at, address: path.slice(0, at + marker.length), page: path.slice(at + marker.length)};
-      }
-    });
-    return found;
+    var found = outer.pathname.match(TAB);
+    return found ? {address: found[1], page: found[2] || ""} : null;
   }
   if (!tab()) {
-    return; // a menu view: Airflow's UI keeps its address itself
+    return;
   }
 
   function shown() {
