@@ -1,8 +1,11 @@
 """The Elspeth audit UI: a FastAPI app the Airflow API server mounts at ``/elspeth``.
 
-Server-rendered HTML (Jinja2, autoescaped, no JavaScript) over a JSON API (``/elspeth/api/...``);
-both read the same read models (:mod:`airflow_elspeth.audit.read`; the arrival curves through
-:mod:`airflow_elspeth.plugins.series`). Read-only: only GET routes.
+Server-rendered HTML (Jinja2, autoescaped) over a JSON API (``/elspeth/api/...``); both read the
+same read models (:mod:`airflow_elspeth.audit.read`; the arrival curves through
+:mod:`airflow_elspeth.plugins.series`). Read-only: only GET routes. The pages carry one script of
+their own (``static/page.js``, inlined and allowed by its hash, no other script runs) and work
+without it: it applies Airflow's theme to a page opened on its own, and keeps the address of a DAG
+run's or task instance's tab on the page shown in it.
 
 Plugin apps are open by default in Airflow 3, so every route declares its access check: the routes
 under ``/dags/{dag_id}/...`` require an authenticated user with read access to that DAG (Airflow's
@@ -12,10 +15,20 @@ DAGs the user may read. Authentication is Airflow's: the UI's ``_token`` cookie 
 Every query is scoped by the DAG and DAG run in the path, so an audit run id from another DAG is
 not found rather than shown.
 
-Light and dark: the pages follow ``prefers-color-scheme`` with CSS variables for both. Airflow 3.3's
-UI (next-themes, ``attribute="class"``, localStorage key ``theme``) sets ``color-scheme`` on its
-``<html>``; the tab's iframe inherits it and the framed page's ``prefers-color-scheme`` follows it, so
-the tab matches Airflow's theme with no script (the pages stay script-free).
+Light and dark: CSS variables for both. Airflow 3.3's UI (next-themes, ``attribute="class"``,
+localStorage key ``theme``: ``light``, ``dark`` or ``system``) sets ``color-scheme`` on its ``<html>``;
+the tab's iframe inherits it and the framed page's ``prefers-color-scheme`` follows it. A page opened
+on its own reads the stored theme (same origin) into ``data-theme``; ``system`` or none leaves
+``prefers-color-scheme`` (the OS's) in charge.
+
+Addresses: Airflow's UI frames a DAG run's or task instance's tab at its href and, unlike a menu
+view's, never moves its own address with the frame. The page script does it the way the UI does
+for menu views: ``.../plugin/<url_route>`` followed by the framed page's path, query and fragment
+(``history.replaceState``, same origin). A tab first opened on such an address shows the page it
+names, if that page belongs to the tab's DAG run.
+
+Errors: a page that fails on the audit store says what failed and a reference; the driver's text
+(which can name the store's host and port) goes only to the API server's log, under that reference.
 
 Airflow task states (the coalesce's, shown beside its counts) are read from the metadata DB through
 :mod:`airflow_elspeth.airflow_states`, the API server's own database; when they cannot be read the
@@ -24,11 +37,15 @@ pages say so and show the audit-side facts alone.
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import logging
+import secrets
 import threading
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Annotated, Any
@@ -42,6 +59,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.templating import Jinja2Templates
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
+from markupsafe import Markup
 from sqlalchemy import Engine
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import SQLAlchemyError
@@ -52,6 +70,7 @@ from airflow_elspeth.audit.read.cache import coalesce_ref
 from airflow_elspeth.audit.read.records import AuditRunView, to_json
 from airflow_elspeth.audit.read.runs import audit_runs, pick_audit_run
 from airflow_elspeth.core import vocabulary
+from airflow_elspeth.core.canonical import canonical_json
 from airflow_elspeth.core.vocabulary import DecisionStatus, NodeType, ReasonKind
 from airflow_elspeth.exceptions import NoAuditStore, NotFound
 from airflow_elspeth.plugins import chart, series
@@ -59,17 +78,26 @@ from airflow_elspeth.plugins import chart, series
 log = logging.getLogger(__name__)
 
 TEMPLATES = Path(__file__).parent / "templates"
+PAGE_SCRIPT = (Path(__file__).parent / "static" / "page.js").read_text(encoding="utf-8")
+# A value (source row, output, merged output) longer than this, as shown, is cut on the row page:
+# its size and a link to the whole value stand in for the rest (a 1 MB field made a 3 MB page).
+VALUE_PREVIEW_CHARS = 2048
 PAGE_SIZE = 50
 LATE_PAGE_SIZE = 20
 URL_CACHE_SECONDS = 60.0
 ALL_DECISIONS = "all"
 DECISIONS = (DecisionStatus.FAILED.value, DecisionStatus.MERGED.value, ALL_DECISIONS)
 
-# Airflow renders plugin pages in an iframe of its own origin; nothing here runs scripts.
+
+def _script_hash(script: str) -> str:
+    return "'sha256-" + base64.b64encode(hashlib.sha256(script.encode("utf-8")).digest()).decode() + "'"
+
+
+# Airflow renders plugin pages in an iframe of its own origin; the page script is the only script.
 SECURITY_HEADERS = {
     "Content-Security-Policy": (
-        "default-src 'none'; style-src 'unsafe-inline'; img-src 'self' data:; "
-        "form-action 'self'; frame-ancestors 'self'; base-uri 'none'"
+        f"default-src 'none'; script-src {_script_hash(PAGE_SCRIPT)}; style-src 'unsafe-inline'; "
+        "img-src 'self' data:; form-action 'self'; frame-ancestors 'self'; base-uri 'none'"
     ),
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "same-origin",
@@ -139,9 +167,12 @@ class TaskStateReader:
         try:
             states, _ = airflow_task_states(wanted)
         except AirflowStatesUnavailable as err:
-            log.warning("Elspeth UI: Airflow task states unavailable: %s", err)
+            # Its text names the metadata database (host, port): the log has it, the page a reference.
+            reference = error_reference()
+            log.warning("Elspeth UI: Airflow task states unavailable [reference %s]: %s", reference, err)
             self.note = (
-                f"Airflow task states could not be read ({err}); showing the audit trail's facts only."
+                f"Airflow task states could not be read (reference {reference} in the API server's log); "
+                "showing the audit trail's facts only."
             )
             return None
         self.known = True
@@ -246,6 +277,36 @@ def pretty_json(value: Any) -> str:
     return json.dumps(value, indent=2, sort_keys=True, ensure_ascii=False, default=str)
 
 
+def fmt_bytes(size: int) -> str:
+    """``812 B``, ``2.0 KB``, ``1.0 MB`` (powers of 1024)."""
+    if size < 1024:
+        return f"{size} B"
+    if size < 1024 * 1024:
+        return f"{size / 1024:.1f} KB"
+    return f"{size / (1024 * 1024):.1f} MB"
+
+
+@dataclass(frozen=True)
+class ValuePreview:
+    """A stored value as the row page shows it: pretty JSON, cut past ``VALUE_PREVIEW_CHARS``."""
+
+    text: str
+    truncated: bool
+    size: int  # bytes of the whole value as stored (canonical JSON), which its link serves
+
+
+def value_preview(value: Any) -> ValuePreview:
+    """The pretty JSON of ``value``, whole when short, else its first ``VALUE_PREVIEW_CHARS`` characters."""
+    text = pretty_json(value)
+    truncated = len(text) > VALUE_PREVIEW_CHARS
+    return ValuePreview(text[:VALUE_PREVIEW_CHARS], truncated=truncated, size=len(canonical_json(value)))
+
+
+def error_reference() -> str:
+    """A short random id naming one failure on the page and in the log line that holds its error."""
+    return secrets.token_hex(4)
+
+
 def _environment() -> Environment:
     env = Environment(
         loader=FileSystemLoader(str(TEMPLATES)),
@@ -261,6 +322,7 @@ def _environment() -> Environment:
         rel=fmt_relative,
         num=fmt_number,
         json=pretty_json,
+        bytes=fmt_bytes,
     )
     env.globals.update(
         pct=fmt_percent,
@@ -270,6 +332,8 @@ def _environment() -> Environment:
         shade=shade,
         failure_text=vocabulary.failure_reason_text,
         task_badge=task_badge,
+        preview=value_preview,
+        page_script=Markup(PAGE_SCRIPT),
     )
     return env
 
@@ -309,6 +373,10 @@ class Links:
 
     def coalesce_api(self, coalesce: str, suffix: str = "", **params: Any) -> str:
         return self.api(f"/coalesces/{quote(coalesce, safe='')}{suffix}", **params)
+
+    def payload(self, payload_hash: str, key: str, audit_run: str) -> str:
+        """One whole value of a row (its source, an output, a merged output), as JSON."""
+        return self.api(f"/lineage/payloads/{quote(payload_hash, safe='')}", key=key, audit_run=audit_run)
 
     def index(self) -> str:
         return f"{self.root}/"
@@ -668,6 +736,26 @@ def build_api() -> APIRouter:
         except NotFound as err:
             raise HTTPException(404, f"No row {key!r} in audit run {selected.audit_run_id}") from err
 
+    @router.get("/dags/{dag_id}/runs/{run_id}/lineage/payloads/{payload_hash}")
+    def api_payload(
+        dag_id: str,
+        run_id: str,
+        payload_hash: str,
+        key: str,
+        engine: EngineDep,
+        audit_run: str | None = None,
+    ) -> Response:
+        """One whole value of a row (its source row, a step's output, a merged output), as stored:
+        the row page shows values cut past ``VALUE_PREVIEW_CHARS`` and links here."""
+        engine, _, selected = _require_selected(engine, dag_id, run_id, _blank(audit_run))
+        try:
+            body = lineage.row_payload(engine, selected.audit_run_id, key, payload_hash)
+        except NotFound as err:
+            raise HTTPException(
+                404, f"No value {payload_hash!r} of row {key!r} in audit run {selected.audit_run_id}"
+            ) from err
+        return Response(body, media_type="application/json")
+
     @router.get("/dags/{dag_id}/runs/{run_id}/tasks/{task_id}")
     def api_task(
         dag_id: str, run_id: str, task_id: str, engine: EngineDep, map_index: str | None = None
@@ -822,10 +910,20 @@ def create_app() -> FastAPI:
 
     @app.exception_handler(SQLAlchemyError)
     async def store_error(request: Request, exc: SQLAlchemyError) -> Response:
-        log.exception("Elspeth audit store read failed")
-        message = str(getattr(exc, "orig", None) or exc).splitlines()[0]
+        # The driver's text can name the store's host and port: the log has it, the page a reference.
+        reference = error_reference()
+        log.error(
+            "Elspeth UI: the audit store could not be read [reference %s] (%s): %s",
+            reference,
+            _route_path(request),
+            exc,
+            exc_info=exc,
+        )
         return _error_page(
-            request, 503, f"The audit store could not be read ({type(exc).__name__}: {message})"
+            request,
+            503,
+            f"The audit store could not be read. Reference {reference}: the API server's log holds the "
+            "error under it.",
         )
 
     return app

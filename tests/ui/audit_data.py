@@ -14,7 +14,7 @@ was written.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -117,8 +117,12 @@ def build_run(
     fork_task_id: str = "fork",
     chunk_size: int = 1000,
     step_ids: Sequence[str] | None = None,
+    task_states: Mapping[str, str] | None = None,
 ) -> BuiltRun:
     """Fork ``rows``, deliver each branch's results in three phases, and decide every row.
+
+    ``task_states``: the branch tasks' Airflow states the coalesce's pass sees (none: all running);
+    a task seen ended loses the rows it had not delivered (``branch_task_<state>``).
 
     1. on time (``after_s < timeout_s``): written right after the fork completes, branch by branch,
        in the order of ``branches``;
@@ -242,7 +246,7 @@ def build_run(
         )
     for spec in specs:
         store.register_node(run_id, spec.node_id, "coalesce", None, spec.as_dict())
-        result = coalesce_pass(store, spec, run_id, {})
+        result = coalesce_pass(store, spec, run_id, task_states or {})
         assert result.done, f"{spec.node_id}: {result.rows_decided}/{result.rows_total} rows decided"
     deliver(AFTER_DECISION)
     return BuiltRun(

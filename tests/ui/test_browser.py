@@ -1,6 +1,8 @@
 """A person's path through the real UI, in headless Chromium: log in, open a DAG run, click its
 "Fork/join audit" tab, read the missing-branches matrix, click a failed row and read why it failed;
-then the index and the coalesce tab in Airflow's light and dark themes.
+then the index and the coalesce tab in Airflow's light and dark themes; the tab's address following
+the page shown in it (a row's lineage reopened from its address), row keys on one line, no warning
+for a branch step that lost nothing; and pages opened on their own in the theme stored by Airflow.
 
 Everything is real: ``airflow db migrate`` and ``dag.test()`` of dags/example_llm_consensus.py in a
 temporary AIRFLOW_HOME, then ``airflow api-server`` with the plugin loaded from the installed entry
@@ -240,12 +242,7 @@ def test_a_person_finds_why_a_row_failed_in_the_real_ui(server: Server, browser:
     browser.get(server.base + "/elspeth" + run_path)
     assert "Not logged in" in browser.find_element(By.TAG_NAME, "body").text
 
-    # Log in through the SimpleAuthManager's form.
-    browser.get(server.base + "/auth/login")
-    wait.until(ec.presence_of_element_located((By.NAME, "username"))).send_keys(USER)
-    browser.find_element(By.NAME, "password").send_keys(PASSWORD)
-    browser.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
-    wait.until(lambda b: b.get_cookie("_token") is not None)
+    _log_in(server, browser, wait)
 
     # The DAG run page, then its "Audit" tab.
     browser.get(server.base + run_path)
@@ -275,7 +272,7 @@ def test_a_person_finds_why_a_row_failed_in_the_real_ui(server: Server, browser:
 
     # A failed row: click it in the tab, and read its lineage and why it failed.
     browser.switch_to.frame(browser.find_element(By.CSS_SELECTOR, FRAME))
-    first_failed = browser.find_element(By.CSS_SELECTOR, "#rows table tbody tr td.key a")
+    first_failed = browser.find_element(By.CSS_SELECTOR, "#rows table tbody tr a.rowkey")
     key = first_failed.text.strip()
     first_failed.click()
     wait.until(ec.presence_of_element_located((By.ID, "row-title")))
@@ -370,7 +367,6 @@ def test_the_tabs_follow_airflows_theme(server: Server, browser: Any, theme: str
     """Airflow's theme (next-themes: localStorage ``theme``, ``color-scheme`` on its <html>) reaches
     the plugin's frame: the index (Browse menu entry) and the coalesce's task tab, light and dark."""
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support import expected_conditions as ec
     from selenium.webdriver.support.ui import WebDriverWait
 
     from airflow_elspeth.audit.engine import engine_for_url
@@ -378,11 +374,7 @@ def test_the_tabs_follow_airflows_theme(server: Server, browser: Any, theme: str
 
     artifacts = artifacts_dir("ui")
     wait = WebDriverWait(browser, 60)
-    browser.get(server.base + "/auth/login")
-    wait.until(ec.presence_of_element_located((By.NAME, "username"))).send_keys(USER)
-    browser.find_element(By.NAME, "password").send_keys(PASSWORD)
-    browser.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
-    wait.until(lambda b: b.get_cookie("_token") is not None)
+    _log_in(server, browser, wait)
     browser.execute_script("localStorage.setItem('theme', arguments[0])", theme)
 
     # The Browse menu's entry: Airflow's nav route for it frames the index.
@@ -420,3 +412,160 @@ def test_the_tabs_follow_airflows_theme(server: Server, browser: Any, theme: str
         else:
             assert found["page"] > 0.85 and found["card"] > 0.85, (where, found)
             assert found["text"] < 0.3, (where, found)
+
+
+def _log_in(server: Server, browser: Any, wait: Any) -> None:
+    """Through the SimpleAuthManager's form, as a person does."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+
+    browser.get(server.base + "/auth/login")
+    wait.until(ec.presence_of_element_located((By.NAME, "username"))).send_keys(USER)
+    browser.find_element(By.NAME, "password").send_keys(PASSWORD)
+    browser.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
+    wait.until(lambda b: b.get_cookie("_token") is not None)
+
+
+def _frame_address(browser: Any) -> str:
+    """Path, query and fragment of the page shown in the current frame."""
+    address: str = browser.execute_script("return location.pathname + location.search + location.hash")
+    return address
+
+
+def test_the_tabs_address_follows_the_page_it_shows(server: Server, browser: Any) -> None:
+    """Inside a DAG run's or task instance's tab, Airflow's address follows the page shown, so a
+    row's lineage can be bookmarked: reopening the address opens that page in the tab. Row keys in
+    the tables stay on one line, and a branch step that lost nothing shows no warning."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    wait = WebDriverWait(browser, 60)
+    _log_in(server, browser, wait)
+    browser.set_window_size(1000, 1200)  # narrow: the rows table has no room to spare
+    run_path = f"/dags/{DAG_ID}/runs/{quote(server.run_id, safe='')}"
+    run_tab = server.base + run_path + "/plugin/elspeth-audit"
+
+    browser.get(run_tab)
+    _in_frame(browser, wait, "rows-title")
+    keys = browser.execute_script(
+        """return [...document.querySelectorAll('#rows table a.rowkey')].map(a => ({
+             height: a.getBoundingClientRect().height, line: parseFloat(getComputedStyle(a).lineHeight),
+             title: a.title, text: a.textContent}));"""
+    )
+    assert keys, "the failed rows table lists row keys"
+    for key in keys:
+        assert key["height"] <= key["line"] + 1, key  # one line, never wrapped
+        assert key["title"] == key["text"], key  # the whole key, even when cut
+    entry = _frame_address(browser)
+    browser.switch_to.default_content()
+    assert browser.current_url == run_tab  # the tab's first page: the address is left alone
+
+    # A failed row, clicked in the tab: the address names it.
+    browser.switch_to.frame(browser.find_element(By.CSS_SELECTOR, FRAME))
+    first = browser.find_element(By.CSS_SELECTOR, "#rows table a.rowkey")
+    key = first.text.strip()
+    first.click()
+    wait.until(ec.presence_of_element_located((By.ID, "row-title")))
+    row_address = _frame_address(browser)
+    assert "/lineage?key=" in row_address
+    browser.switch_to.default_content()
+    wait.until(lambda b: b.current_url == run_tab + row_address)
+
+    # Reopened (a bookmark, a shared link): the tab opens on that row.
+    browser.get(run_tab + row_address)
+    _in_frame(browser, wait, "row-title")
+    assert _frame_address(browser) == row_address
+    assert key in browser.find_element(By.ID, "row-title").text
+    # Back to the run from the breadcrumb: the address is the tab's own again.
+    browser.find_element(By.CSS_SELECTOR, "nav.crumbs a[href$='" + run_path.rsplit("/", 1)[1] + "']").click()
+    wait.until(ec.presence_of_element_located((By.ID, "rows-title")))
+    assert _frame_address(browser) == entry
+    browser.switch_to.default_content()
+    wait.until(lambda b: b.current_url == run_tab)
+
+    # An address naming a page outside the tab's DAG run is not followed.
+    browser.get(run_tab + f"/elspeth/dags/{DAG_ID}/runs/other_run/lineage?key={quote(key)}")
+    _in_frame(browser, wait, "rows-title")
+    assert _frame_address(browser) == entry
+    browser.switch_to.default_content()
+    wait.until(lambda b: b.current_url == run_tab)
+
+    # A branch step's tab: its ended task lost nothing, so no warning; a failed row's lineage from it
+    # is addressable too.
+    task_tab = server.base + run_path + "/tasks/ask_claude/plugin/elspeth-audit-task"
+    browser.get(task_tab)
+    _in_frame(browser, wait, "errors-title")
+    assert not browser.find_elements(By.ID, "task-ends-title")
+    assert not browser.find_elements(By.CSS_SELECTOR, ".notice")
+    browser.find_element(By.CSS_SELECTOR, "#errors-title ~ .table-wrap a.rowkey").click()
+    wait.until(ec.presence_of_element_located((By.ID, "row-title")))
+    failed_address = _frame_address(browser)
+    browser.switch_to.default_content()
+    wait.until(lambda b: b.current_url == task_tab + failed_address)
+    browser.get(task_tab + failed_address)
+    _in_frame(browser, wait, "row-title")
+    assert _frame_address(browser) == failed_address
+
+
+@pytest.mark.parametrize(
+    ("stored", "system", "expected"),
+    [("light", "dark", "light"), ("dark", "light", "dark"), ("system", "dark", "dark")],
+)
+def test_pages_opened_on_their_own_follow_airflows_theme(
+    server: Server, browser: Any, stored: str, system: str, expected: str
+) -> None:
+    """An /elspeth page opened directly (not in Airflow's tab) takes the theme the user chose in
+    Airflow (localStorage ``theme``); "system" leaves it to prefers-color-scheme. The row page, the
+    run page, a branch step's page and an error page, each in a screenshot."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from airflow_elspeth.audit.engine import engine_for_url
+    from airflow_elspeth.audit.read.decisions import RowFilter, decision_rows
+    from airflow_elspeth.audit.read.runs import audit_runs, pick_audit_run
+
+    artifacts = artifacts_dir("ui")
+    wait = WebDriverWait(browser, 60)
+    browser.execute_cdp_cmd(
+        "Emulation.setEmulatedMedia", {"features": [{"name": "prefers-color-scheme", "value": system}]}
+    )
+    _log_in(server, browser, wait)
+    browser.execute_script("localStorage.setItem('theme', arguments[0])", stored)
+    engine = engine_for_url(f"sqlite:///{server.home / 'elspeth_audit.db'}", upgrade=False)
+    audit_run = pick_audit_run(audit_runs(engine, DAG_ID, server.run_id), coalesce="consensus")
+    assert audit_run is not None
+    failed = decision_rows(engine, audit_run.audit_run_id, "consensus", RowFilter(decision="failed"), limit=1)
+    key = failed.rows[0].row_key
+
+    app_path = f"/elspeth/dags/{DAG_ID}/runs/{quote(server.run_id, safe='')}"
+    pages = {
+        "row": (app_path + "/lineage?key=" + quote(key), "row-title"),
+        "run": (app_path + "?coalesce=consensus", "rows-title"),
+        "branch-step": (app_path + "/tasks/ask_claude", "errors-title"),
+        "error": (app_path + "/lineage?key=no-such-row", None),
+    }
+    for name, (path, landmark) in pages.items():
+        browser.get(server.base + path)
+        if landmark:
+            wait.until(ec.presence_of_element_located((By.ID, landmark)))
+        else:
+            assert "Not found" in browser.find_element(By.TAG_NAME, "body").text
+        found = _colours(browser)
+        _full_page_screenshot(browser, artifacts / f"direct-{name}-{stored}-{expected}.png")
+        if expected == "dark":
+            assert found["page"] < 0.15 and found["card"] < 0.15 and found["text"] > 0.6, (name, found)
+        else:
+            assert found["page"] > 0.85 and found["card"] > 0.85 and found["text"] < 0.3, (name, found)
+    if stored != "system":
+        # The branch step's tab inside Airflow, in the same theme.
+        browser.get(
+            server.base + f"/dags/{DAG_ID}/runs/{quote(server.run_id, safe='')}"
+            "/tasks/ask_claude/plugin/elspeth-audit-task"
+        )
+        _in_frame(browser, wait, "errors-title")
+        in_tab = _colours(browser)
+        browser.switch_to.default_content()
+        browser.save_screenshot(str(artifacts / f"branch-step-tab-{expected}.png"))
+        assert (in_tab["page"] < 0.15) == (expected == "dark"), in_tab

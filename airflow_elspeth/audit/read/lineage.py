@@ -224,6 +224,40 @@ def _since_decision(tokens: Sequence[TokenRecord], missing: Mapping[str, str]) -
     return found
 
 
+def row_payload(engine: Engine, run_id: str, row_key: str, payload_hash: str) -> str:
+    """One value of a row, as stored (canonical JSON): its source row, or the output of a node state
+    of one of its tokens (a merged output included). A hash that is none of the row's values is not
+    found, so a value of another DAG run is never served under this one.
+
+    :raises NotFound: no such row in the run, or the hash is none of its values.
+    """
+    r, tk, ns = t.rows.c, t.tokens.c, t.node_states.c
+    with engine.connect() as conn:
+        row = conn.execute(
+            select(r.row_id, r.payload_ref).where(r.run_id == run_id, r.row_key == row_key)
+        ).first()
+        if row is None:
+            raise NotFound(f"no row {row_key!r} in audit run {run_id}")
+        its_value = (
+            row.payload_ref == payload_hash
+            or conn.execute(
+                select(ns.token_id)
+                .select_from(t.node_states.join(t.tokens, tk.token_id == ns.token_id))
+                .where(tk.run_id == run_id, tk.row_id == row.row_id, ns.output_ref == payload_hash)
+                .limit(1)
+            ).first()
+            is not None
+        )
+        body = (
+            conn.execute(select(t.payloads.c.body).where(t.payloads.c.hash == payload_hash)).scalar()
+            if its_value
+            else None
+        )
+    if body is None:
+        raise NotFound(f"no value {payload_hash!r} of row {row_key!r} in audit run {run_id}")
+    return str(body)
+
+
 def explain_decision(decision: DecisionRecord, config: CoalesceConfig, deadline: datetime | None) -> str:
     """One paragraph: what was decided, when, and why, in words."""
     details = decision.details
@@ -462,10 +496,14 @@ def row_view(engine: Engine, audit_run: AuditRunView, row_key: str) -> RowView:
     decisions = []
     for record, d in zip(lineage.decisions, stored, strict=True):
         merged = next((tok for tok in tokens if tok.token_id == record.merged_token_id), None)
-        merged_output = lineage.output_of(merged.states[0]) if merged and merged.states else None
+        merged_state = merged.states[0] if merged and merged.states else None
+        merged_ref = merged_state.output_ref if merged_state else None
+        merged_output = lineage.output_of(merged_state) if merged_state else None
         config_data = coalesce_configs.get(record.coalesce)
         if config_data is None:
-            decisions.append(RowDecision.extending(record, merged_output=merged_output))
+            decisions.append(
+                RowDecision.extending(record, merged_output=merged_output, merged_output_ref=merged_ref)
+            )
             continue
         spec = CoalesceSpec.from_dict(config_data)
         config = spec.config
@@ -474,6 +512,7 @@ def row_view(engine: Engine, audit_run: AuditRunView, row_key: str) -> RowView:
             RowDecision.extending(
                 record,
                 merged_output=merged_output,
+                merged_output_ref=merged_ref,
                 policy_text=policy_text(config.policy, len(config.branches), config.quorum),
                 collision_rule=collision_rule_text(config.on_collision),
                 deadline=deadline,

@@ -380,6 +380,7 @@ class RowDecision(DecisionRecord):
     configuration is stored) its policy in words, the deadline, the explanation and the replay."""
 
     merged_output: Any = None
+    merged_output_ref: str | None = None  # its payload hash (the row page links the whole value)
     policy_text: str | None = None
     # What the union did with the collided fields, shown beside them.
     collision_rule: str | None = field(
