@@ -68,6 +68,15 @@ class StatsSink(Protocol):
         """Record one observation of a timer (a histogram under OpenTelemetry)."""
 
 
+def _tags(tags: Mapping[str, str]) -> dict[str, str]:
+    """Tag values as Airflow normalises metric names: characters other than letters, digits and
+    ``_ . -`` become ``_`` (``error:ValueError`` -> ``error_ValueError``). StatsD's line protocol,
+    which carries the tags with ``statsd_influxdb_enabled``, ends a name at its first ``:``."""
+    return {
+        key: airflow_stats.normalize_name_for_stats(value, log_warning=False) for key, value in tags.items()
+    }
+
+
 def coalesce_tags(dag_id: str, task_id: str, policy: str) -> dict[str, str]:
     """The tags of every coalesce metric.
 
@@ -92,13 +101,14 @@ def coalesce_pass(
     :param sink: where the metrics go (Airflow's stats; a test's fake).
     """
     decided = result.decided
-    base = dict(tags)
+    base = _tags(tags)
     if decided.merged:
         sink.incr(COALESCE_ROWS_MERGED, decided.merged, tags=base)
     for reason, rows in decided.failed.items():
-        sink.incr(COALESCE_ROWS_FAILED, rows, tags={**base, "reason": reason})
+        tagged = {**base, **_tags({"reason": reason})}
+        sink.incr(COALESCE_ROWS_FAILED, rows, tags=tagged)
         if reason.startswith(_RESOLUTION_PREFIX):
-            sink.incr(COALESCE_ROWS_RESOLVED, rows, tags={**base, "reason": reason})
+            sink.incr(COALESCE_ROWS_RESOLVED, rows, tags=tagged)
     if decided.late_arrivals:
         sink.incr(COALESCE_LATE_ARRIVALS, decided.late_arrivals, tags=base)
     if reopened:
@@ -116,11 +126,11 @@ def branch_try(tally: StepTally, tags: Mapping[str, str], *, sink: StatsSink = a
     :param tags: ``dag_id``, ``task_id`` (the step) and ``branch``.
     :param sink: where the metrics go.
     """
-    base = dict(tags)
+    base = _tags(tags)
     if tally.completed:
         sink.incr(BRANCH_ROWS_COMPLETED, tally.completed, tags=base)
     for reason, rows in tally.lost.items():
-        sink.incr(BRANCH_ROWS_LOST, rows, tags={**base, "reason": reason})
+        sink.incr(BRANCH_ROWS_LOST, rows, tags={**base, **_tags({"reason": reason})})
     if tally.late:
         sink.incr(BRANCH_ROWS_LATE, tally.late, tags=base)
     if tally.skipped:
@@ -134,4 +144,4 @@ def fork_rows(rows: int, tags: Mapping[str, str], *, sink: StatsSink = airflow_s
     :param tags: ``dag_id`` and ``task_id`` (the fork).
     :param sink: where the metrics go.
     """
-    sink.incr(FORK_ROWS, rows, tags=dict(tags))
+    sink.incr(FORK_ROWS, rows, tags=_tags(tags))
