@@ -120,7 +120,7 @@ def coalesce_pass(
 
 def branch_try(tally: StepTally, tags: Mapping[str, str], *, sink: StatsSink = airflow_stats) -> None:
     """One try of a branch step: the results it wrote and kept (a try that hit its failure threshold
-    keeps none of that chunk's failures: its retry processes those rows again).
+    keeps none of its failures: its retry processes those rows again).
 
     :param tally: the try's :meth:`~airflow_elspeth.runtime.branch.BranchRuntime.tally`.
     :param tags: ``dag_id``, ``task_id`` (the step) and ``branch``.

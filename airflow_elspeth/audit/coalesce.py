@@ -90,10 +90,6 @@ class DecidedRows:
     late_arrivals: int = 0
     waits_from_first_arrival_ms: tuple[int, ...] = ()
 
-    @property
-    def rows(self) -> int:
-        return self.merged + sum(self.failed.values())
-
     @classmethod
     def of(cls, writes: Iterable[DecisionWrite]) -> DecidedRows:
         """The tally of one chunk's decision writes (:func:`decide_chunk`'s, as written)."""

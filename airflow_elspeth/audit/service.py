@@ -20,7 +20,6 @@ from typing import Any
 from sqlalchemy import Engine
 
 from airflow_elspeth.audit.coalesce import (
-    DecidedRows,
     PassResult,
     WaitResult,
     coalesce_pass,
@@ -41,7 +40,6 @@ __all__ = [
     "CoalesceService",
     "CoalesceSpec",
     "Decided",
-    "DecidedRows",
     "Finalized",
     "PassResult",
     "failure_message",
