@@ -16,9 +16,9 @@ decision is therefore always what a replay of the stored log says, whatever the 
 from __future__ import annotations
 
 import functools
-from collections import defaultdict
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -74,12 +74,62 @@ from airflow_elspeth.exceptions import AuditInvariantError
 
 
 @dataclass(frozen=True)
+class DecidedRows:
+    """The decisions one pass wrote. A row is decided once (the pass decides only undecided rows,
+    under its chunks' exclusive lock), so the tallies of every pass of a coalesce add up to its
+    decisions without counting a row twice, whichever process ran them and however often.
+
+    ``failed``: rows per failure reason (resolutions, ``coalesce_task_<state>``, included);
+    ``late_arrivals``: branch tokens these decisions recorded as late (outcome ``late``);
+    ``waits_from_first_arrival_ms``: per row with an arrival, its decision time minus its first
+    arrival (``coalesce_decisions.wait_from_first_arrival_ms``).
+    """
+
+    merged: int = 0
+    failed: Mapping[str, int] = field(default_factory=dict)
+    late_arrivals: int = 0
+    waits_from_first_arrival_ms: tuple[int, ...] = ()
+
+    @classmethod
+    def of(cls, writes: Iterable[DecisionWrite]) -> DecidedRows:
+        """The tally of one chunk's decision writes (:func:`decide_chunk`'s, as written)."""
+        merged, late = 0, 0
+        failed: Counter[str] = Counter()
+        waits: list[int] = []
+        for write in writes:
+            row = write.decision
+            if row["decision"] == DecisionStatus.MERGED:
+                merged += 1
+            else:
+                failed[row["failure_reason"]] += 1
+            if row["wait_from_first_arrival_ms"] is not None:
+                waits.append(row["wait_from_first_arrival_ms"])
+            late += sum(1 for o in write.outcomes if o["outcome"] == TokenOutcome.LATE)
+        return cls(merged, dict(sorted(failed.items())), late, tuple(waits))
+
+    @classmethod
+    def combined(cls, parts: Iterable[DecidedRows]) -> DecidedRows:
+        """The tallies of several chunks as one."""
+        parts = list(parts)
+        failed: Counter[str] = Counter()
+        for part in parts:
+            failed.update(part.failed)
+        return cls(
+            sum(p.merged for p in parts),
+            dict(sorted(failed.items())),
+            sum(p.late_arrivals for p in parts),
+            tuple(wait for p in parts for wait in p.waits_from_first_arrival_ms),
+        )
+
+
+@dataclass(frozen=True)
 class PassResult:
     rows_total: int
     rows_decided: int
     deadline: datetime
     now: datetime
     newly_decided: int = 0  # rows this pass decided (or closed)
+    decided: DecidedRows = field(default_factory=DecidedRows)  # what this pass wrote, for the shells' metrics
 
     @property
     def done(self) -> bool:
@@ -273,6 +323,7 @@ def coalesce_pass(
         signatures = chunk_signatures(conn, spec, run, now, task_states)
     ended = ended_tasks_by_chunk(spec, run.chunks_total, task_states)
     decided_total = newly_decided = 0
+    tallies: list[DecidedRows] = []
     due: list[tuple[int, str, int]] = []  # (chunk, signature, rows decided before) to evaluate
     for chunk, (signature, decided, seen) in signatures.items():
         chunk_rows = run.chunk_rows(chunk)
@@ -305,6 +356,7 @@ def coalesce_pass(
                 )
                 decided_total += chunk_decided
                 newly_decided += chunk_decided - decided
+                tallies.append(DecidedRows.of(writes))
     if newly_decided and decided_total >= run.rows_total:
         # The run is decided: the summary, the report and the UI read these tables next.
         with store.engine.begin() as conn:
@@ -315,6 +367,7 @@ def coalesce_pass(
         deadline=deadline,
         now=now,
         newly_decided=newly_decided,
+        decided=DecidedRows.combined(tallies),
     )
 
 

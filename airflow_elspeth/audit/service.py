@@ -40,6 +40,8 @@ __all__ = [
     "CoalesceService",
     "CoalesceSpec",
     "Decided",
+    "Finalized",
+    "PassResult",
     "failure_message",
 ]
 
@@ -50,6 +52,15 @@ class Decided:
 
     result: PassResult
     reopened: int = 0
+
+
+@dataclass(frozen=True)
+class Finalized:
+    """What :meth:`CoalesceService.finalize` did: its pass, and the summary after it (with
+    ``coalesce_task_state`` and ``rows_resolved_by_finalizer``)."""
+
+    summary: dict[str, Any]
+    result: PassResult
 
 
 class CoalesceService:
@@ -87,16 +98,16 @@ class CoalesceService:
             reopened = supersede_resolutions(self._store, self.spec, run_id, before=reopen_before)
         return Decided(coalesce_pass(self._store, self.spec, run_id, task_states), reopened)
 
-    def finalize(self, run_id: str, task_states: Mapping[str, str], ended_state: str) -> dict[str, Any]:
+    def finalize(self, run_id: str, task_states: Mapping[str, str], ended_state: str) -> Finalized:
         """After the coalesce task ended for good (in ``ended_state``): decide what the policy can,
-        close every other row (``coalesce_task_<ended_state>``); the summary, with
+        close every other row (``coalesce_task_<ended_state>``); the pass and the summary, with
         ``coalesce_task_state`` and ``rows_resolved_by_finalizer``."""
         self._register(run_id)
         result = coalesce_pass(self._store, self.spec, run_id, task_states, ended_state=ended_state)
         summary = self.summary(run_id)
         summary["coalesce_task_state"] = ended_state
         summary["rows_resolved_by_finalizer"] = result.newly_decided
-        return summary
+        return Finalized(summary, result)
 
     def poll(
         self, run_id: str, task_states: Mapping[str, str], undecidable: dict[int, str] | None = None

@@ -15,7 +15,7 @@ from typing import Any
 from airflow.sdk import BaseOperator, Context
 from airflow.sdk.exceptions import AirflowTaskTerminated, AirflowTaskTimeout
 
-from airflow_elspeth import topology
+from airflow_elspeth import metrics, topology
 from airflow_elspeth.audit.read.work import WorkItem
 from airflow_elspeth.audit.store import NodeResult
 from airflow_elspeth.core.canonical import PayloadLimit, hash_value, payload_size
@@ -240,6 +240,10 @@ class BranchOperator(BaseOperator):
             raise
         finally:
             runtime.close()
+            # What this try wrote and kept, also when it ends on an exception (its rows stay written).
+            metrics.branch_try(
+                runtime.tally(), {"dag_id": ti.dag_id, "task_id": self.task_id, "branch": self.branch}
+            )
         summary = {"branch": self.branch, "audit_run_id": run_id, "chunks": chunks, **counts}
         self.log.info("Branch %s: %s", self.branch, summary)
         return summary

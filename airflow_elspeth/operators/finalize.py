@@ -6,6 +6,7 @@ from typing import Any
 
 from airflow.sdk import BaseOperator, Context
 
+from airflow_elspeth import metrics
 from airflow_elspeth.coalesce_task import SUMMARY_XCOM_KEY, coalesce_spec, read_task_states
 from airflow_elspeth.core.vocabulary import TASK_SUCCESS, fork_task_run_reason
 from airflow_elspeth.hooks.audit import ElspethAuditHook
@@ -87,7 +88,10 @@ class CoalesceFinalizer(BaseOperator):
         spec = coalesce_spec(self.dag.get_task(self.coalesce_task_id))
         service = hook.get_coalesce_service(spec)
         branch_states = read_task_states(ti.get_task_states, ti.dag_id, ti.run_id, spec.delivering.values())
-        summary = service.finalize(ref["audit_run_id"], branch_states, coalesce_state)
+        finalized = service.finalize(ref["audit_run_id"], branch_states, coalesce_state)
+        tags = metrics.coalesce_tags(ti.dag_id, self.coalesce_task_id, spec.config.policy.value)
+        metrics.coalesce_pass(finalized.result, tags)
+        summary = finalized.summary
         summary["tolerated_failures"] = self.tolerated_failures
         summary["tolerated_failure_rate"] = self.tolerated_failure_rate
         resolved = summary["rows_resolved_by_finalizer"]

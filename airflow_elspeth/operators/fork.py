@@ -9,6 +9,7 @@ from typing import Any
 from airflow.sdk import BaseOperator, Context, XComArg, conf
 from airflow.sdk.exceptions import AirflowFailException, AirflowTaskTerminated
 
+from airflow_elspeth import metrics
 from airflow_elspeth.audit.read.rows import iter_merged_rows
 from airflow_elspeth.audit.store import AuditStore, ForkRow, RunIdentity, duplicate_key_error
 from airflow_elspeth.core.canonical import PayloadLimit, row_key_text
@@ -230,6 +231,7 @@ class ForkOperator(BaseOperator):
         except BaseException as err:  # retried by Airflow (or the task ends): re-raised unchanged
             self._close_failed_run(store, run_id, fork_error_run_reason(err), err, context, pushed)
             raise
+        metrics.fork_rows(rows_total, {"dag_id": ti.dag_id, "task_id": self.task_id})
         self.log.info(
             "Forked %d rows into %d chunks x %d branches (audit run %s)",
             rows_total,

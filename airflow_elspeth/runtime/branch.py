@@ -13,14 +13,21 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
 
 from airflow_elspeth.audit.dml import TRANSIENT_ERRORS
+from airflow_elspeth.audit.log import loss_reason
 from airflow_elspeth.audit.read.work import WorkItem, branch_work, decided_in_chunk, decisions_in_chunk
 from airflow_elspeth.audit.store import AuditStore, NodeResult
-from airflow_elspeth.core.vocabulary import TERMINAL_NODE_STATUSES, DecisionStatus, NodeStatus, late_reason
+from airflow_elspeth.core.vocabulary import (
+    DROPPED,
+    TERMINAL_NODE_STATUSES,
+    DecisionStatus,
+    NodeStatus,
+    late_reason,
+)
 from airflow_elspeth.exceptions import BranchFailureThresholdError
 
 # How often the writer reads which rows of its chunk were decided: a row decided while the branch
@@ -94,6 +101,19 @@ class StepRun:
     coalesces: tuple[str, ...]
     final_step: bool
     delivering_to: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class StepTally:
+    """What one try of a branch step wrote and kept: ``completed`` arrivals, ``lost`` rows per loss
+    reason (``dropped``, ``error:<Type>``, ``contract:<field>``; none of the failures of a try that hit
+    its failure threshold, which its retry processes again), ``late`` results (``discarded``: their
+    row was decided meanwhile) and ``skipped`` rows (decided before they started)."""
+
+    completed: int = 0
+    lost: Mapping[str, int] = field(default_factory=dict)
+    late: int = 0
+    skipped: int = 0
 
 
 def row_result(item: WorkItem, chunk: int, **fields: Any) -> NodeResult:
@@ -192,6 +212,16 @@ class BranchRuntime:
     def close(self) -> None:
         """Stop the pool (idempotent): no row starts any more; a busy worker is abandoned."""
         self.pool.close()
+
+    def tally(self) -> StepTally:
+        """What this try wrote and kept so far (its metrics: ``airflow_elspeth.metrics.branch_try``)."""
+        counts = self.writer.counts
+        return StepTally(
+            completed=counts[NodeStatus.COMPLETED],
+            lost=dict(sorted(self.writer.lost.items())),
+            late=counts[NodeStatus.DISCARDED],
+            skipped=counts["skipped_decided"],
+        )
 
 
 @dataclass(frozen=True, eq=False)
@@ -343,6 +373,7 @@ class ResultWriter:
         self.log = log
         self.counts: Counter[str] = Counter()
         self.errors: Counter[str] = Counter()
+        self.lost: Counter[str] = Counter()  # kept losses written by this try, per loss reason
         self.decided: set[str] = set()
         self.buffer: list[NodeResult] = []
         self.buffered: set[str] = set()  # the buffer's token ids
@@ -513,6 +544,11 @@ class ResultWriter:
             delivering_to=step.delivering_to,
         )
         self.counts.update(str(r.status) for r in marked)
+        self.lost.update(
+            loss_reason(r.status, r.error)
+            for r in marked
+            if r.status in (NodeStatus.DROPPED, NodeStatus.FAILED)
+        )
         self.errors.update(str((r.error or {}).get("type")) for r in marked if r.status == NodeStatus.FAILED)
 
     def _refresh_decided(self) -> None:
@@ -558,6 +594,8 @@ class ResultWriter:
 
     def _abort(self) -> None:
         self.aborted = True
+        # Every failure of this try becomes ``aborted`` and is processed again by the next try.
+        self.lost = Counter({DROPPED: self.lost[DROPPED]}) if self.lost[DROPPED] else Counter()
         self.store.abort_attempt_errors(
             self.step.run_id, self.settings.node_id, self.step.attempt, {self.chunk: self.tokens_total}
         )

@@ -15,6 +15,7 @@ from airflow.sdk.exceptions import (
     AirflowTaskTimeout,
 )
 
+from airflow_elspeth import metrics
 from airflow_elspeth.audit.service import (
     TRANSIENT_ERROR_GRACE,
     TRANSIENT_ERRORS,
@@ -302,6 +303,11 @@ class CoalesceSensor(BaseSensorOperator):
         service = self.service()
         states = self._task_states(context, list(service.spec.delivering.values()))
         decided = service.decide(run_id, states, reopen_before=_try_start(context))
+        metrics.coalesce_pass(
+            decided.result,
+            metrics.coalesce_tags(context["ti"].dag_id, self.task_id, self.coalesce.policy.value),
+            reopened=decided.reopened,
+        )
         if decided.reopened:
             self.log.info(
                 "%s: reopened %d rows resolved when an earlier try ended", self.task_id, decided.reopened

@@ -277,6 +277,11 @@ class CoalesceTrigger(BaseTrigger):
             raise ValueError("poll needs the audit run (wait_for_fork finds it first)")
         found = self.service(spec).poll(self.run_id, task_states, self._undecidable)
         if found.passed is not None:
+            from airflow_elspeth import metrics
+
+            metrics.coalesce_pass(
+                found.passed, metrics.coalesce_tags(self.dag_id, spec.node_id, spec.config.policy.value)
+            )
             self.log.info(
                 "coalesce %s: %d/%d rows decided in the triggerer (%d now)",
                 spec.node_id,

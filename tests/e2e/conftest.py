@@ -1,7 +1,8 @@
 """Fixtures of the end-to-end suite: real Airflow deployments shared by the e2e tests.
 
 ``airflow_stack`` (session) starts the scheduler, triggerer, dag-processor and api-server on the
-suite's PostgreSQL server (``pg_proc``) and stops them at the end. ``celery_stack`` (session) is a
+suite's PostgreSQL server (``pg_proc``) and stops them at the end; they send the provider's metrics
+to ``statsd_listener`` (session), a StatsD server on loopback. ``celery_stack`` (session) is a
 second deployment whose default executor is the CeleryExecutor, with two ``airflow celery worker``
 processes and a Redis broker of its own (``redis_server``; without ``redis-server`` its tests are
 skipped, or fail when ``CI=true``). When an e2e test fails, the tail of every process log and of the
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import pytest
 from e2e_harness import AirflowStack, AuditDB, RedisServer
+from statsd_listener import StatsdListener
 
 STACK_FIXTURES = ("airflow_stack", "celery_stack")
 
@@ -37,9 +39,21 @@ def _running(stack: AirflowStack) -> Iterator[AirflowStack]:
 
 
 @pytest.fixture(scope="session")
-def airflow_stack(pg_proc: object, tmp_path_factory: pytest.TempPathFactory) -> Iterator[AirflowStack]:
+def statsd_listener() -> Iterator[StatsdListener]:
+    """The StatsD server of the ``airflow_stack`` deployment (tests/e2e/test_e2e_metrics.py)."""
+    listener = StatsdListener()
+    yield listener
+    listener.close()
+
+
+@pytest.fixture(scope="session")
+def airflow_stack(
+    pg_proc: object, tmp_path_factory: pytest.TempPathFactory, statsd_listener: StatsdListener
+) -> Iterator[AirflowStack]:
     home = tmp_path_factory.mktemp("airflow-e2e")
-    yield from _running(AirflowStack(pg=pg_proc, home=Path(home)))
+    # Airflow's own metrics are left out by its allow list: only the provider's are sent.
+    metrics = statsd_listener.airflow_env(allow=r"^elspeth\.")
+    yield from _running(AirflowStack(pg=pg_proc, home=Path(home), extra_env=metrics))
 
 
 @pytest.fixture(scope="session")

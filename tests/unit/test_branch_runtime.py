@@ -29,6 +29,7 @@ from airflow_elspeth.runtime.branch import (
     ResultWriter,
     StepRun,
     StepSettings,
+    StepTally,
     WorkerPool,
     row_result,
 )
@@ -222,6 +223,7 @@ def test_rows_decided_meanwhile_are_skipped_not_run_and_a_late_result_is_discard
     assert held.called == ["r0"]
     assert outcome["returned"] == {"discarded": 1, "skipped_decided": ROWS - 1, "resumed_done": 0}
     assert states(store, run_id, "slow") == {"r0": "discarded"}
+    assert runtime.tally() == StepTally(late=1, skipped=ROWS - 1)  # what its metrics report
 
 
 def test_too_many_failed_rows_abort_the_try_and_fail_it(store: AuditStore) -> None:
@@ -245,6 +247,7 @@ def test_too_many_failed_rows_abort_the_try_and_fail_it(store: AuditStore) -> No
     written = states(store, run_id, "slow")
     assert {"r0", "r1", "r2"} <= written.keys()
     assert set(written.values()) == {"aborted"}
+    assert runtime.tally() == StepTally()  # no loss kept: the next try processes these rows again
 
 
 def test_a_write_that_fails_is_raised_to_the_caller(store: AuditStore) -> None:
@@ -330,6 +333,7 @@ def test_the_rows_finished_before_the_task_ended_are_written_on_the_way_out(
     assert states(store, run_id, "slow") == (
         {"r0": "completed", "r1": "failed"} if expire else {"r0": "completed"}
     )
+    assert runtime.tally() == StepTally(completed=1, lost={"error:ValueError": 1} if expire else {})
 
 
 def test_a_failure_to_write_on_the_way_out_is_logged_not_raised(
