@@ -58,10 +58,13 @@ def create_audit_engine(url: str | URL, **kwargs: Any) -> Engine:
         event.listen(engine, "connect", _sqlite_on_connect)
         return engine
     if backend == "postgresql":
-        # SQLAlchemy 2.1 does not batch INSERT ... ON CONFLICT without RETURNING (insertmanyvalues is
-        # off for post-values clauses): psycopg2's executemany is then one round trip per row.
-        # values_plus_batch sends them through psycopg2.extras.execute_batch (100 rows a round trip).
-        kwargs.setdefault("executemany_mode", "values_plus_batch")
+        if url.get_driver_name() == "psycopg2":
+            # SQLAlchemy 2.1 does not batch INSERT ... ON CONFLICT without RETURNING (insertmanyvalues
+            # is off for post-values clauses): psycopg2's executemany is then one round trip per row.
+            # values_plus_batch sends them through psycopg2.extras.execute_batch (100 rows a round
+            # trip). psycopg 3 (a plain postgresql:// URL) pipelines executemany itself and has no
+            # such option.
+            kwargs.setdefault("executemany_mode", "values_plus_batch")
         return create_engine(url, pool_pre_ping=True, **kwargs)
     raise ValueError(
         f"the Elspeth audit store runs on sqlite or postgresql, not {backend!r} "

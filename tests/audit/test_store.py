@@ -232,3 +232,23 @@ def test_raw_inserts_page_large_batches_and_stay_idempotent(audit_engine: Engine
             insert_tuples(conn, t.payloads, ("hash", "body"), bodies)
     with audit_engine.connect() as conn:
         assert conn.execute(select(func.count()).select_from(t.payloads)).scalar_one() == 2_500
+
+
+def test_a_plain_postgresql_url_opens_a_working_store(pg_url: str) -> None:
+    """``postgresql://`` (SQLAlchemy's default driver, psycopg 3) works as ``postgresql+psycopg2://``:
+    the store migrates, writes a chunk idempotently and reads it back."""
+    from sqlalchemy.engine import make_url
+
+    from airflow_elspeth.audit.engine import dispose_engine, engine_for_url
+
+    url = make_url(pg_url).set(drivername="postgresql").render_as_string(hide_password=False)
+    engine = engine_for_url(url)
+    try:
+        assert engine.dialect.driver == "psycopg"
+        store = AuditStore(engine)
+        run_id = store.begin_run(identity(), branches=BRANCHES, chunk_size=CHUNK, config={"b": BRANCHES})
+        store.write_fork_chunk(run_id, BRANCHES, 0, fork_rows(0, 50))
+        store.write_fork_chunk(run_id, BRANCHES, 0, fork_rows(0, 50))
+        assert [key for key, _ in iter_source_rows(engine, run_id)] == [f"k{i}" for i in range(50)]
+    finally:
+        dispose_engine(url)
