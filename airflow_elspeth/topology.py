@@ -542,14 +542,15 @@ def store_mismatch(task: Any, audit_conn_id: str | None, fork: Any) -> str | Non
 def fork_store(task: Any, audit_conn_id: str | None, fork: Any) -> str | None:
     """The ``audit_conn_id`` a task of ``fork`` uses: the fork's, inherited when the task names none.
 
-    :param task: the BranchOperator or CoalesceSensor being built (its DAG, if any, is named).
+    :param task: the BranchOperator or CoalesceSensor being built (its constructor names its DAG:
+        :func:`airflow_elspeth.config_errors.names_task`).
     :param audit_conn_id: the ``audit_conn_id`` it was given.
     :param fork: its ForkOperator.
     :raises TopologyError: the task names another store than its fork (see :func:`store_mismatch`).
     """
     problem = store_mismatch(task, audit_conn_id, fork)
     if problem is not None:
-        raise TopologyError(f"DAG {task.dag_id!r}: {problem}" if task.has_dag() else problem)
+        raise TopologyError(problem)
     return _named_store(fork)
 
 

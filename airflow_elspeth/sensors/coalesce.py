@@ -24,6 +24,7 @@ from airflow_elspeth.audit.service import (
 )
 from airflow_elspeth.coalesce_task import SUMMARY_XCOM_KEY, coalesce_spec, read_task_states
 from airflow_elspeth.coalesce_task import output_contract as coalesce_output_contract
+from airflow_elspeth.config_errors import in_task, names_task
 from airflow_elspeth.core.config import ON_COLLISION_RECORD, MergeStrategy, Policy, coalesce_config
 from airflow_elspeth.core.vocabulary import ENDED_TASK_STATES, TASK_SUCCESS
 from airflow_elspeth.exceptions import (
@@ -128,6 +129,7 @@ class CoalesceSensor(BaseSensorOperator):
     _elspeth_role = "coalesce"
     operator_extra_links = (CoalesceAuditLink(),)
 
+    @names_task
     def __init__(
         self,
         *,
@@ -253,7 +255,8 @@ class CoalesceSensor(BaseSensorOperator):
         a DAG that bypassed that check still fails here, naming the problem.
         """
         try:
-            return coalesce_spec(self)
+            with in_task(self):
+                return coalesce_spec(self)
         except ElspethConfigError as err:  # TopologyError, or a mapped step's invalid output_fields
             raise AirflowFailException(str(err)) from err
 
@@ -270,7 +273,9 @@ class CoalesceSensor(BaseSensorOperator):
 
     def service(self) -> CoalesceService:
         """This coalesce's way into its fork's audit store."""
-        return ElspethAuditHook(audit_conn_id=self.audit_conn_id).get_coalesce_service(self.spec())
+        spec = self.spec()
+        with in_task(self):  # the audit connection's configuration names DAG and task
+            return ElspethAuditHook(audit_conn_id=self.audit_conn_id).get_coalesce_service(spec)
 
     def _fork_ref(self, context: Context) -> dict[str, Any] | None:
         """The fork's audit run, or None while the fork has not completed (fails if it never will)."""

@@ -239,7 +239,7 @@ def test_contracts_are_only_merged_for_a_union(merge: str) -> None:
 def test_a_bad_contract_fails_the_step_naming_the_field() -> None:
     fork = _fork()
     with pytest.raises(
-        ElspethConfigError, match=r"ask_a: output_fields\['when'\]: type <class 'datetime.datetime'>"
+        ElspethConfigError, match=r"task 'ask_a': output_fields\['when'\]: type <class 'datetime.datetime'>"
     ):
         BranchOperator(
             task_id="ask_a", fork=fork, branch="a", python_callable=dict, output_fields={"when": datetime}
