@@ -433,8 +433,9 @@ def test_a_step_naming_another_store_than_its_fork_fails_at_parse_time(
             )
     assert str(raised.value) == (
         "DAG 'store_step_mismatch', task 'ask_a': BranchOperator 'ask_a' names audit_conn_id "
-        f"'other_store' but its fork 'orders' names {named_by_fork}: a fork's branch steps, coalesces and finalizers write to "
-        "the fork's audit store; leave audit_conn_id unset on 'ask_a' (it then inherits the fork's)"
+        f"'other_store' but its fork 'orders' names {named_by_fork}: a fork's branch steps, coalesces "
+        "and finalizers write to the fork's audit store; leave audit_conn_id unset on 'ask_a' (it then "
+        "inherits the fork's)"
     )
 
 
