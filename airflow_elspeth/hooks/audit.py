@@ -96,7 +96,7 @@ def _warn_legacy_type(conn_id: str) -> None:
     log.warning(
         "Connection %r has the type %r, the former name of %r: Airflow warns on every lookup of it "
         "that connection schemes shall not contain '_'. It works as it is; give it the type %r to end "
-        "both warnings (README, \"The audit store\").",
+        'both warnings (README, "The audit store").',
         conn_id,
         LEGACY_CONN_TYPE,
         CONN_TYPE,

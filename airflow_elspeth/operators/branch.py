@@ -125,9 +125,7 @@ class BranchOperator(BaseOperator):
         if not isinstance(may_drop, bool):
             raise ElspethConfigError(f"may_drop must be True or False, got {may_drop!r}")
         self.contract: Contract | None = (
-            contract_of(output_fields, param="output_fields")
-            if output_fields is not None
-            else None
+            contract_of(output_fields, param="output_fields") if output_fields is not None else None
         )
         _check_int("row_retries", row_retries, minimum=0)
         _check_number("row_retry_delay", row_retry_delay, positive=False)

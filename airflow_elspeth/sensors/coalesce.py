@@ -35,6 +35,7 @@ from airflow_elspeth.exceptions import (
 from airflow_elspeth.hooks.audit import ElspethAuditHook
 from airflow_elspeth.operators.finalize import CoalesceFinalizer
 from airflow_elspeth.operators.fork import ForkOperator, fork_ref
+from airflow_elspeth.topology import RESCHEDULE_RACE_POKE_SECONDS as RESCHEDULE_RACE_POKE_SECONDS
 from airflow_elspeth.topology import fork_store
 
 # The key of the summary in the extra of the Asset events of the coalesce's outlets.
@@ -53,10 +54,9 @@ FRAMEWORK_TIMEOUT_MARGIN = timedelta(minutes=10)
 # then the try fails and Airflow retries it (a coalesce retries by default: its passes are idempotent).
 DEFAULT_RETRIES = 2
 DEFAULT_RETRY_DELAY = timedelta(seconds=15)
-# Below this reschedule poke interval Airflow's scheduler often fails a sensor on a stale executor
-# event of its previous poke (README, "Running it for real"): the retry resumes, but it is noise.
-RESCHEDULE_RACE_POKE_SECONDS = 10.0
 FINALIZER_SUFFIX = "_finalize"
+# RESCHEDULE_RACE_POKE_SECONDS (imported above, for the DAGs that wait just long enough): the shortest
+# reschedule poke interval without a parse-time warning (topology.dag_warnings).
 
 
 class CoalesceAuditLink(BaseOperatorLink):
@@ -207,20 +207,6 @@ class CoalesceSensor(BaseSensorOperator):
             if deferrable is not None
             else conf.getboolean("operators", "default_deferrable", fallback=False)
         )
-        if (
-            not self.deferrable
-            and self.mode == "reschedule"
-            and float(self.poke_interval) < RESCHEDULE_RACE_POKE_SECONDS
-        ):
-            self.log.warning(
-                "%s: mode='reschedule' with poke_interval=%ss: Airflow's scheduler may fail a "
-                "reschedule-mode sensor on the stale executor event of its previous poke "
-                "(apache/airflow#71172), more often the shorter the interval. The coalesce retries "
-                "and resumes, but use poke_interval >= %ss, mode='poke' or deferrable=True.",
-                self.task_id,
-                self.poke_interval,
-                RESCHEDULE_RACE_POKE_SECONDS,
-            )
         self.audit_conn_id = fork_store(self, audit_conn_id, fork)  # its trigger and finalizer's too
         self.finalizer = self._add_finalizer(str(task_id), fork) if self.has_dag() else None
 
