@@ -35,6 +35,8 @@ from airflow_elspeth.exceptions import (
 from airflow_elspeth.hooks.audit import ElspethAuditHook
 from airflow_elspeth.operators.finalize import CoalesceFinalizer
 from airflow_elspeth.operators.fork import ForkOperator, fork_ref
+
+# Re-exported: the shortest reschedule poke interval without a parse-time warning (dag_warnings).
 from airflow_elspeth.topology import RESCHEDULE_RACE_POKE_SECONDS as RESCHEDULE_RACE_POKE_SECONDS
 from airflow_elspeth.topology import fork_store
 
@@ -55,8 +57,6 @@ FRAMEWORK_TIMEOUT_MARGIN = timedelta(minutes=10)
 DEFAULT_RETRIES = 2
 DEFAULT_RETRY_DELAY = timedelta(seconds=15)
 FINALIZER_SUFFIX = "_finalize"
-# RESCHEDULE_RACE_POKE_SECONDS (imported above, for the DAGs that wait just long enough): the shortest
-# reschedule poke interval without a parse-time warning (topology.dag_warnings).
 
 
 class CoalesceAuditLink(BaseOperatorLink):
