@@ -641,3 +641,25 @@ def test_an_offending_value_of_shared_references_is_shown_cut_without_expanding_
 def test_an_output_keeping_the_contract_is_completed() -> None:
     result, _ = _contract_result({"when": "today", "n": 2, "extra": None})
     assert result.status == "completed" and result.output_hash
+
+
+def test_a_bad_setting_or_audit_connection_at_run_time_names_the_dag_and_the_task(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    fork, sensor = build()
+    monkeypatch.setenv("AIRFLOW__ELSPETH__MAX_ROW_BYTES", "0")
+    with pytest.raises(ElspethConfigError) as err:
+        fork.execute(context(FakeTI()))
+    assert str(err.value).startswith(f"DAG {DAG_ID!r}, task 'fork': [elspeth] max_row_bytes must be"), (
+        err.value
+    )
+    monkeypatch.delenv("AIRFLOW__ELSPETH__MAX_ROW_BYTES")
+    monkeypatch.setenv("AIRFLOW_CONN_NO_URL", json.dumps({"conn_type": "mysql", "host": "db"}))
+    monkeypatch.setenv("AIRFLOW__ELSPETH__AUDIT_CONN_ID", "no_url")
+    expected = "connection 'no_url' of type 'mysql': give the extra 'sqlalchemy_url' or 'drivername'"
+    with pytest.raises(ElspethConfigError) as err:
+        fork.execute(context(FakeTI()))
+    assert str(err.value).startswith(f"DAG {DAG_ID!r}, task 'fork': {expected}"), err.value
+    with pytest.raises(ElspethConfigError) as err:
+        sensor.service()
+    assert str(err.value).startswith(f"DAG {DAG_ID!r}, task 'coalesce': {expected}"), err.value
