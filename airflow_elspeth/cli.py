@@ -31,6 +31,7 @@ from rich.text import Text
 from rich.tree import Tree
 from sqlalchemy import Engine
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
 from airflow_elspeth.audit.engine import engine_for_url
 from airflow_elspeth.audit.read.decisions import run_summaries
@@ -816,13 +817,30 @@ def upgrade(target: Target, as_json: bool) -> None:
     from airflow_elspeth.audit import migrate
 
     engine = target.engine(upgrade=False)
-    migrate.upgrade(engine)
-    revision = migrate.current_revision(engine)
+    # Every line names the store (its URL, the password masked, and the connection it came from):
+    # a deployment has several (the default, a fork's audit_conn_id, a --url).
+    try:
+        before = migrate.current_revision(engine)
+        migrate.upgrade(engine)
+        revision = migrate.current_revision(engine)
+    except SQLAlchemyError as err:
+        reason = str(err.orig) if isinstance(err, DBAPIError) else str(err)
+        raise click.ClickException(
+            f"cannot upgrade audit store {target.where}: {type(err).__name__}: {reason.strip()}"
+        ) from err
     url = engine.url.render_as_string(hide_password=True)
     if as_json:
-        _emit_json({"url": url, "revision": revision})
+        _emit_json({"url": url, "store": target.where, "previous_revision": before, "revision": revision})
+    elif before == revision:
+        console.print(
+            f"audit store {escape(target.where)} is at revision [bold]{revision}[/] (already)", soft_wrap=True
+        )
     else:
-        console.print(f"audit store {url} is at revision [bold]{revision}[/]")
+        console.print(
+            f"audit store {escape(target.where)} upgraded from {before or 'an empty database'} to "
+            f"revision [bold]{revision}[/]",
+            soft_wrap=True,
+        )
 
 
 if __name__ == "__main__":

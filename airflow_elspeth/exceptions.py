@@ -14,7 +14,30 @@ class ElspethError(Exception):
 
 
 class ElspethConfigError(ElspethError, ValueError):
-    """Invalid fork/branch/coalesce configuration; the message names the parameter and the bad value."""
+    """Invalid fork/branch/coalesce configuration; the message names the parameter and the bad value.
+
+    Raised from a task (its constructor, or its run for the audit store's configuration), the
+    message also starts with the DAG and the task (:meth:`located`): Airflow shows an import error's
+    traceback cut to its last frames, which are the provider's, not the DAG file's.
+    """
+
+    dag_id: str | None = None
+    task_id: str | None = None
+
+    def located(self, dag_id: str | None, task_id: str | None) -> ElspethConfigError:
+        """This error, of the same class, with the DAG and the task named in front of its message.
+
+        An error already located is returned as it is (an inner task's names stand).
+
+        :param dag_id: the task's DAG; None while the task has none yet (it is added to one later).
+        :param task_id: the task.
+        """
+        if self.task_id is not None or task_id is None:
+            return self
+        where = f"DAG {dag_id!r}, task {task_id!r}" if dag_id is not None else f"task {task_id!r}"
+        error = type(self)(f"{where}: {self}")
+        error.dag_id, error.task_id = dag_id, task_id
+        return error
 
 
 class TopologyError(ElspethConfigError):

@@ -57,7 +57,7 @@ def get_provider_info() -> dict[str, Any]:
             {
                 "hook-class-name": "airflow_elspeth.hooks.audit.ElspethAuditHook",
                 "hook-name": "Elspeth Audit Store",
-                "connection-type": "elspeth_audit",
+                "connection-type": "elspeth",
                 "ui-field-behaviour": {
                     "hidden-fields": [],
                     "relabeling": {"schema": "Database"},

@@ -6,8 +6,10 @@ calls :func:`dag_policy` for every DAG it bags; a raised ``AirflowClusterPolicyV
 DAG out of the bag and is recorded as the file's import error, so a coalesce over a branch that no
 step of its fork delivers is reported when the DAG is parsed, not when it runs.
 
-A sound DAG that is certain to fail rows (:func:`airflow_elspeth.topology.dag_warnings`) is bagged,
-with each warning logged and issued as an :class:`~airflow_elspeth.exceptions.ElspethDagWarning`.
+A sound DAG that is certain to fail rows, or waits in a way Airflow handles badly
+(:func:`airflow_elspeth.topology.dag_warnings`), is bagged, with each warning issued once per parse as
+an :class:`~airflow_elspeth.exceptions.ElspethDagWarning` naming the DAG and the task (Airflow writes
+Python warnings to its log where it has configured logging).
 Airflow 3.3's "DAG warnings" (``airflow.models.dagwarning``) take only Airflow's own closed
 ``DagWarningType`` (asset conflicts, missing pools, runtime-varying values) and the DAG processor
 records Python warnings only while it imports the file, before the policy runs; so the warning goes
@@ -17,13 +19,10 @@ with warnings shown (``python my_dag.py``, ``pytest``, ``airflow dags test``).
 
 from __future__ import annotations
 
-import logging
 import warnings
 from typing import Any
 
 from airflow.policies import hookimpl
-
-log = logging.getLogger(__name__)
 
 
 def structure_error(dag: Any) -> str | None:
@@ -45,8 +44,8 @@ def structure_error(dag: Any) -> str | None:
 
 
 def warn_structure(dag: Any) -> list[str]:
-    """Log and issue (as :class:`~airflow_elspeth.exceptions.ElspethDagWarning`) each of ``dag``'s
-    parse-time warnings; returns them.
+    """Issue each of ``dag``'s parse-time warnings once, as an
+    :class:`~airflow_elspeth.exceptions.ElspethDagWarning` naming the DAG; returns them.
 
     :param dag: a DAG.
     """
@@ -57,11 +56,16 @@ def warn_structure(dag: Any) -> list[str]:
         return []
     found = topology.dag_warnings(dag)
     for message in found:
-        text = f"DAG {dag.dag_id!r}: {message}"
-        log.warning("%s", text)
-        # Attributed to the DAG's file, not to this module: that is where the author looks.
+        # Issued once, as a warning only: wherever Airflow has configured its logging (the DAG
+        # processor, a task's parse of its file) it writes Python warnings to the log itself
+        # (logger ``py.warnings``), so a log record of our own would say everything twice. No
+        # registry: every parse issues it again. Attributed to the DAG's file, not to this module:
+        # that is where the author looks.
         warnings.warn_explicit(
-            text, ElspethDagWarning, filename=str(getattr(dag, "fileloc", "") or __file__), lineno=1
+            f"DAG {dag.dag_id!r}: {message}",
+            ElspethDagWarning,
+            filename=str(getattr(dag, "fileloc", "") or __file__),
+            lineno=1,
         )
     return found
 

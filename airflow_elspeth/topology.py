@@ -40,6 +40,9 @@ COALESCE: Final = "coalesce"
 FINALIZER: Final = "finalizer"
 # The roles the structure is made of; other markers (e.g. ``"finalizer"``) are elspeth tasks too.
 ROLES: Final = (FORK, BRANCH, COALESCE)
+# Below this reschedule poke interval Airflow's scheduler often fails a sensor on a stale executor
+# event of its previous poke (README, "Running it for real"): the retry resumes, but it is noise.
+RESCHEDULE_RACE_POKE_SECONDS: Final = 10.0
 BranchStep = tuple[str, str, bool]  # (fork task id, branch, mapped)
 Delivering = dict[str, tuple[str, bool]]  # branch -> (task id, mapped)
 
@@ -448,6 +451,8 @@ def dag_warnings(dag: Any) -> list[str]:
     branch without ``row_retries`` (one error there loses the row on the branch, and so fails it).
     For every unmapped ``union`` coalesce with ``on_collision="fail_row"``: a field that several
     branches' contracts declare (each row merging those branches fails ``field_collision``).
+    For every unmapped coalesce waiting in reschedule mode with a ``poke_interval`` below
+    :data:`RESCHEDULE_RACE_POKE_SECONDS`: Airflow's scheduler race on reschedule pokes.
     The messages name the coalesce, the branch and the step (or the field and the branches).
 
     :param dag: a DAG (its tasks are read, never changed).
@@ -457,11 +462,28 @@ def dag_warnings(dag: Any) -> list[str]:
         config = _coalesce_config(task) if role_of(task) == COALESCE else None
         if config is None:
             continue
+        found.extend(_reschedule_race_warnings(task))
         if config.policy is Policy.REQUIRE_ALL:
             found.extend(_lossy_step_warnings(task))
         if config.fails_on_collision:
             found.extend(_certain_collision_warnings(task))
     return found
+
+
+def _reschedule_race_warnings(coalesce_task: Any) -> list[str]:
+    """A coalesce rescheduled more often than Airflow's scheduler handles reliably (see dag_warnings)."""
+    if getattr(coalesce_task, "deferrable", False) or getattr(coalesce_task, "mode", None) != "reschedule":
+        return []
+    interval = float(coalesce_task.poke_interval)
+    if interval >= RESCHEDULE_RACE_POKE_SECONDS:
+        return []
+    return [
+        f"coalesce {coalesce_task.task_id!r}: mode='reschedule' with poke_interval={interval:g}s: "
+        "Airflow's scheduler may fail a reschedule-mode sensor on the stale executor event of its "
+        "previous poke (apache/airflow#71172), more often the shorter the interval; the coalesce "
+        f"retries and resumes, but use poke_interval >= {RESCHEDULE_RACE_POKE_SECONDS:g}s, mode='poke' "
+        "or deferrable=True"
+    ]
 
 
 def _lossy_step_warnings(coalesce_task: Any) -> list[str]:
@@ -542,14 +564,15 @@ def store_mismatch(task: Any, audit_conn_id: str | None, fork: Any) -> str | Non
 def fork_store(task: Any, audit_conn_id: str | None, fork: Any) -> str | None:
     """The ``audit_conn_id`` a task of ``fork`` uses: the fork's, inherited when the task names none.
 
-    :param task: the BranchOperator or CoalesceSensor being built (its DAG, if any, is named).
+    :param task: the BranchOperator or CoalesceSensor being built (its constructor names its DAG:
+        :func:`airflow_elspeth.config_errors.names_task`).
     :param audit_conn_id: the ``audit_conn_id`` it was given.
     :param fork: its ForkOperator.
     :raises TopologyError: the task names another store than its fork (see :func:`store_mismatch`).
     """
     problem = store_mismatch(task, audit_conn_id, fork)
     if problem is not None:
-        raise TopologyError(f"DAG {task.dag_id!r}: {problem}" if task.has_dag() else problem)
+        raise TopologyError(problem)
     return _named_store(fork)
 
 

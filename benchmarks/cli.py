@@ -174,7 +174,7 @@ class Runner:
                 url = self.pg.create_database(audit_db)
                 databases.append(audit_db)
                 env["AIRFLOW_CONN_ELSPETH_AUDIT_DEFAULT"] = json.dumps(
-                    {"conn_type": "elspeth_audit", "extra": {"sqlalchemy_url": url}}
+                    {"conn_type": "elspeth", "extra": {"sqlalchemy_url": url}}
                 )
                 args["audit_url"] = url
                 if floor:

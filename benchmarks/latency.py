@@ -280,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("AIRFLOW_HOME", tmp)
         url = opts.url or f"sqlite:///{Path(tmp) / 'audit.db'}"
         os.environ["AIRFLOW_CONN_ELSPETH_AUDIT_DEFAULT"] = json.dumps(
-            {"conn_type": "elspeth_audit", "extra": {"sqlalchemy_url": url}}
+            {"conn_type": "elspeth", "extra": {"sqlalchemy_url": url}}
         )
         print(json.dumps(scenario(url)))
     return 0

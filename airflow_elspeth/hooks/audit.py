@@ -13,10 +13,15 @@ Step 3 cannot be as strict: the Task SDK reports a connection it failed to fetch
 server briefly unreachable) exactly like a missing one, so a deployment with several workers
 should name its connection in ``[elspeth] audit_conn_id`` rather than rely on the default id.
 
-A connection of type ``elspeth_audit`` holds either a complete SQLAlchemy URL in its extra
+A connection of type ``elspeth`` holds either a complete SQLAlchemy URL in its extra
 ``sqlalchemy_url``, or host/port/login/password/schema (schema = database name) plus an optional
 extra ``drivername`` (default ``postgresql+psycopg2``) and optional extra ``query`` (a JSON object
 of URL query parameters, e.g. ``{"sslmode": "require"}``). A plain ``postgres`` connection works too.
+A connection of the type's former name ``elspeth_audit`` still works, with a warning once per process:
+Airflow writes a connection's type as its URI scheme, where ``_`` is not allowed (RFC 3986), and warns
+so on every lookup of such a connection (``airflow.models.connection``), in every task, trigger and
+``airflow-elspeth`` command; ``elspeth`` has neither ``_`` nor ``-`` (which Airflow turns into ``_``
+when it reads a URI back), so it reads back as itself.
 
 The Engine itself (per-backend settings, SQLite pragmas, the per-process cache per URL and the
 schema upgrade on first use) comes from ``airflow_elspeth.audit.engine``, which needs no Airflow;
@@ -28,6 +33,8 @@ environment variables or the API server - never by querying the Airflow metadata
 
 from __future__ import annotations
 
+import functools
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +42,7 @@ from airflow.sdk import BaseHook
 from airflow.sdk.exceptions import AirflowNotFoundException
 from sqlalchemy import Engine, select
 from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError
 from sqlalchemy.pool import NullPool
 
 from airflow_elspeth.audit import migrate
@@ -42,15 +50,20 @@ from airflow_elspeth.audit.engine import create_audit_engine, engine_for_url
 from airflow_elspeth.audit.model import CoalesceSpec
 from airflow_elspeth.audit.service import CoalesceService
 from airflow_elspeth.audit.store import AuditStore
+from airflow_elspeth.exceptions import ElspethConfigError
 
-CONN_TYPE = "elspeth_audit"
+CONN_TYPE = "elspeth"
+# The connection type of 0.1 (see the module's docstring): read as CONN_TYPE, with a warning.
+LEGACY_CONN_TYPE = "elspeth_audit"
 DEFAULT_CONN_ID = "elspeth_audit_default"
 CONFIG_SECTION = "elspeth"
 EMBEDDED_DB_FILENAME = "elspeth_audit.db"
 DEFAULT_DRIVERNAME = "postgresql+psycopg2"
 
 # Connection types whose host/port/login/password/schema describe a PostgreSQL database.
-_POSTGRES_CONN_TYPES = frozenset({CONN_TYPE, "postgres", "postgresql"})
+_POSTGRES_CONN_TYPES = frozenset({CONN_TYPE, LEGACY_CONN_TYPE, "postgres", "postgresql"})
+
+log = logging.getLogger(__name__)
 
 UI_FIELD_BEHAVIOUR: dict[str, Any] = {
     "hidden_fields": [],
@@ -77,10 +90,29 @@ def embedded_database_url() -> URL:
     return URL.create("sqlite", database=str(embedded_database_path()))
 
 
+@functools.cache
+def _warn_legacy_type(conn_id: str) -> None:
+    """Say once per process and connection that its type is the former ``elspeth_audit``."""
+    log.warning(
+        "Connection %r has the type %r, the former name of %r: Airflow warns on every lookup of it "
+        "that connection schemes shall not contain '_'. It works as it is; give it the type %r to end "
+        'both warnings (README, "The audit store").',
+        conn_id,
+        LEGACY_CONN_TYPE,
+        CONN_TYPE,
+        CONN_TYPE,
+    )
+
+
 def url_from_connection(conn: Any) -> URL:
-    """The SQLAlchemy URL described by an Airflow Connection (never ``Connection.get_uri()``)."""
+    """The SQLAlchemy URL described by an Airflow Connection (never ``Connection.get_uri()``).
+
+    :raises ElspethConfigError: naming the connection and what it lacks.
+    """
     extra = conn.extra_dejson
     conn_type = conn.conn_type or CONN_TYPE
+    if conn_type == LEGACY_CONN_TYPE:
+        _warn_legacy_type(conn.conn_id)
 
     def extra_value(name: str) -> Any:
         # The connection form may store custom fields bare or prefixed with the connection type.
@@ -91,18 +123,21 @@ def url_from_connection(conn: Any) -> URL:
 
     raw_url = extra_value("sqlalchemy_url")
     if raw_url:
-        return make_url(str(raw_url).strip())
+        try:
+            return make_url(str(raw_url).strip())
+        except ArgumentError as err:  # its message does not repeat the URL, which holds a password
+            raise ElspethConfigError(f"connection {conn.conn_id!r}: extra 'sqlalchemy_url': {err}") from err
     drivername = extra_value("drivername")
     if drivername is None:
         if conn_type not in _POSTGRES_CONN_TYPES:
-            raise ValueError(
+            raise ElspethConfigError(
                 f"connection {conn.conn_id!r} of type {conn_type!r}: give the extra 'sqlalchemy_url' "
                 f"or 'drivername' (or use a connection of type {CONN_TYPE!r})"
             )
         drivername = DEFAULT_DRIVERNAME
     query = extra_value("query") or {}
     if not isinstance(query, dict):
-        raise ValueError(f"connection {conn.conn_id!r}: extra 'query' must be a JSON object")
+        raise ElspethConfigError(f"connection {conn.conn_id!r}: extra 'query' must be a JSON object")
     return URL.create(
         str(drivername),
         username=conn.login or None,
@@ -126,7 +161,7 @@ def configured_conn_id() -> str | None:
 class ElspethAuditHook(BaseHook):
     """Connects to the Elspeth audit store (SQLAlchemy; PostgreSQL or SQLite).
 
-    :param audit_conn_id: id of an ``elspeth_audit`` (or ``postgres``) connection. When omitted:
+    :param audit_conn_id: id of an ``elspeth`` (or ``postgres``) connection. When omitted:
         ``[elspeth] audit_conn_id``, else ``elspeth_audit_default`` if defined, else the embedded
         SQLite file ``$AIRFLOW_HOME/elspeth_audit.db``.
     """

@@ -18,6 +18,7 @@ from airflow.sdk.exceptions import AirflowTaskTerminated, AirflowTaskTimeout
 from airflow_elspeth import metrics, topology
 from airflow_elspeth.audit.read.work import WorkItem
 from airflow_elspeth.audit.store import NodeResult
+from airflow_elspeth.config_errors import in_task, names_task
 from airflow_elspeth.core.canonical import PayloadLimit, hash_value, payload_size
 from airflow_elspeth.core.contract import Contract, Violation, contract_of
 from airflow_elspeth.core.vocabulary import CONTRACT_VIOLATION, NodeStatus, NodeType
@@ -91,6 +92,7 @@ class BranchOperator(BaseOperator):
     ui_color = "#d4e8f7"
     _elspeth_role = "branch"
 
+    @names_task
     def __init__(
         self,
         *,
@@ -123,9 +125,7 @@ class BranchOperator(BaseOperator):
         if not isinstance(may_drop, bool):
             raise ElspethConfigError(f"may_drop must be True or False, got {may_drop!r}")
         self.contract: Contract | None = (
-            contract_of(output_fields, param=f"{kwargs.get('task_id')}: output_fields")
-            if output_fields is not None
-            else None
+            contract_of(output_fields, param="output_fields") if output_fields is not None else None
         )
         _check_int("row_retries", row_retries, minimum=0)
         _check_number("row_retry_delay", row_retry_delay, positive=False)
@@ -193,7 +193,8 @@ class BranchOperator(BaseOperator):
     def execute(self, context: Context) -> dict[str, Any]:
         self._executing_thread = threading.get_ident()
         try:
-            return self._execute(context)
+            with in_task(self):  # a bad [elspeth] setting or audit connection names DAG and task
+                return self._execute(context)
         finally:
             self._executing_thread = None
 

@@ -8,6 +8,7 @@ from airflow.sdk import BaseOperator, Context
 
 from airflow_elspeth import metrics
 from airflow_elspeth.coalesce_task import SUMMARY_XCOM_KEY, coalesce_spec, read_task_states
+from airflow_elspeth.config_errors import in_task
 from airflow_elspeth.core.vocabulary import TASK_SUCCESS, fork_task_run_reason
 from airflow_elspeth.hooks.audit import ElspethAuditHook
 from airflow_elspeth.operators.fork import fork_ref
@@ -61,6 +62,10 @@ class CoalesceFinalizer(BaseOperator):
         self.audit_conn_id = audit_conn_id
 
     def execute(self, context: Context) -> dict[str, Any] | None:
+        with in_task(self):  # the audit connection's configuration names DAG and task
+            return self._close(context)
+
+    def _close(self, context: Context) -> dict[str, Any] | None:
         ti = context["ti"]
         states = read_task_states(
             ti.get_task_states, ti.dag_id, ti.run_id, [self.fork_task_id, self.coalesce_task_id]

@@ -12,6 +12,7 @@ from airflow.sdk.exceptions import AirflowFailException, AirflowTaskTerminated
 from airflow_elspeth import metrics
 from airflow_elspeth.audit.read.rows import iter_merged_rows
 from airflow_elspeth.audit.store import AuditStore, ForkRow, RunIdentity, duplicate_key_error
+from airflow_elspeth.config_errors import in_task, names_task
 from airflow_elspeth.core.canonical import PayloadLimit, row_key_text
 from airflow_elspeth.core.config import validate_branches
 from airflow_elspeth.core.vocabulary import bad_row_run_reason, fork_error_run_reason
@@ -83,6 +84,7 @@ class ForkOperator(BaseOperator):
     ui_color = "#e8d4f7"
     _elspeth_role = "fork"
 
+    @names_task
     def __init__(
         self,
         *,
@@ -109,6 +111,8 @@ class ForkOperator(BaseOperator):
                 "rows must be a list of dicts, an XComArg or a callable returning rows, "
                 f"got {type(rows).__name__}"
             )
+        if isinstance(rows, (list, tuple)):
+            _check_literal_rows(rows, row_key)
         self.rows = rows
         self.row_key = row_key
         self.chunk_size = chunk_size
@@ -146,7 +150,8 @@ class ForkOperator(BaseOperator):
     def execute(self, context: Context) -> list[int]:
         self._executing_thread = threading.get_ident()
         try:
-            return self._execute(context)
+            with in_task(self):  # a bad [elspeth] setting or audit connection names DAG and task
+                return self._execute(context)
         finally:
             self._executing_thread = None
 
@@ -303,19 +308,7 @@ class ForkOperator(BaseOperator):
         for index, (row, parent) in enumerate(self._source(context)):
             if not batch:
                 pending.clear()
-            if not isinstance(row, Mapping):
-                raise ForkInputError(f"row at index {index} is not a JSON object (got {type(row).__name__})")
-            if self.row_key is None:
-                key = str(index)
-            elif row.get(self.row_key) is None:  # a null key is no key
-                raise ForkInputError(
-                    f"row at index {index} has no row_key column {self.row_key!r} (missing or null)"
-                )
-            else:
-                try:
-                    key = row_key_text(row[self.row_key])
-                except PayloadError as err:
-                    raise ForkInputError(f"row at index {index}: {err}") from err
+            key = _key_of(row, index, self.row_key)
             if key in pending:
                 raise duplicate_key_error(key, index)
             pending.add(key)
@@ -323,6 +316,41 @@ class ForkOperator(BaseOperator):
                 yield ForkRow.from_row(key, index, row, parent, limit=limit)
             except PayloadError as err:
                 raise ForkInputError(str(err)) from err
+
+
+def _key_of(row: Any, index: int, row_key: str | None) -> str:
+    """The key of the row at ``index`` (its position when there is no ``row_key``).
+
+    :raises ForkInputError: the row is not a JSON object, or has no usable key.
+    """
+    if not isinstance(row, Mapping):
+        raise ForkInputError(f"row at index {index} is not a JSON object (got {type(row).__name__})")
+    if row_key is None:
+        return str(index)
+    if row.get(row_key) is None:  # a null key is no key
+        raise ForkInputError(f"row at index {index} has no row_key column {row_key!r} (missing or null)")
+    try:
+        return row_key_text(row[row_key])
+    except PayloadError as err:
+        raise ForkInputError(f"row at index {index}: {err}") from err
+
+
+def _check_literal_rows(rows: Sequence[Any], row_key: str | None) -> None:
+    """Rows given in the DAG file are checked when it is parsed, as ``execute`` would check them:
+    each a JSON object with a key, no key twice. (Their size and values are checked at run time,
+    against ``[elspeth] max_row_bytes`` of the worker.)
+
+    :raises ElspethConfigError: naming ``rows`` and the index of the first bad row.
+    """
+    seen: set[str] = set()
+    for index, row in enumerate(rows):
+        try:
+            key = _key_of(row, index, row_key)
+        except ForkInputError as err:
+            raise ElspethConfigError(f"rows: {err}") from None
+        if key in seen:
+            raise ElspethConfigError(f"rows: {duplicate_key_error(key, index)}")
+        seen.add(key)
 
 
 def _delete_audit_run_xcom(context: Context, log: Any) -> None:

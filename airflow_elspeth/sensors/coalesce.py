@@ -25,6 +25,7 @@ from airflow_elspeth.audit.service import (
 )
 from airflow_elspeth.coalesce_task import SUMMARY_XCOM_KEY, coalesce_spec, read_task_states
 from airflow_elspeth.coalesce_task import output_contract as coalesce_output_contract
+from airflow_elspeth.config_errors import in_task, names_task
 from airflow_elspeth.core.config import ON_COLLISION_RECORD, MergeStrategy, Policy, coalesce_config
 from airflow_elspeth.core.vocabulary import ENDED_TASK_STATES, TASK_SUCCESS
 from airflow_elspeth.exceptions import (
@@ -35,6 +36,9 @@ from airflow_elspeth.exceptions import (
 from airflow_elspeth.hooks.audit import ElspethAuditHook
 from airflow_elspeth.operators.finalize import CoalesceFinalizer
 from airflow_elspeth.operators.fork import ForkOperator, fork_ref
+
+# Re-exported: the shortest reschedule poke interval without a parse-time warning (dag_warnings).
+from airflow_elspeth.topology import RESCHEDULE_RACE_POKE_SECONDS as RESCHEDULE_RACE_POKE_SECONDS
 from airflow_elspeth.topology import fork_store
 
 # The key of the summary in the extra of the Asset events of the coalesce's outlets.
@@ -53,9 +57,6 @@ FRAMEWORK_TIMEOUT_MARGIN = timedelta(minutes=10)
 # then the try fails and Airflow retries it (a coalesce retries by default: its passes are idempotent).
 DEFAULT_RETRIES = 2
 DEFAULT_RETRY_DELAY = timedelta(seconds=15)
-# Below this reschedule poke interval Airflow's scheduler often fails a sensor on a stale executor
-# event of its previous poke (README, "Running it for real"): the retry resumes, but it is noise.
-RESCHEDULE_RACE_POKE_SECONDS = 10.0
 FINALIZER_SUFFIX = "_finalize"
 
 
@@ -129,6 +130,7 @@ class CoalesceSensor(BaseSensorOperator):
     _elspeth_role = "coalesce"
     operator_extra_links = (CoalesceAuditLink(),)
 
+    @names_task
     def __init__(
         self,
         *,
@@ -206,20 +208,6 @@ class CoalesceSensor(BaseSensorOperator):
             if deferrable is not None
             else conf.getboolean("operators", "default_deferrable", fallback=False)
         )
-        if (
-            not self.deferrable
-            and self.mode == "reschedule"
-            and float(self.poke_interval) < RESCHEDULE_RACE_POKE_SECONDS
-        ):
-            self.log.warning(
-                "%s: mode='reschedule' with poke_interval=%ss: Airflow's scheduler may fail a "
-                "reschedule-mode sensor on the stale executor event of its previous poke "
-                "(apache/airflow#71172), more often the shorter the interval. The coalesce retries "
-                "and resumes, but use poke_interval >= %ss, mode='poke' or deferrable=True.",
-                self.task_id,
-                self.poke_interval,
-                RESCHEDULE_RACE_POKE_SECONDS,
-            )
         self.audit_conn_id = fork_store(self, audit_conn_id, fork)  # its trigger and finalizer's too
         self.finalizer = self._add_finalizer(str(task_id), fork) if self.has_dag() else None
 
@@ -254,7 +242,8 @@ class CoalesceSensor(BaseSensorOperator):
         a DAG that bypassed that check still fails here, naming the problem.
         """
         try:
-            return coalesce_spec(self)
+            with in_task(self):
+                return coalesce_spec(self)
         except ElspethConfigError as err:  # TopologyError, or a mapped step's invalid output_fields
             raise AirflowFailException(str(err)) from err
 
@@ -271,7 +260,9 @@ class CoalesceSensor(BaseSensorOperator):
 
     def service(self) -> CoalesceService:
         """This coalesce's way into its fork's audit store."""
-        return ElspethAuditHook(audit_conn_id=self.audit_conn_id).get_coalesce_service(self.spec())
+        spec = self.spec()
+        with in_task(self):  # the audit connection's configuration names DAG and task
+            return ElspethAuditHook(audit_conn_id=self.audit_conn_id).get_coalesce_service(spec)
 
     def _fork_ref(self, context: Context) -> dict[str, Any] | None:
         """The fork's audit run, or None while the fork has not completed (fails if it never will)."""

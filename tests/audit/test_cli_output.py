@@ -529,3 +529,30 @@ def _stored_decision(store: tuple[str, dict[str, str]], key: str) -> dict[str, A
             .one()
         )
     return dict(row)
+
+
+def test_db_upgrade_names_the_store_it_upgraded(tmp_path: Path) -> None:
+    """A deployment has several stores (the default, forks' own, a --url): each line names which,
+    the password masked; an unreachable store is named too, not left to a traceback."""
+    url = f"sqlite:///{tmp_path / 'audit.db'}"
+    first = invoke(url, "db", "upgrade", width=40)
+    assert first.exit_code == 0, first.output
+    assert first.output == f"audit store {url} upgraded from an empty database to revision 0005\n"
+    again = invoke(url, "db", "upgrade", "--json")
+    assert json.loads(again.output) == {
+        "url": url,
+        "store": url,
+        "previous_revision": "0005",
+        "revision": "0005",
+    }
+    assert invoke(url, "db", "upgrade").output == f"audit store {url} is at revision 0005 (already)\n"
+
+    refused = CliRunner().invoke(
+        cli.main, ["--url", "postgresql+psycopg2://elspeth:s3cret@127.0.0.1:1/audit", "db", "upgrade"]
+    )
+    assert refused.exit_code == 1
+    assert refused.output.startswith(
+        "Error: cannot upgrade audit store postgresql+psycopg2://elspeth:***@127.0.0.1:1/audit: "
+        "OperationalError: "
+    ), refused.output
+    assert "s3cret" not in refused.output

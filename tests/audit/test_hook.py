@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,8 @@ from sqlalchemy.pool import NullPool
 
 from airflow_elspeth.audit import migrate
 from airflow_elspeth.audit.engine import create_audit_engine, dispose_all_engines, engine_for_url
-from airflow_elspeth.hooks.audit import ElspethAuditHook, url_from_connection
+from airflow_elspeth.exceptions import ElspethConfigError
+from airflow_elspeth.hooks.audit import CONN_TYPE, LEGACY_CONN_TYPE, ElspethAuditHook, url_from_connection
 from airflow_elspeth.operators.fork import DEFAULT_MAX_ROW_BYTES
 
 
@@ -60,9 +62,7 @@ def test_engines_are_cached_per_url(airflow_home: Path) -> None:
 def test_connection_with_sqlalchemy_url_extra(
     airflow_home: Path, audit_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    _set_connection(
-        monkeypatch, "audit_store", conn_type="elspeth_audit", extra={"sqlalchemy_url": audit_url}
-    )
+    _set_connection(monkeypatch, "audit_store", conn_type="elspeth", extra={"sqlalchemy_url": audit_url})
 
     hook = ElspethAuditHook(audit_conn_id="audit_store")
     engine = hook.get_engine()
@@ -84,7 +84,7 @@ def test_connection_with_fields_and_drivername(
     _set_connection(
         monkeypatch,
         "audit_pg",
-        conn_type="elspeth_audit",
+        conn_type="elspeth",
         host=url.host,
         port=url.port,
         login=url.username,
@@ -114,7 +114,7 @@ def test_fields_default_to_psycopg2_and_take_query_parameters() -> None:
 
     conn = Connection(
         conn_id="x",
-        conn_type="elspeth_audit",
+        conn_type="elspeth",
         host="db.example.com",
         port=5433,
         login="elspeth",
@@ -128,11 +128,48 @@ def test_fields_default_to_psycopg2_and_take_query_parameters() -> None:
     )
 
 
+def test_the_connection_type_reads_back_as_itself_from_airflows_uri_form() -> None:
+    """Airflow keeps a connection as a URI whose scheme is the type (its secrets cache, the
+    connection a task is handed): ``elspeth`` has no ``_`` (Airflow warns that RFC 3986 forbids it,
+    on every lookup) and no ``-`` (Airflow reads it back as ``_``)."""
+    from airflow.sdk import Connection
+
+    conn = Connection(conn_id="x", conn_type=CONN_TYPE, extra=json.dumps({"sqlalchemy_url": "sqlite://"}))
+    uri = conn.get_uri()
+    assert uri.startswith(f"{CONN_TYPE}://")
+    assert Connection.from_uri(uri, conn_id="x").conn_type == CONN_TYPE
+
+
+def test_a_connection_of_the_former_type_still_works_with_one_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from airflow.sdk import Connection
+
+    conn = Connection(
+        conn_id="legacy_audit",
+        conn_type=LEGACY_CONN_TYPE,
+        host="db.example.com",
+        schema="audit",
+        extra=json.dumps({"extra__elspeth_audit__drivername": "postgresql+psycopg"}),
+    )
+    with caplog.at_level(logging.WARNING, logger="airflow_elspeth.hooks.audit"):
+        urls = {url_from_connection(conn).render_as_string() for _ in range(3)}
+    assert urls == {"postgresql+psycopg://db.example.com/audit"}
+    warned = [r.getMessage() for r in caplog.records if r.name == "airflow_elspeth.hooks.audit"]
+    assert warned == [
+        "Connection 'legacy_audit' has the type 'elspeth_audit', the former name of 'elspeth': Airflow "
+        "warns on every lookup of it that connection schemes shall not contain '_'. It works as it is; "
+        "give it the type 'elspeth' to end both warnings (README, \"The audit store\")."
+    ]
+
+
 def test_foreign_connection_type_needs_a_driver() -> None:
     from airflow.sdk import Connection
 
     conn = Connection(conn_id="x", conn_type="mysql", host="h", schema="d")
-    with pytest.raises(ValueError, match="sqlalchemy_url"):
+    with pytest.raises(
+        ElspethConfigError, match="connection 'x' of type 'mysql': give the extra 'sqlalchemy_url'"
+    ):
         url_from_connection(conn)
 
 
@@ -140,12 +177,12 @@ def test_config_audit_conn_id(
     airflow_home: Path, sqlite_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     _set_connection(
-        monkeypatch, "configured_audit", conn_type="elspeth_audit", extra={"sqlalchemy_url": sqlite_url}
+        monkeypatch, "configured_audit", conn_type="elspeth", extra={"sqlalchemy_url": sqlite_url}
     )
     # Also define the default connection: the configured id must win over it.
     other = f"sqlite:///{tmp_path / 'default.db'}"
     _set_connection(
-        monkeypatch, "elspeth_audit_default", conn_type="elspeth_audit", extra={"sqlalchemy_url": other}
+        monkeypatch, "elspeth_audit_default", conn_type="elspeth", extra={"sqlalchemy_url": other}
     )
     monkeypatch.setenv("AIRFLOW__ELSPETH__AUDIT_CONN_ID", "configured_audit")
 
@@ -163,7 +200,7 @@ def test_default_connection_used_when_it_exists(
     airflow_home: Path, sqlite_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     _set_connection(
-        monkeypatch, "elspeth_audit_default", conn_type="elspeth_audit", extra={"sqlalchemy_url": sqlite_url}
+        monkeypatch, "elspeth_audit_default", conn_type="elspeth", extra={"sqlalchemy_url": sqlite_url}
     )
 
     hook = ElspethAuditHook()
@@ -190,9 +227,7 @@ def test_a_named_connection_that_does_not_exist_is_an_error(
 def test_test_connection_reports_without_migrating(
     airflow_home: Path, sqlite_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    _set_connection(
-        monkeypatch, "audit_store", conn_type="elspeth_audit", extra={"sqlalchemy_url": sqlite_url}
-    )
+    _set_connection(monkeypatch, "audit_store", conn_type="elspeth", extra={"sqlalchemy_url": sqlite_url})
 
     ok, message = ElspethAuditHook(audit_conn_id="audit_store").test_connection()
 
@@ -210,9 +245,7 @@ def test_connection_get_hook_builds_this_hook(
 ) -> None:
     from airflow.sdk import BaseHook
 
-    _set_connection(
-        monkeypatch, "audit_store", conn_type="elspeth_audit", extra={"sqlalchemy_url": sqlite_url}
-    )
+    _set_connection(monkeypatch, "audit_store", conn_type="elspeth", extra={"sqlalchemy_url": sqlite_url})
     hook = BaseHook.get_hook("audit_store")
     assert isinstance(hook, ElspethAuditHook)
     assert hook.get_url() == make_url(sqlite_url)

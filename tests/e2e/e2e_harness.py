@@ -26,6 +26,7 @@ import secrets
 import shutil
 import signal
 import socket
+import string
 import subprocess
 import sys
 import time
@@ -49,6 +50,8 @@ STATE_ENV = "ELSPETH_E2E_STATE"
 WORKER_NAME_ENV = "ELSPETH_E2E_WORKER_NAME"
 TERMINAL_RUN_STATES = ("success", "failed")
 TRIGGERER_STALL_WARNING_SECONDS = 1.0
+# The deployment's Airflow settings, the file the README's "Running it for real" shows.
+DEPLOY_ENV = REPO / "deploy" / "airflow.env"
 
 
 class E2EError(AssertionError):
@@ -76,6 +79,19 @@ def wait_until(what: str, check: Callable[[], Any], *, timeout: float, interval:
             detail = f" (last error: {type(last_error).__name__}: {last_error})" if last_error else ""
             raise E2EError(f"timed out after {timeout:.0f}s waiting for {what}{detail}")
         time.sleep(interval)
+
+
+def deployment_settings(values: dict[str, str]) -> dict[str, str]:
+    """The settings of ``deploy/airflow.env``, each ``${NAME}`` filled from ``values`` (all needed).
+
+    :param values: ``AIRFLOW_DB_URL``, ``API_URL``, ``SECRET``, ``FERNET_KEY``, ``DAGS_FOLDER``.
+    """
+    settings: dict[str, str] = {}
+    for line in DEPLOY_ENV.read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, _, value = line.partition("=")
+            settings[name] = string.Template(value).substitute(values)
+    return settings
 
 
 def worker_hostname() -> str:
@@ -218,28 +234,23 @@ class AirflowStack:
             "PATH": f"{VENV_BIN}:{base.get('PATH', '/usr/bin:/bin')}",
             "AIRFLOW_HOME": str(self.home),
             STATE_ENV: str(self.state_dir),
-            "AIRFLOW__CORE__EXECUTOR": "CeleryExecutor,LocalExecutor"
-            if self.celery_workers
-            else "LocalExecutor",
-            "AIRFLOW__CORE__PARALLELISM": str(self.parallelism),
-            "AIRFLOW__CORE__DAGS_FOLDER": str(self.dags_folder),
-            "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-            "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "True",
-            "AIRFLOW__CORE__FERNET_KEY": self._fernet_key,
-            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "True",
-            "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{self.base_url}/execution/",
-            "AIRFLOW__CORE__DEFAULT_TASK_RETRY_DELAY": "2",
-            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": self.meta_url,
-            # Airflow would derive postgresql+asyncpg; psycopg 3 (a test dependency) is async too.
-            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN_ASYNC": self.meta_url.replace(
-                "postgresql+psycopg2://", "postgresql+psycopg://"
+            # What a deployment sets (the README's recipe), then what only the tests need.
+            **deployment_settings(
+                {
+                    "AIRFLOW_DB_URL": self.meta_url,
+                    "API_URL": self.base_url,
+                    "SECRET": self._secret,
+                    "FERNET_KEY": self._fernet_key,
+                    "DAGS_FOLDER": str(self.dags_folder),
+                }
             ),
+            "AIRFLOW__CORE__PARALLELISM": str(self.parallelism),
+            "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "True",
+            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "True",  # the REST API without a login
+            "AIRFLOW__CORE__DEFAULT_TASK_RETRY_DELAY": "2",
             "AIRFLOW__API__HOST": "127.0.0.1",
             "AIRFLOW__API__PORT": str(self.port),
-            "AIRFLOW__API__BASE_URL": self.base_url,
             "AIRFLOW__API__WORKERS": "1",
-            "AIRFLOW__API__SECRET_KEY": self._secret,
-            "AIRFLOW__API_AUTH__JWT_SECRET": self._secret,
             "AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC": "2",
             "AIRFLOW__SCHEDULER__JOB_HEARTBEAT_SEC": "2",
             "AIRFLOW__TRIGGERER__JOB_HEARTBEAT_SEC": "2",
@@ -266,6 +277,8 @@ class AirflowStack:
         if not self.celery_workers:
             return {}
         return {
+            # A deployment needs only CeleryExecutor; LocalExecutor too for the comparison's tasks.
+            "AIRFLOW__CORE__EXECUTOR": "CeleryExecutor,LocalExecutor",
             "AIRFLOW__CELERY__BROKER_URL": str(self.broker_url),
             # Task states through the metadata DB (the provider's default, spelled out).
             "AIRFLOW__CELERY__RESULT_BACKEND": f"db+{self.meta_url}",
@@ -297,7 +310,7 @@ class AirflowStack:
             "add",
             "elspeth_audit_default",
             "--conn-type",
-            "elspeth_audit",
+            "elspeth",
             "--conn-extra",
             json.dumps({"sqlalchemy_url": self.audit_url}),
         )

@@ -175,7 +175,7 @@ def store_url(audit_url: str, monkeypatch: pytest.MonkeyPatch) -> str:
     """The audit DB as the connection ``elspeth_audit_default`` (what the triggerer resolves)."""
     monkeypatch.setenv(
         "AIRFLOW_CONN_ELSPETH_AUDIT_DEFAULT",
-        json.dumps({"conn_type": "elspeth_audit", "extra": {"sqlalchemy_url": audit_url}}),
+        json.dumps({"conn_type": "elspeth", "extra": {"sqlalchemy_url": audit_url}}),
     )
     monkeypatch.setattr(trigger_module, "MIN_DEFERRAL_SECONDS", 0.0)
     return audit_url

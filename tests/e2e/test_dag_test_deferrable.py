@@ -41,7 +41,7 @@ def inline_env(audit_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]
     monkeypatch.setenv("AIRFLOW__DAG_PROCESSOR__DAG_BUNDLE_CONFIG_LIST", json.dumps(bundle))
     monkeypatch.setenv(
         "AIRFLOW_CONN_ELSPETH_AUDIT_DEFAULT",
-        json.dumps({"conn_type": "elspeth_audit", "extra": {"sqlalchemy_url": audit_url}}),
+        json.dumps({"conn_type": "elspeth", "extra": {"sqlalchemy_url": audit_url}}),
     )
     yield audit_url
 

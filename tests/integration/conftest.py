@@ -1,7 +1,7 @@
 """Fixtures of the dag.test() integration suite.
 
 * ``airflow_metadata`` (session, from tests/conftest.py): the suite's metadata DB, migrated once.
-* ``run_dag(dag, audit_url)``: points the audit store at ``audit_url`` (an ``elspeth_audit``
+* ``run_dag(dag, audit_url)``: points the audit store at ``audit_url`` (an ``elspeth``
   connection in ``AIRFLOW_CONN_ELSPETH_AUDIT_DEFAULT``), runs ``dag.test()``, returns the DagRun.
   The environment is restored afterwards, so other suites keep the embedded default.
 * ``rerun(dag, dag_run, task_ids, audit_url, downstream=...)``: clears task instances of an existing

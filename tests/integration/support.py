@@ -136,7 +136,7 @@ def run_env(dag_id: str, audit_url: str) -> dict[str, str]:
         "AIRFLOW__DAG_PROCESSOR__DAG_BUNDLE_CONFIG_LIST": _bundle_config(),
         "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
         "AIRFLOW_CONN_ELSPETH_AUDIT_DEFAULT": json.dumps(
-            {"conn_type": "elspeth_audit", "extra": {"sqlalchemy_url": audit_url}}
+            {"conn_type": "elspeth", "extra": {"sqlalchemy_url": audit_url}}
         ),
         ONLY_ENV: dag_id,
     }

@@ -31,8 +31,8 @@ CLI = Path(sys.executable).with_name("airflow-elspeth")
 
 
 def connection_env(conn_id: str, url: str) -> dict[str, str]:
-    """An Airflow connection of type ``elspeth_audit``, defined the way deployments do: AIRFLOW_CONN_<ID>."""
-    value = json.dumps({"conn_type": "elspeth_audit", "extra": {"sqlalchemy_url": url}})
+    """An Airflow connection of type ``elspeth``, defined the way deployments do: AIRFLOW_CONN_<ID>."""
+    value = json.dumps({"conn_type": "elspeth", "extra": {"sqlalchemy_url": url}})
     return {f"AIRFLOW_CONN_{conn_id.upper()}": value}
 
 

@@ -40,31 +40,42 @@ def _dagbag(folder: Any) -> Any:
     return DagBag(dag_folder=str(folder), safe_mode=False)
 
 
-# file -> what the import error must name (the parameter and the bad value)
+# file -> the task it fails, and what else the import error must name (the parameter and the bad value)
 INVALID = {
-    "invalid_quorum_out_of_range.py": ["quorum", "1..3", "5"],
-    "invalid_quorum_missing.py": ["quorum is required"],
-    "invalid_select_without_branch.py": ["select_branch is required"],
-    "invalid_select_unknown_branch.py": ["select_branch", "'d'"],
-    "invalid_timeout.py": ["timeout must be positive"],
-    "invalid_coalesce_branches.py": ["branches", "'z'"],
-    "invalid_duplicate_branches.py": ["branches", "duplicate", "'a'"],
-    "invalid_timeout_overflow.py": ["overflow a date", "timeout="],
-    "invalid_fork_wait_negative.py": ["fork_wait_timeout must be a timedelta >= 0"],
-    "invalid_row_retry_delay_negative.py": ["row_retry_delay", "-1"],
+    "invalid_quorum_out_of_range.py": ("coalesce", ["quorum must be an integer in 1..3, got 5"]),
+    "invalid_quorum_missing.py": ("coalesce", ["quorum is required"]),
+    "invalid_select_without_branch.py": ("coalesce", ["select_branch is required"]),
+    "invalid_select_unknown_branch.py": ("coalesce", ["select_branch", "'d'"]),
+    "invalid_timeout.py": ("coalesce", ["timeout must be positive"]),
+    "invalid_coalesce_branches.py": ("coalesce", ["branches", "'z'"]),
+    "invalid_duplicate_branches.py": ("fork", ["branches", "duplicate", "'a'"]),
+    "invalid_timeout_overflow.py": ("coalesce", ["overflow a date", "timeout="]),
+    "invalid_fork_wait_negative.py": ("coalesce", ["fork_wait_timeout must be a timedelta >= 0"]),
+    "invalid_row_retry_delay_negative.py": ("ask_a", ["row_retry_delay", "-1"]),
+    "invalid_policy_in_group.py": (
+        "consensus.vote",
+        ["policy must be one of ['require_all', 'quorum', 'best_effort', 'first'], got 'majority'"],
+    ),
+    "invalid_fork_rows_not_dicts.py": ("fork", ["rows: row at index 0 is not a JSON object (got str)"]),
 }
 
 
 @pytest.mark.timeout(120)
-def test_invalid_coalesce_configurations_fail_at_import_naming_the_parameter() -> None:
+def test_invalid_configurations_fail_at_import_naming_dag_task_and_parameter() -> None:
+    """The message itself names the DAG and the task: Airflow cuts the import error's traceback to
+    its last frames, the provider's, so the DAG file's line may not be shown."""
     bag = _dagbag(INVALID_DAGS_DIR)
     errors = {str(path).rsplit("/", 1)[-1]: message for path, message in bag.import_errors.items()}
     assert set(errors) == set(INVALID), errors
     assert not bag.dags, f"invalid DAGs were loaded: {list(bag.dags)}"
-    for name, needles in INVALID.items():
+    for name, (task_id, needles) in INVALID.items():
+        last_line = errors[name].strip().splitlines()[-1]
+        dag_id = name.removesuffix(".py")
+        assert last_line.startswith(
+            f"airflow_elspeth.exceptions.ElspethConfigError: DAG {dag_id!r}, task {task_id!r}: "
+        ), last_line
         for needle in needles:
-            assert needle in errors[name], f"{name}: {needle!r} not in {errors[name]!r}"
-        assert "ElspethConfigError" in errors[name], errors[name]
+            assert needle in last_line, f"{name}: {needle!r} not in {last_line!r}"
 
 
 @pytest.mark.timeout(120)

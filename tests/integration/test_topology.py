@@ -432,9 +432,10 @@ def test_a_step_naming_another_store_than_its_fork_fails_at_parse_time(
                 task_id="ask_a", fork=fork, branch="a", python_callable=dict, audit_conn_id="other_store"
             )
     assert str(raised.value) == (
-        "DAG 'store_step_mismatch': BranchOperator 'ask_a' names audit_conn_id 'other_store' but its "
-        f"fork 'orders' names {named_by_fork}: a fork's branch steps, coalesces and finalizers write to "
-        "the fork's audit store; leave audit_conn_id unset on 'ask_a' (it then inherits the fork's)"
+        "DAG 'store_step_mismatch', task 'ask_a': BranchOperator 'ask_a' names audit_conn_id "
+        f"'other_store' but its fork 'orders' names {named_by_fork}: a fork's branch steps, coalesces "
+        "and finalizers write to the fork's audit store; leave audit_conn_id unset on 'ask_a' (it then "
+        "inherits the fork's)"
     )
 
 

@@ -566,7 +566,7 @@ def test_the_store_is_found_the_way_the_operators_find_it(
     from airflow_elspeth.plugins import app as ui
 
     def connection(url: str) -> str:
-        return json.dumps({"conn_type": "elspeth_audit", "extra": {"sqlalchemy_url": url}})
+        return json.dumps({"conn_type": "elspeth", "extra": {"sqlalchemy_url": url}})
 
     monkeypatch.setattr(ui, "_url_cache", None)
     monkeypatch.setenv("AIRFLOW_CONN_ELSPETH_AUDIT_DEFAULT", connection(ui_store.url))

@@ -25,7 +25,7 @@ def store(sqlite_url: str, monkeypatch: pytest.MonkeyPatch) -> Any:
 
     monkeypatch.setenv(
         "AIRFLOW_CONN_ELSPETH_AUDIT_DEFAULT",
-        json.dumps({"conn_type": "elspeth_audit", "extra": {"sqlalchemy_url": sqlite_url}}),
+        json.dumps({"conn_type": "elspeth", "extra": {"sqlalchemy_url": sqlite_url}}),
     )
     return AuditStore(engine_for_url(sqlite_url))
 

@@ -486,6 +486,24 @@ def test_coalesce_needs_a_fork_operator() -> None:
         ({"rows": 42}, "rows must be a list of dicts, an XComArg or a callable returning rows, got int"),
         ({"branches": ["only"]}, "branches"),
         ({"branches": ["a", "a"]}, "a"),
+        # Literal rows are checked as the fork's run would check them, naming the first bad index.
+        ({"rows": ["doc-1", "doc-2"]}, "rows: row at index 0 is not a JSON object (got str)"),
+        (
+            {"rows": ({"id": "r0"}, {"key": "r1"}), "row_key": "id"},
+            "rows: row at index 1 has no row_key column 'id' (missing or null)",
+        ),
+        (
+            {"rows": [{"id": "r0"}, {"id": None}], "row_key": "id"},
+            "rows: row at index 1 has no row_key column 'id' (missing or null)",
+        ),
+        (
+            {"rows": [{"id": "r\x00"}], "row_key": "id"},
+            "rows: row at index 0: row key 'r\\x00' contains a NUL",
+        ),
+        (
+            {"rows": [{"id": "r0"}, {"id": "r1"}, {"id": "r0"}], "row_key": "id"},
+            "rows: duplicate row key 'r0' (row at index 2)",
+        ),
     ],
 )
 def test_fork_configuration_errors_at_parse_time(overrides: dict[str, Any], message: str) -> None:
@@ -493,7 +511,26 @@ def test_fork_configuration_errors_at_parse_time(overrides: dict[str, Any], mess
     params.update(overrides)
     with pytest.raises(ElspethConfigError) as err:
         ForkOperator(**params)
+    assert str(err.value).startswith("task 'fork': "), err.value  # built outside a DAG: no DAG to name
     assert message in str(err.value)
+
+
+def test_literal_rows_that_the_fork_takes_pass_at_parse_time() -> None:
+    """Keyed by position without ``row_key``; any JSON scalar key with it, null excluded."""
+    ForkOperator(task_id="fork", rows=[{"id": 1}, {"id": "1b"}, {"x": None}], branches=BRANCHES)
+    ForkOperator(task_id="fork", rows=[{"id": 1}, {"id": "2"}, {"id": True}], row_key="id", branches=BRANCHES)
+
+
+def test_a_configuration_error_names_the_dag_and_the_task() -> None:
+    """A task built in a DAG (and a TaskGroup) names both, the task by its group-prefixed id."""
+    from airflow.sdk import DAG, TaskGroup
+
+    with DAG("configured", schedule=None), TaskGroup("group"):
+        fork = ForkOperator(task_id="fork", rows=[], branches=BRANCHES)
+        with pytest.raises(ElspethConfigError) as err:
+            CoalesceSensor(task_id="join", fork=fork, policy="quorum", quorum=3, branches=["a", "b"])
+    assert str(err.value) == "DAG 'configured', task 'group.join': quorum must be an integer in 1..2, got 3"
+    assert (err.value.dag_id, err.value.task_id) == ("configured", "group.join")
 
 
 @pytest.mark.parametrize(
@@ -604,3 +641,25 @@ def test_an_offending_value_of_shared_references_is_shown_cut_without_expanding_
 def test_an_output_keeping_the_contract_is_completed() -> None:
     result, _ = _contract_result({"when": "today", "n": 2, "extra": None})
     assert result.status == "completed" and result.output_hash
+
+
+def test_a_bad_setting_or_audit_connection_at_run_time_names_the_dag_and_the_task(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    fork, sensor = build()
+    monkeypatch.setenv("AIRFLOW__ELSPETH__MAX_ROW_BYTES", "0")
+    with pytest.raises(ElspethConfigError) as err:
+        fork.execute(context(FakeTI()))
+    assert str(err.value).startswith(f"DAG {DAG_ID!r}, task 'fork': [elspeth] max_row_bytes must be"), (
+        err.value
+    )
+    monkeypatch.delenv("AIRFLOW__ELSPETH__MAX_ROW_BYTES")
+    monkeypatch.setenv("AIRFLOW_CONN_NO_URL", json.dumps({"conn_type": "mysql", "host": "db"}))
+    monkeypatch.setenv("AIRFLOW__ELSPETH__AUDIT_CONN_ID", "no_url")
+    expected = "connection 'no_url' of type 'mysql': give the extra 'sqlalchemy_url' or 'drivername'"
+    with pytest.raises(ElspethConfigError) as err:
+        fork.execute(context(FakeTI()))
+    assert str(err.value).startswith(f"DAG {DAG_ID!r}, task 'fork': {expected}"), err.value
+    with pytest.raises(ElspethConfigError) as err:
+        sensor.service()
+    assert str(err.value).startswith(f"DAG {DAG_ID!r}, task 'coalesce': {expected}"), err.value
