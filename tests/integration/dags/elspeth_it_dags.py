@@ -24,7 +24,7 @@ from datetime import timedelta
 from typing import Any
 
 from airflow.sdk import DAG, task
-from integration.support import integration_dag, selected
+from integration.support import DAG_MODULE_NAME, integration_dag, selected
 
 from airflow_elspeth import BranchOperator, CoalesceSensor, ForkOperator
 
@@ -610,5 +610,9 @@ for _fault in ("before_pass", "mid_pass"):
     )
 
 
-for _dag_id in selected(SCENARIOS):
-    globals()[_dag_id] = build_dag(SCENARIOS[_dag_id])
+# Imported as the scenario library (support.dag_module) the module builds no DAG: Airflow registers
+# every DAG built while a file is parsed with that file, so elspeth_it_labels_dags.py, which imports
+# it, would otherwise hold a second copy of each DAG here.
+if __name__ != DAG_MODULE_NAME:
+    for _dag_id in selected(SCENARIOS):
+        globals()[_dag_id] = build_dag(SCENARIOS[_dag_id])
