@@ -390,7 +390,7 @@ def test_the_tabs_follow_airflows_theme(server: Server, browser: Any, theme: str
     wait.until(lambda b: theme in (b.find_element(By.TAG_NAME, "html").get_attribute("class") or ""))
     _in_frame(browser, wait, "index")
     engine = engine_for_url(f"sqlite:///{server.home / 'elspeth_audit.db'}", upgrade=False)
-    expected = audit_index(engine, None)[0]["outcomes"][0]
+    expected = audit_index(engine, None)[0].outcomes[0]
     rows = browser.find_elements(By.CSS_SELECTOR, "#index tbody tr")
     cells = [c.text.strip() for c in rows[0].find_elements(By.TAG_NAME, "td")]
     assert cells[0].startswith("rows failed" if expected.failed else "all merged"), cells

@@ -35,7 +35,8 @@ from airflow_elspeth.audit.log import (
 )
 from airflow_elspeth.audit.model import CoalesceSpec, RunInfo, deadline_of, load_run
 from airflow_elspeth.audit.read.limbo import LIMBO_EXAMPLES, TaskStates, limbo_findings
-from airflow_elspeth.audit.read.runs import coalesce_nodes, coalesce_spec
+from airflow_elspeth.audit.read.records import AuditRun
+from airflow_elspeth.audit.read.runs import coalesce_nodes
 from airflow_elspeth.core.policy import BranchEvent, CollisionCheck, Decision, order_events, replay
 from airflow_elspeth.core.vocabulary import DecisionStatus, is_resolution, resolution_task_state
 
@@ -238,16 +239,16 @@ def replay_coalesce(engine: Engine, spec: CoalesceSpec, run: RunInfo) -> Iterato
 
 
 def verify_run(
-    engine: Engine, run: Mapping[str, Any], *, task_states: TaskStates | None = None
+    engine: Engine, run: AuditRun, *, task_states: TaskStates | None = None
 ) -> list[dict[str, Any]]:
-    """Integrity findings of one audit run (a row of ``runs``); empty when everything holds.
+    """Integrity findings of one audit run; empty when everything holds.
 
     One finding per kind, with a ``count`` and a few ``examples``: limbo (see
     :func:`~airflow_elspeth.audit.read.limbo.limbo_findings`), orphan token parents, policy
     decisions that differ from the replay of their stored log (``decision_replay``), and resolutions
     of rows that were decidable when resolved (``resolution_decidable``).
     """
-    run_id = run["run_id"]
+    run_id = run.audit_run_id
     findings = limbo_findings(engine, [run], task_states=task_states)
     orphan = orphan_parents(engine, run_id)
     if orphan is not None:
@@ -258,8 +259,8 @@ def verify_run(
         return findings
     mismatches: list[dict[str, Any]] = []
     decidable: list[dict[str, Any]] = []
-    for node in coalesce_nodes(engine, run_id):
-        for replayed in replay_coalesce(engine, coalesce_spec(engine, run_id, node["node_id"]), info):
+    for spec in coalesce_nodes(engine, run_id):
+        for replayed in replay_coalesce(engine, spec, info):
             if replayed.agrees:
                 continue
             if replayed.resolution:
