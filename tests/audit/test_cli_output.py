@@ -455,12 +455,12 @@ def test_report_compact_golden(store: tuple[str, dict[str, str]]) -> None:
     assert [(o["merged"], o["failed"], o["undecided"]) for o in listed[0]["outcomes"]] == [(3, 2, 0)]
 
 
-def test_report_selects_by_logical_date_and_limit(sqlite_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_report_selects_by_logical_date_and_limit(audit_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """``--since`` (inclusive) and ``--until`` (exclusive) select by logical date, ``--limit`` keeps
     the newest and says how many it left out; the selection is the store's, over 241 audit runs."""
     FakeClock.at = T0
     monkeypatch.setattr(dml, "datetime", FakeClock)
-    store = AuditStore(engine_for_url(sqlite_url))
+    store = AuditStore(engine_for_url(audit_url))
     first = datetime(2026, 1, 1, tzinfo=timezone.utc)
     hourly = {}  # hour since ``first`` -> audit run id
     for hour in range(240):
@@ -484,7 +484,7 @@ def test_report_selects_by_logical_date_and_limit(sqlite_url: str, monkeypatch: 
     )
 
     def selected(*args: str) -> list[str]:
-        result = CliRunner().invoke(cli.main, ["--url", sqlite_url, "report", "--compact", "--json", *args])
+        result = CliRunner().invoke(cli.main, ["--url", audit_url, "report", "--compact", "--json", *args])
         assert result.exit_code == 0, result.output
         return [run["run_id"] for run in json.loads(result.stdout)]
 
@@ -504,7 +504,7 @@ def test_report_selects_by_logical_date_and_limit(sqlite_url: str, monkeypatch: 
     )
 
     newest = CliRunner().invoke(
-        cli.main, ["--url", sqlite_url, "report", "--compact", "--json", "--limit", "25"]
+        cli.main, ["--url", audit_url, "report", "--compact", "--json", "--limit", "25"]
     )
     assert [run["run_id"] for run in json.loads(newest.stdout)] == hours(range(215, 240))
     assert newest.stderr == "216 older audit runs left out (--limit 25).\n"
@@ -513,7 +513,7 @@ def test_report_selects_by_logical_date_and_limit(sqlite_url: str, monkeypatch: 
     )
     assert selected("--until", "2026-01-01T02:00", "--limit", "2") == hours(range(2))  # nothing left out
 
-    text = invoke(sqlite_url, "report", "--no-airflow-states", "--compact", "--dag-id", DAG, "--limit", "3")
+    text = invoke(audit_url, "report", "--no-airflow-states", "--compact", "--dag-id", DAG, "--limit", "3")
     assert text.exit_code == 0, text.output
     lines = text.output.splitlines()
     assert "118 older audit runs left out (--limit 3)." in lines
@@ -523,7 +523,7 @@ def test_report_selects_by_logical_date_and_limit(sqlite_url: str, monkeypatch: 
         ["2026-01-10", "23:00"],
     ]
     assert all(line.endswith("fork_running") for line in lines[-3:])  # begun, never completed
-    full = invoke(sqlite_url, "report", "--no-airflow-states", "--limit", "1", width=120)
+    full = invoke(audit_url, "report", "--no-airflow-states", "--limit", "1", width=120)
     assert "240 older audit runs left out (--limit 1)." in full.output
     assert full.output.count("no coalesce registered") == 1
 
