@@ -238,29 +238,29 @@ def report(
         left_out = count_runs(engine, run_id, dag_id, airflow_run_id, **filters) - limit
     task_states, states_note = _task_states_for(airflow_states, runs, engine)
     left_out_note = f"{_plural(left_out, 'older audit run')} left out (--limit {limit})." if left_out else ""
+    indexed: list[IndexedRun] = []
+    errors: dict[str, list[dict[str, Any]]] = {}
+    found: list[dict[str, Any]] = []
     if compact:
         indexed = index_runs(engine, runs, read_task_states=lambda _wanted: task_states)
-        if as_json:
-            _emit_json(indexed)
-        else:
-            _print_compact(target, indexed, states_note["detail"], left_out_note)
-        if as_json and left_out_note:
+    else:
+        errors = {run.audit_run_id: error_groups(engine, [run.audit_run_id]) for run in runs}
+        found = [
+            {
+                "run": _run_header(run),
+                "coalesce_task_state": _task_state(task_states, run, summary.coalesce),
+                "summary": summary,
+                "errors": errors[run.audit_run_id],
+            }
+            for run, summary in run_summaries(engine, runs)
+        ]
+    if as_json:
+        _emit_json(indexed if compact else found)
+        if left_out_note:  # stdout stays JSON
             click.echo(left_out_note, err=True)
         return
-    errors = {run.audit_run_id: error_groups(engine, [run.audit_run_id]) for run in runs}
-    found: list[dict[str, Any]] = [
-        {
-            "run": _run_header(run),
-            "coalesce_task_state": _task_state(task_states, run, summary.coalesce),
-            "summary": summary,
-            "errors": errors[run.audit_run_id],
-        }
-        for run, summary in run_summaries(engine, runs)
-    ]
-    if as_json:
-        _emit_json(found)
-        if left_out_note:
-            click.echo(left_out_note, err=True)
+    if compact:
+        _print_compact(target, indexed, states_note["detail"], left_out_note)
         return
     if not runs:
         console.print(f"No audit runs found in {escape(target.where)}.", soft_wrap=True)
