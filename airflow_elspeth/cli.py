@@ -308,7 +308,12 @@ def _print_compact(target: Target, runs: list[IndexedRun], states: str, left_out
     console.print(
         escape(
             _fit(
-                ["Per coalesce: rows merged/failed/undecided.", "State: the worst of its coalesces."], sep=" "
+                [
+                    "Logical dates in UTC.",
+                    "Per coalesce: rows merged/failed/undecided.",
+                    "State: the worst of its coalesces.",
+                ],
+                sep=" ",
             )
         )
     )
