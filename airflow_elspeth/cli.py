@@ -17,8 +17,9 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import Any
 
 import click
@@ -36,22 +37,26 @@ from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from airflow_elspeth.audit.engine import engine_for_url
 from airflow_elspeth.audit.read.decisions import run_summaries
 from airflow_elspeth.audit.read.errors import error_groups
+from airflow_elspeth.audit.read.index import index_runs
 from airflow_elspeth.audit.read.limbo import TaskStates, tasks_to_look_up
 from airflow_elspeth.audit.read.lineage import explain_row
 from airflow_elspeth.audit.read.records import (
+    AuditRun,
+    AuditRunTry,
     CoalesceSummary,
     DecidableResolutions,
     DecisionsDifferFromReplay,
     ErrorGroup,
     Explanation,
     Finding,
+    IndexedRun,
     MissingBranch,
     RowsUndecided,
     RunNotClosed,
     TokensWithoutOutcome,
     to_json,
 )
-from airflow_elspeth.audit.read.runs import row_runs, select_runs, with_tries
+from airflow_elspeth.audit.read.runs import count_runs, row_runs, select_runs, with_tries
 from airflow_elspeth.audit.read.verify import verify_run
 from airflow_elspeth.core.vocabulary import (
     DecisionStatus,
@@ -156,9 +161,54 @@ def airflow_states_option(purpose: str) -> Any:
     )
 
 
+class LogicalDate(click.ParamType):
+    """An ISO 8601 date or date-time (without a zone: UTC), as an aware UTC datetime."""
+
+    name = "date"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> datetime:
+        if isinstance(value, datetime):
+            return value
+        try:
+            parsed = datetime.fromisoformat(str(value))
+        except ValueError:
+            self.fail(
+                f"{value!r} is not an ISO 8601 date or date-time (such as 2026-11-27, "
+                "2026-11-27T05:00 or 2026-11-27T05:00:00+02:00)",
+                param,
+                ctx,
+            )
+        return (
+            parsed.replace(tzinfo=timezone.utc) if parsed.tzinfo is None else parsed.astimezone(timezone.utc)
+        )
+
+
 @main.command()
 @run_options
 @airflow_states_option("to show each coalesce task's state")
+@click.option(
+    "--since",
+    type=LogicalDate(),
+    help="Only audit runs whose logical date is at or after this (inclusive). An ISO 8601 date or "
+    "date-time; without a zone, UTC. Audit runs without a logical date are left out.",
+)
+@click.option(
+    "--until",
+    type=LogicalDate(),
+    help="Only audit runs whose logical date is before this (exclusive): --since 2026-11-27 "
+    "--until 2026-11-28 is one day. Same format as --since.",
+)
+@click.option(
+    "--limit",
+    type=click.IntRange(min=1),
+    help="Only the newest N audit runs by logical date (of those selected); says how many were left out.",
+)
+@click.option(
+    "--compact",
+    is_flag=True,
+    help="One line per audit run: logical date, DAG, fork try, merged/failed/undecided rows per "
+    "coalesce and the worst state (with --json: the UI index's entries).",
+)
 @click.pass_obj
 def report(
     target: Target,
@@ -167,51 +217,128 @@ def report(
     airflow_run_id: str | None,
     as_json: bool,
     airflow_states: bool | None,
+    since: datetime | None,
+    until: datetime | None,
+    limit: int | None,
+    compact: bool,
 ) -> None:
     """Coalesce summaries of every audit run (or the selected ones), by logical date then fork try;
     an earlier try of a fork in the same DAG run is marked superseded; with Airflow task states, the
     coalesce task's state."""
+    if since is not None and until is not None and until <= since:
+        raise click.BadParameter(
+            f"{until.isoformat()} is not after --since {since.isoformat()}", param_hint="'--until'"
+        )
     engine = target.engine()
-    runs = with_tries(engine, select_runs(engine, run_id, dag_id, airflow_run_id))
+    filters: dict[str, Any] = {"since": since, "until": until}
+    runs = with_tries(engine, select_runs(engine, run_id, dag_id, airflow_run_id, **filters, limit=limit))
+    left_out = 0
+    if limit is not None and len(runs) == limit:
+        left_out = count_runs(engine, run_id, dag_id, airflow_run_id, **filters) - limit
     task_states, states_note = _task_states_for(airflow_states, runs, engine)
-    errors = {run["run_id"]: error_groups(engine, [run["run_id"]]) for run in runs}
-    found: list[dict[str, Any]] = [
-        {
-            "run": _run_header(run),
-            "coalesce_task_state": _task_state(task_states, run, summary.coalesce),
-            "summary": summary,
-            "errors": errors[run["run_id"]],
-        }
-        for run, summary in run_summaries(engine, runs)
-    ]
+    left_out_note = f"{_plural(left_out, 'older audit run')} left out (--limit {limit})." if left_out else ""
+    indexed: list[IndexedRun] = []
+    errors: dict[str, list[dict[str, Any]]] = {}
+    found: list[dict[str, Any]] = []
+    if compact:
+        indexed = index_runs(engine, runs, read_task_states=lambda _wanted: task_states)
+    else:
+        errors = {run.audit_run_id: error_groups(engine, [run.audit_run_id]) for run in runs}
+        found = [
+            {
+                "run": _run_header(run),
+                "coalesce_task_state": _task_state(task_states, run, summary.coalesce),
+                "summary": summary,
+                "errors": errors[run.audit_run_id],
+            }
+            for run, summary in run_summaries(engine, runs)
+        ]
     if as_json:
-        _emit_json(found)
+        _emit_json(indexed if compact else found)
+        if left_out_note:  # stdout stays JSON
+            click.echo(left_out_note, err=True)
+        return
+    if compact:
+        _print_compact(target, indexed, states_note["detail"], left_out_note)
         return
     if not runs:
         console.print(f"No audit runs found in {escape(target.where)}.", soft_wrap=True)
         return
     console.print(f"Airflow task states: {escape(states_note['detail'])}", soft_wrap=True)
+    if left_out_note:
+        console.print(escape(left_out_note), soft_wrap=True)
     summarised = {item["run"]["run_id"] for item in found}
     for run in runs:
         for item in found:
-            if item["run"]["run_id"] == run["run_id"]:
+            if item["run"]["run_id"] == run.audit_run_id:
                 print_summary(run, item["summary"], item["coalesce_task_state"])
-        if run["run_id"] not in summarised:
-            reason = f": {run['status_reason']}" if run.get("status_reason") else ""
-            _rule("no coalesce", [run["dag_id"], run["airflow_run_id"]])
+        if run.audit_run_id not in summarised:
+            reason = f": {run.status_reason}" if run.status_reason else ""
+            _rule("no coalesce", [run.dag_id, run.airflow_run_id])
             console.print(
                 escape(
                     _fit(
                         [
-                            f"audit run {run['run_id']}",
+                            f"audit run {run.audit_run_id}",
                             _try_text(run),
-                            f"{run['status']}{reason}, no coalesce registered",
+                            f"{run.status}{reason}, no coalesce registered",
                         ]
                     )
                 )
             )
     if any(errors.values()):
-        _print_error_groups(error_groups(engine, [run["run_id"] for run in runs]), len(runs))
+        _print_error_groups(error_groups(engine, [run.audit_run_id for run in runs]), len(runs))
+
+
+# The columns of ``report --compact``: what each may shrink to when the line is wider than the console.
+_COMPACT_HEADER = ("logical date", "DAG", "try", "coalesces", "state")
+_COMPACT_MIN = (0, 8, 0, 10, 0)
+
+
+def _print_compact(target: Target, runs: list[IndexedRun], states: str, left_out: str) -> None:
+    """``report --compact``: one line per audit run, as wide as the console at most (the DAG and
+    the coalesces give way, cut with an ellipsis)."""
+    if not runs:
+        console.print(f"No audit runs found in {escape(target.where)}.", soft_wrap=True)
+        return
+    console.print(f"Airflow task states: {escape(states)}", soft_wrap=True)
+    if left_out:
+        console.print(escape(left_out), soft_wrap=True)
+    console.print(
+        escape(
+            _fit(
+                [
+                    "Logical dates in UTC.",
+                    "Per coalesce: rows merged/failed/undecided.",
+                    "State: the worst of its coalesces.",
+                ],
+                sep=" ",
+            )
+        )
+    )
+    lines = [list(_COMPACT_HEADER)]
+    for run in runs:
+        counts = ", ".join(
+            f"{o.coalesce} {o.merged}/{o.failed}/{'-' if o.undecided is None else o.undecided}"
+            for o in run.outcomes
+        )
+        logical = run.logical_date.strftime("%Y-%m-%d %H:%M") if run.logical_date is not None else "-"
+        lines.append([logical, run.dag_id, str(run.try_number), counts or "-", run.verdict])
+    widths = [max(len(line[i]) for line in lines) for i in range(len(_COMPACT_HEADER))]
+    excess = sum(widths) + 2 * (len(widths) - 1) - console.width
+    for i in (1, 3):  # the DAG first, then the coalesces
+        cut = min(max(excess, 0), widths[i] - _COMPACT_MIN[i])
+        widths[i] -= max(cut, 0)
+        excess -= max(cut, 0)
+    for n, line in enumerate(lines):
+        cells = [
+            text.rjust(width)
+            if i == 2
+            else (text if len(text) <= width else text[: width - 1] + "…").ljust(width)
+            for i, (text, width) in enumerate(zip(line, widths, strict=True))
+        ]
+        text = "  ".join(cells).rstrip()
+        console.print(f"[bold]{escape(text)}[/]" if n == 0 else escape(text), soft_wrap=True)
 
 
 def _print_error_groups(groups: list[ErrorGroup], runs: int) -> None:
@@ -248,30 +375,29 @@ def _print_error_groups(groups: list[ErrorGroup], runs: int) -> None:
         console.print(f"  {escape(group.message_shape)}")
 
 
-def _task_state(task_states: TaskStates | None, run: Mapping[str, Any], task_id: str) -> str | None:
+def _task_state(task_states: TaskStates | None, run: AuditRun, task_id: str) -> str | None:
     """A task's Airflow state in the DAG run of ``run``; ``None`` when states were not read or
     Airflow has no such task instance (a deleted DAG run)."""
     if task_states is None:
         return None
-    return task_states.get((run["dag_id"], run["airflow_run_id"], task_id))
+    return task_states.get((run.dag_id, run.airflow_run_id, task_id))
 
 
-def _run_header(run: dict[str, Any]) -> dict[str, Any]:
-    keys = (
-        "run_id",
-        "dag_id",
-        "airflow_run_id",
-        "fork_task_id",
-        "try_number",
-        "status",
-        "status_reason",
-        "rows_total",
-        "previous_run_id",
-        "logical_date",
-        "current",
-        "superseded_by_try",
-    )
-    return {k: run.get(k) for k in keys}
+def _run_header(run: AuditRunTry) -> dict[str, Any]:
+    return {
+        "run_id": run.audit_run_id,
+        "dag_id": run.dag_id,
+        "airflow_run_id": run.airflow_run_id,
+        "fork_task_id": run.fork_task_id,
+        "try_number": run.try_number,
+        "status": run.status,
+        "status_reason": run.status_reason,
+        "rows_total": run.rows_total,
+        "previous_run_id": run.previous_run_id,
+        "logical_date": run.logical_date,
+        "current": run.current,
+        "superseded_by_try": run.superseded_by_try,
+    }
 
 
 def _plural(n: int, word: str, plural: str | None = None) -> str:
@@ -302,10 +428,10 @@ def _rule(title: str, context: list[str], *, title_first: bool = False) -> None:
         console.print(escape(_fit(context)), style="bold")
 
 
-def _try_text(run: Mapping[str, Any]) -> str:
-    text = f"fork {run['fork_task_id']}, try {run['try_number']}"
-    if run.get("superseded_by_try"):
-        return text + f" (superseded by try {run['superseded_by_try']})"
+def _try_text(run: AuditRunTry) -> str:
+    text = f"fork {run.fork_task_id}, try {run.try_number}"
+    if run.superseded_by_try:
+        return text + f" (superseded by try {run.superseded_by_try})"
     return text
 
 
@@ -320,12 +446,12 @@ def _title(text: str) -> None:
     console.print(f"\n[bold]{escape(text)}[/]")
 
 
-def print_summary(run: dict[str, Any], summary: CoalesceSummary, task_state: str | None = None) -> None:
+def print_summary(run: AuditRunTry, summary: CoalesceSummary, task_state: str | None = None) -> None:
     """One coalesce's summary; ``task_state``: its task's Airflow state, when read."""
     policy = policy_text(summary.policy, len(summary.expected_branches), summary.quorum)
     merge = summary.merge + (f" ({summary.select_branch})" if summary.select_branch else "")
-    _rule(f"coalesce {summary.coalesce}", [run["dag_id"], run["airflow_run_id"]])
-    logical = run.get("logical_date")
+    _rule(f"coalesce {summary.coalesce}", [run.dag_id, run.airflow_run_id])
+    logical = run.logical_date
     console.print(
         escape(
             _fit(
@@ -341,9 +467,9 @@ def print_summary(run: dict[str, Any], summary: CoalesceSummary, task_state: str
             )
         )
     )
-    if run.get("status") != RunStatus.COMPLETED:
-        reason = f": {run['status_reason']}" if run.get("status_reason") else ""
-        console.print(f"[yellow]audit run {run['status']}{escape(reason)}[/]")
+    if run.status != RunStatus.COMPLETED:
+        reason = f": {run.status_reason}" if run.status_reason else ""
+        console.print(f"[yellow]audit run {run.status}{escape(reason)}[/]")
     counts = Table(show_header=True, header_style="bold")
     for column in ("rows", "merged", "failed", "undecided", "late arrivals"):
         counts.add_column(column, justify="right")
@@ -475,7 +601,7 @@ def explain(
         raise AmbiguousRow(f"row {row_key!r} is in {len(matching)} audit runs.\n{how}.")
     run = matching[0]
     try:
-        explained = explain_row(engine, run["run_id"], row_key)
+        explained = explain_row(engine, run.audit_run_id, row_key)
     except NotFound as err:
         raise click.ClickException(str(err)) from err
     if as_json:
@@ -483,9 +609,9 @@ def explain(
         return
     if not run_id:
         console.print(
-            escape(_fit([f"row {row_key!r} found in one audit run: {run['run_id']}", _try_text(run)]))
+            escape(_fit([f"row {row_key!r} found in one audit run: {run.audit_run_id}", _try_text(run)]))
         )
-    print_explanation(run, explained)
+    print_explanation(_run_header(run), explained)
 
 
 def _filters_text(run_id: str | None, dag_id: str | None, airflow_run_id: str | None) -> str:
@@ -497,20 +623,20 @@ def _filters_text(run_id: str | None, dag_id: str | None, airflow_run_id: str | 
     return f" matching {', '.join(given)}" if given else ""
 
 
-def _print_candidates(runs: list[dict[str, Any]]) -> None:
+def _print_candidates(runs: list[AuditRunTry]) -> None:
     """The audit runs a row key is in, one block each (they never share a line)."""
     for run in runs:
-        logical = run.get("logical_date")
-        state = "current" if run["current"] else f"superseded by try {run['superseded_by_try']}"
-        console.print(f"  [bold]{escape(run['run_id'])}[/]")
+        logical = run.logical_date
+        state = "current" if run.current else f"superseded by try {run.superseded_by_try}"
+        console.print(f"  [bold]{escape(run.audit_run_id)}[/]")
         console.print(
             escape(
                 _fit(
                     [
-                        f"DAG {run['dag_id']}",
-                        f"Airflow run {run['airflow_run_id']}",
+                        f"DAG {run.dag_id}",
+                        f"Airflow run {run.airflow_run_id}",
                         f"logical date {logical.isoformat() if logical is not None else '-'}",
-                        f"fork {run['fork_task_id']} try {run['try_number']} ({state})",
+                        f"fork {run.fork_task_id} try {run.try_number} ({state})",
                     ],
                     indent="    ",
                 )
@@ -674,7 +800,7 @@ def _error_text(error_json: str | None) -> str:
 
 def verify_runs(
     engine: Engine,
-    runs: list[dict[str, Any]],
+    runs: list[AuditRun],
     *,
     progress: bool,
     task_states: TaskStates | None = None,
@@ -693,7 +819,7 @@ def verify_runs(
 
 
 def _task_states_for(
-    choice: bool | None, runs: list[dict[str, Any]], engine: Engine
+    choice: bool | None, runs: Sequence[AuditRun], engine: Engine
 ) -> tuple[TaskStates | None, dict[str, Any]]:
     """Task states per ``--airflow-states`` (True: required, False: not read, None: try)."""
     if choice is False:

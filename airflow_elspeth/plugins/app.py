@@ -67,7 +67,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from airflow_elspeth.audit.read import decisions, index, lineage, tasks
 from airflow_elspeth.audit.read.cache import coalesce_ref
-from airflow_elspeth.audit.read.records import AuditRunView, to_json
+from airflow_elspeth.audit.read.records import AuditRunView, IndexedRun, TaskView, to_json
 from airflow_elspeth.audit.read.runs import audit_runs, pick_audit_run
 from airflow_elspeth.core import vocabulary
 from airflow_elspeth.core.canonical import canonical_json
@@ -473,7 +473,7 @@ def _coalesce_section(
     flt, page, late_page = query.flt, query.page, query.late_page
     ref = coalesce_ref(engine, selected.audit_run_id, node)
     overview = series.coalesce_page_overview(engine, selected, node, ref=ref)
-    if query.asked_decision is None and not overview["rows_failed"]:
+    if query.asked_decision is None and not overview.rows_failed:
         # Nothing failed: list every decided row rather than an empty list.
         flt = _row_filter(ALL_DECISIONS, flt.reason, flt.branch, flt.branch_reason)
     rows = decisions.decision_rows(
@@ -496,9 +496,7 @@ def _coalesce_section(
         "late_page_link": lambda p: view(**filters, page=page, late_page=p) + "#late",
         "coalesce": node,
         "overview": overview,
-        "chart": chart.arrivals_chart(
-            overview["arrivals"], overview["branches"], chart.colours(selected.branches)
-        ),
+        "chart": chart.arrivals_chart(overview.arrivals, overview.branches, chart.colours(selected.branches)),
         "flt": flt,
         "decision_param": ALL_DECISIONS if flt.decision is None else flt.decision,
         "rows": rows,
@@ -506,13 +504,13 @@ def _coalesce_section(
         "pages": max(1, -(-rows.total // PAGE_SIZE)),
         "late": late,
         "late_page": late_page,
-        "late_pages": max(1, -(-late["total_rows"] // LATE_PAGE_SIZE)),
+        "late_pages": max(1, -(-late.total_rows // LATE_PAGE_SIZE)),
         "page_size": PAGE_SIZE,
         "late_page_size": LATE_PAGE_SIZE,
         "task_state": task_state,
         "undecided": index.undecided_status(
-            undecided=overview["rows_undecided"],
-            deadline=overview["deadline"],
+            undecided=overview.rows_undecided,
+            deadline=overview.deadline,
             task_state=task_state,
             current=bool(selected.current),
             now=datetime.now(timezone.utc),
@@ -621,7 +619,7 @@ def build_pages() -> APIRouter:
         if _blank(audit_run):
             found = [r for r in found if r.audit_run_id == audit_run] or found
         view = tasks.task_view(engine, found, task_id, _map_index(map_index)) if engine is not None else None
-        selected = next((r for r in found if view and r.audit_run_id == view["audit_run_id"]), None)
+        selected = next((r for r in found if view and r.audit_run_id == view.audit_run_id), None)
         context: dict[str, Any] = {
             "dag_id": dag_id,
             "run_id": run_id,
@@ -640,7 +638,7 @@ def build_pages() -> APIRouter:
             engine is not None
             and selected is not None
             and view is not None
-            and view["kind"] == NodeType.COALESCE
+            and view.kind == NodeType.COALESCE
         ):
 
             def here(**params: Any) -> str:
@@ -761,10 +759,12 @@ def build_api() -> APIRouter:
         dag_id: str, run_id: str, task_id: str, engine: EngineDep, map_index: str | None = None
     ) -> dict[str, Any]:
         """What a task is in the audit trail and, for a branch step, what it did."""
-        found = audit_runs(engine, dag_id, run_id) if engine is not None else []
         if engine is None:
-            return {"kind": None, "task_id": task_id, "audit_run_id": None}
-        return tasks.task_view(engine, found, task_id, _map_index(map_index))
+            view: dict[str, Any] = to_json(TaskView(kind=None, task_id=task_id, audit_run_id=None))
+        else:
+            found = audit_runs(engine, dag_id, run_id)
+            view = to_json(tasks.task_view(engine, found, task_id, _map_index(map_index)))
+        return view
 
     return router
 
@@ -826,7 +826,7 @@ def create_app() -> FastAPI:
 
     def _index(
         engine: Engine | None, user: Any, sort: str, order: str, limit: int
-    ) -> tuple[list[dict[str, Any]], TaskStateReader]:
+    ) -> tuple[list[IndexedRun], TaskStateReader]:
         if sort not in index.SORT_KEYS:
             raise HTTPException(400, f"sort must be one of {list(index.SORT_KEYS)}, got {sort!r}")
         if order not in ("asc", "desc"):

@@ -15,7 +15,7 @@ from sqlalchemy import Engine
 
 from airflow_elspeth.audit.read import decisions
 from airflow_elspeth.audit.read.cache import CoalesceRef, coalesce_ref, run_reads
-from airflow_elspeth.audit.read.records import AuditRunView
+from airflow_elspeth.audit.read.records import AuditRunView, CoalescePage
 
 CHART_COLUMNS = 240
 # The chart zooms on the events when they all happen before this share of the timeout, and
@@ -26,7 +26,7 @@ LATE_FACTOR = 2.5
 
 def coalesce_page_overview(
     engine: Engine, audit_run: AuditRunView, node_id: str, *, ref: CoalesceRef | None = None
-) -> dict[str, Any]:
+) -> CoalescePage:
     """What the coalesce section of the page and ``/api/.../coalesces/{coalesce}`` show: the
     coalesce overview (the summary extended for the page) plus the arrival curves (``arrivals``)."""
     ref = ref or coalesce_ref(engine, audit_run.audit_run_id, node_id)
@@ -36,7 +36,7 @@ def coalesce_page_overview(
         lambda: decisions.coalesce_overview(engine, audit_run, node_id, ref=ref),
         lambda: decisions.arrival_slots(ref, audit_run),
     )
-    return {**overview, "arrivals": arrival_series(ref, audit_run)}
+    return CoalescePage.of(overview, arrival_series(ref, audit_run))
 
 
 def arrival_series(ref: CoalesceRef, audit_run: AuditRunView) -> dict[str, Any]:

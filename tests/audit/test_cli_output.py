@@ -556,3 +556,119 @@ def test_db_upgrade_names_the_store_it_upgraded(tmp_path: Path) -> None:
         "OperationalError: "
     ), refused.output
     assert "s3cret" not in refused.output
+
+
+def test_report_compact_golden(store: tuple[str, dict[str, str]]) -> None:
+    """One line per audit run within 80 columns, by logical date then fork try; narrower, the DAG
+    and the coalesces give way (cut with an ellipsis), never the date, the try or the state."""
+    url, ids = store
+    result = invoke(url, "report", "--no-airflow-states", "--compact", width=80)
+    assert result.exit_code == 0, result.output
+    golden("report_compact_80.txt", result.output)
+    assert all(len(line) <= 80 for line in result.output.splitlines())
+    narrow = invoke(url, "report", "--no-airflow-states", "--compact", width=60).output.splitlines()
+    assert all(len(line) <= 60 for line in narrow)
+    assert narrow[-3:] == [
+        "2026-11-27 05:13  example…    1  consensus 3/2/0  superseded",
+        "2026-11-27 05:13  example…    2  consensus 2/0/0  all_merged",
+        "2026-11-28 05:13  example…    1  consensus 2/0/0  all_merged",
+    ]
+    # --json: the UI index's entries (the same verdicts), oldest first.
+    listed = json.loads(invoke(url, "report", "--no-airflow-states", "--compact", "--json").output)
+    assert [(r["run_id"], r["current"], r["verdict"]) for r in listed] == [
+        (ids["try1"], False, "superseded"),
+        (ids["try2"], True, "all_merged"),
+        (ids["other"], True, "all_merged"),
+    ]
+    assert [(o["merged"], o["failed"], o["undecided"]) for o in listed[0]["outcomes"]] == [(3, 2, 0)]
+
+
+def test_report_selects_by_logical_date_and_limit(audit_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--since`` (inclusive) and ``--until`` (exclusive) select by logical date, ``--limit`` keeps
+    the newest and says how many it left out; the selection is the store's, over 241 audit runs."""
+    FakeClock.at = T0
+    monkeypatch.setattr(dml, "datetime", FakeClock)
+    store = AuditStore(engine_for_url(audit_url))
+    first = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    hourly = {}  # hour since ``first`` -> audit run id
+    for hour in range(240):
+        FakeClock.move(1)
+        logical = first + timedelta(hours=hour)
+        identity = RunIdentity(
+            dag_id=DAG if hour % 2 else "other_dag",
+            airflow_run_id=f"scheduled__{logical.isoformat()}",
+            fork_task_id="fork",
+            try_number=1,
+            run_type="scheduled",
+            logical_date=logical,
+        )
+        hourly[hour] = store.begin_run(identity, branches=list(BRANCHES), chunk_size=10, config={})
+    FakeClock.move(1)
+    undated = store.begin_run(
+        RunIdentity(dag_id=DAG, airflow_run_id="asset_triggered", fork_task_id="fork", try_number=1),
+        branches=list(BRANCHES),
+        chunk_size=10,
+        config={},
+    )
+
+    def selected(*args: str) -> list[str]:
+        result = CliRunner().invoke(cli.main, ["--url", audit_url, "report", "--compact", "--json", *args])
+        assert result.exit_code == 0, result.output
+        return [run["run_id"] for run in json.loads(result.stdout)]
+
+    def hours(*wanted: range) -> list[str]:
+        return [hourly[h] for r in wanted for h in r]
+
+    assert selected() == [*hours(range(240)), undated]  # by logical date; none last
+    assert selected("--since", "2026-01-03", "--until", "2026-01-05") == hours(range(48, 96))
+    assert selected("--since", "2026-01-03T12:00:00+02:00", "--until", "2026-01-03T13:00") == hours(
+        range(58, 61)
+    )
+    assert selected("--until", "2026-01-01T02:00:00Z") == hours(range(2))
+    assert selected("--since", "2026-01-10T23:00") == hours(range(239, 240))
+    assert selected("--since", "2026-01-11") == []
+    assert selected("--dag-id", DAG, "--since", "2026-01-05", "--until", "2026-01-06") == hours(
+        range(97, 120, 2)
+    )
+
+    newest = CliRunner().invoke(
+        cli.main, ["--url", audit_url, "report", "--compact", "--json", "--limit", "25"]
+    )
+    assert [run["run_id"] for run in json.loads(newest.stdout)] == hours(range(215, 240))
+    assert newest.stderr == "216 older audit runs left out (--limit 25).\n"
+    assert selected("--since", "2026-01-05", "--until", "2026-01-06", "--limit", "4") == hours(
+        range(116, 120)
+    )
+    assert selected("--until", "2026-01-01T02:00", "--limit", "2") == hours(range(2))  # nothing left out
+
+    text = invoke(audit_url, "report", "--no-airflow-states", "--compact", "--dag-id", DAG, "--limit", "3")
+    assert text.exit_code == 0, text.output
+    lines = text.output.splitlines()
+    assert "118 older audit runs left out (--limit 3)." in lines
+    assert [line.split()[:2] for line in lines[-3:]] == [
+        ["2026-01-10", "19:00"],
+        ["2026-01-10", "21:00"],
+        ["2026-01-10", "23:00"],
+    ]
+    assert all(line.endswith("fork_running") for line in lines[-3:])  # begun, never completed
+    full = invoke(audit_url, "report", "--no-airflow-states", "--limit", "1", width=120)
+    assert "240 older audit runs left out (--limit 1)." in full.output
+    assert full.output.count("no coalesce registered") == 1
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--since", "yesterday"], "Invalid value for '--since': 'yesterday' is not an ISO 8601 date"),
+        (["--until", "2026-13-01"], "Invalid value for '--until': '2026-13-01' is not an ISO 8601 date"),
+        (
+            ["--since", "2026-01-02", "--until", "2026-01-02"],
+            "Invalid value for '--until': 2026-01-02T00:00:00",
+        ),
+        (["--limit", "0"], "Invalid value for '--limit'"),
+    ],
+)
+def test_report_refuses_a_bad_selection(sqlite_url: str, args: list[str], message: str) -> None:
+    result = invoke(sqlite_url, "report", "--no-airflow-states", *args, width=200)
+    assert result.exit_code == 2
+    assert message in result.output

@@ -456,11 +456,12 @@ def assert_told_late(engine: Engine, coalesce: CoalesceSpec, run_id: str, late: 
 
 
 def assert_verified(engine: Engine, run_id: str) -> None:
+    from airflow_elspeth.audit.read.records import AuditRun
     from airflow_elspeth.audit.read.verify import verify_run
 
     with engine.connect() as conn:
         run = conn.execute(select(t.runs).where(t.runs.c.run_id == run_id)).mappings().one()
-    assert verify_run(engine, dict(run)) == []
+    assert verify_run(engine, AuditRun.from_row(run)) == []
 
 
 def write_as_delivering_step(store: AuditStore, run_id: str, branch: str, status: NodeStatus) -> None:

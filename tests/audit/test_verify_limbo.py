@@ -25,11 +25,14 @@ from airflow_elspeth.audit.model import CoalesceSpec
 from airflow_elspeth.audit.read.decisions import coalesce_summary
 from airflow_elspeth.audit.read.limbo import limbo_findings
 from airflow_elspeth.audit.read.records import (
+    AuditRun,
+    DecisionCounts,
     Finding,
     FindingCheck,
     RowsUndecided,
     RunNotClosed,
     TokensWithoutOutcome,
+    to_json,
 )
 from airflow_elspeth.audit.read.runs import coalesce_spec
 from airflow_elspeth.core.config import coalesce_config
@@ -387,7 +390,7 @@ def test_a_run_still_running_after_a_later_try_started(audit_url: str, trail: Tr
 
 def test_a_run_still_running_after_its_fork_task_ended(audit_engine: Engine, trail: Trail) -> None:
     run = trail.run(status="running", rows=2)
-    runs = [dict(r) for r in _runs(audit_engine)]
+    runs = _runs(audit_engine)
     assert limbo_findings(audit_engine, runs) == []  # nothing in the store says it ended
     assert limbo_findings(audit_engine, runs, task_states={("d", "r", "fork"): "running"}) == []
     for state in ("failed", "success", "upstream_failed"):
@@ -426,7 +429,7 @@ def test_rows_undecided_after_the_coalesce_task_ended(audit_engine: Engine, trai
     run = trail.run(rows=3)
     trail.coalesce(run, timeout_s=3600)  # deadline not reached
     trail.merge(run, 0)
-    runs = [dict(r) for r in _runs(audit_engine)]
+    runs = _runs(audit_engine)
     assert limbo_findings(audit_engine, runs) == []
     assert limbo_findings(audit_engine, runs, task_states={("d", "r", "join"): "up_for_reschedule"}) == []
     findings = limbo_findings(audit_engine, runs, task_states={("d", "r", "join"): "failed"})
@@ -447,7 +450,7 @@ def test_rows_undecided_by_two_coalesces_are_counted_once(audit_engine: Engine, 
     for node, decided in (("x", (0, 1)), ("y", (1, 2))):
         for i in decided:
             trail._decision(run, i, node, "failed", "incomplete_branches", FORKED + timedelta(seconds=60))
-    findings = limbo_findings(audit_engine, [dict(r) for r in _runs(audit_engine)])
+    findings = limbo_findings(audit_engine, _runs(audit_engine))
     finding = only(findings, RowsUndecided)
     assert len(findings) == 1
     assert finding.count == 3  # rows 0 (by y), 2 (by x) and 3 (by neither)
@@ -593,9 +596,7 @@ def test_superseded_decisions_do_not_count_as_decided(
     assert summary["rows_undecided"] == 1 and summary["rows_failed"] == 0
 
     # Once the coalesce ended again, the superseded outcomes are no terminal outcomes either.
-    findings = limbo_findings(
-        audit_engine, [dict(r) for r in _runs(audit_engine)], task_states={("d", "r", "join"): "failed"}
-    )
+    findings = limbo_findings(audit_engine, _runs(audit_engine), task_states={("d", "r", "join"): "failed"})
     assert only(findings, TokensWithoutOutcome).count == 2
 
     data = json.loads(
@@ -669,11 +670,14 @@ def test_cli_says_when_airflow_states_are_unavailable(
     assert required.exit_code != 0 and "unavailable" in required.output
 
 
-def _runs(engine: Engine) -> list[Any]:
+def _runs(engine: Engine) -> list[AuditRun]:
     with engine.connect() as conn:
-        return list(
-            conn.execute(t.runs.select().order_by(t.runs.c.started_at, t.runs.c.try_number)).mappings()
-        )
+        return [
+            AuditRun.from_row(row)
+            for row in conn.execute(
+                t.runs.select().order_by(t.runs.c.started_at, t.runs.c.try_number)
+            ).mappings()
+        ]
 
 
 def test_ui_reports_show_undecided_resolutions_and_superseded(audit_engine: Engine, trail: Trail) -> None:
@@ -693,15 +697,14 @@ def test_ui_reports_show_undecided_resolutions_and_superseded(audit_engine: Engi
     trail.resolve(run, 2)
     trail.supersede(run, 2)
     # The superseded resolution of row 2 is not a decision: undecided, and no failure reason.
-    counts = {
-        "join": {"merged": 1, "failed": 1, "undecided": 2, "failure_reasons": {"coalesce_task_failed": 1}}
-    }
-    (outcome,) = audit_index(audit_engine, None)[0]["outcomes"]
-    assert {outcome.coalesce: {k: getattr(outcome, k) for k in counts["join"]}} == counts
+    join = DecisionCounts(merged=1, failed=1, undecided=2, failure_reasons={"coalesce_task_failed": 1})
+    (outcome,) = audit_index(audit_engine, None)[0].outcomes
+    assert (outcome.coalesce, {k: getattr(outcome, k) for k in to_json(join)}) == ("join", to_json(join))
+    counts = {"join": join}
     audit_run = pick_audit_run(audit_runs(audit_engine, "d", "r"))
     assert audit_run is not None and audit_run.decisions == counts
     overview = coalesce_overview(audit_engine, audit_run, "join")
-    assert (overview["rows_merged"], overview["rows_failed"], overview["rows_undecided"]) == (1, 1, 2)
+    assert (overview.rows_merged, overview.rows_failed, overview.rows_undecided) == (1, 1, 2)
 
     resolved = row_view(audit_engine, audit_run, Trail.key(1)).decisions[0]
     assert resolved.replay is not None

@@ -560,11 +560,12 @@ def scalar(engine: Engine, run_id: str, sql: str) -> Any:
 
 
 def integrity(engine: Engine, run_id: str) -> list[Finding]:
+    from airflow_elspeth.audit.read.records import AuditRun
     from airflow_elspeth.audit.read.verify import verify_run
 
     with engine.connect() as conn:
         run_row = conn.execute(text("SELECT * FROM runs WHERE run_id = :r"), {"r": run_id}).mappings().one()
-    return verify_run(engine, dict(run_row))
+    return verify_run(engine, AuditRun.from_row(run_row))
 
 
 def test_a_triggerer_killed_mid_pass_leaves_whole_chunks_and_the_next_trigger_resumes(

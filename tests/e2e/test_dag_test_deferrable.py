@@ -127,6 +127,7 @@ def test_a_deferrable_coalesce_whose_fork_does_not_complete_ends_at_fork_wait_ti
     from sqlalchemy import select, text
 
     from airflow_elspeth.audit.engine import engine_for_url
+    from airflow_elspeth.audit.read.records import AuditRun
     from airflow_elspeth.audit.read.verify import verify_run
 
     dag = _load_dag("e2e_inline_fork_wait", name)
@@ -170,4 +171,4 @@ def test_a_deferrable_coalesce_whose_fork_does_not_complete_ends_at_fork_wait_ti
         ).all()
     # the finalizer closed every row before the branches answered (their answers recorded late)
     assert [tuple(d) for d in decided] == [("failed", f"coalesce_task_{ended}")] * 3
-    assert verify_run(engine, dict(run)) == []
+    assert verify_run(engine, AuditRun.from_row(run)) == []

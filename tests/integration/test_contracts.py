@@ -26,6 +26,7 @@ from airflow.sdk import DAG
 from airflow_elspeth import BranchOperator, CoalesceSensor, ForkOperator, topology
 from airflow_elspeth.audit.engine import engine_for_url
 from airflow_elspeth.audit.read.lineage import explain_row, row_view
+from airflow_elspeth.audit.read.records import AuditRun
 from airflow_elspeth.audit.read.runs import audit_runs, pick_audit_run
 from airflow_elspeth.audit.read.verify import verify_run
 from airflow_elspeth.core.contract import Contract
@@ -55,7 +56,7 @@ def run_checked(run_dag: Any, audit_url: str, dag_id: str) -> tuple[Any, Any, di
     summary = xcom(dag_run, "coalesce", "coalesce_summary")
     check_summary(summary, view)
     task_states = {(dag_run.dag_id, dag_run.run_id, task): state for task, state in states.items()}
-    assert verify_run(engine, run, task_states=task_states) == []
+    assert verify_run(engine, AuditRun.from_row(run), task_states=task_states) == []
     return dag_run, engine, summary, view
 
 

@@ -21,6 +21,7 @@ from click.testing import CliRunner
 from airflow_elspeth import cli
 from airflow_elspeth.audit.engine import engine_for_url
 from airflow_elspeth.audit.read.decisions import coalesce_overview, coalesce_summary
+from airflow_elspeth.audit.read.records import CoalesceOverview
 from airflow_elspeth.audit.read.runs import audit_runs, coalesce_spec, pick_audit_run
 from airflow_elspeth.core.vocabulary import LATE_REASONS, SKIPPED_DECIDED, ReasonKind, reason_kind
 
@@ -42,19 +43,16 @@ pytestmark = pytest.mark.integration
 L = SimpleNamespace(**runpy.run_path(str(DAGS_DIR / "elspeth_it_labels_dags.py")))
 
 
-def assert_overview_matches(overview: dict[str, Any], summary: dict[str, Any]) -> None:
+def assert_overview_matches(overview: CoalesceOverview, summary: dict[str, Any]) -> None:
     """The UI overview's counts and matrix are the summary's."""
     for key in ("rows_total", "rows_merged", "rows_failed", "rows_undecided", "late_arrivals"):
-        assert overview[key] == summary[key], key
-    matrix = overview["missing_matrix"]
-    cells = {
-        b: {r: cell["rows"] for r, cell in matrix["cells"][b].items() if cell["rows"]}
-        for b in matrix["branches"]
-    }
+        assert getattr(overview, key) == summary[key], key
+    matrix = overview.missing_matrix
+    cells = {b: {r: cell.rows for r, cell in matrix.cells[b].items() if cell.rows} for b in matrix.branches}
     assert cells == {b: info["reasons"] for b, info in summary["missing_branches"].items()}
-    assert matrix["branch_totals"] == {b: info["rows"] for b, info in summary["missing_branches"].items()}
-    late_total = sum(n for r, n in matrix["reason_totals"].items() if reason_kind(r) is ReasonKind.LATE)
-    assert late_total == overview["late_arrivals"]
+    assert matrix.branch_totals == {b: info["rows"] for b, info in summary["missing_branches"].items()}
+    late_total = sum(n for r, n in matrix.reason_totals.items() if reason_kind(r) is ReasonKind.LATE)
+    assert late_total == overview.late_arrivals
 
 
 def labels(engine: Any, run_id: str) -> dict[tuple[str, str], tuple[str, str | None]]:

@@ -21,7 +21,7 @@ from click.testing import CliRunner
 
 from airflow_elspeth import cli
 from airflow_elspeth.audit.engine import engine_for_url
-from airflow_elspeth.audit.read.records import Finding
+from airflow_elspeth.audit.read.records import AuditRun, Finding
 from airflow_elspeth.audit.read.verify import verify_run
 from airflow_elspeth.exceptions import ElspethConfigError
 
@@ -41,7 +41,7 @@ def in_every_mode(test: Any) -> Any:
 def verify_findings(engine: Any, dag_run: Any, run: dict[str, Any]) -> list[Finding]:
     """``airflow-elspeth verify``'s findings for the run, with the DAG run's task states."""
     states = {(dag_run.dag_id, dag_run.run_id, task): state for task, state in ti_states(dag_run).items()}
-    return verify_run(engine, run, task_states=states)
+    return verify_run(engine, AuditRun.from_row(run), task_states=states)
 
 
 def run_scenario(

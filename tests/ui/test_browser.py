@@ -235,8 +235,8 @@ def test_a_person_finds_why_a_row_failed_in_the_real_ui(server: Server, browser:
     audit_run = pick_audit_run(runs, coalesce="consensus")
     assert audit_run is not None
     overview = coalesce_page_overview(engine, audit_run, "consensus")
-    matrix = overview["missing_matrix"]
-    assert overview["rows_failed"] >= 1, "the example run should have failed rows"
+    matrix = overview.missing_matrix
+    assert overview.rows_failed >= 1, "the example run should have failed rows"
 
     # Not logged in: the audit page refuses.
     browser.get(server.base + "/elspeth" + run_path)
@@ -256,17 +256,17 @@ def test_a_person_finds_why_a_row_failed_in_the_real_ui(server: Server, browser:
     # The missing-branches matrix: every branch x reason cell, as the audit store counts it.
     table = browser.find_element(By.CSS_SELECTOR, "table.matrix")
     headers = [th.text.strip() for th in table.find_elements(By.CSS_SELECTOR, "thead th")]
-    assert headers == ["Branch", *matrix["reasons"], "Rows missing"]
+    assert headers == ["Branch", *matrix.reasons, "Rows missing"]
     body_rows = table.find_elements(By.CSS_SELECTOR, "tbody tr")
-    assert [r.find_element(By.TAG_NAME, "th").text.strip() for r in body_rows] == matrix["branches"]
-    for row, branch in zip(body_rows, matrix["branches"], strict=True):
+    assert [r.find_element(By.TAG_NAME, "th").text.strip() for r in body_rows] == matrix.branches
+    for row, branch in zip(body_rows, matrix.branches, strict=True):
         cells = row.find_elements(By.TAG_NAME, "td")
-        for cell, reason in zip(cells, matrix["reasons"], strict=False):
-            expected = matrix["cells"][branch].get(reason)
+        for cell, reason in zip(cells, matrix.reasons, strict=False):
+            expected = matrix.cells[branch].get(reason)
             shown = cell.text.split("\n")[0].strip()
-            assert shown == (f"{expected['rows']:,}" if expected else "·"), (branch, reason, cell.text)
-        assert cells[-1].text.strip() == f"{matrix['branch_totals'][branch]:,}"
-    assert "claude" in matrix["branches"] and "error:RateLimitError" in matrix["reasons"]
+            assert shown == (f"{expected.rows:,}" if expected else "·"), (branch, reason, cell.text)
+        assert cells[-1].text.strip() == f"{matrix.branch_totals[branch]:,}"
+    assert "claude" in matrix.branches and "error:RateLimitError" in matrix.reasons
     browser.switch_to.default_content()
     browser.save_screenshot(str(artifacts / "elspeth-audit-tab.png"))
 
@@ -382,7 +382,7 @@ def test_the_tabs_follow_airflows_theme(server: Server, browser: Any, theme: str
     wait.until(lambda b: theme in (b.find_element(By.TAG_NAME, "html").get_attribute("class") or ""))
     _in_frame(browser, wait, "index")
     engine = engine_for_url(f"sqlite:///{server.home / 'elspeth_audit.db'}", upgrade=False)
-    expected = audit_index(engine, None)[0]["outcomes"][0]
+    expected = audit_index(engine, None)[0].outcomes[0]
     rows = browser.find_elements(By.CSS_SELECTOR, "#index tbody tr")
     cells = [c.text.strip() for c in rows[0].find_elements(By.TAG_NAME, "td")]
     assert cells[0].startswith("rows failed" if expected.failed else "all merged"), cells

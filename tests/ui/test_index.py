@@ -120,29 +120,29 @@ def test_superseded_tries_and_counts(store: StoreRuns) -> None:
     from airflow_elspeth.audit.read.runs import coalesce_spec, decision_counts
 
     engine = engine_for_url(store.url, upgrade=False)
-    runs = {r["run_id"]: r for r in audit_index(engine, [CONSENSUS_DAG])}
+    runs = {r.run_id: r for r in audit_index(engine, [CONSENSUS_DAG])}
     try1, try2 = runs[store.consensus_try1.run_id], runs[store.consensus_try2.run_id]
-    assert (try1["current"], try1["newest_try"], try1["verdict"]) == (False, 2, "superseded")
-    assert try2["current"] is True and try2["verdict"] == "rows_failed"
-    assert [o.coalesce for o in try2["outcomes"]] == ["any_answer", "consensus"]
-    counts = decision_counts(engine, {try2["run_id"]: (try2["rows_total"], try2["coalesces"])})
-    for outcome in try2["outcomes"]:
-        mine = counts[try2["run_id"]][outcome.coalesce]
+    assert (try1.current, try1.newest_try, try1.verdict) == (False, 2, "superseded")
+    assert try2.current is True and try2.verdict == "rows_failed"
+    assert [o.coalesce for o in try2.outcomes] == ["any_answer", "consensus"]
+    counts = decision_counts(engine, {try2.run_id: (try2.rows_total, try2.coalesces)})
+    for outcome in try2.outcomes:
+        mine = counts[try2.run_id][outcome.coalesce]
         assert (outcome.merged, outcome.failed, outcome.undecided) == (
-            mine["merged"],
-            mine["failed"],
-            mine["undecided"],
+            mine.merged,
+            mine.failed,
+            mine.undecided,
         )
         assert outcome.rows == 40 and outcome.task_state is None and not outcome.overdue
         # Why rows failed: the summary's failure reasons (the one source of counts), most first.
-        spec = coalesce_spec(engine, try2["run_id"], outcome.coalesce)
-        summary = coalesce_summary(engine, spec, try2["run_id"])
+        spec = coalesce_spec(engine, try2.run_id, outcome.coalesce)
+        summary = coalesce_summary(engine, spec, try2.run_id)
         assert outcome.failure_reasons == summary["failure_reasons"]
         assert sum(outcome.failure_reasons.values()) == outcome.failed
         assert list(outcome.failure_reasons.values()) == sorted(
             outcome.failure_reasons.values(), reverse=True
         )
-    assert any(o.failure_reasons for o in try2["outcomes"]), "the fixture has failed rows"
+    assert any(o.failure_reasons for o in try2.outcomes), "the fixture has failed rows"
 
 
 def test_the_index_page_says_why_rows_failed(

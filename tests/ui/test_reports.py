@@ -13,7 +13,7 @@ from airflow_elspeth.audit import schema
 from airflow_elspeth.audit.read import decisions, lineage, runs, tasks
 from airflow_elspeth.audit.read.cache import clear_cache
 from airflow_elspeth.audit.read.decisions import coalesce_summary
-from airflow_elspeth.audit.read.records import DecisionRecord
+from airflow_elspeth.audit.read.records import BranchStepView, DecisionRecord
 from airflow_elspeth.audit.read.runs import coalesce_spec
 from airflow_elspeth.core import vocabulary
 from airflow_elspeth.core.config import coalesce_config
@@ -54,11 +54,11 @@ def test_reports_agree_with_the_summary_and_the_replay(audit_engine: Any, built:
         audit_engine, coalesce_spec(audit_engine, built.run_id, "consensus"), built.run_id
     )
     for key in ("rows_total", "rows_merged", "rows_failed", "late_arrivals", "failure_reasons"):
-        assert overview[key] == summary[key], key
-    assert overview["rows_failed"] > 0 and overview["late_after_write"] == 3
+        assert getattr(overview, key) == summary[key], key
+    assert overview.rows_failed > 0 and overview.late_after_write == 3
 
     # The chart counts every arrival once, and every decision.
-    series = overview["arrivals"]
+    series = overview.arrivals
     assert series["branches"]["gpt"]["total"] == 24
     assert series["branches"]["claude"]["total"] == 12
     assert series["branches"]["gemini"]["total"] == 24 - 2  # rows 6 and 16 are dropped
@@ -84,14 +84,12 @@ def test_reports_agree_with_the_summary_and_the_replay(audit_engine: Any, built:
         )
 
     late = decisions.late_arrivals(audit_engine, run, "consensus", limit=100)
-    recorded = sum(len(r.late_arrivals) for r in late["rows"])
-    assert recorded + late["after_write_total"] == overview["late_arrivals"]
+    recorded = sum(len(r.late_arrivals) for r in late.rows)
+    assert recorded + late.after_write_total == overview.late_arrivals
     assert all(
-        a.after_decision_s is not None and a.after_decision_s > 0
-        for r in late["rows"]
-        for a in r.late_arrivals
+        a.after_decision_s is not None and a.after_decision_s > 0 for r in late.rows for a in r.late_arrivals
     )
-    assert {a["row_key"] for a in late["after_write"]} == {"doc-001", "doc-009", "doc-017"}
+    assert {a["row_key"] for a in late.after_write} == {"doc-001", "doc-009", "doc-017"}
 
     # Every row's recorded decision is what a replay of its event log gives.
     for offset in (0, 12):
@@ -111,7 +109,8 @@ def test_reports_agree_with_the_summary_and_the_replay(audit_engine: Any, built:
             assert decision.explanation.startswith("Merged" if row.decision == "merged" else "Failed")
 
     stats = tasks.task_view(audit_engine, found, "ask_1")
-    assert stats["kind"] == "branch" and stats["by_status"] == {"completed": 12, "failed": 12}
+    assert isinstance(stats, BranchStepView)
+    assert stats.kind == "branch" and stats.by_status == {"completed": 12, "failed": 12}
 
 
 def test_unknown_things_are_not_found(audit_engine: Any, built: BuiltRun) -> None:
@@ -125,7 +124,7 @@ def test_unknown_things_are_not_found(audit_engine: Any, built: BuiltRun) -> Non
         lineage.row_view(audit_engine, run, "no-such-row")
     assert runs.pick_audit_run(runs.audit_runs(audit_engine, "d", "r"), audit_run_id="x" * 32) is None
     assert runs.audit_runs(audit_engine, "other", "r") == []
-    assert tasks.task_view(audit_engine, [run], "publish")["kind"] is None
+    assert tasks.task_view(audit_engine, [run], "publish").kind is None
 
 
 def test_explanations_in_words() -> None:

@@ -28,18 +28,22 @@ from airflow_elspeth.audit.model import CoalesceSpec, deadline_of, load_run
 from airflow_elspeth.audit.read.cache import CoalesceRef, coalesce_ref, run_reads
 from airflow_elspeth.audit.read.records import (
     AuditRunView,
+    CoalesceOverview,
     CoalesceSummary,
     DecisionPage,
     DecisionRecord,
     FailedRow,
     FieldCollision,
     LateArrival,
+    LateArrivalsPage,
     LateDecision,
+    MatrixCell,
     MissingBranch,
+    MissingMatrix,
     Wait,
     to_json,
 )
-from airflow_elspeth.audit.read.runs import coalesce_nodes, coalesce_spec
+from airflow_elspeth.audit.read.runs import Run, coalesce_nodes
 from airflow_elspeth.core.vocabulary import (
     ARRIVAL_NODE_STATUSES,
     BRANCH_TASK_PREFIX,
@@ -368,14 +372,11 @@ def _missing_counts(groups: Mapping[tuple[str, str], int], moves: Moves) -> Coun
     return +counts
 
 
-def run_summaries(
-    engine: Engine, runs: Iterable[dict[str, Any]]
-) -> Iterator[tuple[dict[str, Any], CoalesceSummary]]:
-    """(run, summary) of every coalesce registered in each of ``runs`` (rows of ``runs``)."""
+def run_summaries(engine: Engine, runs: Iterable[Run]) -> Iterator[tuple[Run, CoalesceSummary]]:
+    """(run, summary) of every coalesce registered in each of ``runs``."""
     for run in runs:
-        for node in coalesce_nodes(engine, run["run_id"]):
-            spec = coalesce_spec(engine, run["run_id"], node["node_id"])
-            yield run, summarise(engine, spec, run["run_id"])
+        for spec in coalesce_nodes(engine, run.audit_run_id):
+            yield run, summarise(engine, spec, run.audit_run_id)
 
 
 def failure_message(summary: Mapping[str, Any]) -> str:
@@ -579,30 +580,31 @@ def _json_missing_condition(engine: Engine, flt: RowFilter) -> Any:
 # The coalesce overview
 
 
-def _matrix(groups: Iterable[DecisionGroup], branches: Sequence[str], moves: Moves) -> dict[str, Any]:
+def _matrix(groups: Iterable[DecisionGroup], branches: Sequence[str], moves: Moves) -> MissingMatrix:
     """The branch x reason matrix of missing branches (the summary's ``missing_branches``, cell by
     cell, with how many of each cell's rows failed)."""
-    cells: dict[str, dict[str, dict[str, int]]] = {}
-    reasons: set[str] = set()
+    rows: Counter[tuple[str, str]] = Counter()
+    failed: Counter[tuple[str, str]] = Counter()
     by_group: Counter[tuple[str, str]] = Counter()
     for group in groups:
         by_group[(group.decision, group.missing_json)] += group.rows
     for (decision, branch, reason), n in _missing_counts(by_group, moves).items():
-        reasons.add(reason)
-        cell = cells.setdefault(branch, {}).setdefault(reason, {"rows": 0, "failed_rows": 0})
-        cell["rows"] += n
+        rows[(branch, reason)] += n
         if decision == DecisionStatus.FAILED:
-            cell["failed_rows"] += n
-    ordered = sorted(reasons, key=reason_order)
+            failed[(branch, reason)] += n
+    cells: dict[str, dict[str, MatrixCell]] = {}
+    for (branch, reason), n in rows.items():
+        cells.setdefault(branch, {})[reason] = MatrixCell(rows=n, failed_rows=failed[(branch, reason)])
+    ordered = sorted({reason for _, reason in rows}, key=reason_order)
     listed = [b for b in branches if b in cells] + sorted(b for b in cells if b not in branches)
-    return {
-        "branches": listed,
-        "reasons": ordered,
-        "reason_kinds": {r: reason_kind(r).value for r in ordered},
-        "cells": cells,
-        "branch_totals": {b: sum(c["rows"] for c in cells[b].values()) for b in listed},
-        "reason_totals": {r: sum(cells[b].get(r, {}).get("rows", 0) for b in listed) for r in ordered},
-    }
+    return MissingMatrix(
+        branches=listed,
+        reasons=ordered,
+        reason_kinds={r: reason_kind(r).value for r in ordered},
+        cells=cells,
+        branch_totals={b: sum(c.rows for c in cells[b].values()) for b in listed},
+        reason_totals={r: sum(rows[(b, r)] for b in listed) for r in ordered},
+    )
 
 
 def _late_after_write(ref: CoalesceRef) -> list[dict[str, Any]]:
@@ -669,7 +671,7 @@ def cached_summary(ref: CoalesceRef) -> CoalesceSummary:
 
 def coalesce_overview(
     engine: Engine, audit_run: AuditRunView, node_id: str, *, ref: CoalesceRef | None = None
-) -> dict[str, Any]:
+) -> CoalesceOverview:
     """The coalesce summary, extended with what the coalesce section of a page shows besides it:
     the policy in words, the deadline, late rows, the branch x reason matrix of missing branches.
 
@@ -687,32 +689,32 @@ def coalesce_overview(
     )
     completed_at = audit_run.completed_at
     deadline = completed_at + spec.config.timeout if completed_at else None
-    return {
-        "coalesce": node_id,
-        "audit_run_id": run_id,
-        "policy": summary.policy,
-        "policy_text": policy_text(summary.policy, len(summary.expected_branches), summary.quorum),
-        "quorum": summary.quorum,
-        "merge": summary.merge,
-        "select_branch": summary.select_branch,
-        "branches": summary.expected_branches,
-        "delivering": dict(spec.delivering),
-        "timeout_s": spec.config.timeout.total_seconds(),
-        "fork_completed_at": completed_at,
-        "deadline": deadline,
-        "rows_total": summary.rows_total,
-        "rows_merged": summary.rows_merged,
-        "rows_failed": summary.rows_failed,
-        "rows_undecided": summary.rows_undecided,
-        "late_arrivals": summary.late_arrivals,
-        "late_rows": sum(g.rows for g in groups if g.late),
-        "late_after_write": len(after_write),
-        "failure_reasons": dict(sorted(summary.failure_reasons.items(), key=lambda kv: (-kv[1], kv[0]))),
-        "missing_matrix": _matrix(groups, spec.config.branches, moves),
-        "field_collisions": summary.field_collisions,
-        "collision_rule": collision_rule_text(spec.config.on_collision),
-        "output_contract": summary.output_contract,
-    }
+    return CoalesceOverview(
+        coalesce=node_id,
+        audit_run_id=run_id,
+        policy=summary.policy,
+        policy_text=policy_text(summary.policy, len(summary.expected_branches), summary.quorum),
+        quorum=summary.quorum,
+        merge=summary.merge,
+        select_branch=summary.select_branch,
+        branches=summary.expected_branches,
+        delivering=dict(spec.delivering),
+        timeout_s=spec.config.timeout.total_seconds(),
+        fork_completed_at=completed_at,
+        deadline=deadline,
+        rows_total=summary.rows_total,
+        rows_merged=summary.rows_merged,
+        rows_failed=summary.rows_failed,
+        rows_undecided=summary.rows_undecided,
+        late_arrivals=summary.late_arrivals,
+        late_rows=sum(g.rows for g in groups if g.late),
+        late_after_write=len(after_write),
+        failure_reasons=dict(sorted(summary.failure_reasons.items(), key=lambda kv: (-kv[1], kv[0]))),
+        missing_matrix=_matrix(groups, spec.config.branches, moves),
+        field_collisions=summary.field_collisions,
+        collision_rule=collision_rule_text(spec.config.on_collision),
+        output_contract=summary.output_contract,
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -876,7 +878,7 @@ def late_arrivals(
     limit: int = PAGE_SIZE,
     offset: int = 0,
     ref: CoalesceRef | None = None,
-) -> dict[str, Any]:
+) -> LateArrivalsPage:
     """Arrivals after their row's decision: never merged, always recorded.
 
     ``rows`` pages the rows whose decision recorded a late branch (with each late branch's arrival
@@ -927,11 +929,11 @@ def late_arrivals(
         for row in page.rows
     ]
     after = _after_write(ref)
-    return {
-        "total_rows": page.total,
-        "limit": page.limit,
-        "offset": page.offset,
-        "rows": rows,
-        "after_write": after[:MAX_PAGE_SIZE],
-        "after_write_total": len(after),
-    }
+    return LateArrivalsPage(
+        total_rows=page.total,
+        limit=page.limit,
+        offset=page.offset,
+        rows=rows,
+        after_write=after[:MAX_PAGE_SIZE],
+        after_write_total=len(after),
+    )

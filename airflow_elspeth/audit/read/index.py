@@ -12,13 +12,18 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime, timezone
-from typing import Any
 
 from sqlalchemy import Engine, func, select
 
 from airflow_elspeth.audit import schema as t
 from airflow_elspeth.audit.model import CoalesceSpec
-from airflow_elspeth.audit.read.records import CoalesceOutcome, UndecidedStatus
+from airflow_elspeth.audit.read.records import (
+    AuditRun,
+    CoalesceOutcome,
+    DecisionCounts,
+    IndexedRun,
+    UndecidedStatus,
+)
 from airflow_elspeth.audit.read.runs import decision_counts
 from airflow_elspeth.core.vocabulary import ENDED_TASK_STATES, NodeType, RunStatus
 
@@ -88,16 +93,22 @@ def undecided_status(
     )
 
 
-def _verdict(run: Mapping[str, Any], counts: Mapping[str, Any] | None, why: UndecidedStatus | None) -> str:
-    if run["status"] == RunStatus.FAILED:
+def verdict(*, status: str, current: bool, counts: DecisionCounts | None, why: UndecidedStatus | None) -> str:
+    """The verdict of one (audit run, coalesce): ``counts`` None when the run has no coalesce.
+
+    :param status: the audit run's status.
+    :param current: it is the newest try of its fork in its DAG run.
+    :param why: why rows of the coalesce are undecided (:func:`undecided_status`), None if none is.
+    """
+    if status == RunStatus.FAILED:
         return FORK_FAILED
-    if not run["current"]:
+    if not current:
         return SUPERSEDED
     if counts is None:
-        return FORK_RUNNING if run["status"] == RunStatus.RUNNING else NO_COALESCE
+        return FORK_RUNNING if status == RunStatus.RUNNING else NO_COALESCE
     if why is not None:
         return {"ended": ENDED_UNDECIDED, OVERDUE: OVERDUE}.get(why.kind, WAITING)
-    if counts["failed"]:
+    if counts.failed:
         return ROWS_FAILED
     return ALL_MERGED
 
@@ -111,42 +122,80 @@ def audit_index(
     descending: bool = True,
     limit: int = 50,
     now: datetime | None = None,
-) -> list[dict[str, Any]]:
+) -> list[IndexedRun]:
     """The newest audit runs of the given DAGs (None: of every DAG), sorted by ``sort``
-    (``started_at`` or ``logical_date``, runs without one last), each with per coalesce its counts,
-    deadline, Airflow task state, why rows are undecided and a verdict (``outcomes``, in task order).
+    (``started_at`` or ``logical_date``, runs without one last), as :func:`index_runs` lists them.
+    """
+    if sort not in SORT_KEYS:
+        raise ValueError(f"sort must be one of {list(SORT_KEYS)}, got {sort!r}")
+    runs = _select_runs(engine, dag_ids, sort, descending, max(1, min(int(limit), MAX_LIMIT)))
+    return index_runs(engine, runs, read_task_states=read_task_states, now=now)
+
+
+def index_runs(
+    engine: Engine,
+    runs: Sequence[AuditRun],
+    *,
+    read_task_states: Callable[[WantedTasks], TaskStates | None] | None = None,
+    now: datetime | None = None,
+) -> list[IndexedRun]:
+    """``runs`` (in their order) outcomes first: each with per coalesce its counts, deadline, Airflow
+    task state, why rows are undecided and a verdict (``outcomes``, in task order), and the worst.
 
     A run is ``current`` when it is the newest try of its fork in its DAG run; an earlier try is
     superseded (``newest_try`` names the later one). ``read_task_states`` is called once with the
     coalesce tasks listed (:data:`WantedTasks`) and returns their states, or None when it cannot.
     """
-    if sort not in SORT_KEYS:
-        raise ValueError(f"sort must be one of {list(SORT_KEYS)}, got {sort!r}")
-    now = now or datetime.now(timezone.utc)
-    runs = _select_runs(engine, dag_ids, sort, descending, max(1, min(int(limit), MAX_LIMIT)))
     if not runs:
         return []
+    now = now or datetime.now(timezone.utc)
     newest = _newest_tries(engine, runs)
-    specs = _coalesce_specs(engine, [r["run_id"] for r in runs])
+    specs = _coalesce_specs(engine, [r.audit_run_id for r in runs])
+    coalesces = {r.audit_run_id: sorted(specs.get(r.audit_run_id, {})) for r in runs}
     counts = decision_counts(
-        engine, {r["run_id"]: (r["rows_total"], sorted(specs.get(r["run_id"], {}))) for r in runs}
+        engine, {r.audit_run_id: (r.rows_total, coalesces[r.audit_run_id]) for r in runs}
     )
-    for run in runs:
-        key = (run["dag_id"], run["airflow_run_id"], run["fork_task_id"])
-        run["audit_run_id"] = run["run_id"]  # the name the run pages use
-        run["newest_try"] = newest.get(key, run["try_number"])
-        run["current"] = run["try_number"] >= run["newest_try"]
-        run["coalesces"] = sorted(specs.get(run["run_id"], {}))
-        run["decisions"] = counts.get(run["run_id"], {})
-    wanted = wanted_task_states(runs)
+    wanted = wanted_task_states((r.dag_id, r.airflow_run_id, coalesces[r.audit_run_id]) for r in runs)
     task_states = read_task_states(wanted) if read_task_states is not None and wanted else None
+    indexed = []
     for run in runs:
-        run["outcomes"] = [
-            _outcome(run, node_id, spec, run["decisions"].get(node_id, {}), task_states, now)
-            for node_id, spec in sorted(specs.get(run["run_id"], {}).items())
+        newest_try = newest.get((run.dag_id, run.airflow_run_id, run.fork_task_id), run.try_number)
+        current = run.try_number >= newest_try
+        decided = counts.get(run.audit_run_id, {})
+        outcomes = [
+            _outcome(run, current, node_id, spec, decided[node_id], task_states, now)
+            for node_id, spec in sorted(specs.get(run.audit_run_id, {}).items())
         ]
-        run["verdict"] = _verdict(run, None, None) if not run["outcomes"] else _worst(run["outcomes"])
-    return runs
+        indexed.append(
+            IndexedRun(
+                run_id=run.audit_run_id,
+                dag_id=run.dag_id,
+                airflow_run_id=run.airflow_run_id,
+                fork_task_id=run.fork_task_id,
+                try_number=run.try_number,
+                run_type=run.run_type,
+                logical_date=run.logical_date,
+                status=run.status,
+                status_reason=run.status_reason,
+                started_at=run.started_at,
+                completed_at=run.completed_at,
+                rows_total=run.rows_total,
+                chunks_total=run.chunks_total,
+                previous_run_id=run.previous_run_id,
+                audit_run_id=run.audit_run_id,
+                newest_try=newest_try,
+                current=current,
+                coalesces=coalesces[run.audit_run_id],
+                decisions=decided,
+                outcomes=outcomes,
+                verdict=(
+                    worst(outcomes)
+                    if outcomes
+                    else verdict(status=run.status, current=current, counts=None, why=None)
+                ),
+            )
+        )
+    return indexed
 
 
 _ORDER = [
@@ -162,66 +211,50 @@ _ORDER = [
 ]
 
 
-def _worst(outcomes: Sequence[CoalesceOutcome]) -> str:
+def worst(outcomes: Sequence[CoalesceOutcome]) -> str:
+    """The worst verdict of ``outcomes`` (worst first: fork failed, undecided past an end or a
+    deadline, superseded, running, waiting, rows failed, no coalesce, all merged)."""
     return min((o.verdict for o in outcomes), key=_ORDER.index)
 
 
 def _outcome(
-    run: Mapping[str, Any],
+    run: AuditRun,
+    current: bool,
     node_id: str,
     spec: CoalesceSpec,
-    counts: Mapping[str, Any],
+    counts: DecisionCounts,
     task_states: TaskStates | None,
     now: datetime,
 ) -> CoalesceOutcome:
-    completed_at = _utc(run["completed_at"])
+    completed_at = _utc(run.completed_at)
     deadline = completed_at + spec.config.timeout if completed_at is not None else None
     state = None
     if task_states is not None:
-        state = task_states.get((run["dag_id"], run["airflow_run_id"], node_id))
+        state = task_states.get((run.dag_id, run.airflow_run_id, node_id))
     why = undecided_status(
-        undecided=counts.get("undecided"),
-        deadline=deadline,
-        task_state=state,
-        current=bool(run["current"]),
-        now=now,
+        undecided=counts.undecided, deadline=deadline, task_state=state, current=current, now=now
     )
     return CoalesceOutcome(
         coalesce=node_id,
         policy=spec.config.policy.value,
-        rows=run["rows_total"],
-        merged=counts.get("merged", 0),
-        failed=counts.get("failed", 0),
-        failure_reasons=dict(counts.get("failure_reasons", {})),
-        undecided=counts.get("undecided"),
+        rows=run.rows_total,
+        merged=counts.merged,
+        failed=counts.failed,
+        failure_reasons=dict(counts.failure_reasons),
+        undecided=counts.undecided,
         deadline=deadline,
         task_state=state,
         undecided_status=why,
         overdue=bool(why and why.overdue),
-        verdict=_verdict(run, counts, why),
+        verdict=verdict(status=run.status, current=current, counts=counts, why=why),
     )
 
 
 def _select_runs(
     engine: Engine, dag_ids: Iterable[str] | None, sort: str, descending: bool, limit: int
-) -> list[dict[str, Any]]:
+) -> list[AuditRun]:
     ru = t.runs.c
-    query = select(
-        ru.run_id,
-        ru.dag_id,
-        ru.airflow_run_id,
-        ru.fork_task_id,
-        ru.try_number,
-        ru.run_type,
-        ru.logical_date,
-        ru.status,
-        ru.status_reason,
-        ru.started_at,
-        ru.completed_at,
-        ru.rows_total,
-        ru.chunks_total,
-        ru.previous_run_id,
-    )
+    query = select(t.runs)
     if dag_ids is not None:
         wanted = sorted(set(dag_ids))
         if not wanted:
@@ -231,13 +264,15 @@ def _select_runs(
     first = (column.desc() if descending else column.asc()).nulls_last()
     tie = ru.started_at.desc() if descending else ru.started_at.asc()
     with engine.connect() as conn:
-        return [dict(row) for row in conn.execute(query.order_by(first, tie).limit(limit)).mappings()]
+        return [
+            AuditRun.from_row(row) for row in conn.execute(query.order_by(first, tie).limit(limit)).mappings()
+        ]
 
 
-def _newest_tries(engine: Engine, runs: Sequence[Mapping[str, Any]]) -> dict[tuple[str, str, str], int]:
+def _newest_tries(engine: Engine, runs: Sequence[AuditRun]) -> dict[tuple[str, str, str], int]:
     """(dag, Airflow run, fork task) -> its newest try, over every audit run of those DAG runs."""
     ru = t.runs.c
-    keys = sorted({(r["dag_id"], r["airflow_run_id"]) for r in runs})
+    keys = sorted({(r.dag_id, r.airflow_run_id) for r in runs})
     newest: dict[tuple[str, str, str], int] = {}
     with engine.connect() as conn:
         for start in range(0, len(keys), _BATCH):
@@ -268,10 +303,13 @@ def _coalesce_specs(engine: Engine, run_ids: Sequence[str]) -> dict[str, dict[st
     return found
 
 
-def wanted_task_states(runs: Iterable[Mapping[str, Any]]) -> dict[tuple[str, str], set[str]]:
-    """(dag_id, airflow_run_id) -> the coalesce task ids whose Airflow states the index shows."""
+def wanted_task_states(runs: Iterable[tuple[str, str, Sequence[str]]]) -> dict[tuple[str, str], set[str]]:
+    """(dag_id, airflow_run_id) -> the coalesce task ids whose Airflow states the index shows.
+
+    :param runs: per audit run, its DAG, its DAG run and its coalesces.
+    """
     wanted: dict[tuple[str, str], set[str]] = {}
-    for run in runs:
-        if run.get("coalesces"):
-            wanted.setdefault((run["dag_id"], run["airflow_run_id"]), set()).update(run["coalesces"])
+    for dag_id, airflow_run_id, coalesces in runs:
+        if coalesces:
+            wanted.setdefault((dag_id, airflow_run_id), set()).update(coalesces)
     return wanted

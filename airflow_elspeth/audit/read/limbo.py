@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
-from typing import Any
 
 from sqlalchemy import Connection, Engine, and_, func, select
 
@@ -20,6 +19,7 @@ from airflow_elspeth.audit import schema as t
 from airflow_elspeth.audit.dml import db_now
 from airflow_elspeth.audit.model import CoalesceSpec
 from airflow_elspeth.audit.read.records import (
+    AuditRun,
     DuplicateTerminalOutcomes,
     Finding,
     LaterTry,
@@ -41,7 +41,7 @@ LIMBO_EXAMPLES = 5
 
 def limbo_findings(
     engine: Engine,
-    runs: Sequence[Mapping[str, Any]],
+    runs: Sequence[AuditRun],
     *,
     task_states: TaskStates | None = None,
     now: datetime | None = None,
@@ -49,8 +49,7 @@ def limbo_findings(
     """Limbo in the given audit runs: one finding (a :class:`~airflow_elspeth.audit.read.records.Finding`
     of its kind) per (audit run, kind), with a count and examples.
 
-    :param runs: rows of ``runs`` (mappings with at least run_id, dag_id, airflow_run_id,
-        fork_task_id, try_number, status, completed_at).
+    :param runs: the audit runs (``runs.select_runs``).
     :param task_states: Airflow task states (see :data:`TaskStates`), or None when they are not
         known: then only what the audit store shows by itself is checked.
     :param now: the audit clock to judge deadlines by (default: the store's own clock).
@@ -75,23 +74,23 @@ def limbo_findings(
 
 
 def _run_limbo(
-    conn: Connection, run: Mapping[str, Any], task_states: TaskStates | None, now: datetime
+    conn: Connection, run: AuditRun, task_states: TaskStates | None, now: datetime
 ) -> list[Finding]:
-    run_id = run["run_id"]
+    run_id = run.audit_run_id
 
     def state_of(task_id: str) -> str | None:
         if task_states is None:
             return None
-        state = task_states.get((run["dag_id"], run["airflow_run_id"], task_id))
+        state = task_states.get((run.dag_id, run.airflow_run_id, task_id))
         return str(state) if state is not None else None
 
     findings: list[Finding] = []
-    if run["status"] == RunStatus.RUNNING:
-        unclosed = _run_not_closed(conn, run, state_of(run["fork_task_id"]))
+    if run.status == RunStatus.RUNNING:
+        unclosed = _run_not_closed(conn, run, state_of(run.fork_task_id))
         if unclosed is not None:
             findings.append(unclosed)
         return findings
-    if run["status"] != RunStatus.COMPLETED or run["completed_at"] is None:
+    if run.status != RunStatus.COMPLETED or run.completed_at is None:
         return findings
 
     r, cd = t.rows.c, t.coalesce_decisions.c
@@ -120,7 +119,7 @@ def _run_limbo(
         all_ended = all_ended and ended
         if not undecided:
             continue
-        deadline = run["completed_at"] + spec.config.timeout
+        deadline = run.completed_at + spec.config.timeout
         why = []
         if ended:
             why.append(f"coalesce task {task_id} ended {state}")
@@ -139,45 +138,47 @@ def _run_limbo(
     return findings
 
 
-def _run_not_closed(conn: Connection, run: Mapping[str, Any], fork_state: str | None) -> RunNotClosed | None:
+def _run_not_closed(conn: Connection, run: AuditRun, fork_state: str | None) -> RunNotClosed | None:
     ru, r = t.runs.c, t.rows.c
     later = [
         LaterTry(run_id=x.run_id, try_number=x.try_number, status=x.status)
         for x in conn.execute(
             select(ru.run_id, ru.try_number, ru.status)
             .where(
-                ru.dag_id == run["dag_id"],
-                ru.airflow_run_id == run["airflow_run_id"],
-                ru.fork_task_id == run["fork_task_id"],
-                ru.try_number > run["try_number"],
+                ru.dag_id == run.dag_id,
+                ru.airflow_run_id == run.airflow_run_id,
+                ru.fork_task_id == run.fork_task_id,
+                ru.try_number > run.try_number,
             )
             .order_by(ru.try_number)
         )
     ]
     why = []
     if later:
-        why.append(f"try {later[0].try_number} of fork task {run['fork_task_id']} started")
+        why.append(f"try {later[0].try_number} of fork task {run.fork_task_id} started")
     if fork_state in ENDED_TASK_STATES:
-        why.append(f"fork task {run['fork_task_id']} ended {fork_state}")
+        why.append(f"fork task {run.fork_task_id} ended {fork_state}")
     if not why:
         return None
     rows = int(
-        conn.execute(select(func.count()).select_from(t.rows).where(r.run_id == run["run_id"])).scalar_one()
+        conn.execute(
+            select(func.count()).select_from(t.rows).where(r.run_id == run.audit_run_id)
+        ).scalar_one()
     )
     examples = list(
         conn.execute(
             select(r.row_key)
-            .where(r.run_id == run["run_id"])
+            .where(r.run_id == run.audit_run_id)
             .order_by(r.chunk, r.row_index)
             .limit(LIMBO_EXAMPLES)
         ).scalars()
     )
     return RunNotClosed(
-        run_id=run["run_id"],
+        run_id=run.audit_run_id,
         count=rows,
         examples=examples,
         why=why,
-        try_number=run["try_number"],
+        try_number=run.try_number,
         later_tries=later,
         fork_task_state=fork_state,
     )
@@ -273,11 +274,11 @@ def _outcome_findings(conn: Connection, run_id: str, because: str) -> list[Findi
     return findings
 
 
-def tasks_to_look_up(engine: Engine, runs: Sequence[Mapping[str, Any]]) -> dict[tuple[str, str], set[str]]:
+def tasks_to_look_up(engine: Engine, runs: Sequence[AuditRun]) -> dict[tuple[str, str], set[str]]:
     """(dag_id, airflow_run_id) -> the fork and coalesce task ids whose Airflow states the checks use."""
-    coalesces = coalesce_tasks(engine, [r["run_id"] for r in runs])
+    coalesces = coalesce_tasks(engine, [r.audit_run_id for r in runs])
     wanted: dict[tuple[str, str], set[str]] = {}
     for run in runs:
-        key = (run["dag_id"], run["airflow_run_id"])
-        wanted.setdefault(key, set()).update([run["fork_task_id"], *coalesces.get(run["run_id"], [])])
+        key = (run.dag_id, run.airflow_run_id)
+        wanted.setdefault(key, set()).update([run.fork_task_id, *coalesces.get(run.audit_run_id, [])])
     return wanted

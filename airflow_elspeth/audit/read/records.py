@@ -40,6 +40,12 @@ def to_json(value: Any) -> Any:
     return value
 
 
+def fields_of(record: Any, base: type) -> dict[str, Any]:
+    """The fields ``base`` declares, read from ``record`` (an instance of ``base`` or a subclass):
+    what a record extending ``base`` is built from."""
+    return {f.name: getattr(record, f.name) for f in dataclasses.fields(base)}
+
+
 # --------------------------------------------------------------------------------------------------
 # A coalesce's summary (docs/ARCHITECTURE.md, "The coalesce summary")
 
@@ -111,19 +117,12 @@ class CoalesceSummary:
 
 
 # --------------------------------------------------------------------------------------------------
-# The audit runs of a DAG run, as the run pages show them
+# Audit runs: as stored, with their place among the tries of their fork, as the run pages show them
 
 
 @dataclass(frozen=True)
-class BranchStep:
-    node_id: str
-    branch: str
-
-
-@dataclass(frozen=True)
-class AuditRunView:
-    """One audit run (a fork try) of a DAG run with its coalesces, branch steps and, per coalesce,
-    its decision counts (``merged``, ``failed``, ``undecided``, ``failure_reasons``)."""
+class AuditRun:
+    """One audit run (a fork try) as stored in ``runs`` (:meth:`from_row`), ``branches_json`` read."""
 
     audit_run_id: str
     dag_id: str
@@ -142,11 +141,80 @@ class AuditRunView:
     chunks_total: int | None
     branches: list[str]
     previous_run_id: str | None
+
+    @classmethod
+    def from_row(cls, row: RowMapping | Mapping[str, Any]) -> AuditRun:
+        """The record of a ``runs`` row."""
+        return cls(
+            audit_run_id=row["run_id"],
+            dag_id=row["dag_id"],
+            airflow_run_id=row["airflow_run_id"],
+            fork_task_id=row["fork_task_id"],
+            try_number=row["try_number"],
+            clear_number=row["clear_number"],
+            run_type=row["run_type"],
+            logical_date=row["logical_date"],
+            started_at=row["started_at"],
+            completed_at=row["completed_at"],
+            status=row["status"],
+            status_reason=row["status_reason"],
+            rows_total=row["rows_total"],
+            chunk_size=row["chunk_size"],
+            chunks_total=row["chunks_total"],
+            branches=json.loads(row["branches_json"]),
+            previous_run_id=row["previous_run_id"],
+        )
+
+
+@dataclass(frozen=True)
+class AuditRunTry(AuditRun):
+    """An audit run with its place among the tries of its fork in its DAG run (``runs.with_tries``):
+    ``newest_try`` over the whole store; an earlier try is superseded by it."""
+
+    newest_try: int
+
+    @classmethod
+    def of(cls, run: AuditRun, newest_try: int) -> AuditRunTry:
+        return cls(**fields_of(run, AuditRun), newest_try=newest_try)
+
+    @property
+    def current(self) -> bool:
+        """It is the newest try of its fork in its DAG run."""
+        return self.try_number >= self.newest_try
+
+    @property
+    def superseded_by_try(self) -> int | None:
+        return None if self.current else self.newest_try
+
+
+@dataclass(frozen=True)
+class BranchStep:
+    node_id: str
+    branch: str
+
+
+@dataclass(frozen=True)
+class DecisionCounts:
+    """What a coalesce decided in an audit run (``runs.decision_counts``, one grouped read): rows
+    merged, failed, undecided (None while the run's row count is not known) and the failed rows per
+    failure reason, most first."""
+
+    merged: int
+    failed: int
+    undecided: int | None
+    failure_reasons: dict[str, int]
+
+
+@dataclass(frozen=True)
+class AuditRunView(AuditRun):
+    """One audit run (a fork try) of a DAG run with its coalesces, branch steps and, per coalesce,
+    its decision counts."""
+
     # The newest try of its fork in the DAG run (an earlier try stays readable, superseded).
     current: bool
     coalesces: list[str]
     branch_steps: list[BranchStep]
-    decisions: dict[str, dict[str, Any]]
+    decisions: dict[str, DecisionCounts]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -171,7 +239,7 @@ class CoalesceOutcome:
 
     coalesce: str
     policy: str
-    rows: int
+    rows: int | None  # None while the fork runs
     merged: int
     failed: int
     # Why rows failed: failure reason -> rows, most first (what the index shows beside the count).
@@ -181,6 +249,38 @@ class CoalesceOutcome:
     task_state: str | None
     undecided_status: UndecidedStatus | None
     overdue: bool
+    verdict: str
+
+
+@dataclass(frozen=True)
+class IndexedRun:
+    """One audit run as the index lists it (``index.audit_index``): the stored run, its place among
+    the tries of its fork (``newest_try``, ``current``), its coalesces with their decision counts
+    and outcomes (in task order), and the worst verdict of those.
+
+    ``run_id`` and ``audit_run_id`` are the same id: the index's JSON has always carried both.
+    """
+
+    run_id: str
+    dag_id: str
+    airflow_run_id: str
+    fork_task_id: str
+    try_number: int
+    run_type: str | None
+    logical_date: datetime | None
+    status: str
+    status_reason: str | None
+    started_at: datetime
+    completed_at: datetime | None
+    rows_total: int | None
+    chunks_total: int | None
+    previous_run_id: str | None
+    audit_run_id: str
+    newest_try: int
+    current: bool
+    coalesces: list[str]
+    decisions: dict[str, DecisionCounts]
+    outcomes: list[CoalesceOutcome]
     verdict: str
 
 
@@ -351,8 +451,7 @@ class DecisionRecord:
     @classmethod
     def extending(cls, record: DecisionRecord, **extra: Any) -> Self:
         """This kind of record (a subclass adding what a view shows) of ``record``, with ``extra``."""
-        stored = {f.name: getattr(record, f.name) for f in dataclasses.fields(DecisionRecord)}
-        return cls(**stored, **extra)
+        return cls(**fields_of(record, DecisionRecord), **extra)
 
     def shown_fields(self) -> list[ShownField]:
         """The fields a person reads, in declaration order, each as phrases (an empty one left out)."""
@@ -625,6 +724,8 @@ class Explanation(RowLineage):
     """``explain``: the row's lineage and each decision replayed (``replays``, in decision order)."""
 
     replays: list[ExplainedReplay]
+
+
 # verify: a stored decision against its replay, and the integrity findings (``verify --json``)
 
 
@@ -816,3 +917,138 @@ class ErrorGroup:
     message: str
     message_shape: str
     example_row_keys: list[str]
+
+
+@dataclass(frozen=True)
+class LateArrivalsPage:
+    """Arrivals after their row's decision (``decisions.late_arrivals``): a page of the rows whose
+    decision recorded a late branch, and the arrivals written after their decision was."""
+
+    total_rows: int
+    limit: int
+    offset: int
+    rows: list[LateDecision]
+    # Each: row_key, branch, decision, failure_reason, decided_at, decision_recorded_at, arrived_at,
+    # after_decision_s (at most a page's maximum of them; ``after_write_total`` counts them all).
+    after_write: list[dict[str, Any]]
+    after_write_total: int
+
+
+# --------------------------------------------------------------------------------------------------
+# A coalesce's overview (the coalesce section of the run page)
+
+
+@dataclass(frozen=True)
+class MatrixCell:
+    """Rows a branch did not contribute to for one reason, and how many of them failed."""
+
+    rows: int
+    failed_rows: int
+
+
+@dataclass(frozen=True)
+class MissingMatrix:
+    """The branch x reason matrix of missing branches (the summary's ``missing_branches``, cell by
+    cell): branches in configured order, reasons in reason order."""
+
+    branches: list[str]
+    reasons: list[str]
+    reason_kinds: dict[str, str]
+    cells: dict[str, dict[str, MatrixCell]]
+    branch_totals: dict[str, int]
+    reason_totals: dict[str, int]
+
+
+@dataclass(frozen=True)
+class CoalesceOverview:
+    """The coalesce summary extended with what the coalesce section of a page shows besides it
+    (``decisions.coalesce_overview``); every count is the summary's."""
+
+    coalesce: str
+    audit_run_id: str
+    policy: str
+    policy_text: str
+    quorum: int | None
+    merge: str
+    select_branch: str | None
+    branches: list[str]
+    delivering: dict[str, str]
+    timeout_s: float
+    fork_completed_at: datetime | None
+    deadline: datetime | None
+    rows_total: int
+    rows_merged: int
+    rows_failed: int
+    rows_undecided: int
+    late_arrivals: int
+    late_rows: int
+    late_after_write: int
+    # Failed rows per reason, most first.
+    failure_reasons: dict[str, int]
+    missing_matrix: MissingMatrix
+    field_collisions: dict[str, FieldCollision]
+    collision_rule: str
+    output_contract: Mapping[str, Any] | None
+
+
+@dataclass(frozen=True)
+class CoalescePage(CoalesceOverview):
+    """The overview with the arrival curves the page's chart draws (``plugins.series``)."""
+
+    arrivals: dict[str, Any]
+
+    @classmethod
+    def of(cls, overview: CoalesceOverview, arrivals: dict[str, Any]) -> CoalescePage:
+        return cls(**fields_of(overview, CoalesceOverview), arrivals=arrivals)
+
+
+# --------------------------------------------------------------------------------------------------
+# What one task of a DAG run is in the audit trail
+
+
+@dataclass(frozen=True)
+class TaskView:
+    """A task of a DAG run in the audit trail (``tasks.task_view``): ``kind`` is ``fork``,
+    ``branch`` or ``coalesce`` with the audit run it appears in, or None (no audit record)."""
+
+    kind: str | None
+    task_id: str
+    audit_run_id: str | None
+
+
+@dataclass(frozen=True)
+class StepErrors:
+    """Failed rows of a branch step with one error type: how many, a message, the first row keys."""
+
+    rows: int
+    message: str
+    row_keys: list[str]
+
+
+@dataclass(frozen=True)
+class TaskEnd:
+    """Ends of a delivering task the coalesce recorded with one task state: chunk records, first seen."""
+
+    task_state: str
+    records: int
+    first_seen_at: datetime
+
+
+@dataclass(frozen=True)
+class BranchStepView(TaskView):
+    """What a branch step did (in one chunk, for a mapped task instance): node states by status,
+    durations, errors by type (most rows first), and the rows its branch lost to its task's end."""
+
+    branch: str
+    mapped: bool
+    chunk: int | None
+    states_total: int
+    by_status: dict[str, int]
+    first_started_at: datetime | None
+    last_completed_at: datetime | None
+    avg_duration_ms: float | None
+    max_duration_ms: int | None
+    errors: dict[str, StepErrors]
+    delivers_to: list[str]
+    task_ends: list[TaskEnd]
+    rows_lost_at_task_end: int

@@ -8,35 +8,98 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from typing import Any
+from datetime import datetime
+from typing import Any, TypeVar
 
 from sqlalchemy import Engine, func, select
 from sqlalchemy.exc import NoResultFound
 
 from airflow_elspeth.audit import schema as t
 from airflow_elspeth.audit.model import CoalesceSpec, RunInfo, load_run
-from airflow_elspeth.audit.read.records import AuditRunView, BranchStep
+from airflow_elspeth.audit.read.records import (
+    AuditRun,
+    AuditRunTry,
+    AuditRunView,
+    BranchStep,
+    DecisionCounts,
+    fields_of,
+)
 from airflow_elspeth.core.vocabulary import DecisionStatus, NodeType, RunStatus
 from airflow_elspeth.exceptions import NotFound
 
 # Runs per IN list.
 _BATCH = 500
 
+Run = TypeVar("Run", bound=AuditRun)
+
+
+def _run_conditions(
+    run_id: str | None,
+    dag_id: str | None,
+    airflow_run_id: str | None,
+    since: datetime | None,
+    until: datetime | None,
+) -> list[Any]:
+    r = t.runs.c
+    conditions: list[Any] = []
+    if run_id:
+        conditions.append(r.run_id == run_id)
+    if dag_id:
+        conditions.append(r.dag_id == dag_id)
+    if airflow_run_id:
+        conditions.append(r.airflow_run_id == airflow_run_id)
+    # A run without a logical date is in no range.
+    if since is not None:
+        conditions.append(r.logical_date >= since)
+    if until is not None:
+        conditions.append(r.logical_date < until)
+    return conditions
+
 
 def select_runs(
-    engine: Engine, run_id: str | None = None, dag_id: str | None = None, airflow_run_id: str | None = None
-) -> list[dict[str, Any]]:
-    """Every audit run (rows of ``runs``, oldest first), or only those matching the given ids."""
+    engine: Engine,
+    run_id: str | None = None,
+    dag_id: str | None = None,
+    airflow_run_id: str | None = None,
+    *,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    limit: int | None = None,
+) -> list[AuditRun]:
+    """Every audit run (oldest first), or only those matching the given ids and logical dates.
+
+    :param since: only runs whose logical date is at or after this (aware) instant.
+    :param until: only runs whose logical date is before this (aware) instant.
+    :param limit: only the newest ``limit`` of those by logical date (runs without one last, then
+        the newest started), still returned oldest first; :func:`count_runs` says how many matched.
+    """
     r = t.runs.c
-    query = select(t.runs).order_by(r.started_at)
-    if run_id:
-        query = query.where(r.run_id == run_id)
-    if dag_id:
-        query = query.where(r.dag_id == dag_id)
-    if airflow_run_id:
-        query = query.where(r.airflow_run_id == airflow_run_id)
+    query = select(t.runs).where(*_run_conditions(run_id, dag_id, airflow_run_id, since, until))
+    if limit is not None:
+        newest = (
+            query.order_by(r.logical_date.desc().nulls_last(), r.started_at.desc(), r.run_id)
+            .limit(limit)
+            .subquery()
+        )
+        query = select(newest)
+    query = query.order_by("started_at", "run_id")
     with engine.connect() as conn:
-        return [dict(row) for row in conn.execute(query).mappings()]
+        return [AuditRun.from_row(row) for row in conn.execute(query).mappings()]
+
+
+def count_runs(
+    engine: Engine,
+    run_id: str | None = None,
+    dag_id: str | None = None,
+    airflow_run_id: str | None = None,
+    *,
+    since: datetime | None = None,
+    until: datetime | None = None,
+) -> int:
+    """How many audit runs :func:`select_runs` finds with these filters and no limit."""
+    conditions = _run_conditions(run_id, dag_id, airflow_run_id, since, until)
+    with engine.connect() as conn:
+        return int(conn.execute(select(func.count()).select_from(t.runs).where(*conditions)).scalar_one())
 
 
 def run_info(engine: Engine, run_id: str) -> RunInfo:
@@ -48,7 +111,7 @@ def run_info(engine: Engine, run_id: str) -> RunInfo:
     return run
 
 
-def find_row_run(engine: Engine, row_key: str, runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+def find_row_run(engine: Engine, row_key: str, runs: Sequence[Run]) -> Run:
     """The newest of ``runs`` that has ``row_key``. :raises NotFound: none has it."""
     found = row_runs(engine, row_key, runs)
     if not found:
@@ -56,9 +119,9 @@ def find_row_run(engine: Engine, row_key: str, runs: Sequence[dict[str, Any]]) -
     return found[-1]
 
 
-def row_runs(engine: Engine, row_key: str, runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+def row_runs(engine: Engine, row_key: str, runs: Sequence[Run]) -> list[Run]:
     """Those of ``runs`` that have a row with key ``row_key``, in the order of ``runs``."""
-    ids = [run["run_id"] for run in runs]
+    ids = [run.audit_run_id for run in runs]
     having: set[str] = set()
     r = t.rows.c
     with engine.connect() as conn:
@@ -68,27 +131,27 @@ def row_runs(engine: Engine, row_key: str, runs: Sequence[dict[str, Any]]) -> li
                     select(r.run_id).where(r.run_id.in_(ids[start : start + _BATCH]), r.row_key == row_key)
                 ).scalars()
             )
-    return [run for run in runs if run["run_id"] in having]
+    return [run for run in runs if run.audit_run_id in having]
 
 
-def run_order(run: Mapping[str, Any]) -> tuple[Any, ...]:
+def run_order(run: AuditRun) -> tuple[Any, ...]:
     """Sort key of audit runs: by logical date (else start), DAG, DAG run, fork, then fork try."""
-    when = run.get("logical_date") or run.get("started_at")
+    when = run.logical_date or run.started_at
     return (
         when is None,
         when.isoformat() if when is not None else "",
-        run["dag_id"],
-        run["airflow_run_id"],
-        run["fork_task_id"],
-        run["try_number"],
+        run.dag_id,
+        run.airflow_run_id,
+        run.fork_task_id,
+        run.try_number,
     )
 
 
-def with_tries(engine: Engine, runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """``runs`` in :func:`run_order`, each with ``newest_try`` (the newest try of its fork in its DAG
-    run, over the whole store), ``current`` (it is that try) and ``superseded_by_try`` (else None)."""
+def with_tries(engine: Engine, runs: Sequence[AuditRun]) -> list[AuditRunTry]:
+    """``runs`` in :func:`run_order`, each with its fork's newest try in its DAG run (over the whole
+    store): whether it is ``current``, else the try it is ``superseded_by_try``."""
     r = t.runs.c
-    wanted = {(run["dag_id"], run["airflow_run_id"], run["fork_task_id"]) for run in runs}
+    wanted = {(run.dag_id, run.airflow_run_id, run.fork_task_id) for run in runs}
     newest: dict[tuple[str, str, str], int] = {}
     with engine.connect() as conn:
         for dag_id in sorted({w[0] for w in wanted}):
@@ -99,21 +162,17 @@ def with_tries(engine: Engine, runs: Sequence[dict[str, Any]]) -> list[dict[str,
             ):
                 if (dag_id, dag_run, fork) in wanted:
                     newest[(dag_id, dag_run, fork)] = int(n)
-    marked = []
-    for run in sorted(runs, key=run_order):
-        top = newest.get((run["dag_id"], run["airflow_run_id"], run["fork_task_id"]), run["try_number"])
-        current = run["try_number"] >= top
-        marked.append(
-            {**run, "newest_try": top, "current": current, "superseded_by_try": None if current else top}
-        )
-    return marked
+    return [
+        AuditRunTry.of(run, newest.get((run.dag_id, run.airflow_run_id, run.fork_task_id), run.try_number))
+        for run in sorted(runs, key=run_order)
+    ]
 
 
-def runs_of_dag_run(engine: Engine, dag_id: str, airflow_run_id: str) -> list[dict[str, Any]]:
+def runs_of_dag_run(engine: Engine, dag_id: str, airflow_run_id: str) -> list[AuditRun]:
     """Every audit run of a DAG run, oldest first (a reprocessed run has several)."""
     with engine.connect() as conn:
         return [
-            dict(row)
+            AuditRun.from_row(row)
             for row in conn.execute(
                 select(t.runs)
                 .where(t.runs.c.dag_id == dag_id, t.runs.c.airflow_run_id == airflow_run_id)
@@ -122,14 +181,17 @@ def runs_of_dag_run(engine: Engine, dag_id: str, airflow_run_id: str) -> list[di
         ]
 
 
-def coalesce_nodes(engine: Engine, run_id: str) -> list[dict[str, Any]]:
-    """The coalesces registered in an audit run (rows of ``nodes``)."""
+def coalesce_nodes(engine: Engine, run_id: str) -> list[CoalesceSpec]:
+    """The coalesces registered in an audit run, each its configuration as registered."""
+    n = t.nodes.c
     with engine.connect() as conn:
         return [
-            dict(row)
-            for row in conn.execute(
-                select(t.nodes).where(t.nodes.c.run_id == run_id, t.nodes.c.node_type == NodeType.COALESCE)
-            ).mappings()
+            CoalesceSpec.from_dict(json.loads(config_json))
+            for config_json in conn.execute(
+                select(n.config_json)
+                .where(n.run_id == run_id, n.node_type == NodeType.COALESCE)
+                .order_by(n.node_id)
+            ).scalars()
         ]
 
 
@@ -173,55 +235,31 @@ def audit_runs(engine: Engine, dag_id: str, airflow_run_id: str) -> list[AuditRu
     if not runs:
         return []
     n = t.nodes.c
-    nodes: dict[str, list[dict[str, Any]]] = {}
+    coalesces: dict[str, list[str]] = {run.audit_run_id: [] for run in runs}
+    steps: dict[str, list[BranchStep]] = {run.audit_run_id: [] for run in runs}
     with engine.connect() as conn:
         for run_id, node_id, node_type, branch in conn.execute(
             select(n.run_id, n.node_id, n.node_type, n.branch_name)
-            .where(n.run_id.in_([r["run_id"] for r in runs]))
+            .where(n.run_id.in_([r.audit_run_id for r in runs]))
             .order_by(n.run_id, n.node_id)
         ):
-            nodes.setdefault(run_id, []).append(
-                {"node_id": node_id, "node_type": node_type, "branch": branch}
-            )
+            if node_type == NodeType.COALESCE:
+                coalesces[run_id].append(node_id)
+            elif node_type == NodeType.BRANCH:
+                steps[run_id].append(BranchStep(node_id=node_id, branch=branch))
     newest: dict[str, int] = {}
     for run in runs:
-        newest[run["fork_task_id"]] = max(newest.get(run["fork_task_id"], 0), run["try_number"])
-    coalesces = {
-        run["run_id"]: [
-            x["node_id"] for x in nodes.get(run["run_id"], []) if x["node_type"] == NodeType.COALESCE
-        ]
-        for run in runs
-    }
+        newest[run.fork_task_id] = max(newest.get(run.fork_task_id, 0), run.try_number)
     counts = decision_counts(
-        engine, {run["run_id"]: (run["rows_total"], coalesces[run["run_id"]]) for run in runs}
+        engine, {run.audit_run_id: (run.rows_total, coalesces[run.audit_run_id]) for run in runs}
     )
     result = [
         AuditRunView(
-            audit_run_id=run["run_id"],
-            dag_id=run["dag_id"],
-            airflow_run_id=run["airflow_run_id"],
-            fork_task_id=run["fork_task_id"],
-            try_number=run["try_number"],
-            clear_number=run["clear_number"],
-            run_type=run["run_type"],
-            logical_date=run["logical_date"],
-            started_at=run["started_at"],
-            completed_at=run["completed_at"],
-            status=run["status"],
-            status_reason=run["status_reason"],
-            rows_total=run["rows_total"],
-            chunk_size=run["chunk_size"],
-            chunks_total=run["chunks_total"],
-            branches=json.loads(run["branches_json"]),
-            previous_run_id=run["previous_run_id"],
-            current=run["try_number"] == newest[run["fork_task_id"]],
-            coalesces=coalesces[run["run_id"]],
-            branch_steps=[
-                BranchStep(node_id=x["node_id"], branch=x["branch"])
-                for x in nodes.get(run["run_id"], [])
-                if x["node_type"] == NodeType.BRANCH
-            ],
-            decisions=counts.get(run["run_id"], {}),
+            **fields_of(run, AuditRun),
+            current=run.try_number == newest[run.fork_task_id],
+            coalesces=coalesces[run.audit_run_id],
+            branch_steps=steps[run.audit_run_id],
+            decisions=counts.get(run.audit_run_id, {}),
         )
         for run in runs
     ]
@@ -231,7 +269,7 @@ def audit_runs(engine: Engine, dag_id: str, airflow_run_id: str) -> list[AuditRu
 
 def decision_counts(
     engine: Engine, runs: Mapping[str, tuple[int | None, Sequence[str]]]
-) -> dict[str, dict[str, dict[str, Any]]]:
+) -> dict[str, dict[str, DecisionCounts]]:
     """Per audit run, per registered coalesce: rows merged, failed and undecided, and the failed
     rows per failure reason, most first (one grouped read).
 
@@ -254,20 +292,19 @@ def decision_counts(
                 got[decision] = got.get(decision, 0) + int(n)
                 if decision == DecisionStatus.FAILED:
                     reasons.setdefault((run_id, node_id), {})[str(reason)] = int(n)
-    result: dict[str, dict[str, dict[str, Any]]] = {}
+    result: dict[str, dict[str, DecisionCounts]] = {}
     for run_id, (rows_total, coalesces) in runs.items():
-        per_node: dict[str, dict[str, Any]] = {}
+        per_node: dict[str, DecisionCounts] = {}
         for node_id in coalesces:
             got = found.get((run_id, node_id), {})
             merged, failed = got.get(DecisionStatus.MERGED, 0), got.get(DecisionStatus.FAILED, 0)
-            undecided = max(0, rows_total - merged - failed) if rows_total is not None else None
             why = reasons.get((run_id, node_id), {})
-            per_node[node_id] = {
-                "merged": merged,
-                "failed": failed,
-                "undecided": undecided,
-                "failure_reasons": dict(sorted(why.items(), key=lambda item: (-item[1], item[0]))),
-            }
+            per_node[node_id] = DecisionCounts(
+                merged=merged,
+                failed=failed,
+                undecided=max(0, rows_total - merged - failed) if rows_total is not None else None,
+                failure_reasons=dict(sorted(why.items(), key=lambda item: (-item[1], item[0]))),
+            )
         result[run_id] = per_node
     return result
 

@@ -7,20 +7,19 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from typing import Any
 
 from sqlalchemy import Connection, Engine, and_, func, select
 
 from airflow_elspeth.audit import schema as t
 from airflow_elspeth.audit.model import WHOLE_TASK
-from airflow_elspeth.audit.read.records import AuditRunView
+from airflow_elspeth.audit.read.records import AuditRunView, BranchStepView, StepErrors, TaskEnd, TaskView
 from airflow_elspeth.audit.read.sql import json_field
 from airflow_elspeth.core.vocabulary import BRANCH_TASK_PREFIX, NodeStatus, NodeType, TokenOutcome
 
 
 def task_view(
     engine: Engine, runs: Sequence[AuditRunView], task_id: str, map_index: int | None = None
-) -> dict[str, Any]:
+) -> TaskView:
     """What one task of the DAG run is in the audit trail (fork, branch step or coalesce) and, for a
     branch step, what it did: node states by status, errors by type, durations.
 
@@ -29,21 +28,18 @@ def task_view(
     ordered = [*(r for r in runs if r.current), *(r for r in runs if not r.current)]
     for run in ordered:
         if run.fork_task_id == task_id:
-            return {"kind": NodeType.FORK.value, "task_id": task_id, "audit_run_id": run.audit_run_id}
+            return TaskView(kind=NodeType.FORK.value, task_id=task_id, audit_run_id=run.audit_run_id)
         if task_id in run.coalesces:
-            return {"kind": NodeType.COALESCE.value, "task_id": task_id, "audit_run_id": run.audit_run_id}
+            return TaskView(kind=NodeType.COALESCE.value, task_id=task_id, audit_run_id=run.audit_run_id)
         step = next((s for s in run.branch_steps if s.node_id == task_id), None)
         if step is not None:
-            return {
-                "kind": NodeType.BRANCH.value,
-                **_branch_step_stats(engine, run.audit_run_id, task_id, step.branch, map_index),
-            }
-    return {"kind": None, "task_id": task_id, "audit_run_id": None}
+            return _branch_step_stats(engine, run.audit_run_id, task_id, step.branch, map_index)
+    return TaskView(kind=None, task_id=task_id, audit_run_id=None)
 
 
 def _branch_step_stats(
     engine: Engine, run_id: str, node_id: str, branch: str, map_index: int | None
-) -> dict[str, Any]:
+) -> BranchStepView:
     ns, r = t.node_states.c, t.rows.c
     scope = [ns.run_id == run_id, ns.node_id == node_id]
     n = t.nodes.c
@@ -82,16 +78,17 @@ def _branch_step_stats(
                 duration_max = max_ms if duration_max is None else max(duration_max, max_ms)
         # Errors by type in SQL (one grouped scan), then a few example rows of each type.
         error_type = json_field(engine, ns.error_json, "type").label("error_type")
-        errors: dict[str, dict[str, Any]] = {}
+        by_type: dict[str, tuple[int, str]] = {}
         for kind, n, message in conn.execute(
             select(error_type, func.count(), func.min(json_field(engine, ns.error_json, "message")))
             .where(*scope, ns.status == NodeStatus.FAILED.value)
             .group_by(error_type)
             .order_by(func.count().desc())
         ):
-            errors[str(kind)] = {"rows": n, "message": message or "", "row_keys": []}
-        for kind, entry in list(errors.items())[:20]:
-            entry["row_keys"] = list(
+            by_type[str(kind)] = (n, message or "")
+        examples: dict[str, list[str]] = {}
+        for kind in list(by_type)[:20]:
+            examples[kind] = list(
                 conn.execute(
                     select(r.row_key)
                     .select_from(
@@ -109,28 +106,32 @@ def _branch_step_stats(
         task_ends, rows_lost = _task_end_losses(conn, run_id, node_id, branch, chunk)
     states_total = sum(by_status.values())
     feeds = [cfg["node_id"] for cfg in coalesce_configs if cfg.get("delivering", {}).get(branch) == node_id]
-    return {
-        "task_id": node_id,
-        "branch": branch,
-        "audit_run_id": run_id,
-        "mapped": mapped,
-        "chunk": chunk,
-        "states_total": states_total,
-        "by_status": dict(sorted(by_status.items())),
-        "first_started_at": first_started,
-        "last_completed_at": last_completed,
-        "avg_duration_ms": duration_sum / states_total if states_total else None,
-        "max_duration_ms": duration_max,
-        "errors": dict(sorted(errors.items(), key=lambda kv: -kv[1]["rows"])),
-        "delivers_to": feeds,
-        "task_ends": task_ends,
-        "rows_lost_at_task_end": rows_lost,
-    }
+    return BranchStepView(
+        kind=NodeType.BRANCH.value,
+        task_id=node_id,
+        audit_run_id=run_id,
+        branch=branch,
+        mapped=mapped,
+        chunk=chunk,
+        states_total=states_total,
+        by_status=dict(sorted(by_status.items())),
+        first_started_at=first_started,
+        last_completed_at=last_completed,
+        avg_duration_ms=duration_sum / states_total if states_total else None,
+        max_duration_ms=duration_max,
+        errors={
+            kind: StepErrors(rows=n, message=message, row_keys=examples.get(kind, []))
+            for kind, (n, message) in sorted(by_type.items(), key=lambda kv: -kv[1][0])
+        },
+        delivers_to=feeds,
+        task_ends=task_ends,
+        rows_lost_at_task_end=rows_lost,
+    )
 
 
 def _task_end_losses(
     conn: Connection, run_id: str, node_id: str, branch: str, chunk: int | None
-) -> tuple[list[dict[str, Any]], int]:
+) -> tuple[list[TaskEnd], int]:
     """The ends of this delivering task that the coalesce recorded (``branch_task_losses``), by task
     state: how many chunk records, first seen when; and how many of the branch's rows they lost
     (reason ``branch_task_<state>``). An intermediate step has none."""
@@ -147,7 +148,7 @@ def _task_end_losses(
         ends_scope.append(tl.chunk.in_([chunk, WHOLE_TASK]))
         lost_scope.append(tk.chunk == chunk)
     ends = [
-        {"task_state": state, "records": n, "first_seen_at": seen}
+        TaskEnd(task_state=state, records=n, first_seen_at=seen)
         for state, n, seen in conn.execute(
             select(tl.task_state, func.count(), func.min(tl.observed_at))
             .where(*ends_scope)

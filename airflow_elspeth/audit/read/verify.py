@@ -36,6 +36,7 @@ from airflow_elspeth.audit.log import (
 from airflow_elspeth.audit.model import CoalesceSpec, RunInfo, deadline_of, load_run
 from airflow_elspeth.audit.read.limbo import LIMBO_EXAMPLES, TaskStates, limbo_findings
 from airflow_elspeth.audit.read.records import (
+    AuditRun,
     DecidableResolution,
     DecidableResolutions,
     DecisionFields,
@@ -48,7 +49,7 @@ from airflow_elspeth.audit.read.records import (
     RowReplayT,
     to_json,
 )
-from airflow_elspeth.audit.read.runs import coalesce_nodes, coalesce_spec
+from airflow_elspeth.audit.read.runs import coalesce_nodes
 from airflow_elspeth.core.policy import BranchEvent, CollisionCheck, Decision, order_events, replay
 from airflow_elspeth.core.vocabulary import DecisionStatus, is_resolution, resolution_task_state
 
@@ -256,10 +257,8 @@ def replay_coalesce(engine: Engine, spec: CoalesceSpec, run: RunInfo) -> Iterato
 # verify
 
 
-def verify_run(
-    engine: Engine, run: Mapping[str, Any], *, task_states: TaskStates | None = None
-) -> list[Finding]:
-    """Integrity findings of one audit run (a row of ``runs``); empty when everything holds.
+def verify_run(engine: Engine, run: AuditRun, *, task_states: TaskStates | None = None) -> list[Finding]:
+    """Integrity findings of one audit run; empty when everything holds.
 
     One finding per kind (:class:`~airflow_elspeth.audit.read.records.FindingCheck`), with a
     ``count`` and a few ``examples``: limbo (see
@@ -267,7 +266,7 @@ def verify_run(
     decisions that differ from the replay of their stored log (``decision_replay``), and resolutions
     of rows that were decidable when resolved (``resolution_decidable``).
     """
-    run_id = run["run_id"]
+    run_id = run.audit_run_id
     findings = limbo_findings(engine, [run], task_states=task_states)
     orphan = orphan_parents(engine, run_id)
     if orphan is not None:
@@ -278,8 +277,8 @@ def verify_run(
         return findings
     mismatches: list[ReplayMismatch] = []
     decidable: list[DecidableResolution] = []
-    for node in coalesce_nodes(engine, run_id):
-        for replayed in replay_coalesce(engine, coalesce_spec(engine, run_id, node["node_id"]), info):
+    for spec in coalesce_nodes(engine, run_id):
+        for replayed in replay_coalesce(engine, spec, info):
             if replayed.agrees:
                 continue
             if replayed.resolution:
