@@ -29,6 +29,8 @@ Under pytest-xdist the e2e tests run on one worker (``pytest_xdist_make_schedule
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import glob
 import os
 import pwd
@@ -358,20 +360,52 @@ def audit_engine(audit_url: str) -> Iterator[object]:
     dispose_engine(audit_url)
 
 
+@contextlib.contextmanager
+def _exclusive(lock: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``lock`` (created if missing): one pytest-xdist worker at a time."""
+    with open(lock, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _migrated_metadata_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A metadata DB migrated by ``airflow db migrate`` once per run: by the first pytest-xdist worker
+    that needs it (in the run's shared base temp directory, the others wait on a lock), or by the one
+    process without xdist. Returns its ``airflow.db``."""
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # the basetemp all workers of this run share
+    home = base / "airflow-metadata-template"
+    database = home / "airflow.db"
+    with _exclusive(base / "airflow-metadata-template.lock"):
+        if database.exists():
+            return database
+        home.mkdir(exist_ok=True)
+        env = {**os.environ, "AIRFLOW_HOME": str(home), "AIRFLOW__CORE__LOAD_EXAMPLES": "False"}
+        started = time.monotonic()
+        done = subprocess.run(
+            [sys.executable, "-m", "airflow", "db", "migrate"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        if done.returncode != 0:
+            database.unlink(missing_ok=True)
+            raise RuntimeError(f"airflow db migrate failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+        print(f"metadata DB migrated in {time.monotonic() - started:.1f}s ({home})", file=sys.stderr)
+    return database
+
+
 @pytest.fixture(scope="session")
-def airflow_metadata() -> str:
-    """Migrate the metadata DB of the suite's AIRFLOW_HOME once (``airflow db migrate``)."""
-    env = {**os.environ, "AIRFLOW__CORE__LOAD_EXAMPLES": "False"}
-    started = time.monotonic()
-    done = subprocess.run(
-        [sys.executable, "-m", "airflow", "db", "migrate"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    if done.returncode != 0:
-        raise RuntimeError(f"airflow db migrate failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+def airflow_metadata(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The suite's AIRFLOW_HOME with its metadata DB at head: a copy of the DB ``airflow db migrate``
+    migrated once for the whole run (:func:`_migrated_metadata_template`; each pytest-xdist worker
+    has an AIRFLOW_HOME of its own and would otherwise start Airflow's CLI to migrate it again)."""
     home = os.environ["AIRFLOW_HOME"]
-    print(f"metadata DB migrated in {time.monotonic() - started:.1f}s ({home})", file=sys.stderr)
+    # In place, as the migration itself would write it (a connection opened earlier sees the copy).
+    shutil.copyfile(_migrated_metadata_template(tmp_path_factory), Path(home) / "airflow.db")
     return home
