@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Run the test suite: bash scripts/test.sh [pytest arguments...]
 # Creates .venv and installs the project with its test extras on first use (scripts/bootstrap.sh).
-# The whole suite (no test paths, no -m/-k) runs on 4 pytest-xdist workers, the e2e tests in two
-# groups on two of them (each group shares one Airflow deployment, tests/conftest.py); a selection
-# runs in this one process.
+# The whole suite (no test paths, no -m/-k) runs on 4 pytest-xdist workers, the e2e tests in groups
+# of one worker each (each group shares one Airflow deployment, tests/conftest.py xdist_scope); a
+# selection runs in this one process.
 # ELSPETH_TEST_WORKERS=N sets the workers either way (0: one process); -n/--numprocesses or
 # -p no:xdist passed here win. Exits with pytest's exit code.
 set -euo pipefail
