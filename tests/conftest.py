@@ -24,7 +24,8 @@ Without PostgreSQL binaries the PostgreSQL cases are skipped, or fail when ``CI=
 Tiers (markers, pyproject.toml), marked here by place rather than on each test: ``quick``, every
 test under tests/unit and tests/audit that is neither ``postgres`` nor ``heavy`` (the pure core, the
 store on SQLite, the operator unit tests): ``-m quick`` is the fast loop; ``heavy``, the scale tests.
-Under pytest-xdist the e2e tests run on one worker (``pytest_xdist_make_scheduler``).
+Under pytest-xdist each e2e group runs on one worker (``pytest_xdist_make_scheduler``), whose
+deployment stops after the group's last test (tests/e2e/conftest.py).
 """
 
 from __future__ import annotations
