@@ -101,6 +101,17 @@ def xdist_scope(nodeid: str) -> str:
     return "e2e examples, backfill, killed worker"
 
 
+# Set by the xdist controller in each worker's ``workerinput``: whether the tests are handed out by
+# ``xdist_scope`` (``--dist load``; a worker's own config always says ``dist == "no"``).
+XDIST_GROUPED = "elspeth_grouped_by_xdist_scope"
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node: object) -> None:
+    """Tell each pytest-xdist worker whether its tests come in ``xdist_scope`` groups."""
+    node.workerinput[XDIST_GROUPED] = node.config.getvalue("dist") == "load"  # type: ignore[attr-defined]
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Mark the tiers by place: ``heavy`` (``HEAVY``); ``quick``: the tests under ``QUICK_DIRS``
     that are neither ``postgres`` nor ``heavy``."""

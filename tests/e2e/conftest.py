@@ -128,10 +128,12 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     one of each xdist group (tests/conftest.py ``xdist_scope``: a group runs on one worker, in
     collection order) under ``--dist load``, the last one overall without xdist. Under another xdist
     distribution nothing is known about what comes next: deployments live until the session ends."""
-    worker = os.environ.get("PYTEST_XDIST_WORKER") is not None
-    if worker and session.config.getvalue("dist") != "load":
+    root = session.config.pluginmanager.get_plugin(str(ROOT_CONFTEST))
+    workerinput = getattr(session.config, "workerinput", None)
+    worker = workerinput is not None
+    if worker and not workerinput.get(root.XDIST_GROUPED):
         return
-    scope_of = session.config.pluginmanager.get_plugin(str(ROOT_CONFTEST)).xdist_scope
+    scope_of = root.xdist_scope
     last: dict[tuple[str, str], str] = {}
     for item in session.items:
         for name in STACK_FIXTURES:
