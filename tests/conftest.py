@@ -24,11 +24,14 @@ Without PostgreSQL binaries the PostgreSQL cases are skipped, or fail when ``CI=
 Tiers (markers, pyproject.toml), marked here by place rather than on each test: ``quick``, every
 test under tests/unit and tests/audit that is neither ``postgres`` nor ``heavy`` (the pure core, the
 store on SQLite, the operator unit tests): ``-m quick`` is the fast loop; ``heavy``, the scale tests.
-Under pytest-xdist the e2e tests run on one worker (``pytest_xdist_make_scheduler``).
+Under pytest-xdist each e2e group runs on one worker (``pytest_xdist_make_scheduler``), whose
+deployment stops after the group's last test (tests/e2e/conftest.py).
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import glob
 import os
 import pwd
@@ -96,6 +99,17 @@ def xdist_scope(nodeid: str) -> str:
     if nodeid.startswith(E2E_FAULT_MATRIX) and not nodeid.startswith(E2E_EXAMPLES):
         return "e2e fault matrix"
     return "e2e examples, backfill, killed worker"
+
+
+# Set by the xdist controller in each worker's ``workerinput``: whether the tests are handed out by
+# ``xdist_scope`` (``--dist load``; a worker's own config always says ``dist == "no"``).
+XDIST_GROUPED = "elspeth_grouped_by_xdist_scope"
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node: object) -> None:
+    """Tell each pytest-xdist worker whether its tests come in ``xdist_scope`` groups."""
+    node.workerinput[XDIST_GROUPED] = node.config.getvalue("dist") == "load"  # type: ignore[attr-defined]
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -358,20 +372,52 @@ def audit_engine(audit_url: str) -> Iterator[object]:
     dispose_engine(audit_url)
 
 
+@contextlib.contextmanager
+def _exclusive(lock: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``lock`` (created if missing): one pytest-xdist worker at a time."""
+    with open(lock, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _migrated_metadata_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A metadata DB migrated by ``airflow db migrate`` once per run: by the first pytest-xdist worker
+    that needs it (in the run's shared base temp directory, the others wait on a lock), or by the one
+    process without xdist. Returns its ``airflow.db``."""
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # the basetemp all workers of this run share
+    home = base / "airflow-metadata-template"
+    database = home / "airflow.db"
+    with _exclusive(base / "airflow-metadata-template.lock"):
+        if database.exists():
+            return database
+        home.mkdir(exist_ok=True)
+        env = {**os.environ, "AIRFLOW_HOME": str(home), "AIRFLOW__CORE__LOAD_EXAMPLES": "False"}
+        started = time.monotonic()
+        done = subprocess.run(
+            [sys.executable, "-m", "airflow", "db", "migrate"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        if done.returncode != 0:
+            database.unlink(missing_ok=True)
+            raise RuntimeError(f"airflow db migrate failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+        print(f"metadata DB migrated in {time.monotonic() - started:.1f}s ({home})", file=sys.stderr)
+    return database
+
+
 @pytest.fixture(scope="session")
-def airflow_metadata() -> str:
-    """Migrate the metadata DB of the suite's AIRFLOW_HOME once (``airflow db migrate``)."""
-    env = {**os.environ, "AIRFLOW__CORE__LOAD_EXAMPLES": "False"}
-    started = time.monotonic()
-    done = subprocess.run(
-        [sys.executable, "-m", "airflow", "db", "migrate"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    if done.returncode != 0:
-        raise RuntimeError(f"airflow db migrate failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+def airflow_metadata(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The suite's AIRFLOW_HOME with its metadata DB at head: a copy of the DB ``airflow db migrate``
+    migrated once for the whole run (:func:`_migrated_metadata_template`; each pytest-xdist worker
+    has an AIRFLOW_HOME of its own and would otherwise start Airflow's CLI to migrate it again)."""
     home = os.environ["AIRFLOW_HOME"]
-    print(f"metadata DB migrated in {time.monotonic() - started:.1f}s ({home})", file=sys.stderr)
+    # In place, as the migration itself would write it (a connection opened earlier sees the copy).
+    shutil.copyfile(_migrated_metadata_template(tmp_path_factory), Path(home) / "airflow.db")
     return home

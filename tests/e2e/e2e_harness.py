@@ -3,8 +3,9 @@
 Everything lives in a temporary ``AIRFLOW_HOME``; the metadata database and the Elspeth audit
 database are two databases on the PostgreSQL server the suite starts (``pg_proc``). The executor is
 the LocalExecutor, the DAGs folder is ``tests/e2e/dags``. Tests drive it the way an operator would:
-the ``airflow`` CLI (``dags unpause``, ``backfill create``) and the public REST API v2 (trigger a run,
-read task-instance states), with ``[core] simple_auth_manager_all_admins`` so no login is needed.
+the ``airflow`` CLI where the CLI is what is tested (``backfill create``) and otherwise the public
+REST API v2, as the UI does (unpause a DAG, add the audit connection and a pool, trigger a run, read
+task-instance states), with ``[core] simple_auth_manager_all_admins`` so no login is needed.
 
 Every process runs in its own process group with its output in ``<home>/proc/<name>.log``; task
 processes (own process groups too) are found through the process tree and by their AIRFLOW_HOME, so
@@ -305,15 +306,6 @@ class AirflowStack:
             admin.close()
         self.cli("db", "migrate", timeout=300)
         self.timings["db_migrate"] = time.monotonic() - started
-        self.cli(
-            "connections",
-            "add",
-            "elspeth_audit_default",
-            "--conn-type",
-            "elspeth",
-            "--conn-extra",
-            json.dumps({"sqlalchemy_url": self.audit_url}),
-        )
         # Schema of the audit store at head before any task runs (tasks would do it on first use).
         self.run([str(VENV_BIN / "airflow-elspeth"), "--url", self.audit_url, "db", "upgrade"], timeout=120)
         for name in PROCESSES:
@@ -340,6 +332,19 @@ class AirflowStack:
                 },
             )
         wait_until("every Airflow process to report healthy", self.healthy, timeout=ready_timeout, interval=1)
+        # The audit store's connection in the metadata DB, as a person adds it in the UI (tasks read
+        # it through the execution API). Through the REST API rather than ``airflow connections
+        # add``: no task runs before a test triggers one, and each ``airflow`` CLI call costs seconds
+        # of CPU (importing Airflow), which the suite runs short of on two cores.
+        self.api(
+            "POST",
+            "/api/v2/connections",
+            {
+                "connection_id": "elspeth_audit_default",
+                "conn_type": "elspeth",
+                "extra": json.dumps({"sqlalchemy_url": self.audit_url}),
+            },
+        )
         self.timings["ready"] = time.monotonic() - started
 
     def _spawn(self, name: str, args: list[str], env: dict[str, str] | None = None) -> None:
@@ -491,7 +496,13 @@ class AirflowStack:
         return wait_until(f"DAG {dag_id} to be parsed", parsed, timeout=timeout, interval=1)
 
     def unpause(self, dag_id: str) -> None:
-        self.cli("dags", "unpause", dag_id)
+        """Unpause ``dag_id`` as the UI's toggle does (``PATCH is_paused``; not ``airflow dags
+        unpause``, a CLI start-up of seconds of CPU each time)."""
+        self.api("PATCH", f"/api/v2/dags/{dag_id}?update_mask=is_paused", {"is_paused": False})
+
+    def set_pool(self, name: str, slots: int, description: str) -> None:
+        """Create pool ``name`` with ``slots`` slots through the REST API (as the UI's pool form)."""
+        self.api("POST", "/api/v2/pools", {"name": name, "slots": slots, "description": description})
 
     def trigger(self, dag_id: str, *, conf: dict[str, Any] | None = None) -> str:
         """A manual DAG run through the REST API; returns its run_id."""

@@ -4,9 +4,6 @@ merges arrivals of branches that run after it started, instead of reporting them
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -16,16 +13,6 @@ import pytest
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
 DAGS = Path(__file__).resolve().parent / "dag_test_dags"
-
-
-@pytest.fixture(scope="module")
-def metadata_db() -> str:
-    """The suite's AIRFLOW_HOME metadata DB, migrated (idempotent; the integration suite does too)."""
-    done = subprocess.run(
-        [sys.executable, "-m", "airflow", "db", "migrate"], capture_output=True, text=True, timeout=300
-    )
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    return os.environ["AIRFLOW_HOME"]
 
 
 @pytest.fixture
@@ -57,7 +44,7 @@ def _load_dag(module_name: str = "e2e_inline_deferrable", name: str = "dag"):  #
 
 
 def test_deferrable_coalesce_started_before_its_branches_merges_their_arrivals(
-    metadata_db: str, inline_env: str
+    airflow_metadata: str, inline_env: str
 ) -> None:
     from airflow import settings
     from airflow.models.taskinstance import TaskInstance
@@ -118,7 +105,7 @@ def test_deferrable_coalesce_started_before_its_branches_merges_their_arrivals(
 
 @pytest.mark.parametrize(("name", "ended"), [("fork_wait", "failed"), ("fork_wait_soft", "skipped")])
 def test_a_deferrable_coalesce_whose_fork_does_not_complete_ends_at_fork_wait_timeout(
-    metadata_db: str, inline_env: str, name: str, ended: str
+    airflow_metadata: str, inline_env: str, name: str, ended: str
 ) -> None:
     """Failed with AirflowSensorTimeout (no retry although it has retries), or skipped with
     soft_fail; the fork completing afterwards leaves nothing open: its finalizer closes every row."""

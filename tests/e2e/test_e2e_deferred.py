@@ -27,7 +27,7 @@ def test_deferred_without_a_slot_while_branches_run_then_decides_at_the_deadline
     airflow_stack: AirflowStack, audit: AuditDB
 ) -> None:
     stack = airflow_stack
-    stack.cli("pools", "set", "e2e_slots", "3", "e2e: exactly the three branches")
+    stack.set_pool("e2e_slots", 3, "e2e: exactly the three branches")
     stack.wait_dag(DAG_ID)
     stack.unpause(DAG_ID)
     state_dir = stack.state_dir / DAG_ID
