@@ -135,6 +135,12 @@ def make_fork(rows: Any) -> ForkOperator:
     return ForkOperator(task_id="fork", rows=rows, row_key="id", branches=["a", "b"], chunk_size=2)
 
 
+def produced(rows: list[dict[str, Any]]) -> Any:
+    """``rows`` as a callable returns them, at run time: a literal list's bad rows are refused
+    when the DAG is parsed (tests/unit), these tests are about the ones only the run sees."""
+    return lambda: rows
+
+
 def _terminated() -> BaseException:
     from airflow.sdk.exceptions import AirflowTaskTerminated
 
@@ -215,7 +221,7 @@ def test_a_duplicate_key_fails_the_fork_naming_the_first_bad_row(case: str, dire
     rows, named = DUPLICATES[case]
     ti = FakeTI()
     with pytest.raises(AirflowFailException, match=r"duplicate row key " + re.escape(named)):
-        make_fork(rows).execute(context(ti))
+        make_fork(produced(rows)).execute(context(ti))
     (run,) = audit_runs(direct_engine, ti.dag_id, ti.run_id)
     assert_failed_and_empty(direct_engine, run, "bad_row: duplicate row key " + named)
 
@@ -268,7 +274,7 @@ def test_a_duplicate_key_is_found_across_writes_ended_by_their_size(
     ti = FakeTI()
     named = f"'{duplicate_of}' (row at index 5)"
     with pytest.raises(AirflowFailException, match=r"duplicate row key " + re.escape(named)):
-        make_fork(rows).execute(context(ti))
+        make_fork(produced(rows)).execute(context(ti))
     assert writes == written
     (run,) = audit_runs(direct_engine, ti.dag_id, ti.run_id)
     assert_failed_and_empty(direct_engine, run, "bad_row: duplicate row key " + named)
@@ -335,7 +341,7 @@ def test_a_bad_row_when_the_store_cannot_fail_the_run_still_fails_the_task_sayin
     monkeypatch.setattr(AuditStore, "fail_run", store_down)
     rows = [{"id": "r0"}, {"id": "r1"}, {"id": "r2"}, {"id": None}]
     with pytest.raises(AirflowFailException) as raised:
-        make_fork(rows).execute(context(FakeTI()))
+        make_fork(produced(rows)).execute(context(FakeTI()))
     message = str(raised.value)
     assert "row at index 3 has no row_key column 'id'" in message, message
     assert "could not be marked failed" in message and "nothing of audit run" not in message
