@@ -845,7 +845,7 @@ def create_app() -> FastAPI:
         request: Request,
         engine: EngineDep,
         user: GetUserDep,
-        sort: str = "started_at",
+        sort: str = index.SORT_KEYS[0],
         order: str = "desc",
         limit: IndexLimit = 50,
     ) -> HTMLResponse:
@@ -875,7 +875,7 @@ def create_app() -> FastAPI:
     def api_index(
         engine: EngineDep,
         user: GetUserDep,
-        sort: str = "started_at",
+        sort: str = index.SORT_KEYS[0],
         order: str = "desc",
         limit: IndexLimit = 50,
     ) -> dict[str, Any]:

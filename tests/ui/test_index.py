@@ -314,3 +314,35 @@ def test_branch_step_tab_shows_the_rows_lost_when_its_task_ended(
         assert "3 rows of branch a lost" in page and "branch_task_failed" in page
     finally:
         dispose_engine(url)
+
+
+@pytest.mark.usefixtures("readable")
+def test_the_index_lists_backfilled_dates_newest_logical_date_first(
+    client: Any, use_store: Any, auth: Auth, tmp_path: Any
+) -> None:
+    """Runs started 11-03, 11-01, 11-02 (a backfill after a scheduled run) list by logical date,
+    newest first, as Airflow's grid does; ``sort=started_at`` still lists them by start."""
+    from sqlalchemy.engine import URL
+
+    from airflow_elspeth.audit.engine import dispose_engine, engine_for_url
+
+    url = URL.create("sqlite", database=str(tmp_path / "audit.db")).render_as_string()
+    engine = engine_for_url(url)
+    try:
+        started = [3, 1, 2]
+        for day in started:
+            _undecided_run(
+                engine,
+                f"backfill__2026-11-0{day}T00:00:00+00:00",
+                datetime(2026, 11, day, tzinfo=timezone.utc),
+                timedelta(hours=1),
+            )
+        use_store(engine)
+        listed = client.get("/elspeth/api/runs", headers=auth("viewer")).json()["audit_runs"]
+        assert [r["logical_date"][:10] for r in listed] == ["2026-11-03", "2026-11-02", "2026-11-01"]
+        by_start = client.get("/elspeth/api/runs?sort=started_at&order=asc", headers=auth("viewer")).json()
+        assert [r["logical_date"][:10] for r in by_start["audit_runs"]] == [f"2026-11-0{d}" for d in started]
+        page = client.get("/elspeth/", headers=auth("viewer")).text
+        assert "Logical date ▼" in page
+    finally:
+        dispose_engine(url)

@@ -32,7 +32,8 @@ TaskStates = Mapping[tuple[str, str, str], str]
 # (dag_id, airflow_run_id) -> the task ids whose states are wanted (airflow_states.WantedTasks).
 WantedTasks = Mapping[tuple[str, str], set[str]]
 
-SORT_KEYS = ("started_at", "logical_date")
+# The first is the default: newest logical date first, as Airflow's grid lists DAG runs.
+SORT_KEYS = ("logical_date", "started_at")
 MAX_LIMIT = 500
 _BATCH = 500
 
@@ -118,13 +119,14 @@ def audit_index(
     dag_ids: Iterable[str] | None,
     *,
     read_task_states: Callable[[WantedTasks], TaskStates | None] | None = None,
-    sort: str = "started_at",
+    sort: str = SORT_KEYS[0],
     descending: bool = True,
     limit: int = 50,
     now: datetime | None = None,
 ) -> list[IndexedRun]:
-    """The newest audit runs of the given DAGs (None: of every DAG), sorted by ``sort``
-    (``started_at`` or ``logical_date``, runs without one last), as :func:`index_runs` lists them.
+    """The newest audit runs of the given DAGs (None: of every DAG), sorted in SQL by ``sort``
+    (``logical_date`` or ``started_at``, runs without one last; ties by fork try, then start), as
+    :func:`index_runs` lists them.
     """
     if sort not in SORT_KEYS:
         raise ValueError(f"sort must be one of {list(SORT_KEYS)}, got {sort!r}")
@@ -261,12 +263,13 @@ def _select_runs(
             return []
         query = query.where(ru.dag_id.in_(wanted))
     column = ru.logical_date if sort == "logical_date" else ru.started_at
-    first = (column.desc() if descending else column.asc()).nulls_last()
-    tie = ru.started_at.desc() if descending else ru.started_at.asc()
+    # Ties (a DAG run's fork tries share its logical date) by fork try, then start; the id last
+    # makes the order total, so pages never repeat or skip a run.
+    order = [column, ru.try_number, ru.started_at, ru.run_id]
+    by = [(c.desc() if descending else c.asc()) for c in order]
+    by[0] = by[0].nulls_last()
     with engine.connect() as conn:
-        return [
-            AuditRun.from_row(row) for row in conn.execute(query.order_by(first, tie).limit(limit)).mappings()
-        ]
+        return [AuditRun.from_row(row) for row in conn.execute(query.order_by(*by).limit(limit)).mappings()]
 
 
 def _newest_tries(engine: Engine, runs: Sequence[AuditRun]) -> dict[tuple[str, str, str], int]:
