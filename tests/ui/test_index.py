@@ -346,3 +346,81 @@ def test_the_index_lists_backfilled_dates_newest_logical_date_first(
         assert "Logical date ▼" in page
     finally:
         dispose_engine(url)
+
+
+def test_branch_losses_and_late_arrivals_show_for_every_run(
+    client: Any, store: StoreRuns, auth: Auth, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Per coalesce, the rows each branch was lost on and the late answers are the summary's (the
+    one source of counts), merged rows too: a run whose rows all merged still shows them."""
+    from airflow.api_fastapi.auth.managers.simple.simple_auth_manager import SimpleAuthManager
+
+    from airflow_elspeth.audit.engine import engine_for_url
+    from airflow_elspeth.audit.read.decisions import coalesce_summary
+    from airflow_elspeth.audit.read.index import audit_index
+    from airflow_elspeth.audit.read.runs import coalesce_spec
+    from airflow_elspeth.core.vocabulary import ReasonKind, reason_kind
+
+    monkeypatch.setattr(
+        SimpleAuthManager,
+        "get_authorized_dag_ids",
+        lambda self, *, user, method="GET", session=None: {CONSENSUS_DAG},
+    )
+    engine = engine_for_url(store.url, upgrade=False)
+    (run,) = [r for r in audit_index(engine, [CONSENSUS_DAG]) if r.run_id == store.consensus_try2.run_id]
+    for outcome in run.outcomes:
+        summary = coalesce_summary(engine, coalesce_spec(engine, run.run_id, outcome.coalesce), run.run_id)
+        losses = {
+            branch: sum(n for reason, n in info["reasons"].items() if reason_kind(reason) is ReasonKind.LOSS)
+            for branch, info in summary["missing_branches"].items()
+        }
+        assert outcome.branch_losses == {b: n for b, n in losses.items() if n}
+        assert outcome.late_arrivals == summary["late_arrivals"]
+    merged = next(o for o in run.outcomes if o.verdict == "all_merged")
+    assert merged.branch_losses and merged.late_arrivals, "the fixture's best-effort coalesce lost and waited"
+
+    data = client.get("/elspeth/api/runs", headers=auth("viewer")).json()
+    listed = next(r for r in data["audit_runs"] if r["run_id"] == run.run_id)
+    shown = next(o for o in listed["outcomes"] if o["coalesce"] == merged.coalesce)
+    assert (shown["branch_losses"], shown["late_arrivals"]) == (merged.branch_losses, merged.late_arrivals)
+    page = client.get("/elspeth/", headers=auth("viewer")).text
+    for branch, n in merged.branch_losses.items():
+        assert f"coalesce={quote(merged.coalesce)}&amp;decision=all&amp;branch={quote(branch)}#rows" in page
+        assert f"{branch} lost {n:,}</a>" in page
+    assert f"late {merged.late_arrivals:,}</a>" in page
+
+
+@pytest.mark.usefixtures("readable")
+def test_a_fork_failure_says_why_in_why_failed(
+    client: Any, use_store: Any, auth: Auth, tmp_path: Any
+) -> None:
+    from sqlalchemy.engine import URL
+
+    from airflow_elspeth.audit.engine import dispose_engine, engine_for_url
+    from airflow_elspeth.audit.store import AuditStore, RunIdentity
+
+    url = URL.create("sqlite", database=str(tmp_path / "audit.db")).render_as_string()
+    engine = engine_for_url(url)
+    try:
+        store = AuditStore(engine)
+        identity = RunIdentity(
+            dag_id=STALL_DAG,
+            airflow_run_id=ENDED_RUN,
+            fork_task_id="fork",
+            try_number=1,
+            run_type="scheduled",
+            logical_date=datetime(2026, 3, 1, tzinfo=timezone.utc),
+        )
+        run_id = store.begin_run(
+            identity, branches=["a", "b"], chunk_size=10, config={"branches": ["a", "b"]}
+        )
+        store.fail_run(run_id, "source query timed out <after 30 s>")
+        use_store(engine)
+        page = client.get("/elspeth/", headers=auth("viewer")).text
+        row = page[page.index('data-verdict="fork_failed"') :]
+        cells = re.findall(r"<td[^>]*>(.*?)</td>", row[: row.index("</tr>")], re.S)
+        heads = re.findall(r"<th[^>]*>(.*?)</th>", page[page.index("<thead>") : page.index("</thead>")], re.S)
+        why = cells[heads.index("Why failed")]
+        assert "fork failed:</strong> source query timed out &lt;after 30 s&gt;" in why
+    finally:
+        dispose_engine(url)

@@ -17,6 +17,7 @@ from sqlalchemy import Engine, func, select
 
 from airflow_elspeth.audit import schema as t
 from airflow_elspeth.audit.model import CoalesceSpec
+from airflow_elspeth.audit.read.decisions import branch_reasons
 from airflow_elspeth.audit.read.records import (
     AuditRun,
     CoalesceOutcome,
@@ -25,7 +26,7 @@ from airflow_elspeth.audit.read.records import (
     UndecidedStatus,
 )
 from airflow_elspeth.audit.read.runs import decision_counts
-from airflow_elspeth.core.vocabulary import ENDED_TASK_STATES, NodeType, RunStatus
+from airflow_elspeth.core.vocabulary import ENDED_TASK_STATES, NodeType, ReasonKind, RunStatus, reason_kind
 
 # (dag_id, airflow_run_id, task_id) -> Airflow task state.
 TaskStates = Mapping[tuple[str, str, str], str]
@@ -157,6 +158,7 @@ def index_runs(
     counts = decision_counts(
         engine, {r.audit_run_id: (r.rows_total, coalesces[r.audit_run_id]) for r in runs}
     )
+    missed = branch_reasons(engine, specs)
     wanted = wanted_task_states((r.dag_id, r.airflow_run_id, coalesces[r.audit_run_id]) for r in runs)
     task_states = read_task_states(wanted) if read_task_states is not None and wanted else None
     indexed = []
@@ -165,7 +167,16 @@ def index_runs(
         current = run.try_number >= newest_try
         decided = counts.get(run.audit_run_id, {})
         outcomes = [
-            _outcome(run, current, node_id, spec, decided[node_id], task_states, now)
+            _outcome(
+                run,
+                current,
+                node_id,
+                spec,
+                decided[node_id],
+                missed.get((run.audit_run_id, node_id)),
+                task_states,
+                now,
+            )
             for node_id, spec in sorted(specs.get(run.audit_run_id, {}).items())
         ]
         indexed.append(
@@ -225,6 +236,7 @@ def _outcome(
     node_id: str,
     spec: CoalesceSpec,
     counts: DecisionCounts,
+    missed: Mapping[tuple[str, str], int] | None,
     task_states: TaskStates | None,
     now: datetime,
 ) -> CoalesceOutcome:
@@ -236,6 +248,14 @@ def _outcome(
     why = undecided_status(
         undecided=counts.undecided, deadline=deadline, task_state=state, current=current, now=now
     )
+    losses: dict[str, int] = {}
+    late = 0
+    for (branch, reason), n in (missed or {}).items():
+        kind = reason_kind(reason)
+        if kind is ReasonKind.LOSS:
+            losses[branch] = losses.get(branch, 0) + n
+        elif kind is ReasonKind.LATE:
+            late += n
     return CoalesceOutcome(
         coalesce=node_id,
         policy=spec.config.policy.value,
@@ -243,6 +263,9 @@ def _outcome(
         merged=counts.merged,
         failed=counts.failed,
         failure_reasons=dict(counts.failure_reasons),
+        # In the coalesce's branch order, as its pages list branches.
+        branch_losses={b: losses[b] for b in spec.config.branches if b in losses},
+        late_arrivals=late,
         undecided=counts.undecided,
         deadline=deadline,
         task_state=state,
