@@ -71,6 +71,24 @@ def _undecided_run(engine: Any, airflow_run_id: str, logical_date: datetime, tim
     return run_id
 
 
+def _failed_run(engine: Any, airflow_run_id: str, logical_date: datetime, reason: str) -> str:
+    """A fork that failed before it completed, saying why."""
+    from airflow_elspeth.audit.store import AuditStore, RunIdentity
+
+    store = AuditStore(engine)
+    identity = RunIdentity(
+        dag_id=STALL_DAG,
+        airflow_run_id=airflow_run_id,
+        fork_task_id="fork",
+        try_number=1,
+        run_type="scheduled",
+        logical_date=logical_date,
+    )
+    run_id = store.begin_run(identity, branches=["a", "b"], chunk_size=10, config={"branches": ["a", "b"]})
+    store.fail_run(run_id, reason)
+    return run_id
+
+
 @pytest.fixture(scope="module")
 def stalled(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stalled]:
     from sqlalchemy.engine import URL
@@ -397,24 +415,16 @@ def test_a_fork_failure_says_why_in_why_failed(
     from sqlalchemy.engine import URL
 
     from airflow_elspeth.audit.engine import dispose_engine, engine_for_url
-    from airflow_elspeth.audit.store import AuditStore, RunIdentity
 
     url = URL.create("sqlite", database=str(tmp_path / "audit.db")).render_as_string()
     engine = engine_for_url(url)
     try:
-        store = AuditStore(engine)
-        identity = RunIdentity(
-            dag_id=STALL_DAG,
-            airflow_run_id=ENDED_RUN,
-            fork_task_id="fork",
-            try_number=1,
-            run_type="scheduled",
-            logical_date=datetime(2026, 3, 1, tzinfo=timezone.utc),
+        _failed_run(
+            engine,
+            ENDED_RUN,
+            datetime(2026, 3, 1, tzinfo=timezone.utc),
+            "source query timed out <after 30 s>",
         )
-        run_id = store.begin_run(
-            identity, branches=["a", "b"], chunk_size=10, config={"branches": ["a", "b"]}
-        )
-        store.fail_run(run_id, "source query timed out <after 30 s>")
         use_store(engine)
         page = client.get("/elspeth/", headers=auth("viewer")).text
         row = page[page.index('data-verdict="fork_failed"') :]
@@ -422,5 +432,64 @@ def test_a_fork_failure_says_why_in_why_failed(
         heads = re.findall(r"<th[^>]*>(.*?)</th>", page[page.index("<thead>") : page.index("</thead>")], re.S)
         why = cells[heads.index("Why failed")]
         assert "fork failed:</strong> source query timed out &lt;after 30 s&gt;" in why
+    finally:
+        dispose_engine(url)
+
+
+@pytest.mark.usefixtures("readable")
+def test_the_index_pages_and_filters_in_its_address(
+    client: Any, use_store: Any, auth: Auth, tmp_path: Any
+) -> None:
+    """DAG, logical-date range and outcome filter; a page at a time with a count; the address keeps
+    them (shareable), the JSON takes the same filters with limit/offset."""
+    from sqlalchemy.engine import URL
+
+    from airflow_elspeth.audit.engine import dispose_engine, engine_for_url
+
+    url = URL.create("sqlite", database=str(tmp_path / "audit.db")).render_as_string()
+    engine = engine_for_url(url)
+    headers = auth("viewer")
+    try:
+        for day in (1, 2):
+            _undecided_run(
+                engine,
+                f"manual__2026-11-0{day}",
+                datetime(2026, 11, day, tzinfo=timezone.utc),
+                timedelta(hours=1),
+            )
+        _failed_run(
+            engine, "manual__2026-11-03", datetime(2026, 11, 3, tzinfo=timezone.utc), "the source went away"
+        )
+        use_store(engine)
+
+        def listed(query: str) -> tuple[list[str], int]:
+            data = client.get(f"/elspeth/api/runs?{query}", headers=headers).json()
+            return [r["airflow_run_id"][-2:] for r in data["audit_runs"]], data["total"]
+
+        assert listed("") == (["03", "02", "01"], 3)
+        assert listed("limit=2&offset=2") == (["01"], 3)
+        assert listed("since=2026-11-02") == (["03", "02"], 2)
+        assert listed("since=2026-11-01T12:00:00%2B00:00&until=2026-11-03") == (["02"], 1)
+        assert listed("outcome=fork_failed") == (["03"], 1)
+        assert listed("outcome=undecided&order=asc") == (["01", "02"], 2)
+        assert listed("outcome=all_merged") == ([], 0)
+        assert listed(f"dag_id={STALL_DAG}&limit=1") == (["03"], 3)
+        assert listed("dag_id=not_readable") == ([], 0)
+        for bad in ("outcome=nope", "since=yesterday", "since=2026-11-02&until=2026-11-01", "offset=-1"):
+            assert client.get(f"/elspeth/api/runs?{bad}", headers=headers).status_code in (400, 422), bad
+        assert client.get("/elspeth/?outcome=nope", headers=headers).status_code == 400
+
+        page = client.get(
+            f"/elspeth/?dag_id={STALL_DAG}&since=2026-11-01&limit=1&page=2", headers=headers
+        ).text
+        assert re.findall(r'data-verdict="([^"]+)"', page) == ["waiting"]
+        assert "audit runs 2\u20132 of 3" in page and "page 2 of 3" in page
+        nxt = re.search(r'<a href="([^"]+)" rel="next">', page)
+        assert nxt, "a link to the next page"
+        assert nxt.group(1) == f"/elspeth/?dag_id={STALL_DAG}&amp;since=2026-11-01&amp;limit=1&amp;page=3"
+        assert f'<option value="{STALL_DAG}" selected>' in page and 'value="2026-11-01"' in page
+        assert f"/elspeth/api/runs?dag_id={STALL_DAG}&amp;since=2026-11-01&amp;limit=1&amp;offset=1" in page
+        empty = client.get("/elspeth/?outcome=all_merged", headers=headers).text
+        assert "match these filters" in empty
     finally:
         dispose_engine(url)
