@@ -13,6 +13,7 @@ from urllib.parse import quote
 
 import pytest
 
+from .audit_data import failed_fork
 from .conftest import CONSENSUS_DAG, CONSENSUS_RUN, StoreRuns
 
 pytestmark = pytest.mark.integration
@@ -72,21 +73,9 @@ def _undecided_run(engine: Any, airflow_run_id: str, logical_date: datetime, tim
 
 
 def _failed_run(engine: Any, airflow_run_id: str, logical_date: datetime, reason: str) -> str:
-    """A fork that failed before it completed, saying why."""
-    from airflow_elspeth.audit.store import AuditStore, RunIdentity
-
-    store = AuditStore(engine)
-    identity = RunIdentity(
-        dag_id=STALL_DAG,
-        airflow_run_id=airflow_run_id,
-        fork_task_id="fork",
-        try_number=1,
-        run_type="scheduled",
-        logical_date=logical_date,
+    return failed_fork(
+        engine, dag_id=STALL_DAG, airflow_run_id=airflow_run_id, logical_date=logical_date, reason=reason
     )
-    run_id = store.begin_run(identity, branches=["a", "b"], chunk_size=10, config={"branches": ["a", "b"]})
-    store.fail_run(run_id, reason)
-    return run_id
 
 
 @pytest.fixture(scope="module")
