@@ -786,10 +786,8 @@ def bulk_index_runs(engine: Engine, runs: int) -> list[IndexedFixture]:
         dag_id = INDEX_DAGS[k % len(INDEX_DAGS)]
         logical_date = base + timedelta(hours=k // len(INDEX_DAGS))
         airflow_run_id = f"scheduled__{logical_date.isoformat()}"
-        tries = 2 if k % 10 == 0 else 1
+        tries = min(2 if k % 10 == 0 else 1, runs - len(made))
         for try_number in range(1, tries + 1):
-            if len(made) == runs:
-                break
             run_id = RunIdentity(dag_id, airflow_run_id, "fork", try_number).run_id
             # Started in a scrambled order: a multiplicative permutation of the run's position.
             started_at = base + timedelta(days=3000, seconds=(len(made) * 7919) % runs)
