@@ -159,3 +159,26 @@ def test_every_page_and_filter_of_10k_audit_runs(
     finally:
         event.remove(index_store.engine, "before_cursor_execute", count)
     assert max(statements) <= PAGE_STATEMENTS, statements
+
+
+def test_filters_and_pages_agree_with_the_verdict_on_each_database(audit_engine: Any) -> None:
+    """The outcome filter and the order are SQL: the same on SQLite and PostgreSQL, and each run a
+    filter lists has that verdict (``index_runs``, in Python)."""
+    from airflow_elspeth.audit.read.index import OUTCOMES, IndexSelection, audit_index, count_index
+
+    runs = bulk_index_runs(audit_engine, 400)
+    since = datetime(2020, 1, 5, tzinfo=timezone.utc)
+    for outcome in OUTCOMES:
+        selection = IndexSelection(dag_id="index_dag_0", since=since, outcome=outcome)
+        expected = _expected(runs, dag_id="index_dag_0", since=since, outcome=outcome)
+        assert count_index(audit_engine, INDEX_DAGS, selection) == len(expected), outcome
+        listed = []
+        for offset in range(0, max(len(expected), 1), 7):
+            page = audit_index(audit_engine, INDEX_DAGS, selection=selection, limit=7, offset=offset)
+            listed += [r.run_id for r in page]
+            shown = {"undecided" if r.verdict in UNDECIDED_VERDICTS else r.verdict for r in page}
+            assert shown <= {outcome}, (outcome, shown)
+        assert listed == expected, outcome
+    ascending = audit_index(audit_engine, None, descending=False, limit=500)
+    assert [r.run_id for r in ascending] == _expected(runs, descending=False)
+    assert audit_index(audit_engine, ["other_dag"]) == [] and count_index(audit_engine, []) == 0
