@@ -813,6 +813,30 @@ def _error_page(
     )
 
 
+@dataclass(frozen=True)
+class IndexPage:
+    """One page of the index: its runs, how many the filters select, the DAG filter's choices."""
+
+    runs: list[IndexedRun]
+    total: int
+    dag_ids: list[str]
+    reader: TaskStateReader
+
+
+def _instant(name: str, value: str | None) -> datetime | None:
+    """An ISO date or date-time from the address (a naive one is UTC); blank is no bound.
+
+    :raises ValueError: not an ISO date or date-time.
+    """
+    if _blank(value) is None:
+        return None
+    try:
+        found = datetime.fromisoformat(str(value))
+    except ValueError as err:
+        raise ValueError(f"{name} must be an ISO date or date-time, got {value!r}") from err
+    return found if found.tzinfo is not None else found.replace(tzinfo=timezone.utc)
+
+
 def create_app() -> FastAPI:
     """The app ElspethPlugin mounts at ``/elspeth`` (no docs or OpenAPI routes: nothing unguarded)."""
     app = FastAPI(
@@ -824,49 +848,110 @@ def create_app() -> FastAPI:
     app.include_router(build_pages())
     app.include_router(build_api())
 
+    def _selection(
+        dag_id: str | None, since: str | None, until: str | None, outcome: str | None
+    ) -> index.IndexSelection:
+        try:
+            return index.IndexSelection(
+                dag_id=_blank(dag_id),
+                since=_instant("since", since),
+                until=_instant("until", until),
+                outcome=_blank(outcome),
+            )
+        except ValueError as err:
+            raise HTTPException(400, str(err)) from err
+
     def _index(
-        engine: Engine | None, user: Any, sort: str, order: str, limit: int
-    ) -> tuple[list[IndexedRun], TaskStateReader]:
+        engine: Engine | None,
+        user: Any,
+        selection: index.IndexSelection,
+        sort: str,
+        order: str,
+        limit: int,
+        offset: int,
+    ) -> IndexPage:
         if sort not in index.SORT_KEYS:
             raise HTTPException(400, f"sort must be one of {list(index.SORT_KEYS)}, got {sort!r}")
         if order not in ("asc", "desc"):
             raise HTTPException(400, f"order must be asc or desc, got {order!r}")
         reader = TaskStateReader()
         if engine is None:
-            return [], reader
+            return IndexPage([], 0, [], reader)
         readable = get_auth_manager().get_authorized_dag_ids(user=user, method="GET")
         runs = index.audit_index(
-            engine, readable, read_task_states=reader, sort=sort, descending=order == "desc", limit=limit
+            engine,
+            readable,
+            selection=selection,
+            read_task_states=reader,
+            sort=sort,
+            descending=order == "desc",
+            limit=limit,
+            offset=offset,
         )
-        return runs, reader
+        total = index.count_index(engine, readable, selection)
+        return IndexPage(runs, total, index.index_dag_ids(engine, readable), reader)
 
     @app.get("/", response_class=HTMLResponse, name="index")
     def index_page(
         request: Request,
         engine: EngineDep,
         user: GetUserDep,
-        sort: str = "started_at",
+        sort: str = index.SORT_KEYS[0],
         order: str = "desc",
         limit: IndexLimit = 50,
+        page: Annotated[int, Query(ge=1)] = 1,
+        dag_id: str | None = None,
+        since: str | None = None,
+        until: str | None = None,
+        outcome: str | None = None,
     ) -> HTMLResponse:
-        """Audit runs of the DAGs this user may read, outcomes first (per coalesce)."""
-        runs, reader = _index(engine, user, sort, order, limit)
+        """Audit runs of the DAGs this user may read, outcomes first (per coalesce), a page at a time."""
+        selection = _selection(dag_id, since, until, outcome)
+        found = _index(engine, user, selection, sort, order, limit, (page - 1) * limit)
         root = request.scope.get("root_path", "").rstrip("/")
+        # Every link keeps the filters; a default is left out of the address.
+        kept = {
+            "dag_id": selection.dag_id,
+            "since": _blank(since),
+            "until": _blank(until),
+            "outcome": selection.outcome,
+            "sort": sort if sort != index.SORT_KEYS[0] else None,
+            "order": order if order != "desc" else None,
+            "limit": limit if limit != 50 else None,
+        }
+
+        def link(path: str = "/", **changes: Any) -> str:
+            params = {k: v for k, v in {**kept, **changes}.items() if v is not None}
+            return f"{root}{path}" + (f"?{urlencode(params)}" if params else "")
+
+        pages = max(1, -(-found.total // limit))
         return _render(
             request,
             "index.html",
             {
-                "runs": runs,
+                "runs": found.runs,
                 "store_missing": engine is None,
                 "root": root,
                 "quote": lambda value: quote(value, safe=""),
                 "sort": sort,
                 "order": order,
-                "sort_link": lambda key: (
-                    f"{root}/?"
-                    + urlencode({"sort": key, "order": "asc" if (sort, order) == (key, "desc") else "desc"})
+                "sort_link": lambda key: link(
+                    sort=key, order="asc" if (sort, order) == (key, "desc") else "desc", page=None
                 ),
-                "states_note": reader.note,
+                "page_link": lambda number: link(page=number if number > 1 else None),
+                "api_link": link("/api/runs", offset=(page - 1) * limit or None),
+                "page": page,
+                "pages": pages,
+                "total": found.total,
+                "limit": limit,
+                "selection": selection,
+                "form": {"since": _blank(since) or "", "until": _blank(until) or ""},
+                "dag_ids": found.dag_ids,
+                "outcomes": index.OUTCOMES,
+                "filtered": any(
+                    v is not None for k, v in kept.items() if k in ("dag_id", "since", "until", "outcome")
+                ),
+                "states_note": found.reader.note,
                 "alerts": index.ALERTS,
             },
         )
@@ -875,17 +960,28 @@ def create_app() -> FastAPI:
     def api_index(
         engine: EngineDep,
         user: GetUserDep,
-        sort: str = "started_at",
+        sort: str = index.SORT_KEYS[0],
         order: str = "desc",
         limit: IndexLimit = 50,
+        offset: Annotated[int, Query(ge=0)] = 0,
+        dag_id: str | None = None,
+        since: str | None = None,
+        until: str | None = None,
+        outcome: str | None = None,
     ) -> dict[str, Any]:
-        """The index as JSON: audit runs of readable DAGs, with per coalesce its outcome."""
-        runs, reader = _index(engine, user, sort, order, limit)
+        """The index as JSON: a page of the audit runs of readable DAGs, with per coalesce its
+        outcome, and how many runs the filters select (``total``)."""
+        selection = _selection(dag_id, since, until, outcome)
+        found = _index(engine, user, selection, sort, order, limit, offset)
         return {
             "sort": sort,
             "order": order,
-            "task_states": "read" if reader.known else (reader.note or "not needed"),
-            "audit_runs": to_json(runs),
+            "filters": to_json(selection),
+            "total": found.total,
+            "limit": limit,
+            "offset": offset,
+            "task_states": "read" if found.reader.known else (found.reader.note or "not needed"),
+            "audit_runs": to_json(found.runs),
         }
 
     @app.middleware("http")

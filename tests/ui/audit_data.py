@@ -262,6 +262,24 @@ def build_run(
     )
 
 
+def failed_fork(
+    engine: Engine, *, dag_id: str, airflow_run_id: str, logical_date: datetime, reason: str
+) -> str:
+    """A fork try that failed before it completed, saying why (its audit run id)."""
+    store = AuditStore(engine)
+    identity = RunIdentity(
+        dag_id=dag_id,
+        airflow_run_id=airflow_run_id,
+        fork_task_id="fork",
+        try_number=1,
+        run_type="manual",
+        logical_date=logical_date,
+    )
+    run_id = store.begin_run(identity, branches=["a", "b"], chunk_size=10, config={"branches": ["a", "b"]})
+    store.fail_run(run_id, reason)
+    return run_id
+
+
 def consensus_behaviour(index: int, row: dict[str, Any], branch: str) -> Arrive | Error | Drop | None:
     """Every 2nd row claude is rate-limited, every 4th gemini is late, every 10th (6, 16, ...) dropped.
 
@@ -715,3 +733,143 @@ def bulk_build_run(
         rows_total=rows_total,
         fork_completed_at=fork_done,
     )
+
+
+# --------------------------------------------------------------------------------------------------
+# Many audit runs: the runs index at scale (tests/ui/test_index_scale.py, benchmarks/index.py)
+
+
+@dataclass(frozen=True)
+class IndexedFixture:
+    """One generated audit run and the outcome the index must give it (``index.OUTCOMES``)."""
+
+    run_id: str
+    dag_id: str
+    airflow_run_id: str
+    try_number: int
+    logical_date: datetime
+    started_at: datetime
+    outcome: str
+
+
+INDEX_DAGS = tuple(f"index_dag_{i}" for i in range(5))
+INDEX_ROWS = 4  # rows of each audit run with a coalesce
+
+
+def bulk_index_runs(engine: Engine, runs: int) -> list[IndexedFixture]:
+    """Write ``runs`` audit runs in a few statements (no per-row SQL), spread over
+    :data:`INDEX_DAGS`, each a DAG run an hour after the last of its DAG, started in an order
+    unrelated to its logical date (a backfill), with every outcome the index filters on: a failed
+    fork, a running one, one without a coalesce, superseded tries (every tenth DAG run has two),
+    undecided rows, failed rows, all merged. Returns them, each with its expected outcome.
+    """
+    from airflow_elspeth.audit import schema as t
+    from airflow_elspeth.audit.store import dumps
+
+    config = coalesce_config(
+        branches=["a", "b"], policy="require_all", quorum=None, merge="union", timeout=timedelta(minutes=5)
+    )
+    spec = CoalesceSpec(
+        node_id="join",
+        config=config,
+        delivering={"a": "ask_a", "b": "ask_b"},
+        mapped={"a": False, "b": False},
+    )
+    config_hash, config_json = hash_value(spec.as_dict())
+    base = datetime(2020, 1, 1, tzinfo=timezone.utc)
+    made: list[IndexedFixture] = []
+    run_rows: list[dict[str, Any]] = []
+    node_rows: list[dict[str, Any]] = []
+    decision_rows: list[dict[str, Any]] = []
+    k = 0
+    while len(made) < runs:
+        dag_id = INDEX_DAGS[k % len(INDEX_DAGS)]
+        logical_date = base + timedelta(hours=k // len(INDEX_DAGS))
+        airflow_run_id = f"scheduled__{logical_date.isoformat()}"
+        tries = min(2 if k % 10 == 0 else 1, runs - len(made))
+        for try_number in range(1, tries + 1):
+            run_id = RunIdentity(dag_id, airflow_run_id, "fork", try_number).run_id
+            # Started in a scrambled order: a multiplicative permutation of the run's position.
+            started_at = base + timedelta(days=3000, seconds=(len(made) * 7919) % runs)
+            status, outcome, decided, failed = "completed", "all_merged", INDEX_ROWS, 0
+            if k % 17 == 3:
+                status, outcome = "failed", "fork_failed"
+            elif tries == 2 and try_number == 1:
+                outcome = "superseded"
+            elif k % 23 == 5:
+                status, outcome = "running", "fork_running"
+            elif k % 29 == 7:
+                outcome = "no_coalesce"
+            elif k % 7 == 2:
+                outcome, decided = "undecided", INDEX_ROWS // 2
+            elif k % 3 == 1:
+                outcome, failed = "rows_failed", 1
+            coalesced = status == "completed" and outcome != "no_coalesce"
+            run_rows.append(
+                {
+                    "run_id": run_id,
+                    "dag_id": dag_id,
+                    "airflow_run_id": airflow_run_id,
+                    "fork_task_id": "fork",
+                    "try_number": try_number,
+                    "clear_number": 0,
+                    "run_type": "scheduled",
+                    "logical_date": logical_date,
+                    "started_at": started_at,
+                    "completed_at": started_at + timedelta(seconds=30) if status == "completed" else None,
+                    "status": status,
+                    "status_reason": "the source went away" if status == "failed" else None,
+                    "config_hash": config_hash,
+                    "previous_run_id": None,
+                    "rows_total": INDEX_ROWS if status == "completed" else None,
+                    "chunk_size": 1000,
+                    "chunks_total": 1 if status == "completed" else None,
+                    "branches_json": dumps(["a", "b"]),
+                }
+            )
+            if coalesced:
+                node_rows.append(
+                    {
+                        "run_id": run_id,
+                        "node_id": "join",
+                        "task_id": "join",
+                        "node_type": "coalesce",
+                        "branch_name": None,
+                        "config_json": config_json,
+                        "config_hash": config_hash,
+                    }
+                )
+                for row in range(decided):
+                    lost = row < failed
+                    decision_rows.append(
+                        {
+                            "run_id": run_id,
+                            "node_id": "join",
+                            "row_id": _hid(run_id, row),
+                            "row_key": f"r{row}",
+                            "chunk": 0,
+                            "decision": "failed" if lost else "merged",
+                            "failure_reason": "incomplete_branches" if lost else None,
+                            "details_json": "{}",
+                            "policy": "require_all",
+                            "merge_strategy": "union",
+                            "consumed": "[]" if lost else '["a","b"]',
+                            "missing_json": "{}",
+                            "late_json": "[]",
+                            "collisions_json": None,
+                            "merged_token_id": None,
+                            "decided_at": started_at + timedelta(minutes=1),
+                            "wait_ms": 30_000,
+                            "wait_from_first_arrival_ms": 0,
+                            "recorded_at": started_at + timedelta(minutes=1),
+                        }
+                    )
+            made.append(
+                IndexedFixture(run_id, dag_id, airflow_run_id, try_number, logical_date, started_at, outcome)
+            )
+        k += 1
+    with engine.begin() as conn:
+        conn.execute(t.runs.insert(), run_rows)
+        conn.execute(t.nodes.insert(), node_rows)
+        conn.execute(t.coalesce_decisions.insert(), decision_rows)
+    return made

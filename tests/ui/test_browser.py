@@ -28,6 +28,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -569,3 +570,68 @@ def test_pages_opened_on_their_own_follow_airflows_theme(
         browser.switch_to.default_content()
         browser.save_screenshot(str(artifacts / f"branch-step-tab-{expected}.png"))
         assert (in_tab["page"] < 0.15) == (expected == "dark"), in_tab
+
+
+# Every element of the index table whose content is wider than its box, or that reaches past the
+# viewport (inline elements have no box of their own: their cell is measured).
+OVERFLOWING = """
+    const out = [];
+    const wrap = document.querySelector('.table-wrap');
+    if (wrap.scrollWidth > wrap.clientWidth) out.push(['table', wrap.scrollWidth, wrap.clientWidth]);
+    const page = document.documentElement;
+    if (page.scrollWidth > page.clientWidth) out.push(['page', page.scrollWidth, page.clientWidth]);
+    for (const el of document.querySelectorAll('#index th, #index td, #index td *')) {
+        if (getComputedStyle(el).display === 'inline') continue;
+        const right = el.getBoundingClientRect().right;
+        if (el.scrollWidth > el.clientWidth || right > page.clientWidth) {
+            out.push([el.tagName, el.className, el.scrollWidth, el.clientWidth, right,
+                      el.textContent.trim().slice(0, 60)]);
+        }
+    }
+    return out;
+"""
+
+
+@pytest.mark.parametrize("theme", ["light", "dark"])
+def test_the_index_fits_1280_px_without_clipping(server: Server, browser: Any, theme: str) -> None:
+    """At 1280 px the index shows every column whole, in both themes: long DAG run ids, timestamps,
+    failure-reason chips and a fork failure's reason wrap in their cell; nothing scrolls sideways."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from airflow_elspeth.audit.engine import engine_for_url
+    from airflow_elspeth.audit.read.runs import select_runs
+
+    from .audit_data import failed_fork
+
+    engine = engine_for_url(f"sqlite:///{server.home / 'elspeth_audit.db'}", upgrade=False)
+    long_run = "backfill__2019-11-03T10:22:33.123456+00:00_" + "a_rather_long_run_identifier" * 2
+    if not select_runs(engine, dag_id=DAG_ID, airflow_run_id=long_run):
+        # Older than the example DAG's run: the other tests' first index row stays that run.
+        failed_fork(
+            engine,
+            dag_id=DAG_ID,
+            airflow_run_id=long_run,
+            logical_date=datetime(2019, 11, 3, tzinfo=timezone.utc),
+            reason="the fork task ended failed: OperationalError: connection to server at "
+            "audit-db.internal.example port 5432 failed: timeout expired after 30 s",
+        )
+    artifacts = artifacts_dir("ui")
+    wait = WebDriverWait(browser, 60)
+    _log_in(server, browser, wait)
+    browser.execute_script("localStorage.setItem('theme', arguments[0])", theme)
+    browser.set_window_size(1280, 1000)
+    assert browser.execute_script("return window.innerWidth") == 1280
+    browser.get(server.base + "/elspeth/")
+    wait.until(ec.presence_of_element_located((By.ID, "index")))
+    _full_page_screenshot(browser, artifacts / f"index-1280-{theme}.png")
+    colours = _colours(browser)
+    assert (colours["page"] < 0.15) == (theme == "dark"), colours
+    verdicts = [
+        r.get_attribute("data-verdict") for r in browser.find_elements(By.CSS_SELECTOR, "#index tbody tr")
+    ]
+    assert "fork_failed" in verdicts and len(verdicts) > 1, verdicts
+    why = browser.find_element(By.CSS_SELECTOR, "#index tr[data-verdict='fork_failed'] td.why-failed").text
+    assert why.startswith("fork failed: the fork task ended failed"), why
+    assert browser.execute_script(OVERFLOWING) == []

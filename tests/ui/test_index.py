@@ -13,6 +13,7 @@ from urllib.parse import quote
 
 import pytest
 
+from .audit_data import failed_fork
 from .conftest import CONSENSUS_DAG, CONSENSUS_RUN, StoreRuns
 
 pytestmark = pytest.mark.integration
@@ -69,6 +70,12 @@ def _undecided_run(engine: Any, airflow_run_id: str, logical_date: datetime, tim
     )
     store.register_node(run_id, "join", "coalesce", None, spec.as_dict())
     return run_id
+
+
+def _failed_run(engine: Any, airflow_run_id: str, logical_date: datetime, reason: str) -> str:
+    return failed_fork(
+        engine, dag_id=STALL_DAG, airflow_run_id=airflow_run_id, logical_date=logical_date, reason=reason
+    )
 
 
 @pytest.fixture(scope="module")
@@ -312,5 +319,166 @@ def test_branch_step_tab_shows_the_rows_lost_when_its_task_ended(
         ).text
         assert "Task ended with rows undelivered" in page
         assert "3 rows of branch a lost" in page and "branch_task_failed" in page
+    finally:
+        dispose_engine(url)
+
+
+@pytest.mark.usefixtures("readable")
+def test_the_index_lists_backfilled_dates_newest_logical_date_first(
+    client: Any, use_store: Any, auth: Auth, tmp_path: Any
+) -> None:
+    """Runs started 11-03, 11-01, 11-02 (a backfill after a scheduled run) list by logical date,
+    newest first, as Airflow's grid does; ``sort=started_at`` still lists them by start."""
+    from sqlalchemy.engine import URL
+
+    from airflow_elspeth.audit.engine import dispose_engine, engine_for_url
+
+    url = URL.create("sqlite", database=str(tmp_path / "audit.db")).render_as_string()
+    engine = engine_for_url(url)
+    try:
+        started = [3, 1, 2]
+        for day in started:
+            _undecided_run(
+                engine,
+                f"backfill__2026-11-0{day}T00:00:00+00:00",
+                datetime(2026, 11, day, tzinfo=timezone.utc),
+                timedelta(hours=1),
+            )
+        use_store(engine)
+        listed = client.get("/elspeth/api/runs", headers=auth("viewer")).json()["audit_runs"]
+        assert [r["logical_date"][:10] for r in listed] == ["2026-11-03", "2026-11-02", "2026-11-01"]
+        by_start = client.get("/elspeth/api/runs?sort=started_at&order=asc", headers=auth("viewer")).json()
+        assert [r["logical_date"][:10] for r in by_start["audit_runs"]] == [f"2026-11-0{d}" for d in started]
+        page = client.get("/elspeth/", headers=auth("viewer")).text
+        assert "Logical date ▼" in page
+    finally:
+        dispose_engine(url)
+
+
+def test_branch_losses_and_late_arrivals_show_for_every_run(
+    client: Any, store: StoreRuns, auth: Auth, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Per coalesce, the rows each branch was lost on and the late answers are the summary's (the
+    one source of counts), merged rows too: a run whose rows all merged still shows them."""
+    from airflow.api_fastapi.auth.managers.simple.simple_auth_manager import SimpleAuthManager
+
+    from airflow_elspeth.audit.engine import engine_for_url
+    from airflow_elspeth.audit.read.decisions import coalesce_summary
+    from airflow_elspeth.audit.read.index import audit_index
+    from airflow_elspeth.audit.read.runs import coalesce_spec
+    from airflow_elspeth.core.vocabulary import ReasonKind, reason_kind
+
+    monkeypatch.setattr(
+        SimpleAuthManager,
+        "get_authorized_dag_ids",
+        lambda self, *, user, method="GET", session=None: {CONSENSUS_DAG},
+    )
+    engine = engine_for_url(store.url, upgrade=False)
+    (run,) = [r for r in audit_index(engine, [CONSENSUS_DAG]) if r.run_id == store.consensus_try2.run_id]
+    for outcome in run.outcomes:
+        summary = coalesce_summary(engine, coalesce_spec(engine, run.run_id, outcome.coalesce), run.run_id)
+        losses = {
+            branch: sum(n for reason, n in info["reasons"].items() if reason_kind(reason) is ReasonKind.LOSS)
+            for branch, info in summary["missing_branches"].items()
+        }
+        assert outcome.branch_losses == {b: n for b, n in losses.items() if n}
+        assert outcome.late_arrivals == summary["late_arrivals"]
+    merged = next(o for o in run.outcomes if o.verdict == "all_merged")
+    assert merged.branch_losses and merged.late_arrivals, "the fixture's best-effort coalesce lost and waited"
+
+    data = client.get("/elspeth/api/runs", headers=auth("viewer")).json()
+    listed = next(r for r in data["audit_runs"] if r["run_id"] == run.run_id)
+    shown = next(o for o in listed["outcomes"] if o["coalesce"] == merged.coalesce)
+    assert (shown["branch_losses"], shown["late_arrivals"]) == (merged.branch_losses, merged.late_arrivals)
+    page = client.get("/elspeth/", headers=auth("viewer")).text
+    for branch, n in merged.branch_losses.items():
+        assert f"coalesce={quote(merged.coalesce)}&amp;decision=all&amp;branch={quote(branch)}#rows" in page
+        assert f"{branch} lost {n:,}</a>" in page
+    assert f"late {merged.late_arrivals:,}</a>" in page
+
+
+@pytest.mark.usefixtures("readable")
+def test_a_fork_failure_says_why_in_why_failed(
+    client: Any, use_store: Any, auth: Auth, tmp_path: Any
+) -> None:
+    from sqlalchemy.engine import URL
+
+    from airflow_elspeth.audit.engine import dispose_engine, engine_for_url
+
+    url = URL.create("sqlite", database=str(tmp_path / "audit.db")).render_as_string()
+    engine = engine_for_url(url)
+    try:
+        _failed_run(
+            engine,
+            ENDED_RUN,
+            datetime(2026, 3, 1, tzinfo=timezone.utc),
+            "source query timed out <after 30 s>",
+        )
+        use_store(engine)
+        page = client.get("/elspeth/", headers=auth("viewer")).text
+        row = page[page.index('data-verdict="fork_failed"') :]
+        cells = re.findall(r"<td[^>]*>(.*?)</td>", row[: row.index("</tr>")], re.S)
+        heads = re.findall(r"<th[^>]*>(.*?)</th>", page[page.index("<thead>") : page.index("</thead>")], re.S)
+        why = cells[heads.index("Why failed")]
+        assert "fork failed:</strong> source query timed out &lt;after 30 s&gt;" in why
+    finally:
+        dispose_engine(url)
+
+
+@pytest.mark.usefixtures("readable")
+def test_the_index_pages_and_filters_in_its_address(
+    client: Any, use_store: Any, auth: Auth, tmp_path: Any
+) -> None:
+    """DAG, logical-date range and outcome filter; a page at a time with a count; the address keeps
+    them (shareable), the JSON takes the same filters with limit/offset."""
+    from sqlalchemy.engine import URL
+
+    from airflow_elspeth.audit.engine import dispose_engine, engine_for_url
+
+    url = URL.create("sqlite", database=str(tmp_path / "audit.db")).render_as_string()
+    engine = engine_for_url(url)
+    headers = auth("viewer")
+    try:
+        for day in (1, 2):
+            _undecided_run(
+                engine,
+                f"manual__2026-11-0{day}",
+                datetime(2026, 11, day, tzinfo=timezone.utc),
+                timedelta(hours=1),
+            )
+        _failed_run(
+            engine, "manual__2026-11-03", datetime(2026, 11, 3, tzinfo=timezone.utc), "the source went away"
+        )
+        use_store(engine)
+
+        def listed(query: str) -> tuple[list[str], int]:
+            data = client.get(f"/elspeth/api/runs?{query}", headers=headers).json()
+            return [r["airflow_run_id"][-2:] for r in data["audit_runs"]], data["total"]
+
+        assert listed("") == (["03", "02", "01"], 3)
+        assert listed("limit=2&offset=2") == (["01"], 3)
+        assert listed("since=2026-11-02") == (["03", "02"], 2)
+        assert listed("since=2026-11-01T12:00:00%2B00:00&until=2026-11-03") == (["02"], 1)
+        assert listed("outcome=fork_failed") == (["03"], 1)
+        assert listed("outcome=undecided&order=asc") == (["01", "02"], 2)
+        assert listed("outcome=all_merged") == ([], 0)
+        assert listed(f"dag_id={STALL_DAG}&limit=1") == (["03"], 3)
+        assert listed("dag_id=not_readable") == ([], 0)
+        for bad in ("outcome=nope", "since=yesterday", "since=2026-11-02&until=2026-11-01", "offset=-1"):
+            assert client.get(f"/elspeth/api/runs?{bad}", headers=headers).status_code in (400, 422), bad
+        assert client.get("/elspeth/?outcome=nope", headers=headers).status_code == 400
+
+        page = client.get(
+            f"/elspeth/?dag_id={STALL_DAG}&since=2026-11-01&limit=1&page=2", headers=headers
+        ).text
+        assert re.findall(r'data-verdict="([^"]+)"', page) == ["waiting"]
+        assert "audit runs 2\u20132 of 3" in page and "page 2 of 3" in page
+        nxt = re.search(r'<a href="([^"]+)" rel="next">', page)
+        assert nxt, "a link to the next page"
+        assert nxt.group(1) == f"/elspeth/?dag_id={STALL_DAG}&amp;since=2026-11-01&amp;limit=1&amp;page=3"
+        assert f'<option value="{STALL_DAG}" selected>' in page and 'value="2026-11-01"' in page
+        assert f"/elspeth/api/runs?dag_id={STALL_DAG}&amp;since=2026-11-01&amp;limit=1&amp;offset=1" in page
+        empty = client.get("/elspeth/?outcome=all_merged", headers=headers).text
+        assert "match these filters" in empty
     finally:
         dispose_engine(url)

@@ -372,6 +372,41 @@ def _missing_counts(groups: Mapping[tuple[str, str], int], moves: Moves) -> Coun
     return +counts
 
 
+# Audit runs per IN list (branch_reasons).
+_RUNS_PER_READ = 500
+
+
+def branch_reasons(
+    engine: Engine, specs: Mapping[str, Mapping[str, CoalesceSpec]]
+) -> dict[tuple[str, str], Counter[tuple[str, str]]]:
+    """(audit run, coalesce) -> (branch, reason) -> rows whose decision missed ``branch``, each
+    under what it did since where that replaces the decision's reason (as the summary's
+    ``missing_branches`` counts them), for many audit runs at once: one grouped read, plus the
+    after-decision reads of the coalesces that missed a branch at all.
+
+    :param specs: audit run id -> coalesce task id -> its spec as registered.
+    """
+    cd = t.coalesce_decisions.c
+    run_ids = [run_id for run_id, nodes in specs.items() if nodes]
+    groups: dict[tuple[str, str], Counter[tuple[str, str]]] = {}
+    with engine.connect() as conn:
+        for start in range(0, len(run_ids), _RUNS_PER_READ):
+            for run_id, node_id, decision, missing_json, n in conn.execute(
+                select(cd.run_id, cd.node_id, cd.decision, cd.missing_json, func.count())
+                .where(cd.run_id.in_(run_ids[start : start + _RUNS_PER_READ]))
+                .group_by(cd.run_id, cd.node_id, cd.decision, cd.missing_json)
+            ):
+                if json.loads(missing_json):
+                    groups.setdefault((run_id, node_id), Counter())[(decision, missing_json)] += int(n)
+        found: dict[tuple[str, str], Counter[tuple[str, str]]] = {}
+        for (run_id, node_id), decided in groups.items():
+            per_branch = found.setdefault((run_id, node_id), Counter())
+            moves = _after_decision(conn, specs[run_id][node_id], run_id)
+            for (_, branch, reason), n in _missing_counts(decided, moves).items():
+                per_branch[(branch, reason)] += n
+    return found
+
+
 def run_summaries(engine: Engine, runs: Iterable[Run]) -> Iterator[tuple[Run, CoalesceSummary]]:
     """(run, summary) of every coalesce registered in each of ``runs``."""
     for run in runs:

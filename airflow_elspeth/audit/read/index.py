@@ -11,12 +11,16 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timezone
+from typing import Any
 
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Engine, and_, exists, func, select
+from sqlalchemy.orm import aliased
 
 from airflow_elspeth.audit import schema as t
 from airflow_elspeth.audit.model import CoalesceSpec
+from airflow_elspeth.audit.read.decisions import branch_reasons
 from airflow_elspeth.audit.read.records import (
     AuditRun,
     CoalesceOutcome,
@@ -24,15 +28,23 @@ from airflow_elspeth.audit.read.records import (
     IndexedRun,
     UndecidedStatus,
 )
-from airflow_elspeth.audit.read.runs import decision_counts
-from airflow_elspeth.core.vocabulary import ENDED_TASK_STATES, NodeType, RunStatus
+from airflow_elspeth.audit.read.runs import decision_counts, run_conditions
+from airflow_elspeth.core.vocabulary import (
+    ENDED_TASK_STATES,
+    DecisionStatus,
+    NodeType,
+    ReasonKind,
+    RunStatus,
+    reason_kind,
+)
 
 # (dag_id, airflow_run_id, task_id) -> Airflow task state.
 TaskStates = Mapping[tuple[str, str, str], str]
 # (dag_id, airflow_run_id) -> the task ids whose states are wanted (airflow_states.WantedTasks).
 WantedTasks = Mapping[tuple[str, str], set[str]]
 
-SORT_KEYS = ("started_at", "logical_date")
+# The first is the default: newest logical date first, as Airflow's grid lists DAG runs.
+SORT_KEYS = ("logical_date", "started_at")
 MAX_LIMIT = 500
 _BATCH = 500
 
@@ -47,6 +59,29 @@ NO_COALESCE = "no_coalesce"  # no coalesce has registered in this audit run (yet
 ROWS_FAILED = "rows_failed"
 ALL_MERGED = "all_merged"
 ALERTS = frozenset({ENDED_UNDECIDED, OVERDUE})
+# What the index filters on in SQL: the verdicts, the three of undecided rows as one (which of them
+# a run has takes Airflow's task states and the clock, which the audit store does not have).
+UNDECIDED = "undecided"
+UNDECIDED_VERDICTS = frozenset({ENDED_UNDECIDED, OVERDUE, WAITING})
+OUTCOMES = (FORK_FAILED, SUPERSEDED, FORK_RUNNING, NO_COALESCE, UNDECIDED, ROWS_FAILED, ALL_MERGED)
+
+
+@dataclass(frozen=True)
+class IndexSelection:
+    """Which audit runs the index lists: one DAG (None: every readable one), a logical-date range
+    (``since`` inclusive, ``until`` exclusive, aware; a run without a logical date is in no range)
+    and an outcome of :data:`OUTCOMES` (None: any)."""
+
+    dag_id: str | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+    outcome: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.outcome is not None and self.outcome not in OUTCOMES:
+            raise ValueError(f"outcome must be one of {list(OUTCOMES)}, got {self.outcome!r}")
+        if self.since is not None and self.until is not None and self.until <= self.since:
+            raise ValueError(f"until {self.until.isoformat()} is not after since {self.since.isoformat()}")
 
 
 def _utc(value: datetime | None) -> datetime | None:
@@ -117,19 +152,115 @@ def audit_index(
     engine: Engine,
     dag_ids: Iterable[str] | None,
     *,
+    selection: IndexSelection = IndexSelection(),
     read_task_states: Callable[[WantedTasks], TaskStates | None] | None = None,
-    sort: str = "started_at",
+    sort: str = SORT_KEYS[0],
     descending: bool = True,
     limit: int = 50,
+    offset: int = 0,
     now: datetime | None = None,
 ) -> list[IndexedRun]:
-    """The newest audit runs of the given DAGs (None: of every DAG), sorted by ``sort``
-    (``started_at`` or ``logical_date``, runs without one last), as :func:`index_runs` lists them.
+    """One page of the audit runs of the given DAGs (None: of every DAG) that ``selection`` selects,
+    as :func:`index_runs` lists them. Filter, order and page are one SQL query: sorted by ``sort``
+    (``logical_date`` or ``started_at``, runs without one last; ties by fork try, then start, then
+    id, so pages neither repeat nor skip a run), ``limit`` runs (at most :data:`MAX_LIMIT`) from
+    ``offset``; :func:`count_index` counts them all.
     """
     if sort not in SORT_KEYS:
         raise ValueError(f"sort must be one of {list(SORT_KEYS)}, got {sort!r}")
-    runs = _select_runs(engine, dag_ids, sort, descending, max(1, min(int(limit), MAX_LIMIT)))
+    if offset < 0:
+        raise ValueError(f"offset must not be negative, got {offset}")
+    conditions = _conditions(dag_ids, selection)
+    if conditions is None:
+        return []
+    ru = t.runs.c
+    column = ru.logical_date if sort == "logical_date" else ru.started_at
+    by = [(c.desc() if descending else c.asc()) for c in (column, ru.try_number, ru.started_at, ru.run_id)]
+    by[0] = by[0].nulls_last()
+    query = (
+        select(t.runs)
+        .where(*conditions)
+        .order_by(*by)
+        .limit(max(1, min(int(limit), MAX_LIMIT)))
+        .offset(offset)
+    )
+    with engine.connect() as conn:
+        runs = [AuditRun.from_row(row) for row in conn.execute(query).mappings()]
     return index_runs(engine, runs, read_task_states=read_task_states, now=now)
+
+
+def count_index(
+    engine: Engine, dag_ids: Iterable[str] | None, selection: IndexSelection = IndexSelection()
+) -> int:
+    """How many audit runs :func:`audit_index` pages through (one SQL count)."""
+    conditions = _conditions(dag_ids, selection)
+    if conditions is None:
+        return 0
+    with engine.connect() as conn:
+        return int(conn.execute(select(func.count()).select_from(t.runs).where(*conditions)).scalar_one())
+
+
+def index_dag_ids(engine: Engine, dag_ids: Iterable[str] | None) -> list[str]:
+    """The DAGs of ``dag_ids`` (None: every DAG) that have an audit run, sorted (the DAG filter's
+    choices)."""
+    ru = t.runs.c
+    query = select(ru.dag_id).distinct().order_by(ru.dag_id)
+    if dag_ids is not None:
+        query = query.where(ru.dag_id.in_(sorted(set(dag_ids))))
+    with engine.connect() as conn:
+        return list(conn.execute(query).scalars())
+
+
+def _conditions(dag_ids: Iterable[str] | None, selection: IndexSelection) -> list[Any] | None:
+    """SQL conditions on ``runs`` for the readable DAGs and the selection; None when none can match."""
+    conditions = run_conditions(None, selection.dag_id, None, selection.since, selection.until)
+    if dag_ids is not None:
+        wanted = sorted(set(dag_ids))
+        if not wanted or (selection.dag_id is not None and selection.dag_id not in wanted):
+            return None
+        conditions.append(t.runs.c.dag_id.in_(wanted))
+    if selection.outcome is not None:
+        conditions.append(_outcome_condition(selection.outcome))
+    return conditions
+
+
+def _outcome_condition(outcome: str) -> Any:
+    """SQL for "the run's verdict is ``outcome``": :func:`verdict` and :func:`worst` spelled on the
+    audit-side facts (status, a later try, registered coalesces, decision counts)."""
+    run, later = t.runs, aliased(t.runs)
+    n, cd = t.nodes, t.coalesce_decisions
+    not_failed = run.c.status != RunStatus.FAILED.value
+    current = ~exists().where(
+        later.c.dag_id == run.c.dag_id,
+        later.c.airflow_run_id == run.c.airflow_run_id,
+        later.c.fork_task_id == run.c.fork_task_id,
+        later.c.try_number > run.c.try_number,
+    )
+    has_coalesce = exists().where(n.c.run_id == run.c.run_id, n.c.node_type == NodeType.COALESCE.value)
+    decided = (
+        select(func.count())
+        .select_from(cd)
+        .where(cd.c.run_id == n.c.run_id, cd.c.node_id == n.c.node_id)
+        .scalar_subquery()
+    )
+    # As decision_counts: undecided while the row count is known and exceeds the decided rows.
+    undecided = exists().where(
+        n.c.run_id == run.c.run_id,
+        n.c.node_type == NodeType.COALESCE.value,
+        run.c.rows_total.is_not(None),
+        decided < run.c.rows_total,
+    )
+    failed_rows = exists().where(cd.c.run_id == run.c.run_id, cd.c.decision == DecisionStatus.FAILED.value)
+    coalesced = [not_failed, current, has_coalesce]
+    return {
+        FORK_FAILED: run.c.status == RunStatus.FAILED.value,
+        SUPERSEDED: not_failed & ~current,
+        FORK_RUNNING: not_failed & current & ~has_coalesce & (run.c.status == RunStatus.RUNNING.value),
+        NO_COALESCE: not_failed & current & ~has_coalesce & (run.c.status != RunStatus.RUNNING.value),
+        UNDECIDED: and_(*coalesced, undecided),
+        ROWS_FAILED: and_(*coalesced, ~undecided, failed_rows),
+        ALL_MERGED: and_(*coalesced, ~undecided, ~failed_rows),
+    }[outcome]
 
 
 def index_runs(
@@ -155,6 +286,7 @@ def index_runs(
     counts = decision_counts(
         engine, {r.audit_run_id: (r.rows_total, coalesces[r.audit_run_id]) for r in runs}
     )
+    missed = branch_reasons(engine, specs)
     wanted = wanted_task_states((r.dag_id, r.airflow_run_id, coalesces[r.audit_run_id]) for r in runs)
     task_states = read_task_states(wanted) if read_task_states is not None and wanted else None
     indexed = []
@@ -163,7 +295,16 @@ def index_runs(
         current = run.try_number >= newest_try
         decided = counts.get(run.audit_run_id, {})
         outcomes = [
-            _outcome(run, current, node_id, spec, decided[node_id], task_states, now)
+            _outcome(
+                run,
+                current,
+                node_id,
+                spec,
+                decided[node_id],
+                missed.get((run.audit_run_id, node_id)),
+                task_states,
+                now,
+            )
             for node_id, spec in sorted(specs.get(run.audit_run_id, {}).items())
         ]
         indexed.append(
@@ -223,6 +364,7 @@ def _outcome(
     node_id: str,
     spec: CoalesceSpec,
     counts: DecisionCounts,
+    missed: Mapping[tuple[str, str], int] | None,
     task_states: TaskStates | None,
     now: datetime,
 ) -> CoalesceOutcome:
@@ -234,6 +376,14 @@ def _outcome(
     why = undecided_status(
         undecided=counts.undecided, deadline=deadline, task_state=state, current=current, now=now
     )
+    losses: dict[str, int] = {}
+    late = 0
+    for (branch, reason), n in (missed or {}).items():
+        kind = reason_kind(reason)
+        if kind is ReasonKind.LOSS:
+            losses[branch] = losses.get(branch, 0) + n
+        elif kind is ReasonKind.LATE:
+            late += n
     return CoalesceOutcome(
         coalesce=node_id,
         policy=spec.config.policy.value,
@@ -241,6 +391,9 @@ def _outcome(
         merged=counts.merged,
         failed=counts.failed,
         failure_reasons=dict(counts.failure_reasons),
+        # In the coalesce's branch order, as its pages list branches.
+        branch_losses={b: losses[b] for b in spec.config.branches if b in losses},
+        late_arrivals=late,
         undecided=counts.undecided,
         deadline=deadline,
         task_state=state,
@@ -248,25 +401,6 @@ def _outcome(
         overdue=bool(why and why.overdue),
         verdict=verdict(status=run.status, current=current, counts=counts, why=why),
     )
-
-
-def _select_runs(
-    engine: Engine, dag_ids: Iterable[str] | None, sort: str, descending: bool, limit: int
-) -> list[AuditRun]:
-    ru = t.runs.c
-    query = select(t.runs)
-    if dag_ids is not None:
-        wanted = sorted(set(dag_ids))
-        if not wanted:
-            return []
-        query = query.where(ru.dag_id.in_(wanted))
-    column = ru.logical_date if sort == "logical_date" else ru.started_at
-    first = (column.desc() if descending else column.asc()).nulls_last()
-    tie = ru.started_at.desc() if descending else ru.started_at.asc()
-    with engine.connect() as conn:
-        return [
-            AuditRun.from_row(row) for row in conn.execute(query.order_by(first, tie).limit(limit)).mappings()
-        ]
 
 
 def _newest_tries(engine: Engine, runs: Sequence[AuditRun]) -> dict[tuple[str, str, str], int]:

@@ -244,6 +244,10 @@ class CoalesceOutcome:
     failed: int
     # Why rows failed: failure reason -> rows, most first (what the index shows beside the count).
     failure_reasons: dict[str, int]
+    # Rows each branch was lost on (its decision missed it for a loss), merged rows too.
+    branch_losses: dict[str, int]
+    # Branch answers that came late (before or after their row's decision), merged rows too.
+    late_arrivals: int
     undecided: int | None
     deadline: datetime | None
     task_state: str | None

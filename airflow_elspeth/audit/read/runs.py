@@ -33,13 +33,15 @@ _BATCH = 500
 Run = TypeVar("Run", bound=AuditRun)
 
 
-def _run_conditions(
+def run_conditions(
     run_id: str | None,
     dag_id: str | None,
     airflow_run_id: str | None,
     since: datetime | None,
     until: datetime | None,
 ) -> list[Any]:
+    """SQL conditions on ``runs`` for these ids and this logical-date range (``since`` inclusive,
+    ``until`` exclusive); the index adds its own to them."""
     r = t.runs.c
     conditions: list[Any] = []
     if run_id:
@@ -74,7 +76,7 @@ def select_runs(
         the newest started), still returned oldest first; :func:`count_runs` says how many matched.
     """
     r = t.runs.c
-    query = select(t.runs).where(*_run_conditions(run_id, dag_id, airflow_run_id, since, until))
+    query = select(t.runs).where(*run_conditions(run_id, dag_id, airflow_run_id, since, until))
     if limit is not None:
         newest = (
             query.order_by(r.logical_date.desc().nulls_last(), r.started_at.desc(), r.run_id)
@@ -97,7 +99,7 @@ def count_runs(
     until: datetime | None = None,
 ) -> int:
     """How many audit runs :func:`select_runs` finds with these filters and no limit."""
-    conditions = _run_conditions(run_id, dag_id, airflow_run_id, since, until)
+    conditions = run_conditions(run_id, dag_id, airflow_run_id, since, until)
     with engine.connect() as conn:
         return int(conn.execute(select(func.count()).select_from(t.runs).where(*conditions)).scalar_one())
 
