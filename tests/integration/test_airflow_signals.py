@@ -50,7 +50,9 @@ with create_session() as session:
         for event in session.query(AssetEvent).join(AssetModel, AssetEvent.asset_id == AssetModel.id)
         .filter(AssetModel.uri == D.ASSET_URI, AssetEvent.source_run_id == dag_run.run_id)
     ]
-print("RESULT " + json.dumps({{"states": states, "asset_extras": extras}}, default=str))
+# A file, not stdout: OpenLineage's adapter logs to stdout from its own thread, mid-line at times.
+with open({result_path!r}, "w") as result:
+    json.dump({{"states": states, "asset_extras": extras}}, result, default=str)
 """
 
 
@@ -66,14 +68,16 @@ def run_with_openlineage(
         ),
         "AIRFLOW__OPENLINEAGE__NAMESPACE": "elspeth-tests",
     }
-    script = RUNNER.format(tests_dir=str(TESTS_DIR), audit_url=audit_url, dag_id=dag_id)
+    result_file = tmp_path / "result.json"
+    script = RUNNER.format(
+        tests_dir=str(TESTS_DIR), audit_url=audit_url, dag_id=dag_id, result_path=str(result_file)
+    )
     done = subprocess.run(
         [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300, cwd=TESTS_DIR
     )
     assert done.returncode == 0, done.stderr[-4000:]
-    result_line = next(line for line in done.stdout.splitlines() if line.startswith("RESULT "))
     events = [json.loads(line) for line in events_file.read_text().splitlines() if line.strip()]
-    return json.loads(result_line[len("RESULT ") :]), events
+    return json.loads(result_file.read_text()), events
 
 
 def task_end_event(events: list[dict[str, Any]], dag_id: str, task_id: str, kind: str) -> dict[str, Any]:
