@@ -46,6 +46,11 @@ def fields_of(record: Any, base: type) -> dict[str, Any]:
     return {f.name: getattr(record, f.name) for f in dataclasses.fields(base)}
 
 
+def from_columns(cls: type[Record], row: RowMapping | Mapping[str, Any], **extra: Any) -> Record:
+    """A record of ``cls`` from the stored row's columns of its fields' names (and ``extra``)."""
+    return cls(**{f.name: row[f.name] for f in dataclasses.fields(cls) if f.name not in extra}, **extra)
+
+
 # --------------------------------------------------------------------------------------------------
 # A coalesce's summary (docs/ARCHITECTURE.md, "The coalesce summary")
 
@@ -145,25 +150,7 @@ class AuditRun:
     @classmethod
     def from_row(cls, row: RowMapping | Mapping[str, Any]) -> AuditRun:
         """The record of a ``runs`` row."""
-        return cls(
-            audit_run_id=row["run_id"],
-            dag_id=row["dag_id"],
-            airflow_run_id=row["airflow_run_id"],
-            fork_task_id=row["fork_task_id"],
-            try_number=row["try_number"],
-            clear_number=row["clear_number"],
-            run_type=row["run_type"],
-            logical_date=row["logical_date"],
-            started_at=row["started_at"],
-            completed_at=row["completed_at"],
-            status=row["status"],
-            status_reason=row["status_reason"],
-            rows_total=row["rows_total"],
-            chunk_size=row["chunk_size"],
-            chunks_total=row["chunks_total"],
-            branches=json.loads(row["branches_json"]),
-            previous_run_id=row["previous_run_id"],
-        )
+        return from_columns(cls, row, audit_run_id=row["run_id"], branches=json.loads(row["branches_json"]))
 
 
 @dataclass(frozen=True)
@@ -575,11 +562,6 @@ class DecisionPage:
 # --------------------------------------------------------------------------------------------------
 # One row's lineage, as ``explain`` shows it (``--json`` is :func:`to_json` of an Explanation): the
 # stored rows of the row, its tokens, their node states and outcomes, under their column names.
-
-
-def from_columns(cls: type[Record], row: RowMapping | Mapping[str, Any], **extra: Any) -> Record:
-    """A record of ``cls`` from the stored row's columns of its fields' names (and ``extra``)."""
-    return cls(**{f.name: row[f.name] for f in dataclasses.fields(cls) if f.name not in extra}, **extra)
 
 
 @dataclass(frozen=True)
