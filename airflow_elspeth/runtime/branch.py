@@ -23,6 +23,7 @@ from airflow_elspeth.audit.read.work import WorkItem, branch_work, decided_in_ch
 from airflow_elspeth.audit.store import AuditStore, NodeResult
 from airflow_elspeth.core.vocabulary import (
     DROPPED,
+    SKIPPED_DECIDED,
     TERMINAL_NODE_STATUSES,
     DecisionStatus,
     NodeStatus,
@@ -220,7 +221,7 @@ class BranchRuntime:
             completed=counts[NodeStatus.COMPLETED],
             lost=dict(sorted(self.writer.lost.items())),
             late=counts[NodeStatus.DISCARDED],
-            skipped=counts["skipped_decided"],
+            skipped=counts[SKIPPED_DECIDED],
         )
 
 
@@ -435,7 +436,7 @@ class ResultWriter:
             self.store.record_skipped(
                 self.step.run_id, self.settings.node_id, {self.chunk: self.tokens_total}, tokens
             )
-            self.counts["skipped_decided"] += len(tokens)
+            self.counts[SKIPPED_DECIDED] += len(tokens)
 
     def keep(self, results: Iterable[NodeResult]) -> None:
         """Buffer results for the writer thread (a token already buffered is kept once)."""
