@@ -219,6 +219,10 @@ class Runner:
                 result["lean_floor"] = run_lean_floor(rows)
                 seconds = result["lean_floor"]["seconds"]
                 result["lean_ratio"] = round(result["phases_total_seconds"] / seconds, 2) if seconds else None
+                # The lean floor keeps SQLite only: its file is the yardstick beside PostgreSQL too.
+                result["lean_bytes_ratio"] = round(
+                    result["audit_bytes"]["bytes"] / result["lean_floor"]["db_bytes"], 2
+                )
             err.log(f"{name}: {summary_line(result)}")
             return result
         finally:
@@ -230,7 +234,9 @@ class Runner:
 
 
 def run_lean_floor(rows: int) -> dict[str, Any]:
-    """``lean_floor.py --rows N --json`` in a fresh process: its figures (seconds, rows_per_second)."""
+    """``lean_floor.py --rows N --json`` in a fresh process: its figures (seconds, rows_per_second,
+    db_bytes and db_bytes_per_row: its SQLite file after ``wal_checkpoint(TRUNCATE)``; it has no
+    PostgreSQL mode)."""
     if not LEAN_FLOOR.is_file():
         raise FileNotFoundError(
             f"the lean floor {LEAN_FLOOR} is missing (the repository's parent folder must hold "
@@ -251,6 +257,7 @@ def summary_line(r: dict[str, Any]) -> str:
         f"phases {r['phases_total_seconds']} s, {r['rows_per_second']} rows/s, "
         f"lean floor {lean.get('rows_per_second', '-')} rows/s ({lean.get('seconds', '-')} s), "
         f"x{r.get('lean_ratio')} the lean floor, {audit_rows_per_source_row(r)} audit rows/source row, "
+        f"{r['bytes_per_source_row']} bytes/source row (lean floor {lean.get('db_bytes_per_row', '-')}), "
         f"floor {r.get('floor_seconds')} s, overhead x{r.get('overhead_vs_floor')}, "
         f"peak RSS {r['peak_rss_mb']['self']} MB, poll {r['poll_ms']['mean']} ms"
     )
@@ -296,6 +303,17 @@ def size_table(rows: int, results: dict[str, dict[str, Any]]) -> Table:
     )
     add("phases / lean floor time (target <= 4)", lambda r: f"x{r['lean_ratio']}", "bold")
     add("audit rows per source row", audit_rows_per_source_row)
+    add(
+        "bytes on disk per source row (SQLite file / PostgreSQL pg_total_relation_size)",
+        lambda r: f"{r['bytes_per_source_row']:,}",
+        "bold",
+    )
+    add(
+        "lean floor bytes per source row (its SQLite file, beside PostgreSQL too)",
+        lambda r: f"{r['lean_floor']['db_bytes_per_row']:,}",
+    )
+    add("bytes / lean floor (target <= 2)", lambda r: f"x{r['lean_bytes_ratio']}", "bold")
+    add("floor bytes per source row (our rows copied)", lambda r: f"{r['floor_bytes_per_source_row']:,}")
     add("floor s (raw bulk insert)", lambda r: f"{r['floor_seconds']:.1f} ({r['floor_method']})")
     add("overhead vs floor (target <= 2)", lambda r: f"x{r['overhead_vs_floor']}", "bold")
     add("peak RSS MB (dag.test process)", lambda r: f"{r['peak_rss_mb']['self']:.0f}", "bold")
@@ -358,6 +376,11 @@ def compact(r: dict[str, Any]) -> dict[str, Any]:
         "lean_ratio": r.get("lean_ratio"),
         "audit_rows": r["audit_rows"],
         "audit_rows_per_source_row": audit_rows_per_source_row(r),
+        "audit_bytes": r["audit_bytes"]["bytes"],
+        "bytes_per_source_row": r["bytes_per_source_row"],
+        "lean_floor_bytes_per_source_row": (r.get("lean_floor") or {}).get("db_bytes_per_row"),
+        "bytes_vs_lean_floor": r.get("lean_bytes_ratio"),
+        "floor_bytes_per_source_row": r.get("floor_bytes_per_source_row"),
         "poll_ms": r["poll_ms"]["mean"],
         "visibility_p99_ms": r["visibility_ms"]["p99"],
         "end_to_end_seconds": r["end_to_end_seconds"],

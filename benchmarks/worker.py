@@ -4,7 +4,8 @@ Run by :mod:`benchmarks.cli` with AIRFLOW_HOME, the DAGS_FOLDER and the audit co
 the environment (Airflow reads them at import). It runs one DAG through ``dag.test()`` (tasks run in
 this process), then measures, in this order: the process's peak RSS (before anything else can raise
 it), the task instances' start/end dates, the SQL the provider issued per phase, the audit rows per
-table, the coalesce's waiting poll (``waiting_poll``) and the floor. It writes one JSON file.
+table, the coalesce's waiting poll (``waiting_poll``), the audit store's bytes on disk and the floor.
+It writes one JSON file.
 """
 
 from __future__ import annotations
@@ -307,10 +308,16 @@ def run(args: dict[str, Any]) -> dict[str, Any]:
         "answer": answer,
     }
 
-    # The floor: the same rows, raw bulk inserts into a fresh copy of the schema.
     from airflow_elspeth.audit.engine import create_audit_engine
+    from airflow_elspeth.audit.migrate import VERSION_TABLE
     from benchmarks import floor
 
+    # Bytes on disk, after the polls: the checkpoint this takes on SQLite cannot change their times.
+    # Its version table too, so PostgreSQL counts the tables the SQLite file holds.
+    result["audit_bytes"] = floor.store_bytes(engine, [*floor.audit_tables(), VERSION_TABLE])
+    result["bytes_per_source_row"] = round(result["audit_bytes"]["bytes"] / args["rows"])
+
+    # The floor: the same rows, raw bulk inserts into a fresh copy of the schema.
     floors = {}
     for method, target_url in args.get("floor_targets", {}).items():
         target = create_audit_engine(target_url)
@@ -327,6 +334,7 @@ def run(args: dict[str, Any]) -> dict[str, Any]:
         result["floor_method"] = best["method"]
         result["floor_seconds"] = best["seconds"]
         result["overhead_vs_floor"] = round(total / best["seconds"], 2) if best["seconds"] else None
+        result["floor_bytes_per_source_row"] = round(best["disk"]["bytes"] / args["rows"])
     return result
 
 
