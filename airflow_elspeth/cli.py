@@ -56,7 +56,7 @@ from airflow_elspeth.audit.read.records import (
     TokensWithoutOutcome,
     to_json,
 )
-from airflow_elspeth.audit.read.runs import count_runs, row_runs, select_runs, with_tries
+from airflow_elspeth.audit.read.runs import RunSelection, count_runs, row_runs, select_runs, with_tries
 from airflow_elspeth.audit.read.verify import verify_run
 from airflow_elspeth.core.vocabulary import (
     DecisionStatus,
@@ -230,11 +230,11 @@ def report(
             f"{until.isoformat()} is not after --since {since.isoformat()}", param_hint="'--until'"
         )
     engine = target.engine()
-    filters: dict[str, Any] = {"since": since, "until": until}
-    runs = with_tries(engine, select_runs(engine, run_id, dag_id, airflow_run_id, **filters, limit=limit))
+    selection = RunSelection(run_id, dag_id, airflow_run_id, since, until)
+    runs = with_tries(engine, select_runs(engine, selection, limit=limit))
     left_out = 0
     if limit is not None and len(runs) == limit:
-        left_out = count_runs(engine, run_id, dag_id, airflow_run_id, **filters) - limit
+        left_out = count_runs(engine, selection) - limit
     task_states, states_note = _task_states_for(airflow_states, runs, engine)
     left_out_note = f"{_plural(left_out, 'older audit run')} left out (--limit {limit})." if left_out else ""
     indexed: list[IndexedRun] = []
@@ -586,7 +586,7 @@ def explain(
     listed and the command exits 2; choose one with --run-id, or narrow with --dag-id and
     --airflow-run-id."""
     engine = target.engine()
-    runs = with_tries(engine, select_runs(engine, run_id, dag_id, airflow_run_id))
+    runs = with_tries(engine, select_runs(engine, RunSelection(run_id, dag_id, airflow_run_id)))
     matching = row_runs(engine, row_key, runs)
     if not matching:
         filters = _filters_text(run_id, dag_id, airflow_run_id)
@@ -853,7 +853,7 @@ def verify(
     """Integrity sweep: limbo (runs never closed, rows never decided, tokens without a terminal
     outcome), orphan parents, decisions against their replay. Exits 1 on any finding."""
     engine = target.engine()
-    runs = select_runs(engine, run_id, dag_id, airflow_run_id)
+    runs = select_runs(engine, RunSelection(run_id, dag_id, airflow_run_id))
     task_states, states_note = _task_states_for(airflow_states, runs, engine)
     findings = verify_runs(
         engine, runs, progress=not as_json and sys.stderr.isatty(), task_states=task_states

@@ -601,13 +601,13 @@ def test_the_index_fits_1280_px_without_clipping(server: Server, browser: Any, t
     from selenium.webdriver.support.ui import WebDriverWait
 
     from airflow_elspeth.audit.engine import engine_for_url
-    from airflow_elspeth.audit.read.runs import select_runs
+    from airflow_elspeth.audit.read.runs import RunSelection, select_runs
 
     from .audit_data import failed_fork
 
     engine = engine_for_url(f"sqlite:///{server.home / 'elspeth_audit.db'}", upgrade=False)
     long_run = "backfill__2019-11-03T10:22:33.123456+00:00_" + "a_rather_long_run_identifier" * 2
-    if not select_runs(engine, dag_id=DAG_ID, airflow_run_id=long_run):
+    if not select_runs(engine, RunSelection(dag_id=DAG_ID, airflow_run_id=long_run)):
         # Older than the example DAG's run: the other tests' first index row stays that run.
         failed_fork(
             engine,

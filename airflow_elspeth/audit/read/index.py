@@ -28,7 +28,7 @@ from airflow_elspeth.audit.read.records import (
     IndexedRun,
     UndecidedStatus,
 )
-from airflow_elspeth.audit.read.runs import decision_counts, run_conditions
+from airflow_elspeth.audit.read.runs import RunSelection, decision_counts
 from airflow_elspeth.core.vocabulary import (
     ENDED_TASK_STATES,
     DecisionStatus,
@@ -213,7 +213,9 @@ def index_dag_ids(engine: Engine, dag_ids: Iterable[str] | None) -> list[str]:
 
 def _conditions(dag_ids: Iterable[str] | None, selection: IndexSelection) -> list[Any] | None:
     """SQL conditions on ``runs`` for the readable DAGs and the selection; None when none can match."""
-    conditions = run_conditions(None, selection.dag_id, None, selection.since, selection.until)
+    conditions = RunSelection(
+        dag_id=selection.dag_id, since=selection.since, until=selection.until
+    ).conditions()
     if dag_ids is not None:
         wanted = sorted(set(dag_ids))
         if not wanted or (selection.dag_id is not None and selection.dag_id not in wanted):

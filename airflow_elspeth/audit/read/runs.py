@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TypeVar
 
@@ -33,50 +34,42 @@ _BATCH = 500
 Run = TypeVar("Run", bound=AuditRun)
 
 
-def run_conditions(
-    run_id: str | None,
-    dag_id: str | None,
-    airflow_run_id: str | None,
-    since: datetime | None,
-    until: datetime | None,
-) -> list[Any]:
-    """SQL conditions on ``runs`` for these ids and this logical-date range (``since`` inclusive,
-    ``until`` exclusive); the index adds its own to them."""
-    r = t.runs.c
-    conditions: list[Any] = []
-    if run_id:
-        conditions.append(r.run_id == run_id)
-    if dag_id:
-        conditions.append(r.dag_id == dag_id)
-    if airflow_run_id:
-        conditions.append(r.airflow_run_id == airflow_run_id)
-    # A run without a logical date is in no range.
-    if since is not None:
-        conditions.append(r.logical_date >= since)
-    if until is not None:
-        conditions.append(r.logical_date < until)
-    return conditions
+@dataclass(frozen=True)
+class RunSelection:
+    """Which audit runs: by their ids (None: any) and a logical-date range (``since`` inclusive,
+    ``until`` exclusive, aware; a run without a logical date is in no range)."""
+
+    run_id: str | None = None
+    dag_id: str | None = None
+    airflow_run_id: str | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+
+    def conditions(self) -> list[Any]:
+        """The selection as SQL conditions on ``runs`` (the index adds its own to them)."""
+        r = t.runs.c
+        wanted = ((r.run_id, self.run_id), (r.dag_id, self.dag_id), (r.airflow_run_id, self.airflow_run_id))
+        conditions: list[Any] = [column == value for column, value in wanted if value]
+        if self.since is not None:
+            conditions.append(r.logical_date >= self.since)
+        if self.until is not None:
+            conditions.append(r.logical_date < self.until)
+        return conditions
+
+
+EVERY_RUN = RunSelection()
 
 
 def select_runs(
-    engine: Engine,
-    run_id: str | None = None,
-    dag_id: str | None = None,
-    airflow_run_id: str | None = None,
-    *,
-    since: datetime | None = None,
-    until: datetime | None = None,
-    limit: int | None = None,
+    engine: Engine, selection: RunSelection = EVERY_RUN, *, limit: int | None = None
 ) -> list[AuditRun]:
-    """Every audit run (oldest first), or only those matching the given ids and logical dates.
+    """Every audit run (oldest first), or only the selected ones.
 
-    :param since: only runs whose logical date is at or after this (aware) instant.
-    :param until: only runs whose logical date is before this (aware) instant.
     :param limit: only the newest ``limit`` of those by logical date (runs without one last, then
         the newest started), still returned oldest first; :func:`count_runs` says how many matched.
     """
     r = t.runs.c
-    query = select(t.runs).where(*run_conditions(run_id, dag_id, airflow_run_id, since, until))
+    query = select(t.runs).where(*selection.conditions())
     if limit is not None:
         newest = (
             query.order_by(r.logical_date.desc().nulls_last(), r.started_at.desc(), r.run_id)
@@ -89,19 +82,11 @@ def select_runs(
         return [AuditRun.from_row(row) for row in conn.execute(query).mappings()]
 
 
-def count_runs(
-    engine: Engine,
-    run_id: str | None = None,
-    dag_id: str | None = None,
-    airflow_run_id: str | None = None,
-    *,
-    since: datetime | None = None,
-    until: datetime | None = None,
-) -> int:
-    """How many audit runs :func:`select_runs` finds with these filters and no limit."""
-    conditions = run_conditions(run_id, dag_id, airflow_run_id, since, until)
+def count_runs(engine: Engine, selection: RunSelection) -> int:
+    """How many audit runs :func:`select_runs` finds with this selection and no limit."""
     with engine.connect() as conn:
-        return int(conn.execute(select(func.count()).select_from(t.runs).where(*conditions)).scalar_one())
+        query = select(func.count()).select_from(t.runs).where(*selection.conditions())
+        return int(conn.execute(query).scalar_one())
 
 
 def run_info(engine: Engine, run_id: str) -> RunInfo:
