@@ -14,7 +14,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 from airflow_elspeth.exceptions import ElspethConfigError
 
@@ -49,10 +49,7 @@ def names_task(init: Init) -> Init:
         try:
             init(self, **kwargs)
         except ElspethConfigError as err:
-            located = err.located(*_where(kwargs))
-            if located is err:
-                raise
-            raise located.with_traceback(err.__traceback__) from err.__cause__
+            _raise_located(err, *_where(kwargs))
 
     return constructor  # type: ignore[return-value]
 
@@ -67,7 +64,13 @@ def in_task(task: Any) -> Iterator[None]:
     try:
         yield
     except ElspethConfigError as err:
-        located = err.located(task.dag_id if task.has_dag() else None, task.task_id)
-        if located is err:
-            raise
-        raise located.with_traceback(err.__traceback__) from err.__cause__
+        _raise_located(err, task.dag_id if task.has_dag() else None, task.task_id)
+
+
+def _raise_located(err: ElspethConfigError, dag_id: str | None, task_id: str | None) -> NoReturn:
+    """Raise ``err`` naming the DAG and the task (itself if it names them already), with its
+    traceback and cause."""
+    located = err.located(dag_id, task_id)
+    if located is err:
+        raise err
+    raise located.with_traceback(err.__traceback__) from err.__cause__
