@@ -212,6 +212,7 @@ EXPECTED: dict[str, Expect] = {
     ),
     "elspeth_it_first_task_fails": Expect(
         sensor="success",
+        missing=_all("branch_task_failed"),
         consumed={k: _one_of({"b", "c"}) for k in ROWS},
         tasks={"ask_a": "failed"},
     ),

@@ -391,6 +391,13 @@ POLICIES: dict[str, dict[str, Any]] = {
 HANG_TIMEOUT = 15.0
 
 
+# A branch task that fails wholesale (fail_task="a") under a policy that can decide a row without a
+# (quorum, first): b and c deliver only after ask_a ended (their delivering steps run a dag.test()
+# pass later). Were one of them to deliver first, the coalesce could decide every row from their
+# arrivals, ask_a would skip all its rows and succeed, and a's losses would not be tested at all.
+AFTER_A = ("b", "c")
+
+
 def _spec(policy: str, case: str, **extra: Any) -> Spec:
     return Spec(dag_id=f"elspeth_it_{policy}_{case}", **POLICIES[policy], **extra)
 
@@ -428,7 +435,7 @@ _add(
         tolerated_failures=1,
     )
 )
-_add(_spec("quorum", TASK_FAILS, fail_task="a", merge="nested"))
+_add(_spec("quorum", TASK_FAILS, fail_task="a", merge="nested", two_step=AFTER_A))
 _add(
     _spec(
         "quorum",
@@ -473,7 +480,7 @@ _add(
         tolerated_failures=0,
     )
 )
-_add(_spec("first", TASK_FAILS, fail_task="a"))
+_add(_spec("first", TASK_FAILS, fail_task="a", two_step=AFTER_A))
 _add(
     _spec(
         "first",
@@ -587,7 +594,9 @@ _add(
     )
 )
 # A branch whose first step fails wholesale: its delivering step ends upstream_failed.
-_add(Spec(dag_id="elspeth_it_prep_fails", policy="quorum", quorum=2, two_step=("c",), prep_fails="c"))
+# b is two-step too, so that prep_c fails before b arrives: quorum 2 of a's and b's arrivals would
+# otherwise decide every row first, prep_c would skip them all and succeed.
+_add(Spec(dag_id="elspeth_it_prep_fails", policy="quorum", quorum=2, two_step=("b", "c"), prep_fails="c"))
 # The deferrable sensor under dag.test() (it reschedules itself there: an inline trigger would
 # block the branches), at the deadline.
 _add(SCENARIOS["elspeth_it_quorum_hang"].with_(dag_id="elspeth_it_quorum_hang_deferrable", deferrable=True))
