@@ -35,13 +35,14 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import psutil
+from sqlalchemy import make_url
 
 REPO = Path(__file__).resolve().parents[2]
 DAGS_FOLDER = Path(__file__).resolve().parent / "dags"
@@ -332,17 +333,25 @@ class AirflowStack:
                 },
             )
         wait_until("every Airflow process to report healthy", self.healthy, timeout=ready_timeout, interval=1)
-        # The audit store's connection in the metadata DB, as a person adds it in the UI (tasks read
-        # it through the execution API). Through the REST API rather than ``airflow connections
-        # add``: no task runs before a test triggers one, and each ``airflow`` CLI call costs seconds
-        # of CPU (importing Airflow), which the suite runs short of on two cores.
+        # The audit store's connection in the metadata DB, in the fields README's "Running it for
+        # real" adds it with (not a URL in the extra, which `airflow connections add` prints back,
+        # password included); tasks read it through the execution API. Through the REST API rather
+        # than ``airflow connections add``: no task runs before a test triggers one, and each
+        # ``airflow`` CLI call costs seconds of CPU (importing Airflow), which the suite runs short
+        # of on two cores.
+        audit = make_url(self.audit_url)
         self.api(
             "POST",
             "/api/v2/connections",
             {
                 "connection_id": "elspeth_audit_default",
                 "conn_type": "elspeth",
-                "extra": json.dumps({"sqlalchemy_url": self.audit_url}),
+                "host": audit.host,
+                "port": audit.port,
+                "login": audit.username,
+                "password": audit.password,
+                "schema": audit.database,
+                "extra": json.dumps({"drivername": audit.drivername}),
             },
         )
         self.timings["ready"] = time.monotonic() - started
@@ -761,8 +770,6 @@ def run_scale_dag(stack: AirflowStack, executor: str, rows: int, *, timeout: flo
 
 
 # -- fault injection and end-state checks (tests/e2e/test_e2e_faults.py) ------------------------------
-
-from collections.abc import Iterator  # noqa: E402 - added with these helpers
 
 
 def _ti_path(dag_id: str, run_id: str, task_id: str) -> str:
