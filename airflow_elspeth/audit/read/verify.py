@@ -35,6 +35,7 @@ from airflow_elspeth.audit.log import (
     row_events,
 )
 from airflow_elspeth.audit.model import CoalesceSpec, RunInfo, deadline_of, load_run
+from airflow_elspeth.audit.read.decisions import whole_run_reads
 from airflow_elspeth.audit.read.limbo import LIMBO_EXAMPLES, TaskStates, limbo_findings
 from airflow_elspeth.audit.read.records import (
     AuditRun,
@@ -371,8 +372,9 @@ def derived_link_findings(engine: Engine, run_id: str) -> list[Finding]:
     Only ``token_parents``' nested-fork links are stored (:func:`orphan_parents`); the others are
     derived (``lineage._parents``): a branch token's parent is its row's source token, a merged
     token's parents are the branch tokens of its row that its decision ``consumed``. Each check is
-    one anti-join over the run, counted and its first :data:`FINDING_EXAMPLES` read in the same
-    statement. Tokens are matched by (run, row, kind, branch), as the lineage derives them.
+    one anti-join over the run (hash-join shaped on PostgreSQL: ``whole_run_reads``), counted and
+    its first :data:`FINDING_EXAMPLES` read in the same statement. Tokens are matched by (run, row,
+    kind, branch), as the lineage derives them.
     """
     r, tk, cd = t.rows.c, t.tokens.c, t.coalesce_decisions.c
     source = t.tokens.alias("source_token")
@@ -383,7 +385,7 @@ def derived_link_findings(engine: Engine, run_id: str) -> list[Finding]:
     )
     row_of_token = and_(r.run_id == run_id, r.row_id == tk.row_id)
     findings: list[Finding] = []
-    with engine.connect() as conn:
+    with whole_run_reads(engine) as conn:
         count, rows = _first(
             conn,
             select(r.row_key)
@@ -491,21 +493,24 @@ def derived_link_findings(engine: Engine, run_id: str) -> list[Finding]:
                 )
             )
 
-        count, orphaned = _first(
-            conn,
-            select(tk.token_id, r.row_key)
-            .select_from(
-                t.tokens.outerjoin(t.rows, row_of_token).outerjoin(
-                    t.coalesce_decisions,
-                    and_(cd.run_id == run_id, cd.row_id == tk.row_id, cd.merged_token_id == tk.token_id),
+        # A set difference, not a join on the decisions: nothing indexes them by row or merged
+        # token, and SQLite would search every decision of the run for each merged token.
+        unnamed = (
+            select(tk.token_id, tk.row_id)
+            .where(tk.run_id == run_id, tk.token_kind == TokenKind.MERGED.value)
+            .except_(
+                select(cd.merged_token_id, cd.row_id).where(
+                    cd.run_id == run_id, cd.merged_token_id.is_not(None)
                 )
             )
-            .where(
-                tk.run_id == run_id,
-                tk.token_kind == TokenKind.MERGED.value,
-                cd.row_id.is_(None),
+            .subquery("unnamed")
+        )
+        count, orphaned = _first(
+            conn,
+            select(unnamed.c.token_id, r.row_key).select_from(
+                unnamed.outerjoin(t.rows, and_(r.run_id == run_id, r.row_id == unnamed.c.row_id))
             ),
-            tk.token_id,
+            unnamed.c.token_id,
         )
         if count:
             findings.append(
