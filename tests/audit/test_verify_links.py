@@ -17,12 +17,14 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner, Result
-from sqlalchemy import Engine, delete, update
+from sqlalchemy import Engine, delete, event, update
 
 from airflow_elspeth import cli
 from airflow_elspeth.audit import schema as t
 from airflow_elspeth.audit.coalesce import coalesce_pass
+from airflow_elspeth.audit.engine import engine_for_url
 from airflow_elspeth.audit.model import CoalesceSpec
+from airflow_elspeth.audit.read.verify import derived_link_findings
 from airflow_elspeth.audit.store import (
     AuditStore,
     ForkRow,
@@ -306,3 +308,28 @@ def test_explain_json_lists_every_tokens_parents(audit_engine: Engine, audit_url
             branch(run, "k1", "b"): [source],
             merged(run, "k1"): [branch(run, "k1", "a"), branch(run, "k1", "b")],
         }
+
+
+@pytest.mark.postgres
+def test_the_link_checks_never_plan_a_nested_loop_on_postgresql(pg_url: str) -> None:
+    """Each check reads the whole run: on a run the planner's statistics do not know yet, a nested
+    loop would take quadratic time (see tests/audit/test_whole_run_reads.py)."""
+    engine = engine_for_url(pg_url)
+    run = merged_run(engine)
+    seen: list[str] = []
+
+    def setting(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if statement.lstrip().upper().startswith("SELECT"):
+            probe = cursor.connection.cursor()
+            try:
+                probe.execute("SHOW enable_nestloop")
+                seen.append(probe.fetchone()[0])
+            finally:
+                probe.close()
+
+    event.listen(engine, "before_cursor_execute", setting)
+    try:
+        assert derived_link_findings(engine, run) == []
+    finally:
+        event.remove(engine, "before_cursor_execute", setting)
+    assert seen == ["off"] * 5
