@@ -856,7 +856,8 @@ def verify(
     airflow_states: bool | None,
 ) -> None:
     """Integrity sweep: limbo (runs never closed, rows never decided, tokens without a terminal
-    outcome), orphan parents, decisions against their replay. Exits 1 on any finding."""
+    outcome), broken lineage links (stored and derived), decisions against their replay. Exits 1
+    on any finding."""
     engine = target.engine()
     runs = select_runs(engine, run_id, dag_id, airflow_run_id)
     task_states, states_note = _task_states_for(airflow_states, runs, engine)
