@@ -23,7 +23,19 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, Engine, Row, Select, and_, func, or_, select, true
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    Engine,
+    FromClause,
+    Row,
+    Select,
+    and_,
+    func,
+    or_,
+    select,
+    true,
+)
 
 from airflow_elspeth.audit import schema as t
 from airflow_elspeth.audit.log import (
@@ -376,152 +388,165 @@ def derived_link_findings(engine: Engine, run_id: str) -> list[Finding]:
     its first :data:`FINDING_EXAMPLES` read in the same statement. Tokens are matched by (run, row,
     kind, branch), as the lineage derives them.
     """
-    r, tk, cd = t.rows.c, t.tokens.c, t.coalesce_decisions.c
-    source = t.tokens.alias("source_token")
-    of_source = and_(
-        source.c.run_id == run_id,
-        source.c.row_id == tk.row_id,
-        source.c.token_kind == TokenKind.SOURCE.value,
+    checks = (
+        _rows_without_source_token,
+        _branch_tokens_without_parent,
+        _consumed_without_token,
+        _merged_without_token,
+        _merged_tokens_without_decision,
     )
-    row_of_token = and_(r.run_id == run_id, r.row_id == tk.row_id)
-    findings: list[Finding] = []
     with whole_run_reads(engine) as conn:
-        count, rows = _first(
-            conn,
-            select(r.row_key)
-            .select_from(
-                t.rows.outerjoin(
-                    source,
-                    and_(
-                        source.c.run_id == r.run_id,
-                        source.c.row_id == r.row_id,
-                        source.c.token_kind == TokenKind.SOURCE.value,
-                    ),
-                )
-            )
-            .where(r.run_id == run_id, source.c.token_id.is_(None)),
-            r.row_key,
-        )
-        if count:
-            examples = [x.row_key for x in rows]
-            findings.append(SourceTokensMissing(run_id=run_id, count=count, examples=examples))
+        found = [check(conn, run_id) for check in checks]
+    return [finding for finding in found if finding is not None]
 
-        count, branches = _first(
-            conn,
-            select(tk.token_id, r.row_key, tk.branch_name)
-            .select_from(t.tokens.outerjoin(t.rows, row_of_token).outerjoin(source, of_source))
-            .where(
-                tk.run_id == run_id,
-                tk.token_kind == TokenKind.BRANCH.value,
-                or_(r.row_id.is_(None), source.c.token_id.is_(None)),
-            ),
-            tk.token_id,
-        )
-        if count:
-            findings.append(
-                BranchParentsMissing(
-                    run_id=run_id,
-                    count=count,
-                    examples=[x.token_id for x in branches],
-                    rows=[x.row_key for x in branches],
-                    branches=[x.branch_name for x in branches],
-                )
-            )
 
-        consumed = json_list_elements(engine, cd.consumed)
-        branch = t.tokens.alias("branch_token")
-        count, gone = _first(
-            conn,
-            select(cd.row_key, cd.node_id, consumed.c.value.label("branch"))
-            .select_from(
-                t.coalesce_decisions.join(consumed, true()).outerjoin(
-                    branch,
-                    and_(
-                        branch.c.run_id == cd.run_id,
-                        branch.c.row_id == cd.row_id,
-                        branch.c.token_kind == TokenKind.BRANCH.value,
-                        branch.c.branch_name == consumed.c.value,
-                    ),
-                )
-            )
-            .where(cd.run_id == run_id, branch.c.token_id.is_(None)),
-            cd.row_key,
-            cd.node_id,
-        )
-        if count:
-            findings.append(
-                ConsumedTokensMissing(
-                    run_id=run_id,
-                    count=count,
-                    examples=[x.row_key for x in gone],
-                    coalesces=[x.node_id for x in gone],
-                    branches=[x.branch for x in gone],
-                )
-            )
+def _source_token_of(run_id: str, row_id: Any) -> tuple[FromClause, ColumnElement[bool]]:
+    """The tokens table as the source token of the run's row ``row_id``: (alias, join condition)."""
+    source = t.tokens.alias("source_token")
+    kind = TokenKind.SOURCE.value
+    return source, and_(source.c.run_id == run_id, source.c.row_id == row_id, source.c.token_kind == kind)
 
-        merged = t.tokens.alias("merged_token")
-        count, unmerged = _first(
-            conn,
-            select(cd.row_key, cd.node_id, cd.merged_token_id)
-            .select_from(
-                t.coalesce_decisions.outerjoin(
-                    merged,
-                    and_(
-                        merged.c.token_id == cd.merged_token_id,
-                        merged.c.run_id == cd.run_id,
-                        merged.c.row_id == cd.row_id,
-                        merged.c.token_kind == TokenKind.MERGED.value,
-                    ),
-                )
-            )
-            .where(
-                cd.run_id == run_id,
-                cd.decision == DecisionStatus.MERGED.value,
-                merged.c.token_id.is_(None),
-            ),
-            cd.row_key,
-            cd.node_id,
-        )
-        if count:
-            findings.append(
-                MergedTokensMissing(
-                    run_id=run_id,
-                    count=count,
-                    examples=[x.row_key for x in unmerged],
-                    coalesces=[x.node_id for x in unmerged],
-                    merged_token_ids=[x.merged_token_id for x in unmerged],
-                )
-            )
 
-        # A set difference, not a join on the decisions: nothing indexes them by row or merged
-        # token, and SQLite would search every decision of the run for each merged token.
-        unnamed = (
-            select(tk.token_id, tk.row_id)
-            .where(tk.run_id == run_id, tk.token_kind == TokenKind.MERGED.value)
-            .except_(
-                select(cd.merged_token_id, cd.row_id).where(
-                    cd.run_id == run_id, cd.merged_token_id.is_not(None)
-                )
+def _rows_without_source_token(conn: Connection, run_id: str) -> SourceTokensMissing | None:
+    r = t.rows.c
+    source, of_row = _source_token_of(run_id, r.row_id)
+    count, rows = _first(
+        conn,
+        select(r.row_key)
+        .select_from(t.rows.outerjoin(source, of_row))
+        .where(r.run_id == run_id, source.c.token_id.is_(None)),
+        r.row_key,
+    )
+    if not count:
+        return None
+    return SourceTokensMissing(run_id=run_id, count=count, examples=[x.row_key for x in rows])
+
+
+def _branch_tokens_without_parent(conn: Connection, run_id: str) -> BranchParentsMissing | None:
+    r, tk = t.rows.c, t.tokens.c
+    source, of_row = _source_token_of(run_id, tk.row_id)
+    count, tokens = _first(
+        conn,
+        select(tk.token_id, r.row_key, tk.branch_name)
+        .select_from(
+            t.tokens.outerjoin(t.rows, and_(r.run_id == run_id, r.row_id == tk.row_id)).outerjoin(
+                source, of_row
             )
-            .subquery("unnamed")
         )
-        count, orphaned = _first(
-            conn,
-            select(unnamed.c.token_id, r.row_key).select_from(
-                unnamed.outerjoin(t.rows, and_(r.run_id == run_id, r.row_id == unnamed.c.row_id))
-            ),
-            unnamed.c.token_id,
-        )
-        if count:
-            findings.append(
-                MergedTokensWithoutDecision(
-                    run_id=run_id,
-                    count=count,
-                    examples=[x.token_id for x in orphaned],
-                    rows=[x.row_key for x in orphaned],
-                )
+        .where(
+            tk.run_id == run_id,
+            tk.token_kind == TokenKind.BRANCH.value,
+            or_(r.row_id.is_(None), source.c.token_id.is_(None)),
+        ),
+        tk.token_id,
+    )
+    if not count:
+        return None
+    return BranchParentsMissing(
+        run_id=run_id,
+        count=count,
+        examples=[x.token_id for x in tokens],
+        rows=[x.row_key for x in tokens],
+        branches=[x.branch_name for x in tokens],
+    )
+
+
+def _consumed_without_token(conn: Connection, run_id: str) -> ConsumedTokensMissing | None:
+    cd = t.coalesce_decisions.c
+    consumed = json_list_elements(conn.engine, cd.consumed)
+    branch = t.tokens.alias("branch_token")
+    count, gone = _first(
+        conn,
+        select(cd.row_key, cd.node_id, consumed.c.value.label("branch"))
+        .select_from(
+            t.coalesce_decisions.join(consumed, true()).outerjoin(
+                branch,
+                and_(
+                    branch.c.run_id == cd.run_id,
+                    branch.c.row_id == cd.row_id,
+                    branch.c.token_kind == TokenKind.BRANCH.value,
+                    branch.c.branch_name == consumed.c.value,
+                ),
             )
-    return findings
+        )
+        .where(cd.run_id == run_id, branch.c.token_id.is_(None)),
+        cd.row_key,
+        cd.node_id,
+    )
+    if not count:
+        return None
+    return ConsumedTokensMissing(
+        run_id=run_id,
+        count=count,
+        examples=[x.row_key for x in gone],
+        coalesces=[x.node_id for x in gone],
+        branches=[x.branch for x in gone],
+    )
+
+
+def _merged_without_token(conn: Connection, run_id: str) -> MergedTokensMissing | None:
+    cd = t.coalesce_decisions.c
+    merged = t.tokens.alias("merged_token")
+    count, decisions = _first(
+        conn,
+        select(cd.row_key, cd.node_id, cd.merged_token_id)
+        .select_from(
+            t.coalesce_decisions.outerjoin(
+                merged,
+                and_(
+                    merged.c.token_id == cd.merged_token_id,
+                    merged.c.run_id == cd.run_id,
+                    merged.c.row_id == cd.row_id,
+                    merged.c.token_kind == TokenKind.MERGED.value,
+                ),
+            )
+        )
+        .where(
+            cd.run_id == run_id,
+            cd.decision == DecisionStatus.MERGED.value,
+            merged.c.token_id.is_(None),
+        ),
+        cd.row_key,
+        cd.node_id,
+    )
+    if not count:
+        return None
+    return MergedTokensMissing(
+        run_id=run_id,
+        count=count,
+        examples=[x.row_key for x in decisions],
+        coalesces=[x.node_id for x in decisions],
+        merged_token_ids=[x.merged_token_id for x in decisions],
+    )
+
+
+def _merged_tokens_without_decision(conn: Connection, run_id: str) -> MergedTokensWithoutDecision | None:
+    r, tk, cd = t.rows.c, t.tokens.c, t.coalesce_decisions.c
+    # A set difference, not a join on the decisions: nothing indexes them by row or merged token,
+    # and SQLite would search every decision of the run for each merged token.
+    unnamed = (
+        select(tk.token_id, tk.row_id)
+        .where(tk.run_id == run_id, tk.token_kind == TokenKind.MERGED.value)
+        .except_(
+            select(cd.merged_token_id, cd.row_id).where(cd.run_id == run_id, cd.merged_token_id.is_not(None))
+        )
+        .subquery("unnamed")
+    )
+    count, tokens = _first(
+        conn,
+        select(unnamed.c.token_id, r.row_key).select_from(
+            unnamed.outerjoin(t.rows, and_(r.run_id == run_id, r.row_id == unnamed.c.row_id))
+        ),
+        unnamed.c.token_id,
+    )
+    if not count:
+        return None
+    return MergedTokensWithoutDecision(
+        run_id=run_id,
+        count=count,
+        examples=[x.token_id for x in tokens],
+        rows=[x.row_key for x in tokens],
+    )
 
 
 def _first(conn: Connection, query: Select[Any], *order_by: Any) -> tuple[int, Sequence[Row[Any]]]:
