@@ -43,16 +43,21 @@ from airflow_elspeth.audit.read.lineage import explain_row
 from airflow_elspeth.audit.read.records import (
     AuditRun,
     AuditRunTry,
+    BranchParentsMissing,
     CoalesceSummary,
+    ConsumedTokensMissing,
     DecidableResolutions,
     DecisionsDifferFromReplay,
     ErrorGroup,
     Explanation,
     Finding,
     IndexedRun,
+    MergedTokensMissing,
+    MergedTokensWithoutDecision,
     MissingBranch,
     RowsUndecided,
     RunNotClosed,
+    SourceTokensMissing,
     TokensWithoutOutcome,
     to_json,
 )
@@ -851,7 +856,8 @@ def verify(
     airflow_states: bool | None,
 ) -> None:
     """Integrity sweep: limbo (runs never closed, rows never decided, tokens without a terminal
-    outcome), orphan parents, decisions against their replay. Exits 1 on any finding."""
+    outcome), broken lineage links (stored and derived), decisions against their replay. Exits 1
+    on any finding."""
     engine = target.engine()
     runs = select_runs(engine, RunSelection(run_id, dag_id, airflow_run_id))
     task_states, states_note = _task_states_for(airflow_states, runs, engine)
@@ -920,6 +926,29 @@ def _finding_detail(finding: Finding) -> str:
             return "stored decision differs from the replay: " + "; ".join(
                 f"{d.row_key} stored {d.stored.decision}, replayed {d.replayed.decision}"
                 for d in finding.details
+            )
+        case SourceTokensMissing():
+            return "rows without their source token, the parent of their branch tokens"
+        case BranchParentsMissing():
+            return "branch tokens without their parent: " + "; ".join(
+                f"{b} of {row} (its source token)" if row is not None else f"{b} (its row)"
+                for row, b in zip(finding.rows, finding.branches, strict=True)
+            )
+        case ConsumedTokensMissing():
+            return "consumed, yet no branch token of the row: " + "; ".join(
+                f"{row} {b} at {node}"
+                for row, node, b in zip(finding.examples, finding.coalesces, finding.branches, strict=True)
+            )
+        case MergedTokensMissing():
+            return "merged, yet no merged token of the row: " + "; ".join(
+                f"{row} at {node} names {token or 'none'}"
+                for row, node, token in zip(
+                    finding.examples, finding.coalesces, finding.merged_token_ids, strict=True
+                )
+            )
+        case MergedTokensWithoutDecision():
+            return "merged tokens no decision of their row names: rows " + ", ".join(
+                row if row is not None else "(missing)" for row in finding.rows
             )
     # The rest (orphan parents, duplicate terminal outcomes): their details as JSON.
     shown = ("run_id", "check", "count", "counted", "examples")

@@ -208,26 +208,25 @@ class Trail:
         return at
 
     def merge(self, run_id: str, i: int, node_id: str = "join", *, outcomes: bool = True) -> None:
-        """Both branches arrive (after 1 s and 2 s) and the row is merged, as a replay says."""
+        """Both branches arrive (after 1 s and 2 s) and the row is merged, as a replay says: the
+        decision, its merged token and that token's outcome; ``outcomes``: the branch tokens' too."""
         self.arrive(run_id, i, "a", 1)
         at = self.arrive(run_id, i, "b", 2)
         self._decision(run_id, i, node_id, "merged", None, at, consumed=list(BRANCHES))
+        merged = ident("merged", run_id, i, node_id)
+        self._insert(t.tokens, self._token(merged, run_id, self.row_id(run_id, i), "merged", None))
+        self._insert(
+            t.token_parents,
+            [
+                {"token_id": merged, "parent_token_id": self.token(run_id, i, b), "ordinal": n}
+                for n, b in enumerate(BRANCHES)
+            ],
+        )
+        self._insert(t.token_outcomes, self._outcome(merged, run_id, "merged", None))
         if outcomes:
-            merged = ident("merged", run_id, i, node_id)
-            self._insert(t.tokens, self._token(merged, run_id, self.row_id(run_id, i), "merged", None))
-            self._insert(
-                t.token_parents,
-                [
-                    {"token_id": merged, "parent_token_id": self.token(run_id, i, b), "ordinal": n}
-                    for n, b in enumerate(BRANCHES)
-                ],
-            )
             self._insert(
                 t.token_outcomes,
-                [
-                    self._outcome(merged, run_id, "merged", None),
-                    *(self._outcome(self.token(run_id, i, b), run_id, "coalesced", None) for b in BRANCHES),
-                ],
+                [self._outcome(self.token(run_id, i, b), run_id, "coalesced", None) for b in BRANCHES],
             )
 
     def resolve(

@@ -9,6 +9,8 @@ from typing import Any
 import pytest
 
 from airflow_elspeth.audit.engine import engine_for_url
+from airflow_elspeth.audit.read.records import AuditRun
+from airflow_elspeth.audit.read.verify import verify_run as verify_audit_run
 
 from .checks import (
     audit_runs,
@@ -337,3 +339,6 @@ def test_a_nested_fork_over_merged_rows_keeps_the_lineage(audit_url: str, run_da
     )
     for row in inner_rows:
         assert set(json.loads(row["body"])) == {"x", "y"}
+    # ``verify`` finds every link of both runs whole, the stored and the derived ones.
+    for run in (only_run(engine, dag_run), inner):
+        assert verify_audit_run(engine, AuditRun.from_row(run)) == []

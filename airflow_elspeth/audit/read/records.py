@@ -746,6 +746,11 @@ class FindingCheck(Word):
     TOKENS_WITHOUT_OUTCOME = "tokens_without_outcome"
     DUPLICATE_TERMINAL_OUTCOMES = "duplicate_terminal_outcomes"
     ORPHAN_PARENT = "orphan_parent"
+    SOURCE_TOKEN_MISSING = "source_token_missing"
+    BRANCH_PARENT_MISSING = "branch_parent_missing"
+    CONSUMED_TOKEN_MISSING = "consumed_token_missing"
+    MERGED_TOKEN_MISSING = "merged_token_missing"
+    MERGED_TOKEN_WITHOUT_DECISION = "merged_token_without_decision"
     DECISION_REPLAY = "decision_replay"
     RESOLUTION_DECIDABLE = "resolution_decidable"
 
@@ -835,6 +840,64 @@ class OrphanParents(Finding):
     check: FindingCheck = field(default=FindingCheck.ORPHAN_PARENT, init=False)
     counted: str = field(default="token parents", init=False)
     missing_parents: list[str]
+
+
+# The derived lineage links of a completed run (docs/ARCHITECTURE.md, ``token_parents``): a branch
+# token's parent is its row's source token, a merged token's parents the branch tokens its
+# decision consumed. Each detail list runs parallel to ``examples``.
+
+
+@dataclass(frozen=True)
+class SourceTokensMissing(Finding):
+    """Rows without their source token (the parent of their branch tokens). Examples: row keys."""
+
+    check: FindingCheck = field(default=FindingCheck.SOURCE_TOKEN_MISSING, init=False)
+    counted: str = field(default="rows", init=False)
+
+
+@dataclass(frozen=True)
+class BranchParentsMissing(Finding):
+    """Branch tokens whose parent is gone: their row's source token, or their row itself.
+    Examples: token ids; ``rows`` their row keys (None: the row is missing, else its source token
+    is), ``branches`` their branches."""
+
+    check: FindingCheck = field(default=FindingCheck.BRANCH_PARENT_MISSING, init=False)
+    counted: str = field(default="tokens", init=False)
+    rows: list[str | None]
+    branches: list[str]
+
+
+@dataclass(frozen=True)
+class ConsumedTokensMissing(Finding):
+    """Branches a decision consumed that are no branch token of its row (a merged token's parents).
+    Examples: row keys; ``coalesces`` the deciding coalesce, ``branches`` the consumed branch."""
+
+    check: FindingCheck = field(default=FindingCheck.CONSUMED_TOKEN_MISSING, init=False)
+    counted: str = field(default="consumed branches", init=False)
+    coalesces: list[str]
+    branches: list[str]
+
+
+@dataclass(frozen=True)
+class MergedTokensMissing(Finding):
+    """Merged decisions whose ``merged_token_id`` is no merged token of their row. Examples: row
+    keys; ``coalesces`` the deciding coalesce, ``merged_token_ids`` what the decision names."""
+
+    check: FindingCheck = field(default=FindingCheck.MERGED_TOKEN_MISSING, init=False)
+    counted: str = field(default="decisions", init=False)
+    coalesces: list[str]
+    merged_token_ids: list[str | None]
+
+
+@dataclass(frozen=True)
+class MergedTokensWithoutDecision(Finding):
+    """Merged tokens no decision of their row names (their decision is missing, or names another
+    token): nothing says what they merged. Examples: token ids; ``rows`` their row keys (None: the
+    row is missing)."""
+
+    check: FindingCheck = field(default=FindingCheck.MERGED_TOKEN_WITHOUT_DECISION, init=False)
+    counted: str = field(default="tokens", init=False)
+    rows: list[str | None]
 
 
 @dataclass(frozen=True)

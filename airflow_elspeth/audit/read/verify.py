@@ -10,8 +10,9 @@ integrity finding of ``airflow-elspeth verify``.
   and must still be pending (the row really was undecidable when it was resolved).
 
 ``explain`` (CLI), the row page and its JSON API, and ``verify`` all replay through
-:func:`replay_stored`; ``verify``'s findings (limbo, orphan token parents, replay disagreements,
-decidable resolutions) all come from :func:`verify_run`. Nothing here writes.
+:func:`replay_stored`; ``verify``'s findings (limbo, orphan token parents, broken derived lineage
+links, replay disagreements, decidable resolutions) all come from :func:`verify_run`. Nothing here
+writes.
 """
 
 from __future__ import annotations
@@ -22,7 +23,19 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Engine, func, select
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    Engine,
+    FromClause,
+    Row,
+    Select,
+    and_,
+    func,
+    or_,
+    select,
+    true,
+)
 
 from airflow_elspeth.audit import schema as t
 from airflow_elspeth.audit.log import (
@@ -34,24 +47,37 @@ from airflow_elspeth.audit.log import (
     row_events,
 )
 from airflow_elspeth.audit.model import CoalesceSpec, RunInfo, deadline_of, load_run
+from airflow_elspeth.audit.read.decisions import whole_run_reads
 from airflow_elspeth.audit.read.limbo import LIMBO_EXAMPLES, TaskStates, limbo_findings
 from airflow_elspeth.audit.read.records import (
     AuditRun,
+    BranchParentsMissing,
+    ConsumedTokensMissing,
     DecidableResolution,
     DecidableResolutions,
     DecisionFields,
     DecisionsDifferFromReplay,
     Difference,
     Finding,
+    MergedTokensMissing,
+    MergedTokensWithoutDecision,
     OrphanParents,
     ReplayFinding,
     ReplayMismatch,
     RowReplayT,
+    SourceTokensMissing,
     to_json,
 )
 from airflow_elspeth.audit.read.runs import coalesce_nodes
+from airflow_elspeth.audit.read.sql import json_list_elements
 from airflow_elspeth.core.policy import BranchEvent, CollisionCheck, Decision, order_events, replay
-from airflow_elspeth.core.vocabulary import DecisionStatus, is_resolution, resolution_task_state
+from airflow_elspeth.core.vocabulary import (
+    DecisionStatus,
+    RunStatus,
+    TokenKind,
+    is_resolution,
+    resolution_task_state,
+)
 
 FINDING_EXAMPLES = LIMBO_EXAMPLES
 
@@ -262,15 +288,18 @@ def verify_run(engine: Engine, run: AuditRun, *, task_states: TaskStates | None 
 
     One finding per kind (:class:`~airflow_elspeth.audit.read.records.FindingCheck`), with a
     ``count`` and a few ``examples``: limbo (see
-    :func:`~airflow_elspeth.audit.read.limbo.limbo_findings`), orphan token parents, policy
-    decisions that differ from the replay of their stored log (``decision_replay``), and resolutions
-    of rows that were decidable when resolved (``resolution_decidable``).
+    :func:`~airflow_elspeth.audit.read.limbo.limbo_findings`), orphan token parents, the broken
+    derived lineage links of a completed run (:func:`derived_link_findings`), policy decisions
+    that differ from the replay of their stored log (``decision_replay``), and resolutions of rows
+    that were decidable when resolved (``resolution_decidable``).
     """
     run_id = run.audit_run_id
     findings = limbo_findings(engine, [run], task_states=task_states)
     orphan = orphan_parents(engine, run_id)
     if orphan is not None:
         findings.append(orphan)
+    if run.status == RunStatus.COMPLETED:  # a failed run's rows and tokens are gone by design
+        findings.extend(derived_link_findings(engine, run_id))
     with engine.connect() as conn:
         info = load_run(conn, run_id)
     if info is None or info.completed_at is None:
@@ -325,7 +354,7 @@ def _aggregate(
 
 
 def orphan_parents(engine: Engine, run_id: str) -> OrphanParents | None:
-    """Token parents of the run's tokens that are no token at all."""
+    """Stored token parents of the run's tokens (a nested fork's links) that are no token at all."""
     tk, tp = t.tokens.c, t.token_parents.c
     parent = t.tokens.alias("parent")
     orphans = (
@@ -338,13 +367,191 @@ def orphan_parents(engine: Engine, run_id: str) -> OrphanParents | None:
         .where(tk.run_id == run_id, parent.c.token_id.is_(None))
     )
     with engine.connect() as conn:
-        count = int(conn.execute(select(func.count()).select_from(orphans.subquery())).scalar_one())
-        if not count:
-            return None
-        examples = conn.execute(orphans.order_by(tp.token_id).limit(FINDING_EXAMPLES)).all()
+        count, examples = _first(conn, orphans, tp.token_id)
+    if not count:
+        return None
     return OrphanParents(
         run_id=run_id,
         count=count,
-        examples=[token_id for token_id, _ in examples],
-        missing_parents=[parent_id for _, parent_id in examples],
+        examples=[x.token_id for x in examples],
+        missing_parents=[x.parent_token_id for x in examples],
     )
+
+
+def derived_link_findings(engine: Engine, run_id: str) -> list[Finding]:
+    """The derived lineage links of a completed run that do not hold, one finding per kind.
+
+    Only ``token_parents``' nested-fork links are stored (:func:`orphan_parents`); the others are
+    derived (``lineage._parents``): a branch token's parent is its row's source token, a merged
+    token's parents are the branch tokens of its row that its decision ``consumed``. Each check is
+    one anti-join over the run (hash-join shaped on PostgreSQL: ``whole_run_reads``), counted and
+    its first :data:`FINDING_EXAMPLES` read in the same statement. Tokens are matched by (run, row,
+    kind, branch), as the lineage derives them.
+    """
+    checks = (
+        _rows_without_source_token,
+        _branch_tokens_without_parent,
+        _consumed_without_token,
+        _merged_without_token,
+        _merged_tokens_without_decision,
+    )
+    with whole_run_reads(engine) as conn:
+        found = [check(conn, run_id) for check in checks]
+    return [finding for finding in found if finding is not None]
+
+
+def _source_token_of(run_id: str, row_id: Any) -> tuple[FromClause, ColumnElement[bool]]:
+    """The tokens table as the source token of the run's row ``row_id``: (alias, join condition)."""
+    source = t.tokens.alias("source_token")
+    kind = TokenKind.SOURCE.value
+    return source, and_(source.c.run_id == run_id, source.c.row_id == row_id, source.c.token_kind == kind)
+
+
+def _rows_without_source_token(conn: Connection, run_id: str) -> SourceTokensMissing | None:
+    r = t.rows.c
+    source, of_row = _source_token_of(run_id, r.row_id)
+    count, rows = _first(
+        conn,
+        select(r.row_key)
+        .select_from(t.rows.outerjoin(source, of_row))
+        .where(r.run_id == run_id, source.c.token_id.is_(None)),
+        r.row_key,
+    )
+    if not count:
+        return None
+    return SourceTokensMissing(run_id=run_id, count=count, examples=[x.row_key for x in rows])
+
+
+def _branch_tokens_without_parent(conn: Connection, run_id: str) -> BranchParentsMissing | None:
+    r, tk = t.rows.c, t.tokens.c
+    source, of_row = _source_token_of(run_id, tk.row_id)
+    count, tokens = _first(
+        conn,
+        select(tk.token_id, r.row_key, tk.branch_name)
+        .select_from(
+            t.tokens.outerjoin(t.rows, and_(r.run_id == run_id, r.row_id == tk.row_id)).outerjoin(
+                source, of_row
+            )
+        )
+        .where(
+            tk.run_id == run_id,
+            tk.token_kind == TokenKind.BRANCH.value,
+            or_(r.row_id.is_(None), source.c.token_id.is_(None)),
+        ),
+        tk.token_id,
+    )
+    if not count:
+        return None
+    return BranchParentsMissing(
+        run_id=run_id,
+        count=count,
+        examples=[x.token_id for x in tokens],
+        rows=[x.row_key for x in tokens],
+        branches=[x.branch_name for x in tokens],
+    )
+
+
+def _consumed_without_token(conn: Connection, run_id: str) -> ConsumedTokensMissing | None:
+    cd = t.coalesce_decisions.c
+    consumed = json_list_elements(conn.engine, cd.consumed)
+    branch = t.tokens.alias("branch_token")
+    count, gone = _first(
+        conn,
+        select(cd.row_key, cd.node_id, consumed.c.value.label("branch"))
+        .select_from(
+            t.coalesce_decisions.join(consumed, true()).outerjoin(
+                branch,
+                and_(
+                    branch.c.run_id == cd.run_id,
+                    branch.c.row_id == cd.row_id,
+                    branch.c.token_kind == TokenKind.BRANCH.value,
+                    branch.c.branch_name == consumed.c.value,
+                ),
+            )
+        )
+        .where(cd.run_id == run_id, branch.c.token_id.is_(None)),
+        cd.row_key,
+        cd.node_id,
+    )
+    if not count:
+        return None
+    return ConsumedTokensMissing(
+        run_id=run_id,
+        count=count,
+        examples=[x.row_key for x in gone],
+        coalesces=[x.node_id for x in gone],
+        branches=[x.branch for x in gone],
+    )
+
+
+def _merged_without_token(conn: Connection, run_id: str) -> MergedTokensMissing | None:
+    cd = t.coalesce_decisions.c
+    merged = t.tokens.alias("merged_token")
+    count, decisions = _first(
+        conn,
+        select(cd.row_key, cd.node_id, cd.merged_token_id)
+        .select_from(
+            t.coalesce_decisions.outerjoin(
+                merged,
+                and_(
+                    merged.c.token_id == cd.merged_token_id,
+                    merged.c.run_id == cd.run_id,
+                    merged.c.row_id == cd.row_id,
+                    merged.c.token_kind == TokenKind.MERGED.value,
+                ),
+            )
+        )
+        .where(
+            cd.run_id == run_id,
+            cd.decision == DecisionStatus.MERGED.value,
+            merged.c.token_id.is_(None),
+        ),
+        cd.row_key,
+        cd.node_id,
+    )
+    if not count:
+        return None
+    return MergedTokensMissing(
+        run_id=run_id,
+        count=count,
+        examples=[x.row_key for x in decisions],
+        coalesces=[x.node_id for x in decisions],
+        merged_token_ids=[x.merged_token_id for x in decisions],
+    )
+
+
+def _merged_tokens_without_decision(conn: Connection, run_id: str) -> MergedTokensWithoutDecision | None:
+    r, tk, cd = t.rows.c, t.tokens.c, t.coalesce_decisions.c
+    # A set difference, not a join on the decisions: nothing indexes them by row or merged token,
+    # and SQLite would search every decision of the run for each merged token.
+    unnamed = (
+        select(tk.token_id, tk.row_id)
+        .where(tk.run_id == run_id, tk.token_kind == TokenKind.MERGED.value)
+        .except_(
+            select(cd.merged_token_id, cd.row_id).where(cd.run_id == run_id, cd.merged_token_id.is_not(None))
+        )
+        .subquery("unnamed")
+    )
+    count, tokens = _first(
+        conn,
+        select(unnamed.c.token_id, r.row_key).select_from(
+            unnamed.outerjoin(t.rows, and_(r.run_id == run_id, r.row_id == unnamed.c.row_id))
+        ),
+        unnamed.c.token_id,
+    )
+    if not count:
+        return None
+    return MergedTokensWithoutDecision(
+        run_id=run_id,
+        count=count,
+        examples=[x.token_id for x in tokens],
+        rows=[x.row_key for x in tokens],
+    )
+
+
+def _first(conn: Connection, query: Select[Any], *order_by: Any) -> tuple[int, Sequence[Row[Any]]]:
+    """How many rows ``query`` finds and the first :data:`FINDING_EXAMPLES` of them in ``order_by``,
+    in one statement (the count is a window over every row, taken before the limit)."""
+    found = query.add_columns(func.count().over().label("found"))
+    first = conn.execute(found.order_by(*order_by).limit(FINDING_EXAMPLES)).all()
+    return (first[0].found if first else 0), first
