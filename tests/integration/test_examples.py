@@ -1,4 +1,5 @@
-"""The enrichment example of dags/, as it is, through ``dag.test()`` on SQLite and PostgreSQL.
+"""The examples of dags/ whose rows fail for a reason worth reading, as they are, through
+``dag.test()`` on SQLite and PostgreSQL.
 
 * An ordinary day: 38 of 40 customers merge; C0010 and C0030 fail ``branch_lost`` on
   ``address: error:AddressNotFound`` (within the tolerance), so the run succeeds and ``publish`` reads 38.
@@ -7,6 +8,8 @@
   ``airflow backfill create --reprocess-behavior failed`` does to a failed run: ``clear_number`` + 1),
   the date runs again as a new audit run linked to the failed one, and succeeds; the failed run's
   record is unchanged and ``verify`` finds nothing.
+* The mirrors: every package merges from the first mirror that has it; the one both lost fails
+  ``all_branches_lost`` with both mirrors' errors (tolerated).
 """
 
 from __future__ import annotations
@@ -67,9 +70,10 @@ def day(text: str) -> datetime:
     return datetime.fromisoformat(text).replace(tzinfo=timezone.utc)
 
 
-def decisions_of(engine: Any, run: dict[str, Any]) -> dict[str, dict[str, Any]]:
+def decisions_of(engine: Any, run: dict[str, Any], coalesce: str = "enriched") -> dict[str, dict[str, Any]]:
+    """The coalesce's decisions, once the run's invariants and the decisions' replay were checked."""
     check_run_integrity(engine, run["run_id"])
-    return check_coalesce(engine, run, "enriched").decisions
+    return check_coalesce(engine, run, coalesce).decisions
 
 
 def test_enrichment_an_ordinary_day_merges_all_but_two_unknown_addresses(
@@ -145,3 +149,24 @@ def test_enrichment_an_outage_day_fails_then_its_reprocessing_succeeds(
     assert snapshot(engine, first["run_id"]) == before  # the failed try's record, as it was
     output = verify(audit_url, dag_run)
     assert "verified 2 audit runs" in output, output
+
+
+def test_first_mirror_merges_every_package_a_mirror_still_has(audit_url: str, airflow_metadata: str) -> None:
+    """19 packages merge from the first mirror that answered; pkg-15, lost on both, fails (tolerated)."""
+    dag = example("example_first_mirror").dag
+    with patched_env(**env(dag.dag_id, audit_url)):
+        dag_run = dag.test()
+    states = ti_states(dag_run)
+    assert str(dag_run.state) == "success" and states["fetched"] == "success", states
+
+    engine = engine_for_url(audit_url)
+    decisions = decisions_of(engine, only_run(engine, dag_run), "fetched")
+    assert len(decisions) == 20
+    failed = {k: d for k, d in decisions.items() if d["decision"] != "merged"}
+    assert sorted(failed) == ["pkg-15"]
+    assert failed["pkg-15"]["failure_reason"] == "all_branches_lost"
+    assert dict(failed["pkg-15"]["missing"]) == {
+        "us": "error:FileNotFoundError",
+        "eu": "error:FileNotFoundError",
+    }
+    verify(audit_url, dag_run)
