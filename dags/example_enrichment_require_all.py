@@ -1,7 +1,8 @@
 """Daily customer enrichment that needs every source: credit score, address and churn risk.
 
-Each run enriches the same 40 customers as of its date (``as_of``: the logical date, or the day a
-run without one was made), and ``require_all`` merges a customer only when all three sources answered.
+Each run enriches the same 40 customers as of its date (``as_of``: the logical date, or for a run
+without one, a manual trigger, the day it was made), and ``require_all`` merges a customer only when
+all three sources answered.
 
 * An ordinary day: 38 customers merge. The address service has no address on record for two
   postcodes (``UNKNOWN_POSTCODES``: customers C0010 and C0030), so ``lookup_address`` raises
@@ -69,6 +70,7 @@ with DAG(
 
     @task
     def load_customers(dag_run=None) -> list[dict]:
+        """The day's customers; Airflow passes ``dag_run`` from the task's context."""
         as_of = (dag_run.logical_date or dag_run.run_after).date().isoformat()
         return [
             {"customer_id": f"C{n:04d}", "as_of": as_of, "postcode": f"{1000 + n * 7}", "spend": n * 13.5}
