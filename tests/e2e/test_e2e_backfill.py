@@ -154,6 +154,20 @@ def _check_outage_day(audit: AuditDB, run_id: str) -> None:
     ]
 
 
+def _compact_report(stack: AirflowStack) -> dict[tuple[str, int], str]:
+    """What `airflow-elspeth report --compact` says per (logical date, fork try): "merged/failed/undecided
+    state" of the coalesce."""
+    text = stack.elspeth("report", "--dag-id", DAG_ID, "--compact", check=True).stdout
+    note(text)
+    lines = {}
+    for line in text.splitlines():
+        parts = line.split()  # date, time, DAG, try, coalesce, counts, state
+        if parts and parts[0] in DAYS:
+            assert (parts[2], parts[4]) == (DAG_ID, "enriched"), line
+            lines[(parts[0], int(parts[3]))] = f"{parts[5]} {parts[6]}"
+    return lines
+
+
 def test_backfill_five_dates_concurrently_then_reprocess_the_failed_ones(
     airflow_stack: AirflowStack, audit: AuditDB
 ) -> None:
@@ -205,7 +219,12 @@ def test_backfill_five_dates_concurrently_then_reprocess_the_failed_ones(
         spans.append((a["started_at"], last))
     assert _max_overlap(spans) >= 2, spans
     verify_clean(stack, audit, "--dag-id", DAG_ID)
-    note(stack.elspeth("report", "--dag-id", DAG_ID, "--compact", check=True).stdout)
+    assert _compact_report(stack) == {
+        (day, 1): "0/40/0 rows_failed" if day in OUTAGE_DAYS else "38/2/0 rows_failed" for day in DAYS
+    }
+    outage_run = next(a for a in audit_runs if _day(a) in OUTAGE_DAYS)
+    explained = stack.elspeth("explain", "C0001", "--run-id", outage_run["run_id"], check=True).stdout
+    assert "TimeoutError: address-service: read timed out after 5 s" in explained, explained
 
     # -- reprocess the failed dates: the same Airflow runs, cleared in place -> new, linked audit runs
     failed_runs = [r for r in runs if r["state"] == "failed"]
@@ -255,4 +274,8 @@ def test_backfill_five_dates_concurrently_then_reprocess_the_failed_ones(
         assert _run_footprint(audit, run_id) == footprint
     assert len(audit.runs_of(DAG_ID)) == len(DAYS) + len(OUTAGE_DAYS)
     verify_clean(stack, audit, "--dag-id", DAG_ID)
-    note(stack.elspeth("report", "--dag-id", DAG_ID, "--compact", check=True).stdout)
+    assert _compact_report(stack) == {
+        **{(day, 1): "38/2/0 rows_failed" for day in DAYS},
+        **{(day, 1): "0/40/0 superseded" for day in OUTAGE_DAYS},
+        **{(day, 2): "38/2/0 rows_failed" for day in OUTAGE_DAYS},
+    }
