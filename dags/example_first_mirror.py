@@ -1,8 +1,11 @@
 """Fetch each package from whichever mirror answers first.
 
 ``first`` merges the first arrival and records the others as late or missing; ``select`` would keep
-one named branch instead. The EU mirror is slow for large packages and the US mirror has lost some
-files (``FileNotFoundError``): a package fails only when every mirror lost it.
+one named branch instead. The EU mirror is slow for large packages, and each mirror has lost some
+files (``FileNotFoundError``): the US mirror every package whose size is a multiple of 4 MB, the EU
+mirror those of a multiple of 10 MB. A package fails only when every mirror lost it: ``pkg-15``
+(160 MB) fails ``all_branches_lost``, each mirror's error recorded, and the coalesce tolerates that
+one failure (``tolerated_failures=1``); the other 19 packages merge.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ with DAG(
     fork = ForkOperator(task_id="fork", rows=PACKAGES, row_key="package", branches=["us", "eu"])
     us = BranchOperator(task_id="mirror_us", fork=fork, branch="us", python_callable=fetch_from("us", 4, 0.0))
     eu = BranchOperator(
-        task_id="mirror_eu", fork=fork, branch="eu", python_callable=fetch_from("eu", 10**6, 0.01)
+        task_id="mirror_eu", fork=fork, branch="eu", python_callable=fetch_from("eu", 10, 0.01)
     )
     fetched = CoalesceSensor(
         task_id="fetched",
@@ -47,5 +50,6 @@ with DAG(
         policy="first",
         merge="union",
         timeout=timedelta(minutes=5),
+        tolerated_failures=1,
     )
     fork >> [us, eu] >> fetched

@@ -642,7 +642,7 @@ RUNS_EACH = 3
 EXAMPLES = {
     # dag_id: (coalesce task, its expected state, rows, branches)
     "example_best_effort_union": ("profile", "success", 30, 3),
-    "example_enrichment_require_all": ("enriched", "skipped", 40, 3),  # soft_fail=True, by design
+    "example_enrichment_require_all": ("enriched", "success", 40, 3),  # 2 failed rows, tolerated
     "example_first_mirror": ("fetched", "success", 20, 2),
     "example_llm_consensus": ("consensus", "success", 24, 3),
 }

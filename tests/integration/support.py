@@ -117,23 +117,29 @@ class RssGrowth:
         self.peak = max(self.peak, self._process.memory_info().rss)
 
 
-def _bundle_config() -> str:
+def _bundle_config(name: str, folder: Path) -> str:
     return json.dumps(
         [
             {
-                "name": BUNDLE_NAME,
+                "name": name,
                 "classpath": "airflow.dag_processing.bundles.local.LocalDagBundle",
-                "kwargs": {"path": str(DAGS_DIR), "refresh_interval": 0},
+                "kwargs": {"path": str(folder), "refresh_interval": 0},
             }
         ]
     )
 
 
-def run_env(dag_id: str, audit_url: str) -> dict[str, str]:
-    """The environment of one run: its DAG folder (one DAG parsed) and its audit store."""
+def run_env(
+    dag_id: str, audit_url: str, *, folder: Path = DAGS_DIR, bundle: str = BUNDLE_NAME
+) -> dict[str, str]:
+    """The environment of one run: its DAG folder (one DAG parsed) and its audit store.
+
+    :param folder: the DAGs folder (default the suite's dags/; the repository's dags/ for the examples),
+        a bundle named ``bundle``.
+    """
     return {
-        "AIRFLOW__CORE__DAGS_FOLDER": str(DAGS_DIR),
-        "AIRFLOW__DAG_PROCESSOR__DAG_BUNDLE_CONFIG_LIST": _bundle_config(),
+        "AIRFLOW__CORE__DAGS_FOLDER": str(folder),
+        "AIRFLOW__DAG_PROCESSOR__DAG_BUNDLE_CONFIG_LIST": _bundle_config(bundle, folder),
         "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
         "AIRFLOW_CONN_ELSPETH_AUDIT_DEFAULT": json.dumps(
             {"conn_type": "elspeth", "extra": {"sqlalchemy_url": audit_url}}
