@@ -19,8 +19,8 @@ from typing import Any
 from airflow.sdk.definitions.timetables.simple import NullTimetable
 
 EXAMPLES = Path(__file__).resolve().parents[3] / "dags"
-# One at a time: the examples' deadlines are seconds (the LLM example's is 6 s), so runs side by
-# side on two cores would change which rows make it, i.e. the examples' own outcome.
+# One at a time: the LLM example's deadline is 30 s from its fork's end, so runs side by side on two
+# cores would change which rows make it, i.e. the example's own outcome.
 MAX_ACTIVE_RUNS = 1
 
 
