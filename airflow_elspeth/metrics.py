@@ -17,7 +17,7 @@ and kept. Names and tags: README, "Metrics"; why counters of deltas: docs/ARCHIT
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -43,10 +43,6 @@ FORK_ROWS = "elspeth.fork.rows"
 
 # A failure reason that is a resolution: the coalesce task ended with the row undecidable.
 _RESOLUTION_PREFIX = "coalesce_task_"
-# The most decision latencies one pass sends: a datagram each under StatsD, so a million-row pass
-# would otherwise send a million. Evenly spaced over the pass's sorted latencies, so the backend's
-# percentiles and extremes stay those of every decided row (the row counts are the counters').
-LATENCY_OBSERVATIONS_PER_PASS = 256
 
 
 class StatsSink(Protocol):
@@ -95,9 +91,8 @@ def coalesce_pass(
     result: PassResult, tags: Mapping[str, str], *, reopened: int = 0, sink: StatsSink = airflow_stats
 ) -> None:
     """One coalesce pass: the rows it decided (merged; failed per reason; resolved per reason), the
-    late arrivals its decisions recorded, the decided rows' latencies from their first arrival
-    (:func:`latency_observations`), the rows it reopened first, and the rows still undecided after
-    it (a gauge).
+    late arrivals its decisions recorded, each decided row's latency from its first arrival, the
+    rows it reopened first, and the rows still undecided after it (a gauge).
 
     :param result: the pass (:meth:`~airflow_elspeth.audit.service.CoalesceService.decide`,
         ``poll`` or ``finalize``).
@@ -118,19 +113,9 @@ def coalesce_pass(
         sink.incr(COALESCE_LATE_ARRIVALS, decided.late_arrivals, tags=base)
     if reopened:
         sink.incr(COALESCE_ROWS_REOPENED, reopened, tags=base)
-    for wait_ms in latency_observations(decided.waits_from_first_arrival_ms):
+    for wait_ms in decided.waits_from_first_arrival_ms:
         sink.timing(COALESCE_DECISION_LATENCY, timedelta(milliseconds=wait_ms), tags=base)
     sink.gauge(COALESCE_ROWS_UNDECIDED, max(0, result.rows_total - result.rows_decided), tags=base)
-
-
-def latency_observations(waits_ms: Sequence[int], limit: int = LATENCY_OBSERVATIONS_PER_PASS) -> list[int]:
-    """The decision latencies a pass sends: all of them up to ``limit``, else ``limit`` of them at
-    evenly spaced ranks of the sorted latencies, the smallest and the largest included."""
-    if len(waits_ms) <= limit:
-        return list(waits_ms)
-    ordered = sorted(waits_ms)
-    last = len(ordered) - 1
-    return [ordered[round(i * last / (limit - 1))] for i in range(limit)]
 
 
 def branch_try(tally: StepTally, tags: Mapping[str, str], *, sink: StatsSink = airflow_stats) -> None:

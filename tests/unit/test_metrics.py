@@ -5,14 +5,10 @@ The same calls reaching a real StatsD listener: tests/integration/test_metrics_s
 
 from __future__ import annotations
 
-from array import array
-from collections import Counter
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
 
 from airflow_elspeth import metrics
 from airflow_elspeth.audit.coalesce import DecidedRows, PassResult, coalesce_pass
@@ -220,39 +216,3 @@ def test_a_branch_answering_after_the_first_arrival_decided_is_a_late_arrival(
     }
     # decided at the first arrival: no wait after it
     assert [value for kind, _, value, _ in sink.calls if kind == "timing"] == [timedelta(0)] * 3
-
-
-def test_a_large_pass_sends_a_bounded_sample_of_its_latencies_keeping_their_spread() -> None:
-    sink = FakeSink()
-    waits = array("q", reversed(range(100_000)))  # as DecidedRows keeps them, in no useful order
-    result = PassResult(
-        rows_total=100_000,
-        rows_decided=100_000,
-        deadline=NOW,
-        now=NOW,
-        newly_decided=100_000,
-        decided=DecidedRows(merged=100_000, waits_from_first_arrival_ms=waits),
-    )
-    metrics.coalesce_pass(result, TAGS, sink=sink)
-    sent = [call[2] for call in sink.calls if call[0] == "timing"]
-    assert len(sent) == metrics.LATENCY_OBSERVATIONS_PER_PASS
-    assert sent[0] == timedelta(0) and sent[-1] == timedelta(milliseconds=99_999)
-    # evenly spaced ranks: the sample's median is the pass's median, within one step
-    assert abs(sent[len(sent) // 2] - timedelta(milliseconds=50_000)) <= timedelta(milliseconds=400)
-
-
-@given(
-    st.lists(st.integers(min_value=0, max_value=10**9), max_size=2_000),
-    st.integers(min_value=2, max_value=300),
-)
-def test_latency_observations_are_all_of_them_or_a_sorted_sample_spanning_them(
-    waits: list[int], limit: int
-) -> None:
-    sample = metrics.latency_observations(waits, limit)
-    if len(waits) <= limit:
-        assert sample == waits
-    else:
-        assert len(sample) == limit
-        assert sample == sorted(sample)
-        assert sample[0] == min(waits) and sample[-1] == max(waits)
-        assert Counter(sample) - Counter(waits) == Counter()  # only latencies that were measured
