@@ -14,7 +14,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, NoReturn, TypeVar
+from typing import Any, TypeVar
 
 from airflow_elspeth.exceptions import ElspethConfigError
 
@@ -49,7 +49,7 @@ def names_task(init: Init) -> Init:
         try:
             init(self, **kwargs)
         except ElspethConfigError as err:
-            _raise_located(err, *_where(kwargs))
+            raise _located(err, *_where(kwargs)) from err.__cause__
 
     return constructor  # type: ignore[return-value]
 
@@ -64,13 +64,11 @@ def in_task(task: Any) -> Iterator[None]:
     try:
         yield
     except ElspethConfigError as err:
-        _raise_located(err, task.dag_id if task.has_dag() else None, task.task_id)
+        raise _located(err, task.dag_id if task.has_dag() else None, task.task_id) from err.__cause__
 
 
-def _raise_located(err: ElspethConfigError, dag_id: str | None, task_id: str | None) -> NoReturn:
-    """Raise ``err`` naming the DAG and the task (itself if it names them already), with its
-    traceback and cause."""
+def _located(err: ElspethConfigError, dag_id: str | None, task_id: str | None) -> ElspethConfigError:
+    """``err`` naming the DAG and the task (itself if it names them already), with its traceback:
+    what the caller raises, from ``err``'s own cause, so the traceback reads as the original's."""
     located = err.located(dag_id, task_id)
-    if located is err:
-        raise err
-    raise located.with_traceback(err.__traceback__) from err.__cause__
+    return err if located is err else located.with_traceback(err.__traceback__)
