@@ -138,12 +138,23 @@ def main(ctx: click.Context, url: str | None, conn_id: str | None) -> None:
 # -- selecting runs ---------------------------------------------------------------------------------
 
 
+def _not_empty(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """An id option given an empty value is a mistake (an unset shell variable), not "any"."""
+    if value is not None and not value.strip():
+        raise click.BadParameter("is empty: give an id or leave the option out")
+    return value
+
+
 def run_options(func: Any) -> Any:
     for option in (
         click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables."),
-        click.option("--airflow-run-id", help="Only audit runs of this Airflow DAG run."),
-        click.option("--dag-id", help="Only audit runs of this DAG."),
-        click.option("--run-id", help="One audit run (its id, as in the coalesce summary)."),
+        click.option(
+            "--airflow-run-id", callback=_not_empty, help="Only audit runs of this Airflow DAG run."
+        ),
+        click.option("--dag-id", callback=_not_empty, help="Only audit runs of this DAG."),
+        click.option(
+            "--run-id", callback=_not_empty, help="One audit run (its id, as in the coalesce summary)."
+        ),
     ):
         func = option(func)
     return func

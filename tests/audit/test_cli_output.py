@@ -278,6 +278,19 @@ def test_verify_plurals(store: tuple[str, dict[str, str]]) -> None:
     assert "verified 3 audit runs: no findings" in every.output
 
 
+def test_an_empty_id_is_refused_not_read_as_every_run(store: tuple[str, dict[str, str]]) -> None:
+    url, _ = store
+    for command in (
+        ["verify", "--no-airflow-states"],
+        ["report", "--no-airflow-states"],
+        ["explain", "doc-001"],
+    ):
+        for option in ("--run-id", "--dag-id", "--airflow-run-id"):
+            result = invoke(url, *command, option, "")
+            assert result.exit_code == 2, (command, option, result.output)
+            assert f"Invalid value for '{option}': is empty" in result.output
+
+
 def test_headline_counts_equal_their_tables(store: tuple[str, dict[str, str]]) -> None:
     url, ids = store
     engine = engine_for_url(url)

@@ -49,7 +49,7 @@ class RunSelection:
         """The selection as SQL conditions on ``runs`` (the index adds its own to them)."""
         r = t.runs.c
         wanted = ((r.run_id, self.run_id), (r.dag_id, self.dag_id), (r.airflow_run_id, self.airflow_run_id))
-        conditions: list[Any] = [column == value for column, value in wanted if value]
+        conditions: list[Any] = [column == value for column, value in wanted if value is not None]
         if self.since is not None:
             conditions.append(r.logical_date >= self.since)
         if self.until is not None:
