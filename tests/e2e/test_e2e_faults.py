@@ -677,8 +677,7 @@ def test_example_dags_three_runs_each_without_a_coalesce_failure(
     for dag_id in EXAMPLES:
         stack.wait_dag(dag_id)
         stack.unpause(dag_id)
-    # max_active_runs=1 (tests/e2e/dags/e2e_faults_examples.py): the four DAGs side by side, each
-    # DAG's runs one after the other.
+    # max_active_runs=3 (tests/e2e/dags/e2e_faults_examples.py): every run side by side.
     runs = {dag_id: [stack.trigger(dag_id) for _ in range(RUNS_EACH)] for dag_id in EXAMPLES}
 
     def all_ended() -> bool:

@@ -17,6 +17,8 @@ from typing import Any
 
 from sqlalchemy import Engine, text
 
+from airflow_elspeth.audit.read.records import to_json
+from airflow_elspeth.audit.read.verify import derived_link_findings
 from airflow_elspeth.audit.store import join_group_id
 from airflow_elspeth.core.config import coalesce_config
 from airflow_elspeth.core.errors import error_fingerprint
@@ -652,9 +654,13 @@ def check_error_fingerprints(engine: Engine, run_id: str) -> None:
 
 def check_run_integrity(engine: Engine, run_id: str) -> dict[str, int]:
     """Run-wide invariants: one terminal outcome per token, one terminal node state per (token, node),
-    an error fingerprint on each loss to a row error."""
+    an error fingerprint on each loss to a row error, and (a completed run) every derived lineage
+    link holding, as ``verify`` checks them."""
     check_node_states_unique(engine, run_id)
     check_error_fingerprints(engine, run_id)
+    if q(engine, "SELECT status FROM runs WHERE run_id = :r", r=run_id)[0]["status"] == "completed":
+        broken = derived_link_findings(engine, run_id)
+        assert not broken, [to_json(finding) for finding in broken]
     return check_terminal_outcomes(engine, run_id)
 
 

@@ -4,9 +4,9 @@
 
 Each ``dags/example_*.py`` is executed as a module of its own and its ``dag`` exposed here, so the
 e2e deployment parses (and its tasks run) exactly those DAGs; their DAG ids are theirs. Two changes:
-``max_active_runs=MAX_ACTIVE_RUNS``, so the test can queue all its runs of a DAG at once and the
-scheduler runs them one after the other (the four DAGs side by side), and no schedule, so the runs of a
-DAG are exactly the ones the test triggers (the examples' ``@daily`` would add one on unpause).
+``max_active_runs=MAX_ACTIVE_RUNS``, so the scheduler runs all the test's runs of a DAG side by side
+(the four DAGs too), and no schedule, so the runs of a DAG are exactly the ones the test triggers
+(the examples' ``@daily`` would add one on unpause).
 """
 
 from __future__ import annotations
@@ -19,9 +19,10 @@ from typing import Any
 from airflow.sdk.definitions.timetables.simple import NullTimetable
 
 EXAMPLES = Path(__file__).resolve().parents[3] / "dags"
-# One at a time: the LLM example's deadline is 30 s from its fork's end, so runs side by side on two
-# cores would change which rows make it, i.e. the example's own outcome.
-MAX_ACTIVE_RUNS = 1
+# Every run of the test at once (three a DAG, twelve in all): the LLM example's deadline (30 s from
+# its fork's end) leaves room for the scheduler to start its tasks even then; one run after the
+# other, its runs alone took three minutes of the suite.
+MAX_ACTIVE_RUNS = 3
 
 
 def _load(path: Path) -> Any:
