@@ -93,7 +93,7 @@ class Trail:
         )
         if not self._has_payload():
             self._insert(t.payloads, {"hash": "p" * 64, "body": "{}"})
-        row_values, token_values, parents, outcomes = [], [], [], []
+        row_values, token_values, outcomes = [], [], []
         for i in range(rows):
             row_id = self.row_id(run_id, i)
             row_values.append(
@@ -110,13 +110,12 @@ class Trail:
             source = ident("source", run_id, i)
             token_values.append(self._token(source, run_id, row_id, "source", None))
             outcomes.append(self._outcome(source, run_id, "forked", None))
-            for ordinal, branch in enumerate(BRANCHES):
+            # A branch token's parent (its row's source token) is derived, never stored (0005).
+            for branch in BRANCHES:
                 token = self.token(run_id, i, branch)
                 token_values.append(self._token(token, run_id, row_id, "branch", branch))
-                parents.append({"token_id": token, "parent_token_id": source, "ordinal": ordinal})
         self._insert(t.rows, row_values)
         self._insert(t.tokens, token_values)
-        self._insert(t.token_parents, parents)
         self._insert(t.token_outcomes, outcomes)
         return run_id
 
@@ -215,13 +214,6 @@ class Trail:
         self._decision(run_id, i, node_id, "merged", None, at, consumed=list(BRANCHES))
         merged = ident("merged", run_id, i, node_id)
         self._insert(t.tokens, self._token(merged, run_id, self.row_id(run_id, i), "merged", None))
-        self._insert(
-            t.token_parents,
-            [
-                {"token_id": merged, "parent_token_id": self.token(run_id, i, b), "ordinal": n}
-                for n, b in enumerate(BRANCHES)
-            ],
-        )
         self._insert(t.token_outcomes, self._outcome(merged, run_id, "merged", None))
         if outcomes:
             self._insert(
