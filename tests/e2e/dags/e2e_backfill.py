@@ -12,22 +12,15 @@ backfill's.
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from datetime import datetime, timezone
-from pathlib import Path
 
-EXAMPLE = Path(__file__).resolve().parents[3] / "dags" / "example_enrichment_require_all.py"
+from example_modules import EXAMPLES, load_example
+
+EXAMPLE = EXAMPLES / "example_enrichment_require_all.py"
 DAG_ID = "e2e_backfill"
 END_DATE = datetime(2026, 11, 30, tzinfo=timezone.utc)  # after the test's dates, before today
 
-_name = f"e2e_backfill__{EXAMPLE.stem}"
-_spec = importlib.util.spec_from_file_location(_name, EXAMPLE)
-assert _spec is not None and _spec.loader is not None, EXAMPLE
-example = importlib.util.module_from_spec(_spec)
-sys.modules[_name] = example
-_spec.loader.exec_module(example)
-
+example = load_example(EXAMPLE, DAG_ID)
 dag = example.dag
 dag.dag_id = DAG_ID
 dag.end_date = END_DATE

@@ -11,14 +11,12 @@ e2e deployment parses (and its tasks run) exactly those DAGs; their DAG ids are 
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 from typing import Any
 
 from airflow.sdk.definitions.timetables.simple import NullTimetable
+from example_modules import EXAMPLES, load_example
 
-EXAMPLES = Path(__file__).resolve().parents[3] / "dags"
 # Every run of the test at once (three a DAG, twelve in all): the LLM example's deadline (30 s from
 # its fork's end) leaves room for the scheduler to start its tasks even then; one run after the
 # other, its runs alone took three minutes of the suite.
@@ -26,13 +24,7 @@ MAX_ACTIVE_RUNS = 3
 
 
 def _load(path: Path) -> Any:
-    name = f"e2e_faults_examples__{path.stem}"
-    spec = importlib.util.spec_from_file_location(name, path)
-    assert spec is not None and spec.loader is not None, path
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    dag = module.dag
+    dag = load_example(path, "e2e_faults_examples").dag
     dag.max_active_runs = MAX_ACTIVE_RUNS
     dag.timetable = NullTimetable()
     return dag
