@@ -241,12 +241,13 @@ def report(
     """Coalesce summaries of every audit run (or the selected ones), by logical date then fork try;
     an earlier try of a fork in the same DAG run is marked superseded; with Airflow task states, the
     coalesce task's state."""
-    if since is not None and until is not None and until <= since:
-        raise click.BadParameter(
-            f"{until.isoformat()} is not after --since {since.isoformat()}", param_hint="'--until'"
+    try:
+        selection = RunSelection(
+            run_id=run_id, dag_id=dag_id, airflow_run_id=airflow_run_id, since=since, until=until
         )
+    except ValueError as err:  # the one way it can be wrong here: the options' times are aware
+        raise click.BadParameter(str(err), param_hint="'--until'") from None
     engine = target.engine()
-    selection = RunSelection(run_id, dag_id, airflow_run_id, since, until)
     runs = with_tries(engine, select_runs(engine, selection, limit=limit))
     left_out = 0
     if limit is not None and len(runs) == limit:
@@ -602,7 +603,9 @@ def explain(
     listed and the command exits 2; choose one with --run-id, or narrow with --dag-id and
     --airflow-run-id."""
     engine = target.engine()
-    runs = with_tries(engine, select_runs(engine, RunSelection(run_id, dag_id, airflow_run_id)))
+    runs = with_tries(
+        engine, select_runs(engine, RunSelection(run_id=run_id, dag_id=dag_id, airflow_run_id=airflow_run_id))
+    )
     matching = row_runs(engine, row_key, runs)
     if not matching:
         filters = _filters_text(run_id, dag_id, airflow_run_id)
@@ -870,7 +873,7 @@ def verify(
     outcome), broken lineage links (stored and derived), decisions against their replay. Exits 1
     on any finding."""
     engine = target.engine()
-    runs = select_runs(engine, RunSelection(run_id, dag_id, airflow_run_id))
+    runs = select_runs(engine, RunSelection(run_id=run_id, dag_id=dag_id, airflow_run_id=airflow_run_id))
     task_states, states_note = _task_states_for(airflow_states, runs, engine)
     findings = verify_runs(
         engine, runs, progress=not as_json and sys.stderr.isatty(), task_states=task_states

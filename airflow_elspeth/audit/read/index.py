@@ -67,21 +67,17 @@ OUTCOMES = (FORK_FAILED, SUPERSEDED, FORK_RUNNING, NO_COALESCE, UNDECIDED, ROWS_
 
 
 @dataclass(frozen=True)
-class IndexSelection:
-    """Which audit runs the index lists: one DAG (None: every readable one), a logical-date range
-    (``since`` inclusive, ``until`` exclusive, aware; a run without a logical date is in no range)
-    and an outcome of :data:`OUTCOMES` (None: any)."""
+class IndexSelection(RunSelection):
+    """Which audit runs the index lists: a :class:`~airflow_elspeth.audit.read.runs.RunSelection`
+    (the index sets a DAG, None for every readable one, and a logical-date range) and an outcome of
+    :data:`OUTCOMES` (None: any)."""
 
-    dag_id: str | None = None
-    since: datetime | None = None
-    until: datetime | None = None
     outcome: str | None = None
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.outcome is not None and self.outcome not in OUTCOMES:
             raise ValueError(f"outcome must be one of {list(OUTCOMES)}, got {self.outcome!r}")
-        if self.since is not None and self.until is not None and self.until <= self.since:
-            raise ValueError(f"until {self.until.isoformat()} is not after since {self.since.isoformat()}")
 
 
 def _utc(value: datetime | None) -> datetime | None:
@@ -213,9 +209,7 @@ def index_dag_ids(engine: Engine, dag_ids: Iterable[str] | None) -> list[str]:
 
 def _conditions(dag_ids: Iterable[str] | None, selection: IndexSelection) -> list[Any] | None:
     """SQL conditions on ``runs`` for the readable DAGs and the selection; None when none can match."""
-    conditions = RunSelection(
-        dag_id=selection.dag_id, since=selection.since, until=selection.until
-    ).conditions()
+    conditions = selection.conditions()
     if dag_ids is not None:
         wanted = sorted(set(dag_ids))
         if not wanted or (selection.dag_id is not None and selection.dag_id not in wanted):

@@ -45,6 +45,13 @@ class RunSelection:
     since: datetime | None = None
     until: datetime | None = None
 
+    def __post_init__(self) -> None:
+        for name, instant in (("since", self.since), ("until", self.until)):
+            if instant is not None and instant.tzinfo is None:
+                raise ValueError(f"{name} {instant.isoformat()} has no time zone")
+        if self.since is not None and self.until is not None and self.until <= self.since:
+            raise ValueError(f"until {self.until.isoformat()} is not after since {self.since.isoformat()}")
+
     def conditions(self) -> list[Any]:
         """The selection as SQL conditions on ``runs`` (the index adds its own to them)."""
         r = t.runs.c
