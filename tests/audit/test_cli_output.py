@@ -676,7 +676,7 @@ def test_report_selects_by_logical_date_and_limit(audit_url: str, monkeypatch: p
         (["--until", "2026-13-01"], "Invalid value for '--until': '2026-13-01' is not an ISO 8601 date"),
         (
             ["--since", "2026-01-02", "--until", "2026-01-02"],
-            "Invalid value for '--until': 2026-01-02T00:00:00",
+            "Invalid value for '--until': until 2026-01-02T00:00:00+00:00 is not after since 2026-01-02",
         ),
         (["--limit", "0"], "Invalid value for '--limit'"),
     ],
