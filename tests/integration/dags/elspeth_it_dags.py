@@ -546,7 +546,9 @@ _add(
     )
 )
 _add(Spec(dag_id="elspeth_it_rerun", policy="require_all", actions={"a": {3: "error"}}, tolerated_failures=1))
-# A branch mapped over the fork's chunks; one map index fails
+# A branch mapped over the fork's chunks; one map index fails. Its delivering step runs a dag.test()
+# pass after a's and c's (a preparation step first): under require_all b's loss decides its rows at
+# once, and were it seen before a and c had delivered, those rows would miss them too (not_arrived).
 _add(
     Spec(
         dag_id="elspeth_it_mapped_chunk_fails",
@@ -555,6 +557,7 @@ _add(
         mapped=("b",),
         mapped_fail_chunk=1,
         tolerated_failures=2,
+        two_step=("b",),
     )
 )
 _add(
