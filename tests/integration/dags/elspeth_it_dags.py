@@ -549,6 +549,8 @@ _add(Spec(dag_id="elspeth_it_rerun", policy="require_all", actions={"a": {3: "er
 # A branch mapped over the fork's chunks; one map index fails. Its delivering step runs a dag.test()
 # pass after a's and c's (a preparation step first): under require_all b's loss decides its rows at
 # once, and were it seen before a and c had delivered, those rows would miss them too (not_arrived).
+# Every row is decided by its branches, none by the deadline: a long one costs nothing, and a
+# loaded machine's stall (a task's start once took 26 s in a full run) cannot reach it.
 _add(
     Spec(
         dag_id="elspeth_it_mapped_chunk_fails",
@@ -558,6 +560,7 @@ _add(
         mapped_fail_chunk=1,
         tolerated_failures=2,
         two_step=("b",),
+        timeout=120.0,
     )
 )
 _add(
