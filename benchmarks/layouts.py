@@ -32,35 +32,28 @@ each step adding one choice to the one before:
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import sqlite3
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from pathlib import Path
 from typing import Any
 
 from sqlalchemy import create_engine
 from sqlalchemy.schema import CreateIndex, CreateTable
 
 from airflow_elspeth.audit import schema
-from airflow_elspeth.core.canonical import derive_id
+from airflow_elspeth.audit.store import dumps
+from airflow_elspeth.core.canonical import derive_id, hash_value
+from benchmarks.cli import LEAN_FLOOR, run_lean_floor
 from benchmarks.factory import BRANCHES, branch_alpha, branch_beta, branch_gamma, make_row
 
-LEAN_FLOOR = Path(__file__).resolve().parents[2] / "shared" / "bench" / "lean_floor.py"
 CALLABLES = {"alpha": branch_alpha, "beta": branch_beta, "gamma": branch_gamma}
 CHUNK = 1000
 T0 = datetime(2026, 12, 7, tzinfo=timezone.utc)
-
-
-def canonical(value: Any) -> str:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
 @dataclass(frozen=True)
@@ -82,28 +75,29 @@ class Event:
 def events(rows: int) -> Iterator[Event]:
     for i in range(rows):
         row = make_row(i)
-        body = canonical(row)
         outputs = []
         merged: dict[str, Any] = {}
         for branch in BRANCHES:
             out = CALLABLES[branch](row)
             merged.update(out)
-            ob = canonical(out)
-            outputs.append((branch, ob, hashlib.sha256(ob.encode()).digest()))
-        mb = canonical(merged)
+            outputs.append((branch, *_hashed(out)))
         started = T0 + timedelta(microseconds=137 * i)
         yield Event(
             i,
             str(i),
-            body,
-            hashlib.sha256(body.encode()).digest(),
+            *_hashed(row),
             tuple(outputs),
-            mb,
-            hashlib.sha256(mb.encode()).digest(),
+            *_hashed(merged),
             started,
             started + timedelta(milliseconds=15),
             started + timedelta(seconds=2),
         )
+
+
+def _hashed(value: Any) -> tuple[str, bytes]:
+    """A value's canonical JSON and its SHA-256, as the provider makes them (``hash_value``)."""
+    digest, body = hash_value(value)
+    return body, bytes.fromhex(digest)
 
 
 def text_time(at: datetime) -> str:
@@ -114,9 +108,9 @@ def micros(at: datetime) -> int:
     return (at - T0) // timedelta(microseconds=1) + 1_796_601_600_000_000
 
 
-ARRIVAL = canonical({"arrival_order": [{"branch": b, "offset_ms": 3 * n} for n, b in enumerate(BRANCHES)]})
-CONSUMED = canonical(list(BRANCHES))
-MERGE_CONTEXT = canonical({"collisions": None, "consumed": list(BRANCHES)})
+ARRIVAL = dumps({"arrival_order": [{"branch": b, "offset_ms": 3 * n} for n, b in enumerate(BRANCHES)]})
+CONSUMED = dumps(list(BRANCHES))
+MERGE_CONTEXT = dumps({"collisions": None, "consumed": list(BRANCHES)})
 RUN = derive_id("run")
 
 
@@ -319,17 +313,6 @@ def measure(layout: Layout, rows: int) -> dict[str, Any]:
     }
 
 
-def lean_floor(rows: int) -> dict[str, Any]:
-    out = subprocess.run(
-        [sys.executable, str(LEAN_FLOOR), "--rows", str(rows), "--json"],
-        check=True,
-        capture_output=True,
-        text=True,
-    )
-    figures: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
-    return figures
-
-
 def table_line(name: str, seconds: float, per_row: float, size: float, floor: dict[str, Any]) -> str:
     return (
         f"{name:<18}{seconds:>8.2f}{seconds / floor['sql_seconds']:>9.1f}{per_row:>9.1f}{size:>8,.0f}"
@@ -344,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     opts = parser.parse_args(argv)
     if not LEAN_FLOOR.exists():
         parser.error(f"the lean floor {LEAN_FLOOR} is missing (the repository's parent folder holds shared/)")
-    floor = lean_floor(opts.rows)
+    floor = run_lean_floor(opts.rows)
     results = [measure(layout, opts.rows) for layout in ladder()]
     what = f"{opts.rows:,} source rows x {len(BRANCHES)} branches"
     print(f"{what}, SQLite {sqlite3.sqlite_version}, raw executemany; SQL seconds (statements, commits)")
