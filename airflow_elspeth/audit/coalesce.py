@@ -27,23 +27,20 @@ from sqlalchemy import Connection, Engine, and_, select, update
 
 from airflow_elspeth.audit import schema as t
 from airflow_elspeth.audit.dml import db_now, insert_ignore, ordered_write, refresh_statistics
-from airflow_elspeth.audit.log import TokenState, collision_check, read_chunk_log, row_events
+from airflow_elspeth.audit.ids import branch_token_id, join_group_id, row_numbers
+from airflow_elspeth.audit.log import TokenState, collision_check, output_bodies, read_chunk_log, row_events
 from airflow_elspeth.audit.model import (
     WHOLE_TASK,
     CoalesceSpec,
     RunInfo,
     deadline_of,
     load_run,
-    payload_bodies,
 )
 from airflow_elspeth.audit.store import (
     AuditStore,
     DecisionWrite,
-    branch_token_id,
     decided_in_chunk_count,
     dumps,
-    join_group_id,
-    merged_token_id,
     outcome_row,
     set_progress,
     write_decisions,
@@ -64,7 +61,6 @@ from airflow_elspeth.core.vocabulary import (
     UNKNOWN_TASK_STATE,
     DecisionStatus,
     NodeStatus,
-    TokenKind,
     TokenOutcome,
     branch_task_reason,
     is_task_loss,
@@ -364,7 +360,7 @@ def coalesce_pass(
     if newly_decided and decided_total >= run.rows_total:
         # The run is decided: the summary, the report and the UI read these tables next.
         with store.engine.begin() as conn:
-            refresh_statistics(conn, [t.node_states, t.coalesce_decisions, t.token_outcomes, t.tokens])
+            refresh_statistics(conn, [t.step_results, t.decisions, t.recorded_outcomes, t.source_rows])
     return PassResult(
         rows_total=run.rows_total,
         rows_decided=decided_total,
@@ -457,14 +453,22 @@ def supersede_resolutions(store: AuditStore, spec: CoalesceSpec, run_id: str, *,
                     for row in rows
                 ],
             )
-            groups = [join_group_id(run_id, row["row_id"], spec.node_id) for row in rows]
-            to = t.token_outcomes.c
+            groups = [join_group_id(row["row_id"], spec.node_id) for row in rows]
+            ro = t.recorded_outcomes.c
             conn.execute(
-                update(t.token_outcomes)
-                .where(to.run_id == run_id, to.join_group_id.in_(groups), to.is_terminal)
+                update(t.recorded_outcomes)
+                .where(ro.run_id == run_id, ro.join_group_id.in_(groups), ro.is_terminal)
                 .values(is_terminal=False, superseded_at=now)
             )
-            conn.execute(t.coalesce_decisions.delete().where(resolution, cd.chunk == chunk))
+            d = t.decisions.c
+            conn.execute(
+                t.decisions.delete().where(
+                    d.run_no == run.run_no,
+                    d.node_id == spec.node_id,
+                    d.chunk == chunk,
+                    d.row_no.in_([row_numbers(row["row_id"])[1] for row in rows]),
+                )
+            )
             decided = decided_in_chunk_count(conn, run_id, spec.node_id, chunk)
             set_progress(conn, run_id, spec.node_id, {chunk: (decided, run.chunk_rows(chunk))}, now)
             reopened += len(rows)
@@ -499,9 +503,10 @@ def decide_chunk(
                 continue
             decision = resolve_ended(spec.config, events, at=now, task_state=ended_state)
         decided.append((row_id, row_key, decision))
-    merging = [(row_id, d) for row_id, _, d in decided if d.status is DecisionStatus.MERGED]
-    bodies = payload_bodies(conn, {states[row_id][b].output_ref for row_id, d in merging for b in d.consumed})
-    if spec.config.fails_on_collision and merging:
+    bodies = output_bodies(
+        states[row_id][b] for row_id, _, d in decided if d.status is DecisionStatus.MERGED for b in d.consumed
+    )
+    if spec.config.fails_on_collision and bodies:
         # The log says merge; whether the outputs collide decides it: replay those rows with them.
         decided = [
             (
@@ -545,11 +550,6 @@ def _mapping_json(items: tuple[tuple[str, str], ...]) -> str:
     return dumps(dict(items))
 
 
-@functools.lru_cache(maxsize=4096)
-def _merge_context_json(consumed: tuple[str, ...]) -> str:
-    return dumps({"consumed": list(consumed), "collisions": None})
-
-
 def _decision_write(
     spec: CoalesceSpec,
     run: RunInfo,
@@ -563,7 +563,7 @@ def _decision_write(
     now: datetime,
 ) -> DecisionWrite:
     config, node_id, run_id = spec.config, spec.node_id, run.run_id
-    join_group = join_group_id(run_id, row_id, node_id)
+    join_group = join_group_id(row_id, node_id)
     # A final decision always has its time, and a run is decided only once its fork completed.
     if decision.decided_at is None or run.completed_at is None:
         missing = "the decision has no decided_at" if decision.decided_at is None else "no completed_at"
@@ -574,58 +574,21 @@ def _decision_write(
     write = DecisionWrite(row_id=row_id, row_key=row_key, chunk=chunk, decision={})
     # A field_collision failure keeps the collisions that failed it, as a merge records its own.
     collisions = decision.details.get("collisions") if decision.status is DecisionStatus.FAILED else None
-    merged_id = None
+    merged_hash = merged_body = None
     if decision.status is DecisionStatus.MERGED:
+        # The merged token, its state at this node and the consumed tokens' outcome (coalesced)
+        # are implied by the decision and its merged row: nothing else is written for them.
         outputs = {b: bodies[states[b].output_ref or ""] for b in decision.consumed}
         merged = merge_outputs(config, decision.consumed, outputs)
         collisions = merged.collisions or None
         merged_hash, merged_body = hash_value(merged.row, what=f"merged row {row_key!r}")
-        merged_id = merged_token_id(run_id, row_id, node_id)
-        write.merged_payload = (merged_hash, merged_body)
-        write.merged_token = {
-            "token_id": merged_id,
-            "run_id": run_id,
-            "row_id": row_id,
-            "token_kind": TokenKind.MERGED,
-            "branch_name": None,
-            "fork_group_id": None,
-            "join_group_id": join_group,
-            "chunk": chunk,
-            "created_at": now,
-        }
-        write.merged_state = {
-            "state_id": merged_id,
-            "token_id": merged_id,
-            "run_id": run_id,
-            "node_id": node_id,
-            "attempt": 1,
-            "status": NodeStatus.COMPLETED,
-            "input_hash": None,
-            "output_hash": merged_hash,
-            "output_ref": merged_hash,
-            "error_json": None,
-            "context_json": (
-                _merge_context_json(decision.consumed)
-                if collisions is None
-                else dumps({"consumed": list(decision.consumed), "collisions": collisions})
-            ),
-            "started_at": decision.decided_at,
-            "completed_at": now,
-            "duration_ms": 0,
-            "recorded_at": now,
-            "row_id": row_id,
-            "chunk": chunk,
-        }
-        write.outcomes.append(
-            outcome_row(merged_id, run_id, TokenOutcome.MERGED, None, now, join_group=join_group)
-        )
     for branch in config.branches:
+        if branch in decision.consumed:
+            continue
         state = states.get(branch)
         # A branch with a state already has its token id; derive it only for the others.
-        token = state.token_id if state is not None else branch_token_id(run_id, row_id, branch)
-        if branch in decision.consumed:
-            outcome, reason = TokenOutcome.COALESCED, None
-        elif branch in decision.missing:
+        token = state.token_id if state is not None else branch_token_id(row_id, branch)
+        if branch in decision.missing:
             reason = decision.missing[branch]
             if is_task_loss(reason) and state is not None and state.status in ARRIVAL_NODE_STATUSES:
                 # Its task's loss was the branch's event; the answer that task wrote after it is late.
@@ -646,7 +609,9 @@ def _decision_write(
             else None
         )
         write.outcomes.append(
-            outcome_row(token, run_id, outcome, reason, now, join_group=join_group, error_hash=error_hash)
+            outcome_row(
+                token, run_id, row_id, outcome, reason, now, join_group=join_group, error_hash=error_hash
+            )
         )
     details = dict(decision.details)
     waiting = {
@@ -658,21 +623,19 @@ def _decision_write(
         {"branch": a.branch, "offset_ms": a.offset_ms} for a in decision.arrival_order
     ]
     write.decision = {
-        "run_id": run_id,
+        "run_no": run.run_no,
         "node_id": node_id,
-        "row_id": row_id,
-        "row_key": row_key,
         "chunk": chunk,
+        "row_no": row_numbers(row_id)[1],
         "decision": decision.status.value,
         "failure_reason": decision.failure_reason.value if decision.failure_reason else None,
         "details_json": dumps(details),
-        "policy": config.policy.value,
-        "merge_strategy": config.merge.value,
         "consumed": _list_json(decision.consumed),
         "missing_json": _mapping_json(tuple(decision.missing.items())),
         "late_json": _list_json(decision.late),
         "collisions_json": dumps(collisions) if collisions else None,
-        "merged_token_id": merged_id,
+        "merged_hash": merged_hash,
+        "merged_body": merged_body,
         "decided_at": decision.decided_at,
         "wait_ms": int((decision.decided_at - run.completed_at).total_seconds() * 1000),
         "wait_from_first_arrival_ms": decision.wait_from_first_arrival_ms,

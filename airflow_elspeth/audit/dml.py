@@ -285,6 +285,13 @@ def db_now(conn: Connection) -> datetime:
     return value.astimezone(timezone.utc)
 
 
+# A fixed 64-bit key for pg_advisory_xact_lock held by a migration or a conversion of the store,
+# derived from a name so it is unlikely to collide with another application's advisory locks.
+MIGRATION_LOCK_KEY = int.from_bytes(
+    hashlib.sha256(b"airflow_elspeth.audit.migrate").digest()[:8], "big", signed=True
+)
+
+
 @contextmanager
 def immediate_transaction(connection: Connection) -> Iterator[None]:
     """One SQLite transaction that holds the database's write lock from its first statement.

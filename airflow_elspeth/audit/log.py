@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -20,7 +20,8 @@ from typing import Any
 from sqlalchemy import Connection, select
 
 from airflow_elspeth.audit import schema as t
-from airflow_elspeth.audit.model import WHOLE_TASK, CoalesceSpec, payload_bodies
+from airflow_elspeth.audit.ids import branch_token_id, row_id, row_numbers
+from airflow_elspeth.audit.model import WHOLE_TASK, CoalesceSpec, run_number
 from airflow_elspeth.core.config import CoalesceConfig
 from airflow_elspeth.core.merge import merge_outputs
 from airflow_elspeth.core.policy import BranchEvent, CollisionCheck, EventKind
@@ -48,9 +49,10 @@ class TokenState:
     token_id: str
     branch: str
     status: str
-    at: datetime  # when the state became visible (node_states.recorded_at): the event time
-    output_ref: str | None
+    at: datetime  # when the state became visible (step_results.recorded_at): the event time
+    output_ref: str | None  # the output's hash
     error: Mapping[str, Any] | None
+    output_body: str | None = None  # the output's canonical JSON, read with the result
 
 
 def read_chunk_log(
@@ -67,40 +69,49 @@ def read_chunk_log(
     :returns: (rows as (row_id, row_key, row_index)), {row_id: {branch: first terminal state}},
         {branch: (task state, observed_at)} for the chunk.
     """
-    r = t.rows.c
-    query = select(r.row_id, r.row_key, r.row_index).where(r.run_id == run_id, r.chunk == chunk)
-    decided_ids: set[str] = set()
+    run_no = run_number(conn, run_id)
+    sr = t.source_rows.c
+    row_nos = [row_numbers(row)[1] for row in row_ids] if row_ids is not None else None
+    query = select(sr.row_no, sr.row_key).where(sr.run_no == run_no, sr.chunk == chunk)
+    decided: set[int] = set()
     if undecided_only:
-        # One indexed range read of this chunk's decisions (ix run_id, node_id, chunk), filtered here:
-        # a correlated NOT EXISTS lets PostgreSQL, on tables not analysed yet, scan every decision of
-        # the run once per row of the chunk (quadratic in the run size).
-        cd = t.coalesce_decisions.c
-        decided_ids = set(
+        d = t.decisions.c
+        decided = set(
             conn.execute(
-                select(cd.row_id).where(cd.run_id == run_id, cd.node_id == spec.node_id, cd.chunk == chunk)
+                select(d.row_no).where(d.run_no == run_no, d.node_id == spec.node_id, d.chunk == chunk)
             ).scalars()
         )
-    if row_ids is not None:
-        query = query.where(r.row_id.in_(row_ids))
-    rows = [tuple(row) for row in conn.execute(query.order_by(r.row_index)) if row[0] not in decided_ids]
+    if row_nos is not None:
+        query = query.where(sr.row_no.in_(row_nos))
+    rows = [
+        (row_id(run_no, row_no), row_key, row_no)
+        for row_no, row_key in conn.execute(query.order_by(sr.row_no))
+        if row_no not in decided
+    ]
     branch_of = {node: branch for branch, node in spec.delivering.items()}
-    ns = t.node_states.c
+    st = t.step_results.c
     states: dict[str, dict[str, TokenState]] = defaultdict(dict)
-    for token_id, row_id, node_id, status, recorded_at, output_ref, error_json in conn.execute(
-        select(ns.token_id, ns.row_id, ns.node_id, ns.status, ns.recorded_at, ns.output_ref, ns.error_json)
-        .where(
-            ns.run_id == run_id,
-            ns.node_id.in_(list(branch_of)),
-            ns.chunk == chunk,
-            ns.status.in_(TERMINAL_NODE_STATUSES),
-            *([ns.row_id.in_(row_ids)] if row_ids is not None else []),
+    for row_no, node_id, status, recorded_at, output_hash, output_body, error_json in conn.execute(
+        select(
+            st.row_no, st.node_id, st.status, st.recorded_at, st.output_hash, st.output_body, st.error_json
         )
-        .order_by(ns.recorded_at)
+        .where(
+            st.run_no == run_no,
+            st.node_id.in_(list(branch_of)),
+            st.chunk == chunk,
+            st.status.in_(TERMINAL_NODE_STATUSES),
+            *([st.row_no.in_(row_nos)] if row_nos is not None else []),
+        )
+        .order_by(st.recorded_at)
     ):
         branch = branch_of[node_id]
-        if branch not in states[row_id]:
+        row = row_id(run_no, row_no)
+        if branch not in states[row]:
             error = json.loads(error_json) if error_json else None
-            states[row_id][branch] = TokenState(token_id, branch, status, recorded_at, output_ref, error)
+            token = branch_token_id(row, branch)
+            states[row][branch] = TokenState(
+                token, branch, status, recorded_at, output_hash, error, output_body
+            )
     tl = t.branch_task_losses.c
     losses: dict[str, tuple[str, datetime]] = {}
     for node_id, loss_chunk, state, observed_at in conn.execute(
@@ -182,14 +193,21 @@ def _state_event(branch: str, state: TokenState) -> BranchEvent:
     return BranchEvent(branch, state.at, EventKind.LOSS, loss_reason(state.status, state.error))
 
 
-def arrival_bodies(
-    conn: Connection, config: CoalesceConfig, states: Mapping[str, Mapping[str, TokenState]]
-) -> dict[str, Any]:
+def arrival_bodies(config: CoalesceConfig, states: Mapping[str, Mapping[str, TokenState]]) -> dict[str, Any]:
     """The outputs of the given rows' arrivals (payload hash -> output) when the decision depends
     on them (``on_collision="fail_row"``), else nothing."""
     if not config.fails_on_collision:
         return {}
-    return payload_bodies(conn, {state.output_ref for row in states.values() for state in row.values()})
+    return output_bodies(state for row in states.values() for state in row.values())
+
+
+def output_bodies(states: Iterable[TokenState]) -> dict[str, Any]:
+    """Output hash -> the output row, of the given states that have an output."""
+    return {
+        state.output_ref: json.loads(state.output_body)
+        for state in states
+        if state.output_ref is not None and state.output_body is not None
+    }
 
 
 def collision_check(

@@ -20,7 +20,6 @@ table and takes no lock.
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 from alembic import command
@@ -29,16 +28,12 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, Engine, text
 
-from airflow_elspeth.audit.dml import immediate_transaction
+from airflow_elspeth.audit.dml import MIGRATION_LOCK_KEY, immediate_transaction
+from airflow_elspeth.audit.legacy import convert_legacy, has_legacy
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 VERSION_TABLE = "elspeth_alembic_version"
 
-# A fixed 64-bit key for pg_advisory_xact_lock, derived from a name so it is unlikely to collide
-# with another application's advisory locks on the same database.
-ADVISORY_LOCK_KEY = int.from_bytes(
-    hashlib.sha256(b"airflow_elspeth.audit.migrate").digest()[:8], "big", signed=True
-)
 
 _HEAD_ALIASES = frozenset({"head", "heads"})
 
@@ -92,12 +87,16 @@ def _target_revisions(revision: str) -> set[str]:
 
 
 def upgrade(engine: Engine, revision: str = "head") -> None:
-    """Bring the audit schema of ``engine``'s database up to ``revision`` (idempotent)."""
+    """Bring the audit schema of ``engine``'s database up to ``revision`` (idempotent), then
+    convert what a store written by 0.1 left in legacy tables (``audit.legacy``, in batches)."""
     target = _target_revisions(revision)
     with engine.connect() as connection:
         at_target = _current_heads(connection) == target
+        legacy_left = has_legacy(connection)
         connection.rollback()
     if at_target:
+        if legacy_left:
+            convert_legacy(engine)
         return
 
     dialect = engine.dialect.name
@@ -108,13 +107,18 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
             _upgrade_sqlite(connection, revision)
         else:
             raise NotImplementedError(f"audit store supports sqlite and postgresql, not {dialect}")
+    with engine.connect() as connection:
+        legacy_left = has_legacy(connection)
+        connection.rollback()
+    if legacy_left:
+        convert_legacy(engine)
 
 
 def _upgrade_postgresql(connection: Connection, revision: str) -> None:
     # The advisory lock is held until this transaction ends; everything Alembic does (DDL and the
     # version table) runs inside the same transaction, so waiters see either nothing or all of it.
     try:
-        connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": ADVISORY_LOCK_KEY})
+        connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK_KEY})
         command.upgrade(alembic_config(connection), revision)
         connection.commit()
     except BaseException:

@@ -19,6 +19,7 @@ from sqlalchemy import Connection, select
 from airflow_elspeth.audit import schema as t
 from airflow_elspeth.audit.dml import select_in
 from airflow_elspeth.core.config import CoalesceConfig
+from airflow_elspeth.exceptions import AuditInvariantError
 
 # The chunk of a ``branch_task_losses`` row (and of a ``get_task_states`` key) that stands for a
 # whole unmapped task rather than one mapped instance.
@@ -83,6 +84,7 @@ class CoalesceSpec:
 @dataclass(frozen=True)
 class RunInfo:
     run_id: str
+    run_no: int
     status: str
     completed_at: datetime | None
     rows_total: int
@@ -99,12 +101,24 @@ def load_run(conn: Connection, run_id: str) -> RunInfo | None:
         return None
     return RunInfo(
         run_id=run_id,
+        run_no=row["run_no"],
         status=row["status"],
         completed_at=row["completed_at"],
         rows_total=row["rows_total"] or 0,
         chunk_size=row["chunk_size"],
         chunks_total=row["chunks_total"] or 0,
     )
+
+
+def run_number(conn: Connection, run_id: str) -> int:
+    """The number of an audit run in this store: the key of its events.
+
+    :raises AuditInvariantError: no such run (its events cannot be written or read).
+    """
+    run_no = conn.execute(select(t.runs.c.run_no).where(t.runs.c.run_id == run_id)).scalar()
+    if run_no is None:
+        raise AuditInvariantError(f"audit run {run_id} is not in the audit store")
+    return int(run_no)
 
 
 def deadline_of(run: RunInfo, config: CoalesceConfig) -> datetime:

@@ -1,9 +1,16 @@
-"""The audit schema. Table and column names are a public contract (docs/ARCHITECTURE.md, "The audit schema").
+"""The audit schema 0.2: one row per event. Table and column names are a public contract
+(docs/ARCHITECTURE.md, "The audit schema").
 
-Identifiers are deterministic 32-hex-digit strings derived from (run, row key, branch, node), so a
-retried task derives the same ids and its idempotent inserts store nothing twice. The database
-enforces the invariants that matter: one terminal outcome per token (a partial unique index), one
-decision per (run, coalesce node, row), one node state per (token, node, attempt).
+The tables (``metadata``) hold events keyed by integers: a run's number (``runs.run_no``), a
+row's number in its run (its index in the fork's input), the chunk (a function of the row number,
+kept in the key so a per-chunk read is a key-prefix seek), the node and the attempt. A retried
+writer writes the same keys and its idempotent inserts store nothing twice; the keys make one
+result per (row, step, attempt) and one decision per (coalesce, row) the only possible state.
+
+Tokens, their parents, node states, terminal outcomes and payloads are functions of the events:
+0.1's tables of those names are views over the events (``compat_views``, created by migration 0006,
+documented as the compatibility surface), and the read models that are not on a hot path read
+them. Their ids are computable in SQL from the keys (``audit.ids``).
 """
 
 from __future__ import annotations
@@ -83,6 +90,8 @@ runs = Table(
     "runs",
     metadata,
     Column("run_id", ID, primary_key=True),
+    # The run's number in this store: the compact key of every event of the run.
+    Column("run_no", Integer, nullable=False, unique=True),
     Column("dag_id", NAME, nullable=False),
     Column("airflow_run_id", NAME, nullable=False),
     Column("fork_task_id", NAME, nullable=False),
@@ -120,94 +129,101 @@ nodes = Table(
     Column("config_hash", HASH, nullable=False),
 )
 
-rows = Table(
-    "rows",
+source_rows = Table(
+    "source_rows",
     metadata,
-    Column("run_id", ID, ForeignKey("runs.run_id"), primary_key=True),
-    Column("row_id", ID, primary_key=True),
+    Column("run_no", Integer, primary_key=True),
+    Column("chunk", Integer, primary_key=True),
+    Column("row_no", Integer, primary_key=True),  # the row's index in the fork's input
     Column("row_key", Text, nullable=False),
-    Column("row_index", Integer, nullable=False),
-    Column("chunk", Integer, nullable=False),
     Column("source_hash", HASH, nullable=False),
-    Column("payload_ref", HASH, nullable=False),
-    UniqueConstraint("run_id", "row_key"),
-    Index(None, "run_id", "chunk", "row_index"),
+    Column("body", Text, nullable=False),  # canonical JSON of the row
+    # A nested fork's row: the merged token of the upstream coalesce it came from (the one lineage
+    # link no event records otherwise).
+    Column("parent_token_id", Text),
+    Column("recorded_at", UTCDateTime, nullable=False),
+    UniqueConstraint("run_no", "row_key"),
+    sqlite_with_rowid=False,
 )
 
-tokens = Table(
-    "tokens",
+# A branch step's result for one row and attempt: arrival (completed), loss (dropped, failed),
+# discarded (arrived after its row was decided) or aborted (a try that hit its failure threshold).
+step_results = Table(
+    "step_results",
     metadata,
-    Column("token_id", ID, primary_key=True),
-    Column("run_id", ID, nullable=False),
-    Column("row_id", ID, nullable=False),
-    # source | branch | merged
-    Column("token_kind", String(10), nullable=False),
-    Column("branch_name", NAME),
-    Column("fork_group_id", ID),
-    Column("join_group_id", ID),
-    Column("chunk", Integer, nullable=False),
-    Column("created_at", UTCDateTime, nullable=False),
-    Index(None, "run_id", "chunk", "branch_name"),
-    Index(None, "run_id", "row_id"),
-)
-
-# Only the links that cannot be derived: a nested fork's source token -> the upstream merged token.
-# A branch token's parent is its row's source token, and a merged token's parents are the branch
-# tokens its decision consumed (``coalesce_decisions.consumed``): both derived, never stored
-# (migration 0005), which saves six rows per source row of a three-branch fork.
-token_parents = Table(
-    "token_parents",
-    metadata,
-    Column("token_id", ID, primary_key=True),
-    Column("parent_token_id", ID, primary_key=True),
-    Column("ordinal", Integer, nullable=False),
-    # No index on parent_token_id: nothing looks tokens up by their parent (migration 0004).
-)
-
-node_states = Table(
-    "node_states",
-    metadata,
-    Column("state_id", ID, primary_key=True),
-    Column("token_id", ID, nullable=False),
-    Column("run_id", ID, nullable=False),
-    Column("node_id", NAME, nullable=False),
-    Column("attempt", Integer, nullable=False),
-    # completed | dropped | failed | discarded
+    Column("run_no", Integer, primary_key=True),
+    Column("node_id", NAME, primary_key=True),
+    Column("chunk", Integer, primary_key=True),
+    Column("row_no", Integer, primary_key=True),
+    Column("attempt", Integer, primary_key=True),
     Column("status", String(20), nullable=False),
     Column("input_hash", HASH),
     Column("output_hash", HASH),
-    Column("output_ref", HASH),
+    Column("output_body", Text),  # canonical JSON of the output row
     Column("error_json", Text),
     Column("context_json", Text),
     Column("started_at", UTCDateTime, nullable=False),
     Column("completed_at", UTCDateTime),
     Column("duration_ms", Integer),
-    # The event time: the audit clock inside the transaction that made this state visible. Rows are
-    # processed long before their batch commits; ordering by visibility keeps replays exact.
+    # The event time: the audit clock inside the transaction that made this result visible. Rows
+    # are processed long before their batch commits; ordering by visibility keeps replays exact.
     Column("recorded_at", UTCDateTime, nullable=False),
-    # Denormalised from tokens so the coalesce reads one chunk of one node through one index.
-    Column("row_id", ID, nullable=False),
-    Column("chunk", Integer, nullable=False),
-    UniqueConstraint("token_id", "node_id", "attempt"),
-    Index(None, "run_id", "node_id", "chunk"),
+    sqlite_with_rowid=False,
 )
 
-token_outcomes = Table(
-    "token_outcomes",
+# A coalesce's decision of one row, with the merged row inline. Its policy and merge strategy are
+# its node's (``nodes.config_json``); the consumed branch tokens' outcome (coalesced) and the merged
+# token's (merged) are implied by a merged decision, the other branch outcomes are
+# ``recorded_outcomes``.
+decisions = Table(
+    "decisions",
+    metadata,
+    Column("run_no", Integer, primary_key=True),
+    Column("node_id", NAME, primary_key=True),
+    Column("chunk", Integer, primary_key=True),
+    Column("row_no", Integer, primary_key=True),
+    # merged | failed
+    Column("decision", String(10), nullable=False),
+    Column("failure_reason", String(60)),
+    Column("details_json", Text, nullable=False),
+    Column("consumed", Text, nullable=False),
+    Column("missing_json", Text, nullable=False),
+    Column("late_json", Text, nullable=False),
+    Column("collisions_json", Text),
+    Column("merged_hash", HASH),
+    Column("merged_body", Text),
+    Column("decided_at", UTCDateTime, nullable=False),
+    # From the fork's completion, and from the row's first arrival (null: nothing arrived); the
+    # arrival order with each branch's offset from the first is in details_json.
+    Column("wait_ms", BigInteger),
+    Column("wait_from_first_arrival_ms", BigInteger),
+    Column("recorded_at", UTCDateTime, nullable=False),
+    Index(None, "run_no", "node_id", "decision", "failure_reason"),
+    sqlite_with_rowid=False,
+)
+
+# The token outcomes no event implies: a branch token's outcome in a row that did not merge it
+# (row_failed, lost, not_arrived, late), at the last step of a branch no coalesce joins, and what
+# replaced one (late, skipped; the replaced one kept, superseded). A source token is forked, a
+# merged decision's branch tokens coalesced and its merged token merged, without a row here. The
+# partial unique index lets a token have at most one terminal outcome recorded.
+recorded_outcomes = Table(
+    "recorded_outcomes",
     metadata,
     Column("outcome_id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
-    Column("token_id", ID, nullable=False),
+    Column("token_id", Text, nullable=False),
     Column("run_id", ID, nullable=False),
+    Column("row_id", Text, nullable=False),
     Column("outcome", String(30), nullable=False),
     Column("is_terminal", Boolean, nullable=False),
     Column("reason", Text),
     Column("error_hash", HASH),
-    Column("join_group_id", ID),
+    Column("join_group_id", Text),
     Column("recorded_at", UTCDateTime, nullable=False),
-    # Set when a later coalesce try decided the row afresh: the outcome stays, no longer terminal.
+    # Set when a later event replaced it: the outcome stays, no longer terminal.
     Column("superseded_at", UTCDateTime),
     Index(
-        "uq_token_outcomes_terminal",
+        "uq_recorded_outcomes_terminal",
         "token_id",
         unique=True,
         sqlite_where=text("is_terminal"),
@@ -216,38 +232,6 @@ token_outcomes = Table(
     Index(None, "run_id", "outcome"),
 )
 
-coalesce_decisions = Table(
-    "coalesce_decisions",
-    metadata,
-    Column("run_id", ID, primary_key=True),
-    Column("node_id", NAME, primary_key=True),
-    Column("row_id", ID, primary_key=True),
-    Column("row_key", Text, nullable=False),
-    Column("chunk", Integer, nullable=False),
-    # merged | failed
-    Column("decision", String(10), nullable=False),
-    Column("failure_reason", String(60)),
-    Column("details_json", Text, nullable=False),
-    Column("policy", String(20), nullable=False),
-    Column("merge_strategy", String(10), nullable=False),
-    Column("consumed", Text, nullable=False),
-    Column("missing_json", Text, nullable=False),
-    Column("late_json", Text, nullable=False),
-    Column("collisions_json", Text),
-    Column("merged_token_id", ID),
-    Column("decided_at", UTCDateTime, nullable=False),
-    # From the fork's completion, and from the row's first arrival (null: nothing arrived); the
-    # arrival order with each branch's offset from the first is in details_json.
-    Column("wait_ms", BigInteger),
-    Column("wait_from_first_arrival_ms", BigInteger),
-    Column("recorded_at", UTCDateTime, nullable=False),
-    Index(None, "run_id", "node_id", "decision", "failure_reason"),
-    Index(None, "run_id", "node_id", "chunk"),
-)
-
-# A decision that a later try of its coalesce replaced: the resolution written when the coalesce
-# task ended without deciding (failure reason coalesce_task_<state>), kept when a person cleared the
-# coalesce and its new try decided the row afresh. A row may be superseded more than once.
 superseded_decisions = Table(
     "superseded_decisions",
     metadata,
@@ -263,13 +247,6 @@ superseded_decisions = Table(
     Column("missing_json", Text, nullable=False),
     Column("decided_at", UTCDateTime, nullable=False),
     Column("recorded_at", UTCDateTime, nullable=False),
-)
-
-payloads = Table(
-    "payloads",
-    metadata,
-    Column("hash", HASH, primary_key=True),
-    Column("body", Text, nullable=False),
 )
 
 # One row per (run, node, chunk) kept current by its single writer, so the coalesce's waiting
@@ -299,4 +276,119 @@ branch_task_losses = Table(
     Column("branch_name", NAME, nullable=False),
     Column("task_state", String(30), nullable=False),
     Column("observed_at", UTCDateTime, nullable=False),
+)
+
+
+# -- 0.1's tables, now views over the events (migration 0006): the compatibility surface -----------
+# Same names and columns as 0.1; created by the migration, never by ``metadata.create_all``. The
+# read models that are not on a hot path read these.
+compat_views = MetaData()
+
+rows = Table(
+    "rows",
+    compat_views,
+    Column("run_id", ID),
+    Column("row_id", Text),
+    Column("row_key", Text),
+    Column("row_index", Integer),
+    Column("chunk", Integer),
+    Column("source_hash", HASH),
+    Column("payload_ref", HASH),
+)
+
+tokens = Table(
+    "tokens",
+    compat_views,
+    Column("token_id", Text),
+    Column("run_id", ID),
+    Column("row_id", Text),
+    # source | branch | merged
+    Column("token_kind", String(10)),
+    Column("branch_name", NAME),
+    Column("fork_group_id", Text),
+    Column("join_group_id", Text),
+    Column("chunk", Integer),
+    Column("created_at", UTCDateTime),
+)
+
+# Only the links no other event records: a nested fork's source token -> the upstream merged token.
+# A branch token's parent is its row's source token, a merged token's parents are the branch tokens
+# its decision consumed (``coalesce_decisions.consumed``, in order).
+token_parents = Table(
+    "token_parents",
+    compat_views,
+    Column("token_id", Text),
+    Column("parent_token_id", Text),
+    Column("ordinal", Integer),
+)
+
+node_states = Table(
+    "node_states",
+    compat_views,
+    Column("state_id", Text),
+    Column("token_id", Text),
+    Column("run_id", ID),
+    Column("node_id", NAME),
+    Column("attempt", Integer),
+    # completed | dropped | failed | discarded | aborted
+    Column("status", String(20)),
+    Column("input_hash", HASH),
+    Column("output_hash", HASH),
+    Column("output_ref", HASH),
+    Column("error_json", Text),
+    Column("context_json", Text),
+    Column("started_at", UTCDateTime),
+    Column("completed_at", UTCDateTime),
+    Column("duration_ms", Integer),
+    Column("recorded_at", UTCDateTime),
+    Column("row_id", Text),
+    Column("chunk", Integer),
+)
+
+token_outcomes = Table(
+    "token_outcomes",
+    compat_views,
+    Column("outcome_id", BigInteger),  # null for an outcome an event implies
+    Column("token_id", Text),
+    Column("run_id", ID),
+    Column("outcome", String(30)),
+    Column("is_terminal", Boolean),
+    Column("reason", Text),
+    Column("error_hash", HASH),
+    Column("join_group_id", Text),
+    Column("recorded_at", UTCDateTime),
+    Column("superseded_at", UTCDateTime),
+)
+
+coalesce_decisions = Table(
+    "coalesce_decisions",
+    compat_views,
+    Column("run_id", ID),
+    Column("node_id", NAME),
+    Column("row_id", Text),
+    Column("row_key", Text),
+    Column("chunk", Integer),
+    Column("decision", String(10)),
+    Column("failure_reason", String(60)),
+    Column("details_json", Text),
+    Column("policy", String(20)),
+    Column("merge_strategy", String(10)),
+    Column("consumed", Text),
+    Column("missing_json", Text),
+    Column("late_json", Text),
+    Column("collisions_json", Text),
+    Column("merged_token_id", Text),
+    Column("decided_at", UTCDateTime),
+    Column("wait_ms", BigInteger),
+    Column("wait_from_first_arrival_ms", BigInteger),
+    Column("recorded_at", UTCDateTime),
+)
+
+# Every body the events hold, by hash: for users' queries, slow by design (no index on the hashes;
+# the read models read bodies with their events).
+payloads = Table(
+    "payloads",
+    compat_views,
+    Column("hash", HASH),
+    Column("body", Text),
 )

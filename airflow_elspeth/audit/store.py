@@ -1,7 +1,8 @@
-"""Writes to the audit store: set-based, chunked, idempotent (one transaction per chunk).
+"""Writes to the audit store: one row per event, set-based, chunked, idempotent (one transaction
+per chunk).
 
-Every identifier is derived from (run, row key, branch, node, attempt), and every insert ignores rows
-that already exist, so a retried or concurrent writer stores nothing twice.
+Every event is keyed by (run number, node, chunk, row number, attempt), and every insert ignores
+rows that already exist, so a retried or concurrent writer stores nothing twice.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import Connection, Engine, and_, func, or_, select, update
+from sqlalchemy import Connection, Engine, and_, func, literal, or_, select, true, update
+from sqlalchemy.dialects import postgresql, sqlite
 
 from airflow_elspeth.audit import schema as t
 from airflow_elspeth.audit.dml import (
@@ -24,7 +26,9 @@ from airflow_elspeth.audit.dml import (
     refresh_statistics,
     upsert,
 )
+from airflow_elspeth.audit.ids import branch_token_id, row_id, row_numbers
 from airflow_elspeth.audit.log import loss_reason
+from airflow_elspeth.audit.model import run_number
 from airflow_elspeth.core.canonical import PayloadLimit, derive_id, hash_value
 from airflow_elspeth.core.errors import recorded_error_fingerprint
 from airflow_elspeth.core.vocabulary import (
@@ -37,7 +41,6 @@ from airflow_elspeth.core.vocabulary import (
     NodeStatus,
     NodeType,
     RunStatus,
-    TokenKind,
     TokenOutcome,
     late_reason,
     missing_outcome,
@@ -51,47 +54,50 @@ COMPLETED = NodeStatus.COMPLETED
 
 
 # Column orders of the tuples the hot paths build (dml.insert_tuples).
-PAYLOAD_COLUMNS = ("hash", "body")
-ROW_COLUMNS = ("run_id", "row_id", "row_key", "row_index", "chunk", "source_hash", "payload_ref")
-TOKEN_COLUMNS = (
-    "token_id",
-    "run_id",
-    "row_id",
-    "token_kind",
-    "branch_name",
-    "fork_group_id",
-    "join_group_id",
+SOURCE_ROW_COLUMNS = (
+    "run_no",
     "chunk",
-    "created_at",
+    "row_no",
+    "row_key",
+    "source_hash",
+    "body",
+    "parent_token_id",
+    "recorded_at",
 )
-PARENT_COLUMNS = ("token_id", "parent_token_id", "ordinal")
-STATE_COLUMNS = (
-    "state_id",
-    "token_id",
-    "run_id",
+STEP_RESULT_COLUMNS = (
+    "run_no",
     "node_id",
+    "chunk",
+    "row_no",
     "attempt",
     "status",
     "input_hash",
     "output_hash",
-    "output_ref",
+    "output_body",
     "error_json",
     "context_json",
     "started_at",
     "completed_at",
     "duration_ms",
-    "row_id",
-    "chunk",
     "recorded_at",  # last: set inside the writing transaction
 )
-OUTCOME_COLUMNS = (
-    "token_id",
-    "run_id",
-    "outcome",
-    "is_terminal",
-    "reason",
-    "error_hash",
-    "join_group_id",
+DECISION_COLUMNS = (
+    "run_no",
+    "node_id",
+    "chunk",
+    "row_no",
+    "decision",
+    "failure_reason",
+    "details_json",
+    "consumed",
+    "missing_json",
+    "late_json",
+    "collisions_json",
+    "merged_hash",
+    "merged_body",
+    "decided_at",
+    "wait_ms",
+    "wait_from_first_arrival_ms",
     "recorded_at",
 )
 
@@ -103,22 +109,6 @@ _encode = json.JSONEncoder(separators=(",", ":"), sort_keys=True, default=str).e
 def dumps(value: Any) -> str:
     """Compact JSON for the *_json columns (not canonical: these are not hashed)."""
     return _encode(value)
-
-
-def source_token_id(run_id: str, row_id: str) -> str:
-    return derive_id(run_id, row_id, TokenKind.SOURCE)
-
-
-def branch_token_id(run_id: str, row_id: str, branch: str) -> str:
-    return derive_id(run_id, row_id, TokenKind.BRANCH, branch)
-
-
-def merged_token_id(run_id: str, row_id: str, node_id: str) -> str:
-    return derive_id(run_id, row_id, TokenKind.MERGED, node_id)
-
-
-def join_group_id(run_id: str, row_id: str, node_id: str) -> str:
-    return derive_id(run_id, row_id, "join", node_id)
 
 
 @dataclass(frozen=True)
@@ -187,15 +177,16 @@ class NodeResult:
 
 @dataclass
 class DecisionWrite:
-    """Everything one row's decision writes; a chunk of these commits atomically."""
+    """Everything one row's decision writes; a chunk of these commits atomically.
+
+    :param decision: the ``decisions`` row (:data:`DECISION_COLUMNS`).
+    :param outcomes: the branch outcomes the decision does not imply (``recorded_outcomes`` rows).
+    """
 
     row_id: str
     row_key: str
     chunk: int
     decision: dict[str, Any]
-    merged_token: dict[str, Any] | None = None
-    merged_payload: tuple[str, str] | None = None
-    merged_state: dict[str, Any] | None = None
     outcomes: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -252,27 +243,24 @@ class AuditStore:
                     superseded_try_run_reason(identity.try_number),
                     stale=True,
                 )
-            insert_ignore(
+            _insert_numbered_run(
                 conn,
-                t.runs,
-                [
-                    {
-                        "run_id": run_id,
-                        "dag_id": identity.dag_id,
-                        "airflow_run_id": identity.airflow_run_id,
-                        "fork_task_id": identity.fork_task_id,
-                        "try_number": identity.try_number,
-                        "clear_number": identity.clear_number,
-                        "run_type": identity.run_type,
-                        "logical_date": identity.logical_date,
-                        "started_at": db_now(conn),
-                        "status": RunStatus.RUNNING,
-                        "config_hash": config_hash,
-                        "previous_run_id": previous,
-                        "chunk_size": chunk_size,
-                        "branches_json": dumps(list(branches)),
-                    }
-                ],
+                {
+                    "run_id": run_id,
+                    "dag_id": identity.dag_id,
+                    "airflow_run_id": identity.airflow_run_id,
+                    "fork_task_id": identity.fork_task_id,
+                    "try_number": identity.try_number,
+                    "clear_number": identity.clear_number,
+                    "run_type": identity.run_type,
+                    "logical_date": identity.logical_date,
+                    "started_at": db_now(conn),
+                    "status": RunStatus.RUNNING,
+                    "config_hash": config_hash,
+                    "previous_run_id": previous,
+                    "chunk_size": chunk_size,
+                    "branches_json": dumps(list(branches)),
+                },
             )
             self._register_node(
                 conn, run_id, identity.fork_task_id, NodeType.FORK, None, config_json, config_hash
@@ -316,7 +304,7 @@ class AuditStore:
         """Mark the fork complete; its completion time starts every coalesce deadline."""
         with self.engine.begin() as conn:
             # Before the run completes: the branches' and the coalesce's reads need these plans.
-            refresh_statistics(conn, [t.rows, t.tokens, t.token_parents, t.token_outcomes, t.payloads])
+            refresh_statistics(conn, [t.source_rows])
             now = db_now(conn)
             conn.execute(
                 update(t.runs)
@@ -369,9 +357,10 @@ class AuditStore:
         ).rowcount
         if not closed:
             return
-        run_tokens = select(t.tokens.c.token_id).where(t.tokens.c.run_id == run_id)
-        conn.execute(t.token_parents.delete().where(t.token_parents.c.token_id.in_(run_tokens)))
-        for table in (t.token_outcomes, t.node_states, t.tokens, t.rows, t.chunk_progress):
+        run_no = run_number(conn, run_id)
+        for event_table in (t.step_results, t.decisions, t.source_rows):
+            conn.execute(event_table.delete().where(event_table.c.run_no == run_no))
+        for table in (t.recorded_outcomes, t.chunk_progress):
             conn.execute(table.delete().where(table.c.run_id == run_id))
 
     # -- fork -------------------------------------------------------------------------------------
@@ -379,12 +368,12 @@ class AuditStore:
     def stored_duplicate(self, run_id: str, rows: Sequence[ForkRow]) -> ForkRow | None:
         """The first of ``rows`` (not written yet) whose key an earlier write of the run stored."""
         with self.engine.connect() as conn:
-            return _stored_duplicate(conn, run_id, rows)
+            return _stored_duplicate(conn, run_number(conn, run_id), rows)
 
     def write_fork_chunk(
         self, run_id: str, branches: Sequence[str], chunk: int, rows: Sequence[ForkRow]
     ) -> None:
-        """Rows, payloads, the source token and one token per branch, in one transaction."""
+        """The chunk's source rows (their tokens are implied), in one transaction."""
         self.write_fork_chunks(run_id, branches, [(chunk, rows)])
 
     def write_fork_chunks(
@@ -398,45 +387,32 @@ class AuditStore:
         :raises ForkInputError: a row's key was stored by an earlier write (the rows' unique key
             finds it, so the fork keeps nothing per row in memory); nothing of this write is kept.
         """
-        payloads: dict[str, str] = {}
-        row_values: list[tuple[Any, ...]] = []
-        token_values: list[tuple[Any, ...]] = []
-        parent_values: list[tuple[Any, ...]] = []
-        outcome_values: list[tuple[Any, ...]] = []
-        source_kind, branch_kind, forked = TokenKind.SOURCE, TokenKind.BRANCH, TokenOutcome.FORKED
         with self.engine.begin() as conn:
-            # One timestamp for the chunks, converted once for the database (not per token).
-            now = bind_value(conn, t.tokens.c.created_at, db_now(conn))
-            for chunk, rows in chunks:
-                for row in rows:
-                    row_id = derive_id(run_id, row.row_key)
-                    source = source_token_id(run_id, row_id)
-                    fork_group = derive_id(run_id, row_id, "fork")
-                    payloads[row.payload_hash] = row.payload_body
-                    digest = row.payload_hash
-                    row_values.append((run_id, row_id, row.row_key, row.row_index, chunk, digest, digest))
-                    token_values.append(
-                        (source, run_id, row_id, source_kind, None, fork_group, None, chunk, now)
-                    )
-                    if row.parent_token_id:
-                        parent_values.append((source, row.parent_token_id, 0))
-                    outcome_values.append((source, run_id, forked, True, None, None, None, now))
-                    # A branch token's parent (its row's source token) is not stored: it is derived.
-                    for branch in branches:
-                        token = branch_token_id(run_id, row_id, branch)
-                        token_values.append(
-                            (token, run_id, row_id, branch_kind, branch, fork_group, None, chunk, now)
-                        )
-            insert_tuples(conn, t.payloads, PAYLOAD_COLUMNS, list(payloads.items()))
-            if insert_tuples(conn, t.rows, ROW_COLUMNS, row_values) < len(row_values):
+            run_no = run_number(conn, run_id)
+            # One timestamp for the chunks, converted once for the database (not per row).
+            now = bind_value(conn, t.source_rows.c.recorded_at, db_now(conn))
+            row_values = [
+                (
+                    run_no,
+                    chunk,
+                    row.row_index,
+                    row.row_key,
+                    row.payload_hash,
+                    row.payload_body,
+                    row.parent_token_id,
+                    now,
+                )
+                for chunk, rows in chunks
+                for row in rows
+            ]
+            if insert_tuples(
+                conn, t.source_rows, SOURCE_ROW_COLUMNS, row_values, bound=["recorded_at"]
+            ) < len(row_values):
                 # Keys stored already: by another row (a duplicate), or by this very write retried
                 # (the same rows at the same indexes, which is no error).
-                duplicate = _stored_duplicate(conn, run_id, [row for _, rows in chunks for row in rows])
+                duplicate = _stored_duplicate(conn, run_no, [row for _, rows in chunks for row in rows])
                 if duplicate is not None:
                     raise duplicate_key_error(duplicate.row_key, duplicate.row_index)
-            insert_tuples(conn, t.tokens, TOKEN_COLUMNS, token_values, bound=["created_at"])
-            insert_tuples(conn, t.token_parents, PARENT_COLUMNS, parent_values)
-            insert_tuples(conn, t.token_outcomes, OUTCOME_COLUMNS, outcome_values, bound=["recorded_at"])
 
     # -- branches ---------------------------------------------------------------------------------
 
@@ -462,45 +438,40 @@ class AuditStore:
             its token's ``not_arrived`` outcome becomes ``late`` (the reason in the result's
             context, ``late``).
         """
-        payloads: dict[str, str] = {}
         states = []
         for result in results:
-            if result.output_hash is not None and result.output_body is not None:
-                payloads[result.output_hash] = result.output_body
+            run_no, row_no = row_numbers(result.row_id)
             states.append(
                 (
-                    derive_id(result.token_id, node_id, attempt),
-                    result.token_id,
-                    run_id,
+                    run_no,
                     node_id,
+                    result.chunk,
+                    row_no,
                     attempt,
                     result.status,
                     result.input_hash,
                     result.output_hash,
-                    result.output_hash,
+                    result.output_body if result.output_hash is not None else None,
                     dumps(result.error) if result.error is not None else None,
                     dumps(result.context) if result.context is not None else None,
                     result.started_at,
                     result.completed_at,
                     int((result.completed_at - result.started_at).total_seconds() * 1000),
-                    result.row_id,
-                    result.chunk,
                 )
             )
         with ordered_write(self.engine, run_id, chunk_tokens, decider=False) as conn:
             recorded_at = db_now(conn)  # the event time: read under the ordering lock
-            stamp = bind_value(conn, t.node_states.c.recorded_at, recorded_at)
-            insert_tuples(conn, t.payloads, PAYLOAD_COLUMNS, list(payloads.items()))
+            stamp = bind_value(conn, t.step_results.c.recorded_at, recorded_at)
             insert_tuples(
                 conn,
-                t.node_states,
-                STATE_COLUMNS,
+                t.step_results,
+                STEP_RESULT_COLUMNS,
                 [(*state, stamp) for state in states],
                 bound=["recorded_at"],
             )
             if final_step:
                 insert_ignore(
-                    conn, t.token_outcomes, [not_joined_outcome(run_id, r, recorded_at) for r in results]
+                    conn, t.recorded_outcomes, [not_joined_outcome(run_id, r, recorded_at) for r in results]
                 )
             if delivering_to:
                 # Every arrival whose token a decision already ended not_arrived is late: discarded
@@ -539,25 +510,37 @@ class AuditStore:
         At the last step of an unjoined branch those errors also ended their tokens: those outcomes
         are superseded (kept, no longer terminal), so the next try's outcome is the terminal one.
         """
-        ns = t.node_states.c
-        aborted = and_(
-            ns.run_id == run_id, ns.node_id == node_id, ns.attempt == attempt, ns.status == NodeStatus.FAILED
-        )
+        sr = t.step_results.c
         with ordered_write(self.engine, run_id, chunk_tokens, decider=False) as conn:
             now = db_now(conn)
-            to = t.token_outcomes.c
-            conn.execute(
-                update(t.token_outcomes)
-                .where(
-                    to.run_id == run_id,
-                    to.is_terminal,
-                    to.join_group_id.is_(None),
-                    to.reason != NOT_JOINED,
-                    to.token_id.in_(select(ns.token_id).where(aborted)),
-                )
-                .values(is_terminal=False, superseded_at=now)
+            run_no = run_number(conn, run_id)
+            aborted = and_(
+                sr.run_no == run_no,
+                sr.node_id == node_id,
+                sr.attempt == attempt,
+                sr.status == NodeStatus.FAILED,
             )
-            conn.execute(update(t.node_states).where(aborted).values(status=NodeStatus.ABORTED))
+            branch = conn.execute(
+                select(t.nodes.c.branch_name).where(t.nodes.c.run_id == run_id, t.nodes.c.node_id == node_id)
+            ).scalar_one()
+            tokens = [
+                branch_token_id(row_id(run_no, row_no), branch)
+                for row_no in conn.execute(select(sr.row_no).where(aborted)).scalars()
+            ]
+            ro = t.recorded_outcomes.c
+            for start in range(0, len(tokens), 500):
+                conn.execute(
+                    update(t.recorded_outcomes)
+                    .where(
+                        ro.run_id == run_id,
+                        ro.is_terminal,
+                        ro.join_group_id.is_(None),
+                        ro.reason != NOT_JOINED,
+                        ro.token_id.in_(tokens[start : start + 500]),
+                    )
+                    .values(is_terminal=False, superseded_at=now)
+                )
+            conn.execute(update(t.step_results).where(aborted).values(status=NodeStatus.ABORTED))
             self._refresh_progress(conn, run_id, node_id, chunk_tokens, now)
 
     @staticmethod
@@ -566,17 +549,17 @@ class AuditStore:
     ) -> None:
         if not chunk_tokens:
             return
-        ns = t.node_states.c
+        sr = t.step_results.c
         done: dict[int, int] = dict(
             conn.execute(
-                select(ns.chunk, func.count(func.distinct(ns.token_id)))
+                select(sr.chunk, func.count(func.distinct(sr.row_no)))
                 .where(
-                    ns.run_id == run_id,
-                    ns.node_id == node_id,
-                    ns.chunk.in_(list(chunk_tokens)),
-                    ns.status.in_(TERMINAL_NODE_STATUSES),
+                    sr.run_no == run_number(conn, run_id),
+                    sr.node_id == node_id,
+                    sr.chunk.in_(list(chunk_tokens)),
+                    sr.status.in_(TERMINAL_NODE_STATUSES),
                 )
-                .group_by(ns.chunk)
+                .group_by(sr.chunk)
             ).all()
         )
         progress = {chunk: (done.get(chunk, 0), total) for chunk, total in chunk_tokens.items()}
@@ -587,15 +570,15 @@ def duplicate_key_error(row_key: str, row_index: int) -> ForkInputError:
     return ForkInputError(f"duplicate row key {row_key!r} (row at index {row_index})")
 
 
-def _stored_duplicate(conn: Connection, run_id: str, rows: Sequence[ForkRow]) -> ForkRow | None:
+def _stored_duplicate(conn: Connection, run_no: int, rows: Sequence[ForkRow]) -> ForkRow | None:
     """The first of ``rows`` whose key is stored for another row index of the run."""
-    r = t.rows.c
+    sr = t.source_rows.c
     for start in range(0, len(rows), 500):
         part = rows[start : start + 500]
         stored = dict(
             conn.execute(
-                select(r.row_key, r.row_index).where(
-                    r.run_id == run_id, r.row_key.in_([row.row_key for row in part])
+                select(sr.row_key, sr.row_no).where(
+                    sr.run_no == run_no, sr.row_key.in_([row.row_key for row in part])
                 )
             ).all()
         )
@@ -608,7 +591,7 @@ def _stored_duplicate(conn: Connection, run_id: str, rows: Sequence[ForkRow]) ->
 def _stale_runs(conn: Connection, *where: Any) -> list[str]:
     """Runs of a fork try that will never be decided: still ``running``, or ``completed`` by a fork
     task that then failed (e.g. its return value could not be pushed) with no decision made."""
-    decided = select(t.coalesce_decisions.c.run_id).where(t.coalesce_decisions.c.run_id == t.runs.c.run_id)
+    decided = select(t.decisions.c.run_no).where(t.decisions.c.run_no == t.runs.c.run_no)
     return list(
         conn.execute(
             select(t.runs.c.run_id).where(
@@ -631,15 +614,8 @@ def write_decisions(
     signature: str,
 ) -> int:
     """One chunk's decisions, inside the pass's transaction; returns how many rows of it are decided."""
-    insert_ignore(
-        conn,
-        t.payloads,
-        [{"hash": w.merged_payload[0], "body": w.merged_payload[1]} for w in writes if w.merged_payload],
-    )
-    insert_ignore(conn, t.tokens, [w.merged_token for w in writes if w.merged_token])
-    insert_ignore(conn, t.node_states, [w.merged_state for w in writes if w.merged_state])
-    insert_ignore(conn, t.token_outcomes, [o for w in writes for o in w.outcomes])
-    insert_ignore(conn, t.coalesce_decisions, [w.decision for w in writes])
+    insert_ignore(conn, t.recorded_outcomes, [o for w in writes for o in w.outcomes])
+    insert_ignore(conn, t.decisions, [w.decision for w in writes])
     decided = decided_in_chunk_count(conn, run_id, node_id, chunk)
     set_progress(conn, run_id, node_id, {chunk: (decided, rows_total)}, db_now(conn), signature)
     return decided
@@ -647,24 +623,24 @@ def write_decisions(
 
 def decided_row_ids(conn: Connection, run_id: str, nodes: Sequence[str], chunks: Sequence[int]) -> set[str]:
     """The rows of these chunks that any of these coalesce nodes has decided."""
-    cd = t.coalesce_decisions.c
-    return set(
-        conn.execute(
-            select(cd.row_id).where(
-                cd.run_id == run_id, cd.node_id.in_(list(nodes)), cd.chunk.in_(list(chunks))
-            )
+    d = t.decisions.c
+    run_no = run_number(conn, run_id)
+    return {
+        row_id(run_no, row_no)
+        for row_no in conn.execute(
+            select(d.row_no).where(d.run_no == run_no, d.node_id.in_(list(nodes)), d.chunk.in_(list(chunks)))
         ).scalars()
-    )
+    }
 
 
 def decided_in_chunk_count(conn: Connection, run_id: str, node_id: str, chunk: int) -> int:
     """How many rows of one chunk a coalesce node has decided (its progress numerator)."""
-    cd = t.coalesce_decisions.c
+    d = t.decisions.c
     return int(
         conn.execute(
             select(func.count())
-            .select_from(t.coalesce_decisions)
-            .where(and_(cd.run_id == run_id, cd.node_id == node_id, cd.chunk == chunk))
+            .select_from(t.decisions)
+            .where(d.run_no == run_number(conn, run_id), d.node_id == node_id, d.chunk == chunk)
         ).scalar_one()
     )
 
@@ -703,6 +679,7 @@ def set_progress(
 def outcome_row(
     token_id: str,
     run_id: str,
+    row: str,
     outcome: str,
     reason: str | None,
     at: datetime,
@@ -714,6 +691,7 @@ def outcome_row(
     return {
         "token_id": token_id,
         "run_id": run_id,
+        "row_id": row,
         "outcome": outcome,
         "is_terminal": terminal,
         "reason": reason,
@@ -741,7 +719,7 @@ def replace_not_arrived(
         its task's end (``lost``, ``branch_task_<state>``) is replaced too, since what its task wrote
         after that end is late (``audit.log.row_events``).
     """
-    to, cd = t.token_outcomes.c, t.coalesce_decisions.c
+    to, d = t.recorded_outcomes.c, t.decisions.c
     replaceable = to.outcome == TokenOutcome.NOT_ARRIVED
     if after_task_loss:
         task_loss = and_(to.outcome == TokenOutcome.LOST, to.reason.startswith(BRANCH_TASK_PREFIX))
@@ -750,9 +728,7 @@ def replace_not_arrived(
     replaced = 0
     for start in range(0, len(tokens), 500):
         found = conn.execute(
-            select(to.outcome_id, to.token_id, to.join_group_id, t.tokens.c.row_id)
-            .join(t.tokens, t.tokens.c.token_id == to.token_id)
-            .where(
+            select(to.outcome_id, to.token_id, to.join_group_id, to.row_id).where(
                 to.run_id == run_id,
                 to.is_terminal,
                 replaceable,
@@ -761,32 +737,37 @@ def replace_not_arrived(
         ).all()
         if not found:
             continue
-        unknown = sorted({f.row_id for f in found if reasons[f.token_id] is None})
+        unknown = sorted({row_numbers(f.row_id) for f in found if reasons[f.token_id] is None})
         decided: dict[str, str] = {}
         if unknown:
-            decided = dict(
-                conn.execute(
-                    select(cd.row_id, func.min(cd.decision))
-                    .where(cd.run_id == run_id, cd.row_id.in_(unknown))
-                    .group_by(cd.row_id)
-                ).all()
-            )
+            decided = {
+                row_id(run_no, row_no): decision
+                for run_no, row_no, decision in conn.execute(
+                    select(d.run_no, d.row_no, func.min(d.decision))
+                    .where(
+                        d.run_no == unknown[0][0],
+                        d.row_no.in_([row_no for _, row_no in unknown]),
+                    )
+                    .group_by(d.run_no, d.row_no)
+                )
+            }
         chosen = {
             f.token_id: reasons[f.token_id] or late_reason(DecisionStatus(decided.get(f.row_id, "failed")))
             for f in found
         }
         conn.execute(
-            update(t.token_outcomes)
+            update(t.recorded_outcomes)
             .where(to.outcome_id.in_([f.outcome_id for f in found]))
             .values(is_terminal=False, superseded_at=at)
         )
         insert_ignore(
             conn,
-            t.token_outcomes,
+            t.recorded_outcomes,
             [
                 outcome_row(
                     f.token_id,
                     run_id,
+                    f.row_id,
                     missing_outcome(chosen[f.token_id]),
                     chosen[f.token_id],
                     at,
@@ -802,12 +783,32 @@ def replace_not_arrived(
 def not_joined_outcome(run_id: str, result: NodeResult, at: datetime) -> dict[str, Any]:
     """The terminal outcome of a token at the last step of a branch no coalesce joins."""
     if result.status in ARRIVAL_NODE_STATUSES:
-        return outcome_row(result.token_id, run_id, TokenOutcome.COMPLETED, NOT_JOINED, at)
+        return outcome_row(result.token_id, run_id, result.row_id, TokenOutcome.COMPLETED, NOT_JOINED, at)
     return outcome_row(
         result.token_id,
         run_id,
+        result.row_id,
         TokenOutcome.LOST,
         loss_reason(result.status, result.error),
         at,
         error_hash=recorded_error_fingerprint(result.error) if result.status == NodeStatus.FAILED else None,
     )
+
+
+def _insert_numbered_run(conn: Connection, values: Mapping[str, Any]) -> None:
+    """Insert an audit run (if its id is new) with the next free run number.
+
+    One ``INSERT ... SELECT MAX(run_no) + 1``: SQLite runs it under its write lock; two PostgreSQL
+    forks beginning at once may pick the same number, and the one whose insert the number's unique
+    key ignored takes the next.
+    """
+    columns = [t.runs.c[name] for name in values]
+    numbered = select(
+        *(literal(value, type_=column.type) for value, column in zip(values.values(), columns, strict=True)),
+        func.coalesce(func.max(t.runs.c.run_no), 0) + 1,
+    ).where(true())  # SQLite parses ``INSERT ... SELECT ... ON CONFLICT`` only with a WHERE
+    dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
+    statement = dialect.insert(t.runs).from_select([*values, "run_no"], numbered).on_conflict_do_nothing()
+    exists = select(t.runs.c.run_id).where(t.runs.c.run_id == values["run_id"])
+    while conn.execute(exists).first() is None:
+        conn.execute(statement)

@@ -19,7 +19,7 @@ from sqlalchemy import Engine, text
 
 from airflow_elspeth.audit.read.records import to_json
 from airflow_elspeth.audit.read.verify import derived_link_findings
-from airflow_elspeth.audit.store import join_group_id
+from airflow_elspeth.audit.ids import join_group_id
 from airflow_elspeth.core.config import coalesce_config
 from airflow_elspeth.core.errors import error_fingerprint
 from airflow_elspeth.core.merge import merge_outputs
@@ -433,7 +433,7 @@ def check_coalesce(engine: Engine, run: dict[str, Any], node_id: str = "coalesce
         story = story_of(d, row_id, missing)
         # Each branch token's terminal outcome says what happened to it at this decision (unless
         # another coalesce of the same fork decided the token first: one terminal outcome a token).
-        join_group = join_group_id(run_id, row_id, node_id)
+        join_group = join_group_id(row_id, node_id)
         for branch in config.branches:
             outcome = outcomes[branch_token[(row_id, branch)]]
             arrival = [

@@ -236,7 +236,7 @@ def replay_row(engine: Engine, spec: CoalesceSpec, run: RunInfo, stored: Mapping
         _, states, losses = read_chunk_log(
             conn, spec, run.run_id, stored["chunk"], undecided_only=False, row_ids=[stored["row_id"]]
         )
-        bodies = arrival_bodies(conn, spec.config, states)
+        bodies = arrival_bodies(spec.config, states)
     return _replay_of(spec, run, stored, states.get(stored["row_id"], {}), losses, bodies)
 
 
@@ -265,7 +265,7 @@ def replay_coalesce(engine: Engine, spec: CoalesceSpec, run: RunInfo) -> Iterato
     for chunk in range(run.chunks_total):
         with engine.connect() as conn:
             _, states, losses = read_chunk_log(conn, spec, run.run_id, chunk, undecided_only=False)
-            bodies = arrival_bodies(conn, spec.config, states)
+            bodies = arrival_bodies(spec.config, states)
             stored: Sequence[Any] = (
                 conn.execute(
                     select(t.coalesce_decisions)

@@ -14,15 +14,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, Engine, and_, func, or_, select
+from sqlalchemy import Connection, Engine, func, or_, select
 
 from airflow_elspeth.audit import schema as t
-from airflow_elspeth.audit.model import payload_bodies
+from airflow_elspeth.audit.ids import branch_token_id, row_id
+from airflow_elspeth.audit.model import run_number
 from airflow_elspeth.core.vocabulary import (
     ARRIVAL_NODE_STATUSES,
     COALESCE_TASK_PREFIX,
     TERMINAL_NODE_STATUSES,
-    TokenKind,
 )
 
 _TERMINAL = [s.value for s in TERMINAL_NODE_STATUSES]
@@ -67,110 +67,99 @@ def branch_work(
     joining this branch (``coalesces``) has already decided (their result could only arrive late).
     A row decided by another coalesce of the same fork is still needed by these.
     """
-    tk, r, ns, cd = t.tokens.c, t.rows.c, t.node_states.c, t.coalesce_decisions.c
+    sr, st = t.source_rows.c, t.step_results.c
     with engine.connect() as conn:
-        tokens = conn.execute(
-            select(tk.token_id, tk.row_id, r.row_key, r.payload_ref)
-            .select_from(t.tokens.join(t.rows, and_(r.run_id == tk.run_id, r.row_id == tk.row_id)))
-            .where(
-                tk.run_id == run_id,
-                tk.chunk == chunk,
-                tk.branch_name == branch,
-                tk.token_kind == TokenKind.BRANCH,
+        run_no = run_number(conn, run_id)
+        # (row id, row key, the row's body, its hash): every row of the chunk has this branch's token.
+        rows = [
+            (row_id(run_no, row_no), row_key, body, source_hash)
+            for row_no, row_key, body, source_hash in conn.execute(
+                select(sr.row_no, sr.row_key, sr.body, sr.source_hash)
+                .where(sr.run_no == run_no, sr.chunk == chunk)
+                .order_by(sr.row_no)
             )
-            .order_by(r.row_index)
-        ).all()
-        done = set(
-            conn.execute(
-                select(ns.token_id).where(
-                    ns.run_id == run_id,
-                    ns.node_id == node_id,
-                    ns.chunk == chunk,
-                    ns.status.in_(_TERMINAL),
+        ]
+        done = {
+            row_id(run_no, row_no)
+            for row_no in conn.execute(
+                select(st.row_no).where(
+                    st.run_no == run_no,
+                    st.node_id == node_id,
+                    st.chunk == chunk,
+                    st.status.in_(_TERMINAL),
                 )
             ).scalars()
-        )
-        decided = set(_decided_by_all(conn, run_id, coalesces, cd.chunk == chunk))
-        upstream: dict[str, tuple[str, str | None, str | None]] = {}
+        }
+        decided = set(_decided_by_all(conn, run_id, coalesces, chunk=chunk))
+        # The previous step's first terminal result of each row: (status, output hash, body, error).
+        upstream: dict[str, tuple[str, str | None, str | None, str | None]] = {}
         if previous_node is not None:
-            for token_id, status, output_ref, error_json in conn.execute(
-                select(ns.token_id, ns.status, ns.output_ref, ns.error_json)
+            for row_no, status, output_hash, output_body, error_json in conn.execute(
+                select(st.row_no, st.status, st.output_hash, st.output_body, st.error_json)
                 .where(
-                    ns.run_id == run_id,
-                    ns.node_id == previous_node,
-                    ns.chunk == chunk,
-                    ns.status.in_(_TERMINAL),
+                    st.run_no == run_no,
+                    st.node_id == previous_node,
+                    st.chunk == chunk,
+                    st.status.in_(_TERMINAL),
                 )
-                .order_by(ns.completed_at)
+                .order_by(st.completed_at)
             ):
-                upstream.setdefault(token_id, (status, output_ref, error_json))
-        pending = [
-            tok
-            for tok in tokens
-            if tok.token_id not in done
-            and tok.row_id not in decided
-            and (previous_node is None or tok.token_id in upstream)
-        ]
-        refs = set()
-        for tok in pending:
-            if previous_node is None:
-                refs.add(tok.payload_ref)
-            elif upstream[tok.token_id][1]:
-                refs.add(upstream[tok.token_id][1])
-        bodies = payload_bodies(conn, refs)
+                upstream.setdefault(row_id(run_no, row_no), (status, output_hash, output_body, error_json))
+    pending = [
+        row
+        for row in rows
+        if row[0] not in done and row[0] not in decided and (previous_node is None or row[0] in upstream)
+    ]
     items = []
-    for tok in pending:
+    for row, row_key, body, source_hash in pending:
+        token = branch_token_id(row, branch)
         if previous_node is None:
-            items.append(
-                WorkItem(tok.token_id, tok.row_id, tok.row_key, tok.payload_ref, bodies[tok.payload_ref])
-            )
+            items.append(WorkItem(token, row, row_key, source_hash, json.loads(body)))
             continue
-        status, output_ref, error_json = upstream[tok.token_id]
-        if status in ARRIVAL_NODE_STATUSES and output_ref:
-            items.append(WorkItem(tok.token_id, tok.row_id, tok.row_key, output_ref, bodies[output_ref]))
+        status, output_hash, output_body, error_json = upstream[row]
+        if status in ARRIVAL_NODE_STATUSES and output_hash and output_body is not None:
+            items.append(WorkItem(token, row, row_key, output_hash, json.loads(output_body)))
         else:
             error = json.loads(error_json) if error_json else None
-            items.append(
-                WorkItem(tok.token_id, tok.row_id, tok.row_key, output_ref or "", None, status, error)
-            )
+            items.append(WorkItem(token, row, row_key, output_hash or "", None, status, error))
     return ChunkWork(
         items=items,
-        tokens_total=len(tokens),
-        already_done=sum(1 for tok in tokens if tok.token_id in done),
-        already_decided=sum(1 for tok in tokens if tok.row_id in decided and tok.token_id not in done),
+        tokens_total=len(rows),
+        already_done=sum(1 for row in rows if row[0] in done),
+        already_decided=sum(1 for row in rows if row[0] in decided and row[0] not in done),
         decided_tokens=tuple(
-            tok.token_id
-            for tok in tokens
-            if tok.row_id in decided
-            and tok.token_id not in done
-            and (previous_node is None or tok.token_id in upstream)
+            branch_token_id(row[0], branch)
+            for row in rows
+            if row[0] in decided and row[0] not in done and (previous_node is None or row[0] in upstream)
         ),
     )
 
 
-def _decided_by_all(conn: Connection, run_id: str, coalesces: Sequence[str], *where: Any) -> dict[str, str]:
-    """row_id -> decision of the rows that every coalesce in ``coalesces`` has decided by its policy
-    (a resolution is not such a decision: see the module's docstring).
+def _decided_by_all(conn: Connection, run_id: str, coalesces: Sequence[str], *, chunk: int) -> dict[str, str]:
+    """row_id -> decision of the rows of one chunk that every coalesce in ``coalesces`` has decided
+    by its policy (a resolution is not such a decision: see the module's docstring).
 
     The decision is "failed" when any of them failed the row. No coalesces: nothing is decided.
     """
     nodes = sorted(set(coalesces))
     if not nodes:
         return {}
-    cd = t.coalesce_decisions.c
-    return dict(
-        conn.execute(
-            select(cd.row_id, func.min(cd.decision))
+    d = t.decisions.c
+    run_no = run_number(conn, run_id)
+    return {
+        row_id(run_no, row_no): decision
+        for row_no, decision in conn.execute(
+            select(d.row_no, func.min(d.decision))
             .where(
-                cd.run_id == run_id,
-                cd.node_id.in_(nodes),
-                or_(cd.failure_reason.is_(None), ~cd.failure_reason.like(COALESCE_TASK_PREFIX + "%")),
-                *where,
+                d.run_no == run_no,
+                d.node_id.in_(nodes),
+                d.chunk == chunk,
+                or_(d.failure_reason.is_(None), ~d.failure_reason.like(COALESCE_TASK_PREFIX + "%")),
             )
-            .group_by(cd.row_id)
-            .having(func.count(func.distinct(cd.node_id)) == len(nodes))
-        ).all()
-    )
+            .group_by(d.row_no)
+            .having(func.count(func.distinct(d.node_id)) == len(nodes))
+        )
+    }
 
 
 def decisions_in_chunk(
@@ -179,7 +168,7 @@ def decisions_in_chunk(
     """row_id -> decision ('merged', or 'failed' if any failed it) of the rows of one chunk that
     every coalesce in ``coalesces`` has decided by its policy (one indexed range read)."""
     with engine.connect() as conn:
-        return _decided_by_all(conn, run_id, coalesces, t.coalesce_decisions.c.chunk == chunk)
+        return _decided_by_all(conn, run_id, coalesces, chunk=chunk)
 
 
 def decided_in_chunk(engine: Engine, run_id: str, chunk: int, *, coalesces: Sequence[str]) -> set[str]:
