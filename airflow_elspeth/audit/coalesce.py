@@ -588,6 +588,7 @@ def _decision_write(
         state = states.get(branch)
         # A branch with a state already has its token id; derive it only for the others.
         token = state.token_id if state is not None else branch_token_id(row_id, branch)
+        reason: str | None
         if branch in decision.missing:
             reason = decision.missing[branch]
             if is_task_loss(reason) and state is not None and state.status in ARRIVAL_NODE_STATUSES:
