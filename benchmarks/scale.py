@@ -75,13 +75,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-# The audit tables an audit run writes to, with how to count its rows there (payloads are shared).
+# The audit tables an audit run writes to, with how to count its rows there: the events by the
+# run's number, the rest by its id.
 AUDIT_TABLES = {
-    table: f"SELECT count(*) FROM {table} WHERE run_id = :run"
-    for table in ("rows", "tokens", "node_states", "token_outcomes", "coalesce_decisions", "chunk_progress")
+    table: f"SELECT count(*) FROM {table} WHERE run_no = (SELECT run_no FROM runs WHERE run_id = :run)"
+    for table in ("source_rows", "step_results", "decisions")
 } | {
-    "token_parents": "SELECT count(*) FROM token_parents p JOIN tokens t ON t.token_id = p.token_id "
-    "WHERE t.run_id = :run"
+    table: f"SELECT count(*) FROM {table} WHERE run_id = :run"
+    for table in ("recorded_outcomes", "chunk_progress")
 }
 
 
