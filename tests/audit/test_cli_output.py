@@ -25,7 +25,8 @@ from airflow_elspeth import cli
 from airflow_elspeth.audit import dml, schema
 from airflow_elspeth.audit.coalesce import coalesce_pass
 from airflow_elspeth.audit.engine import engine_for_url
-from airflow_elspeth.audit.model import CoalesceSpec
+from airflow_elspeth.audit.ids import branch_token_id, row_id, row_numbers
+from airflow_elspeth.audit.model import CoalesceSpec, run_number
 from airflow_elspeth.audit.read.decisions import coalesce_summary, failure_message
 from airflow_elspeth.audit.read.errors import error_groups
 from airflow_elspeth.audit.read.lineage import explain_row
@@ -36,9 +37,8 @@ from airflow_elspeth.audit.store import (
     ForkRow,
     NodeResult,
     RunIdentity,
-    branch_token_id,
 )
-from airflow_elspeth.core.canonical import derive_id, hash_value
+from airflow_elspeth.core.canonical import hash_value
 from airflow_elspeth.core.config import coalesce_config
 from airflow_elspeth.core.vocabulary import SKIP_LABEL, NodeStatus, ReasonKind, reason_kind
 
@@ -106,6 +106,8 @@ class Builder:
             rows.append(ForkRow(row_key=key, row_index=index, payload_hash=digest, payload_body=body))
         self.store.write_fork_chunk(self.run_id, list(BRANCHES), 0, rows)
         self.store.complete_run(self.run_id, rows_total=len(keys), chunks_total=1)
+        with engine.connect() as conn:
+            self.run_no = run_number(conn, self.run_id)
         for branch, step in STEPS.items():
             self.store.register_node(
                 self.run_id, step, "branch", branch, {"branch": branch, "previous_step": None}
@@ -113,18 +115,20 @@ class Builder:
         self.spec = _spec()
         self.store.register_node(self.run_id, "consensus", "coalesce", None, self.spec.as_dict())
 
+    def row(self, key: str) -> str:
+        return row_id(self.run_no, self.keys.index(key))
+
     def token(self, key: str, branch: str) -> str:
-        return branch_token_id(self.run_id, derive_id(self.run_id, key), branch)
+        return branch_token_id(self.row(key), branch)
 
     def write(self, branch: str, outcomes: dict[str, str], *, late: str | None = None) -> None:
         """``outcomes``: row key -> ``ok`` or an error type; ``late``: written as discarded."""
         results = []
         for key, what in outcomes.items():
-            row_id = derive_id(self.run_id, key)
             done = FakeClock.at
             common: dict[str, Any] = {
                 "token_id": self.token(key, branch),
-                "row_id": row_id,
+                "row_id": self.row(key),
                 "chunk": 0,
                 "started_at": done - timedelta(milliseconds=40),
                 "completed_at": done,
@@ -428,20 +432,26 @@ def test_the_arrival_record_is_what_the_replay_computes(store: tuple[str, dict[s
         **details,
         "arrival_order": [{"branch": "claude", "offset_ms": 0}, {"branch": "gpt", "offset_ms": 250}],
     }
+    # The decision event itself (``coalesce_decisions`` is a view over ``decisions``).
+    run_no, row_no = row_numbers(row.row_id)
+    stored = {"run": run_no, "node": "consensus", "row": row_no}
     with engine.begin() as conn:
         conn.execute(
-            text("UPDATE coalesce_decisions SET details_json = :d WHERE run_id = :r AND row_id = :row"),
-            {"d": json.dumps(tampered), "r": ids["try1"], "row": row.row_id},
+            text(
+                "UPDATE decisions SET details_json = :d"
+                " WHERE run_no = :run AND node_id = :node AND row_no = :row"
+            ),
+            {"d": json.dumps(tampered), **stored},
         )
     assert verify_findings() == ["decision_replay"]
     unrecorded = {k: v for k, v in details.items() if k != "arrival_order"}
     with engine.begin() as conn:
         conn.execute(
             text(
-                "UPDATE coalesce_decisions SET details_json = :d, wait_from_first_arrival_ms = NULL"
-                " WHERE run_id = :r AND row_id = :row"
+                "UPDATE decisions SET details_json = :d, wait_from_first_arrival_ms = NULL"
+                " WHERE run_no = :run AND node_id = :node AND row_no = :row"
             ),
-            {"d": json.dumps(unrecorded), "r": ids["try1"], "row": row.row_id},
+            {"d": json.dumps(unrecorded), **stored},
         )
     assert verify_findings() == []
 
@@ -550,15 +560,15 @@ def test_db_upgrade_names_the_store_it_upgraded(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'audit.db'}"
     first = invoke(url, "db", "upgrade", width=40)
     assert first.exit_code == 0, first.output
-    assert first.output == f"audit store {url} upgraded from an empty database to revision 0005\n"
+    assert first.output == f"audit store {url} upgraded from an empty database to revision 0006\n"
     again = invoke(url, "db", "upgrade", "--json")
     assert json.loads(again.output) == {
         "url": url,
         "store": url,
-        "previous_revision": "0005",
-        "revision": "0005",
+        "previous_revision": "0006",
+        "revision": "0006",
     }
-    assert invoke(url, "db", "upgrade").output == f"audit store {url} is at revision 0005 (already)\n"
+    assert invoke(url, "db", "upgrade").output == f"audit store {url} is at revision 0006 (already)\n"
 
     refused = CliRunner().invoke(
         cli.main, ["--url", "postgresql+psycopg2://elspeth:s3cret@127.0.0.1:1/audit", "db", "upgrade"]

@@ -21,21 +21,21 @@ import pytest
 from sqlalchemy import Engine, event, select
 
 from airflow_elspeth.audit import coalesce as coalesce_module
+from airflow_elspeth.audit import ids
 from airflow_elspeth.audit import schema as t
 from airflow_elspeth.audit.coalesce import coalesce_pass, supersede_resolutions, waiting_poll
 from airflow_elspeth.audit.dml import db_now
 from airflow_elspeth.audit.engine import create_audit_engine
 from airflow_elspeth.audit.log import read_chunk_log, row_events
-from airflow_elspeth.audit.model import CoalesceSpec, load_run
+from airflow_elspeth.audit.model import CoalesceSpec, load_run, run_number
 from airflow_elspeth.audit.read.work import branch_work, decided_in_chunk, decisions_in_chunk
 from airflow_elspeth.audit.store import (
     AuditStore,
     ForkRow,
     NodeResult,
     RunIdentity,
-    branch_token_id,
 )
-from airflow_elspeth.core.canonical import derive_id, hash_value
+from airflow_elspeth.core.canonical import hash_value
 from airflow_elspeth.core.config import coalesce_config
 from airflow_elspeth.core.policy import replay
 from airflow_elspeth.core.vocabulary import NodeStatus, NodeType
@@ -63,18 +63,39 @@ def fork(store: AuditStore, rows: int = 3) -> str:
         run_id, BRANCHES, 0, [ForkRow.from_row(f"k{i}", i, {"id": f"k{i}"}) for i in range(rows)]
     )
     store.complete_run(run_id, rows_total=rows, chunks_total=1)
+    for branch, step in STEPS.items():  # as each branch task registers its step before it writes
+        store.register_node(run_id, step, NodeType.BRANCH, branch, {"branch": branch, "previous_step": None})
     return run_id
 
 
-def arrivals(run_id: str, branch: str, rows: range) -> list[NodeResult]:
+def registered_fork(store: AuditStore, coalesce: CoalesceSpec) -> str:
+    """A completed fork with its coalesce registered, as the sensor registers it before its first
+    pass (the decisions' policy is read from it)."""
+    run_id = fork(store)
+    store.register_node(run_id, coalesce.node_id, NodeType.COALESCE, None, coalesce.as_dict())
+    return run_id
+
+
+def row_of(engine: Engine, run_id: str, i: int) -> str:
+    """The audit row id of source row ``k<i>`` (its index in the fork's input is ``i``)."""
+    with engine.connect() as conn:
+        return ids.row_id(run_number(conn, run_id), i)
+
+
+def token_of(engine: Engine, run_id: str, i: int, branch: str) -> str:
+    """The branch token id of source row ``k<i>`` on ``branch``."""
+    return ids.branch_token_id(row_of(engine, run_id, i), branch)
+
+
+def arrivals(store: AuditStore, run_id: str, branch: str, rows: range) -> list[NodeResult]:
     now = datetime.now(timezone.utc)
     results = []
     for i in rows:
-        row_id = derive_id(run_id, f"k{i}")
+        row_id = row_of(store.engine, run_id, i)
         digest, body = hash_value({"answer": f"{branch}{i}"}, what="output")
         results.append(
             NodeResult(
-                token_id=branch_token_id(run_id, row_id, branch),
+                token_id=ids.branch_token_id(row_id, branch),
                 row_id=row_id,
                 chunk=0,
                 status=NodeStatus.COMPLETED,
@@ -89,7 +110,7 @@ def arrivals(run_id: str, branch: str, rows: range) -> list[NodeResult]:
 
 def deliver(store: AuditStore, run_id: str, branch: str, rows: range, total: int = 3) -> None:
     store.write_branch_results(
-        run_id, STEPS[branch], 1, arrivals(run_id, branch, rows), chunk_tokens={0: total}
+        run_id, STEPS[branch], 1, arrivals(store, run_id, branch, rows), chunk_tokens={0: total}
     )
 
 
@@ -201,7 +222,7 @@ def test_a_commit_held_across_the_deadline_is_seen_by_the_decision(
 ) -> None:
     store = AuditStore(audit_engine)
     coalesce = spec(timeout=3.0)
-    run_id = fork(store)
+    run_id = registered_fork(store, coalesce)
     deliver(store, run_id, "a", range(3))
     held = HeldCommit(second_engine)
     writer = run_in_thread(deliver, AuditStore(second_engine), run_id, "b", range(3))
@@ -233,7 +254,7 @@ def test_a_write_stamped_after_a_decision_is_late_not_rewritten(
 ) -> None:
     store = AuditStore(audit_engine)
     coalesce = spec(timeout=1.0)
-    run_id = fork(store)
+    run_id = registered_fork(store, coalesce)
     deliver(store, run_id, "a", range(3))
     with audit_engine.connect() as conn:
         run = load_run(conn, run_id)
@@ -252,9 +273,7 @@ def test_a_write_stamped_after_a_decision_is_late_not_rewritten(
             select(t.token_outcomes.c.outcome).where(
                 t.token_outcomes.c.run_id == run_id,
                 t.token_outcomes.c.is_terminal,
-                t.token_outcomes.c.token_id.in_(
-                    [branch_token_id(run_id, derive_id(run_id, f"k{i}"), "b") for i in range(3)]
-                ),
+                t.token_outcomes.c.token_id.in_([token_of(audit_engine, run_id, i, "b") for i in range(3)]),
             )
         ).scalars()
         assert set(outcomes) == {"not_arrived"}
@@ -276,7 +295,7 @@ def terminal_outcomes(engine: Engine, run_id: str) -> dict[str, list[tuple[str, 
 def test_an_ended_coalesce_resolves_what_it_left_and_a_later_try_decides_afresh(audit_engine: Engine) -> None:
     store = AuditStore(audit_engine)
     coalesce = spec(timeout=600.0)  # the deadline is far: nothing would decide these rows by itself
-    run_id = fork(store)
+    run_id = registered_fork(store, coalesce)
     deliver(store, run_id, "a", range(3))
     deliver(store, run_id, "b", range(1))  # k0 can merge; k1 and k2 wait for b
     assert not coalesce_pass(store, coalesce, run_id, {"ask_a": "success", "ask_b": "running"}).done
@@ -297,9 +316,7 @@ def test_an_ended_coalesce_resolves_what_it_left_and_a_later_try_decides_afresh(
         details = json.loads(d["details_json"])
         assert details["arrived"] == ["a"] and details["coalesce_task_state"] == "failed"
     outcomes = terminal_outcomes(audit_engine, run_id)
-    branch_tokens = [
-        branch_token_id(run_id, derive_id(run_id, f"k{i}"), b) for i in range(3) for b in BRANCHES
-    ]
+    branch_tokens = [token_of(audit_engine, run_id, i, b) for i in range(3) for b in BRANCHES]
     assert all(len(outcomes.get(token, [])) == 1 for token in branch_tokens), outcomes
 
     # The try that was marked ended while it still ran must not undo its own end's resolution.
@@ -336,12 +353,12 @@ def test_a_branch_still_answers_rows_a_resolution_closed_so_a_later_try_can_merg
     it, that try could only fail it."""
     store = AuditStore(audit_engine)
     coalesce = spec(timeout=600.0)
-    run_id = fork(store)
+    run_id = registered_fork(store, coalesce)
     deliver(store, run_id, "a", range(3))
     deliver(store, run_id, "b", range(1))
     running = {"ask_a": "success", "ask_b": "running"}
     assert coalesce_pass(store, coalesce, run_id, running, ended_state="failed").done
-    k0 = derive_id(run_id, "k0")
+    k0 = row_of(audit_engine, run_id, 0)
 
     work = branch_work(audit_engine, run_id, STEPS["b"], "b", 0, None, coalesces=["join"])
     assert sorted(item.row_key for item in work.items) == ["k1", "k2"]  # k0 is done
@@ -351,14 +368,17 @@ def test_a_branch_still_answers_rows_a_resolution_closed_so_a_later_try_can_merg
 
     # After the resolution, written as the delivering step writes: late for now.
     store.write_branch_results(
-        run_id, STEPS["b"], 1, arrivals(run_id, "b", range(1, 3)), chunk_tokens={0: 3}, delivering_to=["join"]
+        run_id,
+        STEPS["b"],
+        1,
+        arrivals(store, run_id, "b", range(1, 3)),
+        chunk_tokens={0: 3},
+        delivering_to=["join"],
     )
-    branch_tokens = [
-        branch_token_id(run_id, derive_id(run_id, f"k{i}"), b) for i in range(3) for b in BRANCHES
-    ]
+    branch_tokens = [token_of(audit_engine, run_id, i, b) for i in range(3) for b in BRANCHES]
     outcomes = terminal_outcomes(audit_engine, run_id)
     assert {token: len(outcomes.get(token, [])) for token in branch_tokens} == dict.fromkeys(branch_tokens, 1)
-    late = [outcomes[branch_token_id(run_id, derive_id(run_id, f"k{i}"), "b")] for i in (1, 2)]
+    late = [outcomes[token_of(audit_engine, run_id, i, "b")] for i in (1, 2)]
     assert late == [[("late", "late_arrival_after_failure")]] * 2
     assert supersede_resolutions(store, coalesce, run_id, before=later(audit_engine)) == 2
     assert coalesce_pass(store, coalesce, run_id, {"ask_a": "success", "ask_b": "success"}).done
@@ -372,7 +392,7 @@ def test_a_branch_still_answers_rows_a_resolution_closed_so_a_later_try_can_merg
 def test_a_resolution_never_overrides_what_the_policy_can_decide(audit_engine: Engine) -> None:
     store = AuditStore(audit_engine)
     coalesce = spec(timeout=1.0, policy="first")
-    run_id = fork(store)
+    run_id = registered_fork(store, coalesce)
     deliver(store, run_id, "a", range(1))
     with audit_engine.connect() as conn:
         run = load_run(conn, run_id)
@@ -393,7 +413,7 @@ def test_the_waiting_poll_says_when_a_pass_would_do_something(audit_engine: Engi
     for: progress that decides nothing does not wake it, and is not replayed again until it changes."""
     store = AuditStore(audit_engine)
     coalesce = spec(timeout=600.0)
-    run_id = fork(store)
+    run_id = registered_fork(store, coalesce)
     running = {"ask_a": "running", "ask_b": "running"}
     undecidable: dict[int, str] = {}
     assert waiting_poll(audit_engine, coalesce, run_id, running, undecidable).reason is None
@@ -428,16 +448,9 @@ def test_the_waiting_poll_says_when_a_pass_would_do_something(audit_engine: Engi
 ENDED_B = {"ask_a": "success", "ask_b": "failed"}
 
 
-def registered_fork(store: AuditStore, coalesce: CoalesceSpec) -> str:
-    """A completed fork with its coalesce registered, as the sensor registers it (verify reads it)."""
-    run_id = fork(store)
-    store.register_node(run_id, coalesce.node_id, NodeType.COALESCE, None, coalesce.as_dict())
-    return run_id
-
-
 def branch_outcomes(engine: Engine, run_id: str, branch: str) -> list[list[tuple[str, str | None]]]:
     outcomes = terminal_outcomes(engine, run_id)
-    return [outcomes.get(branch_token_id(run_id, derive_id(run_id, f"k{i}"), branch), []) for i in range(3)]
+    return [outcomes.get(token_of(engine, run_id, i, branch), []) for i in range(3)]
 
 
 def assert_told_late(engine: Engine, coalesce: CoalesceSpec, run_id: str, late: str) -> None:
@@ -467,7 +480,7 @@ def assert_verified(engine: Engine, run_id: str) -> None:
 def write_as_delivering_step(store: AuditStore, run_id: str, branch: str, status: NodeStatus) -> None:
     """The branch's answers for every row, as its delivering step writes them (a ``discarded`` one
     is what a writer that read the decision first writes)."""
-    results = arrivals(run_id, branch, range(3))
+    results = arrivals(store, run_id, branch, range(3))
     if status is NodeStatus.DISCARDED:
         results = [
             NodeResult(**{**r.__dict__, "status": status, "context": {"late": "late_arrival_after_failure"}})

@@ -23,13 +23,14 @@ from airflow.sdk.exceptions import (
 )
 
 from airflow_elspeth import BranchOperator, CoalesceSensor, ForkOperator
+from airflow_elspeth.audit import ids
+from airflow_elspeth.audit.model import run_number
 from airflow_elspeth.audit.store import (
     COMPLETED,
     AuditStore,
     NodeResult,
-    branch_token_id,
 )
-from airflow_elspeth.core.canonical import derive_id, hash_value
+from airflow_elspeth.core.canonical import hash_value
 from airflow_elspeth.exceptions import AuditStoreUnreachable, ElspethConfigError
 from airflow_elspeth.operators.fork import AUDIT_RUN_XCOM_KEY
 from airflow_elspeth.sensors.coalesce import FRAMEWORK_TIMEOUT_MARGIN, SUMMARY_XCOM_KEY
@@ -107,13 +108,15 @@ def completed_fork(store: AuditStore) -> str:
 
 def deliver(store: AuditStore, run_id: str, branch: str) -> None:
     now = datetime.now(timezone.utc)
+    with store.engine.connect() as conn:
+        run_no = run_number(conn, run_id)
     results = []
     for index in range(ROWS):
-        row_id = derive_id(run_id, f"r{index}")
+        row_id = ids.row_id(run_no, index)  # row r<index> is the fork's input row <index>
         digest, body = hash_value({branch: index}, what="output")
         results.append(
             NodeResult(
-                token_id=branch_token_id(run_id, row_id, branch),
+                token_id=ids.branch_token_id(row_id, branch),
                 row_id=row_id,
                 chunk=0,
                 status=COMPLETED,
