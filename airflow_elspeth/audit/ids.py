@@ -33,6 +33,18 @@ def branch_token_id(row: str, branch: str) -> str:
     return f"{row}:b:{branch}"
 
 
+def branch_of_token(token: str) -> tuple[str, str]:
+    """(row id, branch) of a branch token id made by :func:`branch_token_id`.
+
+    :raises ValueError: for a string that is not such an id.
+    """
+    row, separator, branch = token.partition(":b:")
+    if not separator or not branch:
+        raise ValueError(f"{token!r} is not a branch token id (<row>:b:<branch>)")
+    row_numbers(row)
+    return row, branch
+
+
 def merged_token_id(row: str, coalesce: str) -> str:
     return f"{row}:m:{coalesce}"
 

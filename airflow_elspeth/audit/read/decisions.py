@@ -24,7 +24,8 @@ from typing import Any
 from sqlalchemy import Connection, Engine, Integer, and_, bindparam, cast, func, or_, select, text
 
 from airflow_elspeth.audit import schema as t
-from airflow_elspeth.audit.model import CoalesceSpec, deadline_of, load_run
+from airflow_elspeth.audit.ids import branch_of_token, row_id, row_numbers
+from airflow_elspeth.audit.model import CoalesceSpec, deadline_of, load_run, run_number
 from airflow_elspeth.audit.read.cache import CoalesceRef, coalesce_ref, run_reads
 from airflow_elspeth.audit.read.records import (
     AuditRunView,
@@ -114,12 +115,12 @@ def summarise(engine: Engine, spec: CoalesceSpec, run_id: str) -> CoalesceSummar
     :raises NotFound: no such audit run.
     """
     config = spec.config
-    cd = t.coalesce_decisions.c
-    mine = and_(cd.run_id == run_id, cd.node_id == spec.node_id)
+    cd = t.decisions.c
     with whole_run_reads(engine) as conn:
         run = load_run(conn, run_id)
         if run is None:
             raise NotFound(f"no audit run {run_id}")
+        mine = and_(cd.run_no == run.run_no, cd.node_id == spec.node_id)
         counts = Counter(
             {
                 (decision, reason): n
@@ -154,21 +155,28 @@ def summarise(engine: Engine, spec: CoalesceSpec, run_id: str) -> CoalesceSummar
             entry = missing.setdefault(branch, {"rows": 0, "reasons": {}})
             entry["rows"] += n
             entry["reasons"][reason] = entry["reasons"].get(reason, 0) + n
+        sr = t.source_rows.c
         failed = conn.execute(
-            select(cd.row_id, cd.row_key, cd.failure_reason, cd.details_json, cd.missing_json)
+            select(cd.row_no, sr.row_key, cd.failure_reason, cd.details_json, cd.missing_json)
+            .join_from(
+                t.decisions,
+                t.source_rows,
+                and_(sr.run_no == cd.run_no, sr.chunk == cd.chunk, sr.row_no == cd.row_no),
+            )
             .where(mine, cd.decision == DecisionStatus.FAILED.value)
-            .order_by(cd.chunk, cd.row_key)
+            .order_by(cd.chunk, sr.row_key)
             .limit(FAILED_ROWS_LIMIT + 1)
         ).all()
-        since = _rows_after_decision(conn, spec, run_id, [row.row_id for row in failed])
+        failed_ids = [row_id(run.run_no, row.row_no) for row in failed]
+        since = _rows_after_decision(conn, spec, run_id, failed_ids)
         failed_rows = [
             FailedRow(
                 row_key=row.row_key,
                 reason=row.failure_reason,
                 arrived=json.loads(row.details_json).get("arrived", []),
-                missing=_missing_now(since, row.row_id, row.missing_json),
+                missing=_missing_now(since, failed_id, row.missing_json),
             )
-            for row in failed
+            for row, failed_id in zip(failed, failed_ids, strict=True)
         ]
         collisions: dict[str, dict[str, Any]] = {}
         for collisions_json, n in conn.execute(
@@ -242,9 +250,65 @@ Moves = Mapping[tuple[str, str, str, str], int]
 # (written after that end: a late write, even before the decision). Decisions with such a loss are
 # few, so the time condition still prunes the join for all the others.
 _ANSWER_SINCE = or_(
-    t.node_states.c.recorded_at > t.coalesce_decisions.c.decided_at,
-    t.coalesce_decisions.c.missing_json.contains(f'"{BRANCH_TASK_PREFIX}', autoescape=True),
+    t.step_results.c.recorded_at > t.decisions.c.decided_at,
+    t.decisions.c.missing_json.contains(f'"{BRANCH_TASK_PREFIX}', autoescape=True),
 )
+
+
+def _answers_since(spec: CoalesceSpec, run_no: int, *where: Any) -> Any:
+    """(row_no, decision, missing_json, delivering node) of each arrival at a delivering step of this
+    coalesce written since its row's decision (:data:`_ANSWER_SINCE`), one per (row, node)."""
+    st, d = t.step_results.c, t.decisions.c
+    return (
+        select(d.row_no, d.decision, d.missing_json, st.node_id)
+        .distinct()
+        .join_from(
+            t.step_results,
+            t.decisions,
+            and_(
+                d.run_no == st.run_no,
+                d.node_id == spec.node_id,
+                d.chunk == st.chunk,
+                d.row_no == st.row_no,
+            ),
+        )
+        .where(
+            st.run_no == run_no,
+            st.node_id.in_(list(spec.delivering.values())),
+            st.status.in_(_ARRIVALS),
+            _ANSWER_SINCE,
+            *where,
+        )
+    )
+
+
+def _skips(
+    conn: Any, spec: CoalesceSpec, run_id: str, run_no: int, row_nos: set[int] | None = None
+) -> Iterator[tuple[int, str, str, str]]:
+    """(row_no, decision, missing_json, branch) of each branch token of this coalesce's decided rows
+    that a branch step skipped since (terminal outcome ``skipped``), optionally of some rows only."""
+    ro, d = t.recorded_outcomes.c, t.decisions.c
+    skipped: dict[int, list[str]] = {}
+    for token in conn.execute(
+        select(ro.token_id).where(
+            ro.run_id == run_id, ro.outcome == TokenOutcome.SKIPPED.value, ro.is_terminal
+        )
+    ).scalars():
+        row, branch = branch_of_token(token)
+        row_no = row_numbers(row)[1]
+        if branch in spec.config.branches and (row_nos is None or row_no in row_nos):
+            skipped.setdefault(row_no, []).append(branch)
+    wanted = sorted(skipped)
+    for start in range(0, len(wanted), 500):
+        for row_no, decision, missing_json in conn.execute(
+            select(d.row_no, d.decision, d.missing_json).where(
+                d.run_no == run_no,
+                d.node_id == spec.node_id,
+                d.row_no.in_(wanted[start : start + 500]),
+            )
+        ):
+            for branch in skipped[row_no]:
+                yield row_no, decision, missing_json, branch
 
 
 def _after_decision(conn: Any, spec: CoalesceSpec, run_id: str) -> dict[tuple[str, str, str, str], int]:
@@ -260,43 +324,13 @@ def _after_decision(conn: Any, spec: CoalesceSpec, run_id: str) -> dict[tuple[st
     Counted against this coalesce's own decisions: with several coalesces on one fork, a token's one
     terminal outcome may have been written by another coalesce.
     """
-    ns, cd, to, tk = t.node_states.c, t.coalesce_decisions.c, t.token_outcomes.c, t.tokens.c
     branch_of = {node: branch for branch, node in spec.delivering.items()}
+    run_no = run_number(conn, run_id)
     found: Counter[tuple[str, str, str, bool]] = Counter()
-    for decision, missing_json, node, n in conn.execute(
-        select(cd.decision, cd.missing_json, ns.node_id, func.count(func.distinct(ns.token_id)))
-        .select_from(
-            t.node_states.join(
-                t.coalesce_decisions,
-                and_(cd.run_id == ns.run_id, cd.row_id == ns.row_id, cd.node_id == spec.node_id),
-            )
-        )
-        .where(
-            ns.run_id == run_id,
-            ns.node_id.in_(list(branch_of)),
-            ns.status.in_(_ARRIVALS),
-            _ANSWER_SINCE,
-        )
-        .group_by(cd.decision, cd.missing_json, ns.node_id)
-    ):
-        found[(decision, missing_json, branch_of[node], True)] += n
-    for decision, missing_json, branch, n in conn.execute(
-        select(cd.decision, cd.missing_json, tk.branch_name, func.count())
-        .select_from(
-            t.token_outcomes.join(t.tokens, tk.token_id == to.token_id).join(
-                t.coalesce_decisions,
-                and_(cd.run_id == tk.run_id, cd.row_id == tk.row_id, cd.node_id == spec.node_id),
-            )
-        )
-        .where(
-            to.run_id == run_id,
-            to.outcome == TokenOutcome.SKIPPED.value,
-            to.is_terminal,
-            tk.token_kind == TokenKind.BRANCH.value,
-        )
-        .group_by(cd.decision, cd.missing_json, tk.branch_name)
-    ):
-        found[(decision, missing_json, branch, False)] += n
+    for _, decision, missing_json, node in conn.execute(_answers_since(spec, run_no)):
+        found[(decision, missing_json, branch_of[node], True)] += 1
+    for _, decision, missing_json, branch in _skips(conn, spec, run_id, run_no):
+        found[(decision, missing_json, branch, False)] += 1
     moves: dict[tuple[str, str, str, str], int] = {}
     for (decision, missing_json, branch, arrived), n in found.items():
         reason = json.loads(missing_json).get(branch)
@@ -313,38 +347,15 @@ def _rows_after_decision(
     :func:`_after_decision`), for the given rows of this coalesce: a late arrival or a skip."""
     if not row_ids:
         return {}
-    ns, cd, to, tk = t.node_states.c, t.coalesce_decisions.c, t.token_outcomes.c, t.tokens.c
     branch_of = {node: branch for branch, node in spec.delivering.items()}
-    mine = and_(cd.run_id == run_id, cd.node_id == spec.node_id, cd.row_id.in_(list(row_ids)))
+    run_no = run_number(conn, run_id)
+    row_nos = {row_numbers(row)[1] for row in row_ids}
     found: dict[tuple[str, str], str] = {}
-    for row_id, decision, node in conn.execute(
-        select(cd.row_id, cd.decision, ns.node_id)
-        .select_from(
-            t.node_states.join(t.coalesce_decisions, and_(cd.run_id == ns.run_id, cd.row_id == ns.row_id))
-        )
-        .where(
-            mine,
-            ns.node_id.in_(list(branch_of)),
-            ns.status.in_(_ARRIVALS),
-            _ANSWER_SINCE,
-        )
-    ):
-        found[(row_id, branch_of[node])] = after_decision_reason(decision, arrived=True)
-    for row_id, decision, branch in conn.execute(
-        select(cd.row_id, cd.decision, tk.branch_name)
-        .select_from(
-            t.token_outcomes.join(t.tokens, tk.token_id == to.token_id).join(
-                t.coalesce_decisions, and_(cd.run_id == tk.run_id, cd.row_id == tk.row_id)
-            )
-        )
-        .where(
-            mine,
-            to.outcome == TokenOutcome.SKIPPED.value,
-            to.is_terminal,
-            tk.token_kind == TokenKind.BRANCH.value,
-        )
-    ):
-        found.setdefault((row_id, branch), after_decision_reason(decision, arrived=False))
+    query = _answers_since(spec, run_no, t.decisions.c.row_no.in_(sorted(row_nos)))
+    for row_no, decision, _, node in conn.execute(query):
+        found[(row_id(run_no, row_no), branch_of[node])] = after_decision_reason(decision, arrived=True)
+    for row_no, decision, _, branch in _skips(conn, spec, run_id, run_no, row_nos):
+        found.setdefault((row_id(run_no, row_no), branch), after_decision_reason(decision, arrived=False))
     return found
 
 
