@@ -152,18 +152,6 @@ def _copy_insert(conn: Connection, statements: _Copy, rows: Sequence[tuple[Any, 
     return int(inserted)
 
 
-def select_in(conn: Connection, sql: str, values: Sequence[Any], *, page: int = 500) -> Iterator[Any]:
-    """The rows of ``sql`` (which ends in ``IN``) for ``values``, a page of them per statement.
-
-    Sent as driver SQL: SQLAlchemy would coerce and render every value of an ``in_()`` list on
-    each call, which cost a branch more than the query itself (benchmarks/RESULTS.md).
-    """
-    mark = "?" if conn.dialect.paramstyle == "qmark" else "%s"
-    for start in range(0, len(values), page):
-        part = values[start : start + page]
-        yield from conn.exec_driver_sql(f"{sql} ({','.join([mark] * len(part))})", tuple(part))
-
-
 def bind_value(conn: Connection, column: Column[Any], value: Any) -> Any:
     """``value`` as :func:`insert_tuples` sends it for ``column`` (pass the column in ``bound``)."""
     processor = _bind_processor(conn.dialect, column)

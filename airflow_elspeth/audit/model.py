@@ -1,15 +1,14 @@
 """The audit store's plain read-side model: what both the coalesce pass and the read models know.
 
 A coalesce's stored configuration (:class:`CoalesceSpec`), an audit run's shape (:class:`RunInfo`,
-:func:`load_run`, :func:`deadline_of`) and the payload bodies behind hashes. The pass
+:func:`load_run`, :func:`run_number`, :func:`deadline_of`). The pass
 (``audit/coalesce.py``) and the writers (``audit/store.py``) import this module; the read models
 (``audit/read/``) import it and never the pass. SQL and the core, no Airflow.
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -17,7 +16,6 @@ from typing import Any
 from sqlalchemy import Connection, select
 
 from airflow_elspeth.audit import schema as t
-from airflow_elspeth.audit.dml import select_in
 from airflow_elspeth.core.config import CoalesceConfig
 from airflow_elspeth.exceptions import AuditInvariantError
 
@@ -125,10 +123,3 @@ def deadline_of(run: RunInfo, config: CoalesceConfig) -> datetime:
     if run.completed_at is None:
         raise ValueError(f"audit run {run.run_id} has not completed its fork")
     return run.completed_at + config.timeout
-
-
-def payload_bodies(conn: Connection, hashes: Iterable[str | None]) -> dict[str, Any]:
-    """Payload hash -> the JSON value it stores."""
-    wanted = [h for h in set(hashes) if h]
-    sql = "SELECT hash, body FROM payloads WHERE hash IN"
-    return {digest: json.loads(body) for digest, body in select_in(conn, sql, wanted)}
