@@ -27,6 +27,12 @@ from airflow_elspeth.audit import schema as t
 from airflow_elspeth.audit.ids import branch_of_token, row_id, row_numbers
 from airflow_elspeth.audit.model import CoalesceSpec, deadline_of, load_run, run_number
 from airflow_elspeth.audit.read.cache import CoalesceRef, coalesce_ref, run_reads
+from airflow_elspeth.audit.read.events import (
+    DECISION_OF_RESULT,
+    SOURCE_OF_DECISION,
+    decision_rows_of,
+    row_id_of,
+)
 from airflow_elspeth.audit.read.records import (
     AuditRunView,
     CoalesceOverview,
@@ -54,7 +60,6 @@ from airflow_elspeth.core.vocabulary import (
     SKIPPED_DECIDED,
     DecisionStatus,
     ReasonKind,
-    TokenKind,
     TokenOutcome,
     after_decision_reason,
     answered_since,
@@ -486,16 +491,17 @@ class DecisionGroup:
 
 def _decision_scan(ref: CoalesceRef) -> tuple[list[DecisionGroup], dict[str, dict[int, int]]]:
     """One grouped scan of the coalesce's decisions: the groups, and decisions per time slot."""
-    cd = t.coalesce_decisions.c
+    cd = t.decisions.c
     resolution = slot_seconds(ref.spec)
     # wait_ms is decided_at - fork completion: slots need no date arithmetic.
     slot = (cast(cd.wait_ms / (resolution * 1000.0) + _SLOT_OFFSET, Integer) - _SLOT_OFFSET).label("slot")
     rows: dict[tuple[str, str | None, str, str], int] = {}
     slots: dict[str, dict[int, int]] = {DecisionStatus.MERGED.value: {}, DecisionStatus.FAILED.value: {}}
     with ref.engine.connect() as conn:
+        run_no = run_number(conn, ref.run_id)
         for decision, reason, missing_json, late_json, at, n in conn.execute(
             select(cd.decision, cd.failure_reason, cd.missing_json, cd.late_json, slot, func.count())
-            .where(cd.run_id == ref.run_id, cd.node_id == ref.node_id)
+            .where(cd.run_no == run_no, cd.node_id == ref.node_id)
             .group_by(cd.decision, cd.failure_reason, cd.missing_json, cd.late_json, slot)
         ):
             group = (decision, reason, missing_json, late_json)
@@ -537,7 +543,7 @@ def arrival_slots(ref: CoalesceRef, audit_run: AuditRunView) -> dict[str, dict[i
 
 def _arrival_slots(ref: CoalesceRef, audit_run: AuditRunView) -> dict[str, dict[int, int]]:
     engine, spec, resolution = ref.engine, ref.spec, slot_seconds(ref.spec)
-    ns = t.node_states.c
+    ns = t.step_results.c
     branch_of = {node: branch for branch, node in spec.delivering.items()}
     origin = bindparam("origin", audit_run.completed_at, type_=t.runs.c.completed_at.type)
     slot: Any
@@ -553,7 +559,7 @@ def _arrival_slots(ref: CoalesceRef, audit_run: AuditRunView) -> dict[str, dict[
         for node, at, n in conn.execute(
             select(ns.node_id, slot, func.count())
             .where(
-                ns.run_id == audit_run.audit_run_id,
+                ns.run_no == run_number(conn, audit_run.audit_run_id),
                 ns.node_id.in_(list(branch_of)),
                 ns.status.in_(_ARRIVALS),
             )
@@ -609,7 +615,7 @@ class RowFilter:
 
 def _json_missing_condition(engine: Engine, flt: RowFilter) -> Any:
     """SQL for "``branch`` is missing [for ``branch_reason``]" on missing_json, per dialect."""
-    cd = t.coalesce_decisions.c
+    cd = t.decisions.c
     if engine.dialect.name == "postgresql":
         from sqlalchemy.dialects.postgresql import JSONB
 
@@ -656,34 +662,34 @@ def _matrix(groups: Iterable[DecisionGroup], branches: Sequence[str], moves: Mov
 def _late_after_write(ref: CoalesceRef) -> list[dict[str, Any]]:
     """Arrivals written after their row's decision (the decision saw the branch as not arrived)."""
     spec = ref.spec
-    ns, to, cd = t.node_states.c, t.token_outcomes.c, t.coalesce_decisions.c
+    st, cd, sr = t.step_results.c, t.decisions.c, t.source_rows.c
     branch_of = {node: branch for branch, node in spec.delivering.items()}
+    with ref.engine.connect() as conn:
+        run_no = run_number(conn, ref.run_id)
     query = (
         select(
-            cd.row_key,
+            sr.row_key,
             cd.decision,
             cd.failure_reason,
             cd.decided_at,
             cd.recorded_at,
-            ns.node_id,
-            func.min(ns.recorded_at),
+            st.node_id,
+            func.min(st.recorded_at),
         )
         .select_from(
-            t.token_outcomes.join(t.node_states, ns.token_id == to.token_id).join(
-                t.coalesce_decisions,
-                and_(cd.run_id == ns.run_id, cd.node_id == spec.node_id, cd.row_id == ns.row_id),
+            t.step_results.join(t.decisions, and_(DECISION_OF_RESULT, cd.node_id == spec.node_id)).join(
+                t.source_rows, SOURCE_OF_DECISION
             )
         )
         .where(
-            to.run_id == ref.run_id,
-            to.is_terminal,
-            ns.node_id.in_(list(branch_of)),
-            ns.status.in_(_ARRIVALS),
+            st.run_no == run_no,
+            st.node_id.in_(list(branch_of)),
+            st.status.in_(_ARRIVALS),
             # Written after the decision was (the decision saw the branch as not arrived).
-            ns.recorded_at > cd.recorded_at,
+            st.recorded_at > cd.recorded_at,
         )
-        .group_by(cd.row_key, cd.decision, cd.failure_reason, cd.decided_at, cd.recorded_at, ns.node_id)
-        .order_by(func.min(ns.recorded_at))
+        .group_by(sr.row_key, cd.decision, cd.failure_reason, cd.decided_at, cd.recorded_at, st.node_id)
+        .order_by(func.min(st.recorded_at))
     )
     with ref.engine.connect() as conn:
         return [
@@ -808,7 +814,7 @@ def _story_condition(
 ) -> Any:
     """SQL for the rows of :func:`_story_matches`: the decision's own reason, or ``not_arrived`` and
     what the branch did since (answered late, skipped the row), per ``flt.branch_reason``."""
-    cd, ns, to, tk = t.coalesce_decisions.c, t.node_states.c, t.token_outcomes.c, t.tokens.c
+    cd, st, ro = t.decisions.c, t.step_results.c, t.recorded_outcomes.c
     branch, wanted = str(flt.branch), str(flt.branch_reason)
 
     def having(reason: str) -> Any:
@@ -819,32 +825,27 @@ def _story_condition(
 
     def answer(*since: Any) -> Any:
         return (
-            select(ns.state_id)
+            select(st.row_no)
             .where(
-                ns.run_id == cd.run_id,
-                ns.row_id == cd.row_id,
-                ns.node_id == spec.delivering[branch],
-                ns.status.in_(_ARRIVALS),
+                DECISION_OF_RESULT,
+                st.node_id == spec.delivering[branch],
+                st.status.in_(_ARRIVALS),
                 *since,
             )
             .exists()
         )
 
-    answered = answer(ns.recorded_at > cd.decided_at)
+    answered = answer(st.recorded_at > cd.decided_at)
     # Lost to its task's end: any answer is a late write (written after that end).
     task_ends = sorted({g.missing[branch] for g in matching if is_task_loss(g.missing.get(branch, ""))})
     if is_task_loss(wanted):
         return and_(having(wanted), ~answer())
     skipped = (
-        select(tk.token_id)
-        .select_from(t.tokens.join(t.token_outcomes, to.token_id == tk.token_id))
+        select(ro.outcome_id)
         .where(
-            tk.run_id == cd.run_id,
-            tk.row_id == cd.row_id,
-            tk.branch_name == branch,
-            tk.token_kind == TokenKind.BRANCH.value,
-            to.outcome == TokenOutcome.SKIPPED.value,
-            to.is_terminal,
+            ro.token_id == row_id_of(cd) + f":b:{branch}",
+            ro.outcome == TokenOutcome.SKIPPED.value,
+            ro.is_terminal,
         )
         .exists()
     )
@@ -882,8 +883,8 @@ def decision_rows(
         total = sum(g.rows for g in matching)
     rows: list[DecisionRecord] = []
     if total and offset < total:
-        cd = t.coalesce_decisions.c
-        conditions = [cd.run_id == run_id, cd.node_id == node_id]
+        cd, sr = t.decisions.c, t.source_rows.c
+        conditions = []
         if flt.decision is not None:
             conditions.append(cd.decision == flt.decision)
         if flt.reason is not None:
@@ -899,14 +900,17 @@ def decision_rows(
                 conditions.append(_json_missing_condition(engine, flt))
         if flt.late:
             conditions.append(cd.late_json != "[]")
-        query = (
-            select(t.coalesce_decisions)
-            .where(*conditions)
-            .order_by(cd.chunk, cd.row_key)
-            .limit(limit)
-            .offset(offset)
-        )
         with engine.connect() as conn:
+            run = load_run(conn, run_id)
+            if run is None:
+                raise NotFound(f"no audit run {run_id}")
+            query = (
+                decision_rows_of(run, ref.spec)
+                .where(*conditions)
+                .order_by(cd.chunk, sr.row_key)
+                .limit(limit)
+                .offset(offset)
+            )
             found = list(conn.execute(query).mappings())
             since = _rows_after_decision(conn, ref.spec, run_id, [row["row_id"] for row in found])
             rows = [
@@ -938,22 +942,26 @@ def late_arrivals(
     )
     arrived: dict[tuple[str, str], datetime] = {}
     if page.rows:
-        ns = t.node_states.c
+        st, sr = t.step_results.c, t.source_rows.c
         branch_of = {node: branch for branch, node in spec.delivering.items()}
         wanted = {row.row_key for row in page.rows}
-        r = t.rows.c
         with engine.connect() as conn:
             for row_key, node, at in conn.execute(
-                select(r.row_key, ns.node_id, func.min(ns.recorded_at))
-                .select_from(t.node_states.join(t.rows, and_(r.run_id == ns.run_id, r.row_id == ns.row_id)))
-                .where(
-                    ns.run_id == run_id,
-                    ns.node_id.in_(list(branch_of)),
-                    ns.chunk.in_(sorted({row.chunk for row in page.rows})),
-                    ns.status.in_(_ARRIVALS),
-                    r.row_key.in_(sorted(wanted)),
+                select(sr.row_key, st.node_id, func.min(st.recorded_at))
+                .select_from(
+                    t.step_results.join(
+                        t.source_rows,
+                        and_(sr.run_no == st.run_no, sr.chunk == st.chunk, sr.row_no == st.row_no),
+                    )
                 )
-                .group_by(r.row_key, ns.node_id)
+                .where(
+                    st.run_no == run_number(conn, run_id),
+                    st.node_id.in_(list(branch_of)),
+                    st.chunk.in_(sorted({row.chunk for row in page.rows})),
+                    st.status.in_(_ARRIVALS),
+                    sr.row_key.in_(sorted(wanted)),
+                )
+                .group_by(sr.row_key, st.node_id)
             ):
                 arrived[(row_key, branch_of[node])] = at
     rows = [
