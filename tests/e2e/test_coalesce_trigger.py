@@ -18,7 +18,8 @@ from sqlalchemy import Engine, text
 from airflow_elspeth.audit import coalesce as pass_module
 from airflow_elspeth.audit import service as service_module
 from airflow_elspeth.audit.coalesce import coalesce_pass
-from airflow_elspeth.audit.model import CoalesceSpec
+from airflow_elspeth.audit.ids import branch_token_id, row_id
+from airflow_elspeth.audit.model import CoalesceSpec, run_number
 from airflow_elspeth.audit.read.records import Finding
 from airflow_elspeth.audit.store import (
     COMPLETED,
@@ -26,9 +27,8 @@ from airflow_elspeth.audit.store import (
     ForkRow,
     NodeResult,
     RunIdentity,
-    branch_token_id,
 )
-from airflow_elspeth.core.canonical import derive_id, hash_value
+from airflow_elspeth.core.canonical import hash_value
 from airflow_elspeth.core.config import coalesce_config
 from airflow_elspeth.triggers import coalesce as trigger_module
 from airflow_elspeth.triggers.coalesce import CoalesceTrigger
@@ -83,14 +83,16 @@ def deliver(
     """Every row of ``rows`` (default all) of ``branch`` arrives at its delivering node."""
     store = AuditStore(engine)
     now = datetime.now(timezone.utc)
+    with engine.connect() as conn:
+        run_no = run_number(conn, run_id)
     results = []
     for index in rows:
-        row_id = derive_id(run_id, f"k{index}")
+        row = row_id(run_no, index)
         digest, body = hash_value({branch: index}, what="output")
         results.append(
             NodeResult(
-                token_id=branch_token_id(run_id, row_id, branch),
-                row_id=row_id,
+                token_id=branch_token_id(row, branch),
+                row_id=row,
                 chunk=index // chunk_size,
                 status=COMPLETED,
                 started_at=now,
