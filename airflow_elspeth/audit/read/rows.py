@@ -8,9 +8,12 @@ import json
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-from sqlalchemy import Engine, and_, select
+from sqlalchemy import Engine, select
 
 from airflow_elspeth.audit import schema as t
+from airflow_elspeth.audit.ids import merged_token_id, row_id
+from airflow_elspeth.audit.model import run_number
+from airflow_elspeth.audit.read.events import SOURCE_OF_DECISION
 from airflow_elspeth.core.vocabulary import DecisionStatus
 
 
@@ -21,39 +24,40 @@ def iter_merged_rows(
 
     :param with_lineage: yield ``{"row_key", "merged_token_id", "row"}`` instead of the bare row.
     """
-    cd, ns, p, r = t.coalesce_decisions.c, t.node_states.c, t.payloads.c, t.rows.c
-    query = (
-        select(cd.row_key, cd.merged_token_id, p.body)
-        .select_from(
-            t.coalesce_decisions.join(
-                t.node_states, and_(ns.token_id == cd.merged_token_id, ns.node_id == cd.node_id)
-            )
-            .join(t.payloads, p.hash == ns.output_ref)
-            .join(t.rows, and_(r.run_id == cd.run_id, r.row_id == cd.row_id))
-        )
-        .where(cd.run_id == run_id, cd.node_id == node_id, cd.decision == DecisionStatus.MERGED.value)
-        .order_by(r.row_index)
-        .execution_options(yield_per=batch_size)
-    )
+    d, sr = t.decisions.c, t.source_rows.c
     with engine.connect() as conn:
-        for row_key, merged_id, body in conn.execute(query):
+        run_no = run_number(conn, run_id)
+        query = (
+            select(sr.row_key, d.row_no, d.merged_body)
+            .join_from(t.decisions, t.source_rows, SOURCE_OF_DECISION)
+            .where(d.run_no == run_no, d.node_id == node_id, d.decision == DecisionStatus.MERGED.value)
+            .order_by(d.row_no)
+            .execution_options(yield_per=batch_size)
+        )
+        for row_key, row_no, body in conn.execute(query):
             row = json.loads(body)
-            yield {"row_key": row_key, "merged_token_id": merged_id, "row": row} if with_lineage else row
+            if with_lineage:
+                yield {
+                    "row_key": row_key,
+                    "merged_token_id": merged_token_id(row_id(run_no, row_no), node_id),
+                    "row": row,
+                }
+            else:
+                yield row
 
 
 def iter_source_rows(
     engine: Engine, run_id: str, *, batch_size: int = 1000
 ) -> Iterator[tuple[str, dict[str, Any]]]:
     """Stream a run's input rows as (row key, row) in fork order, ``batch_size`` rows at a time."""
-    r, p = t.rows.c, t.payloads.c
-    query = (
-        select(r.row_key, p.body)
-        .select_from(t.rows.join(t.payloads, p.hash == r.payload_ref))
-        .where(r.run_id == run_id)
-        .order_by(r.row_index)
-        .execution_options(yield_per=batch_size)
-    )
+    sr = t.source_rows.c
     with engine.connect() as conn:
+        query = (
+            select(sr.row_key, sr.body)
+            .where(sr.run_no == run_number(conn, run_id))
+            .order_by(sr.row_no)
+            .execution_options(yield_per=batch_size)
+        )
         for row_key, body in conn.execute(query):
             yield row_key, json.loads(body)
 
