@@ -11,7 +11,8 @@ from collections.abc import Sequence
 from sqlalchemy import Connection, Engine, and_, func, select
 
 from airflow_elspeth.audit import schema as t
-from airflow_elspeth.audit.model import WHOLE_TASK
+from airflow_elspeth.audit.ids import branch_of_token, row_numbers
+from airflow_elspeth.audit.model import WHOLE_TASK, load_run, run_number
 from airflow_elspeth.audit.read.records import AuditRunView, BranchStepView, StepErrors, TaskEnd, TaskView
 from airflow_elspeth.audit.read.sql import json_field
 from airflow_elspeth.core.vocabulary import BRANCH_TASK_PREFIX, NodeStatus, NodeType, TokenOutcome
@@ -40,10 +41,10 @@ def task_view(
 def _branch_step_stats(
     engine: Engine, run_id: str, node_id: str, branch: str, map_index: int | None
 ) -> BranchStepView:
-    ns, r = t.node_states.c, t.rows.c
-    scope = [ns.run_id == run_id, ns.node_id == node_id]
+    ns, sr = t.step_results.c, t.source_rows.c
     n = t.nodes.c
     with engine.connect() as conn:
+        scope = [ns.run_no == run_number(conn, run_id), ns.node_id == node_id]
         coalesce_configs = [
             json.loads(c)
             for c in conn.execute(
@@ -90,9 +91,12 @@ def _branch_step_stats(
         for kind in list(by_type)[:20]:
             examples[kind] = list(
                 conn.execute(
-                    select(r.row_key)
+                    select(sr.row_key)
                     .select_from(
-                        t.node_states.join(t.rows, and_(r.run_id == ns.run_id, r.row_id == ns.row_id))
+                        t.step_results.join(
+                            t.source_rows,
+                            and_(sr.run_no == ns.run_no, sr.chunk == ns.chunk, sr.row_no == ns.row_no),
+                        )
                     )
                     .where(
                         *scope,
@@ -135,18 +139,10 @@ def _task_end_losses(
     """The ends of this delivering task that the coalesce recorded (``branch_task_losses``), by task
     state: how many chunk records, first seen when; and how many of the branch's rows they lost
     (reason ``branch_task_<state>``). An intermediate step has none."""
-    tl, tk, o = t.branch_task_losses.c, t.tokens.c, t.token_outcomes.c
+    tl, ro = t.branch_task_losses.c, t.recorded_outcomes.c
     ends_scope = [tl.run_id == run_id, tl.node_id == node_id]
-    lost_scope = [
-        o.run_id == run_id,
-        o.is_terminal,
-        o.outcome == TokenOutcome.LOST.value,
-        o.reason.startswith(BRANCH_TASK_PREFIX),
-        tk.branch_name == branch,
-    ]
     if chunk is not None:
         ends_scope.append(tl.chunk.in_([chunk, WHOLE_TASK]))
-        lost_scope.append(tk.chunk == chunk)
     ends = [
         TaskEnd(task_state=state, records=n, first_seen_at=seen)
         for state, n, seen in conn.execute(
@@ -158,9 +154,18 @@ def _task_end_losses(
     ]
     if not ends:
         return [], 0
-    lost = conn.execute(
-        select(func.count())
-        .select_from(t.token_outcomes.join(t.tokens, tk.token_id == o.token_id))
-        .where(*lost_scope)
-    ).scalar_one()
-    return ends, int(lost)
+    run = load_run(conn, run_id)
+    lost = 0
+    for token in conn.execute(
+        select(ro.token_id).where(
+            ro.run_id == run_id,
+            ro.is_terminal,
+            ro.outcome == TokenOutcome.LOST.value,
+            ro.reason.startswith(BRANCH_TASK_PREFIX),
+        )
+    ).scalars():
+        row, token_branch = branch_of_token(token)
+        in_chunk = chunk is None or (run is not None and row_numbers(row)[1] // run.chunk_size == chunk)
+        if token_branch == branch and in_chunk:
+            lost += 1
+    return ends, lost
