@@ -88,21 +88,27 @@ def _read_lineage(engine: Engine, run_id: str, row_key: str) -> tuple[RowLineage
         if row is None:
             raise NotFound(f"no row {row_key!r} in audit run {run_id}")
         row_id = row["row_id"]
-        source = conn.execute(
-            select(t.payloads.c.body).where(t.payloads.c.hash == row["payload_ref"])
-        ).scalar()
+        run_no, row_no = row_numbers(row_id)
+        # Bodies are read with their events by key; the views are read within the row's chunk (a
+        # key prefix of the events), never searched by a computed id across the store.
+        sr, st, d = t.source_rows.c, t.step_results.c, t.decisions.c
+        in_row = [sr.run_no == run_no, sr.chunk == row["chunk"], sr.row_no == row_no]
+        source = conn.execute(select(sr.body).where(*in_row)).scalar()
         tokens = [
             dict(x)
             for x in conn.execute(
-                select(t.tokens).where(t.tokens.c.run_id == run_id, t.tokens.c.row_id == row_id)
+                select(t.tokens).where(
+                    t.tokens.c.run_id == run_id, t.tokens.c.chunk == row["chunk"], t.tokens.c.row_id == row_id
+                )
             ).mappings()
         ]
         token_ids = [tok["token_id"] for tok in tokens]
         states = defaultdict(list)
+        ns = t.node_states.c
         for state in conn.execute(
             select(t.node_states)
-            .where(t.node_states.c.token_id.in_(token_ids))
-            .order_by(t.node_states.c.started_at)
+            .where(ns.run_id == run_id, ns.chunk == row["chunk"], ns.token_id.in_(token_ids))
+            .order_by(ns.started_at)
         ).mappings():
             states[state["token_id"]].append(from_columns(NodeStateRecord, state))
         outcomes = defaultdict(list)
@@ -111,7 +117,11 @@ def _read_lineage(engine: Engine, run_id: str, row_key: str) -> tuple[RowLineage
             select(t.token_outcomes)
             # Terminal outcomes, and those a later coalesce try superseded (no longer terminal: each
             # says which by ``is_terminal`` / ``superseded_at``).
-            .where(to.token_id.in_(token_ids), or_(to.is_terminal, to.superseded_at.is_not(None)))
+            .where(
+                to.run_id == run_id,
+                to.token_id.in_(token_ids),
+                or_(to.is_terminal, to.superseded_at.is_not(None)),
+            )
             .order_by(to.recorded_at)
         ).mappings():
             outcomes[outcome["token_id"]].append(from_columns(OutcomeRecord, outcome))
@@ -126,7 +136,9 @@ def _read_lineage(engine: Engine, run_id: str, row_key: str) -> tuple[RowLineage
             dict(d)
             for d in conn.execute(
                 select(t.coalesce_decisions).where(
-                    t.coalesce_decisions.c.run_id == run_id, t.coalesce_decisions.c.row_id == row_id
+                    t.coalesce_decisions.c.run_id == run_id,
+                    t.coalesce_decisions.c.chunk == row["chunk"],
+                    t.coalesce_decisions.c.row_id == row_id,
                 )
             ).mappings()
         ]
@@ -139,12 +151,14 @@ def _read_lineage(engine: Engine, run_id: str, row_key: str) -> tuple[RowLineage
                 .order_by(sd.node_id, sd.superseded_at)
             ).mappings()
         ]
-        output_refs = {s.output_ref for ss in states.values() for s in ss if s.output_ref}
+        in_chunk = [st.run_no == run_no, st.chunk == row["chunk"], st.row_no == row_no]
+        merged = [d.run_no == run_no, d.chunk == row["chunk"], d.row_no == row_no, d.merged_hash.is_not(None)]
         outputs = {
             h: json.loads(b)
-            for h, b in conn.execute(
-                select(t.payloads.c.hash, t.payloads.c.body).where(t.payloads.c.hash.in_(output_refs))
-            )
+            for h, b in [
+                *conn.execute(select(st.output_hash, st.output_body).where(*in_chunk, st.output_body.is_not(None))),
+                *conn.execute(select(d.merged_hash, d.merged_body).where(*merged)),
+            ]
         }
     decisions = [DecisionRecord.from_row(d) for d in stored]
     parents = _parents(tokens, decisions, stored_parents)
