@@ -453,6 +453,29 @@ def test_tokens_without_outcome_once_every_row_is_decided(audit_url: str, trail:
     assert len(finding["examples"]) == 5 and set(finding["example_rows"]) <= {Trail.key(i) for i in range(12)}
 
 
+def test_two_terminal_outcomes_of_one_coalesce_are_flagged(audit_url: str, trail: Trail) -> None:
+    """A coalesce that merged a branch token (its outcome coalesced, implied) and recorded another
+    terminal outcome for it; a second coalesce's outcome for the same token is no duplicate."""
+    run = trail.run(rows=2)
+    trail.coalesce(run)
+    trail.coalesce(run, "other")
+    for i in range(2):
+        trail.merge(run, i)
+        trail._decision(
+            run, i, "other", "merged", None, FORKED + timedelta(seconds=2), consumed=list(BRANCHES)
+        )
+    result, out = verify(audit_url, "--no-airflow-states")
+    assert result.exit_code == 0, out  # both coalesces consumed a and b: an outcome each
+    late = trail._outcome(run, 1, "a", "late", "late_arrival_after_merge")
+    trail._insert(
+        t.recorded_outcomes, {**late, "join_group_id": ids.join_group_id(trail.row_id(run, 1), "join")}
+    )
+    result, out = verify(audit_url, "--no-airflow-states")
+    assert result.exit_code == 1
+    assert reported(out["findings"]) == [(run, "duplicate_terminal_outcomes")]
+    assert out["findings"][0]["examples"] == [trail.token(run, 1, "a")]
+
+
 def test_a_resolution_of_a_decidable_row_is_flagged(audit_url: str, trail: Trail) -> None:
     run = trail.run(rows=3)
     trail.coalesce(run)

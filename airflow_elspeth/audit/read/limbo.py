@@ -26,7 +26,6 @@ from sqlalchemy import (
     literal,
     select,
     true,
-    union,
     union_all,
 )
 
@@ -84,9 +83,10 @@ def limbo_findings(
     * ``rows_undecided``: rows of a completed run a registered coalesce has not decided past its
       deadline (fork completion + timeout) plus :data:`UNDECIDED_GRACE`, or (with task states)
       after that coalesce's task instance ended. Count: distinct rows.
-    * ``tokens_without_outcome`` (and ``duplicate_terminal_outcomes``): tokens of a completed run
-      without exactly one terminal outcome, once every registered coalesce decided every row or
-      (with task states) every registered coalesce's task ended. Count: tokens.
+    * ``tokens_without_outcome`` (and ``duplicate_terminal_outcomes``): branch tokens of a
+      completed run without a terminal outcome (or with two in one join group), once every
+      registered coalesce decided every row or (with task states) every registered coalesce's task
+      ended. Count: tokens. Read from the event tables (see :func:`_outcome_findings`).
     """
     findings: list[Finding] = []
     with whole_run_reads(engine) as conn:
@@ -258,8 +258,10 @@ def _outcome_findings(conn: Connection, run: AuditRun, run_no: int, because: str
     tokens can lack one. A branch token (one per row and branch of the run) has its terminal
     outcome when a merged decision of its row consumed its branch (``coalesced``, implied) or when
     ``recorded_outcomes`` holds a terminal one. The tokens are matched by their ids (``audit.ids``)
-    in one anti-join, and a token with both, or consumed by one coalesce and recorded by another, is
-    a duplicate.
+    in one anti-join. A duplicate is a token with two terminal outcomes in one join group: a
+    coalesce that merged it and also recorded another outcome for it. Two coalesces consuming one
+    branch give its token an outcome each, by design of the implied outcomes; the recorded ones are
+    one per token (``uq_recorded_outcomes_terminal``).
     """
     run_id = run.audit_run_id
     sr, d, o = t.source_rows.c, t.decisions.c, t.recorded_outcomes.c
@@ -278,15 +280,19 @@ def _outcome_findings(conn: Connection, run: AuditRun, run_no: int, because: str
         )
     ).subquery("branch_tokens")
     consumed = json_list_elements(conn.engine, d.consumed)
-    # Each token a merged decision consumed, once however many coalesces merged it.
-    coalesced = (
-        select((row_id(d) + ":b:" + consumed.c.value).label("token_id"))
+    # Terminal outcomes as (token, join group): the coalesced ones merged decisions imply, and the
+    # recorded ones.
+    implied = (
+        select(
+            (row_id(d) + ":b:" + consumed.c.value).label("token_id"),
+            (row_id(d) + ":j:" + d.node_id).label("join_group_id"),
+        )
         .select_from(t.decisions.join(consumed, true()))
         .where(d.run_no == run_no, d.decision == DecisionStatus.MERGED.value)
-        .distinct()
     )
-    recorded = select(o.token_id).where(o.run_id == run_id, o.is_terminal)
-    ended = union(coalesced, recorded).subquery("ended")
+    recorded = select(o.token_id, o.join_group_id).where(o.run_id == run_id, o.is_terminal)
+    terminal = union_all(implied, recorded).subquery("terminal")
+    ended = select(terminal.c.token_id).distinct().subquery("ended")
     missing = (
         select(tokens.c.token_id, tokens.c.row_key, tokens.c.chunk, tokens.c.row_no)
         .select_from(tokens.outerjoin(ended, ended.c.token_id == tokens.c.token_id))
@@ -310,19 +316,21 @@ def _outcome_findings(conn: Connection, run: AuditRun, run_no: int, because: str
                 checked_because=because,
             )
         )
-    terminal = union_all(coalesced, recorded).subquery("terminal")
-    duplicated = conn.execute(
-        select(terminal.c.token_id, func.count())
-        .group_by(terminal.c.token_id)
-        .having(func.count() > 1)
-        .order_by(terminal.c.token_id)
-    ).all()
+    duplicated = sorted(
+        set(
+            conn.execute(
+                select(terminal.c.token_id)
+                .group_by(terminal.c.token_id, terminal.c.join_group_id)
+                .having(func.count() > 1)
+            ).scalars()
+        )
+    )
     if duplicated:
         findings.append(
             DuplicateTerminalOutcomes(
                 run_id=run_id,
                 count=len(duplicated),
-                examples=[token_id for token_id, _ in duplicated[:LIMBO_EXAMPLES]],
+                examples=duplicated[:LIMBO_EXAMPLES],
                 checked_because=because,
             )
         )
