@@ -84,6 +84,8 @@ from airflow_elspeth.core.vocabulary import (
 )
 
 FINDING_EXAMPLES = LIMBO_EXAMPLES
+# Nested-fork parents looked up per statement (``orphan_parents``).
+PARENT_PAGE = 500
 
 # What "agrees" compares, in this order. The arrival record is compared only where it was stored
 # (decisions written before schema revision 0003 have none).
@@ -404,9 +406,6 @@ def orphan_parents(engine: Engine, run_id: str) -> OrphanParents | None:
         examples=[ids.source_token_id(ids.row_id(run_no, x.row_no)) for x in examples],
         missing_parents=[x.parent_token_id for x in examples],
     )
-
-
-PARENT_PAGE = 500
 
 
 def _merged_token_key(token_id: str) -> tuple[int, str, int] | None:
