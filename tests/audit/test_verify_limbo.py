@@ -1,8 +1,8 @@
 """``airflow-elspeth verify`` catches limbo: audit runs never closed, rows never decided, tokens left
 without a terminal outcome, and resolutions that hid a decidable row. On SQLite and PostgreSQL.
 
-The audit databases are built row by row with SQLAlchemy Core inserts (no operator, no coalesce
-pass), so each test states exactly the trail it judges.
+The audit databases are built row by row with SQLAlchemy Core inserts into the event tables of
+schema 0.2 (no operator, no coalesce pass), so each test states exactly the trail it judges.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from click.testing import CliRunner, Result
 from sqlalchemy import Engine, Table, insert, update
 
 from airflow_elspeth import airflow_states, cli
+from airflow_elspeth.audit import ids
 from airflow_elspeth.audit import schema as t
 from airflow_elspeth.audit.model import CoalesceSpec
 from airflow_elspeth.audit.read.decisions import coalesce_summary
@@ -47,10 +48,11 @@ def ident(*parts: Any) -> str:
 
 
 class Trail:
-    """Writes a small audit trail straight into the tables."""
+    """Writes a small audit trail straight into the event tables."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
+        self.run_nos: dict[str, int] = {}
 
     def _insert(self, table: Table, values: Sequence[dict[str, Any]] | dict[str, Any]) -> None:
         rows = [values] if isinstance(values, dict) else list(values)
@@ -70,11 +72,13 @@ class Trail:
         status_reason: str | None = None,
     ) -> str:
         run_id = ident("run", dag_id, airflow_run_id, try_number)
+        self.run_nos[run_id] = run_no = len(self.run_nos) + 1
         done = status == "completed"
         self._insert(
             t.runs,
             {
                 "run_id": run_id,
+                "run_no": run_no,
                 "dag_id": dag_id,
                 "airflow_run_id": airflow_run_id,
                 "fork_task_id": "fork",
@@ -91,69 +95,57 @@ class Trail:
                 "branches_json": json.dumps(list(BRANCHES)),
             },
         )
-        if not self._has_payload():
-            self._insert(t.payloads, {"hash": "p" * 64, "body": "{}"})
-        row_values, token_values, outcomes = [], [], []
-        for i in range(rows):
-            row_id = self.row_id(run_id, i)
-            row_values.append(
+        # A row's source token and its branch tokens are its source row (with the run's branches);
+        # its source token's outcome (forked) is implied.
+        self._insert(
+            t.source_rows,
+            [
+                {
+                    "run_no": run_no,
+                    "chunk": 0,
+                    "row_no": i,
+                    "row_key": self.key(i),
+                    "source_hash": "p" * 64,
+                    "body": "{}",
+                    "recorded_at": FORKED,
+                }
+                for i in range(rows)
+            ],
+        )
+        self._insert(
+            t.nodes,
+            [
                 {
                     "run_id": run_id,
-                    "row_id": row_id,
-                    "row_key": self.key(i),
-                    "row_index": i,
-                    "chunk": 0,
-                    "source_hash": "p" * 64,
-                    "payload_ref": "p" * 64,
+                    "node_id": f"step_{branch}",
+                    "task_id": f"step_{branch}",
+                    "node_type": "branch",
+                    "branch_name": branch,
+                    "config_json": json.dumps({"branch": branch, "previous_step": None}),
+                    "config_hash": "0" * 64,
                 }
-            )
-            source = ident("source", run_id, i)
-            token_values.append(self._token(source, run_id, row_id, "source", None))
-            outcomes.append(self._outcome(source, run_id, "forked", None))
-            # A branch token's parent (its row's source token) is derived, never stored (0005).
-            for branch in BRANCHES:
-                token = self.token(run_id, i, branch)
-                token_values.append(self._token(token, run_id, row_id, "branch", branch))
-        self._insert(t.rows, row_values)
-        self._insert(t.tokens, token_values)
-        self._insert(t.token_outcomes, outcomes)
+                for branch in BRANCHES
+            ],
+        )
         return run_id
-
-    def _has_payload(self) -> bool:
-        with self.engine.connect() as conn:
-            return conn.execute(t.payloads.select().where(t.payloads.c.hash == "p" * 64)).first() is not None
 
     @staticmethod
     def key(i: int) -> str:
         return f"doc-{i:03d}"
 
-    @staticmethod
-    def row_id(run_id: str, i: int) -> str:
-        return ident("row", run_id, i)
+    def row_id(self, run_id: str, i: int) -> str:
+        return ids.row_id(self.run_nos[run_id], i)
 
-    @staticmethod
-    def token(run_id: str, i: int, branch: str) -> str:
-        return ident("branch", run_id, i, branch)
+    def token(self, run_id: str, i: int, branch: str) -> str:
+        return ids.branch_token_id(self.row_id(run_id, i), branch)
 
-    @staticmethod
-    def _token(token_id: str, run_id: str, row_id: str, kind: str, branch: str | None) -> dict[str, Any]:
-        return {
-            "token_id": token_id,
-            "run_id": run_id,
-            "row_id": row_id,
-            "token_kind": kind,
-            "branch_name": branch,
-            "chunk": 0,
-            "created_at": FORKED,
-        }
-
-    @staticmethod
     def _outcome(
-        token_id: str, run_id: str, outcome: str, reason: str | None, *, terminal: bool = True
+        self, run_id: str, i: int, branch: str, outcome: str, reason: str | None, *, terminal: bool = True
     ) -> dict[str, Any]:
         return {
-            "token_id": token_id,
+            "token_id": self.token(run_id, i, branch),
             "run_id": run_id,
+            "row_id": self.row_id(run_id, i),
             "outcome": outcome,
             "is_terminal": terminal,
             "reason": reason,
@@ -186,45 +178,44 @@ class Trail:
     def arrive(self, run_id: str, i: int, branch: str, after_s: float) -> datetime:
         """``branch`` delivers row ``i`` to the coalesce ``after_s`` seconds after the fork completed."""
         at = FORKED + timedelta(seconds=after_s)
-        token = self.token(run_id, i, branch)
         self._insert(
-            t.node_states,
+            t.step_results,
             {
-                "state_id": ident("state", token),
-                "token_id": token,
-                "run_id": run_id,
+                "run_no": self.run_nos[run_id],
                 "node_id": f"step_{branch}",
+                "chunk": 0,
+                "row_no": i,
                 "attempt": 1,
                 "status": "completed",
-                "output_ref": "p" * 64,
+                "output_hash": "p" * 64,
+                "output_body": "{}",
                 "started_at": at,
                 "completed_at": at,
                 "recorded_at": at,
-                "row_id": self.row_id(run_id, i),
-                "chunk": 0,
             },
         )
         return at
 
-    def merge(self, run_id: str, i: int, node_id: str = "join", *, outcomes: bool = True) -> None:
+    def merge(self, run_id: str, i: int, node_id: str = "join") -> None:
         """Both branches arrive (after 1 s and 2 s) and the row is merged, as a replay says: the
-        decision, its merged token and that token's outcome; ``outcomes``: the branch tokens' too."""
+        decision with its merged row (its merged token, and the outcomes of that token and of the
+        consumed branch tokens, are implied)."""
         self.arrive(run_id, i, "a", 1)
         at = self.arrive(run_id, i, "b", 2)
         self._decision(run_id, i, node_id, "merged", None, at, consumed=list(BRANCHES))
-        merged = ident("merged", run_id, i, node_id)
-        self._insert(t.tokens, self._token(merged, run_id, self.row_id(run_id, i), "merged", None))
-        self._insert(t.token_outcomes, self._outcome(merged, run_id, "merged", None))
-        if outcomes:
-            self._insert(
-                t.token_outcomes,
-                [self._outcome(self.token(run_id, i, b), run_id, "coalesced", None) for b in BRANCHES],
-            )
 
     def resolve(
-        self, run_id: str, i: int, node_id: str = "join", *, state: str = "failed", after_s: float = 60
+        self,
+        run_id: str,
+        i: int,
+        node_id: str = "join",
+        *,
+        state: str = "failed",
+        after_s: float = 60,
+        outcomes: bool = True,
     ) -> None:
-        """A resolution: the coalesce task ended ``state`` ``after_s`` after the fork, row undecided."""
+        """A resolution: the coalesce task ended ``state`` ``after_s`` after the fork, row undecided;
+        ``outcomes``: with the branch tokens' outcomes (not_arrived) its writer records."""
         at = FORKED + timedelta(seconds=after_s)
         self._decision(
             run_id,
@@ -236,13 +227,11 @@ class Trail:
             details={"arrived": [], "lost": {}, "not_arrived": list(BRANCHES), "coalesce_task_state": state},
             missing=dict.fromkeys(BRANCHES, "not_arrived"),
         )
-        self._insert(
-            t.token_outcomes,
-            [
-                self._outcome(self.token(run_id, i, b), run_id, "not_arrived", "branch_task_none")
-                for b in BRANCHES
-            ],
-        )
+        if outcomes:
+            self._insert(
+                t.recorded_outcomes,
+                [self._outcome(run_id, i, b, "not_arrived", "branch_task_none") for b in BRANCHES],
+            )
 
     def _decision(
         self,
@@ -257,23 +246,22 @@ class Trail:
         details: dict[str, Any] | None = None,
         missing: dict[str, str] | None = None,
     ) -> None:
+        merged = decision == "merged"
         self._insert(
-            t.coalesce_decisions,
+            t.decisions,
             {
-                "run_id": run_id,
+                "run_no": self.run_nos[run_id],
                 "node_id": node_id,
-                "row_id": self.row_id(run_id, i),
-                "row_key": self.key(i),
                 "chunk": 0,
+                "row_no": i,
                 "decision": decision,
                 "failure_reason": reason,
                 "details_json": json.dumps(details or {}),
-                "policy": "require_all",
-                "merge_strategy": "union",
                 "consumed": json.dumps(list(consumed)),
                 "missing_json": json.dumps(missing or {}),
                 "late_json": "[]",
-                "merged_token_id": ident("merged", run_id, i, node_id) if decision == "merged" else None,
+                "merged_hash": "p" * 64 if merged else None,
+                "merged_body": "{}" if merged else None,
                 "decided_at": at,
                 "wait_ms": int((at - FORKED).total_seconds() * 1000),
                 "recorded_at": at + timedelta(seconds=1),
@@ -282,7 +270,7 @@ class Trail:
 
     def supersede(self, run_id: str, i: int, node_id: str = "join") -> None:
         """What a cleared coalesce's new try does to a resolution before deciding the row afresh."""
-        cd, to = t.coalesce_decisions.c, t.token_outcomes.c
+        cd, d, o = t.coalesce_decisions.c, t.decisions.c, t.recorded_outcomes.c
         with self.engine.begin() as conn:
             row = (
                 conn.execute(
@@ -298,13 +286,13 @@ class Trail:
                 insert(t.superseded_decisions), [{**kept, "superseded_at": NOW - timedelta(minutes=5)}]
             )
             conn.execute(
-                t.coalesce_decisions.delete().where(
-                    cd.run_id == run_id, cd.node_id == node_id, cd.row_id == row["row_id"]
+                t.decisions.delete().where(
+                    d.run_no == self.run_nos[run_id], d.node_id == node_id, d.chunk == 0, d.row_no == i
                 )
             )
             conn.execute(
-                update(t.token_outcomes)
-                .where(to.token_id.in_([self.token(run_id, i, b) for b in BRANCHES]), to.is_terminal)
+                update(t.recorded_outcomes)
+                .where(o.token_id.in_([self.token(run_id, i, b) for b in BRANCHES]), o.is_terminal)
                 .values(is_terminal=False, superseded_at=NOW - timedelta(minutes=5))
             )
 
@@ -453,13 +441,39 @@ def test_tokens_without_outcome_once_every_row_is_decided(audit_url: str, trail:
     run = trail.run(rows=20)
     trail.coalesce(run)
     for i in range(20):
-        trail.merge(run, i, outcomes=i >= 12)  # rows 0-11 decided, their branch tokens left open
+        if i < 12:  # resolved, their branch tokens left open (no not_arrived outcomes recorded)
+            trail.resolve(run, i, outcomes=False)
+        else:
+            trail.merge(run, i)
     result, out = verify(audit_url, "--no-airflow-states")
     assert result.exit_code == 1
     assert reported(out["findings"]) == [(run, TOKENS_WITHOUT_OUTCOME)]
     finding = out["findings"][0]
     assert finding["count"] == 24 and finding["by_kind"] == {"branch": 24}
     assert len(finding["examples"]) == 5 and set(finding["example_rows"]) <= {Trail.key(i) for i in range(12)}
+
+
+def test_two_terminal_outcomes_of_one_coalesce_are_flagged(audit_url: str, trail: Trail) -> None:
+    """A coalesce that merged a branch token (its outcome coalesced, implied) and recorded another
+    terminal outcome for it; a second coalesce's outcome for the same token is no duplicate."""
+    run = trail.run(rows=2)
+    trail.coalesce(run)
+    trail.coalesce(run, "other")
+    for i in range(2):
+        trail.merge(run, i)
+        trail._decision(
+            run, i, "other", "merged", None, FORKED + timedelta(seconds=2), consumed=list(BRANCHES)
+        )
+    result, out = verify(audit_url, "--no-airflow-states")
+    assert result.exit_code == 0, out  # both coalesces consumed a and b: an outcome each
+    late = trail._outcome(run, 1, "a", "late", "late_arrival_after_merge")
+    trail._insert(
+        t.recorded_outcomes, {**late, "join_group_id": ids.join_group_id(trail.row_id(run, 1), "join")}
+    )
+    result, out = verify(audit_url, "--no-airflow-states")
+    assert result.exit_code == 1
+    assert reported(out["findings"]) == [(run, "duplicate_terminal_outcomes")]
+    assert out["findings"][0]["examples"] == [trail.token(run, 1, "a")]
 
 
 def test_a_resolution_of_a_decidable_row_is_flagged(audit_url: str, trail: Trail) -> None:
@@ -496,14 +510,24 @@ def test_a_decision_that_differs_from_its_replay_is_flagged(audit_url: str, trai
     trail.coalesce(run)
     trail.merge(run, 0)
     trail.merge(run, 1)
-    # Row 1's stored decision says it failed, yet both branches arrived: its log merges it.
-    cd = t.coalesce_decisions.c
+    # Row 1's stored decision says it failed, yet both branches arrived: its log merges it. (Its
+    # branch tokens keep outcomes, as the writer of such a failure would have recorded them.)
+    d = t.decisions.c
     with trail.engine.begin() as conn:
         conn.execute(
-            update(t.coalesce_decisions)
-            .where(cd.run_id == run, cd.row_id == Trail.row_id(run, 1))
-            .values(decision="failed", failure_reason="branch_lost", consumed="[]")
+            update(t.decisions)
+            .where(d.run_no == trail.run_nos[run], d.row_no == 1)
+            .values(
+                decision="failed",
+                failure_reason="branch_lost",
+                consumed="[]",
+                merged_hash=None,
+                merged_body=None,
+            )
         )
+    trail._insert(
+        t.recorded_outcomes, [trail._outcome(run, 1, b, "row_failed", "branch_lost") for b in BRANCHES]
+    )
     result, out = verify(audit_url, "--no-airflow-states")
     assert result.exit_code == 1
     assert reported(out["findings"]) == [(run, "decision_replay")]
@@ -542,9 +566,12 @@ def test_a_decision_that_differs_from_its_replay_is_flagged(audit_url: str, trai
 
 def test_a_token_parent_that_is_no_token_is_flagged(audit_url: str, trail: Trail) -> None:
     run = clean_run(trail, rows=1)
-    trail._insert(
-        t.token_parents, {"token_id": Trail.token(run, 0, "a"), "parent_token_id": "gone", "ordinal": 0}
-    )
+    # The one stored parent link: a nested fork's source row -> the upstream merged token.
+    sr = t.source_rows.c
+    with trail.engine.begin() as conn:
+        conn.execute(
+            update(t.source_rows).where(sr.run_no == trail.run_nos[run]).values(parent_token_id="gone")
+        )
     result, out = verify(audit_url, "--no-airflow-states")
     assert result.exit_code == 1
     assert out["findings"] == [
@@ -553,7 +580,7 @@ def test_a_token_parent_that_is_no_token_is_flagged(audit_url: str, trail: Trail
             "check": "orphan_parent",
             "count": 1,
             "counted": "token parents",
-            "examples": [Trail.token(run, 0, "a")],
+            "examples": [ids.source_token_id(trail.row_id(run, 0))],
             "missing_parents": ["gone"],
         }
     ]

@@ -12,12 +12,27 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
+from typing import Any
 
-from sqlalchemy import Connection, Engine, and_, func, select
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    Engine,
+    FromClause,
+    Text,
+    and_,
+    cast,
+    func,
+    literal,
+    select,
+    true,
+    union_all,
+)
 
 from airflow_elspeth.audit import schema as t
 from airflow_elspeth.audit.dml import db_now
-from airflow_elspeth.audit.model import CoalesceSpec
+from airflow_elspeth.audit.model import CoalesceSpec, run_number
+from airflow_elspeth.audit.read.decisions import whole_run_reads
 from airflow_elspeth.audit.read.records import (
     AuditRun,
     DuplicateTerminalOutcomes,
@@ -29,7 +44,14 @@ from airflow_elspeth.audit.read.records import (
     UndecidedCoalesce,
 )
 from airflow_elspeth.audit.read.runs import coalesce_tasks
-from airflow_elspeth.core.vocabulary import ENDED_TASK_STATES, NodeType, RunStatus
+from airflow_elspeth.audit.read.sql import json_list_elements
+from airflow_elspeth.core.vocabulary import (
+    ENDED_TASK_STATES,
+    DecisionStatus,
+    NodeType,
+    RunStatus,
+    TokenKind,
+)
 
 #: Airflow task states as a plain mapping: (dag_id, airflow_run_id, task_id) -> the state of that
 #: (unmapped) task instance, its latest try. Only the CLI reads them from Airflow.
@@ -61,12 +83,13 @@ def limbo_findings(
     * ``rows_undecided``: rows of a completed run a registered coalesce has not decided past its
       deadline (fork completion + timeout) plus :data:`UNDECIDED_GRACE`, or (with task states)
       after that coalesce's task instance ended. Count: distinct rows.
-    * ``tokens_without_outcome`` (and ``duplicate_terminal_outcomes``): tokens of a completed run
-      without exactly one terminal outcome, once every registered coalesce decided every row or
-      (with task states) every registered coalesce's task ended. Count: tokens.
+    * ``tokens_without_outcome`` (and ``duplicate_terminal_outcomes``): branch tokens of a
+      completed run without a terminal outcome (or with two in one join group), once every
+      registered coalesce decided every row or (with task states) every registered coalesce's task
+      ended. Count: tokens. Read from the event tables (see :func:`_outcome_findings`).
     """
     findings: list[Finding] = []
-    with engine.connect() as conn:
+    with whole_run_reads(engine) as conn:
         clock = now if now is not None else db_now(conn)
         for run in runs:
             findings.extend(_run_limbo(conn, run, task_states, clock))
@@ -93,14 +116,17 @@ def _run_limbo(
     if run.status != RunStatus.COMPLETED or run.completed_at is None:
         return findings
 
-    r, cd = t.rows.c, t.coalesce_decisions.c
-    rows_total = int(
-        conn.execute(select(func.count()).select_from(t.rows).where(r.run_id == run_id)).scalar_one()
-    )
+    d = t.decisions.c
+    run_no = run_number(conn, run_id)
+    rows_total = _rows_of(conn, run_no)
+    # Decisions of rows still stored: one whose row is gone is verify's source_token_missing.
     decided: dict[str, int] = {
         node_id: int(n)
         for node_id, n in conn.execute(
-            select(cd.node_id, func.count()).where(cd.run_id == run_id).group_by(cd.node_id)
+            select(d.node_id, func.count())
+            .select_from(t.decisions.join(t.source_rows, of_source_row(t.decisions)))
+            .where(d.run_no == run_no)
+            .group_by(d.node_id)
         )
     }
     flagged: dict[str, UndecidedCoalesce] = {}
@@ -130,16 +156,27 @@ def _run_limbo(
                 undecided=undecided, deadline=deadline, task_state=state, why=why
             )
     if flagged:
-        findings.append(_rows_undecided(conn, run_id, rows_total, flagged))
+        findings.append(_rows_undecided(conn, run_id, run_no, rows_total, flagged))
     if all_decided or all_ended:
-        findings.extend(
-            _outcome_findings(conn, run_id, "every row decided" if all_decided else "coalesces ended")
-        )
+        because = "every row decided" if all_decided else "coalesces ended"
+        findings.extend(_outcome_findings(conn, run, run_no, because))
     return findings
 
 
+def of_source_row(table: FromClause) -> ColumnElement[bool]:
+    """The join of an event table (``step_results``, ``decisions``) to its row's ``source_rows`` row:
+    same run, chunk and row number."""
+    sr = t.source_rows.c
+    return and_(sr.run_no == table.c.run_no, sr.chunk == table.c.chunk, sr.row_no == table.c.row_no)
+
+
+def _rows_of(conn: Connection, run_no: int) -> int:
+    sr = t.source_rows.c
+    return int(conn.execute(select(func.count()).where(sr.run_no == run_no)).scalar_one())
+
+
 def _run_not_closed(conn: Connection, run: AuditRun, fork_state: str | None) -> RunNotClosed | None:
-    ru, r = t.runs.c, t.rows.c
+    ru, sr = t.runs.c, t.source_rows.c
     later = [
         LaterTry(run_id=x.run_id, try_number=x.try_number, status=x.status)
         for x in conn.execute(
@@ -160,17 +197,11 @@ def _run_not_closed(conn: Connection, run: AuditRun, fork_state: str | None) -> 
         why.append(f"fork task {run.fork_task_id} ended {fork_state}")
     if not why:
         return None
-    rows = int(
-        conn.execute(
-            select(func.count()).select_from(t.rows).where(r.run_id == run.audit_run_id)
-        ).scalar_one()
-    )
+    run_no = run_number(conn, run.audit_run_id)
+    rows = _rows_of(conn, run_no)
     examples = list(
         conn.execute(
-            select(r.row_key)
-            .where(r.run_id == run.audit_run_id)
-            .order_by(r.chunk, r.row_index)
-            .limit(LIMBO_EXAMPLES)
+            select(sr.row_key).where(sr.run_no == run_no).order_by(sr.chunk, sr.row_no).limit(LIMBO_EXAMPLES)
         ).scalars()
     )
     return RunNotClosed(
@@ -185,35 +216,32 @@ def _run_not_closed(conn: Connection, run: AuditRun, fork_state: str | None) -> 
 
 
 def _rows_undecided(
-    conn: Connection, run_id: str, rows_total: int, flagged: Mapping[str, UndecidedCoalesce]
+    conn: Connection, run_id: str, run_no: int, rows_total: int, flagged: Mapping[str, UndecidedCoalesce]
 ) -> RowsUndecided:
-    r, cd = t.rows.c, t.coalesce_decisions.c
+    sr, d = t.source_rows.c, t.decisions.c
     nodes = sorted(flagged)
     if len(nodes) == 1:
         count = flagged[nodes[0]].undecided
     else:
         decided_by_all = (
-            select(cd.row_id)
-            .where(cd.run_id == run_id, cd.node_id.in_(nodes))
-            .group_by(cd.row_id)
-            .having(func.count(func.distinct(cd.node_id)) == len(nodes))
+            select(d.chunk, d.row_no)
+            .select_from(t.decisions.join(t.source_rows, of_source_row(t.decisions)))
+            .where(d.run_no == run_no, d.node_id.in_(nodes))
+            .group_by(d.chunk, d.row_no)
+            .having(func.count(func.distinct(d.node_id)) == len(nodes))
             .subquery()
         )
         count = rows_total - int(conn.execute(select(func.count()).select_from(decided_by_all)).scalar_one())
     examples: dict[str, tuple[int, int]] = {}
     for node_id in nodes:
-        decided = (
-            select(cd.row_id)
-            .where(cd.run_id == r.run_id, cd.node_id == node_id, cd.row_id == r.row_id)
-            .exists()
-        )
-        for key, chunk, index in conn.execute(
-            select(r.row_key, r.chunk, r.row_index)
-            .where(r.run_id == run_id, ~decided)
-            .order_by(r.chunk, r.row_index)
+        decided = select(d.row_no).where(d.node_id == node_id, of_source_row(t.decisions)).exists()
+        for key, chunk, row_no in conn.execute(
+            select(sr.row_key, sr.chunk, sr.row_no)
+            .where(sr.run_no == run_no, ~decided)
+            .order_by(sr.chunk, sr.row_no)
             .limit(LIMBO_EXAMPLES)
         ):
-            examples[key] = (chunk, index)
+            examples[key] = (chunk, row_no)
     return RowsUndecided(
         run_id=run_id,
         count=count,
@@ -222,52 +250,87 @@ def _rows_undecided(
     )
 
 
-def _outcome_findings(conn: Connection, run_id: str, because: str) -> list[Finding]:
-    """Tokens of a finished run without exactly one terminal outcome (superseded ones do not count)."""
-    tk, to, r = t.tokens.c, t.token_outcomes.c, t.rows.c
-    terminal = select(to.token_id).where(to.token_id == tk.token_id, to.is_terminal).exists()
-    missing = [tk.run_id == run_id, ~terminal]
-    by_kind = {
-        str(kind): int(n)
-        for kind, n in conn.execute(
-            select(tk.token_kind, func.count())
-            .where(*missing)
-            .group_by(tk.token_kind)
-            .order_by(tk.token_kind)
+def _outcome_findings(conn: Connection, run: AuditRun, run_no: int, because: str) -> list[Finding]:
+    """Tokens of a finished run without exactly one terminal outcome (superseded ones do not count).
+
+    Read from the events, never the views: a source token's outcome (``forked``) and a merged
+    token's (``merged``) are implied by the very rows their tokens come from, so only branch
+    tokens can lack one. A branch token (one per row and branch of the run) has its terminal
+    outcome when a merged decision of its row consumed its branch (``coalesced``, implied) or when
+    ``recorded_outcomes`` holds a terminal one. The tokens are matched by their ids (``audit.ids``)
+    in one anti-join. A duplicate is a token with two terminal outcomes in one join group: a
+    coalesce that merged it and also recorded another outcome for it. Two coalesces consuming one
+    branch give its token an outcome each, by design of the implied outcomes; the recorded ones are
+    one per token (``uq_recorded_outcomes_terminal``).
+    """
+    run_id = run.audit_run_id
+    sr, d, o = t.source_rows.c, t.decisions.c, t.recorded_outcomes.c
+    if not run.branches:
+        return []
+
+    def row_id(table: Any) -> ColumnElement[str]:
+        return cast(table.run_no, Text) + "." + cast(table.row_no, Text)
+
+    tokens = union_all(
+        *(
+            select(
+                sr.chunk, sr.row_no, sr.row_key, (row_id(sr) + literal(f":b:{branch}")).label("token_id")
+            ).where(sr.run_no == run_no)
+            for branch in run.branches
         )
-    }
+    ).subquery("branch_tokens")
+    consumed = json_list_elements(conn.engine, d.consumed)
+    # Terminal outcomes as (token, join group): the coalesced ones merged decisions imply, and the
+    # recorded ones.
+    implied = (
+        select(
+            (row_id(d) + ":b:" + consumed.c.value).label("token_id"),
+            (row_id(d) + ":j:" + d.node_id).label("join_group_id"),
+        )
+        .select_from(t.decisions.join(consumed, true()))
+        .where(d.run_no == run_no, d.decision == DecisionStatus.MERGED.value)
+    )
+    recorded = select(o.token_id, o.join_group_id).where(o.run_id == run_id, o.is_terminal)
+    terminal = union_all(implied, recorded).subquery("terminal")
+    ended = select(terminal.c.token_id).distinct().subquery("ended")
+    missing = (
+        select(tokens.c.token_id, tokens.c.row_key, tokens.c.chunk, tokens.c.row_no)
+        .select_from(tokens.outerjoin(ended, ended.c.token_id == tokens.c.token_id))
+        .where(ended.c.token_id.is_(None))
+        .subquery("missing")
+    )
+    found = conn.execute(
+        select(missing.c.token_id, missing.c.row_key, func.count().over().label("found"))
+        .order_by(missing.c.chunk, missing.c.row_no, missing.c.token_id)
+        .limit(LIMBO_EXAMPLES)
+    ).all()
     findings: list[Finding] = []
-    if by_kind:
-        examples = conn.execute(
-            select(tk.token_id, r.row_key)
-            .select_from(t.tokens.outerjoin(t.rows, and_(r.run_id == tk.run_id, r.row_id == tk.row_id)))
-            .where(*missing)
-            .order_by(tk.chunk, tk.token_id)
-            .limit(LIMBO_EXAMPLES)
-        ).all()
+    if found:
         findings.append(
             TokensWithoutOutcome(
                 run_id=run_id,
-                count=sum(by_kind.values()),
-                examples=[token_id for token_id, _ in examples],
-                example_rows=sorted({key for _, key in examples if key is not None}),
-                by_kind=by_kind,
+                count=found[0].found,
+                examples=[x.token_id for x in found],
+                example_rows=sorted({x.row_key for x in found}),
+                by_kind={TokenKind.BRANCH.value: found[0].found},
                 checked_because=because,
             )
         )
-    duplicated = conn.execute(
-        select(to.token_id, func.count())
-        .where(to.run_id == run_id, to.is_terminal)
-        .group_by(to.token_id)
-        .having(func.count() > 1)
-        .order_by(to.token_id)
-    ).all()
+    duplicated = sorted(
+        set(
+            conn.execute(
+                select(terminal.c.token_id)
+                .group_by(terminal.c.token_id, terminal.c.join_group_id)
+                .having(func.count() > 1)
+            ).scalars()
+        )
+    )
     if duplicated:
         findings.append(
             DuplicateTerminalOutcomes(
                 run_id=run_id,
                 count=len(duplicated),
-                examples=[token_id for token_id, _ in duplicated[:LIMBO_EXAMPLES]],
+                examples=duplicated[:LIMBO_EXAMPLES],
                 checked_because=because,
             )
         )

@@ -27,16 +27,19 @@ from sqlalchemy import (
     ColumnElement,
     Connection,
     Engine,
-    FromClause,
     Row,
     Select,
     and_,
+    case,
     func,
+    null,
     or_,
     select,
     true,
+    union,
 )
 
+from airflow_elspeth.audit import ids
 from airflow_elspeth.audit import schema as t
 from airflow_elspeth.audit.log import (
     TokenState,
@@ -46,9 +49,9 @@ from airflow_elspeth.audit.log import (
     read_chunk_log,
     row_events,
 )
-from airflow_elspeth.audit.model import CoalesceSpec, RunInfo, deadline_of, load_run
+from airflow_elspeth.audit.model import CoalesceSpec, RunInfo, deadline_of, load_run, run_number
 from airflow_elspeth.audit.read.decisions import whole_run_reads
-from airflow_elspeth.audit.read.limbo import LIMBO_EXAMPLES, TaskStates, limbo_findings
+from airflow_elspeth.audit.read.limbo import LIMBO_EXAMPLES, TaskStates, limbo_findings, of_source_row
 from airflow_elspeth.audit.read.records import (
     AuditRun,
     BranchParentsMissing,
@@ -72,14 +75,17 @@ from airflow_elspeth.audit.read.runs import coalesce_nodes
 from airflow_elspeth.audit.read.sql import json_list_elements
 from airflow_elspeth.core.policy import BranchEvent, CollisionCheck, Decision, order_events, replay
 from airflow_elspeth.core.vocabulary import (
+    ARRIVAL_NODE_STATUSES,
     DecisionStatus,
+    NodeType,
     RunStatus,
-    TokenKind,
     is_resolution,
     resolution_task_state,
 )
 
 FINDING_EXAMPLES = LIMBO_EXAMPLES
+# Nested-fork parents looked up per statement (``orphan_parents``).
+PARENT_PAGE = 500
 
 # What "agrees" compares, in this order. The arrival record is compared only where it was stored
 # (decisions written before schema revision 0003 have none).
@@ -354,124 +360,199 @@ def _aggregate(
 
 
 def orphan_parents(engine: Engine, run_id: str) -> OrphanParents | None:
-    """Stored token parents of the run's tokens (a nested fork's links) that are no token at all."""
-    tk, tp = t.tokens.c, t.token_parents.c
-    parent = t.tokens.alias("parent")
-    orphans = (
-        select(tp.token_id, tp.parent_token_id)
-        .select_from(
-            t.token_parents.join(t.tokens, tk.token_id == tp.token_id).outerjoin(
-                parent, parent.c.token_id == tp.parent_token_id
-            )
-        )
-        .where(tk.run_id == run_id, parent.c.token_id.is_(None))
-    )
+    """The run's stored token parents (a nested fork's source row -> the upstream merged token,
+    ``source_rows.parent_token_id``) that name no merged token: not a merged token's id, or one of
+    a row no coalesce merged (a merged token exists exactly while its merged decision does).
+
+    The ids are parsed and their decisions looked up by key (the run's number, the coalesce, the
+    row's number), pages of :data:`PARENT_PAGE` rows a statement: nothing indexes the views' computed
+    token ids, and the view ``tokens`` would be searched whole for each link.
+    """
+    sr, d = t.source_rows.c, t.decisions.c
     with engine.connect() as conn:
-        count, examples = _first(conn, orphans, tp.token_id)
-    if not count:
+        run_no = run_number(conn, run_id)
+        links = conn.execute(
+            select(sr.row_no, sr.parent_token_id)
+            .where(sr.run_no == run_no, sr.parent_token_id.is_not(None))
+            .order_by(sr.chunk, sr.row_no)
+        ).all()
+        named: dict[tuple[int, str], set[int]] = {}
+        for link in links:
+            parent = _merged_token_key(link.parent_token_id)
+            if parent is not None:
+                named.setdefault(parent[:2], set()).add(parent[2])
+        merged: set[tuple[int, str, int]] = set()
+        for (upstream, coalesce), row_nos in named.items():
+            wanted = sorted(row_nos)
+            for start in range(0, len(wanted), PARENT_PAGE):
+                merged.update(
+                    (upstream, coalesce, row_no)
+                    for row_no in conn.execute(
+                        select(d.row_no).where(
+                            d.run_no == upstream,
+                            d.node_id == coalesce,
+                            d.decision == DecisionStatus.MERGED.value,
+                            d.row_no.in_(wanted[start : start + PARENT_PAGE]),
+                        )
+                    ).scalars()
+                )
+    orphans = [link for link in links if _merged_token_key(link.parent_token_id) not in merged]
+    if not orphans:
         return None
+    examples = orphans[:FINDING_EXAMPLES]
     return OrphanParents(
         run_id=run_id,
-        count=count,
-        examples=[x.token_id for x in examples],
+        count=len(orphans),
+        examples=[ids.source_token_id(ids.row_id(run_no, x.row_no)) for x in examples],
         missing_parents=[x.parent_token_id for x in examples],
     )
 
 
-def derived_link_findings(engine: Engine, run_id: str) -> list[Finding]:
-    """The derived lineage links of a completed run that do not hold, one finding per kind.
+def _merged_token_key(token_id: str) -> tuple[int, str, int] | None:
+    """(run number, coalesce, row number) of a merged token id (``ids.merged_token_id``), or None
+    for a string that is no such id."""
+    row, separator, coalesce = token_id.partition(":m:")
+    try:
+        run_no, row_no = ids.row_numbers(row)
+    except ValueError:
+        return None
+    if not separator or not coalesce or ids.merged_token_id(row, coalesce) != token_id:
+        return None
+    return run_no, coalesce, row_no
 
-    Only ``token_parents``' nested-fork links are stored (:func:`orphan_parents`); the others are
-    derived (``lineage._parents``): a branch token's parent is its row's source token, a merged
-    token's parents are the branch tokens of its row that its decision ``consumed``. Each check is
-    one anti-join over the run (hash-join shaped on PostgreSQL: ``whole_run_reads``), counted and
-    its first :data:`FINDING_EXAMPLES` read in the same statement. Tokens are matched by (run, row,
-    kind, branch), as the lineage derives them.
+
+def derived_link_findings(engine: Engine, run_id: str) -> list[Finding]:
+    """The lineage links of a completed run that do not hold, one finding per kind.
+
+    In schema 0.2 a token exists exactly while the event it comes from does: a row's source token
+    and its branch tokens (one per branch of ``runs.branches_json``) while its ``source_rows`` row
+    does, a merged token while its merged decision does. So the links that can break are those
+    between events, and each check reads the event tables themselves (a check through the views,
+    which derive tokens from the same rows, could never fail):
+
+    * ``source_token_missing``: rows that step results or decisions name, without their source row
+      (examples: row ids, their keys went with the row);
+    * ``branch_parent_missing``: branch tokens with step results whose row is gone;
+    * ``consumed_token_missing``: branches a merged decision consumed that did not arrive (no
+      completed or discarded result at the coalesce's delivering step of that branch, or no branch
+      of the coalesce at all);
+    * ``merged_token_missing``: merged decisions without their merged row (``merged_hash`` and
+      ``merged_body``), the merged token's payload;
+    * ``merged_token_without_decision``: merged rows stored with a decision that did not merge.
+
+    Each check is one anti-join or filter over the run (hash-join shaped on PostgreSQL:
+    ``whole_run_reads``), counted and its first :data:`FINDING_EXAMPLES` read in the same statement.
     """
-    checks = (
-        _rows_without_source_token,
-        _branch_tokens_without_parent,
-        _consumed_without_token,
-        _merged_without_token,
-        _merged_tokens_without_decision,
-    )
     with whole_run_reads(engine) as conn:
-        found = [check(conn, run_id) for check in checks]
+        run_no = run_number(conn, run_id)
+        found = [
+            _rows_without_source(conn, run_id, run_no),
+            _results_without_row(conn, run_id, run_no),
+            _consumed_without_arrival(conn, run_id, run_no),
+            _merged_without_row(conn, run_id, run_no),
+            _merged_rows_without_merge(conn, run_id, run_no),
+        ]
     return [finding for finding in found if finding is not None]
 
 
-def _source_token_of(run_id: str, row_id: Any) -> tuple[FromClause, ColumnElement[bool]]:
-    """The tokens table as the source token of the run's row ``row_id``: (alias, join condition)."""
-    source = t.tokens.alias("source_token")
-    kind = TokenKind.SOURCE.value
-    return source, and_(source.c.run_id == run_id, source.c.row_id == row_id, source.c.token_kind == kind)
-
-
-def _rows_without_source_token(conn: Connection, run_id: str) -> SourceTokensMissing | None:
-    r = t.rows.c
-    source, of_row = _source_token_of(run_id, r.row_id)
-    count, rows = _first(
-        conn,
-        select(r.row_key)
-        .select_from(t.rows.outerjoin(source, of_row))
-        .where(r.run_id == run_id, source.c.token_id.is_(None)),
-        r.row_key,
-    )
+def _rows_without_source(conn: Connection, run_id: str, run_no: int) -> SourceTokensMissing | None:
+    sr = t.source_rows.c
+    gone = union(
+        *(
+            select(event.c.chunk, event.c.row_no)
+            .select_from(event.outerjoin(t.source_rows, of_source_row(event)))
+            .where(event.c.run_no == run_no, sr.row_no.is_(None))
+            for event in (t.step_results, t.decisions)
+        )
+    ).subquery("gone")
+    count, rows = _first(conn, select(gone.c.chunk, gone.c.row_no), gone.c.chunk, gone.c.row_no)
     if not count:
         return None
-    return SourceTokensMissing(run_id=run_id, count=count, examples=[x.row_key for x in rows])
+    return SourceTokensMissing(
+        run_id=run_id, count=count, examples=[ids.row_id(run_no, x.row_no) for x in rows]
+    )
 
 
-def _branch_tokens_without_parent(conn: Connection, run_id: str) -> BranchParentsMissing | None:
-    r, tk = t.rows.c, t.tokens.c
-    source, of_row = _source_token_of(run_id, tk.row_id)
-    count, tokens = _first(
-        conn,
-        select(tk.token_id, r.row_key, tk.branch_name)
+def _results_without_row(conn: Connection, run_id: str, run_no: int) -> BranchParentsMissing | None:
+    sr, st, n = t.source_rows.c, t.step_results.c, t.nodes.c
+    tokens = (
+        select(st.chunk, st.row_no, n.branch_name)
+        .distinct()
         .select_from(
-            t.tokens.outerjoin(t.rows, and_(r.run_id == run_id, r.row_id == tk.row_id)).outerjoin(
-                source, of_row
+            t.step_results.join(t.nodes, and_(n.run_id == run_id, n.node_id == st.node_id)).outerjoin(
+                t.source_rows, of_source_row(t.step_results)
             )
         )
-        .where(
-            tk.run_id == run_id,
-            tk.token_kind == TokenKind.BRANCH.value,
-            or_(r.row_id.is_(None), source.c.token_id.is_(None)),
-        ),
-        tk.token_id,
+        .where(st.run_no == run_no, n.branch_name.is_not(None), sr.row_no.is_(None))
+        .subquery("orphan_results")
+    )
+    count, found = _first(
+        conn,
+        select(tokens.c.row_no, tokens.c.branch_name),
+        tokens.c.chunk,
+        tokens.c.row_no,
+        tokens.c.branch_name,
     )
     if not count:
         return None
     return BranchParentsMissing(
         run_id=run_id,
         count=count,
-        examples=[x.token_id for x in tokens],
-        rows=[x.row_key for x in tokens],
-        branches=[x.branch_name for x in tokens],
+        examples=[ids.branch_token_id(ids.row_id(run_no, x.row_no), x.branch_name) for x in found],
+        rows=[None] * len(found),  # the row is gone, its key with it
+        branches=[x.branch_name for x in found],
     )
 
 
-def _consumed_without_token(conn: Connection, run_id: str) -> ConsumedTokensMissing | None:
-    cd = t.coalesce_decisions.c
-    consumed = json_list_elements(conn.engine, cd.consumed)
-    branch = t.tokens.alias("branch_token")
+def _delivering_steps(conn: Connection, run_id: str) -> dict[tuple[str, str], str]:
+    """(coalesce, branch) -> the step that delivers that branch to that coalesce."""
+    n = t.nodes.c
+    steps: dict[tuple[str, str], str] = {}
+    for node_id, config_json in conn.execute(
+        select(n.node_id, n.config_json).where(n.run_id == run_id, n.node_type == NodeType.COALESCE)
+    ):
+        spec = CoalesceSpec.from_dict(json.loads(config_json))
+        steps.update(((node_id, branch), step) for branch, step in spec.delivering.items())
+    return steps
+
+
+def _consumed_without_arrival(conn: Connection, run_id: str, run_no: int) -> ConsumedTokensMissing | None:
+    sr, d = t.source_rows.c, t.decisions.c
+    consumed = json_list_elements(conn.engine, d.consumed)
+    delivering = _delivering_steps(conn, run_id)
+    step: ColumnElement[Any] = (
+        case(
+            *(
+                (and_(d.node_id == coalesce, consumed.c.value == branch), node)
+                for (coalesce, branch), node in delivering.items()
+            )
+        )
+        if delivering
+        else null()
+    )
+    arrival = t.step_results.alias("arrival")
     count, gone = _first(
         conn,
-        select(cd.row_key, cd.node_id, consumed.c.value.label("branch"))
+        select(sr.row_key, d.node_id, consumed.c.value.label("branch"))
         .select_from(
-            t.coalesce_decisions.join(consumed, true()).outerjoin(
-                branch,
+            t.decisions.join(t.source_rows, of_source_row(t.decisions))  # a row that is gone: see above
+            .join(consumed, true())
+            .outerjoin(
+                arrival,
                 and_(
-                    branch.c.run_id == cd.run_id,
-                    branch.c.row_id == cd.row_id,
-                    branch.c.token_kind == TokenKind.BRANCH.value,
-                    branch.c.branch_name == consumed.c.value,
+                    arrival.c.run_no == d.run_no,
+                    arrival.c.chunk == d.chunk,
+                    arrival.c.row_no == d.row_no,
+                    arrival.c.node_id == step,
+                    arrival.c.status.in_([s.value for s in ARRIVAL_NODE_STATUSES]),
                 ),
             )
         )
-        .where(cd.run_id == run_id, branch.c.token_id.is_(None)),
-        cd.row_key,
-        cd.node_id,
+        .where(d.run_no == run_no, d.decision == DecisionStatus.MERGED.value, arrival.c.row_no.is_(None)),
+        d.chunk,
+        d.row_no,
+        d.node_id,
+        consumed.c.value,
     )
     if not count:
         return None
@@ -484,30 +565,20 @@ def _consumed_without_token(conn: Connection, run_id: str) -> ConsumedTokensMiss
     )
 
 
-def _merged_without_token(conn: Connection, run_id: str) -> MergedTokensMissing | None:
-    cd = t.coalesce_decisions.c
-    merged = t.tokens.alias("merged_token")
+def _merged_without_row(conn: Connection, run_id: str, run_no: int) -> MergedTokensMissing | None:
+    sr, d = t.source_rows.c, t.decisions.c
     count, decisions = _first(
         conn,
-        select(cd.row_key, cd.node_id, cd.merged_token_id)
-        .select_from(
-            t.coalesce_decisions.outerjoin(
-                merged,
-                and_(
-                    merged.c.token_id == cd.merged_token_id,
-                    merged.c.run_id == cd.run_id,
-                    merged.c.row_id == cd.row_id,
-                    merged.c.token_kind == TokenKind.MERGED.value,
-                ),
-            )
-        )
+        select(sr.row_key, d.row_no, d.node_id)
+        .select_from(t.decisions.join(t.source_rows, of_source_row(t.decisions)))
         .where(
-            cd.run_id == run_id,
-            cd.decision == DecisionStatus.MERGED.value,
-            merged.c.token_id.is_(None),
+            d.run_no == run_no,
+            d.decision == DecisionStatus.MERGED.value,
+            or_(d.merged_hash.is_(None), d.merged_body.is_(None)),
         ),
-        cd.row_key,
-        cd.node_id,
+        d.chunk,
+        d.row_no,
+        d.node_id,
     )
     if not count:
         return None
@@ -516,36 +587,34 @@ def _merged_without_token(conn: Connection, run_id: str) -> MergedTokensMissing 
         count=count,
         examples=[x.row_key for x in decisions],
         coalesces=[x.node_id for x in decisions],
-        merged_token_ids=[x.merged_token_id for x in decisions],
+        merged_token_ids=[ids.merged_token_id(ids.row_id(run_no, x.row_no), x.node_id) for x in decisions],
     )
 
 
-def _merged_tokens_without_decision(conn: Connection, run_id: str) -> MergedTokensWithoutDecision | None:
-    r, tk, cd = t.rows.c, t.tokens.c, t.coalesce_decisions.c
-    # A set difference, not a join on the decisions: nothing indexes them by row or merged token,
-    # and SQLite would search every decision of the run for each merged token.
-    unnamed = (
-        select(tk.token_id, tk.row_id)
-        .where(tk.run_id == run_id, tk.token_kind == TokenKind.MERGED.value)
-        .except_(
-            select(cd.merged_token_id, cd.row_id).where(cd.run_id == run_id, cd.merged_token_id.is_not(None))
-        )
-        .subquery("unnamed")
-    )
-    count, tokens = _first(
+def _merged_rows_without_merge(
+    conn: Connection, run_id: str, run_no: int
+) -> MergedTokensWithoutDecision | None:
+    sr, d = t.source_rows.c, t.decisions.c
+    count, decisions = _first(
         conn,
-        select(unnamed.c.token_id, r.row_key).select_from(
-            unnamed.outerjoin(t.rows, and_(r.run_id == run_id, r.row_id == unnamed.c.row_id))
+        select(sr.row_key, d.row_no, d.node_id)
+        .select_from(t.decisions.outerjoin(t.source_rows, of_source_row(t.decisions)))
+        .where(
+            d.run_no == run_no,
+            d.decision != DecisionStatus.MERGED.value,
+            or_(d.merged_hash.is_not(None), d.merged_body.is_not(None)),
         ),
-        unnamed.c.token_id,
+        d.chunk,
+        d.row_no,
+        d.node_id,
     )
     if not count:
         return None
     return MergedTokensWithoutDecision(
         run_id=run_id,
         count=count,
-        examples=[x.token_id for x in tokens],
-        rows=[x.row_key for x in tokens],
+        examples=[ids.merged_token_id(ids.row_id(run_no, x.row_no), x.node_id) for x in decisions],
+        rows=[x.row_key for x in decisions],
     )
 
 
