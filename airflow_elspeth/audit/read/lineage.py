@@ -15,6 +15,7 @@ from typing import Any
 from sqlalchemy import Engine, or_, select
 
 from airflow_elspeth.audit import schema as t
+from airflow_elspeth.audit.ids import row_numbers
 from airflow_elspeth.audit.model import CoalesceSpec, RunInfo
 from airflow_elspeth.audit.read.records import (
     AuditRunView,
@@ -156,7 +157,9 @@ def _read_lineage(engine: Engine, run_id: str, row_key: str) -> tuple[RowLineage
         outputs = {
             h: json.loads(b)
             for h, b in [
-                *conn.execute(select(st.output_hash, st.output_body).where(*in_chunk, st.output_body.is_not(None))),
+                *conn.execute(
+                    select(st.output_hash, st.output_body).where(*in_chunk, st.output_body.is_not(None))
+                ),
                 *conn.execute(select(d.merged_hash, d.merged_body).where(*merged)),
             ]
         }
