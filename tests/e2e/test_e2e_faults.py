@@ -192,25 +192,20 @@ def test_coalesce_killed_mid_wait_resumes_on_its_retry(airflow_stack: AirflowSta
     assert summary["rows_merged"] == len(WAIT_ROWS) and summary["rows_failed"] == 0
     assert_closed(stack, audit, dag_id, run_id, rows=len(WAIT_ROWS), branches=2)
 
-    # -- verify is not blind: the same data with one terminal outcome and one decision removed -----
+    # -- verify is not blind: the same data with one decision removed (its row undecided, and its
+    # branch tokens, whose outcome the merged decision implied, without one) ---------------------------
     copy_url = copy_audit_db(stack)
     copy = AuditDB(copy_url)
     try:
-        tokens = branch_token_outcomes(copy, audit_run)
-        victim = next(t for t in tokens if t["row_key"] == "row-1" and t["branch_name"] == "slow")
         with copy.engine.begin() as conn:
             deleted = conn.execute(
-                text("DELETE FROM token_outcomes WHERE token_id = :t AND is_terminal"),
-                {"t": victim["token_id"]},
-            ).rowcount
-            deleted += conn.execute(
                 text(
-                    "DELETE FROM coalesce_decisions WHERE run_id = :r AND row_id = "
-                    "(SELECT row_id FROM rows WHERE run_id = :r AND row_key = 'row-7')"
+                    "DELETE FROM decisions WHERE run_no = (SELECT run_no FROM runs WHERE run_id = :r)"
+                    " AND row_no = (SELECT row_index FROM rows WHERE run_id = :r AND row_key = 'row-7')"
                 ),
                 {"r": audit_run},
             ).rowcount
-        assert deleted == 2
+        assert deleted == 1
     finally:
         copy.dispose()
     done = stack.run(
