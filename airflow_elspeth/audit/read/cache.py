@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 from sqlalchemy import Engine, func, select
 
 from airflow_elspeth.audit import schema as t
-from airflow_elspeth.audit.model import CoalesceSpec
+from airflow_elspeth.audit.model import CoalesceSpec, run_number
 from airflow_elspeth.audit.read.runs import coalesce_spec
 
 CACHE_SIZE = 64
@@ -69,13 +69,13 @@ def _store_key(engine: Engine) -> str:
 
 def _fingerprint(engine: Engine, run_id: str, spec: CoalesceSpec) -> tuple[Any, ...]:
     """Cheap reads that change whenever the coalesce decides rows or a branch delivers more."""
-    cd, cp = t.coalesce_decisions.c, t.chunk_progress.c
+    cd, cp = t.decisions.c, t.chunk_progress.c
     nodes = [spec.node_id, *spec.delivering.values()]
     with engine.connect() as conn:
         decided = tuple(
             conn.execute(
                 select(cd.decision, cd.failure_reason, func.count())
-                .where(cd.run_id == run_id, cd.node_id == spec.node_id)
+                .where(cd.run_no == run_number(conn, run_id), cd.node_id == spec.node_id)
                 .group_by(cd.decision, cd.failure_reason)
                 .order_by(cd.decision, cd.failure_reason)
             ).all()

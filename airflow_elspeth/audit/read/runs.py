@@ -274,13 +274,14 @@ def decision_counts(
     wanted = [run_id for run_id, (_, coalesces) in runs.items() if coalesces]
     found: dict[tuple[str, str], dict[str, int]] = {}
     reasons: dict[tuple[str, str], dict[str, int]] = {}
-    cd = t.coalesce_decisions.c
+    cd, r = t.decisions.c, t.runs.c
     with engine.connect() as conn:
         for start in range(0, len(wanted), _BATCH):
             for run_id, node_id, decision, reason, n in conn.execute(
-                select(cd.run_id, cd.node_id, cd.decision, cd.failure_reason, func.count())
-                .where(cd.run_id.in_(wanted[start : start + _BATCH]))
-                .group_by(cd.run_id, cd.node_id, cd.decision, cd.failure_reason)
+                select(r.run_id, cd.node_id, cd.decision, cd.failure_reason, func.count())
+                .join_from(t.decisions, t.runs, r.run_no == cd.run_no)
+                .where(r.run_id.in_(wanted[start : start + _BATCH]))
+                .group_by(r.run_id, cd.node_id, cd.decision, cd.failure_reason)
             ):
                 got = found.setdefault((run_id, node_id), {})
                 got[decision] = got.get(decision, 0) + int(n)
