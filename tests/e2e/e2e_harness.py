@@ -908,10 +908,10 @@ def branch_token_outcomes(audit: AuditDB, run_id: str) -> list[dict[str, Any]]:
     """Every branch token of an audit run with its number of terminal outcomes and the terminal one."""
     return audit.all(
         "SELECT t.token_id, t.branch_name, r.row_key, "
-        "count(o.outcome_id) FILTER (WHERE o.is_terminal) AS terminal, "
+        "count(o.token_id) FILTER (WHERE o.is_terminal) AS terminal, "
         "max(o.outcome) FILTER (WHERE o.is_terminal) AS outcome, "
         "max(o.reason) FILTER (WHERE o.is_terminal) AS reason, "
-        "count(o.outcome_id) FILTER (WHERE NOT o.is_terminal) AS superseded "
+        "count(o.token_id) FILTER (WHERE NOT o.is_terminal) AS superseded "
         "FROM tokens t JOIN rows r ON r.run_id = t.run_id AND r.row_id = t.row_id "
         "LEFT JOIN token_outcomes o ON o.token_id = t.token_id "
         "WHERE t.run_id = :run AND t.token_kind = 'branch' "
