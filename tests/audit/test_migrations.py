@@ -100,33 +100,49 @@ def test_terminal_outcome_index_is_partial_and_unique(audit_engine: Engine) -> N
 
     def outcome(terminal: bool) -> dict[str, Any]:
         return {
-            "token_id": "t" * 32,
+            "token_id": "1.0:b:a",
             "run_id": "r" * 32,
-            "outcome": "completed" if terminal else "buffered",
+            "row_id": "1.0",
+            "outcome": "completed" if terminal else "not_arrived",
             "is_terminal": terminal,
             "recorded_at": now,
         }
 
     with audit_engine.begin() as connection:
-        connection.execute(insert(schema.token_outcomes), [outcome(False), outcome(False), outcome(True)])
+        connection.execute(insert(schema.recorded_outcomes), [outcome(False), outcome(False), outcome(True)])
     with pytest.raises(IntegrityError), audit_engine.begin() as connection:
-        connection.execute(insert(schema.token_outcomes), [outcome(True)])
+        connection.execute(insert(schema.recorded_outcomes), [outcome(True)])
     with audit_engine.connect() as connection:
         terminal = connection.execute(
-            select(schema.token_outcomes.c.outcome_id).where(schema.token_outcomes.c.is_terminal)
+            select(schema.recorded_outcomes.c.outcome_id).where(schema.recorded_outcomes.c.is_terminal)
         ).all()
     assert len(terminal) == 1
 
 
-def test_downgrade_to_base_removes_everything(plain_engine: Engine) -> None:
+def test_downgrade_from_0005_to_base_removes_everything(plain_engine: Engine) -> None:
     from alembic import command
 
-    migrate.upgrade(plain_engine)
+    migrate.upgrade(plain_engine, "0005")
     with plain_engine.connect() as connection:
         command.downgrade(migrate.alembic_config(connection), "base")
         connection.commit()
     assert set(inspect(plain_engine).get_table_names()) <= {migrate.VERSION_TABLE}
     assert migrate.current_revision(plain_engine) is None
+
+
+def test_0006_refuses_to_downgrade_and_leaves_the_store_as_it_was(plain_engine: Engine) -> None:
+    """0.1's hex ids are not kept by 0.2, so 0006 has no downgrade: asking for one says so and
+    changes nothing."""
+    from alembic import command
+
+    migrate.upgrade(plain_engine)
+    with plain_engine.connect() as connection:
+        with pytest.raises(NotImplementedError, match="cannot be downgraded"):
+            command.downgrade(migrate.alembic_config(connection), "0005")
+        connection.rollback()
+    assert migrate.current_revision(plain_engine) == migrate.head_revision()
+    assert _schema_differences(plain_engine) == []
+    assert set(schema.compat_views.tables) <= set(inspect(plain_engine).get_view_names())
 
 
 # --------------------------------------------------------------------------------------------------
@@ -182,91 +198,65 @@ def test_derivable_token_parents_go_with_0005_and_its_downgrade_writes_them_back
     plain_engine: Engine,
 ) -> None:
     """0.1 stored every token's parents; from 0005 only a nested fork's link to the upstream merged
-    row is stored, the others are derived (branch token -> source token, merged token -> the branch
-    tokens its decision consumed)."""
+    token is stored, the others are derived (branch token -> source token, merged token -> the branch
+    tokens its decision consumed). On the store 0.1 wrote (``fixtures/store_0_1``, at 0005): the
+    downgrade writes the derived links back, naming tokens of the same row, and 0005 removes them."""
+    import json
+
     from alembic import command
+    from fixtures.store_0_1.load import load_store_0_1
 
-    from airflow_elspeth.audit.store import (
-        AuditStore,
-        ForkRow,
-        RunIdentity,
-        branch_token_id,
-        merged_token_id,
-        source_token_id,
-    )
-    from airflow_elspeth.core.canonical import derive_id
-
-    migrate.upgrade(plain_engine)
-    store = AuditStore(plain_engine)
-    branches = ["a", "b"]
-    run_id = store.begin_run(
-        RunIdentity(dag_id="d", airflow_run_id="r", fork_task_id="fork", try_number=1),
-        branches=branches,
-        chunk_size=2,
-        config={},
-    )
-    upstream = "u" * 32
-    rows = [
-        ForkRow.from_row("k0", 0, {"id": "k0"}, parent_token_id=upstream),
-        ForkRow.from_row("k1", 1, {"id": "k1"}),
-    ]
-    store.write_fork_chunk(run_id, branches, 0, rows)
-    row0 = derive_id(run_id, "k0")
-    merged = merged_token_id(run_id, row0, "coalesce")
-    now = datetime.now(timezone.utc)
-    with plain_engine.begin() as connection:
-        connection.execute(
-            insert(schema.tokens),
-            [
-                {
-                    "token_id": merged,
-                    "run_id": run_id,
-                    "row_id": row0,
-                    "token_kind": "merged",
-                    "chunk": 0,
-                    "created_at": now,
-                }
-            ],
-        )
-        connection.execute(
-            insert(schema.coalesce_decisions),
-            [
-                {
-                    "run_id": run_id,
-                    "node_id": "coalesce",
-                    "row_id": row0,
-                    "row_key": "k0",
-                    "chunk": 0,
-                    "decision": "merged",
-                    "details_json": "{}",
-                    "policy": "quorum",
-                    "merge_strategy": "union",
-                    "consumed": '["b"]',
-                    "missing_json": "{}",
-                    "late_json": "[]",
-                    "merged_token_id": merged,
-                    "decided_at": now,
-                    "recorded_at": now,
-                }
-            ],
-        )
+    load_store_0_1(plain_engine)
 
     def links() -> set[tuple[str, str, int]]:
         with plain_engine.connect() as connection:
-            return set(
-                connection.execute(text("SELECT token_id, parent_token_id, ordinal FROM token_parents")).all()
-            )
+            return {
+                (a, b, c)
+                for a, b, c in connection.execute(
+                    text("SELECT token_id, parent_token_id, ordinal FROM token_parents")
+                )
+            }
 
-    nested = (source_token_id(run_id, row0), upstream, 0)
-    assert links() == {nested}  # what the writers store now
+    nested = links()
+    with plain_engine.connect() as connection:
+        tokens = {
+            token_id: (row_id, kind, branch)
+            for token_id, row_id, kind, branch in connection.execute(
+                text("SELECT token_id, row_id, token_kind, branch_name FROM tokens")
+            )
+        }
+        branches = {
+            run_id: json.loads(branches_json)
+            for run_id, branches_json in connection.execute(text("SELECT run_id, branches_json FROM runs"))
+        }
+        consumed = {
+            merged: json.loads(names)
+            for merged, names in connection.execute(
+                text(
+                    "SELECT merged_token_id, consumed FROM coalesce_decisions"
+                    " WHERE merged_token_id IS NOT NULL"
+                )
+            )
+        }
+        run_of = dict(connection.execute(text("SELECT token_id, run_id FROM tokens")).all())
+    assert nested and all(tokens[parent][1] == "merged" for _, parent, _ in nested)
+
     with plain_engine.connect() as connection:
         command.downgrade(migrate.alembic_config(connection), "0004")
         connection.commit()
-    derived = {
-        (branch_token_id(run_id, row, b), source_token_id(run_id, row), i)
-        for row in (row0, derive_id(run_id, "k1"))
-        for i, b in enumerate(branches)
-    }
-    assert links() == {nested, (merged, branch_token_id(run_id, row0, "b"), 0)} | derived
-    migrate.upgrade(plain_engine)
-    assert links() == {nested}
+    derived = links() - nested
+    expected_count = sum(kind == "branch" for _, kind, _ in tokens.values()) + sum(
+        map(len, consumed.values())
+    )
+    assert len(derived) == expected_count
+    for child, parent, ordinal in derived:
+        row, kind, branch = tokens[child]
+        parent_row, parent_kind, parent_branch = tokens[parent]  # a token the store holds
+        assert parent_row == row
+        if kind == "branch":
+            assert parent_kind == "source" and ordinal == branches[run_of[child]].index(branch)
+        else:
+            assert kind == "merged" and parent_kind == "branch"
+            assert consumed[child][ordinal] == parent_branch
+    migrate.upgrade(plain_engine, "0005")
+    assert links() == nested

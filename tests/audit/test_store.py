@@ -12,17 +12,17 @@ import pytest
 from sqlalchemy import Engine, func, insert, select
 from sqlalchemy.exc import IntegrityError
 
+from airflow_elspeth.audit import ids
 from airflow_elspeth.audit import schema as t
 from airflow_elspeth.audit.dml import insert_ignore, insert_tuples
+from airflow_elspeth.audit.model import run_number
 from airflow_elspeth.audit.read.rows import iter_source_rows
 from airflow_elspeth.audit.store import (
     AuditStore,
     ForkRow,
     RunIdentity,
-    branch_token_id,
     outcome_row,
 )
-from airflow_elspeth.core.canonical import derive_id
 from airflow_elspeth.core.vocabulary import NodeStatus
 from airflow_elspeth.exceptions import PayloadError
 
@@ -87,51 +87,49 @@ def test_a_second_terminal_outcome_is_rejected_by_the_database(audit_engine: Eng
     store = AuditStore(audit_engine)
     run_id = store.begin_run(identity(), branches=BRANCHES, chunk_size=CHUNK, config={})
     store.write_fork_chunk(run_id, BRANCHES, 0, fork_rows(0, 1))
-    token = branch_token_id(run_id, derive_id(run_id, "k0"), "left")
+    with audit_engine.connect() as conn:
+        row = ids.row_id(run_number(conn, run_id), 0)
+    token = ids.branch_token_id(row, "left")
     now = datetime.now(timezone.utc)
     with audit_engine.begin() as conn:
-        conn.execute(insert(t.token_outcomes), [outcome_row(token, run_id, "coalesced", None, now)])
+        conn.execute(insert(t.recorded_outcomes), [outcome_row(token, run_id, row, "not_arrived", None, now)])
         # Non-terminal records may repeat; they are history, not the outcome.
         conn.execute(
-            insert(t.token_outcomes),
-            [outcome_row(token, run_id, "late", "late_arrival_after_merge", now, terminal=False)] * 2,
+            insert(t.recorded_outcomes),
+            [outcome_row(token, run_id, row, "late", "late_arrival_after_merge", now, terminal=False)] * 2,
         )
     with pytest.raises(IntegrityError), audit_engine.begin() as conn:
         # A plain INSERT, bypassing every check in Python: only the unique index can stop it.
-        conn.execute(insert(t.token_outcomes), [outcome_row(token, run_id, "lost", "dropped", now)])
+        conn.execute(insert(t.recorded_outcomes), [outcome_row(token, run_id, row, "lost", "dropped", now)])
     with audit_engine.connect() as conn:
         terminal = conn.execute(
             select(t.token_outcomes.c.outcome).where(
                 t.token_outcomes.c.token_id == token, t.token_outcomes.c.is_terminal
             )
         ).scalars()
-        assert list(terminal) == ["coalesced"]
+        assert list(terminal) == ["not_arrived"]
 
 
-def test_one_decision_per_row_and_one_state_per_attempt_are_enforced(audit_engine: Engine) -> None:
+def test_one_decision_per_row_and_one_result_per_attempt_are_enforced(audit_engine: Engine) -> None:
+    """The event tables' keys: one result per (row, step, attempt), one decision per (coalesce, row)."""
     now = datetime.now(timezone.utc)
-    state = {
-        "state_id": "s1",
-        "token_id": "tok",
-        "run_id": "run",
+    result = {
+        "run_no": 1,
         "node_id": "node",
+        "chunk": 0,
+        "row_no": 0,
         "attempt": 1,
         "status": NodeStatus.COMPLETED,
         "started_at": now,
         "recorded_at": now,
-        "row_id": "row",
-        "chunk": 0,
     }
     decision = {
-        "run_id": "run",
+        "run_no": 1,
         "node_id": "coalesce",
-        "row_id": "row",
-        "row_key": "k",
         "chunk": 0,
+        "row_no": 0,
         "decision": "merged",
         "details_json": "{}",
-        "policy": "first",
-        "merge_strategy": "union",
         "consumed": "[]",
         "missing_json": "{}",
         "late_json": "[]",
@@ -139,12 +137,15 @@ def test_one_decision_per_row_and_one_state_per_attempt_are_enforced(audit_engin
         "recorded_at": now,
     }
     with audit_engine.begin() as conn:
-        conn.execute(insert(t.node_states), [state])
-        conn.execute(insert(t.coalesce_decisions), [decision])
+        conn.execute(insert(t.step_results), [result, {**result, "attempt": 2}])
+        conn.execute(insert(t.decisions), [decision, {**decision, "node_id": "other"}])
     with pytest.raises(IntegrityError), audit_engine.begin() as conn:
-        conn.execute(insert(t.node_states), [{**state, "state_id": "s2"}])
+        conn.execute(insert(t.step_results), [{**result, "status": NodeStatus.FAILED}])
     with pytest.raises(IntegrityError), audit_engine.begin() as conn:
-        conn.execute(insert(t.coalesce_decisions), [{**decision, "decision": "failed"}])
+        conn.execute(insert(t.decisions), [{**decision, "decision": "failed"}])
+    with audit_engine.connect() as conn:
+        assert conn.execute(select(t.step_results.c.status)).scalars().all() == [NodeStatus.COMPLETED] * 2
+        assert conn.execute(select(t.decisions.c.decision)).scalars().all() == ["merged"] * 2
 
 
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
@@ -198,7 +199,8 @@ def test_raw_inserts_store_what_sqlalchemy_stores(audit_engine: Engine) -> None:
     row = {
         "token_id": "raw",
         "run_id": "r",
-        "outcome": "coalesced",
+        "row_id": "1.0",
+        "outcome": "not_arrived",
         "is_terminal": True,
         "reason": None,
         "error_hash": None,
@@ -207,12 +209,12 @@ def test_raw_inserts_store_what_sqlalchemy_stores(audit_engine: Engine) -> None:
     }
     with audit_engine.begin() as conn:
         # The second terminal outcome of the same token is ignored (the partial unique index).
-        insert_ignore(conn, t.token_outcomes, [row, {**row, "outcome": "lost"}])
-        conn.execute(insert(t.token_outcomes).values({**row, "token_id": "core"}))
+        insert_ignore(conn, t.recorded_outcomes, [row, {**row, "outcome": "lost"}])
+        conn.execute(insert(t.recorded_outcomes).values({**row, "token_id": "core"}))
         stored = conn.exec_driver_sql(
-            "SELECT token_id, outcome, is_terminal, recorded_at FROM token_outcomes ORDER BY token_id"
+            "SELECT token_id, outcome, is_terminal, recorded_at FROM recorded_outcomes ORDER BY token_id"
         ).all()
-        read_back = conn.execute(select(t.token_outcomes.c.recorded_at)).scalars().all()
+        read_back = conn.execute(select(t.recorded_outcomes.c.recorded_at)).scalars().all()
     assert [s[0] for s in stored] == ["core", "raw"]
     assert stored[0][1:] == stored[1][1:]
     assert read_back == [at.astimezone(timezone.utc)] * 2
@@ -226,12 +228,17 @@ def test_raw_inserts_refuse_naive_timestamps(audit_engine: Engine) -> None:
 
 
 def test_raw_inserts_page_large_batches_and_stay_idempotent(audit_engine: Engine) -> None:
-    bodies = [(f"{i:064x}", f'{{"i":{i}}}') for i in range(2_500)]  # more than one PostgreSQL page
+    now = datetime.now(timezone.utc)
+    columns = ("run_no", "chunk", "row_no", "row_key", "source_hash", "body", "recorded_at")
+    # More than one PostgreSQL page of VALUES (and COPY-sized).
+    rows = [(1, i // CHUNK, i, f"k{i}", f"{i:064x}", f'{{"i":{i}}}', now) for i in range(2_500)]
+    inserted = []
     for _ in range(2):
         with audit_engine.begin() as conn:
-            insert_tuples(conn, t.payloads, ("hash", "body"), bodies)
+            inserted.append(insert_tuples(conn, t.source_rows, columns, rows))
+    assert inserted == [2_500, 0]
     with audit_engine.connect() as conn:
-        assert conn.execute(select(func.count()).select_from(t.payloads)).scalar_one() == 2_500
+        assert conn.execute(select(func.count()).select_from(t.source_rows)).scalar_one() == 2_500
 
 
 def test_a_plain_postgresql_url_opens_a_working_store(pg_url: str) -> None:

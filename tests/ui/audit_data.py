@@ -3,7 +3,7 @@
 ``build_run`` writes a run through the store's own write path, the calls the operators make
 (``begin_run``, ``write_fork_chunk``, ``complete_run``, ``write_branch_results``, ``coalesce_pass``),
 with a scripted behaviour per (row, branch), so the pages see data shaped exactly like a real run's.
-Event times are when states become visible (``node_states.recorded_at``, stamped by the store), so
+Event times are when results become visible (``step_results.recorded_at``, stamped by the store), so
 the script says *when* a branch delivers by phase: on time (before the deadline), after the deadline
 but before the coalesce decides (a late arrival recorded with the decision), or after the decision
 was written.
@@ -21,21 +21,19 @@ from typing import Any
 
 from sqlalchemy import Engine
 
+from airflow_elspeth.audit import ids
 from airflow_elspeth.audit.coalesce import coalesce_pass
-from airflow_elspeth.audit.model import CoalesceSpec
+from airflow_elspeth.audit.model import CoalesceSpec, run_number
 from airflow_elspeth.audit.store import (
-    OUTCOME_COLUMNS,
-    PAYLOAD_COLUMNS,
-    ROW_COLUMNS,
-    STATE_COLUMNS,
-    TOKEN_COLUMNS,
+    DECISION_COLUMNS,
+    SOURCE_ROW_COLUMNS,
+    STEP_RESULT_COLUMNS,
     AuditStore,
     ForkRow,
     NodeResult,
     RunIdentity,
-    branch_token_id,
 )
-from airflow_elspeth.core.canonical import derive_id, hash_value
+from airflow_elspeth.core.canonical import hash_value
 from airflow_elspeth.core.config import coalesce_config
 from airflow_elspeth.core.vocabulary import NodeStatus
 
@@ -158,6 +156,8 @@ def build_run(
         store.write_fork_chunk(run_id, list(branches), chunk, batch)
     chunks_total = (len(rows) + chunk_size - 1) // chunk_size
     completed_at = store.complete_run(run_id, rows_total=len(rows), chunks_total=chunks_total)
+    with engine.connect() as conn:
+        run_no = run_number(conn, run_id)
 
     steps = list(step_ids) if step_ids else [f"ask_{i}" for i in range(len(branches))]
     delivering = dict(zip(branches, steps, strict=True))
@@ -176,15 +176,15 @@ def build_run(
     def deliver(phase: str) -> None:
         for branch, step in delivering.items():
             results: list[NodeResult] = []
-            for index, chunk, key, row in keyed:
+            for index, chunk, _key, row in keyed:
                 what = behaviour(index, row, branch)
                 if what is None or _phase(what, timeout_s) != phase:
                     continue
-                row_id = derive_id(run_id, key)
+                row_id = ids.row_id(run_no, index)
                 done = datetime.now(timezone.utc)
                 started = done - timedelta(milliseconds=5 + index % 7)
                 common: dict[str, Any] = {
-                    "token_id": branch_token_id(run_id, row_id, branch),
+                    "token_id": ids.branch_token_id(row_id, branch),
                     "row_id": row_id,
                     "chunk": chunk,
                     "started_at": started,
@@ -323,10 +323,14 @@ def _insert(table: str, columns: Sequence[str], *, ignore: bool = False) -> str:
     return f"INSERT {'OR IGNORE ' if ignore else ''}INTO {table} ({', '.join(columns)}) VALUES ({marks})"
 
 
-def _hid(*parts: object) -> str:
-    import hashlib
+def _next_run_no(engine: Engine) -> int:
+    """The run number ``begin_run`` would give the next run of this store."""
+    from sqlalchemy import func, select
 
-    return hashlib.blake2b("\x1f".join(map(str, parts)).encode(), digest_size=16).hexdigest()
+    from airflow_elspeth.audit import schema as t
+
+    with engine.connect() as conn:
+        return int(conn.execute(select(func.coalesce(func.max(t.runs.c.run_no), 0) + 1)).scalar_one())
 
 
 def bulk_build_run(
@@ -348,9 +352,10 @@ def bulk_build_run(
     """Write a decided run with plain ``executemany`` (no per-row SQL, no ORM), deciding every row
     with the core's own ``replay``, so a 100k-row run takes seconds instead of minutes.
 
-    Rows are ``{"id": "doc-000042", "n": 42}``. Identifiers are derived cheaply but consistently,
-    which is all the read side relies on. The fork completed two minutes ago, so the deadline has
-    passed and every row is decided.
+    Rows are ``{"id": "doc-000042", "n": 42}``. The events are what the writers store: source rows,
+    step results and decisions with their bodies inline, and only the branch outcomes no decision
+    implies (``recorded_outcomes``). The fork completed two minutes ago, so the deadline has passed
+    and every row is decided.
     """
     import hashlib
     import json
@@ -375,26 +380,17 @@ def bulk_build_run(
         node_id=coalesce, config=config, delivering=delivering, mapped=dict.fromkeys(branches, False)
     )
     run_id = RunIdentity(dag_id, airflow_run_id, fork_task_id, 1).run_id
+    run_no = _next_run_no(engine)
     now = datetime.now(timezone.utc)
     fork_done = now - timedelta(seconds=120)
     deadline = fork_done + config.timeout
     chunks_total = (rows_total + chunk_size - 1) // chunk_size
 
-    payloads: dict[str, str] = {}
-    row_values, token_values, state_values, outcome_values, decision_values = (
-        [],
-        [],
-        [],
-        [],
-        [],
-    )
-
-    def payload(value: dict[str, Any]) -> str:
-        digest, body = hash_value(value)
-        payloads.setdefault(digest, body)
-        return digest
-
-    output_cache: dict[str, tuple[str, dict[str, Any]]] = {}
+    row_values: list[tuple[Any, ...]] = []
+    result_values: list[tuple[Any, ...]] = []
+    outcome_values: list[tuple[Any, ...]] = []
+    decision_values: list[tuple[Any, ...]] = []
+    output_cache: dict[str, tuple[str, str]] = {}  # output JSON -> (hash, canonical body)
     # Rows scripted alike decide alike: replay, merge and the JSON columns are computed once per
     # distinct script (a few hundred), not once per row.
     decided: dict[tuple[Any, ...], tuple[Any, ...]] = {}
@@ -403,16 +399,11 @@ def bulk_build_run(
         chunk = index // chunk_size
         row = {"id": f"doc-{index:06d}", "n": index}
         key = row["id"]
-        row_id = _hid(run_id, "row", key)
+        row_id = ids.row_id(run_no, index)
         # rfc8785 of these flat ASCII rows is json.dumps with sorted keys and no spaces.
         body = json.dumps(row, sort_keys=True, separators=(",", ":"))
         source_ref = hashlib.sha256(body.encode()).hexdigest()
-        payloads[source_ref] = body
-        row_values.append((run_id, row_id, key, index, chunk, source_ref, source_ref))
-        source = _hid(run_id, row_id, "source")
-        fork_group = _hid(run_id, row_id, "fork")
-        token_values.append((source, run_id, row_id, "source", None, fork_group, None, chunk, fork_done_text))
-        outcome_values.append((source, run_id, "forked", 1, None, None, None, fork_done_text))
+        row_values.append((run_no, chunk, index, key, source_ref, body, None, fork_done_text))
         scripts = [behaviour(index, row, branch) for branch in branches]
         script_key = tuple(
             None
@@ -425,47 +416,40 @@ def bulk_build_run(
             + ((what.type,) if isinstance(what, Error) else ())
             for what in scripts
         )
-        branch_tokens = {b: _hid(run_id, row_id, "branch", b) for b in branches}
         for ordinal, branch in enumerate(branches):
-            token = branch_tokens[branch]
-            token_values.append(
-                (token, run_id, row_id, "branch", branch, fork_group, None, chunk, fork_done_text)
-            )
             what = scripts[ordinal]
             if what is None:
                 continue
             done = fork_done + timedelta(seconds=what.after_s)
             started = done - timedelta(milliseconds=5)
-            output_ref = error_json = None
+            output_ref = output_body = error_json = None
             if isinstance(what, Arrive):
                 body_key = json.dumps(what.output, sort_keys=True)
                 if body_key not in output_cache:
-                    output_cache[body_key] = (payload(what.output), what.output)
-                output_ref = output_cache[body_key][0]
+                    output_cache[body_key] = hash_value(what.output)
+                output_ref, output_body = output_cache[body_key]
                 status = COMPLETED
             elif isinstance(what, Error):
                 status = FAILED
                 error_json = dumps({"type": what.type, "message": what.message, "attempts": 1})
             else:
                 status = DROPPED
-            state_values.append(
+            result_values.append(
                 (
-                    _hid(token, delivering[branch], 1),
-                    token,
-                    run_id,
+                    run_no,
                     delivering[branch],
+                    chunk,
+                    index,
                     1,
                     status,
                     source_ref,
                     output_ref,
-                    output_ref,
+                    output_body,
                     error_json,
                     None,
                     _fmt(started),
                     _fmt(done),
                     5,
-                    row_id,
-                    chunk,
                     _fmt(done),
                 )
             )
@@ -485,15 +469,15 @@ def bulk_build_run(
                     events.append(BranchEvent(branch, at, EventKind.LOSS, "dropped"))
             decision = replay(config, events, deadline=deadline, now=now)
             assert decision.is_final and decision.decided_at is not None
-            merged_ref = collisions = None
+            merged_ref = merged_body = collisions = None
             if decision.status is Status.MERGED:
                 merged = merge_outputs(config, decision.consumed, {b: outputs[b] for b in decision.consumed})
                 collisions = merged.collisions or None
-                merged_ref = payload(merged.row)
+                merged_ref, merged_body = hash_value(merged.row)
             branch_outcomes = []
             for branch in branches:
                 if branch in decision.consumed:
-                    outcome, reason = "coalesced", None
+                    continue  # coalesced: implied by the merged decision
                 elif branch in decision.missing:
                     reason = decision.missing[branch]
                     outcome = {
@@ -506,9 +490,8 @@ def bulk_build_run(
                     reason = decision.failure_reason.value if decision.failure_reason else None
                 branch_outcomes.append((branch, outcome, reason))
             decided[script_key] = (
-                decision,
                 merged_ref,
-                dumps({"consumed": list(decision.consumed), "collisions": collisions}),
+                merged_body,
                 branch_outcomes,
                 decision.status.value,
                 decision.failure_reason.value if decision.failure_reason else None,
@@ -521,9 +504,8 @@ def bulk_build_run(
                 int((decision.decided_at - fork_done).total_seconds() * 1000),
             )
         (
-            decision,
             merged_ref,
-            context_json,
+            merged_body,
             branch_outcomes,
             status_text,
             reason_text,
@@ -535,58 +517,38 @@ def bulk_build_run(
             decided_text,
             wait_ms,
         ) = decided[script_key]
-        join_group = _hid(run_id, row_id, "join", coalesce)
-        merged_id = None
-        if merged_ref is not None:
-            merged_id = _hid(run_id, row_id, "merged", coalesce)
-            token_values.append(
-                (merged_id, run_id, row_id, "merged", None, None, join_group, chunk, now_text)
-            )
-            state_values.append(
+        join_group = ids.join_group_id(row_id, coalesce)
+        for branch, outcome, reason in branch_outcomes:
+            outcome_values.append(
                 (
-                    merged_id,
-                    merged_id,
+                    ids.branch_token_id(row_id, branch),
                     run_id,
-                    coalesce,
-                    1,
-                    COMPLETED,
-                    None,
-                    merged_ref,
-                    merged_ref,
-                    None,
-                    context_json,
-                    decided_text,
-                    now_text,
-                    0,
                     row_id,
-                    chunk,
+                    outcome,
+                    1,
+                    reason,
+                    join_group,
                     now_text,
                 )
             )
-            outcome_values.append((merged_id, run_id, "merged", 1, None, None, join_group, now_text))
-        for branch, outcome, reason in branch_outcomes:
-            outcome_values.append(
-                (branch_tokens[branch], run_id, outcome, 1, reason, None, join_group, now_text)
-            )
         decision_values.append(
             (
-                run_id,
+                run_no,
                 coalesce,
-                row_id,
-                key,
                 chunk,
+                index,
                 status_text,
                 reason_text,
                 details_json,
-                config.policy.value,
-                config.merge.value,
                 consumed_json,
                 missing_json,
                 late_json,
                 collisions_json,
-                merged_id,
+                merged_ref,
+                merged_body,
                 decided_text,
                 wait_ms,
+                None,
                 now_text,
             )
         )
@@ -613,6 +575,7 @@ def bulk_build_run(
                 "runs",
                 [
                     "run_id",
+                    "run_no",
                     "dag_id",
                     "airflow_run_id",
                     "fork_task_id",
@@ -634,6 +597,7 @@ def bulk_build_run(
             [
                 (
                     run_id,
+                    run_no,
                     dag_id,
                     airflow_run_id,
                     fork_task_id,
@@ -660,49 +624,25 @@ def bulk_build_run(
             ),
             node_values,
         ),
-        (_insert("payloads", PAYLOAD_COLUMNS, ignore=True), list(payloads.items())),
-        (
-            _insert("rows", ROW_COLUMNS),
-            row_values,
-        ),
-        (
-            _insert("tokens", TOKEN_COLUMNS),
-            token_values,
-        ),
-        (
-            _insert("node_states", STATE_COLUMNS),
-            state_values,
-        ),
-        (
-            _insert("token_outcomes", OUTCOME_COLUMNS),
-            outcome_values,
-        ),
+        (_insert("source_rows", SOURCE_ROW_COLUMNS), row_values),
+        (_insert("step_results", STEP_RESULT_COLUMNS), result_values),
         (
             _insert(
-                "coalesce_decisions",
+                "recorded_outcomes",
                 [
+                    "token_id",
                     "run_id",
-                    "node_id",
                     "row_id",
-                    "row_key",
-                    "chunk",
-                    "decision",
-                    "failure_reason",
-                    "details_json",
-                    "policy",
-                    "merge_strategy",
-                    "consumed",
-                    "missing_json",
-                    "late_json",
-                    "collisions_json",
-                    "merged_token_id",
-                    "decided_at",
-                    "wait_ms",
+                    "outcome",
+                    "is_terminal",
+                    "reason",
+                    "join_group_id",
                     "recorded_at",
                 ],
             ),
-            decision_values,
+            outcome_values,
         ),
+        (_insert("decisions", DECISION_COLUMNS), decision_values),
         (
             _insert(
                 "chunk_progress",
@@ -716,8 +656,8 @@ def bulk_build_run(
         cursor = raw.cursor()
         # A big page cache: the id indexes are random-ordered, and thrash SQLite's 2 MB default.
         cursor.execute("PRAGMA cache_size = -400000")
-        # Branch tasks write their states node by node, chunk by chunk: keep that physical order.
-        state_values.sort(key=lambda v: (v[3], v[15]))
+        # Branch tasks write their results node by node, chunk by chunk: keep that physical order.
+        result_values.sort(key=lambda v: (v[1], v[2]))
         for sql, values in statements:
             cursor.executemany(sql, values)
         raw.commit()
@@ -780,7 +720,9 @@ def bulk_index_runs(engine: Engine, runs: int) -> list[IndexedFixture]:
     made: list[IndexedFixture] = []
     run_rows: list[dict[str, Any]] = []
     node_rows: list[dict[str, Any]] = []
+    source_rows: list[dict[str, Any]] = []
     decision_rows: list[dict[str, Any]] = []
+    run_no = _next_run_no(engine)
     k = 0
     while len(made) < runs:
         dag_id = INDEX_DAGS[k % len(INDEX_DAGS)]
@@ -808,6 +750,7 @@ def bulk_index_runs(engine: Engine, runs: int) -> list[IndexedFixture]:
             run_rows.append(
                 {
                     "run_id": run_id,
+                    "run_no": run_no,
                     "dag_id": dag_id,
                     "airflow_run_id": airflow_run_id,
                     "fork_task_id": "fork",
@@ -841,23 +784,32 @@ def bulk_index_runs(engine: Engine, runs: int) -> list[IndexedFixture]:
                 )
                 for row in range(decided):
                     lost = row < failed
+                    # A decision is read with its source row (``coalesce_decisions``).
+                    source_hash, body = hash_value({"id": f"r{row}"})
+                    source_rows.append(
+                        {
+                            "run_no": run_no,
+                            "chunk": 0,
+                            "row_no": row,
+                            "row_key": f"r{row}",
+                            "source_hash": source_hash,
+                            "body": body,
+                            "recorded_at": started_at,
+                        }
+                    )
                     decision_rows.append(
                         {
-                            "run_id": run_id,
+                            "run_no": run_no,
                             "node_id": "join",
-                            "row_id": _hid(run_id, row),
-                            "row_key": f"r{row}",
                             "chunk": 0,
+                            "row_no": row,
                             "decision": "failed" if lost else "merged",
                             "failure_reason": "incomplete_branches" if lost else None,
                             "details_json": "{}",
-                            "policy": "require_all",
-                            "merge_strategy": "union",
                             "consumed": "[]" if lost else '["a","b"]',
                             "missing_json": "{}",
                             "late_json": "[]",
                             "collisions_json": None,
-                            "merged_token_id": None,
                             "decided_at": started_at + timedelta(minutes=1),
                             "wait_ms": 30_000,
                             "wait_from_first_arrival_ms": 0,
@@ -867,9 +819,11 @@ def bulk_index_runs(engine: Engine, runs: int) -> list[IndexedFixture]:
             made.append(
                 IndexedFixture(run_id, dag_id, airflow_run_id, try_number, logical_date, started_at, outcome)
             )
+            run_no += 1
         k += 1
     with engine.begin() as conn:
         conn.execute(t.runs.insert(), run_rows)
         conn.execute(t.nodes.insert(), node_rows)
-        conn.execute(t.coalesce_decisions.insert(), decision_rows)
+        conn.execute(t.source_rows.insert(), source_rows)
+        conn.execute(t.decisions.insert(), decision_rows)
     return made

@@ -179,6 +179,15 @@ def _view_sql(dialect: str) -> dict[str, str]:
             )
         return f"JOIN json_each({json_column}) AS {alias}"
 
+    def contains(json_column: str, value: str) -> str:
+        # Whether a JSON list of strings holds ``value``.
+        if postgres:
+            return (
+                f"EXISTS (SELECT 1 FROM json_array_elements_text(CAST({json_column} AS json)) AS e(value)"
+                f" WHERE e.value = {value})"
+            )
+        return f"EXISTS (SELECT 1 FROM json_each({json_column}) AS e WHERE e.value = {value})"
+
     def config(field: str) -> str:
         if postgres:
             return f"(CAST(n.config_json AS json) -> 'config' ->> '{field}')"
@@ -232,7 +241,19 @@ def _view_sql(dialect: str) -> dict[str, str]:
             f" JOIN runs r ON r.run_no = d.run_no WHERE {merged}"
             f" UNION ALL SELECT {null_int}, {d} || ':b:' || c.value, r.run_id, 'coalesced', {true}, {null_text},"
             f" {null_text}, {d} || ':j:' || d.node_id, d.recorded_at, NULL FROM decisions d"
-            f" JOIN runs r ON r.run_no = d.run_no {unnest('d.consumed', 'c')} WHERE {merged}"
+            f" JOIN runs r ON r.run_no = d.run_no {unnest('d.consumed', 'c')}"
+            # One terminal outcome per token, as 0.1 kept the first (its partial unique index): a
+            # branch two coalesces consume is coalesced by the first merged decision only, and not
+            # at all if an outcome was recorded for it (e.g. late to the other coalesce). Anti-joins,
+            # not NOT EXISTS: a reader's filter on the token id is then applied before them.
+            f" LEFT JOIN recorded_outcomes o ON o.token_id = {d} || ':b:' || c.value AND o.is_terminal"
+            " LEFT JOIN decisions d2 ON d2.run_no = d.run_no"
+            " AND d2.node_id IN (SELECT n2.node_id FROM nodes n2"
+            " WHERE n2.run_id = r.run_id AND n2.node_type = 'coalesce') AND d2.chunk = d.chunk"
+            " AND d2.row_no = d.row_no AND d2.decision = 'merged' AND (d2.recorded_at < d.recorded_at"
+            " OR (d2.recorded_at = d.recorded_at AND d2.node_id < d.node_id))"
+            f" AND {contains('d2.consumed', 'c.value')}"
+            f" WHERE {merged} AND o.outcome_id IS NULL AND d2.run_no IS NULL"
         ),
         "coalesce_decisions": (
             f"SELECT r.run_id, d.node_id, {d} AS row_id, s.row_key, d.chunk, d.decision, d.failure_reason,"
