@@ -122,10 +122,12 @@ def _convert_batch(conn: Connection, run_id: str, chunks: Sequence[int]) -> int:
         _in_chunks(
             "INSERT INTO source_rows (run_no, chunk, row_no, row_key, source_hash, body, parent_token_id,"
             " recorded_at) SELECT :run_no, lr.chunk, lr.row_index, lr.row_key, lr.source_hash, p.body,"
-            " CASE WHEN tp.parent_token_id IS NULL THEN NULL ELSE COALESCE(pm.new_id, tp.parent_token_id) END,"
+            " CASE WHEN tp.parent_token_id IS NULL THEN NULL ELSE COALESCE(pm.new_id, tp.parent_token_id)"
+            " END,"
             " tk.created_at FROM legacy_rows lr"
             " JOIN legacy_payloads p ON p.hash = lr.payload_ref"
-            " JOIN legacy_tokens tk ON tk.run_id = lr.run_id AND tk.row_id = lr.row_id AND tk.token_kind = 'source'"
+            " JOIN legacy_tokens tk ON tk.run_id = lr.run_id AND tk.row_id = lr.row_id AND tk.token_kind ="
+            " 'source'"
             " LEFT JOIN legacy_token_parents tp ON tp.token_id = tk.token_id"
             f" LEFT JOIN {_PARENT_IDS} pm ON pm.old_id = tp.parent_token_id"
             " WHERE lr.run_id = :run AND lr.chunk IN :chunks"
@@ -134,7 +136,8 @@ def _convert_batch(conn: Connection, run_id: str, chunks: Sequence[int]) -> int:
     ).rowcount
     conn.execute(
         _in_chunks(
-            "INSERT INTO step_results (run_no, node_id, chunk, row_no, attempt, status, input_hash, output_hash,"
+            "INSERT INTO step_results (run_no, node_id, chunk, row_no, attempt, status, input_hash,"
+            " output_hash,"
             " output_body, error_json, context_json, started_at, completed_at, duration_ms, recorded_at)"
             " SELECT :run_no, ns.node_id, ns.chunk, lr.row_index, ns.attempt, ns.status, ns.input_hash,"
             " ns.output_hash, p.body, ns.error_json, ns.context_json, ns.started_at, ns.completed_at,"
@@ -149,9 +152,11 @@ def _convert_batch(conn: Connection, run_id: str, chunks: Sequence[int]) -> int:
     conn.execute(
         _in_chunks(
             "INSERT INTO decisions (run_no, node_id, chunk, row_no, decision, failure_reason, details_json,"
-            " consumed, missing_json, late_json, collisions_json, merged_hash, merged_body, decided_at, wait_ms,"
+            " consumed, missing_json, late_json, collisions_json, merged_hash, merged_body, decided_at,"
+            " wait_ms,"
             " wait_from_first_arrival_ms, recorded_at)"
-            " SELECT :run_no, cd.node_id, cd.chunk, lr.row_index, cd.decision, cd.failure_reason, cd.details_json,"
+            " SELECT :run_no, cd.node_id, cd.chunk, lr.row_index, cd.decision, cd.failure_reason,"
+            " cd.details_json,"
             " cd.consumed, cd.missing_json, cd.late_json, cd.collisions_json, ms.output_hash, p.body,"
             " cd.decided_at, cd.wait_ms, cd.wait_from_first_arrival_ms, cd.recorded_at"
             " FROM legacy_coalesce_decisions cd"
@@ -185,7 +190,8 @@ def _convert_outcomes(conn: Connection, where: dict[str, Any], new_row: str) -> 
     """
     found = conn.execute(
         _in_chunks(
-            f"SELECT o.run_id, o.outcome, o.is_terminal, o.reason, o.error_hash, o.join_group_id, o.recorded_at,"
+            "SELECT o.run_id, o.outcome, o.is_terminal, o.reason, o.error_hash, o.join_group_id,"
+            " o.recorded_at,"
             f" o.superseded_at, lr.row_id, {new_row} AS new_row, tk.branch_name FROM legacy_token_outcomes o"
             " JOIN legacy_tokens tk ON tk.token_id = o.token_id AND tk.token_kind = 'branch'"
             " JOIN legacy_rows lr ON lr.run_id = tk.run_id AND lr.row_id = tk.row_id"
@@ -227,7 +233,8 @@ def _convert_outcomes(conn: Connection, where: dict[str, Any], new_row: str) -> 
         )
     conn.execute(
         text(
-            "INSERT INTO recorded_outcomes (token_id, run_id, row_id, outcome, is_terminal, reason, error_hash,"
+            "INSERT INTO recorded_outcomes (token_id, run_id, row_id, outcome, is_terminal, reason,"
+            " error_hash,"
             " join_group_id, recorded_at, superseded_at) VALUES (:token_id, :run_id, :row_id, :outcome,"
             " :is_terminal, :reason, :error_hash, :join_group_id, :recorded_at, :superseded_at)"
         ),
