@@ -260,8 +260,8 @@ def _outcome_findings(conn: Connection, run: AuditRun, run_no: int, because: str
     ``recorded_outcomes`` holds a terminal one. The tokens are matched by their ids (``audit.ids``)
     in one anti-join. A duplicate is a token with two terminal outcomes in one join group: a
     coalesce that merged it and also recorded another outcome for it. Two coalesces consuming one
-    branch give its token an outcome each, by design of the implied outcomes; the recorded ones are
-    one per token (``uq_recorded_outcomes_terminal``).
+    branch each end its token here, one per join group (the ``token_outcomes`` view shows only the
+    first, as 0.1 kept one); the recorded ones are one per token (``uq_recorded_outcomes_terminal``).
     """
     run_id = run.audit_run_id
     sr, d, o = t.source_rows.c, t.decisions.c, t.recorded_outcomes.c
