@@ -224,7 +224,7 @@ def _outcome_condition(outcome: str) -> Any:
     """SQL for "the run's verdict is ``outcome``": :func:`verdict` and :func:`worst` spelled on the
     audit-side facts (status, a later try, registered coalesces, decision counts)."""
     run, later = t.runs, aliased(t.runs)
-    n, cd = t.nodes, t.decisions
+    n, cd = t.nodes, t.coalesce_decisions
     not_failed = run.c.status != RunStatus.FAILED.value
     current = ~exists().where(
         later.c.dag_id == run.c.dag_id,
@@ -236,7 +236,7 @@ def _outcome_condition(outcome: str) -> Any:
     decided = (
         select(func.count())
         .select_from(cd)
-        .where(cd.c.run_no == run.c.run_no, cd.c.node_id == n.c.node_id)
+        .where(cd.c.run_id == n.c.run_id, cd.c.node_id == n.c.node_id)
         .scalar_subquery()
     )
     # As decision_counts: undecided while the row count is known and exceeds the decided rows.
@@ -246,7 +246,7 @@ def _outcome_condition(outcome: str) -> Any:
         run.c.rows_total.is_not(None),
         decided < run.c.rows_total,
     )
-    failed_rows = exists().where(cd.c.run_no == run.c.run_no, cd.c.decision == DecisionStatus.FAILED.value)
+    failed_rows = exists().where(cd.c.run_id == run.c.run_id, cd.c.decision == DecisionStatus.FAILED.value)
     coalesced = [not_failed, current, has_coalesce]
     return {
         FORK_FAILED: run.c.status == RunStatus.FAILED.value,
