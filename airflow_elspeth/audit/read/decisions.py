@@ -31,6 +31,7 @@ from airflow_elspeth.audit.read.events import (
     DECISION_OF_RESULT,
     SOURCE_OF_DECISION,
     decision_rows_of,
+    of_source_row,
     row_id_of,
 )
 from airflow_elspeth.audit.read.records import (
@@ -166,7 +167,7 @@ def summarise(engine: Engine, spec: CoalesceSpec, run_id: str) -> CoalesceSummar
             .join_from(
                 t.decisions,
                 t.source_rows,
-                and_(sr.run_no == cd.run_no, sr.chunk == cd.chunk, sr.row_no == cd.row_no),
+                SOURCE_OF_DECISION,
             )
             .where(mine, cd.decision == DecisionStatus.FAILED.value)
             .order_by(cd.chunk, sr.row_key)
@@ -948,12 +949,7 @@ def late_arrivals(
         with engine.connect() as conn:
             for row_key, node, at in conn.execute(
                 select(sr.row_key, st.node_id, func.min(st.recorded_at))
-                .select_from(
-                    t.step_results.join(
-                        t.source_rows,
-                        and_(sr.run_no == st.run_no, sr.chunk == st.chunk, sr.row_no == st.row_no),
-                    )
-                )
+                .select_from(t.step_results.join(t.source_rows, of_source_row(t.step_results)))
                 .where(
                     st.run_no == run_number(conn, run_id),
                     st.node_id.in_(list(branch_of)),

@@ -20,11 +20,17 @@ d, sr, st = t.decisions.c, t.source_rows.c, t.step_results.c
 
 
 def row_id_of(table: Any) -> Any:
-    """The SQL of a row id (``ids.row_id``) from an event table's columns."""
+    """The SQL of a row id (``ids.row_id``) from an event table's columns (``table.c``)."""
     return cast(table.run_no, Text) + "." + cast(table.row_no, Text)
 
 
-SOURCE_OF_DECISION = and_(sr.run_no == d.run_no, sr.chunk == d.chunk, sr.row_no == d.row_no)
+def of_source_row(table: Any) -> Any:
+    """The join of an event table (``step_results``, ``decisions``) to its row's ``source_rows``
+    row: same run, chunk and row number (a key prefix of both)."""
+    return and_(sr.run_no == table.c.run_no, sr.chunk == table.c.chunk, sr.row_no == table.c.row_no)
+
+
+SOURCE_OF_DECISION = of_source_row(t.decisions)
 DECISION_OF_RESULT = and_(d.run_no == st.run_no, d.chunk == st.chunk, d.row_no == st.row_no)
 
 

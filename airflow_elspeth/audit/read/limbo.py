@@ -12,16 +12,10 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
-from typing import Any
 
 from sqlalchemy import (
-    ColumnElement,
     Connection,
     Engine,
-    FromClause,
-    Text,
-    and_,
-    cast,
     func,
     literal,
     select,
@@ -33,6 +27,7 @@ from airflow_elspeth.audit import schema as t
 from airflow_elspeth.audit.dml import db_now
 from airflow_elspeth.audit.model import CoalesceSpec, run_number
 from airflow_elspeth.audit.read.decisions import whole_run_reads
+from airflow_elspeth.audit.read.events import of_source_row, row_id_of
 from airflow_elspeth.audit.read.records import (
     AuditRun,
     DuplicateTerminalOutcomes,
@@ -163,13 +158,6 @@ def _run_limbo(
     return findings
 
 
-def of_source_row(table: FromClause) -> ColumnElement[bool]:
-    """The join of an event table (``step_results``, ``decisions``) to its row's ``source_rows`` row:
-    same run, chunk and row number."""
-    sr = t.source_rows.c
-    return and_(sr.run_no == table.c.run_no, sr.chunk == table.c.chunk, sr.row_no == table.c.row_no)
-
-
 def _rows_of(conn: Connection, run_no: int) -> int:
     sr = t.source_rows.c
     return int(conn.execute(select(func.count()).where(sr.run_no == run_no)).scalar_one())
@@ -268,13 +256,10 @@ def _outcome_findings(conn: Connection, run: AuditRun, run_no: int, because: str
     if not run.branches:
         return []
 
-    def row_id(table: Any) -> ColumnElement[str]:
-        return cast(table.run_no, Text) + "." + cast(table.row_no, Text)
-
     tokens = union_all(
         *(
             select(
-                sr.chunk, sr.row_no, sr.row_key, (row_id(sr) + literal(f":b:{branch}")).label("token_id")
+                sr.chunk, sr.row_no, sr.row_key, (row_id_of(sr) + literal(f":b:{branch}")).label("token_id")
             ).where(sr.run_no == run_no)
             for branch in run.branches
         )
@@ -284,8 +269,8 @@ def _outcome_findings(conn: Connection, run: AuditRun, run_no: int, because: str
     # recorded ones.
     implied = (
         select(
-            (row_id(d) + ":b:" + consumed.c.value).label("token_id"),
-            (row_id(d) + ":j:" + d.node_id).label("join_group_id"),
+            (row_id_of(d) + ":b:" + consumed.c.value).label("token_id"),
+            (row_id_of(d) + ":j:" + d.node_id).label("join_group_id"),
         )
         .select_from(t.decisions.join(consumed, true()))
         .where(d.run_no == run_no, d.decision == DecisionStatus.MERGED.value)

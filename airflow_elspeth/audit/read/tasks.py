@@ -8,11 +8,12 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 
-from sqlalchemy import Connection, Engine, and_, func, select
+from sqlalchemy import Connection, Engine, func, select
 
 from airflow_elspeth.audit import schema as t
 from airflow_elspeth.audit.ids import branch_of_token, row_numbers
 from airflow_elspeth.audit.model import WHOLE_TASK, load_run, run_number
+from airflow_elspeth.audit.read.events import of_source_row
 from airflow_elspeth.audit.read.records import AuditRunView, BranchStepView, StepErrors, TaskEnd, TaskView
 from airflow_elspeth.audit.read.sql import json_field
 from airflow_elspeth.core.vocabulary import BRANCH_TASK_PREFIX, NodeStatus, NodeType, TokenOutcome
@@ -92,12 +93,7 @@ def _branch_step_stats(
             examples[kind] = list(
                 conn.execute(
                     select(sr.row_key)
-                    .select_from(
-                        t.step_results.join(
-                            t.source_rows,
-                            and_(sr.run_no == ns.run_no, sr.chunk == ns.chunk, sr.row_no == ns.row_no),
-                        )
-                    )
+                    .select_from(t.step_results.join(t.source_rows, of_source_row(t.step_results)))
                     .where(
                         *scope,
                         ns.status == NodeStatus.FAILED.value,

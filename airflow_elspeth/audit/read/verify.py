@@ -51,7 +51,8 @@ from airflow_elspeth.audit.log import (
 )
 from airflow_elspeth.audit.model import CoalesceSpec, RunInfo, deadline_of, load_run, run_number
 from airflow_elspeth.audit.read.decisions import whole_run_reads
-from airflow_elspeth.audit.read.limbo import LIMBO_EXAMPLES, TaskStates, limbo_findings, of_source_row
+from airflow_elspeth.audit.read.events import of_source_row
+from airflow_elspeth.audit.read.limbo import LIMBO_EXAMPLES, TaskStates, limbo_findings
 from airflow_elspeth.audit.read.records import (
     AuditRun,
     BranchParentsMissing,
