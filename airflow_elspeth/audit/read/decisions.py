@@ -24,8 +24,8 @@ from typing import Any
 from sqlalchemy import Connection, Engine, Integer, and_, bindparam, cast, func, or_, select, text
 
 from airflow_elspeth.audit import schema as t
-from airflow_elspeth.audit.ids import branch_of_token, row_id, row_numbers
-from airflow_elspeth.audit.model import CoalesceSpec, deadline_of, load_run, run_number
+from airflow_elspeth.audit.ids import branch_of_token, branch_token_id, row_id, row_numbers
+from airflow_elspeth.audit.model import CoalesceSpec, RunInfo, deadline_of, load_run, run_number
 from airflow_elspeth.audit.read.cache import CoalesceRef, coalesce_ref, run_reads
 from airflow_elspeth.audit.read.events import (
     DECISION_OF_RESULT,
@@ -123,9 +123,7 @@ def summarise(engine: Engine, spec: CoalesceSpec, run_id: str) -> CoalesceSummar
     config = spec.config
     cd = t.decisions.c
     with whole_run_reads(engine) as conn:
-        run = load_run(conn, run_id)
-        if run is None:
-            raise NotFound(f"no audit run {run_id}")
+        run = _run(conn, run_id)
         mine = and_(cd.run_no == run.run_no, cd.node_id == spec.node_id)
         counts = Counter(
             {
@@ -289,28 +287,42 @@ def _answers_since(spec: CoalesceSpec, run_no: int, *where: Any) -> Any:
 
 
 def _skips(
-    conn: Any, spec: CoalesceSpec, run_id: str, run_no: int, row_nos: set[int] | None = None
+    conn: Any, spec: CoalesceSpec, run: RunInfo, row_nos: set[int] | None = None
 ) -> Iterator[tuple[int, str, str, str]]:
     """(row_no, decision, missing_json, branch) of each branch token of this coalesce's decided rows
-    that a branch step skipped since (terminal outcome ``skipped``), optionally of some rows only."""
+    that a branch step skipped since (terminal outcome ``skipped``), optionally of some rows only
+    (then their tokens are looked up by id, not the run's skips read whole)."""
     ro, d = t.recorded_outcomes.c, t.decisions.c
+    scope = [ro.run_id == run.run_id, ro.outcome == TokenOutcome.SKIPPED.value, ro.is_terminal]
+    if row_nos is None:
+        tokens = list(conn.execute(select(ro.token_id).where(*scope)).scalars())
+    else:
+        wanted_tokens = [
+            branch_token_id(row_id(run.run_no, row_no), branch)
+            for row_no in sorted(row_nos)
+            for branch in spec.config.branches
+        ]
+        tokens = [
+            token
+            for start in range(0, len(wanted_tokens), 500)
+            for token in conn.execute(
+                select(ro.token_id).where(*scope, ro.token_id.in_(wanted_tokens[start : start + 500]))
+            ).scalars()
+        ]
     skipped: dict[int, list[str]] = {}
-    for token in conn.execute(
-        select(ro.token_id).where(
-            ro.run_id == run_id, ro.outcome == TokenOutcome.SKIPPED.value, ro.is_terminal
-        )
-    ).scalars():
+    for token in tokens:
         row, branch = branch_of_token(token)
-        row_no = row_numbers(row)[1]
-        if branch in spec.config.branches and (row_nos is None or row_no in row_nos):
-            skipped.setdefault(row_no, []).append(branch)
+        if branch in spec.config.branches:
+            skipped.setdefault(row_numbers(row)[1], []).append(branch)
     wanted = sorted(skipped)
     for start in range(0, len(wanted), 500):
+        rows = wanted[start : start + 500]
         for row_no, decision, missing_json in conn.execute(
             select(d.row_no, d.decision, d.missing_json).where(
-                d.run_no == run_no,
+                d.run_no == run.run_no,
                 d.node_id == spec.node_id,
-                d.row_no.in_(wanted[start : start + 500]),
+                d.chunk.in_(sorted({row_no // run.chunk_size for row_no in rows})),
+                d.row_no.in_(rows),
             )
         ):
             for branch in skipped[row_no]:
@@ -331,11 +343,11 @@ def _after_decision(conn: Any, spec: CoalesceSpec, run_id: str) -> dict[tuple[st
     terminal outcome may have been written by another coalesce.
     """
     branch_of = {node: branch for branch, node in spec.delivering.items()}
-    run_no = run_number(conn, run_id)
+    run = _run(conn, run_id)
     found: Counter[tuple[str, str, str, bool]] = Counter()
-    for _, decision, missing_json, node in conn.execute(_answers_since(spec, run_no)):
+    for _, decision, missing_json, node in conn.execute(_answers_since(spec, run.run_no)):
         found[(decision, missing_json, branch_of[node], True)] += 1
-    for _, decision, missing_json, branch in _skips(conn, spec, run_id, run_no):
+    for _, decision, missing_json, branch in _skips(conn, spec, run):
         found[(decision, missing_json, branch, False)] += 1
     moves: dict[tuple[str, str, str, str], int] = {}
     for (decision, missing_json, branch, arrived), n in found.items():
@@ -354,15 +366,27 @@ def _rows_after_decision(
     if not row_ids:
         return {}
     branch_of = {node: branch for branch, node in spec.delivering.items()}
-    run_no = run_number(conn, run_id)
+    run = _run(conn, run_id)
     row_nos = {row_numbers(row)[1] for row in row_ids}
+    # The rows' chunks bound the read to a key range of the run's results.
+    chunks = sorted({row_no // run.chunk_size for row_no in row_nos})
+    query = _answers_since(
+        spec, run.run_no, t.step_results.c.chunk.in_(chunks), t.decisions.c.row_no.in_(sorted(row_nos))
+    )
     found: dict[tuple[str, str], str] = {}
-    query = _answers_since(spec, run_no, t.decisions.c.row_no.in_(sorted(row_nos)))
     for row_no, decision, _, node in conn.execute(query):
-        found[(row_id(run_no, row_no), branch_of[node])] = after_decision_reason(decision, arrived=True)
-    for row_no, decision, _, branch in _skips(conn, spec, run_id, run_no, row_nos):
-        found.setdefault((row_id(run_no, row_no), branch), after_decision_reason(decision, arrived=False))
+        found[(row_id(run.run_no, row_no), branch_of[node])] = after_decision_reason(decision, arrived=True)
+    for row_no, decision, _, branch in _skips(conn, spec, run, row_nos):
+        found.setdefault((row_id(run.run_no, row_no), branch), after_decision_reason(decision, arrived=False))
     return found
+
+
+def _run(conn: Any, run_id: str) -> RunInfo:
+    """:raises NotFound: no such audit run."""
+    run = load_run(conn, run_id)
+    if run is None:
+        raise NotFound(f"no audit run {run_id}")
+    return run
 
 
 def _missing_now(since: Mapping[tuple[str, str], str], row_id: str, missing_json: str) -> dict[str, str]:
@@ -902,9 +926,7 @@ def decision_rows(
         if flt.late:
             conditions.append(cd.late_json != "[]")
         with engine.connect() as conn:
-            run = load_run(conn, run_id)
-            if run is None:
-                raise NotFound(f"no audit run {run_id}")
+            run = _run(conn, run_id)
             query = (
                 decision_rows_of(run, ref.spec)
                 .where(*conditions)
