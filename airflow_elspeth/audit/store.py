@@ -461,6 +461,7 @@ class AuditStore:
             )
         with ordered_write(self.engine, run_id, chunk_tokens, decider=False) as conn:
             recorded_at = db_now(conn)  # the event time: read under the ordering lock
+            run_no = run_number(conn, run_id)
             stamp = bind_value(conn, t.step_results.c.recorded_at, recorded_at)
             insert_tuples(
                 conn,
@@ -477,14 +478,14 @@ class AuditStore:
                 # Every arrival whose token a decision already ended not_arrived is late: discarded
                 # ones say so; one written just after a decision its writer had not seen yet too.
                 # Only rows decided by now can have such an outcome (one indexed read per chunk).
-                decided = decided_row_ids(conn, run_id, delivering_to, list(chunk_tokens))
+                decided = decided_row_ids(conn, run_no, delivering_to, list(chunk_tokens))
                 late: dict[str, str | None] = {
                     r.token_id: (str(r.context["late"]) if r.context and r.context.get("late") else None)
                     for r in results
                     if r.status in ARRIVAL_NODE_STATUSES and r.row_id in decided
                 }
                 replace_not_arrived(conn, run_id, late, recorded_at, after_task_loss=True)
-            self._refresh_progress(conn, run_id, node_id, chunk_tokens, recorded_at)
+            self._refresh_progress(conn, run_id, run_no, node_id, chunk_tokens, recorded_at)
 
     def record_skipped(
         self, run_id: str, node_id: str, chunk_tokens: Mapping[int, int], token_ids: Sequence[str]
@@ -499,7 +500,8 @@ class AuditStore:
         with ordered_write(self.engine, run_id, chunk_tokens, decider=False) as conn:
             now = db_now(conn)
             replaced = replace_not_arrived(conn, run_id, dict.fromkeys(token_ids, SKIPPED_DECIDED), now)
-            self._refresh_progress(conn, run_id, node_id, chunk_tokens, now)  # moves the read cache
+            # Moves the read cache.
+            self._refresh_progress(conn, run_id, run_number(conn, run_id), node_id, chunk_tokens, now)
             return replaced
 
     def abort_attempt_errors(
@@ -541,11 +543,16 @@ class AuditStore:
                     .values(is_terminal=False, superseded_at=now)
                 )
             conn.execute(update(t.step_results).where(aborted).values(status=NodeStatus.ABORTED))
-            self._refresh_progress(conn, run_id, node_id, chunk_tokens, now)
+            self._refresh_progress(conn, run_id, run_no, node_id, chunk_tokens, now)
 
     @staticmethod
     def _refresh_progress(
-        conn: Connection, run_id: str, node_id: str, chunk_tokens: Mapping[int, int], now: datetime
+        conn: Connection,
+        run_id: str,
+        run_no: int,
+        node_id: str,
+        chunk_tokens: Mapping[int, int],
+        now: datetime,
     ) -> None:
         if not chunk_tokens:
             return
@@ -554,7 +561,7 @@ class AuditStore:
             conn.execute(
                 select(sr.chunk, func.count(func.distinct(sr.row_no)))
                 .where(
-                    sr.run_no == run_number(conn, run_id),
+                    sr.run_no == run_no,
                     sr.node_id == node_id,
                     sr.chunk.in_(list(chunk_tokens)),
                     sr.status.in_(TERMINAL_NODE_STATUSES),
@@ -621,10 +628,9 @@ def write_decisions(
     return decided
 
 
-def decided_row_ids(conn: Connection, run_id: str, nodes: Sequence[str], chunks: Sequence[int]) -> set[str]:
-    """The rows of these chunks that any of these coalesce nodes has decided."""
+def decided_row_ids(conn: Connection, run_no: int, nodes: Sequence[str], chunks: Sequence[int]) -> set[str]:
+    """The rows of these chunks (of run number ``run_no``) that any of these coalesce nodes has decided."""
     d = t.decisions.c
-    run_no = run_number(conn, run_id)
     return {
         row_id(run_no, row_no)
         for row_no in conn.execute(
