@@ -49,6 +49,18 @@ def merged_token_id(row: str, coalesce: str) -> str:
     return f"{row}:m:{coalesce}"
 
 
+def merged_token_of(token: str) -> tuple[str, str]:
+    """(row id, coalesce) of a merged token id made by :func:`merged_token_id`.
+
+    :raises ValueError: for a string that is not such an id.
+    """
+    row, separator, coalesce = token.partition(":m:")
+    if not separator or not coalesce:
+        raise ValueError(f"{token!r} is not a merged token id (<row>:m:<coalesce>)")
+    row_numbers(row)
+    return row, coalesce
+
+
 def join_group_id(row: str, coalesce: str) -> str:
     return f"{row}:j:{coalesce}"
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TypeVar
 
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Connection, Engine, func, select
 from sqlalchemy.exc import NoResultFound
 
 from airflow_elspeth.audit import schema as t
@@ -177,16 +177,21 @@ def runs_of_dag_run(engine: Engine, dag_id: str, airflow_run_id: str) -> list[Au
 
 def coalesce_nodes(engine: Engine, run_id: str) -> list[CoalesceSpec]:
     """The coalesces registered in an audit run, each its configuration as registered."""
-    n = t.nodes.c
     with engine.connect() as conn:
-        return [
-            CoalesceSpec.from_dict(json.loads(config_json))
-            for config_json in conn.execute(
-                select(n.config_json)
-                .where(n.run_id == run_id, n.node_type == NodeType.COALESCE)
-                .order_by(n.node_id)
-            ).scalars()
-        ]
+        return coalesce_specs(conn, run_id)
+
+
+def coalesce_specs(conn: Connection, run_id: str) -> list[CoalesceSpec]:
+    """:func:`coalesce_nodes` on an open connection (inside a read that set its own options)."""
+    n = t.nodes.c
+    return [
+        CoalesceSpec.from_dict(json.loads(config_json))
+        for config_json in conn.execute(
+            select(n.config_json)
+            .where(n.run_id == run_id, n.node_type == NodeType.COALESCE)
+            .order_by(n.node_id)
+        ).scalars()
+    ]
 
 
 def coalesce_tasks(engine: Engine, run_ids: Sequence[str]) -> dict[str, list[str]]:

@@ -72,13 +72,12 @@ from airflow_elspeth.audit.read.records import (
     SourceTokensMissing,
     to_json,
 )
-from airflow_elspeth.audit.read.runs import coalesce_nodes
+from airflow_elspeth.audit.read.runs import coalesce_nodes, coalesce_specs
 from airflow_elspeth.audit.read.sql import json_list_elements
 from airflow_elspeth.core.policy import BranchEvent, CollisionCheck, Decision, order_events, replay
 from airflow_elspeth.core.vocabulary import (
     ARRIVAL_NODE_STATUSES,
     DecisionStatus,
-    NodeType,
     RunStatus,
     is_resolution,
     resolution_task_state,
@@ -410,15 +409,13 @@ def orphan_parents(engine: Engine, run_id: str) -> OrphanParents | None:
 
 
 def _merged_token_key(token_id: str) -> tuple[int, str, int] | None:
-    """(run number, coalesce, row number) of a merged token id (``ids.merged_token_id``), or None
-    for a string that is no such id."""
-    row, separator, coalesce = token_id.partition(":m:")
+    """(run number, coalesce, row number) of a merged token id, or None for a string that is no
+    such id (a stored parent may be anything)."""
     try:
-        run_no, row_no = ids.row_numbers(row)
+        row, coalesce = ids.merged_token_of(token_id)
     except ValueError:
         return None
-    if not separator or not coalesce or ids.merged_token_id(row, coalesce) != token_id:
-        return None
+    run_no, row_no = ids.row_numbers(row)
     return run_no, coalesce, row_no
 
 
@@ -505,22 +502,15 @@ def _results_without_row(conn: Connection, run_id: str, run_no: int) -> BranchPa
     )
 
 
-def _delivering_steps(conn: Connection, run_id: str) -> dict[tuple[str, str], str]:
-    """(coalesce, branch) -> the step that delivers that branch to that coalesce."""
-    n = t.nodes.c
-    steps: dict[tuple[str, str], str] = {}
-    for node_id, config_json in conn.execute(
-        select(n.node_id, n.config_json).where(n.run_id == run_id, n.node_type == NodeType.COALESCE)
-    ):
-        spec = CoalesceSpec.from_dict(json.loads(config_json))
-        steps.update(((node_id, branch), step) for branch, step in spec.delivering.items())
-    return steps
-
-
 def _consumed_without_arrival(conn: Connection, run_id: str, run_no: int) -> ConsumedTokensMissing | None:
     sr, d = t.source_rows.c, t.decisions.c
     consumed = json_list_elements(conn.engine, d.consumed)
-    delivering = _delivering_steps(conn, run_id)
+    # (coalesce, branch) -> the step that delivers that branch to that coalesce.
+    delivering = {
+        (spec.node_id, branch): step
+        for spec in coalesce_specs(conn, run_id)
+        for branch, step in spec.delivering.items()
+    }
     step: ColumnElement[Any] = (
         case(
             *(
